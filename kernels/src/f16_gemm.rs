@@ -1,0 +1,185 @@
+//! `out[m×n] = x[m×k] · w[n×k]ᵀ` with f32 activations and f16 weights, accumulating in f32.
+//!
+//! This is the shape of every linear layer in decode (m = 1) and speculative verification
+//! (m = 2…9). Decode is bound by reading the weights, so each weight row is read from memory
+//! once and dotted with all m activation rows while it sits in L1: verifying k+1 tokens then
+//! costs little more than decoding one. candle's f16 matmul would convert the activations to
+//! f16 (losing precision) and is not tuned for small m, hence this kernel.
+
+use half::f16;
+use rayon::prelude::*;
+
+/// Plain reference: the definition the fast path is tested against.
+pub fn matmul_f16_reference(x: &[f32], w: &[f16], m: usize, k: usize, n: usize, out: &mut [f32]) {
+    assert_eq!(x.len(), m * k);
+    assert_eq!(w.len(), n * k);
+    assert_eq!(out.len(), m * n);
+    for i in 0..m {
+        for j in 0..n {
+            let mut acc = 0f64;
+            for p in 0..k {
+                acc += x[i * k + p] as f64 * w[j * k + p].to_f64();
+            }
+            out[i * n + j] = acc as f32;
+        }
+    }
+}
+
+/// Weight rows handed to one rayon task: enough work to amortize scheduling, few enough to
+/// balance across cores.
+const ROWS_PER_TASK: usize = 64;
+
+/// Fast path: SIMD where the CPU has it, parallel over weight rows.
+///
+/// Panics if the slice lengths do not match `m`, `k`, `n` (a caller bug, never input data).
+pub fn matmul_f16(x: &[f32], w: &[f16], m: usize, k: usize, n: usize, out: &mut [f32]) {
+    assert_eq!(x.len(), m * k);
+    assert_eq!(w.len(), n * k);
+    assert_eq!(out.len(), m * n);
+    if m == 0 || n == 0 {
+        return;
+    }
+    let dot = select_kernel();
+    if m == 1 {
+        // Output row is contiguous in n: each task writes its own slice.
+        out.par_chunks_mut(ROWS_PER_TASK)
+            .enumerate()
+            .for_each(|(c, o)| {
+                let j0 = c * ROWS_PER_TASK;
+                for (jj, oj) in o.iter_mut().enumerate() {
+                    let j = j0 + jj;
+                    dot(&w[j * k..(j + 1) * k], x, 1, k, std::slice::from_mut(oj));
+                }
+            });
+        return;
+    }
+    // m > 1: compute into [n × m] (contiguous per weight row), then transpose.
+    let mut tmp = vec![0f32; n * m];
+    tmp.par_chunks_mut(ROWS_PER_TASK * m)
+        .enumerate()
+        .for_each(|(c, o)| {
+            let j0 = c * ROWS_PER_TASK;
+            for (jj, oj) in o.chunks_mut(m).enumerate() {
+                let j = j0 + jj;
+                dot(&w[j * k..(j + 1) * k], x, m, k, oj);
+            }
+        });
+    for j in 0..n {
+        for i in 0..m {
+            out[i * n + j] = tmp[j * m + i];
+        }
+    }
+}
+
+/// Dots one weight row with `m` activation rows of length `k`, writing `m` results.
+type RowDot = fn(&[f16], &[f32], usize, usize, &mut [f32]);
+
+fn select_kernel() -> RowDot {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("avx2")
+            && std::is_x86_feature_detected!("fma")
+            && std::is_x86_feature_detected!("f16c")
+        {
+            return row_dot_avx2_entry;
+        }
+    }
+    row_dot_scalar
+}
+
+fn row_dot_scalar(w: &[f16], x: &[f32], m: usize, k: usize, out: &mut [f32]) {
+    for (i, o) in out.iter_mut().enumerate().take(m) {
+        let xr = &x[i * k..(i + 1) * k];
+        *o = w.iter().zip(xr).map(|(a, b)| a.to_f32() * b).sum();
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+fn row_dot_avx2_entry(w: &[f16], x: &[f32], m: usize, k: usize, out: &mut [f32]) {
+    // SAFETY: only selected after runtime detection of avx2, fma and f16c.
+    unsafe { row_dot_avx2(w, x, m, k, out) }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn row_dot_avx2(w: &[f16], x: &[f32], m: usize, k: usize, out: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let k16 = k / 16 * 16;
+    let wp = w.as_ptr() as *const u16;
+    let mut i = 0;
+    // Up to 4 activation rows share each converted weight vector; two accumulators per row
+    // hide FMA latency.
+    while i < m {
+        let g = (m - i).min(4);
+        let mut a0 = [_mm256_setzero_ps(); 4];
+        let mut a1 = [_mm256_setzero_ps(); 4];
+        let mut p = 0;
+        while p < k16 {
+            let w0 = _mm256_cvtph_ps(_mm_loadu_si128(wp.add(p) as *const __m128i));
+            let w1 = _mm256_cvtph_ps(_mm_loadu_si128(wp.add(p + 8) as *const __m128i));
+            for r in 0..g {
+                let xp = x.as_ptr().add((i + r) * k + p);
+                a0[r] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xp), a0[r]);
+                a1[r] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xp.add(8)), a1[r]);
+            }
+            p += 16;
+        }
+        for r in 0..g {
+            let s = _mm256_add_ps(a0[r], a1[r]);
+            let lo = _mm256_castps256_ps128(s);
+            let hi = _mm256_extractf128_ps(s, 1);
+            let q = _mm_add_ps(lo, hi);
+            let q = _mm_add_ps(q, _mm_movehl_ps(q, q));
+            let q = _mm_add_ss(q, _mm_shuffle_ps(q, q, 1));
+            let mut acc = _mm_cvtss_f32(q);
+            let xr = &x[(i + r) * k..(i + r + 1) * k];
+            for t in k16..k {
+                acc += w[t].to_f32() * xr[t];
+            }
+            out[i + r] = acc;
+        }
+        i += g;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    fn check(m: usize, k: usize, n: usize, seed: u64) {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-1.0..1.0)).collect();
+        let w: Vec<f16> = (0..n * k)
+            .map(|_| f16::from_f32(rng.random_range(-1.0..1.0)))
+            .collect();
+        let mut a = vec![0f32; m * n];
+        let mut b = vec![0f32; m * n];
+        matmul_f16_reference(&x, &w, m, k, n, &mut a);
+        matmul_f16(&x, &w, m, k, n, &mut b);
+        for (i, (p, q)) in a.iter().zip(&b).enumerate() {
+            let tol = 1e-4 * (k as f32).sqrt().max(1.0);
+            assert!((p - q).abs() <= tol, "m={m} k={k} n={n} idx {i}: {p} vs {q}");
+        }
+    }
+
+    #[test]
+    fn fast_matches_reference_on_odd_shapes() {
+        let mut seed = 0;
+        for m in [1, 2, 3, 4, 5, 7, 9] {
+            for k in [1, 7, 16, 17, 64, 172, 576] {
+                for n in [1, 3, 65, 130] {
+                    seed += 1;
+                    check(m, k, n, seed);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn empty_is_a_no_op() {
+        let mut out = vec![];
+        matmul_f16(&[], &[], 0, 4, 0, &mut out);
+        assert!(out.is_empty());
+    }
+}

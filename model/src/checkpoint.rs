@@ -1,0 +1,218 @@
+//! Opening a model from disk: a Hugging Face folder (config.json, safetensors, tokenizer.json)
+//! or a GGUF file (hyperparameters and tokenizer from its metadata), or the bundled model.
+
+use crate::config::{Config, TokenIds, SUPPORTED_MODEL_TYPES};
+use crate::error::{format_err, io_err, Error, Result};
+use crate::llama::Llama;
+use crate::tokenizer::Tokenizer;
+use crate::weights::WeightStore;
+use candle_core::quantized::gguf_file::Value;
+use candle_core::Device;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+/// A checkpoint opened and checked, ready to be turned into a [`Llama`].
+pub struct Checkpoint {
+    pub path: PathBuf,
+    pub config: Config,
+    pub store: WeightStore,
+    pub tokenizer: Tokenizer,
+}
+
+/// The model compiled into the binary: stories260K (see models/stories260K/PROVENANCE.md).
+pub mod bundled {
+    pub const NAME: &str = "stories260K (bundled)";
+    pub const CONFIG: &str = include_str!("../../models/stories260K/config.json");
+    pub const TOKENIZER: &str = include_str!("../../models/stories260K/tokenizer.json");
+    pub const TOKENIZER_CONFIG: &str = include_str!("../../models/stories260K/tokenizer_config.json");
+    pub const WEIGHTS: &[u8] = include_bytes!("../../models/stories260K/model.safetensors");
+}
+
+impl Checkpoint {
+    /// Opens a Hugging Face folder or a `.gguf` file. `tokenizer` overrides the tokenizer.
+    pub fn open(path: &Path, tokenizer: Option<&Path>) -> Result<Self> {
+        if !path.exists() {
+            return Err(io_err(path, "no such file or directory"));
+        }
+        if path.is_dir() {
+            Self::open_hf_dir(path, tokenizer)
+        } else {
+            let mut magic = [0u8; 4];
+            use std::io::Read;
+            let n = std::fs::File::open(path)
+                .and_then(|mut f| f.read(&mut magic))
+                .map_err(|e| io_err(path, e))?;
+            let is_gguf = n == 4 && &magic == b"GGUF";
+            let named_gguf = path.extension().is_some_and(|e| e == "gguf");
+            if is_gguf || named_gguf {
+                Self::open_gguf(path, tokenizer)
+            } else {
+                Err(format_err(
+                    path,
+                    "not a model: expected a Hugging Face folder (config.json, *.safetensors, tokenizer.json) or a GGUF file",
+                ))
+            }
+        }
+    }
+
+    fn open_hf_dir(dir: &Path, tokenizer: Option<&Path>) -> Result<Self> {
+        let cfg_path = dir.join("config.json");
+        if !cfg_path.exists() {
+            return Err(format_err(dir, "missing config.json in the model folder"));
+        }
+        let config = Config::from_file(&cfg_path)?;
+        let tok_path = tokenizer.map(Path::to_path_buf).unwrap_or_else(|| dir.join("tokenizer.json"));
+        if !tok_path.exists() {
+            return Err(format_err(
+                &tok_path,
+                "missing tokenizer.json (put it in the model folder or pass --tokenizer)",
+            ));
+        }
+        let tcfg = dir.join("tokenizer_config.json");
+        let tok = Tokenizer::from_hf_files(&tok_path, Some(&tcfg))?;
+        let store = WeightStore::open_safetensors_dir(dir)?;
+        Self::finish(dir.to_path_buf(), config, store, tok, &tok_path)
+    }
+
+    fn open_gguf(path: &Path, tokenizer: Option<&Path>) -> Result<Self> {
+        let store = WeightStore::open_gguf(path)?;
+        let md = store.gguf_metadata().ok_or_else(|| format_err(path, "not a GGUF file"))?;
+        let config = config_from_gguf(path, md, &store)?;
+        let (tok, tok_path) = match tokenizer {
+            Some(t) => (Tokenizer::from_hf_files(t, None)?, t.to_path_buf()),
+            None => (Tokenizer::from_gguf(path, md)?, path.to_path_buf()),
+        };
+        Self::finish(path.to_path_buf(), config, store, tok, &tok_path)
+    }
+
+    /// The bundled stories260K model, read from the binary itself.
+    pub fn bundled() -> Result<Self> {
+        let path = PathBuf::from(bundled::NAME);
+        let config: Config = serde_json::from_str(bundled::CONFIG)
+            .map_err(|e| format_err(&path, format!("invalid config.json: {e}")))?;
+        config.validate(&path)?;
+        let tcfg: serde_json::Value = serde_json::from_str(bundled::TOKENIZER_CONFIG)
+            .map_err(|e| format_err(&path, e.to_string()))?;
+        let tok = Tokenizer::from_json(&path, bundled::TOKENIZER.to_string(), Some(&tcfg))?;
+        let store = WeightStore::from_static_safetensors(&path, bundled::WEIGHTS)?;
+        Self::finish(path.clone(), config, store, tok, &path)
+    }
+
+    fn finish(path: PathBuf, config: Config, store: WeightStore, mut tok: Tokenizer, tok_path: &Path) -> Result<Self> {
+        if tok.vocab_size() > config.vocab_size {
+            return Err(format_err(
+                tok_path,
+                format!(
+                    "tokenizer has {} tokens but the model's vocabulary is {}: mismatched tokenizer",
+                    tok.vocab_size(),
+                    config.vocab_size
+                ),
+            ));
+        }
+        if tok.bos_id.is_none() {
+            tok.bos_id = config.bos_token_id;
+        }
+        for id in config.eos_ids() {
+            if !tok.eos_ids.contains(&id) {
+                tok.eos_ids.push(id);
+            }
+        }
+        Ok(Checkpoint { path, config, store, tokenizer: tok })
+    }
+
+    /// Builds the forward pass on `device`.
+    pub fn load_model(&self, device: &Device) -> Result<Llama> {
+        Llama::load(self.config.clone(), &self.store, device)
+    }
+
+    /// Number of parameters (elements of all tensors).
+    pub fn parameter_count(&self) -> usize {
+        self.store
+            .names()
+            .iter()
+            .filter_map(|n| self.store.get(n).ok())
+            .map(|t| t.elem_count())
+            .sum()
+    }
+}
+
+/// Reads llama.cpp's hyperparameter keys into a [`Config`].
+pub fn config_from_gguf(path: &Path, md: &HashMap<String, Value>, store: &WeightStore) -> Result<Config> {
+    let arch = md
+        .get("general.architecture")
+        .and_then(|v| v.to_string().ok())
+        .cloned()
+        .ok_or_else(|| format_err(path, "no general.architecture in metadata"))?;
+    if !SUPPORTED_MODEL_TYPES.contains(&arch.as_str()) || arch == "mistral" {
+        return Err(Error::Unsupported {
+            path: path.to_path_buf(),
+            msg: format!("unsupported architecture '{arch}' (supported: llama, qwen2)"),
+        });
+    }
+    let key = |k: &str| format!("{arch}.{k}");
+    let num = |k: &str| -> Option<usize> {
+        md.get(&key(k)).and_then(|v| v.to_u64().ok().or_else(|| v.to_u32().ok().map(u64::from)).or_else(|| v.to_i32().ok().map(|x| x.max(0) as u64))).map(|x| x as usize)
+    };
+    let need = |k: &str| num(k).ok_or_else(|| format_err(path, format!("no {} in metadata", key(k))));
+    let float = |k: &str| md.get(&key(k)).and_then(|v| v.to_f32().ok().map(f64::from).or_else(|| v.to_f64().ok()));
+    let heads = need("attention.head_count")?;
+    let hidden = need("embedding_length")?;
+    let vocab = num("vocab_size")
+        .or_else(|| match md.get("tokenizer.ggml.tokens") {
+            Some(Value::Array(a)) => Some(a.len()),
+            _ => None,
+        })
+        .or_else(|| store.get("model.embed_tokens.weight").ok().map(|t| t.shape[0]))
+        .ok_or_else(|| format_err(path, "cannot tell the vocabulary size"))?;
+    let head_dim = num("attention.key_length").or_else(|| num("rope.dimension_count"));
+    let rope_freq_factors = match store.get("rope_freqs.weight") {
+        Ok(raw) => Some(
+            crate::linear::dense_tensor(path, &raw, &Device::Cpu)?
+                .to_dtype(candle_core::DType::F32)?
+                .flatten_all()?
+                .to_vec1::<f32>()?,
+        ),
+        Err(_) => None,
+    };
+    let rope_scaling = match md.get(&key("rope.scaling.type")).and_then(|v| v.to_string().ok()) {
+        Some(t) if t == "linear" => Some(crate::config::RopeScaling {
+            rope_type: "linear".into(),
+            factor: float("rope.scaling.factor"),
+            low_freq_factor: None,
+            high_freq_factor: None,
+            original_max_position_embeddings: None,
+        }),
+        Some(t) if t == "none" => None,
+        Some(t) => {
+            return Err(Error::Unsupported {
+                path: path.to_path_buf(),
+                msg: format!("unsupported rope scaling '{t}' (supported: linear, llama3 rope_freqs)"),
+            })
+        }
+        None => None,
+    };
+    let config = Config {
+        model_type: arch.clone(),
+        hidden_size: hidden,
+        intermediate_size: need("feed_forward_length")?,
+        num_hidden_layers: need("block_count")?,
+        num_attention_heads: heads,
+        num_key_value_heads: num("attention.head_count_kv"),
+        head_dim: head_dim.filter(|&d| d != hidden / heads.max(1)),
+        vocab_size: vocab,
+        max_position_embeddings: need("context_length")?,
+        rms_norm_eps: float("attention.layer_norm_rms_epsilon").unwrap_or(1e-5),
+        rope_theta: float("rope.freq_base").unwrap_or(10_000.0),
+        rope_scaling,
+        tie_word_embeddings: !store.contains("lm_head.weight"),
+        bos_token_id: md.get("tokenizer.ggml.bos_token_id").and_then(|v| v.to_u32().ok()),
+        eos_token_id: md.get("tokenizer.ggml.eos_token_id").and_then(|v| v.to_u32().ok()).map(TokenIds::One),
+        attention_bias: Some(store.contains("model.layers.0.self_attn.q_proj.bias")),
+        sliding_window: None,
+        use_sliding_window: None,
+        hidden_act: Some("silu".into()),
+        rope_freq_factors,
+    };
+    config.validate(path)?;
+    Ok(config)
+}

@@ -1,0 +1,72 @@
+//! One error type for the model crate. Every variant names the file (and tensor) it is about,
+//! and renders as a single line, so the CLI can print it as-is.
+
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The file could not be opened, mapped or read.
+    #[error("{}: {msg}", path.display())]
+    Io { path: PathBuf, msg: String },
+    /// The file is there but its contents are not what the format says.
+    #[error("{}: {msg}", path.display())]
+    Format { path: PathBuf, msg: String },
+    /// One tensor in a file is wrong (missing, bad dtype, bad shape, non-finite values).
+    #[error("{}: tensor '{tensor}': {msg}", path.display())]
+    Tensor {
+        path: PathBuf,
+        tensor: String,
+        msg: String,
+    },
+    /// The model asks for something this build does not run.
+    #[error("{}: {msg}", path.display())]
+    Unsupported { path: PathBuf, msg: String },
+    /// A forward call would run past the context the cache can hold.
+    #[error("context length exceeded: {needed} positions needed, the limit is {limit}")]
+    ContextFull { needed: usize, limit: usize },
+    /// Invalid argument from the caller (bad sampling parameters, empty input, ...).
+    #[error("{0}")]
+    Invalid(String),
+    /// An error from candle's tensor operations.
+    #[error("tensor op failed: {0}")]
+    Candle(String),
+}
+
+impl From<candle_core::Error> for Error {
+    fn from(e: candle_core::Error) -> Self {
+        Error::Candle(one_line(&e.to_string()))
+    }
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+pub(crate) fn io_err(path: &Path, e: impl std::fmt::Display) -> Error {
+    Error::Io {
+        path: path.to_path_buf(),
+        msg: one_line(&e.to_string()),
+    }
+}
+
+pub(crate) fn format_err(path: &Path, msg: impl Into<String>) -> Error {
+    Error::Format {
+        path: path.to_path_buf(),
+        msg: one_line(&msg.into()),
+    }
+}
+
+pub(crate) fn tensor_err(path: &Path, tensor: &str, msg: impl Into<String>) -> Error {
+    Error::Tensor {
+        path: path.to_path_buf(),
+        tensor: tensor.to_string(),
+        msg: one_line(&msg.into()),
+    }
+}
+
+/// Folds a multi-line message (candle and serde errors can span lines) into one line.
+pub fn one_line(s: &str) -> String {
+    s.split('\n')
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join("; ")
+}

@@ -1,0 +1,91 @@
+//! Plain autoregressive generation: prefill the prompt, then decode one token per forward
+//! call until EOS, the token budget, or the context limit.
+
+use crate::error::{Error, Result};
+use crate::llama::{KvCache, Llama, Logits};
+use crate::sampling::Sampler;
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopReason {
+    Eos,
+    MaxTokens,
+    /// The cache is full: the model's context length was reached.
+    ContextFull,
+}
+
+#[derive(Debug, Clone)]
+pub struct GenerationStats {
+    pub prompt_tokens: usize,
+    pub generated_tokens: usize,
+    /// Prompt processing, ending with the first sampled token.
+    pub prefill: Duration,
+    /// Everything after the first token.
+    pub decode: Duration,
+    pub stop: StopReason,
+}
+
+impl GenerationStats {
+    pub fn time_to_first_token(&self) -> Duration {
+        self.prefill
+    }
+    pub fn prefill_tok_s(&self) -> f64 {
+        self.prompt_tokens as f64 / self.prefill.as_secs_f64().max(1e-9)
+    }
+    /// Tokens after the first, over the time spent making them.
+    pub fn decode_tok_s(&self) -> f64 {
+        self.generated_tokens.saturating_sub(1) as f64 / self.decode.as_secs_f64().max(1e-9)
+    }
+}
+
+/// Generates up to `max_tokens` after `prompt`, calling `on_token` with each new token as
+/// soon as it is chosen. EOS tokens end generation and are not passed on.
+pub fn generate(
+    model: &Llama,
+    cache: &mut KvCache,
+    prompt: &[u32],
+    max_tokens: usize,
+    sampler: &mut Sampler,
+    eos_ids: &[u32],
+    mut on_token: impl FnMut(u32) -> Result<()>,
+) -> Result<(Vec<u32>, GenerationStats)> {
+    if prompt.is_empty() {
+        return Err(Error::Invalid("the prompt is empty (no tokens)".into()));
+    }
+    let start = Instant::now();
+    let mut out = Vec::new();
+    let mut stats = GenerationStats {
+        prompt_tokens: prompt.len(),
+        generated_tokens: 0,
+        prefill: Duration::ZERO,
+        decode: Duration::ZERO,
+        stop: StopReason::MaxTokens,
+    };
+    if max_tokens == 0 {
+        return Ok((out, stats));
+    }
+    let logits = model.forward(prompt, cache, Logits::Last)?;
+    let mut next = sampler.sample(&crate::llama::last_row(&logits)?);
+    stats.prefill = start.elapsed();
+    let decode_start = Instant::now();
+    loop {
+        if eos_ids.contains(&next) {
+            stats.stop = StopReason::Eos;
+            break;
+        }
+        out.push(next);
+        on_token(next)?;
+        if out.len() >= max_tokens {
+            break;
+        }
+        if cache.len() >= cache.limit() {
+            stats.stop = StopReason::ContextFull;
+            break;
+        }
+        let logits = model.forward(&[next], cache, Logits::Last)?;
+        next = sampler.sample(&crate::llama::last_row(&logits)?);
+    }
+    stats.generated_tokens = out.len();
+    stats.decode = decode_start.elapsed();
+    Ok((out, stats))
+}

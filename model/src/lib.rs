@@ -1,0 +1,24 @@
+//! tandem's model runtime: config parsing, memory-mapped weight loading (safetensors and GGUF),
+//! the Llama-family forward pass with a rollback KV cache, tokenizers and sampling.
+//!
+//! Everything else in tandem (quantize, eval, speculate) stands on this crate; it depends only
+//! on `tandem-kernels`.
+
+pub mod checkpoint;
+pub mod config;
+pub mod error;
+pub mod export;
+pub mod generate;
+pub mod gguf_names;
+pub mod linear;
+pub mod llama;
+pub mod sampling;
+pub mod tokenizer;
+pub mod weights;
+
+pub use checkpoint::Checkpoint;
+pub use config::{Architecture, Config};
+pub use error::{Error, Result};
+pub use llama::{argmax, KvCache, Llama, Logits};
+pub use sampling::{Sampler, SamplingParams};
+pub use tokenizer::{TextStream, Tokenizer};

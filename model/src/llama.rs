@@ -1,0 +1,402 @@
+//! The Llama-family forward pass (Llama, SmolLM2, TinyLlama, Mistral, Qwen2) and its KV cache.
+//!
+//! One call serves prefill, one-token decode and k-token verification: it takes new tokens at
+//! positions [n, n+k) against a cache holding n positions, applies the causal mask, appends to
+//! the cache and returns logits for the new positions. Attention math and the cache are f32.
+
+use crate::config::Config;
+use crate::error::{tensor_err, Error, Result};
+use crate::linear::{dense_tensor, Linear};
+use crate::weights::WeightStore;
+use crate::gguf_names::{permute_qk_rows, Permute};
+use crate::weights::RawTensor;
+use candle_core::{DType, Device, Tensor};
+
+struct Layer {
+    attn_norm: Tensor,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    mlp_norm: Tensor,
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+}
+
+/// Model weights and hyperparameters; immutable once loaded, shared by any number of caches.
+pub struct Llama {
+    pub config: Config,
+    embed: Tensor,
+    layers: Vec<Layer>,
+    norm: Tensor,
+    lm_head: Linear,
+    cos: Tensor,
+    sin: Tensor,
+    device: Device,
+}
+
+/// Which positions' logits a forward call returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Logits {
+    /// Every new position (verification, evaluation).
+    All,
+    /// Only the last new position (prefill before sampling).
+    Last,
+}
+
+/// Per-sequence key/value cache: one [n_kv_heads, capacity, head_dim] f32 buffer per layer
+/// for keys and values. It grows by doubling (amortized, never per token) up to `limit`.
+pub struct KvCache {
+    k: Vec<Tensor>,
+    v: Vec<Tensor>,
+    len: usize,
+    capacity: usize,
+    limit: usize,
+}
+
+impl KvCache {
+    /// Positions currently held.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    /// Most positions this cache will ever hold (the context length).
+    pub fn limit(&self) -> usize {
+        self.limit
+    }
+    /// Rolls back to the first `n` positions without copying: later writes overwrite the rest.
+    pub fn truncate(&mut self, n: usize) {
+        self.len = self.len.min(n);
+    }
+    pub fn clear(&mut self) {
+        self.len = 0;
+    }
+}
+
+const INITIAL_CACHE: usize = 256;
+
+impl Llama {
+    /// Builds the model from a checked config and a weight store, verifying every tensor's
+    /// shape against the config.
+    pub fn load(config: Config, store: &WeightStore, device: &Device) -> Result<Self> {
+        let c = &config;
+        let (h, hd, nh, nkv) = (c.hidden_size, c.head_dim(), c.num_attention_heads, c.num_kv_heads());
+        let permute = store.is_gguf() && c.architecture() == crate::config::Architecture::Llama;
+        let get = |name: &str, shape: &[usize]| -> Result<RawTensor<'_>> {
+            let raw = store.get(name)?;
+            if raw.shape != shape {
+                return Err(tensor_err(
+                    store.path_of(name),
+                    &store.stored_name(name),
+                    format!("shape {:?} does not match the config (expected {shape:?})", raw.shape),
+                ));
+            }
+            Ok(raw)
+        };
+        let linear = |name: &str, out: usize, inp: usize| -> Result<Linear> {
+            let raw = get(name, &[out, inp])?;
+            Linear::from_raw(store.path_of(name), &raw, device)
+        };
+        // q/k from a llama GGUF are stored in llama.cpp's RoPE order: put rows back.
+        let qk_linear = |name: &str, heads: usize| -> Result<Linear> {
+            let raw = get(name, &[heads * hd, h])?;
+            if !permute {
+                return Linear::from_raw(store.path_of(name), &raw, device);
+            }
+            let row_bytes = raw.data.len() / (heads * hd);
+            let data = permute_qk_rows(raw.data, heads, heads * hd, row_bytes, Permute::GgufToHf);
+            let raw = RawTensor { data: &data, ..raw };
+            Linear::from_raw(store.path_of(name), &raw, device)
+        };
+        let qk_bias = |name: &str, heads: usize| -> Result<Option<Tensor>> {
+            if !c.qkv_bias() {
+                return Ok(None);
+            }
+            let raw = get(name, &[heads * hd])?;
+            let t = dense_tensor(store.path_of(name), &raw, device)?.to_dtype(DType::F32)?;
+            if !permute {
+                return Ok(Some(t));
+            }
+            let bytes: Vec<u8> = t.to_vec1::<f32>()?.iter().flat_map(|x| x.to_le_bytes()).collect();
+            let p = permute_qk_rows(&bytes, heads, heads * hd, 4, Permute::GgufToHf);
+            let v: Vec<f32> = p.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+            Ok(Some(Tensor::from_vec(v, heads * hd, device)?))
+        };
+        let vector = |name: &str, len: usize| -> Result<Tensor> {
+            let raw = get(name, &[len])?;
+            Ok(dense_tensor(store.path_of(name), &raw, device)?.to_dtype(DType::F32)?)
+        };
+
+        let embed_name = "model.embed_tokens.weight";
+        let embed_raw = get(embed_name, &[c.vocab_size, h])?;
+        let embed = dense_tensor(store.path_of(embed_name), &embed_raw, device)?;
+        let embed = match embed.dtype() {
+            DType::BF16 => embed.to_dtype(DType::F32)?,
+            _ => embed,
+        };
+        let lm_head = if store.contains("lm_head.weight") {
+            linear("lm_head.weight", c.vocab_size, h)?
+        } else if c.tie_word_embeddings || store.is_gguf() {
+            Linear::from_raw(store.path_of(embed_name), &embed_raw, device)?
+        } else {
+            return Err(tensor_err(
+                store.main_path(),
+                "lm_head.weight",
+                "missing (and tie_word_embeddings is false)",
+            ));
+        };
+
+        let mut layers = Vec::with_capacity(c.num_hidden_layers);
+        for i in 0..c.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            layers.push(Layer {
+                attn_norm: vector(&format!("{p}.input_layernorm.weight"), h)?,
+                q: qk_linear(&format!("{p}.self_attn.q_proj.weight"), nh)?
+                    .with_bias(qk_bias(&format!("{p}.self_attn.q_proj.bias"), nh)?),
+                k: qk_linear(&format!("{p}.self_attn.k_proj.weight"), nkv)?
+                    .with_bias(qk_bias(&format!("{p}.self_attn.k_proj.bias"), nkv)?),
+                v: linear(&format!("{p}.self_attn.v_proj.weight"), nkv * hd, h)?.with_bias(
+                    if c.qkv_bias() {
+                        Some(vector(&format!("{p}.self_attn.v_proj.bias"), nkv * hd)?)
+                    } else {
+                        None
+                    },
+                ),
+                o: linear(&format!("{p}.self_attn.o_proj.weight"), h, nh * hd)?,
+                mlp_norm: vector(&format!("{p}.post_attention_layernorm.weight"), h)?,
+                gate: linear(&format!("{p}.mlp.gate_proj.weight"), c.intermediate_size, h)?,
+                up: linear(&format!("{p}.mlp.up_proj.weight"), c.intermediate_size, h)?,
+                down: linear(&format!("{p}.mlp.down_proj.weight"), h, c.intermediate_size)?,
+            });
+        }
+        let norm = vector("model.norm.weight", h)?;
+
+        let ctx = c.context_length();
+        let inv = Tensor::new(c.rope_inv_freq(), device)?;
+        let pos = Tensor::arange(0u32, ctx as u32, device)?.to_dtype(DType::F32)?;
+        let freqs = pos.unsqueeze(1)?.broadcast_mul(&inv.unsqueeze(0)?)?;
+        Ok(Llama {
+            cos: freqs.cos()?,
+            sin: freqs.sin()?,
+            embed,
+            layers,
+            norm,
+            lm_head,
+            device: device.clone(),
+            config,
+        })
+    }
+
+    /// A fresh, empty cache for one sequence.
+    pub fn new_cache(&self) -> Result<KvCache> {
+        self.new_cache_with_limit(self.config.context_length())
+    }
+
+    /// A cache limited to `limit` positions (at most the model's context length).
+    pub fn new_cache_with_limit(&self, limit: usize) -> Result<KvCache> {
+        let limit = limit.min(self.config.context_length()).max(1);
+        let capacity = INITIAL_CACHE.min(limit);
+        let shape = (self.config.num_kv_heads(), capacity, self.config.head_dim());
+        let n = self.layers.len();
+        let mk = || Tensor::zeros(shape, DType::F32, &self.device);
+        Ok(KvCache {
+            k: (0..n).map(|_| mk()).collect::<candle_core::Result<_>>()?,
+            v: (0..n).map(|_| mk()).collect::<candle_core::Result<_>>()?,
+            len: 0,
+            capacity,
+            limit,
+        })
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Runs `tokens` at positions [cache.len(), cache.len() + tokens.len()), appends their keys
+    /// and values to `cache`, and returns f32 logits: [tokens.len(), vocab] for `Logits::All`,
+    /// [1, vocab] for `Logits::Last`.
+    pub fn forward(&self, tokens: &[u32], cache: &mut KvCache, which: Logits) -> Result<Tensor> {
+        let t = tokens.len();
+        if t == 0 {
+            return Err(Error::Invalid("forward called with no tokens".into()));
+        }
+        let n = cache.len;
+        if n + t > cache.limit {
+            return Err(Error::ContextFull {
+                needed: n + t,
+                limit: cache.limit,
+            });
+        }
+        if let Some(bad) = tokens.iter().find(|&&id| id as usize >= self.config.vocab_size) {
+            return Err(Error::Invalid(format!(
+                "token id {bad} is outside the vocabulary ({})",
+                self.config.vocab_size
+            )));
+        }
+        self.reserve(cache, n + t)?;
+        let ids = Tensor::new(tokens, &self.device)?;
+        let mut x = self.embed.index_select(&ids, 0)?.to_dtype(DType::F32)?;
+        let cos = self.cos.narrow(0, n, t)?;
+        let sin = self.sin.narrow(0, n, t)?;
+        let mask = causal_mask(t, n, &self.device)?;
+        let eps = self.config.rms_norm_eps as f32;
+        for (li, layer) in self.layers.iter().enumerate() {
+            let hn = candle_nn::ops::rms_norm(&x, &layer.attn_norm, eps)?;
+            let a = self.attention(layer, &hn, li, cache, &cos, &sin, mask.as_ref())?;
+            x = (x + a)?;
+            let hn = candle_nn::ops::rms_norm(&x, &layer.mlp_norm, eps)?;
+            let g = layer.gate.forward(&hn)?;
+            let u = layer.up.forward(&hn)?;
+            let m = layer.down.forward(&(candle_nn::ops::silu(&g)? * u)?)?;
+            x = (x + m)?;
+        }
+        cache.len = n + t;
+        let x = match which {
+            Logits::All => x,
+            Logits::Last => x.narrow(0, t - 1, 1)?,
+        };
+        let x = candle_nn::ops::rms_norm(&x, &self.norm, eps)?;
+        self.lm_head.forward(&x)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn attention(
+        &self,
+        l: &Layer,
+        x: &Tensor,
+        li: usize,
+        cache: &mut KvCache,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let c = &self.config;
+        let (nh, nkv, hd) = (c.num_attention_heads, c.num_kv_heads(), c.head_dim());
+        let t = x.dim(0)?;
+        let n = cache.len;
+        let q = l.q.forward(x)?.reshape((1, t, nh, hd))?;
+        let k = l.k.forward(x)?.reshape((1, t, nkv, hd))?;
+        let v = l.v.forward(x)?.reshape((t, nkv, hd))?;
+        let q = candle_nn::rotary_emb::rope_thd(&q, cos, sin)?;
+        let k = candle_nn::rotary_emb::rope_thd(&k, cos, sin)?;
+        // Append this call's keys/values at [n, n+t).
+        let k = k.reshape((t, nkv, hd))?.transpose(0, 1)?.contiguous()?;
+        let v = v.transpose(0, 1)?.contiguous()?;
+        cache.k[li].slice_set(&k, 1, n)?;
+        cache.v[li].slice_set(&v, 1, n)?;
+        let len = n + t;
+        let keys = cache.k[li].narrow(1, 0, len)?;
+        let values = cache.v[li].narrow(1, 0, len)?;
+        // Grouped-query attention without copying keys: the heads sharing one kv head are
+        // adjacent, so q [nh, t, hd] regroups as [nkv, group*t, hd].
+        let group = nh / nkv;
+        let q = q
+            .reshape((t, nh, hd))?
+            .transpose(0, 1)?
+            .contiguous()?
+            .reshape((nkv, group * t, hd))?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let scores = (q.matmul(&keys.t()?)? * scale)?;
+        let scores = match mask {
+            Some(m) => scores
+                .reshape((nkv, group, t, len))?
+                .broadcast_add(m)?
+                .reshape((nkv, group * t, len))?,
+            None => scores,
+        };
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        let out = probs.matmul(&values.contiguous()?)?; // [nkv, group*t, hd]
+        let out = out
+            .reshape((nh, t, hd))?
+            .transpose(0, 1)?
+            .contiguous()?
+            .reshape((t, nh * hd))?;
+        l.o.forward(&out)
+    }
+
+    /// Grows the cache (doubling, capped at its limit) so it can hold `needed` positions.
+    fn reserve(&self, cache: &mut KvCache, needed: usize) -> Result<()> {
+        if needed <= cache.capacity {
+            return Ok(());
+        }
+        let mut cap = cache.capacity.max(1);
+        while cap < needed {
+            cap *= 2;
+        }
+        let cap = cap.min(cache.limit);
+        let shape = (self.config.num_kv_heads(), cap, self.config.head_dim());
+        for buf in cache.k.iter_mut().chain(cache.v.iter_mut()) {
+            let grown = Tensor::zeros(shape, DType::F32, &self.device)?;
+            if cache.len > 0 {
+                grown.slice_set(&buf.narrow(1, 0, cache.len)?.contiguous()?, 1, 0)?;
+            }
+            *buf = grown;
+        }
+        cache.capacity = cap;
+        Ok(())
+    }
+
+    /// Bytes of weights read by one forward pass (linear layers plus norms).
+    pub fn weight_bytes(&self) -> usize {
+        let mut b = self.lm_head.weight_bytes();
+        for l in &self.layers {
+            for lin in [&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down] {
+                b += lin.weight_bytes();
+            }
+        }
+        b
+    }
+
+    /// (name, storage type, weight bytes) for every linear layer, in order.
+    pub fn linear_summary(&self) -> Vec<(String, String, usize)> {
+        let mut v = Vec::new();
+        for (i, l) in self.layers.iter().enumerate() {
+            for (n, lin) in [
+                ("self_attn.q_proj", &l.q),
+                ("self_attn.k_proj", &l.k),
+                ("self_attn.v_proj", &l.v),
+                ("self_attn.o_proj", &l.o),
+                ("mlp.gate_proj", &l.gate),
+                ("mlp.up_proj", &l.up),
+                ("mlp.down_proj", &l.down),
+            ] {
+                v.push((format!("model.layers.{i}.{n}.weight"), lin.dtype_name(), lin.weight_bytes()));
+            }
+        }
+        v.push(("lm_head.weight".into(), self.lm_head.dtype_name(), self.lm_head.weight_bytes()));
+        v
+    }
+}
+
+/// Additive mask [t, n+t]: query i (at position n+i) sees keys 0..=n+i. None for one token,
+/// which sees everything in the cache.
+fn causal_mask(t: usize, n: usize, device: &Device) -> Result<Option<Tensor>> {
+    if t == 1 {
+        return Ok(None);
+    }
+    let len = n + t;
+    let m: Vec<f32> = (0..t)
+        .flat_map(|i| (0..len).map(move |j| if j > n + i { f32::NEG_INFINITY } else { 0.0 }))
+        .collect();
+    Ok(Some(Tensor::from_vec(m, (t, len), device)?))
+}
+
+/// Index of the largest value (first on ties): greedy decoding.
+pub fn argmax(row: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &v) in row.iter().enumerate() {
+        if v > row[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// Logits of the last row of a [t, vocab] tensor as a Vec.
+pub fn last_row(logits: &Tensor) -> Result<Vec<f32>> {
+    let t = logits.dim(0)?;
+    Ok(logits.get(t - 1)?.to_vec1::<f32>()?)
+}

@@ -1,0 +1,209 @@
+//! One function per subcommand: open, call the library, print.
+
+use anyhow::{Context, Result};
+use candle_core::Device;
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use tandem_model::generate::{generate as run_generation, GenerationStats, StopReason};
+use tandem_model::{Checkpoint, Sampler, SamplingParams, TextStream};
+
+/// Sizes the CPU thread pools (rayon for tandem's kernels, candle's own matmul threads).
+pub fn set_threads(n: usize) {
+    let n = n.max(1);
+    // candle reads RAYON_NUM_THREADS for its gemm; set before any tensor op runs.
+    std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    let _ = rayon::ThreadPoolBuilder::new().num_threads(n).build_global();
+}
+
+#[derive(clap::Args)]
+pub struct GenerateArgs {
+    /// A Hugging Face folder or a GGUF file.
+    #[arg(long)]
+    model: PathBuf,
+    #[arg(long)]
+    prompt: String,
+    #[arg(long, default_value_t = 64)]
+    max_tokens: usize,
+    /// 0 = greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// Keep only the k most likely tokens (0 = off).
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    /// Nucleus sampling threshold (1.0 = off).
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Prepend BOS even if the tokenizer would not.
+    #[arg(long, conflicts_with = "no_bos")]
+    bos: bool,
+    /// Never prepend BOS.
+    #[arg(long)]
+    no_bos: bool,
+    /// Use this tokenizer.json instead of the model's own.
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    /// Context length limit (default: the model's).
+    #[arg(long)]
+    ctx: Option<usize>,
+    /// Print generation statistics as JSON to stderr.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn generate(a: GenerateArgs) -> Result<()> {
+    let ck = Checkpoint::open(&a.model, a.tokenizer.as_deref())?;
+    let params = SamplingParams {
+        temperature: a.temperature,
+        top_k: a.top_k,
+        top_p: a.top_p,
+        seed: a.seed,
+    };
+    let bos = if a.bos { true } else if a.no_bos { false } else { ck.tokenizer.add_bos };
+    run(&ck, &a.prompt, a.max_tokens, params, bos, a.ctx, a.json)
+}
+
+pub fn demo(max_tokens: usize, prompt: &str, seed: u64) -> Result<()> {
+    let ck = Checkpoint::bundled()?;
+    let params = SamplingParams {
+        temperature: 0.8,
+        top_k: 40,
+        top_p: 0.95,
+        seed,
+    };
+    eprintln!("tandem demo: {} ({} parameters), temperature 0.8, top-k 40, top-p 0.95, seed {seed}", ck.path.display(), ck.parameter_count());
+    let add_bos = ck.tokenizer.add_bos;
+    run(&ck, prompt, max_tokens, params, add_bos, None, false)
+}
+
+fn run(ck: &Checkpoint, prompt: &str, max_tokens: usize, params: SamplingParams, bos: bool, ctx: Option<usize>, json: bool) -> Result<()> {
+    let model = ck.load_model(&Device::Cpu)?;
+    let tok = &ck.tokenizer;
+    let ids = tok.encode(prompt, bos)?;
+    if ids.is_empty() {
+        anyhow::bail!("the prompt encodes to no tokens");
+    }
+    let mut cache = match ctx {
+        Some(n) => model.new_cache_with_limit(n)?,
+        None => model.new_cache()?,
+    };
+    let mut sampler = Sampler::new(params)?;
+    let mut stream = TextStream::with_context(tok, ids.last().copied());
+    let mut stdout = std::io::stdout().lock();
+    write!(stdout, "{prompt}")?;
+    stdout.flush()?;
+    let (_, stats) = run_generation(&model, &mut cache, &ids, max_tokens, &mut sampler, &tok.eos_ids, |id| {
+        if let Some(piece) = stream.push(id)? {
+            // A closed pipe (e.g. `| head`) ends generation quietly rather than with an error.
+            if stdout.write_all(piece.as_bytes()).and_then(|_| stdout.flush()).is_err() {
+                return Err(tandem_model::Error::Invalid("stdout closed".into()));
+            }
+        }
+        Ok(())
+    })?;
+    if let Some(rest) = stream.finish()? {
+        write!(stdout, "{rest}")?;
+    }
+    writeln!(stdout)?;
+    print_stats(&stats, json);
+    Ok(())
+}
+
+fn print_stats(s: &GenerationStats, json: bool) {
+    let stop = match s.stop {
+        StopReason::Eos => "eos",
+        StopReason::MaxTokens => "max-tokens",
+        StopReason::ContextFull => "context-full",
+    };
+    if json {
+        eprintln!(
+            "{}",
+            serde_json::json!({
+                "prompt_tokens": s.prompt_tokens, "generated_tokens": s.generated_tokens,
+                "time_to_first_token_s": s.time_to_first_token().as_secs_f64(),
+                "prefill_tok_s": s.prefill_tok_s(), "decode_tok_s": s.decode_tok_s(), "stop": stop,
+            })
+        );
+    } else {
+        eprintln!(
+            "prompt tokens: {} | time to first token: {:.1} ms | prefill: {:.1} tok/s | decode: {:.1} tok/s ({} tokens, stop: {stop})",
+            s.prompt_tokens,
+            s.time_to_first_token().as_secs_f64() * 1e3,
+            s.prefill_tok_s(),
+            s.decode_tok_s(),
+            s.generated_tokens,
+        );
+    }
+}
+
+pub fn info(path: &Path, tokenizer: Option<&Path>, verbose: bool) -> Result<()> {
+    let ck = Checkpoint::open(path, tokenizer)?;
+    let c = &ck.config;
+    let store = &ck.store;
+    let mut by_type: BTreeMap<String, (usize, usize)> = BTreeMap::new();
+    for n in store.names() {
+        let t = store.get(&n)?;
+        let e = by_type.entry(t.dtype.name()).or_default();
+        e.0 += t.elem_count();
+        e.1 += t.data.len();
+        if verbose {
+            println!("  {:<48} {:<6} {:?}", store.stored_name(&n), t.dtype.name(), t.shape);
+        }
+    }
+    let params = ck.parameter_count();
+    let bytes = store.data_bytes();
+    println!("model:         {}", ck.path.display());
+    println!("format:        {}", if store.is_gguf() { "GGUF" } else { "safetensors" });
+    println!("architecture:  {} ({:?})", c.model_type, c.architecture());
+    println!("parameters:    {params} ({:.1} M)", params as f64 / 1e6);
+    println!("size:          {bytes} bytes ({:.1} MiB, {:.2} bits/weight)", bytes as f64 / 1048576.0, bytes as f64 * 8.0 / params.max(1) as f64);
+    println!("layers:        {}", c.num_hidden_layers);
+    println!("hidden:        {} (intermediate {})", c.hidden_size, c.intermediate_size);
+    println!("heads:         {} query / {} key-value, head_dim {}", c.num_attention_heads, c.num_kv_heads(), c.head_dim());
+    println!("context:       {}", c.context_length());
+    println!("vocabulary:    {} (tokenizer: {} tokens, BOS {} , EOS {:?})", c.vocab_size, ck.tokenizer.vocab_size(),
+        match (ck.tokenizer.add_bos, ck.tokenizer.bos_id) { (true, Some(b)) => format!("{b} added"), (false, Some(b)) => format!("{b} not added"), _ => "none".into() },
+        ck.tokenizer.eos_ids);
+    println!("rope:          theta {}{}", c.rope_theta, c.rope_scaling.as_ref().map(|s| format!(", {} scaling x{}", s.rope_type, s.factor.unwrap_or(1.0))).unwrap_or_default());
+    println!("tied embeddings: {}", c.tie_word_embeddings);
+    println!("tensor types:");
+    for (t, (elems, b)) in by_type {
+        println!("  {t:<6} {elems:>12} weights {b:>12} bytes");
+    }
+    Ok(())
+}
+
+pub fn convert(input: &Path, out: &Path, force: bool, tokenizer: Option<&Path>, quiet: bool) -> Result<()> {
+    let ck = Checkpoint::open(input, tokenizer)?;
+    if !ck.store.is_gguf() {
+        anyhow::bail!("{}: convert reads GGUF files; this is already a Hugging Face folder", input.display());
+    }
+    let bar = progress_bar(quiet);
+    let start = std::time::Instant::now();
+    let mut cb = |done: u64, total: u64, name: &str| {
+        bar.set_length(total);
+        bar.set_position(done);
+        bar.set_message(name.to_string());
+    };
+    tandem_model::export::export_hf_f16(&ck, out, force, &mut cb)
+        .with_context(|| format!("converting {}", input.display()))?;
+    bar.finish_and_clear();
+    eprintln!("wrote {} ({} parameters as F16) in {:.1} s", out.display(), ck.parameter_count(), start.elapsed().as_secs_f64());
+    Ok(())
+}
+
+/// A byte-progress bar on stderr; hidden when stderr is not a terminal or with --quiet.
+pub fn progress_bar(quiet: bool) -> indicatif::ProgressBar {
+    use std::io::IsTerminal;
+    if quiet || !std::io::stderr().is_terminal() {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:30} {bytes}/{total_bytes} {eta} {wide_msg}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    bar
+}

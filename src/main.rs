@@ -1,0 +1,84 @@
+//! The `tandem` command line: arguments in, library calls out. No model logic lives here.
+
+mod commands;
+
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(name = "tandem", version, about = "Quantize, evaluate and speculatively decode open LLMs on your own hardware")]
+struct Cli {
+    /// Worker threads for the CPU kernels (default: all cores).
+    #[arg(long, global = true)]
+    threads: Option<usize>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Architecture, parameter count, tensor types and size of a model.
+    Info {
+        /// A Hugging Face folder or a GGUF file.
+        model: PathBuf,
+        /// Use this tokenizer.json instead of the model's own.
+        #[arg(long)]
+        tokenizer: Option<PathBuf>,
+        /// List every tensor.
+        #[arg(short, long)]
+        verbose: bool,
+    },
+    /// Generate text from a prompt, streaming it to stdout (timing on stderr).
+    Generate(commands::GenerateArgs),
+    /// Convert a GGUF file to a Hugging Face folder with F16 safetensors.
+    Convert {
+        /// The GGUF file to convert.
+        input: PathBuf,
+        /// Output folder (config.json, model.safetensors, tokenizer.json).
+        #[arg(long)]
+        out: PathBuf,
+        /// Replace the output folder if it exists.
+        #[arg(long)]
+        force: bool,
+        /// Use this tokenizer.json instead of the GGUF's own vocabulary.
+        #[arg(long)]
+        tokenizer: Option<PathBuf>,
+        /// No progress bar.
+        #[arg(short, long)]
+        quiet: bool,
+    },
+    /// Tell a short story with the bundled stories260K model.
+    Demo {
+        #[arg(long, default_value_t = 200)]
+        max_tokens: usize,
+        #[arg(long, default_value = "Once upon a time")]
+        prompt: String,
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Some(n) = cli.threads {
+        commands::set_threads(n);
+    }
+    let result = match cli.command {
+        Command::Info { model, tokenizer, verbose } => commands::info(&model, tokenizer.as_deref(), verbose),
+        Command::Generate(args) => commands::generate(args),
+        Command::Convert { input, out, force, tokenizer, quiet } => {
+            commands::convert(&input, &out, force, tokenizer.as_deref(), quiet)
+        }
+        Command::Demo { max_tokens, prompt, seed } => commands::demo(max_tokens, &prompt, seed),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // One line, whatever the error chain holds.
+            let msg = format!("{e:#}").replace('\n', "; ");
+            eprintln!("error: {msg}");
+            ExitCode::FAILURE
+        }
+    }
+}
