@@ -76,6 +76,9 @@ impl Linear {
             LinearWeight::F16(w) if w.device().is_cpu() => self.forward_f16_cpu(x, w)?,
             LinearWeight::F16(w) => x.to_dtype(DType::F16)?.matmul(&w.t()?)?.to_dtype(DType::F32)?,
             LinearWeight::F32(w) => x.matmul(&w.t()?)?,
+            LinearWeight::Quantized(q, _) if q.device().is_cpu() && block_format(q.dtype()).is_some() => {
+                self.forward_quant_cpu(x, q)?
+            }
             LinearWeight::Quantized(_, mm) => mm.forward(x)?,
         };
         match &self.bias {
@@ -96,6 +99,16 @@ impl Linear {
         let ws = &ws[w.layout().start_offset()..][..self.out_dim * k];
         let mut out = vec![0f32; m * self.out_dim];
         tandem_kernels::matmul_f16(&xs, ws, m, k, self.out_dim, &mut out);
+        Ok(Tensor::from_vec(out, (m, self.out_dim), x.device())?)
+    }
+
+    fn forward_quant_cpu(&self, x: &Tensor, q: &QTensor) -> Result<Tensor> {
+        let (m, k) = x.dims2()?;
+        let fmt = block_format(q.dtype()).ok_or_else(|| candle_core::Error::Msg("unsupported block type".into()))?;
+        let xs = cpu_slice::<f32>(&x.contiguous()?)?;
+        let data = q.data()?;
+        let mut out = vec![0f32; m * self.out_dim];
+        tandem_kernels::matmul_quant(fmt, &xs, &data, m, k, self.out_dim, &mut out);
         Ok(Tensor::from_vec(out, (m, self.out_dim), x.device())?)
     }
 
@@ -123,6 +136,17 @@ impl Linear {
             LinearWeight::F16(w) | LinearWeight::F32(w) => w.to_dtype(DType::F32)?,
             LinearWeight::Quantized(q, _) => q.dequantize(&q.device())?,
         })
+    }
+}
+
+/// The block types tandem's own f32-activation kernel reads.
+fn block_format(t: candle_core::quantized::GgmlDType) -> Option<tandem_kernels::BlockFormat> {
+    use candle_core::quantized::GgmlDType as G;
+    match t {
+        G::Q4_0 => Some(tandem_kernels::BlockFormat::Q4_0),
+        G::Q4_1 => Some(tandem_kernels::BlockFormat::Q4_1),
+        G::Q8_0 => Some(tandem_kernels::BlockFormat::Q8_0),
+        _ => None,
     }
 }
 

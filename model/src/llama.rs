@@ -45,11 +45,12 @@ pub enum Logits {
     Last,
 }
 
-/// Per-sequence key/value cache: one [n_kv_heads, capacity, head_dim] f32 buffer per layer
-/// for keys and values. It grows by doubling (amortized, never per token) up to `limit`.
+/// Per-sequence key/value cache: for each layer, keys and values as [n_kv_heads, capacity,
+/// head_dim] f32 buffers that the attention kernel reads in place. It grows by doubling
+/// (amortized, never per token) up to `limit`.
 pub struct KvCache {
-    k: Vec<Tensor>,
-    v: Vec<Tensor>,
+    k: Vec<Vec<f32>>,
+    v: Vec<Vec<f32>>,
     len: usize,
     capacity: usize,
     limit: usize,
@@ -199,12 +200,11 @@ impl Llama {
     pub fn new_cache_with_limit(&self, limit: usize) -> Result<KvCache> {
         let limit = limit.min(self.config.context_length()).max(1);
         let capacity = INITIAL_CACHE.min(limit);
-        let shape = (self.config.num_kv_heads(), capacity, self.config.head_dim());
+        let size = self.config.num_kv_heads() * capacity * self.config.head_dim();
         let n = self.layers.len();
-        let mk = || Tensor::zeros(shape, DType::F32, &self.device);
         Ok(KvCache {
-            k: (0..n).map(|_| mk()).collect::<candle_core::Result<_>>()?,
-            v: (0..n).map(|_| mk()).collect::<candle_core::Result<_>>()?,
+            k: vec![vec![0f32; size]; n],
+            v: vec![vec![0f32; size]; n],
             len: 0,
             capacity,
             limit,
@@ -241,11 +241,10 @@ impl Llama {
         let mut x = self.embed.index_select(&ids, 0)?.to_dtype(DType::F32)?;
         let cos = self.cos.narrow(0, n, t)?;
         let sin = self.sin.narrow(0, n, t)?;
-        let mask = causal_mask(t, n, &self.device)?;
         let eps = self.config.rms_norm_eps as f32;
         for (li, layer) in self.layers.iter().enumerate() {
             let hn = candle_nn::ops::rms_norm(&x, &layer.attn_norm, eps)?;
-            let a = self.attention(layer, &hn, li, cache, &cos, &sin, mask.as_ref())?;
+            let a = self.attention(layer, &hn, li, cache, &cos, &sin)?;
             x = (x + a)?;
             let hn = candle_nn::ops::rms_norm(&x, &layer.mlp_norm, eps)?;
             let g = layer.gate.forward(&hn)?;
@@ -262,7 +261,6 @@ impl Llama {
         self.lm_head.forward(&x)
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn attention(
         &self,
         l: &Layer,
@@ -271,7 +269,6 @@ impl Llama {
         cache: &mut KvCache,
         cos: &Tensor,
         sin: &Tensor,
-        mask: Option<&Tensor>,
     ) -> Result<Tensor> {
         let c = &self.config;
         let (nh, nkv, hd) = (c.num_attention_heads, c.num_kv_heads(), c.head_dim());
@@ -279,41 +276,33 @@ impl Llama {
         let n = cache.len;
         let q = l.q.forward(x)?.reshape((1, t, nh, hd))?;
         let k = l.k.forward(x)?.reshape((1, t, nkv, hd))?;
-        let v = l.v.forward(x)?.reshape((t, nkv, hd))?;
         let q = candle_nn::rotary_emb::rope_thd(&q, cos, sin)?;
         let k = candle_nn::rotary_emb::rope_thd(&k, cos, sin)?;
-        // Append this call's keys/values at [n, n+t).
-        let k = k.reshape((t, nkv, hd))?.transpose(0, 1)?.contiguous()?;
-        let v = v.transpose(0, 1)?.contiguous()?;
-        cache.k[li].slice_set(&k, 1, n)?;
-        cache.v[li].slice_set(&v, 1, n)?;
-        let len = n + t;
-        let keys = cache.k[li].narrow(1, 0, len)?;
-        let values = cache.v[li].narrow(1, 0, len)?;
-        // Grouped-query attention without copying keys: the heads sharing one kv head are
-        // adjacent, so q [nh, t, hd] regroups as [nkv, group*t, hd].
-        let group = nh / nkv;
-        let q = q
-            .reshape((t, nh, hd))?
-            .transpose(0, 1)?
-            .contiguous()?
-            .reshape((nkv, group * t, hd))?;
-        let scale = 1.0 / (hd as f64).sqrt();
-        let scores = (q.matmul(&keys.t()?)? * scale)?;
-        let scores = match mask {
-            Some(m) => scores
-                .reshape((nkv, group, t, len))?
-                .broadcast_add(m)?
-                .reshape((nkv, group * t, len))?,
-            None => scores,
+        let q: Vec<f32> = q.flatten_all()?.to_vec1()?;
+        let k: Vec<f32> = k.flatten_all()?.to_vec1()?;
+        let v: Vec<f32> = l.v.forward(x)?.flatten_all()?.to_vec1()?;
+        // Append this call's keys/values at positions [n, n+t) of each kv head.
+        let cap = cache.capacity;
+        let (kc, vc) = (&mut cache.k[li], &mut cache.v[li]);
+        for i in 0..t {
+            for h in 0..nkv {
+                let src = (i * nkv + h) * hd;
+                let dst = (h * cap + n + i) * hd;
+                kc[dst..dst + hd].copy_from_slice(&k[src..src + hd]);
+                vc[dst..dst + hd].copy_from_slice(&v[src..src + hd]);
+            }
+        }
+        let shape = tandem_kernels::AttentionShape {
+            t,
+            n,
+            n_head: nh,
+            n_kv_head: nkv,
+            head_dim: hd,
+            capacity: cap,
         };
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-        let out = probs.matmul(&values.contiguous()?)?; // [nkv, group*t, hd]
-        let out = out
-            .reshape((nh, t, hd))?
-            .transpose(0, 1)?
-            .contiguous()?
-            .reshape((t, nh * hd))?;
+        let mut out = vec![0f32; t * nh * hd];
+        tandem_kernels::attention(shape, &q, kc, vc, &mut out);
+        let out = Tensor::from_vec(out, (t, nh * hd), &self.device)?;
         l.o.forward(&out)
     }
 
@@ -327,11 +316,12 @@ impl Llama {
             cap *= 2;
         }
         let cap = cap.min(cache.limit);
-        let shape = (self.config.num_kv_heads(), cap, self.config.head_dim());
+        let (nkv, hd, old) = (self.config.num_kv_heads(), self.config.head_dim(), cache.capacity);
         for buf in cache.k.iter_mut().chain(cache.v.iter_mut()) {
-            let grown = Tensor::zeros(shape, DType::F32, &self.device)?;
-            if cache.len > 0 {
-                grown.slice_set(&buf.narrow(1, 0, cache.len)?.contiguous()?, 1, 0)?;
+            let mut grown = vec![0f32; nkv * cap * hd];
+            for h in 0..nkv {
+                let len = cache.len * hd;
+                grown[h * cap * hd..][..len].copy_from_slice(&buf[h * old * hd..][..len]);
             }
             *buf = grown;
         }
@@ -369,19 +359,6 @@ impl Llama {
         v.push(("lm_head.weight".into(), self.lm_head.dtype_name(), self.lm_head.weight_bytes()));
         v
     }
-}
-
-/// Additive mask [t, n+t]: query i (at position n+i) sees keys 0..=n+i. None for one token,
-/// which sees everything in the cache.
-fn causal_mask(t: usize, n: usize, device: &Device) -> Result<Option<Tensor>> {
-    if t == 1 {
-        return Ok(None);
-    }
-    let len = n + t;
-    let m: Vec<f32> = (0..t)
-        .flat_map(|i| (0..len).map(move |j| if j > n + i { f32::NEG_INFINITY } else { 0.0 }))
-        .collect();
-    Ok(Some(Tensor::from_vec(m, (t, len), device)?))
 }
 
 /// Index of the largest value (first on ties): greedy decoding.

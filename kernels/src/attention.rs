@@ -1,0 +1,169 @@
+//! Causal grouped-query attention over a KV cache, one query row at a time.
+//!
+//! Each (query position, head) is computed by the same code in the same summation order
+//! whatever the chunk it arrives in, so prefill, one-token decode and k-token verification
+//! give identical results (candle's batched matmuls block differently per shape, which moved
+//! SmolLM2's logits by ~6e-4 between chunkings). It also needs no mask tensor and no copy of
+//! the keys per query head.
+
+use rayon::prelude::*;
+
+/// Shapes of one attention call.
+#[derive(Debug, Clone, Copy)]
+pub struct AttentionShape {
+    /// New query positions in this call.
+    pub t: usize,
+    /// Positions already in the cache before this call (the new keys are at n..n+t).
+    pub n: usize,
+    pub n_head: usize,
+    pub n_kv_head: usize,
+    pub head_dim: usize,
+    /// Positions the cache buffers are laid out for: k/v are [n_kv_head, capacity, head_dim].
+    pub capacity: usize,
+}
+
+impl AttentionShape {
+    fn check(&self, q: &[f32], k: &[f32], v: &[f32], out: &[f32]) {
+        let s = self;
+        assert!(s.n_kv_head > 0 && s.n_head.is_multiple_of(s.n_kv_head));
+        assert!(s.n + s.t <= s.capacity);
+        assert_eq!(q.len(), s.t * s.n_head * s.head_dim);
+        assert_eq!(out.len(), q.len());
+        assert!(k.len() >= s.n_kv_head * s.capacity * s.head_dim);
+        assert!(v.len() >= s.n_kv_head * s.capacity * s.head_dim);
+    }
+}
+
+/// Plain reference: softmax(q·kᵀ/√d + causal mask)·v in f64.
+/// `q` and `out` are [t, n_head, head_dim]; query i sits at position n+i and sees keys 0..=n+i.
+pub fn attention_reference(s: AttentionShape, q: &[f32], k: &[f32], v: &[f32], out: &mut [f32]) {
+    s.check(q, k, v, out);
+    let d = s.head_dim;
+    let group = s.n_head / s.n_kv_head;
+    let scale = 1.0 / (d as f64).sqrt();
+    for i in 0..s.t {
+        for h in 0..s.n_head {
+            let kv = h / group;
+            let qr = &q[(i * s.n_head + h) * d..][..d];
+            let len = s.n + i + 1;
+            let scores: Vec<f64> = (0..len)
+                .map(|j| {
+                    let kr = &k[(kv * s.capacity + j) * d..][..d];
+                    qr.iter().zip(kr).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>() * scale
+                })
+                .collect();
+            let max = scores.iter().cloned().fold(f64::MIN, f64::max);
+            let w: Vec<f64> = scores.iter().map(|x| (x - max).exp()).collect();
+            let z: f64 = w.iter().sum();
+            let o = &mut out[(i * s.n_head + h) * d..][..d];
+            for (c, oc) in o.iter_mut().enumerate() {
+                *oc = ((0..len).map(|j| w[j] * v[(kv * s.capacity + j) * d + c] as f64).sum::<f64>() / z) as f32;
+            }
+        }
+    }
+}
+
+/// Fast path: parallel over (position, head), f32 with fixed-lane accumulation.
+pub fn attention(s: AttentionShape, q: &[f32], k: &[f32], v: &[f32], out: &mut [f32]) {
+    s.check(q, k, v, out);
+    let d = s.head_dim;
+    let group = s.n_head / s.n_kv_head;
+    let scale = 1.0 / (d as f32).sqrt();
+    out.par_chunks_mut(d).enumerate().for_each_init(
+        || Vec::with_capacity(s.n + s.t),
+        |scores: &mut Vec<f32>, (row, o)| {
+            let (i, h) = (row / s.n_head, row % s.n_head);
+            let kv = h / group;
+            let qr = &q[row * d..][..d];
+            let len = s.n + i + 1;
+            let keys = &k[kv * s.capacity * d..][..len * d];
+            let vals = &v[kv * s.capacity * d..][..len * d];
+            scores.clear();
+            let mut max = f32::NEG_INFINITY;
+            for kr in keys.chunks_exact(d) {
+                let x = dot(qr, kr) * scale;
+                max = max.max(x);
+                scores.push(x);
+            }
+            let mut z = 0f32;
+            for x in scores.iter_mut() {
+                *x = (*x - max).exp();
+                z += *x;
+            }
+            o.fill(0.0);
+            for (w, vr) in scores.iter().zip(vals.chunks_exact(d)) {
+                let w = w / z;
+                for (oc, vc) in o.iter_mut().zip(vr) {
+                    *oc += w * vc;
+                }
+            }
+        },
+    );
+}
+
+/// Dot product with 8 independent lanes (vectorizes, and its order never depends on callers).
+#[inline]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let ca = a.chunks_exact(8);
+    let cb = b.chunks_exact(8);
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for l in 0..8 {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    let mut s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    for (x, y) in ra.iter().zip(rb) {
+        s += x * y;
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    #[test]
+    fn fast_matches_reference() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+        for (t, n, nh, nkv, d, cap) in [
+            (1, 0, 1, 1, 8, 4),
+            (1, 7, 8, 4, 8, 16),
+            (5, 3, 9, 3, 64, 10),
+            (4, 0, 8, 8, 12, 4),
+            (3, 20, 6, 2, 17, 40),
+        ] {
+            let s = AttentionShape { t, n, n_head: nh, n_kv_head: nkv, head_dim: d, capacity: cap };
+            let mut r = |len| (0..len).map(|_| rng.random_range(-2.0f32..2.0)).collect::<Vec<_>>();
+            let q = r(t * nh * d);
+            let k = r(nkv * cap * d);
+            let v = r(nkv * cap * d);
+            let mut a = vec![0f32; q.len()];
+            let mut b = vec![0f32; q.len()];
+            attention_reference(s, &q, &k, &v, &mut a);
+            attention(s, &q, &k, &v, &mut b);
+            for (x, y) in a.iter().zip(&b) {
+                assert!((x - y).abs() < 1e-5, "{s:?}: {x} vs {y}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_row_does_not_depend_on_its_chunk() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+        let (nh, nkv, d, cap) = (4, 2, 16, 12);
+        let q: Vec<f32> = (0..6 * nh * d).map(|_| rng.random_range(-1.0..1.0)).collect();
+        let k: Vec<f32> = (0..nkv * cap * d).map(|_| rng.random_range(-1.0..1.0)).collect();
+        let v = k.iter().map(|x| x * 0.5 + 0.1).collect::<Vec<_>>();
+        let mut whole = vec![0f32; q.len()];
+        attention(AttentionShape { t: 6, n: 0, n_head: nh, n_kv_head: nkv, head_dim: d, capacity: cap }, &q, &k, &v, &mut whole);
+        let row = nh * d;
+        for i in 0..6 {
+            let mut one = vec![0f32; row];
+            attention(AttentionShape { t: 1, n: i, n_head: nh, n_kv_head: nkv, head_dim: d, capacity: cap }, &q[i * row..][..row], &k, &v, &mut one);
+            assert_eq!(&whole[i * row..][..row], &one[..], "position {i}");
+        }
+    }
+}

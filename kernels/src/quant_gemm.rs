@@ -1,0 +1,227 @@
+//! `out[m×n] = x[m×k] · Wᵀ` where W is GGML block-quantized (Q4_0, Q4_1, Q8_0) and x stays f32.
+//!
+//! llama.cpp and candle round the activations to 8 bits before a quantized matmul. tandem keeps
+//! them in f32 and dequantizes each weight block on the fly instead: the result equals the
+//! dequantized (16-bit) model's up to f32 rounding, so a quantized checkpoint and its F16
+//! conversion decode the same text, and a quantized self-draft disagrees with its verifier
+//! only where the weights differ. Each weight row is read once for all m activation rows
+//! (m = 1 decode, m = 2…9 verification).
+
+use half::f16;
+use rayon::prelude::*;
+
+/// The GGML block formats this kernel reads. All have 32 weights per block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BlockFormat {
+    /// f16 scale d, 16 bytes of nibbles: w = d·(q − 8).
+    Q4_0,
+    /// f16 scale d, f16 min m, 16 bytes of nibbles: w = d·q + m.
+    Q4_1,
+    /// f16 scale d, 32 signed bytes: w = d·q.
+    Q8_0,
+}
+
+pub const BLOCK: usize = 32;
+
+impl BlockFormat {
+    pub fn block_bytes(self) -> usize {
+        match self {
+            BlockFormat::Q4_0 => 18,
+            BlockFormat::Q4_1 => 20,
+            BlockFormat::Q8_0 => 34,
+        }
+    }
+}
+
+/// Dequantizes one block into 32 floats (the reference semantics, shared by both paths).
+#[inline(always)]
+pub fn dequantize_block(f: BlockFormat, b: &[u8], out: &mut [f32; BLOCK]) {
+    let d = f16::from_le_bytes([b[0], b[1]]).to_f32();
+    match f {
+        BlockFormat::Q4_0 => {
+            let qs = &b[2..18];
+            for j in 0..16 {
+                out[j] = ((qs[j] & 15) as i32 - 8) as f32 * d;
+                out[j + 16] = ((qs[j] >> 4) as i32 - 8) as f32 * d;
+            }
+        }
+        BlockFormat::Q4_1 => {
+            let m = f16::from_le_bytes([b[2], b[3]]).to_f32();
+            let qs = &b[4..20];
+            for j in 0..16 {
+                out[j] = (qs[j] & 15) as f32 * d + m;
+                out[j + 16] = (qs[j] >> 4) as f32 * d + m;
+            }
+        }
+        BlockFormat::Q8_0 => {
+            let qs = &b[2..34];
+            for j in 0..BLOCK {
+                out[j] = qs[j] as i8 as f32 * d;
+            }
+        }
+    }
+}
+
+/// Plain reference: dequantize every row, dot in f64.
+pub fn matmul_quant_reference(f: BlockFormat, x: &[f32], w: &[u8], m: usize, k: usize, n: usize, out: &mut [f32]) {
+    check(f, x, w, m, k, n, out);
+    let row_bytes = k / BLOCK * f.block_bytes();
+    let mut buf = [0f32; BLOCK];
+    for j in 0..n {
+        let row: Vec<f32> = w[j * row_bytes..(j + 1) * row_bytes]
+            .chunks_exact(f.block_bytes())
+            .flat_map(|b| {
+                dequantize_block(f, b, &mut buf);
+                buf
+            })
+            .collect();
+        for i in 0..m {
+            out[i * n + j] = row.iter().zip(&x[i * k..(i + 1) * k]).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>() as f32;
+        }
+    }
+}
+
+fn check(f: BlockFormat, x: &[f32], w: &[u8], m: usize, k: usize, n: usize, out: &[f32]) {
+    assert!(k.is_multiple_of(BLOCK), "row length {k} is not a multiple of {BLOCK}");
+    assert_eq!(x.len(), m * k);
+    assert_eq!(w.len(), n * (k / BLOCK) * f.block_bytes());
+    assert_eq!(out.len(), m * n);
+}
+
+const ROWS_PER_TASK: usize = 32;
+
+/// Fast path: parallel over weight rows, vectorized with AVX2/FMA where the CPU has them.
+pub fn matmul_quant(f: BlockFormat, x: &[f32], w: &[u8], m: usize, k: usize, n: usize, out: &mut [f32]) {
+    check(f, x, w, m, k, n, out);
+    if m == 0 || n == 0 {
+        return;
+    }
+    let row_bytes = k / BLOCK * f.block_bytes();
+    let kern = select();
+    let run = |dst: &mut [f32]| {
+        dst.par_chunks_mut(ROWS_PER_TASK * m).enumerate().for_each(|(c, o)| {
+            let j0 = c * ROWS_PER_TASK;
+            for (jj, oj) in o.chunks_mut(m).enumerate() {
+                let j = j0 + jj;
+                kern(f, &w[j * row_bytes..(j + 1) * row_bytes], x, m, k, oj);
+            }
+        })
+    };
+    if m == 1 {
+        run(out);
+        return;
+    }
+    // Compute [n × m] (contiguous per weight row), then transpose.
+    let mut tmp = vec![0f32; n * m];
+    run(&mut tmp);
+    for j in 0..n {
+        for i in 0..m {
+            out[i * n + j] = tmp[j * m + i];
+        }
+    }
+}
+
+type RowKernel = fn(BlockFormat, &[u8], &[f32], usize, usize, &mut [f32]);
+
+fn select() -> RowKernel {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            return |f, w, x, m, k, o| unsafe { row_avx2(f, w, x, m, k, o) };
+        }
+    }
+    row_portable
+}
+
+/// Most activation rows handled per pass over a weight row.
+const GROUP: usize = 4;
+
+/// The row kernel, written so the compiler vectorizes it: fixed 8-lane accumulators.
+#[inline(always)]
+fn row_generic(f: BlockFormat, w: &[u8], x: &[f32], m: usize, k: usize, out: &mut [f32], fma: fn(f32, f32, f32) -> f32) {
+    let bb = f.block_bytes();
+    let mut buf = [0f32; BLOCK];
+    let mut i = 0;
+    while i < m {
+        let g = (m - i).min(GROUP);
+        let mut acc = [[0f32; 8]; GROUP];
+        for (bi, b) in w.chunks_exact(bb).enumerate() {
+            dequantize_block(f, b, &mut buf);
+            for (r, a) in acc.iter_mut().enumerate().take(g) {
+                let xb = &x[(i + r) * k + bi * BLOCK..][..BLOCK];
+                for c in 0..4 {
+                    for l in 0..8 {
+                        a[l] = fma(buf[c * 8 + l], xb[c * 8 + l], a[l]);
+                    }
+                }
+            }
+        }
+        for (r, a) in acc.iter().enumerate().take(g) {
+            out[i + r] = ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]));
+        }
+        i += g;
+    }
+}
+
+fn row_portable(f: BlockFormat, w: &[u8], x: &[f32], m: usize, k: usize, out: &mut [f32]) {
+    row_generic(f, w, x, m, k, out, |a, b, c| a * b + c)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn row_avx2(f: BlockFormat, w: &[u8], x: &[f32], m: usize, k: usize, out: &mut [f32]) {
+    row_generic(f, w, x, m, k, out, f32::mul_add)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    fn random_blocks(f: BlockFormat, n_blocks: usize, rng: &mut impl Rng) -> Vec<u8> {
+        let mut w = Vec::new();
+        for _ in 0..n_blocks {
+            w.extend(f16::from_f32(rng.random_range(0.001..0.05)).to_le_bytes());
+            if f == BlockFormat::Q4_1 {
+                w.extend(f16::from_f32(rng.random_range(-0.2..0.0)).to_le_bytes());
+            }
+            let q = match f {
+                BlockFormat::Q8_0 => 32,
+                _ => 16,
+            };
+            w.extend((0..q).map(|_| rng.random::<u8>()));
+        }
+        w
+    }
+
+    #[test]
+    fn fast_matches_reference() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+        for f in [BlockFormat::Q4_0, BlockFormat::Q4_1, BlockFormat::Q8_0] {
+            for m in [1, 2, 3, 5, 9] {
+                for (k, n) in [(32, 1), (64, 33), (576, 70), (1536, 5)] {
+                    let w = random_blocks(f, n * k / BLOCK, &mut rng);
+                    let x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-1.0..1.0)).collect();
+                    let mut a = vec![0f32; m * n];
+                    let mut b = vec![0f32; m * n];
+                    matmul_quant_reference(f, &x, &w, m, k, n, &mut a);
+                    matmul_quant(f, &x, &w, m, k, n, &mut b);
+                    for (p, q) in a.iter().zip(&b) {
+                        assert!((p - q).abs() <= 1e-4 * (1.0 + p.abs()), "{f:?} m={m} k={k} n={n}: {p} vs {q}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn q4_0_block_layout_follows_ggml() {
+        // d = 1, first byte 0x9F: low nibble 15 -> weight 0 is 7, high nibble 9 -> weight 16 is 1.
+        let mut b = vec![0u8; 18];
+        b[..2].copy_from_slice(&f16::from_f32(1.0).to_le_bytes());
+        b[2] = 0x9F;
+        let mut out = [0f32; BLOCK];
+        dequantize_block(BlockFormat::Q4_0, &b, &mut out);
+        assert_eq!((out[0], out[16], out[1]), (7.0, 1.0, -8.0));
+    }
+}

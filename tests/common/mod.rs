@@ -1,0 +1,67 @@
+//! Shared helpers for the end-to-end tests: model paths, the reference oracle, the binary.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn stories() -> PathBuf {
+    root().join("models/stories260K")
+}
+
+/// `../shared` beside the project (present for developers and CI).
+pub fn shared() -> PathBuf {
+    root().join("../shared")
+}
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_tandem")
+}
+
+pub fn tandem(args: &[&str]) -> Output {
+    Command::new(bin()).args(args).output().expect("failed to run tandem")
+}
+
+/// The SmolLM2 cache folder, fetched and converted by scripts/fetch-models.sh on first use.
+pub fn smollm2_dir() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let out = Command::new("bash")
+            .arg(root().join("scripts/fetch-models.sh"))
+            .env("TANDEM_BIN", bin())
+            .output()
+            .expect("failed to run scripts/fetch-models.sh");
+        assert!(
+            out.status.success(),
+            "fetch-models.sh failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let s = String::from_utf8_lossy(&out.stdout);
+        PathBuf::from(s.lines().last().expect("fetch-models.sh printed nothing").trim())
+    })
+}
+
+pub fn smollm2_gguf() -> PathBuf {
+    smollm2_dir().join("SmolLM2-135M-Instruct.Q4_1.gguf")
+}
+
+pub fn smollm2_f16() -> PathBuf {
+    smollm2_dir().join("smollm2-135m-f16")
+}
+
+pub fn reference(model_dir: &Path) -> serde_json::Value {
+    let text = std::fs::read_to_string(model_dir.join("reference.json")).expect("reference.json");
+    serde_json::from_str(&text).expect("reference.json parses")
+}
+
+pub fn ids(v: &serde_json::Value) -> Vec<u32> {
+    v.as_array()
+        .expect("array of ids")
+        .iter()
+        .map(|x| x.as_u64().expect("id") as u32)
+        .collect()
+}

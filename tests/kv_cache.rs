@@ -1,0 +1,95 @@
+//! One forward call serves prefill, decode and k-token verification: feeding a prompt in one
+//! chunk, token by token, or in random chunks must give the same logits, and rolling the cache
+//! back with `truncate` then re-feeding must equal a fresh run.
+
+mod common;
+use candle_core::Device;
+use common::*;
+use rand::{Rng, SeedableRng};
+use std::path::Path;
+use tandem_model::{Checkpoint, Error, Llama, Logits};
+
+fn logits_in_chunks(m: &Llama, toks: &[u32], chunks: &[usize]) -> Vec<Vec<f32>> {
+    let mut cache = m.new_cache().unwrap();
+    let mut out = Vec::new();
+    let mut at = 0;
+    for &c in chunks {
+        let l = m.forward(&toks[at..at + c], &mut cache, Logits::All).unwrap();
+        out.extend(l.to_vec2::<f32>().unwrap());
+        at += c;
+    }
+    assert_eq!(cache.len(), toks.len());
+    out
+}
+
+fn max_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
+    a.iter()
+        .zip(b)
+        .flat_map(|(x, y)| x.iter().zip(y).map(|(p, q)| (p - q).abs()))
+        .fold(0.0, f32::max)
+}
+
+fn check_chunking(model: &Path, text: &str) {
+    let ck = Checkpoint::open(model, None).unwrap();
+    let m = ck.load_model(&Device::Cpu).unwrap();
+    let toks = ck.tokenizer.encode(text, true).unwrap();
+    let n = toks.len();
+    assert!(n > 20, "test text too short");
+    let whole = logits_in_chunks(&m, &toks, &[n]);
+    let singles = logits_in_chunks(&m, &toks, &vec![1; n]);
+    assert!(max_diff(&whole, &singles) <= 1e-4, "token by token: {}", max_diff(&whole, &singles));
+    let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+    for _ in 0..3 {
+        let mut chunks = Vec::new();
+        let mut left = n;
+        while left > 0 {
+            let c = rng.random_range(1..=left.min(9));
+            chunks.push(c);
+            left -= c;
+        }
+        let d = max_diff(&whole, &logits_in_chunks(&m, &toks, &chunks));
+        assert!(d <= 1e-4, "chunks {chunks:?}: {d}");
+    }
+    // Roll back and re-feed different tokens, then the original ones.
+    let mut cache = m.new_cache().unwrap();
+    m.forward(&toks, &mut cache, Logits::All).unwrap();
+    for cut in [n / 2, 3, n - 1] {
+        cache.truncate(cut);
+        assert_eq!(cache.len(), cut);
+        let junk: Vec<u32> = toks[..(n - cut).min(4)].to_vec();
+        m.forward(&junk, &mut cache, Logits::All).unwrap();
+        cache.truncate(cut);
+        let l: Vec<Vec<f32>> = m.forward(&toks[cut..], &mut cache, Logits::All).unwrap().to_vec2().unwrap();
+        let d = max_diff(&whole[cut..], &l);
+        assert!(d <= 1e-4, "after truncate({cut}): {d}");
+    }
+}
+
+#[test]
+fn stories260k_chunking_and_rollback_are_exact() {
+    check_chunking(&stories(), "Once upon a time, there was a little girl named Lily. She loved to play outside with her friends in the park.");
+}
+
+#[test]
+fn smollm2_chunking_and_rollback_are_exact() {
+    check_chunking(&smollm2_f16(), "Speculative decoding lets a small draft model propose several tokens that a large verifier model then checks in one forward pass, keeping the longest prefix it agrees with.");
+}
+
+#[test]
+fn context_overflow_is_an_error_not_a_panic() {
+    let ck = Checkpoint::open(&stories(), None).unwrap();
+    let m = ck.load_model(&Device::Cpu).unwrap();
+    let mut cache = m.new_cache_with_limit(8).unwrap();
+    m.forward(&[1, 2, 3, 4, 5, 6], &mut cache, Logits::All).unwrap();
+    match m.forward(&[1, 2, 3], &mut cache, Logits::All) {
+        Err(Error::ContextFull { needed: 9, limit: 8 }) => {}
+        other => panic!("expected ContextFull, got {:?}", other.map(|_| ())),
+    }
+    assert_eq!(cache.len(), 6, "a refused call leaves the cache as it was");
+    // The full model context: 512 positions for stories260K.
+    let mut cache = m.new_cache().unwrap();
+    let toks = vec![5u32; 512];
+    m.forward(&toks, &mut cache, Logits::Last).unwrap();
+    assert!(matches!(m.forward(&[5], &mut cache, Logits::Last), Err(Error::ContextFull { .. })));
+    assert!(m.forward(&[600], &mut m.new_cache().unwrap(), Logits::Last).is_err(), "out-of-vocabulary id");
+}
