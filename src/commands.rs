@@ -13,7 +13,9 @@ pub fn set_threads(n: usize) {
     let n = n.max(1);
     // candle reads RAYON_NUM_THREADS for its gemm; set before any tensor op runs.
     std::env::set_var("RAYON_NUM_THREADS", n.to_string());
-    let _ = rayon::ThreadPoolBuilder::new().num_threads(n).build_global();
+    let _ = rayon::ThreadPoolBuilder::new()
+        .num_threads(n)
+        .build_global();
 }
 
 #[derive(clap::Args)]
@@ -61,7 +63,13 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
         top_p: a.top_p,
         seed: a.seed,
     };
-    let bos = if a.bos { true } else if a.no_bos { false } else { ck.tokenizer.add_bos };
+    let bos = if a.bos {
+        true
+    } else if a.no_bos {
+        false
+    } else {
+        ck.tokenizer.add_bos
+    };
     run(&ck, &a.prompt, a.max_tokens, params, bos, a.ctx, a.json)
 }
 
@@ -73,12 +81,24 @@ pub fn demo(max_tokens: usize, prompt: &str, seed: u64) -> Result<()> {
         top_p: 0.95,
         seed,
     };
-    eprintln!("tandem demo: {} ({} parameters), temperature 0.8, top-k 40, top-p 0.95, seed {seed}", ck.path.display(), ck.parameter_count());
+    eprintln!(
+        "tandem demo: {} ({} parameters), temperature 0.8, top-k 40, top-p 0.95, seed {seed}",
+        ck.path.display(),
+        ck.parameter_count()
+    );
     let add_bos = ck.tokenizer.add_bos;
     run(&ck, prompt, max_tokens, params, add_bos, None, false)
 }
 
-fn run(ck: &Checkpoint, prompt: &str, max_tokens: usize, params: SamplingParams, bos: bool, ctx: Option<usize>, json: bool) -> Result<()> {
+fn run(
+    ck: &Checkpoint,
+    prompt: &str,
+    max_tokens: usize,
+    params: SamplingParams,
+    bos: bool,
+    ctx: Option<usize>,
+    json: bool,
+) -> Result<()> {
     let model = ck.load_model(&Device::Cpu)?;
     let tok = &ck.tokenizer;
     let ids = tok.encode(prompt, bos)?;
@@ -94,15 +114,27 @@ fn run(ck: &Checkpoint, prompt: &str, max_tokens: usize, params: SamplingParams,
     let mut stdout = std::io::stdout().lock();
     write!(stdout, "{prompt}")?;
     stdout.flush()?;
-    let (_, stats) = run_generation(&model, &mut cache, &ids, max_tokens, &mut sampler, &tok.eos_ids, |id| {
-        if let Some(piece) = stream.push(id)? {
-            // A closed pipe (e.g. `| head`) ends generation quietly rather than with an error.
-            if stdout.write_all(piece.as_bytes()).and_then(|_| stdout.flush()).is_err() {
-                return Err(tandem_model::Error::Invalid("stdout closed".into()));
+    let (_, stats) = run_generation(
+        &model,
+        &mut cache,
+        &ids,
+        max_tokens,
+        &mut sampler,
+        &tok.eos_ids,
+        |id| {
+            if let Some(piece) = stream.push(id)? {
+                // A closed pipe (e.g. `| head`) ends generation quietly rather than with an error.
+                if stdout
+                    .write_all(piece.as_bytes())
+                    .and_then(|_| stdout.flush())
+                    .is_err()
+                {
+                    return Err(tandem_model::Error::Invalid("stdout closed".into()));
+                }
             }
-        }
-        Ok(())
-    })?;
+            Ok(())
+        },
+    )?;
     if let Some(rest) = stream.finish()? {
         write!(stdout, "{rest}")?;
     }
@@ -149,24 +181,63 @@ pub fn info(path: &Path, tokenizer: Option<&Path>, verbose: bool) -> Result<()> 
         e.0 += t.elem_count();
         e.1 += t.data.len();
         if verbose {
-            println!("  {:<48} {:<6} {:?}", store.stored_name(&n), t.dtype.name(), t.shape);
+            println!(
+                "  {:<48} {:<6} {:?}",
+                store.stored_name(&n),
+                t.dtype.name(),
+                t.shape
+            );
         }
     }
     let params = ck.parameter_count();
     let bytes = store.data_bytes();
     println!("model:         {}", ck.path.display());
-    println!("format:        {}", if store.is_gguf() { "GGUF" } else { "safetensors" });
+    println!(
+        "format:        {}",
+        if store.is_gguf() {
+            "GGUF"
+        } else {
+            "safetensors"
+        }
+    );
     println!("architecture:  {} ({:?})", c.model_type, c.architecture());
     println!("parameters:    {params} ({:.1} M)", params as f64 / 1e6);
-    println!("size:          {bytes} bytes ({:.1} MiB, {:.2} bits/weight)", bytes as f64 / 1048576.0, bytes as f64 * 8.0 / params.max(1) as f64);
+    println!(
+        "size:          {bytes} bytes ({:.1} MiB, {:.2} bits/weight)",
+        bytes as f64 / 1048576.0,
+        bytes as f64 * 8.0 / params.max(1) as f64
+    );
     println!("layers:        {}", c.num_hidden_layers);
-    println!("hidden:        {} (intermediate {})", c.hidden_size, c.intermediate_size);
-    println!("heads:         {} query / {} key-value, head_dim {}", c.num_attention_heads, c.num_kv_heads(), c.head_dim());
+    println!(
+        "hidden:        {} (intermediate {})",
+        c.hidden_size, c.intermediate_size
+    );
+    println!(
+        "heads:         {} query / {} key-value, head_dim {}",
+        c.num_attention_heads,
+        c.num_kv_heads(),
+        c.head_dim()
+    );
     println!("context:       {}", c.context_length());
-    println!("vocabulary:    {} (tokenizer: {} tokens, BOS {} , EOS {:?})", c.vocab_size, ck.tokenizer.vocab_size(),
-        match (ck.tokenizer.add_bos, ck.tokenizer.bos_id) { (true, Some(b)) => format!("{b} added"), (false, Some(b)) => format!("{b} not added"), _ => "none".into() },
-        ck.tokenizer.eos_ids);
-    println!("rope:          theta {}{}", c.rope_theta, c.rope_scaling.as_ref().map(|s| format!(", {} scaling x{}", s.rope_type, s.factor.unwrap_or(1.0))).unwrap_or_default());
+    println!(
+        "vocabulary:    {} (tokenizer: {} tokens, BOS {} , EOS {:?})",
+        c.vocab_size,
+        ck.tokenizer.vocab_size(),
+        match (ck.tokenizer.add_bos, ck.tokenizer.bos_id) {
+            (true, Some(b)) => format!("{b} added"),
+            (false, Some(b)) => format!("{b} not added"),
+            _ => "none".into(),
+        },
+        ck.tokenizer.eos_ids
+    );
+    println!(
+        "rope:          theta {}{}",
+        c.rope_theta,
+        c.rope_scaling
+            .as_ref()
+            .map(|s| format!(", {} scaling x{}", s.rope_type, s.factor.unwrap_or(1.0)))
+            .unwrap_or_default()
+    );
     println!("tied embeddings: {}", c.tie_word_embeddings);
     println!("tensor types:");
     for (t, (elems, b)) in by_type {
@@ -175,10 +246,19 @@ pub fn info(path: &Path, tokenizer: Option<&Path>, verbose: bool) -> Result<()> 
     Ok(())
 }
 
-pub fn convert(input: &Path, out: &Path, force: bool, tokenizer: Option<&Path>, quiet: bool) -> Result<()> {
+pub fn convert(
+    input: &Path,
+    out: &Path,
+    force: bool,
+    tokenizer: Option<&Path>,
+    quiet: bool,
+) -> Result<()> {
     let ck = Checkpoint::open(input, tokenizer)?;
     if !ck.store.is_gguf() {
-        anyhow::bail!("{}: convert reads GGUF files; this is already a Hugging Face folder", input.display());
+        anyhow::bail!(
+            "{}: convert reads GGUF files; this is already a Hugging Face folder",
+            input.display()
+        );
     }
     let bar = progress_bar(quiet);
     let start = std::time::Instant::now();
@@ -190,7 +270,12 @@ pub fn convert(input: &Path, out: &Path, force: bool, tokenizer: Option<&Path>, 
     tandem_model::export::export_hf_f16(&ck, out, force, &mut cb)
         .with_context(|| format!("converting {}", input.display()))?;
     bar.finish_and_clear();
-    eprintln!("wrote {} ({} parameters as F16) in {:.1} s", out.display(), ck.parameter_count(), start.elapsed().as_secs_f64());
+    eprintln!(
+        "wrote {} ({} parameters as F16) in {:.1} s",
+        out.display(),
+        ck.parameter_count(),
+        start.elapsed().as_secs_f64()
+    );
     Ok(())
 }
 

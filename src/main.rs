@@ -7,7 +7,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(name = "tandem", version, about = "Quantize, evaluate and speculatively decode open LLMs on your own hardware")]
+#[command(
+    name = "tandem",
+    version,
+    about = "Quantize, evaluate and speculatively decode open LLMs on your own hardware"
+)]
 struct Cli {
     /// Worker threads for the CPU kernels (default: all cores).
     #[arg(long, global = true)]
@@ -65,12 +69,24 @@ fn main() -> ExitCode {
         commands::set_threads(n);
     }
     let result = match cli.command {
-        Command::Info { model, tokenizer, verbose } => commands::info(&model, tokenizer.as_deref(), verbose),
+        Command::Info {
+            model,
+            tokenizer,
+            verbose,
+        } => commands::info(&model, tokenizer.as_deref(), verbose),
         Command::Generate(args) => commands::generate(args),
-        Command::Convert { input, out, force, tokenizer, quiet } => {
-            commands::convert(&input, &out, force, tokenizer.as_deref(), quiet)
-        }
-        Command::Demo { max_tokens, prompt, seed } => commands::demo(max_tokens, &prompt, seed),
+        Command::Convert {
+            input,
+            out,
+            force,
+            tokenizer,
+            quiet,
+        } => commands::convert(&input, &out, force, tokenizer.as_deref(), quiet),
+        Command::Demo {
+            max_tokens,
+            prompt,
+            seed,
+        } => commands::demo(max_tokens, &prompt, seed),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -14,7 +14,9 @@ fn logits_in_chunks(m: &Llama, toks: &[u32], chunks: &[usize]) -> Vec<Vec<f32>> 
     let mut out = Vec::new();
     let mut at = 0;
     for &c in chunks {
-        let l = m.forward(&toks[at..at + c], &mut cache, Logits::All).unwrap();
+        let l = m
+            .forward(&toks[at..at + c], &mut cache, Logits::All)
+            .unwrap();
         out.extend(l.to_vec2::<f32>().unwrap());
         at += c;
     }
@@ -37,7 +39,11 @@ fn check_chunking(model: &Path, text: &str) {
     assert!(n > 20, "test text too short");
     let whole = logits_in_chunks(&m, &toks, &[n]);
     let singles = logits_in_chunks(&m, &toks, &vec![1; n]);
-    assert!(max_diff(&whole, &singles) <= 1e-4, "token by token: {}", max_diff(&whole, &singles));
+    assert!(
+        max_diff(&whole, &singles) <= 1e-4,
+        "token by token: {}",
+        max_diff(&whole, &singles)
+    );
     let mut rng = rand::rngs::StdRng::seed_from_u64(1);
     for _ in 0..3 {
         let mut chunks = Vec::new();
@@ -59,7 +65,11 @@ fn check_chunking(model: &Path, text: &str) {
         let junk: Vec<u32> = toks[..(n - cut).min(4)].to_vec();
         m.forward(&junk, &mut cache, Logits::All).unwrap();
         cache.truncate(cut);
-        let l: Vec<Vec<f32>> = m.forward(&toks[cut..], &mut cache, Logits::All).unwrap().to_vec2().unwrap();
+        let l: Vec<Vec<f32>> = m
+            .forward(&toks[cut..], &mut cache, Logits::All)
+            .unwrap()
+            .to_vec2()
+            .unwrap();
         let d = max_diff(&whole[cut..], &l);
         assert!(d <= 1e-4, "after truncate({cut}): {d}");
     }
@@ -80,9 +90,13 @@ fn context_overflow_is_an_error_not_a_panic() {
     let ck = Checkpoint::open(&stories(), None).unwrap();
     let m = ck.load_model(&Device::Cpu).unwrap();
     let mut cache = m.new_cache_with_limit(8).unwrap();
-    m.forward(&[1, 2, 3, 4, 5, 6], &mut cache, Logits::All).unwrap();
+    m.forward(&[1, 2, 3, 4, 5, 6], &mut cache, Logits::All)
+        .unwrap();
     match m.forward(&[1, 2, 3], &mut cache, Logits::All) {
-        Err(Error::ContextFull { needed: 9, limit: 8 }) => {}
+        Err(Error::ContextFull {
+            needed: 9,
+            limit: 8,
+        }) => {}
         other => panic!("expected ContextFull, got {:?}", other.map(|_| ())),
     }
     assert_eq!(cache.len(), 6, "a refused call leaves the cache as it was");
@@ -90,6 +104,13 @@ fn context_overflow_is_an_error_not_a_panic() {
     let mut cache = m.new_cache().unwrap();
     let toks = vec![5u32; 512];
     m.forward(&toks, &mut cache, Logits::Last).unwrap();
-    assert!(matches!(m.forward(&[5], &mut cache, Logits::Last), Err(Error::ContextFull { .. })));
-    assert!(m.forward(&[600], &mut m.new_cache().unwrap(), Logits::Last).is_err(), "out-of-vocabulary id");
+    assert!(matches!(
+        m.forward(&[5], &mut cache, Logits::Last),
+        Err(Error::ContextFull { .. })
+    ));
+    assert!(
+        m.forward(&[600], &mut m.new_cache().unwrap(), Logits::Last)
+            .is_err(),
+        "out-of-vocabulary id"
+    );
 }

@@ -15,7 +15,11 @@ fn check_against_reference(model: &Path, reference_dir: &Path, logit_tol: f32) {
         let prompt = case["prompt"].as_str().unwrap();
         let prompt_ids = ids(&case["prompt_ids"]);
         // Our tokenizer must agree with the reference's (encoded without special tokens).
-        assert_eq!(ck.tokenizer.encode(prompt, false).unwrap(), prompt_ids, "{prompt}");
+        assert_eq!(
+            ck.tokenizer.encode(prompt, false).unwrap(),
+            prompt_ids,
+            "{prompt}"
+        );
         let mut cache = llama.new_cache().unwrap();
         let logits = llama.forward(&prompt_ids, &mut cache, Logits::All).unwrap();
         let logits: Vec<Vec<f32>> = logits.to_vec2().unwrap();
@@ -29,7 +33,11 @@ fn check_against_reference(model: &Path, reference_dir: &Path, logit_tol: f32) {
                 worst = worst.max((logits[pos][id] - want).abs());
             }
         }
-        assert!(worst <= logit_tol, "{}: '{prompt}': worst top-5 logit error {worst}", model.display());
+        assert!(
+            worst <= logit_tol,
+            "{}: '{prompt}': worst top-5 logit error {worst}",
+            model.display()
+        );
         // Greedy continuation, no BOS, as many tokens as the reference gives.
         let want = ids(&case["greedy_ids"]);
         let mut got = Vec::new();
@@ -40,7 +48,10 @@ fn check_against_reference(model: &Path, reference_dir: &Path, logit_tol: f32) {
             next = argmax(&l.to_vec2::<f32>().unwrap()[0]);
         }
         assert_eq!(got, want, "{}: greedy ids for '{prompt}'", model.display());
-        assert_eq!(ck.tokenizer.decode(&got).unwrap(), case["greedy_text"].as_str().unwrap());
+        assert_eq!(
+            ck.tokenizer.decode(&got).unwrap(),
+            case["greedy_text"].as_str().unwrap()
+        );
     }
 }
 
@@ -56,7 +67,8 @@ fn stories260k_perplexity_matches_reference() {
     let ck = Checkpoint::open(&stories(), None).unwrap();
     let llama = ck.load_model(&Device::Cpu).unwrap();
     let r = reference(&stories());
-    let text = std::fs::read_to_string(shared().join("data/austen/pride_and_prejudice.txt")).unwrap();
+    let text =
+        std::fs::read_to_string(shared().join("data/austen/pride_and_prejudice.txt")).unwrap();
     let toks = ck.tokenizer.encode(&text[..40_000], false).unwrap();
     let n = r["perplexity"]["first_tokens"].as_u64().unwrap() as usize;
     let w = r["perplexity"]["window"].as_u64().unwrap() as usize;
@@ -64,17 +76,29 @@ fn stories260k_perplexity_matches_reference() {
     for start in (0..n).step_by(w) {
         let win = &toks[start..start + w + 1];
         let mut cache = llama.new_cache().unwrap();
-        let l: Vec<Vec<f32>> = llama.forward(&win[..w], &mut cache, Logits::All).unwrap().to_vec2().unwrap();
+        let l: Vec<Vec<f32>> = llama
+            .forward(&win[..w], &mut cache, Logits::All)
+            .unwrap()
+            .to_vec2()
+            .unwrap();
         for (i, row) in l.iter().enumerate() {
             let max = row.iter().cloned().fold(f32::MIN, f32::max);
-            let lse = max as f64 + row.iter().map(|x| ((x - max) as f64).exp()).sum::<f64>().ln();
+            let lse = max as f64
+                + row
+                    .iter()
+                    .map(|x| ((x - max) as f64).exp())
+                    .sum::<f64>()
+                    .ln();
             nll += lse - row[win[i + 1] as usize] as f64;
             count += 1;
         }
     }
     let ppl = (nll / count as f64).exp();
     let want = r["perplexity"]["ppl"].as_f64().unwrap();
-    assert!((ppl / want - 1.0).abs() < 1e-3, "ppl {ppl} vs reference {want}");
+    assert!(
+        (ppl / want - 1.0).abs() < 1e-3,
+        "ppl {ppl} vs reference {want}"
+    );
 }
 
 #[test]
@@ -83,12 +107,20 @@ fn smollm2_gguf_matches_reference() {
     // the exact Q4_1 values d*q+m (and keep activations in f32), which differ from their F16
     // rounding by up to 2^-11 relative. Over 30 layers that moves logits by ~0.016, so the
     // bound is 0.05 here; the greedy text must be identical.
-    check_against_reference(&smollm2_gguf(), &shared().join("models/smollm2-135m-instruct"), 0.05);
+    check_against_reference(
+        &smollm2_gguf(),
+        &shared().join("models/smollm2-135m-instruct"),
+        0.05,
+    );
 }
 
 #[test]
 fn smollm2_f16_conversion_matches_reference() {
-    check_against_reference(&smollm2_f16(), &shared().join("models/smollm2-135m-instruct"), 1e-2);
+    check_against_reference(
+        &smollm2_f16(),
+        &shared().join("models/smollm2-135m-instruct"),
+        1e-2,
+    );
 }
 
 /// The shared tokenizer.json was rebuilt from the GGUF's vocabulary; the tokenizer tandem

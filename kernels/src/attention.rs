@@ -49,7 +49,11 @@ pub fn attention_reference(s: AttentionShape, q: &[f32], k: &[f32], v: &[f32], o
             let scores: Vec<f64> = (0..len)
                 .map(|j| {
                     let kr = &k[(kv * s.capacity + j) * d..][..d];
-                    qr.iter().zip(kr).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>() * scale
+                    qr.iter()
+                        .zip(kr)
+                        .map(|(a, b)| *a as f64 * *b as f64)
+                        .sum::<f64>()
+                        * scale
                 })
                 .collect();
             let max = scores.iter().cloned().fold(f64::MIN, f64::max);
@@ -57,7 +61,10 @@ pub fn attention_reference(s: AttentionShape, q: &[f32], k: &[f32], v: &[f32], o
             let z: f64 = w.iter().sum();
             let o = &mut out[(i * s.n_head + h) * d..][..d];
             for (c, oc) in o.iter_mut().enumerate() {
-                *oc = ((0..len).map(|j| w[j] * v[(kv * s.capacity + j) * d + c] as f64).sum::<f64>() / z) as f32;
+                *oc = ((0..len)
+                    .map(|j| w[j] * v[(kv * s.capacity + j) * d + c] as f64)
+                    .sum::<f64>()
+                    / z) as f32;
             }
         }
     }
@@ -135,8 +142,19 @@ mod tests {
             (4, 0, 8, 8, 12, 4),
             (3, 20, 6, 2, 17, 40),
         ] {
-            let s = AttentionShape { t, n, n_head: nh, n_kv_head: nkv, head_dim: d, capacity: cap };
-            let mut r = |len| (0..len).map(|_| rng.random_range(-2.0f32..2.0)).collect::<Vec<_>>();
+            let s = AttentionShape {
+                t,
+                n,
+                n_head: nh,
+                n_kv_head: nkv,
+                head_dim: d,
+                capacity: cap,
+            };
+            let mut r = |len| {
+                (0..len)
+                    .map(|_| rng.random_range(-2.0f32..2.0))
+                    .collect::<Vec<_>>()
+            };
             let q = r(t * nh * d);
             let k = r(nkv * cap * d);
             let v = r(nkv * cap * d);
@@ -154,15 +172,45 @@ mod tests {
     fn a_row_does_not_depend_on_its_chunk() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(9);
         let (nh, nkv, d, cap) = (4, 2, 16, 12);
-        let q: Vec<f32> = (0..6 * nh * d).map(|_| rng.random_range(-1.0..1.0)).collect();
-        let k: Vec<f32> = (0..nkv * cap * d).map(|_| rng.random_range(-1.0..1.0)).collect();
+        let q: Vec<f32> = (0..6 * nh * d)
+            .map(|_| rng.random_range(-1.0..1.0))
+            .collect();
+        let k: Vec<f32> = (0..nkv * cap * d)
+            .map(|_| rng.random_range(-1.0..1.0))
+            .collect();
         let v = k.iter().map(|x| x * 0.5 + 0.1).collect::<Vec<_>>();
         let mut whole = vec![0f32; q.len()];
-        attention(AttentionShape { t: 6, n: 0, n_head: nh, n_kv_head: nkv, head_dim: d, capacity: cap }, &q, &k, &v, &mut whole);
+        attention(
+            AttentionShape {
+                t: 6,
+                n: 0,
+                n_head: nh,
+                n_kv_head: nkv,
+                head_dim: d,
+                capacity: cap,
+            },
+            &q,
+            &k,
+            &v,
+            &mut whole,
+        );
         let row = nh * d;
         for i in 0..6 {
             let mut one = vec![0f32; row];
-            attention(AttentionShape { t: 1, n: i, n_head: nh, n_kv_head: nkv, head_dim: d, capacity: cap }, &q[i * row..][..row], &k, &v, &mut one);
+            attention(
+                AttentionShape {
+                    t: 1,
+                    n: i,
+                    n_head: nh,
+                    n_kv_head: nkv,
+                    head_dim: d,
+                    capacity: cap,
+                },
+                &q[i * row..][..row],
+                &k,
+                &v,
+                &mut one,
+            );
             assert_eq!(&whole[i * row..][..row], &one[..], "position {i}");
         }
     }

@@ -159,7 +159,10 @@ mod tests {
         matmul_f16(&x, &w, m, k, n, &mut b);
         for (i, (p, q)) in a.iter().zip(&b).enumerate() {
             let tol = 1e-4 * (k as f32).sqrt().max(1.0);
-            assert!((p - q).abs() <= tol, "m={m} k={k} n={n} idx {i}: {p} vs {q}");
+            assert!(
+                (p - q).abs() <= tol,
+                "m={m} k={k} n={n} idx {i}: {p} vs {q}"
+            );
         }
     }
 

@@ -63,7 +63,15 @@ pub fn dequantize_block(f: BlockFormat, b: &[u8], out: &mut [f32; BLOCK]) {
 }
 
 /// Plain reference: dequantize every row, dot in f64.
-pub fn matmul_quant_reference(f: BlockFormat, x: &[f32], w: &[u8], m: usize, k: usize, n: usize, out: &mut [f32]) {
+pub fn matmul_quant_reference(
+    f: BlockFormat,
+    x: &[f32],
+    w: &[u8],
+    m: usize,
+    k: usize,
+    n: usize,
+    out: &mut [f32],
+) {
     check(f, x, w, m, k, n, out);
     let row_bytes = k / BLOCK * f.block_bytes();
     let mut buf = [0f32; BLOCK];
@@ -76,13 +84,20 @@ pub fn matmul_quant_reference(f: BlockFormat, x: &[f32], w: &[u8], m: usize, k: 
             })
             .collect();
         for i in 0..m {
-            out[i * n + j] = row.iter().zip(&x[i * k..(i + 1) * k]).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>() as f32;
+            out[i * n + j] = row
+                .iter()
+                .zip(&x[i * k..(i + 1) * k])
+                .map(|(a, b)| *a as f64 * *b as f64)
+                .sum::<f64>() as f32;
         }
     }
 }
 
 fn check(f: BlockFormat, x: &[f32], w: &[u8], m: usize, k: usize, n: usize, out: &[f32]) {
-    assert!(k.is_multiple_of(BLOCK), "row length {k} is not a multiple of {BLOCK}");
+    assert!(
+        k.is_multiple_of(BLOCK),
+        "row length {k} is not a multiple of {BLOCK}"
+    );
     assert_eq!(x.len(), m * k);
     assert_eq!(w.len(), n * (k / BLOCK) * f.block_bytes());
     assert_eq!(out.len(), m * n);
@@ -91,7 +106,15 @@ fn check(f: BlockFormat, x: &[f32], w: &[u8], m: usize, k: usize, n: usize, out:
 const ROWS_PER_TASK: usize = 32;
 
 /// Fast path: parallel over weight rows, vectorized with AVX2/FMA where the CPU has them.
-pub fn matmul_quant(f: BlockFormat, x: &[f32], w: &[u8], m: usize, k: usize, n: usize, out: &mut [f32]) {
+pub fn matmul_quant(
+    f: BlockFormat,
+    x: &[f32],
+    w: &[u8],
+    m: usize,
+    k: usize,
+    n: usize,
+    out: &mut [f32],
+) {
     check(f, x, w, m, k, n, out);
     if m == 0 || n == 0 {
         return;
@@ -99,13 +122,15 @@ pub fn matmul_quant(f: BlockFormat, x: &[f32], w: &[u8], m: usize, k: usize, n: 
     let row_bytes = k / BLOCK * f.block_bytes();
     let kern = select();
     let run = |dst: &mut [f32]| {
-        dst.par_chunks_mut(ROWS_PER_TASK * m).enumerate().for_each(|(c, o)| {
-            let j0 = c * ROWS_PER_TASK;
-            for (jj, oj) in o.chunks_mut(m).enumerate() {
-                let j = j0 + jj;
-                kern(f, &w[j * row_bytes..(j + 1) * row_bytes], x, m, k, oj);
-            }
-        })
+        dst.par_chunks_mut(ROWS_PER_TASK * m)
+            .enumerate()
+            .for_each(|(c, o)| {
+                let j0 = c * ROWS_PER_TASK;
+                for (jj, oj) in o.chunks_mut(m).enumerate() {
+                    let j = j0 + jj;
+                    kern(f, &w[j * row_bytes..(j + 1) * row_bytes], x, m, k, oj);
+                }
+            })
     };
     if m == 1 {
         run(out);
@@ -138,7 +163,15 @@ const GROUP: usize = 4;
 
 /// The row kernel, written so the compiler vectorizes it: fixed 8-lane accumulators.
 #[inline(always)]
-fn row_generic(f: BlockFormat, w: &[u8], x: &[f32], m: usize, k: usize, out: &mut [f32], fma: fn(f32, f32, f32) -> f32) {
+fn row_generic(
+    f: BlockFormat,
+    w: &[u8],
+    x: &[f32],
+    m: usize,
+    k: usize,
+    out: &mut [f32],
+    fma: fn(f32, f32, f32) -> f32,
+) {
     let bb = f.block_bytes();
     let mut buf = [0f32; BLOCK];
     let mut i = 0;
@@ -207,7 +240,10 @@ mod tests {
                     matmul_quant_reference(f, &x, &w, m, k, n, &mut a);
                     matmul_quant(f, &x, &w, m, k, n, &mut b);
                     for (p, q) in a.iter().zip(&b) {
-                        assert!((p - q).abs() <= 1e-4 * (1.0 + p.abs()), "{f:?} m={m} k={k} n={n}: {p} vs {q}");
+                        assert!(
+                            (p - q).abs() <= 1e-4 * (1.0 + p.abs()),
+                            "{f:?} m={m} k={k} n={n}: {p} vs {q}"
+                        );
                     }
                 }
             }

@@ -24,7 +24,8 @@ pub mod bundled {
     pub const NAME: &str = "stories260K (bundled)";
     pub const CONFIG: &str = include_str!("../../models/stories260K/config.json");
     pub const TOKENIZER: &str = include_str!("../../models/stories260K/tokenizer.json");
-    pub const TOKENIZER_CONFIG: &str = include_str!("../../models/stories260K/tokenizer_config.json");
+    pub const TOKENIZER_CONFIG: &str =
+        include_str!("../../models/stories260K/tokenizer_config.json");
     pub const WEIGHTS: &[u8] = include_bytes!("../../models/stories260K/model.safetensors");
 }
 
@@ -61,7 +62,9 @@ impl Checkpoint {
             return Err(format_err(dir, "missing config.json in the model folder"));
         }
         let config = Config::from_file(&cfg_path)?;
-        let tok_path = tokenizer.map(Path::to_path_buf).unwrap_or_else(|| dir.join("tokenizer.json"));
+        let tok_path = tokenizer
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| dir.join("tokenizer.json"));
         if !tok_path.exists() {
             return Err(format_err(
                 &tok_path,
@@ -76,7 +79,9 @@ impl Checkpoint {
 
     fn open_gguf(path: &Path, tokenizer: Option<&Path>) -> Result<Self> {
         let store = WeightStore::open_gguf(path)?;
-        let md = store.gguf_metadata().ok_or_else(|| format_err(path, "not a GGUF file"))?;
+        let md = store
+            .gguf_metadata()
+            .ok_or_else(|| format_err(path, "not a GGUF file"))?;
         let config = config_from_gguf(path, md, &store)?;
         let (tok, tok_path) = match tokenizer {
             Some(t) => (Tokenizer::from_hf_files(t, None)?, t.to_path_buf()),
@@ -98,7 +103,13 @@ impl Checkpoint {
         Self::finish(path.clone(), config, store, tok, &path)
     }
 
-    fn finish(path: PathBuf, config: Config, store: WeightStore, mut tok: Tokenizer, tok_path: &Path) -> Result<Self> {
+    fn finish(
+        path: PathBuf,
+        config: Config,
+        store: WeightStore,
+        mut tok: Tokenizer,
+        tok_path: &Path,
+    ) -> Result<Self> {
         if tok.vocab_size() > config.vocab_size {
             return Err(format_err(
                 tok_path,
@@ -109,6 +120,23 @@ impl Checkpoint {
                 ),
             ));
         }
+        // Shapes against the config, from metadata alone (no tensor data is read).
+        for (name, shape, required) in Llama::expected_tensors(&config) {
+            match store.get(&name) {
+                Ok(raw) if raw.shape != shape => {
+                    return Err(crate::error::tensor_err(
+                        store.path_of(&name),
+                        &store.stored_name(&name),
+                        format!(
+                            "shape {:?} does not match the config (expected {shape:?})",
+                            raw.shape
+                        ),
+                    ))
+                }
+                Err(e) if required => return Err(e),
+                _ => {}
+            }
+        }
         if tok.bos_id.is_none() {
             tok.bos_id = config.bos_token_id;
         }
@@ -117,7 +145,12 @@ impl Checkpoint {
                 tok.eos_ids.push(id);
             }
         }
-        Ok(Checkpoint { path, config, store, tokenizer: tok })
+        Ok(Checkpoint {
+            path,
+            config,
+            store,
+            tokenizer: tok,
+        })
     }
 
     /// Builds the forward pass on `device`.
@@ -137,7 +170,11 @@ impl Checkpoint {
 }
 
 /// Reads llama.cpp's hyperparameter keys into a [`Config`].
-pub fn config_from_gguf(path: &Path, md: &HashMap<String, Value>, store: &WeightStore) -> Result<Config> {
+pub fn config_from_gguf(
+    path: &Path,
+    md: &HashMap<String, Value>,
+    store: &WeightStore,
+) -> Result<Config> {
     let arch = md
         .get("general.architecture")
         .and_then(|v| v.to_string().ok())
@@ -151,10 +188,21 @@ pub fn config_from_gguf(path: &Path, md: &HashMap<String, Value>, store: &Weight
     }
     let key = |k: &str| format!("{arch}.{k}");
     let num = |k: &str| -> Option<usize> {
-        md.get(&key(k)).and_then(|v| v.to_u64().ok().or_else(|| v.to_u32().ok().map(u64::from)).or_else(|| v.to_i32().ok().map(|x| x.max(0) as u64))).map(|x| x as usize)
+        md.get(&key(k))
+            .and_then(|v| {
+                v.to_u64()
+                    .ok()
+                    .or_else(|| v.to_u32().ok().map(u64::from))
+                    .or_else(|| v.to_i32().ok().map(|x| x.max(0) as u64))
+            })
+            .map(|x| x as usize)
     };
-    let need = |k: &str| num(k).ok_or_else(|| format_err(path, format!("no {} in metadata", key(k))));
-    let float = |k: &str| md.get(&key(k)).and_then(|v| v.to_f32().ok().map(f64::from).or_else(|| v.to_f64().ok()));
+    let need =
+        |k: &str| num(k).ok_or_else(|| format_err(path, format!("no {} in metadata", key(k))));
+    let float = |k: &str| {
+        md.get(&key(k))
+            .and_then(|v| v.to_f32().ok().map(f64::from).or_else(|| v.to_f64().ok()))
+    };
     let heads = need("attention.head_count")?;
     let hidden = need("embedding_length")?;
     let vocab = num("vocab_size")
@@ -162,7 +210,12 @@ pub fn config_from_gguf(path: &Path, md: &HashMap<String, Value>, store: &Weight
             Some(Value::Array(a)) => Some(a.len()),
             _ => None,
         })
-        .or_else(|| store.get("model.embed_tokens.weight").ok().map(|t| t.shape[0]))
+        .or_else(|| {
+            store
+                .get("model.embed_tokens.weight")
+                .ok()
+                .map(|t| t.shape[0])
+        })
         .ok_or_else(|| format_err(path, "cannot tell the vocabulary size"))?;
     let head_dim = num("attention.key_length").or_else(|| num("rope.dimension_count"));
     let rope_freq_factors = match store.get("rope_freqs.weight") {
@@ -174,7 +227,10 @@ pub fn config_from_gguf(path: &Path, md: &HashMap<String, Value>, store: &Weight
         ),
         Err(_) => None,
     };
-    let rope_scaling = match md.get(&key("rope.scaling.type")).and_then(|v| v.to_string().ok()) {
+    let rope_scaling = match md
+        .get(&key("rope.scaling.type"))
+        .and_then(|v| v.to_string().ok())
+    {
         Some(t) if t == "linear" => Some(crate::config::RopeScaling {
             rope_type: "linear".into(),
             factor: float("rope.scaling.factor"),
@@ -186,7 +242,9 @@ pub fn config_from_gguf(path: &Path, md: &HashMap<String, Value>, store: &Weight
         Some(t) => {
             return Err(Error::Unsupported {
                 path: path.to_path_buf(),
-                msg: format!("unsupported rope scaling '{t}' (supported: linear, llama3 rope_freqs)"),
+                msg: format!(
+                    "unsupported rope scaling '{t}' (supported: linear, llama3 rope_freqs)"
+                ),
             })
         }
         None => None,
@@ -205,8 +263,13 @@ pub fn config_from_gguf(path: &Path, md: &HashMap<String, Value>, store: &Weight
         rope_theta: float("rope.freq_base").unwrap_or(10_000.0),
         rope_scaling,
         tie_word_embeddings: !store.contains("lm_head.weight"),
-        bos_token_id: md.get("tokenizer.ggml.bos_token_id").and_then(|v| v.to_u32().ok()),
-        eos_token_id: md.get("tokenizer.ggml.eos_token_id").and_then(|v| v.to_u32().ok()).map(TokenIds::One),
+        bos_token_id: md
+            .get("tokenizer.ggml.bos_token_id")
+            .and_then(|v| v.to_u32().ok()),
+        eos_token_id: md
+            .get("tokenizer.ggml.eos_token_id")
+            .and_then(|v| v.to_u32().ok())
+            .map(TokenIds::One),
         attention_bias: Some(store.contains("model.layers.0.self_attn.q_proj.bias")),
         sliding_window: None,
         use_sliding_window: None,

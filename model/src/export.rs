@@ -18,7 +18,12 @@ use std::path::{Path, PathBuf};
 /// Progress callback: (bytes done, bytes total, current tensor).
 pub type Progress<'a> = &'a mut dyn FnMut(u64, u64, &str);
 
-pub fn export_hf_f16(ck: &Checkpoint, out: &Path, force: bool, progress: Progress<'_>) -> Result<()> {
+pub fn export_hf_f16(
+    ck: &Checkpoint,
+    out: &Path,
+    force: bool,
+    progress: Progress<'_>,
+) -> Result<()> {
     if ck.config.rope_freq_factors.is_some() {
         return Err(Error::Unsupported {
             path: ck.path.clone(),
@@ -27,7 +32,8 @@ pub fn export_hf_f16(ck: &Checkpoint, out: &Path, force: bool, progress: Progres
     }
     write_dir_atomically(out, force, |tmp| {
         write_config(ck, &tmp.join("config.json"))?;
-        std::fs::write(tmp.join("tokenizer.json"), &ck.tokenizer.json).map_err(|e| io_err(&tmp.join("tokenizer.json"), e))?;
+        std::fs::write(tmp.join("tokenizer.json"), &ck.tokenizer.json)
+            .map_err(|e| io_err(&tmp.join("tokenizer.json"), e))?;
         let tc = json!({
             "add_bos_token": ck.tokenizer.add_bos,
             "bos_token": ck.tokenizer.bos_id.and_then(|i| ck.tokenizer.id_to_token(i)),
@@ -95,7 +101,10 @@ fn write_safetensors_f16(ck: &Checkpoint, path: &Path, progress: Progress<'_>) -
     for n in &names {
         let raw = store.get(n)?;
         let bytes = raw.elem_count() * 2;
-        header.insert(n.clone(), json!({"dtype": "F16", "shape": raw.shape, "data_offsets": [offset, offset + bytes]}));
+        header.insert(
+            n.clone(),
+            json!({"dtype": "F16", "shape": raw.shape, "data_offsets": [offset, offset + bytes]}),
+        );
         offset += bytes;
     }
     let mut head = serde_json::to_vec(&header).map_err(|e| format_err(path, e.to_string()))?;
@@ -103,7 +112,8 @@ fn write_safetensors_f16(ck: &Checkpoint, path: &Path, progress: Progress<'_>) -
     let file = std::fs::File::create(path).map_err(|e| io_err(path, e))?;
     let mut w = std::io::BufWriter::new(file);
     let werr = |e: std::io::Error| io_err(path, format!("write failed: {e}"));
-    w.write_all(&(head.len() as u64).to_le_bytes()).map_err(werr)?;
+    w.write_all(&(head.len() as u64).to_le_bytes())
+        .map_err(werr)?;
     w.write_all(&head).map_err(werr)?;
     let total = offset as u64;
     let mut done = 0u64;
@@ -116,10 +126,19 @@ fn write_safetensors_f16(ck: &Checkpoint, path: &Path, progress: Progress<'_>) -
         let t = dense_tensor(src, &raw, &Device::Cpu)?.to_dtype(DType::F32)?;
         let vals: Vec<f32> = t.flatten_all()?.to_vec1()?;
         if let Some(i) = vals.iter().position(|v| !v.is_finite()) {
-            return Err(tensor_err(src, &store.stored_name(n), format!("non-finite value at element {i}")));
+            return Err(tensor_err(
+                src,
+                &store.stored_name(n),
+                format!("non-finite value at element {i}"),
+            ));
         }
-        let mut bytes: Vec<u8> = vals.iter().flat_map(|v| half::f16::from_f32(*v).to_le_bytes()).collect();
-        let heads = if n.ends_with("self_attn.q_proj.weight") || n.ends_with("self_attn.q_proj.bias") {
+        let mut bytes: Vec<u8> = vals
+            .iter()
+            .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
+            .collect();
+        let heads = if n.ends_with("self_attn.q_proj.weight")
+            || n.ends_with("self_attn.q_proj.bias")
+        {
             Some(nh)
         } else if n.ends_with("self_attn.k_proj.weight") || n.ends_with("self_attn.k_proj.bias") {
             Some(nkv)
@@ -135,15 +154,25 @@ fn write_safetensors_f16(ck: &Checkpoint, path: &Path, progress: Progress<'_>) -
     }
     progress(total, total, "");
     w.flush().map_err(werr)?;
-    w.into_inner().map_err(|e| io_err(path, e.error()))?.sync_all().map_err(|e| io_err(path, e))?;
+    w.into_inner()
+        .map_err(|e| io_err(path, e.error()))?
+        .sync_all()
+        .map_err(|e| io_err(path, e))?;
     Ok(())
 }
 
 /// Builds a directory under a temporary name beside `out`, then renames it into place.
 /// Refuses to replace an existing `out` unless `force`; removes the temporary on failure.
-pub fn write_dir_atomically(out: &Path, force: bool, build: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+pub fn write_dir_atomically(
+    out: &Path,
+    force: bool,
+    build: impl FnOnce(&Path) -> Result<()>,
+) -> Result<()> {
     if out.exists() && !force {
-        return Err(format_err(out, "already exists (pass --force to overwrite)"));
+        return Err(format_err(
+            out,
+            "already exists (pass --force to overwrite)",
+        ));
     }
     let tmp = sibling_temp(out);
     std::fs::create_dir_all(&tmp).map_err(|e| io_err(&tmp, e))?;
@@ -166,8 +195,14 @@ pub fn write_dir_atomically(out: &Path, force: bool, build: impl FnOnce(&Path) -
 
 /// A hidden name in the same folder as `out` (so the final rename stays on one filesystem).
 pub fn sibling_temp(out: &Path) -> PathBuf {
-    let name = out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "out".into());
-    let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let name = out
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "out".into());
+    let parent = out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     let stamp = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.subsec_nanos())

@@ -51,7 +51,7 @@ impl Linear {
             }
             WeightDType::Quant(q) => {
                 let qt = qtensor_from_ggml(q, raw.data, vec![out_dim, in_dim], device)
-                    .map_err(|e| tensor_err(path, &raw.name, e.to_string()))?;
+                    .map_err(|e| tensor_err(path, &raw.name, crate::error::candle_msg(&e)))?;
                 let qt = Arc::new(qt);
                 let mm = QMatMul::from_arc(qt.clone())?;
                 LinearWeight::Quantized(qt, mm)
@@ -74,9 +74,14 @@ impl Linear {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = match &self.weight {
             LinearWeight::F16(w) if w.device().is_cpu() => self.forward_f16_cpu(x, w)?,
-            LinearWeight::F16(w) => x.to_dtype(DType::F16)?.matmul(&w.t()?)?.to_dtype(DType::F32)?,
+            LinearWeight::F16(w) => x
+                .to_dtype(DType::F16)?
+                .matmul(&w.t()?)?
+                .to_dtype(DType::F32)?,
             LinearWeight::F32(w) => x.matmul(&w.t()?)?,
-            LinearWeight::Quantized(q, _) if q.device().is_cpu() && block_format(q.dtype()).is_some() => {
+            LinearWeight::Quantized(q, _)
+                if q.device().is_cpu() && block_format(q.dtype()).is_some() =>
+            {
                 self.forward_quant_cpu(x, q)?
             }
             LinearWeight::Quantized(_, mm) => mm.forward(x)?,
@@ -104,7 +109,8 @@ impl Linear {
 
     fn forward_quant_cpu(&self, x: &Tensor, q: &QTensor) -> Result<Tensor> {
         let (m, k) = x.dims2()?;
-        let fmt = block_format(q.dtype()).ok_or_else(|| candle_core::Error::Msg("unsupported block type".into()))?;
+        let fmt = block_format(q.dtype())
+            .ok_or_else(|| candle_core::Error::Msg("unsupported block type".into()))?;
         let xs = cpu_slice::<f32>(&x.contiguous()?)?;
         let data = q.data()?;
         let mut out = vec![0f32; m * self.out_dim];
@@ -163,13 +169,13 @@ pub fn dense_tensor(path: &Path, raw: &RawTensor<'_>, device: &Device) -> Result
         WeightDType::BF16 => DType::BF16,
         WeightDType::Quant(q) => {
             let qt = qtensor_from_ggml(q, raw.data, raw.shape.clone(), device)
-                .map_err(|e| tensor_err(path, &raw.name, e.to_string()))?;
+                .map_err(|e| tensor_err(path, &raw.name, crate::error::candle_msg(&e)))?;
             return Ok(qt.dequantize(device)?);
         }
     };
     check_finite(path, raw)?;
     Tensor::from_raw_buffer(raw.data, dtype, &raw.shape, device)
-        .map_err(|e| tensor_err(path, &raw.name, e.to_string()))
+        .map_err(|e| tensor_err(path, &raw.name, crate::error::candle_msg(&e)))
 }
 
 /// Refuses NaN/Inf in dense weights: they would silently poison every output.

@@ -6,10 +6,10 @@
 
 use crate::config::Config;
 use crate::error::{tensor_err, Error, Result};
-use crate::linear::{dense_tensor, Linear};
-use crate::weights::WeightStore;
 use crate::gguf_names::{permute_qk_rows, Permute};
+use crate::linear::{dense_tensor, Linear};
 use crate::weights::RawTensor;
+use crate::weights::WeightStore;
 use candle_core::{DType, Device, Tensor};
 
 struct Layer {
@@ -84,7 +84,12 @@ impl Llama {
     /// shape against the config.
     pub fn load(config: Config, store: &WeightStore, device: &Device) -> Result<Self> {
         let c = &config;
-        let (h, hd, nh, nkv) = (c.hidden_size, c.head_dim(), c.num_attention_heads, c.num_kv_heads());
+        let (h, hd, nh, nkv) = (
+            c.hidden_size,
+            c.head_dim(),
+            c.num_attention_heads,
+            c.num_kv_heads(),
+        );
         let permute = store.is_gguf() && c.architecture() == crate::config::Architecture::Llama;
         let get = |name: &str, shape: &[usize]| -> Result<RawTensor<'_>> {
             let raw = store.get(name)?;
@@ -92,7 +97,10 @@ impl Llama {
                 return Err(tensor_err(
                     store.path_of(name),
                     &store.stored_name(name),
-                    format!("shape {:?} does not match the config (expected {shape:?})", raw.shape),
+                    format!(
+                        "shape {:?} does not match the config (expected {shape:?})",
+                        raw.shape
+                    ),
                 ));
             }
             Ok(raw)
@@ -121,9 +129,16 @@ impl Llama {
             if !permute {
                 return Ok(Some(t));
             }
-            let bytes: Vec<u8> = t.to_vec1::<f32>()?.iter().flat_map(|x| x.to_le_bytes()).collect();
+            let bytes: Vec<u8> = t
+                .to_vec1::<f32>()?
+                .iter()
+                .flat_map(|x| x.to_le_bytes())
+                .collect();
             let p = permute_qk_rows(&bytes, heads, heads * hd, 4, Permute::GgufToHf);
-            let v: Vec<f32> = p.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+            let v: Vec<f32> = p
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect();
             Ok(Some(Tensor::from_vec(v, heads * hd, device)?))
         };
         let vector = |name: &str, len: usize| -> Result<Tensor> {
@@ -191,6 +206,50 @@ impl Llama {
         })
     }
 
+    /// Every tensor the forward pass reads, with its Hugging Face shape. Optional ones
+    /// (`lm_head.weight` when tied) are marked `false`.
+    pub fn expected_tensors(c: &Config) -> Vec<(String, Vec<usize>, bool)> {
+        let (h, hd, nh, nkv, ff) = (
+            c.hidden_size,
+            c.head_dim(),
+            c.num_attention_heads,
+            c.num_kv_heads(),
+            c.intermediate_size,
+        );
+        let mut v = vec![
+            (
+                "model.embed_tokens.weight".to_string(),
+                vec![c.vocab_size, h],
+                true,
+            ),
+            ("model.norm.weight".to_string(), vec![h], true),
+            (
+                "lm_head.weight".to_string(),
+                vec![c.vocab_size, h],
+                !c.tie_word_embeddings,
+            ),
+        ];
+        for i in 0..c.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            let mut add = |n: &str, shape: Vec<usize>| v.push((format!("{p}.{n}"), shape, true));
+            add("input_layernorm.weight", vec![h]);
+            add("self_attn.q_proj.weight", vec![nh * hd, h]);
+            add("self_attn.k_proj.weight", vec![nkv * hd, h]);
+            add("self_attn.v_proj.weight", vec![nkv * hd, h]);
+            add("self_attn.o_proj.weight", vec![h, nh * hd]);
+            add("post_attention_layernorm.weight", vec![h]);
+            add("mlp.gate_proj.weight", vec![ff, h]);
+            add("mlp.up_proj.weight", vec![ff, h]);
+            add("mlp.down_proj.weight", vec![h, ff]);
+            if c.qkv_bias() {
+                add("self_attn.q_proj.bias", vec![nh * hd]);
+                add("self_attn.k_proj.bias", vec![nkv * hd]);
+                add("self_attn.v_proj.bias", vec![nkv * hd]);
+            }
+        }
+        v
+    }
+
     /// A fresh, empty cache for one sequence.
     pub fn new_cache(&self) -> Result<KvCache> {
         self.new_cache_with_limit(self.config.context_length())
@@ -230,7 +289,10 @@ impl Llama {
                 limit: cache.limit,
             });
         }
-        if let Some(bad) = tokens.iter().find(|&&id| id as usize >= self.config.vocab_size) {
+        if let Some(bad) = tokens
+            .iter()
+            .find(|&&id| id as usize >= self.config.vocab_size)
+        {
             return Err(Error::Invalid(format!(
                 "token id {bad} is outside the vocabulary ({})",
                 self.config.vocab_size
@@ -316,7 +378,11 @@ impl Llama {
             cap *= 2;
         }
         let cap = cap.min(cache.limit);
-        let (nkv, hd, old) = (self.config.num_kv_heads(), self.config.head_dim(), cache.capacity);
+        let (nkv, hd, old) = (
+            self.config.num_kv_heads(),
+            self.config.head_dim(),
+            cache.capacity,
+        );
         for buf in cache.k.iter_mut().chain(cache.v.iter_mut()) {
             let mut grown = vec![0f32; nkv * cap * hd];
             for h in 0..nkv {
@@ -353,10 +419,18 @@ impl Llama {
                 ("mlp.up_proj", &l.up),
                 ("mlp.down_proj", &l.down),
             ] {
-                v.push((format!("model.layers.{i}.{n}.weight"), lin.dtype_name(), lin.weight_bytes()));
+                v.push((
+                    format!("model.layers.{i}.{n}.weight"),
+                    lin.dtype_name(),
+                    lin.weight_bytes(),
+                ));
             }
         }
-        v.push(("lm_head.weight".into(), self.lm_head.dtype_name(), self.lm_head.weight_bytes()));
+        v.push((
+            "lm_head.weight".into(),
+            self.lm_head.dtype_name(),
+            self.lm_head.weight_bytes(),
+        ));
         v
     }
 }

@@ -22,11 +22,15 @@ impl Tokenizer {
     /// Loads `tokenizer.json`; BOS policy from `tokenizer_config.json` (`add_bos_token`) when
     /// present, else from the post-processor's template.
     pub fn from_hf_files(tokenizer_json: &Path, tokenizer_config: Option<&Path>) -> Result<Self> {
-        let json = std::fs::read_to_string(tokenizer_json).map_err(|e| io_err(tokenizer_json, e))?;
+        let json =
+            std::fs::read_to_string(tokenizer_json).map_err(|e| io_err(tokenizer_json, e))?;
         let cfg: Option<Json> = match tokenizer_config {
             Some(p) if p.exists() => {
                 let t = std::fs::read_to_string(p).map_err(|e| io_err(p, e))?;
-                Some(serde_json::from_str(&t).map_err(|e| format_err(p, format!("invalid JSON: {e}")))?)
+                Some(
+                    serde_json::from_str(&t)
+                        .map_err(|e| format_err(p, format!("invalid JSON: {e}")))?,
+                )
             }
             _ => None,
         };
@@ -52,7 +56,10 @@ impl Tokenizer {
             .and_then(|v| v.as_str())
             .and_then(|s| inner.token_to_id(s));
         let cfg_bos = cfg.and_then(|c| token_id(c.get("bos_token")));
-        let add_bos = match cfg.and_then(|c| c.get("add_bos_token")).and_then(|v| v.as_bool()) {
+        let add_bos = match cfg
+            .and_then(|c| c.get("add_bos_token"))
+            .and_then(|v| v.as_bool())
+        {
             Some(b) => b,
             None => template_bos.is_some(),
         };
@@ -75,16 +82,25 @@ impl Tokenizer {
     pub fn from_gguf(path: &Path, md: &HashMap<String, Value>) -> Result<Self> {
         let get_str = |k: &str| md.get(k).and_then(|v| v.to_string().ok()).cloned();
         let get_u32 = |k: &str| md.get(k).and_then(|v| v.to_u32().ok());
-        let model = get_str("tokenizer.ggml.model")
-            .ok_or_else(|| format_err(path, "no tokenizer.ggml.model in metadata; pass --tokenizer tokenizer.json"))?;
+        let model = get_str("tokenizer.ggml.model").ok_or_else(|| {
+            format_err(
+                path,
+                "no tokenizer.ggml.model in metadata; pass --tokenizer tokenizer.json",
+            )
+        })?;
         let tokens = string_array(path, md, "tokenizer.ggml.tokens")?;
         let types: Vec<i64> = match md.get("tokenizer.ggml.token_type") {
-            Some(Value::Array(a)) => a.iter().map(|v| v.to_i32().map(|x| x as i64).unwrap_or(1)).collect(),
+            Some(Value::Array(a)) => a
+                .iter()
+                .map(|v| v.to_i32().map(|x| x as i64).unwrap_or(1))
+                .collect(),
             _ => vec![1; tokens.len()],
         };
         let bos_id = get_u32("tokenizer.ggml.bos_token_id");
         let eos_id = get_u32("tokenizer.ggml.eos_token_id");
-        let add_bos_key = md.get("tokenizer.ggml.add_bos_token").and_then(|v| v.to_bool().ok());
+        let add_bos_key = md
+            .get("tokenizer.ggml.add_bos_token")
+            .and_then(|v| v.to_bool().ok());
         let (json, default_add_bos) = match model.as_str() {
             "gpt2" => {
                 let merges = string_array(path, md, "tokenizer.ggml.merges")?;
@@ -148,9 +164,16 @@ fn string_array(path: &Path, md: &HashMap<String, Value>, key: &str) -> Result<V
     match md.get(key) {
         Some(Value::Array(a)) => a
             .iter()
-            .map(|v| v.to_string().cloned().map_err(|_| format_err(path, format!("{key} holds a non-string"))))
+            .map(|v| {
+                v.to_string()
+                    .cloned()
+                    .map_err(|_| format_err(path, format!("{key} holds a non-string")))
+            })
             .collect(),
-        _ => Err(format_err(path, format!("no {key} in metadata; pass --tokenizer tokenizer.json"))),
+        _ => Err(format_err(
+            path,
+            format!("no {key} in metadata; pass --tokenizer tokenizer.json"),
+        )),
     }
 }
 
@@ -176,9 +199,18 @@ fn added_tokens(tokens: &[String], types: &[i64]) -> Vec<Json> {
 const LLAMA3_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 const QWEN2_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
-fn gpt2_json(path: &Path, tokens: &[String], types: &[i64], merges: &[String], pre: &str) -> Result<Json> {
-    let vocab: serde_json::Map<String, Json> =
-        tokens.iter().enumerate().map(|(i, t)| (t.clone(), json!(i))).collect();
+fn gpt2_json(
+    path: &Path,
+    tokens: &[String],
+    types: &[i64],
+    merges: &[String],
+    pre: &str,
+) -> Result<Json> {
+    let vocab: serde_json::Map<String, Json> = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.clone(), json!(i)))
+        .collect();
     let byte_level = |regex: bool| json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": regex});
     let pre_tokenizer = match pre {
         "default" | "gpt-2" | "gpt2" => byte_level(true),
@@ -215,7 +247,11 @@ fn gpt2_json(path: &Path, tokens: &[String], types: &[i64], merges: &[String], p
 /// a vocabulary piece into two pieces becomes a merge, ranked by the merged piece's score
 /// (the same derivation as Hugging Face's SentencePiece converter).
 fn spm_json(tokens: &[String], types: &[i64], scores: &[f32]) -> Json {
-    let ids: HashMap<&str, usize> = tokens.iter().enumerate().map(|(i, t)| (t.as_str(), i)).collect();
+    let ids: HashMap<&str, usize> = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.as_str(), i))
+        .collect();
     let normal = |i: usize| types.get(i).copied().unwrap_or(1) == 1;
     let mut merges: Vec<(f32, usize, usize, usize)> = Vec::new();
     for (i, t) in tokens.iter().enumerate() {
@@ -232,10 +268,19 @@ fn spm_json(tokens: &[String], types: &[i64], scores: &[f32]) -> Json {
         }
     }
     merges.sort_by(|x, y| y.0.total_cmp(&x.0).then(x.1.cmp(&y.1)).then(x.2.cmp(&y.2)));
-    let merges: Vec<Json> = merges.iter().map(|m| json!([tokens[m.1], tokens[m.2]])).collect();
-    let vocab: serde_json::Map<String, Json> =
-        tokens.iter().enumerate().map(|(i, t)| (t.clone(), json!(i))).collect();
-    let unk = types.iter().position(|t| *t == TOKEN_UNKNOWN).map(|i| tokens[i].clone());
+    let merges: Vec<Json> = merges
+        .iter()
+        .map(|m| json!([tokens[m.1], tokens[m.2]]))
+        .collect();
+    let vocab: serde_json::Map<String, Json> = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.clone(), json!(i)))
+        .collect();
+    let unk = types
+        .iter()
+        .position(|t| *t == TOKEN_UNKNOWN)
+        .map(|i| tokens[i].clone());
     json!({
         "version": "1.0",
         "added_tokens": added_tokens(tokens, types),
@@ -265,7 +310,12 @@ pub struct TextStream<'a> {
 
 impl<'a> TextStream<'a> {
     pub fn new(tok: &'a Tokenizer) -> Self {
-        TextStream { tok, ids: Vec::new(), prev: 0, cur: 0 }
+        TextStream {
+            tok,
+            ids: Vec::new(),
+            prev: 0,
+            cur: 0,
+        }
     }
 
     /// Starts after a context token (the prompt's last), so the first generated piece keeps
@@ -273,7 +323,12 @@ impl<'a> TextStream<'a> {
     pub fn with_context(tok: &'a Tokenizer, last: Option<u32>) -> Self {
         let ids: Vec<u32> = last.into_iter().collect();
         let n = ids.len();
-        TextStream { tok, ids, prev: 0, cur: n }
+        TextStream {
+            tok,
+            ids,
+            prev: 0,
+            cur: n,
+        }
     }
 
     /// Adds a token; returns newly completed text, if any.
@@ -297,6 +352,9 @@ impl<'a> TextStream<'a> {
         let now = self.tok.decode(&self.ids[self.prev..])?;
         self.prev = self.ids.len();
         self.cur = self.ids.len();
-        Ok(now.get(before.len()..).filter(|s| !s.is_empty()).map(str::to_string))
+        Ok(now
+            .get(before.len()..)
+            .filter(|s| !s.is_empty())
+            .map(str::to_string))
     }
 }

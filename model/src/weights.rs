@@ -164,26 +164,26 @@ impl WeightStore {
                 entries.insert(name, e);
             }
         }
-        Ok(WeightStore::Safetensors {
-            files,
-            entries,
-        })
+        Ok(WeightStore::Safetensors { files, entries })
     }
 
     /// Opens a GGUF file and checks that every tensor lies inside it without overlap.
     pub fn open_gguf(path: &Path) -> Result<Self> {
         let bytes = Bytes::map(path)?;
         let mut cursor = std::io::Cursor::new(&bytes[..]);
-        let content = gguf_file::Content::read(&mut cursor)
-            .map_err(|e| format_err(path, format!("invalid GGUF: {e}")))?;
+        let content = gguf_file::Content::read(&mut cursor).map_err(|e| {
+            format_err(
+                path,
+                format!("invalid GGUF: {}", crate::error::candle_msg(&e)),
+            )
+        })?;
         let base = content.tensor_data_offset as usize;
         let mut entries = BTreeMap::new();
         let mut spans = Vec::new();
         for (gname, info) in &content.tensor_infos {
             let shape: Vec<usize> = info.shape.dims().to_vec();
-            let elems = checked_elems(&shape).ok_or_else(|| {
-                tensor_err(path, gname, format!("shape {shape:?} overflows"))
-            })?;
+            let elems = checked_elems(&shape)
+                .ok_or_else(|| tensor_err(path, gname, format!("shape {shape:?} overflows")))?;
             let dtype = match info.ggml_dtype {
                 GgmlDType::F32 => WeightDType::F32,
                 GgmlDType::F16 => WeightDType::F16,
@@ -249,7 +249,10 @@ impl WeightStore {
         match self {
             WeightStore::Safetensors { files, entries } => {
                 let i = entries.get(name).map(|e| e.file).unwrap_or(0);
-                files.get(i).map(|f| f.path.as_path()).unwrap_or(Path::new("?"))
+                files
+                    .get(i)
+                    .map(|f| f.path.as_path())
+                    .unwrap_or(Path::new("?"))
             }
             WeightStore::Gguf { path, .. } => path,
         }
@@ -258,9 +261,10 @@ impl WeightStore {
     /// The main file: the GGUF, or the first safetensors shard.
     pub fn main_path(&self) -> &Path {
         match self {
-            WeightStore::Safetensors { files, .. } => {
-                files.first().map(|f| f.path.as_path()).unwrap_or(Path::new("?"))
-            }
+            WeightStore::Safetensors { files, .. } => files
+                .first()
+                .map(|f| f.path.as_path())
+                .unwrap_or(Path::new("?")),
             WeightStore::Gguf { path, .. } => path,
         }
     }
@@ -355,8 +359,8 @@ fn checked_elems(shape: &[usize]) -> Option<usize> {
 /// name inside the model folder (an index must not point the loader elsewhere on disk).
 fn shard_files(dir: &Path, index: &Path) -> Result<Vec<PathBuf>> {
     let text = std::fs::read_to_string(index).map_err(|e| io_err(index, e))?;
-    let v: serde_json::Value = serde_json::from_str(&text)
-        .map_err(|e| format_err(index, format!("invalid JSON: {e}")))?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| format_err(index, format!("invalid JSON: {e}")))?;
     let map = v
         .get("weight_map")
         .and_then(|m| m.as_object())
@@ -364,7 +368,10 @@ fn shard_files(dir: &Path, index: &Path) -> Result<Vec<PathBuf>> {
     let mut files: Vec<String> = Vec::new();
     for (tensor, f) in map {
         let f = f.as_str().ok_or_else(|| {
-            format_err(index, format!("weight_map entry for '{tensor}' is not a string"))
+            format_err(
+                index,
+                format!("weight_map entry for '{tensor}' is not a string"),
+            )
         })?;
         let mut comps = Path::new(f).components();
         let plain = matches!(comps.next(), Some(Component::Normal(_))) && comps.next().is_none();
@@ -393,7 +400,10 @@ fn parse_safetensors(path: &Path, bytes: &[u8], file: usize) -> Result<Vec<(Stri
     if bytes.len() < 8 {
         return Err(format_err(
             path,
-            format!("file is {} bytes, too short for a safetensors header: truncated?", bytes.len()),
+            format!(
+                "file is {} bytes, too short for a safetensors header: truncated?",
+                bytes.len()
+            ),
         ));
     }
     let n = u64::from_le_bytes(bytes[..8].try_into().unwrap_or([0; 8]));

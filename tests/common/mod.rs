@@ -23,7 +23,10 @@ pub fn bin() -> &'static str {
 }
 
 pub fn tandem(args: &[&str]) -> Output {
-    Command::new(bin()).args(args).output().expect("failed to run tandem")
+    Command::new(bin())
+        .args(args)
+        .output()
+        .expect("failed to run tandem")
 }
 
 /// The SmolLM2 cache folder, fetched and converted by scripts/fetch-models.sh on first use.
@@ -41,7 +44,12 @@ pub fn smollm2_dir() -> &'static Path {
             String::from_utf8_lossy(&out.stderr)
         );
         let s = String::from_utf8_lossy(&out.stdout);
-        PathBuf::from(s.lines().last().expect("fetch-models.sh printed nothing").trim())
+        PathBuf::from(
+            s.lines()
+                .last()
+                .expect("fetch-models.sh printed nothing")
+                .trim(),
+        )
     })
 }
 
