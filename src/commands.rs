@@ -8,14 +8,22 @@ use std::path::{Path, PathBuf};
 use tandem_model::generate::{generate as run_generation, GenerationStats, StopReason};
 use tandem_model::{Checkpoint, Sampler, SamplingParams, TextStream};
 
-/// Sizes the CPU thread pools (rayon for tandem's kernels, candle's own matmul threads).
-pub fn set_threads(n: usize) {
-    let n = n.max(1);
-    // candle reads RAYON_NUM_THREADS for its gemm; set before any tensor op runs.
+/// The worker pool for tandem's kernels, `threads` wide (default: every core). candle's own
+/// CPU matmul reads RAYON_NUM_THREADS, so it is sized the same way.
+pub fn thread_pool(threads: Option<usize>) -> rayon::ThreadPool {
+    let n = threads
+        .unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+        })
+        .max(1);
     std::env::set_var("RAYON_NUM_THREADS", n.to_string());
-    let _ = rayon::ThreadPoolBuilder::new()
+    rayon::ThreadPoolBuilder::new()
         .num_threads(n)
-        .build_global();
+        .build()
+        .or_else(|_| rayon::ThreadPoolBuilder::new().num_threads(1).build())
+        .expect("a one-thread pool can always be built")
 }
 
 #[derive(clap::Args)]
@@ -291,4 +299,73 @@ pub fn progress_bar(quiet: bool) -> indicatif::ProgressBar {
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
     bar
+}
+
+#[derive(clap::Args)]
+pub struct BenchArgs {
+    /// A Hugging Face folder or a GGUF file.
+    #[arg(long)]
+    model: PathBuf,
+    /// Prompt tokens to prefill (0 = skip).
+    #[arg(long, default_value_t = 512)]
+    pp: usize,
+    /// Tokens to decode one at a time (0 = skip).
+    #[arg(long, default_value_t = 128)]
+    tg: usize,
+    /// Repetitions of each test (after one warm-up run).
+    #[arg(long, default_value_t = 3)]
+    reps: usize,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn bench(a: BenchArgs) -> Result<()> {
+    use tandem_model::bench::{rate_stats, time_decode, time_prefill};
+    let ck = Checkpoint::open(&a.model, None)?;
+    let model = ck.load_model(&Device::Cpu)?;
+    let reps = a.reps.max(1);
+    let threads = rayon::current_num_threads();
+    let mut rows = Vec::new();
+    for (test, n) in [("pp", a.pp), ("tg", a.tg)] {
+        if n == 0 {
+            continue;
+        }
+        let run = |n| {
+            if test == "pp" {
+                time_prefill(&model, n)
+            } else {
+                time_decode(&model, n)
+            }
+        };
+        run(n)?; // warm-up: page in the weights, size the caches
+        let secs: Vec<f64> = (0..reps)
+            .map(|_| run(n))
+            .collect::<tandem_model::Result<_>>()?;
+        let (mean, sd) = rate_stats(n, &secs);
+        rows.push((format!("{test}{n}"), mean, sd));
+    }
+    let size = ck.store.data_bytes();
+    if a.json {
+        let tests: Vec<_> = rows
+            .iter()
+            .map(|(t, m, s)| serde_json::json!({"test": t, "tok_s": m, "stddev": s}))
+            .collect();
+        println!(
+            "{}",
+            serde_json::json!({"model": a.model, "size_bytes": size, "threads": threads,
+            "weight_bytes_per_token": model.weight_bytes(), "results": tests})
+        );
+    } else {
+        println!("| model | size | threads | test | t/s |");
+        println!("| --- | ---: | ---: | ---: | ---: |");
+        for (t, m, s) in rows {
+            println!(
+                "| {} | {:.2} MiB | {threads} | {t} | {m:.2} ± {s:.2} |",
+                a.model.display(),
+                size as f64 / 1048576.0
+            );
+        }
+    }
+    Ok(())
 }

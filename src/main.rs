@@ -52,6 +52,8 @@ enum Command {
         #[arg(short, long)]
         quiet: bool,
     },
+    /// Prefill and decode speed (tokens/s), measured like llama-bench's pp/tg tests.
+    Bench(commands::BenchArgs),
     /// Tell a short story with the bundled stories260K model.
     Demo {
         #[arg(long, default_value_t = 200)]
@@ -65,10 +67,23 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Some(n) = cli.threads {
-        commands::set_threads(n);
+    // The command runs inside the worker pool, so the thread that runs the serial parts of a
+    // forward pass is itself a worker: n threads on n cores, none spinning against it.
+    let pool = commands::thread_pool(cli.threads);
+    let result = pool.install(|| run(cli.command));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // One line, whatever the error chain holds.
+            let msg = format!("{e:#}").replace('\n', "; ");
+            eprintln!("error: {msg}");
+            ExitCode::FAILURE
+        }
     }
-    let result = match cli.command {
+}
+
+fn run(command: Command) -> anyhow::Result<()> {
+    match command {
         Command::Info {
             model,
             tokenizer,
@@ -82,19 +97,11 @@ fn main() -> ExitCode {
             tokenizer,
             quiet,
         } => commands::convert(&input, &out, force, tokenizer.as_deref(), quiet),
+        Command::Bench(args) => commands::bench(args),
         Command::Demo {
             max_tokens,
             prompt,
             seed,
         } => commands::demo(max_tokens, &prompt, seed),
-    };
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            // One line, whatever the error chain holds.
-            let msg = format!("{e:#}").replace('\n', "; ");
-            eprintln!("error: {msg}");
-            ExitCode::FAILURE
-        }
     }
 }

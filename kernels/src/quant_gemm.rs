@@ -151,7 +151,10 @@ type RowKernel = fn(BlockFormat, &[u8], &[f32], usize, usize, &mut [f32]);
 fn select() -> RowKernel {
     #[cfg(target_arch = "x86_64")]
     {
-        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+        if std::is_x86_feature_detected!("avx2")
+            && std::is_x86_feature_detected!("fma")
+            && std::is_x86_feature_detected!("f16c")
+        {
             return |f, w, x, m, k, o| unsafe { row_avx2(f, w, x, m, k, o) };
         }
     }
@@ -200,10 +203,117 @@ fn row_portable(f: BlockFormat, w: &[u8], x: &[f32], m: usize, k: usize, out: &m
     row_generic(f, w, x, m, k, out, |a, b, c| a * b + c)
 }
 
+/// AVX2 row kernel: each block's 32 weights are widened to four f32 vectors once and reused
+/// for every activation row of the group; the block scale is applied once per block.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn row_avx2(f: BlockFormat, w: &[u8], x: &[f32], m: usize, k: usize, out: &mut [f32]) {
-    row_generic(f, w, x, m, k, out, f32::mul_add)
+    let mut i = 0;
+    while i < m {
+        let g = (m - i).min(GROUP);
+        let xs = &x[i * k..];
+        let o = &mut out[i..i + g];
+        match (f, g) {
+            (BlockFormat::Q4_0, 1) => group_avx2::<0, 1>(w, xs, k, o),
+            (BlockFormat::Q4_0, 2) => group_avx2::<0, 2>(w, xs, k, o),
+            (BlockFormat::Q4_0, 3) => group_avx2::<0, 3>(w, xs, k, o),
+            (BlockFormat::Q4_0, _) => group_avx2::<0, 4>(w, xs, k, o),
+            (BlockFormat::Q4_1, 1) => group_avx2::<1, 1>(w, xs, k, o),
+            (BlockFormat::Q4_1, 2) => group_avx2::<1, 2>(w, xs, k, o),
+            (BlockFormat::Q4_1, 3) => group_avx2::<1, 3>(w, xs, k, o),
+            (BlockFormat::Q4_1, _) => group_avx2::<1, 4>(w, xs, k, o),
+            (BlockFormat::Q8_0, 1) => group_avx2::<2, 1>(w, xs, k, o),
+            (BlockFormat::Q8_0, 2) => group_avx2::<2, 2>(w, xs, k, o),
+            (BlockFormat::Q8_0, 3) => group_avx2::<2, 3>(w, xs, k, o),
+            (BlockFormat::Q8_0, _) => group_avx2::<2, 4>(w, xs, k, o),
+        }
+        i += g;
+    }
+}
+
+/// One weight row against `G` activation rows. `F` is the format (0 = Q4_0, 1 = Q4_1,
+/// 2 = Q8_0) as a constant so each combination compiles to straight-line code with its
+/// accumulators in registers.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn group_avx2<const F: u8, const G: usize>(w: &[u8], x: &[f32], k: usize, out: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let bb = [18, 20, 34][F as usize];
+    let nb = k / BLOCK;
+    let mask = _mm_set1_epi8(0x0F);
+    let eight = _mm256_set1_ps(8.0);
+    let scale = |p: *const u8| {
+        _mm256_set1_ps(_mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(
+            u16::from_le_bytes([*p, *p.add(1)]) as i32,
+        ))))
+    };
+    let widen = |v: __m128i| _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v));
+    let mut acc = [_mm256_setzero_ps(); G];
+    let wp = w.as_ptr();
+    let xp = x.as_ptr();
+    for b in 0..nb {
+        let blk = wp.add(b * bb);
+        let d = scale(blk);
+        let (w0, w1, w2, w3) = if F == 2 {
+            let q = blk.add(2);
+            let s = |o: usize| {
+                _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(
+                    q.add(o) as *const __m128i
+                )))
+            };
+            (s(0), s(8), s(16), s(24))
+        } else {
+            let raw = _mm_loadu_si128(blk.add(if F == 0 { 2 } else { 4 }) as *const __m128i);
+            let lo = _mm_and_si128(raw, mask);
+            let hi = _mm_and_si128(_mm_srli_epi16(raw, 4), mask);
+            let v = (
+                widen(lo),
+                widen(_mm_srli_si128(lo, 8)),
+                widen(hi),
+                widen(_mm_srli_si128(hi, 8)),
+            );
+            if F == 0 {
+                (
+                    _mm256_sub_ps(v.0, eight),
+                    _mm256_sub_ps(v.1, eight),
+                    _mm256_sub_ps(v.2, eight),
+                    _mm256_sub_ps(v.3, eight),
+                )
+            } else {
+                v
+            }
+        };
+        let mn = if F == 1 {
+            scale(blk.add(2))
+        } else {
+            _mm256_setzero_ps()
+        };
+        for (r, a) in acc.iter_mut().enumerate() {
+            let p = xp.add(r * k + b * BLOCK);
+            let (x0, x1, x2, x3) = (
+                _mm256_loadu_ps(p),
+                _mm256_loadu_ps(p.add(8)),
+                _mm256_loadu_ps(p.add(16)),
+                _mm256_loadu_ps(p.add(24)),
+            );
+            let mut s = _mm256_mul_ps(w0, x0);
+            s = _mm256_fmadd_ps(w1, x1, s);
+            s = _mm256_fmadd_ps(w2, x2, s);
+            s = _mm256_fmadd_ps(w3, x3, s);
+            *a = _mm256_fmadd_ps(d, s, *a);
+            if F == 1 {
+                // Q4_1: w = d*q + m, so the block also adds m * sum(x).
+                let sx = _mm256_add_ps(_mm256_add_ps(x0, x1), _mm256_add_ps(x2, x3));
+                *a = _mm256_fmadd_ps(mn, sx, *a);
+            }
+        }
+    }
+    for (o, a) in out.iter_mut().zip(acc.iter()) {
+        let q = _mm_add_ps(_mm256_castps256_ps128(*a), _mm256_extractf128_ps(*a, 1));
+        let q = _mm_add_ps(q, _mm_movehl_ps(q, q));
+        let q = _mm_add_ss(q, _mm_shuffle_ps(q, q, 1));
+        *o = _mm_cvtss_f32(q);
+    }
 }
 
 #[cfg(test)]

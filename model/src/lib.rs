@@ -4,6 +4,7 @@
 //! Everything else in tandem (quantize, eval, speculate) stands on this crate; it depends only
 //! on `tandem-kernels`.
 
+pub mod bench;
 pub mod checkpoint;
 pub mod config;
 pub mod error;

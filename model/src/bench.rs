@@ -1,0 +1,43 @@
+//! Speed measurement in llama-bench's terms: `pp N` (prefill N tokens into an empty cache) and
+//! `tg N` (decode N tokens one at a time), in tokens per second.
+
+use crate::error::Result;
+use crate::llama::{Llama, Logits};
+use std::time::Instant;
+
+/// Deterministic, vocabulary-spread token ids (llama-bench also feeds arbitrary tokens).
+fn tokens(model: &Llama, n: usize) -> Vec<u32> {
+    let v = model.config.vocab_size as u64;
+    (0..n as u64)
+        .map(|i| ((i * 7919 + 13) % v) as u32)
+        .collect()
+}
+
+/// Seconds to prefill `n` tokens into an empty cache (logits for the last position only).
+pub fn time_prefill(model: &Llama, n: usize) -> Result<f64> {
+    let toks = tokens(model, n);
+    let mut cache = model.new_cache_with_limit(n)?;
+    let t = Instant::now();
+    model.forward(&toks, &mut cache, Logits::Last)?;
+    Ok(t.elapsed().as_secs_f64())
+}
+
+/// Seconds to decode `n` tokens one by one after a single starting token.
+pub fn time_decode(model: &Llama, n: usize) -> Result<f64> {
+    let toks = tokens(model, n + 1);
+    let mut cache = model.new_cache_with_limit(n + 1)?;
+    model.forward(&toks[..1], &mut cache, Logits::Last)?;
+    let t = Instant::now();
+    for &tok in &toks[1..] {
+        model.forward(&[tok], &mut cache, Logits::Last)?;
+    }
+    Ok(t.elapsed().as_secs_f64())
+}
+
+/// Mean and standard deviation of tokens/s over repetitions.
+pub fn rate_stats(n: usize, secs: &[f64]) -> (f64, f64) {
+    let rates: Vec<f64> = secs.iter().map(|s| n as f64 / s.max(1e-12)).collect();
+    let mean = rates.iter().sum::<f64>() / rates.len().max(1) as f64;
+    let var = rates.iter().map(|r| (r - mean).powi(2)).sum::<f64>() / rates.len().max(1) as f64;
+    (mean, var.sqrt())
+}
