@@ -315,13 +315,17 @@ pub struct BenchArgs {
     /// Repetitions of each test (after one warm-up run).
     #[arg(long, default_value_t = 3)]
     reps: usize,
+    /// Also time verification passes of 1 and of K tokens after a 64-token context
+    /// (the speculative-decoding shape), e.g. `--verify 5`.
+    #[arg(long)]
+    verify: Option<usize>,
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
 }
 
 pub fn bench(a: BenchArgs) -> Result<()> {
-    use tandem_model::bench::{rate_stats, time_decode, time_prefill};
+    use tandem_model::bench::{rate_stats, time_decode, time_prefill, time_verify};
     let ck = Checkpoint::open(&a.model, None)?;
     let model = ck.load_model(&Device::Cpu)?;
     let reps = a.reps.max(1);
@@ -344,6 +348,19 @@ pub fn bench(a: BenchArgs) -> Result<()> {
             .collect::<tandem_model::Result<_>>()?;
         let (mean, sd) = rate_stats(n, &secs);
         rows.push((format!("{test}{n}"), mean, sd));
+    }
+    if let Some(k) = a.verify {
+        const CONTEXT: usize = 64;
+        const PASSES: usize = 32;
+        for kk in [1, k.max(1)] {
+            time_verify(&model, kk, CONTEXT, 4)?;
+            let secs: Vec<f64> = (0..reps)
+                .map(|_| time_verify(&model, kk, CONTEXT, PASSES))
+                .collect::<tandem_model::Result<_>>()?;
+            // Reported as passes per second; the ratio of the two rows is the verify cost.
+            let (mean, sd) = rate_stats(PASSES, &secs);
+            rows.push((format!("verify{kk}@{CONTEXT} (passes/s)"), mean, sd));
+        }
     }
     let size = ck.store.data_bytes();
     if a.json {

@@ -34,6 +34,21 @@ pub fn time_decode(model: &Llama, n: usize) -> Result<f64> {
     Ok(t.elapsed().as_secs_f64())
 }
 
+/// Seconds for `passes` forward calls of `k` tokens each, every one against the same
+/// `context`-token cache and rolled back afterwards: the cost of a speculative verification
+/// pass (k = drafted tokens + 1). k = 1 is plain decode at that context.
+pub fn time_verify(model: &Llama, k: usize, context: usize, passes: usize) -> Result<f64> {
+    let toks = tokens(model, context + k);
+    let mut cache = model.new_cache_with_limit(context + k)?;
+    model.forward(&toks[..context], &mut cache, Logits::Last)?;
+    let t = Instant::now();
+    for _ in 0..passes {
+        model.forward(&toks[context..], &mut cache, Logits::All)?;
+        cache.truncate(context);
+    }
+    Ok(t.elapsed().as_secs_f64())
+}
+
 /// Mean and standard deviation of tokens/s over repetitions.
 pub fn rate_stats(n: usize, secs: &[f64]) -> (f64, f64) {
     let rates: Vec<f64> = secs.iter().map(|s| n as f64 / s.max(1e-12)).collect();
