@@ -61,6 +61,16 @@ pub struct GenerateArgs {
     /// Print generation statistics as JSON to stderr.
     #[arg(long)]
     json: bool,
+    /// Decode speculatively: `ngram` (prompt lookup) or a draft model (folder or GGUF) that
+    /// shares the verifier's vocabulary. Output is exactly the model's own.
+    #[arg(long)]
+    draft: Option<String>,
+    /// Most tokens drafted per verifier pass.
+    #[arg(long, default_value_t = 8)]
+    draft_max: usize,
+    /// Always draft --draft-max tokens instead of adapting to acceptance and cost.
+    #[arg(long)]
+    no_adapt: bool,
 }
 
 pub fn generate(a: GenerateArgs) -> Result<()> {
@@ -78,7 +88,112 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
     } else {
         ck.tokenizer.add_bos
     };
-    run(&ck, &a.prompt, a.max_tokens, params, bos, a.ctx, a.json)
+    match &a.draft {
+        Some(d) => run_speculative(&ck, d, &a, params, bos),
+        None => run(&ck, &a.prompt, a.max_tokens, params, bos, a.ctx, a.json),
+    }
+}
+
+fn run_speculative(
+    ck: &Checkpoint,
+    draft: &str,
+    a: &GenerateArgs,
+    params: SamplingParams,
+    bos: bool,
+) -> Result<()> {
+    use tandem_speculate::{
+        AcceptanceRule, AdaptiveK, Controller, Drafter, FixedK, Greedy, ModelDrafter,
+        ModelVerifier, NgramDrafter, RejectionSampling, SpeculativeDecoder,
+    };
+    let model = ck.load_model(&Device::Cpu)?;
+    let tok = &ck.tokenizer;
+    let ids = tok.encode(&a.prompt, bos)?;
+    let draft_ck;
+    let draft_model;
+    let mut ngram = NgramDrafter::default();
+    let mut model_drafter;
+    let drafter: &mut dyn Drafter = if draft == "ngram" {
+        &mut ngram
+    } else {
+        draft_ck = Checkpoint::open(Path::new(draft), None).context("opening the draft model")?;
+        draft_model = draft_ck.load_model(&Device::Cpu)?;
+        // The draft samples from its own distribution on its own seeded stream.
+        let ds = (!params.is_greedy())
+            .then(|| {
+                Sampler::new(SamplingParams {
+                    seed: params.seed ^ 0x9e37_79b9,
+                    ..params
+                })
+            })
+            .transpose()?;
+        model_drafter = ModelDrafter::new(&draft_model, ds)?;
+        &mut model_drafter
+    };
+    let mut verifier = ModelVerifier::new(&model, a.ctx)?;
+    let mut greedy = Greedy;
+    let mut sampling = RejectionSampling {
+        sampler: Sampler::new(params)?,
+    };
+    let rule: &mut dyn AcceptanceRule = if params.is_greedy() {
+        &mut greedy
+    } else {
+        &mut sampling
+    };
+    let mut fixed = FixedK(a.draft_max);
+    let mut adaptive = AdaptiveK::new(a.draft_max);
+    let controller: &mut dyn Controller = if a.no_adapt {
+        &mut fixed
+    } else {
+        &mut adaptive
+    };
+    let mut dec = SpeculativeDecoder {
+        drafter,
+        verifier: &mut verifier,
+        rule,
+        controller,
+    };
+    let mut stream = TextStream::with_context(tok, ids.last().copied());
+    let mut stdout = std::io::stdout().lock();
+    write!(stdout, "{}", a.prompt)?;
+    stdout.flush()?;
+    let (_, st) = dec.generate(&ids, a.max_tokens, &tok.eos_ids, |id| {
+        if let Some(piece) = stream.push(id)? {
+            if stdout
+                .write_all(piece.as_bytes())
+                .and_then(|_| stdout.flush())
+                .is_err()
+            {
+                return Err(tandem_model::Error::Invalid("stdout closed".into()).into());
+            }
+        }
+        Ok(())
+    })?;
+    if let Some(rest) = stream.finish()? {
+        write!(stdout, "{rest}")?;
+    }
+    writeln!(stdout)?;
+    let by_pos: Vec<f64> = st
+        .by_position
+        .iter()
+        .map(|(d, acc)| *acc as f64 / (*d).max(1) as f64)
+        .collect();
+    let v = serde_json::json!({
+        "prompt_tokens": st.prompt_tokens, "generated_tokens": st.generated_tokens,
+        "drafted": st.drafted, "accepted": st.accepted, "acceptance_rate": st.acceptance_rate(),
+        "tokens_per_verifier_pass": st.tokens_per_pass(), "verifier_passes": st.verifier_passes,
+        "acceptance_by_position": by_pos, "draft_s": st.draft_secs, "verify_s": st.verify_secs,
+        "tok_s": st.generated_tokens as f64 / st.total_secs.max(1e-9), "stop": st.stop,
+    });
+    if a.json {
+        eprintln!("{v}");
+    } else {
+        eprintln!(
+            "speculative: {} tokens, {} drafted, {} accepted ({:.0}%), {:.2} tokens/verifier pass, draft {:.2} s, verify {:.2} s, {:.1} tok/s (stop: {})",
+            st.generated_tokens, st.drafted, st.accepted, 100.0 * st.acceptance_rate(), st.tokens_per_pass(),
+            st.draft_secs, st.verify_secs, st.generated_tokens as f64 / st.total_secs.max(1e-9), st.stop
+        );
+    }
+    Ok(())
 }
 
 pub fn demo(max_tokens: usize, prompt: &str, seed: u64) -> Result<()> {

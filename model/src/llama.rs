@@ -451,3 +451,8 @@ pub fn last_row(logits: &Tensor) -> Result<Vec<f32>> {
     let t = logits.dim(0)?;
     Ok(logits.get(t - 1)?.to_vec1::<f32>()?)
 }
+
+/// Every row of a [t, vocab] logits tensor as Vecs.
+pub fn all_rows(logits: &Tensor) -> Result<Vec<Vec<f32>>> {
+    Ok(logits.to_vec2::<f32>()?)
+}

@@ -1,1 +1,48 @@
-//! placeholder
+//! Speculative decoding: a cheap drafter proposes up to k tokens, the verifier scores all of
+//! them in one forward pass, an acceptance rule keeps the longest prefix the verifier agrees
+//! with (greedy: identical tokens; sampling: identical distribution, by rejection sampling),
+//! and a controller picks the next k.
+//!
+//! The core (`Drafter`, `Verifier`, `AcceptanceRule`, `Controller`, `SpeculativeDecoder`)
+//! knows no concrete model, so an engine can implement the traits; `model_adapter` makes
+//! tandem's own `Llama` a drafter or verifier.
+
+pub mod acceptance;
+pub mod controller;
+pub mod decoder;
+pub mod drafter;
+pub mod model_adapter;
+
+pub use acceptance::{AcceptanceRule, Greedy, RejectionSampling, Verdict};
+pub use controller::{AdaptiveK, Controller, FixedK};
+pub use decoder::{SpecStats, SpeculativeDecoder};
+pub use drafter::{Draft, Drafter, NgramDrafter};
+pub use model_adapter::{ModelDrafter, ModelVerifier};
+
+/// Errors of the speculative loop: the model's own, or a draft/verifier mismatch.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Model(#[from] tandem_model::Error),
+    #[error("{0}")]
+    Mismatch(String),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// Scores proposed tokens in one forward pass and rolls back what was not accepted.
+pub trait Verifier {
+    /// Runs `tokens` after the current context and returns one logit row per token: row i
+    /// predicts the token that follows `tokens[i]`.
+    fn verify(&mut self, tokens: &[u32]) -> Result<Vec<Vec<f32>>>;
+    /// Keeps only the first `len` positions of the context.
+    fn rollback(&mut self, len: usize);
+    /// Positions currently in the context.
+    fn len(&self) -> usize;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Most positions the context can hold.
+    fn limit(&self) -> usize;
+    fn vocab_size(&self) -> usize;
+}

@@ -1,0 +1,112 @@
+//! tandem's own `Llama` as a verifier or a drafter.
+
+use crate::drafter::{Draft, Drafter};
+use crate::{Result, Verifier};
+use tandem_model::{argmax, KvCache, Llama, Logits, Sampler};
+
+/// A model and one sequence's cache, verifying k+1 tokens per forward call.
+pub struct ModelVerifier<'m> {
+    pub model: &'m Llama,
+    pub cache: KvCache,
+}
+
+impl<'m> ModelVerifier<'m> {
+    pub fn new(model: &'m Llama, limit: Option<usize>) -> Result<Self> {
+        let cache = match limit {
+            Some(n) => model.new_cache_with_limit(n)?,
+            None => model.new_cache()?,
+        };
+        Ok(ModelVerifier { model, cache })
+    }
+}
+
+impl Verifier for ModelVerifier<'_> {
+    fn verify(&mut self, tokens: &[u32]) -> Result<Vec<Vec<f32>>> {
+        let logits = self.model.forward(tokens, &mut self.cache, Logits::All)?;
+        Ok(tandem_model::llama::all_rows(&logits)?)
+    }
+    fn rollback(&mut self, len: usize) {
+        self.cache.truncate(len);
+    }
+    fn len(&self) -> usize {
+        self.cache.len()
+    }
+    fn limit(&self) -> usize {
+        self.cache.limit()
+    }
+    fn vocab_size(&self) -> usize {
+        self.model.config.vocab_size
+    }
+}
+
+/// A (smaller or quantized) model proposing tokens autoregressively. With a sampler it samples
+/// (and reports the distributions it sampled from); without, it proposes its greedy tokens.
+pub struct ModelDrafter<'m> {
+    pub model: &'m Llama,
+    cache: KvCache,
+    /// The tokens the cache holds, to find what to keep when the context moves on.
+    fed: Vec<u32>,
+    sampler: Option<Sampler>,
+}
+
+impl<'m> ModelDrafter<'m> {
+    pub fn new(model: &'m Llama, sampler: Option<Sampler>) -> Result<Self> {
+        Ok(ModelDrafter {
+            model,
+            cache: model.new_cache()?,
+            fed: Vec::new(),
+            sampler,
+        })
+    }
+
+    fn feed(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
+        let l = self.model.forward(tokens, &mut self.cache, Logits::Last)?;
+        self.fed.extend_from_slice(tokens);
+        Ok(tandem_model::llama::last_row(&l)?)
+    }
+}
+
+impl Drafter for ModelDrafter<'_> {
+    fn propose(&mut self, context: &[u32], k: usize) -> Result<Draft> {
+        // Keep the cached prefix the context still shares; feed the rest.
+        let keep = self
+            .fed
+            .iter()
+            .zip(context)
+            .take_while(|(a, b)| a == b)
+            .count()
+            .min(context.len() - 1);
+        self.fed.truncate(keep);
+        self.cache.truncate(keep);
+        let room = self.cache.limit().saturating_sub(context.len());
+        let k = k.min(room);
+        let mut draft = Draft {
+            tokens: Vec::with_capacity(k),
+            probs: self.sampler.as_ref().map(|_| Vec::with_capacity(k)),
+        };
+        if k == 0 {
+            return Ok(draft);
+        }
+        let mut logits = self.feed(&context[keep..])?;
+        for i in 0..k {
+            let t = match (&mut self.sampler, &mut draft.probs) {
+                (Some(s), Some(probs)) => {
+                    let p = s.distribution(&logits);
+                    let t = s.sample_from(&p);
+                    probs.push(p);
+                    t
+                }
+                _ => argmax(&logits),
+            };
+            draft.tokens.push(t);
+            if i + 1 < k {
+                logits = self.feed(&[t])?;
+            }
+        }
+        Ok(draft)
+    }
+
+    fn vocab_size(&self) -> Option<usize> {
+        Some(self.model.config.vocab_size)
+    }
+}

