@@ -144,7 +144,11 @@ mod tests {
                     r < acc
                 })
                 .unwrap_or(3) as u32;
-            let v = rule.judge_probs(&[x], Some(std::slice::from_ref(&q)), &[p.clone(), p.clone()]);
+            let v = rule.judge_probs(
+                &[x],
+                Some(std::slice::from_ref(&q)),
+                &[p.clone(), p.clone()],
+            );
             ours[if v.accepted == 1 {
                 x as usize
             } else {
