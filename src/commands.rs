@@ -152,26 +152,9 @@ fn run_speculative(
         rule,
         controller,
     };
-    let mut stream = TextStream::with_context(tok, ids.last().copied());
-    let mut stdout = std::io::stdout().lock();
-    write!(stdout, "{}", a.prompt)?;
-    stdout.flush()?;
-    let (_, st) = dec.generate(&ids, a.max_tokens, &tok.eos_ids, |id| {
-        if let Some(piece) = stream.push(id)? {
-            if stdout
-                .write_all(piece.as_bytes())
-                .and_then(|_| stdout.flush())
-                .is_err()
-            {
-                return Err(tandem_model::Error::Invalid("stdout closed".into()).into());
-            }
-        }
-        Ok(())
-    })?;
-    if let Some(rest) = stream.finish()? {
-        write!(stdout, "{rest}")?;
-    }
-    writeln!(stdout)?;
+    let mut printer = Printer::start(tok, &a.prompt, ids.last().copied())?;
+    let (_, st) = dec.generate(&ids, a.max_tokens, &tok.eos_ids, |id| Ok(printer.push(id)?))?;
+    printer.finish()?;
     let by_pos: Vec<f64> = st
         .by_position
         .iter()
@@ -233,10 +216,7 @@ fn run(
         None => model.new_cache()?,
     };
     let mut sampler = Sampler::new(params)?;
-    let mut stream = TextStream::with_context(tok, ids.last().copied());
-    let mut stdout = std::io::stdout().lock();
-    write!(stdout, "{prompt}")?;
-    stdout.flush()?;
+    let mut printer = Printer::start(tok, prompt, ids.last().copied())?;
     let (_, stats) = run_generation(
         &model,
         &mut cache,
@@ -244,26 +224,52 @@ fn run(
         max_tokens,
         &mut sampler,
         &tok.eos_ids,
-        |id| {
-            if let Some(piece) = stream.push(id)? {
-                // A closed pipe (e.g. `| head`) ends generation quietly rather than with an error.
-                if stdout
-                    .write_all(piece.as_bytes())
-                    .and_then(|_| stdout.flush())
-                    .is_err()
-                {
-                    return Err(tandem_model::Error::Invalid("stdout closed".into()));
-                }
-            }
-            Ok(())
-        },
+        |id| printer.push(id),
     )?;
-    if let Some(rest) = stream.finish()? {
-        write!(stdout, "{rest}")?;
-    }
-    writeln!(stdout)?;
+    printer.finish()?;
     print_stats(&stats, json);
     Ok(())
+}
+
+/// Streams a generation to stdout: the prompt, then each complete UTF-8 piece as it is decoded.
+struct Printer<'t> {
+    stream: TextStream<'t>,
+    out: std::io::StdoutLock<'static>,
+}
+
+impl<'t> Printer<'t> {
+    fn start(tok: &'t tandem_model::Tokenizer, prompt: &str, last: Option<u32>) -> Result<Self> {
+        let mut out = std::io::stdout().lock();
+        write!(out, "{prompt}")?;
+        out.flush()?;
+        Ok(Printer {
+            stream: TextStream::with_context(tok, last),
+            out,
+        })
+    }
+
+    fn push(&mut self, id: u32) -> tandem_model::Result<()> {
+        if let Some(piece) = self.stream.push(id)? {
+            // A closed pipe (e.g. `| head`) ends generation rather than panicking.
+            if self
+                .out
+                .write_all(piece.as_bytes())
+                .and_then(|_| self.out.flush())
+                .is_err()
+            {
+                return Err(tandem_model::Error::Invalid("stdout closed".into()));
+            }
+        }
+        Ok(())
+    }
+
+    fn finish(mut self) -> Result<()> {
+        if let Some(rest) = self.stream.finish()? {
+            write!(self.out, "{rest}")?;
+        }
+        writeln!(self.out)?;
+        Ok(())
+    }
 }
 
 fn print_stats(s: &GenerationStats, json: bool) {

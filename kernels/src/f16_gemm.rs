@@ -7,7 +7,6 @@
 //! f16 (losing precision) and is not tuned for small m, hence this kernel.
 
 use half::f16;
-use rayon::prelude::*;
 
 /// Plain reference: the definition the fast path is tested against.
 pub fn matmul_f16_reference(x: &[f32], w: &[f16], m: usize, k: usize, n: usize, out: &mut [f32]) {
@@ -40,35 +39,9 @@ pub fn matmul_f16(x: &[f32], w: &[f16], m: usize, k: usize, n: usize, out: &mut 
         return;
     }
     let dot = select_kernel();
-    if m == 1 {
-        // Output row is contiguous in n: each task writes its own slice.
-        out.par_chunks_mut(ROWS_PER_TASK)
-            .enumerate()
-            .for_each(|(c, o)| {
-                let j0 = c * ROWS_PER_TASK;
-                for (jj, oj) in o.iter_mut().enumerate() {
-                    let j = j0 + jj;
-                    dot(&w[j * k..(j + 1) * k], x, 1, k, std::slice::from_mut(oj));
-                }
-            });
-        return;
-    }
-    // m > 1: compute into [n × m] (contiguous per weight row), then transpose.
-    let mut tmp = vec![0f32; n * m];
-    tmp.par_chunks_mut(ROWS_PER_TASK * m)
-        .enumerate()
-        .for_each(|(c, o)| {
-            let j0 = c * ROWS_PER_TASK;
-            for (jj, oj) in o.chunks_mut(m).enumerate() {
-                let j = j0 + jj;
-                dot(&w[j * k..(j + 1) * k], x, m, k, oj);
-            }
-        });
-    for j in 0..n {
-        for i in 0..m {
-            out[i * n + j] = tmp[j * m + i];
-        }
-    }
+    crate::rows::par_weight_rows(out, m, n, ROWS_PER_TASK, |j, o| {
+        dot(&w[j * k..(j + 1) * k], x, m, k, o)
+    });
 }
 
 /// Dots one weight row with `m` activation rows of length `k`, writing `m` results.

@@ -7,6 +7,7 @@
 pub mod attention;
 pub mod f16_gemm;
 pub mod quant_gemm;
+mod rows;
 
 pub use attention::{attention, attention_reference, AttentionShape};
 pub use f16_gemm::{matmul_f16, matmul_f16_reference};

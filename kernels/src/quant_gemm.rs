@@ -8,7 +8,6 @@
 //! (m = 1 decode, m = 2…9 verification).
 
 use half::f16;
-use rayon::prelude::*;
 
 /// The GGML block formats this kernel reads. All have 32 weights per block.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -121,29 +120,9 @@ pub fn matmul_quant(
     }
     let row_bytes = k / BLOCK * f.block_bytes();
     let kern = select();
-    let run = |dst: &mut [f32]| {
-        dst.par_chunks_mut(ROWS_PER_TASK * m)
-            .enumerate()
-            .for_each(|(c, o)| {
-                let j0 = c * ROWS_PER_TASK;
-                for (jj, oj) in o.chunks_mut(m).enumerate() {
-                    let j = j0 + jj;
-                    kern(f, &w[j * row_bytes..(j + 1) * row_bytes], x, m, k, oj);
-                }
-            })
-    };
-    if m == 1 {
-        run(out);
-        return;
-    }
-    // Compute [n × m] (contiguous per weight row), then transpose.
-    let mut tmp = vec![0f32; n * m];
-    run(&mut tmp);
-    for j in 0..n {
-        for i in 0..m {
-            out[i * n + j] = tmp[j * m + i];
-        }
-    }
+    crate::rows::par_weight_rows(out, m, n, ROWS_PER_TASK, |j, o| {
+        kern(f, &w[j * row_bytes..(j + 1) * row_bytes], x, m, k, o)
+    });
 }
 
 type RowKernel = fn(BlockFormat, &[u8], &[f32], usize, usize, &mut [f32]);

@@ -97,16 +97,16 @@ impl Linear {
 
     fn forward_f16_cpu(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
         let (m, k) = x.dims2()?;
-        let x = x.contiguous()?;
-        let xs = cpu_slice::<f32>(&x)?;
-        let (ws, _) = w.storage_and_layout();
+        let mut out = vec![0f32; m * self.out_dim];
+        let (ws, wl) = w.storage_and_layout();
         let ws = match &*ws {
             candle_core::Storage::Cpu(s) => s.as_slice::<f16>()?,
             _ => return Err(candle_core::Error::Msg("weight is not on the CPU".into()).into()),
         };
-        let ws = &ws[w.layout().start_offset()..][..self.out_dim * k];
-        let mut out = vec![0f32; m * self.out_dim];
-        tandem_kernels::matmul_f16(&xs, ws, m, k, self.out_dim, &mut out);
+        let ws = &ws[wl.start_offset()..][..self.out_dim * k];
+        with_cpu_f32(x, |xs| {
+            tandem_kernels::matmul_f16(xs, ws, m, k, self.out_dim, &mut out)
+        })?;
         Ok(Tensor::from_vec(out, (m, self.out_dim), x.device())?)
     }
 
@@ -114,10 +114,11 @@ impl Linear {
         let (m, k) = x.dims2()?;
         let fmt = block_format(q.dtype())
             .ok_or_else(|| candle_core::Error::Msg("unsupported block type".into()))?;
-        let xs = cpu_slice::<f32>(&x.contiguous()?)?;
-        let data = q.data()?;
+        let data = q.data()?; // borrowed on the CPU
         let mut out = vec![0f32; m * self.out_dim];
-        tandem_kernels::matmul_quant(fmt, &xs, &data, m, k, self.out_dim, &mut out);
+        with_cpu_f32(x, |xs| {
+            tandem_kernels::matmul_quant(fmt, xs, &data, m, k, self.out_dim, &mut out)
+        })?;
         Ok(Tensor::from_vec(out, (m, self.out_dim), x.device())?)
     }
 
@@ -159,9 +160,20 @@ fn block_format(t: candle_core::quantized::GgmlDType) -> Option<tandem_kernels::
     }
 }
 
-/// Copies a contiguous CPU tensor's data out as a Vec (small activations only).
-fn cpu_slice<T: candle_core::WithDType>(t: &Tensor) -> Result<Vec<T>> {
-    Ok(t.flatten_all()?.to_vec1::<T>()?)
+/// Calls `f` with a CPU f32 tensor's elements, borrowed from candle's storage (copied only
+/// when the tensor is not contiguous).
+fn with_cpu_f32<R>(x: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    let x = x.contiguous()?;
+    let (storage, layout) = x.storage_and_layout();
+    match &*storage {
+        candle_core::Storage::Cpu(s) => {
+            let all = s.as_slice::<f32>()?;
+            Ok(f(
+                &all[layout.start_offset()..][..layout.shape().elem_count()]
+            ))
+        }
+        _ => Err(candle_core::Error::Msg("activations are not on the CPU".into()).into()),
+    }
 }
 
 /// A dense tensor (F32/F16/BF16) from stored bytes, keeping its dtype.
