@@ -1,4 +1,5 @@
-//! `out[m×n] = x[m×k] · Wᵀ` where W is GGML block-quantized (Q4_0, Q4_1, Q8_0) and x stays f32.
+//! `out[m×n] = x[m×k] · Wᵀ` where W is GGML block-quantized (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0,
+//! Q4_K, Q5_K, Q6_K) and x stays f32.
 //!
 //! llama.cpp and candle round the activations to 8 bits before a quantized matmul. tandem keeps
 //! them in f32 and dequantizes each weight block on the fly instead: the result equals the
@@ -9,35 +10,78 @@
 
 use half::f16;
 
-/// The GGML block formats this kernel reads. All have 32 weights per block.
+/// The GGML block formats this kernel reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BlockFormat {
     /// f16 scale d, 16 bytes of nibbles: w = d·(q − 8).
     Q4_0,
     /// f16 scale d, f16 min m, 16 bytes of nibbles: w = d·q + m.
     Q4_1,
+    /// f16 d, 32 high bits, 16 bytes of nibbles: w = d·(q − 16), q 5-bit.
+    Q5_0,
+    /// f16 d, f16 m, 32 high bits, 16 bytes of nibbles: w = d·q + m.
+    Q5_1,
     /// f16 scale d, 32 signed bytes: w = d·q.
     Q8_0,
+    /// 256 weights: f16 d and dmin, 8 packed 6-bit scales and mins, 4-bit levels.
+    Q4K,
+    /// Q4_K plus one high bit per weight.
+    Q5K,
+    /// 256 weights: 4 low + 2 high bits per weight, 16 signed 8-bit scales, f16 d.
+    Q6K,
 }
 
+/// Weights per block of the 32-wide formats.
 pub const BLOCK: usize = 32;
+/// Weights per super-block of the K-quants.
+pub const QK_K: usize = 256;
 
 impl BlockFormat {
     pub fn block_bytes(self) -> usize {
         match self {
             BlockFormat::Q4_0 => 18,
             BlockFormat::Q4_1 => 20,
+            BlockFormat::Q5_0 => 22,
+            BlockFormat::Q5_1 => 24,
             BlockFormat::Q8_0 => 34,
+            BlockFormat::Q4K => 144,
+            BlockFormat::Q5K => 176,
+            BlockFormat::Q6K => 210,
+        }
+    }
+
+    /// Weights per block.
+    pub fn block_elems(self) -> usize {
+        match self {
+            BlockFormat::Q4K | BlockFormat::Q5K | BlockFormat::Q6K => QK_K,
+            _ => BLOCK,
         }
     }
 }
 
-/// Dequantizes one block into 32 floats (the reference semantics, shared by both paths).
+fn half_at(b: &[u8], i: usize) -> f32 {
+    f16::from_le_bytes([b[i], b[i + 1]]).to_f32()
+}
+
+/// The 6-bit scale and min of sub-block `j` of a Q4_K/Q5_K block's 12 scale bytes.
+fn scale_min_k4(j: usize, q: &[u8]) -> (f32, f32) {
+    if j < 4 {
+        ((q[j] & 63) as f32, (q[j + 4] & 63) as f32)
+    } else {
+        (
+            ((q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4)) as f32,
+            ((q[j + 4] >> 4) | ((q[j] >> 6) << 4)) as f32,
+        )
+    }
+}
+
+/// Dequantizes one block into `out` (`block_elems` floats): the reference semantics, shared by
+/// every path.
 #[inline(always)]
-pub fn dequantize_block(f: BlockFormat, b: &[u8], out: &mut [f32; BLOCK]) {
-    let d = f16::from_le_bytes([b[0], b[1]]).to_f32();
+pub fn dequantize_block(f: BlockFormat, b: &[u8], out: &mut [f32]) {
     match f {
         BlockFormat::Q4_0 => {
+            let d = half_at(b, 0);
             let qs = &b[2..18];
             for j in 0..16 {
                 out[j] = ((qs[j] & 15) as i32 - 8) as f32 * d;
@@ -45,17 +89,88 @@ pub fn dequantize_block(f: BlockFormat, b: &[u8], out: &mut [f32; BLOCK]) {
             }
         }
         BlockFormat::Q4_1 => {
-            let m = f16::from_le_bytes([b[2], b[3]]).to_f32();
+            let (d, m) = (half_at(b, 0), half_at(b, 2));
             let qs = &b[4..20];
             for j in 0..16 {
                 out[j] = (qs[j] & 15) as f32 * d + m;
                 out[j + 16] = (qs[j] >> 4) as f32 * d + m;
             }
         }
+        BlockFormat::Q5_0 | BlockFormat::Q5_1 => {
+            let d = half_at(b, 0);
+            let (m, o) = if f == BlockFormat::Q5_1 {
+                (half_at(b, 2), 4)
+            } else {
+                (0.0, 2)
+            };
+            let qh = u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]);
+            let qs = &b[o + 4..o + 20];
+            let off = if f == BlockFormat::Q5_0 { 16 } else { 0 };
+            for j in 0..16 {
+                let h0 = ((qh >> j) << 4) & 0x10;
+                let h1 = (qh >> (j + 12)) & 0x10;
+                let q0 = ((qs[j] & 0x0F) as u32 | h0) as i32 - off;
+                let q1 = ((qs[j] >> 4) as u32 | h1) as i32 - off;
+                out[j] = q0 as f32 * d + m;
+                out[j + 16] = q1 as f32 * d + m;
+            }
+        }
         BlockFormat::Q8_0 => {
+            let d = half_at(b, 0);
             let qs = &b[2..34];
             for j in 0..BLOCK {
                 out[j] = qs[j] as i8 as f32 * d;
+            }
+        }
+        BlockFormat::Q4K | BlockFormat::Q5K => {
+            let (d, dmin) = (half_at(b, 0), half_at(b, 2));
+            let sc = &b[4..16];
+            let (qh, qs) = if f == BlockFormat::Q5K {
+                (&b[16..48], &b[48..176])
+            } else {
+                (&b[0..0], &b[16..144])
+            };
+            for c in 0..4 {
+                let (s1, m1) = scale_min_k4(2 * c, sc);
+                let (s2, m2) = scale_min_k4(2 * c + 1, sc);
+                let (d1, m1, d2, m2) = (d * s1, dmin * m1, d * s2, dmin * m2);
+                let q = &qs[32 * c..32 * c + 32];
+                for l in 0..32 {
+                    let (mut lo, mut hi) = ((q[l] & 0xF) as f32, (q[l] >> 4) as f32);
+                    if f == BlockFormat::Q5K {
+                        lo += if qh[l] & (1 << (2 * c)) != 0 {
+                            16.0
+                        } else {
+                            0.0
+                        };
+                        hi += if qh[l] & (2 << (2 * c)) != 0 {
+                            16.0
+                        } else {
+                            0.0
+                        };
+                    }
+                    out[64 * c + l] = d1 * lo - m1;
+                    out[64 * c + 32 + l] = d2 * hi - m2;
+                }
+            }
+        }
+        BlockFormat::Q6K => {
+            let (ql, qh, sc) = (&b[0..128], &b[128..192], &b[192..208]);
+            let d = half_at(b, 208);
+            for n in 0..2 {
+                let (ql, qh, sc) = (&ql[64 * n..], &qh[32 * n..], &sc[8 * n..]);
+                let o = &mut out[128 * n..];
+                for l in 0..32 {
+                    let is = l / 16;
+                    let q1 = ((ql[l] & 0xF) | ((qh[l] & 3) << 4)) as i32 - 32;
+                    let q2 = ((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) as i32 - 32;
+                    let q3 = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) as i32 - 32;
+                    let q4 = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) as i32 - 32;
+                    o[l] = d * (sc[is] as i8 as f32) * q1 as f32;
+                    o[l + 32] = d * (sc[is + 2] as i8 as f32) * q2 as f32;
+                    o[l + 64] = d * (sc[is + 4] as i8 as f32) * q3 as f32;
+                    o[l + 96] = d * (sc[is + 6] as i8 as f32) * q4 as f32;
+                }
             }
         }
     }
@@ -72,14 +187,15 @@ pub fn matmul_quant_reference(
     out: &mut [f32],
 ) {
     check(f, x, w, m, k, n, out);
-    let row_bytes = k / BLOCK * f.block_bytes();
-    let mut buf = [0f32; BLOCK];
+    let be = f.block_elems();
+    let row_bytes = k / be * f.block_bytes();
+    let mut buf = vec![0f32; be];
     for j in 0..n {
         let row: Vec<f32> = w[j * row_bytes..(j + 1) * row_bytes]
             .chunks_exact(f.block_bytes())
             .flat_map(|b| {
                 dequantize_block(f, b, &mut buf);
-                buf
+                buf.clone()
             })
             .collect();
         for i in 0..m {
@@ -93,12 +209,13 @@ pub fn matmul_quant_reference(
 }
 
 fn check(f: BlockFormat, x: &[f32], w: &[u8], m: usize, k: usize, n: usize, out: &[f32]) {
+    let be = f.block_elems();
     assert!(
-        k.is_multiple_of(BLOCK),
-        "row length {k} is not a multiple of {BLOCK}"
+        k.is_multiple_of(be),
+        "row length {k} is not a multiple of {be}"
     );
     assert_eq!(x.len(), m * k);
-    assert_eq!(w.len(), n * (k / BLOCK) * f.block_bytes());
+    assert_eq!(w.len(), n * (k / be) * f.block_bytes());
     assert_eq!(out.len(), m * n);
 }
 
@@ -118,7 +235,7 @@ pub fn matmul_quant(
     if m == 0 || n == 0 {
         return;
     }
-    let row_bytes = k / BLOCK * f.block_bytes();
+    let row_bytes = k / f.block_elems() * f.block_bytes();
     let kern = select();
     crate::rows::par_weight_rows(out, m, n, ROWS_PER_TASK, |j, o| {
         kern(f, &w[j * row_bytes..(j + 1) * row_bytes], x, m, k, o)
@@ -154,17 +271,17 @@ fn row_generic(
     out: &mut [f32],
     fma: fn(f32, f32, f32) -> f32,
 ) {
-    let bb = f.block_bytes();
-    let mut buf = [0f32; BLOCK];
+    let (bb, be) = (f.block_bytes(), f.block_elems());
+    let mut buf = [0f32; QK_K];
     let mut i = 0;
     while i < m {
         let g = (m - i).min(GROUP);
         let mut acc = [[0f32; 8]; GROUP];
         for (bi, b) in w.chunks_exact(bb).enumerate() {
-            dequantize_block(f, b, &mut buf);
+            dequantize_block(f, b, &mut buf[..be]);
             for (r, a) in acc.iter_mut().enumerate().take(g) {
-                let xb = &x[(i + r) * k + bi * BLOCK..][..BLOCK];
-                for c in 0..4 {
+                let xb = &x[(i + r) * k + bi * be..][..be];
+                for c in 0..be / 8 {
                     for l in 0..8 {
                         a[l] = fma(buf[c * 8 + l], xb[c * 8 + l], a[l]);
                     }
@@ -205,6 +322,10 @@ unsafe fn row_avx2(f: BlockFormat, w: &[u8], x: &[f32], m: usize, k: usize, out:
             (BlockFormat::Q8_0, 2) => group_avx2::<2, 2>(w, xs, k, o),
             (BlockFormat::Q8_0, 3) => group_avx2::<2, 3>(w, xs, k, o),
             (BlockFormat::Q8_0, _) => group_avx2::<2, 4>(w, xs, k, o),
+            (_, 1) => group_dequant_avx2::<1>(f, w, xs, k, o),
+            (_, 2) => group_dequant_avx2::<2>(f, w, xs, k, o),
+            (_, 3) => group_dequant_avx2::<3>(f, w, xs, k, o),
+            (_, _) => group_dequant_avx2::<4>(f, w, xs, k, o),
         }
         i += g;
     }
@@ -295,34 +416,136 @@ unsafe fn group_avx2<const F: u8, const G: usize>(w: &[u8], x: &[f32], k: usize,
     }
 }
 
+/// One weight row against `G` activation rows for the formats without a hand-unpacked
+/// path: each block is dequantized once (plain code) and reused for every activation row.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn group_dequant_avx2<const G: usize>(
+    f: BlockFormat,
+    w: &[u8],
+    x: &[f32],
+    k: usize,
+    out: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    let (bb, be) = (f.block_bytes(), f.block_elems());
+    let mut buf = [0f32; QK_K];
+    let mut acc = [_mm256_setzero_ps(); G];
+    for (bi, blk) in w.chunks_exact(bb).enumerate() {
+        dequantize_block(f, blk, &mut buf[..be]);
+        for (r, a) in acc.iter_mut().enumerate() {
+            let p = x.as_ptr().add(r * k + bi * be);
+            for c in (0..be).step_by(8) {
+                *a = _mm256_fmadd_ps(
+                    _mm256_loadu_ps(buf.as_ptr().add(c)),
+                    _mm256_loadu_ps(p.add(c)),
+                    *a,
+                );
+            }
+        }
+    }
+    for (o, a) in out.iter_mut().zip(acc.iter()) {
+        let q = _mm_add_ps(_mm256_castps256_ps128(*a), _mm256_extractf128_ps(*a, 1));
+        let q = _mm_add_ps(q, _mm_movehl_ps(q, q));
+        let q = _mm_add_ss(q, _mm_shuffle_ps(q, q, 1));
+        *o = _mm_cvtss_f32(q);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use rand::{Rng, SeedableRng};
 
+    /// Random blocks with sane f16 scales (random bytes elsewhere).
     fn random_blocks(f: BlockFormat, n_blocks: usize, rng: &mut impl Rng) -> Vec<u8> {
         let mut w = Vec::new();
         for _ in 0..n_blocks {
-            w.extend(f16::from_f32(rng.random_range(0.001..0.05)).to_le_bytes());
-            if f == BlockFormat::Q4_1 {
-                w.extend(f16::from_f32(rng.random_range(-0.2..0.0)).to_le_bytes());
+            let mut b: Vec<u8> = (0..f.block_bytes()).map(|_| rng.random::<u8>()).collect();
+            let mut put =
+                |i: usize, v: f32| b[i..i + 2].copy_from_slice(&f16::from_f32(v).to_le_bytes());
+            match f {
+                BlockFormat::Q6K => put(208, rng.random_range(0.0001..0.002)),
+                BlockFormat::Q4K | BlockFormat::Q5K => {
+                    put(0, rng.random_range(0.0001..0.002));
+                    put(2, rng.random_range(0.0001..0.002));
+                }
+                BlockFormat::Q4_1 | BlockFormat::Q5_1 => {
+                    put(0, rng.random_range(0.001..0.05));
+                    put(2, rng.random_range(-0.2..0.0));
+                }
+                _ => put(0, rng.random_range(0.001..0.05)),
             }
-            let q = match f {
-                BlockFormat::Q8_0 => 32,
-                _ => 16,
-            };
-            w.extend((0..q).map(|_| rng.random::<u8>()));
+            w.extend(b);
         }
         w
+    }
+
+    const ALL: [BlockFormat; 8] = [
+        BlockFormat::Q4_0,
+        BlockFormat::Q4_1,
+        BlockFormat::Q5_0,
+        BlockFormat::Q5_1,
+        BlockFormat::Q8_0,
+        BlockFormat::Q4K,
+        BlockFormat::Q5K,
+        BlockFormat::Q6K,
+    ];
+
+    /// The block decoder against candle's (an independent implementation of GGML's formats).
+    #[test]
+    fn dequantize_matches_candle() {
+        use candle_core::quantized::{ggml_file::qtensor_from_ggml, GgmlDType};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+        for (f, g) in ALL.iter().zip([
+            GgmlDType::Q4_0,
+            GgmlDType::Q4_1,
+            GgmlDType::Q5_0,
+            GgmlDType::Q5_1,
+            GgmlDType::Q8_0,
+            GgmlDType::Q4K,
+            GgmlDType::Q5K,
+            GgmlDType::Q6K,
+        ]) {
+            let n = 3;
+            let w = random_blocks(*f, n, &mut rng);
+            let be = f.block_elems();
+            let q = qtensor_from_ggml(g, &w, vec![n, be], &candle_core::Device::Cpu).unwrap();
+            let want: Vec<f32> = q
+                .dequantize(&candle_core::Device::Cpu)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let mut got = vec![0f32; n * be];
+            for (b, o) in w
+                .chunks_exact(f.block_bytes())
+                .zip(got.chunks_exact_mut(be))
+            {
+                dequantize_block(*f, b, o);
+            }
+            for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+                assert!(
+                    (a - b).abs() <= 1e-6 * (1.0 + b.abs()),
+                    "{f:?} elem {i}: {a} vs {b}"
+                );
+            }
+        }
     }
 
     #[test]
     fn fast_matches_reference() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(3);
-        for f in [BlockFormat::Q4_0, BlockFormat::Q4_1, BlockFormat::Q8_0] {
+        for f in ALL {
             for m in [1, 2, 3, 5, 9] {
-                for (k, n) in [(32, 1), (64, 33), (576, 70), (1536, 5)] {
-                    let w = random_blocks(f, n * k / BLOCK, &mut rng);
+                let sizes: &[(usize, usize)] = if f.block_elems() == BLOCK {
+                    &[(32, 1), (64, 33), (576, 70), (1536, 5)]
+                } else {
+                    &[(256, 1), (512, 33), (768, 70), (1536, 5)]
+                };
+                for &(k, n) in sizes {
+                    let w = random_blocks(f, n * k / f.block_elems(), &mut rng);
                     let x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-1.0..1.0)).collect();
                     let mut a = vec![0f32; m * n];
                     let mut b = vec![0f32; m * n];

@@ -156,6 +156,11 @@ fn block_format(t: candle_core::quantized::GgmlDType) -> Option<tandem_kernels::
         G::Q4_0 => Some(tandem_kernels::BlockFormat::Q4_0),
         G::Q4_1 => Some(tandem_kernels::BlockFormat::Q4_1),
         G::Q8_0 => Some(tandem_kernels::BlockFormat::Q8_0),
+        G::Q5_0 => Some(tandem_kernels::BlockFormat::Q5_0),
+        G::Q5_1 => Some(tandem_kernels::BlockFormat::Q5_1),
+        G::Q4K => Some(tandem_kernels::BlockFormat::Q4K),
+        G::Q5K => Some(tandem_kernels::BlockFormat::Q5K),
+        G::Q6K => Some(tandem_kernels::BlockFormat::Q6K),
         _ => None,
     }
 }
