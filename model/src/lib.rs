@@ -20,6 +20,6 @@ pub mod weights;
 pub use checkpoint::Checkpoint;
 pub use config::{Architecture, Config};
 pub use error::{Error, Result};
-pub use llama::{argmax, KvCache, Llama, Logits};
+pub use llama::{argmax, ActivationObserver, KvCache, Llama, Logits};
 pub use sampling::{Sampler, SamplingParams};
 pub use tokenizer::{TextStream, Tokenizer};

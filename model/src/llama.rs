@@ -36,6 +36,14 @@ pub struct Llama {
     device: Device,
 }
 
+/// Sees the input of every linear layer during a forward pass (calibration for importance-
+/// weighted quantization collects its statistics this way).
+pub trait ActivationObserver {
+    /// `x` is the [tokens, in] f32 input about to be multiplied by the weight named `weight`
+    /// (a Hugging Face name, e.g. `model.layers.0.mlp.down_proj.weight`).
+    fn observe(&self, weight: &str, x: &Tensor) -> Result<()>;
+}
+
 /// Which positions' logits a forward call returns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Logits {
@@ -278,6 +286,24 @@ impl Llama {
     /// and values to `cache`, and returns f32 logits: [tokens.len(), vocab] for `Logits::All`,
     /// [1, vocab] for `Logits::Last`.
     pub fn forward(&self, tokens: &[u32], cache: &mut KvCache, which: Logits) -> Result<Tensor> {
+        self.forward_observed(tokens, cache, which, None)
+    }
+
+    /// [`Llama::forward`], showing each linear layer's input to `observer`.
+    pub fn forward_observed(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache,
+        which: Logits,
+        observer: Option<&dyn ActivationObserver>,
+    ) -> Result<Tensor> {
+        let see = |li: Option<usize>, module: &str, x: &Tensor| -> Result<()> {
+            match (observer, li) {
+                (Some(o), Some(li)) => o.observe(&format!("model.layers.{li}.{module}.weight"), x),
+                (Some(o), None) => o.observe(module, x),
+                (None, _) => Ok(()),
+            }
+        };
         let t = tokens.len();
         if t == 0 {
             return Err(Error::Invalid("forward called with no tokens".into()));
@@ -306,12 +332,21 @@ impl Llama {
         let eps = self.config.rms_norm_eps as f32;
         for (li, layer) in self.layers.iter().enumerate() {
             let hn = candle_nn::ops::rms_norm(&x, &layer.attn_norm, eps)?;
-            let a = self.attention(layer, &hn, li, cache, &cos, &sin)?;
+            for m in ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"] {
+                see(Some(li), m, &hn)?;
+            }
+            let a = self.attention(layer, &hn, li, cache, &cos, &sin, &|x| {
+                see(Some(li), "self_attn.o_proj", x)
+            })?;
             x = (x + a)?;
             let hn = candle_nn::ops::rms_norm(&x, &layer.mlp_norm, eps)?;
+            see(Some(li), "mlp.gate_proj", &hn)?;
+            see(Some(li), "mlp.up_proj", &hn)?;
             let g = layer.gate.forward(&hn)?;
             let u = layer.up.forward(&hn)?;
-            let m = layer.down.forward(&(candle_nn::ops::silu(&g)? * u)?)?;
+            let act = (candle_nn::ops::silu(&g)? * u)?;
+            see(Some(li), "mlp.down_proj", &act)?;
+            let m = layer.down.forward(&act)?;
             x = (x + m)?;
         }
         cache.len = n + t;
@@ -320,9 +355,11 @@ impl Llama {
             Logits::Last => x.narrow(0, t - 1, 1)?,
         };
         let x = candle_nn::ops::rms_norm(&x, &self.norm, eps)?;
+        see(None, "lm_head.weight", &x)?;
         self.lm_head.forward(&x)
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn attention(
         &self,
         l: &Layer,
@@ -331,6 +368,7 @@ impl Llama {
         cache: &mut KvCache,
         cos: &Tensor,
         sin: &Tensor,
+        see_o: &dyn Fn(&Tensor) -> Result<()>,
     ) -> Result<Tensor> {
         let c = &self.config;
         let (nh, nkv, hd) = (c.num_attention_heads, c.num_kv_heads(), c.head_dim());
@@ -365,6 +403,7 @@ impl Llama {
         let mut out = vec![0f32; t * nh * hd];
         tandem_kernels::attention(shape, &q, kc, vc, &mut out);
         let out = Tensor::from_vec(out, (t, nh * hd), &self.device)?;
+        see_o(&out)?;
         l.o.forward(&out)
     }
 

@@ -340,6 +340,41 @@ impl WeightStore {
         }
     }
 
+    /// Tells the OS this process is done with a tensor's pages, so a pass that streams a
+    /// large checkpoint once (quantization) does not keep all of it resident. Best effort:
+    /// the pages are read back from the file if the tensor is touched again.
+    pub fn release(&self, name: &str) {
+        self.release_range(name, 0, usize::MAX);
+    }
+
+    /// [`WeightStore::release`] for bytes [from, to) of a tensor's data.
+    pub fn release_range(&self, name: &str, from: usize, to: usize) {
+        let (bytes, start, end) = match self {
+            WeightStore::Safetensors { files, entries } => match entries.get(name) {
+                Some(e) => (&files[e.file].bytes, e.start, e.end),
+                None => return,
+            },
+            WeightStore::Gguf { bytes, entries, .. } => match entries.get(name) {
+                Some(e) => (bytes, e.start, e.end),
+                None => return,
+            },
+        };
+        let (start, end) = (start + from.min(end - start), start + to.min(end - start));
+        if let Bytes::Mmap(m) = bytes {
+            // Whole pages inside the tensor only, so a neighbour's pages are left alone.
+            const PAGE: usize = 4096;
+            let (s, e) = (start.div_ceil(PAGE) * PAGE, end / PAGE * PAGE);
+            if e > s {
+                // SAFETY: the map is a read-only shared file mapping: DONTNEED only drops this
+                // process's copy of the pages, which are re-read from the file on next access.
+                #[cfg(unix)]
+                let _ = unsafe {
+                    m.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, s, e - s)
+                };
+            }
+        }
+    }
+
     /// Total bytes of tensor data.
     pub fn data_bytes(&self) -> usize {
         match self {
