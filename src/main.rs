@@ -1,6 +1,7 @@
 //! The `tandem` command line: arguments in, library calls out. No model logic lives here.
 
 mod commands;
+mod quantize_cmd;
 
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
@@ -52,6 +53,12 @@ enum Command {
         #[arg(short, long)]
         quiet: bool,
     },
+    /// Quantize a 16-bit checkpoint to GGUF (attention stays 16-bit by default).
+    Quantize(quantize_cmd::QuantizeArgs),
+    /// Compute an importance matrix (imatrix) from calibration text.
+    Calibrate(quantize_cmd::CalibrateArgs),
+    /// Perplexity on a text, computed as llama-perplexity does.
+    Perplexity(commands::PerplexityArgs),
     /// Prefill and decode speed (tokens/s), measured like llama-bench's pp/tg tests.
     Bench(commands::BenchArgs),
     /// Tell a short story with the bundled stories260K model.
@@ -98,6 +105,9 @@ fn run(command: Command) -> anyhow::Result<()> {
             quiet,
         } => commands::convert(&input, &out, force, tokenizer.as_deref(), quiet),
         Command::Bench(args) => commands::bench(args),
+        Command::Perplexity(args) => commands::perplexity(args),
+        Command::Quantize(args) => quantize_cmd::quantize(args),
+        Command::Calibrate(args) => quantize_cmd::calibrate(args),
         Command::Demo {
             max_tokens,
             prompt,

@@ -1,1 +1,353 @@
-//! placeholder
+//! tandem's quantizer: a 16-bit checkpoint (Hugging Face folder or GGUF) → a GGUF file with
+//! 8/4-bit MLP weights and full-precision attention, that llama.cpp and tandem both run.
+//!
+//! The pipeline is read → plan → quantize → write, one tensor at a time: the plan
+//! ([`plan::make_plan`]) fixes every tensor's type and offset before any data is read, so the
+//! GGUF header is written first and each tensor is then read from the mmap, quantized in
+//! parallel, written and released. Peak memory is about two copies of the largest tensor.
+//! [`calibrate`] makes the importance matrix that steers the K-quants.
+
+pub mod blocks;
+pub mod calibrate;
+pub mod encode;
+pub mod error;
+pub mod gguf_writer;
+pub mod imatrix;
+pub mod metadata;
+pub mod output;
+pub mod plan;
+pub mod types;
+
+pub use error::{Error, Result};
+pub use imatrix::ImportanceMatrix;
+pub use plan::{make_plan, Plan, Policy, Recipe, Rule, TensorKind, TypeChoice};
+pub use types::QuantType;
+
+use gguf_writer::{GgufLayout, GgufWriter};
+use std::io::Write;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+use tandem_model::gguf_names::{permute_qk_rows, Permute};
+use tandem_model::Checkpoint;
+
+/// Progress callback: (source bytes done, source bytes total, current tensor name).
+pub type Progress<'a> = dyn Fn(u64, u64, &str) + 'a;
+
+/// How to run a quantization besides the plan.
+#[derive(Default)]
+pub struct Options<'a> {
+    /// Importance weights for the K-quants (from `tandem calibrate` or llama-imatrix).
+    pub imatrix: Option<&'a ImportanceMatrix>,
+    /// Quantize tensors holding NaN/Inf instead of refusing them.
+    pub allow_nonfinite: bool,
+    /// Set from another thread (Ctrl-C) to stop between tensors.
+    pub cancel: Option<&'a AtomicBool>,
+    /// Called after each tensor: (source bytes done, source bytes total, next tensor name).
+    pub progress: Option<&'a Progress<'a>>,
+}
+
+/// What a finished run did.
+#[derive(Debug, Clone)]
+pub struct Report {
+    pub tensors: usize,
+    /// Bytes of source tensor data read.
+    pub bytes_in: u64,
+    /// Bytes of the output file.
+    pub bytes_out: u64,
+    pub seconds: f64,
+    /// Tensors quantized with importance weights from the imatrix.
+    pub imatrix_tensors: usize,
+    /// Things the user should know (tokenizer notes, tensors missing from the imatrix).
+    pub notes: Vec<String>,
+}
+
+impl Report {
+    /// Source megabytes per second.
+    pub fn throughput_mb_s(&self) -> f64 {
+        self.bytes_in as f64 / 1e6 / self.seconds.max(1e-9)
+    }
+}
+
+/// The GGUF header for a plan: llama.cpp metadata, tokenizer and tensor entries.
+pub fn layout(ck: &Checkpoint, plan: &Plan) -> Result<(GgufLayout, Vec<String>)> {
+    let name = ck
+        .path
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "model".into());
+    let mut md = metadata::model_metadata(&ck.config, &name, metadata::file_type(plan.scheme));
+    let (tok, notes) = metadata::tokenizer_metadata(ck)?;
+    md.extend(tok);
+    let mut tensors: Vec<(String, Vec<u64>, u32, u64)> = plan
+        .tensors
+        .iter()
+        .map(|t| {
+            let id = match t.target {
+                Some(q) => q.ggml_id(),
+                None => source_ggml_id(t.source_type),
+            };
+            let dims = t.shape.iter().rev().map(|&d| d as u64).collect();
+            (t.gguf_name.clone(), dims, id, t.bytes as u64)
+        })
+        .collect();
+    for (n, f) in &plan.computed {
+        tensors.push((n.clone(), vec![f.len() as u64], 0, 4 * f.len() as u64));
+    }
+    Ok((GgufLayout::new(md, tensors), notes))
+}
+
+fn source_ggml_id(d: tandem_model::weights::WeightDType) -> u32 {
+    use tandem_model::weights::WeightDType::*;
+    match d {
+        F32 => 0,
+        F16 => 1,
+        BF16 => 30,
+        Quant(q) => types::ALL_TYPES
+            .iter()
+            .find(|t| t.ggml() == q)
+            .map(|t| t.ggml_id())
+            // Only reachable for a GGUF source holding a type tandem cannot write (Q8_1/Q8_K).
+            .unwrap_or(u32::MAX),
+    }
+}
+
+/// Streams the quantized model as GGUF into `out`.
+pub fn write_gguf<W: Write>(
+    ck: &Checkpoint,
+    plan: &Plan,
+    opts: &Options,
+    out: W,
+) -> Result<(W, Report)> {
+    let start = Instant::now();
+    let path = ck.store.main_path().to_path_buf();
+    let (layout, mut notes) = layout(ck, plan)?;
+    if let Some(bad) = layout.tensors.iter().find(|t| t.ggml_type == u32::MAX) {
+        return Err(error::tensor_err(
+            &path,
+            &bad.name,
+            "stored in a type GGUF output cannot hold; choose a type with --rule",
+        ));
+    }
+    let out_err = |e: std::io::Error| error::io_err(Path::new(OUTPUT), &e);
+    let mut w = GgufWriter::new(out, &layout).map_err(out_err)?;
+    let total: u64 = plan
+        .tensors
+        .iter()
+        .map(|t| {
+            ck.store
+                .get(&t.source_name)
+                .map(|r| r.data.len() as u64)
+                .unwrap_or(0)
+        })
+        .sum();
+    let mut done = 0u64;
+    let mut imatrix_tensors = 0;
+    for t in &plan.tensors {
+        if opts.cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
+            return Err(Error::Interrupted);
+        }
+        let file = ck.store.path_of(&t.source_name).to_path_buf();
+        let raw = ck.store.get(&t.source_name)?;
+        let cols = raw.shape.last().copied().unwrap_or(1).max(1);
+        let rows = raw.elem_count() / cols;
+        let row_bytes = raw.data.len() / rows.max(1);
+        let permuted;
+        let data: &[u8] = match t.permute_heads {
+            Some(heads) => {
+                permuted = permute_qk_rows(raw.data, heads, rows, row_bytes, Permute::HfToGguf);
+                &permuted
+            }
+            None => raw.data,
+        };
+        let importance = match (t.target, opts.imatrix) {
+            (Some(q), Some(m)) if q.uses_importance() => match m.importance(&t.gguf_name) {
+                Some(w) if w.len() == cols => {
+                    imatrix_tensors += 1;
+                    Some(w)
+                }
+                Some(w) => {
+                    return Err(error::tensor_err(
+                        &file,
+                        &t.gguf_name,
+                        format!(
+                            "imatrix has {} columns, the tensor {cols}: imatrix made for another model?",
+                            w.len()
+                        ),
+                    ))
+                }
+                None => {
+                    notes.push(format!("{}: no imatrix entry, quantized unweighted", t.gguf_name));
+                    None
+                }
+            },
+            _ => None,
+        };
+        if t.target.is_none() && !opts.allow_nonfinite {
+            tandem_model::linear::check_finite(&file, &raw)?;
+        }
+        // Stream the tensor in blocks of whole rows: memory stays a few blocks, however
+        // large the tensor.
+        let block_rows = (STREAM_ELEMS / cols).max(1);
+        let mut r0 = 0;
+        while r0 < rows {
+            if opts.cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
+                return Err(Error::Interrupted);
+            }
+            let r1 = (r0 + block_rows).min(rows);
+            let src = &data[r0 * row_bytes..r1 * row_bytes];
+            match t.target {
+                None => w.write_part(src).map_err(out_err)?,
+                Some(q) => {
+                    let xs = encode::to_f32(&file, &raw, src, (r0, r1 - r0), opts.allow_nonfinite)?;
+                    let bytes = encode::encode(q, &xs, cols, importance.as_deref())?;
+                    w.write_part(&bytes).map_err(out_err)?;
+                }
+            }
+            if t.permute_heads.is_none() {
+                ck.store
+                    .release_range(&t.source_name, r0 * row_bytes, r1 * row_bytes);
+            }
+            if let Some(p) = opts.progress {
+                p(done + (r1 * row_bytes) as u64, total, &t.gguf_name);
+            }
+            r0 = r1;
+        }
+        w.end_tensor().map_err(out_err)?;
+        ck.store.release(&t.source_name);
+        done += raw.data.len() as u64;
+    }
+    for (_, f) in &plan.computed {
+        let b: Vec<u8> = f.iter().flat_map(|x| x.to_le_bytes()).collect();
+        w.write_tensor(&b).map_err(out_err)?;
+    }
+    if let Some(p) = opts.progress {
+        p(total, total, "");
+    }
+    let out = w.finish().map_err(out_err)?;
+    Ok((
+        out,
+        Report {
+            tensors: plan.tensors.len() + plan.computed.len(),
+            bytes_in: total,
+            bytes_out: layout.file_size(),
+            seconds: start.elapsed().as_secs_f64(),
+            imatrix_tensors,
+            notes,
+        },
+    ))
+}
+
+/// Elements per streamed block (16 MiB of f32).
+const STREAM_ELEMS: usize = 1 << 22;
+
+/// Stands for the output file in errors raised while writing, until the caller names it.
+const OUTPUT: &str = "<output>";
+
+/// Quantizes into the file `out`, atomically (see [`output::write_atomically`]).
+pub fn quantize_to_file(
+    ck: &Checkpoint,
+    plan: &Plan,
+    opts: &Options,
+    out: &Path,
+    force: bool,
+) -> Result<Report> {
+    let mut report = None;
+    output::write_atomically(out, force, |w| {
+        let (_, r) = write_gguf(ck, plan, opts, w).map_err(|e| name_output(e, out))?;
+        report = Some(r);
+        Ok(())
+    })?;
+    report.ok_or_else(|| Error::Plan("no report (internal error)".into()))
+}
+
+/// Output I/O errors carry a placeholder path until the caller knows the file.
+fn name_output(e: Error, out: &Path) -> Error {
+    match e {
+        Error::Io { path, msg } if path == Path::new(OUTPUT) => Error::Io {
+            path: out.to_path_buf(),
+            msg,
+        },
+        other => other,
+    }
+}
+
+/// Quantizes into memory: the GGUF bytes (a self-draft for speculative decoding is made so).
+pub fn quantize_to_bytes(ck: &Checkpoint, plan: &Plan, opts: &Options) -> Result<Vec<u8>> {
+    let (layout, _) = layout(ck, plan)?;
+    let buf = Vec::with_capacity(layout.file_size() as usize);
+    Ok(write_gguf(ck, plan, opts, buf)?.0)
+}
+
+/// The default calibration text: the opening of Austen's *Emma* (see data/PROVENANCE.md).
+/// Calibration text only; never used for evaluation.
+pub const CALIBRATION_TEXT: &str = include_str!("../data/austen-emma-calibration.txt");
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A sink that fills up after `room` bytes, like a full disk.
+    struct FullDisk {
+        room: usize,
+    }
+
+    impl Write for FullDisk {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            if self.room == 0 {
+                return Err(std::io::Error::from(std::io::ErrorKind::StorageFull));
+            }
+            let n = buf.len().min(self.room);
+            self.room -= n;
+            Ok(n)
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_full_disk_is_a_clear_error_naming_the_output() {
+        let ck = Checkpoint::bundled().unwrap();
+        let plan = make_plan(&ck, &Policy::new(QuantType::Q8_0)).unwrap();
+        let e = write_gguf(&ck, &plan, &Options::default(), FullDisk { room: 100_000 })
+            .err()
+            .unwrap();
+        let e = name_output(e, Path::new("/data/out.gguf")).to_string();
+        assert_eq!(e, "/data/out.gguf: no space left on device");
+    }
+
+    #[test]
+    fn in_memory_output_equals_the_file_and_loads() {
+        let ck = Checkpoint::bundled().unwrap();
+        let plan = make_plan(&ck, &Policy::new(QuantType::Q4_0)).unwrap();
+        let bytes = quantize_to_bytes(&ck, &plan, &Options::default()).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("m.gguf");
+        quantize_to_file(&ck, &plan, &Options::default(), &p, false).unwrap();
+        assert!(std::fs::read(&p).unwrap() == bytes);
+        assert_eq!(
+            layout(&ck, &plan).unwrap().0.file_size() as usize,
+            bytes.len()
+        );
+        Checkpoint::open(&p, None).unwrap();
+    }
+
+    #[test]
+    fn cancel_stops_before_writing() {
+        let ck = Checkpoint::bundled().unwrap();
+        let plan = make_plan(&ck, &Policy::new(QuantType::Q8_0)).unwrap();
+        let stop = AtomicBool::new(true);
+        let opts = Options {
+            cancel: Some(&stop),
+            ..Default::default()
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("m.gguf");
+        assert!(matches!(
+            quantize_to_file(&ck, &plan, &opts, &p, false),
+            Err(Error::Interrupted)
+        ));
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+}

@@ -1,0 +1,312 @@
+//! GGUF metadata llama.cpp expects: `general.*`, the architecture's hyperparameter keys, and
+//! `tokenizer.ggml.*` rebuilt from a Hugging Face tokenizer.json (or copied from a GGUF source).
+
+use crate::error::{Error, Result};
+use candle_core::quantized::gguf_file::Value;
+use serde_json::Value as Json;
+use std::collections::HashMap;
+use tandem_model::{Checkpoint, Config};
+
+/// llama.cpp token types (`llama_token_type`).
+const NORMAL: i32 = 1;
+const UNKNOWN: i32 = 2;
+const CONTROL: i32 = 3;
+const USER_DEFINED: i32 = 4;
+const UNUSED: i32 = 5;
+const BYTE: i32 = 6;
+
+/// GGUF key/value pairs, in file order.
+pub type Metadata = Vec<(String, Value)>;
+
+/// `general.*` and hyperparameter keys for `config`.
+pub fn model_metadata(config: &Config, name: &str, file_type: u32) -> Vec<(String, Value)> {
+    let arch = config.architecture().gguf_name();
+    let k = |s: &str| format!("{arch}.{s}");
+    let u32v = |x: usize| Value::U32(x as u32);
+    let mut md = vec![
+        ("general.architecture".into(), Value::String(arch.into())),
+        ("general.name".into(), Value::String(name.into())),
+        ("general.file_type".into(), Value::U32(file_type)),
+        ("general.quantization_version".into(), Value::U32(2)),
+        (k("block_count"), u32v(config.num_hidden_layers)),
+        (k("context_length"), u32v(config.max_position_embeddings)),
+        (k("embedding_length"), u32v(config.hidden_size)),
+        (k("feed_forward_length"), u32v(config.intermediate_size)),
+        (k("attention.head_count"), u32v(config.num_attention_heads)),
+        (k("attention.head_count_kv"), u32v(config.num_kv_heads())),
+        (k("rope.freq_base"), Value::F32(config.rope_theta as f32)),
+        (
+            k("attention.layer_norm_rms_epsilon"),
+            Value::F32(config.rms_norm_eps as f32),
+        ),
+        (k("vocab_size"), u32v(config.vocab_size)),
+        (k("rope.dimension_count"), u32v(config.head_dim())),
+    ];
+    if config.head_dim() * config.num_attention_heads != config.hidden_size {
+        md.push((k("attention.key_length"), u32v(config.head_dim())));
+        md.push((k("attention.value_length"), u32v(config.head_dim())));
+    }
+    if let Some(s) = &config.rope_scaling {
+        if s.rope_type == "linear" {
+            md.push((k("rope.scaling.type"), Value::String("linear".into())));
+            md.push((
+                k("rope.scaling.factor"),
+                Value::F32(s.factor.unwrap_or(1.0) as f32),
+            ));
+        }
+    }
+    md
+}
+
+/// llama.cpp's `general.file_type` (`llama_ftype`) for a scheme: the "main" type of the file.
+pub fn file_type(scheme: crate::QuantType) -> u32 {
+    use crate::QuantType::*;
+    match scheme {
+        F32 => 0,
+        F16 => 1,
+        Q4_0 => 2,
+        Q4_1 => 3,
+        Q8_0 => 7,
+        Q5_0 => 8,
+        Q5_1 => 9,
+        Q2K => 10,
+        Q3K => 12,
+        Q4K => 15,
+        Q5K => 17,
+        Q6K => 18,
+        BF16 => 32,
+    }
+}
+
+/// The rope_freqs tensor llama.cpp reads for Llama 3.1-style scaling: per frequency, the
+/// factor its inverse frequency is divided by.
+pub fn rope_freqs(config: &Config) -> Option<Vec<f32>> {
+    let s = config.rope_scaling.as_ref()?;
+    if s.rope_type != "llama3" {
+        return None;
+    }
+    let mut plain = config.clone();
+    plain.rope_scaling = None;
+    plain.rope_freq_factors = None;
+    let base = plain.rope_inv_freq();
+    let scaled = config.rope_inv_freq();
+    Some(base.iter().zip(&scaled).map(|(b, s)| b / s).collect())
+}
+
+/// `tokenizer.ggml.*` for a checkpoint: copied from a GGUF source, or built from tokenizer.json.
+pub fn tokenizer_metadata(ck: &Checkpoint) -> Result<(Metadata, Vec<String>)> {
+    if let Some(md) = ck.store.gguf_metadata() {
+        if md.contains_key("tokenizer.ggml.model") {
+            let mut kv: Vec<(String, Value)> = md
+                .iter()
+                .filter(|(k, _)| k.starts_with("tokenizer."))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            kv.sort_by(|a, b| a.0.cmp(&b.0));
+            return Ok((kv, vec![]));
+        }
+    }
+    from_tokenizer_json(ck)
+}
+
+/// Builds llama.cpp's vocabulary keys from a Hugging Face tokenizer. Returns notes for the plan
+/// (e.g. a pre-tokenizer llama.cpp has no name for).
+fn from_tokenizer_json(ck: &Checkpoint) -> Result<(Metadata, Vec<String>)> {
+    let tok = &ck.tokenizer;
+    let path = ck.path.display().to_string();
+    let bad = |msg: String| Error::Plan(format!("{path}: tokenizer: {msg}"));
+    let j: Json = serde_json::from_str(&tok.json).map_err(|e| bad(e.to_string()))?;
+    let model = j.get("model").ok_or_else(|| bad("no \"model\"".into()))?;
+    if model.get("type").and_then(Json::as_str) != Some("BPE") {
+        return Err(bad(format!(
+            "model type {} is not supported for GGUF export (supported: BPE)",
+            model.get("type").unwrap_or(&Json::Null)
+        )));
+    }
+    let vocab = model
+        .get("vocab")
+        .and_then(Json::as_object)
+        .ok_or_else(|| bad("no vocab".into()))?;
+    let n = ck.config.vocab_size;
+    let mut tokens: Vec<Option<String>> = vec![None; n];
+    let mut types = vec![NORMAL; n];
+    let mut put = |id: u64, s: &str| -> Result<()> {
+        let slot = tokens
+            .get_mut(id as usize)
+            .ok_or_else(|| bad(format!("token id {id} is outside the vocabulary ({n})")))?;
+        *slot = Some(s.to_string());
+        Ok(())
+    };
+    for (s, id) in vocab {
+        put(
+            id.as_u64().ok_or_else(|| bad(format!("bad id for {s}")))?,
+            s,
+        )?;
+    }
+    let mut special = HashMap::new();
+    for a in j
+        .get("added_tokens")
+        .and_then(Json::as_array)
+        .into_iter()
+        .flatten()
+    {
+        let (Some(id), Some(content)) = (
+            a.get("id").and_then(Json::as_u64),
+            a.get("content").and_then(Json::as_str),
+        ) else {
+            continue;
+        };
+        put(id, content)?;
+        special.insert(
+            id as usize,
+            a.get("special").and_then(Json::as_bool) == Some(true),
+        );
+    }
+    let byte_fallback = model.get("byte_fallback").and_then(Json::as_bool) == Some(true);
+    let unk = model.get("unk_token").and_then(Json::as_str);
+    let mut notes = Vec::new();
+    let mut padded = 0;
+    let tokens: Vec<String> = tokens
+        .into_iter()
+        .enumerate()
+        .map(|(i, t)| {
+            t.unwrap_or_else(|| {
+                types[i] = UNUSED;
+                padded += 1;
+                format!("[PAD{i}]")
+            })
+        })
+        .collect();
+    if padded > 0 {
+        notes.push(format!(
+            "vocabulary padded with {padded} unused tokens to the model's {n}"
+        ));
+    }
+    for (i, t) in tokens.iter().enumerate() {
+        if let Some(&sp) = special.get(&i) {
+            types[i] = if Some(t.as_str()) == unk {
+                UNKNOWN
+            } else if sp {
+                CONTROL
+            } else {
+                USER_DEFINED
+            };
+        } else if byte_fallback && is_byte_token(t) {
+            types[i] = BYTE;
+        } else if Some(t.as_str()) == unk {
+            types[i] = UNKNOWN;
+        }
+    }
+    let merges: Vec<String> = model
+        .get("merges")
+        .and_then(Json::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|m| match m {
+            Json::String(s) => Some(s.clone()),
+            Json::Array(p) => Some(format!("{} {}", p.first()?.as_str()?, p.get(1)?.as_str()?)),
+            _ => None,
+        })
+        .collect();
+    let mut kv: Vec<(String, Value)> = Vec::new();
+    let s = |x: &str| Value::String(x.to_string());
+    if byte_fallback {
+        // SentencePiece-style vocabulary: llama.cpp's "llama" tokenizer merges the adjacent
+        // pair whose result scores highest, so a token made by merge rank r scores -r.
+        let ids: HashMap<&str, usize> = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.as_str(), i))
+            .collect();
+        let mut scores = vec![f32::NAN; n];
+        for (rank, m) in merges.iter().enumerate() {
+            let merged: String = m.split(' ').collect();
+            if let Some(&id) = ids.get(merged.as_str()) {
+                if scores[id].is_nan() {
+                    scores[id] = -(rank as f32);
+                }
+            }
+        }
+        let floor = -(merges.len() as f32);
+        let scores: Vec<Value> = scores
+            .into_iter()
+            .enumerate()
+            .map(|(i, x)| Value::F32(if x.is_nan() { floor - i as f32 } else { x }))
+            .collect();
+        kv.push(("tokenizer.ggml.model".into(), s("llama")));
+        kv.push(("tokenizer.ggml.scores".into(), Value::Array(scores)));
+    } else {
+        let pre = pre_tokenizer_name(j.get("pre_tokenizer").unwrap_or(&Json::Null));
+        let pre = pre.unwrap_or_else(|| {
+            notes.push(
+                "pre-tokenizer not recognised; wrote tokenizer.ggml.pre = \"default\" (llama.cpp may split text differently)"
+                    .into(),
+            );
+            "default"
+        });
+        kv.push(("tokenizer.ggml.model".into(), s("gpt2")));
+        kv.push(("tokenizer.ggml.pre".into(), s(pre)));
+        kv.push((
+            "tokenizer.ggml.merges".into(),
+            Value::Array(merges.iter().map(|m| s(m)).collect()),
+        ));
+    }
+    kv.push((
+        "tokenizer.ggml.tokens".into(),
+        Value::Array(tokens.iter().map(|t| s(t)).collect()),
+    ));
+    kv.push((
+        "tokenizer.ggml.token_type".into(),
+        Value::Array(types.into_iter().map(Value::I32).collect()),
+    ));
+    if let Some(b) = tok.bos_id {
+        kv.push(("tokenizer.ggml.bos_token_id".into(), Value::U32(b)));
+    }
+    if let Some(&e) = tok.eos_ids.first() {
+        kv.push(("tokenizer.ggml.eos_token_id".into(), Value::U32(e)));
+    }
+    if let Some(u) = unk.and_then(|u| tok.inner.token_to_id(u)) {
+        kv.push(("tokenizer.ggml.unknown_token_id".into(), Value::U32(u)));
+    }
+    kv.push((
+        "tokenizer.ggml.add_bos_token".into(),
+        Value::Bool(tok.add_bos),
+    ));
+    kv.push(("tokenizer.ggml.add_eos_token".into(), Value::Bool(false)));
+    Ok((kv, notes))
+}
+
+fn is_byte_token(t: &str) -> bool {
+    t.len() == 6 && t.starts_with("<0x") && t.ends_with('>')
+}
+
+/// The name llama.cpp gives a Hugging Face pre-tokenizer (`tokenizer.ggml.pre`), for the
+/// layouts tandem's GGUF reader also understands.
+fn pre_tokenizer_name(p: &Json) -> Option<&'static str> {
+    let ty = p.get("type").and_then(Json::as_str)?;
+    match ty {
+        "ByteLevel" => Some("gpt-2"),
+        "Sequence" => {
+            let parts = p.get("pretokenizers")?.as_array()?;
+            let types: Vec<&str> = parts
+                .iter()
+                .filter_map(|x| x.get("type").and_then(Json::as_str))
+                .collect();
+            match types.as_slice() {
+                ["Digits", "ByteLevel"] => Some("smollm"),
+                ["Split", "ByteLevel"] => {
+                    let re = parts[0].pointer("/pattern/Regex").and_then(Json::as_str)?;
+                    if re.contains(r"\p{N}{1,3}") {
+                        Some("llama-bpe")
+                    } else if re.contains(r"\p{N}|") {
+                        Some("qwen2")
+                    } else {
+                        None
+                    }
+                }
+                _ => None,
+            }
+        }
+        _ => None,
+    }
+}

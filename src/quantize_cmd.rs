@@ -1,0 +1,237 @@
+//! `tandem quantize` and `tandem calibrate`: flags → policy → library calls → summary.
+
+use crate::commands::progress_bar;
+use anyhow::{Context, Result};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use tandem_model::Checkpoint;
+use tandem_quantize::{
+    calibrate::CalibrationOptions, make_plan, ImportanceMatrix, Options, Policy, QuantType, Recipe,
+    Rule, TypeChoice,
+};
+
+/// Set by the Ctrl-C handler; the quantizer stops between tensors and removes its temp file.
+pub static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+pub fn install_ctrlc() {
+    let _ = ctrlc::set_handler(|| {
+        if INTERRUPTED.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            // A second Ctrl-C: stop now.
+            std::process::exit(130);
+        }
+    });
+}
+
+#[derive(clap::Args)]
+pub struct QuantizeArgs {
+    /// A Hugging Face folder (16-bit safetensors) or a GGUF file.
+    model: PathBuf,
+    /// Output GGUF file.
+    #[arg(long, required_unless_present = "dry_run")]
+    out: Option<PathBuf>,
+    /// Type for the MLP projections (f32, f16, bf16, q8_0, q5_0, q5_1, q4_0, q4_1, q2_k..q6_k). Default q8_0.
+    #[arg(long)]
+    scheme: Option<String>,
+    /// Type for q/k/v/o projections (default: keep, the source 16-bit type).
+    #[arg(long)]
+    attention: Option<String>,
+    /// Type for the token embeddings (default q8_0; `keep` allowed).
+    #[arg(long)]
+    embeddings: Option<String>,
+    /// Type for the output head when it is not tied to the embeddings (default q8_0).
+    #[arg(long)]
+    output: Option<String>,
+    /// PATTERN=TYPE: tensors whose Hugging Face name matches the regex get TYPE (later rules win).
+    #[arg(long = "rule")]
+    rules: Vec<String>,
+    /// A TOML file with the same choices (flags given on the command line win).
+    #[arg(long)]
+    recipe: Option<PathBuf>,
+    /// Importance matrix (tandem calibrate or llama-imatrix, GGUF or legacy .dat) for the K-quants.
+    #[arg(long)]
+    imatrix: Option<PathBuf>,
+    /// Print the plan and stop.
+    #[arg(long)]
+    dry_run: bool,
+    /// List every tensor in the plan.
+    #[arg(short, long)]
+    verbose: bool,
+    /// Replace the output file if it exists.
+    #[arg(long)]
+    force: bool,
+    /// No progress bar.
+    #[arg(short, long)]
+    quiet: bool,
+    /// Quantize tensors that hold NaN or Inf instead of refusing them.
+    #[arg(long)]
+    allow_nonfinite: bool,
+    /// Use this tokenizer.json instead of the model's own.
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+}
+
+/// The policy from a recipe (if any) overlaid with the command-line flags.
+pub fn policy_from(
+    scheme: Option<&str>,
+    attention: Option<&str>,
+    embeddings: Option<&str>,
+    output: Option<&str>,
+    rules: &[String],
+    recipe: Option<&Path>,
+) -> Result<Policy> {
+    let recipe = match recipe {
+        Some(p) => Recipe::from_file(p)?,
+        None => Recipe::default(),
+    };
+    let scheme_name = scheme.or(recipe.scheme.as_deref()).unwrap_or("q8_0");
+    let scheme = match TypeChoice::parse(scheme_name)? {
+        TypeChoice::To(t) => t,
+        TypeChoice::Keep => anyhow::bail!("--scheme must be a type, not 'keep'"),
+    };
+    let mut policy = Policy::new(scheme);
+    if let Some(a) = attention.or(recipe.attention.as_deref()) {
+        policy.attention = TypeChoice::parse(a).context("--attention")?;
+    }
+    if let Some(e) = embeddings.or(recipe.embeddings.as_deref()) {
+        policy.embeddings = TypeChoice::parse(e).context("--embeddings")?;
+    }
+    if let Some(o) = output.or(recipe.output.as_deref()) {
+        policy.output = TypeChoice::parse(o).context("--output")?;
+    }
+    for r in &recipe.rules {
+        policy.rules.push(Rule::new(&r.pattern, &r.ty)?);
+    }
+    for r in rules {
+        policy.rules.push(Rule::parse(r)?);
+    }
+    Ok(policy)
+}
+
+pub fn quantize(a: QuantizeArgs) -> Result<()> {
+    let policy = policy_from(
+        a.scheme.as_deref(),
+        a.attention.as_deref(),
+        a.embeddings.as_deref(),
+        a.output.as_deref(),
+        &a.rules,
+        a.recipe.as_deref(),
+    )?;
+    let ck = Checkpoint::open(&a.model, a.tokenizer.as_deref())?;
+    let plan = make_plan(&ck, &policy)?;
+    if a.dry_run {
+        print!("{}", plan.summary(a.verbose));
+        return Ok(());
+    }
+    let out = a.out.as_deref().context("--out is required")?;
+    tandem_quantize::output::check_target(out, a.force)?;
+    let imatrix = match &a.imatrix {
+        Some(p) => Some(ImportanceMatrix::read(p)?),
+        None => None,
+    };
+    if imatrix.is_some()
+        && !plan
+            .tensors
+            .iter()
+            .any(|t| t.target.is_some_and(QuantType::uses_importance))
+    {
+        eprintln!("note: --imatrix given but no tensor is planned as a K-quant (q2_k..q6_k); it changes nothing");
+    }
+    install_ctrlc();
+    let bar = progress_bar(a.quiet);
+    let progress = |done: u64, total: u64, name: &str| {
+        bar.set_length(total);
+        bar.set_position(done);
+        bar.set_message(name.to_string());
+    };
+    let opts = Options {
+        imatrix: imatrix.as_ref(),
+        allow_nonfinite: a.allow_nonfinite,
+        cancel: Some(&INTERRUPTED),
+        progress: Some(&progress),
+    };
+    let report = tandem_quantize::quantize_to_file(&ck, &plan, &opts, out, a.force)
+        .with_context(|| format!("quantizing {}", a.model.display()))?;
+    bar.finish_and_clear();
+    print!("{}", plan.summary(a.verbose));
+    for n in &report.notes {
+        eprintln!("note: {n}");
+    }
+    println!(
+        "wrote {} ({} tensors, {} bytes) in {:.2} s: {:.0} MB/s of source weights{}",
+        out.display(),
+        report.tensors,
+        report.bytes_out,
+        report.seconds,
+        report.throughput_mb_s(),
+        if report.imatrix_tensors > 0 {
+            format!(", {} tensors importance-weighted", report.imatrix_tensors)
+        } else {
+            String::new()
+        }
+    );
+    Ok(())
+}
+
+#[derive(clap::Args)]
+pub struct CalibrateArgs {
+    /// A Hugging Face folder or a GGUF file.
+    model: PathBuf,
+    /// Calibration text (default: the bundled opening of Austen's Emma). Never evaluation text.
+    #[arg(long)]
+    text: Option<PathBuf>,
+    /// Output importance matrix (llama.cpp's GGUF imatrix format).
+    #[arg(long)]
+    out: PathBuf,
+    /// Tokens per chunk.
+    #[arg(long, default_value_t = 512)]
+    ctx: usize,
+    /// Use at most this many chunks.
+    #[arg(long)]
+    chunks: Option<usize>,
+    #[arg(long)]
+    force: bool,
+    #[arg(short, long)]
+    quiet: bool,
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+}
+
+pub fn calibrate(a: CalibrateArgs) -> Result<()> {
+    tandem_quantize::output::check_target(&a.out, a.force)?;
+    let ck = Checkpoint::open(&a.model, a.tokenizer.as_deref())?;
+    let (text, dataset) = match &a.text {
+        Some(p) => (
+            std::fs::read_to_string(p).with_context(|| format!("{}: cannot read", p.display()))?,
+            p.display().to_string(),
+        ),
+        None => (
+            tandem_quantize::CALIBRATION_TEXT.to_string(),
+            "tandem:austen-emma-calibration.txt".to_string(),
+        ),
+    };
+    let model = ck.load_model(&candle_core::Device::Cpu)?;
+    let bar = progress_bar(a.quiet);
+    let start = std::time::Instant::now();
+    let progress = |done: usize, total: usize| {
+        bar.set_length(total as u64);
+        bar.set_position(done as u64);
+    };
+    let opts = CalibrationOptions {
+        ctx: a.ctx,
+        chunks: a.chunks,
+        dataset,
+    };
+    let m = tandem_quantize::calibrate::calibrate(&ck, &model, &text, &opts, &progress)
+        .with_context(|| format!("calibrating {}", a.model.display()))?;
+    bar.finish_and_clear();
+    m.write_gguf(&a.out, a.force)?;
+    eprintln!(
+        "wrote {} ({} weights, {} chunks of {} tokens) in {:.1} s",
+        a.out.display(),
+        m.entries.len(),
+        m.chunk_count,
+        m.chunk_size,
+        start.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
