@@ -4,11 +4,8 @@
 # Needs: a release build of tandem, SmolLM2 fetched (scripts/fetch-models.sh), python3 with
 # `pip install gguf` (llama.cpp's gguf-py) for cutting rows.
 set -euo pipefail
-B=${LLAMA_CPP_BIN:?set LLAMA_CPP_BIN to llama.cpp build/bin}
-root=$(cd "$(dirname "$0")/.." && pwd)
-T=${TANDEM_BIN:-$root/target/release/tandem}
+source "$(dirname "$0")/common.sh"
 F=$root/tests/fixtures/llama-quantize
-smol=$(TANDEM_BIN=$T bash "$root/scripts/fetch-models.sh" | tail -1)/smollm2-135m-f16
 w=$(mktemp -d); trap 'rm -rf "$w"' EXIT
 all16=(--scheme f16 --attention f16 --embeddings f16 --quiet)
 "$T" quantize "$root/models/stories260K" --out "$w/stories-f16.gguf" "${all16[@]}"

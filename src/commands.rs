@@ -61,7 +61,8 @@ pub struct GenerateArgs {
     /// Print generation statistics as JSON to stderr.
     #[arg(long)]
     json: bool,
-    /// Decode speculatively: `ngram` (prompt lookup) or a draft model (folder or GGUF) that
+    /// Decode speculatively: `ngram` (prompt lookup), `self:<type>` (this model quantized in
+    /// memory, e.g. self:q4_0) or a draft model (folder or GGUF) that
     /// shares the verifier's vocabulary. Output is exactly the model's own.
     #[arg(long)]
     draft: Option<String>,
@@ -94,6 +95,21 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
     }
 }
 
+/// `self:<type>`: the verifier quantized in memory with the quantizer's default policy
+/// (attention kept 16-bit, MLP at `<type>`, embeddings q8_0).
+pub fn self_draft(ck: &Checkpoint, ty: &str) -> Result<Checkpoint> {
+    use tandem_quantize::{make_plan, Options, Policy, TypeChoice};
+    let t = match TypeChoice::parse(ty).context("--draft self:<type>")? {
+        TypeChoice::To(t) => t,
+        TypeChoice::Keep => anyhow::bail!("--draft self:keep would be the verifier itself"),
+    };
+    let plan = make_plan(ck, &Policy::new(t))?;
+    let bytes = tandem_quantize::quantize_to_bytes(ck, &plan, &Options::default())
+        .context("quantizing the self-draft")?;
+    let label = PathBuf::from(format!("{} (self:{t})", ck.path.display()));
+    Ok(Checkpoint::from_gguf_bytes(&label, bytes)?)
+}
+
 fn run_speculative(
     ck: &Checkpoint,
     draft: &str,
@@ -115,7 +131,10 @@ fn run_speculative(
     let drafter: &mut dyn Drafter = if draft == "ngram" {
         &mut ngram
     } else {
-        draft_ck = Checkpoint::open(Path::new(draft), None).context("opening the draft model")?;
+        draft_ck = match draft.strip_prefix("self:") {
+            Some(t) => self_draft(ck, t)?,
+            None => Checkpoint::open(Path::new(draft), None).context("opening the draft model")?,
+        };
         draft_model = draft_ck.load_model(&Device::Cpu)?;
         // The draft samples from its own distribution on its own seeded stream.
         let ds = (!params.is_greedy())

@@ -1,6 +1,7 @@
 //! The `tandem` command line: arguments in, library calls out. No model logic lives here.
 
 mod commands;
+mod eval_cmd;
 mod quantize_cmd;
 
 use clap::{Parser, Subcommand};
@@ -54,9 +55,12 @@ enum Command {
         quiet: bool,
     },
     /// Quantize a 16-bit checkpoint to GGUF (attention stays 16-bit by default).
-    Quantize(quantize_cmd::QuantizeArgs),
+    Quantize(Box<quantize_cmd::QuantizeArgs>),
     /// Compute an importance matrix (imatrix) from calibration text.
     Calibrate(quantize_cmd::CalibrateArgs),
+    /// Compare models against a reference: perplexity, KL divergence, top-1, weight error,
+    /// size and speed, as report.json / report.md / report.html.
+    Eval(eval_cmd::EvalArgs),
     /// Perplexity on a text, computed as llama-perplexity does.
     Perplexity(commands::PerplexityArgs),
     /// Prefill and decode speed (tokens/s), measured like llama-bench's pp/tg tests.
@@ -106,7 +110,8 @@ fn run(command: Command) -> anyhow::Result<()> {
         } => commands::convert(&input, &out, force, tokenizer.as_deref(), quiet),
         Command::Bench(args) => commands::bench(args),
         Command::Perplexity(args) => commands::perplexity(args),
-        Command::Quantize(args) => quantize_cmd::quantize(args),
+        Command::Eval(args) => eval_cmd::eval(args),
+        Command::Quantize(args) => quantize_cmd::quantize(*args),
         Command::Calibrate(args) => quantize_cmd::calibrate(args),
         Command::Demo {
             max_tokens,

@@ -27,8 +27,21 @@ pub struct QuantizeArgs {
     /// A Hugging Face folder (16-bit safetensors) or a GGUF file.
     model: PathBuf,
     /// Output GGUF file.
-    #[arg(long, required_unless_present = "dry_run")]
+    #[arg(long, required_unless_present_any = ["dry_run", "sweep"])]
     out: Option<PathBuf>,
+    /// Quantize each variant (TYPE, TYPE@all to quantize attention too, +imatrix to use
+    /// --imatrix), e.g. q8_0,q4_k,q4_0@all,q4_k+imatrix, reuse finished ones, evaluate all
+    /// against this model on --eval-text and write one report to --out-dir.
+    #[arg(long, value_delimiter = ',', requires_all = ["eval_text", "out_dir"], conflicts_with = "out")]
+    sweep: Vec<String>,
+    /// Evaluation text for --sweep (e.g. wiki.test.raw).
+    #[arg(long)]
+    eval_text: Option<PathBuf>,
+    /// Folder for the sweep's variants and report.
+    #[arg(long)]
+    out_dir: Option<PathBuf>,
+    #[command(flatten)]
+    eval: crate::eval_cmd::EvalOptions,
     /// Type for the MLP projections (f32, f16, bf16, q8_0, q5_0, q5_1, q4_0, q4_1, q2_k..q6_k). Default q8_0.
     #[arg(long)]
     scheme: Option<String>,
@@ -116,6 +129,9 @@ pub fn quantize(a: QuantizeArgs) -> Result<()> {
         &a.rules,
         a.recipe.as_deref(),
     )?;
+    if !a.sweep.is_empty() {
+        return sweep(&a);
+    }
     let ck = Checkpoint::open(&a.model, a.tokenizer.as_deref())?;
     let plan = make_plan(&ck, &policy)?;
     if a.dry_run {
@@ -234,4 +250,76 @@ pub fn calibrate(a: CalibrateArgs) -> Result<()> {
         start.elapsed().as_secs_f64()
     );
     Ok(())
+}
+
+/// `--sweep`: each variant is quantized into --out-dir (kept when already there), then all are
+/// evaluated against the source model in one report.
+fn sweep(a: &QuantizeArgs) -> Result<()> {
+    let (Some(dir), Some(text)) = (&a.out_dir, &a.eval_text) else {
+        anyhow::bail!("--sweep needs --eval-text and --out-dir");
+    };
+    std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create", dir.display()))?;
+    let ck = Checkpoint::open(&a.model, a.tokenizer.as_deref())?;
+    let imatrix = match &a.imatrix {
+        Some(p) => Some(ImportanceMatrix::read(p)?),
+        None => None,
+    };
+    let mut files = Vec::new();
+    for item in &a.sweep {
+        let (rest, weighted) = match item.strip_suffix("+imatrix") {
+            Some(r) => (r, true),
+            None => (item.as_str(), false),
+        };
+        let (ty, all) = match rest.strip_suffix("@all") {
+            Some(t) => (t, true),
+            None => (rest, false),
+        };
+        if weighted && imatrix.is_none() {
+            anyhow::bail!("sweep variant '{item}' needs --imatrix FILE");
+        }
+        let attention = if all {
+            Some(ty)
+        } else {
+            a.attention.as_deref()
+        };
+        let policy = policy_from(
+            Some(ty),
+            attention,
+            a.embeddings.as_deref(),
+            a.output.as_deref(),
+            &a.rules,
+            a.recipe.as_deref(),
+        )
+        .with_context(|| format!("sweep variant '{item}'"))?;
+        let file = dir.join(format!("{}.gguf", item.replace(['@', '+'], "-")));
+        if file.exists() {
+            eprintln!("{}: kept from an earlier run", file.display());
+        } else {
+            let plan = make_plan(&ck, &policy)?;
+            install_ctrlc();
+            let bar = progress_bar(a.quiet);
+            let progress = |done: u64, total: u64, name: &str| {
+                bar.set_length(total);
+                bar.set_position(done);
+                bar.set_message(format!("{item}: {name}"));
+            };
+            let opts = Options {
+                imatrix: imatrix.as_ref().filter(|_| weighted),
+                allow_nonfinite: a.allow_nonfinite,
+                cancel: Some(&INTERRUPTED),
+                progress: Some(&progress),
+            };
+            let r = tandem_quantize::quantize_to_file(&ck, &plan, &opts, &file, false)
+                .with_context(|| format!("sweep variant '{item}'"))?;
+            bar.finish_and_clear();
+            eprintln!(
+                "{}: {} bytes in {:.1} s",
+                file.display(),
+                r.bytes_out,
+                r.seconds
+            );
+        }
+        files.push(file);
+    }
+    crate::eval_cmd::run_eval(&a.model, &files, text, &a.eval, dir, a.quiet)
 }

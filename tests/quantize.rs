@@ -354,7 +354,7 @@ fn mean_kl(reference: &tandem_model::Llama, candidate: &Path, chunks: &tandem_ev
     for c in 0..chunks.chunks.len() {
         let r = tandem_eval::scoring::chunk_logprobs(reference, chunks, c).unwrap();
         let q = tandem_eval::scoring::chunk_logprobs(&cand, chunks, c).unwrap();
-        d.add(&r, &q, chunks.scored_targets(c));
+        d.add(&r, &q, chunks.scored_targets(c), None);
     }
     tandem_eval::Summary::of(&d.kl).mean
 }

@@ -44,15 +44,23 @@ fn argmax(xs: &[f32]) -> usize {
 }
 
 impl Divergence {
-    /// Adds one chunk's positions.
-    pub fn add(&mut self, reference: &[Vec<f32>], candidate: &[Vec<f32>], targets: &[u32]) {
-        for ((r, c), &t) in reference.iter().zip(candidate).zip(targets) {
+    /// Adds one chunk's positions. `reference_target` holds the reference's exact log-prob of
+    /// each actual next token when `reference` rows are approximate (the cache's 16-bit rows).
+    pub fn add(
+        &mut self,
+        reference: &[Vec<f32>],
+        candidate: &[Vec<f32>],
+        targets: &[u32],
+        reference_target: Option<&[f32]>,
+    ) {
+        for (i, ((r, c), &t)) in reference.iter().zip(candidate).zip(targets).enumerate() {
             self.kl.push(kl_divergence(r, c) as f32);
             let t = t as usize;
-            let (lr, lc) = (
-                r.get(t).copied().unwrap_or(f32::NEG_INFINITY),
-                c.get(t).copied().unwrap_or(f32::NEG_INFINITY),
-            );
+            let lr = match reference_target {
+                Some(exact) => exact[i],
+                None => r.get(t).copied().unwrap_or(f32::NEG_INFINITY),
+            };
+            let lc = c.get(t).copied().unwrap_or(f32::NEG_INFINITY);
             self.delta_p.push(lc.exp() - lr.exp());
             self.nll_reference -= lr as f64;
             self.nll_candidate -= lc as f64;
@@ -140,7 +148,7 @@ mod tests {
         let r = vec![log_softmax(&[0.0, 3.0]), log_softmax(&[2.0, 0.0])];
         let c = vec![log_softmax(&[0.0, 3.0]), log_softmax(&[0.0, 2.0])];
         let mut d = Divergence::default();
-        d.add(&r, &c, &[1, 0]);
+        d.add(&r, &c, &[1, 0], None);
         assert_eq!(d.positions, 2);
         assert_eq!(d.top1_same, 1);
         assert!(d.delta_p[0].abs() < 1e-6 && d.delta_p[1] < 0.0);

@@ -78,7 +78,16 @@ impl Checkpoint {
     }
 
     fn open_gguf(path: &Path, tokenizer: Option<&Path>) -> Result<Self> {
-        let store = WeightStore::open_gguf(path)?;
+        Self::from_gguf_store(path, WeightStore::open_gguf(path)?, tokenizer)
+    }
+
+    /// A GGUF image in memory (e.g. a quantized copy made on the fly); `label` names it.
+    pub fn from_gguf_bytes(label: &Path, bytes: Vec<u8>) -> Result<Self> {
+        let store = WeightStore::gguf_from_bytes(label, crate::weights::Bytes::Owned(bytes))?;
+        Self::from_gguf_store(label, store, None)
+    }
+
+    fn from_gguf_store(path: &Path, store: WeightStore, tokenizer: Option<&Path>) -> Result<Self> {
         let md = store
             .gguf_metadata()
             .ok_or_else(|| format_err(path, "not a GGUF file"))?;

@@ -49,9 +49,16 @@ pub fn candle_msg(e: &candle_core::Error) -> String {
 pub type Result<T> = std::result::Result<T, Error>;
 
 pub(crate) fn io_err(path: &Path, e: impl std::fmt::Display) -> Error {
+    let msg = e.to_string();
+    // A full disk says so plainly (ENOSPC / ERROR_DISK_FULL).
+    let msg = if msg.contains("os error 28") || msg.contains("os error 112") {
+        "no space left on device".to_string()
+    } else {
+        one_line(&msg)
+    };
     Error::Io {
         path: path.to_path_buf(),
-        msg: one_line(&e.to_string()),
+        msg,
     }
 }
 

@@ -209,3 +209,49 @@ pub fn sibling_temp(out: &Path) -> PathBuf {
         .unwrap_or(0);
     parent.join(format!(".{name}.tmp-{}-{stamp}", std::process::id()))
 }
+
+/// Writes a file under a temporary name beside `out` (same folder, so the rename is atomic),
+/// syncs it and renames it into place. An existing `out` is refused unless `force`; on any
+/// failure, or if the process dies first, the temporary is removed (the tempfile guard) and
+/// `out` is untouched. The finished file gets the usual permissions (umask applies), not a
+/// temporary file's owner-only ones.
+pub fn write_file_atomically<E: From<Error>>(
+    out: &Path,
+    force: bool,
+    build: impl FnOnce(&mut std::io::BufWriter<tempfile::NamedTempFile>) -> std::result::Result<(), E>,
+) -> std::result::Result<(), E> {
+    if out.exists() && !force {
+        return Err(format_err(out, "already exists (pass --force to overwrite)").into());
+    }
+    if out.is_dir() {
+        return Err(format_err(out, "is a directory").into());
+    }
+    let dir = out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = out
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "out".into());
+    let prefix = format!(".{name}.");
+    let mut builder = tempfile::Builder::new();
+    builder.prefix(&prefix).suffix(".tmp");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        builder.permissions(std::fs::Permissions::from_mode(0o666));
+    }
+    let tmp = builder.tempfile_in(dir).map_err(|e| io_err(dir, e))?;
+    let mut w = std::io::BufWriter::with_capacity(8 << 20, tmp);
+    build(&mut w)?;
+    let tmp = w.into_inner().map_err(|e| io_err(out, e.into_error()))?;
+    tmp.as_file().sync_all().map_err(|e| io_err(out, e))?;
+    let persisted = if force {
+        tmp.persist(out)
+    } else {
+        tmp.persist_noclobber(out)
+    };
+    persisted.map_err(|e| io_err(out, e.error))?;
+    Ok(())
+}

@@ -13,6 +13,8 @@ use std::path::{Component, Path, PathBuf};
 pub enum Bytes {
     Mmap(memmap2::Mmap),
     Static(&'static [u8]),
+    /// Made in memory (a self-draft quantized on the fly).
+    Owned(Vec<u8>),
 }
 
 impl std::ops::Deref for Bytes {
@@ -21,6 +23,7 @@ impl std::ops::Deref for Bytes {
         match self {
             Bytes::Mmap(m) => m,
             Bytes::Static(s) => s,
+            Bytes::Owned(v) => v,
         }
     }
 }
@@ -169,7 +172,12 @@ impl WeightStore {
 
     /// Opens a GGUF file and checks that every tensor lies inside it without overlap.
     pub fn open_gguf(path: &Path) -> Result<Self> {
-        let bytes = Bytes::map(path)?;
+        Self::gguf_from_bytes(path, Bytes::map(path)?)
+    }
+
+    /// A GGUF image already in memory; `label` names it in errors.
+    pub fn gguf_from_bytes(label: &Path, bytes: Bytes) -> Result<Self> {
+        let path = label;
         let mut cursor = std::io::Cursor::new(&bytes[..]);
         let content = gguf_file::Content::read(&mut cursor).map_err(|e| {
             format_err(

@@ -200,7 +200,7 @@ impl ImportanceMatrix {
             data.push(e.count.to_le_bytes().to_vec());
         }
         let layout = GgufLayout::new(metadata, tensors);
-        crate::output::write_atomically(path, force, |w| {
+        crate::output::write_atomically(path, force, |w| -> Result<()> {
             let ioe = |e: std::io::Error| io_err(path, &e);
             let mut g = GgufWriter::new(w, &layout).map_err(ioe)?;
             for d in &data {

@@ -253,7 +253,7 @@ pub fn quantize_to_file(
     force: bool,
 ) -> Result<Report> {
     let mut report = None;
-    output::write_atomically(out, force, |w| {
+    output::write_atomically(out, force, |w| -> Result<()> {
         let (_, r) = write_gguf(ck, plan, opts, w).map_err(|e| name_output(e, out))?;
         report = Some(r);
         Ok(())
