@@ -30,48 +30,48 @@ pub fn thread_pool(threads: Option<usize>) -> rayon::ThreadPool {
 pub struct GenerateArgs {
     /// A Hugging Face folder or a GGUF file.
     #[arg(long)]
-    model: PathBuf,
+    pub model: PathBuf,
     #[arg(long)]
-    prompt: String,
+    pub prompt: String,
     #[arg(long, default_value_t = 64)]
-    max_tokens: usize,
+    pub max_tokens: usize,
     /// 0 = greedy.
     #[arg(long, default_value_t = 0.0)]
-    temperature: f32,
+    pub temperature: f32,
     /// Keep only the k most likely tokens (0 = off).
     #[arg(long, default_value_t = 0)]
-    top_k: usize,
+    pub top_k: usize,
     /// Nucleus sampling threshold (1.0 = off).
     #[arg(long, default_value_t = 1.0)]
-    top_p: f32,
+    pub top_p: f32,
     #[arg(long, default_value_t = 0)]
-    seed: u64,
+    pub seed: u64,
     /// Prepend BOS even if the tokenizer would not.
     #[arg(long, conflicts_with = "no_bos")]
-    bos: bool,
+    pub bos: bool,
     /// Never prepend BOS.
     #[arg(long)]
-    no_bos: bool,
+    pub no_bos: bool,
     /// Use this tokenizer.json instead of the model's own.
     #[arg(long)]
-    tokenizer: Option<PathBuf>,
+    pub tokenizer: Option<PathBuf>,
     /// Context length limit (default: the model's).
     #[arg(long)]
-    ctx: Option<usize>,
+    pub ctx: Option<usize>,
     /// Print generation statistics as JSON to stderr.
     #[arg(long)]
-    json: bool,
+    pub json: bool,
     /// Decode speculatively: `ngram` (prompt lookup), `self:<type>` (this model quantized in
     /// memory, e.g. self:q4_0) or a draft model (folder or GGUF) that
     /// shares the verifier's vocabulary. Output is exactly the model's own.
     #[arg(long)]
-    draft: Option<String>,
+    pub draft: Option<String>,
     /// Most tokens drafted per verifier pass.
     #[arg(long, default_value_t = 8)]
-    draft_max: usize,
+    pub draft_max: usize,
     /// Always draft --draft-max tokens instead of adapting to acceptance and cost.
     #[arg(long)]
-    no_adapt: bool,
+    pub no_adapt: bool,
 }
 
 pub fn generate(a: GenerateArgs) -> Result<()> {
@@ -90,112 +90,9 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
         ck.tokenizer.add_bos
     };
     match &a.draft {
-        Some(d) => run_speculative(&ck, d, &a, params, bos),
+        Some(d) => crate::spec_cmd::generate(&ck, d, &a, params, bos),
         None => run(&ck, &a.prompt, a.max_tokens, params, bos, a.ctx, a.json),
     }
-}
-
-/// `self:<type>`: the verifier quantized in memory with the quantizer's default policy
-/// (attention kept 16-bit, MLP at `<type>`, embeddings q8_0).
-pub fn self_draft(ck: &Checkpoint, ty: &str) -> Result<Checkpoint> {
-    use tandem_quantize::{make_plan, Options, Policy, TypeChoice};
-    let t = match TypeChoice::parse(ty).context("--draft self:<type>")? {
-        TypeChoice::To(t) => t,
-        TypeChoice::Keep => anyhow::bail!("--draft self:keep would be the verifier itself"),
-    };
-    let plan = make_plan(ck, &Policy::new(t))?;
-    let bytes = tandem_quantize::quantize_to_bytes(ck, &plan, &Options::default())
-        .context("quantizing the self-draft")?;
-    let label = PathBuf::from(format!("{} (self:{t})", ck.path.display()));
-    Ok(Checkpoint::from_gguf_bytes(&label, bytes)?)
-}
-
-fn run_speculative(
-    ck: &Checkpoint,
-    draft: &str,
-    a: &GenerateArgs,
-    params: SamplingParams,
-    bos: bool,
-) -> Result<()> {
-    use tandem_speculate::{
-        AcceptanceRule, AdaptiveK, Controller, Drafter, FixedK, Greedy, ModelDrafter,
-        ModelVerifier, NgramDrafter, RejectionSampling, SpeculativeDecoder,
-    };
-    let model = ck.load_model(&Device::Cpu)?;
-    let tok = &ck.tokenizer;
-    let ids = tok.encode(&a.prompt, bos)?;
-    let draft_ck;
-    let draft_model;
-    let mut ngram = NgramDrafter::default();
-    let mut model_drafter;
-    let drafter: &mut dyn Drafter = if draft == "ngram" {
-        &mut ngram
-    } else {
-        draft_ck = match draft.strip_prefix("self:") {
-            Some(t) => self_draft(ck, t)?,
-            None => Checkpoint::open(Path::new(draft), None).context("opening the draft model")?,
-        };
-        draft_model = draft_ck.load_model(&Device::Cpu)?;
-        // The draft samples from its own distribution on its own seeded stream.
-        let ds = (!params.is_greedy())
-            .then(|| {
-                Sampler::new(SamplingParams {
-                    seed: params.seed ^ 0x9e37_79b9,
-                    ..params
-                })
-            })
-            .transpose()?;
-        model_drafter = ModelDrafter::new(&draft_model, ds)?;
-        &mut model_drafter
-    };
-    let mut verifier = ModelVerifier::new(&model, a.ctx)?;
-    let mut greedy = Greedy;
-    let mut sampling = RejectionSampling {
-        sampler: Sampler::new(params)?,
-    };
-    let rule: &mut dyn AcceptanceRule = if params.is_greedy() {
-        &mut greedy
-    } else {
-        &mut sampling
-    };
-    let mut fixed = FixedK(a.draft_max);
-    let mut adaptive = AdaptiveK::new(a.draft_max);
-    let controller: &mut dyn Controller = if a.no_adapt {
-        &mut fixed
-    } else {
-        &mut adaptive
-    };
-    let mut dec = SpeculativeDecoder {
-        drafter,
-        verifier: &mut verifier,
-        rule,
-        controller,
-    };
-    let mut printer = Printer::start(tok, &a.prompt, ids.last().copied())?;
-    let (_, st) = dec.generate(&ids, a.max_tokens, &tok.eos_ids, |id| Ok(printer.push(id)?))?;
-    printer.finish()?;
-    let by_pos: Vec<f64> = st
-        .by_position
-        .iter()
-        .map(|(d, acc)| *acc as f64 / (*d).max(1) as f64)
-        .collect();
-    let v = serde_json::json!({
-        "prompt_tokens": st.prompt_tokens, "generated_tokens": st.generated_tokens,
-        "drafted": st.drafted, "accepted": st.accepted, "acceptance_rate": st.acceptance_rate(),
-        "tokens_per_verifier_pass": st.tokens_per_pass(), "verifier_passes": st.verifier_passes,
-        "acceptance_by_position": by_pos, "draft_s": st.draft_secs, "verify_s": st.verify_secs,
-        "tok_s": st.generated_tokens as f64 / st.total_secs.max(1e-9), "stop": st.stop,
-    });
-    if a.json {
-        eprintln!("{v}");
-    } else {
-        eprintln!(
-            "speculative: {} tokens, {} drafted, {} accepted ({:.0}%), {:.2} tokens/verifier pass, draft {:.2} s, verify {:.2} s, {:.1} tok/s (stop: {})",
-            st.generated_tokens, st.drafted, st.accepted, 100.0 * st.acceptance_rate(), st.tokens_per_pass(),
-            st.draft_secs, st.verify_secs, st.generated_tokens as f64 / st.total_secs.max(1e-9), st.stop
-        );
-    }
-    Ok(())
 }
 
 pub fn demo(max_tokens: usize, prompt: &str, seed: u64) -> Result<()> {
@@ -251,13 +148,17 @@ fn run(
 }
 
 /// Streams a generation to stdout: the prompt, then each complete UTF-8 piece as it is decoded.
-struct Printer<'t> {
+pub struct Printer<'t> {
     stream: TextStream<'t>,
     out: std::io::StdoutLock<'static>,
 }
 
 impl<'t> Printer<'t> {
-    fn start(tok: &'t tandem_model::Tokenizer, prompt: &str, last: Option<u32>) -> Result<Self> {
+    pub fn start(
+        tok: &'t tandem_model::Tokenizer,
+        prompt: &str,
+        last: Option<u32>,
+    ) -> Result<Self> {
         let mut out = std::io::stdout().lock();
         write!(out, "{prompt}")?;
         out.flush()?;
@@ -267,7 +168,7 @@ impl<'t> Printer<'t> {
         })
     }
 
-    fn push(&mut self, id: u32) -> tandem_model::Result<()> {
+    pub fn push(&mut self, id: u32) -> tandem_model::Result<()> {
         if let Some(piece) = self.stream.push(id)? {
             // A closed pipe (e.g. `| head`) ends generation rather than panicking.
             if self
@@ -282,7 +183,7 @@ impl<'t> Printer<'t> {
         Ok(())
     }
 
-    fn finish(mut self) -> Result<()> {
+    pub fn finish(mut self) -> Result<()> {
         if let Some(rest) = self.stream.finish()? {
             write!(self.out, "{rest}")?;
         }
@@ -441,11 +342,27 @@ pub fn progress_bar(quiet: bool) -> indicatif::ProgressBar {
     bar
 }
 
+/// `tandem bench --model M` (prefill/decode), or `tandem bench spec ...`.
+#[derive(clap::Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+pub struct BenchCmd {
+    #[command(subcommand)]
+    pub sub: Option<BenchSub>,
+    #[command(flatten)]
+    pub args: BenchArgs,
+}
+
+#[derive(clap::Subcommand)]
+pub enum BenchSub {
+    /// Speculative vs plain decoding over a set of prompts: tok/s, speedup, acceptance.
+    Spec(crate::spec_cmd::BenchSpecArgs),
+}
+
 #[derive(clap::Args)]
 pub struct BenchArgs {
     /// A Hugging Face folder or a GGUF file.
-    #[arg(long)]
-    model: PathBuf,
+    #[arg(long, required = true)]
+    model: Option<PathBuf>,
     /// Prompt tokens to prefill (0 = skip).
     #[arg(long, default_value_t = 512)]
     pp: usize,
@@ -464,9 +381,14 @@ pub struct BenchArgs {
     json: bool,
 }
 
-pub fn bench(a: BenchArgs) -> Result<()> {
+pub fn bench(b: BenchCmd) -> Result<()> {
+    let a = match b.sub {
+        Some(BenchSub::Spec(s)) => return crate::spec_cmd::bench_spec(s),
+        None => b.args,
+    };
     use tandem_model::bench::{rate_stats, time_decode, time_prefill, time_verify};
-    let ck = Checkpoint::open(&a.model, None)?;
+    let model_path = a.model.clone().context("--model is required")?;
+    let ck = Checkpoint::open(&model_path, None)?;
     let model = ck.load_model(&Device::Cpu)?;
     let reps = a.reps.max(1);
     let threads = rayon::current_num_threads();
@@ -510,7 +432,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
             .collect();
         println!(
             "{}",
-            serde_json::json!({"model": a.model, "size_bytes": size, "threads": threads,
+            serde_json::json!({"model": model_path, "size_bytes": size, "threads": threads,
             "weight_bytes_per_token": model.weight_bytes(), "results": tests})
         );
     } else {
@@ -519,7 +441,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         for (t, m, s) in rows {
             println!(
                 "| {} | {:.2} MiB | {threads} | {t} | {m:.2} ± {s:.2} |",
-                a.model.display(),
+                model_path.display(),
                 size as f64 / 1048576.0
             );
         }

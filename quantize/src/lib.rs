@@ -279,6 +279,15 @@ pub fn quantize_to_bytes(ck: &Checkpoint, plan: &Plan, opts: &Options) -> Result
     Ok(write_gguf(ck, plan, opts, buf)?.0)
 }
 
+/// The checkpoint quantized in memory with the default policy for `scheme` (attention kept
+/// 16-bit, MLP at `scheme`, embeddings q8_0): a self-draft for speculative decoding.
+pub fn quantized_copy(ck: &Checkpoint, scheme: QuantType) -> Result<Checkpoint> {
+    let plan = make_plan(ck, &Policy::new(scheme))?;
+    let bytes = quantize_to_bytes(ck, &plan, &Options::default())?;
+    let label = std::path::PathBuf::from(format!("{} (self:{scheme})", ck.path.display()));
+    Ok(Checkpoint::from_gguf_bytes(&label, bytes)?)
+}
+
 /// The default calibration text: the opening of Austen's *Emma* (see data/PROVENANCE.md).
 /// Calibration text only; never used for evaluation.
 pub const CALIBRATION_TEXT: &str = include_str!("../data/austen-emma-calibration.txt");

@@ -1,0 +1,315 @@
+//! Speculative decoding from the command line: `generate --draft` and `bench spec`.
+
+use crate::commands::{GenerateArgs, Printer};
+use anyhow::{Context, Result};
+use candle_core::Device;
+use std::path::{Path, PathBuf};
+use tandem_model::{Checkpoint, Llama, Sampler, SamplingParams};
+use tandem_speculate::{
+    AcceptanceRule, AdaptiveK, Controller, Drafter, FixedK, Greedy, ModelDrafter, ModelVerifier,
+    NgramDrafter, RejectionSampling, SpecStats, SpeculativeDecoder,
+};
+
+/// Where drafts come from: prompt lookup, or a model (a file, or `self:<type>`).
+pub enum DraftSource {
+    Ngram,
+    Model(Box<Llama>),
+}
+
+impl DraftSource {
+    /// `ngram`, `self:<type>` (the verifier quantized in memory with the quantizer's default
+    /// policy: attention 16-bit, MLP at `<type>`) or a model path.
+    pub fn open(verifier: &Checkpoint, spec: &str) -> Result<Self> {
+        if spec == "ngram" {
+            return Ok(DraftSource::Ngram);
+        }
+        let ck = match spec.strip_prefix("self:") {
+            Some(ty) => {
+                let t =
+                    match tandem_quantize::TypeChoice::parse(ty).context("--draft self:<type>")? {
+                        tandem_quantize::TypeChoice::To(t) => t,
+                        tandem_quantize::TypeChoice::Keep => {
+                            anyhow::bail!("--draft self:keep would be the verifier itself")
+                        }
+                    };
+                tandem_quantize::quantized_copy(verifier, t).context("quantizing the self-draft")?
+            }
+            None => Checkpoint::open(Path::new(spec), None).context("opening the draft model")?,
+        };
+        Ok(DraftSource::Model(Box::new(ck.load_model(&Device::Cpu)?)))
+    }
+}
+
+/// How to speculate.
+#[derive(Clone, Copy)]
+pub struct SpecSettings {
+    pub params: SamplingParams,
+    pub draft_max: usize,
+    pub adapt: bool,
+    pub ctx: Option<usize>,
+}
+
+/// One speculative generation with fresh drafter, verifier, rule and controller.
+pub fn run(
+    model: &Llama,
+    draft: &DraftSource,
+    s: SpecSettings,
+    prompt: &[u32],
+    max_tokens: usize,
+    eos: &[u32],
+    mut on_token: impl FnMut(u32) -> tandem_model::Result<()>,
+) -> Result<(Vec<u32>, SpecStats)> {
+    let mut ngram = NgramDrafter::default();
+    let mut model_drafter;
+    let drafter: &mut dyn Drafter = match draft {
+        DraftSource::Ngram => &mut ngram,
+        DraftSource::Model(m) => {
+            // The draft samples from its own distribution on its own seeded stream.
+            let ds = (!s.params.is_greedy())
+                .then(|| {
+                    Sampler::new(SamplingParams {
+                        seed: s.params.seed ^ 0x9e37_79b9,
+                        ..s.params
+                    })
+                })
+                .transpose()?;
+            model_drafter = ModelDrafter::new(m, ds)?;
+            &mut model_drafter
+        }
+    };
+    let mut verifier = ModelVerifier::new(model, s.ctx)?;
+    let mut greedy = Greedy;
+    let mut sampling = RejectionSampling {
+        sampler: Sampler::new(s.params)?,
+    };
+    let rule: &mut dyn AcceptanceRule = if s.params.is_greedy() {
+        &mut greedy
+    } else {
+        &mut sampling
+    };
+    let mut fixed = FixedK(s.draft_max);
+    let mut adaptive = AdaptiveK::new(s.draft_max);
+    let controller: &mut dyn Controller = if s.adapt { &mut adaptive } else { &mut fixed };
+    let mut dec = SpeculativeDecoder {
+        drafter,
+        verifier: &mut verifier,
+        rule,
+        controller,
+    };
+    Ok(dec.generate(prompt, max_tokens, eos, |id| Ok(on_token(id)?))?)
+}
+
+/// The metrics of one run as JSON.
+pub fn stats_json(st: &SpecStats) -> serde_json::Value {
+    let by_pos: Vec<f64> = st
+        .by_position
+        .iter()
+        .map(|(d, acc)| *acc as f64 / (*d).max(1) as f64)
+        .collect();
+    serde_json::json!({
+        "prompt_tokens": st.prompt_tokens, "generated_tokens": st.generated_tokens,
+        "drafted": st.drafted, "accepted": st.accepted, "acceptance_rate": st.acceptance_rate(),
+        "tokens_per_verifier_pass": st.tokens_per_pass(), "verifier_passes": st.verifier_passes,
+        "acceptance_by_position": by_pos, "draft_s": st.draft_secs, "verify_s": st.verify_secs,
+        "tok_s": st.generated_tokens as f64 / st.total_secs.max(1e-9), "stop": st.stop,
+    })
+}
+
+/// `tandem generate --draft ...`: streams the text, metrics to stderr.
+pub fn generate(
+    ck: &Checkpoint,
+    draft: &str,
+    a: &GenerateArgs,
+    params: SamplingParams,
+    bos: bool,
+) -> Result<()> {
+    let model = ck.load_model(&Device::Cpu)?;
+    let tok = &ck.tokenizer;
+    let ids = tok.encode(&a.prompt, bos)?;
+    let src = DraftSource::open(ck, draft)?;
+    let settings = SpecSettings {
+        params,
+        draft_max: a.draft_max,
+        adapt: !a.no_adapt,
+        ctx: a.ctx,
+    };
+    let mut printer = Printer::start(tok, &a.prompt, ids.last().copied())?;
+    let (_, st) = run(
+        &model,
+        &src,
+        settings,
+        &ids,
+        a.max_tokens,
+        &tok.eos_ids,
+        |id| printer.push(id),
+    )?;
+    printer.finish()?;
+    if a.json {
+        eprintln!("{}", stats_json(&st));
+    } else {
+        eprintln!(
+            "speculative: {} tokens, {} drafted, {} accepted ({:.0}%), {:.2} tokens/verifier pass, draft {:.2} s, verify {:.2} s, {:.1} tok/s (stop: {})",
+            st.generated_tokens, st.drafted, st.accepted, 100.0 * st.acceptance_rate(), st.tokens_per_pass(),
+            st.draft_secs, st.verify_secs, st.generated_tokens as f64 / st.total_secs.max(1e-9), st.stop
+        );
+    }
+    Ok(())
+}
+
+#[derive(clap::Args)]
+pub struct BenchSpecArgs {
+    /// The verifier: a Hugging Face folder or a GGUF file.
+    #[arg(long)]
+    model: PathBuf,
+    /// ngram, self:<type> (e.g. self:q4_0) or a draft model path.
+    #[arg(long)]
+    draft: String,
+    /// JSON lines, each {"prompt": "..."} (default: scripts/spec-prompts.jsonl's 18 prompts,
+    /// compiled in: wikitext openings, Austen, code).
+    #[arg(long)]
+    prompts: Option<PathBuf>,
+    #[arg(long, default_value_t = 128)]
+    max_tokens: usize,
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[arg(long, default_value_t = 8)]
+    draft_max: usize,
+    #[arg(long)]
+    no_adapt: bool,
+    /// Write per-prompt and total results here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+const DEFAULT_PROMPTS: &str = include_str!("../scripts/spec-prompts.jsonl");
+
+/// `tandem bench spec`: each prompt decoded plainly and speculatively (same sampling), tok/s
+/// of both and the speedup, with the speculative metrics.
+pub fn bench_spec(a: BenchSpecArgs) -> Result<()> {
+    let text = match &a.prompts {
+        Some(p) => {
+            std::fs::read_to_string(p).with_context(|| format!("{}: cannot read", p.display()))?
+        }
+        None => DEFAULT_PROMPTS.to_string(),
+    };
+    let mut prompts = Vec::new();
+    for (i, line) in text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+    {
+        let v: serde_json::Value = serde_json::from_str(line)
+            .with_context(|| format!("prompts line {}: not JSON", i + 1))?;
+        let p = v
+            .get("prompt")
+            .and_then(|p| p.as_str())
+            .or(v.as_str())
+            .with_context(|| format!("prompts line {}: expected {{\"prompt\": \"...\"}}", i + 1))?;
+        prompts.push(p.to_string());
+    }
+    if prompts.is_empty() {
+        anyhow::bail!("no prompts");
+    }
+    let ck = Checkpoint::open(&a.model, None)?;
+    let model = ck.load_model(&Device::Cpu)?;
+    let src = DraftSource::open(&ck, &a.draft)?;
+    let params = SamplingParams {
+        temperature: a.temperature,
+        top_k: a.top_k,
+        top_p: a.top_p,
+        seed: a.seed,
+    };
+    let settings = SpecSettings {
+        params,
+        draft_max: a.draft_max,
+        adapt: !a.no_adapt,
+        ctx: None,
+    };
+    let tok = &ck.tokenizer;
+    let (mut plain_tokens, mut plain_secs, mut spec_tokens, mut spec_secs) =
+        (0usize, 0f64, 0usize, 0f64);
+    let (mut drafted, mut accepted, mut passes) = (0usize, 0usize, 0usize);
+    let mut rows = Vec::new();
+    eprintln!(
+        "{:>3} {:>10} {:>10} {:>8} {:>8} {:>8}",
+        "#", "plain t/s", "spec t/s", "speedup", "accept", "tok/pass"
+    );
+    for (i, p) in prompts.iter().enumerate() {
+        let ids = tok.encode(p, tok.add_bos)?;
+        let mut cache = model.new_cache()?;
+        let mut sampler = Sampler::new(params)?;
+        let (_, ps) = tandem_model::generate::generate(
+            &model,
+            &mut cache,
+            &ids,
+            a.max_tokens,
+            &mut sampler,
+            &tok.eos_ids,
+            |_| Ok(()),
+        )?;
+        let (_, st) = run(
+            &model,
+            &src,
+            settings,
+            &ids,
+            a.max_tokens,
+            &tok.eos_ids,
+            |_| Ok(()),
+        )?;
+        // Whole generation on both sides (prompt prefill included), as a user would time it.
+        let plain_t = (ps.prefill + ps.decode).as_secs_f64();
+        let spec_t = st.total_secs;
+        let (pr, sr) = (
+            ps.generated_tokens as f64 / plain_t.max(1e-9),
+            st.generated_tokens as f64 / spec_t.max(1e-9),
+        );
+        eprintln!(
+            "{i:>3} {pr:>10.1} {sr:>10.1} {:>7.2}x {:>7.0}% {:>8.2}",
+            sr / pr,
+            100.0 * st.acceptance_rate(),
+            st.tokens_per_pass()
+        );
+        plain_tokens += ps.generated_tokens;
+        plain_secs += plain_t;
+        spec_tokens += st.generated_tokens;
+        spec_secs += spec_t;
+        drafted += st.drafted;
+        accepted += st.accepted;
+        passes += st.verifier_passes;
+        let mut j = stats_json(&st);
+        j["prompt"] = p.as_str().into();
+        j["plain_tok_s"] = pr.into();
+        j["speedup"] = (sr / pr).into();
+        rows.push(j);
+    }
+    let (pr, sr) = (
+        plain_tokens as f64 / plain_secs.max(1e-9),
+        spec_tokens as f64 / spec_secs.max(1e-9),
+    );
+    let total = serde_json::json!({
+        "model": a.model.display().to_string(), "draft": a.draft, "temperature": a.temperature,
+        "prompts": prompts.len(), "max_tokens": a.max_tokens, "threads": rayon::current_num_threads(),
+        "plain_tok_s": pr, "spec_tok_s": sr, "speedup": sr / pr,
+        "acceptance_rate": accepted as f64 / drafted.max(1) as f64,
+        "tokens_per_verifier_pass": spec_tokens as f64 / passes.max(1) as f64,
+    });
+    println!(
+        "{} prompts, draft {}, temperature {}: plain {pr:.1} tok/s, speculative {sr:.1} tok/s, speedup {:.2}x, acceptance {:.0}%, {:.2} tokens/verifier pass",
+        prompts.len(), a.draft, a.temperature, sr / pr, 100.0 * accepted as f64 / drafted.max(1) as f64,
+        spec_tokens as f64 / passes.max(1) as f64
+    );
+    if let Some(path) = &a.json {
+        let doc = serde_json::json!({"total": total, "prompts": rows});
+        tandem_model::export::write_file_atomically(path, true, |w| -> Result<()> {
+            serde_json::to_writer_pretty(&mut *w, &doc)?;
+            Ok(())
+        })?;
+    }
+    Ok(())
+}
