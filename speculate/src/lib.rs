@@ -5,9 +5,11 @@
 //!
 //! The core (`Drafter`, `Verifier`, `AcceptanceRule`, `Controller`, `SpeculativeDecoder`)
 //! knows no concrete model, so an engine can implement the traits; `model_adapter` makes
-//! tandem's own `Llama` a drafter or verifier.
+//! tandem's own `Llama` a drafter or verifier, and `capi` exposes the loop to other languages
+//! (an engine's model as forward/rollback callbacks; see include/tandem.h).
 
 pub mod acceptance;
+pub mod capi;
 pub mod controller;
 pub mod decoder;
 pub mod drafter;
@@ -45,4 +47,11 @@ pub trait Verifier {
     /// Most positions the context can hold.
     fn limit(&self) -> usize;
     fn vocab_size(&self) -> usize;
+    /// Runs `tokens` and returns only the last row's logits (what a drafter needs; a model
+    /// can skip the output head for the other rows).
+    fn forward_last(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
+        self.verify(tokens)?
+            .pop()
+            .ok_or_else(|| Error::Mismatch("forward returned no logits".into()))
+    }
 }

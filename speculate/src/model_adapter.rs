@@ -37,36 +37,46 @@ impl Verifier for ModelVerifier<'_> {
     fn vocab_size(&self) -> usize {
         self.model.config.vocab_size
     }
-}
-
-/// A (smaller or quantized) model proposing tokens autoregressively. With a sampler it samples
-/// (and reports the distributions it sampled from); without, it proposes its greedy tokens.
-pub struct ModelDrafter<'m> {
-    pub model: &'m Llama,
-    cache: KvCache,
-    /// The tokens the cache holds, to find what to keep when the context moves on.
-    fed: Vec<u32>,
-    sampler: Option<Sampler>,
-}
-
-impl<'m> ModelDrafter<'m> {
-    pub fn new(model: &'m Llama, sampler: Option<Sampler>) -> Result<Self> {
-        Ok(ModelDrafter {
-            model,
-            cache: model.new_cache()?,
-            fed: Vec::new(),
-            sampler,
-        })
-    }
-
-    fn feed(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
+    fn forward_last(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
         let l = self.model.forward(tokens, &mut self.cache, Logits::Last)?;
-        self.fed.extend_from_slice(tokens);
         Ok(tandem_model::llama::last_row(&l)?)
     }
 }
 
-impl Drafter for ModelDrafter<'_> {
+/// A (smaller or quantized) model proposing tokens autoregressively. With a sampler it samples
+/// (and reports the distributions it sampled from); without, it proposes its greedy tokens.
+/// Any [`Verifier`]-shaped model drafts: tandem's own ([`ModelDrafter::new`]) or an engine's
+/// (the C ABI wraps the engine's callbacks as one).
+pub struct ModelDrafter<V: Verifier> {
+    pub model: V,
+    /// The tokens the model's context holds, to find what to keep when the context moves on.
+    fed: Vec<u32>,
+    sampler: Option<Sampler>,
+}
+
+impl<'m> ModelDrafter<ModelVerifier<'m>> {
+    pub fn new(model: &'m Llama, sampler: Option<Sampler>) -> Result<Self> {
+        Ok(Self::over(ModelVerifier::new(model, None)?, sampler))
+    }
+}
+
+impl<V: Verifier> ModelDrafter<V> {
+    pub fn over(model: V, sampler: Option<Sampler>) -> Self {
+        ModelDrafter {
+            model,
+            fed: Vec::new(),
+            sampler,
+        }
+    }
+
+    fn feed(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
+        let l = self.model.forward_last(tokens)?;
+        self.fed.extend_from_slice(tokens);
+        Ok(l)
+    }
+}
+
+impl<V: Verifier> Drafter for ModelDrafter<V> {
     fn propose(&mut self, context: &[u32], k: usize) -> Result<Draft> {
         // Keep the cached prefix the context still shares; feed the rest.
         let keep = self
@@ -77,8 +87,8 @@ impl Drafter for ModelDrafter<'_> {
             .count()
             .min(context.len() - 1);
         self.fed.truncate(keep);
-        self.cache.truncate(keep);
-        let room = self.cache.limit().saturating_sub(context.len());
+        self.model.rollback(keep);
+        let room = self.model.limit().saturating_sub(context.len());
         let k = k.min(room);
         let mut draft = Draft {
             tokens: Vec::with_capacity(k),
@@ -107,6 +117,6 @@ impl Drafter for ModelDrafter<'_> {
     }
 
     fn vocab_size(&self) -> Option<usize> {
-        Some(self.model.config.vocab_size)
+        Some(self.model.vocab_size())
     }
 }

@@ -1,0 +1,216 @@
+//! The C ABI: an engine written in any language plugs its own model in as callbacks
+//! (forward k tokens, roll the context back) and gets speculative decoding from tandem's core:
+//! drafts from prompt lookup or from a second engine model, greedy acceptance (the output is
+//! exactly the engine's own greedy decoding), adaptive draft length, and the accepted tokens
+//! streamed back. See `include/tandem.h` for the contract; `tests/c/engine.c` drives it.
+
+use crate::{
+    AdaptiveK, Controller, Error, FixedK, Greedy, ModelDrafter, NgramDrafter, Result,
+    SpeculativeDecoder, Verifier,
+};
+use std::cell::RefCell;
+use std::ffi::{c_char, c_int, c_void, CString};
+
+/// An engine's model: forward and rollback over one sequence's context (`TandemModel` in C).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct TandemModel {
+    pub user: *mut c_void,
+    /// Runs `n` tokens after the current context and writes `n * vocab_size` logits (row i
+    /// predicts the token after `tokens[i]`). Returns 0 on success.
+    pub forward: Option<
+        unsafe extern "C" fn(
+            user: *mut c_void,
+            tokens: *const u32,
+            n: usize,
+            logits: *mut f32,
+        ) -> c_int,
+    >,
+    /// Keeps the first `len` positions of the context.
+    pub rollback: Option<unsafe extern "C" fn(user: *mut c_void, len: usize)>,
+    pub vocab_size: usize,
+    pub context_limit: usize,
+}
+
+/// What a generation did (`TandemStats` in C).
+#[repr(C)]
+#[derive(Default)]
+pub struct TandemStats {
+    pub generated: usize,
+    pub drafted: usize,
+    pub accepted: usize,
+    pub verifier_passes: usize,
+    pub draft_seconds: f64,
+    pub verify_seconds: f64,
+    pub total_seconds: f64,
+}
+
+/// A [`Verifier`] over an engine's callbacks.
+struct Engine {
+    m: TandemModel,
+    len: usize,
+}
+
+impl Verifier for Engine {
+    fn verify(&mut self, tokens: &[u32]) -> Result<Vec<Vec<f32>>> {
+        let v = self.m.vocab_size;
+        let mut out = vec![0f32; tokens.len() * v];
+        let f = self
+            .m
+            .forward
+            .ok_or_else(|| Error::Mismatch("forward callback is NULL".into()))?;
+        // SAFETY: the engine promised (tandem.h) that `forward` reads `n` tokens and writes
+        // `n * vocab_size` floats; both buffers are exactly that long.
+        let rc = unsafe { f(self.m.user, tokens.as_ptr(), tokens.len(), out.as_mut_ptr()) };
+        if rc != 0 {
+            return Err(Error::Mismatch(format!(
+                "the engine's forward returned {rc}"
+            )));
+        }
+        self.len += tokens.len();
+        Ok(out.chunks_exact(v).map(<[f32]>::to_vec).collect())
+    }
+    fn rollback(&mut self, len: usize) {
+        if let Some(r) = self.m.rollback {
+            // SAFETY: plain call into the engine with its own user pointer.
+            unsafe { r(self.m.user, len) };
+        }
+        self.len = len.min(self.len);
+    }
+    fn len(&self) -> usize {
+        self.len
+    }
+    fn limit(&self) -> usize {
+        self.m.context_limit
+    }
+    fn vocab_size(&self) -> usize {
+        self.m.vocab_size
+    }
+}
+
+thread_local! {
+    static LAST_ERROR: RefCell<CString> = RefCell::new(CString::default());
+}
+
+fn set_error(msg: &str) {
+    let c = CString::new(msg.replace('\0', " ")).unwrap_or_default();
+    LAST_ERROR.with(|e| *e.borrow_mut() = c);
+}
+
+/// The message of the last failed call on this thread ("" if none). Valid until the next call.
+#[no_mangle]
+pub extern "C" fn tandem_last_error() -> *const c_char {
+    LAST_ERROR.with(|e| e.borrow().as_ptr())
+}
+
+/// Greedy speculative generation; see tandem.h. Returns the number of tokens generated, or -1
+/// with `tandem_last_error()` set.
+///
+/// # Safety
+/// Pointers must be valid for the lengths given (or NULL where tandem.h allows it), and the
+/// callbacks must honour the contract in tandem.h.
+#[no_mangle]
+#[allow(clippy::too_many_arguments)]
+pub unsafe extern "C" fn tandem_generate(
+    verifier: *const TandemModel,
+    draft: *const TandemModel,
+    prompt: *const u32,
+    n_prompt: usize,
+    max_tokens: usize,
+    eos: *const u32,
+    n_eos: usize,
+    draft_max: usize,
+    adaptive: c_int,
+    on_token: Option<unsafe extern "C" fn(user: *mut c_void, token: u32) -> c_int>,
+    on_token_user: *mut c_void,
+    stats: *mut TandemStats,
+) -> i64 {
+    let run = || -> std::result::Result<(usize, TandemStats), String> {
+        let v = verifier.as_ref().ok_or("verifier is NULL")?;
+        if prompt.is_null() || n_prompt == 0 {
+            return Err("the prompt is empty".into());
+        }
+        let prompt = std::slice::from_raw_parts(prompt, n_prompt);
+        let eos = if eos.is_null() {
+            &[][..]
+        } else {
+            std::slice::from_raw_parts(eos, n_eos)
+        };
+        let mut ver = Engine { m: *v, len: 0 };
+        let mut ngram = NgramDrafter::default();
+        let mut model_draft;
+        let drafter: &mut dyn crate::Drafter = match draft.as_ref() {
+            None => &mut ngram,
+            Some(d) => {
+                model_draft = ModelDrafter::over(Engine { m: *d, len: 0 }, None);
+                &mut model_draft
+            }
+        };
+        let mut fixed = FixedK(draft_max);
+        let mut adapt = AdaptiveK::new(draft_max);
+        let controller: &mut dyn Controller = if adaptive != 0 {
+            &mut adapt
+        } else {
+            &mut fixed
+        };
+        let mut dec = SpeculativeDecoder {
+            drafter,
+            verifier: &mut ver,
+            rule: &mut Greedy,
+            controller,
+        };
+        let mut delivered = 0usize;
+        let mut stopped = false;
+        let res = dec.generate(prompt, max_tokens, eos, |t| {
+            delivered += 1;
+            if let Some(cb) = on_token {
+                // SAFETY: the engine's callback with its own user pointer.
+                if cb(on_token_user, t) != 0 {
+                    stopped = true;
+                    return Err(Error::Mismatch("stopped by the engine".into()));
+                }
+            }
+            Ok(())
+        });
+        match res {
+            Ok((out, st)) => Ok((
+                out.len(),
+                TandemStats {
+                    generated: out.len(),
+                    drafted: st.drafted,
+                    accepted: st.accepted,
+                    verifier_passes: st.verifier_passes,
+                    draft_seconds: st.draft_secs,
+                    verify_seconds: st.verify_secs,
+                    total_seconds: st.total_secs,
+                },
+            )),
+            Err(_) if stopped => Ok((
+                delivered,
+                TandemStats {
+                    generated: delivered,
+                    ..Default::default()
+                },
+            )),
+            Err(e) => Err(e.to_string()),
+        }
+    };
+    // Never unwind into C.
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(run)) {
+        Ok(Ok((n, st))) => {
+            if let Some(s) = stats.as_mut() {
+                *s = st;
+            }
+            set_error("");
+            n as i64
+        }
+        Ok(Err(msg)) => {
+            set_error(&msg);
+            -1
+        }
+        Err(_) => {
+            set_error("internal error (panic) in tandem_generate");
+            -1
+        }
+    }
+}

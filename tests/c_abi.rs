@@ -1,0 +1,84 @@
+//! The plugin API: a C program (tests/c/engine.c, built with the system cc here) drives
+//! libtandem_speculate through tandem.h with its own model as callbacks; and the Rust example
+//! that plugs a custom verifier into the decoder runs.
+
+mod common;
+use common::*;
+use std::path::PathBuf;
+use std::process::Command;
+
+/// target/<profile>, where cargo put the tandem binary and the speculate cdylib.
+fn target_dir() -> PathBuf {
+    PathBuf::from(bin()).parent().unwrap().to_path_buf()
+}
+
+fn cargo_build(args: &[&str]) {
+    let release = target_dir().ends_with("release");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.current_dir(root()).arg("build").args(args);
+    if release {
+        cmd.arg("--release");
+    }
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn c_engine_drives_speculative_decoding_through_the_c_abi() {
+    let dir = target_dir();
+    if !dir.join("libtandem_speculate.so").exists() {
+        cargo_build(&["-p", "tandem-speculate", "--lib"]);
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let exe = tmp.path().join("engine");
+    let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
+    let out = Command::new(&cc)
+        .arg(root().join("tests/c/engine.c"))
+        .arg("-I")
+        .arg(root().join("speculate/include"))
+        .arg(format!("-L{}", dir.display()))
+        .arg("-ltandem_speculate")
+        .arg(format!("-Wl,-rpath,{}", dir.display()))
+        .arg("-Wall")
+        .arg("-Werror")
+        .arg("-o")
+        .arg(&exe)
+        .output()
+        .expect("a C compiler (cc) is needed for this test");
+    assert!(
+        out.status.success(),
+        "cc failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let run = Command::new(&exe).output().unwrap();
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    assert!(
+        run.status.success() && stdout.trim_end().ends_with("OK"),
+        "{stdout}{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+}
+
+#[test]
+fn custom_verifier_example_runs() {
+    let exe = target_dir().join("examples/custom_verifier");
+    if !exe.exists() {
+        cargo_build(&["--example", "custom_verifier"]);
+    }
+    let out = Command::new(&exe).output().unwrap();
+    let s = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{s}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        s.contains("verifier passes") && s.contains("drafts accepted"),
+        "{s}"
+    );
+}
