@@ -185,7 +185,19 @@ pub struct BenchSpecArgs {
     /// Write per-prompt and total results here.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Decode the prompts in batches of this many sequences (greedy), plainly and
+    /// speculatively, with one batched verifier pass per step.
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+    /// With --batch: draft only while at most this many sequences are active (above it the
+    /// batch decodes plainly).
+    #[arg(long, default_value_t = DEFAULT_MAX_SPEC_BATCH)]
+    spec_max_batch: usize,
 }
+
+/// Above this many sequences speculation stops paying on the CPU (BENCHMARKS.md, bench spec
+/// --batch): verifying k extra rows per sequence makes the batched matmuls compute-bound.
+pub const DEFAULT_MAX_SPEC_BATCH: usize = 2;
 
 const DEFAULT_PROMPTS: &str = include_str!("../scripts/spec-prompts.jsonl");
 
@@ -219,6 +231,9 @@ pub fn bench_spec(a: BenchSpecArgs) -> Result<()> {
     let ck = Checkpoint::open(&a.model, None)?;
     let model = ck.load_model(&Device::Cpu)?;
     let src = DraftSource::open(&ck, &a.draft)?;
+    if a.batch > 1 {
+        return bench_batch(&a, &ck, &model, &src, &prompts);
+    }
     let params = SamplingParams {
         temperature: a.temperature,
         top_k: a.top_k,
@@ -306,6 +321,87 @@ pub fn bench_spec(a: BenchSpecArgs) -> Result<()> {
     );
     if let Some(path) = &a.json {
         let doc = serde_json::json!({"total": total, "prompts": rows});
+        tandem_model::export::write_file_atomically(path, true, |w| -> Result<()> {
+            serde_json::to_writer_pretty(&mut *w, &doc)?;
+            Ok(())
+        })?;
+    }
+    Ok(())
+}
+
+/// `bench spec --batch B`: prompts in batches of B, each batch decoded plainly (the same loop,
+/// no drafts) and speculatively; total tok/s of both.
+fn bench_batch(
+    a: &BenchSpecArgs,
+    ck: &Checkpoint,
+    model: &Llama,
+    src: &DraftSource,
+    prompts: &[String],
+) -> Result<()> {
+    use tandem_speculate::{BatchDecoder, ModelBatchVerifier};
+    if a.temperature != 0.0 {
+        anyhow::bail!("--batch runs greedy decoding only (--temperature 0)");
+    }
+    let tok = &ck.tokenizer;
+    let ids: Vec<Vec<u32>> = prompts
+        .iter()
+        .map(|p| tok.encode(p, tok.add_bos))
+        .collect::<tandem_model::Result<_>>()?;
+    let run = |batch: &[Vec<u32>], max_spec: usize| -> Result<SpecStats> {
+        let mut ngrams: Vec<NgramDrafter> = batch.iter().map(|_| NgramDrafter::default()).collect();
+        let mut models = Vec::new();
+        if let DraftSource::Model(m) = src {
+            for _ in batch {
+                models.push(ModelDrafter::new(m, None)?);
+            }
+        }
+        let drafters: Vec<&mut dyn Drafter> = match src {
+            DraftSource::Ngram => ngrams.iter_mut().map(|d| d as &mut dyn Drafter).collect(),
+            DraftSource::Model(_) => models.iter_mut().map(|d| d as &mut dyn Drafter).collect(),
+        };
+        let mut fixed: Vec<FixedK> = batch.iter().map(|_| FixedK(a.draft_max)).collect();
+        let mut adaptive: Vec<AdaptiveK> =
+            batch.iter().map(|_| AdaptiveK::new(a.draft_max)).collect();
+        let controllers: Vec<&mut dyn Controller> = if a.no_adapt {
+            fixed.iter_mut().map(|c| c as &mut dyn Controller).collect()
+        } else {
+            adaptive
+                .iter_mut()
+                .map(|c| c as &mut dyn Controller)
+                .collect()
+        };
+        let mut v = ModelBatchVerifier::new(model, batch.len(), None)?;
+        let mut dec = BatchDecoder {
+            drafters,
+            controllers,
+            verifier: &mut v,
+            max_spec_batch: max_spec,
+        };
+        Ok(dec.generate(batch, a.max_tokens, &tok.eos_ids)?.1)
+    };
+    let (mut pt, mut ps, mut st_, mut ss, mut dr, mut ac) =
+        (0usize, 0f64, 0usize, 0f64, 0usize, 0usize);
+    for batch in ids.chunks(a.batch) {
+        let p = run(batch, 0)?;
+        let s = run(batch, a.spec_max_batch)?;
+        pt += p.generated_tokens;
+        ps += p.total_secs;
+        st_ += s.generated_tokens;
+        ss += s.total_secs;
+        dr += s.drafted;
+        ac += s.accepted;
+    }
+    let (pr, sr) = (pt as f64 / ps.max(1e-9), st_ as f64 / ss.max(1e-9));
+    println!(
+        "{} prompts in batches of {}, draft {}, speculation while <= {} active: plain {pr:.1} tok/s, speculative {sr:.1} tok/s, speedup {:.2}x, acceptance {:.0}%",
+        ids.len(), a.batch, a.draft, a.spec_max_batch, sr / pr, 100.0 * ac as f64 / dr.max(1) as f64
+    );
+    if let Some(path) = &a.json {
+        let doc = serde_json::json!({"total": {
+            "model": a.model.display().to_string(), "draft": a.draft, "batch": a.batch,
+            "spec_max_batch": a.spec_max_batch, "prompts": ids.len(), "max_tokens": a.max_tokens,
+            "threads": rayon::current_num_threads(), "plain_tok_s": pr, "spec_tok_s": sr,
+            "speedup": sr / pr, "acceptance_rate": ac as f64 / dr.max(1) as f64}});
         tandem_model::export::write_file_atomically(path, true, |w| -> Result<()> {
             serde_json::to_writer_pretty(&mut *w, &doc)?;
             Ok(())

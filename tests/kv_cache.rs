@@ -114,3 +114,51 @@ fn context_overflow_is_an_error_not_a_panic() {
         "out-of-vocabulary id"
     );
 }
+
+/// A batch of sequences in one forward pass gives each sequence the logits it gets alone.
+#[test]
+fn batched_forward_equals_one_sequence_at_a_time() {
+    for dir in [stories(), smollm2_f16()] {
+        let ck = tandem_model::Checkpoint::open(&dir, None).unwrap();
+        let m = ck.load_model(&candle_core::Device::Cpu).unwrap();
+        let texts = [
+            "Once upon a time, there was",
+            "The little dog",
+            "Tom and Sue went to the park. They saw a big",
+        ];
+        let ids: Vec<Vec<u32>> = texts
+            .iter()
+            .map(|t| ck.tokenizer.encode(t, true).unwrap())
+            .collect();
+        let mut caches: Vec<tandem_model::KvCache> =
+            ids.iter().map(|_| m.new_cache().unwrap()).collect();
+        let mut alone: Vec<tandem_model::KvCache> =
+            ids.iter().map(|_| m.new_cache().unwrap()).collect();
+        // Prefill all three at once (different lengths), then two steps of 1 and 3 tokens.
+        let steps: Vec<Vec<Vec<u32>>> = vec![
+            ids.clone(),
+            vec![vec![5], vec![7, 8, 9], vec![11]],
+            vec![vec![13, 14, 15], vec![16], vec![17, 18]],
+        ];
+        for step in steps {
+            let mut batch: Vec<(&[u32], &mut tandem_model::KvCache)> = step
+                .iter()
+                .map(|t| t.as_slice())
+                .zip(caches.iter_mut())
+                .collect();
+            let got = m
+                .forward_batch(&mut batch, tandem_model::Logits::All)
+                .unwrap();
+            for ((t, cache), g) in step.iter().zip(alone.iter_mut()).zip(&got) {
+                let want: Vec<Vec<f32>> = m
+                    .forward(t, cache, tandem_model::Logits::All)
+                    .unwrap()
+                    .to_vec2()
+                    .unwrap();
+                let g: Vec<Vec<f32>> = g.to_vec2().unwrap();
+                assert_eq!(g, want, "{}: batched logits differ", dir.display());
+            }
+        }
+        assert!(caches.iter().zip(&alone).all(|(a, b)| a.len() == b.len()));
+    }
+}

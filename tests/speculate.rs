@@ -222,3 +222,89 @@ fn mismatched_vocabularies_are_refused() {
         .to_string();
     assert!(err.contains("vocabularies differ"), "{err}");
 }
+
+/// A batch of sequences, verified together: every sequence's output is its own plain greedy
+/// decoding, with speculation on, off (max_spec_batch 0) and switched off as the batch is
+/// larger than the threshold, for n-gram and self drafts, including EOS and the context limit.
+#[test]
+fn batched_speculative_greedy_equals_plain_greedy() {
+    use tandem_speculate::{BatchDecoder, ModelBatchVerifier};
+    for (dir, prompts, max) in [
+        (
+            stories(),
+            STORY_PROMPTS[..9]
+                .iter()
+                .map(|s| s.to_string())
+                .collect::<Vec<_>>(),
+            60,
+        ),
+        (
+            smollm2_f16(),
+            [
+                "def fibonacci(n):",
+                "The capital of France is",
+                "It is a truth universally acknowledged, that",
+                "for i in range(10):",
+            ]
+            .map(String::from)
+            .to_vec(),
+            20,
+        ),
+    ] {
+        let ck = Checkpoint::open(&dir, None).unwrap();
+        let m = ck.load_model(&Device::Cpu).unwrap();
+        let drafts = self_drafts(&ck);
+        let period = *ck.tokenizer.encode(".", false).unwrap().last().unwrap();
+        let mut eos = ck.tokenizer.eos_ids.clone();
+        eos.push(period);
+        let ids: Vec<Vec<u32>> = prompts
+            .iter()
+            .map(|p| ck.tokenizer.encode(p, ck.tokenizer.add_bos).unwrap())
+            .collect();
+        let limit = ids.iter().map(Vec::len).max().unwrap() + 30;
+        let want: Vec<Vec<u32>> = ids
+            .iter()
+            .map(|p| plain(&m, p, max, Some(limit), &eos))
+            .collect();
+        for (bi, batch) in ids.chunks(3).enumerate() {
+            let off = bi * 3;
+            for (mode, max_spec) in [("plain", 0), ("spec", usize::MAX), ("switched-off", 2)] {
+                for use_self in [false, true] {
+                    let mut ng: Vec<NgramDrafter> =
+                        batch.iter().map(|_| NgramDrafter::default()).collect();
+                    let mut sd: Vec<ModelDrafter<_>> = batch
+                        .iter()
+                        .map(|_| ModelDrafter::new(&drafts[1], None).unwrap())
+                        .collect();
+                    let drafters: Vec<&mut dyn Drafter> = if use_self {
+                        sd.iter_mut().map(|d| d as &mut dyn Drafter).collect()
+                    } else {
+                        ng.iter_mut().map(|d| d as &mut dyn Drafter).collect()
+                    };
+                    let mut ctl: Vec<AdaptiveK> = batch.iter().map(|_| AdaptiveK::new(4)).collect();
+                    let mut v = ModelBatchVerifier::new(&m, batch.len(), Some(limit)).unwrap();
+                    let mut dec = BatchDecoder {
+                        drafters,
+                        controllers: ctl.iter_mut().map(|c| c as &mut dyn Controller).collect(),
+                        verifier: &mut v,
+                        max_spec_batch: max_spec,
+                    };
+                    let (got, st) = dec.generate(batch, max, &eos).unwrap();
+                    for (j, g) in got.iter().enumerate() {
+                        assert_eq!(
+                            g,
+                            &want[off + j],
+                            "{} {mode} self={use_self} prompt {:?}",
+                            dir.display(),
+                            prompts[off + j]
+                        );
+                    }
+                    // (switched-off drafts again once sequences finish and at most 2 remain.)
+                    if max_spec == 0 {
+                        assert_eq!(st.drafted, 0, "{mode}: drafted while switched off");
+                    }
+                }
+            }
+        }
+    }
+}

@@ -297,6 +297,29 @@ impl Llama {
         which: Logits,
         observer: Option<&dyn ActivationObserver>,
     ) -> Result<Tensor> {
+        self.forward_batch_observed(&mut [(tokens, cache)], which, observer)?
+            .pop()
+            .ok_or_else(|| Error::Invalid("no output (internal error)".into()))
+    }
+
+    /// Several sequences in one pass, each with its own cache: every linear layer runs once
+    /// over all their new rows (each weight is read once for the whole batch) and attention
+    /// runs per sequence. Returns one logits tensor per sequence, as [`Llama::forward`] would;
+    /// the values are the same as running the sequences one by one.
+    pub fn forward_batch(
+        &self,
+        seqs: &mut [(&[u32], &mut KvCache)],
+        which: Logits,
+    ) -> Result<Vec<Tensor>> {
+        self.forward_batch_observed(seqs, which, None)
+    }
+
+    fn forward_batch_observed(
+        &self,
+        seqs: &mut [(&[u32], &mut KvCache)],
+        which: Logits,
+        observer: Option<&dyn ActivationObserver>,
+    ) -> Result<Vec<Tensor>> {
         let see = |li: Option<usize>, module: &str, x: &Tensor| -> Result<()> {
             match (observer, li) {
                 (Some(o), Some(li)) => o.observe(&format!("model.layers.{li}.{module}.weight"), x),
@@ -304,38 +327,44 @@ impl Llama {
                 (None, _) => Ok(()),
             }
         };
-        let t = tokens.len();
-        if t == 0 {
-            return Err(Error::Invalid("forward called with no tokens".into()));
+        let mut all = Vec::new();
+        let mut positions = Vec::new();
+        for (tokens, cache) in seqs.iter_mut() {
+            let (t, n) = (tokens.len(), cache.len);
+            if t == 0 {
+                return Err(Error::Invalid("forward called with no tokens".into()));
+            }
+            if n + t > cache.limit {
+                return Err(Error::ContextFull {
+                    needed: n + t,
+                    limit: cache.limit,
+                });
+            }
+            if let Some(bad) = tokens
+                .iter()
+                .find(|&&id| id as usize >= self.config.vocab_size)
+            {
+                return Err(Error::Invalid(format!(
+                    "token id {bad} is outside the vocabulary ({})",
+                    self.config.vocab_size
+                )));
+            }
+            self.reserve(cache, n + t)?;
+            all.extend_from_slice(tokens);
+            positions.extend((n..n + t).map(|p| p as u32));
         }
-        let n = cache.len;
-        if n + t > cache.limit {
-            return Err(Error::ContextFull {
-                needed: n + t,
-                limit: cache.limit,
-            });
-        }
-        if let Some(bad) = tokens
-            .iter()
-            .find(|&&id| id as usize >= self.config.vocab_size)
-        {
-            return Err(Error::Invalid(format!(
-                "token id {bad} is outside the vocabulary ({})",
-                self.config.vocab_size
-            )));
-        }
-        self.reserve(cache, n + t)?;
-        let ids = Tensor::new(tokens, &self.device)?;
+        let ids = Tensor::new(all.as_slice(), &self.device)?;
         let mut x = self.embed.index_select(&ids, 0)?.to_dtype(DType::F32)?;
-        let cos = self.cos.narrow(0, n, t)?;
-        let sin = self.sin.narrow(0, n, t)?;
+        let pos = Tensor::new(positions.as_slice(), &self.device)?;
+        let cos = self.cos.index_select(&pos, 0)?;
+        let sin = self.sin.index_select(&pos, 0)?;
         let eps = self.config.rms_norm_eps as f32;
         for (li, layer) in self.layers.iter().enumerate() {
             let hn = candle_nn::ops::rms_norm(&x, &layer.attn_norm, eps)?;
             for m in ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"] {
                 see(Some(li), m, &hn)?;
             }
-            let a = self.attention(layer, &hn, li, cache, &cos, &sin, &|x| {
+            let a = self.attention(layer, &hn, li, seqs, &cos, &sin, &|x| {
                 see(Some(li), "self_attn.o_proj", x)
             })?;
             x = (x + a)?;
@@ -349,14 +378,43 @@ impl Llama {
             let m = layer.down.forward(&act)?;
             x = (x + m)?;
         }
-        cache.len = n + t;
-        let x = match which {
-            Logits::All => x,
-            Logits::Last => x.narrow(0, t - 1, 1)?,
+        // Which rows go through the output head, and how they split per sequence.
+        let mut rows = Vec::new();
+        let mut counts = Vec::new();
+        let mut off = 0u32;
+        for (tokens, cache) in seqs.iter_mut() {
+            let t = tokens.len() as u32;
+            cache.len += t as usize;
+            match which {
+                Logits::All => {
+                    rows.extend(off..off + t);
+                    counts.push(t as usize);
+                }
+                Logits::Last => {
+                    rows.push(off + t - 1);
+                    counts.push(1);
+                }
+            }
+            off += t;
+        }
+        let x = if rows.len() == all.len() {
+            x
+        } else {
+            x.index_select(&Tensor::new(rows.as_slice(), &self.device)?, 0)?
         };
         let x = candle_nn::ops::rms_norm(&x, &self.norm, eps)?;
         see(None, "lm_head.weight", &x)?;
-        self.lm_head.forward(&x)
+        let logits = self.lm_head.forward(&x)?;
+        if counts.len() == 1 {
+            return Ok(vec![logits]);
+        }
+        let mut out = Vec::with_capacity(counts.len());
+        let mut start = 0;
+        for c in counts {
+            out.push(logits.narrow(0, start, c)?);
+            start += c;
+        }
+        Ok(out)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -365,44 +423,54 @@ impl Llama {
         l: &Layer,
         x: &Tensor,
         li: usize,
-        cache: &mut KvCache,
+        seqs: &mut [(&[u32], &mut KvCache)],
         cos: &Tensor,
         sin: &Tensor,
         see_o: &dyn Fn(&Tensor) -> Result<()>,
     ) -> Result<Tensor> {
         let c = &self.config;
         let (nh, nkv, hd) = (c.num_attention_heads, c.num_kv_heads(), c.head_dim());
-        let t = x.dim(0)?;
-        let n = cache.len;
-        let q = l.q.forward(x)?.reshape((1, t, nh, hd))?;
-        let k = l.k.forward(x)?.reshape((1, t, nkv, hd))?;
+        let total = x.dim(0)?;
+        let q = l.q.forward(x)?.reshape((1, total, nh, hd))?;
+        let k = l.k.forward(x)?.reshape((1, total, nkv, hd))?;
         let q = candle_nn::rotary_emb::rope_thd(&q, cos, sin)?;
         let k = candle_nn::rotary_emb::rope_thd(&k, cos, sin)?;
         let q: Vec<f32> = q.flatten_all()?.to_vec1()?;
         let k: Vec<f32> = k.flatten_all()?.to_vec1()?;
         let v: Vec<f32> = l.v.forward(x)?.flatten_all()?.to_vec1()?;
-        // Append this call's keys/values at positions [n, n+t) of each kv head.
-        let cap = cache.capacity;
-        let (kc, vc) = (&mut cache.k[li], &mut cache.v[li]);
-        for i in 0..t {
-            for h in 0..nkv {
-                let src = (i * nkv + h) * hd;
-                let dst = (h * cap + n + i) * hd;
-                kc[dst..dst + hd].copy_from_slice(&k[src..src + hd]);
-                vc[dst..dst + hd].copy_from_slice(&v[src..src + hd]);
+        let mut out = vec![0f32; total * nh * hd];
+        let mut row = 0;
+        for (tokens, cache) in seqs.iter_mut() {
+            let (t, n, cap) = (tokens.len(), cache.len, cache.capacity);
+            // Append this sequence's keys/values at positions [n, n+t) of each kv head.
+            let (kc, vc) = (&mut cache.k[li], &mut cache.v[li]);
+            for i in 0..t {
+                for h in 0..nkv {
+                    let src = ((row + i) * nkv + h) * hd;
+                    let dst = (h * cap + n + i) * hd;
+                    kc[dst..dst + hd].copy_from_slice(&k[src..src + hd]);
+                    vc[dst..dst + hd].copy_from_slice(&v[src..src + hd]);
+                }
             }
+            let shape = tandem_kernels::AttentionShape {
+                t,
+                n,
+                n_head: nh,
+                n_kv_head: nkv,
+                head_dim: hd,
+                capacity: cap,
+            };
+            let qs = &q[row * nh * hd..(row + t) * nh * hd];
+            tandem_kernels::attention(
+                shape,
+                qs,
+                kc,
+                vc,
+                &mut out[row * nh * hd..(row + t) * nh * hd],
+            );
+            row += t;
         }
-        let shape = tandem_kernels::AttentionShape {
-            t,
-            n,
-            n_head: nh,
-            n_kv_head: nkv,
-            head_dim: hd,
-            capacity: cap,
-        };
-        let mut out = vec![0f32; t * nh * hd];
-        tandem_kernels::attention(shape, &q, kc, vc, &mut out);
-        let out = Tensor::from_vec(out, (t, nh * hd), &self.device)?;
+        let out = Tensor::from_vec(out, (total, nh * hd), &self.device)?;
         see_o(&out)?;
         l.o.forward(&out)
     }

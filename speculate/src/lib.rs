@@ -9,6 +9,7 @@
 //! (an engine's model as forward/rollback callbacks; see include/tandem.h).
 
 pub mod acceptance;
+pub mod batch;
 pub mod capi;
 pub mod controller;
 pub mod decoder;
@@ -16,6 +17,7 @@ pub mod drafter;
 pub mod model_adapter;
 
 pub use acceptance::{AcceptanceRule, Greedy, RejectionSampling, Verdict};
+pub use batch::{BatchDecoder, BatchVerifier, ModelBatchVerifier};
 pub use controller::{AdaptiveK, Controller, FixedK};
 pub use decoder::{SpecStats, SpeculativeDecoder};
 pub use drafter::{Draft, Drafter, NgramDrafter};
