@@ -20,7 +20,7 @@ echo; echo "llama.cpp (llama-perplexity --kl-divergence, ctx 512, $C chunks, $N 
 for q in Q8_0 Q4_0 Q4_K_S Q4_K_M; do
   [ -f "$out/lc-$q.gguf" ] || "$B/llama-quantize" "$out/f16.gguf" "$out/lc-$q.gguf" $q $N >/dev/null 2>&1
   r=$("$B/llama-perplexity" -m "$out/lc-$q.gguf" -f "$W" -c 512 --chunks $C -t $N --kl-divergence-base "$out/base.kld" --kl-divergence 2>&1)
-  ppl=$(echo "$r" | grep -E "^Mean PPL\(Q\)" | awk '{print $4}')
+  ppl=$(echo "$r" | grep -E "^Mean PPL\(Q\) +:" | awk '{print $4}')
   kld=$(echo "$r" | grep -E "^Mean    KLD:" | awk '{print $3}')
   top=$(echo "$r" | grep -E "^Same top p:" | awk '{print $4}')
   printf "  %-7s %9s MiB  PPL %s  mean KLD %s  same top %s%%\n" $q "$(python3 -c "print(f'{$(stat -c %s "$out/lc-$q.gguf")/2**20:.1f}')")" "$ppl" "$kld" "$top"

@@ -9,6 +9,7 @@ set -euo pipefail
 source "$(dirname "$0")/common.sh"
 N=${1:-2}; M=${2:-128}
 out=${OUT:-$root/target/bench-spec}; mkdir -p "$out"
+if [ -z "${SKIP_TANDEM:-}" ]; then
 echo "== tandem ($N threads, $M tokens, 18 prompts)"
 for temp in 0 0.7; do
   for d in self:q8_0 self:q4_0 ngram; do
@@ -21,6 +22,7 @@ for b in 1 2 4; do
     "$T" --threads $N bench spec --model "$smol" --draft $d --max-tokens 64 --batch $b --spec-max-batch 64 2>/dev/null || true
   done
 done
+fi
 echo "== llama.cpp ($N threads, $M tokens, greedy)"
 [ -f "$out/f16.gguf" ] || "$T" quantize "$smol" --out "$out/f16.gguf" --scheme f16 --attention f16 --embeddings f16 --quiet >/dev/null
 for q in Q8_0 Q4_0; do [ -f "$out/$q.gguf" ] || "$B/llama-quantize" "$out/f16.gguf" "$out/$q.gguf" $q $N >/dev/null 2>&1; done
@@ -32,13 +34,18 @@ def run(cmd):
     r = subprocess.run(cmd, capture_output=True, text=True)
     return r.stdout + r.stderr
 def decode_rate(log, key):
-    # llama-simple: "decoded N tokens in S s, speed: X t/s"; speculative-simple: "decoded N tokens in S seconds, speed: X t/s"
+    # Tokens and seconds including the prompt, as tandem bench spec times both sides:
+    # llama-simple's "decoded N tokens in S s" already includes the prompt; speculative-simple
+    # reports the prompt ("encoded ... in S seconds") and generation ("decoded ...") apart.
     m = re.search(r"decoded\s+(\d+)\s+tokens in\s+([\d.]+)\s*s", log)
-    return (int(m.group(1)), float(m.group(2))) if m else (0, 0.0)
+    e = re.search(r"encoded\s+\d+\s+tokens in\s+([\d.]+)\s*s", log)
+    if not m:
+        return (0, 0.0)
+    return (int(m.group(1)), float(m.group(2)) + (float(e.group(1)) if e else 0.0))
 tot = {}
 for name, cmd in [("plain (llama-simple)", lambda p: [f"{B}/llama-simple", "-m", f"{out}/f16.gguf", "-n", M, p]),
-                  ("spec Q8_0 draft", lambda p: [f"{B}/llama-speculative-simple", "-m", f"{out}/f16.gguf", "-md", f"{out}/Q8_0.gguf", "-n", M, "-t", N, "--temp", "0", "-p", p]),
-                  ("spec Q4_0 draft", lambda p: [f"{B}/llama-speculative-simple", "-m", f"{out}/f16.gguf", "-md", f"{out}/Q4_0.gguf", "-n", M, "-t", N, "--temp", "0", "-p", p])]:
+                  ("spec Q8_0 draft", lambda p: [f"{B}/llama-speculative-simple", "-m", f"{out}/f16.gguf", "-md", f"{out}/Q8_0.gguf", "--spec-type", "draft-simple", "--spec-draft-n-max", "8", "-n", M, "-t", N, "--temp", "0", "-p", p]),
+                  ("spec Q4_0 draft", lambda p: [f"{B}/llama-speculative-simple", "-m", f"{out}/f16.gguf", "-md", f"{out}/Q4_0.gguf", "--spec-type", "draft-simple", "--spec-draft-n-max", "8", "-n", M, "-t", N, "--temp", "0", "-p", p])]:
     n = s = 0
     acc = []
     for p in ps:

@@ -18,13 +18,18 @@ pub enum DraftSource {
 
 impl DraftSource {
     /// `ngram`, `self:<type>` (the verifier quantized in memory with the quantizer's default
-    /// policy: attention 16-bit, MLP at `<type>`) or a model path.
+    /// policy: attention 16-bit, MLP at `<type>`; `self:<type>@all` quantizes attention too)
+    /// or a model path.
     pub fn open(verifier: &Checkpoint, spec: &str) -> Result<Self> {
         if spec == "ngram" {
             return Ok(DraftSource::Ngram);
         }
         let ck = match spec.strip_prefix("self:") {
             Some(ty) => {
+                let (ty, all) = match ty.strip_suffix("@all") {
+                    Some(t) => (t, true),
+                    None => (ty, false),
+                };
                 let t =
                     match tandem_quantize::TypeChoice::parse(ty).context("--draft self:<type>")? {
                         tandem_quantize::TypeChoice::To(t) => t,
@@ -32,7 +37,8 @@ impl DraftSource {
                             anyhow::bail!("--draft self:keep would be the verifier itself")
                         }
                     };
-                tandem_quantize::quantized_copy(verifier, t).context("quantizing the self-draft")?
+                tandem_quantize::quantized_copy(verifier, t, all)
+                    .context("quantizing the self-draft")?
             }
             None => Checkpoint::open(Path::new(spec), None).context("opening the draft model")?,
         };

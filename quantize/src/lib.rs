@@ -280,11 +280,21 @@ pub fn quantize_to_bytes(ck: &Checkpoint, plan: &Plan, opts: &Options) -> Result
 }
 
 /// The checkpoint quantized in memory with the default policy for `scheme` (attention kept
-/// 16-bit, MLP at `scheme`, embeddings q8_0): a self-draft for speculative decoding.
-pub fn quantized_copy(ck: &Checkpoint, scheme: QuantType) -> Result<Checkpoint> {
-    let plan = make_plan(ck, &Policy::new(scheme))?;
+/// 16-bit, MLP at `scheme`, embeddings q8_0), or with attention at `scheme` too when
+/// `attention_too`: a self-draft for speculative decoding.
+pub fn quantized_copy(
+    ck: &Checkpoint,
+    scheme: QuantType,
+    attention_too: bool,
+) -> Result<Checkpoint> {
+    let mut policy = Policy::new(scheme);
+    if attention_too {
+        policy.attention = TypeChoice::To(scheme);
+    }
+    let plan = make_plan(ck, &policy)?;
     let bytes = quantize_to_bytes(ck, &plan, &Options::default())?;
-    let label = std::path::PathBuf::from(format!("{} (self:{scheme})", ck.path.display()));
+    let all = if attention_too { "@all" } else { "" };
+    let label = std::path::PathBuf::from(format!("{} (self:{scheme}{all})", ck.path.display()));
     Ok(Checkpoint::from_gguf_bytes(&label, bytes)?)
 }
 
