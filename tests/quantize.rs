@@ -68,6 +68,25 @@ fn assert_only(dir: &Path, keep: &[&str]) {
     assert_eq!(left, want, "unexpected files in {}", dir.display());
 }
 
+/// `tandem [global] quantize MODEL --out OUT` with every matrix at type `t` (llama-quantize
+/// --pure's choice).
+fn quantize_everything(model: &Path, out: &Path, t: &str, global: &[&str]) {
+    let args = [
+        "quantize",
+        s(model),
+        "--out",
+        s(out),
+        "--scheme",
+        t,
+        "--attention",
+        t,
+        "--embeddings",
+        t,
+        "--quiet",
+    ];
+    ok(&[global, &args[..]].concat());
+}
+
 #[test]
 fn stories260k_matches_llama_quantize_bit_for_bit_at_any_thread_count() {
     let tmp = tempfile::tempdir().unwrap();
@@ -79,21 +98,7 @@ fn stories260k_matches_llama_quantize_bit_for_bit_at_any_thread_count() {
         let mut files = Vec::new();
         for threads in ["1", "2"] {
             let out = tmp.path().join(format!("{t}-{threads}.gguf"));
-            ok(&[
-                "--threads",
-                threads,
-                "quantize",
-                s(&m),
-                "--out",
-                s(&out),
-                "--scheme",
-                t,
-                "--attention",
-                t,
-                "--embeddings",
-                t,
-                "--quiet",
-            ]);
+            quantize_everything(&m, &out, t, &["--threads", threads]);
             files.push(out);
         }
         assert!(
@@ -112,19 +117,7 @@ fn smollm2_matches_llama_quantize_q8_0_q4_0_q4_k() {
     let rows = WeightStore::open_gguf(&fixture("smollm2-rows.gguf")).unwrap();
     for t in ["q8_0", "q4_0", "q4_k"] {
         let out = tmp.path().join(format!("{t}.gguf"));
-        ok(&[
-            "quantize",
-            s(&m),
-            "--out",
-            s(&out),
-            "--scheme",
-            t,
-            "--attention",
-            t,
-            "--embeddings",
-            t,
-            "--quiet",
-        ]);
+        quantize_everything(&m, &out, t, &[]);
         let ours = WeightStore::open_gguf(&out).unwrap();
         let mut checked = 0;
         for name in rows.names() {
