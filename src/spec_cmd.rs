@@ -94,7 +94,18 @@ pub fn run(
         &mut sampling
     };
     let mut fixed = FixedK(s.draft_max);
-    let mut adaptive = AdaptiveK::new(s.draft_max);
+    // Greedy output never depends on k, so k may follow the clock. Sampled output does (the
+    // random streams are consumed differently), so a seeded run adapts on acceptance alone,
+    // with the draft cost taken as the draft's weight bytes over the verifier's.
+    let mut adaptive = if s.params.is_greedy() {
+        AdaptiveK::new(s.draft_max)
+    } else {
+        let cost = match draft {
+            DraftSource::Ngram => 0.0,
+            DraftSource::Model(m) => m.weight_bytes() as f64 / model.weight_bytes().max(1) as f64,
+        };
+        AdaptiveK::with_fixed_cost(s.draft_max, cost)
+    };
     let controller: &mut dyn Controller = if s.adapt { &mut adaptive } else { &mut fixed };
     let mut dec = SpeculativeDecoder {
         drafter,

@@ -74,6 +74,30 @@ fn sampling_is_seeded_and_reproducible() {
     };
     assert_eq!(run("7"), run("7"));
     assert_ne!(run("7"), run("8"));
+    // Speculative sampling is seeded too (draft and verifier streams both derive from --seed),
+    // for a model draft and for prompt lookup.
+    for draft in ["self:q4_0", "ngram"] {
+        let spec = |seed: &str| {
+            stdout_of(&[
+                "generate",
+                "--model",
+                m,
+                "--prompt",
+                "Lily saw a",
+                "--temperature",
+                "0.9",
+                "--seed",
+                seed,
+                "--max-tokens",
+                "40",
+                "--draft",
+                draft,
+            ])
+            .0
+        };
+        assert_eq!(spec("7"), spec("7"), "{draft}");
+        assert_ne!(spec("7"), spec("8"), "{draft}");
+    }
 }
 
 #[test]

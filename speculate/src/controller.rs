@@ -34,6 +34,9 @@ pub struct AdaptiveK {
     pub max_k: usize,
     alpha: f64,
     cost: f64,
+    /// When set, the draft cost is this constant instead of being measured on the clock: the
+    /// choices of k then depend only on acceptance, so a seeded sampling run is reproducible.
+    fixed_cost: Option<f64>,
     steps_off: usize,
     pub probe_every: usize,
     k: usize,
@@ -45,9 +48,20 @@ impl AdaptiveK {
             max_k,
             alpha: 0.6,
             cost: 0.1,
+            fixed_cost: None,
             steps_off: 0,
             probe_every: 16,
             k: max_k.min(4),
+        }
+    }
+
+    /// A controller that takes the draft cost per token (relative to a verifier pass) as
+    /// given, e.g. the draft's weight bytes over the verifier's, and never reads the clock.
+    pub fn with_fixed_cost(max_k: usize, cost: f64) -> Self {
+        AdaptiveK {
+            cost,
+            fixed_cost: Some(cost),
+            ..Self::new(max_k)
         }
     }
 
@@ -86,7 +100,7 @@ impl Controller for AdaptiveK {
             // Per-token acceptance estimated from accepted/drafted, smoothed.
             let a = s.accepted as f64 / s.drafted as f64;
             self.alpha = 0.8 * self.alpha + 0.2 * a;
-            if s.verify_secs > 0.0 {
+            if self.fixed_cost.is_none() && s.verify_secs > 0.0 {
                 let c = s.draft_secs / s.drafted as f64 / s.verify_secs;
                 self.cost = 0.8 * self.cost + 0.2 * c;
             }
@@ -127,5 +141,27 @@ mod tests {
             "cheap, always-right drafts should draft long: k = {}",
             c.k
         );
+        // With a fixed cost the clock is ignored: wildly different timings, same choices.
+        let (mut a, mut b) = (
+            AdaptiveK::with_fixed_cost(8, 0.3),
+            AdaptiveK::with_fixed_cost(8, 0.3),
+        );
+        for i in 0..40 {
+            let (ka, kb) = (a.next_k(), b.next_k());
+            assert_eq!(ka, kb);
+            let acc = ka.min(i % 3);
+            a.observe(&StepReport {
+                drafted: ka,
+                accepted: acc,
+                draft_secs: 0.001,
+                verify_secs: 0.1,
+            });
+            b.observe(&StepReport {
+                drafted: kb,
+                accepted: acc,
+                draft_secs: 5.0,
+                verify_secs: 0.01,
+            });
+        }
     }
 }
