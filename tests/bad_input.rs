@@ -8,16 +8,7 @@ use std::path::{Path, PathBuf};
 /// A writable copy of the bundled model.
 fn stories_copy() -> (tempfile::TempDir, PathBuf) {
     let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("model");
-    std::fs::create_dir(&dir).unwrap();
-    for f in [
-        "config.json",
-        "model.safetensors",
-        "tokenizer.json",
-        "tokenizer_config.json",
-    ] {
-        std::fs::copy(stories().join(f), dir.join(f)).unwrap();
-    }
+    let dir = stories_copy_in(tmp.path());
     (tmp, dir)
 }
 
@@ -189,17 +180,7 @@ fn unsupported_dtype() {
 #[test]
 fn nan_weight() {
     let (_t, d) = stories_copy();
-    let p = d.join("model.safetensors");
-    let bytes = std::fs::read(&p).unwrap();
-    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
-    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
-    let start = header["model.norm.weight"]["data_offsets"][0]
-        .as_u64()
-        .unwrap() as usize;
-    let mut bytes = bytes.clone();
-    let at = 8 + n + start + 2 * 3;
-    bytes[at..at + 2].copy_from_slice(&half::f16::NAN.to_le_bytes());
-    std::fs::write(&p, &bytes).unwrap();
+    poison_f16(&d, "model.norm.weight", 3);
     // `info` reads metadata only; loading the weights finds the NaN.
     let m = d.to_str().unwrap();
     assert_fails(

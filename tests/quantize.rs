@@ -461,25 +461,9 @@ fn refuses_overwrite_and_nan_and_leaves_nothing_behind() {
     assert_only(tmp.path(), &["m.gguf"]);
 
     // A NaN in a source tensor: an error naming the tensor, and no output at all.
-    let model = tmp.path().join("model");
-    std::fs::create_dir(&model).unwrap();
-    for f in [
-        "config.json",
-        "model.safetensors",
-        "tokenizer.json",
-        "tokenizer_config.json",
-    ] {
-        std::fs::copy(stories().join(f), model.join(f)).unwrap();
-    }
-    let p = model.join("model.safetensors");
-    let mut bytes = std::fs::read(&p).unwrap();
-    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
-    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    let model = stories_copy_in(tmp.path());
     let name = "model.layers.2.mlp.up_proj.weight";
-    let start = header[name]["data_offsets"][0].as_u64().unwrap() as usize;
-    let at = 8 + n + start + 2 * 70;
-    bytes[at..at + 2].copy_from_slice(&half::f16::NAN.to_le_bytes());
-    std::fs::write(&p, &bytes).unwrap();
+    poison_f16(&model, name, 70);
     let out2 = tmp.path().join("nan.gguf");
     let e = fails(&[
         "quantize",

@@ -39,9 +39,10 @@ pub struct Llama {
 /// Sees the input of every linear layer during a forward pass (calibration for importance-
 /// weighted quantization collects its statistics this way).
 pub trait ActivationObserver {
-    /// `x` is the [tokens, in] f32 input about to be multiplied by the weight named `weight`
-    /// (a Hugging Face name, e.g. `model.layers.0.mlp.down_proj.weight`).
-    fn observe(&self, weight: &str, x: &Tensor) -> Result<()>;
+    /// `x` is the [tokens, in] f32 input about to be multiplied by each of `weights` (Hugging
+    /// Face names, e.g. `model.layers.0.mlp.down_proj.weight`; q/k/v, and gate/up, share one
+    /// input and come in one call).
+    fn observe(&self, weights: &[String], x: &Tensor) -> Result<()>;
 }
 
 /// Which positions' logits a forward call returns.
@@ -320,12 +321,16 @@ impl Llama {
         which: Logits,
         observer: Option<&dyn ActivationObserver>,
     ) -> Result<Vec<Tensor>> {
-        let see = |li: Option<usize>, module: &str, x: &Tensor| -> Result<()> {
-            match (observer, li) {
-                (Some(o), Some(li)) => o.observe(&format!("model.layers.{li}.{module}.weight"), x),
-                (Some(o), None) => o.observe(module, x),
-                (None, _) => Ok(()),
-            }
+        let see = |li: Option<usize>, modules: &[&str], x: &Tensor| -> Result<()> {
+            let Some(o) = observer else { return Ok(()) };
+            let names: Vec<String> = modules
+                .iter()
+                .map(|m| match li {
+                    Some(li) => format!("model.layers.{li}.{m}.weight"),
+                    None => m.to_string(),
+                })
+                .collect();
+            o.observe(&names, x)
         };
         let mut all = Vec::new();
         let mut positions = Vec::new();
@@ -361,20 +366,21 @@ impl Llama {
         let eps = self.config.rms_norm_eps as f32;
         for (li, layer) in self.layers.iter().enumerate() {
             let hn = candle_nn::ops::rms_norm(&x, &layer.attn_norm, eps)?;
-            for m in ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"] {
-                see(Some(li), m, &hn)?;
-            }
+            see(
+                Some(li),
+                &["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+                &hn,
+            )?;
             let a = self.attention(layer, &hn, li, seqs, &cos, &sin, &|x| {
-                see(Some(li), "self_attn.o_proj", x)
+                see(Some(li), &["self_attn.o_proj"], x)
             })?;
             x = (x + a)?;
             let hn = candle_nn::ops::rms_norm(&x, &layer.mlp_norm, eps)?;
-            see(Some(li), "mlp.gate_proj", &hn)?;
-            see(Some(li), "mlp.up_proj", &hn)?;
+            see(Some(li), &["mlp.gate_proj", "mlp.up_proj"], &hn)?;
             let g = layer.gate.forward(&hn)?;
             let u = layer.up.forward(&hn)?;
             let act = (candle_nn::ops::silu(&g)? * u)?;
-            see(Some(li), "mlp.down_proj", &act)?;
+            see(Some(li), &["mlp.down_proj"], &act)?;
             let m = layer.down.forward(&act)?;
             x = (x + m)?;
         }
@@ -403,7 +409,7 @@ impl Llama {
             x.index_select(&Tensor::new(rows.as_slice(), &self.device)?, 0)?
         };
         let x = candle_nn::ops::rms_norm(&x, &self.norm, eps)?;
-        see(None, "lm_head.weight", &x)?;
+        see(None, &["lm_head.weight"], &x)?;
         let logits = self.lm_head.forward(&x)?;
         if counts.len() == 1 {
             return Ok(vec![logits]);

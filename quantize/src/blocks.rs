@@ -284,7 +284,7 @@ fn q4_k_body(x: &[f32], out: &mut [u8]) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::quantized::{ggml_file::qtensor_from_ggml, GgmlDType, QTensor};
+    use candle_core::quantized::{GgmlDType, QTensor};
     use candle_core::{Device, Tensor};
 
     /// Values with exact ties, zeros, tiny and huge magnitudes, and a long random tail.
@@ -332,15 +332,7 @@ mod tests {
         quantize_q4_k(&x, &mut ours);
         let theirs = candle_bytes(&x, GgmlDType::Q4K);
         let err = |b: &[u8]| -> f64 {
-            let q = qtensor_from_ggml(GgmlDType::Q4K, b, vec![x.len() / 256, 256], &Device::Cpu)
-                .unwrap();
-            let y: Vec<f32> = q
-                .dequantize(&Device::Cpu)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
+            let y = crate::encode::dequantized(GgmlDType::Q4K, b, x.len() / 256, 256);
             x.iter()
                 .zip(&y)
                 .map(|(a, b)| ((a - b) as f64).powi(2))

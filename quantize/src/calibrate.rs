@@ -28,19 +28,26 @@ struct Collector {
 }
 
 impl ActivationObserver for Collector {
-    fn observe(&self, weight: &str, x: &Tensor) -> tandem_model::Result<()> {
+    fn observe(&self, weights: &[String], x: &Tensor) -> tandem_model::Result<()> {
+        // One pass over the input for every weight that shares it (q/k/v, gate/up).
         let rows: Vec<Vec<f32>> = x.to_vec2()?;
-        let mut sums = self.sums.lock().unwrap_or_else(|p| p.into_inner());
         let cols = rows.first().map(Vec::len).unwrap_or(0);
-        let e = sums
-            .entry(weight.to_string())
-            .or_insert_with(|| (vec![0.0; cols], 0));
+        let mut sum2 = vec![0f64; cols];
         for r in &rows {
-            for (s, v) in e.0.iter_mut().zip(r) {
+            for (s, v) in sum2.iter_mut().zip(r) {
                 *s += (*v as f64) * (*v as f64);
             }
         }
-        e.1 += rows.len() as u64;
+        let mut sums = self.sums.lock().unwrap_or_else(|p| p.into_inner());
+        for w in weights {
+            let e = sums
+                .entry(w.clone())
+                .or_insert_with(|| (vec![0.0; cols], 0));
+            for (s, v) in e.0.iter_mut().zip(&sum2) {
+                *s += v;
+            }
+            e.1 += rows.len() as u64;
+        }
         Ok(())
     }
 }

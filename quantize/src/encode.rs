@@ -167,6 +167,23 @@ fn encode_rows(
     Ok(())
 }
 
+/// Test helper: GGML block bytes back to f32 through candle (an independent decoder).
+#[cfg(test)]
+pub(crate) fn dequantized(
+    t: candle_core::quantized::GgmlDType,
+    bytes: &[u8],
+    rows: usize,
+    cols: usize,
+) -> Vec<f32> {
+    let q = qtensor_from_ggml(t, bytes, vec![rows, cols], &Device::Cpu).unwrap();
+    q.dequantize(&Device::Cpu)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -199,15 +216,7 @@ mod tests {
     fn q8_0_round_trip_error_is_small() {
         let xs = sample(64 * 64);
         let bytes = encode(QuantType::Q8_0, &xs, 64, None).unwrap();
-        let q =
-            qtensor_from_ggml(QuantType::Q8_0.ggml(), &bytes, vec![64, 64], &Device::Cpu).unwrap();
-        let back: Vec<f32> = q
-            .dequantize(&Device::Cpu)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
+        let back = dequantized(QuantType::Q8_0.ggml(), &bytes, 64, 64);
         let err = xs
             .iter()
             .zip(&back)

@@ -73,3 +73,30 @@ pub fn ids(v: &serde_json::Value) -> Vec<u32> {
         .map(|x| x.as_u64().expect("id") as u32)
         .collect()
 }
+
+/// A writable copy of the bundled model's files in `parent/model`.
+pub fn stories_copy_in(parent: &Path) -> PathBuf {
+    let dir = parent.join("model");
+    std::fs::create_dir(&dir).unwrap();
+    for f in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ] {
+        std::fs::copy(stories().join(f), dir.join(f)).unwrap();
+    }
+    dir
+}
+
+/// Overwrites element `elem` of the F16 tensor `tensor` in `model/model.safetensors` with NaN.
+pub fn poison_f16(model: &Path, tensor: &str, elem: usize) {
+    let p = model.join("model.safetensors");
+    let mut bytes = std::fs::read(&p).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    let start = header[tensor]["data_offsets"][0].as_u64().unwrap() as usize;
+    let at = 8 + n + start + 2 * elem;
+    bytes[at..at + 2].copy_from_slice(&half::f16::NAN.to_le_bytes());
+    std::fs::write(&p, &bytes).unwrap();
+}
