@@ -19,6 +19,13 @@ struct Cli {
     /// Worker threads for the CPU kernels (default: all cores).
     #[arg(long, global = true)]
     threads: Option<usize>,
+    /// How activations meet Q8_0/Q4_0 weights: int8 (rounded to 8 bits per 32-block, as
+    /// llama.cpp does; fast) or f32 (what the dequantized 16-bit weights compute exactly).
+    #[arg(long, global = true, value_enum, default_value_t = commands::Activations::Int8)]
+    activations: commands::Activations,
+    /// Run the Q8_0/Q4_0/F16 linear layers on GPU 0 (builds with `--features cuda`).
+    #[arg(long, global = true)]
+    gpu: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -82,7 +89,15 @@ fn main() -> ExitCode {
     // The command runs inside the worker pool, so the thread that runs the serial parts of a
     // forward pass is itself a worker: n threads on n cores, none spinning against it.
     let pool = commands::thread_pool(cli.threads);
-    let result = pool.install(|| run(cli.command));
+    tandem_model::linear::set_default_activations(cli.activations.into());
+    let result = if cli.gpu {
+        tandem_model::linear::offload_to_gpu()
+            .map(|name| eprintln!("linear layers on GPU 0: {name}"))
+            .map_err(anyhow::Error::from)
+    } else {
+        Ok(())
+    }
+    .and_then(|()| pool.install(|| run(cli.command)));
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

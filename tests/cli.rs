@@ -153,7 +153,8 @@ fn info_describes_the_model() {
     }
 }
 
-/// The PyPI GGUF (Q4_1) and its F16 conversion give the same greedy text.
+/// The PyPI GGUF (Q4_1, Q8_0 output) and its F16 conversion give the same greedy text when
+/// activations stay f32 (`--activations f32`; the int8 default rounds them as llama.cpp does).
 #[test]
 fn gguf_and_its_f16_conversion_generate_the_same_text() {
     let r = reference(&shared().join("models/smollm2-135m-instruct"));
@@ -162,6 +163,8 @@ fn gguf_and_its_f16_conversion_generate_the_same_text() {
         let p = case["prompt"].as_str().unwrap();
         let run = |m: &std::path::Path| {
             stdout_of(&[
+                "--activations",
+                "f32",
                 "generate",
                 "--model",
                 m.to_str().unwrap(),
@@ -219,4 +222,64 @@ fn stops_at_context_limit_without_error() {
     assert!(!out.is_empty());
     let v: serde_json::Value = serde_json::from_str(err.trim().lines().last().unwrap()).unwrap();
     assert_eq!(v["stop"], "context-full");
+}
+
+/// `--gpu` without a usable GPU (or without the `cuda` feature) is a one-line error, not a
+/// panic and not a silent fall-back to the CPU.
+#[test]
+fn gpu_without_a_gpu_is_a_clear_error() {
+    let s = stories();
+    let out = tandem(&[
+        "--gpu",
+        "generate",
+        "--model",
+        s.to_str().unwrap(),
+        "--prompt",
+        "Hi",
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(err.contains("GPU"), "{err}");
+}
+
+/// `--activations f32` and the int8 default both decode SmolLM2's Q8_0 copy to text, and
+/// `bench --profile` prints the per-op table with the bandwidth limit.
+#[test]
+fn activations_flag_and_profile_table() {
+    let g = smollm2_gguf();
+    for a in ["int8", "f32"] {
+        let (out, _) = stdout_of(&[
+            "--activations",
+            a,
+            "generate",
+            "--model",
+            g.to_str().unwrap(),
+            "--prompt",
+            "The capital of France is",
+            "--max-tokens",
+            "4",
+        ]);
+        assert!(
+            out.starts_with("The capital of France is") && out.len() > 26,
+            "{a}: {out}"
+        );
+    }
+    let (out, _) = stdout_of(&[
+        "--threads",
+        "2",
+        "bench",
+        "--model",
+        g.to_str().unwrap(),
+        "--profile",
+        "3",
+    ]);
+    for k in [
+        "bandwidth limit",
+        "| q/k/v matmul |",
+        "| attention |",
+        "| total (wall) |",
+    ] {
+        assert!(out.contains(k), "missing '{k}' in {out}");
+    }
 }

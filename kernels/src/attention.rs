@@ -6,8 +6,6 @@
 //! SmolLM2's logits by ~6e-4 between chunkings). It also needs no mask tensor and no copy of
 //! the keys per query head.
 
-use rayon::prelude::*;
-
 /// Shapes of one attention call.
 #[derive(Debug, Clone, Copy)]
 pub struct AttentionShape {
@@ -76,40 +74,92 @@ pub fn attention(s: AttentionShape, q: &[f32], k: &[f32], v: &[f32], out: &mut [
     let d = s.head_dim;
     let group = s.n_head / s.n_kv_head;
     let scale = 1.0 / (d as f32).sqrt();
-    out.par_chunks_mut(d).enumerate().for_each_init(
-        || Vec::with_capacity(s.n + s.t),
-        |scores: &mut Vec<f32>, (row, o)| {
+    let rows = out.len() / d;
+    let base = crate::rows::SendPtr(out.as_mut_ptr());
+    crate::pool::global().run(rows, |row| {
+        // SAFETY: task `row` alone writes out[row·d..(row+1)·d]; `run` waits for every task.
+        let o = unsafe { std::slice::from_raw_parts_mut(base.get().add(row * d), d) };
+        SCORES.with(|cell| {
+            let mut fresh = Vec::new();
+            let mut held = cell.try_borrow_mut();
+            let scores = match held.as_mut() {
+                Ok(v) => &mut **v,
+                Err(_) => &mut fresh,
+            };
             let (i, h) = (row / s.n_head, row % s.n_head);
             let kv = h / group;
             let qr = &q[row * d..][..d];
             let len = s.n + i + 1;
             let keys = &k[kv * s.capacity * d..][..len * d];
             let vals = &v[kv * s.capacity * d..][..len * d];
-            scores.clear();
-            let mut max = f32::NEG_INFINITY;
-            for kr in keys.chunks_exact(d) {
-                let x = dot(qr, kr) * scale;
-                max = max.max(x);
-                scores.push(x);
-            }
-            let mut z = 0f32;
-            for x in scores.iter_mut() {
-                *x = (*x - max).exp();
-                z += *x;
-            }
-            o.fill(0.0);
-            for (w, vr) in scores.iter().zip(vals.chunks_exact(d)) {
-                let w = w / z;
-                for (oc, vc) in o.iter_mut().zip(vr) {
-                    *oc += w * vc;
-                }
-            }
-        },
-    );
+            attend(qr, keys, vals, scale, scores, o);
+        })
+    });
+}
+
+/// One query row against `len` keys and values: softmax(q·kᵀ·scale)·v into `o`.
+fn attend(q: &[f32], keys: &[f32], vals: &[f32], scale: f32, scores: &mut Vec<f32>, o: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if crate::has_avx2_fma() {
+        // SAFETY: the CPU has AVX2 and FMA (checked above).
+        return unsafe { attend_avx2(q, keys, vals, scale, scores, o) };
+    }
+    attend_body(q, keys, vals, scale, scores, o)
+}
+
+/// The same code compiled for AVX2: the plain loops below vectorize 8 wide. Rust never fuses
+/// a multiply and an add on its own, so both versions round identically.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn attend_avx2(
+    q: &[f32],
+    keys: &[f32],
+    vals: &[f32],
+    scale: f32,
+    scores: &mut Vec<f32>,
+    o: &mut [f32],
+) {
+    attend_body(q, keys, vals, scale, scores, o)
+}
+
+#[inline(always)]
+fn attend_body(
+    q: &[f32],
+    keys: &[f32],
+    vals: &[f32],
+    scale: f32,
+    scores: &mut Vec<f32>,
+    o: &mut [f32],
+) {
+    let d = q.len();
+    scores.clear();
+    let mut max = f32::NEG_INFINITY;
+    for kr in keys.chunks_exact(d) {
+        let x = dot(q, kr) * scale;
+        max = max.max(x);
+        scores.push(x);
+    }
+    let mut z = 0f32;
+    for x in scores.iter_mut() {
+        *x = (*x - max).exp();
+        z += *x;
+    }
+    o.fill(0.0);
+    for (w, vr) in scores.iter().zip(vals.chunks_exact(d)) {
+        let w = w / z;
+        for (oc, vc) in o.iter_mut().zip(vr) {
+            *oc += w * vc;
+        }
+    }
+}
+
+thread_local! {
+    /// One (position, head)'s attention scores, reused across calls.
+    static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// Dot product with 8 independent lanes (vectorizes, and its order never depends on callers).
-#[inline]
+#[inline(always)]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
     let ca = a.chunks_exact(8);

@@ -5,10 +5,29 @@
 //! This crate imports nothing else of tandem's.
 
 pub mod attention;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod f16_gemm;
+pub mod int8_gemm;
+pub mod membw;
+pub mod ops;
+pub mod pool;
 pub mod quant_gemm;
 mod rows;
 
 pub use attention::{attention, attention_reference, AttentionShape};
 pub use f16_gemm::{matmul_f16, matmul_f16_reference};
+pub use int8_gemm::{int8_supported, matmul_int8, matmul_int8_reference};
 pub use quant_gemm::{matmul_quant, matmul_quant_reference, BlockFormat};
+
+/// How far ahead of the current weight block the matmul kernels prefetch, in bytes.
+/// Prefetching never faults, so running past the end of a weight buffer is harmless.
+pub(crate) const PREFETCH_BYTES: usize = 1024;
+
+/// Whether this CPU runs the AVX2/FMA/F16C paths (checked once; std caches the answer).
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn has_avx2_fma() -> bool {
+    std::is_x86_feature_detected!("avx2")
+        && std::is_x86_feature_detected!("fma")
+        && std::is_x86_feature_detected!("f16c")
+}

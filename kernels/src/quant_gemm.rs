@@ -236,10 +236,141 @@ pub fn matmul_quant(
         return;
     }
     let row_bytes = k / f.block_elems() * f.block_bytes();
+    #[cfg(target_arch = "x86_64")]
+    if matches!(f, BlockFormat::Q4_0 | BlockFormat::Q8_0) && has_avx2() {
+        // Lane order of the shuffle-free unpacking (see `group_lanes_avx2`): the activations
+        // are permuted once per call instead of the weights once per block.
+        return PERMUTED.with(|buf| {
+            let mut xp = buf.borrow_mut();
+            xp.clear();
+            xp.extend(x.chunks_exact(8).flat_map(|c| LANE_ORDER.map(|i| c[i])));
+            let xp = &xp[..];
+            crate::rows::par_weight_rows(out, m, n, ROWS_PER_TASK, |j, o| unsafe {
+                row_lanes_avx2(f, &w[j * row_bytes..(j + 1) * row_bytes], xp, m, k, o)
+            })
+        });
+    }
     let kern = select();
     crate::rows::par_weight_rows(out, m, n, ROWS_PER_TASK, |j, o| {
         kern(f, &w[j * row_bytes..(j + 1) * row_bytes], x, m, k, o)
     });
+}
+
+/// Which weight of a group of 8 each f32 lane holds after `group_lanes_avx2`'s unpacking.
+const LANE_ORDER: [usize; 8] = [0, 4, 1, 5, 2, 6, 3, 7];
+
+thread_local! {
+    /// The caller's permuted activations, reused across calls (no allocation per token).
+    static PERMUTED: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+#[cfg(target_arch = "x86_64")]
+fn has_avx2() -> bool {
+    std::is_x86_feature_detected!("avx2")
+        && std::is_x86_feature_detected!("fma")
+        && std::is_x86_feature_detected!("f16c")
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn row_lanes_avx2(f: BlockFormat, w: &[u8], x: &[f32], m: usize, k: usize, out: &mut [f32]) {
+    let mut i = 0;
+    while i < m {
+        let g = (m - i).min(GROUP);
+        let xs = &x[i * k..];
+        let o = &mut out[i..i + g];
+        match (f, g) {
+            (BlockFormat::Q4_0, 1) => group_lanes_avx2::<0, 1>(w, xs, k, o),
+            (BlockFormat::Q4_0, 2) => group_lanes_avx2::<0, 2>(w, xs, k, o),
+            (BlockFormat::Q4_0, 3) => group_lanes_avx2::<0, 3>(w, xs, k, o),
+            (BlockFormat::Q4_0, _) => group_lanes_avx2::<0, 4>(w, xs, k, o),
+            (_, 1) => group_lanes_avx2::<2, 1>(w, xs, k, o),
+            (_, 2) => group_lanes_avx2::<2, 2>(w, xs, k, o),
+            (_, 3) => group_lanes_avx2::<2, 3>(w, xs, k, o),
+            (_, _) => group_lanes_avx2::<2, 4>(w, xs, k, o),
+        }
+        i += g;
+    }
+}
+
+/// Q4_0 (`F` = 0) and Q8_0 (`F` = 2) without byte shuffles: 8 weight bytes are broadcast to
+/// every 64-bit lane (a plain load) and each 32-bit lane shifts its own byte down with a
+/// variable shift, so lane i holds weight `LANE_ORDER[i]` of the group; the activations come
+/// permuted to match. The widening shuffles of `group_avx2` were its bottleneck. Block scales
+/// are converted 8 at a time and broadcast from memory.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn group_lanes_avx2<const F: u8, const G: usize>(
+    w: &[u8],
+    x: &[f32],
+    k: usize,
+    out: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    let bb = if F == 0 { 18 } else { 34 };
+    let nb = k / BLOCK;
+    let wp = w.as_ptr();
+    let xp = x.as_ptr();
+    let bcast = |p: *const u8| _mm256_set1_epi64x((p as *const i64).read_unaligned());
+    // Q4_0: low nibbles of bytes t and 4+t land in lanes 2t and 2t+1; high nibbles with +4.
+    let sh_lo = _mm256_setr_epi32(0, 0, 8, 8, 16, 16, 24, 24);
+    let sh_hi = _mm256_setr_epi32(4, 4, 12, 12, 20, 20, 28, 28);
+    let nib = _mm256_set1_epi32(0xF);
+    let eight = _mm256_set1_epi32(8);
+    // Q8_0: move the byte to the top, then shift arithmetically to sign-extend it.
+    let sh_up = _mm256_setr_epi32(24, 24, 16, 16, 8, 8, 0, 0);
+    let mut acc = [_mm256_setzero_ps(); G];
+    let mut scales = [0f32; 8];
+    for b0 in (0..nb).step_by(8) {
+        let nc = (nb - b0).min(8);
+        let mut h = [0u16; 8];
+        for (t, hv) in h.iter_mut().enumerate().take(nc) {
+            let p = wp.add((b0 + t) * bb);
+            *hv = u16::from_le_bytes([*p, *p.add(1)]);
+        }
+        _mm256_storeu_ps(
+            scales.as_mut_ptr(),
+            _mm256_cvtph_ps(_mm_loadu_si128(h.as_ptr() as *const __m128i)),
+        );
+        for (t, &d) in scales.iter().enumerate().take(nc) {
+            let b = b0 + t;
+            let q = wp.add(b * bb + 2);
+            _mm_prefetch::<_MM_HINT_T0>(q.wrapping_add(crate::PREFETCH_BYTES) as *const i8);
+            let ws = if F == 0 {
+                let (v0, v1) = (bcast(q), bcast(q.add(8)));
+                let u = |v, s| {
+                    _mm256_cvtepi32_ps(_mm256_sub_epi32(
+                        _mm256_and_si256(_mm256_srlv_epi32(v, s), nib),
+                        eight,
+                    ))
+                };
+                [u(v0, sh_lo), u(v1, sh_lo), u(v0, sh_hi), u(v1, sh_hi)]
+            } else {
+                let u = |o: usize| {
+                    _mm256_cvtepi32_ps(_mm256_srai_epi32(
+                        _mm256_sllv_epi32(bcast(q.add(o)), sh_up),
+                        24,
+                    ))
+                };
+                [u(0), u(8), u(16), u(24)]
+            };
+            let d = _mm256_set1_ps(d);
+            for (r, a) in acc.iter_mut().enumerate() {
+                let p = xp.add(r * k + b * BLOCK);
+                let mut s = _mm256_mul_ps(ws[0], _mm256_loadu_ps(p));
+                s = _mm256_fmadd_ps(ws[1], _mm256_loadu_ps(p.add(8)), s);
+                s = _mm256_fmadd_ps(ws[2], _mm256_loadu_ps(p.add(16)), s);
+                s = _mm256_fmadd_ps(ws[3], _mm256_loadu_ps(p.add(24)), s);
+                *a = _mm256_fmadd_ps(d, s, *a);
+            }
+        }
+    }
+    for (o, a) in out.iter_mut().zip(acc.iter()) {
+        let q = _mm_add_ps(_mm256_castps256_ps128(*a), _mm256_extractf128_ps(*a, 1));
+        let q = _mm_add_ps(q, _mm_movehl_ps(q, q));
+        let q = _mm_add_ss(q, _mm_shuffle_ps(q, q, 1));
+        *o = _mm_cvtss_f32(q);
+    }
 }
 
 type RowKernel = fn(BlockFormat, &[u8], &[f32], usize, usize, &mut [f32]);
@@ -432,6 +563,7 @@ unsafe fn group_dequant_avx2<const G: usize>(
     let mut buf = [0f32; QK_K];
     let mut acc = [_mm256_setzero_ps(); G];
     for (bi, blk) in w.chunks_exact(bb).enumerate() {
+        _mm_prefetch::<_MM_HINT_T0>(blk.as_ptr().wrapping_add(crate::PREFETCH_BYTES) as *const i8);
         dequantize_block(f, blk, &mut buf[..be]);
         for (r, a) in acc.iter_mut().enumerate() {
             let p = x.as_ptr().add(r * k + bi * be);

@@ -23,12 +23,71 @@ pub enum LinearWeight {
     Quantized(Arc<QTensor>, QMatMul),
 }
 
+/// How activations meet block-quantized weights in a matmul.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ActivationPrecision {
+    /// Activations rounded to 8 bits per 32-block for Q8_0/Q4_0 weights (integer dot products,
+    /// as llama.cpp does): the fast default. Other formats keep f32.
+    #[default]
+    Int8,
+    /// Activations stay f32 for every format: a quantized file then computes exactly what its
+    /// dequantized (16-bit) copy computes, at ~half the speed on Q4_0.
+    F32,
+}
+
 #[derive(Debug, Clone)]
 pub struct Linear {
     pub weight: LinearWeight,
     pub bias: Option<Tensor>,
+    /// f32 copy of `bias`, for the slice path.
+    bias_f32: Option<Vec<f32>>,
     pub in_dim: usize,
     pub out_dim: usize,
+    pub activations: ActivationPrecision,
+    /// A copy of the weight on the GPU, used instead of the CPU kernels when present.
+    #[cfg(feature = "cuda")]
+    gpu: Option<Arc<tandem_kernels::cuda::GpuMatrix>>,
+}
+
+/// The precision later-loaded layers start with (`--activations`); 0 = Int8, 1 = F32.
+static DEFAULT_ACTIVATIONS: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+/// Sets how layers of models loaded from now on meet Q8_0/Q4_0 weights (default: Int8).
+pub fn set_default_activations(p: ActivationPrecision) {
+    let v = match p {
+        ActivationPrecision::Int8 => 0,
+        ActivationPrecision::F32 => 1,
+    };
+    DEFAULT_ACTIVATIONS.store(v, std::sync::atomic::Ordering::SeqCst);
+}
+
+fn default_activations() -> ActivationPrecision {
+    match DEFAULT_ACTIVATIONS.load(std::sync::atomic::Ordering::SeqCst) {
+        0 => ActivationPrecision::Int8,
+        _ => ActivationPrecision::F32,
+    }
+}
+
+/// Whether models loaded from now on put their linear layers on the GPU (`--gpu`).
+static OFFLOAD_TO_GPU: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Asks every later `Llama::load` to copy its Q8_0/Q4_0/F16 linear layers to GPU 0 and run
+/// their matmuls there. Fails when this build has no GPU support or no GPU is usable.
+pub fn offload_to_gpu() -> Result<String> {
+    #[cfg(feature = "cuda")]
+    {
+        let g = tandem_kernels::cuda::gpu().map_err(|e| crate::Error::Invalid(e.to_string()))?;
+        OFFLOAD_TO_GPU.store(true, std::sync::atomic::Ordering::SeqCst);
+        Ok(g.name.clone())
+    }
+    #[cfg(not(feature = "cuda"))]
+    Err(crate::Error::Invalid(
+        "this tandem was built without GPU support (cargo build --features cuda)".into(),
+    ))
+}
+
+pub(crate) fn offload_requested() -> bool {
+    OFFLOAD_TO_GPU.load(std::sync::atomic::Ordering::SeqCst)
 }
 
 impl Linear {
@@ -60,66 +119,154 @@ impl Linear {
         Ok(Linear {
             weight,
             bias: None,
+            bias_f32: None,
             in_dim,
             out_dim,
+            activations: default_activations(),
+            #[cfg(feature = "cuda")]
+            gpu: None,
         })
     }
 
+    /// Copies the weight to the GPU when there is a kernel for its type (Q8_0, Q4_0, F16);
+    /// returns the bytes copied (0 when it stays on the CPU).
+    #[cfg(feature = "cuda")]
+    pub fn upload_to_gpu(&mut self) -> Result<usize> {
+        use tandem_kernels::cuda::{gpu, GpuFormat};
+        let g = gpu().map_err(|e| crate::Error::Invalid(e.to_string()))?;
+        let (n, k) = (self.out_dim, self.in_dim);
+        let m = match &self.weight {
+            LinearWeight::F16(w) => {
+                let v: Vec<f16> = w.flatten_all()?.to_vec1()?;
+                let bytes: Vec<u8> = v.iter().flat_map(|h| h.to_le_bytes()).collect();
+                g.upload(GpuFormat::F16, &bytes, n, k)
+            }
+            LinearWeight::Quantized(q, _) => {
+                match block_format(q.dtype()).and_then(GpuFormat::from_block) {
+                    Some(f) => g.upload(f, &q.data()?, n, k),
+                    None => return Ok(0),
+                }
+            }
+            LinearWeight::F32(_) => return Ok(0),
+        }
+        .map_err(|e| crate::Error::Invalid(e.to_string()))?;
+        let bytes = m.bytes();
+        self.gpu = Some(Arc::new(m));
+        Ok(bytes)
+    }
+
     pub fn with_bias(mut self, bias: Option<Tensor>) -> Self {
+        self.bias_f32 = bias
+            .as_ref()
+            .and_then(|b| b.flatten_all().ok()?.to_vec1::<f32>().ok());
         self.bias = bias;
         self
     }
 
+    /// `out` [m, out_dim] = `x` [m, in_dim] · Wᵀ (+ bias), on plain CPU slices: tandem's
+    /// kernels write straight into `out`, nothing is allocated. Weights without a tandem
+    /// kernel (F32, Q2_K, Q3_K, or not on the CPU) go through candle.
+    pub fn forward_into(&self, x: &[f32], m: usize, out: &mut [f32]) -> Result<()> {
+        let (k, n) = (self.in_dim, self.out_dim);
+        if x.len() != m * k || out.len() != m * n {
+            return Err(crate::error::Error::Invalid(format!(
+                "linear layer [{n}, {k}] given {} inputs and {} outputs for {m} rows",
+                x.len(),
+                out.len()
+            )));
+        }
+        #[cfg(feature = "cuda")]
+        if let Some(gm) = &self.gpu {
+            let g =
+                tandem_kernels::cuda::gpu().map_err(|e| crate::Error::Invalid(e.to_string()))?;
+            g.matmul(gm, x, m, out)
+                .map_err(|e| crate::Error::Invalid(format!("GPU matmul: {e}")))?;
+            if let Some(b) = &self.bias_f32 {
+                for row in out.chunks_exact_mut(n) {
+                    tandem_kernels::ops::add_assign(row, b);
+                }
+            }
+            return Ok(());
+        }
+        match &self.weight {
+            LinearWeight::F16(w) if w.device().is_cpu() => {
+                let (ws, wl) = w.storage_and_layout();
+                let ws = match &*ws {
+                    candle_core::Storage::Cpu(s) => s.as_slice::<f16>()?,
+                    _ => unreachable!("checked is_cpu"),
+                };
+                tandem_kernels::matmul_f16(x, &ws[wl.start_offset()..][..n * k], m, k, n, out)
+            }
+            LinearWeight::Quantized(q, _)
+                if q.device().is_cpu() && block_format(q.dtype()).is_some() =>
+            {
+                let fmt = block_format(q.dtype()).expect("checked");
+                let data = q.data()?; // borrowed on the CPU
+                if self.activations == ActivationPrecision::Int8
+                    && tandem_kernels::int8_supported(fmt)
+                {
+                    tandem_kernels::matmul_int8(fmt, x, &data, m, k, n, out)
+                } else {
+                    tandem_kernels::matmul_quant(fmt, x, &data, m, k, n, out)
+                }
+            }
+            _ => {
+                let t = Tensor::from_slice(x, (m, k), &Device::Cpu)?;
+                let y = self.forward_candle(&t)?.flatten_all()?.to_vec1::<f32>()?;
+                out.copy_from_slice(&y);
+                return Ok(());
+            }
+        }
+        if let Some(b) = &self.bias_f32 {
+            for row in out.chunks_exact_mut(n) {
+                tandem_kernels::ops::add_assign(row, b);
+            }
+        }
+        Ok(())
+    }
+
     /// `x` is [m, in] f32; returns [m, out] f32.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if x.device().is_cpu() && self.has_cpu_kernel() {
+            let (m, _) = x.dims2()?;
+            let mut out = vec![0f32; m * self.out_dim];
+            with_cpu_f32(x, |xs| self.forward_into(xs, m, &mut out))??;
+            return Ok(Tensor::from_vec(out, (m, self.out_dim), x.device())?);
+        }
+        self.forward_candle(x)
+    }
+
+    /// Whether `forward_into` runs one of tandem's kernels (not candle) for this weight.
+    fn has_cpu_kernel(&self) -> bool {
+        #[cfg(feature = "cuda")]
+        if self.gpu.is_some() {
+            return true;
+        }
+        match &self.weight {
+            LinearWeight::F16(w) => w.device().is_cpu(),
+            LinearWeight::Quantized(q, _) => {
+                q.device().is_cpu() && block_format(q.dtype()).is_some()
+            }
+            LinearWeight::F32(_) => false,
+        }
+    }
+
+    fn forward_candle(&self, x: &Tensor) -> Result<Tensor> {
         // Every m (prefill, decode, verification) goes through the same kernels, so each
         // output is summed in the same order whatever the chunking: a blocked GEMM for large
         // m was tried and moved SmolLM2's logits by 1.8e-3 between prefill and decode.
         let y = match &self.weight {
-            LinearWeight::F16(w) if w.device().is_cpu() => self.forward_f16_cpu(x, w)?,
             LinearWeight::F16(w) => x
                 .to_dtype(DType::F16)?
                 .matmul(&w.t()?)?
                 .to_dtype(DType::F32)?,
             LinearWeight::F32(w) => x.matmul(&w.t()?)?,
-            LinearWeight::Quantized(q, _)
-                if q.device().is_cpu() && block_format(q.dtype()).is_some() =>
-            {
-                self.forward_quant_cpu(x, q)?
-            }
             LinearWeight::Quantized(_, mm) => mm.forward(x)?,
         };
         match &self.bias {
             Some(b) => Ok(y.broadcast_add(b)?),
             None => Ok(y),
         }
-    }
-
-    fn forward_f16_cpu(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
-        let (m, k) = x.dims2()?;
-        let mut out = vec![0f32; m * self.out_dim];
-        let (ws, wl) = w.storage_and_layout();
-        let ws = match &*ws {
-            candle_core::Storage::Cpu(s) => s.as_slice::<f16>()?,
-            _ => return Err(candle_core::Error::Msg("weight is not on the CPU".into()).into()),
-        };
-        let ws = &ws[wl.start_offset()..][..self.out_dim * k];
-        with_cpu_f32(x, |xs| {
-            tandem_kernels::matmul_f16(xs, ws, m, k, self.out_dim, &mut out)
-        })?;
-        Ok(Tensor::from_vec(out, (m, self.out_dim), x.device())?)
-    }
-
-    fn forward_quant_cpu(&self, x: &Tensor, q: &QTensor) -> Result<Tensor> {
-        let (m, k) = x.dims2()?;
-        let fmt = block_format(q.dtype())
-            .ok_or_else(|| candle_core::Error::Msg("unsupported block type".into()))?;
-        let data = q.data()?; // borrowed on the CPU
-        let mut out = vec![0f32; m * self.out_dim];
-        with_cpu_f32(x, |xs| {
-            tandem_kernels::matmul_quant(fmt, xs, &data, m, k, self.out_dim, &mut out)
-        })?;
-        Ok(Tensor::from_vec(out, (m, self.out_dim), x.device())?)
     }
 
     /// Storage type name for reports ("F16", "Q4_0", ...).

@@ -13,12 +13,12 @@ use crate::weights::WeightStore;
 use candle_core::{DType, Device, Tensor};
 
 struct Layer {
-    attn_norm: Tensor,
+    attn_norm: Vec<f32>,
     q: Linear,
     k: Linear,
     v: Linear,
     o: Linear,
-    mlp_norm: Tensor,
+    mlp_norm: Vec<f32>,
     gate: Linear,
     up: Linear,
     down: Linear,
@@ -29,11 +29,72 @@ pub struct Llama {
     pub config: Config,
     embed: Tensor,
     layers: Vec<Layer>,
-    norm: Tensor,
+    norm: Vec<f32>,
     lm_head: Linear,
-    cos: Tensor,
-    sin: Tensor,
+    /// RoPE tables, [context, head_dim / 2] each.
+    cos: Vec<f32>,
+    sin: Vec<f32>,
     device: Device,
+    /// Buffers the forward pass reuses from call to call (no allocation per token but the
+    /// returned logits); a concurrent call finds it locked and uses fresh ones.
+    workspace: std::sync::Mutex<Workspace>,
+}
+
+/// Activation buffers of one forward pass, sized for its rows.
+#[derive(Default)]
+struct Workspace {
+    x: Vec<f32>,
+    hn: Vec<f32>,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    att: Vec<f32>,
+    proj: Vec<f32>,
+    gate: Vec<f32>,
+    up: Vec<f32>,
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+    profile: Option<OpTimes>,
+}
+
+/// Where the time of forward passes went, per operation (see [`Llama::start_profile`]).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct OpTimes {
+    /// (operation, seconds), in the order the forward pass first runs them.
+    pub ops: Vec<(&'static str, f64)>,
+    /// Forward calls measured.
+    pub calls: usize,
+}
+
+impl OpTimes {
+    fn add(&mut self, op: &'static str, secs: f64) {
+        match self.ops.iter_mut().find(|(o, _)| *o == op) {
+            Some((_, t)) => *t += secs,
+            None => self.ops.push((op, secs)),
+        }
+    }
+}
+
+/// Times the operations of one forward pass when profiling is on (an `Instant` per op;
+/// nothing when off).
+struct Timer<'a> {
+    times: Option<&'a mut OpTimes>,
+    last: std::time::Instant,
+}
+
+impl Timer<'_> {
+    fn lap(&mut self, op: &'static str) {
+        if let Some(t) = self.times.as_deref_mut() {
+            let now = std::time::Instant::now();
+            t.add(op, (now - self.last).as_secs_f64());
+            self.last = now;
+        }
+    }
+}
+
+fn sized(buf: &mut Vec<f32>, len: usize) -> &mut [f32] {
+    buf.resize(len, 0.0);
+    &mut buf[..len]
 }
 
 /// Sees the input of every linear layer during a forward pass (calibration for importance-
@@ -154,6 +215,7 @@ impl Llama {
             let raw = get(name, &[len])?;
             Ok(dense_tensor(store.path_of(name), &raw, device)?.to_dtype(DType::F32)?)
         };
+        let norm_weights = |name: &str| -> Result<Vec<f32>> { Ok(vector(name, h)?.to_vec1()?) };
 
         let embed_name = "model.embed_tokens.weight";
         let embed_raw = get(embed_name, &[c.vocab_size, h])?;
@@ -178,7 +240,7 @@ impl Llama {
         for i in 0..c.num_hidden_layers {
             let p = format!("model.layers.{i}");
             layers.push(Layer {
-                attn_norm: vector(&format!("{p}.input_layernorm.weight"), h)?,
+                attn_norm: norm_weights(&format!("{p}.input_layernorm.weight"))?,
                 q: qk_linear(&format!("{p}.self_attn.q_proj.weight"), nh)?
                     .with_bias(qk_bias(&format!("{p}.self_attn.q_proj.bias"), nh)?),
                 k: qk_linear(&format!("{p}.self_attn.k_proj.weight"), nkv)?
@@ -191,28 +253,41 @@ impl Llama {
                     },
                 ),
                 o: linear(&format!("{p}.self_attn.o_proj.weight"), h, nh * hd)?,
-                mlp_norm: vector(&format!("{p}.post_attention_layernorm.weight"), h)?,
+                mlp_norm: norm_weights(&format!("{p}.post_attention_layernorm.weight"))?,
                 gate: linear(&format!("{p}.mlp.gate_proj.weight"), c.intermediate_size, h)?,
                 up: linear(&format!("{p}.mlp.up_proj.weight"), c.intermediate_size, h)?,
                 down: linear(&format!("{p}.mlp.down_proj.weight"), h, c.intermediate_size)?,
             });
         }
-        let norm = vector("model.norm.weight", h)?;
+        let norm = norm_weights("model.norm.weight")?;
 
+        // Angles in f32 (position · inverse frequency), as candle computed them before.
+        let inv = c.rope_inv_freq();
         let ctx = c.context_length();
-        let inv = Tensor::new(c.rope_inv_freq(), device)?;
-        let pos = Tensor::arange(0u32, ctx as u32, device)?.to_dtype(DType::F32)?;
-        let freqs = pos.unsqueeze(1)?.broadcast_mul(&inv.unsqueeze(0)?)?;
-        Ok(Llama {
-            cos: freqs.cos()?,
-            sin: freqs.sin()?,
+        let (mut cos, mut sin) = (Vec::with_capacity(ctx * inv.len()), Vec::new());
+        sin.reserve(ctx * inv.len());
+        for p in 0..ctx {
+            for f in &inv {
+                let a = p as f32 * f;
+                cos.push(a.cos());
+                sin.push(a.sin());
+            }
+        }
+        let mut model = Llama {
+            cos,
+            sin,
             embed,
             layers,
             norm,
             lm_head,
             device: device.clone(),
             config,
-        })
+            workspace: Default::default(),
+        };
+        if crate::linear::offload_requested() {
+            model.upload_to_gpu()?;
+        }
+        Ok(model)
     }
 
     /// Every tensor the forward pass reads, with its Hugging Face shape. Optional ones
@@ -321,19 +396,8 @@ impl Llama {
         which: Logits,
         observer: Option<&dyn ActivationObserver>,
     ) -> Result<Vec<Tensor>> {
-        let see = |li: Option<usize>, modules: &[&str], x: &Tensor| -> Result<()> {
-            let Some(o) = observer else { return Ok(()) };
-            let names: Vec<String> = modules
-                .iter()
-                .map(|m| match li {
-                    Some(li) => format!("model.layers.{li}.{m}.weight"),
-                    None => m.to_string(),
-                })
-                .collect();
-            o.observe(&names, x)
-        };
-        let mut all = Vec::new();
         let mut positions = Vec::new();
+        let mut all = Vec::new();
         for (tokens, cache) in seqs.iter_mut() {
             let (t, n) = (tokens.len(), cache.len);
             if t == 0 {
@@ -356,95 +420,216 @@ impl Llama {
             }
             self.reserve(cache, n + t)?;
             all.extend_from_slice(tokens);
-            positions.extend((n..n + t).map(|p| p as u32));
+            positions.extend(n..n + t);
         }
-        let ids = Tensor::new(all.as_slice(), &self.device)?;
-        let mut x = self.embed.index_select(&ids, 0)?.to_dtype(DType::F32)?;
-        let pos = Tensor::new(positions.as_slice(), &self.device)?;
-        let cos = self.cos.index_select(&pos, 0)?;
-        let sin = self.sin.index_select(&pos, 0)?;
-        let eps = self.config.rms_norm_eps as f32;
+        let mut fresh = Workspace::default();
+        let mut held = self.workspace.try_lock();
+        let ws = match held.as_mut() {
+            Ok(w) => &mut **w,
+            Err(_) => &mut fresh,
+        };
+        let mut profile = ws.profile.take();
+        let out = self.forward_rows(ws, seqs, &all, &positions, which, observer, &mut profile);
+        if let Some(p) = profile.as_mut() {
+            p.calls += 1;
+        }
+        ws.profile = profile;
+        out
+    }
+
+    /// The forward pass proper, on the workspace's buffers.
+    #[allow(clippy::too_many_arguments)]
+    fn forward_rows(
+        &self,
+        ws: &mut Workspace,
+        seqs: &mut [(&[u32], &mut KvCache)],
+        all: &[u32],
+        positions: &[usize],
+        which: Logits,
+        observer: Option<&dyn ActivationObserver>,
+        profile: &mut Option<OpTimes>,
+    ) -> Result<Vec<Tensor>> {
+        let see = |li: Option<usize>, modules: &[&str], x: &[f32], rows: usize| -> Result<()> {
+            let Some(o) = observer else { return Ok(()) };
+            let names: Vec<String> = modules
+                .iter()
+                .map(|m| match li {
+                    Some(li) => format!("model.layers.{li}.{m}.weight"),
+                    None => m.to_string(),
+                })
+                .collect();
+            let t = Tensor::from_slice(x, (rows, x.len() / rows), &self.device)?;
+            o.observe(&names, &t)
+        };
+        let c = &self.config;
+        let (h, inter, hd) = (c.hidden_size, c.intermediate_size, c.head_dim());
+        let (nh, nkv) = (c.num_attention_heads, c.num_kv_heads());
+        let rows = all.len();
+        let eps = c.rms_norm_eps as f32;
+        let mut timer = Timer {
+            times: profile.as_mut(),
+            last: std::time::Instant::now(),
+        };
+
+        self.embed_rows(all, sized(&mut ws.x, rows * h))?;
+        let half = hd / 2;
+        let (cos, sin) = (
+            sized(&mut ws.cos, rows * half),
+            sized(&mut ws.sin, rows * half),
+        );
+        for (r, &p) in positions.iter().enumerate() {
+            cos[r * half..][..half].copy_from_slice(&self.cos[p * half..][..half]);
+            sin[r * half..][..half].copy_from_slice(&self.sin[p * half..][..half]);
+        }
+        timer.lap("embed");
         for (li, layer) in self.layers.iter().enumerate() {
-            let hn = candle_nn::ops::rms_norm(&x, &layer.attn_norm, eps)?;
+            let x = &mut ws.x[..rows * h];
+            let hn = sized(&mut ws.hn, rows * h);
+            tandem_kernels::ops::rms_norm(x, &layer.attn_norm, eps, hn);
+            timer.lap("norm");
             see(
                 Some(li),
                 &["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
-                &hn,
+                hn,
+                rows,
             )?;
-            let a = self.attention(layer, &hn, li, seqs, &cos, &sin, &|x| {
-                see(Some(li), &["self_attn.o_proj"], x)
-            })?;
-            x = (x + a)?;
-            let hn = candle_nn::ops::rms_norm(&x, &layer.mlp_norm, eps)?;
-            see(Some(li), &["mlp.gate_proj", "mlp.up_proj"], &hn)?;
-            let g = layer.gate.forward(&hn)?;
-            let u = layer.up.forward(&hn)?;
-            let act = (candle_nn::ops::silu(&g)? * u)?;
-            see(Some(li), &["mlp.down_proj"], &act)?;
-            let m = layer.down.forward(&act)?;
-            x = (x + m)?;
+            let q = sized(&mut ws.q, rows * nh * hd);
+            let k = sized(&mut ws.k, rows * nkv * hd);
+            let v = sized(&mut ws.v, rows * nkv * hd);
+            layer.q.forward_into(hn, rows, q)?;
+            layer.k.forward_into(hn, rows, k)?;
+            layer.v.forward_into(hn, rows, v)?;
+            timer.lap("q/k/v matmul");
+            tandem_kernels::ops::rope_rotate_half(
+                q,
+                nh,
+                hd,
+                &ws.cos[..rows * half],
+                &ws.sin[..rows * half],
+            );
+            tandem_kernels::ops::rope_rotate_half(
+                k,
+                nkv,
+                hd,
+                &ws.cos[..rows * half],
+                &ws.sin[..rows * half],
+            );
+            timer.lap("rope");
+            let att = sized(&mut ws.att, rows * nh * hd);
+            self.attention(li, seqs, q, k, v, att);
+            timer.lap("attention");
+            see(Some(li), &["self_attn.o_proj"], att, rows)?;
+            let proj = sized(&mut ws.proj, rows * h);
+            layer.o.forward_into(att, rows, proj)?;
+            timer.lap("o matmul");
+            let x = &mut ws.x[..rows * h];
+            tandem_kernels::ops::add_assign(x, proj);
+            let hn = &mut ws.hn[..rows * h];
+            tandem_kernels::ops::rms_norm(x, &layer.mlp_norm, eps, hn);
+            timer.lap("norm");
+            see(Some(li), &["mlp.gate_proj", "mlp.up_proj"], hn, rows)?;
+            let gate = sized(&mut ws.gate, rows * inter);
+            let up = sized(&mut ws.up, rows * inter);
+            layer.gate.forward_into(hn, rows, gate)?;
+            layer.up.forward_into(hn, rows, up)?;
+            timer.lap("gate/up matmul");
+            tandem_kernels::ops::silu_mul(gate, up);
+            timer.lap("silu");
+            see(Some(li), &["mlp.down_proj"], gate, rows)?;
+            layer.down.forward_into(gate, rows, proj)?;
+            timer.lap("down matmul");
+            tandem_kernels::ops::add_assign(&mut ws.x[..rows * h], proj);
         }
         // Which rows go through the output head, and how they split per sequence.
-        let mut rows = Vec::new();
+        let mut picked = Vec::new();
         let mut counts = Vec::new();
-        let mut off = 0u32;
+        let mut off = 0;
         for (tokens, cache) in seqs.iter_mut() {
-            let t = tokens.len() as u32;
-            cache.len += t as usize;
+            let t = tokens.len();
+            cache.len += t;
             match which {
                 Logits::All => {
-                    rows.extend(off..off + t);
-                    counts.push(t as usize);
+                    picked.extend(off..off + t);
+                    counts.push(t);
                 }
                 Logits::Last => {
-                    rows.push(off + t - 1);
+                    picked.push(off + t - 1);
                     counts.push(1);
                 }
             }
             off += t;
         }
-        let x = if rows.len() == all.len() {
-            x
-        } else {
-            x.index_select(&Tensor::new(rows.as_slice(), &self.device)?, 0)?
-        };
-        let x = candle_nn::ops::rms_norm(&x, &self.norm, eps)?;
-        see(None, &["lm_head.weight"], &x)?;
-        let logits = self.lm_head.forward(&x)?;
-        if counts.len() == 1 {
-            return Ok(vec![logits]);
+        let hn = sized(&mut ws.hn, picked.len() * h);
+        for (dst, &r) in hn.chunks_exact_mut(h).zip(&picked) {
+            tandem_kernels::ops::rms_norm(&ws.x[r * h..][..h], &self.norm, eps, dst);
         }
+        timer.lap("norm");
+        see(None, &["lm_head.weight"], hn, picked.len())?;
+        let vocab = c.vocab_size;
+        let mut logits = vec![0f32; picked.len() * vocab];
+        self.lm_head.forward_into(hn, picked.len(), &mut logits)?;
+        timer.lap("lm_head matmul");
         let mut out = Vec::with_capacity(counts.len());
         let mut start = 0;
-        for c in counts {
-            out.push(logits.narrow(0, start, c)?);
-            start += c;
+        for n in counts {
+            let part = if out.is_empty() && n == picked.len() {
+                std::mem::take(&mut logits)
+            } else {
+                logits[start * vocab..(start + n) * vocab].to_vec()
+            };
+            out.push(Tensor::from_vec(part, (n, vocab), &self.device)?);
+            start += n;
         }
         Ok(out)
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// Embedding rows of `ids` into `out` as f32.
+    fn embed_rows(&self, ids: &[u32], out: &mut [f32]) -> Result<()> {
+        let h = self.config.hidden_size;
+        let (storage, layout) = self.embed.storage_and_layout();
+        let off = layout.start_offset();
+        match &*storage {
+            candle_core::Storage::Cpu(s) if self.embed.dtype() == DType::F16 => {
+                let all = s.as_slice::<half::f16>()?;
+                for (dst, &id) in out.chunks_exact_mut(h).zip(ids) {
+                    let row = &all[off + id as usize * h..][..h];
+                    for (d, v) in dst.iter_mut().zip(row) {
+                        *d = v.to_f32();
+                    }
+                }
+            }
+            candle_core::Storage::Cpu(s) if self.embed.dtype() == DType::F32 => {
+                let all = s.as_slice::<f32>()?;
+                for (dst, &id) in out.chunks_exact_mut(h).zip(ids) {
+                    dst.copy_from_slice(&all[off + id as usize * h..][..h]);
+                }
+            }
+            _ => {
+                let idx = Tensor::new(ids, &self.device)?;
+                let v: Vec<f32> = self
+                    .embed
+                    .index_select(&idx, 0)?
+                    .to_dtype(DType::F32)?
+                    .flatten_all()?
+                    .to_vec1()?;
+                out.copy_from_slice(&v);
+            }
+        }
+        Ok(())
+    }
+
+    /// Appends each sequence's new keys/values to its cache and attends over it.
     fn attention(
         &self,
-        l: &Layer,
-        x: &Tensor,
         li: usize,
         seqs: &mut [(&[u32], &mut KvCache)],
-        cos: &Tensor,
-        sin: &Tensor,
-        see_o: &dyn Fn(&Tensor) -> Result<()>,
-    ) -> Result<Tensor> {
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        out: &mut [f32],
+    ) {
         let c = &self.config;
         let (nh, nkv, hd) = (c.num_attention_heads, c.num_kv_heads(), c.head_dim());
-        let total = x.dim(0)?;
-        let q = l.q.forward(x)?.reshape((1, total, nh, hd))?;
-        let k = l.k.forward(x)?.reshape((1, total, nkv, hd))?;
-        let q = candle_nn::rotary_emb::rope_thd(&q, cos, sin)?;
-        let k = candle_nn::rotary_emb::rope_thd(&k, cos, sin)?;
-        let q: Vec<f32> = q.flatten_all()?.to_vec1()?;
-        let k: Vec<f32> = k.flatten_all()?.to_vec1()?;
-        let v: Vec<f32> = l.v.forward(x)?.flatten_all()?.to_vec1()?;
-        let mut out = vec![0f32; total * nh * hd];
         let mut row = 0;
         for (tokens, cache) in seqs.iter_mut() {
             let (t, n, cap) = (tokens.len(), cache.len, cache.capacity);
@@ -476,9 +661,62 @@ impl Llama {
             );
             row += t;
         }
-        let out = Tensor::from_vec(out, (total, nh * hd), &self.device)?;
-        see_o(&out)?;
-        l.o.forward(&out)
+    }
+
+    /// Starts timing every operation of later forward passes (see [`Llama::take_profile`]).
+    pub fn start_profile(&self) {
+        if let Ok(mut w) = self.workspace.lock() {
+            w.profile = Some(OpTimes::default());
+        }
+    }
+
+    /// The times gathered since [`Llama::start_profile`], and stops timing.
+    pub fn take_profile(&self) -> Option<OpTimes> {
+        self.workspace.lock().ok()?.profile.take()
+    }
+
+    /// Copies every linear layer with a GPU kernel to the GPU; returns the bytes copied.
+    pub fn upload_to_gpu(&mut self) -> Result<usize> {
+        #[cfg(feature = "cuda")]
+        {
+            let mut bytes = self.lm_head.upload_to_gpu()?;
+            for l in &mut self.layers {
+                for lin in [
+                    &mut l.q,
+                    &mut l.k,
+                    &mut l.v,
+                    &mut l.o,
+                    &mut l.gate,
+                    &mut l.up,
+                    &mut l.down,
+                ] {
+                    bytes += lin.upload_to_gpu()?;
+                }
+            }
+            Ok(bytes)
+        }
+        #[cfg(not(feature = "cuda"))]
+        Err(Error::Invalid(
+            "this tandem was built without GPU support (cargo build --features cuda)".into(),
+        ))
+    }
+
+    /// Sets how activations meet Q8_0/Q4_0 weights in every linear layer.
+    pub fn set_activation_precision(&mut self, p: crate::linear::ActivationPrecision) {
+        for l in &mut self.layers {
+            for lin in [
+                &mut l.q,
+                &mut l.k,
+                &mut l.v,
+                &mut l.o,
+                &mut l.gate,
+                &mut l.up,
+                &mut l.down,
+            ] {
+                lin.activations = p;
+            }
+        }
+        self.lm_head.activations = p;
     }
 
     /// Grows the cache (doubling, capped at its limit) so it can hold `needed` positions.

@@ -1,0 +1,399 @@
+//! `out[m×n] = x[m×k] · Wᵀ` for Q8_0 and Q4_0 weights with the activations rounded to 8 bits,
+//! the way llama.cpp runs these formats: each 32-wide block of x becomes an f32 scale
+//! `d = max|x|/127` and 32 signed bytes `round(x/d)`, and each block dot product is an
+//! integer sum scaled by `d_w·d_x`.
+//!
+//! Why a second path beside `quant_gemm` (which keeps x in f32): widening every weight to f32
+//! costs more instructions per weight byte than this CPU can stream (Q4_0 at ~5 GB/s of weights
+//! on two cores); integer dot products (`vpmaddubsw`) take 32 weights per instruction. The price
+//! is llama.cpp's: a small extra rounding of the activations (measured in BENCHMARKS.md). The
+//! model crate picks the path per layer (`ActivationPrecision`).
+
+use crate::quant_gemm::{BlockFormat, BLOCK};
+use half::f16;
+use std::cell::RefCell;
+
+/// Activations rounded to 8 bits: `scales[i·k/32 + b]` and `quants[i·k + p]` for row i.
+#[derive(Debug, Default, Clone)]
+pub struct Int8Rows {
+    pub scales: Vec<f32>,
+    pub quants: Vec<i8>,
+}
+
+impl Int8Rows {
+    /// Rounds `x` (rows of length k, k a multiple of 32), reusing this buffer's memory.
+    pub fn quantize(&mut self, x: &[f32], k: usize) {
+        assert!(
+            k.is_multiple_of(BLOCK),
+            "row length {k} is not a multiple of 32"
+        );
+        self.scales.clear();
+        self.quants.clear();
+        self.quants.resize(x.len(), 0);
+        for (blk, q) in x
+            .chunks_exact(BLOCK)
+            .zip(self.quants.chunks_exact_mut(BLOCK))
+        {
+            let amax = blk.iter().fold(0f32, |a, v| a.max(v.abs()));
+            let d = amax / 127.0;
+            let id = if d > 0.0 { 1.0 / d } else { 0.0 };
+            for (qv, v) in q.iter_mut().zip(blk) {
+                *qv = (v * id).round() as i8;
+            }
+            self.scales.push(d);
+        }
+    }
+}
+
+fn supported(f: BlockFormat) -> bool {
+    matches!(f, BlockFormat::Q8_0 | BlockFormat::Q4_0)
+}
+
+/// Whether [`matmul_int8`] handles this block format.
+pub fn int8_supported(f: BlockFormat) -> bool {
+    supported(f)
+}
+
+/// The signed 8-bit levels and the scale of one weight block.
+fn weight_block(f: BlockFormat, b: &[u8], q: &mut [i8; BLOCK]) -> f32 {
+    let d = f16::from_le_bytes([b[0], b[1]]).to_f32();
+    match f {
+        BlockFormat::Q8_0 => {
+            for (qv, &byte) in q.iter_mut().zip(&b[2..34]) {
+                *qv = byte as i8;
+            }
+        }
+        _ => {
+            for j in 0..16 {
+                q[j] = (b[2 + j] & 15) as i8 - 8;
+                q[j + 16] = (b[2 + j] >> 4) as i8 - 8;
+            }
+        }
+    }
+    d
+}
+
+fn check(f: BlockFormat, x: &[f32], w: &[u8], m: usize, k: usize, n: usize, out: &[f32]) {
+    assert!(supported(f), "{f:?} has no 8-bit-activation kernel");
+    assert!(
+        k.is_multiple_of(BLOCK),
+        "row length {k} is not a multiple of 32"
+    );
+    assert_eq!(x.len(), m * k);
+    assert_eq!(w.len(), n * (k / BLOCK) * f.block_bytes());
+    assert_eq!(out.len(), m * n);
+}
+
+/// Plain reference: the same rounding of x, integer block sums, f64 accumulation.
+pub fn matmul_int8_reference(
+    f: BlockFormat,
+    x: &[f32],
+    w: &[u8],
+    m: usize,
+    k: usize,
+    n: usize,
+    out: &mut [f32],
+) {
+    check(f, x, w, m, k, n, out);
+    let mut xq = Int8Rows::default();
+    xq.quantize(x, k);
+    let (nb, bb) = (k / BLOCK, f.block_bytes());
+    let mut q = [0i8; BLOCK];
+    for j in 0..n {
+        for i in 0..m {
+            let mut acc = 0f64;
+            for b in 0..nb {
+                let dw = weight_block(f, &w[(j * nb + b) * bb..][..bb], &mut q);
+                let xs = &xq.quants[i * k + b * BLOCK..][..BLOCK];
+                let dot: i32 = q.iter().zip(xs).map(|(a, c)| *a as i32 * *c as i32).sum();
+                acc += dw as f64 * xq.scales[i * nb + b] as f64 * dot as f64;
+            }
+            out[i * n + j] = acc as f32;
+        }
+    }
+}
+
+const ROWS_PER_TASK: usize = 128;
+/// Most activation rows handled per pass over a weight row.
+const GROUP: usize = 4;
+
+thread_local! {
+    /// The caller's rounded activations, reused across calls (no allocation per token).
+    static ROUNDED: RefCell<Int8Rows> = RefCell::new(Int8Rows::default());
+}
+
+/// Fast path: AVX2 where the CPU has it, parallel over weight rows.
+///
+/// Panics on a format other than Q8_0/Q4_0 or mismatched lengths (caller bugs).
+pub fn matmul_int8(
+    f: BlockFormat,
+    x: &[f32],
+    w: &[u8],
+    m: usize,
+    k: usize,
+    n: usize,
+    out: &mut [f32],
+) {
+    check(f, x, w, m, k, n, out);
+    if m == 0 || n == 0 {
+        return;
+    }
+    let mut run = |xq: &Int8Rows| {
+        let row_bytes = k / BLOCK * f.block_bytes();
+        let kern = select();
+        crate::rows::par_weight_rows(out, m, n, ROWS_PER_TASK, |j, o| {
+            kern(f, &w[j * row_bytes..(j + 1) * row_bytes], xq, m, k, o)
+        });
+    };
+    // A pool thread waiting inside `run` may run another matmul on the same thread; that
+    // one finds the buffer borrowed and rounds into a fresh one.
+    ROUNDED.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut xq) => {
+            xq.quantize(x, k);
+            run(&xq)
+        }
+        Err(_) => {
+            let mut xq = Int8Rows::default();
+            xq.quantize(x, k);
+            run(&xq)
+        }
+    })
+}
+
+type RowKernel = fn(BlockFormat, &[u8], &Int8Rows, usize, usize, &mut [f32]);
+
+fn select() -> RowKernel {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("avx2")
+            && std::is_x86_feature_detected!("fma")
+            && std::is_x86_feature_detected!("f16c")
+        {
+            return |f, w, xq, m, k, o| unsafe { row_avx2(f, w, xq, m, k, o) };
+        }
+    }
+    row_portable
+}
+
+/// Portable row kernel (also the NEON/other-architecture path): integer block sums.
+fn row_portable(f: BlockFormat, w: &[u8], xq: &Int8Rows, m: usize, k: usize, out: &mut [f32]) {
+    let (nb, bb) = (k / BLOCK, f.block_bytes());
+    let mut q = [0i8; BLOCK];
+    let mut acc = vec![0f32; m];
+    for (b, blk) in w.chunks_exact(bb).enumerate() {
+        let dw = weight_block(f, blk, &mut q);
+        for (i, a) in acc.iter_mut().enumerate() {
+            let xs = &xq.quants[i * k + b * BLOCK..][..BLOCK];
+            let dot: i32 = q.iter().zip(xs).map(|(p, c)| *p as i32 * *c as i32).sum();
+            *a += dw * xq.scales[i * nb + b] * dot as f32;
+        }
+    }
+    out.copy_from_slice(&acc);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn row_avx2(f: BlockFormat, w: &[u8], xq: &Int8Rows, m: usize, k: usize, out: &mut [f32]) {
+    let mut i = 0;
+    while i < m {
+        let g = (m - i).min(GROUP);
+        let o = &mut out[i..i + g];
+        match (f, g) {
+            (BlockFormat::Q4_0, 1) => group_avx2::<true, 1>(w, xq, i, k, o),
+            (BlockFormat::Q4_0, 2) => group_avx2::<true, 2>(w, xq, i, k, o),
+            (BlockFormat::Q4_0, 3) => group_avx2::<true, 3>(w, xq, i, k, o),
+            (BlockFormat::Q4_0, _) => group_avx2::<true, 4>(w, xq, i, k, o),
+            (_, 1) => group_avx2::<false, 1>(w, xq, i, k, o),
+            (_, 2) => group_avx2::<false, 2>(w, xq, i, k, o),
+            (_, 3) => group_avx2::<false, 3>(w, xq, i, k, o),
+            (_, _) => group_avx2::<false, 4>(w, xq, i, k, o),
+        }
+        i += g;
+    }
+}
+
+/// One weight row against activation rows `i0..i0+G`. Per block the weights are unpacked
+/// once to 32 signed bytes (`Q4` = Q4_0: nibbles − 8; else Q8_0); per row, `|w|·sign(x, w)`
+/// goes through `vpmaddubsw`/`vpmaddwd` to eight i32 sums, scaled by `d_w·d_x` into an f32
+/// accumulator.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn group_avx2<const Q4: bool, const G: usize>(
+    w: &[u8],
+    xq: &Int8Rows,
+    i0: usize,
+    k: usize,
+    out: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    let bb = if Q4 { 18 } else { 34 };
+    let nb = k / BLOCK;
+    let wp = w.as_ptr();
+    let xp = xq.quants.as_ptr().add(i0 * k);
+    let dxp = xq.scales.as_ptr().add(i0 * nb);
+    let nib = _mm256_set1_epi8(0x0F);
+    let eight = _mm256_set1_epi8(8);
+    let ones = _mm256_set1_epi16(1);
+    // Two accumulators per row (even and odd blocks): with one, every block waited on the
+    // previous block's FMA, and a 576-wide row is only 18 blocks.
+    let mut acc = [[_mm256_setzero_ps(); G]; 2];
+    let block = |b: usize, acc: &mut [__m256; G]| {
+        let blk = wp.add(b * bb);
+        _mm_prefetch::<_MM_HINT_T0>(blk.wrapping_add(crate::PREFETCH_BYTES) as *const i8);
+        // The scale converted in registers: staging eight of them through memory stalled
+        // on store forwarding.
+        let dw = _mm256_broadcastss_ps(_mm_cvtph_ps(_mm_cvtsi32_si128(
+            (blk as *const u16).read_unaligned() as i32,
+        )));
+        let q = blk.add(2);
+        let wq = if Q4 {
+            let raw = _mm_loadu_si128(q as *const __m128i);
+            let both = _mm256_set_m128i(_mm_srli_epi16(raw, 4), raw);
+            _mm256_sub_epi8(_mm256_and_si256(both, nib), eight)
+        } else {
+            _mm256_loadu_si256(q as *const __m256i)
+        };
+        let aw = _mm256_sign_epi8(wq, wq);
+        for (r, a) in acc.iter_mut().enumerate() {
+            let xv = _mm256_loadu_si256(xp.add(r * k + b * BLOCK) as *const __m256i);
+            let sx = _mm256_sign_epi8(xv, wq);
+            let dot = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, sx), ones);
+            let d = _mm256_mul_ps(dw, _mm256_broadcast_ss(&*dxp.add(r * nb + b)));
+            *a = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(dot), *a);
+        }
+    };
+    let mut b = 0;
+    while b + 1 < nb {
+        let (even, odd) = acc.split_at_mut(1);
+        block(b, &mut even[0]);
+        block(b + 1, &mut odd[0]);
+        b += 2;
+    }
+    if b < nb {
+        block(b, &mut acc[0]);
+    }
+    let acc: [__m256; G] = std::array::from_fn(|r| _mm256_add_ps(acc[0][r], acc[1][r]));
+    for (o, a) in out.iter_mut().zip(acc.iter()) {
+        let q = _mm_add_ps(_mm256_castps256_ps128(*a), _mm256_extractf128_ps(*a, 1));
+        let q = _mm_add_ps(q, _mm_movehl_ps(q, q));
+        let q = _mm_add_ss(q, _mm_shuffle_ps(q, q, 1));
+        *o = _mm_cvtss_f32(q);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    fn random_weights(f: BlockFormat, n_blocks: usize, rng: &mut impl Rng) -> Vec<u8> {
+        let mut w: Vec<u8> = (0..n_blocks * f.block_bytes())
+            .map(|_| rng.random())
+            .collect();
+        for b in w.chunks_exact_mut(f.block_bytes()) {
+            let d = f16::from_f32(rng.random_range(0.001..0.05));
+            b[..2].copy_from_slice(&d.to_le_bytes());
+        }
+        w
+    }
+
+    #[test]
+    fn rounding_follows_llama_cpp_q8_0() {
+        let mut x = [0f32; 32];
+        x[0] = 1.27;
+        x[1] = -0.5;
+        x[2] = 0.004; // below half a step: rounds to 0
+        let mut r = Int8Rows::default();
+        r.quantize(&x, 32);
+        assert!((r.scales[0] - 0.01).abs() < 1e-7);
+        assert_eq!(&r.quants[..3], &[127, -50, 0]);
+        r.quantize(&[0.0; 32], 32); // an all-zero block: scale 0, no NaN
+        assert_eq!((r.scales[0], r.quants[0]), (0.0, 0));
+    }
+
+    #[test]
+    fn fast_matches_reference() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+        for f in [BlockFormat::Q8_0, BlockFormat::Q4_0] {
+            for m in [1, 2, 3, 4, 5, 9] {
+                for (k, n) in [(32, 1), (64, 33), (288, 7), (576, 70), (1536, 5)] {
+                    let w = random_weights(f, n * k / BLOCK, &mut rng);
+                    let x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-1.0..1.0)).collect();
+                    let (mut a, mut b) = (vec![0f32; m * n], vec![0f32; m * n]);
+                    matmul_int8_reference(f, &x, &w, m, k, n, &mut a);
+                    matmul_int8(f, &x, &w, m, k, n, &mut b);
+                    for (p, q) in a.iter().zip(&b) {
+                        assert!(
+                            (p - q).abs() <= 1e-4 * (1.0 + p.abs()),
+                            "{f:?} m={m} k={k} n={n}: {p} vs {q}"
+                        );
+                    }
+                    let mut c = vec![0f32; m * n];
+                    row_portable_all(f, &x, &w, m, k, n, &mut c);
+                    for (p, q) in a.iter().zip(&c) {
+                        assert!((p - q).abs() <= 1e-4 * (1.0 + p.abs()), "portable {f:?}");
+                    }
+                }
+            }
+        }
+    }
+
+    /// A row's result is bit-identical whatever rows come with it (prefill, decode,
+    /// verification and batching must give the same logits).
+    #[test]
+    fn rows_do_not_depend_on_the_batch() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(13);
+        let (m, k, n) = (7, 576, 40);
+        for f in [BlockFormat::Q8_0, BlockFormat::Q4_0] {
+            let w = random_weights(f, n * k / BLOCK, &mut rng);
+            let x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-1.0..1.0)).collect();
+            let mut all = vec![0f32; m * n];
+            matmul_int8(f, &x, &w, m, k, n, &mut all);
+            for i in 0..m {
+                let mut one = vec![0f32; n];
+                matmul_int8(f, &x[i * k..(i + 1) * k], &w, 1, k, n, &mut one);
+                assert_eq!(one, all[i * n..(i + 1) * n], "{f:?} row {i}");
+            }
+        }
+    }
+
+    /// The portable kernel over every row (what non-x86 CPUs run).
+    fn row_portable_all(
+        f: BlockFormat,
+        x: &[f32],
+        w: &[u8],
+        m: usize,
+        k: usize,
+        n: usize,
+        out: &mut [f32],
+    ) {
+        let mut xq = Int8Rows::default();
+        xq.quantize(x, k);
+        let rb = k / BLOCK * f.block_bytes();
+        let mut o = vec![0f32; m];
+        for j in 0..n {
+            row_portable(f, &w[j * rb..(j + 1) * rb], &xq, m, k, &mut o);
+            for i in 0..m {
+                out[i * n + j] = o[i];
+            }
+        }
+    }
+
+    /// Close to the f32-activation result: the rounding of x costs ~0.4% relative per block.
+    #[test]
+    fn close_to_f32_activations() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(12);
+        let (m, k, n) = (2, 576, 16);
+        for f in [BlockFormat::Q8_0, BlockFormat::Q4_0] {
+            let w = random_weights(f, n * k / BLOCK, &mut rng);
+            let x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-1.0..1.0)).collect();
+            let (mut a, mut b) = (vec![0f32; m * n], vec![0f32; m * n]);
+            crate::matmul_quant_reference(f, &x, &w, m, k, n, &mut a);
+            matmul_int8(f, &x, &w, m, k, n, &mut b);
+            let scale = a.iter().map(|v| v.abs()).fold(0f32, f32::max);
+            for (p, q) in a.iter().zip(&b) {
+                assert!((p - q).abs() <= 0.02 * scale, "{f:?}: {p} vs {q}");
+            }
+        }
+    }
+}
