@@ -124,10 +124,7 @@ unsafe fn group_f16_avx2<const G: usize>(w: &[f16], x: &[f32], k: usize, out: &m
     }
     for r in 0..G {
         let s = _mm256_add_ps(a0[r], a1[r]);
-        let q = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
-        let q = _mm_add_ps(q, _mm_movehl_ps(q, q));
-        let q = _mm_add_ss(q, _mm_shuffle_ps(q, q, 1));
-        let mut acc = _mm_cvtss_f32(q);
+        let mut acc = crate::hsum256(s);
         for t in k16..k {
             acc += w[t].to_f32() * x[r * k + t];
         }

@@ -274,10 +274,7 @@ unsafe fn group_avx2<const Q4: bool, const G: usize>(
     }
     let acc: [__m256; G] = std::array::from_fn(|r| _mm256_add_ps(acc[0][r], acc[1][r]));
     for (o, a) in out.iter_mut().zip(acc.iter()) {
-        let q = _mm_add_ps(_mm256_castps256_ps128(*a), _mm256_extractf128_ps(*a, 1));
-        let q = _mm_add_ps(q, _mm_movehl_ps(q, q));
-        let q = _mm_add_ss(q, _mm_shuffle_ps(q, q, 1));
-        *o = _mm_cvtss_f32(q);
+        *o = crate::hsum256(*a);
     }
 }
 

@@ -31,3 +31,15 @@ pub(crate) fn has_avx2_fma() -> bool {
         && std::is_x86_feature_detected!("fma")
         && std::is_x86_feature_detected!("f16c")
 }
+
+/// The sum of an AVX vector's 8 lanes, in one fixed order (shared by every x86 kernel).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+pub(crate) unsafe fn hsum256(a: std::arch::x86_64::__m256) -> f32 {
+    use std::arch::x86_64::*;
+    let q = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    let q = _mm_add_ps(q, _mm_movehl_ps(q, q));
+    let q = _mm_add_ss(q, _mm_shuffle_ps(q, q, 1));
+    _mm_cvtss_f32(q)
+}

@@ -366,10 +366,7 @@ unsafe fn group_lanes_avx2<const F: u8, const G: usize>(
         }
     }
     for (o, a) in out.iter_mut().zip(acc.iter()) {
-        let q = _mm_add_ps(_mm256_castps256_ps128(*a), _mm256_extractf128_ps(*a, 1));
-        let q = _mm_add_ps(q, _mm_movehl_ps(q, q));
-        let q = _mm_add_ss(q, _mm_shuffle_ps(q, q, 1));
-        *o = _mm_cvtss_f32(q);
+        *o = crate::hsum256(*a);
     }
 }
 
@@ -540,10 +537,7 @@ unsafe fn group_avx2<const F: u8, const G: usize>(w: &[u8], x: &[f32], k: usize,
         }
     }
     for (o, a) in out.iter_mut().zip(acc.iter()) {
-        let q = _mm_add_ps(_mm256_castps256_ps128(*a), _mm256_extractf128_ps(*a, 1));
-        let q = _mm_add_ps(q, _mm_movehl_ps(q, q));
-        let q = _mm_add_ss(q, _mm_shuffle_ps(q, q, 1));
-        *o = _mm_cvtss_f32(q);
+        *o = crate::hsum256(*a);
     }
 }
 
@@ -577,10 +571,7 @@ unsafe fn group_dequant_avx2<const G: usize>(
         }
     }
     for (o, a) in out.iter_mut().zip(acc.iter()) {
-        let q = _mm_add_ps(_mm256_castps256_ps128(*a), _mm256_extractf128_ps(*a, 1));
-        let q = _mm_add_ps(q, _mm_movehl_ps(q, q));
-        let q = _mm_add_ss(q, _mm_shuffle_ps(q, q, 1));
-        *o = _mm_cvtss_f32(q);
+        *o = crate::hsum256(*a);
     }
 }
 

@@ -679,19 +679,9 @@ impl Llama {
     pub fn upload_to_gpu(&mut self) -> Result<usize> {
         #[cfg(feature = "cuda")]
         {
-            let mut bytes = self.lm_head.upload_to_gpu()?;
-            for l in &mut self.layers {
-                for lin in [
-                    &mut l.q,
-                    &mut l.k,
-                    &mut l.v,
-                    &mut l.o,
-                    &mut l.gate,
-                    &mut l.up,
-                    &mut l.down,
-                ] {
-                    bytes += lin.upload_to_gpu()?;
-                }
+            let mut bytes = 0;
+            for lin in self.linears_mut() {
+                bytes += lin.upload_to_gpu()?;
             }
             Ok(bytes)
         }
@@ -703,20 +693,9 @@ impl Llama {
 
     /// Sets how activations meet Q8_0/Q4_0 weights in every linear layer.
     pub fn set_activation_precision(&mut self, p: crate::linear::ActivationPrecision) {
-        for l in &mut self.layers {
-            for lin in [
-                &mut l.q,
-                &mut l.k,
-                &mut l.v,
-                &mut l.o,
-                &mut l.gate,
-                &mut l.up,
-                &mut l.down,
-            ] {
-                lin.activations = p;
-            }
+        for lin in self.linears_mut() {
+            lin.activations = p;
         }
-        self.lm_head.activations = p;
     }
 
     /// Grows the cache (doubling, capped at its limit) so it can hold `needed` positions.
@@ -748,41 +727,63 @@ impl Llama {
 
     /// Bytes of weights read by one forward pass (linear layers plus norms).
     pub fn weight_bytes(&self) -> usize {
-        let mut b = self.lm_head.weight_bytes();
-        for l in &self.layers {
-            for lin in [&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down] {
-                b += lin.weight_bytes();
+        self.linears().iter().map(|(_, l)| l.weight_bytes()).sum()
+    }
+
+    /// Every linear layer with its Hugging Face weight name, in forward order, head last.
+    fn linears(&self) -> Vec<(String, &Linear)> {
+        let mut v = Vec::new();
+        for (i, l) in self.layers.iter().enumerate() {
+            for (n, lin) in LINEAR_NAMES.iter().zip(l.linears()) {
+                v.push((format!("model.layers.{i}.{n}.weight"), lin));
             }
         }
-        b
+        v.push(("lm_head.weight".into(), &self.lm_head));
+        v
+    }
+
+    fn linears_mut(&mut self) -> impl Iterator<Item = &mut Linear> {
+        self.layers
+            .iter_mut()
+            .flat_map(|l| {
+                [
+                    &mut l.q,
+                    &mut l.k,
+                    &mut l.v,
+                    &mut l.o,
+                    &mut l.gate,
+                    &mut l.up,
+                    &mut l.down,
+                ]
+            })
+            .chain(std::iter::once(&mut self.lm_head))
     }
 
     /// (name, storage type, weight bytes) for every linear layer, in order.
     pub fn linear_summary(&self) -> Vec<(String, String, usize)> {
-        let mut v = Vec::new();
-        for (i, l) in self.layers.iter().enumerate() {
-            for (n, lin) in [
-                ("self_attn.q_proj", &l.q),
-                ("self_attn.k_proj", &l.k),
-                ("self_attn.v_proj", &l.v),
-                ("self_attn.o_proj", &l.o),
-                ("mlp.gate_proj", &l.gate),
-                ("mlp.up_proj", &l.up),
-                ("mlp.down_proj", &l.down),
-            ] {
-                v.push((
-                    format!("model.layers.{i}.{n}.weight"),
-                    lin.dtype_name(),
-                    lin.weight_bytes(),
-                ));
-            }
-        }
-        v.push((
-            "lm_head.weight".into(),
-            self.lm_head.dtype_name(),
-            self.lm_head.weight_bytes(),
-        ));
-        v
+        self.linears()
+            .into_iter()
+            .map(|(n, l)| (n, l.dtype_name(), l.weight_bytes()))
+            .collect()
+    }
+}
+
+/// Module names of a layer's linear weights, in the order of `Layer::linears`.
+const LINEAR_NAMES: [&str; 7] = [
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+];
+
+impl Layer {
+    fn linears(&self) -> [&Linear; 7] {
+        [
+            &self.q, &self.k, &self.v, &self.o, &self.gate, &self.up, &self.down,
+        ]
     }
 }
 
