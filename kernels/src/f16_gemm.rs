@@ -50,10 +50,7 @@ type RowDot = fn(&[f16], &[f32], usize, usize, &mut [f32]);
 fn select_kernel() -> RowDot {
     #[cfg(target_arch = "x86_64")]
     {
-        if std::is_x86_feature_detected!("avx2")
-            && std::is_x86_feature_detected!("fma")
-            && std::is_x86_feature_detected!("f16c")
-        {
+        if crate::has_avx2_fma() {
             return row_dot_avx2_entry;
         }
     }

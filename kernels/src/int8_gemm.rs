@@ -165,10 +165,7 @@ type RowKernel = fn(BlockFormat, &[u8], &Int8Rows, usize, usize, &mut [f32]);
 fn select() -> RowKernel {
     #[cfg(target_arch = "x86_64")]
     {
-        if std::is_x86_feature_detected!("avx2")
-            && std::is_x86_feature_detected!("fma")
-            && std::is_x86_feature_detected!("f16c")
-        {
+        if crate::has_avx2_fma() {
             return |f, w, xq, m, k, o| unsafe { row_avx2(f, w, xq, m, k, o) };
         }
     }

@@ -237,7 +237,7 @@ pub fn matmul_quant(
     }
     let row_bytes = k / f.block_elems() * f.block_bytes();
     #[cfg(target_arch = "x86_64")]
-    if matches!(f, BlockFormat::Q4_0 | BlockFormat::Q8_0) && has_avx2() {
+    if matches!(f, BlockFormat::Q4_0 | BlockFormat::Q8_0) && crate::has_avx2_fma() {
         // Lane order of the shuffle-free unpacking (see `group_lanes_avx2`): the activations
         // are permuted once per call instead of the weights once per block.
         return PERMUTED.with(|buf| {
@@ -265,13 +265,6 @@ thread_local! {
 }
 
 #[cfg(target_arch = "x86_64")]
-fn has_avx2() -> bool {
-    std::is_x86_feature_detected!("avx2")
-        && std::is_x86_feature_detected!("fma")
-        && std::is_x86_feature_detected!("f16c")
-}
-
-#[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn row_lanes_avx2(f: BlockFormat, w: &[u8], x: &[f32], m: usize, k: usize, out: &mut [f32]) {
     let mut i = 0;
@@ -296,7 +289,7 @@ unsafe fn row_lanes_avx2(f: BlockFormat, w: &[u8], x: &[f32], m: usize, k: usize
 /// Q4_0 (`F` = 0) and Q8_0 (`F` = 2) without byte shuffles: 8 weight bytes are broadcast to
 /// every 64-bit lane (a plain load) and each 32-bit lane shifts its own byte down with a
 /// variable shift, so lane i holds weight `LANE_ORDER[i]` of the group; the activations come
-/// permuted to match. The widening shuffles of `group_avx2` were its bottleneck. Block scales
+/// permuted to match (byte-widening shuffles, as `group_q4_1_avx2` uses, were the bottleneck). Block scales
 /// are converted 8 at a time and broadcast from memory.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -375,10 +368,7 @@ type RowKernel = fn(BlockFormat, &[u8], &[f32], usize, usize, &mut [f32]);
 fn select() -> RowKernel {
     #[cfg(target_arch = "x86_64")]
     {
-        if std::is_x86_feature_detected!("avx2")
-            && std::is_x86_feature_detected!("fma")
-            && std::is_x86_feature_detected!("f16c")
-        {
+        if crate::has_avx2_fma() {
             return |f, w, x, m, k, o| unsafe { row_avx2(f, w, x, m, k, o) };
         }
     }
@@ -438,18 +428,11 @@ unsafe fn row_avx2(f: BlockFormat, w: &[u8], x: &[f32], m: usize, k: usize, out:
         let xs = &x[i * k..];
         let o = &mut out[i..i + g];
         match (f, g) {
-            (BlockFormat::Q4_0, 1) => group_avx2::<0, 1>(w, xs, k, o),
-            (BlockFormat::Q4_0, 2) => group_avx2::<0, 2>(w, xs, k, o),
-            (BlockFormat::Q4_0, 3) => group_avx2::<0, 3>(w, xs, k, o),
-            (BlockFormat::Q4_0, _) => group_avx2::<0, 4>(w, xs, k, o),
-            (BlockFormat::Q4_1, 1) => group_avx2::<1, 1>(w, xs, k, o),
-            (BlockFormat::Q4_1, 2) => group_avx2::<1, 2>(w, xs, k, o),
-            (BlockFormat::Q4_1, 3) => group_avx2::<1, 3>(w, xs, k, o),
-            (BlockFormat::Q4_1, _) => group_avx2::<1, 4>(w, xs, k, o),
-            (BlockFormat::Q8_0, 1) => group_avx2::<2, 1>(w, xs, k, o),
-            (BlockFormat::Q8_0, 2) => group_avx2::<2, 2>(w, xs, k, o),
-            (BlockFormat::Q8_0, 3) => group_avx2::<2, 3>(w, xs, k, o),
-            (BlockFormat::Q8_0, _) => group_avx2::<2, 4>(w, xs, k, o),
+            // Q4_0 and Q8_0 never come here: `matmul_quant` sends them to `row_lanes_avx2`.
+            (BlockFormat::Q4_1, 1) => group_q4_1_avx2::<1>(w, xs, k, o),
+            (BlockFormat::Q4_1, 2) => group_q4_1_avx2::<2>(w, xs, k, o),
+            (BlockFormat::Q4_1, 3) => group_q4_1_avx2::<3>(w, xs, k, o),
+            (BlockFormat::Q4_1, _) => group_q4_1_avx2::<4>(w, xs, k, o),
             (_, 1) => group_dequant_avx2::<1>(f, w, xs, k, o),
             (_, 2) => group_dequant_avx2::<2>(f, w, xs, k, o),
             (_, 3) => group_dequant_avx2::<3>(f, w, xs, k, o),
@@ -459,17 +442,15 @@ unsafe fn row_avx2(f: BlockFormat, w: &[u8], x: &[f32], m: usize, k: usize, out:
     }
 }
 
-/// One weight row against `G` activation rows. `F` is the format (0 = Q4_0, 1 = Q4_1,
-/// 2 = Q8_0) as a constant so each combination compiles to straight-line code with its
-/// accumulators in registers.
+/// One Q4_1 weight row against `G` activation rows (`G` a constant so the accumulators stay
+/// in registers): nibbles widened to f32 once per block and reused for every row.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn group_avx2<const F: u8, const G: usize>(w: &[u8], x: &[f32], k: usize, out: &mut [f32]) {
+unsafe fn group_q4_1_avx2<const G: usize>(w: &[u8], x: &[f32], k: usize, out: &mut [f32]) {
     use std::arch::x86_64::*;
-    let bb = [18, 20, 34][F as usize];
+    let bb = 20;
     let nb = k / BLOCK;
     let mask = _mm_set1_epi8(0x0F);
-    let eight = _mm256_set1_ps(8.0);
     let scale = |p: *const u8| {
         _mm256_set1_ps(_mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(
             u16::from_le_bytes([*p, *p.add(1)]) as i32,
@@ -482,40 +463,16 @@ unsafe fn group_avx2<const F: u8, const G: usize>(w: &[u8], x: &[f32], k: usize,
     for b in 0..nb {
         let blk = wp.add(b * bb);
         let d = scale(blk);
-        let (w0, w1, w2, w3) = if F == 2 {
-            let q = blk.add(2);
-            let s = |o: usize| {
-                _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(
-                    q.add(o) as *const __m128i
-                )))
-            };
-            (s(0), s(8), s(16), s(24))
-        } else {
-            let raw = _mm_loadu_si128(blk.add(if F == 0 { 2 } else { 4 }) as *const __m128i);
-            let lo = _mm_and_si128(raw, mask);
-            let hi = _mm_and_si128(_mm_srli_epi16(raw, 4), mask);
-            let v = (
-                widen(lo),
-                widen(_mm_srli_si128(lo, 8)),
-                widen(hi),
-                widen(_mm_srli_si128(hi, 8)),
-            );
-            if F == 0 {
-                (
-                    _mm256_sub_ps(v.0, eight),
-                    _mm256_sub_ps(v.1, eight),
-                    _mm256_sub_ps(v.2, eight),
-                    _mm256_sub_ps(v.3, eight),
-                )
-            } else {
-                v
-            }
-        };
-        let mn = if F == 1 {
-            scale(blk.add(2))
-        } else {
-            _mm256_setzero_ps()
-        };
+        let raw = _mm_loadu_si128(blk.add(4) as *const __m128i);
+        let lo = _mm_and_si128(raw, mask);
+        let hi = _mm_and_si128(_mm_srli_epi16(raw, 4), mask);
+        let (w0, w1, w2, w3) = (
+            widen(lo),
+            widen(_mm_srli_si128(lo, 8)),
+            widen(hi),
+            widen(_mm_srli_si128(hi, 8)),
+        );
+        let mn = scale(blk.add(2));
         for (r, a) in acc.iter_mut().enumerate() {
             let p = xp.add(r * k + b * BLOCK);
             let (x0, x1, x2, x3) = (
@@ -529,11 +486,9 @@ unsafe fn group_avx2<const F: u8, const G: usize>(w: &[u8], x: &[f32], k: usize,
             s = _mm256_fmadd_ps(w2, x2, s);
             s = _mm256_fmadd_ps(w3, x3, s);
             *a = _mm256_fmadd_ps(d, s, *a);
-            if F == 1 {
-                // Q4_1: w = d*q + m, so the block also adds m * sum(x).
-                let sx = _mm256_add_ps(_mm256_add_ps(x0, x1), _mm256_add_ps(x2, x3));
-                *a = _mm256_fmadd_ps(mn, sx, *a);
-            }
+            // w = d*q + m, so the block also adds m * sum(x).
+            let sx = _mm256_add_ps(_mm256_add_ps(x0, x1), _mm256_add_ps(x2, x3));
+            *a = _mm256_fmadd_ps(mn, sx, *a);
         }
     }
     for (o, a) in out.iter_mut().zip(acc.iter()) {

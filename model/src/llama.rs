@@ -54,6 +54,11 @@ struct Workspace {
     up: Vec<f32>,
     cos: Vec<f32>,
     sin: Vec<f32>,
+    /// Every sequence's new tokens and their positions, and which rows reach the head.
+    tokens: Vec<u32>,
+    positions: Vec<usize>,
+    picked: Vec<usize>,
+    counts: Vec<usize>,
     profile: Option<OpTimes>,
 }
 
@@ -396,8 +401,19 @@ impl Llama {
         which: Logits,
         observer: Option<&dyn ActivationObserver>,
     ) -> Result<Vec<Tensor>> {
-        let mut positions = Vec::new();
-        let mut all = Vec::new();
+        let mut fresh = Workspace::default();
+        let mut held = self.workspace.try_lock();
+        let ws = match held.as_mut() {
+            Ok(w) => &mut **w,
+            Err(_) => &mut fresh,
+        };
+        // Taken out of the workspace while it is lent to `forward_rows`, put back after.
+        let (mut all, mut positions) = (
+            std::mem::take(&mut ws.tokens),
+            std::mem::take(&mut ws.positions),
+        );
+        all.clear();
+        positions.clear();
         for (tokens, cache) in seqs.iter_mut() {
             let (t, n) = (tokens.len(), cache.len);
             if t == 0 {
@@ -422,18 +438,13 @@ impl Llama {
             all.extend_from_slice(tokens);
             positions.extend(n..n + t);
         }
-        let mut fresh = Workspace::default();
-        let mut held = self.workspace.try_lock();
-        let ws = match held.as_mut() {
-            Ok(w) => &mut **w,
-            Err(_) => &mut fresh,
-        };
         let mut profile = ws.profile.take();
         let out = self.forward_rows(ws, seqs, &all, &positions, which, observer, &mut profile);
         if let Some(p) = profile.as_mut() {
             p.calls += 1;
         }
         ws.profile = profile;
+        (ws.tokens, ws.positions) = (all, positions);
         out
     }
 
@@ -541,8 +552,12 @@ impl Llama {
             tandem_kernels::ops::add_assign(&mut ws.x[..rows * h], proj);
         }
         // Which rows go through the output head, and how they split per sequence.
-        let mut picked = Vec::new();
-        let mut counts = Vec::new();
+        let (mut picked, mut counts) = (
+            std::mem::take(&mut ws.picked),
+            std::mem::take(&mut ws.counts),
+        );
+        picked.clear();
+        counts.clear();
         let mut off = 0;
         for (tokens, cache) in seqs.iter_mut() {
             let t = tokens.len();
@@ -571,7 +586,7 @@ impl Llama {
         timer.lap("lm_head matmul");
         let mut out = Vec::with_capacity(counts.len());
         let mut start = 0;
-        for n in counts {
+        for &n in &counts {
             let part = if out.is_empty() && n == picked.len() {
                 std::mem::take(&mut logits)
             } else {
@@ -580,6 +595,7 @@ impl Llama {
             out.push(Tensor::from_vec(part, (n, vocab), &self.device)?);
             start += n;
         }
+        (ws.picked, ws.counts) = (picked, counts);
         Ok(out)
     }
 
