@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use tandem_model::{Checkpoint, Llama, Sampler, SamplingParams};
 use tandem_speculate::{
     AcceptanceRule, AdaptiveK, Controller, Drafter, FixedK, Greedy, ModelDrafter, ModelVerifier,
-    NgramDrafter, RejectionSampling, SpecStats, SpeculativeDecoder,
+    NgramDrafter, RejectionSampling, SharedCacheDrafter, SpecStats, SpeculativeDecoder,
 };
 
 /// Where drafts come from: prompt lookup, or a model (a file, or `self:<type>`).
@@ -53,6 +53,9 @@ pub struct SpecSettings {
     pub draft_max: usize,
     pub adapt: bool,
     pub ctx: Option<usize>,
+    pub draft_p_min: f32,
+    /// Give a draft model its own KV cache even when it could draft over the verifier's.
+    pub own_draft_cache: bool,
 }
 
 /// One speculative generation with fresh drafter, verifier, rule and controller.
@@ -65,8 +68,9 @@ pub fn run(
     eos: &[u32],
     mut on_token: impl FnMut(u32) -> tandem_model::Result<()>,
 ) -> Result<(Vec<u32>, SpecStats)> {
+    let mut verifier = ModelVerifier::new(model, s.ctx)?;
     let mut ngram = NgramDrafter::default();
-    let mut model_drafter;
+    let (mut own_cache, mut shared_cache);
     let drafter: &mut dyn Drafter = match draft {
         DraftSource::Ngram => &mut ngram,
         DraftSource::Model(m) => {
@@ -79,11 +83,17 @@ pub fn run(
                     })
                 })
                 .transpose()?;
-            model_drafter = ModelDrafter::new(m, ds)?;
-            &mut model_drafter
+            if s.own_draft_cache || !m.shares_cache_shape_with(model) {
+                own_cache = ModelDrafter::new(m, ds)?;
+                own_cache.min_confidence = s.draft_p_min;
+                &mut own_cache
+            } else {
+                shared_cache = SharedCacheDrafter::new(m, &verifier, ds)?;
+                shared_cache.min_confidence = s.draft_p_min;
+                &mut shared_cache
+            }
         }
     };
-    let mut verifier = ModelVerifier::new(model, s.ctx)?;
     let mut greedy = Greedy;
     let mut sampling = RejectionSampling {
         sampler: Sampler::new(s.params)?,
@@ -149,6 +159,8 @@ pub fn generate(
         draft_max: a.draft_max,
         adapt: !a.no_adapt,
         ctx: a.ctx,
+        draft_p_min: a.draft_p_min,
+        own_draft_cache: a.own_draft_cache,
     };
     let mut printer = Printer::start(tok, &a.prompt, ids.last().copied())?;
     let (_, st) = run(
@@ -199,6 +211,14 @@ pub struct BenchSpecArgs {
     draft_max: usize,
     #[arg(long)]
     no_adapt: bool,
+    /// A draft model stops drafting when its most likely next token has less than this
+    /// probability (0 = draft --draft-max tokens whenever speculating).
+    #[arg(long, default_value_t = crate::commands::DEFAULT_DRAFT_P_MIN)]
+    draft_p_min: f32,
+    /// Give a draft model its own KV cache (it reads the prompt and every verified token
+    /// itself) even when it has the verifier's shape and could draft over the verifier's.
+    #[arg(long)]
+    own_draft_cache: bool,
     /// Write per-prompt and total results here.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -262,6 +282,8 @@ pub fn bench_spec(a: BenchSpecArgs) -> Result<()> {
         draft_max: a.draft_max,
         adapt: !a.no_adapt,
         ctx: None,
+        draft_p_min: a.draft_p_min,
+        own_draft_cache: a.own_draft_cache,
     };
     let tok = &ck.tokenizer;
     let (mut plain_tokens, mut plain_secs, mut spec_tokens, mut spec_secs) =
@@ -369,7 +391,9 @@ fn bench_batch(
         let mut models = Vec::new();
         if let DraftSource::Model(m) = src {
             for _ in batch {
-                models.push(ModelDrafter::new(m, None)?);
+                let mut d = ModelDrafter::new(m, None)?;
+                d.min_confidence = a.draft_p_min;
+                models.push(d);
             }
         }
         let drafters: Vec<&mut dyn Drafter> = match src {

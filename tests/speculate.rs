@@ -9,7 +9,7 @@ use tandem_model::generate::generate;
 use tandem_model::{Checkpoint, Llama, Sampler, SamplingParams};
 use tandem_speculate::{
     AdaptiveK, Controller, Drafter, FixedK, Greedy, ModelDrafter, ModelVerifier, NgramDrafter,
-    SpeculativeDecoder,
+    SharedCacheDrafter, SpeculativeDecoder,
 };
 
 const STORY_PROMPTS: &[&str] = &[
@@ -60,6 +60,27 @@ fn speculative(
     let mut verifier = ModelVerifier::new(verifier_model, limit).unwrap();
     let mut dec = SpeculativeDecoder {
         drafter,
+        verifier: &mut verifier,
+        rule: &mut Greedy,
+        controller,
+    };
+    dec.generate(prompt, max, eos, |_| Ok(())).unwrap()
+}
+
+/// As [`speculative`], drafting with `draft_model` over the verifier's own KV cache.
+fn speculative_shared(
+    verifier_model: &Llama,
+    draft_model: &Llama,
+    controller: &mut dyn Controller,
+    prompt: &[u32],
+    max: usize,
+    limit: Option<usize>,
+    eos: &[u32],
+) -> (Vec<u32>, tandem_speculate::SpecStats) {
+    let mut verifier = ModelVerifier::new(verifier_model, limit).unwrap();
+    let mut drafter = SharedCacheDrafter::new(draft_model, &verifier, None).unwrap();
+    let mut dec = SpeculativeDecoder {
+        drafter: &mut drafter,
         verifier: &mut verifier,
         rule: &mut Greedy,
         controller,
@@ -121,7 +142,21 @@ fn stories260k_speculative_greedy_equals_plain_greedy() {
                 let mut dr = ModelDrafter::new(d, None).unwrap();
                 let (got, _) = speculative(&m, &mut dr, &mut FixedK(k), &ids, 120, limit, &eos);
                 assert_eq!(got, want, "self draft k={k} prompt {p:?}");
+                // The same draft over the verifier's cache, fixed and adaptive k.
+                let mut fixed = FixedK(k);
+                let mut adapt = AdaptiveK::new(k);
+                for ctl in [&mut fixed as &mut dyn Controller, &mut adapt] {
+                    let (got, _) = speculative_shared(&m, d, ctl, &ids, 120, limit, &eos);
+                    assert_eq!(got, want, "shared-cache self draft k={k} prompt {p:?}");
+                }
             }
+            // The verifier drafting over its own cache proposes exactly what it then verifies.
+            let (got, st) = speculative_shared(&m, &m, &mut FixedK(k), &ids, 120, limit, &eos);
+            assert_eq!(got, want, "shared-cache self-draft k={k} prompt {p:?}");
+            assert_eq!(
+                st.accepted, st.drafted,
+                "the shared cache must be left as it was"
+            );
             // The verifier itself as a drafter: every draft is accepted.
             let mut own = ModelDrafter::new(&m, None).unwrap();
             let (got, st) = speculative(&m, &mut own, &mut FixedK(k), &ids, 120, limit, &eos);
@@ -169,6 +204,8 @@ fn smollm2_speculative_greedy_equals_plain_greedy() {
     );
     assert!(prompts.len() >= 20);
     let self_drafts = self_drafts(&v);
+    // (accepted, drafted) of the self-drafts over the verifier's cache.
+    let mut shared_counts = (0, 0);
     for (i, p) in prompts.iter().enumerate() {
         let ids = v.tokenizer.encode(p, false).unwrap();
         let want = plain(&vm, &ids, 24, None, &eos);
@@ -198,8 +235,41 @@ fn smollm2_speculative_greedy_equals_plain_greedy() {
             let ctl: &mut dyn Controller = if i % 2 == 0 { &mut fixed } else { &mut adapt };
             let (got, _) = speculative(&vm, &mut dr, ctl, &ids, 24, None, &eos);
             assert_eq!(got, want, "{name} k={k} prompt {p:?}");
+            let mut fixed = FixedK(k);
+            let mut adapt = AdaptiveK::new(k);
+            let ctl: &mut dyn Controller = if i % 2 == 1 { &mut fixed } else { &mut adapt };
+            let (got, st) = speculative_shared(&vm, d, ctl, &ids, 24, None, &eos);
+            assert_eq!(
+                got, want,
+                "{name} over the verifier's cache k={k} prompt {p:?}"
+            );
+            shared_counts.0 += st.accepted;
+            shared_counts.1 += st.drafted;
         }
     }
+    let rate = shared_counts.0 as f64 / shared_counts.1.max(1) as f64;
+    assert!(
+        rate > 0.7,
+        "self-drafts over the verifier's cache should mostly agree: {rate:.2} of {} drafted",
+        shared_counts.1
+    );
+}
+
+#[test]
+fn a_draft_of_another_shape_cannot_share_the_cache() {
+    let s = Checkpoint::open(&stories(), None).unwrap();
+    let sm = s.load_model(&Device::Cpu).unwrap();
+    let v = Checkpoint::open(&smollm2_gguf(), None).unwrap();
+    let vm = v.load_model(&Device::Cpu).unwrap();
+    let verifier = ModelVerifier::new(&vm, None).unwrap();
+    let err = SharedCacheDrafter::new(&sm, &verifier, None)
+        .err()
+        .expect("stories260K cannot draft over SmolLM2's cache")
+        .to_string();
+    assert!(
+        err.contains("cannot draft over the verifier's cache"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -337,7 +407,7 @@ fn stories260k_speculative_sampling_matches_the_verifier_distribution() {
         .unwrap()
         .distribution(&tandem_model::llama::last_row(&logits).unwrap());
     let n = 12_000;
-    let tv_of = |greedy_rule: bool| -> f64 {
+    let tv_of = |greedy_rule: bool, shared_cache: bool| -> f64 {
         let mut counts = vec![0usize; target.len()];
         for i in 0..n {
             let p = SamplingParams {
@@ -349,15 +419,22 @@ fn stories260k_speculative_sampling_matches_the_verifier_distribution() {
                 ..params
             })
             .unwrap();
-            let mut d = ModelDrafter::new(&drafts[1], Some(ds)).unwrap();
             let mut v = ModelVerifier::new(&m, None).unwrap();
+            let (mut own, mut shared);
+            let d: &mut dyn Drafter = if shared_cache {
+                shared = SharedCacheDrafter::new(&drafts[1], &v, Some(ds)).unwrap();
+                &mut shared
+            } else {
+                own = ModelDrafter::new(&drafts[1], Some(ds)).unwrap();
+                &mut own
+            };
             let mut rs = RejectionSampling {
                 sampler: Sampler::new(p).unwrap(),
             };
             let mut g = Greedy;
             let rule: &mut dyn AcceptanceRule = if greedy_rule { &mut g } else { &mut rs };
             let mut dec = SpeculativeDecoder {
-                drafter: &mut d,
+                drafter: d,
                 verifier: &mut v,
                 rule,
                 controller: &mut FixedK(1),
@@ -372,8 +449,13 @@ fn stories260k_speculative_sampling_matches_the_verifier_distribution() {
             .map(|(&c, &p)| (c as f64 / n as f64 - p as f64).abs())
             .sum::<f64>()
     };
-    let (tv_ok, tv_wrong) = (tv_of(false), tv_of(true));
-    eprintln!("TV to the verifier's distribution: rejection sampling {tv_ok:.4}, greedy acceptance {tv_wrong:.4}");
+    let (tv_ok, tv_shared, tv_wrong) =
+        (tv_of(false, false), tv_of(false, true), tv_of(true, false));
+    eprintln!("TV to the verifier's distribution: rejection sampling {tv_ok:.4} (draft over the verifier's cache {tv_shared:.4}), greedy acceptance {tv_wrong:.4}");
+    assert!(
+        tv_shared < 0.035,
+        "rejection sampling with a shared-cache draft is off the target: TV {tv_shared}"
+    );
     // 12k draws over ~40 tokens: sampling noise alone gives TV around 0.02.
     assert!(
         tv_ok < 0.035,

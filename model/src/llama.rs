@@ -359,6 +359,18 @@ impl Llama {
         })
     }
 
+    /// Whether `other` can read and write this model's [`KvCache`]: same layer count, KV
+    /// heads, head size and RoPE. A quantized copy of a model can (a self-draft attending over
+    /// its verifier's cache); a different model cannot.
+    pub fn shares_cache_shape_with(&self, other: &Llama) -> bool {
+        let (a, b) = (&self.config, &other.config);
+        self.layers.len() == other.layers.len()
+            && a.num_kv_heads() == b.num_kv_heads()
+            && a.head_dim() == b.head_dim()
+            && a.rope_theta == b.rope_theta
+            && a.context_length() == b.context_length()
+    }
+
     pub fn device(&self) -> &Device {
         &self.device
     }

@@ -25,36 +25,75 @@ impl Controller for FixedK {
     fn observe(&mut self, _: &StepReport) {}
 }
 
-/// Picks k from the observed per-token acceptance rate α and the measured cost of drafting
-/// one token relative to a verifier pass c, maximizing Leviathan et al.'s expected speedup
+/// A sum that forgets: each `add` first multiplies the old total by `DECAY`, so it weighs the
+/// last ~1 / (1 − DECAY) steps. Ratios of two such sums (tokens over seconds) are what the
+/// controller reads: a mean of per-step ratios let one unlucky step (a rejection at the first
+/// position: one token for a whole draft + verify) switch a paying drafter off.
+#[derive(Debug, Clone, Copy, Default)]
+struct Decayed {
+    num: f64,
+    den: f64,
+    n: usize,
+}
+
+const DECAY: f64 = 0.9;
+
+impl Decayed {
+    fn add(&mut self, num: f64, den: f64) {
+        self.num = self.num * DECAY + num;
+        self.den = self.den * DECAY + den;
+        self.n += 1;
+    }
+    fn ratio(&self) -> Option<f64> {
+        (self.n > 0 && self.den > 0.0).then(|| self.num / self.den)
+    }
+}
+
+/// Picks k from the observed per-token acceptance rate α and the cost of one drafted token
+/// relative to a plain step c, maximizing Leviathan et al.'s expected speedup
 /// (1 − α^(k+1)) / ((1 − α)(k·c + 1)); k = 0 (plain decoding) when nothing beats 1. While
 /// speculation is off it still probes every `probe_every` steps, so it can notice when drafts
 /// start to pay again.
 ///
-/// The model ignores what it cannot see: a (k+1)-token verification costs more than a plain
-/// step, and a draft model must first read the prompt. So when it reads the clock, the
-/// controller also keeps the measured throughput (tokens per second, smoothed) of plain steps
-/// and of speculative steps, and speculates only while the measured speculative rate beats
-/// the plain one; failed probes back off (16, 32, 64 steps), so a drafter that never pays
-/// costs little more than plain decoding.
+/// With the clock (the default), c is measured, not assumed: the time a plain step takes
+/// (every step that verified one token), the draft's time per drafted token, and how much a
+/// verification grows per drafted token (a (k+1)-token pass costs more than a plain one on a
+/// CPU) -- all as forgetting sums, relative to the plain step. The model still assumes each
+/// drafted token is accepted independently, so the controller also keeps the measured
+/// throughput (tokens over seconds) of the steps it speculated and of those it did not, and
+/// speculates only while speculating is measured to be faster; failed probes back off (16,
+/// 32, 64 steps), so a drafter that never pays costs little more than plain decoding.
 pub struct AdaptiveK {
     pub max_k: usize,
-    alpha: f64,
-    cost: f64,
-    /// When set, the draft cost is this constant instead of being measured on the clock: the
-    /// choices of k then depend only on acceptance, so a seeded sampling run is reproducible.
+    /// Accepted over drafted tokens.
+    alpha: Decayed,
+    /// When set, the cost per drafted token is this constant instead of being measured on the
+    /// clock: the choices of k then depend only on acceptance, so a seeded sampling run is
+    /// reproducible.
     fixed_cost: Option<f64>,
+    /// Seconds of a plain (one-token) verifier pass.
+    plain_step: Decayed,
+    /// Draft seconds over drafted tokens (a draft that stops before proposing anything still
+    /// costs its time).
+    draft: Decayed,
+    /// Verification seconds beyond a plain step, over drafted tokens.
+    growth: Decayed,
+    /// Tokens over seconds of the steps decoded plainly and of those the controller
+    /// speculated on (whatever the drafter then proposed).
+    plain_rate: Decayed,
+    spec_rate: Decayed,
     steps_off: usize,
     pub probe_every: usize,
     k: usize,
-    /// Smoothed tokens/s of plain steps and of speculative steps (clock mode only).
-    plain_rate: Option<f64>,
-    spec_rate: Option<f64>,
+    /// The k asked for by the last `next_k`.
+    asked: usize,
     /// The k the model wants while measured throughput keeps speculation off.
     wanted: usize,
     steps: usize,
+    /// Speculative steps since speculation was last switched on.
+    spec_streak: usize,
     /// The next speculative step is the first after plain ones: a model drafter catches up
-    /// on the tokens it missed (the whole prompt, the first time), so its rate is not counted.
+    /// on the tokens it missed (the whole prompt, the first time), so its cost is not counted.
     catching_up: bool,
     /// Speculation is on only to probe whether it pays again.
     probing: bool,
@@ -67,39 +106,50 @@ const VERIFY_GROWTH: f64 = 0.1;
 /// drafter win or lose by whole verifier passes, too noisy a rate to judge it by, and a draft
 /// that costs nothing can only lose the verifier's growth with k.
 const GUARD_MIN_COST: f64 = 0.05;
+/// Speculative steps measured before the throughput guard may switch speculation off.
+const GUARD_MIN_STEPS: usize = 10;
 /// Most steps between probes while speculation is off.
 const MAX_PROBE_EVERY: usize = 64;
 /// A plain step every this many speculative ones keeps the plain rate current.
 const PLAIN_REFRESH: usize = 32;
+/// Drafted tokens judged (decayed count, the prior's two included) before the clock-driven
+/// model may switch speculation off.
+const MIN_JUDGED: f64 = 10.0;
+/// Acceptance assumed before any draft was judged.
+const PRIOR_ALPHA: f64 = 0.6;
 
 impl AdaptiveK {
     pub fn new(max_k: usize) -> Self {
         AdaptiveK {
             max_k,
-            alpha: 0.6,
-            cost: 0.1,
+            // The prior counts as two drafted tokens, so one bad first step does not decide.
+            alpha: Decayed {
+                num: 2.0 * PRIOR_ALPHA,
+                den: 2.0,
+                n: 1,
+            },
             fixed_cost: None,
+            plain_step: Decayed::default(),
+            draft: Decayed::default(),
+            growth: Decayed::default(),
+            plain_rate: Decayed::default(),
+            spec_rate: Decayed::default(),
             steps_off: 0,
             probe_every: 16,
             k: max_k.min(4),
-            plain_rate: None,
-            spec_rate: None,
+            asked: 0,
             wanted: max_k.min(4),
             steps: 0,
+            spec_streak: 0,
             catching_up: true,
             probing: false,
         }
-    }
-
-    fn ema(old: Option<f64>, x: f64) -> Option<f64> {
-        Some(old.map_or(x, |o| 0.7 * o + 0.3 * x))
     }
 
     /// A controller that takes the draft cost per token (relative to a verifier pass) as
     /// given, e.g. the draft's weight bytes over the verifier's, and never reads the clock.
     pub fn with_fixed_cost(max_k: usize, cost: f64) -> Self {
         let mut c = AdaptiveK {
-            cost,
             fixed_cost: Some(cost),
             ..Self::new(max_k)
         };
@@ -119,17 +169,55 @@ impl AdaptiveK {
         (1.0 - a.powi(k as i32 + 1)) / ((1.0 - a) * (k as f64 * cost + 1.0))
     }
 
+    fn alpha(&self) -> f64 {
+        self.alpha.ratio().unwrap_or(PRIOR_ALPHA)
+    }
+
+    /// Cost of one more drafted token, as a share of a plain step: drafting it plus what it
+    /// adds to the verification.
+    fn cost(&self) -> f64 {
+        if let Some(c) = self.fixed_cost {
+            // Without the clock the model is all there is, and it does not see that verifying
+            // k + 1 tokens costs more than a plain step: charge what BENCHMARKS.md measured.
+            return c + VERIFY_GROWTH;
+        }
+        let Some(t0) = self.plain_step.ratio() else {
+            return 0.1 + VERIFY_GROWTH;
+        };
+        let d = self.draft.ratio().unwrap_or(0.1 * t0);
+        let g = self.growth.ratio().unwrap_or(VERIFY_GROWTH * t0).max(0.0);
+        (d + g) / t0.max(1e-9)
+    }
+
+    /// The draft's own share of the cost (what the throughput guard ignores when tiny).
+    fn draft_cost(&self) -> f64 {
+        match (self.fixed_cost, self.plain_step.ratio(), self.draft.ratio()) {
+            (Some(c), _, _) => c,
+            (None, Some(t0), Some(d)) => d / t0.max(1e-9),
+            _ => 0.1,
+        }
+    }
+
     fn choose(&self) -> usize {
-        // Without the clock the model is all there is, and it does not see that verifying
-        // k + 1 tokens costs more than a plain step (~0.1 pass per extra token at F16 on the
-        // CPU, BENCHMARKS.md): charge that, and ask for a clear gain before drafting at all.
-        let (cost, first_margin) = match self.fixed_cost {
-            Some(c) => (c + VERIFY_GROWTH, 1.10),
-            None => (self.cost, 1.02),
+        let (alpha, cost) = (self.alpha(), self.cost());
+        if self.fixed_cost.is_none() && self.alpha.den < MIN_JUDGED && !self.probing {
+            // Too few drafts judged to give up on them (one early rejection would otherwise
+            // switch a good drafter off, and probes after a gap see worse drafts).
+            return self.choose_at(alpha, cost).max(1);
+        }
+        self.choose_at(alpha, cost)
+    }
+
+    fn choose_at(&self, alpha: f64, cost: f64) -> usize {
+        // Ask for a clear gain before drafting at all when the cost is a guess.
+        let first_margin = if self.fixed_cost.is_some() {
+            1.10
+        } else {
+            1.02
         };
         let mut best = (1.0, 0);
         for k in 1..=self.max_k {
-            let s = Self::expected_speedup(self.alpha, cost, k);
+            let s = Self::expected_speedup(alpha, cost, k);
             let margin = if best.1 == 0 { first_margin } else { 1.02 };
             if s > best.0 * margin {
                 best = (s, k);
@@ -142,12 +230,76 @@ impl AdaptiveK {
 impl Controller for AdaptiveK {
     fn next_k(&mut self) -> usize {
         self.steps += 1;
+        self.asked = self.next_k_inner();
+        self.asked
+    }
+
+    fn observe(&mut self, s: &StepReport) {
+        let clock = self.fixed_cost.is_none();
+        let secs = s.draft_secs + s.verify_secs;
+        let catch_up = self.asked > 0 && std::mem::take(&mut self.catching_up);
+        if clock && secs > 0.0 {
+            if s.drafted == 0 {
+                self.plain_step.add(s.verify_secs, 1.0);
+            }
+            if self.asked == 0 {
+                self.plain_rate.add((s.accepted + 1) as f64, secs);
+            } else if !catch_up {
+                self.spec_rate.add((s.accepted + 1) as f64, secs);
+                self.spec_streak += 1;
+                self.draft.add(s.draft_secs, s.drafted as f64);
+                if let Some(t0) = self.plain_step.ratio() {
+                    if s.drafted > 0 {
+                        self.growth.add(s.verify_secs - t0, s.drafted as f64);
+                    }
+                }
+            }
+        }
+        if self.asked == 0 {
+            return; // a plain step says nothing about the drafts
+        }
+        if s.drafted > 0 {
+            // Per-token acceptance: tokens after the first rejection were never judged, so
+            // the trials are the accepted tokens plus the one rejection, if any (counting all
+            // drafted tokens made one early rejection look like k of them).
+            let rejected = usize::from(s.accepted < s.drafted);
+            self.alpha
+                .add(s.accepted as f64, (s.accepted + rejected) as f64);
+        }
+        self.wanted = self.choose();
+        if catch_up && self.wanted > 0 {
+            self.k = self.wanted; // judge on the next step
+            return;
+        }
+        let guarded = clock && self.draft_cost() >= GUARD_MIN_COST;
+        let losing = match (self.spec_rate.ratio(), self.plain_rate.ratio()) {
+            (Some(sp), Some(pl)) => guarded && self.spec_streak >= GUARD_MIN_STEPS && sp < pl,
+            _ => false,
+        };
+        self.k = if losing { 0 } else { self.wanted };
+        if self.k == 0 {
+            self.spec_streak = 0;
+            if std::mem::take(&mut self.probing) && guarded {
+                // A failed probe of a costly drafter: wait longer before the next one
+                // (probing an n-gram lookup costs one slightly longer verification, so it
+                // keeps at 16).
+                self.probe_every = (self.probe_every * 2).min(MAX_PROBE_EVERY);
+            }
+        } else if self.spec_streak >= GUARD_MIN_STEPS || !guarded {
+            self.probing = false;
+            self.probe_every = 16;
+        }
+    }
+}
+
+impl AdaptiveK {
+    fn next_k_inner(&mut self) -> usize {
         if self.fixed_cost.is_none() {
             // Measure plain decoding first, and now and then while speculating.
             let refresh = self.k > 0
-                && self.cost >= GUARD_MIN_COST
+                && self.draft_cost() >= GUARD_MIN_COST
                 && self.steps.is_multiple_of(PLAIN_REFRESH);
-            if self.plain_rate.is_none() || refresh {
+            if self.plain_rate.n == 0 || refresh {
                 return 0;
             }
         }
@@ -157,53 +309,14 @@ impl Controller for AdaptiveK {
                 self.steps_off = 0;
                 self.catching_up = true;
                 self.probing = true;
-                self.k = self.wanted.max(1); // probe for two steps: catch-up, then a measure
+                self.spec_streak = 0;
+                // Probe for a few steps (the catch-up, then enough to measure), drafting
+                // enough tokens per step to see the acceptance.
+                self.k = self.wanted.max(self.max_k.min(4));
                 return self.k;
             }
         }
         self.k
-    }
-
-    fn observe(&mut self, s: &StepReport) {
-        let clock = self.fixed_cost.is_none();
-        let secs = s.draft_secs + s.verify_secs;
-        let catch_up = s.drafted > 0 && std::mem::take(&mut self.catching_up);
-        if clock && secs > 0.0 && !catch_up {
-            let rate = (s.accepted + 1) as f64 / secs;
-            if s.drafted == 0 {
-                self.plain_rate = Self::ema(self.plain_rate, rate);
-            } else {
-                self.spec_rate = Self::ema(self.spec_rate, rate);
-            }
-        }
-        if s.drafted == 0 {
-            return; // a plain step says nothing about the drafts
-        }
-        // Per-token acceptance estimated from accepted/drafted, smoothed.
-        let a = s.accepted as f64 / s.drafted as f64;
-        self.alpha = 0.8 * self.alpha + 0.2 * a;
-        if clock && s.verify_secs > 0.0 && !catch_up {
-            let c = s.draft_secs / s.drafted as f64 / s.verify_secs;
-            self.cost = 0.8 * self.cost + 0.2 * c;
-        }
-        self.wanted = self.choose();
-        if catch_up && self.wanted > 0 {
-            self.k = self.wanted; // judge on the next step
-            return;
-        }
-        let losing = match (self.spec_rate, self.plain_rate) {
-            (Some(sp), Some(pl)) => clock && self.cost >= GUARD_MIN_COST && sp < pl,
-            _ => false,
-        };
-        self.k = if losing { 0 } else { self.wanted };
-        if self.k == 0 && std::mem::take(&mut self.probing) && self.cost >= GUARD_MIN_COST {
-            // A failed probe of a costly drafter: wait longer before the next one (probing
-            // an n-gram lookup costs one slightly longer verification, so it keeps at 16).
-            self.probe_every = (self.probe_every * 2).min(MAX_PROBE_EVERY);
-        } else if self.k > 0 {
-            self.probing = false;
-            self.probe_every = 16;
-        }
     }
 }
 

@@ -21,7 +21,7 @@ pub use batch::{BatchDecoder, BatchVerifier, ModelBatchVerifier};
 pub use controller::{AdaptiveK, Controller, FixedK};
 pub use decoder::{SpecStats, SpeculativeDecoder};
 pub use drafter::{Draft, Drafter, NgramDrafter};
-pub use model_adapter::{ModelDrafter, ModelVerifier};
+pub use model_adapter::{ModelDrafter, ModelVerifier, SharedCacheDrafter};
 
 /// Errors of the speculative loop: the model's own, or a draft/verifier mismatch.
 #[derive(Debug, thiserror::Error)]
