@@ -1,7 +1,11 @@
-//! `out[m×n] = x[m×k] · Wᵀ` for Q8_0 and Q4_0 weights with the activations rounded to 8 bits,
+//! `out[m×n] = x[m×k] · Wᵀ` for Q8_0, Q4_0 and Q4_K weights with the activations rounded to 8 bits,
 //! the way llama.cpp runs these formats: each 32-wide block of x becomes an f32 scale
 //! `d = max|x|/127` and 32 signed bytes `round(x/d)`, and each block dot product is an
-//! integer sum scaled by `d_w·d_x`.
+//! integer sum scaled by `d_w·d_x`. Q4_K's 256-weight blocks are eight 32-weight sub-blocks,
+//! each `d·scale_j·q − dmin·min_j`, so they meet the same 32-wide activation blocks: the
+//! integer dot of the levels, and the min term through the block's sum of activation levels
+//! (llama.cpp rounds activations for Q4_K to 256-wide Q8_K blocks instead; the 32-wide ones
+//! keep one activation format for all three weight formats).
 //!
 //! Why a second path beside `quant_gemm` (which keeps x in f32): widening every weight to f32
 //! costs more instructions per weight byte than this CPU can stream (Q4_0 at ~5 GB/s of weights
@@ -9,7 +13,7 @@
 //! is llama.cpp's: a small extra rounding of the activations (measured in BENCHMARKS.md). The
 //! model crate picks the path per layer (`ActivationPrecision`).
 
-use crate::quant_gemm::{BlockFormat, BLOCK};
+use crate::quant_gemm::{scale_min_k4, BlockFormat, BLOCK, QK_K};
 use half::f16;
 use std::cell::RefCell;
 
@@ -18,6 +22,8 @@ use std::cell::RefCell;
 pub struct Int8Rows {
     pub scales: Vec<f32>,
     pub quants: Vec<i8>,
+    /// Σ quants per block (Q4_K's min term).
+    pub sums: Vec<i32>,
 }
 
 impl Int8Rows {
@@ -28,6 +34,7 @@ impl Int8Rows {
             "row length {k} is not a multiple of 32"
         );
         self.scales.clear();
+        self.sums.clear();
         self.quants.clear();
         self.quants.resize(x.len(), 0);
         for (blk, q) in x
@@ -41,12 +48,33 @@ impl Int8Rows {
                 *qv = (v * id).round() as i8;
             }
             self.scales.push(d);
+            self.sums.push(q.iter().map(|&v| v as i32).sum());
         }
     }
 }
 
 fn supported(f: BlockFormat) -> bool {
-    matches!(f, BlockFormat::Q8_0 | BlockFormat::Q4_0)
+    matches!(f, BlockFormat::Q8_0 | BlockFormat::Q4_0 | BlockFormat::Q4K)
+}
+
+/// Sub-block j's scale `d·scale_j` and min `dmin·min_j`, and the 4-bit levels (0..15) of
+/// one Q4_K block, in weight order.
+fn q4k_block(b: &[u8], levels: &mut [u8; QK_K]) -> [(f32, f32); 8] {
+    let (d, dmin) = (
+        f16::from_le_bytes([b[0], b[1]]).to_f32(),
+        f16::from_le_bytes([b[2], b[3]]).to_f32(),
+    );
+    let qs = &b[16..144];
+    for c in 0..4 {
+        for l in 0..32 {
+            levels[64 * c + l] = qs[32 * c + l] & 15;
+            levels[64 * c + 32 + l] = qs[32 * c + l] >> 4;
+        }
+    }
+    std::array::from_fn(|j| {
+        let (sc, mn) = scale_min_k4(j, &b[4..16]);
+        (d * sc, dmin * mn)
+    })
 }
 
 /// Whether [`matmul_int8`] handles this block format.
@@ -75,12 +103,13 @@ fn weight_block(f: BlockFormat, b: &[u8], q: &mut [i8; BLOCK]) -> f32 {
 
 fn check(f: BlockFormat, x: &[f32], w: &[u8], m: usize, k: usize, n: usize, out: &[f32]) {
     assert!(supported(f), "{f:?} has no 8-bit-activation kernel");
+    let be = f.block_elems();
     assert!(
-        k.is_multiple_of(BLOCK),
-        "row length {k} is not a multiple of 32"
+        k.is_multiple_of(be),
+        "row length {k} is not a multiple of {f:?}'s {be}-weight blocks"
     );
     assert_eq!(x.len(), m * k);
-    assert_eq!(w.len(), n * (k / BLOCK) * f.block_bytes());
+    assert_eq!(w.len(), n * (k / be) * f.block_bytes());
     assert_eq!(out.len(), m * n);
 }
 
@@ -98,6 +127,29 @@ pub fn matmul_int8_reference(
     let mut xq = Int8Rows::default();
     xq.quantize(x, k);
     let (nb, bb) = (k / BLOCK, f.block_bytes());
+    if f == BlockFormat::Q4K {
+        let mut levels = [0u8; QK_K];
+        let row_bytes = k / QK_K * bb;
+        for j in 0..n {
+            for i in 0..m {
+                let mut acc = 0f64;
+                for (s, blk) in w[j * row_bytes..][..row_bytes].chunks_exact(bb).enumerate() {
+                    let subs = q4k_block(blk, &mut levels);
+                    for (t, &(dj, mj)) in subs.iter().enumerate() {
+                        let b = s * 8 + t;
+                        let xs = &xq.quants[i * k + b * BLOCK..][..BLOCK];
+                        let ls = &levels[t * BLOCK..][..BLOCK];
+                        let dot: i32 = ls.iter().zip(xs).map(|(a, c)| *a as i32 * *c as i32).sum();
+                        let dx = xq.scales[i * nb + b] as f64;
+                        acc += dj as f64 * dx * dot as f64
+                            - mj as f64 * dx * xq.sums[i * nb + b] as f64;
+                    }
+                }
+                out[i * n + j] = acc as f32;
+            }
+        }
+        return;
+    }
     let mut q = [0i8; BLOCK];
     for j in 0..n {
         for i in 0..m {
@@ -115,6 +167,7 @@ pub fn matmul_int8_reference(
 
 const ROWS_PER_TASK: usize = 128;
 /// Most activation rows handled per pass over a weight row.
+#[cfg(target_arch = "x86_64")]
 const GROUP: usize = 4;
 
 thread_local! {
@@ -139,7 +192,7 @@ pub fn matmul_int8(
         return;
     }
     let mut run = |xq: &Int8Rows| {
-        let row_bytes = k / BLOCK * f.block_bytes();
+        let row_bytes = k / f.block_elems() * f.block_bytes();
         let kern = select();
         crate::rows::par_weight_rows(out, m, n, ROWS_PER_TASK, |j, o| {
             kern(f, &w[j * row_bytes..(j + 1) * row_bytes], xq, m, k, o)
@@ -169,11 +222,19 @@ fn select() -> RowKernel {
             return |f, w, xq, m, k, o| unsafe { row_avx2(f, w, xq, m, k, o) };
         }
     }
+    #[cfg(target_arch = "aarch64")]
+    {
+        return row_neon;
+    }
+    #[allow(unreachable_code)]
     row_portable
 }
 
 /// Portable row kernel (also the NEON/other-architecture path): integer block sums.
 fn row_portable(f: BlockFormat, w: &[u8], xq: &Int8Rows, m: usize, k: usize, out: &mut [f32]) {
+    if f == BlockFormat::Q4K {
+        return row_q4k_portable(w, xq, m, k, out);
+    }
     let (nb, bb) = (k / BLOCK, f.block_bytes());
     let mut q = [0i8; BLOCK];
     let mut acc = vec![0f32; m];
@@ -188,6 +249,75 @@ fn row_portable(f: BlockFormat, w: &[u8], xq: &Int8Rows, m: usize, k: usize, out
     out.copy_from_slice(&acc);
 }
 
+/// NEON row kernel (aarch64, where NEON is baseline): the weight block unpacked once to two
+/// 16-lane i8 vectors, each activation row's dot product by widening multiplies
+/// (`vmull_s8`) summed pairwise into i32 lanes; then the same scalar scaling as
+/// [`row_portable`], so both give bitwise the same result.
+#[cfg(target_arch = "aarch64")]
+fn row_neon(f: BlockFormat, w: &[u8], xq: &Int8Rows, m: usize, k: usize, out: &mut [f32]) {
+    use std::arch::aarch64::*;
+    if f == BlockFormat::Q4K {
+        return row_q4k_portable(w, xq, m, k, out);
+    }
+    let (nb, bb) = (k / BLOCK, f.block_bytes());
+    debug_assert!(xq.quants.len() >= m * k && out.len() >= m);
+    out[..m].fill(0.0);
+    for (b, blk) in w.chunks_exact(bb).enumerate() {
+        let dw = f16::from_le_bytes([blk[0], blk[1]]).to_f32();
+        // SAFETY: NEON is always present on aarch64; every load reads 16 bytes inside `blk`
+        // (a whole block: 34 bytes for Q8_0, 18 for Q4_0) or inside row `i` of `xq.quants`
+        // (k bytes per row, k a multiple of 32, checked by `check`).
+        unsafe {
+            let q = blk.as_ptr().add(2);
+            let (w0, w1) = if f == BlockFormat::Q8_0 {
+                (vld1q_s8(q as *const i8), vld1q_s8(q.add(16) as *const i8))
+            } else {
+                let raw = vld1q_u8(q);
+                let eight = vdupq_n_s8(8);
+                (
+                    vsubq_s8(vreinterpretq_s8_u8(vandq_u8(raw, vdupq_n_u8(15))), eight),
+                    vsubq_s8(vreinterpretq_s8_u8(vshrq_n_u8::<4>(raw)), eight),
+                )
+            };
+            for (i, o) in out[..m].iter_mut().enumerate() {
+                let xp = xq.quants.as_ptr().add(i * k + b * BLOCK);
+                let (x0, x1) = (vld1q_s8(xp), vld1q_s8(xp.add(16)));
+                // Each i16 lane holds one product (|p| <= 128 * 128), widened before adding.
+                let mut acc = vpaddlq_s16(vmull_s8(vget_low_s8(w0), vget_low_s8(x0)));
+                acc = vpadalq_s16(acc, vmull_high_s8(w0, x0));
+                acc = vpadalq_s16(acc, vmull_s8(vget_low_s8(w1), vget_low_s8(x1)));
+                acc = vpadalq_s16(acc, vmull_high_s8(w1, x1));
+                let dot = vaddvq_s32(acc);
+                *o += dw * xq.scales[i * nb + b] * dot as f32;
+            }
+        }
+    }
+}
+
+/// Q4_K: per sub-block, the scale times the integer dot, minus the min times the block's
+/// activation sum.
+fn row_q4k_portable(w: &[u8], xq: &Int8Rows, m: usize, k: usize, out: &mut [f32]) {
+    let nb = k / BLOCK;
+    let mut levels = [0u8; QK_K];
+    out[..m].fill(0.0);
+    for (s, blk) in w.chunks_exact(BlockFormat::Q4K.block_bytes()).enumerate() {
+        let subs = q4k_block(blk, &mut levels);
+        for (i, o) in out[..m].iter_mut().enumerate() {
+            for (t, &(dj, mj)) in subs.iter().enumerate() {
+                let b = s * 8 + t;
+                let xs = &xq.quants[i * k + b * BLOCK..][..BLOCK];
+                let dot: i32 = levels[t * BLOCK..][..BLOCK]
+                    .iter()
+                    .zip(xs)
+                    .map(|(a, c)| *a as i32 * *c as i32)
+                    .sum();
+                let dx = xq.scales[i * nb + b];
+                *o += dj * dx * dot as f32 - mj * dx * xq.sums[i * nb + b] as f32;
+            }
+        }
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn row_avx2(f: BlockFormat, w: &[u8], xq: &Int8Rows, m: usize, k: usize, out: &mut [f32]) {
@@ -196,6 +326,10 @@ unsafe fn row_avx2(f: BlockFormat, w: &[u8], xq: &Int8Rows, m: usize, k: usize, 
         let g = (m - i).min(GROUP);
         let o = &mut out[i..i + g];
         match (f, g) {
+            (BlockFormat::Q4K, 1) => group_q4k_avx2::<1>(w, xq, i, k, o),
+            (BlockFormat::Q4K, 2) => group_q4k_avx2::<2>(w, xq, i, k, o),
+            (BlockFormat::Q4K, 3) => group_q4k_avx2::<3>(w, xq, i, k, o),
+            (BlockFormat::Q4K, _) => group_q4k_avx2::<4>(w, xq, i, k, o),
             (BlockFormat::Q4_0, 1) => group_avx2::<true, 1>(w, xq, i, k, o),
             (BlockFormat::Q4_0, 2) => group_avx2::<true, 2>(w, xq, i, k, o),
             (BlockFormat::Q4_0, 3) => group_avx2::<true, 3>(w, xq, i, k, o),
@@ -275,6 +409,59 @@ unsafe fn group_avx2<const Q4: bool, const G: usize>(
     }
 }
 
+/// Q4_K against activation rows `i0..i0+G`: per 64-weight chunk the 32 packed bytes give two
+/// sub-blocks of levels 0..15 (low and high nibbles), which are unsigned, so they go straight
+/// into `vpmaddubsw` against the signed activation bytes; the mins are scalar per sub-block.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn group_q4k_avx2<const G: usize>(
+    w: &[u8],
+    xq: &Int8Rows,
+    i0: usize,
+    k: usize,
+    out: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    let bb = BlockFormat::Q4K.block_bytes();
+    let nb = k / BLOCK;
+    let nib = _mm256_set1_epi8(0x0F);
+    let ones = _mm256_set1_epi16(1);
+    let mut acc = [_mm256_setzero_ps(); G];
+    let mut mins = [0f32; G];
+    for (s, blk) in w.chunks_exact(bb).enumerate() {
+        _mm_prefetch::<_MM_HINT_T0>(blk.as_ptr().wrapping_add(crate::PREFETCH_BYTES) as *const i8);
+        let d = f16::from_le_bytes([blk[0], blk[1]]).to_f32();
+        let dmin = f16::from_le_bytes([blk[2], blk[3]]).to_f32();
+        let sc = &blk[4..16];
+        for c in 0..4 {
+            let (s1, m1) = scale_min_k4(2 * c, sc);
+            let (s2, m2) = scale_min_k4(2 * c + 1, sc);
+            let raw = _mm256_loadu_si256(blk.as_ptr().add(16 + 32 * c) as *const __m256i);
+            let lo = _mm256_and_si256(raw, nib);
+            let hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), nib);
+            let b = s * 8 + 2 * c;
+            for r in 0..G {
+                let row = i0 + r;
+                let xp = xq.quants.as_ptr().add(row * k + b * BLOCK);
+                let xl = _mm256_loadu_si256(xp as *const __m256i);
+                let xh = _mm256_loadu_si256(xp.add(BLOCK) as *const __m256i);
+                let dl = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, xl), ones);
+                let dh = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, xh), ones);
+                let (dx1, dx2) = (xq.scales[row * nb + b], xq.scales[row * nb + b + 1]);
+                acc[r] =
+                    _mm256_fmadd_ps(_mm256_set1_ps(d * s1 * dx1), _mm256_cvtepi32_ps(dl), acc[r]);
+                acc[r] =
+                    _mm256_fmadd_ps(_mm256_set1_ps(d * s2 * dx2), _mm256_cvtepi32_ps(dh), acc[r]);
+                mins[r] += dmin * m1 * dx1 * xq.sums[row * nb + b] as f32
+                    + dmin * m2 * dx2 * xq.sums[row * nb + b + 1] as f32;
+            }
+        }
+    }
+    for r in 0..G {
+        out[r] = crate::hsum256(acc[r]) - mins[r];
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -287,6 +474,10 @@ mod tests {
         for b in w.chunks_exact_mut(f.block_bytes()) {
             let d = f16::from_f32(rng.random_range(0.001..0.05));
             b[..2].copy_from_slice(&d.to_le_bytes());
+            if f == BlockFormat::Q4K {
+                let dmin = f16::from_f32(rng.random_range(0.001..0.05));
+                b[2..4].copy_from_slice(&dmin.to_le_bytes());
+            }
         }
         w
     }
@@ -308,10 +499,21 @@ mod tests {
     #[test]
     fn fast_matches_reference() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(11);
-        for f in [BlockFormat::Q8_0, BlockFormat::Q4_0] {
+        for f in [BlockFormat::Q8_0, BlockFormat::Q4_0, BlockFormat::Q4K] {
             for m in [1, 2, 3, 4, 5, 9] {
-                for (k, n) in [(32, 1), (64, 33), (288, 7), (576, 70), (1536, 5)] {
-                    let w = random_weights(f, n * k / BLOCK, &mut rng);
+                for (k, n) in [
+                    (32usize, 1usize),
+                    (64, 33),
+                    (288, 7),
+                    (576, 70),
+                    (1536, 5),
+                    (256, 3),
+                    (768, 9),
+                ] {
+                    if !k.is_multiple_of(f.block_elems()) {
+                        continue;
+                    }
+                    let w = random_weights(f, n * k / f.block_elems(), &mut rng);
                     let x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-1.0..1.0)).collect();
                     let (mut a, mut b) = (vec![0f32; m * n], vec![0f32; m * n]);
                     matmul_int8_reference(f, &x, &w, m, k, n, &mut a);
@@ -337,9 +539,13 @@ mod tests {
     #[test]
     fn rows_do_not_depend_on_the_batch() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(13);
-        let (m, k, n) = (7, 576, 40);
-        for f in [BlockFormat::Q8_0, BlockFormat::Q4_0] {
-            let w = random_weights(f, n * k / BLOCK, &mut rng);
+        let (m, n) = (7, 40);
+        for (f, k) in [
+            (BlockFormat::Q8_0, 576),
+            (BlockFormat::Q4_0, 576),
+            (BlockFormat::Q4K, 768),
+        ] {
+            let w = random_weights(f, n * k / f.block_elems(), &mut rng);
             let x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-1.0..1.0)).collect();
             let mut all = vec![0f32; m * n];
             matmul_int8(f, &x, &w, m, k, n, &mut all);
@@ -363,7 +569,7 @@ mod tests {
     ) {
         let mut xq = Int8Rows::default();
         xq.quantize(x, k);
-        let rb = k / BLOCK * f.block_bytes();
+        let rb = k / f.block_elems() * f.block_bytes();
         let mut o = vec![0f32; m];
         for j in 0..n {
             row_portable(f, &w[j * rb..(j + 1) * rb], &xq, m, k, &mut o);
@@ -377,9 +583,14 @@ mod tests {
     #[test]
     fn close_to_f32_activations() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(12);
-        let (m, k, n) = (2, 576, 16);
-        for f in [BlockFormat::Q8_0, BlockFormat::Q4_0] {
-            let w = random_weights(f, n * k / BLOCK, &mut rng);
+        let (m, n) = (2, 16);
+        // Q4_K against the f32 dequantization (the block layout's reference), too.
+        for (f, k) in [
+            (BlockFormat::Q8_0, 576),
+            (BlockFormat::Q4_0, 576),
+            (BlockFormat::Q4K, 768),
+        ] {
+            let w = random_weights(f, n * k / f.block_elems(), &mut rng);
             let x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-1.0..1.0)).collect();
             let (mut a, mut b) = (vec![0f32; m * n], vec![0f32; m * n]);
             crate::matmul_quant_reference(f, &x, &w, m, k, n, &mut a);

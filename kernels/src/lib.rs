@@ -22,6 +22,7 @@ pub use quant_gemm::{matmul_quant, matmul_quant_reference, BlockFormat};
 
 /// How far ahead of the current weight block the matmul kernels prefetch, in bytes.
 /// Prefetching never faults, so running past the end of a weight buffer is harmless.
+#[cfg(target_arch = "x86_64")]
 pub(crate) const PREFETCH_BYTES: usize = 1024;
 
 /// Whether this CPU runs the AVX2/FMA/F16C paths (checked once; std caches the answer).

@@ -64,7 +64,7 @@ fn half_at(b: &[u8], i: usize) -> f32 {
 }
 
 /// The 6-bit scale and min of sub-block `j` of a Q4_K/Q5_K block's 12 scale bytes.
-fn scale_min_k4(j: usize, q: &[u8]) -> (f32, f32) {
+pub(crate) fn scale_min_k4(j: usize, q: &[u8]) -> (f32, f32) {
     if j < 4 {
         ((q[j] & 63) as f32, (q[j + 4] & 63) as f32)
     } else {
@@ -257,6 +257,7 @@ pub fn matmul_quant(
 }
 
 /// Which weight of a group of 8 each f32 lane holds after `group_lanes_avx2`'s unpacking.
+#[cfg(target_arch = "x86_64")]
 const LANE_ORDER: [usize; 8] = [0, 4, 1, 5, 2, 6, 3, 7];
 
 thread_local! {
