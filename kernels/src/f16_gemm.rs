@@ -39,8 +39,8 @@ pub fn matmul_f16(x: &[f32], w: &[f16], m: usize, k: usize, n: usize, out: &mut 
         return;
     }
     let dot = select_kernel();
-    crate::rows::par_weight_rows(out, m, n, ROWS_PER_TASK, |j, o| {
-        dot(&w[j * k..(j + 1) * k], x, m, k, o)
+    crate::rows::par_weight_rows(out, m, n, ROWS_PER_TASK, 6, |j, i0, g, o| {
+        dot(&w[j * k..(j + 1) * k], &x[i0 * k..(i0 + g) * k], g, k, o)
     });
 }
 

@@ -166,6 +166,8 @@ pub fn matmul_int8_reference(
 }
 
 const ROWS_PER_TASK: usize = 128;
+/// Activation rows per pass over a task's weight rows (16 rows of 1536 bytes stay in L1).
+const ROW_GROUP: usize = 16;
 /// Most activation rows handled per pass over a weight row.
 #[cfg(target_arch = "x86_64")]
 const GROUP: usize = 4;
@@ -194,8 +196,8 @@ pub fn matmul_int8(
     let mut run = |xq: &Int8Rows| {
         let row_bytes = k / f.block_elems() * f.block_bytes();
         let kern = select();
-        crate::rows::par_weight_rows(out, m, n, ROWS_PER_TASK, |j, o| {
-            kern(f, &w[j * row_bytes..(j + 1) * row_bytes], xq, m, k, o)
+        crate::rows::par_weight_rows(out, m, n, ROWS_PER_TASK, ROW_GROUP, |j, i0, g, o| {
+            kern(f, &w[j * row_bytes..(j + 1) * row_bytes], xq, i0, g, k, o)
         });
     };
     // A pool thread waiting inside `run` may run another matmul on the same thread; that
@@ -213,13 +215,15 @@ pub fn matmul_int8(
     })
 }
 
-type RowKernel = fn(BlockFormat, &[u8], &Int8Rows, usize, usize, &mut [f32]);
+/// One weight row against activation rows `i0..i0 + m` of the rounded activations, writing
+/// m results.
+type RowKernel = fn(BlockFormat, &[u8], &Int8Rows, usize, usize, usize, &mut [f32]);
 
 fn select() -> RowKernel {
     #[cfg(target_arch = "x86_64")]
     {
         if crate::has_avx2_fma() {
-            return |f, w, xq, m, k, o| unsafe { row_avx2(f, w, xq, m, k, o) };
+            return |f, w, xq, i0, m, k, o| unsafe { row_avx2(f, w, xq, i0, m, k, o) };
         }
     }
     #[cfg(target_arch = "aarch64")]
@@ -231,16 +235,25 @@ fn select() -> RowKernel {
 }
 
 /// Portable row kernel (also the NEON/other-architecture path): integer block sums.
-fn row_portable(f: BlockFormat, w: &[u8], xq: &Int8Rows, m: usize, k: usize, out: &mut [f32]) {
+fn row_portable(
+    f: BlockFormat,
+    w: &[u8],
+    xq: &Int8Rows,
+    i0: usize,
+    m: usize,
+    k: usize,
+    out: &mut [f32],
+) {
     if f == BlockFormat::Q4K {
-        return row_q4k_portable(w, xq, m, k, out);
+        return row_q4k_portable(w, xq, i0, m, k, out);
     }
     let (nb, bb) = (k / BLOCK, f.block_bytes());
     let mut q = [0i8; BLOCK];
     let mut acc = vec![0f32; m];
     for (b, blk) in w.chunks_exact(bb).enumerate() {
         let dw = weight_block(f, blk, &mut q);
-        for (i, a) in acc.iter_mut().enumerate() {
+        for (r, a) in acc.iter_mut().enumerate() {
+            let i = i0 + r;
             let xs = &xq.quants[i * k + b * BLOCK..][..BLOCK];
             let dot: i32 = q.iter().zip(xs).map(|(p, c)| *p as i32 * *c as i32).sum();
             *a += dw * xq.scales[i * nb + b] * dot as f32;
@@ -254,13 +267,21 @@ fn row_portable(f: BlockFormat, w: &[u8], xq: &Int8Rows, m: usize, k: usize, out
 /// (`vmull_s8`) summed pairwise into i32 lanes; then the same scalar scaling as
 /// [`row_portable`], so both give bitwise the same result.
 #[cfg(target_arch = "aarch64")]
-fn row_neon(f: BlockFormat, w: &[u8], xq: &Int8Rows, m: usize, k: usize, out: &mut [f32]) {
+fn row_neon(
+    f: BlockFormat,
+    w: &[u8],
+    xq: &Int8Rows,
+    i0: usize,
+    m: usize,
+    k: usize,
+    out: &mut [f32],
+) {
     use std::arch::aarch64::*;
     if f == BlockFormat::Q4K {
-        return row_q4k_portable(w, xq, m, k, out);
+        return row_q4k_portable(w, xq, i0, m, k, out);
     }
     let (nb, bb) = (k / BLOCK, f.block_bytes());
-    debug_assert!(xq.quants.len() >= m * k && out.len() >= m);
+    assert!(xq.quants.len() >= (i0 + m) * k && out.len() >= m);
     out[..m].fill(0.0);
     for (b, blk) in w.chunks_exact(bb).enumerate() {
         let dw = f16::from_le_bytes([blk[0], blk[1]]).to_f32();
@@ -279,7 +300,8 @@ fn row_neon(f: BlockFormat, w: &[u8], xq: &Int8Rows, m: usize, k: usize, out: &m
                     vsubq_s8(vreinterpretq_s8_u8(vshrq_n_u8::<4>(raw)), eight),
                 )
             };
-            for (i, o) in out[..m].iter_mut().enumerate() {
+            for (r, o) in out[..m].iter_mut().enumerate() {
+                let i = i0 + r;
                 let xp = xq.quants.as_ptr().add(i * k + b * BLOCK);
                 let (x0, x1) = (vld1q_s8(xp), vld1q_s8(xp.add(16)));
                 // Each i16 lane holds one product (|p| <= 128 * 128), widened before adding.
@@ -296,13 +318,14 @@ fn row_neon(f: BlockFormat, w: &[u8], xq: &Int8Rows, m: usize, k: usize, out: &m
 
 /// Q4_K: per sub-block, the scale times the integer dot, minus the min times the block's
 /// activation sum.
-fn row_q4k_portable(w: &[u8], xq: &Int8Rows, m: usize, k: usize, out: &mut [f32]) {
+fn row_q4k_portable(w: &[u8], xq: &Int8Rows, i0: usize, m: usize, k: usize, out: &mut [f32]) {
     let nb = k / BLOCK;
     let mut levels = [0u8; QK_K];
     out[..m].fill(0.0);
     for (s, blk) in w.chunks_exact(BlockFormat::Q4K.block_bytes()).enumerate() {
         let subs = q4k_block(blk, &mut levels);
-        for (i, o) in out[..m].iter_mut().enumerate() {
+        for (r, o) in out[..m].iter_mut().enumerate() {
+            let i = i0 + r;
             for (t, &(dj, mj)) in subs.iter().enumerate() {
                 let b = s * 8 + t;
                 let xs = &xq.quants[i * k + b * BLOCK..][..BLOCK];
@@ -320,11 +343,19 @@ fn row_q4k_portable(w: &[u8], xq: &Int8Rows, m: usize, k: usize, out: &mut [f32]
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn row_avx2(f: BlockFormat, w: &[u8], xq: &Int8Rows, m: usize, k: usize, out: &mut [f32]) {
-    let mut i = 0;
-    while i < m {
-        let g = (m - i).min(GROUP);
-        let o = &mut out[i..i + g];
+unsafe fn row_avx2(
+    f: BlockFormat,
+    w: &[u8],
+    xq: &Int8Rows,
+    i0: usize,
+    m: usize,
+    k: usize,
+    out: &mut [f32],
+) {
+    let mut r = 0;
+    while r < m {
+        let g = (m - r).min(GROUP);
+        let (i, o) = (i0 + r, &mut out[r..r + g]);
         match (f, g) {
             (BlockFormat::Q4K, 1) => group_q4k_avx2::<1>(w, xq, i, k, o),
             (BlockFormat::Q4K, 2) => group_q4k_avx2::<2>(w, xq, i, k, o),
@@ -339,7 +370,7 @@ unsafe fn row_avx2(f: BlockFormat, w: &[u8], xq: &Int8Rows, m: usize, k: usize, 
             (_, 3) => group_avx2::<false, 3>(w, xq, i, k, o),
             (_, _) => group_avx2::<false, 4>(w, xq, i, k, o),
         }
-        i += g;
+        r += g;
     }
 }
 
@@ -572,7 +603,7 @@ mod tests {
         let rb = k / f.block_elems() * f.block_bytes();
         let mut o = vec![0f32; m];
         for j in 0..n {
-            row_portable(f, &w[j * rb..(j + 1) * rb], &xq, m, k, &mut o);
+            row_portable(f, &w[j * rb..(j + 1) * rb], &xq, 0, m, k, &mut o);
             for i in 0..m {
                 out[i * n + j] = o[i];
             }

@@ -220,6 +220,8 @@ fn check(f: BlockFormat, x: &[f32], w: &[u8], m: usize, k: usize, n: usize, out:
 }
 
 const ROWS_PER_TASK: usize = 32;
+/// Activation rows per pass over a weight row (kept in L1 while a task's weight rows pass).
+const ROW_GROUP: usize = 8;
 
 /// Fast path: parallel over weight rows, vectorized with AVX2/FMA where the CPU has them.
 pub fn matmul_quant(
@@ -245,14 +247,16 @@ pub fn matmul_quant(
             xp.clear();
             xp.extend(x.chunks_exact(8).flat_map(|c| LANE_ORDER.map(|i| c[i])));
             let xp = &xp[..];
-            crate::rows::par_weight_rows(out, m, n, ROWS_PER_TASK, |j, o| unsafe {
-                row_lanes_avx2(f, &w[j * row_bytes..(j + 1) * row_bytes], xp, m, k, o)
+            crate::rows::par_weight_rows(out, m, n, ROWS_PER_TASK, ROW_GROUP, |j, i0, g, o| unsafe {
+                let xs = &xp[i0 * k..(i0 + g) * k];
+                row_lanes_avx2(f, &w[j * row_bytes..(j + 1) * row_bytes], xs, g, k, o)
             })
         });
     }
     let kern = select();
-    crate::rows::par_weight_rows(out, m, n, ROWS_PER_TASK, |j, o| {
-        kern(f, &w[j * row_bytes..(j + 1) * row_bytes], x, m, k, o)
+    crate::rows::par_weight_rows(out, m, n, ROWS_PER_TASK, ROW_GROUP, |j, i0, g, o| {
+        let xs = &x[i0 * k..(i0 + g) * k];
+        kern(f, &w[j * row_bytes..(j + 1) * row_bytes], xs, g, k, o)
     });
 }
 

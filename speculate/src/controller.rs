@@ -148,19 +148,14 @@ impl AdaptiveK {
 
     /// A controller that takes the draft cost per token (relative to a verifier pass) as
     /// given, e.g. the draft's weight bytes over the verifier's, and never reads the clock.
+    /// It starts drafting, as the clock-driven one does: until `MIN_JUDGED` drafted tokens
+    /// were judged it does not switch off (starting off and probing every 32 steps left a
+    /// good self-draft off for half of a 128-token generation).
     pub fn with_fixed_cost(max_k: usize, cost: f64) -> Self {
-        let mut c = AdaptiveK {
+        AdaptiveK {
             fixed_cost: Some(cost),
             ..Self::new(max_k)
-        };
-        // Start from what the prior acceptance says: a costly draft model then begins off
-        // (and is probed), instead of reading the whole prompt before it is judged.
-        c.k = c.choose();
-        c.wanted = c.k.max(1);
-        if c.k == 0 {
-            c.probe_every = 32;
         }
-        c
     }
 
     /// Expected tokens per unit of verifier time for draft length k.
@@ -200,7 +195,7 @@ impl AdaptiveK {
 
     fn choose(&self) -> usize {
         let (alpha, cost) = (self.alpha(), self.cost());
-        if self.fixed_cost.is_none() && self.alpha.den < MIN_JUDGED && !self.probing {
+        if self.alpha.den < MIN_JUDGED && !self.probing {
             // Too few drafts judged to give up on them (one early rejection would otherwise
             // switch a good drafter off, and probes after a gap see worse drafts).
             return self.choose_at(alpha, cost).max(1);
