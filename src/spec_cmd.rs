@@ -106,13 +106,14 @@ pub fn run(
     let mut fixed = FixedK(s.draft_max);
     // Greedy output never depends on k, so k may follow the clock. Sampled output does (the
     // random streams are consumed differently), so a seeded run adapts on acceptance alone,
-    // with the draft cost taken as the draft's weight bytes over the verifier's.
+    // with the draft cost taken as the draft's decode cost over the verifier's (weight bytes
+    // weighted by how fast each format decodes).
     let mut adaptive = if s.params.is_greedy() {
         AdaptiveK::new(s.draft_max)
     } else {
         let cost = match draft {
             DraftSource::Ngram => 0.0,
-            DraftSource::Model(m) => m.weight_bytes() as f64 / model.weight_bytes().max(1) as f64,
+            DraftSource::Model(m) => m.decode_cost() / model.decode_cost().max(1.0),
         };
         AdaptiveK::with_fixed_cost(s.draft_max, cost)
     };

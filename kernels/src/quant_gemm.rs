@@ -247,10 +247,17 @@ pub fn matmul_quant(
             xp.clear();
             xp.extend(x.chunks_exact(8).flat_map(|c| LANE_ORDER.map(|i| c[i])));
             let xp = &xp[..];
-            crate::rows::par_weight_rows(out, m, n, ROWS_PER_TASK, ROW_GROUP, |j, i0, g, o| unsafe {
-                let xs = &xp[i0 * k..(i0 + g) * k];
-                row_lanes_avx2(f, &w[j * row_bytes..(j + 1) * row_bytes], xs, g, k, o)
-            })
+            crate::rows::par_weight_rows(
+                out,
+                m,
+                n,
+                ROWS_PER_TASK,
+                ROW_GROUP,
+                |j, i0, g, o| unsafe {
+                    let xs = &xp[i0 * k..(i0 + g) * k];
+                    row_lanes_avx2(f, &w[j * row_bytes..(j + 1) * row_bytes], xs, g, k, o)
+                },
+            )
         });
     }
     let kern = select();

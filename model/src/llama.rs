@@ -758,6 +758,25 @@ impl Llama {
         self.linears().iter().map(|(_, l)| l.weight_bytes()).sum()
     }
 
+    /// The time of one decode step on the CPU, in "F16 bytes": each layer's weight bytes
+    /// times how long its format takes per byte relative to F16 (tg128 on SmolLM2, 2 threads,
+    /// BENCHMARKS.md: F16 269 MB at 48 tok/s, Q8_0 143 MB at 98, Q4_0 90 MB at 95, so a Q8_0
+    /// byte costs ~0.9 of an F16 byte and a Q4_0 byte ~1.5: 4-bit unpacking is compute-bound).
+    /// The ratio of two models' costs is what a draft step costs relative to a verifier step,
+    /// where it must be known without reading the clock (seeded sampling).
+    pub fn decode_cost(&self) -> f64 {
+        self.linears()
+            .iter()
+            .map(|(_, l)| {
+                let per_byte = match l.dtype_name().as_str() {
+                    "F16" | "F32" | "Q8_0" => 1.0,
+                    _ => 1.5,
+                };
+                l.weight_bytes() as f64 * per_byte
+            })
+            .sum()
+    }
+
     /// Every linear layer with its Hugging Face weight name, in forward order, head last.
     fn linears(&self) -> Vec<(String, &Linear)> {
         let mut v = Vec::new();

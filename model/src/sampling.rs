@@ -76,13 +76,28 @@ impl Sampler {
             return probs;
         }
         let t = self.params.temperature;
-        // Candidate order: by logit, descending; ties by index for determinism.
-        let mut idx: Vec<usize> = (0..logits.len()).collect();
         let k = if self.params.top_k == 0 {
             logits.len()
         } else {
             self.params.top_k.min(logits.len())
         };
+        if k == logits.len() && self.params.top_p >= 1.0 {
+            // Plain temperature: no candidate is cut, so no order is needed. (Sorting the
+            // 49k-token vocabulary took milliseconds per call, and speculative sampling calls
+            // this for every drafted token and every verified row.)
+            let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let weights: Vec<f64> = logits
+                .iter()
+                .map(|&l| (((l - max) / t) as f64).exp())
+                .collect();
+            let total: f64 = weights.iter().sum();
+            for (p, w) in probs.iter_mut().zip(&weights) {
+                *p = (w / total) as f32;
+            }
+            return probs;
+        }
+        // Candidate order: by logit, descending; ties by index for determinism.
+        let mut idx: Vec<usize> = (0..logits.len()).collect();
         let cmp = |a: &usize, b: &usize| logits[*b].total_cmp(&logits[*a]).then(a.cmp(b));
         if k < idx.len() {
             idx.select_nth_unstable_by(k - 1, cmp);

@@ -67,6 +67,8 @@ pub struct AdaptiveK {
     pub max_k: usize,
     /// Accepted over drafted tokens.
     alpha: Decayed,
+    /// Drafted tokens judged so far (not decayed).
+    judged: usize,
     /// When set, the cost per drafted token is this constant instead of being measured on the
     /// clock: the choices of k then depend only on acceptance, so a seeded sampling run is
     /// reproducible.
@@ -112,9 +114,9 @@ const GUARD_MIN_STEPS: usize = 10;
 const MAX_PROBE_EVERY: usize = 64;
 /// A plain step every this many speculative ones keeps the plain rate current.
 const PLAIN_REFRESH: usize = 32;
-/// Drafted tokens judged (decayed count, the prior's two included) before the clock-driven
-/// model may switch speculation off.
-const MIN_JUDGED: f64 = 10.0;
+/// Drafted tokens judged (accepted ones and first rejections) before the model may switch
+/// speculation off.
+const MIN_JUDGED: usize = 10;
 /// Acceptance assumed before any draft was judged.
 const PRIOR_ALPHA: f64 = 0.6;
 
@@ -128,6 +130,7 @@ impl AdaptiveK {
                 den: 2.0,
                 n: 1,
             },
+            judged: 0,
             fixed_cost: None,
             plain_step: Decayed::default(),
             draft: Decayed::default(),
@@ -195,7 +198,7 @@ impl AdaptiveK {
 
     fn choose(&self) -> usize {
         let (alpha, cost) = (self.alpha(), self.cost());
-        if self.alpha.den < MIN_JUDGED && !self.probing {
+        if self.judged < MIN_JUDGED && !self.probing {
             // Too few drafts judged to give up on them (one early rejection would otherwise
             // switch a good drafter off, and probes after a gap see worse drafts).
             return self.choose_at(alpha, cost).max(1);
@@ -260,6 +263,7 @@ impl Controller for AdaptiveK {
             let rejected = usize::from(s.accepted < s.drafted);
             self.alpha
                 .add(s.accepted as f64, (s.accepted + rejected) as f64);
+            self.judged += s.accepted + rejected;
         }
         self.wanted = self.choose();
         if catch_up && self.wanted > 0 {
