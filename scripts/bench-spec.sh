@@ -2,7 +2,8 @@
 # Speculative vs plain decoding, tandem beside llama.cpp, SmolLM2-135M F16 verifier.
 #   LLAMA_CPP_BIN=/path/to/llama.cpp/build/bin scripts/bench-spec.sh [THREADS] [MAX_TOKENS]
 # tandem: `tandem bench spec` over the 18 default prompts (scripts/spec-prompts.jsonl) for the
-# drafters self:q8_0, self:q4_0 and ngram, at temperature 0 and 0.7; then batches of 1/2/4.
+# drafters self:q8_0@all (llama.cpp's Q8_0 file: the same pair as its Q8_0 draft), self:q8_0,
+# self:q4_0 and ngram, at temperature 0 and 0.7; then batches of 1/2/4.
 # llama.cpp: llama-simple (plain) and llama-speculative-simple with Q8_0 / Q4_0 drafts of the
 # same F16 model (made by llama-quantize), same prompts, greedy, same threads.
 set -euo pipefail
@@ -12,9 +13,9 @@ out=${OUT:-$root/target/bench-spec}; mkdir -p "$out"
 if [ -z "${SKIP_TANDEM:-}" ]; then
 echo "== tandem ($N threads, $M tokens, 18 prompts)"
 for temp in 0 0.7; do
-  for d in self:q8_0 self:q4_0 ngram; do
+  for d in self:q8_0@all self:q8_0 self:q4_0 ngram; do
     "$T" --threads $N bench spec --model "$smol" --draft $d --max-tokens $M --temperature $temp --seed 1 \
-      --json "$out/tandem-$d-$temp.json" 2>/dev/null
+      --json "$out/tandem-$d-$temp.json" 2>/dev/null | sed "s/^/  /"
   done
 done
 for b in 1 2 4; do
