@@ -58,13 +58,7 @@ fn speculative(
     eos: &[u32],
 ) -> (Vec<u32>, tandem_speculate::SpecStats) {
     let mut verifier = ModelVerifier::new(verifier_model, limit).unwrap();
-    let mut dec = SpeculativeDecoder {
-        drafter,
-        verifier: &mut verifier,
-        rule: &mut Greedy,
-        controller,
-    };
-    dec.generate(prompt, max, eos, |_| Ok(())).unwrap()
+    decode(&mut verifier, drafter, controller, prompt, max, eos)
 }
 
 /// As [`speculative`], drafting with `draft_model` over the verifier's own KV cache.
@@ -79,9 +73,20 @@ fn speculative_shared(
 ) -> (Vec<u32>, tandem_speculate::SpecStats) {
     let mut verifier = ModelVerifier::new(verifier_model, limit).unwrap();
     let mut drafter = SharedCacheDrafter::new(draft_model, &verifier, None).unwrap();
+    decode(&mut verifier, &mut drafter, controller, prompt, max, eos)
+}
+
+fn decode(
+    verifier: &mut ModelVerifier,
+    drafter: &mut dyn Drafter,
+    controller: &mut dyn Controller,
+    prompt: &[u32],
+    max: usize,
+    eos: &[u32],
+) -> (Vec<u32>, tandem_speculate::SpecStats) {
     let mut dec = SpeculativeDecoder {
-        drafter: &mut drafter,
-        verifier: &mut verifier,
+        drafter,
+        verifier,
         rule: &mut Greedy,
         controller,
     };

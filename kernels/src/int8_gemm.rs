@@ -234,7 +234,8 @@ fn select() -> RowKernel {
     row_portable
 }
 
-/// Portable row kernel (also the NEON/other-architecture path): integer block sums.
+/// Portable row kernel (x86-64 without AVX2, and architectures other than aarch64): integer
+/// block sums.
 fn row_portable(
     f: BlockFormat,
     w: &[u8],
@@ -249,17 +250,16 @@ fn row_portable(
     }
     let (nb, bb) = (k / BLOCK, f.block_bytes());
     let mut q = [0i8; BLOCK];
-    let mut acc = vec![0f32; m];
+    out[..m].fill(0.0);
     for (b, blk) in w.chunks_exact(bb).enumerate() {
         let dw = weight_block(f, blk, &mut q);
-        for (r, a) in acc.iter_mut().enumerate() {
+        for (r, a) in out[..m].iter_mut().enumerate() {
             let i = i0 + r;
             let xs = &xq.quants[i * k + b * BLOCK..][..BLOCK];
             let dot: i32 = q.iter().zip(xs).map(|(p, c)| *p as i32 * *c as i32).sum();
             *a += dw * xq.scales[i * nb + b] * dot as f32;
         }
     }
-    out.copy_from_slice(&acc);
 }
 
 /// NEON row kernel (aarch64, where NEON is baseline): the weight block unpacked once to two
