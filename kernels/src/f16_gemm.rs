@@ -27,6 +27,9 @@ pub fn matmul_f16_reference(x: &[f32], w: &[f16], m: usize, k: usize, n: usize, 
 /// Weight rows handed to one pool task: enough work to amortize scheduling, few enough to
 /// balance across cores.
 const ROWS_PER_TASK: usize = 64;
+/// Activation rows per pass over a weight row: the AVX2 kernel's register budget (see
+/// `group_f16_avx2`).
+const ROW_GROUP: usize = 6;
 
 /// Fast path: SIMD where the CPU has it, parallel over weight rows.
 ///
@@ -39,7 +42,7 @@ pub fn matmul_f16(x: &[f32], w: &[f16], m: usize, k: usize, n: usize, out: &mut 
         return;
     }
     let dot = select_kernel();
-    crate::rows::par_weight_rows(out, m, n, ROWS_PER_TASK, 6, |j, i0, g, o| {
+    crate::rows::par_weight_rows(out, m, n, ROWS_PER_TASK, ROW_GROUP, |j, i0, g, o| {
         dot(&w[j * k..(j + 1) * k], &x[i0 * k..(i0 + g) * k], g, k, o)
     });
 }
@@ -77,7 +80,7 @@ unsafe fn row_dot_avx2(w: &[f16], x: &[f32], m: usize, k: usize, out: &mut [f32]
     // pass converts every weight once, not twice as groups of 4 + 1 did).
     let mut i = 0;
     while i < m {
-        let g = (m - i).min(6);
+        let g = (m - i).min(ROW_GROUP);
         let (xs, o) = (&x[i * k..], &mut out[i..i + g]);
         match g {
             1 => group_f16_avx2::<1>(w, xs, k, o),

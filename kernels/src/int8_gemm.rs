@@ -53,7 +53,8 @@ impl Int8Rows {
     }
 }
 
-fn supported(f: BlockFormat) -> bool {
+/// Whether [`matmul_int8`] handles this block format.
+pub fn int8_supported(f: BlockFormat) -> bool {
     matches!(f, BlockFormat::Q8_0 | BlockFormat::Q4_0 | BlockFormat::Q4K)
 }
 
@@ -77,11 +78,6 @@ fn q4k_block(b: &[u8], levels: &mut [u8; QK_K]) -> [(f32, f32); 8] {
     })
 }
 
-/// Whether [`matmul_int8`] handles this block format.
-pub fn int8_supported(f: BlockFormat) -> bool {
-    supported(f)
-}
-
 /// The signed 8-bit levels and the scale of one weight block.
 fn weight_block(f: BlockFormat, b: &[u8], q: &mut [i8; BLOCK]) -> f32 {
     let d = f16::from_le_bytes([b[0], b[1]]).to_f32();
@@ -102,7 +98,7 @@ fn weight_block(f: BlockFormat, b: &[u8], q: &mut [i8; BLOCK]) -> f32 {
 }
 
 fn check(f: BlockFormat, x: &[f32], w: &[u8], m: usize, k: usize, n: usize, out: &[f32]) {
-    assert!(supported(f), "{f:?} has no 8-bit-activation kernel");
+    assert!(int8_supported(f), "{f:?} has no 8-bit-activation kernel");
     let be = f.block_elems();
     assert!(
         k.is_multiple_of(be),

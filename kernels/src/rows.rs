@@ -18,25 +18,6 @@ pub(crate) fn par_weight_rows(
     row_group: usize,
     row: impl Fn(usize, usize, usize, &mut [f32]) + Sync,
 ) {
-    par_weight_tiles(out, m, n, rows_per_task, row_group, |j0, i0, g, o| {
-        for (jj, oj) in o.chunks_mut(m).enumerate() {
-            row(j0 + jj, i0, g, &mut oj[i0..i0 + g]);
-        }
-    })
-}
-
-/// As [`par_weight_rows`], but the kernel gets a task's whole block of weight rows at once:
-/// `tile(j0, i0, g, block)` fills `block[jj * m + i0 + r]` for the block's weight rows
-/// `j0 + jj` and activation rows `i0 + r`, r < g (so it may work on several weight rows per
-/// pass over the activations).
-pub(crate) fn par_weight_tiles(
-    out: &mut [f32],
-    m: usize,
-    n: usize,
-    rows_per_task: usize,
-    row_group: usize,
-    tile: impl Fn(usize, usize, usize, &mut [f32]) + Sync,
-) {
     // Small matrices (SmolLM2's 192- and 576-row k/v/q/o projections) split into at least
     // four tasks per thread: 576 rows in tasks of 64 gave one thread 5 tasks and the other 4.
     let threads = crate::pool::global().threads().max(1);
@@ -54,7 +35,9 @@ pub(crate) fn par_weight_tiles(
             let mut i0 = 0;
             while i0 < m {
                 let g = (m - i0).min(row_group.max(1));
-                tile(c * rows_per_task, i0, g, o);
+                for (jj, oj) in o.chunks_mut(m).enumerate() {
+                    row(c * rows_per_task + jj, i0, g, &mut oj[i0..i0 + g]);
+                }
                 i0 += g;
             }
         });

@@ -85,14 +85,17 @@ impl Sampler {
             // Plain temperature: no candidate is cut, so no order is needed. (Sorting the
             // 49k-token vocabulary took milliseconds per call, and speculative sampling calls
             // this for every drafted token and every verified row.)
+            // The weights go straight into `probs` (a 49k-entry f64 buffer per call was the
+            // only other allocation on this per-drafted-token path).
             let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let weights: Vec<f64> = logits
-                .iter()
-                .map(|&l| (((l - max) / t) as f64).exp())
-                .collect();
-            let total: f64 = weights.iter().sum();
-            for (p, w) in probs.iter_mut().zip(&weights) {
-                *p = (w / total) as f32;
+            let mut total = 0f64;
+            for (p, &l) in probs.iter_mut().zip(logits) {
+                let w = (((l - max) / t) as f64).exp();
+                total += w;
+                *p = w as f32;
+            }
+            for p in probs.iter_mut() {
+                *p = (*p as f64 / total) as f32;
             }
             return probs;
         }
