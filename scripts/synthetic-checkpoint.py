@@ -18,11 +18,16 @@ ap.add_argument("--ffn", type=int, default=8192)
 ap.add_argument("--heads", type=int, default=24)
 ap.add_argument("--kv-heads", type=int, default=8)
 ap.add_argument("--shard-gb", type=float, default=2.0)
+# Another tokenizer.json and its vocabulary size (scripts/gpu-check.sh uses the bundled
+# stories260K's, 512, where ../shared is not there).
+ap.add_argument("--tokenizer")
+ap.add_argument("--vocab", type=int, default=49152)
 a = ap.parse_args()
 
 root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 tok_dir = os.path.join(root, "..", "shared", "models", "smollm2-135m-instruct")
-vocab = 49152
+tokenizer = a.tokenizer or os.path.join(tok_dir, "tokenizer.json")
+vocab = a.vocab
 os.makedirs(a.out, exist_ok=True)
 hd = a.hidden // a.heads
 config = {
@@ -33,7 +38,7 @@ config = {
     "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "float16",
 }
 json.dump(config, open(os.path.join(a.out, "config.json"), "w"), indent=1)
-shutil.copy(os.path.join(tok_dir, "tokenizer.json"), a.out)
+shutil.copy(tokenizer, os.path.join(a.out, "tokenizer.json"))
 
 tensors = [("model.embed_tokens.weight", (vocab, a.hidden))]
 for l in range(a.layers):

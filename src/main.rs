@@ -23,7 +23,8 @@ struct Cli {
     /// llama.cpp does; fast) or f32 (what the dequantized 16-bit weights compute exactly).
     #[arg(long, global = true, value_enum, default_value_t = commands::Activations::Int8)]
     activations: commands::Activations,
-    /// Run the Q8_0/Q4_0/F16 linear layers on GPU 0 (builds with `--features cuda`).
+    /// Run on GPU 0 (builds with `--features cuda`): the whole forward pass and KV cache when
+    /// every linear layer is Q8_0/Q4_0/F16, else just those layers.
     #[arg(long, global = true)]
     gpu: bool,
     #[command(subcommand)]
@@ -92,7 +93,7 @@ fn main() -> ExitCode {
     tandem_model::linear::set_default_activations(cli.activations.into());
     let result = if cli.gpu {
         tandem_model::linear::offload_to_gpu()
-            .map(|name| eprintln!("linear layers on GPU 0: {name}"))
+            .map(|name| eprintln!("GPU 0: {name}"))
             .map_err(anyhow::Error::from)
     } else {
         Ok(())

@@ -9,7 +9,7 @@ use std::process::Command;
 
 /// target/<profile>, where cargo put the tandem binary and the speculate cdylib.
 fn target_dir() -> PathBuf {
-    PathBuf::from(bin()).parent().unwrap().to_path_buf()
+    bin().parent().unwrap().to_path_buf()
 }
 
 fn cargo_build(args: &[&str]) {

@@ -5,7 +5,7 @@ mod common;
 use candle_core::Device;
 use common::*;
 use std::path::Path;
-use tandem_model::{argmax, Checkpoint, Logits};
+use tandem_model::{Checkpoint, Logits};
 
 fn check_against_reference(model: &Path, reference_dir: &Path, logit_tol: f32) {
     let ck = Checkpoint::open(model, None).unwrap();
@@ -13,49 +13,7 @@ fn check_against_reference(model: &Path, reference_dir: &Path, logit_tol: f32) {
     // The reference computed with f32 activations; tandem's int8 default (llama.cpp's
     // rounding for Q8_0/Q4_0 layers) is checked by the greedy-text tests instead.
     llama.set_activation_precision(tandem_model::linear::ActivationPrecision::F32);
-    let r = reference(reference_dir);
-    for case in r["cases"].as_array().unwrap() {
-        let prompt = case["prompt"].as_str().unwrap();
-        let prompt_ids = ids(&case["prompt_ids"]);
-        // Our tokenizer must agree with the reference's (encoded without special tokens).
-        assert_eq!(
-            ck.tokenizer.encode(prompt, false).unwrap(),
-            prompt_ids,
-            "{prompt}"
-        );
-        let mut cache = llama.new_cache().unwrap();
-        let logits = llama.forward(&prompt_ids, &mut cache, Logits::All).unwrap();
-        let logits: Vec<Vec<f32>> = logits.to_vec2().unwrap();
-        let top5 = case["top5_logits_per_position"].as_array().unwrap();
-        assert_eq!(top5.len(), prompt_ids.len());
-        let mut worst = 0f32;
-        for (pos, entries) in top5.iter().enumerate() {
-            for e in entries.as_array().unwrap() {
-                let id = e[0].as_u64().unwrap() as usize;
-                let want = e[1].as_f64().unwrap() as f32;
-                worst = worst.max((logits[pos][id] - want).abs());
-            }
-        }
-        assert!(
-            worst <= logit_tol,
-            "{}: '{prompt}': worst top-5 logit error {worst}",
-            model.display()
-        );
-        // Greedy continuation, no BOS, as many tokens as the reference gives.
-        let want = ids(&case["greedy_ids"]);
-        let mut got = Vec::new();
-        let mut next = argmax(&logits[prompt_ids.len() - 1]);
-        for _ in 0..want.len() {
-            got.push(next);
-            let l = llama.forward(&[next], &mut cache, Logits::Last).unwrap();
-            next = argmax(&l.to_vec2::<f32>().unwrap()[0]);
-        }
-        assert_eq!(got, want, "{}: greedy ids for '{prompt}'", model.display());
-        assert_eq!(
-            ck.tokenizer.decode(&got).unwrap(),
-            case["greedy_text"].as_str().unwrap()
-        );
-    }
+    check_llama_against_reference(&ck, &llama, reference_dir, logit_tol);
 }
 
 #[test]

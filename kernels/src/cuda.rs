@@ -7,10 +7,9 @@
 //! callers (tests, the CLI's `--gpu`) say they skip. Activations stay f32 on the GPU, so a
 //! layer computes what the CPU's f32 path computes, up to summation order.
 
-use crate::BlockFormat;
-use cudarc::driver::{
-    CudaContext, CudaFunction, CudaSlice, CudaStream, LaunchConfig, PushKernelArg,
-};
+use crate::{AttentionShape, BlockFormat};
+use cudarc::driver::{CudaContext, CudaFunction, CudaStream, LaunchConfig, PushKernelArg};
+pub use cudarc::driver::{CudaSlice, CudaView, CudaViewMut};
 use std::sync::{Arc, OnceLock};
 
 /// The kernels' CUDA C source.
@@ -81,6 +80,12 @@ pub struct Gpu {
     q4_0: CudaFunction,
     f16: CudaFunction,
     probe: CudaFunction,
+    rms_norm: CudaFunction,
+    rope: CudaFunction,
+    kv_append: CudaFunction,
+    attention: CudaFunction,
+    silu_mul: CudaFunction,
+    add_assign: CudaFunction,
 }
 
 static GPU: OnceLock<Result<Gpu, String>> = OnceLock::new();
@@ -139,6 +144,12 @@ impl Gpu {
             q4_0: module.load_function("matmul_q4_0")?,
             f16: module.load_function("matmul_f16")?,
             probe: module.load_function("read_probe")?,
+            rms_norm: module.load_function("rms_norm")?,
+            rope: module.load_function("rope_rotate_half")?,
+            kv_append: module.load_function("kv_append")?,
+            attention: module.load_function("attention")?,
+            silu_mul: module.load_function("silu_mul")?,
+            add_assign: module.load_function("add_assign")?,
             ctx,
         })
     }
@@ -189,14 +200,252 @@ impl Gpu {
         }
         let xd = self.stream.clone_htod(x)?;
         let mut od = self.stream.alloc_zeros::<f32>(m * n)?;
-        for r0 in (0..m).step_by(MAX_ROWS) {
-            let rows = (m - r0).min(MAX_ROWS);
-            let xs = xd.slice(r0 * k..(r0 + rows) * k);
-            let mut os = od.slice_mut(r0 * n..(r0 + rows) * n);
-            self.launch(w, &xs, &mut os, rows)?;
-        }
+        self.matmul_on_device(w, &xd.slice(..), m, &mut od.slice_mut(..))?;
         self.stream.memcpy_dtoh(&od, out)?;
         self.stream.synchronize()?;
+        Ok(())
+    }
+
+    // ---- Device-resident operations: inputs and results stay on the GPU. Each checks the
+    // sizes of its buffers first (a kernel reading past one is undefined behaviour) and runs
+    // asynchronously on the one stream, so their order is the order of the calls. ----
+
+    /// `len` f32 zeros on the GPU.
+    pub fn zeros(&self, len: usize) -> Result<CudaSlice<f32>, GpuError> {
+        Ok(self.stream.alloc_zeros::<f32>(len.max(1))?)
+    }
+
+    /// A copy of `host` on the GPU.
+    pub fn to_device<T: cudarc::driver::DeviceRepr>(
+        &self,
+        host: &[T],
+    ) -> Result<CudaSlice<T>, GpuError> {
+        Ok(self.stream.clone_htod(host)?)
+    }
+
+    /// Copies `host` into the start of `dst`.
+    pub fn write<T: cudarc::driver::DeviceRepr>(
+        &self,
+        host: &[T],
+        dst: &mut CudaViewMut<'_, T>,
+    ) -> Result<(), GpuError> {
+        fits("write", host.len(), dst.len())?;
+        let mut d = dst.slice_mut(..host.len());
+        Ok(self.stream.memcpy_htod(host, &mut d)?)
+    }
+
+    /// Copies the start of `src` into `host`, waiting for the work queued before it.
+    pub fn read(&self, src: &CudaView<'_, f32>, host: &mut [f32]) -> Result<(), GpuError> {
+        fits("read", host.len(), src.len())?;
+        self.stream.memcpy_dtoh(&src.slice(..host.len()), host)?;
+        self.stream.synchronize()?;
+        Ok(())
+    }
+
+    /// Copies `src` into the start of `dst`, on the GPU.
+    pub fn copy(
+        &self,
+        src: &CudaView<'_, f32>,
+        dst: &mut CudaViewMut<'_, f32>,
+    ) -> Result<(), GpuError> {
+        fits("copy", src.len(), dst.len())?;
+        let mut d = dst.slice_mut(..src.len());
+        Ok(self.stream.memcpy_dtod(src, &mut d)?)
+    }
+
+    /// `out[m×n] = x[m×k] · Wᵀ`, both on the GPU (launches of ≤ 8 rows each; a row's result
+    /// does not depend on how many rows share its launch).
+    pub fn matmul_on_device(
+        &self,
+        w: &GpuMatrix,
+        x: &CudaView<'_, f32>,
+        m: usize,
+        out: &mut CudaViewMut<'_, f32>,
+    ) -> Result<(), GpuError> {
+        let (n, k) = (w.n, w.k);
+        fits("matmul input", m * k, x.len())?;
+        fits("matmul output", m * n, out.len())?;
+        for r0 in (0..m).step_by(MAX_ROWS) {
+            let rows = (m - r0).min(MAX_ROWS);
+            let xs = x.slice(r0 * k..(r0 + rows) * k);
+            let mut os = out.slice_mut(r0 * n..(r0 + rows) * n);
+            self.launch(w, &xs, &mut os, rows)?;
+        }
+        Ok(())
+    }
+
+    /// RMSNorm of `rows` rows of `d` (see [`crate::ops::rms_norm`]).
+    pub fn rms_norm(
+        &self,
+        x: &CudaView<'_, f32>,
+        w: &CudaSlice<f32>,
+        eps: f32,
+        out: &mut CudaViewMut<'_, f32>,
+        rows: usize,
+    ) -> Result<(), GpuError> {
+        let d = w.len();
+        fits("rms_norm input", rows * d, x.len())?;
+        fits("rms_norm output", rows * d, out.len())?;
+        if rows == 0 {
+            return Ok(());
+        }
+        let mut b = self.stream.launch_builder(&self.rms_norm);
+        let di = d as i32;
+        b.arg(x).arg(w).arg(out).arg(&di).arg(&eps);
+        // SAFETY: matches rms_norm(const float*, const float*, float*, int, float); sizes checked.
+        unsafe { b.launch(grid(rows as u32, 256)) }?;
+        Ok(())
+    }
+
+    /// Rotate-half RoPE in place on `x` = [rows, heads, head_dim]; row r at position
+    /// `pos[r]`, angles from the tables `cos`/`sin` = [positions, head_dim / 2] (see
+    /// [`crate::ops::rope_rotate_half`]).
+    #[allow(clippy::too_many_arguments)]
+    pub fn rope_rotate_half(
+        &self,
+        x: &mut CudaViewMut<'_, f32>,
+        pos: &CudaView<'_, i32>,
+        cos: &CudaSlice<f32>,
+        sin: &CudaSlice<f32>,
+        rows: usize,
+        heads: usize,
+        head_dim: usize,
+    ) -> Result<(), GpuError> {
+        fits("rope input", rows * heads * head_dim, x.len())?;
+        fits("rope positions", rows, pos.len())?;
+        if cos.len() != sin.len() || !head_dim.is_multiple_of(2) {
+            return Err(GpuError::Invalid(
+                "rope tables or head size do not agree".into(),
+            ));
+        }
+        // Positions are checked against the tables by the caller (the KV cache's limit).
+        if rows == 0 {
+            return Ok(());
+        }
+        let mut b = self.stream.launch_builder(&self.rope);
+        let (h, hd) = (heads as i32, head_dim as i32);
+        b.arg(x).arg(pos).arg(cos).arg(sin).arg(&h).arg(&hd);
+        // SAFETY: matches rope_rotate_half(float*, const int*, const float*, const float*,
+        // int, int); sizes checked.
+        unsafe { b.launch(grid(rows as u32, 128)) }?;
+        Ok(())
+    }
+
+    /// Writes `s.t` rows of new keys or values, `src` = [t, n_kv_head, head_dim], into a
+    /// cache laid out [n_kv_head, capacity, head_dim] at positions `s.n..s.n + s.t`.
+    pub fn kv_append(
+        &self,
+        s: AttentionShape,
+        src: &CudaView<'_, f32>,
+        cache: &mut CudaSlice<f32>,
+    ) -> Result<(), GpuError> {
+        let (nkv, hd) = (s.n_kv_head, s.head_dim);
+        fits("kv_append input", s.t * nkv * hd, src.len())?;
+        fits("kv cache", nkv * s.capacity * hd, cache.len())?;
+        if s.n + s.t > s.capacity {
+            return Err(GpuError::Invalid(
+                "kv_append past the cache's capacity".into(),
+            ));
+        }
+        if s.t == 0 {
+            return Ok(());
+        }
+        let mut b = self.stream.launch_builder(&self.kv_append);
+        let (a, d, c, n) = (nkv as i32, hd as i32, s.capacity as i32, s.n as i32);
+        b.arg(src).arg(cache).arg(&a).arg(&d).arg(&c).arg(&n);
+        // SAFETY: matches kv_append(const float*, float*, int, int, int, int); sizes checked.
+        unsafe { b.launch(grid((s.t * nkv) as u32, 128)) }?;
+        Ok(())
+    }
+
+    /// Causal attention of `s.t` new queries over caches holding `s.n + s.t` positions (see
+    /// [`crate::attention`]).
+    pub fn attention(
+        &self,
+        s: AttentionShape,
+        q: &CudaView<'_, f32>,
+        k: &CudaSlice<f32>,
+        v: &CudaSlice<f32>,
+        out: &mut CudaViewMut<'_, f32>,
+    ) -> Result<(), GpuError> {
+        let (nh, nkv, hd) = (s.n_head, s.n_kv_head, s.head_dim);
+        fits("attention queries", s.t * nh * hd, q.len())?;
+        fits("attention output", s.t * nh * hd, out.len())?;
+        fits("kv cache", nkv * s.capacity * hd, k.len().min(v.len()))?;
+        if nkv == 0 || !nh.is_multiple_of(nkv) || hd > 256 || s.n + s.t > s.capacity {
+            return Err(GpuError::Invalid(format!(
+                "attention shape not supported: {s:?}"
+            )));
+        }
+        if s.t == 0 {
+            return Ok(());
+        }
+        let cfg = LaunchConfig {
+            grid_dim: (nh as u32, s.t as u32, 1),
+            block_dim: (32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let scale = 1.0 / (hd as f32).sqrt();
+        let (n, h, a, d, c) = (
+            s.n as i32,
+            nh as i32,
+            nkv as i32,
+            hd as i32,
+            s.capacity as i32,
+        );
+        let mut b = self.stream.launch_builder(&self.attention);
+        b.arg(q).arg(k).arg(v).arg(out);
+        b.arg(&n).arg(&h).arg(&a).arg(&d).arg(&c).arg(&scale);
+        // SAFETY: matches attention(const float*, const float*, const float*, float*, int,
+        // int, int, int, int, float); sizes checked.
+        unsafe { b.launch(cfg) }?;
+        Ok(())
+    }
+
+    /// `gate = silu(gate) * up` (see [`crate::ops::silu_mul`]).
+    pub fn silu_mul(
+        &self,
+        gate: &mut CudaViewMut<'_, f32>,
+        up: &CudaView<'_, f32>,
+        len: usize,
+    ) -> Result<(), GpuError> {
+        fits("silu_mul gate", len, gate.len())?;
+        fits("silu_mul up", len, up.len())?;
+        if len == 0 {
+            return Ok(());
+        }
+        let mut b = self.stream.launch_builder(&self.silu_mul);
+        let l = len as i32;
+        b.arg(gate).arg(up).arg(&l);
+        // SAFETY: matches silu_mul(float*, const float*, int); sizes checked.
+        unsafe { b.launch(grid((len as u32).div_ceil(256), 256)) }?;
+        Ok(())
+    }
+
+    /// `acc[i] += b[i % period]` for i < len: a residual add (period = len) or a bias added
+    /// to every row (period = the row length).
+    pub fn add_assign(
+        &self,
+        acc: &mut CudaViewMut<'_, f32>,
+        b: &CudaView<'_, f32>,
+        len: usize,
+        period: usize,
+    ) -> Result<(), GpuError> {
+        fits("add_assign target", len, acc.len())?;
+        fits("add_assign operand", period, b.len())?;
+        if len == 0 {
+            return Ok(());
+        }
+        if period == 0 || !len.is_multiple_of(period) {
+            return Err(GpuError::Invalid(format!(
+                "add_assign: {len} is not rows of {period}"
+            )));
+        }
+        let mut l = self.stream.launch_builder(&self.add_assign);
+        let (li, pi) = (len as i32, period as i32);
+        l.arg(acc).arg(b).arg(&li).arg(&pi);
+        // SAFETY: matches add_assign(float*, const float*, int, int); sizes checked.
+        unsafe { l.launch(grid((len as u32).div_ceil(256), 256)) }?;
         Ok(())
     }
 
@@ -276,6 +525,25 @@ impl Gpu {
     }
 }
 
+/// `needed` elements must fit in a buffer of `have`.
+fn fits(what: &str, needed: usize, have: usize) -> Result<(), GpuError> {
+    if needed > have {
+        return Err(GpuError::Invalid(format!(
+            "{what}: needs {needed} elements, the buffer holds {have}"
+        )));
+    }
+    Ok(())
+}
+
+/// A one-dimensional launch of `blocks` blocks of `threads` threads.
+fn grid(blocks: u32, threads: u32) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (blocks, 1, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -284,7 +552,22 @@ mod tests {
     #[test]
     fn kernels_compile_with_nvrtc() {
         match compile_ptx() {
-            Ok(ptx) => assert!(ptx.to_src().contains("matmul_q4_0")),
+            Ok(ptx) => {
+                let src = ptx.to_src();
+                for name in [
+                    "matmul_q8_0",
+                    "matmul_q4_0",
+                    "matmul_f16",
+                    "rms_norm",
+                    "rope_rotate_half",
+                    "kv_append",
+                    "attention",
+                    "silu_mul",
+                    "add_assign",
+                ] {
+                    assert!(src.contains(&format!(".entry {name}")), "{name} missing");
+                }
+            }
             Err(GpuError::Unavailable(why)) => eprintln!("skipped: {why}"),
             Err(e) => panic!("{e}"),
         }

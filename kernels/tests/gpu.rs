@@ -94,3 +94,143 @@ fn bad_shapes_are_errors_not_panics() {
     let mut out = [0f32; 1];
     assert!(g.matmul(&gm, &[0.0; 31], 1, &mut out).is_err());
 }
+
+fn random(n: usize, rng: &mut impl Rng) -> Vec<f32> {
+    (0..n).map(|_| rng.random_range(-1.0..1.0)).collect()
+}
+
+/// RMSNorm, RoPE, SiLU·up and the adds on the GPU against the CPU functions (odd sizes).
+#[test]
+fn elementwise_ops_match_cpu() {
+    let Some(g) = gpu_or_skip("elementwise_ops_match_cpu") else {
+        return;
+    };
+    let mut rng = rand::rngs::StdRng::seed_from_u64(23);
+    for (rows, d) in [(1, 576), (5, 576), (3, 17), (9, 1536)] {
+        let (x, w) = (random(rows * d, &mut rng), random(d, &mut rng));
+        let mut want = vec![0f32; rows * d];
+        tandem_kernels::ops::rms_norm(&x, &w, 1e-5, &mut want);
+        let (xd, wd) = (g.to_device(&x).unwrap(), g.to_device(&w).unwrap());
+        let mut od = g.zeros(rows * d).unwrap();
+        g.rms_norm(&xd.slice(..), &wd, 1e-5, &mut od.slice_mut(..), rows)
+            .unwrap();
+        let mut got = vec![0f32; rows * d];
+        g.read(&od.slice(..), &mut got).unwrap();
+        close(&want, &got, &format!("rms_norm {rows}x{d}"));
+
+        // silu·up and add, over the same buffers
+        let up = random(rows * d, &mut rng);
+        let mut want = x.clone();
+        tandem_kernels::ops::silu_mul(&mut want, &up);
+        tandem_kernels::ops::add_assign(&mut want, &up);
+        for row in want.chunks_exact_mut(d) {
+            tandem_kernels::ops::add_assign(row, &w);
+        }
+        let mut xd = g.to_device(&x).unwrap();
+        let upd = g.to_device(&up).unwrap();
+        g.silu_mul(&mut xd.slice_mut(..), &upd.slice(..), rows * d)
+            .unwrap();
+        g.add_assign(&mut xd.slice_mut(..), &upd.slice(..), rows * d, rows * d)
+            .unwrap();
+        g.add_assign(&mut xd.slice_mut(..), &wd.slice(..), rows * d, d)
+            .unwrap();
+        g.read(&xd.slice(..), &mut got).unwrap();
+        close(&want, &got, &format!("silu_mul/add {rows}x{d}"));
+    }
+    // RoPE at scattered positions
+    let (heads, hd, ctx) = (3, 64, 100);
+    let half = hd / 2;
+    let cos_t = random(ctx * half, &mut rng);
+    let sin_t = random(ctx * half, &mut rng);
+    let pos: Vec<i32> = vec![0, 7, 99, 42, 43];
+    let x = random(pos.len() * heads * hd, &mut rng);
+    let (mut c, mut s) = (Vec::new(), Vec::new());
+    for &p in &pos {
+        c.extend_from_slice(&cos_t[p as usize * half..][..half]);
+        s.extend_from_slice(&sin_t[p as usize * half..][..half]);
+    }
+    let mut want = x.clone();
+    tandem_kernels::ops::rope_rotate_half(&mut want, heads, hd, &c, &s);
+    let mut xd = g.to_device(&x).unwrap();
+    let (pd, cd, sd) = (
+        g.to_device(&pos).unwrap(),
+        g.to_device(&cos_t).unwrap(),
+        g.to_device(&sin_t).unwrap(),
+    );
+    g.rope_rotate_half(
+        &mut xd.slice_mut(..),
+        &pd.slice(..),
+        &cd,
+        &sd,
+        pos.len(),
+        heads,
+        hd,
+    )
+    .unwrap();
+    let mut got = vec![0f32; x.len()];
+    g.read(&xd.slice(..), &mut got).unwrap();
+    close(&want, &got, "rope");
+}
+
+/// Appending to the cache and attending over it, against the CPU reference: decode (t = 1),
+/// verification (t = 5) and prefill shapes, grouped-query heads, head sizes 8..128.
+#[test]
+fn attention_matches_cpu_reference() {
+    let Some(g) = gpu_or_skip("attention_matches_cpu_reference") else {
+        return;
+    };
+    let mut rng = rand::rngs::StdRng::seed_from_u64(24);
+    for (t, n, nh, nkv, hd) in [
+        (1, 0, 8, 4, 8),
+        (1, 37, 9, 3, 64),
+        (5, 100, 9, 3, 64),
+        (17, 0, 4, 4, 128),
+        (3, 250, 32, 8, 96),
+    ] {
+        let cap = n + t + 3;
+        let s = tandem_kernels::AttentionShape {
+            t,
+            n,
+            n_head: nh,
+            n_kv_head: nkv,
+            head_dim: hd,
+            capacity: cap,
+        };
+        let q = random(t * nh * hd, &mut rng);
+        let (new_k, new_v) = (
+            random(t * nkv * hd, &mut rng),
+            random(t * nkv * hd, &mut rng),
+        );
+        let (mut kc, mut vc) = (
+            random(nkv * cap * hd, &mut rng),
+            random(nkv * cap * hd, &mut rng),
+        );
+        let (mut kd, mut vd) = (g.to_device(&kc).unwrap(), g.to_device(&vc).unwrap());
+        for i in 0..t {
+            for h in 0..nkv {
+                let (src, dst) = (((i * nkv) + h) * hd, (h * cap + n + i) * hd);
+                kc[dst..dst + hd].copy_from_slice(&new_k[src..src + hd]);
+                vc[dst..dst + hd].copy_from_slice(&new_v[src..src + hd]);
+            }
+        }
+        let mut want = vec![0f32; t * nh * hd];
+        tandem_kernels::attention_reference(s, &q, &kc, &vc, &mut want);
+        let (nk, nv) = (g.to_device(&new_k).unwrap(), g.to_device(&new_v).unwrap());
+        g.kv_append(s, &nk.slice(..), &mut kd).unwrap();
+        g.kv_append(s, &nv.slice(..), &mut vd).unwrap();
+        let mut cached = vec![0f32; kc.len()];
+        g.read(&kd.slice(..), &mut cached).unwrap();
+        assert_eq!(cached, kc, "kv_append t={t} n={n}");
+        let qd = g.to_device(&q).unwrap();
+        let mut od = g.zeros(want.len()).unwrap();
+        g.attention(s, &qd.slice(..), &kd, &vd, &mut od.slice_mut(..))
+            .unwrap();
+        let mut got = vec![0f32; want.len()];
+        g.read(&od.slice(..), &mut got).unwrap();
+        close(
+            &want,
+            &got,
+            &format!("attention t={t} n={n} heads={nh}/{nkv} hd={hd}"),
+        );
+    }
+}

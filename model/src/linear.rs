@@ -47,6 +47,9 @@ pub struct Linear {
     /// A copy of the weight on the GPU, used instead of the CPU kernels when present.
     #[cfg(feature = "cuda")]
     gpu: Option<Arc<tandem_kernels::cuda::GpuMatrix>>,
+    /// The bias on the GPU, for the device-resident forward pass.
+    #[cfg(feature = "cuda")]
+    gpu_bias: Option<Arc<tandem_kernels::cuda::CudaSlice<f32>>>,
 }
 
 /// The precision later-loaded layers start with (`--activations`); 0 = Int8, 1 = F32.
@@ -125,6 +128,8 @@ impl Linear {
             activations: default_activations(),
             #[cfg(feature = "cuda")]
             gpu: None,
+            #[cfg(feature = "cuda")]
+            gpu_bias: None,
         })
     }
 
@@ -152,7 +157,41 @@ impl Linear {
         .map_err(|e| crate::Error::Invalid(e.to_string()))?;
         let bytes = m.bytes();
         self.gpu = Some(Arc::new(m));
+        if let Some(b) = &self.bias_f32 {
+            let d = g
+                .to_device(b)
+                .map_err(|e| crate::Error::Invalid(e.to_string()))?;
+            self.gpu_bias = Some(Arc::new(d));
+        }
         Ok(bytes)
+    }
+
+    /// Whether the weight is on the GPU.
+    #[cfg(feature = "cuda")]
+    pub(crate) fn on_gpu(&self) -> bool {
+        self.gpu.is_some()
+    }
+
+    /// `out` [m, out_dim] = `x` [m, in_dim] · Wᵀ (+ bias) with both on the GPU (the
+    /// device-resident forward pass); the weight must have been uploaded.
+    #[cfg(feature = "cuda")]
+    pub(crate) fn forward_on_device(
+        &self,
+        g: &tandem_kernels::cuda::Gpu,
+        x: &tandem_kernels::cuda::CudaView<'_, f32>,
+        m: usize,
+        out: &mut tandem_kernels::cuda::CudaViewMut<'_, f32>,
+    ) -> Result<()> {
+        let gm = self.gpu.as_ref().ok_or_else(|| {
+            crate::Error::Invalid("linear layer is not on the GPU (internal error)".into())
+        })?;
+        let err = |e: tandem_kernels::cuda::GpuError| crate::Error::Invalid(format!("GPU: {e}"));
+        g.matmul_on_device(gm, x, m, out).map_err(err)?;
+        if let Some(b) = &self.gpu_bias {
+            g.add_assign(out, &b.slice(..), m * self.out_dim, self.out_dim)
+                .map_err(err)?;
+        }
+        Ok(())
     }
 
     pub fn with_bias(mut self, bias: Option<Tensor>) -> Self {

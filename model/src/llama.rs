@@ -12,6 +12,9 @@ use crate::weights::RawTensor;
 use crate::weights::WeightStore;
 use candle_core::{DType, Device, Tensor};
 
+#[cfg(feature = "cuda")]
+mod gpu;
+
 struct Layer {
     attn_norm: Vec<f32>,
     q: Linear,
@@ -38,6 +41,10 @@ pub struct Llama {
     /// Buffers the forward pass reuses from call to call (no allocation per token but the
     /// returned logits); a concurrent call finds it locked and uses fresh ones.
     workspace: std::sync::Mutex<Workspace>,
+    /// Norms, RoPE tables and buffers on the GPU when every linear layer is there too: the
+    /// forward pass then runs on the GPU end to end (see `llama/gpu.rs`).
+    #[cfg(feature = "cuda")]
+    resident: Option<gpu::Resident>,
 }
 
 /// Activation buffers of one forward pass, sized for its rows.
@@ -129,6 +136,9 @@ pub struct KvCache {
     len: usize,
     capacity: usize,
     limit: usize,
+    /// The keys and values on the GPU instead, for a model whose forward pass runs there.
+    #[cfg(feature = "cuda")]
+    gpu: Option<gpu::GpuKv>,
 }
 
 impl KvCache {
@@ -153,6 +163,66 @@ impl KvCache {
 }
 
 const INITIAL_CACHE: usize = 256;
+
+impl KvCache {
+    fn on_gpu(&self) -> bool {
+        #[cfg(feature = "cuda")]
+        return self.gpu.is_some();
+        #[cfg(not(feature = "cuda"))]
+        false
+    }
+}
+
+/// After a forward pass over `seqs`: counts their new tokens into their caches and lists the
+/// rows that reach the output head (`picked`, indices into the pass's rows) and how many of
+/// them each sequence gets (`counts`).
+fn head_rows(
+    seqs: &mut [(&[u32], &mut KvCache)],
+    which: Logits,
+    picked: &mut Vec<usize>,
+    counts: &mut Vec<usize>,
+) {
+    picked.clear();
+    counts.clear();
+    let mut off = 0;
+    for (tokens, cache) in seqs.iter_mut() {
+        let t = tokens.len();
+        cache.len += t;
+        match which {
+            Logits::All => {
+                picked.extend(off..off + t);
+                counts.push(t);
+            }
+            Logits::Last => {
+                picked.push(off + t - 1);
+                counts.push(1);
+            }
+        }
+        off += t;
+    }
+}
+
+/// Splits the head's output rows into one [count, vocab] tensor per sequence.
+fn split_logits(
+    mut logits: Vec<f32>,
+    counts: &[usize],
+    vocab: usize,
+    device: &Device,
+) -> Result<Vec<Tensor>> {
+    let total: usize = counts.iter().sum();
+    let mut out = Vec::with_capacity(counts.len());
+    let mut start = 0;
+    for &n in counts {
+        let part = if counts.len() == 1 && n == total {
+            std::mem::take(&mut logits)
+        } else {
+            logits[start * vocab..(start + n) * vocab].to_vec()
+        };
+        out.push(Tensor::from_vec(part, (n, vocab), device)?);
+        start += n;
+    }
+    Ok(out)
+}
 
 impl Llama {
     /// Builds the model from a checked config and a weight store, verifying every tensor's
@@ -288,6 +358,8 @@ impl Llama {
             device: device.clone(),
             config,
             workspace: Default::default(),
+            #[cfg(feature = "cuda")]
+            resident: None,
         };
         if crate::linear::offload_requested() {
             model.upload_to_gpu()?;
@@ -348,14 +420,27 @@ impl Llama {
     pub fn new_cache_with_limit(&self, limit: usize) -> Result<KvCache> {
         let limit = limit.min(self.config.context_length()).max(1);
         let capacity = INITIAL_CACHE.min(limit);
-        let size = self.config.num_kv_heads() * capacity * self.config.head_dim();
         let n = self.layers.len();
+        #[cfg(feature = "cuda")]
+        if self.resident.is_some() {
+            return Ok(KvCache {
+                k: vec![Vec::new(); n],
+                v: vec![Vec::new(); n],
+                len: 0,
+                capacity: 0,
+                limit,
+                gpu: Some(gpu::GpuKv::new(&self.config, n, capacity)?),
+            });
+        }
+        let size = self.config.num_kv_heads() * capacity * self.config.head_dim();
         Ok(KvCache {
             k: vec![vec![0f32; size]; n],
             v: vec![vec![0f32; size]; n],
             len: 0,
             capacity,
             limit,
+            #[cfg(feature = "cuda")]
+            gpu: None,
         })
     }
 
@@ -364,7 +449,8 @@ impl Llama {
     /// its verifier's cache); a different model cannot.
     pub fn shares_cache_shape_with(&self, other: &Llama) -> bool {
         let (a, b) = (&self.config, &other.config);
-        self.layers.len() == other.layers.len()
+        self.runs_on_gpu() == other.runs_on_gpu()
+            && self.layers.len() == other.layers.len()
             && a.num_kv_heads() == b.num_kv_heads()
             && a.head_dim() == b.head_dim()
             && a.rope_theta == b.rope_theta
@@ -373,6 +459,15 @@ impl Llama {
 
     pub fn device(&self) -> &Device {
         &self.device
+    }
+
+    /// Whether the whole forward pass (and so its KV caches) runs on the GPU: `--gpu` with
+    /// every linear layer in a format the GPU kernels read (Q8_0, Q4_0, F16).
+    pub fn runs_on_gpu(&self) -> bool {
+        #[cfg(feature = "cuda")]
+        return self.resident.is_some();
+        #[cfg(not(feature = "cuda"))]
+        false
     }
 
     /// Runs `tokens` at positions [cache.len(), cache.len() + tokens.len()), appends their keys
@@ -446,9 +541,29 @@ impl Llama {
                     self.config.vocab_size
                 )));
             }
-            self.reserve(cache, n + t)?;
+            if cache.on_gpu() != self.runs_on_gpu() {
+                return Err(Error::Invalid(format!(
+                    "a KV cache made for the {} was given to a model on the {}",
+                    if cache.on_gpu() { "GPU" } else { "CPU" },
+                    if self.runs_on_gpu() { "GPU" } else { "CPU" },
+                )));
+            }
+            if !self.runs_on_gpu() {
+                self.reserve(cache, n + t)?;
+            }
             all.extend_from_slice(tokens);
             positions.extend(n..n + t);
+        }
+        #[cfg(feature = "cuda")]
+        if let Some(r) = &self.resident {
+            let out = match observer {
+                Some(_) => Err(Error::Invalid(
+                    "calibration reads activations on the CPU; run it without --gpu".into(),
+                )),
+                None => self.forward_resident(r, ws, seqs, &all, &positions, which),
+            };
+            (ws.tokens, ws.positions) = (all, positions);
+            return out;
         }
         let mut profile = ws.profile.take();
         let out = self.forward_rows(ws, seqs, &all, &positions, which, observer, &mut profile);
@@ -568,24 +683,7 @@ impl Llama {
             std::mem::take(&mut ws.picked),
             std::mem::take(&mut ws.counts),
         );
-        picked.clear();
-        counts.clear();
-        let mut off = 0;
-        for (tokens, cache) in seqs.iter_mut() {
-            let t = tokens.len();
-            cache.len += t;
-            match which {
-                Logits::All => {
-                    picked.extend(off..off + t);
-                    counts.push(t);
-                }
-                Logits::Last => {
-                    picked.push(off + t - 1);
-                    counts.push(1);
-                }
-            }
-            off += t;
-        }
+        head_rows(seqs, which, &mut picked, &mut counts);
         let hn = sized(&mut ws.hn, picked.len() * h);
         for (dst, &r) in hn.chunks_exact_mut(h).zip(&picked) {
             tandem_kernels::ops::rms_norm(&ws.x[r * h..][..h], &self.norm, eps, dst);
@@ -596,19 +694,9 @@ impl Llama {
         let mut logits = vec![0f32; picked.len() * vocab];
         self.lm_head.forward_into(hn, picked.len(), &mut logits)?;
         timer.lap("lm_head matmul");
-        let mut out = Vec::with_capacity(counts.len());
-        let mut start = 0;
-        for &n in &counts {
-            let part = if out.is_empty() && n == picked.len() {
-                std::mem::take(&mut logits)
-            } else {
-                logits[start * vocab..(start + n) * vocab].to_vec()
-            };
-            out.push(Tensor::from_vec(part, (n, vocab), &self.device)?);
-            start += n;
-        }
+        let out = split_logits(logits, &counts, vocab, &self.device);
         (ws.picked, ws.counts) = (picked, counts);
-        Ok(out)
+        out
     }
 
     /// Embedding rows of `ids` into `out` as f32.
@@ -710,6 +798,9 @@ impl Llama {
             let mut bytes = 0;
             for lin in self.linears_mut() {
                 bytes += lin.upload_to_gpu()?;
+            }
+            if self.linears().iter().all(|(_, l)| l.on_gpu()) {
+                self.resident = Some(gpu::Resident::new(self)?);
             }
             Ok(bytes)
         }

@@ -5,8 +5,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
 
+/// The project's root: where it was built, or `TANDEM_ROOT` when the test binaries were
+/// built elsewhere (scripts/gpu-bundle.sh carries them to a GPU machine).
 pub fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    std::env::var_os("TANDEM_ROOT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
 }
 
 pub fn stories() -> PathBuf {
@@ -18,8 +22,11 @@ pub fn shared() -> PathBuf {
     root().join("../shared")
 }
 
-pub fn bin() -> &'static str {
-    env!("CARGO_BIN_EXE_tandem")
+/// The tandem binary built with the tests, or `TANDEM_BIN` (see [`root`]).
+pub fn bin() -> PathBuf {
+    std::env::var_os("TANDEM_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_tandem")))
 }
 
 pub fn tandem(args: &[&str]) -> Output {
@@ -99,4 +106,64 @@ pub fn poison_f16(model: &Path, tensor: &str, elem: usize) {
     let at = 8 + n + start + 2 * elem;
     bytes[at..at + 2].copy_from_slice(&half::f16::NAN.to_le_bytes());
     std::fs::write(&p, &bytes).unwrap();
+}
+
+/// A loaded model against an independent float32 implementation (`reference_dir`'s
+/// reference.json): top-5 logits at every prompt position within `logit_tol`, and the greedy
+/// continuation token for token.
+pub fn check_llama_against_reference(
+    ck: &tandem_model::Checkpoint,
+    llama: &tandem_model::Llama,
+    reference_dir: &Path,
+    logit_tol: f32,
+) {
+    use tandem_model::{argmax, Logits};
+    let r = reference(reference_dir);
+    for case in r["cases"].as_array().unwrap() {
+        let prompt = case["prompt"].as_str().unwrap();
+        let prompt_ids = ids(&case["prompt_ids"]);
+        // Our tokenizer must agree with the reference's (encoded without special tokens).
+        assert_eq!(
+            ck.tokenizer.encode(prompt, false).unwrap(),
+            prompt_ids,
+            "{prompt}"
+        );
+        let mut cache = llama.new_cache().unwrap();
+        let logits = llama.forward(&prompt_ids, &mut cache, Logits::All).unwrap();
+        let logits: Vec<Vec<f32>> = logits.to_vec2().unwrap();
+        let top5 = case["top5_logits_per_position"].as_array().unwrap();
+        assert_eq!(top5.len(), prompt_ids.len());
+        let mut worst = 0f32;
+        for (pos, entries) in top5.iter().enumerate() {
+            for e in entries.as_array().unwrap() {
+                let id = e[0].as_u64().unwrap() as usize;
+                let want = e[1].as_f64().unwrap() as f32;
+                worst = worst.max((logits[pos][id] - want).abs());
+            }
+        }
+        assert!(
+            worst <= logit_tol,
+            "{}: '{prompt}': worst top-5 logit error {worst}",
+            ck.path.display()
+        );
+        // Greedy continuation, no BOS, as many tokens as the reference gives.
+        let want = ids(&case["greedy_ids"]);
+        let mut got = Vec::new();
+        let mut next = argmax(&logits[prompt_ids.len() - 1]);
+        for _ in 0..want.len() {
+            got.push(next);
+            let l = llama.forward(&[next], &mut cache, Logits::Last).unwrap();
+            next = argmax(&l.to_vec2::<f32>().unwrap()[0]);
+        }
+        assert_eq!(
+            got,
+            want,
+            "{}: greedy ids for '{prompt}'",
+            ck.path.display()
+        );
+        assert_eq!(
+            ck.tokenizer.decode(&got).unwrap(),
+            case["greedy_text"].as_str().unwrap()
+        );
+    }
 }
