@@ -139,11 +139,7 @@ fn attend_body(
         max = max.max(x);
         scores.push(x);
     }
-    let mut z = 0f32;
-    for x in scores.iter_mut() {
-        *x = (*x - max).exp();
-        z += *x;
-    }
+    let z = crate::ops::exp_shifted_sum(scores, max);
     o.fill(0.0);
     for (w, vr) in scores.iter().zip(vals.chunks_exact(d)) {
         let w = w / z;
