@@ -9,6 +9,7 @@ pub mod attention;
 pub mod cuda;
 pub mod f16_gemm;
 pub mod int8_gemm;
+pub mod int8_tiles;
 pub mod membw;
 pub mod ops;
 pub mod pool;
@@ -18,6 +19,7 @@ mod rows;
 pub use attention::{attention, attention_reference, AttentionShape};
 pub use f16_gemm::{matmul_f16, matmul_f16_reference};
 pub use int8_gemm::{int8_supported, matmul_int8, matmul_int8_reference};
+pub use int8_tiles::Int8Tiles;
 pub use quant_gemm::{matmul_quant, matmul_quant_reference, BlockFormat};
 
 /// How far ahead of the current weight block the matmul kernels prefetch, in bytes.
