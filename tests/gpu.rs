@@ -28,20 +28,6 @@ fn cpu_and_gpu(test: &str) -> Option<(Checkpoint, Llama, Llama)> {
     Some((ck, cpu, on_gpu))
 }
 
-fn rows(m: &Llama, toks: &[u32], chunks: &[usize]) -> Vec<Vec<f32>> {
-    let mut cache = m.new_cache().unwrap();
-    let mut out = Vec::new();
-    let mut at = 0;
-    for &c in chunks {
-        let l = m
-            .forward(&toks[at..at + c], &mut cache, Logits::All)
-            .unwrap();
-        out.extend(l.to_vec2::<f32>().unwrap());
-        at += c;
-    }
-    out
-}
-
 #[test]
 fn gpu_forward_matches_reference() {
     let Some((ck, _, g)) = cpu_and_gpu("gpu_forward_matches_reference") else {
@@ -63,8 +49,8 @@ fn gpu_forward_matches_cpu_and_verification_matches_decoding() {
         )
         .unwrap();
     let n = toks.len();
-    let on_cpu = rows(&cpu, &toks, &[n]);
-    let whole = rows(&g, &toks, &[n]);
+    let on_cpu = logits_in_chunks(&cpu, &toks, &[n]);
+    let whole = logits_in_chunks(&g, &toks, &[n]);
     let worst = on_cpu
         .iter()
         .flatten()
@@ -74,13 +60,13 @@ fn gpu_forward_matches_cpu_and_verification_matches_decoding() {
     assert!(worst <= 1e-3, "GPU vs CPU logits differ by {worst}");
     // A row's logits do not depend on the rows beside it: decoding one token at a time and
     // verifying five at a time give the same bits.
-    let singles = rows(&g, &toks, &vec![1; n]);
+    let singles = logits_in_chunks(&g, &toks, &vec![1; n]);
     let mut fives = vec![5; n / 5];
     if n % 5 > 0 {
         fives.push(n % 5);
     }
     assert_eq!(
-        rows(&g, &toks, &fives),
+        logits_in_chunks(&g, &toks, &fives),
         singles,
         "chunks of 5 vs one at a time"
     );
@@ -113,7 +99,10 @@ fn gpu_batch_matches_one_by_one() {
         .encode("The cat sat on the mat.", true)
         .unwrap();
     let b = ck.tokenizer.encode("Tom had a red ball", true).unwrap();
-    let want: Vec<Vec<Vec<f32>>> = [&a, &b].iter().map(|t| rows(&g, t, &[t.len()])).collect();
+    let want: Vec<Vec<Vec<f32>>> = [&a, &b]
+        .iter()
+        .map(|t| logits_in_chunks(&g, t, &[t.len()]))
+        .collect();
     let (mut ca, mut cb) = (g.new_cache().unwrap(), g.new_cache().unwrap());
     let got = g
         .forward_batch(&mut [(&a[..], &mut ca), (&b[..], &mut cb)], Logits::All)

@@ -7,22 +7,7 @@ use candle_core::Device;
 use common::*;
 use rand::{Rng, SeedableRng};
 use std::path::Path;
-use tandem_model::{Checkpoint, Error, Llama, Logits};
-
-fn logits_in_chunks(m: &Llama, toks: &[u32], chunks: &[usize]) -> Vec<Vec<f32>> {
-    let mut cache = m.new_cache().unwrap();
-    let mut out = Vec::new();
-    let mut at = 0;
-    for &c in chunks {
-        let l = m
-            .forward(&toks[at..at + c], &mut cache, Logits::All)
-            .unwrap();
-        out.extend(l.to_vec2::<f32>().unwrap());
-        at += c;
-    }
-    assert_eq!(cache.len(), toks.len());
-    out
-}
+use tandem_model::{Checkpoint, Error, Logits};
 
 fn max_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
     a.iter()

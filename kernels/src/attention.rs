@@ -79,13 +79,7 @@ pub fn attention(s: AttentionShape, q: &[f32], k: &[f32], v: &[f32], out: &mut [
     crate::pool::global().run(rows, |row| {
         // SAFETY: task `row` alone writes out[row·d..(row+1)·d]; `run` waits for every task.
         let o = unsafe { std::slice::from_raw_parts_mut(base.get().add(row * d), d) };
-        SCORES.with(|cell| {
-            let mut fresh = Vec::new();
-            let mut held = cell.try_borrow_mut();
-            let scores = match held.as_mut() {
-                Ok(v) => &mut **v,
-                Err(_) => &mut fresh,
-            };
+        crate::rows::with_scratch(&SCORES, |scores| {
             let (i, h) = (row / s.n_head, row % s.n_head);
             let kv = h / group;
             let qr = &q[row * d..][..d];

@@ -196,18 +196,14 @@ pub fn matmul_int8(
             kern(f, &w[j * row_bytes..(j + 1) * row_bytes], xq, i0, g, k, o)
         });
     };
-    // A pool thread waiting inside `run` may run another matmul on the same thread; that
-    // one finds the buffer borrowed and rounds into a fresh one.
-    ROUNDED.with(|cell| match cell.try_borrow_mut() {
-        Ok(mut xq) => {
-            xq.quantize(x, k);
-            run(&xq)
-        }
-        Err(_) => {
-            let mut xq = Int8Rows::default();
-            xq.quantize(x, k);
-            run(&xq)
-        }
+    with_rounded(x, k, |xq| run(xq))
+}
+
+/// Rounds `x` (rows of length k) into this thread's reused [`Int8Rows`] and runs `f` on them.
+pub(crate) fn with_rounded<R>(x: &[f32], k: usize, f: impl FnOnce(&Int8Rows) -> R) -> R {
+    crate::rows::with_scratch(&ROUNDED, |xq| {
+        xq.quantize(x, k);
+        f(xq)
     })
 }
 

@@ -22,7 +22,6 @@
 
 use crate::int8_gemm::Int8Rows;
 use crate::quant_gemm::{BlockFormat, BLOCK};
-use std::cell::RefCell;
 
 /// Rows per tile.
 pub const TILE: usize = 8;
@@ -89,16 +88,7 @@ impl Int8Tiles {
         if m == 0 || n == 0 {
             return;
         }
-        ROUNDED.with(|cell| {
-            let mut fresh = Int8Rows::default();
-            let mut held = cell.try_borrow_mut();
-            let xq = match held.as_mut() {
-                Ok(v) => &mut **v,
-                Err(_) => &mut fresh,
-            };
-            xq.quantize(x, k);
-            self.run(xq, m, out);
-        })
+        crate::int8_gemm::with_rounded(x, k, |xq| self.run(xq, m, out))
     }
 
     fn run(&self, xq: &Int8Rows, m: usize, out: &mut [f32]) {
@@ -137,10 +127,6 @@ impl Int8Tiles {
 
 /// Activation rows per pass over a tile (the unpacked weights take 8 registers).
 const GROUP: usize = 4;
-
-thread_local! {
-    static ROUNDED: RefCell<Int8Rows> = RefCell::new(Int8Rows::default());
-}
 
 fn available() -> bool {
     #[cfg(target_arch = "x86_64")]

@@ -46,13 +46,7 @@ pub(crate) fn par_weight_rows(
         run(out);
         return;
     }
-    TRANSPOSED.with(|cell| {
-        let mut fresh = Vec::new();
-        let mut held = cell.try_borrow_mut();
-        let tmp = match held.as_mut() {
-            Ok(t) => &mut **t,
-            Err(_) => &mut fresh,
-        };
+    with_scratch(&TRANSPOSED, |tmp| {
         tmp.clear();
         tmp.resize(n * m, 0.0);
         run(tmp);
@@ -67,6 +61,19 @@ pub(crate) fn par_weight_rows(
 thread_local! {
     /// The [n × m] staging buffer, reused across calls (no allocation per token).
     static TRANSPOSED: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` on this thread's scratch value in `key` (reused from call to call: no allocation
+/// per token), or on a fresh one when a call further up this thread holds it (a pool thread
+/// waiting inside `run` may run another kernel on the same thread).
+pub(crate) fn with_scratch<T: Default, R>(
+    key: &'static std::thread::LocalKey<std::cell::RefCell<T>>,
+    f: impl FnOnce(&mut T) -> R,
+) -> R {
+    key.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut held) => f(&mut held),
+        Err(_) => f(&mut T::default()),
+    })
 }
 
 /// A raw pointer that tasks on other threads may use for disjoint writes.

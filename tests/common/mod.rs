@@ -167,3 +167,19 @@ pub fn check_llama_against_reference(
         );
     }
 }
+
+/// Logits of `toks` fed to a fresh cache in `chunks` (prefill, decode, verification shapes).
+pub fn logits_in_chunks(m: &tandem_model::Llama, toks: &[u32], chunks: &[usize]) -> Vec<Vec<f32>> {
+    let mut cache = m.new_cache().unwrap();
+    let mut out = Vec::new();
+    let mut at = 0;
+    for &c in chunks {
+        let l = m
+            .forward(&toks[at..at + c], &mut cache, tandem_model::Logits::All)
+            .unwrap();
+        out.extend(l.to_vec2::<f32>().unwrap());
+        at += c;
+    }
+    assert_eq!(cache.len(), toks.len());
+    out
+}
