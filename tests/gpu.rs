@@ -18,7 +18,8 @@ fn cpu_and_gpu(test: &str) -> Option<(Checkpoint, Llama, Llama)> {
     }
     let ck = Checkpoint::open(&stories(), None).unwrap();
     let mut cpu = ck.load_model(&Device::Cpu).unwrap();
-    cpu.set_activation_precision(ActivationPrecision::F32);
+    cpu.set_activation_precision(ActivationPrecision::F32)
+        .unwrap();
     let mut on_gpu = ck.load_model(&Device::Cpu).unwrap();
     on_gpu.upload_to_gpu().unwrap();
     assert!(

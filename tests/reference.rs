@@ -12,7 +12,9 @@ fn check_against_reference(model: &Path, reference_dir: &Path, logit_tol: f32) {
     let mut llama = ck.load_model(&Device::Cpu).unwrap();
     // The reference computed with f32 activations; tandem's int8 default (llama.cpp's
     // rounding for Q8_0/Q4_0 layers) is checked by the greedy-text tests instead.
-    llama.set_activation_precision(tandem_model::linear::ActivationPrecision::F32);
+    llama
+        .set_activation_precision(tandem_model::linear::ActivationPrecision::F32)
+        .unwrap();
     check_llama_against_reference(&ck, &llama, reference_dir, logit_tol);
 }
 

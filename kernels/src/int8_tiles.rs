@@ -51,30 +51,20 @@ impl Int8Tiles {
         if w.len() != n * nb * bb {
             return None;
         }
-        let tile_block = TILE * bb;
         let mut data = vec![0u8; n * nb * bb];
-        for t in 0..n / TILE {
-            for b in 0..nb {
-                let dst = &mut data[(t * nb + b) * tile_block..][..tile_block];
-                for r in 0..TILE {
-                    let src = &w[((t * TILE + r) * nb + b) * bb..][..bb];
-                    dst[2 * r..2 * r + 2].copy_from_slice(&src[..2]);
-                    let q = &src[2..];
-                    for g in 0..(bb - 2) / 4 {
-                        for i in 0..4 {
-                            let p = 4 * g + i;
-                            // Q4_0: GGML's byte p already holds levels p and 16 + p.
-                            dst[16 + 32 * g + 4 * r + i] = q[p];
-                        }
-                    }
-                }
-            }
-        }
+        for_each_byte(format, n, k, |g, t| data[t] = w[g]);
         Some(Int8Tiles { format, data, n, k })
     }
 
     pub fn bytes(&self) -> usize {
         self.data.len()
+    }
+
+    /// The GGML rows again (for export, the GPU, candle's kernels and f32 activations).
+    pub fn unpack(&self) -> Vec<u8> {
+        let mut w = vec![0u8; self.data.len()];
+        for_each_byte(self.format, self.n, self.k, |g, t| w[g] = self.data[t]);
+        w
     }
 
     /// `out[m×n] = x[m×k] · Wᵀ` with x rounded to 8 bits per 32-block (as
@@ -122,6 +112,25 @@ impl Int8Tiles {
                 }
             }
         });
+    }
+}
+
+/// Calls `f(ggml_offset, tile_offset)` for every byte of an [n, k] matrix: the layout of the
+/// module comment (a Q4_0 byte already holds levels p and 16 + p, so bytes move whole).
+fn for_each_byte(format: BlockFormat, n: usize, k: usize, mut f: impl FnMut(usize, usize)) {
+    let (nb, bb) = (k / BLOCK, format.block_bytes());
+    for t in 0..n / TILE {
+        for b in 0..nb {
+            let tile = (t * nb + b) * TILE * bb;
+            for r in 0..TILE {
+                let row = ((t * TILE + r) * nb + b) * bb;
+                f(row, tile + 2 * r);
+                f(row + 1, tile + 2 * r + 1);
+                for p in 0..bb - 2 {
+                    f(row + 2 + p, tile + 16 + 32 * (p / 4) + 4 * r + p % 4);
+                }
+            }
+        }
     }
 }
 
@@ -270,6 +279,9 @@ mod tests {
                         (a - b).abs() <= 1e-4 * (1.0 + a.abs()),
                         "{f:?} n={n} k={k} m={m} [{i}]: {a} vs {b}"
                     );
+                }
+                if m == 1 {
+                    assert_eq!(p.unpack(), w, "{f:?} unpack");
                 }
                 for i in 0..m {
                     let mut one = vec![0f32; n];

@@ -21,6 +21,10 @@ pub enum LinearWeight {
     F32(Tensor),
     /// GGML block-quantized, multiplied by candle's quantized matmul.
     Quantized(Arc<QTensor>, QMatMul),
+    /// Q4_0/Q8_0 repacked into 8-row tiles for the 8-bit-activation kernel (about 2x GGML's
+    /// row layout on AVX2). The only copy: the GGML rows are rebuilt where something needs
+    /// them (f32 activations, the GPU, export), so memory stays one copy of the weights.
+    Tiled(Arc<tandem_kernels::Int8Tiles>),
 }
 
 /// How activations meet block-quantized weights in a matmul.
@@ -44,9 +48,6 @@ pub struct Linear {
     pub in_dim: usize,
     pub out_dim: usize,
     pub activations: ActivationPrecision,
-    /// Q4_0/Q8_0 weights repacked in 8-row tiles for the 8-bit-activation kernel (about 2x
-    /// GGML's row layout on AVX2); made at load where the CPU and shape allow.
-    packed: Option<Arc<tandem_kernels::Int8Tiles>>,
     /// A copy of the weight on the GPU, used instead of the CPU kernels when present.
     #[cfg(feature = "cuda")]
     gpu: Option<Arc<tandem_kernels::cuda::GpuMatrix>>,
@@ -109,22 +110,26 @@ impl Linear {
                 ))
             }
         };
-        let mut packed = None;
         let weight = match raw.dtype {
             WeightDType::F16 => LinearWeight::F16(dense_tensor(path, raw, device)?),
             WeightDType::F32 | WeightDType::BF16 => {
                 LinearWeight::F32(dense_tensor(path, raw, device)?.to_dtype(DType::F32)?)
             }
             WeightDType::Quant(q) => {
-                let qt = qtensor_from_ggml(q, raw.data, vec![out_dim, in_dim], device)
-                    .map_err(|e| tensor_err(path, &raw.name, crate::error::candle_msg(&e)))?;
-                let qt = Arc::new(qt);
-                if let (Some(f), true) = (block_format(q), device.is_cpu()) {
-                    packed =
-                        tandem_kernels::Int8Tiles::pack(f, raw.data, out_dim, in_dim).map(Arc::new);
+                let tiles = match (block_format(q), device.is_cpu(), default_activations()) {
+                    (Some(f), true, ActivationPrecision::Int8) => {
+                        tandem_kernels::Int8Tiles::pack(f, raw.data, out_dim, in_dim)
+                    }
+                    _ => None,
+                };
+                match tiles {
+                    Some(t) => LinearWeight::Tiled(Arc::new(t)),
+                    None => {
+                        let (q, mm) = quantized(q, raw.data, out_dim, in_dim, device)
+                            .map_err(|e| tensor_err(path, &raw.name, e.to_string()))?;
+                        LinearWeight::Quantized(q, mm)
+                    }
                 }
-                let mm = QMatMul::from_arc(qt.clone())?;
-                LinearWeight::Quantized(qt, mm)
             }
         };
         Ok(Linear {
@@ -134,7 +139,6 @@ impl Linear {
             in_dim,
             out_dim,
             activations: default_activations(),
-            packed,
             #[cfg(feature = "cuda")]
             gpu: None,
             #[cfg(feature = "cuda")]
@@ -161,6 +165,10 @@ impl Linear {
                     None => return Ok(0),
                 }
             }
+            LinearWeight::Tiled(t) => match GpuFormat::from_block(t.format) {
+                Some(f) => g.upload(f, &t.unpack(), n, k),
+                None => return Ok(0),
+            },
             LinearWeight::F32(_) => return Ok(0),
         }
         .map_err(|e| crate::Error::Invalid(e.to_string()))?;
@@ -250,15 +258,20 @@ impl Linear {
             {
                 let fmt = block_format(q.dtype()).expect("checked");
                 let data = q.data()?; // borrowed on the CPU
-                if let (ActivationPrecision::Int8, Some(p)) = (self.activations, &self.packed) {
-                    p.matmul(x, m, out)
-                } else if self.activations == ActivationPrecision::Int8
+                if self.activations == ActivationPrecision::Int8
                     && tandem_kernels::int8_supported(fmt)
                 {
                     tandem_kernels::matmul_int8(fmt, x, &data, m, k, n, out)
                 } else {
                     tandem_kernels::matmul_quant(fmt, x, &data, m, k, n, out)
                 }
+            }
+            LinearWeight::Tiled(t) if self.activations == ActivationPrecision::Int8 => {
+                t.matmul(x, m, out)
+            }
+            // `activations` set to F32 by hand (`set_activations` would have unpacked the tiles).
+            LinearWeight::Tiled(t) => {
+                tandem_kernels::matmul_quant(t.format, x, &t.unpack(), m, k, n, out)
             }
             _ => {
                 let t = Tensor::from_slice(x, (m, k), &Device::Cpu)?;
@@ -297,6 +310,7 @@ impl Linear {
             LinearWeight::Quantized(q, _) => {
                 q.device().is_cpu() && block_format(q.dtype()).is_some()
             }
+            LinearWeight::Tiled(_) => true,
             LinearWeight::F32(_) => false,
         }
     }
@@ -312,6 +326,7 @@ impl Linear {
                 .to_dtype(DType::F32)?,
             LinearWeight::F32(w) => x.matmul(&w.t()?)?,
             LinearWeight::Quantized(_, mm) => mm.forward(x)?,
+            LinearWeight::Tiled(t) => untile(t, x.device())?.1.forward(x)?,
         };
         match &self.bias {
             Some(b) => Ok(y.broadcast_add(b)?),
@@ -325,6 +340,7 @@ impl Linear {
             LinearWeight::F16(_) => "F16".into(),
             LinearWeight::F32(_) => "F32".into(),
             LinearWeight::Quantized(q, _) => WeightDType::Quant(q.dtype()).name(),
+            LinearWeight::Tiled(t) => WeightDType::Quant(tile_dtype(t)).name(),
         }
     }
 
@@ -334,6 +350,7 @@ impl Linear {
             LinearWeight::F16(_) => self.in_dim * self.out_dim * 2,
             LinearWeight::F32(_) => self.in_dim * self.out_dim * 4,
             LinearWeight::Quantized(q, _) => q.storage_size_in_bytes(),
+            LinearWeight::Tiled(t) => t.bytes(),
         }
     }
 
@@ -342,8 +359,60 @@ impl Linear {
         Ok(match &self.weight {
             LinearWeight::F16(w) | LinearWeight::F32(w) => w.to_dtype(DType::F32)?,
             LinearWeight::Quantized(q, _) => q.dequantize(&q.device())?,
+            LinearWeight::Tiled(t) => untile(t, &Device::Cpu)?.0.dequantize(&Device::Cpu)?,
         })
     }
+
+    /// Sets how activations meet Q8_0/Q4_0 weights: f32 activations need the GGML rows (the
+    /// tiles are unpacked), 8-bit ones take the tiles where the CPU and shape allow.
+    pub fn set_activations(&mut self, p: ActivationPrecision) -> Result<()> {
+        self.activations = p;
+        match (&self.weight, p) {
+            (LinearWeight::Tiled(t), ActivationPrecision::F32) => {
+                let (q, mm) = untile(t, &Device::Cpu)?;
+                self.weight = LinearWeight::Quantized(q, mm);
+            }
+            (LinearWeight::Quantized(q, _), ActivationPrecision::Int8) if q.device().is_cpu() => {
+                let packed = block_format(q.dtype()).and_then(|f| {
+                    let data = q.data().ok()?;
+                    tandem_kernels::Int8Tiles::pack(f, &data, self.out_dim, self.in_dim)
+                });
+                if let Some(t) = packed {
+                    self.weight = LinearWeight::Tiled(Arc::new(t));
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+/// A GGML block-quantized weight from its bytes, and candle's matmul over it.
+fn quantized(
+    q: candle_core::quantized::GgmlDType,
+    data: &[u8],
+    out_dim: usize,
+    in_dim: usize,
+    device: &Device,
+) -> Result<(Arc<QTensor>, QMatMul)> {
+    let qt = qtensor_from_ggml(q, data, vec![out_dim, in_dim], device)
+        .map_err(|e| crate::Error::Invalid(crate::error::candle_msg(&e)))?;
+    let qt = Arc::new(qt);
+    let mm = QMatMul::from_arc(qt.clone())?;
+    Ok((qt, mm))
+}
+
+fn tile_dtype(t: &tandem_kernels::Int8Tiles) -> candle_core::quantized::GgmlDType {
+    use candle_core::quantized::GgmlDType as G;
+    match t.format {
+        tandem_kernels::BlockFormat::Q4_0 => G::Q4_0,
+        _ => G::Q8_0,
+    }
+}
+
+/// The GGML-layout weight of a tiled one (tiles are made from Q4_0 and Q8_0 only).
+fn untile(t: &tandem_kernels::Int8Tiles, device: &Device) -> Result<(Arc<QTensor>, QMatMul)> {
+    quantized(tile_dtype(t), &t.unpack(), t.n, t.k, device)
 }
 
 /// The block types tandem's own f32-activation kernel reads.

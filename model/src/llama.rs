@@ -811,10 +811,14 @@ impl Llama {
     }
 
     /// Sets how activations meet Q8_0/Q4_0 weights in every linear layer.
-    pub fn set_activation_precision(&mut self, p: crate::linear::ActivationPrecision) {
+    pub fn set_activation_precision(
+        &mut self,
+        p: crate::linear::ActivationPrecision,
+    ) -> Result<()> {
         for lin in self.linears_mut() {
-            lin.activations = p;
+            lin.set_activations(p)?;
         }
+        Ok(())
     }
 
     /// Grows the cache (doubling, capped at its limit) so it can hold `needed` positions.
