@@ -22,7 +22,7 @@ use std::cell::RefCell;
 pub struct Int8Rows {
     pub scales: Vec<f32>,
     pub quants: Vec<i8>,
-    /// Σ quants per block (Q4_K's min term).
+    /// Σ quants per block (Q4_K's min term, and Q4_0 tiles' −8 offset).
     pub sums: Vec<i32>,
 }
 

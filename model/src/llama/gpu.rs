@@ -74,6 +74,8 @@ struct Buffers {
     up: CudaSlice<f32>,
     logits: CudaSlice<f32>,
     pos: CudaSlice<i32>,
+    /// The positions on the host before they are copied (reused: no allocation per token).
+    pos_host: Vec<i32>,
 }
 
 impl Buffers {
@@ -94,6 +96,7 @@ impl Buffers {
             up: z(inter)?,
             logits: z(c.vocab_size)?,
             pos: g.to_device(&vec![0i32; rows]).map_err(gpu_err)?,
+            pos_host: Vec::with_capacity(rows),
         })
     }
 }
@@ -148,6 +151,14 @@ impl GpuKv {
     }
 }
 
+/// A sequence's GPU keys and values (every cache of a GPU-resident model has them).
+fn gpu_kv(cache: &mut KvCache) -> Result<&mut GpuKv> {
+    cache
+        .gpu
+        .as_mut()
+        .ok_or_else(|| Error::Invalid("KV cache is not on the GPU".into()))
+}
+
 impl Llama {
     /// The forward pass on the GPU: the CPU only looks up the embeddings (a copy of `h`
     /// values per token) and receives the logits.
@@ -168,10 +179,7 @@ impl Llama {
         let rows = all.len();
         for (tokens, cache) in seqs.iter_mut() {
             let (len, limit) = (cache.len, cache.limit);
-            let kv = cache
-                .gpu
-                .as_mut()
-                .ok_or_else(|| Error::Invalid("KV cache is not on the GPU".into()))?;
+            let kv = gpu_kv(cache)?;
             kv.reserve(c, len, len + tokens.len(), limit)?;
         }
 
@@ -191,8 +199,10 @@ impl Llama {
         self.embed_rows(all, sized(&mut ws.x, rows * h))?;
         g.write(&ws.x[..rows * h], &mut b.x.slice_mut(..))
             .map_err(gpu_err)?;
-        let pos: Vec<i32> = positions.iter().map(|&p| p as i32).collect();
-        g.write(&pos, &mut b.pos.slice_mut(..)).map_err(gpu_err)?;
+        b.pos_host.clear();
+        b.pos_host.extend(positions.iter().map(|&p| p as i32));
+        g.write(&b.pos_host, &mut b.pos.slice_mut(..))
+            .map_err(gpu_err)?;
 
         let (xh, qh, kvh) = (rows * h, rows * nh * hd, rows * nkv * hd);
         for (li, layer) in self.layers.iter().enumerate() {
@@ -230,10 +240,7 @@ impl Llama {
             let mut row = 0;
             for (tokens, cache) in seqs.iter_mut() {
                 let (t, n) = (tokens.len(), cache.len);
-                let kv = cache
-                    .gpu
-                    .as_mut()
-                    .ok_or_else(|| Error::Invalid("KV cache is not on the GPU".into()))?;
+                let kv = gpu_kv(cache)?;
                 let s = AttentionShape {
                     t,
                     n,
