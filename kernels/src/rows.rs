@@ -18,25 +18,20 @@ pub(crate) fn par_weight_rows(
     row_group: usize,
     row: impl Fn(usize, usize, usize, &mut [f32]) + Sync,
 ) {
-    // Small matrices (SmolLM2's 192- and 576-row k/v/q/o projections) split into at least
-    // four tasks per thread: 576 rows in tasks of 64 gave one thread 5 tasks and the other 4.
-    let threads = crate::pool::global().threads().max(1);
-    let rows_per_task = rows_per_task.min(n.div_ceil(4 * threads)).max(8);
     let run = |dst: &mut [f32]| {
-        let chunk = rows_per_task * m;
-        let tasks = dst.len().div_ceil(chunk);
-        let base = SendPtr(dst.as_mut_ptr());
         let len = dst.len();
-        crate::pool::global().run(tasks, |c| {
-            let start = c * chunk;
-            let end = (start + chunk).min(len);
-            // SAFETY: task c alone writes dst[start..end]; `run` returns after every task.
-            let o = unsafe { std::slice::from_raw_parts_mut(base.get().add(start), end - start) };
+        let base = SendPtr(dst.as_mut_ptr());
+        par_row_tasks(n, rows_per_task, |j0, j1| {
+            // SAFETY: this task alone writes rows j0..j1 of the [n × m] layout; `par_row_tasks`
+            // returns after every task.
+            let o = unsafe {
+                std::slice::from_raw_parts_mut(base.get().add(j0 * m), (j1 * m).min(len) - j0 * m)
+            };
             let mut i0 = 0;
             while i0 < m {
                 let g = (m - i0).min(row_group.max(1));
                 for (jj, oj) in o.chunks_mut(m).enumerate() {
-                    row(c * rows_per_task + jj, i0, g, &mut oj[i0..i0 + g]);
+                    row(j0 + jj, i0, g, &mut oj[i0..i0 + g]);
                 }
                 i0 += g;
             }
@@ -56,6 +51,32 @@ pub(crate) fn par_weight_rows(
             }
         }
     });
+}
+
+/// Runs `task(j0, j1)` over consecutive ranges of the `n` weight rows on the pool, returning
+/// when all are done. Ranges hold at most `rows_per_task` rows, and small matrices (SmolLM2's
+/// 192- and 576-row k/v/q/o projections) split into at least four per thread: 576 rows in
+/// tasks of 64 gave one thread 5 tasks and the other 4.
+pub(crate) fn par_row_tasks(n: usize, rows_per_task: usize, task: impl Fn(usize, usize) + Sync) {
+    let threads = crate::pool::global().threads().max(1);
+    let rows_per_task = rows_per_task.min(n.div_ceil(4 * threads)).max(8);
+    crate::pool::global().run(n.div_ceil(rows_per_task), |c| {
+        let j0 = c * rows_per_task;
+        task(j0, (j0 + rows_per_task).min(n));
+    });
+}
+
+/// `m` activation rows cut into the fewest groups of at most `max` rows, as even as possible
+/// (9 rows as 5 + 4, not 6 + 3: a kernel's work per weight row is its largest group's).
+pub(crate) fn row_groups(m: usize, max: usize) -> impl Iterator<Item = (usize, usize)> {
+    let count = m.div_ceil(max.max(1)).max(1);
+    let (small, extra) = (m / count, m % count);
+    (0..count).scan(0, move |i0, c| {
+        let g = small + usize::from(c < extra);
+        let at = *i0;
+        *i0 += g;
+        (g > 0).then_some((at, g))
+    })
 }
 
 thread_local! {
@@ -85,5 +106,27 @@ impl<T> SendPtr<T> {
     /// A method (not field access) so closures capture the whole Sync wrapper.
     pub(crate) fn get(self) -> *mut T {
         self.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::row_groups;
+
+    #[test]
+    fn row_groups_are_even_and_cover_every_row() {
+        let cut = |m, max| row_groups(m, max).collect::<Vec<_>>();
+        assert_eq!(cut(1, 6), vec![(0, 1)]);
+        assert_eq!(cut(6, 6), vec![(0, 6)]);
+        assert_eq!(cut(7, 6), vec![(0, 4), (4, 3)]);
+        assert_eq!(cut(9, 6), vec![(0, 5), (5, 4)]);
+        assert_eq!(cut(13, 6), vec![(0, 5), (5, 4), (9, 4)]);
+        assert!(cut(0, 6).is_empty());
+        for m in 1..100 {
+            let g = cut(m, 6);
+            assert_eq!(g.iter().map(|&(_, n)| n).sum::<usize>(), m);
+            assert!(g.iter().all(|&(_, n)| (1..=6).contains(&n)));
+            assert!(g.windows(2).all(|w| w[0].0 + w[0].1 == w[1].0));
+        }
     }
 }
