@@ -80,6 +80,11 @@ pub struct GenerateArgs {
     /// itself) even when it has the verifier's shape and could draft over the verifier's.
     #[arg(long)]
     pub own_draft_cache: bool,
+    /// A draft model computes logits only for the tokens below this id and the prompt's (its
+    /// output head is ~20% of a draft step on SmolLM2; a token left out is only never
+    /// proposed, the output stays the model's own). 0 = the whole vocabulary.
+    #[arg(long, default_value_t = tandem_speculate::DEFAULT_DRAFT_VOCAB)]
+    pub draft_vocab: usize,
 }
 
 /// Off by default, unlike llama.cpp's 0.75: a quantized copy of the verifier agrees with it

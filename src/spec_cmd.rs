@@ -56,12 +56,14 @@ pub struct SpecSettings {
     pub draft_p_min: f32,
     /// Give a draft model its own KV cache even when it could draft over the verifier's.
     pub own_draft_cache: bool,
+    /// A draft model's output head keeps the tokens below this id and the prompt's (0 = all).
+    pub draft_vocab: usize,
 }
 
 /// One speculative generation with fresh drafter, verifier, rule and controller.
 pub fn run(
     model: &Llama,
-    draft: &DraftSource,
+    draft: &mut DraftSource,
     s: SpecSettings,
     prompt: &[u32],
     max_tokens: usize,
@@ -69,6 +71,10 @@ pub fn run(
     mut on_token: impl FnMut(u32) -> tandem_model::Result<()>,
 ) -> Result<(Vec<u32>, SpecStats)> {
     let mut verifier = ModelVerifier::new(model, s.ctx)?;
+    if let DraftSource::Model(m) = draft {
+        shortlist_draft_head(m, &[prompt], s.draft_vocab)?;
+    }
+    let draft = &*draft;
     let mut ngram = NgramDrafter::default();
     let (mut own_cache, mut shared_cache);
     let drafter: &mut dyn Drafter = match draft {
@@ -127,6 +133,18 @@ pub fn run(
     Ok(dec.generate(prompt, max_tokens, eos, |id| Ok(on_token(id)?))?)
 }
 
+/// Cuts a draft model's output head down to the lowest `top` ids and the prompts' tokens
+/// (`draft_shortlist`; the full head with `top` = 0, or on the GPU, where the head stays whole).
+fn shortlist_draft_head(m: &mut Llama, prompts: &[&[u32]], top: usize) -> Result<()> {
+    if m.runs_on_gpu() {
+        return Ok(());
+    }
+    let all: Vec<u32> = prompts.iter().flat_map(|p| p.iter().copied()).collect();
+    let ids = tandem_speculate::draft_shortlist(&all, m.config.vocab_size, top);
+    m.set_output_shortlist(ids.as_deref())
+        .context("shortlisting the draft's output head")
+}
+
 /// The metrics of one run as JSON.
 pub fn stats_json(st: &SpecStats) -> serde_json::Value {
     let by_pos: Vec<f64> = st
@@ -154,7 +172,7 @@ pub fn generate(
     let model = ck.load_model(&Device::Cpu)?;
     let tok = &ck.tokenizer;
     let ids = tok.encode(&a.prompt, bos)?;
-    let src = DraftSource::open(ck, draft)?;
+    let mut src = DraftSource::open(ck, draft)?;
     let settings = SpecSettings {
         params,
         draft_max: a.draft_max,
@@ -162,11 +180,12 @@ pub fn generate(
         ctx: a.ctx,
         draft_p_min: a.draft_p_min,
         own_draft_cache: a.own_draft_cache,
+        draft_vocab: a.draft_vocab,
     };
     let mut printer = Printer::start(tok, &a.prompt, ids.last().copied())?;
     let (_, st) = run(
         &model,
-        &src,
+        &mut src,
         settings,
         &ids,
         a.max_tokens,
@@ -220,6 +239,10 @@ pub struct BenchSpecArgs {
     /// itself) even when it has the verifier's shape and could draft over the verifier's.
     #[arg(long)]
     own_draft_cache: bool,
+    /// A draft model computes logits only for the tokens below this id and the prompt's
+    /// (0 = the whole vocabulary).
+    #[arg(long, default_value_t = tandem_speculate::DEFAULT_DRAFT_VOCAB)]
+    draft_vocab: usize,
     /// Write per-prompt and total results here.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -268,9 +291,9 @@ pub fn bench_spec(a: BenchSpecArgs) -> Result<()> {
     }
     let ck = Checkpoint::open(&a.model, None)?;
     let model = ck.load_model(&Device::Cpu)?;
-    let src = DraftSource::open(&ck, &a.draft)?;
+    let mut src = DraftSource::open(&ck, &a.draft)?;
     if a.batch > 1 {
-        return bench_batch(&a, &ck, &model, &src, &prompts);
+        return bench_batch(&a, &ck, &model, &mut src, &prompts);
     }
     let params = SamplingParams {
         temperature: a.temperature,
@@ -285,6 +308,7 @@ pub fn bench_spec(a: BenchSpecArgs) -> Result<()> {
         ctx: None,
         draft_p_min: a.draft_p_min,
         own_draft_cache: a.own_draft_cache,
+        draft_vocab: a.draft_vocab,
     };
     let tok = &ck.tokenizer;
     let (mut plain_tokens, mut plain_secs, mut spec_tokens, mut spec_secs) =
@@ -310,7 +334,7 @@ pub fn bench_spec(a: BenchSpecArgs) -> Result<()> {
         )?;
         let (_, st) = run(
             &model,
-            &src,
+            &mut src,
             settings,
             &ids,
             a.max_tokens,
@@ -375,7 +399,7 @@ fn bench_batch(
     a: &BenchSpecArgs,
     ck: &Checkpoint,
     model: &Llama,
-    src: &DraftSource,
+    src: &mut DraftSource,
     prompts: &[String],
 ) -> Result<()> {
     use tandem_speculate::{BatchDecoder, ModelBatchVerifier};
@@ -387,6 +411,11 @@ fn bench_batch(
         .iter()
         .map(|p| tok.encode(p, tok.add_bos))
         .collect::<tandem_model::Result<_>>()?;
+    if let DraftSource::Model(m) = src {
+        let all: Vec<&[u32]> = ids.iter().map(Vec::as_slice).collect();
+        shortlist_draft_head(m, &all, a.draft_vocab)?;
+    }
+    let src = &*src;
     let run = |batch: &[Vec<u32>], max_spec: usize| -> Result<SpecStats> {
         let mut ngrams: Vec<NgramDrafter> = batch.iter().map(|_| NgramDrafter::default()).collect();
         let mut models = Vec::new();

@@ -46,6 +46,23 @@ fn greedy_generate_reproduces_the_reference_text() {
     ]);
     let want = case["greedy_text"].as_str().unwrap();
     assert_eq!(out.trim_end(), format!("{prompt} {want}"));
+    // Speculatively, with a draft whose head keeps only 40 ids and the context's tokens: the
+    // same text.
+    let (spec, _) = stdout_of(&[
+        "generate",
+        "--model",
+        m.to_str().unwrap(),
+        "--prompt",
+        prompt,
+        "--no-bos",
+        "--max-tokens",
+        "48",
+        "--draft",
+        "self:q8_0@all",
+        "--draft-vocab",
+        "40",
+    ]);
+    assert_eq!(spec, out, "--draft-vocab 40");
 }
 
 #[test]

@@ -147,3 +147,63 @@ fn batched_forward_equals_one_sequence_at_a_time() {
         assert!(caches.iter().zip(&alone).all(|(a, b)| a.len() == b.len()));
     }
 }
+
+/// An output shortlist (a draft model's cut-down head) gives the full head's logits for its
+/// tokens (to f32 rounding: candle's F32 matmul blocks by shape) and −∞ for the rest, and takes in every token the model reads afterwards —
+/// for the F32 head and for a Q8_0 one repacked into tiles (rows cut out of the tiles).
+#[test]
+fn output_shortlist_keeps_exact_logits_and_grows_with_the_context() {
+    let ck = Checkpoint::open(&stories(), None).unwrap();
+    let q8 = tandem_quantize::quantized_copy(&ck, tandem_quantize::QuantType::Q8_0, true).unwrap();
+    for mut m in [
+        ck.load_model(&Device::Cpu).unwrap(),
+        q8.load_model(&Device::Cpu).unwrap(),
+    ] {
+        let vocab = m.config.vocab_size;
+        let prompt = ck
+            .tokenizer
+            .encode("Once upon a time, there was", true)
+            .unwrap();
+        let full = |m: &tandem_model::Llama, toks: &[u32]| {
+            let mut c = m.new_cache().unwrap();
+            let l = m.forward(toks, &mut c, Logits::All).unwrap();
+            tandem_model::llama::all_rows(&l).unwrap()
+        };
+        let want = full(&m, &prompt);
+        // 5 ids (padded to a tile inside) that leave out most of the prompt's tokens.
+        let list: Vec<u32> = vec![0, 3, 17, 200, prompt[1]];
+        m.set_output_shortlist(Some(&list)).unwrap();
+        let mut c = m.new_cache().unwrap();
+        let got = m.forward(&prompt[..1], &mut c, Logits::All).unwrap();
+        let got = tandem_model::llama::all_rows(&got).unwrap();
+        for t in 0..vocab as u32 {
+            let keep = list.contains(&t) || t == prompt[0];
+            let g = got[0][t as usize];
+            if keep {
+                assert!(close(g, want[0][t as usize]), "token {t}");
+            } else {
+                assert_eq!(g, f32::NEG_INFINITY, "token {t} is not in the list");
+            }
+        }
+        // The rest of the prompt goes through the model: all of it is in the list now.
+        let got = m.forward(&prompt[1..], &mut c, Logits::Last).unwrap();
+        let got = tandem_model::llama::last_row(&got).unwrap();
+        let last = want.last().unwrap();
+        for &t in &prompt {
+            assert!(close(got[t as usize], last[t as usize]), "prompt token {t}");
+        }
+        assert!(got.iter().filter(|v| v.is_finite()).count() <= list.len() + prompt.len());
+        assert!(m.decode_cost() > 0.0);
+        // Bad lists are errors; `None` restores the full head.
+        assert!(m.set_output_shortlist(Some(&[])).is_err());
+        assert!(m.set_output_shortlist(Some(&[vocab as u32])).is_err());
+        m.set_output_shortlist(None).unwrap();
+        let mut c = m.new_cache().unwrap();
+        let l = m.forward(&prompt, &mut c, Logits::All).unwrap();
+        assert_eq!(tandem_model::llama::all_rows(&l).unwrap(), want);
+    }
+}
+
+fn close(a: f32, b: f32) -> bool {
+    (a - b).abs() <= 1e-5 * (1.0 + b.abs())
+}

@@ -113,6 +113,10 @@ fn stories260k_speculative_greedy_equals_plain_greedy() {
     // (stop tokens are handled exactly like EOS).
     let period = *ck.tokenizer.encode(".", false).unwrap().last().unwrap();
     let self_drafts = self_drafts(&ck);
+    let mut short = tandem_quantize::quantized_copy(&ck, tandem_quantize::QuantType::Q8_0, true)
+        .unwrap()
+        .load_model(&Device::Cpu)
+        .unwrap();
     let (mut saw_eos, mut saw_full, mut accepted) = (false, false, 0);
     for (pi, p) in STORY_PROMPTS.iter().enumerate() {
         let mut eos = ck.tokenizer.eos_ids.clone();
@@ -120,6 +124,8 @@ fn stories260k_speculative_greedy_equals_plain_greedy() {
             eos.push(period);
         }
         let ids = ck.tokenizer.encode(p, true).unwrap();
+        let list = tandem_speculate::draft_shortlist(&ids, m.config.vocab_size, 64).unwrap();
+        short.set_output_shortlist(Some(&list)).unwrap();
         // Every third prompt runs into a small context limit instead of the token budget.
         let limit = (pi % 3 == 2).then_some(ids.len() + 37);
         let want = plain(&m, &ids, 120, limit, &eos);
@@ -155,6 +161,10 @@ fn stories260k_speculative_greedy_equals_plain_greedy() {
                     assert_eq!(got, want, "shared-cache self draft k={k} prompt {p:?}");
                 }
             }
+            // A draft whose head keeps only 64 low ids and the prompt's: it cannot propose the
+            // rest, and the output is still the verifier's.
+            let (got, _) = speculative_shared(&m, &short, &mut FixedK(k), &ids, 120, limit, &eos);
+            assert_eq!(got, want, "shortlisted self draft k={k} prompt {p:?}");
             // The verifier drafting over its own cache proposes exactly what it then verifies.
             let (got, st) = speculative_shared(&m, &m, &mut FixedK(k), &ids, 120, limit, &eos);
             assert_eq!(got, want, "shared-cache self-draft k={k} prompt {p:?}");
@@ -209,6 +219,12 @@ fn smollm2_speculative_greedy_equals_plain_greedy() {
     );
     assert!(prompts.len() >= 20);
     let self_drafts = self_drafts(&v);
+    // self:q8_0@all (Q8_0 tiles) with the CLI's default draft head: ids < 16384 and the prompt's.
+    let mut short = tandem_quantize::quantized_copy(&v, tandem_quantize::QuantType::Q8_0, true)
+        .unwrap()
+        .load_model(&Device::Cpu)
+        .unwrap();
+    let mut short_counts = (0, 0);
     // (accepted, drafted) of the self-drafts over the verifier's cache.
     let mut shared_counts = (0, 0);
     for (i, p) in prompts.iter().enumerate() {
@@ -225,6 +241,17 @@ fn smollm2_speculative_greedy_equals_plain_greedy() {
             &eos,
         );
         assert_eq!(got, want, "ngram prompt {p:?}");
+        let list = tandem_speculate::draft_shortlist(
+            &ids,
+            vm.config.vocab_size,
+            tandem_speculate::DEFAULT_DRAFT_VOCAB,
+        );
+        short.set_output_shortlist(list.as_deref()).unwrap();
+        let (got, st) =
+            speculative_shared(&vm, &short, &mut AdaptiveK::new(k), &ids, 24, None, &eos);
+        assert_eq!(got, want, "shortlisted self:q8_0@all k={k} prompt {p:?}");
+        short_counts.0 += st.accepted;
+        short_counts.1 += st.drafted;
         let mut q4 = ModelDrafter::new(&dm, None).unwrap();
         let (got, st) = speculative(&vm, &mut q4, &mut FixedK(k), &ids, 24, None, &eos);
         assert_eq!(got, want, "Q4_1 draft k={k} prompt {p:?}");
@@ -252,6 +279,12 @@ fn smollm2_speculative_greedy_equals_plain_greedy() {
             shared_counts.1 += st.drafted;
         }
     }
+    let short_rate = short_counts.0 as f64 / short_counts.1.max(1) as f64;
+    assert!(
+        short_rate > 0.7,
+        "a shortlisted self-draft should mostly agree: {short_rate:.2} of {} drafted",
+        short_counts.1
+    );
     let rate = shared_counts.0 as f64 / shared_counts.1.max(1) as f64;
     assert!(
         rate > 0.7,
@@ -411,8 +444,13 @@ fn stories260k_speculative_sampling_matches_the_verifier_distribution() {
     let target = Sampler::new(params)
         .unwrap()
         .distribution(&tandem_model::llama::last_row(&logits).unwrap());
+    // A draft whose head keeps only the 48 lowest ids and the prompt's: q is 0 for every other
+    // token, so those can only come from the resampling step.
+    let mut short = self_drafts(&ck).remove(1);
+    let ids = tandem_speculate::draft_shortlist(&prompt, m.config.vocab_size, 48).unwrap();
+    short.set_output_shortlist(Some(&ids)).unwrap();
     let n = 12_000;
-    let tv_of = |greedy_rule: bool, shared_cache: bool| -> f64 {
+    let tv_of = |draft: &Llama, greedy_rule: bool, shared_cache: bool| -> f64 {
         let mut counts = vec![0usize; target.len()];
         for i in 0..n {
             let p = SamplingParams {
@@ -427,10 +465,10 @@ fn stories260k_speculative_sampling_matches_the_verifier_distribution() {
             let mut v = ModelVerifier::new(&m, None).unwrap();
             let (mut own, mut shared);
             let d: &mut dyn Drafter = if shared_cache {
-                shared = SharedCacheDrafter::new(&drafts[1], &v, Some(ds)).unwrap();
+                shared = SharedCacheDrafter::new(draft, &v, Some(ds)).unwrap();
                 &mut shared
             } else {
-                own = ModelDrafter::new(&drafts[1], Some(ds)).unwrap();
+                own = ModelDrafter::new(draft, Some(ds)).unwrap();
                 &mut own
             };
             let mut rs = RejectionSampling {
@@ -454,9 +492,18 @@ fn stories260k_speculative_sampling_matches_the_verifier_distribution() {
             .map(|(&c, &p)| (c as f64 / n as f64 - p as f64).abs())
             .sum::<f64>()
     };
-    let (tv_ok, tv_shared, tv_wrong) =
-        (tv_of(false, false), tv_of(false, true), tv_of(true, false));
-    eprintln!("TV to the verifier's distribution: rejection sampling {tv_ok:.4} (draft over the verifier's cache {tv_shared:.4}), greedy acceptance {tv_wrong:.4}");
+    let d = &drafts[1];
+    let (tv_ok, tv_shared, tv_short, tv_wrong) = (
+        tv_of(d, false, false),
+        tv_of(d, false, true),
+        tv_of(&short, false, true),
+        tv_of(d, true, false),
+    );
+    eprintln!("TV to the verifier's distribution: rejection sampling {tv_ok:.4} (draft over the verifier's cache {tv_shared:.4}, with a 48-token head {tv_short:.4}), greedy acceptance {tv_wrong:.4}");
+    assert!(
+        tv_short < 0.035,
+        "rejection sampling with a shortlisted draft head is off the target: TV {tv_short}"
+    );
     assert!(
         tv_shared < 0.035,
         "rejection sampling with a shared-cache draft is off the target: TV {tv_shared}"

@@ -67,6 +67,20 @@ impl Int8Tiles {
         w
     }
 
+    /// The GGML bytes of rows `rows` (in that order): a subset of the matrix, e.g. a draft
+    /// model's output head cut down to a shortlist of tokens, without unpacking every row.
+    ///
+    /// Panics if a row is out of range (a caller bug).
+    pub fn unpack_rows(&self, rows: &[usize]) -> Vec<u8> {
+        let row_bytes = self.k / BLOCK * self.format.block_bytes();
+        let mut w = vec![0u8; rows.len() * row_bytes];
+        for (dst, &row) in w.chunks_exact_mut(row_bytes).zip(rows) {
+            assert!(row < self.n, "row {row} of a {}-row matrix", self.n);
+            for_each_row_byte(self.format, self.k, row, |g, t| dst[g] = self.data[t]);
+        }
+        w
+    }
+
     /// `out[m×n] = x[m×k] · Wᵀ` with x rounded to 8 bits per 32-block (as
     /// [`crate::matmul_int8`]), parallel over tiles.
     ///
@@ -118,18 +132,23 @@ impl Int8Tiles {
 /// Calls `f(ggml_offset, tile_offset)` for every byte of an [n, k] matrix: the layout of the
 /// module comment (a Q4_0 byte already holds levels p and 16 + p, so bytes move whole).
 fn for_each_byte(format: BlockFormat, n: usize, k: usize, mut f: impl FnMut(usize, usize)) {
+    let row_bytes = k / BLOCK * format.block_bytes();
+    for row in 0..n / TILE * TILE {
+        for_each_row_byte(format, k, row, |g, t| f(row * row_bytes + g, t));
+    }
+}
+
+/// Calls `f(offset_in_row, tile_offset)` for every byte of GGML row `row`.
+fn for_each_row_byte(format: BlockFormat, k: usize, row: usize, mut f: impl FnMut(usize, usize)) {
     let (nb, bb) = (k / BLOCK, format.block_bytes());
-    for t in 0..n / TILE {
-        for b in 0..nb {
-            let tile = (t * nb + b) * TILE * bb;
-            for r in 0..TILE {
-                let row = ((t * TILE + r) * nb + b) * bb;
-                f(row, tile + 2 * r);
-                f(row + 1, tile + 2 * r + 1);
-                for p in 0..bb - 2 {
-                    f(row + 2 + p, tile + 16 + 32 * (p / 4) + 4 * r + p % 4);
-                }
-            }
+    let (t, r) = (row / TILE, row % TILE);
+    for b in 0..nb {
+        let tile = (t * nb + b) * TILE * bb;
+        let at = b * bb;
+        f(at, tile + 2 * r);
+        f(at + 1, tile + 2 * r + 1);
+        for p in 0..bb - 2 {
+            f(at + 2 + p, tile + 16 + 32 * (p / 4) + 4 * r + p % 4);
         }
     }
 }
@@ -282,6 +301,13 @@ mod tests {
                 }
                 if m == 1 {
                     assert_eq!(p.unpack(), w, "{f:?} unpack");
+                    let rb = k / BLOCK * f.block_bytes();
+                    let rows = [n - 1, 0, 3, 3];
+                    let picked: Vec<u8> = rows
+                        .iter()
+                        .flat_map(|&r| w[r * rb..(r + 1) * rb].iter().copied())
+                        .collect();
+                    assert_eq!(p.unpack_rows(&rows), picked, "{f:?} unpack_rows");
                 }
                 for i in 0..m {
                     let mut one = vec![0f32; n];

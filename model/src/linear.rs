@@ -363,6 +363,67 @@ impl Linear {
         })
     }
 
+    /// A layer of rows `ids` of this one, in that order, in the same format (a CPU copy: used
+    /// to cut a draft model's output head down to a shortlist of tokens). Tiles are unpacked
+    /// only for the rows taken, and the new layer is tiled again where its shape allows.
+    pub fn select_rows(&self, ids: &[u32]) -> Result<Linear> {
+        let (n, k) = (self.out_dim, self.in_dim);
+        if let Some(&bad) = ids.iter().find(|&&i| i as usize >= n) {
+            return Err(crate::Error::Invalid(format!(
+                "row {bad} of a layer with {n} rows"
+            )));
+        }
+        let rows: Vec<usize> = ids.iter().map(|&i| i as usize).collect();
+        let index = Tensor::new(ids, &Device::Cpu)?;
+        let weight = match &self.weight {
+            LinearWeight::F16(w) => {
+                LinearWeight::F16(w.to_device(&Device::Cpu)?.index_select(&index, 0)?)
+            }
+            LinearWeight::F32(w) => {
+                LinearWeight::F32(w.to_device(&Device::Cpu)?.index_select(&index, 0)?)
+            }
+            LinearWeight::Quantized(q, _) => {
+                let data = q.data()?;
+                let rb = data.len() / n.max(1);
+                let picked: Vec<u8> = rows
+                    .iter()
+                    .flat_map(|&r| data[r * rb..(r + 1) * rb].iter().copied())
+                    .collect();
+                let (q, mm) = quantized(q.dtype(), &picked, rows.len(), k, &Device::Cpu)?;
+                LinearWeight::Quantized(q, mm)
+            }
+            LinearWeight::Tiled(t) => {
+                let (q, mm) = quantized(
+                    tile_dtype(t),
+                    &t.unpack_rows(&rows),
+                    rows.len(),
+                    k,
+                    &Device::Cpu,
+                )?;
+                LinearWeight::Quantized(q, mm)
+            }
+        };
+        let bias = match &self.bias {
+            Some(b) => Some(b.to_device(&Device::Cpu)?.index_select(&index, 0)?),
+            None => None,
+        };
+        let mut layer = Linear {
+            weight,
+            bias: None,
+            bias_f32: None,
+            in_dim: k,
+            out_dim: rows.len(),
+            activations: self.activations,
+            #[cfg(feature = "cuda")]
+            gpu: None,
+            #[cfg(feature = "cuda")]
+            gpu_bias: None,
+        }
+        .with_bias(bias);
+        layer.set_activations(self.activations)?;
+        Ok(layer)
+    }
+
     /// Sets how activations meet Q8_0/Q4_0 weights: f32 activations need the GGML rows (the
     /// tiles are unpacked), 8-bit ones take the tiles where the CPU and shape allow.
     pub fn set_activations(&mut self, p: ActivationPrecision) -> Result<()> {

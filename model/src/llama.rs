@@ -34,6 +34,9 @@ pub struct Llama {
     layers: Vec<Layer>,
     norm: Vec<f32>,
     lm_head: Linear,
+    /// When set, the output head computes only these tokens' logits (see
+    /// [`Llama::set_output_shortlist`]); the forward pass adds the tokens it reads.
+    shortlist: std::sync::RwLock<Option<Shortlist>>,
     /// RoPE tables, [context, head_dim / 2] each.
     cos: Vec<f32>,
     sin: Vec<f32>,
@@ -45,6 +48,49 @@ pub struct Llama {
     /// forward pass then runs on the GPU end to end (see `llama/gpu.rs`).
     #[cfg(feature = "cuda")]
     resident: Option<gpu::Resident>,
+}
+
+/// A cut-down output head: the rows of `ids`, and of `extra_ids` (tokens the model has read
+/// since: few, so their rows are cut out again whenever one is added).
+struct Shortlist {
+    ids: Vec<u32>,
+    head: Linear,
+    extra_ids: Vec<u32>,
+    extra: Option<Linear>,
+    /// Whether each token of the vocabulary is in `ids` or `extra_ids`.
+    member: Vec<bool>,
+}
+
+impl Shortlist {
+    /// Spreads the heads' logits for `rows` positions over full vocabulary rows of `logits`
+    /// (−∞ elsewhere); `short` is scratch space.
+    fn logits(
+        &self,
+        hn: &[f32],
+        rows: usize,
+        short: &mut Vec<f32>,
+        logits: &mut [f32],
+    ) -> Result<()> {
+        let vocab = self.member.len();
+        logits.fill(f32::NEG_INFINITY);
+        for (ids, head) in [
+            (&self.ids, Some(&self.head)),
+            (&self.extra_ids, self.extra.as_ref()),
+        ] {
+            let Some(head) = head else { continue };
+            let vals = sized(short, rows * ids.len());
+            head.forward_into(hn, rows, vals)?;
+            for (row, v) in logits
+                .chunks_exact_mut(vocab)
+                .zip(vals.chunks_exact(ids.len()))
+            {
+                for (&id, &x) in ids.iter().zip(v) {
+                    row[id as usize] = x;
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Activation buffers of one forward pass, sized for its rows.
@@ -59,6 +105,8 @@ struct Workspace {
     proj: Vec<f32>,
     gate: Vec<f32>,
     up: Vec<f32>,
+    /// The shortlisted head's logits before they are spread over the vocabulary.
+    short: Vec<f32>,
     cos: Vec<f32>,
     sin: Vec<f32>,
     /// Every sequence's new tokens and their positions, and which rows reach the head.
@@ -355,6 +403,7 @@ impl Llama {
             layers,
             norm,
             lm_head,
+            shortlist: Default::default(),
             device: device.clone(),
             config,
             workspace: Default::default(),
@@ -459,6 +508,71 @@ impl Llama {
 
     pub fn device(&self) -> &Device {
         &self.device
+    }
+
+    /// Restricts the output head to the tokens `ids` and, from then on, every token this model
+    /// reads (`None` restores the full head): every other token's logit is −∞, so neither
+    /// argmax nor sampling can pick it. For a draft model: a speculative draft spends ~20% of
+    /// its step on SmolLM2's 49k-row head, a token of its context is likely to come again
+    /// (names, code identifiers), and a draft that cannot propose a token only loses that
+    /// proposal, never the verifier's output. Cuts a CPU copy of the head's rows in the head's
+    /// format (Q8_0/Q4_0 tiles stay tiles). Not for a model that runs on the GPU.
+    pub fn set_output_shortlist(&mut self, ids: Option<&[u32]>) -> Result<()> {
+        let Some(ids) = ids else {
+            *self.shortlist.get_mut().unwrap_or_else(|e| e.into_inner()) = None;
+            return Ok(());
+        };
+        if self.runs_on_gpu() {
+            return Err(Error::Invalid(
+                "an output shortlist runs on the CPU; this model runs on the GPU".into(),
+            ));
+        }
+        let vocab = self.config.vocab_size;
+        let mut member = vec![false; vocab];
+        let mut list = Vec::with_capacity(ids.len().next_multiple_of(8));
+        for &id in ids {
+            let Some(m) = member.get_mut(id as usize) else {
+                return Err(Error::Invalid(format!(
+                    "token id {id} is outside the vocabulary ({vocab})"
+                )));
+            };
+            if !std::mem::replace(m, true) {
+                list.push(id);
+            }
+        }
+        let Some(&last) = list.last() else {
+            return Err(Error::Invalid("an empty output shortlist".into()));
+        };
+        // Whole 8-row tiles for Q8_0/Q4_0 heads: the last id repeats (its logit is written
+        // twice, with the same value).
+        list.resize(list.len().next_multiple_of(8), last);
+        let head = self.lm_head.select_rows(&list)?;
+        *self.shortlist.get_mut().unwrap_or_else(|e| e.into_inner()) = Some(Shortlist {
+            ids: list,
+            head,
+            extra_ids: Vec::new(),
+            extra: None,
+            member,
+        });
+        Ok(())
+    }
+
+    /// Adds `tokens` to the output shortlist, if there is one (the forward pass's input).
+    fn extend_shortlist(&self, tokens: &[u32]) -> Result<()> {
+        let missing = |s: &Shortlist| tokens.iter().any(|&t| !s.member[t as usize]);
+        match self.shortlist.read() {
+            Ok(g) if g.as_ref().is_none_or(|s| !missing(s)) => return Ok(()),
+            _ => {}
+        }
+        let mut g = self.shortlist.write().unwrap_or_else(|e| e.into_inner());
+        let Some(s) = g.as_mut() else { return Ok(()) };
+        for &t in tokens {
+            if !std::mem::replace(&mut s.member[t as usize], true) {
+                s.extra_ids.push(t);
+            }
+        }
+        s.extra = Some(self.lm_head.select_rows(&s.extra_ids)?);
+        Ok(())
     }
 
     /// Whether the whole forward pass (and so its KV caches) runs on the GPU: `--gpu` with
@@ -692,7 +806,11 @@ impl Llama {
         see(None, &["lm_head.weight"], hn, picked.len())?;
         let vocab = c.vocab_size;
         let mut logits = vec![0f32; picked.len() * vocab];
-        self.lm_head.forward_into(hn, picked.len(), &mut logits)?;
+        self.extend_shortlist(all)?;
+        match &*self.shortlist.read().unwrap_or_else(|e| e.into_inner()) {
+            None => self.lm_head.forward_into(hn, picked.len(), &mut logits)?,
+            Some(s) => s.logits(hn, picked.len(), &mut ws.short, &mut logits)?,
+        }
         timer.lap("lm_head matmul");
         let out = split_logits(logits, &counts, vocab, &self.device);
         (ws.picked, ws.counts) = (picked, counts);
@@ -818,6 +936,12 @@ impl Llama {
         for lin in self.linears_mut() {
             lin.set_activations(p)?;
         }
+        if let Some(s) = self.shortlist.get_mut().unwrap_or_else(|e| e.into_inner()) {
+            s.head.set_activations(p)?;
+            if let Some(e) = &mut s.extra {
+                e.set_activations(p)?;
+            }
+        }
         Ok(())
     }
 
@@ -859,17 +983,22 @@ impl Llama {
     /// byte costs ~0.9 of an F16 byte and a Q4_0 byte ~1.5: 4-bit unpacking is compute-bound).
     /// The ratio of two models' costs is what a draft step costs relative to a verifier step,
     /// where it must be known without reading the clock (seeded sampling).
+    /// With an output shortlist, the head counts at its shortlisted size.
     pub fn decode_cost(&self) -> f64 {
-        self.linears()
-            .iter()
-            .map(|(_, l)| {
-                let per_byte = match l.dtype_name().as_str() {
-                    "F16" | "F32" | "Q8_0" => 1.0,
-                    _ => 1.5,
-                };
-                l.weight_bytes() as f64 * per_byte
-            })
-            .sum()
+        let cost = |l: &Linear| {
+            let per_byte = match l.dtype_name().as_str() {
+                "F16" | "F32" | "Q8_0" => 1.0,
+                _ => 1.5,
+            };
+            l.weight_bytes() as f64 * per_byte
+        };
+        let all: f64 = self.linears().iter().map(|(_, l)| cost(l)).sum();
+        match &*self.shortlist.read().unwrap_or_else(|e| e.into_inner()) {
+            Some(s) => {
+                all - cost(&self.lm_head) + cost(&s.head) + s.extra.as_ref().map_or(0.0, cost)
+            }
+            None => all,
+        }
     }
 
     /// Every linear layer with its Hugging Face weight name, in forward order, head last.

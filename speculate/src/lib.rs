@@ -20,7 +20,7 @@ pub use acceptance::{AcceptanceRule, Greedy, RejectionSampling, Verdict};
 pub use batch::{BatchDecoder, BatchVerifier, ModelBatchVerifier};
 pub use controller::{AdaptiveK, Controller, FixedK};
 pub use decoder::{SpecStats, SpeculativeDecoder};
-pub use drafter::{Draft, Drafter, NgramDrafter};
+pub use drafter::{draft_shortlist, Draft, Drafter, NgramDrafter, DEFAULT_DRAFT_VOCAB};
 pub use model_adapter::{ModelDrafter, ModelVerifier, SharedCacheDrafter};
 
 /// Errors of the speculative loop: the model's own, or a draft/verifier mismatch.
