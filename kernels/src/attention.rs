@@ -75,18 +75,27 @@ pub fn attention(s: AttentionShape, q: &[f32], k: &[f32], v: &[f32], out: &mut [
     let group = s.n_head / s.n_kv_head;
     let scale = 1.0 / (d as f32).sqrt();
     let rows = out.len() / d;
+    // Tasks of a few consecutive rows: one (row, head) at short context is well under a
+    // microsecond of arithmetic, less than handing it out as a task of its own (SmolLM2: 45
+    // rows per layer in a 5-token verification pass). Eight tasks per thread or more, so the
+    // pool still evens out a prefill's rows (later positions attend over more keys).
+    let threads = crate::pool::global().threads().max(1);
+    let per_task = rows.div_ceil(8 * threads).max(1);
     let base = crate::rows::SendPtr(out.as_mut_ptr());
-    crate::pool::global().run(rows, |row| {
-        // SAFETY: task `row` alone writes out[row·d..(row+1)·d]; `run` waits for every task.
-        let o = unsafe { std::slice::from_raw_parts_mut(base.get().add(row * d), d) };
+    crate::pool::global().run(rows.div_ceil(per_task), |c| {
         crate::rows::with_scratch(&SCORES, |scores| {
-            let (i, h) = (row / s.n_head, row % s.n_head);
-            let kv = h / group;
-            let qr = &q[row * d..][..d];
-            let len = s.n + i + 1;
-            let keys = &k[kv * s.capacity * d..][..len * d];
-            let vals = &v[kv * s.capacity * d..][..len * d];
-            attend(qr, keys, vals, scale, scores, o);
+            for row in c * per_task..((c + 1) * per_task).min(rows) {
+                // SAFETY: task c alone writes its rows, each out[row·d..(row+1)·d]; `run`
+                // waits for every task.
+                let o = unsafe { std::slice::from_raw_parts_mut(base.get().add(row * d), d) };
+                let (i, h) = (row / s.n_head, row % s.n_head);
+                let kv = h / group;
+                let qr = &q[row * d..][..d];
+                let len = s.n + i + 1;
+                let keys = &k[kv * s.capacity * d..][..len * d];
+                let vals = &v[kv * s.capacity * d..][..len * d];
+                attend(qr, keys, vals, scale, scores, o);
+            }
         })
     });
 }
