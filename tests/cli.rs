@@ -34,34 +34,26 @@ fn greedy_generate_reproduces_the_reference_text() {
     let case = &r["cases"][0];
     let prompt = case["prompt"].as_str().unwrap();
     let m = stories();
-    let (out, _) = stdout_of(&[
-        "generate",
-        "--model",
-        m.to_str().unwrap(),
-        "--prompt",
-        prompt,
-        "--no-bos",
-        "--max-tokens",
-        "48",
-    ]);
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "generate",
+            "--model",
+            m.to_str().unwrap(),
+            "--prompt",
+            prompt,
+            "--no-bos",
+            "--max-tokens",
+            "48",
+        ];
+        args.extend_from_slice(extra);
+        stdout_of(&args).0
+    };
+    let out = run(&[]);
     let want = case["greedy_text"].as_str().unwrap();
     assert_eq!(out.trim_end(), format!("{prompt} {want}"));
     // Speculatively, with a draft whose head keeps only 40 ids and the context's tokens: the
     // same text.
-    let (spec, _) = stdout_of(&[
-        "generate",
-        "--model",
-        m.to_str().unwrap(),
-        "--prompt",
-        prompt,
-        "--no-bos",
-        "--max-tokens",
-        "48",
-        "--draft",
-        "self:q8_0@all",
-        "--draft-vocab",
-        "40",
-    ]);
+    let spec = run(&["--draft", "self:q8_0@all", "--draft-vocab", "40"]);
     assert_eq!(spec, out, "--draft-vocab 40");
 }
 
