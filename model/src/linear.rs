@@ -132,18 +132,28 @@ impl Linear {
                 }
             }
         };
-        Ok(Linear {
+        Ok(Linear::bare(weight, in_dim, out_dim, default_activations()))
+    }
+
+    /// A layer with no bias (add one with [`Linear::with_bias`]) and no GPU copy.
+    fn bare(
+        weight: LinearWeight,
+        in_dim: usize,
+        out_dim: usize,
+        activations: ActivationPrecision,
+    ) -> Linear {
+        Linear {
             weight,
             bias: None,
             bias_f32: None,
             in_dim,
             out_dim,
-            activations: default_activations(),
+            activations,
             #[cfg(feature = "cuda")]
             gpu: None,
             #[cfg(feature = "cuda")]
             gpu_bias: None,
-        })
+        }
     }
 
     /// Copies the weight to the GPU when there is a kernel for its type (Q8_0, Q4_0, F16);
@@ -407,19 +417,7 @@ impl Linear {
             Some(b) => Some(b.to_device(&Device::Cpu)?.index_select(&index, 0)?),
             None => None,
         };
-        let mut layer = Linear {
-            weight,
-            bias: None,
-            bias_f32: None,
-            in_dim: k,
-            out_dim: rows.len(),
-            activations: self.activations,
-            #[cfg(feature = "cuda")]
-            gpu: None,
-            #[cfg(feature = "cuda")]
-            gpu_bias: None,
-        }
-        .with_bias(bias);
+        let mut layer = Linear::bare(weight, k, rows.len(), self.activations).with_bias(bias);
         layer.set_activations(self.activations)?;
         Ok(layer)
     }
