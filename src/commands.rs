@@ -92,7 +92,27 @@ pub struct GenerateArgs {
 /// 6 prompts: 1.03× plain at 0, 0.95× at 0.4; self:q8_0@all with k = 4: 0.81× at 0.75).
 pub const DEFAULT_DRAFT_P_MIN: f32 = 0.0;
 
+/// The generation flags every command shares, checked before any model is opened.
+pub fn check_generation_flags(
+    max_tokens: usize,
+    ctx: Option<usize>,
+    draft_p_min: f32,
+) -> Result<()> {
+    if max_tokens == 0 {
+        anyhow::bail!("--max-tokens must be at least 1");
+    }
+    if ctx == Some(0) {
+        anyhow::bail!("--ctx must be at least 1 position (the prompt and what is generated)");
+    }
+    // NaN fails the range check too.
+    if !(0.0..=1.0).contains(&draft_p_min) {
+        anyhow::bail!("--draft-p-min {draft_p_min} is not a probability (0 to 1)");
+    }
+    Ok(())
+}
+
 pub fn generate(a: GenerateArgs) -> Result<()> {
+    check_generation_flags(a.max_tokens, a.ctx, a.draft_p_min)?;
     let ck = Checkpoint::open(&a.model, a.tokenizer.as_deref())?;
     let params = SamplingParams {
         temperature: a.temperature,

@@ -6,6 +6,7 @@ use candle_core::Device;
 use std::path::{Path, PathBuf};
 use tandem_eval::report::{ModelResult, Quality, Report, TextInfo, WeightSummary};
 use tandem_eval::{cache::ReferenceCache, Chunks};
+use tandem_model::pending::Pending;
 use tandem_model::Checkpoint;
 
 #[derive(clap::Args)]
@@ -62,6 +63,18 @@ pub fn eval(a: EvalArgs) -> Result<()> {
     run_eval(&a.reference, &a.models, &a.text, &a.opts, &a.out, a.quiet)
 }
 
+/// Creates the output folder `dir` if it is missing. The guard returned for a folder made
+/// here removes it again if the command fails or is interrupted before it commits the guard
+/// (once something finished is in it), so a failed run leaves no empty or half-filled folder.
+pub fn create_output_dir(dir: &Path) -> Result<Option<Pending>> {
+    if dir.exists() {
+        return Ok(None);
+    }
+    let guard = Pending::new(dir);
+    std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create", dir.display()))?;
+    Ok(Some(guard))
+}
+
 fn name_of(p: &Path) -> String {
     p.file_stem()
         .or_else(|| p.file_name())
@@ -91,7 +104,7 @@ pub fn run_eval(
     }
     let chunks = Chunks::new(&rck.tokenizer, &text, o.ctx, o.chunks)
         .with_context(|| text_path.display().to_string())?;
-    std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create", out.display()))?;
+    let mut fresh = create_output_dir(out)?;
     let cache_path = o
         .cache
         .clone()
@@ -165,6 +178,9 @@ pub fn run_eval(
             weights: Some(WeightSummary::from_errors(&errors)),
         });
         tandem_eval::write_report(out, &report)?;
+        if let Some(g) = fresh.take() {
+            g.commit(|| ());
+        }
         let q = report.models.last().and_then(|m| m.quality.clone());
         if let Some(q) = q {
             eprintln!(
@@ -177,6 +193,9 @@ pub fn run_eval(
         }
     }
     tandem_eval::write_report(out, &report)?;
+    if let Some(g) = fresh.take() {
+        g.commit(|| ());
+    }
     println!(
         "wrote {} (report.json, report.md, report.html)",
         out.display()

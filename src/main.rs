@@ -85,8 +85,39 @@ enum Command {
     },
 }
 
+/// On SIGINT, SIGTERM or SIGHUP: remove every temporary and unfinished output the command
+/// registered (`tandem_model::pending`), say so on one line and exit with 128 + the signal.
+/// The handler runs on signal-hook's own thread, so it may lock and touch the file system.
+fn install_signal_cleanup() {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let Ok(mut signals) = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP]) else {
+        return;
+    };
+    std::thread::spawn(move || {
+        if let Some(sig) = signals.forever().next() {
+            let name = match sig {
+                SIGINT => "SIGINT",
+                SIGTERM => "SIGTERM",
+                _ => "SIGHUP",
+            };
+            // Held until exit: no rename into place starts after the cleanup.
+            let _held = tandem_model::pending::remove_all();
+            eprintln!("error: interrupted by {name}; unfinished output removed");
+            std::process::exit(128 + sig);
+        }
+    });
+}
+
 fn main() -> ExitCode {
+    // Rust ignores SIGPIPE, so `tandem info M | head` panicked in println! when head left.
+    // A command-line tool ends quietly there instead, as cat and grep do.
+    // SAFETY: setting a signal's disposition to the default before any thread is started.
+    #[cfg(unix)]
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
+    install_signal_cleanup();
     // The command runs inside the worker pool, so the thread that runs the serial parts of a
     // forward pass is itself a worker: n threads on n cores, none spinning against it.
     let pool = commands::thread_pool(cli.threads);
@@ -102,8 +133,10 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            // One line, whatever the error chain holds.
+            // One line, whatever the error chain holds; text from files cannot drive the
+            // terminal (control characters escaped) or flood it (length capped).
             let msg = format!("{e:#}").replace('\n', "; ");
+            let msg = tandem_model::error::clean(&msg, 1000);
             eprintln!("error: {msg}");
             ExitCode::FAILURE
         }

@@ -3,24 +3,11 @@
 use crate::commands::progress_bar;
 use anyhow::{Context, Result};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicBool;
 use tandem_model::Checkpoint;
 use tandem_quantize::{
     calibrate::CalibrationOptions, make_plan, ImportanceMatrix, Options, Policy, QuantType, Recipe,
     Rule, TypeChoice,
 };
-
-/// Set by the Ctrl-C handler; the quantizer stops between tensors and removes its temp file.
-pub static INTERRUPTED: AtomicBool = AtomicBool::new(false);
-
-pub fn install_ctrlc() {
-    let _ = ctrlc::set_handler(|| {
-        if INTERRUPTED.swap(true, std::sync::atomic::Ordering::SeqCst) {
-            // A second Ctrl-C: stop now.
-            std::process::exit(130);
-        }
-    });
-}
 
 #[derive(clap::Args)]
 pub struct QuantizeArgs {
@@ -152,7 +139,6 @@ pub fn quantize(a: QuantizeArgs) -> Result<()> {
     {
         eprintln!("note: --imatrix given but no tensor is planned as a K-quant (q2_k..q6_k); it changes nothing");
     }
-    install_ctrlc();
     let bar = progress_bar(a.quiet);
     let progress = |done: u64, total: u64, name: &str| {
         bar.set_length(total);
@@ -162,7 +148,7 @@ pub fn quantize(a: QuantizeArgs) -> Result<()> {
     let opts = Options {
         imatrix: imatrix.as_ref(),
         allow_nonfinite: a.allow_nonfinite,
-        cancel: Some(&INTERRUPTED),
+        cancel: None,
         progress: Some(&progress),
     };
     let report = tandem_quantize::quantize_to_file(&ck, &plan, &opts, out, a.force)
@@ -258,13 +244,14 @@ fn sweep(a: &QuantizeArgs) -> Result<()> {
     let (Some(dir), Some(text)) = (&a.out_dir, &a.eval_text) else {
         anyhow::bail!("--sweep needs --eval-text and --out-dir");
     };
-    std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create", dir.display()))?;
     let ck = Checkpoint::open(&a.model, a.tokenizer.as_deref())?;
     let imatrix = match &a.imatrix {
         Some(p) => Some(ImportanceMatrix::read(p)?),
         None => None,
     };
-    let mut files = Vec::new();
+    // Every variant is parsed and planned (metadata only) before anything is created, so a
+    // bad one fails without leaving a folder behind.
+    let mut variants = Vec::new();
     for item in &a.sweep {
         let (rest, weighted) = match item.strip_suffix("+imatrix") {
             Some(r) => (r, true),
@@ -291,12 +278,16 @@ fn sweep(a: &QuantizeArgs) -> Result<()> {
             a.recipe.as_deref(),
         )
         .with_context(|| format!("sweep variant '{item}'"))?;
+        let plan = make_plan(&ck, &policy).with_context(|| format!("sweep variant '{item}'"))?;
         let file = dir.join(format!("{}.gguf", item.replace(['@', '+'], "-")));
+        variants.push((item, plan, weighted, file));
+    }
+    let mut fresh = crate::eval_cmd::create_output_dir(dir)?;
+    let mut files = Vec::new();
+    for (item, plan, weighted, file) in variants {
         if file.exists() {
             eprintln!("{}: kept from an earlier run", file.display());
         } else {
-            let plan = make_plan(&ck, &policy)?;
-            install_ctrlc();
             let bar = progress_bar(a.quiet);
             let progress = |done: u64, total: u64, name: &str| {
                 bar.set_length(total);
@@ -306,7 +297,7 @@ fn sweep(a: &QuantizeArgs) -> Result<()> {
             let opts = Options {
                 imatrix: imatrix.as_ref().filter(|_| weighted),
                 allow_nonfinite: a.allow_nonfinite,
-                cancel: Some(&INTERRUPTED),
+                cancel: None,
                 progress: Some(&progress),
             };
             let r = tandem_quantize::quantize_to_file(&ck, &plan, &opts, &file, false)
@@ -318,6 +309,10 @@ fn sweep(a: &QuantizeArgs) -> Result<()> {
                 r.bytes_out,
                 r.seconds
             );
+        }
+        // A finished variant is worth keeping (a later run reuses it): the folder stays.
+        if let Some(g) = fresh.take() {
+            g.commit(|| ());
         }
         files.push(file);
     }

@@ -40,7 +40,18 @@ impl DraftSource {
                 tandem_quantize::quantized_copy(verifier, t, all)
                     .context("quantizing the self-draft")?
             }
-            None => Checkpoint::open(Path::new(spec), None).context("opening the draft model")?,
+            None => {
+                let draft =
+                    Checkpoint::open(Path::new(spec), None).context("opening the draft model")?;
+                if let Some(d) = draft.tokenizer.vocabulary_difference(&verifier.tokenizer) {
+                    anyhow::bail!(
+                        "{}: the draft's vocabulary differs from the verifier's ({}): {d}",
+                        draft.path.display(),
+                        verifier.path.display()
+                    );
+                }
+                draft
+            }
         };
         Ok(DraftSource::Model(Box::new(ck.load_model(&Device::Cpu)?)))
     }
@@ -265,6 +276,7 @@ const DEFAULT_PROMPTS: &str = include_str!("../scripts/spec-prompts.jsonl");
 /// `tandem bench spec`: each prompt decoded plainly and speculatively (same sampling), tok/s
 /// of both and the speedup, with the speculative metrics.
 pub fn bench_spec(a: BenchSpecArgs) -> Result<()> {
+    crate::commands::check_generation_flags(a.max_tokens, None, a.draft_p_min)?;
     let text = match &a.prompts {
         Some(p) => {
             std::fs::read_to_string(p).with_context(|| format!("{}: cannot read", p.display()))?

@@ -289,3 +289,396 @@ fn convert_refuses_to_overwrite_and_leaves_nothing_on_failure() {
         "left behind: {left:?}"
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// The hostile-input matrix: each row is one case found by probing (issue 15), what is done to
+// a real file or to the command line, and what the one-line error must say. Rows whose
+// `needles` are empty must *succeed* (hostile but valid: bounded time and memory).
+// ---------------------------------------------------------------------------------------------
+
+use candle_core::quantized::gguf_file::Value;
+use tandem_quantize::gguf_writer::{GgufLayout, TensorEntry};
+
+/// stories260K written as a GGUF by tandem itself (q8_0 MLP), the base every GGUF row edits.
+fn stories_gguf(dir: &Path) -> PathBuf {
+    let p = dir.join("base.gguf");
+    if !p.exists() {
+        let st = stories();
+        let out = tandem(&[
+            "quantize",
+            st.to_str().unwrap(),
+            "--out",
+            p.to_str().unwrap(),
+            "--quiet",
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    p
+}
+
+/// Rewrites a GGUF: its metadata and tensor table go through `edit`, then the header is laid
+/// out again and each tensor's bytes copied to its (possibly edited) offset.
+fn edit_gguf(
+    src: &Path,
+    dst: &Path,
+    edit: impl FnOnce(&mut Vec<(String, Value)>, &mut Vec<TensorEntry>),
+) {
+    let bytes = std::fs::read(src).unwrap();
+    let c = tandem_model::gguf_reader::read_header(src, &bytes).unwrap();
+    let mut meta: Vec<(String, Value)> = c.metadata.into_iter().collect();
+    meta.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut infos: Vec<_> = c.tensor_infos.into_iter().collect();
+    infos.sort_by_key(|(_, i)| i.offset);
+    let base = c.tensor_data_offset as usize;
+    let mut tensors = Vec::new();
+    let mut data = Vec::new();
+    for (name, info) in &infos {
+        let elems = info.shape.elem_count();
+        let size = elems / info.ggml_dtype.block_size() * info.ggml_dtype.type_size();
+        let start = base + info.offset as usize;
+        data.push(bytes[start..start + size].to_vec());
+        tensors.push(TensorEntry {
+            name: name.clone(),
+            dims: info.shape.dims().iter().rev().map(|&d| d as u64).collect(),
+            ggml_type: tandem_model::gguf_reader::ggml_type_id(info.ggml_dtype),
+            size: size as u64,
+            offset: info.offset,
+        });
+    }
+    edit(&mut meta, &mut tensors);
+    let layout = GgufLayout {
+        metadata: meta,
+        tensors: tensors.clone(),
+    };
+    let mut out = layout.header();
+    let start = out.len();
+    for (t, d) in tensors.iter().zip(&data) {
+        let at = start + t.offset as usize;
+        if out.len() < at + d.len() {
+            out.resize((at + d.len()).next_multiple_of(32), 0);
+        }
+        out[at..at + d.len().min(t.size as usize)]
+            .copy_from_slice(&d[..d.len().min(t.size as usize)]);
+    }
+    std::fs::write(dst, out).unwrap();
+}
+
+fn set_meta(meta: &mut Vec<(String, Value)>, key: &str, v: Value) {
+    meta.retain(|(k, _)| k != key);
+    meta.push((key.to_string(), v));
+}
+
+/// A stories260K folder whose config.json has `key` set to the JSON `value`.
+fn hf_with_config(dir: &Path, key: &str, value: serde_json::Value) -> PathBuf {
+    let d = stories_copy_in(dir);
+    let p = d.join("config.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    cfg[key] = value;
+    std::fs::write(&p, cfg.to_string()).unwrap();
+    d
+}
+
+/// A name no terminal should see raw: an escape sequence, a carriage return, then 2 KB.
+fn evil_name() -> String {
+    format!("\u{1b}[31mred\u{7}\r{}", "A".repeat(2000))
+}
+
+struct Case {
+    /// What the row tests (issue 15's numbering where it has one).
+    name: &'static str,
+    /// Makes the input in the given folder; returns the arguments to run (`{}` = the input).
+    setup: fn(&Path) -> (PathBuf, Vec<&'static str>),
+    /// Every string the one-line error must contain; empty: the command must succeed.
+    needles: &'static [&'static str],
+}
+
+const GEN: &[&str] = &[
+    "generate",
+    "--model",
+    "{}",
+    "--prompt",
+    "Once",
+    "--max-tokens",
+    "2",
+];
+const INFO: &[&str] = &["info", "{}"];
+
+const CASES: &[Case] = &[
+    Case {
+        name: "1. GGUF general.alignment = 0",
+        setup: |d| {
+            let p = d.join("align0.gguf");
+            edit_gguf(&stories_gguf(d), &p, |m, _| {
+                set_meta(m, "general.alignment", Value::U32(0))
+            });
+            (p, GEN.to_vec())
+        },
+        needles: &[
+            "align0.gguf",
+            "general.alignment must be a u32 power of two",
+        ],
+    },
+    Case {
+        name: "1b. GGUF general.alignment = 0 reaches convert and quantize cleanly too",
+        setup: |d| {
+            let p = d.join("align0.gguf");
+            edit_gguf(&stories_gguf(d), &p, |m, _| {
+                set_meta(m, "general.alignment", Value::U32(0))
+            });
+            (
+                p,
+                vec!["quantize", "{}", "--out", "/nonexistent-dir/x.gguf"],
+            )
+        },
+        needles: &["align0.gguf", "general.alignment"],
+    },
+    Case {
+        name: "2. GGUF llama.context_length = 2^31 loads in bounded memory and generates",
+        setup: |d| {
+            let p = d.join("ctx.gguf");
+            edit_gguf(&stories_gguf(d), &p, |m, _| {
+                set_meta(m, "llama.context_length", Value::U32(1 << 31))
+            });
+            (p, GEN.to_vec())
+        },
+        needles: &[],
+    },
+    Case {
+        name: "2b. config.json max_position_embeddings = 2^62 generates",
+        setup: |d| {
+            (
+                hf_with_config(d, "max_position_embeddings", (1u64 << 62).into()),
+                GEN.to_vec(),
+            )
+        },
+        needles: &[],
+    },
+    Case {
+        name: "3. GGUF block_count = 2^31 - 1",
+        setup: |d| {
+            let p = d.join("layers.gguf");
+            edit_gguf(&stories_gguf(d), &p, |m, _| {
+                set_meta(m, "llama.block_count", Value::U32(i32::MAX as u32))
+            });
+            (p, INFO.to_vec())
+        },
+        needles: &["layers.gguf", "declares 2147483647 layers", "tensors"],
+    },
+    Case {
+        name: "3b. config.json num_hidden_layers = 1e8",
+        setup: |d| {
+            (
+                hf_with_config(d, "num_hidden_layers", 100_000_000.into()),
+                INFO.to_vec(),
+            )
+        },
+        needles: &["declares 100000000 layers"],
+    },
+    Case {
+        name: "5. GGUF tensor offset not a multiple of the alignment",
+        setup: |d| {
+            let p = d.join("misaligned.gguf");
+            // The last tensor moved 8 bytes on: still inside the file, overlapping nothing.
+            edit_gguf(&stories_gguf(d), &p, |_, t| {
+                if let Some(last) = t.last_mut() {
+                    last.offset += 8;
+                }
+            });
+            (p, GEN.to_vec())
+        },
+        needles: &["misaligned.gguf", "not a multiple of the alignment 32"],
+    },
+    Case {
+        name: "6. escape sequences and a 2 KB tensor name are escaped and cut",
+        setup: |d| {
+            let p = d.join("evil.gguf");
+            edit_gguf(&stories_gguf(d), &p, |_, t| {
+                t[0].name = evil_name();
+                t[0].dims = vec![0];
+            });
+            (p, INFO.to_vec())
+        },
+        needles: &[
+            "evil.gguf",
+            "\\u{1b}[31mred",
+            "more characters)",
+            "has dimension 0",
+        ],
+    },
+    Case {
+        name: "6b. GGUF metadata key appearing twice",
+        setup: |d| {
+            let p = d.join("dupkey.gguf");
+            edit_gguf(&stories_gguf(d), &p, |m, _| {
+                m.push(("general.name".into(), Value::String("a".into())));
+                m.push(("general.name".into(), Value::String("b".into())));
+            });
+            (p, INFO.to_vec())
+        },
+        needles: &["dupkey.gguf", "'general.name' appears twice"],
+    },
+    Case {
+        name: "7. quantize --sweep with a bad variant creates no folder",
+        setup: |d| {
+            let out = d.join("sweep-out");
+            let st = stories();
+            let text = st.join("reference.json");
+            let args: Vec<&'static str> = vec![
+                "quantize",
+                leak(st),
+                "--sweep",
+                "q8_0,bogus",
+                "--eval-text",
+                leak(text),
+                "--out-dir",
+                leak(out.clone()),
+            ];
+            (out, args)
+        },
+        needles: &["sweep variant 'bogus'"],
+    },
+    Case {
+        name: "8. a draft with the same vocabulary size but other tokens",
+        setup: |d| {
+            let draft = stories_copy_in(d);
+            let p = draft.join("tokenizer.json");
+            let mut tok: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+            let vocab = tok["model"]["vocab"].as_object_mut().unwrap();
+            // Swap the ids of two tokens: same size, same strings, other numbering.
+            let (a, b) = ("▁the", "▁a");
+            let (ia, ib) = (vocab[a].clone(), vocab[b].clone());
+            vocab.insert(a.into(), ib);
+            vocab.insert(b.into(), ia);
+            std::fs::write(&p, tok.to_string()).unwrap();
+            let args = vec![
+                "generate",
+                "--model",
+                leak(stories()),
+                "--draft",
+                "{}",
+                "--prompt",
+                "Once",
+                "--max-tokens",
+                "2",
+            ];
+            (draft, args)
+        },
+        needles: &["vocabulary differs from the verifier's", "here and"],
+    },
+    Case {
+        name: "9a. generate --max-tokens 0",
+        setup: |_| {
+            (
+                stories(),
+                vec![
+                    "generate",
+                    "--model",
+                    "{}",
+                    "--prompt",
+                    "a",
+                    "--max-tokens",
+                    "0",
+                ],
+            )
+        },
+        needles: &["--max-tokens must be at least 1"],
+    },
+    Case {
+        name: "9b. --draft-p-min 2",
+        setup: |_| {
+            (
+                stories(),
+                vec![
+                    "generate",
+                    "--model",
+                    "{}",
+                    "--prompt",
+                    "a",
+                    "--draft",
+                    "ngram",
+                    "--draft-p-min",
+                    "2",
+                ],
+            )
+        },
+        needles: &["--draft-p-min 2 is not a probability"],
+    },
+    Case {
+        name: "9c. --draft-p-min NaN",
+        setup: |_| {
+            (
+                stories(),
+                vec![
+                    "generate",
+                    "--model",
+                    "{}",
+                    "--prompt",
+                    "a",
+                    "--draft",
+                    "ngram",
+                    "--draft-p-min",
+                    "NaN",
+                ],
+            )
+        },
+        needles: &["--draft-p-min NaN is not a probability"],
+    },
+    Case {
+        name: "9d. --ctx 0",
+        setup: |_| {
+            (
+                stories(),
+                vec!["generate", "--model", "{}", "--prompt", "a", "--ctx", "0"],
+            )
+        },
+        needles: &["--ctx must be at least 1"],
+    },
+];
+
+fn leak(p: PathBuf) -> &'static str {
+    Box::leak(p.to_string_lossy().into_owned().into_boxed_str())
+}
+
+#[test]
+fn hostile_input_matrix() {
+    let mut failures = Vec::new();
+    for case in CASES {
+        let tmp = tempfile::tempdir().unwrap();
+        let (input, args) = (case.setup)(tmp.path());
+        let input = input.to_string_lossy().into_owned();
+        let args: Vec<&str> = args
+            .iter()
+            .map(|a| if *a == "{}" { input.as_str() } else { *a })
+            .collect();
+        let out = tandem(&args);
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        let problem = if case.needles.is_empty() {
+            (!out.status.success()).then(|| format!("failed: {err}"))
+        } else if out.status.success() {
+            Some("succeeded on bad input".into())
+        } else if err.contains("panicked") || err.trim().lines().count() != 1 {
+            Some(format!("not one clean line: {err}"))
+        } else if err.contains('\u{1b}') || err.len() > 1200 {
+            Some(format!("raw control characters or {} bytes", err.len()))
+        } else {
+            case.needles
+                .iter()
+                .find(|n| !err.contains(**n))
+                .map(|n| format!("'{n}' not in: {err}"))
+        };
+        // Nothing may be left where an output was asked for (the sweep row's folder).
+        if case.name.starts_with("7.") && Path::new(&input).exists() {
+            failures.push(format!("{}: left {input} behind", case.name));
+        }
+        if let Some(p) = problem {
+            failures.push(format!("{}: {p}", case.name));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}

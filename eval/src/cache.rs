@@ -132,6 +132,7 @@ impl ReferenceCache {
             .prefix(".reference-cache.")
             .tempfile_in(dir)
             .map_err(|e| io(dir, e))?;
+        let guard = tandem_model::pending::Pending::new(tmp.path());
         let mut w = BufWriter::with_capacity(1 << 20, tmp);
         w.write_all(MAGIC).map_err(|e| io(path, e))?;
         w.write_all(&(key.len() as u32).to_le_bytes())
@@ -145,7 +146,9 @@ impl ReferenceCache {
             progress(c + 1, chunks.chunks.len());
         }
         let tmp = w.into_inner().map_err(|e| io(path, e.error()))?;
-        tmp.persist(path).map_err(|e| io(path, e.error))?;
+        guard
+            .commit(|| tmp.persist(path))
+            .map_err(|e| io(path, e.error))?;
         ReferenceCache::open(path, key, chunks, model.config.vocab_size)
             .ok_or_else(|| io(path, "cache written but unreadable (internal error)"))
     }

@@ -129,6 +129,18 @@ impl Checkpoint {
                 ),
             ));
         }
+        // A layer is 9 tensors: a declared layer count the file cannot hold is refused before
+        // anything is sized by it (2^31 layers aborted on allocation).
+        let tensors = store.names().len();
+        if config.num_hidden_layers > tensors / 9 {
+            return Err(format_err(
+                &path,
+                format!(
+                    "the config declares {} layers but the checkpoint holds only {tensors} tensors (9 per layer)",
+                    config.num_hidden_layers
+                ),
+            ));
+        }
         // Shapes against the config, from metadata alone (no tensor data is read).
         for (name, shape, required) in Llama::expected_tensors(&config) {
             match store.get(&name) {

@@ -72,16 +72,44 @@ pub(crate) fn format_err(path: &Path, msg: impl Into<String>) -> Error {
 pub(crate) fn tensor_err(path: &Path, tensor: &str, msg: impl Into<String>) -> Error {
     Error::Tensor {
         path: path.to_path_buf(),
-        tensor: tensor.to_string(),
+        tensor: clean(tensor, MAX_NAME_CHARS),
         msg: one_line(&msg.into()),
     }
 }
 
-/// Folds a multi-line message (candle and serde errors can span lines) into one line.
+/// Longest tensor or key name an error shows (a hostile file can carry a 2 KB name).
+pub const MAX_NAME_CHARS: usize = 96;
+/// Longest message an error shows.
+pub const MAX_MESSAGE_CHARS: usize = 600;
+
+/// Folds a multi-line message (candle and serde errors can span lines) into one line, with
+/// control characters escaped and its length capped (see [`clean`]).
 pub fn one_line(s: &str) -> String {
-    s.split('\n')
+    let joined = s
+        .split('\n')
         .map(str::trim)
         .filter(|l| !l.is_empty())
         .collect::<Vec<_>>()
-        .join("; ")
+        .join("; ");
+    clean(&joined, MAX_MESSAGE_CHARS)
+}
+
+/// A string from a file made safe to print on a terminal: control characters (escape
+/// sequences, carriage returns, NULs) shown escaped (`\u{1b}`), and at most `max` characters
+/// kept, the cut marked with how much was left out.
+pub fn clean(s: &str, max: usize) -> String {
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i >= max {
+            let rest = s.chars().count() - i;
+            out.push_str(&format!("… ({rest} more characters)"));
+            break;
+        }
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }

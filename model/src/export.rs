@@ -10,6 +10,7 @@ use crate::config::Architecture;
 use crate::error::{format_err, io_err, tensor_err, Error, Result};
 use crate::gguf_names::{permute_qk_rows, Permute};
 use crate::linear::dense_tensor;
+use crate::pending::Pending;
 use candle_core::{DType, Device};
 use serde_json::json;
 use std::io::Write;
@@ -175,8 +176,11 @@ pub fn write_dir_atomically(
         ));
     }
     let tmp = sibling_temp(out);
+    // Removed on any error (the guard drops) or signal (the CLI's handler).
+    let guard = Pending::new(&tmp);
     std::fs::create_dir_all(&tmp).map_err(|e| io_err(&tmp, e))?;
-    let result = build(&tmp).and_then(|_| {
+    build(&tmp)?;
+    guard.commit(|| {
         if out.exists() {
             let old = sibling_temp(out);
             std::fs::rename(out, &old).map_err(|e| io_err(out, e))?;
@@ -186,11 +190,7 @@ pub fn write_dir_atomically(
         } else {
             std::fs::rename(&tmp, out).map_err(|e| io_err(out, e))
         }
-    });
-    if result.is_err() {
-        let _ = std::fs::remove_dir_all(&tmp);
-    }
-    result
+    })
 }
 
 /// A hidden name in the same folder as `out` (so the final rename stays on one filesystem).
@@ -243,15 +243,19 @@ pub fn write_file_atomically<E: From<Error>>(
         builder.permissions(std::fs::Permissions::from_mode(0o666));
     }
     let tmp = builder.tempfile_in(dir).map_err(|e| io_err(dir, e))?;
+    // tempfile removes it on drop; the guard also removes it on a signal (no drop runs then).
+    let guard = Pending::new(tmp.path());
     let mut w = std::io::BufWriter::with_capacity(8 << 20, tmp);
     build(&mut w)?;
     let tmp = w.into_inner().map_err(|e| io_err(out, e.into_error()))?;
     tmp.as_file().sync_all().map_err(|e| io_err(out, e))?;
-    let persisted = if force {
-        tmp.persist(out)
-    } else {
-        tmp.persist_noclobber(out)
-    };
+    let persisted = guard.commit(|| {
+        if force {
+            tmp.persist(out)
+        } else {
+            tmp.persist_noclobber(out)
+        }
+    });
     persisted.map_err(|e| io_err(out, e.error))?;
     Ok(())
 }

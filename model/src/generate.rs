@@ -30,11 +30,20 @@ impl GenerationStats {
         self.prefill
     }
     pub fn prefill_tok_s(&self) -> f64 {
-        self.prompt_tokens as f64 / self.prefill.as_secs_f64().max(1e-9)
+        rate(self.prompt_tokens, self.prefill)
     }
     /// Tokens after the first, over the time spent making them.
     pub fn decode_tok_s(&self) -> f64 {
-        self.generated_tokens.saturating_sub(1) as f64 / self.decode.as_secs_f64().max(1e-9)
+        rate(self.generated_tokens.saturating_sub(1), self.decode)
+    }
+}
+
+/// Tokens per second, 0 when nothing was timed (no pass ran: not "5e9 tok/s").
+fn rate(tokens: usize, time: Duration) -> f64 {
+    if tokens == 0 || time.is_zero() {
+        0.0
+    } else {
+        tokens as f64 / time.as_secs_f64()
     }
 }
 

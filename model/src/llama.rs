@@ -37,9 +37,10 @@ pub struct Llama {
     /// When set, the output head computes only these tokens' logits (see
     /// [`Llama::set_output_shortlist`]); the forward pass adds the tokens it reads.
     shortlist: std::sync::RwLock<Option<Shortlist>>,
-    /// RoPE tables, [context, head_dim / 2] each.
-    cos: Vec<f32>,
-    sin: Vec<f32>,
+    /// RoPE inverse frequencies, [head_dim / 2]: angles are computed per row of a pass, so
+    /// memory does not grow with the context a file declares (2^31 positions would be a
+    /// 32 GB table) and costs the same for the positions actually run.
+    rope_inv: Vec<f32>,
     device: Device,
     /// Buffers the forward pass reuses from call to call (no allocation per token but the
     /// returned logits); a concurrent call finds it locked and uses fresh ones.
@@ -384,21 +385,8 @@ impl Llama {
         }
         let norm = norm_weights("model.norm.weight")?;
 
-        // Angles in f32 (position · inverse frequency), as candle computed them before.
-        let inv = c.rope_inv_freq();
-        let ctx = c.context_length();
-        let (mut cos, mut sin) = (Vec::with_capacity(ctx * inv.len()), Vec::new());
-        sin.reserve(ctx * inv.len());
-        for p in 0..ctx {
-            for f in &inv {
-                let a = p as f32 * f;
-                cos.push(a.cos());
-                sin.push(a.sin());
-            }
-        }
         let mut model = Llama {
-            cos,
-            sin,
+            rope_inv: c.rope_inv_freq(),
             embed,
             layers,
             norm,
@@ -414,6 +402,20 @@ impl Llama {
             model.upload_to_gpu()?;
         }
         Ok(model)
+    }
+
+    /// RoPE cosines and sines of `positions`, [positions, head_dim / 2] each. Angles are
+    /// f32 products position · inverse frequency, as candle computed them.
+    fn rope_rows(&self, positions: &[usize], cos: &mut [f32], sin: &mut [f32]) {
+        let half = self.rope_inv.len();
+        for (r, &p) in positions.iter().enumerate() {
+            let (c, s) = (&mut cos[r * half..][..half], &mut sin[r * half..][..half]);
+            for ((c, s), f) in c.iter_mut().zip(s.iter_mut()).zip(&self.rope_inv) {
+                let a = p as f32 * f;
+                *c = a.cos();
+                *s = a.sin();
+            }
+        }
     }
 
     /// Every tensor the forward pass reads, with its Hugging Face shape. Optional ones
@@ -467,7 +469,12 @@ impl Llama {
 
     /// A cache limited to `limit` positions (at most the model's context length).
     pub fn new_cache_with_limit(&self, limit: usize) -> Result<KvCache> {
-        let limit = limit.min(self.config.context_length()).max(1);
+        if limit == 0 {
+            return Err(Error::Invalid(
+                "a context limit of 0 positions holds no token".into(),
+            ));
+        }
+        let limit = limit.min(self.config.context_length());
         let capacity = INITIAL_CACHE.min(limit);
         let n = self.layers.len();
         #[cfg(feature = "cuda")]
@@ -729,10 +736,7 @@ impl Llama {
             sized(&mut ws.cos, rows * half),
             sized(&mut ws.sin, rows * half),
         );
-        for (r, &p) in positions.iter().enumerate() {
-            cos[r * half..][..half].copy_from_slice(&self.cos[p * half..][..half]);
-            sin[r * half..][..half].copy_from_slice(&self.sin[p * half..][..half]);
-        }
+        self.rope_rows(positions, cos, sin);
         timer.lap("embed");
         for (li, layer) in self.layers.iter().enumerate() {
             let x = &mut ws.x[..rows * h];

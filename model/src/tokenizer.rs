@@ -158,6 +158,24 @@ impl Tokenizer {
     pub fn id_to_token(&self, id: u32) -> Option<String> {
         self.inner.id_to_token(id)
     }
+
+    /// Where two vocabularies first disagree ("token 17 is 'a' here and 'b' there"), or `None`
+    /// when every id names the same token in both (sizes alone say little: two tokenizers of
+    /// 32000 tokens can number them differently).
+    pub fn vocabulary_difference(&self, other: &Tokenizer) -> Option<String> {
+        let (n, m) = (self.vocab_size(), other.vocab_size());
+        if n != m {
+            return Some(format!("{n} tokens here, {m} there"));
+        }
+        let show = |t: Option<String>| match t {
+            Some(t) => format!("'{}'", crate::error::clean(&t, 40)),
+            None => "missing".into(),
+        };
+        (0..n as u32).find_map(|id| {
+            let (a, b) = (self.id_to_token(id), other.id_to_token(id));
+            (a != b).then(|| format!("token {id} is {} here and {} there", show(a), show(b)))
+        })
+    }
 }
 
 fn string_array(path: &Path, md: &HashMap<String, Value>, key: &str) -> Result<Vec<String>> {

@@ -178,13 +178,7 @@ impl WeightStore {
     /// A GGUF image already in memory; `label` names it in errors.
     pub fn gguf_from_bytes(label: &Path, bytes: Bytes) -> Result<Self> {
         let path = label;
-        let mut cursor = std::io::Cursor::new(&bytes[..]);
-        let content = gguf_file::Content::read(&mut cursor).map_err(|e| {
-            format_err(
-                path,
-                format!("invalid GGUF: {}", crate::error::candle_msg(&e)),
-            )
-        })?;
+        let content = crate::gguf_reader::read_header(path, &bytes)?;
         let base = content.tensor_data_offset as usize;
         let mut entries = BTreeMap::new();
         let mut spans = Vec::new();

@@ -7,9 +7,11 @@
 
 use crate::error::{io_err, Error, Result};
 use crate::gguf_writer::{GgufLayout, GgufWriter};
-use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::quantized::gguf_file::Value;
 use std::collections::BTreeMap;
 use std::path::Path;
+use tandem_model::error::{clean, MAX_NAME_CHARS};
+use tandem_model::weights::{Bytes, WeightDType, WeightStore};
 
 /// Per weight: the sum over tokens of each input column's squared activation, and the number
 /// of tokens summed.
@@ -39,56 +41,62 @@ impl ImportanceMatrix {
     pub fn read(path: &Path) -> Result<Self> {
         let bytes = std::fs::read(path).map_err(|e| io_err(path, &e))?;
         if bytes.starts_with(b"GGUF") {
-            Self::from_gguf(path, &bytes)
+            Self::from_gguf(path, bytes)
         } else {
             Self::from_legacy(path, &bytes)
         }
     }
 
-    fn from_gguf(path: &Path, bytes: &[u8]) -> Result<Self> {
+    fn from_gguf(path: &Path, bytes: Vec<u8>) -> Result<Self> {
         let bad = |m: String| Error::Plan(format!("{}: invalid imatrix: {m}", path.display()));
-        let mut cur = std::io::Cursor::new(bytes);
-        let c = Content::read(&mut cur).map_err(|e| bad(tandem_model::error::candle_msg(&e)))?;
+        // The model crate's checked reader: header, spans inside the file, no overlaps.
+        let store = WeightStore::gguf_from_bytes(path, Bytes::Owned(bytes))?;
+        let md = store
+            .gguf_metadata()
+            .ok_or_else(|| bad("not a GGUF file".into()))?;
         let mut out = ImportanceMatrix {
-            chunk_count: c
-                .metadata
+            chunk_count: md
                 .get("imatrix.chunk_count")
                 .and_then(|v| v.to_u32().ok())
                 .unwrap_or(0),
-            chunk_size: c
-                .metadata
+            chunk_size: md
                 .get("imatrix.chunk_size")
                 .and_then(|v| v.to_u32().ok())
                 .unwrap_or(0),
             ..Default::default()
         };
-        if let Some(Value::Array(a)) = c.metadata.get("imatrix.datasets") {
+        if let Some(Value::Array(a)) = md.get("imatrix.datasets") {
             out.datasets = a
                 .iter()
                 .filter_map(|v| v.to_string().ok().cloned())
                 .collect();
         }
         let read_f32 = |name: &str| -> Result<Vec<f32>> {
-            let mut cur = std::io::Cursor::new(bytes);
-            let t = c
-                .tensor(&mut cur, name, &candle_core::Device::Cpu)
-                .map_err(|e| {
-                    bad(format!(
-                        "tensor '{name}': {}",
-                        tandem_model::error::candle_msg(&e)
-                    ))
-                })?;
-            Ok(t.dequantize(&candle_core::Device::Cpu)?
-                .flatten_all()?
-                .to_vec1()?)
+            let raw = store.get(name)?;
+            if raw.dtype != WeightDType::F32 {
+                return Err(bad(format!(
+                    "tensor '{}' is {}, not F32",
+                    clean(name, MAX_NAME_CHARS),
+                    raw.dtype.name()
+                )));
+            }
+            Ok(raw
+                .data
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect())
         };
-        for name in c.tensor_infos.keys() {
+        let names = store.names();
+        for name in &names {
             let Some(weight) = name.strip_suffix(".in_sum2") else {
                 continue;
             };
             let counts_name = format!("{weight}.counts");
-            if !c.tensor_infos.contains_key(&counts_name) {
-                return Err(bad(format!("'{name}' has no matching '{counts_name}'")));
+            if !store.contains(&counts_name) {
+                return Err(bad(format!(
+                    "'{}' has no matching '.counts' tensor",
+                    clean(name, MAX_NAME_CHARS)
+                )));
             }
             let sum2 = read_f32(name)?;
             let counts = read_f32(&counts_name)?;

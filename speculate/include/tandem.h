@@ -28,8 +28,9 @@ typedef struct TandemModel {
     int (*forward)(void *user, const uint32_t *tokens, size_t n, float *logits);
     /* Keep only the first len positions of the context (len <= current length). */
     void (*rollback)(void *user, size_t len);
+    /* 1 .. 2^24; a draft's must equal the verifier's. */
     size_t vocab_size;
-    /* Most positions the context can hold; generation stops cleanly there. */
+    /* Most positions the context can hold (>= 1); generation stops cleanly there. */
     size_t context_limit;
 } TandemModel;
 
@@ -49,6 +50,9 @@ typedef struct TandemStats {
  * at the context limit. on_token (may be NULL) receives each accepted token in order; a
  * non-zero return stops generation. adaptive != 0 lets tandem pick the draft length (down to
  * 0, i.e. plain decoding, when drafts do not pay). stats may be NULL.
+ * forward and rollback must both be set (a NULL one is refused before any call: rejected
+ * drafts must leave the engine's context). tandem allocates the logits buffer itself, of
+ * n * vocab_size floats; a request over 2^30 floats is refused.
  * Returns the number of tokens delivered, or -1 (see tandem_last_error). */
 int64_t tandem_generate(const TandemModel *verifier, const TandemModel *draft,
                         const uint32_t *prompt, size_t n_prompt, size_t max_tokens,

@@ -51,10 +51,48 @@ struct Engine {
     len: usize,
 }
 
+/// Largest vocabulary an engine may declare (2^24 ids; the largest real ones are ~256k): a
+/// garbage `vocab_size` must not size the logits buffer.
+pub const MAX_VOCAB: usize = 1 << 24;
+/// Most logits one forward call may ask for (4 GiB of f32).
+const MAX_LOGITS: usize = 1 << 30;
+
+/// Checks an engine's model description before anything is called or allocated.
+fn check_model(m: &TandemModel, role: &str) -> std::result::Result<(), String> {
+    if m.forward.is_none() {
+        return Err(format!("{role}: the forward callback is NULL"));
+    }
+    if m.rollback.is_none() {
+        return Err(format!(
+            "{role}: the rollback callback is NULL (rejected drafts must be removed from the engine's context)"
+        ));
+    }
+    if m.vocab_size == 0 || m.vocab_size > MAX_VOCAB {
+        return Err(format!(
+            "{role}: vocab_size {} is outside 1..={MAX_VOCAB}",
+            m.vocab_size
+        ));
+    }
+    if m.context_limit == 0 {
+        return Err(format!("{role}: context_limit is 0"));
+    }
+    Ok(())
+}
+
 impl Verifier for Engine {
     fn verify(&mut self, tokens: &[u32]) -> Result<Vec<Vec<f32>>> {
         let v = self.m.vocab_size;
-        let mut out = vec![0f32; tokens.len() * v];
+        let n = tokens
+            .len()
+            .checked_mul(v)
+            .filter(|&n| n <= MAX_LOGITS)
+            .ok_or_else(|| {
+                Error::Mismatch(format!(
+                    "{} tokens x vocab_size {v} logits is more than one call may return",
+                    tokens.len()
+                ))
+            })?;
+        let mut out = vec![0f32; n];
         let f = self
             .m
             .forward
@@ -71,6 +109,7 @@ impl Verifier for Engine {
         Ok(out.chunks_exact(v).map(<[f32]>::to_vec).collect())
     }
     fn rollback(&mut self, len: usize) {
+        // Never NULL: `check_model` refused that before the engine was wrapped.
         if let Some(r) = self.m.rollback {
             // SAFETY: plain call into the engine with its own user pointer.
             unsafe { r(self.m.user, len) };
@@ -127,6 +166,19 @@ pub unsafe extern "C" fn tandem_generate(
 ) -> i64 {
     let run = || -> std::result::Result<(usize, TandemStats), String> {
         let v = verifier.as_ref().ok_or("verifier is NULL")?;
+        check_model(v, "verifier")?;
+        if let Some(d) = draft.as_ref() {
+            check_model(d, "draft")?;
+            if d.vocab_size != v.vocab_size {
+                return Err(format!(
+                    "draft: vocab_size {} differs from the verifier's {}",
+                    d.vocab_size, v.vocab_size
+                ));
+            }
+        }
+        if eos.is_null() && n_eos > 0 {
+            return Err(format!("eos is NULL but n_eos is {n_eos}"));
+        }
         if prompt.is_null() || n_prompt == 0 {
             return Err("the prompt is empty".into());
         }

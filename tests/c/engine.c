@@ -99,6 +99,35 @@ int main(void) {
     { /* Bad arguments. */
         if (tandem_generate(NULL, NULL, prompt, np, max, NULL, 0, 4, 1, NULL, NULL, NULL) != -1)
             return fail("NULL verifier accepted");
+        /* Each bad model description is refused with a message naming the field, before
+         * tandem calls the engine or sizes a buffer by it. */
+        struct { const char *needle; int field; size_t value; int on_draft; } cases[] = {
+            {"rollback callback is NULL", 0, 0, 0},
+            {"forward callback is NULL", 1, 0, 0},
+            {"vocab_size 0", 2, 0, 0},
+            {"vocab_size 18446744073709551615", 2, (size_t)-1, 0},
+            {"context_limit is 0", 3, 0, 0},
+            {"differs from the verifier", 2, VOCAB + 1, 1},
+            {"draft: the rollback callback is NULL", 0, 0, 1},
+        };
+        for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+            Toy v = {0}, d = {0};
+            TandemModel vm = model_of(&v), dm = model_of(&d);
+            TandemModel *m = cases[i].on_draft ? &dm : &vm;
+            if (cases[i].field == 0) m->rollback = NULL;
+            if (cases[i].field == 1) m->forward = NULL;
+            if (cases[i].field == 2) m->vocab_size = cases[i].value;
+            if (cases[i].field == 3) m->context_limit = 0;
+            int64_t n = tandem_generate(&vm, cases[i].on_draft ? &dm : NULL, prompt, np, max, eos,
+                                        1, 4, 1, NULL, NULL, NULL);
+            if (n != -1 || strstr(tandem_last_error(), cases[i].needle) == NULL) {
+                fprintf(stderr, "case '%s': got %lld, '%s'\n", cases[i].needle, (long long)n,
+                        tandem_last_error());
+                return fail("bad model description accepted");
+            }
+            if (v.len != 0 || d.len != 0) return fail("the engine was called before the check");
+        }
+        printf("bad model descriptions: %zu refused\n", sizeof cases / sizeof cases[0]);
     }
     printf("OK\n");
     return 0;

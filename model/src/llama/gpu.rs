@@ -30,9 +30,6 @@ pub(crate) struct Resident {
     attn_norm: Vec<CudaSlice<f32>>,
     mlp_norm: Vec<CudaSlice<f32>>,
     norm: CudaSlice<f32>,
-    /// RoPE tables, [context, head_dim / 2] each, indexed by position on the GPU.
-    cos: CudaSlice<f32>,
-    sin: CudaSlice<f32>,
     /// Activation buffers, grown to the largest pass seen (never per token).
     work: Mutex<Option<Buffers>>,
 }
@@ -53,8 +50,6 @@ impl Resident {
                 .map(|l| up(&l.mlp_norm))
                 .collect::<Result<_>>()?,
             norm: up(&model.norm)?,
-            cos: up(&model.cos)?,
-            sin: up(&model.sin)?,
             work: Mutex::new(None),
         })
     }
@@ -73,9 +68,16 @@ struct Buffers {
     gate: CudaSlice<f32>,
     up: CudaSlice<f32>,
     logits: CudaSlice<f32>,
+    /// RoPE angles of this pass's rows, [rows, head_dim / 2] each (computed on the host per
+    /// pass: a table for the whole declared context could be gigabytes), and the row index
+    /// the RoPE kernel looks them up by.
+    cos: CudaSlice<f32>,
+    sin: CudaSlice<f32>,
     pos: CudaSlice<i32>,
-    /// The positions on the host before they are copied (reused: no allocation per token).
+    /// The host side of the above before they are copied (reused: no allocation per token).
     pos_host: Vec<i32>,
+    cos_host: Vec<f32>,
+    sin_host: Vec<f32>,
 }
 
 impl Buffers {
@@ -95,8 +97,12 @@ impl Buffers {
             gate: z(inter)?,
             up: z(inter)?,
             logits: z(c.vocab_size)?,
+            cos: z(hd / 2)?,
+            sin: z(hd / 2)?,
             pos: g.to_device(&vec![0i32; rows]).map_err(gpu_err)?,
             pos_host: Vec::with_capacity(rows),
+            cos_host: Vec::with_capacity(rows * hd / 2),
+            sin_host: Vec::with_capacity(rows * hd / 2),
         })
     }
 }
@@ -200,8 +206,16 @@ impl Llama {
         g.write(&ws.x[..rows * h], &mut b.x.slice_mut(..))
             .map_err(gpu_err)?;
         b.pos_host.clear();
-        b.pos_host.extend(positions.iter().map(|&p| p as i32));
+        b.pos_host.extend(0..rows as i32);
         g.write(&b.pos_host, &mut b.pos.slice_mut(..))
+            .map_err(gpu_err)?;
+        let half = hd / 2;
+        b.cos_host.resize(rows * half, 0.0);
+        b.sin_host.resize(rows * half, 0.0);
+        self.rope_rows(positions, &mut b.cos_host, &mut b.sin_host);
+        g.write(&b.cos_host, &mut b.cos.slice_mut(..))
+            .map_err(gpu_err)?;
+        g.write(&b.sin_host, &mut b.sin.slice_mut(..))
             .map_err(gpu_err)?;
 
         let (xh, qh, kvh) = (rows * h, rows * nh * hd, rows * nkv * hd);
@@ -225,13 +239,13 @@ impl Llama {
                 .v
                 .forward_on_device(g, &hn, rows, &mut b.v.slice_mut(..kvh))?;
             let pos = b.pos.slice(..rows);
-            g.rope_rotate_half(&mut b.q.slice_mut(..qh), &pos, &r.cos, &r.sin, rows, nh, hd)
+            g.rope_rotate_half(&mut b.q.slice_mut(..qh), &pos, &b.cos, &b.sin, rows, nh, hd)
                 .map_err(gpu_err)?;
             g.rope_rotate_half(
                 &mut b.k.slice_mut(..kvh),
                 &pos,
-                &r.cos,
-                &r.sin,
+                &b.cos,
+                &b.sin,
                 rows,
                 nkv,
                 hd,
