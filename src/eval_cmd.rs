@@ -72,7 +72,7 @@ pub fn create_output_dir(dir: &Path) -> Result<Option<Pending>> {
     }
     let guard = Pending::new(dir);
     std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create", dir.display()))?;
-    Ok(Some(guard))
+    Ok(Some(guard.made()))
 }
 
 fn name_of(p: &Path) -> String {

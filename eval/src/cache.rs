@@ -132,7 +132,7 @@ impl ReferenceCache {
             .prefix(".reference-cache.")
             .tempfile_in(dir)
             .map_err(|e| io(dir, e))?;
-        let guard = tandem_model::pending::Pending::new(tmp.path());
+        let guard = tandem_model::pending::Pending::new(tmp.path()).made();
         let mut w = BufWriter::with_capacity(1 << 20, tmp);
         w.write_all(MAGIC).map_err(|e| io(path, e))?;
         w.write_all(&(key.len() as u32).to_le_bytes())

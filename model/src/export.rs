@@ -179,6 +179,7 @@ pub fn write_dir_atomically(
     // Removed on any error (the guard drops) or signal (the CLI's handler).
     let guard = Pending::new(&tmp);
     std::fs::create_dir_all(&tmp).map_err(|e| io_err(&tmp, e))?;
+    let guard = guard.made();
     build(&tmp)?;
     guard.commit(|| {
         if out.exists() {
@@ -244,7 +245,7 @@ pub fn write_file_atomically<E: From<Error>>(
     }
     let tmp = builder.tempfile_in(dir).map_err(|e| io_err(dir, e))?;
     // tempfile removes it on drop; the guard also removes it on a signal (no drop runs then).
-    let guard = Pending::new(tmp.path());
+    let guard = Pending::new(tmp.path()).made();
     let mut w = std::io::BufWriter::with_capacity(8 << 20, tmp);
     build(&mut w)?;
     let tmp = w.into_inner().map_err(|e| io_err(out, e.into_error()))?;

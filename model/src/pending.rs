@@ -25,10 +25,10 @@ pub struct Pending {
 }
 
 impl Pending {
-    /// Registers `path` (a file or a folder, existing or about to be made).
+    /// Registers `path` (a file or a folder, existing or about to be made: register first,
+    /// then create, then call [`Pending::made`]).
     pub fn new(path: &Path) -> Pending {
         list().push(path.to_path_buf());
-        test_pause();
         Pending {
             path: path.to_path_buf(),
             armed: true,
@@ -37,6 +37,13 @@ impl Pending {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Says the path now exists on disk. Only the signal tests' hook acts on it (see
+    /// `test_pause`).
+    pub fn made(self) -> Self {
+        test_pause();
+        self
     }
 
     /// Runs `finish` (typically the rename into place) with signals' cleanup held off, then
