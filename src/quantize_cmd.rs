@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use tandem_model::Checkpoint;
 use tandem_quantize::{
     calibrate::CalibrationOptions, make_plan, ImportanceMatrix, Options, Policy, QuantType, Recipe,
-    Rule, TypeChoice,
+    Rule,
 };
 
 #[derive(clap::Args)]
@@ -79,28 +79,22 @@ pub fn policy_from(
     rules: &[String],
     recipe: Option<&Path>,
 ) -> Result<Policy> {
-    let recipe = match recipe {
+    // Flags win over the recipe's fields; the library turns the result into a policy.
+    let mut recipe = match recipe {
         Some(p) => Recipe::from_file(p)?,
         None => Recipe::default(),
     };
-    let scheme_name = scheme.or(recipe.scheme.as_deref()).unwrap_or("q8_0");
-    let scheme = match TypeChoice::parse(scheme_name)? {
-        TypeChoice::To(t) => t,
-        TypeChoice::Keep => anyhow::bail!("--scheme must be a type, not 'keep'"),
-    };
-    let mut policy = Policy::new(scheme);
-    if let Some(a) = attention.or(recipe.attention.as_deref()) {
-        policy.attention = TypeChoice::parse(a).context("--attention")?;
+    for (flag, field) in [
+        (scheme, &mut recipe.scheme),
+        (attention, &mut recipe.attention),
+        (embeddings, &mut recipe.embeddings),
+        (output, &mut recipe.output),
+    ] {
+        if let Some(v) = flag {
+            *field = Some(v.to_string());
+        }
     }
-    if let Some(e) = embeddings.or(recipe.embeddings.as_deref()) {
-        policy.embeddings = TypeChoice::parse(e).context("--embeddings")?;
-    }
-    if let Some(o) = output.or(recipe.output.as_deref()) {
-        policy.output = TypeChoice::parse(o).context("--output")?;
-    }
-    for r in &recipe.rules {
-        policy.rules.push(Rule::new(&r.pattern, &r.ty)?);
-    }
+    let mut policy = recipe.to_policy()?;
     for r in rules {
         policy.rules.push(Rule::parse(r)?);
     }

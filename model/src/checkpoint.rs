@@ -112,6 +112,18 @@ impl Checkpoint {
         Self::finish(path.clone(), config, store, tok, &path)
     }
 
+    /// A checkpoint from parts already read (a config, weights, a tokenizer), checked as
+    /// [`Checkpoint::open`] checks a folder: the tokenizer against the vocabulary, every
+    /// tensor's shape against the config.
+    pub fn from_parts(
+        path: &Path,
+        config: Config,
+        store: WeightStore,
+        tokenizer: Tokenizer,
+    ) -> Result<Self> {
+        Self::finish(path.to_path_buf(), config, store, tokenizer, path)
+    }
+
     fn finish(
         path: PathBuf,
         config: Config,
@@ -131,7 +143,7 @@ impl Checkpoint {
         }
         // A layer is 9 tensors: a declared layer count the file cannot hold is refused before
         // anything is sized by it (2^31 layers aborted on allocation).
-        let tensors = store.names().len();
+        let tensors = store.len();
         if config.num_hidden_layers > tensors / 9 {
             return Err(format_err(
                 &path,

@@ -117,7 +117,12 @@ impl Config {
     /// Reads and validates `config.json`.
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| io_err(path, e))?;
-        let cfg: Config = serde_json::from_str(&text)
+        Self::from_json(path, &text)
+    }
+
+    /// Parses and validates the text of a `config.json`; `path` names it in errors.
+    pub fn from_json(path: &Path, text: &str) -> Result<Self> {
+        let cfg: Config = serde_json::from_str(text)
             .map_err(|e| format_err(path, format!("invalid config.json: {e}")))?;
         cfg.validate(path)?;
         Ok(cfg)

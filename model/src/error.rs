@@ -3,33 +3,46 @@
 
 use std::path::{Path, PathBuf};
 
+/// Every message is shown through [`one_line`] and every path through [`shown`], in
+/// `Display` itself: text that came from a file (a tensor name, a key, a type) can never put a
+/// newline, an escape sequence or 2 KB on the user's terminal, whoever built the error.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The file could not be opened, mapped or read.
-    #[error("{}: {msg}", path.display())]
+    #[error("{}: {}", shown(path), one_line(msg))]
     Io { path: PathBuf, msg: String },
     /// The file is there but its contents are not what the format says.
-    #[error("{}: {msg}", path.display())]
+    #[error("{}: {}", shown(path), one_line(msg))]
     Format { path: PathBuf, msg: String },
     /// One tensor in a file is wrong (missing, bad dtype, bad shape, non-finite values).
-    #[error("{}: tensor '{tensor}': {msg}", path.display())]
+    #[error(
+        "{}: tensor '{}': {}",
+        shown(path),
+        clean(tensor, MAX_NAME_CHARS),
+        one_line(msg)
+    )]
     Tensor {
         path: PathBuf,
         tensor: String,
         msg: String,
     },
     /// The model asks for something this build does not run.
-    #[error("{}: {msg}", path.display())]
+    #[error("{}: {}", shown(path), one_line(msg))]
     Unsupported { path: PathBuf, msg: String },
     /// A forward call would run past the context the cache can hold.
     #[error("context length exceeded: {needed} positions needed, the limit is {limit}")]
     ContextFull { needed: usize, limit: usize },
     /// Invalid argument from the caller (bad sampling parameters, empty input, ...).
-    #[error("{0}")]
+    #[error("{}", one_line(.0))]
     Invalid(String),
     /// An error from candle's tensor operations.
-    #[error("tensor op failed: {0}")]
+    #[error("tensor op failed: {}", one_line(.0))]
     Candle(String),
+}
+
+/// A path as an error shows it (see [`clean`]).
+pub fn shown(path: &Path) -> String {
+    clean(&path.display().to_string(), 300)
 }
 
 impl From<candle_core::Error> for Error {

@@ -157,6 +157,26 @@ impl WeightStore {
         }])
     }
 
+    /// A single safetensors file already in memory; `path` names it in errors.
+    pub fn from_safetensors_bytes(path: &Path, data: Vec<u8>) -> Result<Self> {
+        Self::from_safetensors(vec![StFile {
+            path: path.to_path_buf(),
+            bytes: Bytes::Owned(data),
+        }])
+    }
+
+    /// Number of tensors.
+    pub fn len(&self) -> usize {
+        match self {
+            WeightStore::Safetensors { entries, .. } => entries.len(),
+            WeightStore::Gguf { entries, .. } => entries.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     fn from_safetensors(files: Vec<StFile>) -> Result<Self> {
         let mut entries = BTreeMap::new();
         for (i, f) in files.iter().enumerate() {

@@ -1,19 +1,26 @@
 //! Errors of the quantizer: each renders as one line naming the file or tensor it is about.
 
 use std::path::{Path, PathBuf};
+// Messages and names are shown escaped and cut, as the model crate's errors are.
+use tandem_model::error::{clean, one_line, shown, MAX_NAME_CHARS};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error(transparent)]
     Model(#[from] tandem_model::Error),
     /// Reading or writing a file failed; a full disk says so.
-    #[error("{}: {msg}", path.display())]
+    #[error("{}: {}", shown(path), one_line(msg))]
     Io { path: PathBuf, msg: String },
     /// The policy, a rule or a recipe is wrong (unknown type, rule matching nothing, ...).
-    #[error("{0}")]
+    #[error("{}", one_line(.0))]
     Plan(String),
     /// One source tensor cannot be quantized (NaN/Inf, wrong imatrix length, ...).
-    #[error("{}: tensor '{tensor}': {msg}", path.display())]
+    #[error(
+        "{}: tensor '{}': {}",
+        shown(path),
+        clean(tensor, MAX_NAME_CHARS),
+        one_line(msg)
+    )]
     Tensor {
         path: PathBuf,
         tensor: String,

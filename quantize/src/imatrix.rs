@@ -40,6 +40,11 @@ impl ImportanceMatrix {
     /// Reads either format (GGUF is recognised by its magic).
     pub fn read(path: &Path) -> Result<Self> {
         let bytes = std::fs::read(path).map_err(|e| io_err(path, &e))?;
+        Self::from_bytes(path, bytes)
+    }
+
+    /// Either format from bytes in memory; `path` names them in errors.
+    pub fn from_bytes(path: &Path, bytes: Vec<u8>) -> Result<Self> {
         if bytes.starts_with(b"GGUF") {
             Self::from_gguf(path, bytes)
         } else {

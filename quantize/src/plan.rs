@@ -168,13 +168,49 @@ pub struct RecipeRule {
 impl Recipe {
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| crate::error::io_err(path, &e))?;
-        toml::from_str(&text).map_err(|e| {
+        Self::parse(path, &text)
+    }
+
+    /// Parses recipe TOML; `path` names it in errors.
+    pub fn parse(path: &Path, text: &str) -> Result<Self> {
+        toml::from_str(text).map_err(|e| {
             Error::Plan(format!(
                 "{}: invalid recipe: {}",
                 path.display(),
                 tandem_model::error::one_line(&e.to_string())
             ))
         })
+    }
+}
+
+impl Recipe {
+    /// The policy the recipe describes (scheme q8_0 when it names none). Every type name and
+    /// rule pattern is checked here.
+    pub fn to_policy(&self) -> Result<Policy> {
+        let scheme_name = self.scheme.as_deref().unwrap_or("q8_0");
+        let scheme = match TypeChoice::parse(scheme_name)? {
+            TypeChoice::To(t) => t,
+            TypeChoice::Keep => {
+                return Err(Error::Plan("the scheme must be a type, not 'keep'".into()))
+            }
+        };
+        let mut policy = Policy::new(scheme);
+        let field = |name: &str, v: &str| {
+            TypeChoice::parse(v).map_err(|e| Error::Plan(format!("{name}: {e}")))
+        };
+        if let Some(a) = &self.attention {
+            policy.attention = field("attention", a)?;
+        }
+        if let Some(e) = &self.embeddings {
+            policy.embeddings = field("embeddings", e)?;
+        }
+        if let Some(o) = &self.output {
+            policy.output = field("output", o)?;
+        }
+        for r in &self.rules {
+            policy.rules.push(Rule::new(&r.pattern, &r.ty)?);
+        }
+        Ok(policy)
     }
 }
 

@@ -28,7 +28,7 @@ pub use model_adapter::{ModelDrafter, ModelVerifier, SharedCacheDrafter};
 pub enum Error {
     #[error(transparent)]
     Model(#[from] tandem_model::Error),
-    #[error("{0}")]
+    #[error("{}", tandem_model::error::one_line(.0))]
     Mismatch(String),
 }
 
