@@ -39,6 +39,12 @@ impl Verifier for CountingVerifier<'_> {
 }
 
 fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
+    print!("{}", run()?);
+    Ok(())
+}
+
+/// The whole example; returns what it prints (tests/c_abi.rs runs it in-process).
+pub fn run() -> std::result::Result<String, Box<dyn std::error::Error>> {
     let ck = Checkpoint::bundled()?;
     let model = ck.load_model(&candle_core::Device::Cpu)?;
     let prompt = ck
@@ -56,15 +62,14 @@ fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
         controller: &mut AdaptiveK::new(6),
     };
     let (tokens, stats) = decoder.generate(&prompt, 120, &ck.tokenizer.eos_ids, |_| Ok(()))?;
-    println!("{}", ck.tokenizer.decode(&tokens)?);
-    println!(
-        "{} tokens in {} verifier passes ({} forward calls, {} tokens run); {} of {} drafts accepted",
+    Ok(format!(
+        "{}\n{} tokens in {} verifier passes ({} forward calls, {} tokens run); {} of {} drafts accepted\n",
+        ck.tokenizer.decode(&tokens)?,
         tokens.len(),
         stats.verifier_passes,
         verifier.forward_calls,
         verifier.tokens_run,
         stats.accepted,
         stats.drafted
-    );
-    Ok(())
+    ))
 }

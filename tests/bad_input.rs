@@ -1,5 +1,23 @@
 //! Bad input gets a one-line error naming the file (and tensor) and a non-zero exit, never a
 //! panic; nothing half-written is left behind.
+//!
+//! Every bad-input case the project checks, and where:
+//!
+//! | case | test |
+//! |---|---|
+//! | missing config.json / tokenizer.json / model path | `missing_config`, `missing_tokenizer`, `missing_model_path` |
+//! | safetensors truncated, header length past the end, offsets out of range or overlapping | `truncated_safetensors`, `header_length_past_end_of_file`, `tensor_offsets_out_of_range_or_overlapping` |
+//! | shard index pointing outside the model folder | `shard_index_outside_model_folder_is_refused` |
+//! | shape disagreeing with config.json, unsupported dtype, NaN weight | `shape_disagrees_with_config`, `unsupported_dtype`, `nan_weight` |
+//! | unknown architecture, mismatched tokenizer, not a model | `unknown_architecture`, `mismatched_tokenizer`, `not_a_model_file` |
+//! | GGUF bad magic, counts past the file, truncated data | `gguf_bad_magic`, `gguf_bad_counts`, `gguf_truncated_data` |
+//! | convert over an existing folder, failing convert leaves nothing | `convert_refuses_to_overwrite_and_leaves_nothing_on_failure` |
+//! | issue 15's probing: alignment 0, 2^31 context, 2^31 layers, 10^6-token vocabulary, misaligned offset, escape sequences and 2 KB names, duplicate keys, bad sweep variant, a draft with other tokens, `--max-tokens 0`, `--draft-p-min 2`/`NaN`, `--ctx 0` | `hostile_input_matrix` (one row each, below) |
+//! | quantize: existing output without --force, NaN source tensor, policy and recipe errors | tests/quantize.rs `refuses_overwrite_and_nan_and_leaves_nothing_behind`, `policy_errors_and_recipes` |
+//! | SIGINT / SIGTERM / SIGHUP during quantize, convert, calibrate, eval, sweeps | tests/signals.rs |
+//! | C ABI: NULL verifier, NULL forward/rollback, vocab_size 0 or 2^64−1, context_limit 0, draft vocabulary differing, an engine error | tests/c/engine.c (run by tests/c_abi.rs) |
+//! | a draft whose vocabulary size differs (library) | tests/speculate.rs `mismatched_vocabularies_are_refused` |
+//! | random and field-wise mutations of every reader | `scripts/fuzz.sh` (fuzz/, a short run in CI) |
 
 mod common;
 use common::*;
@@ -478,6 +496,29 @@ const CASES: &[Case] = &[
             )
         },
         needles: &["declares 100000000 layers"],
+    },
+    Case {
+        name: "3c. GGUF with 10^6 tokens in its vocabulary (the model has 512) is refused",
+        setup: |d| {
+            let p = d.join("vocab.gguf");
+            edit_gguf(&stories_gguf(d), &p, |m, _| {
+                let n = 1_000_000;
+                let tokens = (0..n).map(|i| Value::String(format!("t{i}"))).collect();
+                set_meta(m, "tokenizer.ggml.tokens", Value::Array(tokens));
+                set_meta(
+                    m,
+                    "tokenizer.ggml.scores",
+                    Value::Array(vec![Value::F32(0.0); n]),
+                );
+                set_meta(
+                    m,
+                    "tokenizer.ggml.token_type",
+                    Value::Array(vec![Value::I32(1); n]),
+                );
+            });
+            (p, INFO.to_vec())
+        },
+        needles: &["vocab.gguf", "1000000 tokens", "mismatched tokenizer"],
     },
     Case {
         name: "5. GGUF tensor offset not a multiple of the alignment",

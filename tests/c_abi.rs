@@ -64,19 +64,15 @@ fn c_engine_drives_speculative_decoding_through_the_c_abi() {
     );
 }
 
+/// The example, compiled into this test (cargo builds examples with different features than
+/// tests, so running `cargo build --example` from here rebuilt the CLI: two minutes of CI).
+#[path = "../examples/custom_verifier.rs"]
+#[allow(dead_code)]
+mod custom_verifier;
+
 #[test]
 fn custom_verifier_example_runs() {
-    let exe = target_dir().join("examples/custom_verifier");
-    if !exe.exists() {
-        cargo_build(&["--example", "custom_verifier"]);
-    }
-    let out = Command::new(&exe).output().unwrap();
-    let s = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{s}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let s = custom_verifier::run().expect("the example runs");
     assert!(
         s.contains("verifier passes") && s.contains("drafts accepted"),
         "{s}"
