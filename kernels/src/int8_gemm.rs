@@ -215,6 +215,7 @@ fn select() -> RowKernel {
     #[cfg(target_arch = "x86_64")]
     {
         if crate::has_avx2_fma() {
+            // SAFETY: chosen only when the CPU reports AVX2 and FMA, which `row_avx2` needs.
             return |f, w, xq, i0, m, k, o| unsafe { row_avx2(f, w, xq, i0, m, k, o) };
         }
     }

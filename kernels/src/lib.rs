@@ -3,6 +3,9 @@
 //! Every fast kernel here has a plain reference function beside it, and the tests compare the
 //! two on random inputs with odd sizes and tails (the llama.cpp `ggml-quants.c` discipline).
 //! This crate imports nothing else of tandem's.
+//!
+//! Every `unsafe` block says why it is sound (enforced: `clippy::undocumented_unsafe_blocks`).
+#![deny(clippy::undocumented_unsafe_blocks)]
 
 pub mod attention;
 #[cfg(feature = "cuda")]

@@ -253,6 +253,8 @@ pub fn matmul_quant(
                 n,
                 ROWS_PER_TASK,
                 ROW_GROUP,
+                // SAFETY: this branch is taken only when `has_avx2_fma()` holds (just above), and the
+                // slices passed are in bounds by construction (row j of w, rows i0..i0+g of x).
                 |j, i0, g, o| unsafe {
                     let xs = &xp[i0 * k..(i0 + g) * k];
                     row_lanes_avx2(f, &w[j * row_bytes..(j + 1) * row_bytes], xs, g, k, o)
@@ -381,6 +383,7 @@ fn select() -> RowKernel {
     #[cfg(target_arch = "x86_64")]
     {
         if crate::has_avx2_fma() {
+            // SAFETY: chosen only when the CPU reports AVX2 and FMA, which `row_avx2` needs.
             return |f, w, x, m, k, o| unsafe { row_avx2(f, w, x, m, k, o) };
         }
     }

@@ -100,7 +100,10 @@ pub(crate) fn with_scratch<T: Default, R>(
 /// A raw pointer that tasks on other threads may use for disjoint writes.
 #[derive(Clone, Copy)]
 pub(crate) struct SendPtr<T>(pub(crate) *mut T);
+// SAFETY: the pointer is only dereferenced by tasks writing disjoint ranges of one buffer
+// that outlives the pool call (`par_weight_rows` hands each task its own rows).
 unsafe impl<T> Send for SendPtr<T> {}
+// SAFETY: as for Send: shared access never touches the same element from two tasks.
 unsafe impl<T> Sync for SendPtr<T> {}
 impl<T> SendPtr<T> {
     /// A method (not field access) so closures capture the whole Sync wrapper.
