@@ -3,7 +3,7 @@
 # beside one CPU-bound neighbour process, with the default thread count (every core) and with
 # one thread. Not part of CI (it takes the machine for a few minutes).
 #
-#   LLAMA_CPP_BIN=/path/to/llama.cpp/build/bin scripts/bench-busy.sh [GGUF] [reps]
+#   LLAMA_CPP_BIN=/path/to/llama.cpp/build/bin [TANDEM_BIN=...] scripts/bench-busy.sh [GGUF] [reps]
 #
 # Default GGUF: SmolLM2-135M Q8_0 made with llama-quantize (as scripts/bench-speed.sh does).
 # Issue 15's target: under one busy neighbour, default-thread decode >= the one-thread figure,
@@ -12,8 +12,9 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 bin=${LLAMA_CPP_BIN:?set LLAMA_CPP_BIN to the llama.cpp build/bin folder}
 reps=${2:-3}
-(cd "$here" && cargo build --release --quiet)
-tandem=$here/target/release/tandem
+# TANDEM_BIN=path measures another build (e.g. an older commit's) under the same conditions.
+if [ -z "${TANDEM_BIN:-}" ]; then (cd "$here" && cargo build --release --quiet); fi
+tandem=${TANDEM_BIN:-$here/target/release/tandem}
 cache=$(TANDEM_BIN=$tandem "$here/scripts/fetch-models.sh")
 model=${1:-$cache/smollm2-q8_0.gguf}
 if [ ! -f "$model" ]; then
