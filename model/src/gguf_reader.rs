@@ -272,3 +272,137 @@ pub fn read_header(path: &Path, bytes: &[u8]) -> Result<Content> {
         tensor_data_offset,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A GGUF v3 header: `kv` as (key, type id, value bytes), then `tensors` as (name, dims,
+    /// type id, offset), padded to 32 bytes, then `data` zero bytes.
+    fn gguf(
+        kv: &[(&str, u32, Vec<u8>)],
+        tensors: &[(&str, &[u64], u32, u64)],
+        data: usize,
+    ) -> Vec<u8> {
+        let s = |b: &mut Vec<u8>, t: &str| {
+            b.extend((t.len() as u64).to_le_bytes());
+            b.extend(t.as_bytes());
+        };
+        let mut b = b"GGUF".to_vec();
+        b.extend(3u32.to_le_bytes());
+        b.extend((tensors.len() as u64).to_le_bytes());
+        b.extend((kv.len() as u64).to_le_bytes());
+        for (k, t, v) in kv {
+            s(&mut b, k);
+            b.extend(t.to_le_bytes());
+            b.extend(v);
+        }
+        for (name, dims, ty, off) in tensors {
+            s(&mut b, name);
+            b.extend((dims.len() as u32).to_le_bytes());
+            dims.iter().for_each(|d| b.extend(d.to_le_bytes()));
+            b.extend(ty.to_le_bytes());
+            b.extend(off.to_le_bytes());
+        }
+        b.resize(b.len().next_multiple_of(32) + data, 0);
+        b
+    }
+
+    fn read(b: &[u8]) -> std::result::Result<Content, String> {
+        read_header(Path::new("t.gguf"), b).map_err(|e| e.to_string())
+    }
+
+    const F32: u32 = 0;
+
+    #[test]
+    fn reads_a_valid_header_into_candles_content() {
+        let b = gguf(
+            &[(
+                "general.architecture",
+                8,
+                [5u64.to_le_bytes().as_slice(), b"llama"].concat(),
+            )],
+            &[("a", &[4, 2], F32, 0), ("b", &[8], F32, 32)],
+            64,
+        );
+        let c = read(&b).unwrap();
+        assert_eq!(c.tensor_infos["a"].shape.dims(), &[2, 4], "outermost first");
+        assert_eq!(c.tensor_infos["b"].offset, 32);
+        assert_eq!(c.tensor_data_offset as usize, b.len() - 64);
+        assert!(matches!(&c.metadata["general.architecture"], Value::String(s) if s == "llama"));
+    }
+
+    #[test]
+    fn refuses_what_llama_cpp_refuses() {
+        let u32v = |v: u32| v.to_le_bytes().to_vec();
+        let cases: Vec<(Vec<u8>, &str)> = vec![
+            (
+                gguf(&[("general.alignment", 4, u32v(0))], &[], 0),
+                "power of two",
+            ),
+            (
+                gguf(&[("general.alignment", 4, u32v(48))], &[], 0),
+                "power of two",
+            ),
+            (
+                gguf(&[], &[("a", &[8], F32, 8)], 64),
+                "not a multiple of the alignment 32",
+            ),
+            (
+                gguf(&[("k", 4, u32v(1)), ("k", 4, u32v(2))], &[], 0),
+                "'k' appears twice",
+            ),
+            (
+                gguf(&[], &[("a", &[8], F32, 0), ("a", &[8], F32, 32)], 64),
+                "'a' appears twice",
+            ),
+            (gguf(&[], &[("a", &[0], F32, 0)], 0), "dimension 0"),
+            (
+                gguf(&[], &[("a", &[1, 1, 1, 1, 1], F32, 0)], 0),
+                "5 dimensions",
+            ),
+            (gguf(&[], &[("a", &[8], 99, 0)], 0), "unknown type id 99"),
+            (gguf(&[("k", 13, vec![])], &[], 0), "unknown value type 13"),
+            (gguf(&[("k", 7, vec![2])], &[], 0), "not 0 or 1"),
+        ];
+        for (b, needle) in cases {
+            let e = read(&b).unwrap_err();
+            assert!(
+                e.contains(needle) && e.starts_with("t.gguf: invalid GGUF"),
+                "{needle}: {e}"
+            );
+        }
+        let mut v1 = gguf(&[], &[], 0);
+        v1[4] = 1;
+        assert!(read(&v1).unwrap_err().contains("version 1"));
+    }
+
+    #[test]
+    fn counts_and_lengths_are_bounded_by_the_file_before_anything_is_sized() {
+        let b = gguf(&[], &[], 0);
+        for (at, what) in [(8, "tensor count"), (16, "metadata count")] {
+            let mut x = b.clone();
+            x[at..at + 8].copy_from_slice(&(1u64 << 40).to_le_bytes());
+            let e = read(&x).unwrap_err();
+            assert!(e.contains(what) && e.contains("bytes left"), "{e}");
+        }
+        // A string length of 2^62 and an array of 2^40 u64s.
+        let mut x = gguf(&[("k", 8, 4u64.to_le_bytes().to_vec())], &[], 0);
+        x[24..32].copy_from_slice(&(1u64 << 62).to_le_bytes());
+        assert!(read(&x).unwrap_err().contains("metadata key"));
+        let arr = [10u32.to_le_bytes().as_slice(), &(1u64 << 40).to_le_bytes()].concat();
+        let e = read(&gguf(&[("k", 9, arr)], &[], 0)).unwrap_err();
+        assert!(e.contains("array length"), "{e}");
+        assert!(read(&b[..10]).unwrap_err().contains("truncated"));
+    }
+
+    #[test]
+    fn type_ids_round_trip() {
+        for id in 0..=30 {
+            if let Some(t) = ggml_dtype_from_id(id) {
+                assert_eq!(ggml_type_id(t), id);
+            }
+        }
+        assert_eq!(ggml_dtype_from_id(30), Some(GgmlDType::BF16));
+    }
+}

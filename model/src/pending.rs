@@ -107,3 +107,37 @@ fn test_pause() {
         std::thread::sleep(std::time::Duration::from_millis(ms));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dropped_guards_remove_committed_ones_keep_and_remove_all_clears() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b, c) = (
+            dir.path().join("a"),
+            dir.path().join("b"),
+            dir.path().join("c"),
+        );
+        {
+            let _g = Pending::new(&a);
+            std::fs::create_dir(&a).unwrap();
+            std::fs::write(a.join("half.bin"), b"x").unwrap();
+        }
+        assert!(
+            !a.exists(),
+            "an error path (drop) removes the folder and its contents"
+        );
+        let g = Pending::new(&b);
+        std::fs::write(&b, b"done").unwrap();
+        g.commit(|| ());
+        assert!(b.exists(), "committed output stays");
+        let g = Pending::new(&c);
+        std::fs::write(&c, b"half").unwrap();
+        drop(remove_all());
+        assert!(!c.exists(), "the signal path removes what is registered");
+        std::mem::forget(g); // a signal's exit runs no destructors
+        assert!(!list().iter().any(|p| p.starts_with(dir.path())));
+    }
+}
