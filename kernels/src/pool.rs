@@ -78,6 +78,9 @@ pub struct Governor {
     backoff: Duration,
     /// Since when no window has stalled (the back-off resets after [`CALM`]).
     calm_since: Instant,
+    /// Just restored after a shed: the neighbour that caused it is likely still there, so
+    /// the first stall sheds again (a probe then costs one stall, not [`STALLS_TO_SHED`]).
+    probing: bool,
 }
 
 /// Calls per window, and stalls in one window that shed a worker.
@@ -99,6 +102,7 @@ impl Governor {
             shed_until: None,
             backoff: BACKOFF_MIN,
             calm_since: Instant::now(),
+            probing: false,
         }
     }
 
@@ -109,6 +113,7 @@ impl Governor {
             self.active = self.workers;
             self.calls = 0;
             self.stalls = 0;
+            self.probing = true;
         }
         self.active
     }
@@ -127,7 +132,8 @@ impl Governor {
     fn record(&mut self, stalled: bool, now: Instant) -> bool {
         self.calls += 1;
         self.stalls += stalled as u32;
-        if self.stalls >= STALLS_TO_SHED {
+        let limit = if self.probing { 1 } else { STALLS_TO_SHED };
+        if self.stalls >= limit {
             self.active = self.active.saturating_sub(1);
             self.shed_until = Some(now + self.backoff);
             self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
@@ -137,6 +143,7 @@ impl Governor {
             return true;
         }
         if self.calls >= WINDOW {
+            self.probing = false;
             if now.duration_since(self.calm_since) > CALM {
                 self.backoff = BACKOFF_MIN;
             }
@@ -213,6 +220,12 @@ impl Pool {
             workers,
             busy: Mutex::new(Governor::new(workers)),
         }
+    }
+
+    /// Threads taking part in calls now (the caller included): what kernels size their tasks
+    /// by, so a shed pool runs one thread's worth of tasks, not many small ones.
+    pub fn threads_now(&self) -> usize {
+        self.active_workers() + 1
     }
 
     /// Workers taking part in calls now (fewer than [`Pool::threads`] − 1 while shed).
@@ -410,11 +423,16 @@ mod tests {
         assert_eq!(g.active(t0), 1);
         assert_eq!(g.active(t0 + BACKOFF_MIN / 2), 1);
         assert_eq!(g.active(t0 + BACKOFF_MIN), 2, "restored after the back-off");
-        // Stalling again sheds for twice as long.
-        for _ in 0..STALLS_TO_SHED {
-            g.record(true, t0 + BACKOFF_MIN);
-        }
+        // Right after a restore one stall sheds again, for twice as long.
+        assert!(g.record(true, t0 + BACKOFF_MIN));
         assert_eq!(g.active(t0 + BACKOFF_MIN * 2), 1);
+        assert_eq!(g.active(t0 + BACKOFF_MIN * 3), 2);
+        // A probe that sees a whole window without a stall ends probing: one stall no longer
+        // sheds.
+        for _ in 0..WINDOW {
+            g.record(false, t0 + BACKOFF_MIN * 3);
+        }
+        assert!(!g.record(true, t0 + BACKOFF_MIN * 3));
         assert_eq!(g.active(t0 + BACKOFF_MIN * 3), 2);
         // Calls without stalls never shed.
         let mut calm = Governor::new(3);
