@@ -198,7 +198,9 @@ impl Pool {
             panicked: AtomicBool::new(false),
             lock: Mutex::new(()),
             wake: Condvar::new(),
-            active: AtomicUsize::new(0),
+            // Set before any worker starts: a worker that saw 0 here would park, and nothing
+            // would wake it (the first parallel call then waited for it forever).
+            active: AtomicUsize::new(threads.max(1) - 1),
             unpark: Condvar::new(),
         });
         let mut workers = threads.max(1) - 1;
@@ -214,6 +216,8 @@ impl Pool {
                 break;
             }
         }
+        // Fewer started (spawning failed): only the ones that run take part. They all have
+        // indices below the new count, so none is parked by this.
         shared.active.store(workers, SeqCst);
         Pool {
             shared,
@@ -474,6 +478,30 @@ mod tests {
                 assert!(pool.active_workers() <= active);
             }
         }
+    }
+
+    #[test]
+    fn a_worker_starting_before_the_pool_is_built_still_takes_part() {
+        // Regression: `active` used to be 0 until after the workers were spawned; a worker
+        // that ran first parked for good and the first call hung. Many fresh pools, each
+        // used at once, catch any start-order dependence.
+        let (done, finished) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for _ in 0..200 {
+                let pool = Pool::new(2);
+                let c = AtomicU64::new(0);
+                pool.run(8, |_| {
+                    c.fetch_add(1, SeqCst);
+                });
+                assert_eq!(c.load(SeqCst), 8);
+            }
+            let _ = done.send(());
+        });
+        // A hang fails the test instead of holding CI (the pools leak then; it is failing).
+        assert!(
+            finished.recv_timeout(Duration::from_secs(60)).is_ok(),
+            "a pool call never finished: a worker missed its start"
+        );
     }
 
     #[test]
