@@ -317,25 +317,9 @@ fn convert_refuses_to_overwrite_and_leaves_nothing_on_failure() {
 use candle_core::quantized::gguf_file::Value;
 use tandem_quantize::gguf_writer::{GgufLayout, TensorEntry};
 
-/// stories260K written as a GGUF by tandem itself (q8_0 MLP), the base every GGUF row edits.
+/// stories260K written as a GGUF by tandem itself, the base every GGUF row edits.
 fn stories_gguf(dir: &Path) -> PathBuf {
-    let p = dir.join("base.gguf");
-    if !p.exists() {
-        let st = stories();
-        let out = tandem(&[
-            "quantize",
-            st.to_str().unwrap(),
-            "--out",
-            p.to_str().unwrap(),
-            "--quiet",
-        ]);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    p
+    stories_gguf_in(dir, "base.gguf")
 }
 
 /// Rewrites a GGUF: its metadata and tensor table go through `edit`, then the header is laid
@@ -614,73 +598,32 @@ const CASES: &[Case] = &[
     },
     Case {
         name: "9a. generate --max-tokens 0",
-        setup: |_| {
-            (
-                stories(),
-                vec![
-                    "generate",
-                    "--model",
-                    "{}",
-                    "--prompt",
-                    "a",
-                    "--max-tokens",
-                    "0",
-                ],
-            )
-        },
+        setup: |_| generate_with(&["--max-tokens", "0"]),
         needles: &["--max-tokens must be at least 1"],
     },
     Case {
         name: "9b. --draft-p-min 2",
-        setup: |_| {
-            (
-                stories(),
-                vec![
-                    "generate",
-                    "--model",
-                    "{}",
-                    "--prompt",
-                    "a",
-                    "--draft",
-                    "ngram",
-                    "--draft-p-min",
-                    "2",
-                ],
-            )
-        },
+        setup: |_| generate_with(&["--draft", "ngram", "--draft-p-min", "2"]),
         needles: &["--draft-p-min 2 is not a probability"],
     },
     Case {
         name: "9c. --draft-p-min NaN",
-        setup: |_| {
-            (
-                stories(),
-                vec![
-                    "generate",
-                    "--model",
-                    "{}",
-                    "--prompt",
-                    "a",
-                    "--draft",
-                    "ngram",
-                    "--draft-p-min",
-                    "NaN",
-                ],
-            )
-        },
+        setup: |_| generate_with(&["--draft", "ngram", "--draft-p-min", "NaN"]),
         needles: &["--draft-p-min NaN is not a probability"],
     },
     Case {
         name: "9d. --ctx 0",
-        setup: |_| {
-            (
-                stories(),
-                vec!["generate", "--model", "{}", "--prompt", "a", "--ctx", "0"],
-            )
-        },
+        setup: |_| generate_with(&["--ctx", "0"]),
         needles: &["--ctx must be at least 1"],
     },
 ];
+
+/// `generate` on the bundled model with `extra` flags.
+fn generate_with(extra: &[&'static str]) -> (PathBuf, Vec<&'static str>) {
+    let mut args = vec!["generate", "--model", "{}", "--prompt", "a"];
+    args.extend_from_slice(extra);
+    (stories(), args)
+}
 
 fn leak(p: PathBuf) -> &'static str {
     Box::leak(p.to_string_lossy().into_owned().into_boxed_str())

@@ -73,17 +73,9 @@ fn signals_leave_nothing_behind_in_any_writing_command() {
     let tmp = tempfile::tempdir().unwrap();
     let work = tmp.path();
     // Inputs made once, without the pause: a GGUF of the bundled model and a short text.
-    let gguf = work.join("inputs/stories.gguf");
-    std::fs::create_dir_all(gguf.parent().unwrap()).unwrap();
+    std::fs::create_dir_all(work.join("inputs")).unwrap();
+    let gguf = stories_gguf_in(&work.join("inputs"), "stories.gguf");
     let st = stories();
-    let q = tandem(&[
-        "quantize",
-        st.to_str().unwrap(),
-        "--out",
-        gguf.to_str().unwrap(),
-        "--quiet",
-    ]);
-    assert!(q.status.success(), "{}", String::from_utf8_lossy(&q.stderr));
     let text = work.join("inputs/text.txt");
     std::fs::write(
         &text,

@@ -183,3 +183,24 @@ pub fn logits_in_chunks(m: &tandem_model::Llama, toks: &[u32], chunks: &[usize])
     assert_eq!(cache.len(), toks.len());
     out
 }
+
+/// stories260K quantized by tandem itself (default policy) into `dir/name`, once.
+pub fn stories_gguf_in(dir: &Path, name: &str) -> PathBuf {
+    let p = dir.join(name);
+    if !p.exists() {
+        let st = stories();
+        let out = tandem(&[
+            "quantize",
+            st.to_str().unwrap(),
+            "--out",
+            p.to_str().unwrap(),
+            "--quiet",
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    p
+}
