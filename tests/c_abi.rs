@@ -31,9 +31,8 @@ fn cargo_build(args: &[&str]) {
 #[test]
 fn c_engine_drives_speculative_decoding_through_the_c_abi() {
     let dir = target_dir();
-    if !dir.join("libtandem_speculate.so").exists() {
-        cargo_build(&["-p", "tandem-speculate", "--lib"]);
-    }
+    // The library an engine links: the model-free core only (no candle, no tokenizers).
+    cargo_build(&["-p", "tandem-speculate", "--lib", "--no-default-features"]);
     let tmp = tempfile::tempdir().unwrap();
     let exe = tmp.path().join("engine");
     let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
@@ -62,6 +61,28 @@ fn c_engine_drives_speculative_decoding_through_the_c_abi() {
         "{stdout}{}",
         String::from_utf8_lossy(&run.stderr)
     );
+}
+
+#[test]
+fn the_c_library_builds_without_the_model_stack() {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let out = Command::new(cargo)
+        .current_dir(root())
+        .args(["tree", "-p", "tandem-speculate", "--no-default-features"])
+        .args(["-e", "normal", "--prefix", "none", "--offline"])
+        .output()
+        .unwrap();
+    let tree = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && tree.contains("tandem-speculate"),
+        "{tree}"
+    );
+    for heavy in ["tandem-model", "candle-core", "tokenizers", "safetensors"] {
+        assert!(
+            !tree.contains(heavy),
+            "{heavy} in the model-free build:\n{tree}"
+        );
+    }
 }
 
 /// The example, compiled into this test (cargo builds examples with different features than

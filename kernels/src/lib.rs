@@ -18,6 +18,7 @@ pub mod ops;
 pub mod pool;
 pub mod quant_gemm;
 mod rows;
+pub mod sampling;
 
 pub use attention::{attention, attention_reference, AttentionShape};
 pub use f16_gemm::{matmul_f16, matmul_f16_reference};

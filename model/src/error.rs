@@ -45,6 +45,12 @@ pub fn shown(path: &Path) -> String {
     clean(&path.display().to_string(), 300)
 }
 
+impl From<tandem_kernels::sampling::InvalidParams> for Error {
+    fn from(e: tandem_kernels::sampling::InvalidParams) -> Self {
+        Error::Invalid(e.0)
+    }
+}
+
 impl From<candle_core::Error> for Error {
     fn from(e: candle_core::Error) -> Self {
         Error::Candle(candle_msg(&e))

@@ -15,7 +15,9 @@ pub mod gguf_reader;
 pub mod linear;
 pub mod llama;
 pub mod pending;
-pub mod sampling;
+/// The sampler lives in `kernels` (plain logits math, so `speculate`'s model-free core can use
+/// it without this crate); re-exported here where model users look for it.
+pub use tandem_kernels::sampling;
 pub mod tokenizer;
 pub mod weights;
 

@@ -1062,16 +1062,7 @@ impl Layer {
     }
 }
 
-/// Index of the largest value (first on ties): greedy decoding.
-pub fn argmax(row: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &v) in row.iter().enumerate() {
-        if v > row[best] {
-            best = i;
-        }
-    }
-    best as u32
-}
+pub use tandem_kernels::sampling::argmax;
 
 /// Logits of the last row of a [t, vocab] tensor as a Vec.
 pub fn last_row(logits: &Tensor) -> Result<Vec<f32>> {

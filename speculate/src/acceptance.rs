@@ -1,7 +1,7 @@
 //! Acceptance rules: which drafted tokens to keep, and the token that follows them.
 
 use crate::drafter::Draft;
-use tandem_model::{argmax, Sampler};
+use tandem_kernels::sampling::{argmax, Sampler};
 
 /// `accepted` drafted tokens are kept; `next` is the verifier's own token after them (the
 /// correction on a rejection, or the bonus token when all were accepted).
@@ -100,7 +100,7 @@ impl AcceptanceRule for RejectionSampling {
 mod tests {
     use super::*;
     use rand::{Rng, SeedableRng};
-    use tandem_model::SamplingParams;
+    use tandem_kernels::sampling::SamplingParams;
 
     fn sampler(seed: u64) -> Sampler {
         Sampler::new(SamplingParams {

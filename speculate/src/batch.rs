@@ -14,7 +14,6 @@ use crate::decoder::SpecStats;
 use crate::drafter::Drafter;
 use crate::{Error, Result};
 use std::time::Instant;
-use tandem_model::{KvCache, Llama, Logits};
 
 /// Scores several sequences' tokens in one pass; each sequence has its own context.
 pub trait BatchVerifier {
@@ -25,56 +24,6 @@ pub trait BatchVerifier {
     fn len(&self, seq: usize) -> usize;
     fn limit(&self) -> usize;
     fn vocab_size(&self) -> usize;
-}
-
-/// tandem's model over `n` caches, batched with [`Llama::forward_batch`].
-pub struct ModelBatchVerifier<'m> {
-    pub model: &'m Llama,
-    pub caches: Vec<KvCache>,
-}
-
-impl<'m> ModelBatchVerifier<'m> {
-    pub fn new(model: &'m Llama, n: usize, limit: Option<usize>) -> Result<Self> {
-        let caches = (0..n)
-            .map(|_| match limit {
-                Some(l) => model.new_cache_with_limit(l),
-                None => model.new_cache(),
-            })
-            .collect::<tandem_model::Result<_>>()?;
-        Ok(ModelBatchVerifier { model, caches })
-    }
-}
-
-impl BatchVerifier for ModelBatchVerifier<'_> {
-    fn verify_batch(&mut self, inputs: &[(usize, &[u32])]) -> Result<Vec<Vec<Vec<f32>>>> {
-        // Pair each input with its cache (inputs name distinct sequences).
-        let mut slots: Vec<Option<&mut KvCache>> = self.caches.iter_mut().map(Some).collect();
-        let mut batch = Vec::with_capacity(inputs.len());
-        for &(s, toks) in inputs {
-            let cache = slots.get_mut(s).and_then(Option::take).ok_or_else(|| {
-                Error::Mismatch(format!("sequence {s} is not in the batch or appears twice"))
-            })?;
-            batch.push((toks, cache));
-        }
-        let out = self.model.forward_batch(&mut batch, Logits::All)?;
-        out.iter()
-            .map(|t| Ok(tandem_model::llama::all_rows(t)?))
-            .collect()
-    }
-    fn rollback(&mut self, seq: usize, len: usize) {
-        if let Some(c) = self.caches.get_mut(seq) {
-            c.truncate(len);
-        }
-    }
-    fn len(&self, seq: usize) -> usize {
-        self.caches.get(seq).map_or(0, KvCache::len)
-    }
-    fn limit(&self) -> usize {
-        self.caches.first().map_or(0, KvCache::limit)
-    }
-    fn vocab_size(&self) -> usize {
-        self.model.config.vocab_size
-    }
 }
 
 pub struct BatchDecoder<'a> {

@@ -1,6 +1,7 @@
 //! Drafters propose the next tokens cheaply.
 
-use crate::Result;
+use crate::{Result, Verifier};
+use tandem_kernels::sampling::{argmax, Sampler};
 
 /// Up to k proposed tokens, with the distribution each was drawn from (needed by rejection
 /// sampling; `None` means the proposal was deterministic, i.e. one-hot).
@@ -81,6 +82,147 @@ impl Drafter for NgramDrafter {
             }
         }
         Ok(Draft::default())
+    }
+}
+
+/// Picks the next draft token from `logits`: sampled (its distribution pushed to `probs`)
+/// with a sampler, the argmax without; `None` when the draft's most likely token has less
+/// than `min_confidence` probability (drafting stops there).
+pub(crate) fn pick_draft_token(
+    sampler: &mut Option<Sampler>,
+    probs: &mut Option<Vec<Vec<f32>>>,
+    logits: &[f32],
+    min_confidence: f32,
+) -> Option<u32> {
+    match (sampler, probs) {
+        (Some(s), Some(probs)) => {
+            let p = s.distribution(logits);
+            if p.iter().copied().fold(0.0f32, f32::max) < min_confidence {
+                return None;
+            }
+            let t = s.sample_from(&p);
+            probs.push(p);
+            Some(t)
+        }
+        _ => {
+            let t = argmax(logits);
+            (min_confidence <= 0.0 || top_probability(logits, t) >= min_confidence).then_some(t)
+        }
+    }
+}
+
+/// A (smaller or quantized) model proposing tokens autoregressively. With a sampler it samples
+/// (and reports the distributions it sampled from); without, it proposes its greedy tokens.
+/// Any [`Verifier`]-shaped model drafts: tandem's own ([`ModelDrafter::new`]) or an engine's
+/// (the C ABI wraps the engine's callbacks as one).
+pub struct ModelDrafter<V: Verifier> {
+    pub model: V,
+    /// The tokens the model's context holds, to find what to keep when the context moves on;
+    /// `fed[0]` is `context[offset]`.
+    fed: Vec<u32>,
+    offset: usize,
+    sampler: Option<Sampler>,
+    /// Most tokens read when the draft first sees a prompt (the last ones).
+    pub first_window: usize,
+    /// When the draft has fallen behind by more than this (speculation was off for a while),
+    /// it restarts from the last `catch_up_window` tokens instead of reading every one it
+    /// missed: reading them all cost ~25% of plain decoding with a self-draft, speculation
+    /// on or off (every token went through the draft at prefill speed).
+    pub catch_up_window: usize,
+    /// Stop drafting when the draft's most likely next token has less than this probability
+    /// (0 = always draft k): an unsure draft is usually a rejected one, and each drafted
+    /// token costs a draft step and a verification row. The stopping rule reads only the
+    /// draft's own distribution, so greedy output and the sampled distribution stay the
+    /// verifier's (llama.cpp's `--draft-p-min`).
+    pub min_confidence: f32,
+}
+
+/// softmax(logits)[top] where `top` is the largest logit: 1 / Σ exp(lᵢ − l_top).
+fn top_probability(logits: &[f32], top: u32) -> f32 {
+    let m = logits[top as usize];
+    1.0 / logits.iter().map(|&l| (l - m).exp()).sum::<f32>()
+}
+
+impl<V: Verifier> ModelDrafter<V> {
+    pub fn over(model: V, sampler: Option<Sampler>) -> Self {
+        ModelDrafter {
+            model,
+            fed: Vec::new(),
+            offset: 0,
+            sampler,
+            first_window: 64,
+            catch_up_window: 16,
+            min_confidence: 0.0,
+        }
+    }
+
+    fn feed(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
+        let l = self.model.forward_last(tokens)?;
+        self.fed.extend_from_slice(tokens);
+        Ok(l)
+    }
+}
+
+impl<V: Verifier> Drafter for ModelDrafter<V> {
+    fn propose(&mut self, context: &[u32], k: usize) -> Result<Draft> {
+        // Keep the cached part the context still shares; feed the rest, or restart from a
+        // window of the latest tokens when the rest is long.
+        let mut keep = match context.get(self.offset..) {
+            Some(c) if !c.is_empty() => self
+                .fed
+                .iter()
+                .zip(c)
+                .take_while(|(a, b)| a == b)
+                .count()
+                .min(c.len() - 1),
+            _ => 0,
+        };
+        let window = if keep == 0 {
+            // Nothing shared (a new prompt, or the first call): start from the beginning.
+            self.offset = 0;
+            self.first_window
+        } else {
+            self.catch_up_window
+        };
+        let missing = context.len() - self.offset - keep;
+        if missing > window.max(1) {
+            self.offset = context.len() - window.max(1);
+            keep = 0;
+        }
+        self.fed.truncate(keep);
+        self.model.rollback(keep);
+        let room = self
+            .model
+            .limit()
+            .saturating_sub(context.len() - self.offset);
+        let k = k.min(room);
+        let mut draft = Draft {
+            tokens: Vec::with_capacity(k),
+            probs: self.sampler.as_ref().map(|_| Vec::with_capacity(k)),
+        };
+        if k == 0 {
+            return Ok(draft);
+        }
+        let mut logits = self.feed(&context[self.offset + keep..])?;
+        for i in 0..k {
+            let Some(t) = pick_draft_token(
+                &mut self.sampler,
+                &mut draft.probs,
+                &logits,
+                self.min_confidence,
+            ) else {
+                break;
+            };
+            draft.tokens.push(t);
+            if i + 1 < k {
+                logits = self.feed(&[t])?;
+            }
+        }
+        Ok(draft)
+    }
+
+    fn vocab_size(&self) -> Option<usize> {
+        Some(self.model.vocab_size())
     }
 }
 

@@ -14,21 +14,27 @@ pub mod capi;
 pub mod controller;
 pub mod decoder;
 pub mod drafter;
+#[cfg(feature = "model")]
 pub mod model_adapter;
 
 pub use acceptance::{AcceptanceRule, Greedy, RejectionSampling, Verdict};
-pub use batch::{BatchDecoder, BatchVerifier, ModelBatchVerifier};
+pub use batch::{BatchDecoder, BatchVerifier};
 pub use controller::{AdaptiveK, Controller, FixedK};
 pub use decoder::{SpecStats, SpeculativeDecoder};
-pub use drafter::{draft_shortlist, Draft, Drafter, NgramDrafter, DEFAULT_DRAFT_VOCAB};
-pub use model_adapter::{ModelDrafter, ModelVerifier, SharedCacheDrafter};
+pub use drafter::{
+    draft_shortlist, Draft, Drafter, ModelDrafter, NgramDrafter, DEFAULT_DRAFT_VOCAB,
+};
+#[cfg(feature = "model")]
+pub use model_adapter::{ModelBatchVerifier, ModelVerifier, SharedCacheDrafter};
 
 /// Errors of the speculative loop: the model's own, or a draft/verifier mismatch.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    #[cfg(feature = "model")]
     #[error(transparent)]
     Model(#[from] tandem_model::Error),
-    #[error("{}", tandem_model::error::one_line(.0))]
+    /// tandem's own text (a mismatch, an engine's failure code): one line.
+    #[error("{0}")]
     Mismatch(String),
 }
 
