@@ -619,14 +619,21 @@ fn main() {
             t => which = t.to_string(),
         }
     }
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-    let stories = match Checkpoint::open(&root.join("models/stories260K"), None) {
-        Ok(c) => c,
+    match fuzz(&which, seconds, seed) {
+        Ok(0) => {}
+        Ok(_) => std::process::exit(1),
         Err(e) => {
             eprintln!("error: {e}");
             std::process::exit(2);
         }
-    };
+    }
+}
+
+/// Runs `which` (a target's name or "all") for `seconds` of mutations each, printing one line
+/// per target; returns the number of findings.
+fn fuzz(which: &str, seconds: f64, seed: Option<u64>) -> Result<usize, String> {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let stories = Checkpoint::open(&root.join("models/stories260K"), None).map_err(err)?;
     let stories_tokenizer =
         std::fs::read_to_string(root.join("models/stories260K/tokenizer.json")).unwrap_or_default();
     let env = Env {
@@ -691,5 +698,29 @@ fn main() {
         total_findings += tally.findings.len();
         let _ = std::fs::remove_dir(&findings_dir); // only if nothing was found
     }
-    std::process::exit(if total_findings > 0 { 1 } else { 0 });
+    let _ = std::fs::remove_dir(root.join("fuzz/findings")); // only if empty
+    EXEC_STARTED_MS.store(0, SeqCst);
+    // Back to the default hook: a caller's own panics (a failing test) print again.
+    let _ = std::panic::take_hook();
+    Ok(total_findings)
+}
+
+#[cfg(test)]
+mod tests {
+    /// CI's short fuzzing run, inside `cargo test` (built with the tests' own features: a
+    /// separate `cargo build -p tandem-fuzz` rebuilt the dependencies, ~100 s of CI): every
+    /// target's regression inputs and seeds, then `TANDEM_FUZZ_SECONDS` (default 3) of
+    /// mutations each. Any finding fails. Longer runs: scripts/fuzz.sh.
+    #[test]
+    fn every_target_survives_a_short_run() {
+        let seconds = std::env::var("TANDEM_FUZZ_SECONDS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(3.0);
+        assert_eq!(
+            super::fuzz("all", seconds, None),
+            Ok(0),
+            "findings in fuzz/findings/"
+        );
+    }
 }
