@@ -3,6 +3,7 @@
 
 use crate::config::{Config, TokenIds, SUPPORTED_MODEL_TYPES};
 use crate::error::{format_err, io_err, Error, Result};
+use crate::gguf_keys as keys;
 use crate::llama::Llama;
 use crate::tokenizer::Tokenizer;
 use crate::weights::WeightStore;
@@ -209,7 +210,7 @@ pub fn config_from_gguf(
     store: &WeightStore,
 ) -> Result<Config> {
     let arch = md
-        .get("general.architecture")
+        .get(keys::ARCHITECTURE)
         .and_then(|v| v.to_string().ok())
         .cloned()
         .ok_or_else(|| format_err(path, "no general.architecture in metadata"))?;
@@ -219,7 +220,7 @@ pub fn config_from_gguf(
             msg: format!("unsupported architecture '{arch}' (supported: llama, qwen2)"),
         });
     }
-    let key = |k: &str| format!("{arch}.{k}");
+    let key = |k: &str| keys::arch_key(&arch, k);
     let num = |k: &str| -> Option<usize> {
         md.get(&key(k))
             .and_then(|v| {
@@ -236,10 +237,10 @@ pub fn config_from_gguf(
         md.get(&key(k))
             .and_then(|v| v.to_f32().ok().map(f64::from).or_else(|| v.to_f64().ok()))
     };
-    let heads = need("attention.head_count")?;
-    let hidden = need("embedding_length")?;
-    let vocab = num("vocab_size")
-        .or_else(|| match md.get("tokenizer.ggml.tokens") {
+    let heads = need(keys::arch::HEAD_COUNT)?;
+    let hidden = need(keys::arch::EMBEDDING_LENGTH)?;
+    let vocab = num(keys::arch::VOCAB_SIZE)
+        .or_else(|| match md.get(keys::tokenizer::TOKENS) {
             Some(Value::Array(a)) => Some(a.len()),
             _ => None,
         })
@@ -250,7 +251,7 @@ pub fn config_from_gguf(
                 .map(|t| t.shape[0])
         })
         .ok_or_else(|| format_err(path, "cannot tell the vocabulary size"))?;
-    let head_dim = num("attention.key_length").or_else(|| num("rope.dimension_count"));
+    let head_dim = num(keys::arch::KEY_LENGTH).or_else(|| num(keys::arch::ROPE_DIMENSION_COUNT));
     let rope_freq_factors = match store.get("rope_freqs.weight") {
         Ok(raw) => Some(
             crate::linear::dense_tensor(path, &raw, &Device::Cpu)?
@@ -261,12 +262,12 @@ pub fn config_from_gguf(
         Err(_) => None,
     };
     let rope_scaling = match md
-        .get(&key("rope.scaling.type"))
+        .get(&key(keys::arch::ROPE_SCALING_TYPE))
         .and_then(|v| v.to_string().ok())
     {
         Some(t) if t == "linear" => Some(crate::config::RopeScaling {
             rope_type: "linear".into(),
-            factor: float("rope.scaling.factor"),
+            factor: float(keys::arch::ROPE_SCALING_FACTOR),
             low_freq_factor: None,
             high_freq_factor: None,
             original_max_position_embeddings: None,
@@ -285,22 +286,22 @@ pub fn config_from_gguf(
     let config = Config {
         model_type: arch.clone(),
         hidden_size: hidden,
-        intermediate_size: need("feed_forward_length")?,
-        num_hidden_layers: need("block_count")?,
+        intermediate_size: need(keys::arch::FEED_FORWARD_LENGTH)?,
+        num_hidden_layers: need(keys::arch::BLOCK_COUNT)?,
         num_attention_heads: heads,
-        num_key_value_heads: num("attention.head_count_kv"),
+        num_key_value_heads: num(keys::arch::HEAD_COUNT_KV),
         head_dim: head_dim.filter(|&d| d != hidden / heads.max(1)),
         vocab_size: vocab,
-        max_position_embeddings: need("context_length")?,
-        rms_norm_eps: float("attention.layer_norm_rms_epsilon").unwrap_or(1e-5),
-        rope_theta: float("rope.freq_base").unwrap_or(10_000.0),
+        max_position_embeddings: need(keys::arch::CONTEXT_LENGTH)?,
+        rms_norm_eps: float(keys::arch::RMS_EPS).unwrap_or(1e-5),
+        rope_theta: float(keys::arch::ROPE_FREQ_BASE).unwrap_or(10_000.0),
         rope_scaling,
         tie_word_embeddings: !store.contains("lm_head.weight"),
         bos_token_id: md
-            .get("tokenizer.ggml.bos_token_id")
+            .get(keys::tokenizer::BOS_ID)
             .and_then(|v| v.to_u32().ok()),
         eos_token_id: md
-            .get("tokenizer.ggml.eos_token_id")
+            .get(keys::tokenizer::EOS_ID)
             .and_then(|v| v.to_u32().ok())
             .map(TokenIds::One),
         attention_bias: Some(store.contains("model.layers.0.self_attn.q_proj.bias")),

@@ -9,6 +9,7 @@
 //! the header is read as before.
 
 use crate::error::{clean, format_err, Result};
+use crate::gguf_keys as keys;
 use candle_core::quantized::gguf_file::{Content, TensorInfo, Value, VersionedMagic};
 use candle_core::quantized::GgmlDType;
 use std::collections::HashMap;
@@ -205,7 +206,7 @@ pub fn read_header(path: &Path, bytes: &[u8]) -> Result<Content> {
             return Err(r.bad(format!("metadata key '{}' appears twice", clean(&key, 96))));
         }
     }
-    let alignment = match metadata.get("general.alignment") {
+    let alignment = match metadata.get(keys::ALIGNMENT) {
         None => DEFAULT_ALIGNMENT,
         Some(Value::U32(a)) if a.is_power_of_two() => *a as u64,
         Some(v) => {

@@ -10,6 +10,7 @@ pub mod config;
 pub mod error;
 pub mod export;
 pub mod generate;
+pub mod gguf_keys;
 pub mod gguf_names;
 pub mod gguf_reader;
 pub mod linear;

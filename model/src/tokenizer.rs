@@ -3,6 +3,7 @@
 //! that only emits complete UTF-8.
 
 use crate::error::{format_err, io_err, Result};
+use crate::gguf_keys as keys;
 use candle_core::quantized::gguf_file::Value;
 use serde_json::{json, Value as Json};
 use std::collections::HashMap;
@@ -82,33 +83,33 @@ impl Tokenizer {
     pub fn from_gguf(path: &Path, md: &HashMap<String, Value>) -> Result<Self> {
         let get_str = |k: &str| md.get(k).and_then(|v| v.to_string().ok()).cloned();
         let get_u32 = |k: &str| md.get(k).and_then(|v| v.to_u32().ok());
-        let model = get_str("tokenizer.ggml.model").ok_or_else(|| {
+        let model = get_str(keys::tokenizer::MODEL).ok_or_else(|| {
             format_err(
                 path,
                 "no tokenizer.ggml.model in metadata; pass --tokenizer tokenizer.json",
             )
         })?;
-        let tokens = string_array(path, md, "tokenizer.ggml.tokens")?;
-        let types: Vec<i64> = match md.get("tokenizer.ggml.token_type") {
+        let tokens = string_array(path, md, keys::tokenizer::TOKENS)?;
+        let types: Vec<i64> = match md.get(keys::tokenizer::TOKEN_TYPE) {
             Some(Value::Array(a)) => a
                 .iter()
                 .map(|v| v.to_i32().map(|x| x as i64).unwrap_or(1))
                 .collect(),
             _ => vec![1; tokens.len()],
         };
-        let bos_id = get_u32("tokenizer.ggml.bos_token_id");
-        let eos_id = get_u32("tokenizer.ggml.eos_token_id");
+        let bos_id = get_u32(keys::tokenizer::BOS_ID);
+        let eos_id = get_u32(keys::tokenizer::EOS_ID);
         let add_bos_key = md
-            .get("tokenizer.ggml.add_bos_token")
+            .get(keys::tokenizer::ADD_BOS)
             .and_then(|v| v.to_bool().ok());
         let (json, default_add_bos) = match model.as_str() {
             "gpt2" => {
-                let merges = string_array(path, md, "tokenizer.ggml.merges")?;
-                let pre = get_str("tokenizer.ggml.pre").unwrap_or_else(|| "default".into());
+                let merges = string_array(path, md, keys::tokenizer::MERGES)?;
+                let pre = get_str(keys::tokenizer::PRE).unwrap_or_else(|| "default".into());
                 (gpt2_json(path, &tokens, &types, &merges, &pre)?, false)
             }
             "llama" => {
-                let scores: Vec<f32> = match md.get("tokenizer.ggml.scores") {
+                let scores: Vec<f32> = match md.get(keys::tokenizer::SCORES) {
                     Some(Value::Array(a)) => a.iter().map(|v| v.to_f32().unwrap_or(0.0)).collect(),
                     _ => return Err(format_err(path, "SentencePiece vocabulary without tokenizer.ggml.scores")),
                 };

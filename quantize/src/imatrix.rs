@@ -11,6 +11,7 @@ use candle_core::quantized::gguf_file::Value;
 use std::collections::BTreeMap;
 use std::path::Path;
 use tandem_model::error::{clean, MAX_NAME_CHARS};
+use tandem_model::gguf_keys as keys;
 use tandem_model::weights::{Bytes, WeightDType, WeightStore};
 
 /// Per weight: the sum over tokens of each input column's squared activation, and the number
@@ -61,16 +62,16 @@ impl ImportanceMatrix {
             .ok_or_else(|| bad("not a GGUF file".into()))?;
         let mut out = ImportanceMatrix {
             chunk_count: md
-                .get("imatrix.chunk_count")
+                .get(keys::imatrix::CHUNK_COUNT)
                 .and_then(|v| v.to_u32().ok())
                 .unwrap_or(0),
             chunk_size: md
-                .get("imatrix.chunk_size")
+                .get(keys::imatrix::CHUNK_SIZE)
                 .and_then(|v| v.to_u32().ok())
                 .unwrap_or(0),
             ..Default::default()
         };
-        if let Some(Value::Array(a)) = md.get("imatrix.datasets") {
+        if let Some(Value::Array(a)) = md.get(keys::imatrix::DATASETS) {
             out.datasets = a
                 .iter()
                 .filter_map(|v| v.to_string().ok().cloned())
@@ -186,9 +187,9 @@ impl ImportanceMatrix {
     /// Writes the current llama.cpp GGUF format, atomically.
     pub fn write_gguf(&self, path: &Path, force: bool) -> Result<()> {
         let metadata = vec![
-            ("general.type".to_string(), Value::String("imatrix".into())),
+            (keys::TYPE.to_string(), Value::String("imatrix".into())),
             (
-                "imatrix.datasets".into(),
+                keys::imatrix::DATASETS.into(),
                 Value::Array(
                     self.datasets
                         .iter()
@@ -196,8 +197,14 @@ impl ImportanceMatrix {
                         .collect(),
                 ),
             ),
-            ("imatrix.chunk_count".into(), Value::U32(self.chunk_count)),
-            ("imatrix.chunk_size".into(), Value::U32(self.chunk_size)),
+            (
+                keys::imatrix::CHUNK_COUNT.into(),
+                Value::U32(self.chunk_count),
+            ),
+            (
+                keys::imatrix::CHUNK_SIZE.into(),
+                Value::U32(self.chunk_size),
+            ),
         ];
         let mut tensors = Vec::new();
         let mut data: Vec<Vec<u8>> = Vec::new();

@@ -5,6 +5,7 @@ use crate::error::{Error, Result};
 use candle_core::quantized::gguf_file::Value;
 use serde_json::Value as Json;
 use std::collections::HashMap;
+use tandem_model::gguf_keys as keys;
 use tandem_model::{Checkpoint, Config};
 
 /// llama.cpp token types (`llama_token_type`).
@@ -21,36 +22,48 @@ pub type Metadata = Vec<(String, Value)>;
 /// `general.*` and hyperparameter keys for `config`.
 pub fn model_metadata(config: &Config, name: &str, file_type: u32) -> Vec<(String, Value)> {
     let arch = config.architecture().gguf_name();
-    let k = |s: &str| format!("{arch}.{s}");
+    let k = |s: &str| keys::arch_key(arch, s);
     let u32v = |x: usize| Value::U32(x as u32);
     let mut md = vec![
-        ("general.architecture".into(), Value::String(arch.into())),
-        ("general.name".into(), Value::String(name.into())),
-        ("general.file_type".into(), Value::U32(file_type)),
-        ("general.quantization_version".into(), Value::U32(2)),
-        (k("block_count"), u32v(config.num_hidden_layers)),
-        (k("context_length"), u32v(config.max_position_embeddings)),
-        (k("embedding_length"), u32v(config.hidden_size)),
-        (k("feed_forward_length"), u32v(config.intermediate_size)),
-        (k("attention.head_count"), u32v(config.num_attention_heads)),
-        (k("attention.head_count_kv"), u32v(config.num_kv_heads())),
-        (k("rope.freq_base"), Value::F32(config.rope_theta as f32)),
+        (keys::ARCHITECTURE.into(), Value::String(arch.into())),
+        (keys::NAME.into(), Value::String(name.into())),
+        (keys::FILE_TYPE.into(), Value::U32(file_type)),
+        (keys::QUANTIZATION_VERSION.into(), Value::U32(2)),
+        (k(keys::arch::BLOCK_COUNT), u32v(config.num_hidden_layers)),
         (
-            k("attention.layer_norm_rms_epsilon"),
+            k(keys::arch::CONTEXT_LENGTH),
+            u32v(config.max_position_embeddings),
+        ),
+        (k(keys::arch::EMBEDDING_LENGTH), u32v(config.hidden_size)),
+        (
+            k(keys::arch::FEED_FORWARD_LENGTH),
+            u32v(config.intermediate_size),
+        ),
+        (k(keys::arch::HEAD_COUNT), u32v(config.num_attention_heads)),
+        (k(keys::arch::HEAD_COUNT_KV), u32v(config.num_kv_heads())),
+        (
+            k(keys::arch::ROPE_FREQ_BASE),
+            Value::F32(config.rope_theta as f32),
+        ),
+        (
+            k(keys::arch::RMS_EPS),
             Value::F32(config.rms_norm_eps as f32),
         ),
-        (k("vocab_size"), u32v(config.vocab_size)),
-        (k("rope.dimension_count"), u32v(config.head_dim())),
+        (k(keys::arch::VOCAB_SIZE), u32v(config.vocab_size)),
+        (k(keys::arch::ROPE_DIMENSION_COUNT), u32v(config.head_dim())),
     ];
     if config.head_dim() * config.num_attention_heads != config.hidden_size {
-        md.push((k("attention.key_length"), u32v(config.head_dim())));
-        md.push((k("attention.value_length"), u32v(config.head_dim())));
+        md.push((k(keys::arch::KEY_LENGTH), u32v(config.head_dim())));
+        md.push((k(keys::arch::VALUE_LENGTH), u32v(config.head_dim())));
     }
     if let Some(s) = &config.rope_scaling {
         if s.rope_type == "linear" {
-            md.push((k("rope.scaling.type"), Value::String("linear".into())));
             md.push((
-                k("rope.scaling.factor"),
+                k(keys::arch::ROPE_SCALING_TYPE),
+                Value::String("linear".into()),
+            ));
+            md.push((
+                k(keys::arch::ROPE_SCALING_FACTOR),
                 Value::F32(s.factor.unwrap_or(1.0) as f32),
             ));
         }
@@ -96,10 +109,10 @@ pub fn rope_freqs(config: &Config) -> Option<Vec<f32>> {
 /// `tokenizer.ggml.*` for a checkpoint: copied from a GGUF source, or built from tokenizer.json.
 pub fn tokenizer_metadata(ck: &Checkpoint) -> Result<(Metadata, Vec<String>)> {
     if let Some(md) = ck.store.gguf_metadata() {
-        if md.contains_key("tokenizer.ggml.model") {
+        if md.contains_key(keys::tokenizer::MODEL) {
             let mut kv: Vec<(String, Value)> = md
                 .iter()
-                .filter(|(k, _)| k.starts_with("tokenizer."))
+                .filter(|(k, _)| k.starts_with(keys::tokenizer::PREFIX))
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect();
             kv.sort_by(|a, b| a.0.cmp(&b.0));
@@ -233,8 +246,8 @@ fn from_tokenizer_json(ck: &Checkpoint) -> Result<(Metadata, Vec<String>)> {
             .enumerate()
             .map(|(i, x)| Value::F32(if x.is_nan() { floor - i as f32 } else { x }))
             .collect();
-        kv.push(("tokenizer.ggml.model".into(), s("llama")));
-        kv.push(("tokenizer.ggml.scores".into(), Value::Array(scores)));
+        kv.push((keys::tokenizer::MODEL.into(), s("llama")));
+        kv.push((keys::tokenizer::SCORES.into(), Value::Array(scores)));
     } else {
         let pre = pre_tokenizer_name(j.get("pre_tokenizer").unwrap_or(&Json::Null));
         let pre = pre.unwrap_or_else(|| {
@@ -244,35 +257,32 @@ fn from_tokenizer_json(ck: &Checkpoint) -> Result<(Metadata, Vec<String>)> {
             );
             "default"
         });
-        kv.push(("tokenizer.ggml.model".into(), s("gpt2")));
-        kv.push(("tokenizer.ggml.pre".into(), s(pre)));
+        kv.push((keys::tokenizer::MODEL.into(), s("gpt2")));
+        kv.push((keys::tokenizer::PRE.into(), s(pre)));
         kv.push((
-            "tokenizer.ggml.merges".into(),
+            keys::tokenizer::MERGES.into(),
             Value::Array(merges.iter().map(|m| s(m)).collect()),
         ));
     }
     kv.push((
-        "tokenizer.ggml.tokens".into(),
+        keys::tokenizer::TOKENS.into(),
         Value::Array(tokens.iter().map(|t| s(t)).collect()),
     ));
     kv.push((
-        "tokenizer.ggml.token_type".into(),
+        keys::tokenizer::TOKEN_TYPE.into(),
         Value::Array(types.into_iter().map(Value::I32).collect()),
     ));
     if let Some(b) = tok.bos_id {
-        kv.push(("tokenizer.ggml.bos_token_id".into(), Value::U32(b)));
+        kv.push((keys::tokenizer::BOS_ID.into(), Value::U32(b)));
     }
     if let Some(&e) = tok.eos_ids.first() {
-        kv.push(("tokenizer.ggml.eos_token_id".into(), Value::U32(e)));
+        kv.push((keys::tokenizer::EOS_ID.into(), Value::U32(e)));
     }
     if let Some(u) = unk.and_then(|u| tok.inner.token_to_id(u)) {
-        kv.push(("tokenizer.ggml.unknown_token_id".into(), Value::U32(u)));
+        kv.push((keys::tokenizer::UNKNOWN_ID.into(), Value::U32(u)));
     }
-    kv.push((
-        "tokenizer.ggml.add_bos_token".into(),
-        Value::Bool(tok.add_bos),
-    ));
-    kv.push(("tokenizer.ggml.add_eos_token".into(), Value::Bool(false)));
+    kv.push((keys::tokenizer::ADD_BOS.into(), Value::Bool(tok.add_bos)));
+    kv.push((keys::tokenizer::ADD_EOS.into(), Value::Bool(false)));
     Ok((kv, notes))
 }
 

@@ -1,0 +1,58 @@
+//! The one table of GGUF metadata keys tandem reads (`checkpoint`, `tokenizer`, `gguf_reader`)
+//! and writes (`quantize`'s metadata and imatrix files): llama.cpp's names, as its
+//! `llama-arch.cpp` and `gguf.cpp` spell them. Every other module names a key through here.
+
+pub const ARCHITECTURE: &str = "general.architecture";
+pub const NAME: &str = "general.name";
+pub const FILE_TYPE: &str = "general.file_type";
+pub const QUANTIZATION_VERSION: &str = "general.quantization_version";
+pub const ALIGNMENT: &str = "general.alignment";
+/// `"imatrix"` in an importance-matrix file.
+pub const TYPE: &str = "general.type";
+
+/// A per-architecture hyperparameter key: `{arch}.{suffix}` with a suffix from [`arch`].
+pub fn arch_key(arch: &str, suffix: &str) -> String {
+    format!("{arch}.{suffix}")
+}
+
+/// Suffixes of the per-architecture keys (see [`arch_key`]).
+pub mod arch {
+    pub const BLOCK_COUNT: &str = "block_count";
+    pub const CONTEXT_LENGTH: &str = "context_length";
+    pub const EMBEDDING_LENGTH: &str = "embedding_length";
+    pub const FEED_FORWARD_LENGTH: &str = "feed_forward_length";
+    pub const HEAD_COUNT: &str = "attention.head_count";
+    pub const HEAD_COUNT_KV: &str = "attention.head_count_kv";
+    pub const KEY_LENGTH: &str = "attention.key_length";
+    pub const VALUE_LENGTH: &str = "attention.value_length";
+    pub const RMS_EPS: &str = "attention.layer_norm_rms_epsilon";
+    pub const ROPE_FREQ_BASE: &str = "rope.freq_base";
+    pub const ROPE_DIMENSION_COUNT: &str = "rope.dimension_count";
+    pub const ROPE_SCALING_TYPE: &str = "rope.scaling.type";
+    pub const ROPE_SCALING_FACTOR: &str = "rope.scaling.factor";
+    pub const VOCAB_SIZE: &str = "vocab_size";
+}
+
+/// The vocabulary (`tokenizer.ggml.*`).
+pub mod tokenizer {
+    /// The prefix every tokenizer key shares (copied whole from a GGUF source).
+    pub const PREFIX: &str = "tokenizer.";
+    pub const MODEL: &str = "tokenizer.ggml.model";
+    pub const PRE: &str = "tokenizer.ggml.pre";
+    pub const TOKENS: &str = "tokenizer.ggml.tokens";
+    pub const TOKEN_TYPE: &str = "tokenizer.ggml.token_type";
+    pub const SCORES: &str = "tokenizer.ggml.scores";
+    pub const MERGES: &str = "tokenizer.ggml.merges";
+    pub const BOS_ID: &str = "tokenizer.ggml.bos_token_id";
+    pub const EOS_ID: &str = "tokenizer.ggml.eos_token_id";
+    pub const UNKNOWN_ID: &str = "tokenizer.ggml.unknown_token_id";
+    pub const ADD_BOS: &str = "tokenizer.ggml.add_bos_token";
+    pub const ADD_EOS: &str = "tokenizer.ggml.add_eos_token";
+}
+
+/// An importance matrix file (llama-imatrix's GGUF format).
+pub mod imatrix {
+    pub const DATASETS: &str = "imatrix.datasets";
+    pub const CHUNK_COUNT: &str = "imatrix.chunk_count";
+    pub const CHUNK_SIZE: &str = "imatrix.chunk_size";
+}
