@@ -97,18 +97,21 @@ pub fn layout(ck: &Checkpoint, plan: &Plan) -> Result<(GgufLayout, Vec<String>)>
     Ok((GgufLayout::new(md, tensors), notes))
 }
 
+/// The GGUF type id of a tensor copied unchanged, `u32::MAX` for a type tandem does not write
+/// (Q8_1/Q8_K, only reachable from a GGUF source).
 fn source_ggml_id(d: tandem_model::weights::WeightDType) -> u32 {
+    use candle_core::quantized::GgmlDType;
     use tandem_model::weights::WeightDType::*;
-    match d {
-        F32 => 0,
-        F16 => 1,
-        BF16 => 30,
-        Quant(q) => types::ALL_TYPES
-            .iter()
-            .find(|t| t.ggml() == q)
-            .map(|t| t.ggml_id())
-            // Only reachable for a GGUF source holding a type tandem cannot write (Q8_1/Q8_K).
-            .unwrap_or(u32::MAX),
+    let t = match d {
+        F32 => GgmlDType::F32,
+        F16 => GgmlDType::F16,
+        BF16 => GgmlDType::BF16,
+        Quant(q) => q,
+    };
+    if types::ALL_TYPES.iter().any(|w| w.ggml() == t) {
+        tandem_model::gguf_reader::ggml_type_id(t)
+    } else {
+        u32::MAX
     }
 }
 

@@ -81,23 +81,10 @@ impl QuantType {
         }
     }
 
-    /// The type id stored in a GGUF tensor info (ggml's `enum ggml_type`).
+    /// The type id stored in a GGUF tensor info (ggml's `enum ggml_type`), from the model
+    /// crate's one table.
     pub fn ggml_id(self) -> u32 {
-        match self {
-            QuantType::F32 => 0,
-            QuantType::F16 => 1,
-            QuantType::Q4_0 => 2,
-            QuantType::Q4_1 => 3,
-            QuantType::Q5_0 => 6,
-            QuantType::Q5_1 => 7,
-            QuantType::Q8_0 => 8,
-            QuantType::Q2K => 10,
-            QuantType::Q3K => 11,
-            QuantType::Q4K => 12,
-            QuantType::Q5K => 13,
-            QuantType::Q6K => 14,
-            QuantType::BF16 => 30,
-        }
+        tandem_model::gguf_reader::ggml_type_id(self.ggml())
     }
 
     pub fn block_size(self) -> usize {
@@ -173,6 +160,28 @@ pub fn type_names() -> String {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn gguf_type_ids_are_ggmls() {
+        let ids: Vec<(&str, u32)> = ALL_TYPES.iter().map(|t| (t.name(), t.ggml_id())).collect();
+        for (name, id) in [
+            ("f32", 0),
+            ("f16", 1),
+            ("q4_0", 2),
+            ("q4_1", 3),
+            ("q5_0", 6),
+            ("q5_1", 7),
+            ("q8_0", 8),
+            ("q2_k", 10),
+            ("q3_k", 11),
+            ("q4_k", 12),
+            ("q5_k", 13),
+            ("q6_k", 14),
+            ("bf16", 30),
+        ] {
+            assert!(ids.contains(&(name, id)), "{name} should be {id}: {ids:?}");
+        }
+    }
     use super::*;
 
     #[test]
