@@ -490,15 +490,9 @@ const INTERESTING: [u64; 14] = [
 /// One to eight random edits: bit flips, byte and integer overwrites with boundary values,
 /// truncation, deletion, duplication and insertion. GGUF inputs get most edits inside their
 /// header (where counts, lengths, types and offsets live), as 4- and 8-byte field writes.
-fn mutate(rng: &mut rand::rngs::StdRng, seed: &[u8], gguf: bool) -> Vec<u8> {
+/// `header` is where the seed's GGUF header ends (its length for other inputs).
+fn mutate(rng: &mut rand::rngs::StdRng, seed: &[u8], header: usize) -> Vec<u8> {
     let mut d = seed.to_vec();
-    let header = if gguf {
-        tandem_model::gguf_reader::read_header(Path::new("seed"), seed)
-            .map(|c| c.tensor_data_offset as usize)
-            .unwrap_or(d.len())
-    } else {
-        d.len()
-    };
     for _ in 0..rng.random_range(1..=8) {
         if d.is_empty() {
             d.push(rng.random());
@@ -671,12 +665,22 @@ fn fuzz(which: &str, seconds: f64, seed: Option<u64>) -> Result<usize, String> {
         for input in regressions.drain(..).chain(seeds.iter().cloned()) {
             run_one(&env, t, &input, &findings_dir, &mut tally);
         }
+        // Where each seed's header ends, found once (not per mutation: SmolLM2's is 3 MB).
+        let headers: Vec<usize> = seeds
+            .iter()
+            .map(|s| {
+                t.gguf
+                    .then(|| tandem_model::gguf_reader::read_header(Path::new("seed"), s).ok())
+                    .flatten()
+                    .map_or(s.len(), |c| c.tensor_data_offset as usize)
+            })
+            .collect();
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ hash(t.name.as_bytes()));
         let start = Instant::now();
         if !seeds.is_empty() {
             while start.elapsed().as_secs_f64() < seconds {
-                let s = &seeds[rng.random_range(0..seeds.len())];
-                let input = mutate(&mut rng, s, t.gguf);
+                let i = rng.random_range(0..seeds.len());
+                let input = mutate(&mut rng, &seeds[i], headers[i]);
                 run_one(&env, t, &input, &findings_dir, &mut tally);
             }
         }
