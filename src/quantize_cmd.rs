@@ -4,6 +4,7 @@ use crate::commands::progress_bar;
 use anyhow::{Context, Result};
 use std::path::{Path, PathBuf};
 use tandem_model::Checkpoint;
+use tandem_quantize::calibrated::{Calibrated, CalibratedOptions, Method};
 use tandem_quantize::{
     calibrate::CalibrationOptions, make_plan, ImportanceMatrix, Options, Policy, QuantType, Recipe,
     Rule,
@@ -47,9 +48,11 @@ pub struct QuantizeArgs {
     /// A TOML file with the same choices (flags given on the command line win).
     #[arg(long)]
     recipe: Option<PathBuf>,
-    /// Importance matrix (tandem calibrate or llama-imatrix, GGUF or legacy .dat) for the K-quants.
+    /// Importance matrix (tandem calibrate or llama-imatrix, GGUF or legacy .dat): weights every block type but q8_0, as llama-quantize does.
     #[arg(long)]
     imatrix: Option<PathBuf>,
+    #[command(flatten)]
+    calib: CalibArgs,
     /// Print the plan and stop.
     #[arg(long)]
     dry_run: bool,
@@ -68,6 +71,91 @@ pub struct QuantizeArgs {
     /// Use this tokenizer.json instead of the model's own.
     #[arg(long)]
     tokenizer: Option<PathBuf>,
+}
+
+/// How weights are rounded: plain, or calibrated on text.
+#[derive(clap::Args, Clone)]
+pub struct CalibArgs {
+    /// rtn (round to nearest: llama-quantize's bytes), gptq (error feedback through the
+    /// calibration Hessian), awq (activation-aware channel scaling) or awq+gptq.
+    #[arg(long, default_value = "rtn")]
+    method: String,
+    /// Calibration text for gptq/awq (default: the bundled opening of Austen's Emma). Never
+    /// the evaluation text.
+    #[arg(long)]
+    calib_text: Option<PathBuf>,
+    /// Tokens per calibration chunk.
+    #[arg(long, default_value_t = 512)]
+    calib_ctx: usize,
+    /// Use at most this many calibration chunks (default: all of the text).
+    #[arg(long)]
+    calib_chunks: Option<usize>,
+    /// GPTQ dampening, a fraction of the Hessian's mean diagonal.
+    #[arg(long, default_value_t = 0.01)]
+    gptq_damp: f64,
+}
+
+impl CalibArgs {
+    /// The calibration options for `method` (the flag's, unless a sweep variant names one).
+    fn options(&self, method: Option<Method>) -> Result<CalibratedOptions> {
+        let method = match method {
+            Some(m) => m,
+            None => Method::parse(&self.method)?,
+        };
+        let mut o = CalibratedOptions::new(method);
+        if let Some(p) = &self.calib_text {
+            o.text = std::fs::read_to_string(p)
+                .with_context(|| format!("{}: cannot read the calibration text", p.display()))?;
+            o.text_name = p
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+        }
+        if !(0.0..=1.0).contains(&self.gptq_damp) {
+            anyhow::bail!("--gptq-damp {} is outside 0..=1", self.gptq_damp);
+        }
+        o.ctx = self.calib_ctx;
+        o.chunks = self.calib_chunks;
+        o.gptq.damp = self.gptq_damp;
+        Ok(o)
+    }
+}
+
+/// Runs a calibrated method (nothing for rtn), with a progress bar per layer.
+fn run_calibration(
+    ck: &Checkpoint,
+    plan: &tandem_quantize::Plan,
+    opts: &CalibratedOptions,
+    imatrix: Option<&ImportanceMatrix>,
+    quiet: bool,
+    label: &str,
+) -> Result<Calibrated> {
+    if !opts.method.is_calibrated() {
+        return Ok(Calibrated::default());
+    }
+    let bar = progress_bar(quiet);
+    let progress = |done: usize, total: usize, what: &str| {
+        bar.set_length(total as u64);
+        bar.set_position(done as u64);
+        bar.set_message(format!("{label}{} layer {done}: {what}", opts.method));
+    };
+    let c = tandem_quantize::calibrated::calibrate_plan(ck, plan, opts, imatrix, &progress)
+        .with_context(|| format!("{} calibration of {}", opts.method, ck.path.display()))?;
+    bar.finish_and_clear();
+    let t = &c.timings;
+    eprintln!(
+        "{label}{}: {} tensors calibrated on {} chunks ({} tokens of {}): statistics {:.1} s, scale search {:.1} s, factorization {:.1} s, quantization {:.1} s",
+        opts.method,
+        c.tensors.len(),
+        c.chunks,
+        c.tokens,
+        opts.text_name,
+        t.statistics,
+        t.scale_search,
+        t.factorization,
+        t.quantization
+    );
+    Ok(c)
 }
 
 /// The policy from a recipe (if any) overlaid with the command-line flags.
@@ -131,8 +219,10 @@ pub fn quantize(a: QuantizeArgs) -> Result<()> {
             .iter()
             .any(|t| t.target.is_some_and(QuantType::uses_importance))
     {
-        eprintln!("note: --imatrix given but no tensor is planned as a K-quant (q2_k..q6_k); it changes nothing");
+        eprintln!("note: --imatrix given but no tensor is planned as a type it weights (every block type but q8_0); it changes nothing");
     }
+    let calib = a.calib.options(None)?;
+    let calibrated = run_calibration(&ck, &plan, &calib, imatrix.as_ref(), a.quiet, "")?;
     let bar = progress_bar(a.quiet);
     let progress = |done: u64, total: u64, name: &str| {
         bar.set_length(total);
@@ -144,6 +234,7 @@ pub fn quantize(a: QuantizeArgs) -> Result<()> {
         allow_nonfinite: a.allow_nonfinite,
         cancel: None,
         progress: Some(&progress),
+        calibrated: Some(&calibrated),
     };
     let report = tandem_quantize::quantize_to_file(&ck, &plan, &opts, out, a.force)
         .with_context(|| format!("quantizing {}", a.model.display()))?;
@@ -247,10 +338,27 @@ fn sweep(a: &QuantizeArgs) -> Result<()> {
     // bad one fails without leaving a folder behind.
     let mut variants = Vec::new();
     for item in &a.sweep {
-        let (rest, weighted) = match item.strip_suffix("+imatrix") {
-            Some(r) => (r, true),
-            None => (item.as_str(), false),
+        // TYPE[@all][+imatrix][+gptq][+awq]: the type, then how it is made.
+        let mut parts = item.split('+');
+        let rest = parts.next().unwrap_or_default();
+        let (mut weighted, mut gptq, mut awq) = (false, false, false);
+        for p in parts {
+            match p {
+                "imatrix" => weighted = true,
+                "gptq" => gptq = true,
+                "awq" => awq = true,
+                other => anyhow::bail!(
+                    "sweep variant '{item}': unknown '+{other}' (known: +imatrix, +gptq, +awq)"
+                ),
+            }
+        }
+        let method = match (awq, gptq) {
+            (true, true) => Method::AwqGptq,
+            (true, false) => Method::Awq,
+            (false, true) => Method::Gptq,
+            (false, false) => Method::Rtn,
         };
+        let calib = a.calib.options(Some(method))?;
         let (ty, all) = match rest.strip_suffix("@all") {
             Some(t) => (t, true),
             None => (rest, false),
@@ -274,14 +382,17 @@ fn sweep(a: &QuantizeArgs) -> Result<()> {
         .with_context(|| format!("sweep variant '{item}'"))?;
         let plan = make_plan(&ck, &policy).with_context(|| format!("sweep variant '{item}'"))?;
         let file = dir.join(format!("{}.gguf", item.replace(['@', '+'], "-")));
-        variants.push((item, plan, weighted, file));
+        variants.push((item, plan, weighted, calib, file));
     }
     let mut fresh = crate::eval_cmd::create_output_dir(dir)?;
     let mut files = Vec::new();
-    for (item, plan, weighted, file) in variants {
+    for (item, plan, weighted, calib, file) in variants {
         if file.exists() {
             eprintln!("{}: kept from an earlier run", file.display());
         } else {
+            let weights = imatrix.as_ref().filter(|_| weighted);
+            let calibrated =
+                run_calibration(&ck, &plan, &calib, weights, a.quiet, &format!("{item}: "))?;
             let bar = progress_bar(a.quiet);
             let progress = |done: u64, total: u64, name: &str| {
                 bar.set_length(total);
@@ -289,10 +400,11 @@ fn sweep(a: &QuantizeArgs) -> Result<()> {
                 bar.set_message(format!("{item}: {name}"));
             };
             let opts = Options {
-                imatrix: imatrix.as_ref().filter(|_| weighted),
+                imatrix: weights,
                 allow_nonfinite: a.allow_nonfinite,
                 cancel: None,
                 progress: Some(&progress),
+                calibrated: Some(&calibrated),
             };
             let r = tandem_quantize::quantize_to_file(&ck, &plan, &opts, &file, false)
                 .with_context(|| format!("sweep variant '{item}'"))?;

@@ -10,6 +10,25 @@ pub const ALIGNMENT: &str = "general.alignment";
 /// `"imatrix"` in an importance-matrix file.
 pub const TYPE: &str = "general.type";
 
+// What tandem's calibrated quantization did (read by `tandem info` and eval reports).
+pub const TANDEM_QUANTIZE_METHOD: &str = "tandem.quantize.method";
+pub const TANDEM_CALIBRATION_TEXT: &str = "tandem.quantize.calibration.text";
+pub const TANDEM_CALIBRATION_SHA256: &str = "tandem.quantize.calibration.sha256";
+pub const TANDEM_CALIBRATION_CHUNKS: &str = "tandem.quantize.calibration.chunks";
+pub const TANDEM_CALIBRATION_CTX: &str = "tandem.quantize.calibration.ctx";
+pub const TANDEM_GPTQ_DAMP: &str = "tandem.quantize.gptq.damp";
+pub const TANDEM_GPTQ_BLOCK: &str = "tandem.quantize.gptq.block";
+/// Every `tandem.quantize.*` key, in the order `tandem info` shows them.
+pub const TANDEM_QUANTIZE_KEYS: &[&str] = &[
+    TANDEM_QUANTIZE_METHOD,
+    TANDEM_CALIBRATION_TEXT,
+    TANDEM_CALIBRATION_SHA256,
+    TANDEM_CALIBRATION_CHUNKS,
+    TANDEM_CALIBRATION_CTX,
+    TANDEM_GPTQ_DAMP,
+    TANDEM_GPTQ_BLOCK,
+];
+
 /// A per-architecture hyperparameter key: `{arch}.{suffix}` with a suffix from [`arch`].
 pub fn arch_key(arch: &str, suffix: &str) -> String {
     format!("{arch}.{suffix}")

@@ -14,6 +14,7 @@ use candle_core::{DType, Device, Tensor};
 
 #[cfg(feature = "cuda")]
 mod gpu;
+mod layerwise;
 
 struct Layer {
     attn_norm: Vec<f32>,
@@ -152,6 +153,9 @@ impl Timer<'_> {
         }
     }
 }
+
+/// Shows one linear input to the observer: (layer, modules, rows of input, row count).
+type Seer<'a> = dyn Fn(Option<usize>, &[&str], &[f32], usize) -> Result<()> + 'a;
 
 fn sized(buf: &mut Vec<f32>, len: usize) -> &mut [f32] {
     buf.resize(len, 0.0);
@@ -721,8 +725,7 @@ impl Llama {
             o.observe(&names, &t)
         };
         let c = &self.config;
-        let (h, inter, hd) = (c.hidden_size, c.intermediate_size, c.head_dim());
-        let (nh, nkv) = (c.num_attention_heads, c.num_kv_heads());
+        let (h, hd) = (c.hidden_size, c.head_dim());
         let rows = all.len();
         let eps = c.rms_norm_eps as f32;
         let mut timer = Timer {
@@ -738,63 +741,8 @@ impl Llama {
         );
         self.rope_rows(positions, cos, sin);
         timer.lap("embed");
-        for (li, layer) in self.layers.iter().enumerate() {
-            let x = &mut ws.x[..rows * h];
-            let hn = sized(&mut ws.hn, rows * h);
-            tandem_kernels::ops::rms_norm(x, &layer.attn_norm, eps, hn);
-            timer.lap("norm");
-            see(
-                Some(li),
-                &["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
-                hn,
-                rows,
-            )?;
-            let q = sized(&mut ws.q, rows * nh * hd);
-            let k = sized(&mut ws.k, rows * nkv * hd);
-            let v = sized(&mut ws.v, rows * nkv * hd);
-            layer.q.forward_into(hn, rows, q)?;
-            layer.k.forward_into(hn, rows, k)?;
-            layer.v.forward_into(hn, rows, v)?;
-            timer.lap("q/k/v matmul");
-            tandem_kernels::ops::rope_rotate_half(
-                q,
-                nh,
-                hd,
-                &ws.cos[..rows * half],
-                &ws.sin[..rows * half],
-            );
-            tandem_kernels::ops::rope_rotate_half(
-                k,
-                nkv,
-                hd,
-                &ws.cos[..rows * half],
-                &ws.sin[..rows * half],
-            );
-            timer.lap("rope");
-            let att = sized(&mut ws.att, rows * nh * hd);
-            self.attention(li, seqs, q, k, v, att);
-            timer.lap("attention");
-            see(Some(li), &["self_attn.o_proj"], att, rows)?;
-            let proj = sized(&mut ws.proj, rows * h);
-            layer.o.forward_into(att, rows, proj)?;
-            timer.lap("o matmul");
-            let x = &mut ws.x[..rows * h];
-            tandem_kernels::ops::add_assign(x, proj);
-            let hn = &mut ws.hn[..rows * h];
-            tandem_kernels::ops::rms_norm(x, &layer.mlp_norm, eps, hn);
-            timer.lap("norm");
-            see(Some(li), &["mlp.gate_proj", "mlp.up_proj"], hn, rows)?;
-            let gate = sized(&mut ws.gate, rows * inter);
-            let up = sized(&mut ws.up, rows * inter);
-            layer.gate.forward_into(hn, rows, gate)?;
-            layer.up.forward_into(hn, rows, up)?;
-            timer.lap("gate/up matmul");
-            tandem_kernels::ops::silu_mul(gate, up);
-            timer.lap("silu");
-            see(Some(li), &["mlp.down_proj"], gate, rows)?;
-            layer.down.forward_into(gate, rows, proj)?;
-            timer.lap("down matmul");
-            tandem_kernels::ops::add_assign(&mut ws.x[..rows * h], proj);
+        for li in 0..self.layers.len() {
+            self.layer_rows(li, ws, seqs, rows, &see, &mut timer)?;
         }
         // Which rows go through the output head, and how they split per sequence.
         let (mut picked, mut counts) = (
@@ -819,6 +767,82 @@ impl Llama {
         let out = split_logits(logits, &counts, vocab, &self.device);
         (ws.picked, ws.counts) = (picked, counts);
         out
+    }
+
+    /// One decoder layer over the rows of `ws.x` (RoPE tables already in `ws.cos`/`ws.sin`):
+    /// attention appends to each sequence's cache at layer `li`.
+    fn layer_rows(
+        &self,
+        li: usize,
+        ws: &mut Workspace,
+        seqs: &mut [(&[u32], &mut KvCache)],
+        rows: usize,
+        see: &Seer<'_>,
+        timer: &mut Timer<'_>,
+    ) -> Result<()> {
+        let layer = &self.layers[li];
+        let c = &self.config;
+        let (h, inter, hd) = (c.hidden_size, c.intermediate_size, c.head_dim());
+        let (nh, nkv) = (c.num_attention_heads, c.num_kv_heads());
+        let half = hd / 2;
+        let eps = c.rms_norm_eps as f32;
+        let x = &mut ws.x[..rows * h];
+        let hn = sized(&mut ws.hn, rows * h);
+        tandem_kernels::ops::rms_norm(x, &layer.attn_norm, eps, hn);
+        timer.lap("norm");
+        see(
+            Some(li),
+            &["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+            hn,
+            rows,
+        )?;
+        let q = sized(&mut ws.q, rows * nh * hd);
+        let k = sized(&mut ws.k, rows * nkv * hd);
+        let v = sized(&mut ws.v, rows * nkv * hd);
+        layer.q.forward_into(hn, rows, q)?;
+        layer.k.forward_into(hn, rows, k)?;
+        layer.v.forward_into(hn, rows, v)?;
+        timer.lap("q/k/v matmul");
+        tandem_kernels::ops::rope_rotate_half(
+            q,
+            nh,
+            hd,
+            &ws.cos[..rows * half],
+            &ws.sin[..rows * half],
+        );
+        tandem_kernels::ops::rope_rotate_half(
+            k,
+            nkv,
+            hd,
+            &ws.cos[..rows * half],
+            &ws.sin[..rows * half],
+        );
+        timer.lap("rope");
+        let att = sized(&mut ws.att, rows * nh * hd);
+        self.attention(li, seqs, q, k, v, att);
+        timer.lap("attention");
+        see(Some(li), &["self_attn.o_proj"], att, rows)?;
+        let proj = sized(&mut ws.proj, rows * h);
+        layer.o.forward_into(att, rows, proj)?;
+        timer.lap("o matmul");
+        let x = &mut ws.x[..rows * h];
+        tandem_kernels::ops::add_assign(x, proj);
+        let hn = &mut ws.hn[..rows * h];
+        tandem_kernels::ops::rms_norm(x, &layer.mlp_norm, eps, hn);
+        timer.lap("norm");
+        see(Some(li), &["mlp.gate_proj", "mlp.up_proj"], hn, rows)?;
+        let gate = sized(&mut ws.gate, rows * inter);
+        let up = sized(&mut ws.up, rows * inter);
+        layer.gate.forward_into(hn, rows, gate)?;
+        layer.up.forward_into(hn, rows, up)?;
+        timer.lap("gate/up matmul");
+        tandem_kernels::ops::silu_mul(gate, up);
+        timer.lap("silu");
+        see(Some(li), &["mlp.down_proj"], gate, rows)?;
+        layer.down.forward_into(gate, rows, proj)?;
+        timer.lap("down matmul");
+        tandem_kernels::ops::add_assign(&mut ws.x[..rows * h], proj);
+        Ok(())
     }
 
     /// Embedding rows of `ids` into `out` as f32.

@@ -102,7 +102,7 @@ pub fn to_f32(
 }
 
 /// Encodes rows of `cols` f32 values as `t`. `importance` (one weight per column) steers the
-/// K-quants.
+/// block types (every one but Q8_0, as llama-quantize).
 pub fn encode(
     t: QuantType,
     xs: &[f32],
@@ -120,11 +120,11 @@ pub fn encode(
     let rows_per_chunk = (CHUNK_ELEMS / cols.max(1)).max(1);
     out.par_chunks_mut(rows_per_chunk * row_bytes)
         .zip(xs.par_chunks(rows_per_chunk * cols))
-        .try_for_each(|(o, x)| encode_rows(t, x, cols, importance, o))?;
+        .try_for_each(|(o, x)| encode_rows_into(t, x, cols, importance, o))?;
     Ok(out)
 }
 
-fn encode_rows(
+pub(crate) fn encode_rows_into(
     t: QuantType,
     x: &[f32],
     cols: usize,
@@ -152,6 +152,15 @@ fn encode_rows(
             }
         }
         QuantType::Q8_0 => crate::blocks::quantize_q8_0(x, out),
+        QuantType::Q4_0 | QuantType::Q4_1 | QuantType::Q5_0 | QuantType::Q5_1
+            if importance.is_some() =>
+        {
+            let w = importance.unwrap_or_default();
+            let row_bytes = out.len() / (x.len() / cols).max(1);
+            for (xr, o) in x.chunks_exact(cols).zip(out.chunks_exact_mut(row_bytes)) {
+                crate::weighted::quantize_row_weighted(t, xr, w, o);
+            }
+        }
         QuantType::Q4_0 => crate::blocks::quantize_q4_0(x, out),
         QuantType::Q4K if importance.is_none() => crate::blocks::quantize_q4_k(x, out),
         _ => {
@@ -207,7 +216,7 @@ mod tests {
         ] {
             let ours = encode(t, &xs, 256, None).unwrap();
             let mut whole = vec![0u8; ours.len()];
-            encode_rows(t, &xs, 256, None, &mut whole).unwrap();
+            encode_rows_into(t, &xs, 256, None, &mut whole).unwrap();
             assert_eq!(ours, whole, "{t}");
         }
     }

@@ -5,18 +5,24 @@
 //! ([`plan::make_plan`]) fixes every tensor's type and offset before any data is read, so the
 //! GGUF header is written first and each tensor is then read from the mmap, quantized in
 //! parallel, written and released. Peak memory is about two copies of the largest tensor.
-//! [`calibrate`] makes the importance matrix that steers the K-quants.
+//! [`calibrate`] makes the importance matrix that weights the block types; [`calibrated`] runs
+//! GPTQ and activation-aware scaling layer by layer.
 
+pub mod awq;
 pub mod blocks;
 pub mod calibrate;
+pub mod calibrated;
 pub mod encode;
 pub mod error;
 pub mod gguf_writer;
+pub mod gptq;
+pub mod grid;
 pub mod imatrix;
 pub mod metadata;
 pub mod output;
 pub mod plan;
 pub mod types;
+pub mod weighted;
 
 pub use error::{Error, Result};
 pub use imatrix::ImportanceMatrix;
@@ -37,7 +43,7 @@ pub type Progress<'a> = dyn Fn(u64, u64, &str) + 'a;
 /// How to run a quantization besides the plan.
 #[derive(Default)]
 pub struct Options<'a> {
-    /// Importance weights for the K-quants (from `tandem calibrate` or llama-imatrix).
+    /// Importance weights for the block types (from `tandem calibrate` or llama-imatrix).
     pub imatrix: Option<&'a ImportanceMatrix>,
     /// Quantize tensors holding NaN/Inf instead of refusing them.
     pub allow_nonfinite: bool,
@@ -45,6 +51,9 @@ pub struct Options<'a> {
     pub cancel: Option<&'a AtomicBool>,
     /// Called after each tensor: (source bytes done, source bytes total, next tensor name).
     pub progress: Option<&'a Progress<'a>>,
+    /// Tensors a calibrated method (GPTQ, activation-aware scaling) already quantized or
+    /// rescaled, written instead of rounding the source; its metadata goes into the header.
+    pub calibrated: Option<&'a calibrated::Calibrated>,
 }
 
 /// What a finished run did.
@@ -70,7 +79,11 @@ impl Report {
 }
 
 /// The GGUF header for a plan: llama.cpp metadata, tokenizer and tensor entries.
-pub fn layout(ck: &Checkpoint, plan: &Plan) -> Result<(GgufLayout, Vec<String>)> {
+pub fn layout(
+    ck: &Checkpoint,
+    plan: &Plan,
+    extra: &metadata::Metadata,
+) -> Result<(GgufLayout, Vec<String>)> {
     let name = ck
         .path
         .file_stem()
@@ -79,6 +92,7 @@ pub fn layout(ck: &Checkpoint, plan: &Plan) -> Result<(GgufLayout, Vec<String>)>
     let mut md = metadata::model_metadata(&ck.config, &name, metadata::file_type(plan.scheme));
     let (tok, notes) = metadata::tokenizer_metadata(ck)?;
     md.extend(tok);
+    md.extend(extra.iter().cloned());
     let mut tensors: Vec<(String, Vec<u64>, u32, u64)> = plan
         .tensors
         .iter()
@@ -124,7 +138,9 @@ pub fn write_gguf<W: Write>(
 ) -> Result<(W, Report)> {
     let start = Instant::now();
     let path = ck.store.main_path().to_path_buf();
-    let (layout, mut notes) = layout(ck, plan)?;
+    let no_metadata = Vec::new();
+    let extra = opts.calibrated.map_or(&no_metadata, |c| &c.metadata);
+    let (layout, mut notes) = layout(ck, plan, extra)?;
     if let Some(bad) = layout.tensors.iter().find(|t| t.ggml_type == u32::MAX) {
         return Err(error::tensor_err(
             &path,
@@ -186,6 +202,34 @@ pub fn write_gguf<W: Write>(
             },
             _ => None,
         };
+        if let Some(bytes) = opts.calibrated.and_then(|c| c.tensors.get(&t.source_name)) {
+            // Quantized already (rows in the source's order, like `raw.data`).
+            let bytes = match t.permute_heads {
+                Some(heads) => permute_qk_rows(
+                    bytes,
+                    heads,
+                    rows,
+                    bytes.len() / rows.max(1),
+                    Permute::HfToGguf,
+                ),
+                None => bytes.clone(),
+            };
+            w.write_tensor(&bytes).map_err(out_err)?;
+            ck.store.release(&t.source_name);
+            done += raw.data.len() as u64;
+            continue;
+        }
+        if let Some(values) = opts.calibrated.and_then(|c| c.dense.get(&t.source_name)) {
+            let ty = t.target.unwrap_or(match raw.dtype {
+                tandem_model::weights::WeightDType::F16 => QuantType::F16,
+                tandem_model::weights::WeightDType::BF16 => QuantType::BF16,
+                _ => QuantType::F32,
+            });
+            let bytes = encode::encode(ty, values, cols, None)?;
+            w.write_tensor(&bytes).map_err(out_err)?;
+            done += raw.data.len() as u64;
+            continue;
+        }
         if t.target.is_none() && !opts.allow_nonfinite {
             tandem_model::linear::check_finite(&file, &raw)?;
         }
@@ -277,7 +321,9 @@ fn name_output(e: Error, out: &Path) -> Error {
 
 /// Quantizes into memory: the GGUF bytes (a self-draft for speculative decoding is made so).
 pub fn quantize_to_bytes(ck: &Checkpoint, plan: &Plan, opts: &Options) -> Result<Vec<u8>> {
-    let (layout, _) = layout(ck, plan)?;
+    let no_metadata = Vec::new();
+    let extra = opts.calibrated.map_or(&no_metadata, |c| &c.metadata);
+    let (layout, _) = layout(ck, plan, extra)?;
     let buf = Vec::with_capacity(layout.file_size() as usize);
     Ok(write_gguf(ck, plan, opts, buf)?.0)
 }
@@ -299,6 +345,15 @@ pub fn quantized_copy(
     let all = if attention_too { "@all" } else { "" };
     let label = std::path::PathBuf::from(format!("{} (self:{scheme}{all})", ck.path.display()));
     Ok(Checkpoint::from_gguf_bytes(&label, bytes)?)
+}
+
+/// Lower-case hex SHA-256 of `bytes` (the calibration text's fingerprint in output files).
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// The default calibration text: the opening of Austen's *Emma* (see data/PROVENANCE.md).
@@ -349,7 +404,7 @@ mod tests {
         quantize_to_file(&ck, &plan, &Options::default(), &p, false).unwrap();
         assert!(std::fs::read(&p).unwrap() == bytes);
         assert_eq!(
-            layout(&ck, &plan).unwrap().0.file_size() as usize,
+            layout(&ck, &plan, &Vec::new()).unwrap().0.file_size() as usize,
             bytes.len()
         );
         Checkpoint::open(&p, None).unwrap();

@@ -100,12 +100,10 @@ impl QuantType {
         matches!(self, QuantType::F32 | QuantType::F16 | QuantType::BF16)
     }
 
-    /// Whether importance weights (an imatrix) change how this type is quantized.
+    /// Whether importance weights (an imatrix) change how this type is quantized: every block
+    /// type but Q8_0, as in llama-quantize.
     pub fn uses_importance(self) -> bool {
-        matches!(
-            self,
-            QuantType::Q2K | QuantType::Q3K | QuantType::Q4K | QuantType::Q5K | QuantType::Q6K
-        )
+        !self.is_dense() && self != QuantType::Q8_0
     }
 
     pub fn bits_per_weight(self) -> f64 {

@@ -1,0 +1,477 @@
+//! Calibrated quantization: methods that look at what the model computes on calibration text,
+//! not only at the weights. Layers are quantized in order, each with the inputs that the
+//! already-quantized layers before it produce (as GPTQModel does): the calibration text is
+//! embedded once, then for every decoder layer the hidden states of all chunks go through that
+//! one layer — once per group of projections sharing an input (q/k/v, o, gate/up, down) to
+//! collect that group's statistics, whose weights are then quantized and put in place in the
+//! model — and once more to produce the next layer's inputs. One group's Hessian is in memory
+//! at a time.
+//!
+//! The result is the GGML bytes of every calibrated tensor (and any rescaled dense tensors),
+//! which [`crate::write_gguf`] writes in place of rounding the source.
+
+use crate::awq;
+use crate::encode;
+use crate::error::{tensor_err, Error, Result};
+use crate::gptq::{self, GptqOptions};
+use crate::grid;
+use crate::imatrix::ImportanceMatrix;
+use crate::plan::{Plan, PlannedTensor};
+use crate::types::QuantType;
+use candle_core::{Device, Tensor};
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::time::Instant;
+use tandem_model::gguf_names::{hf_to_gguf, permute_qk_rows, Permute};
+use tandem_model::weights::{RawTensor, WeightDType};
+use tandem_model::{ActivationObserver, Checkpoint};
+
+/// How weights become levels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Method {
+    /// Round to nearest with the type's own encoder (llama-quantize's bytes).
+    Rtn,
+    /// GPTQ: error feedback through the inverse Hessian of calibration inputs.
+    Gptq,
+    /// Activation-aware scaling of MLP input channels, then rounding.
+    Awq,
+    /// Activation-aware scaling, then GPTQ.
+    AwqGptq,
+}
+
+impl Method {
+    pub fn parse(s: &str) -> Result<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "rtn" => Ok(Method::Rtn),
+            "gptq" => Ok(Method::Gptq),
+            "awq" => Ok(Method::Awq),
+            "awq+gptq" | "gptq+awq" => Ok(Method::AwqGptq),
+            _ => Err(Error::Plan(format!(
+                "unknown method '{s}' (known: rtn, gptq, awq, awq+gptq)"
+            ))),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Method::Rtn => "rtn",
+            Method::Gptq => "gptq",
+            Method::Awq => "awq",
+            Method::AwqGptq => "awq+gptq",
+        }
+    }
+
+    pub fn uses_gptq(self) -> bool {
+        matches!(self, Method::Gptq | Method::AwqGptq)
+    }
+
+    pub fn uses_awq(self) -> bool {
+        matches!(self, Method::Awq | Method::AwqGptq)
+    }
+
+    /// Whether the method needs calibration text.
+    pub fn is_calibrated(self) -> bool {
+        self != Method::Rtn
+    }
+}
+
+impl std::fmt::Display for Method {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// What to calibrate on, and how.
+#[derive(Debug, Clone)]
+pub struct CalibratedOptions {
+    pub method: Method,
+    /// Calibration text (never the evaluation text).
+    pub text: String,
+    /// Where the text came from, recorded in the file.
+    pub text_name: String,
+    /// Tokens per chunk.
+    pub ctx: usize,
+    /// Use at most this many chunks.
+    pub chunks: Option<usize>,
+    pub gptq: GptqOptions,
+}
+
+impl CalibratedOptions {
+    pub fn new(method: Method) -> Self {
+        CalibratedOptions {
+            method,
+            text: crate::CALIBRATION_TEXT.to_string(),
+            text_name: "tandem:austen-emma-calibration.txt".into(),
+            ctx: 512,
+            chunks: None,
+            gptq: GptqOptions::default(),
+        }
+    }
+}
+
+/// Seconds spent in each phase.
+#[derive(Debug, Clone, Default)]
+pub struct Timings {
+    /// Running layers over the calibration text and accumulating statistics.
+    pub statistics: f64,
+    /// Dampening and the Cholesky factorizations.
+    pub factorization: f64,
+    /// Choosing scales and levels.
+    pub quantization: f64,
+    /// Activation-aware scale search.
+    pub scale_search: f64,
+}
+
+/// The outcome: bytes to write in place of rounding, and what was done.
+#[derive(Debug, Default)]
+pub struct Calibrated {
+    /// Source tensor name → GGML bytes of its planned type, rows in the source's stored order.
+    pub tensors: BTreeMap<String, Vec<u8>>,
+    /// Source tensor name → replacement f32 values (a norm or a projection that activation-
+    /// aware scaling changed), written in the tensor's planned type.
+    pub dense: BTreeMap<String, Vec<f32>>,
+    /// GGUF key/value pairs recording the method, its parameters and the calibration text.
+    pub metadata: crate::metadata::Metadata,
+    pub timings: Timings,
+    pub chunks: usize,
+    pub tokens: usize,
+}
+
+/// Progress: (layer done, layers, what is happening).
+pub type LayerProgress<'a> = dyn Fn(usize, usize, &str) + 'a;
+
+/// The projections of one layer in the order they are quantized, grouped by shared input.
+const GROUPS: [&[&str]; 4] = [
+    &["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+    &["self_attn.o_proj"],
+    &["mlp.gate_proj", "mlp.up_proj"],
+    &["mlp.down_proj"],
+];
+
+/// Accumulates `2 XᵀX` (and the mean square per column) for one input shared by a group.
+struct HessianCollector {
+    want: String,
+    cols: usize,
+    h: Mutex<(Vec<f64>, usize)>,
+    /// Also keep the inputs themselves (activation-aware scaling searches over them).
+    keep_inputs: bool,
+    inputs: Mutex<Vec<f32>>,
+}
+
+impl ActivationObserver for HessianCollector {
+    fn observe(&self, weights: &[String], x: &Tensor) -> tandem_model::Result<()> {
+        if weights.first() != Some(&self.want) {
+            return Ok(());
+        }
+        let v: Vec<f32> = x.flatten_all()?.to_vec1()?;
+        if v.len() % self.cols != 0 {
+            return Err(tandem_model::Error::Invalid(format!(
+                "{}: input rows of {} values, expected {}",
+                self.want,
+                v.len(),
+                self.cols
+            )));
+        }
+        let mut g = self.h.lock().unwrap_or_else(|p| p.into_inner());
+        gptq::add_to_hessian(&mut g.0, &v, self.cols);
+        g.1 += v.len() / self.cols;
+        if self.keep_inputs {
+            self.inputs
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .extend_from_slice(&v);
+        }
+        Ok(())
+    }
+}
+
+/// Calibration chunks: the text tokenized once (BOS where the vocabulary adds one), cut into
+/// `ctx`-token pieces, each starting with BOS, as `tandem calibrate` and llama-imatrix do.
+pub fn calibration_chunks(
+    ck: &Checkpoint,
+    text: &str,
+    ctx: usize,
+    chunks: Option<usize>,
+) -> Result<Vec<Vec<u32>>> {
+    let tokens = ck.tokenizer.encode(text, ck.tokenizer.add_bos)?;
+    let ctx = ctx.min(ck.config.context_length());
+    if ctx < 16 {
+        return Err(Error::Plan(format!(
+            "calibration chunks of {ctx} tokens are too short"
+        )));
+    }
+    let available = tokens.len() / ctx;
+    if available == 0 {
+        return Err(Error::Plan(format!(
+            "the calibration text has {} tokens, fewer than one chunk of {ctx} (give a longer --calib-text or a smaller --calib-ctx)",
+            tokens.len()
+        )));
+    }
+    let n = chunks.map_or(available, |c| c.min(available)).max(1);
+    let bos = ck.tokenizer.bos_id.filter(|_| ck.tokenizer.add_bos);
+    Ok((0..n)
+        .map(|c| {
+            let mut chunk = tokens[c * ctx..(c + 1) * ctx].to_vec();
+            if let Some(b) = bos {
+                chunk[0] = b;
+            }
+            chunk
+        })
+        .collect())
+}
+
+/// Runs the calibrated method over every decoder-layer tensor the plan quantizes to a block
+/// type. Tensors outside the decoder layers (embeddings, output head) are left to rounding.
+pub fn calibrate_plan(
+    ck: &Checkpoint,
+    plan: &Plan,
+    opts: &CalibratedOptions,
+    imatrix: Option<&ImportanceMatrix>,
+    progress: &LayerProgress<'_>,
+) -> Result<Calibrated> {
+    let mut out = Calibrated::default();
+    if !opts.method.is_calibrated() {
+        return Ok(out);
+    }
+    let chunks = calibration_chunks(ck, &opts.text, opts.ctx, opts.chunks)?;
+    out.chunks = chunks.len();
+    out.tokens = chunks.iter().map(Vec::len).sum();
+    out.metadata = provenance(opts, out.chunks);
+    let mut model = ck.load_model(&Device::Cpu)?;
+    let layers = ck.config.num_hidden_layers;
+    let planned: BTreeMap<&str, &PlannedTensor> = plan
+        .tensors
+        .iter()
+        .map(|t| (t.source_name.as_str(), t))
+        .collect();
+    let t0 = Instant::now();
+    let mut hidden: Vec<Vec<f32>> = chunks
+        .iter()
+        .map(|c| model.embed_sequence(c))
+        .collect::<tandem_model::Result<_>>()?;
+    out.timings.statistics += t0.elapsed().as_secs_f64();
+    for li in 0..layers {
+        progress(li, layers, "");
+        for group in GROUPS {
+            let targets: Vec<(String, &PlannedTensor, QuantType)> = group
+                .iter()
+                .filter_map(|m| {
+                    let name = format!("model.layers.{li}.{m}.weight");
+                    let t = planned.get(name.as_str())?;
+                    let q = t.target.filter(|q| grid::has_grid(*q))?;
+                    Some((name, *t, q))
+                })
+                .collect();
+            let mlp_in = group[0] == "mlp.gate_proj";
+            let awq_here = opts.method.uses_awq() && mlp_in && !targets.is_empty();
+            if targets.is_empty() {
+                continue;
+            }
+            // Statistics of the group's shared input, with the layers before already quantized.
+            let want = format!("model.layers.{li}.{}.weight", group[0]);
+            let cols = ck
+                .store
+                .get(&targets[0].0)?
+                .shape
+                .last()
+                .copied()
+                .unwrap_or(0);
+            let collector = HessianCollector {
+                want,
+                cols,
+                h: Mutex::new((vec![0f64; cols * cols], 0)),
+                keep_inputs: awq_here,
+                inputs: Mutex::new(Vec::new()),
+            };
+            progress(li, layers, &format!("{}: statistics", group.join("/")));
+            let t = Instant::now();
+            for hs in &hidden {
+                let mut scratch = hs.clone();
+                model.run_layer(li, &mut scratch, Some(&collector))?;
+            }
+            out.timings.statistics += t.elapsed().as_secs_f64();
+            let (mut h, n) = collector.h.into_inner().unwrap_or_else(|p| p.into_inner());
+            if n == 0 {
+                return Err(Error::Plan(format!(
+                    "layer {li}: no calibration input reached {}",
+                    group[0]
+                )));
+            }
+            let mut weights: Vec<(String, &PlannedTensor, QuantType, Vec<f32>)> = Vec::new();
+            for (name, t, q) in targets {
+                let raw = ck.store.get(&name)?;
+                let file = ck.store.path_of(&name).to_path_buf();
+                let rows = raw.elem_count() / cols.max(1);
+                let w = encode::to_f32(&file, &raw, raw.data, (0, rows), false)?;
+                weights.push((name, t, q, w));
+            }
+            if awq_here {
+                progress(li, layers, "gate/up: activation-aware scales");
+                let t = Instant::now();
+                let xs = collector
+                    .inputs
+                    .into_inner()
+                    .unwrap_or_else(|p| p.into_inner());
+                let s = awq::search_scales(
+                    &xs,
+                    cols,
+                    &weights
+                        .iter()
+                        .map(|(_, _, q, w)| (*q, w.as_slice()))
+                        .collect::<Vec<_>>(),
+                )?;
+                // Fold: W' = W · diag(s) for gate/up; the norm weight divided by s.
+                for (_, _, _, w) in weights.iter_mut() {
+                    for row in w.chunks_exact_mut(cols) {
+                        for (v, si) in row.iter_mut().zip(&s) {
+                            *v *= si;
+                        }
+                    }
+                }
+                let (_, mlp_norm) = model
+                    .layer_norms(li)
+                    .ok_or_else(|| Error::Plan(format!("no layer {li}")))?;
+                let norm: Vec<f32> = mlp_norm.iter().zip(&s).map(|(g, si)| g / si).collect();
+                model.set_mlp_norm(li, norm.clone())?;
+                out.dense.insert(
+                    format!("model.layers.{li}.post_attention_layernorm.weight"),
+                    norm,
+                );
+                // The inputs the Hessian saw are divided by s too: H' = diag(1/s) H diag(1/s).
+                for i in 0..cols {
+                    for j in 0..cols {
+                        h[i * cols + j] /= (s[i] * s[j]) as f64;
+                    }
+                }
+                out.timings.scale_search += t.elapsed().as_secs_f64();
+            }
+            let factor = if opts.method.uses_gptq() {
+                progress(li, layers, &format!("{}: factorization", group.join("/")));
+                let t = Instant::now();
+                let f = gptq::inverse_hessian_factor(&h, cols, opts.gptq.damp)
+                    .map_err(|e| Error::Plan(format!("layer {li} {}: {e}", group[0])))?;
+                out.timings.factorization += t.elapsed().as_secs_f64();
+                Some(f)
+            } else {
+                None
+            };
+            // Importance for choosing block scales: the imatrix when given, else the
+            // Hessian's diagonal (the same statistic: the mean square of each input channel).
+            let diag: Vec<f32> = (0..cols)
+                .map(|i| (h[i * cols + i] / (2.0 * n as f64)) as f32)
+                .collect();
+            for (name, t, q, mut w) in weights {
+                progress(li, layers, &format!("{}: quantizing", short(&name)));
+                let ts = Instant::now();
+                let gguf = hf_to_gguf(&name).unwrap_or_else(|| name.clone());
+                let from_imatrix = imatrix
+                    .and_then(|m| m.importance(&gguf))
+                    .filter(|v| v.len() == cols);
+                let importance: Option<&[f32]> = match (&from_imatrix, q.uses_importance()) {
+                    (Some(v), true) => Some(v.as_slice()),
+                    (None, true) => Some(diag.as_slice()),
+                    _ => None,
+                };
+                let bytes = match &factor {
+                    Some((u, dead)) => {
+                        gptq::gptq_quantize(q, &mut w, cols, u, dead, importance, &opts.gptq)
+                    }
+                    None => encode::encode(q, &w, cols, importance),
+                }
+                .map_err(|e| tensor_err(ck.store.path_of(&name), &name, e.to_string()))?;
+                out.timings.quantization += ts.elapsed().as_secs_f64();
+                // The quantized weights replace the layer's, so later inputs see them.
+                let rows = w.len() / cols;
+                let model_bytes = match t.permute_heads.is_none()
+                    && ck.store.is_gguf()
+                    && is_qk(&name)
+                {
+                    true => {
+                        let heads = heads_of(ck, &name);
+                        permute_qk_rows(&bytes, heads, rows, bytes.len() / rows, Permute::GgufToHf)
+                    }
+                    false => bytes.clone(),
+                };
+                let raw = RawTensor {
+                    name: name.clone(),
+                    dtype: WeightDType::Quant(q.ggml()),
+                    shape: vec![rows, cols],
+                    data: &model_bytes,
+                };
+                let lin = tandem_model::linear::Linear::from_raw(
+                    ck.store.path_of(&name),
+                    &raw,
+                    &Device::Cpu,
+                )?;
+                model.replace_linear(&name, lin)?;
+                out.tensors.insert(name, bytes);
+            }
+        }
+        // The next layer's inputs, through this layer as quantized.
+        progress(li, layers, "next layer's inputs");
+        let t = Instant::now();
+        for hs in hidden.iter_mut() {
+            model.run_layer(li, hs, None)?;
+        }
+        out.timings.statistics += t.elapsed().as_secs_f64();
+    }
+    progress(layers, layers, "");
+    Ok(out)
+}
+
+fn short(name: &str) -> &str {
+    name.strip_prefix("model.layers.")
+        .unwrap_or(name)
+        .trim_end_matches(".weight")
+}
+
+fn is_qk(name: &str) -> bool {
+    name.ends_with("self_attn.q_proj.weight") || name.ends_with("self_attn.k_proj.weight")
+}
+
+fn heads_of(ck: &Checkpoint, name: &str) -> usize {
+    if name.ends_with("q_proj.weight") {
+        ck.config.num_attention_heads
+    } else {
+        ck.config.num_kv_heads()
+    }
+}
+
+/// GGUF keys recording the method (`tandem.quantize.*`).
+fn provenance(opts: &CalibratedOptions, chunks: usize) -> crate::metadata::Metadata {
+    use candle_core::quantized::gguf_file::Value;
+    use tandem_model::gguf_keys as keys;
+    let mut md = vec![
+        (
+            keys::TANDEM_QUANTIZE_METHOD.into(),
+            Value::String(opts.method.name().into()),
+        ),
+        (
+            keys::TANDEM_CALIBRATION_TEXT.into(),
+            Value::String(opts.text_name.clone()),
+        ),
+        (
+            keys::TANDEM_CALIBRATION_SHA256.into(),
+            Value::String(crate::sha256_hex(opts.text.as_bytes())),
+        ),
+        (
+            keys::TANDEM_CALIBRATION_CHUNKS.into(),
+            Value::U32(chunks as u32),
+        ),
+        (
+            keys::TANDEM_CALIBRATION_CTX.into(),
+            Value::U32(opts.ctx as u32),
+        ),
+    ];
+    if opts.method.uses_gptq() {
+        md.push((
+            keys::TANDEM_GPTQ_DAMP.into(),
+            Value::F32(opts.gptq.damp as f32),
+        ));
+        md.push((
+            keys::TANDEM_GPTQ_BLOCK.into(),
+            Value::U32(opts.gptq.lazy_block as u32),
+        ));
+    }
+    md
+}

@@ -1,0 +1,457 @@
+//! GPTQ (Frantar et al., 2022) onto standard GGML blocks.
+//!
+//! For one linear layer `W` [rows, cols] and the Hessian `H = 2 XᵀX` of its calibration
+//! inputs, columns are quantized in order and each column's rounding error is spread over the
+//! columns not yet quantized, weighted by the inverse Hessian, so that ‖(W − Ŵ)X‖ rather than
+//! ‖W − Ŵ‖ is what the rounding minimises. What makes the output a plain GGML file: when the
+//! columns reach a block (32 values, or a K-quant's 256), that block's scales (and mins) are
+//! chosen by the type's own encoder from the weights as they stand then — already moved by the
+//! error of earlier blocks — and every element of the block is then rounded onto that fixed
+//! grid as its column comes up ([`crate::grid`]). The levels are written back into the block,
+//! so every block decodes through any GGML decoder.
+//!
+//! Layout: each row's work depends only on the shared inverse-Hessian factor, so rows are cut
+//! into panels run in parallel; inside a panel, columns go in lazy blocks (the error of a block
+//! of columns reaches the columns after it in one update, as the paper's lazy batching does),
+//! which keeps a panel's rows in cache.
+
+use crate::encode::encode_rows_into;
+use crate::error::{Error, Result};
+use crate::grid::{self, Grid};
+use crate::types::QuantType;
+use faer::linalg::solvers::DenseSolveCore;
+use faer::{Mat, Side};
+use rayon::prelude::*;
+
+/// GPTQ's settings.
+#[derive(Debug, Clone, Copy)]
+pub struct GptqOptions {
+    /// Dampening: this fraction of the mean diagonal of H is added to the diagonal (GPTQ's
+    /// `percdamp`, 0.01).
+    pub damp: f64,
+    /// Columns per lazy update block (a multiple of the type's block size is used).
+    pub lazy_block: usize,
+}
+
+impl Default for GptqOptions {
+    fn default() -> Self {
+        GptqOptions {
+            damp: 0.01,
+            lazy_block: 128,
+        }
+    }
+}
+
+/// Rows per parallel panel: enough to reuse each inverse-Hessian row several times.
+const PANEL_ROWS: usize = 16;
+
+/// The upper Cholesky factor `U` of `H⁻¹` (H⁻¹ = UᵀU), row-major [cols, cols] in f32, after
+/// dampening; `dead` columns (no activation ever reached them: H_ii = 0) get H_ii = 1. If H
+/// is not positive definite after dampening, the dampening is raised tenfold, up to 1.0 of the
+/// mean diagonal, before giving up.
+pub fn inverse_hessian_factor(h: &[f64], cols: usize, damp: f64) -> Result<(Vec<f32>, Vec<bool>)> {
+    if h.len() != cols * cols || cols == 0 {
+        return Err(Error::Plan(format!(
+            "Hessian of {} values for {cols} columns (internal error)",
+            h.len()
+        )));
+    }
+    if let Some(i) = h.iter().position(|v| !v.is_finite()) {
+        return Err(Error::Plan(format!(
+            "the calibration activations hold a non-finite value (Hessian entry {}, {})",
+            i / cols,
+            i % cols
+        )));
+    }
+    let dead: Vec<bool> = (0..cols).map(|i| h[i * cols + i] <= 0.0).collect();
+    let diag_mean = (0..cols)
+        .filter(|&i| !dead[i])
+        .map(|i| h[i * cols + i])
+        .sum::<f64>()
+        / (dead.iter().filter(|d| !**d).count().max(1)) as f64;
+    let diag_mean = if diag_mean > 0.0 { diag_mean } else { 1.0 };
+    let mut damp = damp.max(0.0);
+    loop {
+        let m = Mat::<f64>::from_fn(cols, cols, |i, j| {
+            let mut v = h[i * cols + j];
+            if i == j {
+                if dead[i] {
+                    v = 1.0;
+                }
+                v += damp * diag_mean;
+            }
+            v
+        });
+        let factor = m.llt(Side::Lower).ok().and_then(|llt| {
+            let inv = llt.inverse();
+            inv.llt(Side::Lower).ok()
+        });
+        if let Some(f) = factor {
+            // U = Lᵀ where H⁻¹ = L Lᵀ.
+            let l = f.L();
+            let mut u = vec![0f32; cols * cols];
+            for i in 0..cols {
+                for j in i..cols {
+                    u[i * cols + j] = l[(j, i)] as f32;
+                }
+            }
+            if u.iter().all(|v| v.is_finite()) && (0..cols).all(|i| u[i * cols + i] > 0.0) {
+                return Ok((u, dead));
+            }
+        }
+        if damp >= 1.0 {
+            return Err(Error::Plan(
+                "the calibration Hessian is not positive definite even with dampening 1.0 \
+                 (too little or degenerate calibration text?)"
+                    .into(),
+            ));
+        }
+        damp = if damp <= 0.0 { 0.01 } else { damp * 10.0 };
+    }
+}
+
+/// Quantizes `w` ([rows, cols] row-major, modified in place: dead columns zeroed, error fed
+/// forward) as type `t` with GPTQ, given the inverse-Hessian factor from
+/// [`inverse_hessian_factor`]. `importance` (one weight per column) is handed to the block
+/// encoder when it chooses each block's scales. Returns the GGML bytes.
+pub fn gptq_quantize(
+    t: QuantType,
+    w: &mut [f32],
+    cols: usize,
+    u: &[f32],
+    dead: &[bool],
+    importance: Option<&[f32]>,
+    opts: &GptqOptions,
+) -> Result<Vec<u8>> {
+    let bs = t.block_size();
+    if !grid::has_grid(t) || cols == 0 || !cols.is_multiple_of(bs) || w.len() % cols != 0 {
+        return Err(Error::Plan(format!(
+            "GPTQ to {t} needs rows of whole {bs}-value blocks (a row of {cols})"
+        )));
+    }
+    let rows = w.len() / cols;
+    let row_bytes = cols / bs * t.type_size();
+    let mut out = vec![0u8; rows * row_bytes];
+    let lazy = opts.lazy_block.max(bs).div_ceil(bs) * bs;
+    for (r, row) in w.chunks_exact_mut(cols).enumerate() {
+        for (j, v) in row.iter_mut().enumerate() {
+            if dead[j] {
+                *v = 0.0;
+            }
+            if !v.is_finite() {
+                return Err(Error::Plan(format!(
+                    "non-finite weight at row {r}, column {j}"
+                )));
+            }
+        }
+    }
+    out.par_chunks_mut(PANEL_ROWS * row_bytes)
+        .zip(w.par_chunks_mut(PANEL_ROWS * cols))
+        .try_for_each(|(o, p)| panel(t, p, cols, u, importance, lazy, o))?;
+    Ok(out)
+}
+
+/// One panel of rows: columns in lazy blocks, each GGML block's grid fixed when its first
+/// column comes up.
+fn panel(
+    t: QuantType,
+    w: &mut [f32],
+    cols: usize,
+    u: &[f32],
+    importance: Option<&[f32]>,
+    lazy: usize,
+    out: &mut [u8],
+) -> Result<()> {
+    let (bs, tb, sub, nlev) = (
+        t.block_size(),
+        t.type_size(),
+        grid::sub_block(t),
+        grid::levels(t),
+    );
+    let rows = w.len() / cols;
+    let row_bytes = cols / bs * tb;
+    // Each row's error for the columns of the current lazy block.
+    let mut err = vec![0f32; rows * lazy];
+    let mut grids: Vec<Vec<Grid>> = vec![Vec::new(); rows];
+    for b0 in (0..cols).step_by(lazy) {
+        let b1 = (b0 + lazy).min(cols);
+        for i in b0..b1 {
+            if i % bs == 0 {
+                // Fix this block's scales from the weights as they stand now.
+                for r in 0..rows {
+                    let block = &mut out[r * row_bytes + i / bs * tb..][..tb];
+                    let imp = importance.map(|m| &m[i..i + bs]);
+                    encode_rows_into(t, &w[r * cols + i..][..bs], bs, imp, block)?;
+                    grid::grids(t, block, &mut grids[r]);
+                }
+            }
+            let (e, d) = (i % bs, u[i * cols + i]);
+            let urow = &u[i * cols + i + 1..i * cols + b1];
+            for r in 0..rows {
+                let block = &mut out[r * row_bytes + i / bs * tb..][..tb];
+                let g = grids[r][e / sub];
+                let x = w[r * cols + i];
+                let level = g.nearest(x, nlev, grid::level(t, block, e));
+                grid::set_level(t, block, e, level);
+                let q = g.value(level);
+                let er = (x - q) / d;
+                err[r * lazy + (i - b0)] = er;
+                for (v, &h) in w[r * cols + i + 1..r * cols + b1].iter_mut().zip(urow) {
+                    *v -= er * h;
+                }
+            }
+        }
+        // The block's errors reach every later column at once.
+        if b1 < cols {
+            for r in 0..rows {
+                let row = &mut w[r * cols + b1..(r + 1) * cols];
+                for k in b0..b1 {
+                    let er = err[r * lazy + (k - b0)];
+                    if er != 0.0 {
+                        for (v, &h) in row.iter_mut().zip(&u[k * cols + b1..(k + 1) * cols]) {
+                            *v -= er * h;
+                        }
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Accumulates `H += 2 XᵀX` for inputs `x` [n, cols] (f32 product, f64 sum).
+pub fn add_to_hessian(h: &mut [f64], x: &[f32], cols: usize) {
+    let n = x.len() / cols.max(1);
+    if n == 0 {
+        return;
+    }
+    let xm = faer::MatRef::from_row_major_slice(x, n, cols);
+    let mut prod = Mat::<f32>::zeros(cols, cols);
+    faer::linalg::matmul::matmul(
+        prod.as_mut(),
+        faer::Accum::Replace,
+        xm.transpose(),
+        xm,
+        2.0f32,
+        faer::Par::rayon(0),
+    );
+    for i in 0..cols {
+        for j in 0..cols {
+            h[i * cols + j] += prod[(i, j)] as f64;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::encode::{dequantized, encode};
+
+    fn rng(seed: u64) -> impl FnMut() -> f32 {
+        let mut s = seed;
+        move || {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (s >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+        }
+    }
+
+    /// A layer and inputs with correlated, unevenly scaled channels, as real activations are.
+    fn layer(rows: usize, cols: usize, n: usize) -> (Vec<f32>, Vec<f32>) {
+        let mut r = rng(42);
+        let w: Vec<f32> = (0..rows * cols).map(|_| r() * 0.1).collect();
+        let scale: Vec<f32> = (0..cols).map(|j| 0.2 + (j % 7) as f32).collect();
+        let mut x = vec![0f32; n * cols];
+        for t in 0..n {
+            let common = r();
+            for j in 0..cols {
+                x[t * cols + j] = (r() + 0.7 * common) * scale[j];
+            }
+        }
+        (w, x)
+    }
+
+    /// ‖(W − Ŵ)Xᵀ‖² over the inputs.
+    fn output_error(w: &[f32], q: &[f32], x: &[f32], cols: usize) -> f64 {
+        let rows = w.len() / cols;
+        let n = x.len() / cols;
+        let mut s = 0f64;
+        for r in 0..rows {
+            for t in 0..n {
+                let mut d = 0f64;
+                for j in 0..cols {
+                    d += ((w[r * cols + j] - q[r * cols + j]) * x[t * cols + j]) as f64;
+                }
+                s += d * d;
+            }
+        }
+        s
+    }
+
+    fn hessian(x: &[f32], cols: usize) -> Vec<f64> {
+        let mut h = vec![0f64; cols * cols];
+        add_to_hessian(&mut h, x, cols);
+        h
+    }
+
+    /// GPTQ written as plainly as the paper's algorithm 1 (no lazy blocks, no panels, f64,
+    /// the inverse Hessian updated by elimination instead of a Cholesky factor), with the same
+    /// per-block grid rule: the reference the fast version must agree with.
+    fn plain_gptq(t: QuantType, w: &[f32], cols: usize, h: &[f64]) -> Vec<u8> {
+        let rows = w.len() / cols;
+        let bs = t.block_size();
+        let mean = (0..cols).map(|i| h[i * cols + i]).sum::<f64>() / cols as f64;
+        // H⁻¹ by Gauss-Jordan.
+        let mut a: Vec<Vec<f64>> = (0..cols)
+            .map(|i| {
+                let mut row: Vec<f64> = (0..cols)
+                    .map(|j| h[i * cols + j] + if i == j { 0.01 * mean } else { 0.0 })
+                    .collect();
+                row.extend((0..cols).map(|j| if i == j { 1.0 } else { 0.0 }));
+                row
+            })
+            .collect();
+        for c in 0..cols {
+            let p = a[c][c];
+            for v in a[c].iter_mut() {
+                *v /= p;
+            }
+            let pivot = a[c].clone();
+            for (r, row) in a.iter_mut().enumerate() {
+                if r != c {
+                    let f = row[c];
+                    for (v, pv) in row.iter_mut().zip(&pivot) {
+                        *v -= f * pv;
+                    }
+                }
+            }
+        }
+        let mut hinv: Vec<Vec<f64>> = a.into_iter().map(|r| r[cols..].to_vec()).collect();
+        let mut w: Vec<f64> = w.iter().map(|&v| v as f64).collect();
+        let mut out = vec![0u8; rows * cols / bs * t.type_size()];
+        let row_bytes = cols / bs * t.type_size();
+        let mut gs = Vec::new();
+        let mut grids = vec![Vec::new(); rows];
+        for i in 0..cols {
+            for r in 0..rows {
+                let block = &mut out[r * row_bytes + i / bs * t.type_size()..][..t.type_size()];
+                if i % bs == 0 {
+                    let vals: Vec<f32> = w[r * cols + i..r * cols + i + bs]
+                        .iter()
+                        .map(|&v| v as f32)
+                        .collect();
+                    block.copy_from_slice(&encode(t, &vals, bs, None).unwrap());
+                    grid::grids(t, block, &mut gs);
+                    grids[r] = gs.clone();
+                }
+                let g = grids[r][(i % bs) / grid::sub_block(t)];
+                let x = w[r * cols + i] as f32;
+                let l = g.nearest(x, grid::levels(t), grid::level(t, block, i % bs));
+                grid::set_level(t, block, i % bs, l);
+                let e = (w[r * cols + i] - g.value(l) as f64) / hinv[i][i];
+                for j in i + 1..cols {
+                    w[r * cols + j] -= e * hinv[i][j];
+                }
+            }
+            // Remove column i from the inverse (the paper's update of H⁻¹).
+            let (d, row_i) = (hinv[i][i], hinv[i].clone());
+            for (r, row) in hinv.iter_mut().enumerate().skip(i + 1) {
+                let f = row[i] / d;
+                for j in i + 1..cols {
+                    row[j] -= f * row_i[j];
+                }
+                let _ = r;
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn gptq_beats_round_to_nearest_on_the_output_and_matches_a_plain_reference() {
+        let (rows, cols, n) = (24, 256, 512);
+        let (w, x) = layer(rows, cols, n);
+        let h = hessian(&x, cols);
+        for t in [
+            QuantType::Q4_0,
+            QuantType::Q4_1,
+            QuantType::Q5_0,
+            QuantType::Q8_0,
+            QuantType::Q4K,
+            QuantType::Q6K,
+            QuantType::Q2K,
+        ] {
+            let rtn = dequantized(t.ggml(), &encode(t, &w, cols, None).unwrap(), rows, cols);
+            let (u, dead) = inverse_hessian_factor(&h, cols, 0.01).unwrap();
+            let mut wq = w.clone();
+            let bytes =
+                gptq_quantize(t, &mut wq, cols, &u, &dead, None, &GptqOptions::default()).unwrap();
+            // Every block decodes through candle's reference dequantizer.
+            let ours = dequantized(t.ggml(), &bytes, rows, cols);
+            let (e_rtn, e_gptq) = (
+                output_error(&w, &rtn, &x, cols),
+                output_error(&w, &ours, &x, cols),
+            );
+            assert!(e_gptq < 0.8 * e_rtn, "{t}: gptq {e_gptq} vs rtn {e_rtn}");
+            let plain = dequantized(t.ggml(), &plain_gptq(t, &w, cols, &h), rows, cols);
+            let e_plain = output_error(&w, &plain, &x, cols);
+            assert!(
+                (e_gptq - e_plain).abs() <= 0.02 * e_plain,
+                "{t}: fast {e_gptq} vs plain {e_plain}"
+            );
+            let same = ours.iter().zip(&plain).filter(|(a, b)| a == b).count();
+            assert!(
+                same as f64 >= 0.97 * ours.len() as f64,
+                "{t}: {same} of {} values equal the plain reference",
+                ours.len()
+            );
+        }
+    }
+
+    #[test]
+    fn dead_channels_and_bad_inputs() {
+        let (rows, cols, n) = (8, 64, 100);
+        let (w, mut x) = layer(rows, cols, n);
+        for t in 0..n {
+            x[t * cols + 5] = 0.0; // a channel no input ever reaches
+        }
+        let h = hessian(&x, cols);
+        let (u, dead) = inverse_hessian_factor(&h, cols, 0.01).unwrap();
+        assert!(dead[5] && dead.iter().filter(|d| **d).count() == 1);
+        let mut wq = w.clone();
+        let bytes = gptq_quantize(
+            QuantType::Q4_0,
+            &mut wq,
+            cols,
+            &u,
+            &dead,
+            None,
+            &GptqOptions::default(),
+        )
+        .unwrap();
+        let back = dequantized(QuantType::Q4_0.ggml(), &bytes, rows, cols);
+        assert!(back.iter().all(|v| v.is_finite()));
+        // All inputs zero: every channel dead, still a valid (identity) factor.
+        let zero = vec![0f64; cols * cols];
+        assert!(inverse_hessian_factor(&zero, cols, 0.01).is_ok());
+        // A NaN in the activations is a clear error.
+        let mut bad = h.clone();
+        bad[3] = f64::NAN;
+        let e = inverse_hessian_factor(&bad, cols, 0.01)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("non-finite"), "{e}");
+        // Rows that do not fill whole blocks are refused.
+        let mut short = vec![0f32; 48];
+        assert!(gptq_quantize(
+            QuantType::Q4_0,
+            &mut short,
+            48,
+            &u,
+            &dead,
+            None,
+            &GptqOptions::default()
+        )
+        .is_err());
+    }
+}
