@@ -19,4 +19,7 @@ python3 "$root/scripts/fixture-rows.py" "$F/smollm2-rows.gguf" \
 head -c 20000 "$root/quantize/data/austen-emma-calibration.txt" > "$w/cal.txt"
 "$B/llama-imatrix" -m "$w/stories-f16.gguf" -f "$w/cal.txt" -c 128 --chunks 4 -o "$F/stories260K-imatrix.gguf"
 "$B/llama-imatrix" -m "$w/stories-f16.gguf" -f "$w/cal.txt" -c 128 --chunks 4 -o "$F/stories260K-imatrix.dat" --output-format dat
+for t in Q4_0 Q4_1 Q5_0 Q5_1; do
+  "$B/llama-quantize" --pure --imatrix "$F/stories260K-imatrix.gguf" "$w/stories-f16.gguf" "$F/stories260K-$t-imatrix.gguf" $t
+done
 echo "fixtures rebuilt in $F"

@@ -326,6 +326,11 @@ pub fn info(path: &Path, tokenizer: Option<&Path>, verbose: bool) -> Result<()> 
             .unwrap_or_default()
     );
     println!("tied embeddings: {}", c.tie_word_embeddings);
+    let record = ck.quantization_record();
+    if !record.is_empty() {
+        let parts: Vec<String> = record.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        println!("quantized with: {}", parts.join(", "));
+    }
     println!("tensor types:");
     for (t, (elems, b)) in by_type {
         println!("  {t:<6} {elems:>12} weights {b:>12} bytes");

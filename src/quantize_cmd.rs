@@ -144,13 +144,14 @@ fn run_calibration(
     bar.finish_and_clear();
     let t = &c.timings;
     eprintln!(
-        "{label}{}: {} tensors calibrated on {} chunks ({} tokens of {}): statistics {:.1} s, scale search {:.1} s, factorization {:.1} s, quantization {:.1} s",
+        "{label}{}: {} tensors calibrated on {} chunks ({} tokens of {}): layer passes {:.1} s, Hessians {:.1} s, scale search {:.1} s, factorization {:.1} s, quantization {:.1} s",
         opts.method,
         c.tensors.len(),
         c.chunks,
         c.tokens,
         opts.text_name,
         t.statistics,
+        t.hessians,
         t.scale_search,
         t.factorization,
         t.quantization

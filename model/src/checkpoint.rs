@@ -188,6 +188,27 @@ impl Checkpoint {
     }
 
     /// Builds the forward pass on `device`.
+    /// How the file was quantized, when tandem's calibrated quantization recorded it
+    /// (`tandem.quantize.*` GGUF keys): (key without the prefix, value), in table order.
+    pub fn quantization_record(&self) -> Vec<(String, String)> {
+        use candle_core::quantized::gguf_file::Value;
+        let Some(md) = self.store.gguf_metadata() else {
+            return Vec::new();
+        };
+        crate::gguf_keys::TANDEM_QUANTIZE_KEYS
+            .iter()
+            .filter_map(|k| {
+                let v = match md.get(*k)? {
+                    Value::String(s) => crate::error::clean(s, 200),
+                    Value::U32(x) => x.to_string(),
+                    Value::F32(x) => x.to_string(),
+                    _ => return None,
+                };
+                Some((k.trim_start_matches("tandem.quantize.").to_string(), v))
+            })
+            .collect()
+    }
+
     pub fn load_model(&self, device: &Device) -> Result<Llama> {
         Llama::load(self.config.clone(), &self.store, device)
     }

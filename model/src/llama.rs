@@ -780,9 +780,23 @@ impl Llama {
         see: &Seer<'_>,
         timer: &mut Timer<'_>,
     ) -> Result<()> {
+        self.attention_rows(li, ws, seqs, rows, see, timer)?;
+        self.mlp_rows(li, ws, rows, see, timer)
+    }
+
+    /// A decoder layer's attention half over the rows of `ws.x`: x += o(attention(q, k, v)).
+    fn attention_rows(
+        &self,
+        li: usize,
+        ws: &mut Workspace,
+        seqs: &mut [(&[u32], &mut KvCache)],
+        rows: usize,
+        see: &Seer<'_>,
+        timer: &mut Timer<'_>,
+    ) -> Result<()> {
         let layer = &self.layers[li];
         let c = &self.config;
-        let (h, inter, hd) = (c.hidden_size, c.intermediate_size, c.head_dim());
+        let (h, hd) = (c.hidden_size, c.head_dim());
         let (nh, nkv) = (c.num_attention_heads, c.num_kv_heads());
         let half = hd / 2;
         let eps = c.rms_norm_eps as f32;
@@ -827,7 +841,25 @@ impl Llama {
         timer.lap("o matmul");
         let x = &mut ws.x[..rows * h];
         tandem_kernels::ops::add_assign(x, proj);
-        let hn = &mut ws.hn[..rows * h];
+        Ok(())
+    }
+
+    /// A decoder layer's MLP half over the rows of `ws.x`: x += down(silu(gate·n) ⊙ up·n),
+    /// n = RMSNorm(x).
+    fn mlp_rows(
+        &self,
+        li: usize,
+        ws: &mut Workspace,
+        rows: usize,
+        see: &Seer<'_>,
+        timer: &mut Timer<'_>,
+    ) -> Result<()> {
+        let layer = &self.layers[li];
+        let c = &self.config;
+        let (h, inter) = (c.hidden_size, c.intermediate_size);
+        let eps = c.rms_norm_eps as f32;
+        let x = &mut ws.x[..rows * h];
+        let hn = sized(&mut ws.hn, rows * h);
         tandem_kernels::ops::rms_norm(x, &layer.mlp_norm, eps, hn);
         timer.lap("norm");
         see(Some(li), &["mlp.gate_proj", "mlp.up_proj"], hn, rows)?;
@@ -839,6 +871,7 @@ impl Llama {
         tandem_kernels::ops::silu_mul(gate, up);
         timer.lap("silu");
         see(Some(li), &["mlp.down_proj"], gate, rows)?;
+        let proj = sized(&mut ws.proj, rows * h);
         layer.down.forward_into(gate, rows, proj)?;
         timer.lap("down matmul");
         tandem_kernels::ops::add_assign(&mut ws.x[..rows * h], proj);

@@ -112,8 +112,10 @@ impl CalibratedOptions {
 /// Seconds spent in each phase.
 #[derive(Debug, Clone, Default)]
 pub struct Timings {
-    /// Running layers over the calibration text and accumulating statistics.
+    /// Running the layers over the calibration text (each group's inputs).
     pub statistics: f64,
+    /// Accumulating each group's Hessian 2XᵀX.
+    pub hessians: f64,
     /// Dampening and the Cholesky factorizations.
     pub factorization: f64,
     /// Choosing scales and levels.
@@ -148,35 +150,18 @@ const GROUPS: [&[&str]; 4] = [
     &["mlp.down_proj"],
 ];
 
-/// Accumulates `2 XᵀX` (and the mean square per column) for one input shared by a group.
-struct HessianCollector {
+/// Keeps the input rows shown for one weight (the o projection's, which only exists inside
+/// the attention computation).
+struct InputCapture {
     want: String,
-    cols: usize,
-    h: Mutex<(Vec<f64>, usize)>,
-    /// Also keep the inputs themselves (activation-aware scaling searches over them).
-    keep_inputs: bool,
-    inputs: Mutex<Vec<f32>>,
+    rows: Mutex<Vec<f32>>,
 }
 
-impl ActivationObserver for HessianCollector {
+impl ActivationObserver for InputCapture {
     fn observe(&self, weights: &[String], x: &Tensor) -> tandem_model::Result<()> {
-        if weights.first() != Some(&self.want) {
-            return Ok(());
-        }
-        let v: Vec<f32> = x.flatten_all()?.to_vec1()?;
-        if v.len() % self.cols != 0 {
-            return Err(tandem_model::Error::Invalid(format!(
-                "{}: input rows of {} values, expected {}",
-                self.want,
-                v.len(),
-                self.cols
-            )));
-        }
-        let mut g = self.h.lock().unwrap_or_else(|p| p.into_inner());
-        gptq::add_to_hessian(&mut g.0, &v, self.cols);
-        g.1 += v.len() / self.cols;
-        if self.keep_inputs {
-            self.inputs
+        if weights.first() == Some(&self.want) {
+            let v: Vec<f32> = x.flatten_all()?.to_vec1()?;
+            self.rows
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .extend_from_slice(&v);
@@ -237,186 +222,242 @@ pub fn calibrate_plan(
     out.chunks = chunks.len();
     out.tokens = chunks.iter().map(Vec::len).sum();
     out.metadata = provenance(opts, out.chunks);
-    let mut model = ck.load_model(&Device::Cpu)?;
-    let layers = ck.config.num_hidden_layers;
+    let model = ck.load_model(&Device::Cpu)?;
     let planned: BTreeMap<&str, &PlannedTensor> = plan
         .tensors
         .iter()
         .map(|t| (t.source_name.as_str(), t))
         .collect();
-    let t0 = Instant::now();
-    let mut hidden: Vec<Vec<f32>> = chunks
-        .iter()
-        .map(|c| model.embed_sequence(c))
-        .collect::<tandem_model::Result<_>>()?;
-    out.timings.statistics += t0.elapsed().as_secs_f64();
-    for li in 0..layers {
-        progress(li, layers, "");
-        for group in GROUPS {
-            let targets: Vec<(String, &PlannedTensor, QuantType)> = group
-                .iter()
-                .filter_map(|m| {
-                    let name = format!("model.layers.{li}.{m}.weight");
-                    let t = planned.get(name.as_str())?;
-                    let q = t.target.filter(|q| grid::has_grid(*q))?;
-                    Some((name, *t, q))
-                })
-                .collect();
-            let mlp_in = group[0] == "mlp.gate_proj";
-            let awq_here = opts.method.uses_awq() && mlp_in && !targets.is_empty();
-            if targets.is_empty() {
-                continue;
-            }
-            // Statistics of the group's shared input, with the layers before already quantized.
-            let want = format!("model.layers.{li}.{}.weight", group[0]);
-            let cols = ck
-                .store
-                .get(&targets[0].0)?
-                .shape
-                .last()
-                .copied()
-                .unwrap_or(0);
-            let collector = HessianCollector {
-                want,
-                cols,
-                h: Mutex::new((vec![0f64; cols * cols], 0)),
-                keep_inputs: awq_here,
-                inputs: Mutex::new(Vec::new()),
-            };
-            progress(li, layers, &format!("{}: statistics", group.join("/")));
-            let t = Instant::now();
-            for hs in &hidden {
-                let mut scratch = hs.clone();
-                model.run_layer(li, &mut scratch, Some(&collector))?;
-            }
-            out.timings.statistics += t.elapsed().as_secs_f64();
-            let (mut h, n) = collector.h.into_inner().unwrap_or_else(|p| p.into_inner());
-            if n == 0 {
-                return Err(Error::Plan(format!(
-                    "layer {li}: no calibration input reached {}",
-                    group[0]
-                )));
-            }
-            let mut weights: Vec<(String, &PlannedTensor, QuantType, Vec<f32>)> = Vec::new();
-            for (name, t, q) in targets {
-                let raw = ck.store.get(&name)?;
-                let file = ck.store.path_of(&name).to_path_buf();
-                let rows = raw.elem_count() / cols.max(1);
-                let w = encode::to_f32(&file, &raw, raw.data, (0, rows), false)?;
-                weights.push((name, t, q, w));
-            }
-            if awq_here {
-                progress(li, layers, "gate/up: activation-aware scales");
-                let t = Instant::now();
-                let xs = collector
-                    .inputs
-                    .into_inner()
-                    .unwrap_or_else(|p| p.into_inner());
-                let s = awq::search_scales(
-                    &xs,
-                    cols,
-                    &weights
-                        .iter()
-                        .map(|(_, _, q, w)| (*q, w.as_slice()))
-                        .collect::<Vec<_>>(),
-                )?;
-                // Fold: W' = W · diag(s) for gate/up; the norm weight divided by s.
-                for (_, _, _, w) in weights.iter_mut() {
-                    for row in w.chunks_exact_mut(cols) {
-                        for (v, si) in row.iter_mut().zip(&s) {
-                            *v *= si;
-                        }
-                    }
-                }
-                let (_, mlp_norm) = model
-                    .layer_norms(li)
-                    .ok_or_else(|| Error::Plan(format!("no layer {li}")))?;
-                let norm: Vec<f32> = mlp_norm.iter().zip(&s).map(|(g, si)| g / si).collect();
-                model.set_mlp_norm(li, norm.clone())?;
-                out.dense.insert(
-                    format!("model.layers.{li}.post_attention_layernorm.weight"),
-                    norm,
-                );
-                // The inputs the Hessian saw are divided by s too: H' = diag(1/s) H diag(1/s).
-                for i in 0..cols {
-                    for j in 0..cols {
-                        h[i * cols + j] /= (s[i] * s[j]) as f64;
-                    }
-                }
-                out.timings.scale_search += t.elapsed().as_secs_f64();
-            }
-            let factor = if opts.method.uses_gptq() {
-                progress(li, layers, &format!("{}: factorization", group.join("/")));
-                let t = Instant::now();
-                let f = gptq::inverse_hessian_factor(&h, cols, opts.gptq.damp)
-                    .map_err(|e| Error::Plan(format!("layer {li} {}: {e}", group[0])))?;
-                out.timings.factorization += t.elapsed().as_secs_f64();
-                Some(f)
-            } else {
-                None
-            };
-            // Importance for choosing block scales: the imatrix when given, else the
-            // Hessian's diagonal (the same statistic: the mean square of each input channel).
-            let diag: Vec<f32> = (0..cols)
-                .map(|i| (h[i * cols + i] / (2.0 * n as f64)) as f32)
-                .collect();
-            for (name, t, q, mut w) in weights {
-                progress(li, layers, &format!("{}: quantizing", short(&name)));
-                let ts = Instant::now();
-                let gguf = hf_to_gguf(&name).unwrap_or_else(|| name.clone());
-                let from_imatrix = imatrix
-                    .and_then(|m| m.importance(&gguf))
-                    .filter(|v| v.len() == cols);
-                let importance: Option<&[f32]> = match (&from_imatrix, q.uses_importance()) {
-                    (Some(v), true) => Some(v.as_slice()),
-                    (None, true) => Some(diag.as_slice()),
-                    _ => None,
-                };
-                let bytes = match &factor {
-                    Some((u, dead)) => {
-                        gptq::gptq_quantize(q, &mut w, cols, u, dead, importance, &opts.gptq)
-                    }
-                    None => encode::encode(q, &w, cols, importance),
-                }
-                .map_err(|e| tensor_err(ck.store.path_of(&name), &name, e.to_string()))?;
-                out.timings.quantization += ts.elapsed().as_secs_f64();
-                // The quantized weights replace the layer's, so later inputs see them.
-                let rows = w.len() / cols;
-                let model_bytes = match t.permute_heads.is_none()
-                    && ck.store.is_gguf()
-                    && is_qk(&name)
-                {
-                    true => {
-                        let heads = heads_of(ck, &name);
-                        permute_qk_rows(&bytes, heads, rows, bytes.len() / rows, Permute::GgufToHf)
-                    }
-                    false => bytes.clone(),
-                };
-                let raw = RawTensor {
-                    name: name.clone(),
-                    dtype: WeightDType::Quant(q.ggml()),
-                    shape: vec![rows, cols],
-                    data: &model_bytes,
-                };
-                let lin = tandem_model::linear::Linear::from_raw(
-                    ck.store.path_of(&name),
-                    &raw,
-                    &Device::Cpu,
-                )?;
-                model.replace_linear(&name, lin)?;
-                out.tensors.insert(name, bytes);
-            }
-        }
-        // The next layer's inputs, through this layer as quantized.
-        progress(li, layers, "next layer's inputs");
-        let t = Instant::now();
-        for hs in hidden.iter_mut() {
-            model.run_layer(li, hs, None)?;
-        }
-        out.timings.statistics += t.elapsed().as_secs_f64();
+    let mut run = Run {
+        ck,
+        opts,
+        imatrix,
+        model,
+        planned,
+        out,
+        progress,
+    };
+    run.all_layers(&chunks)?;
+    run.progress(ck.config.num_hidden_layers, "");
+    Ok(run.out)
+}
+
+/// The state of one calibrated run.
+struct Run<'a> {
+    ck: &'a Checkpoint,
+    opts: &'a CalibratedOptions,
+    imatrix: Option<&'a ImportanceMatrix>,
+    /// The model as quantized so far: each group's weights replaced as soon as they are done.
+    model: tandem_model::Llama,
+    planned: BTreeMap<&'a str, &'a PlannedTensor>,
+    out: Calibrated,
+    progress: &'a LayerProgress<'a>,
+}
+
+impl Run<'_> {
+    fn progress(&self, li: usize, what: &str) {
+        (self.progress)(li, self.ck.config.num_hidden_layers, what)
     }
-    progress(layers, layers, "");
-    Ok(out)
+
+    fn timed<T>(&mut self, phase: fn(&mut Timings) -> &mut f64, f: impl FnOnce(&mut Self) -> Result<T>) -> Result<T> {
+        let t = Instant::now();
+        let r = f(self);
+        *phase(&mut self.out.timings) += t.elapsed().as_secs_f64();
+        r
+    }
+
+    /// Layer by layer. Each layer costs one pass of attention and one of the MLP over the
+    /// calibration rows (two of attention when it is quantized too): each group's inputs are
+    /// computed from the layer's pieces with the groups before already quantized.
+    fn all_layers(&mut self, chunks: &[Vec<u32>]) -> Result<()> {
+        let mut hidden: Vec<Vec<f32>> = self.timed(|t| &mut t.statistics, |r| {
+            chunks
+                .iter()
+                .map(|c| r.model.embed_sequence(c).map_err(Error::from))
+                .collect()
+        })?;
+        for li in 0..self.ck.config.num_hidden_layers {
+            self.progress(li, "");
+            // q/k/v read the attention norm's output: no layer run needed.
+            if self.has_targets(li, GROUPS[0]) {
+                let xs = self.timed(|t| &mut t.statistics, |r| {
+                    hidden.iter().map(|x| r.model.attention_input(li, x).map_err(Error::from)).collect::<Result<Vec<_>>>()
+                })?;
+                self.quantize_group(li, GROUPS[0], &xs)?;
+            }
+            // o reads the attention's output, with q/k/v as quantized.
+            if self.has_targets(li, GROUPS[1]) {
+                let want = format!("model.layers.{li}.{}.weight", GROUPS[1][0]);
+                let xs = self.timed(|t| &mut t.statistics, |r| {
+                    hidden
+                        .iter()
+                        .map(|x| {
+                            let capture = InputCapture { want: want.clone(), rows: Mutex::new(Vec::new()) };
+                            r.model.run_attention(li, &mut x.clone(), Some(&capture))?;
+                            Ok(capture.rows.into_inner().unwrap_or_else(|p| p.into_inner()))
+                        })
+                        .collect::<Result<Vec<_>>>()
+                })?;
+                self.quantize_group(li, GROUPS[1], &xs)?;
+            }
+            self.progress(li, "attention");
+            self.timed(|t| &mut t.statistics, |r| {
+                hidden.iter_mut().try_for_each(|x| r.model.run_attention(li, x, None).map_err(Error::from))
+            })?;
+            // gate/up read the MLP norm's output; down reads silu(gate)·up as quantized.
+            let mlp_in = self.timed(|t| &mut t.statistics, |r| {
+                hidden.iter().map(|x| r.model.mlp_input(li, x).map_err(Error::from)).collect::<Result<Vec<_>>>()
+            })?;
+            if self.has_targets(li, GROUPS[2]) {
+                self.quantize_group(li, GROUPS[2], &mlp_in)?;
+            }
+            self.progress(li, "MLP");
+            // Activation-aware scaling may have changed the MLP norm: recompute its output.
+            let mlp_in = if self.opts.method.uses_awq() && self.has_targets(li, GROUPS[2]) {
+                self.timed(|t| &mut t.statistics, |r| {
+                    hidden.iter().map(|x| r.model.mlp_input(li, x).map_err(Error::from)).collect::<Result<Vec<_>>>()
+                })?
+            } else {
+                mlp_in
+            };
+            let acts = self.timed(|t| &mut t.statistics, |r| {
+                mlp_in.iter().map(|n| r.model.mlp_activation(li, n).map_err(Error::from)).collect::<Result<Vec<_>>>()
+            })?;
+            drop(mlp_in);
+            if self.has_targets(li, GROUPS[3]) {
+                self.quantize_group(li, GROUPS[3], &acts)?;
+            }
+            self.timed(|t| &mut t.statistics, |r| {
+                hidden
+                    .iter_mut()
+                    .zip(&acts)
+                    .try_for_each(|(x, a)| r.model.mlp_down_add(li, a, x).map_err(Error::from))
+            })?;
+        }
+        Ok(())
+    }
+
+    /// The tensors of `group` in layer `li` planned as a block type: (name, plan entry, type).
+    fn targets(&self, li: usize, group: &[&str]) -> Vec<(String, &PlannedTensor, QuantType)> {
+        group
+            .iter()
+            .filter_map(|m| {
+                let name = format!("model.layers.{li}.{m}.weight");
+                let t = *self.planned.get(name.as_str())?;
+                let q = t.target.filter(|q| grid::has_grid(*q))?;
+                Some((name, t, q))
+            })
+            .collect()
+    }
+
+    fn has_targets(&self, li: usize, group: &[&str]) -> bool {
+        !self.targets(li, group).is_empty()
+    }
+
+    /// Statistics of a group's shared input rows `xs` (one entry per chunk), then each of its
+    /// tensors quantized and put in place in the model.
+    fn quantize_group(&mut self, li: usize, group: &[&str], xs: &[Vec<f32>]) -> Result<()> {
+        let label = group.iter().map(|m| m.rsplit('.').next().unwrap_or(m)).collect::<Vec<_>>().join("/");
+        let targets: Vec<(String, PlannedTensor, QuantType)> =
+            self.targets(li, group).into_iter().map(|(n, t, q)| (n, t.clone(), q)).collect();
+        let cols = self.ck.store.get(&targets[0].0)?.shape.last().copied().unwrap_or(0);
+        self.progress(li, &format!("{label}: statistics"));
+        let (mut h, n) = self.timed(|t| &mut t.hessians, |_| {
+            let mut sum = gptq::HessianSum::new(cols);
+            for x in xs {
+                if x.len() % cols.max(1) != 0 {
+                    return Err(Error::Plan(format!("layer {li} {label}: input rows do not match {cols} columns (internal error)")));
+                }
+                sum.add(x);
+            }
+            let n = sum.rows;
+            Ok((sum.finish(), n))
+        })?;
+        if n == 0 {
+            return Err(Error::Plan(format!("layer {li}: no calibration input reached {label}")));
+        }
+        let mut weights: Vec<(String, PlannedTensor, QuantType, Vec<f32>)> = Vec::new();
+        for (name, t, q) in targets {
+            let raw = self.ck.store.get(&name)?;
+            let file = self.ck.store.path_of(&name).to_path_buf();
+            let rows = raw.elem_count() / cols.max(1);
+            let w = encode::to_f32(&file, &raw, raw.data, (0, rows), false)?;
+            weights.push((name, t, q, w));
+        }
+        if self.opts.method.uses_awq() && group[0] == "mlp.gate_proj" {
+            self.progress(li, &format!("{label}: activation-aware scales"));
+            let t = Instant::now();
+            let all: Vec<f32> = xs.concat();
+            let pairs: Vec<(QuantType, &[f32])> = weights.iter().map(|(_, _, q, w)| (*q, w.as_slice())).collect();
+            let s = awq::search_scales(&all, cols, &pairs)?;
+            // Fold: W' = W·diag(s) for gate/up; the norm weight divided by s.
+            for (_, _, _, w) in weights.iter_mut() {
+                for row in w.chunks_exact_mut(cols) {
+                    for (v, si) in row.iter_mut().zip(&s) {
+                        *v *= si;
+                    }
+                }
+            }
+            let (_, mlp_norm) = self.model.layer_norms(li).ok_or_else(|| Error::Plan(format!("no layer {li}")))?;
+            let norm: Vec<f32> = mlp_norm.iter().zip(&s).map(|(g, si)| g / si).collect();
+            self.model.set_mlp_norm(li, norm.clone())?;
+            self.out.dense.insert(format!("model.layers.{li}.post_attention_layernorm.weight"), norm);
+            // The inputs are divided by s too: H' = diag(1/s) H diag(1/s).
+            for i in 0..cols {
+                for j in 0..cols {
+                    h[i * cols + j] /= (s[i] * s[j]) as f64;
+                }
+            }
+            self.out.timings.scale_search += t.elapsed().as_secs_f64();
+        }
+        let factor = if self.opts.method.uses_gptq() {
+            self.progress(li, &format!("{label}: factorization"));
+            let damp = self.opts.gptq.damp;
+            Some(self.timed(|t| &mut t.factorization, |_| {
+                gptq::inverse_hessian_factor(&h, cols, damp).map_err(|e| Error::Plan(format!("layer {li} {label}: {e}")))
+            })?)
+        } else {
+            None
+        };
+        // Importance for choosing block scales: the imatrix when given, else the Hessian's
+        // diagonal (the same statistic: each input channel's mean square).
+        let diag: Vec<f32> = (0..cols).map(|i| (h[i * cols + i] / (2.0 * n as f64)) as f32).collect();
+        for (name, t, q, mut w) in weights {
+            self.progress(li, &format!("{}: quantizing", short(&name)));
+            let ts = Instant::now();
+            let gguf = hf_to_gguf(&name).unwrap_or_else(|| name.clone());
+            let from_imatrix = self.imatrix.and_then(|m| m.importance(&gguf)).filter(|v| v.len() == cols);
+            let importance: Option<&[f32]> = match (&from_imatrix, q.uses_importance()) {
+                (Some(v), true) => Some(v.as_slice()),
+                (None, true) => Some(diag.as_slice()),
+                _ => None,
+            };
+            let bytes = match &factor {
+                Some((u, dead)) => gptq::gptq_quantize(q, &mut w, cols, u, dead, importance, &self.opts.gptq),
+                None => encode::encode(q, &w, cols, importance),
+            }
+            .map_err(|e| tensor_err(self.ck.store.path_of(&name), &name, e.to_string()))?;
+            self.out.timings.quantization += ts.elapsed().as_secs_f64();
+            // The quantized weights replace the layer's, so later inputs see them.
+            let rows = w.len() / cols;
+            let model_bytes = if t.permute_heads.is_none() && self.ck.store.is_gguf() && is_qk(&name) {
+                let heads = heads_of(self.ck, &name);
+                permute_qk_rows(&bytes, heads, rows, bytes.len() / rows, Permute::GgufToHf)
+            } else {
+                bytes.clone()
+            };
+            let raw = RawTensor {
+                name: name.clone(),
+                dtype: WeightDType::Quant(q.ggml()),
+                shape: vec![rows, cols],
+                data: &model_bytes,
+            };
+            let lin = tandem_model::linear::Linear::from_raw(self.ck.store.path_of(&name), &raw, &Device::Cpu)?;
+            self.model.replace_linear(&name, lin)?;
+            self.out.tensors.insert(name, bytes);
+        }
+        Ok(())
+    }
 }
 
 fn short(name: &str) -> &str {

@@ -147,12 +147,46 @@ pub fn gptq_quantize(
     }
     out.par_chunks_mut(PANEL_ROWS * row_bytes)
         .zip(w.par_chunks_mut(PANEL_ROWS * cols))
-        .try_for_each(|(o, p)| panel(t, p, cols, u, importance, lazy, o))?;
+        .try_for_each(|(o, p)| panel_dispatch(t, p, cols, u, importance, lazy, o))?;
     Ok(out)
+}
+
+/// [`panel`] compiled for AVX2 where the CPU has it: the same operations 8 wide (Rust never
+/// fuses a multiply and an add on its own, so the results are the same as the baseline's).
+fn panel_dispatch(
+    t: QuantType,
+    w: &mut [f32],
+    cols: usize,
+    u: &[f32],
+    importance: Option<&[f32]>,
+    lazy: usize,
+    out: &mut [u8],
+) -> Result<()> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx2")]
+        unsafe fn wide(
+            t: QuantType,
+            w: &mut [f32],
+            cols: usize,
+            u: &[f32],
+            importance: Option<&[f32]>,
+            lazy: usize,
+            out: &mut [u8],
+        ) -> Result<()> {
+            panel(t, w, cols, u, importance, lazy, out)
+        }
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU supports AVX2 (checked just above).
+            return unsafe { wide(t, w, cols, u, importance, lazy, out) };
+        }
+    }
+    panel(t, w, cols, u, importance, lazy, out)
 }
 
 /// One panel of rows: columns in lazy blocks, each GGML block's grid fixed when its first
 /// column comes up.
+#[inline(always)]
 fn panel(
     t: QuantType,
     w: &mut [f32],
@@ -191,7 +225,9 @@ fn panel(
                 let block = &mut out[r * row_bytes + i / bs * tb..][..tb];
                 let g = grids[r][e / sub];
                 let x = w[r * cols + i];
-                let level = g.nearest(x, nlev, grid::level(t, block, e));
+                // An all-zero block's grid has one value: keep the encoder's level.
+                let keep = if g.scale == 0.0 { grid::level(t, block, e) } else { 0 };
+                let level = g.nearest(x, nlev, keep);
                 grid::set_level(t, block, e, level);
                 let q = g.value(level);
                 let er = (x - q) / d;
@@ -201,44 +237,91 @@ fn panel(
                 }
             }
         }
-        // The block's errors reach every later column at once.
+        // The block's errors reach every later column at once: W[:, b1..] -= E · U[b0..b1, b1..]
+        // (a small matrix product, faer's kernels).
         if b1 < cols {
-            for r in 0..rows {
-                let row = &mut w[r * cols + b1..(r + 1) * cols];
-                for k in b0..b1 {
-                    let er = err[r * lazy + (k - b0)];
-                    if er != 0.0 {
-                        for (v, &h) in row.iter_mut().zip(&u[k * cols + b1..(k + 1) * cols]) {
-                            *v -= er * h;
-                        }
-                    }
-                }
-            }
+            let e = faer::MatRef::from_row_major_slice(&err[..rows * lazy], rows, lazy)
+                .subcols(0, b1 - b0);
+            let uu = faer::MatRef::from_row_major_slice(u, cols, cols).submatrix(b0, b1, b1 - b0, cols - b1);
+            let wm = faer::MatMut::from_row_major_slice_mut(w, rows, cols).subcols_mut(b1, cols - b1);
+            faer::linalg::matmul::matmul(wm, faer::Accum::Add, e, uu, -1.0f32, faer::Par::Seq);
         }
     }
     Ok(())
 }
 
-/// Accumulates `H += 2 XᵀX` for inputs `x` [n, cols] (f32 product, f64 sum).
-pub fn add_to_hessian(h: &mut [f64], x: &[f32], cols: usize) {
-    let n = x.len() / cols.max(1);
-    if n == 0 {
-        return;
-    }
-    let xm = faer::MatRef::from_row_major_slice(x, n, cols);
-    let mut prod = Mat::<f32>::zeros(cols, cols);
-    faer::linalg::matmul::matmul(
-        prod.as_mut(),
-        faer::Accum::Replace,
-        xm.transpose(),
-        xm,
-        2.0f32,
-        faer::Par::rayon(0),
-    );
-    for i in 0..cols {
-        for j in 0..cols {
-            h[i * cols + j] += prod[(i, j)] as f64;
+/// Accumulates `2 XᵀX` over batches of inputs: the lower triangle only (H is symmetric), in
+/// f32 products summed per batch into an f64 total.
+pub struct HessianSum {
+    cols: usize,
+    batch: Mat<f32>,
+    total: Vec<f64>,
+    /// Input rows seen.
+    pub rows: usize,
+}
+
+impl HessianSum {
+    pub fn new(cols: usize) -> Self {
+        HessianSum {
+            cols,
+            batch: Mat::zeros(cols, cols),
+            total: vec![0.0; cols * cols],
+            rows: 0,
         }
+    }
+
+    /// Adds inputs `x` [n, cols] (row-major).
+    pub fn add(&mut self, x: &[f32]) {
+        let cols = self.cols;
+        let n = x.len() / cols.max(1);
+        if n == 0 {
+            return;
+        }
+        // A column-major copy first: faer's triangular product is about twice as fast on it
+        // as on the row-major rows (measured: 11 vs 23 ms for 512 x 1536 on 2 cores).
+        let xm = Mat::<f32>::from_fn(n, cols, |i, j| x[i * cols + j]);
+        use faer::linalg::matmul::triangular::{matmul, BlockStructure};
+        matmul(
+            self.batch.as_mut(),
+            BlockStructure::TriangularLower,
+            faer::Accum::Replace,
+            xm.transpose(),
+            BlockStructure::Rectangular,
+            xm.as_ref(),
+            BlockStructure::Rectangular,
+            2.0f32,
+            faer::Par::rayon(0),
+        );
+        // `total` holds the lower triangle column by column, like `batch`: both walked in
+        // memory order (a row-major walk here cost as much as the product itself).
+        for j in 0..cols {
+            let col = &mut self.total[j * cols..(j + 1) * cols];
+            for (i, t) in col.iter_mut().enumerate().skip(j) {
+                *t += self.batch[(i, j)] as f64;
+            }
+        }
+        self.rows += n;
+    }
+
+    /// The full symmetric matrix, row-major [cols, cols].
+    pub fn finish(mut self) -> Vec<f64> {
+        // Column j of the lower triangle is row j of the upper one: mirror it.
+        let cols = self.cols;
+        for j in 0..cols {
+            for i in j + 1..cols {
+                self.total[i * cols + j] = self.total[j * cols + i];
+            }
+        }
+        self.total
+    }
+}
+
+/// `2 XᵀX` of inputs `x` [n, cols] added to a full row-major `h`.
+pub fn add_to_hessian(h: &mut [f64], x: &[f32], cols: usize) {
+    let mut s = HessianSum::new(cols);
+    s.add(x);
+    for (t, v) in h.iter_mut().zip(s.finish()) {
+        *t += v;
     }
 }
 

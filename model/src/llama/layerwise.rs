@@ -2,7 +2,7 @@
 //! aware scaling) needs to quantize layer `i` with the inputs that the already-quantized layers
 //! before it produce, without re-running the whole model for every layer.
 
-use super::{sized, Llama, Timer, Workspace};
+use super::{sized, KvCache, Llama, Timer, Workspace};
 use crate::error::{Error, Result};
 use crate::linear::Linear;
 use crate::ActivationObserver;
@@ -32,6 +32,60 @@ impl Llama {
         hidden: &mut [f32],
         observer: Option<&dyn ActivationObserver>,
     ) -> Result<()> {
+        self.run_part(li, hidden, observer, true, true)
+    }
+
+    /// Only the attention half of layer `li`: `x += o(attention(q, k, v))`.
+    pub fn run_attention(
+        &self,
+        li: usize,
+        hidden: &mut [f32],
+        observer: Option<&dyn ActivationObserver>,
+    ) -> Result<()> {
+        self.run_part(li, hidden, observer, true, false)
+    }
+
+    /// The MLP's input rows of layer `li`: RMSNorm of `hidden` with the layer's MLP norm.
+    pub fn mlp_input(&self, li: usize, hidden: &[f32]) -> Result<Vec<f32>> {
+        let (_, norm) = self.layer_norms(li).ok_or_else(|| bad_layer(li))?;
+        let mut out = vec![0f32; hidden.len()];
+        let eps = self.config.rms_norm_eps as f32;
+        tandem_kernels::ops::rms_norm(hidden, norm, eps, &mut out);
+        Ok(out)
+    }
+
+    /// The input of layer `li`'s down projection: silu(gate·n) ⊙ up·n for MLP input rows `n`.
+    pub fn mlp_activation(&self, li: usize, n: &[f32]) -> Result<Vec<f32>> {
+        let layer = self.layers.get(li).ok_or_else(|| bad_layer(li))?;
+        let (h, inter) = (self.config.hidden_size, self.config.intermediate_size);
+        let rows = n.len() / h;
+        let mut gate = vec![0f32; rows * inter];
+        let mut up = vec![0f32; rows * inter];
+        layer.gate.forward_into(n, rows, &mut gate)?;
+        layer.up.forward_into(n, rows, &mut up)?;
+        tandem_kernels::ops::silu_mul(&mut gate, &up);
+        Ok(gate)
+    }
+
+    /// `hidden += down(activation)` for layer `li`: the end of its MLP half.
+    pub fn mlp_down_add(&self, li: usize, activation: &[f32], hidden: &mut [f32]) -> Result<()> {
+        let layer = self.layers.get(li).ok_or_else(|| bad_layer(li))?;
+        let h = self.config.hidden_size;
+        let rows = hidden.len() / h;
+        let mut proj = vec![0f32; rows * h];
+        layer.down.forward_into(activation, rows, &mut proj)?;
+        tandem_kernels::ops::add_assign(hidden, &proj);
+        Ok(())
+    }
+
+    fn run_part(
+        &self,
+        li: usize,
+        hidden: &mut [f32],
+        observer: Option<&dyn ActivationObserver>,
+        attention: bool,
+        mlp: bool,
+    ) -> Result<()> {
         let h = self.config.hidden_size;
         if li >= self.layers.len() || hidden.is_empty() || hidden.len() % h != 0 {
             return Err(Error::Invalid(format!(
@@ -55,36 +109,46 @@ impl Llama {
                     None => m.to_string(),
                 })
                 .collect();
-            o.observe(
-                &names,
-                &Tensor::from_slice(x, (n, x.len() / n), &self.device)?,
-            )
+            o.observe(&names, &Tensor::from_slice(x, (n, x.len() / n), &self.device)?)
         };
         let mut ws = Workspace::default();
         sized(&mut ws.x, rows * h).copy_from_slice(hidden);
-        let half = self.config.head_dim() / 2;
-        let positions: Vec<usize> = (0..rows).collect();
-        let (cos, sin) = (
-            sized(&mut ws.cos, rows * half),
-            sized(&mut ws.sin, rows * half),
-        );
-        self.rope_rows(&positions, cos, sin);
-        let mut cache = self.new_cache_with_limit(rows)?;
-        self.reserve(&mut cache, rows)?;
-        // Attention reads only the count of a sequence's tokens, not the ids.
-        let ids = vec![0u32; rows];
         let mut timer = Timer {
             times: None,
             last: std::time::Instant::now(),
         };
-        self.layer_rows(
-            li,
-            &mut ws,
-            &mut [(&ids, &mut cache)],
-            rows,
-            &see,
-            &mut timer,
-        )?;
+        if attention {
+            let half = self.config.head_dim() / 2;
+            let positions: Vec<usize> = (0..rows).collect();
+            let (cos, sin) = (
+                sized(&mut ws.cos, rows * half),
+                sized(&mut ws.sin, rows * half),
+            );
+            self.rope_rows(&positions, cos, sin);
+            // Keys and values for this one layer only (the others stay empty).
+            let (nl, nkv, hd) = (
+                self.layers.len(),
+                self.config.num_kv_heads(),
+                self.config.head_dim(),
+            );
+            let mut cache = KvCache {
+                k: vec![Vec::new(); nl],
+                v: vec![Vec::new(); nl],
+                len: 0,
+                capacity: rows,
+                limit: rows,
+                #[cfg(feature = "cuda")]
+                gpu: None,
+            };
+            cache.k[li] = vec![0f32; nkv * rows * hd];
+            cache.v[li] = vec![0f32; nkv * rows * hd];
+            // Attention reads only the count of a sequence's tokens, not the ids.
+            let ids = vec![0u32; rows];
+            self.attention_rows(li, &mut ws, &mut [(&ids, &mut cache)], rows, &see, &mut timer)?;
+        }
+        if mlp {
+            self.mlp_rows(li, &mut ws, rows, &see, &mut timer)?;
+        }
         hidden.copy_from_slice(&ws.x[..rows * h]);
         Ok(())
     }
@@ -134,6 +198,15 @@ impl Llama {
         Ok(())
     }
 
+    /// A decoder layer's RMSNorm weight before attention.
+    pub fn attention_input(&self, li: usize, hidden: &[f32]) -> Result<Vec<f32>> {
+        let (norm, _) = self.layer_norms(li).ok_or_else(|| bad_layer(li))?;
+        let mut out = vec![0f32; hidden.len()];
+        let eps = self.config.rms_norm_eps as f32;
+        tandem_kernels::ops::rms_norm(hidden, norm, eps, &mut out);
+        Ok(out)
+    }
+
     fn linear_slot(&mut self, hf_name: &str) -> Option<&mut Linear> {
         let rest = hf_name.strip_prefix("model.layers.")?;
         let (li, module) = rest.split_once('.')?;
@@ -149,4 +222,8 @@ impl Llama {
             _ => return None,
         })
     }
+}
+
+fn bad_layer(li: usize) -> Error {
+    Error::Invalid(format!("no decoder layer {li}"))
 }
