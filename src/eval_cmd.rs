@@ -155,6 +155,7 @@ pub fn run_eval(
             quality: None,
             speed: speed(&rmodel)?,
             weights: None,
+            quantized_with: rck.quantization_record(),
         },
         models: Vec::new(),
     };
@@ -176,6 +177,7 @@ pub fn run_eval(
             quality: Some(Quality::from_divergence(&div)),
             speed: speed(&model)?,
             weights: Some(WeightSummary::from_errors(&errors)),
+            quantized_with: ck.quantization_record(),
         });
         tandem_eval::write_report(out, &report)?;
         if let Some(g) = fresh.take() {

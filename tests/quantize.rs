@@ -428,7 +428,9 @@ fn calibrated_methods_lower_kl_divergence_at_q4_0_and_say_so_in_the_file() {
     let files: Vec<PathBuf> = ["rtn", "gptq", "awq+gptq"]
         .iter()
         .map(|method| {
-            let out = tmp.path().join(format!("{}.gguf", method.replace('+', "-")));
+            let out = tmp
+                .path()
+                .join(format!("{}.gguf", method.replace('+', "-")));
             ok(&[&base[..], &[s(&out), "--method", method], &calib[..]].concat());
             out
         })
@@ -442,8 +444,14 @@ fn calibrated_methods_lower_kl_divergence_at_q4_0_and_say_so_in_the_file() {
     let reference = ck.load_model(&candle_core::Device::Cpu).unwrap();
     let text = std::fs::read_to_string(shared().join("data/wikitext-2-raw/wiki.test.raw")).unwrap();
     let chunks = tandem_eval::Chunks::new(&ck.tokenizer, &text[..200_000], 256, Some(3)).unwrap();
-    let kl: Vec<f64> = files.iter().map(|f| mean_kl(&reference, f, &chunks)).collect();
-    eprintln!("q4_0 mean KL vs F16: rtn {:.5}, gptq {:.5}, awq+gptq {:.5}", kl[0], kl[1], kl[2]);
+    let kl: Vec<f64> = files
+        .iter()
+        .map(|f| mean_kl(&reference, f, &chunks))
+        .collect();
+    eprintln!(
+        "q4_0 mean KL vs F16: rtn {:.5}, gptq {:.5}, awq+gptq {:.5}",
+        kl[0], kl[1], kl[2]
+    );
     assert!(kl[1] < 0.8 * kl[0], "gptq did not help enough: {kl:?}");
     assert!(kl[2] < 0.8 * kl[0], "awq+gptq did not help enough: {kl:?}");
 }
@@ -471,7 +479,14 @@ fn calibrated_methods_refuse_bad_calibration_text() {
         ]);
         assert!(e.contains("fewer than one chunk"), "{e}");
     }
-    let e = fails(&["quantize", s(&stories()), "--out", s(&out), "--method", "gptqq"]);
+    let e = fails(&[
+        "quantize",
+        s(&stories()),
+        "--out",
+        s(&out),
+        "--method",
+        "gptqq",
+    ]);
     assert!(e.contains("unknown method 'gptqq'"), "{e}");
     assert!(!out.exists());
 }

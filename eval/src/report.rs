@@ -42,6 +42,11 @@ pub struct ModelResult {
     pub speed: Option<Speed>,
     /// Absent for the reference itself.
     pub weights: Option<WeightSummary>,
+    /// How tandem's calibrated quantization made the file (`tandem.quantize.*` keys without
+    /// the prefix: method, calibration text and its SHA-256, chunks, GPTQ parameters); empty
+    /// for anything else.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub quantized_with: Vec<(String, String)>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -258,6 +263,24 @@ impl Report {
                 f(m.speed.as_ref().map(|v| v.prefill_tok_s), 1),
                 f(m.speed.as_ref().map(|v| v.decode_tok_s), 1),
             );
+        }
+        let recorded: Vec<&ModelResult> = self
+            .models
+            .iter()
+            .filter(|m| !m.quantized_with.is_empty())
+            .collect();
+        if !recorded.is_empty() {
+            let _ = writeln!(s, "\n## How the models were quantized\n");
+            let _ = writeln!(s, "| model | recorded in the file |");
+            let _ = writeln!(s, "|---|---|");
+            for m in recorded {
+                let parts: Vec<String> = m
+                    .quantized_with
+                    .iter()
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect();
+                let _ = writeln!(s, "| {} | {} |", m.name, parts.join(", "));
+            }
         }
         let front: Vec<&str> = self
             .pareto_front()
@@ -582,4 +605,64 @@ fn span(xs: impl Iterator<Item = f64>) -> (f64, f64) {
         hi = lo + 1.0;
     }
     (lo, hi * 1.05)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn model(name: &str, record: Vec<(String, String)>) -> ModelResult {
+        ModelResult {
+            name: name.into(),
+            path: format!("{name}.gguf"),
+            size: Size {
+                bytes: 1 << 20,
+                params: 1 << 20,
+                bits_per_weight: 8.0,
+                share_16bit: 0.0,
+            },
+            ppl: 10.0,
+            quality: None,
+            speed: None,
+            weights: None,
+            quantized_with: record,
+        }
+    }
+
+    #[test]
+    fn the_quantization_record_reaches_json_markdown_and_html() {
+        let record = vec![
+            ("method".to_string(), "gptq".to_string()),
+            ("calibration.sha256".to_string(), "ab12".to_string()),
+        ];
+        let r = Report {
+            schema_version: SCHEMA_VERSION,
+            tool: "tandem test".into(),
+            text: TextInfo {
+                path: "t.txt".into(),
+                ctx: 512,
+                chunks: 1,
+                scored_tokens: 255,
+            },
+            reference: model("f16", Vec::new()),
+            models: vec![
+                model("q4_0-gptq", record.clone()),
+                model("q4_0", Vec::new()),
+            ],
+        };
+        let json = serde_json::to_string(&r).unwrap();
+        assert!(
+            json.contains("\"quantized_with\":[[\"method\",\"gptq\"]"),
+            "{json}"
+        );
+        // Files without a record keep the old shape (the field is optional).
+        let back: Report = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, r);
+        let md = r.markdown();
+        assert!(
+            md.contains("| q4_0-gptq | method=gptq, calibration.sha256=ab12 |"),
+            "{md}"
+        );
+        assert!(r.html().contains("method=gptq, calibration.sha256=ab12"));
+    }
 }

@@ -18,7 +18,7 @@ use faer::Mat;
 /// Grid points for α in [0, 1].
 const ALPHA_STEPS: usize = 20;
 /// Calibration rows the search scores on (evenly spaced over all of them).
-const SAMPLE_ROWS: usize = 512;
+const SAMPLE_ROWS: usize = 256;
 
 /// GGML bytes back to f32 through the block grids (the decoder of [`crate::grid`]).
 pub fn decode(t: QuantType, bytes: &[u8], out: &mut [f32]) {

@@ -87,7 +87,7 @@ impl Llama {
         mlp: bool,
     ) -> Result<()> {
         let h = self.config.hidden_size;
-        if li >= self.layers.len() || hidden.is_empty() || hidden.len() % h != 0 {
+        if li >= self.layers.len() || hidden.is_empty() || !hidden.len().is_multiple_of(h) {
             return Err(Error::Invalid(format!(
                 "run_layer: layer {li} of {}, {} values for rows of {h} (internal error)",
                 self.layers.len(),
@@ -109,7 +109,10 @@ impl Llama {
                     None => m.to_string(),
                 })
                 .collect();
-            o.observe(&names, &Tensor::from_slice(x, (n, x.len() / n), &self.device)?)
+            o.observe(
+                &names,
+                &Tensor::from_slice(x, (n, x.len() / n), &self.device)?,
+            )
         };
         let mut ws = Workspace::default();
         sized(&mut ws.x, rows * h).copy_from_slice(hidden);
@@ -144,7 +147,14 @@ impl Llama {
             cache.v[li] = vec![0f32; nkv * rows * hd];
             // Attention reads only the count of a sequence's tokens, not the ids.
             let ids = vec![0u32; rows];
-            self.attention_rows(li, &mut ws, &mut [(&ids, &mut cache)], rows, &see, &mut timer)?;
+            self.attention_rows(
+                li,
+                &mut ws,
+                &mut [(&ids, &mut cache)],
+                rows,
+                &see,
+                &mut timer,
+            )?;
         }
         if mlp {
             self.mlp_rows(li, &mut ws, rows, &see, &mut timer)?;
