@@ -467,14 +467,18 @@ mod tests {
         let (rows, cols, n) = (24, 256, 512);
         let (w, x) = layer(rows, cols, n);
         let h = hessian(&x, cols);
+        // Every block type tandem writes.
         for t in [
             QuantType::Q4_0,
             QuantType::Q4_1,
             QuantType::Q5_0,
+            QuantType::Q5_1,
             QuantType::Q8_0,
-            QuantType::Q4K,
-            QuantType::Q6K,
             QuantType::Q2K,
+            QuantType::Q3K,
+            QuantType::Q4K,
+            QuantType::Q5K,
+            QuantType::Q6K,
         ] {
             let rtn = dequantized(t.ggml(), &encode(t, &w, cols, None).unwrap(), rows, cols);
             let (u, dead) = inverse_hessian_factor(&h, cols, 0.01).unwrap();
