@@ -199,7 +199,7 @@ fn scale_min_search(x: &[f32; 32], w: &[f32; 32], l: &mut [u8; 32]) -> (f32, f32
 }
 
 /// The 6-bit scale and min of sub-block `j` from a Q4_K block's 12 packed scale bytes.
-fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
+pub(crate) fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
     if j < 4 {
         (q[j] & 63, q[j + 4] & 63)
     } else {

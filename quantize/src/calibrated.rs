@@ -274,6 +274,22 @@ impl Run<'_> {
         r
     }
 
+    /// `f` over every chunk's rows, timed as layer passes.
+    fn per_chunk(
+        &mut self,
+        rows: &[Vec<f32>],
+        f: impl Fn(&tandem_model::Llama, &[f32]) -> tandem_model::Result<Vec<f32>>,
+    ) -> Result<Vec<Vec<f32>>> {
+        self.timed(
+            |t| &mut t.statistics,
+            |r| {
+                rows.iter()
+                    .map(|x| f(&r.model, x).map_err(Error::from))
+                    .collect()
+            },
+        )
+    }
+
     /// Layer by layer. Each layer costs one pass of attention and one of the MLP over the
     /// calibration rows (two of attention when it is quantized too): each group's inputs are
     /// computed from the layer's pieces with the groups before already quantized.
@@ -291,36 +307,20 @@ impl Run<'_> {
             self.progress(li, "");
             // q/k/v read the attention norm's output: no layer run needed.
             if self.has_targets(li, GROUPS[0]) {
-                let xs = self.timed(
-                    |t| &mut t.statistics,
-                    |r| {
-                        hidden
-                            .iter()
-                            .map(|x| r.model.attention_input(li, x).map_err(Error::from))
-                            .collect::<Result<Vec<_>>>()
-                    },
-                )?;
+                let xs = self.per_chunk(&hidden, |m, x| m.attention_input(li, x))?;
                 self.quantize_group(li, GROUPS[0], &xs)?;
             }
             // o reads the attention's output, with q/k/v as quantized.
             if self.has_targets(li, GROUPS[1]) {
                 let want = format!("model.layers.{li}.{}.weight", GROUPS[1][0]);
-                let xs = self.timed(
-                    |t| &mut t.statistics,
-                    |r| {
-                        hidden
-                            .iter()
-                            .map(|x| {
-                                let capture = InputCapture {
-                                    want: want.clone(),
-                                    rows: Mutex::new(Vec::new()),
-                                };
-                                r.model.run_attention(li, &mut x.clone(), Some(&capture))?;
-                                Ok(capture.rows.into_inner().unwrap_or_else(|p| p.into_inner()))
-                            })
-                            .collect::<Result<Vec<_>>>()
-                    },
-                )?;
+                let xs = self.per_chunk(&hidden, |m, x| {
+                    let capture = InputCapture {
+                        want: want.clone(),
+                        rows: Mutex::new(Vec::new()),
+                    };
+                    m.run_attention(li, &mut x.to_vec(), Some(&capture))?;
+                    Ok(capture.rows.into_inner().unwrap_or_else(|p| p.into_inner()))
+                })?;
                 self.quantize_group(li, GROUPS[1], &xs)?;
             }
             self.progress(li, "attention");
@@ -333,15 +333,7 @@ impl Run<'_> {
                 },
             )?;
             // gate/up read the MLP norm's output; down reads silu(gate)·up as quantized.
-            let mlp_in = self.timed(
-                |t| &mut t.statistics,
-                |r| {
-                    hidden
-                        .iter()
-                        .map(|x| r.model.mlp_input(li, x).map_err(Error::from))
-                        .collect::<Result<Vec<_>>>()
-                },
-            )?;
+            let mlp_in = self.per_chunk(&hidden, |m, x| m.mlp_input(li, x))?;
             let down_awq = self.opts.method.uses_awq()
                 && self.targets(li, GROUPS[3]).len() == 1
                 && self.targets(li, &["mlp.up_proj"]).len() == 1;
@@ -354,27 +346,11 @@ impl Run<'_> {
             self.progress(li, "MLP");
             // Activation-aware scaling may have changed the MLP norm: recompute its output.
             let mlp_in = if self.opts.method.uses_awq() && self.has_targets(li, GROUPS[2]) {
-                self.timed(
-                    |t| &mut t.statistics,
-                    |r| {
-                        hidden
-                            .iter()
-                            .map(|x| r.model.mlp_input(li, x).map_err(Error::from))
-                            .collect::<Result<Vec<_>>>()
-                    },
-                )?
+                self.per_chunk(&hidden, |m, x| m.mlp_input(li, x))?
             } else {
                 mlp_in
             };
-            let acts = self.timed(
-                |t| &mut t.statistics,
-                |r| {
-                    mlp_in
-                        .iter()
-                        .map(|n| r.model.mlp_activation(li, n).map_err(Error::from))
-                        .collect::<Result<Vec<_>>>()
-                },
-            )?;
+            let acts = self.per_chunk(&mlp_in, |m, n| m.mlp_activation(li, n))?;
             drop(mlp_in);
             if self.has_targets(li, GROUPS[3]) {
                 self.quantize_group(li, GROUPS[3], &acts)?;
