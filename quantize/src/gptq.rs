@@ -73,7 +73,10 @@ pub fn inverse_hessian_factor(h: &[f64], cols: usize, damp: f64) -> Result<(Vec<
     let diag_mean = if diag_mean > 0.0 { diag_mean } else { 1.0 };
     let mut damp = damp.max(0.0);
     loop {
-        let m = Mat::<f64>::from_fn(cols, cols, |i, j| {
+        // The factorizations in f32, as GPTQ's reference does: dampened, H is well
+        // conditioned, and f32 halves the time of the two Cholesky factorizations and the
+        // inverse (SmolLM2: 3.5 s -> 1.8 s of a 52 s run).
+        let m = Mat::<f32>::from_fn(cols, cols, |i, j| {
             let mut v = h[i * cols + j];
             if i == j {
                 if dead[i] {
@@ -81,7 +84,7 @@ pub fn inverse_hessian_factor(h: &[f64], cols: usize, damp: f64) -> Result<(Vec<
                 }
                 v += damp * diag_mean;
             }
-            v
+            v as f32
         });
         let factor = m.llt(Side::Lower).ok().and_then(|llt| {
             let inv = llt.inverse();
@@ -93,7 +96,7 @@ pub fn inverse_hessian_factor(h: &[f64], cols: usize, damp: f64) -> Result<(Vec<
             let mut u = vec![0f32; cols * cols];
             for i in 0..cols {
                 for j in i..cols {
-                    u[i * cols + j] = l[(j, i)] as f32;
+                    u[i * cols + j] = l[(j, i)];
                 }
             }
             if u.iter().all(|v| v.is_finite()) && (0..cols).all(|i| u[i * cols + i] > 0.0) {
