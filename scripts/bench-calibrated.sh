@@ -3,11 +3,11 @@
 # beside rounding, llama.cpp's own Q4_0 and (optionally) llm-compressor's GPTQ W4A16, all scored
 # by tandem eval against the F16 model on wikitext-2 and on a second text never tuned on
 # (Austen's Persuasion; calibration is always the bundled opening of Emma).
-#   LLAMA_CPP_BIN=/path/to/llama.cpp/build/bin [VENV=/path/to/venv] scripts/bench-calibrated.sh [CHUNKS]
+#   LLAMA_CPP_BIN=/path/to/llama.cpp/build/bin [VENV=/path/to/venv] scripts/bench-calibrated.sh [CHUNKS] [CHUNKS2]
 # VENV: a virtual environment with torch, transformers, llmcompressor (PyPI) for the peer row.
 set -euo pipefail
 source "$(dirname "$0")/common.sh"
-C=${1:-24}
+C=${1:-24}; C2=${2:-$C}   # chunks of wikitext, of Persuasion
 out=${OUT:-$root/target/bench-calibrated}; mkdir -p "$out"
 P=$root/../shared/data/austen/persuasion.txt
 cal=$root/quantize/data/austen-emma-calibration.txt
@@ -31,7 +31,7 @@ if [ -n "${VENV:-}" ]; then
   done
 fi
 for text in "$W" "$P"; do
-  name=$(basename "$text" .txt)
-  "$T" eval --reference "$smol" "${models[@]}" --text "$text" --chunks $C --ctx 512 --speed-pp 0 \
+  name=$(basename "$text" .txt); n=$C; [ "$text" = "$P" ] && n=$C2
+  "$T" eval --reference "$smol" "${models[@]}" --text "$text" --chunks $n --ctx 512 --speed-pp 0 \
     --out "$out/eval-$name" --force --quiet | grep -E "PPL"
 done
