@@ -712,17 +712,8 @@ impl Llama {
         observer: Option<&dyn ActivationObserver>,
         profile: &mut Option<OpTimes>,
     ) -> Result<Vec<Tensor>> {
-        let see = |li: Option<usize>, modules: &[&str], x: &[f32], rows: usize| -> Result<()> {
-            let Some(o) = observer else { return Ok(()) };
-            let names: Vec<String> = modules
-                .iter()
-                .map(|m| match li {
-                    Some(li) => format!("model.layers.{li}.{m}.weight"),
-                    None => m.to_string(),
-                })
-                .collect();
-            let t = Tensor::from_slice(x, (rows, x.len() / rows), &self.device)?;
-            o.observe(&names, &t)
+        let see = |li: Option<usize>, modules: &[&str], x: &[f32], rows: usize| {
+            self.show_input(observer, li, modules, x, rows)
         };
         let c = &self.config;
         let (h, hd) = (c.hidden_size, c.head_dim());
@@ -876,6 +867,28 @@ impl Llama {
         timer.lap("down matmul");
         tandem_kernels::ops::add_assign(&mut ws.x[..rows * h], proj);
         Ok(())
+    }
+
+    /// Shows one linear input (`rows` rows of `x`) to the observer, if any, under the Hugging
+    /// Face names of the weights that read it (layer `li`'s `modules`, or top-level names).
+    fn show_input(
+        &self,
+        observer: Option<&dyn ActivationObserver>,
+        li: Option<usize>,
+        modules: &[&str],
+        x: &[f32],
+        rows: usize,
+    ) -> Result<()> {
+        let Some(o) = observer else { return Ok(()) };
+        let names: Vec<String> = modules
+            .iter()
+            .map(|m| match li {
+                Some(li) => format!("model.layers.{li}.{m}.weight"),
+                None => m.to_string(),
+            })
+            .collect();
+        let t = Tensor::from_slice(x, (rows, x.len() / rows), &self.device)?;
+        o.observe(&names, &t)
     }
 
     /// Embedding rows of `ids` into `out` as f32.

@@ -6,7 +6,6 @@ use super::{sized, KvCache, Llama, Timer, Workspace};
 use crate::error::{Error, Result};
 use crate::linear::Linear;
 use crate::ActivationObserver;
-use candle_core::Tensor;
 
 impl Llama {
     /// The embedding rows of one sequence, [tokens, hidden] f32: where a layer-by-layer run
@@ -100,19 +99,8 @@ impl Llama {
             ));
         }
         let rows = hidden.len() / h;
-        let see = |l: Option<usize>, modules: &[&str], x: &[f32], n: usize| -> Result<()> {
-            let Some(o) = observer else { return Ok(()) };
-            let names: Vec<String> = modules
-                .iter()
-                .map(|m| match l {
-                    Some(l) => format!("model.layers.{l}.{m}.weight"),
-                    None => m.to_string(),
-                })
-                .collect();
-            o.observe(
-                &names,
-                &Tensor::from_slice(x, (n, x.len() / n), &self.device)?,
-            )
+        let see = |l: Option<usize>, modules: &[&str], x: &[f32], n: usize| {
+            self.show_input(observer, l, modules, x, n)
         };
         let mut ws = Workspace::default();
         sized(&mut ws.x, rows * h).copy_from_slice(hidden);
