@@ -331,15 +331,6 @@ impl HessianSum {
     }
 }
 
-/// `2 XᵀX` of inputs `x` [n, cols] added to a full row-major `h`.
-pub fn add_to_hessian(h: &mut [f64], x: &[f32], cols: usize) {
-    let mut s = HessianSum::new(cols);
-    s.add(x);
-    for (t, v) in h.iter_mut().zip(s.finish()) {
-        *t += v;
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -388,9 +379,9 @@ mod tests {
     }
 
     fn hessian(x: &[f32], cols: usize) -> Vec<f64> {
-        let mut h = vec![0f64; cols * cols];
-        add_to_hessian(&mut h, x, cols);
-        h
+        let mut s = HessianSum::new(cols);
+        s.add(x);
+        s.finish()
     }
 
     /// GPTQ written as plainly as the paper's algorithm 1 (no lazy blocks, no panels, f64,

@@ -204,17 +204,15 @@ pub fn write_gguf<W: Write>(
         };
         if let Some(bytes) = opts.calibrated.and_then(|c| c.tensors.get(&t.source_name)) {
             // Quantized already (rows in the source's order, like `raw.data`).
-            let bytes = match t.permute_heads {
-                Some(heads) => permute_qk_rows(
-                    bytes,
-                    heads,
-                    rows,
-                    bytes.len() / rows.max(1),
-                    Permute::HfToGguf,
-                ),
-                None => bytes.clone(),
-            };
-            w.write_tensor(&bytes).map_err(out_err)?;
+            match t.permute_heads {
+                Some(heads) => {
+                    let row_bytes = bytes.len() / rows.max(1);
+                    let permuted =
+                        permute_qk_rows(bytes, heads, rows, row_bytes, Permute::HfToGguf);
+                    w.write_tensor(&permuted).map_err(out_err)?;
+                }
+                None => w.write_tensor(bytes).map_err(out_err)?,
+            }
             ck.store.release(&t.source_name);
             done += raw.data.len() as u64;
             continue;
