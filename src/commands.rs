@@ -5,7 +5,7 @@ use candle_core::Device;
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use tandem_model::generate::{generate as run_generation, GenerationStats, StopReason};
+use tandem_model::generate::{generate_scored, GenerationStats, StopReason};
 use tandem_model::{Checkpoint, Sampler, SamplingParams, TextStream};
 
 /// The worker pool for tandem's kernels, `threads` wide (default: every core). candle's own
@@ -61,6 +61,10 @@ pub struct GenerateArgs {
     /// Print generation statistics as JSON to stderr.
     #[arg(long)]
     pub json: bool,
+    /// Add each generated token's id and log-probability under the model to the JSON
+    /// statistics (implies --json; plain decoding only).
+    #[arg(long, conflicts_with = "draft")]
+    pub logprobs: bool,
     /// Decode speculatively: `ngram` (prompt lookup), `self:<type>` (this model quantized in
     /// memory, e.g. self:q4_0) or a draft model (folder or GGUF) that
     /// shares the verifier's vocabulary. Output is exactly the model's own.
@@ -129,7 +133,15 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
     };
     match &a.draft {
         Some(d) => crate::spec_cmd::generate(&ck, d, &a, params, bos),
-        None => run(&ck, &a.prompt, a.max_tokens, params, bos, a.ctx, a.json),
+        None => run(
+            &ck,
+            &a.prompt,
+            a.max_tokens,
+            params,
+            bos,
+            a.ctx,
+            Report::of(a.json, a.logprobs),
+        ),
     }
 }
 
@@ -147,7 +159,26 @@ pub fn demo(max_tokens: usize, prompt: &str, seed: u64) -> Result<()> {
         ck.parameter_count()
     );
     let add_bos = ck.tokenizer.add_bos;
-    run(&ck, prompt, max_tokens, params, add_bos, None, false)
+    run(&ck, prompt, max_tokens, params, add_bos, None, Report::Text)
+}
+
+/// How a plain generation reports its statistics (stderr).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Report {
+    Text,
+    Json,
+    /// JSON with each token's id and log-probability.
+    JsonLogprobs,
+}
+
+impl Report {
+    fn of(json: bool, logprobs: bool) -> Self {
+        match (json, logprobs) {
+            (_, true) => Report::JsonLogprobs,
+            (true, false) => Report::Json,
+            _ => Report::Text,
+        }
+    }
 }
 
 fn run(
@@ -157,7 +188,7 @@ fn run(
     params: SamplingParams,
     bos: bool,
     ctx: Option<usize>,
-    json: bool,
+    report: Report,
 ) -> Result<()> {
     let model = ck.load_model(&Device::Cpu)?;
     let tok = &ck.tokenizer;
@@ -171,17 +202,30 @@ fn run(
     };
     let mut sampler = Sampler::new(params)?;
     let mut printer = Printer::start(tok, prompt, ids.last().copied())?;
-    let (_, stats) = run_generation(
+    let score = report == Report::JsonLogprobs;
+    let mut logprobs = Vec::new();
+    let (tokens, stats) = generate_scored(
         &model,
         &mut cache,
         &ids,
         max_tokens,
         &mut sampler,
         &tok.eos_ids,
-        |id| printer.push(id),
+        score,
+        |id, lp| {
+            logprobs.push(lp);
+            printer.push(id)
+        },
     )?;
     printer.finish()?;
-    print_stats(&stats, json);
+    if score {
+        let mut v = stats_json(&stats);
+        v["tokens"] = serde_json::json!(tokens);
+        v["logprobs"] = serde_json::json!(logprobs);
+        eprintln!("{v}");
+    } else {
+        print_stats(&stats, report == Report::Json);
+    }
     Ok(())
 }
 
@@ -230,21 +274,26 @@ impl<'t> Printer<'t> {
     }
 }
 
-fn print_stats(s: &GenerationStats, json: bool) {
-    let stop = match s.stop {
+fn stop_name(s: StopReason) -> &'static str {
+    match s {
         StopReason::Eos => "eos",
         StopReason::MaxTokens => "max-tokens",
         StopReason::ContextFull => "context-full",
-    };
+    }
+}
+
+fn stats_json(s: &GenerationStats) -> serde_json::Value {
+    serde_json::json!({
+        "prompt_tokens": s.prompt_tokens, "generated_tokens": s.generated_tokens,
+        "time_to_first_token_s": s.time_to_first_token().as_secs_f64(),
+        "prefill_tok_s": s.prefill_tok_s(), "decode_tok_s": s.decode_tok_s(), "stop": stop_name(s.stop),
+    })
+}
+
+fn print_stats(s: &GenerationStats, json: bool) {
+    let stop = stop_name(s.stop);
     if json {
-        eprintln!(
-            "{}",
-            serde_json::json!({
-                "prompt_tokens": s.prompt_tokens, "generated_tokens": s.generated_tokens,
-                "time_to_first_token_s": s.time_to_first_token().as_secs_f64(),
-                "prefill_tok_s": s.prefill_tok_s(), "decode_tok_s": s.decode_tok_s(), "stop": stop,
-            })
-        );
+        eprintln!("{}", stats_json(s));
     } else {
         eprintln!(
             "prompt tokens: {} | time to first token: {:.1} ms | prefill: {:.1} tok/s | decode: {:.1} tok/s ({} tokens, stop: {stop})",
@@ -326,6 +375,15 @@ pub fn info(path: &Path, tokenizer: Option<&Path>, verbose: bool) -> Result<()> 
             .unwrap_or_default()
     );
     println!("tied embeddings: {}", c.tie_word_embeddings);
+    if let Some(imp) = &ck.imported {
+        println!("quantized as:  {}", imp.config.describe());
+        for (held, n) in imp.counts() {
+            println!("  {n} layers held as {held}");
+        }
+        for note in &imp.config.notes {
+            println!("  note: {note}");
+        }
+    }
     let record = ck.quantization_record();
     if !record.is_empty() {
         let parts: Vec<String> = record.iter().map(|(k, v)| format!("{k}={v}")).collect();

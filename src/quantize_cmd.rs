@@ -7,16 +7,22 @@ use tandem_model::Checkpoint;
 use tandem_quantize::calibrated::{Calibrated, CalibratedOptions, Method};
 use tandem_quantize::{
     calibrate::CalibrationOptions, make_plan, ImportanceMatrix, Options, Policy, QuantType, Recipe,
-    Rule,
+    Rule, TypeChoice,
 };
 
 #[derive(clap::Args)]
 pub struct QuantizeArgs {
-    /// A Hugging Face folder (16-bit safetensors) or a GGUF file.
+    /// A Hugging Face folder (16-bit safetensors, or GPTQ / AWQ / compressed-tensors) or a
+    /// GGUF file.
     model: PathBuf,
-    /// Output GGUF file.
+    /// Output: a GGUF file, or a folder with --format compressed-tensors.
     #[arg(long, required_unless_present_any = ["dry_run", "sweep"])]
     out: Option<PathBuf>,
+    /// gguf (llama.cpp, tandem) or compressed-tensors (a Hugging Face folder that vLLM,
+    /// SGLang and transformers load: q4_0 → int4 and q8_0 → int8, symmetric, group 32;
+    /// embeddings and anything kept 16-bit listed in `ignore`).
+    #[arg(long, default_value = "gguf", value_parser = ["gguf", "compressed-tensors"])]
+    format: String,
     /// Quantize each variant (TYPE, TYPE@all to quantize attention too, +imatrix to use
     /// --imatrix), e.g. q8_0,q4_k,q4_0@all,q4_k+imatrix, reuse finished ones, evaluate all
     /// against this model on --eval-text and write one report to --out-dir.
@@ -30,7 +36,8 @@ pub struct QuantizeArgs {
     out_dir: Option<PathBuf>,
     #[command(flatten)]
     eval: crate::eval_cmd::EvalOptions,
-    /// Type for the MLP projections (f32, f16, bf16, q8_0, q5_0, q5_1, q4_0, q4_1, q2_k..q6_k). Default q8_0.
+    /// Type for the MLP projections (f32, f16, bf16, q8_0, q5_0, q5_1, q4_0, q4_1, q2_k..q6_k). Default q8_0;
+    /// for a GPTQ / AWQ / compressed-tensors source, `keep` (its own grid, bit-exact where a GGML type matches).
     #[arg(long)]
     scheme: Option<String>,
     /// Type for q/k/v/o projections (default: keep, the source 16-bit type).
@@ -192,19 +199,40 @@ pub fn policy_from(
 }
 
 pub fn quantize(a: QuantizeArgs) -> Result<()> {
-    let policy = policy_from(
+    let compressed = a.format == "compressed-tensors";
+    // compressed-tensors quantizes linear layers only: embeddings and a separate head stay
+    // 16-bit unless asked otherwise.
+    let keep_default = compressed.then_some("keep");
+    let mut policy = policy_from(
         a.scheme.as_deref(),
         a.attention.as_deref(),
-        a.embeddings.as_deref(),
-        a.output.as_deref(),
+        a.embeddings.as_deref().or(keep_default),
+        a.output.as_deref().or(keep_default),
         &a.rules,
         a.recipe.as_deref(),
     )?;
     if !a.sweep.is_empty() {
+        if compressed {
+            anyhow::bail!("--sweep writes GGUF variants; drop --format compressed-tensors");
+        }
         return sweep(&a);
     }
     let ck = Checkpoint::open(&a.model, a.tokenizer.as_deref())?;
+    if ck.imported.is_some() && a.scheme.is_none() && a.recipe.is_none() {
+        // A quantized source converts losslessly by default: every layer keeps its grid
+        // (held as the GGML type it maps onto), everything else its type.
+        policy.mlp = TypeChoice::Keep;
+        if a.embeddings.is_none() {
+            policy.embeddings = TypeChoice::Keep;
+        }
+        if a.output.is_none() {
+            policy.output = TypeChoice::Keep;
+        }
+    }
     let plan = make_plan(&ck, &policy)?;
+    if compressed {
+        tandem_quantize::compressed_tensors::check_plan(&ck, &plan)?;
+    }
     if a.dry_run {
         print!("{}", plan.summary(a.verbose));
         return Ok(());
@@ -238,6 +266,25 @@ pub fn quantize(a: QuantizeArgs) -> Result<()> {
         progress: Some(&progress),
         calibrated: Some(&calibrated),
     };
+    if compressed {
+        let report =
+            tandem_quantize::compressed_tensors::write_folder(&ck, &plan, &opts, out, a.force)
+                .with_context(|| format!("quantizing {}", a.model.display()))?;
+        bar.finish_and_clear();
+        print!("{}", plan.summary(a.verbose));
+        for n in &report.notes {
+            eprintln!("note: {n}");
+        }
+        println!(
+            "wrote {} (compressed-tensors pack-quantized: {} layers quantized, {} tensors, {} bytes of weights) in {:.2} s",
+            out.display(),
+            report.quantized_layers,
+            report.tensors,
+            report.bytes_out,
+            report.seconds
+        );
+        return Ok(());
+    }
     let report = tandem_quantize::quantize_to_file(&ck, &plan, &opts, out, a.force)
         .with_context(|| format!("quantizing {}", a.model.display()))?;
     bar.finish_and_clear();

@@ -18,6 +18,9 @@ pub struct Checkpoint {
     pub config: Config,
     pub store: WeightStore,
     pub tokenizer: Tokenizer,
+    /// Set for an integer-quantized Hugging Face folder (compressed-tensors, GPTQ, AWQ): the
+    /// source format and how each packed layer is held (see [`crate::packed`]).
+    pub imported: Option<crate::packed::ImportSummary>,
 }
 
 /// The model compiled into the binary: stories260K (see models/stories260K/PROVENANCE.md).
@@ -62,7 +65,11 @@ impl Checkpoint {
         if !cfg_path.exists() {
             return Err(format_err(dir, "missing config.json in the model folder"));
         }
-        let config = Config::from_file(&cfg_path)?;
+        let cfg_text = std::fs::read_to_string(&cfg_path).map_err(|e| io_err(&cfg_path, e))?;
+        let config = Config::from_json(&cfg_path, &cfg_text)?;
+        let cfg_json: serde_json::Value = serde_json::from_str(&cfg_text)
+            .map_err(|e| format_err(&cfg_path, format!("invalid config.json: {e}")))?;
+        let quant = crate::packed::QuantConfig::from_config_json(&cfg_path, &cfg_json)?;
         let tok_path = tokenizer
             .map(Path::to_path_buf)
             .unwrap_or_else(|| dir.join("tokenizer.json"));
@@ -74,8 +81,10 @@ impl Checkpoint {
         }
         let tcfg = dir.join("tokenizer_config.json");
         let tok = Tokenizer::from_hf_files(&tok_path, Some(&tcfg))?;
-        let store = WeightStore::open_safetensors_dir(dir)?;
-        Self::finish(dir.to_path_buf(), config, store, tok, &tok_path)
+        let (store, imported) = WeightStore::open_safetensors_dir_quantized(dir, quant.as_ref())?;
+        let mut ck = Self::finish(dir.to_path_buf(), config, store, tok, &tok_path)?;
+        ck.imported = imported;
+        Ok(ck)
     }
 
     fn open_gguf(path: &Path, tokenizer: Option<&Path>) -> Result<Self> {
@@ -184,6 +193,7 @@ impl Checkpoint {
             config,
             store,
             tokenizer: tok,
+            imported: None,
         })
     }
 

@@ -164,16 +164,13 @@ fn write_safetensors_f16(ck: &Checkpoint, path: &Path, progress: Progress<'_>) -
 
 /// Builds a directory under a temporary name beside `out`, then renames it into place.
 /// Refuses to replace an existing `out` unless `force`; removes the temporary on failure.
-pub fn write_dir_atomically(
+pub fn write_dir_atomically<E: From<Error>>(
     out: &Path,
     force: bool,
-    build: impl FnOnce(&Path) -> Result<()>,
-) -> Result<()> {
+    build: impl FnOnce(&Path) -> std::result::Result<(), E>,
+) -> std::result::Result<(), E> {
     if out.exists() && !force {
-        return Err(format_err(
-            out,
-            "already exists (pass --force to overwrite)",
-        ));
+        return Err(format_err(out, "already exists (pass --force to overwrite)").into());
     }
     let tmp = sibling_temp(out);
     // Removed on any error (the guard drops) or signal (the CLI's handler).
@@ -181,7 +178,7 @@ pub fn write_dir_atomically(
     std::fs::create_dir_all(&tmp).map_err(|e| io_err(&tmp, e))?;
     let guard = guard.made();
     build(&tmp)?;
-    guard.commit(|| {
+    let done: Result<()> = guard.commit(|| {
         if out.exists() {
             let old = sibling_temp(out);
             std::fs::rename(out, &old).map_err(|e| io_err(out, e))?;
@@ -191,7 +188,8 @@ pub fn write_dir_atomically(
         } else {
             std::fs::rename(&tmp, out).map_err(|e| io_err(out, e))
         }
-    })
+    });
+    Ok(done?)
 }
 
 /// A hidden name in the same folder as `out` (so the final rename stays on one filesystem).

@@ -58,6 +58,43 @@ pub fn generate(
     eos_ids: &[u32],
     mut on_token: impl FnMut(u32) -> Result<()>,
 ) -> Result<(Vec<u32>, GenerationStats)> {
+    generate_scored(
+        model,
+        cache,
+        prompt,
+        max_tokens,
+        sampler,
+        eos_ids,
+        false,
+        |id, _| on_token(id),
+    )
+}
+
+/// The model's log-probability of `token` under `logits` (a log-softmax of one row).
+pub fn log_prob(logits: &[f32], token: u32) -> f32 {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f64 = logits.iter().map(|&x| f64::from(x - max).exp()).sum();
+    let x = logits
+        .get(token as usize)
+        .copied()
+        .unwrap_or(f32::NEG_INFINITY);
+    (f64::from(x - max) - sum.ln()) as f32
+}
+
+/// [`generate`] that also hands `on_token` each token's log-probability under the model
+/// (when `score`; else NaN): what an OpenAI-style `logprobs` reports, and how tandem's
+/// numbers are compared with another engine's on the same checkpoint.
+#[allow(clippy::too_many_arguments)]
+pub fn generate_scored(
+    model: &Llama,
+    cache: &mut KvCache,
+    prompt: &[u32],
+    max_tokens: usize,
+    sampler: &mut Sampler,
+    eos_ids: &[u32],
+    score: bool,
+    mut on_token: impl FnMut(u32, f32) -> Result<()>,
+) -> Result<(Vec<u32>, GenerationStats)> {
     if prompt.is_empty() {
         return Err(Error::Invalid("the prompt is empty (no tokens)".into()));
     }
@@ -74,7 +111,8 @@ pub fn generate(
         return Ok((out, stats));
     }
     let logits = model.forward(prompt, cache, Logits::Last)?;
-    let mut next = sampler.sample(&crate::llama::last_row(&logits)?);
+    let mut row = crate::llama::last_row(&logits)?;
+    let mut next = sampler.sample(&row);
     stats.prefill = start.elapsed();
     let decode_start = Instant::now();
     loop {
@@ -83,7 +121,14 @@ pub fn generate(
             break;
         }
         out.push(next);
-        on_token(next)?;
+        on_token(
+            next,
+            if score {
+                log_prob(&row, next)
+            } else {
+                f32::NAN
+            },
+        )?;
         if out.len() >= max_tokens {
             break;
         }
@@ -92,7 +137,8 @@ pub fn generate(
             break;
         }
         let logits = model.forward(&[next], cache, Logits::Last)?;
-        next = sampler.sample(&crate::llama::last_row(&logits)?);
+        row = crate::llama::last_row(&logits)?;
+        next = sampler.sample(&row);
     }
     stats.generated_tokens = out.len();
     stats.decode = decode_start.elapsed();

@@ -90,6 +90,8 @@ impl RawTensor<'_> {
 pub struct StEntry {
     file: usize,
     dtype: WeightDType,
+    /// The stored element type (integers only in packed quantized checkpoints).
+    stored: crate::packed::StoredDType,
     shape: Vec<usize>,
     start: usize,
     end: usize,
@@ -127,6 +129,17 @@ pub enum WeightStore {
 impl WeightStore {
     /// Opens `model.safetensors`, or the shards listed in `model.safetensors.index.json`.
     pub fn open_safetensors_dir(dir: &Path) -> Result<Self> {
+        Ok(Self::open_safetensors_dir_quantized(dir, None)?.0)
+    }
+
+    /// [`WeightStore::open_safetensors_dir`] for a checkpoint whose config.json declares a
+    /// `quantization_config`: its packed layers are read into GGML blocks (or F32 where no
+    /// GGML type holds their grid, see [`crate::packed`]) and stand under their plain
+    /// `.weight` names; the packed parts are consumed.
+    pub fn open_safetensors_dir_quantized(
+        dir: &Path,
+        quant: Option<&crate::packed::QuantConfig>,
+    ) -> Result<(Self, Option<crate::packed::ImportSummary>)> {
         let single = dir.join("model.safetensors");
         let index = dir.join("model.safetensors.index.json");
         let files: Vec<PathBuf> = if single.exists() {
@@ -146,7 +159,7 @@ impl WeightStore {
                 path: p,
             });
         }
-        Self::from_safetensors(st_files)
+        Self::from_safetensors_quantized(st_files, quant)
     }
 
     /// A safetensors checkpoint held in memory (the bundled model); `path` names it in errors.
@@ -178,7 +191,15 @@ impl WeightStore {
     }
 
     fn from_safetensors(files: Vec<StFile>) -> Result<Self> {
-        let mut entries = BTreeMap::new();
+        Ok(Self::from_safetensors_quantized(files, None)?.0)
+    }
+
+    fn from_safetensors_quantized(
+        mut files: Vec<StFile>,
+        quant: Option<&crate::packed::QuantConfig>,
+    ) -> Result<(Self, Option<crate::packed::ImportSummary>)> {
+        use crate::packed::{Stored, StoredDType};
+        let mut entries: BTreeMap<String, StEntry> = BTreeMap::new();
         for (i, f) in files.iter().enumerate() {
             for (name, e) in parse_safetensors(&f.path, &f.bytes, i)? {
                 if entries.contains_key(&name) {
@@ -187,7 +208,80 @@ impl WeightStore {
                 entries.insert(name, e);
             }
         }
-        Ok(WeightStore::Safetensors { files, entries })
+        let integer = |e: &StEntry| {
+            matches!(
+                e.stored,
+                StoredDType::I8 | StoredDType::I32 | StoredDType::I64
+            )
+        };
+        let Some(quant) = quant else {
+            if let Some((name, e)) = entries.iter().find(|(_, e)| integer(e)) {
+                return Err(Error::Unsupported {
+                    path: files[e.file].path.clone(),
+                    msg: format!(
+                        "tensor '{}': unsupported dtype {:?} (supported: F32, F16, BF16; integer tensors need a quantization_config in config.json)",
+                        crate::error::clean(name, crate::error::MAX_NAME_CHARS),
+                        e.stored
+                    ),
+                });
+            }
+            return Ok((WeightStore::Safetensors { files, entries }, None));
+        };
+        let main = files
+            .first()
+            .map(|f| f.path.clone())
+            .unwrap_or_else(|| PathBuf::from("?"));
+        let names: Vec<String> = entries.keys().cloned().collect();
+        let imported = {
+            let lookup = |n: &str| {
+                entries.get(n).map(|e| Stored {
+                    dtype: e.stored,
+                    shape: &e.shape,
+                    data: &files[e.file].bytes[e.start..e.end],
+                    path: &files[e.file].path,
+                })
+            };
+            crate::packed::import(quant, &names, &lookup, &main)?
+        };
+        let mut summary = crate::packed::ImportSummary {
+            config: quant.clone(),
+            tensors: Vec::new(),
+        };
+        for t in imported {
+            for p in &t.parts {
+                entries.remove(p);
+            }
+            let len = t.bytes.len();
+            files.push(StFile {
+                path: t.file.clone(),
+                bytes: Bytes::Owned(t.bytes),
+            });
+            entries.insert(
+                t.name.clone(),
+                StEntry {
+                    file: files.len() - 1,
+                    dtype: t.dtype,
+                    stored: StoredDType::F32,
+                    shape: t.shape,
+                    start: 0,
+                    end: len,
+                },
+            );
+            summary
+                .tensors
+                .push((t.name, t.dtype, t.exactness, t.scheme));
+        }
+        if let Some((name, e)) = entries.iter().find(|(_, e)| integer(e)) {
+            return Err(tensor_err(
+                &files[e.file].path,
+                name,
+                format!(
+                    "integer tensor ({:?}) that no quantized layer uses",
+                    e.stored
+                ),
+            ));
+        }
+        Ok((WeightStore::Safetensors { files, entries }, Some(summary)))
     }
 
     /// Opens a GGUF file and checks that every tensor lies inside it without overlap.
@@ -488,15 +582,20 @@ fn parse_safetensors(path: &Path, bytes: &[u8], file: usize) -> Result<Vec<(Stri
     let base = 8 + header_len;
     let mut out = Vec::new();
     for (name, info) in meta.tensors() {
-        let dtype = match info.dtype {
-            Dtype::F32 => WeightDType::F32,
-            Dtype::F16 => WeightDType::F16,
-            Dtype::BF16 => WeightDType::BF16,
+        use crate::packed::StoredDType as S;
+        let (dtype, stored) = match info.dtype {
+            Dtype::F32 => (WeightDType::F32, S::F32),
+            Dtype::F16 => (WeightDType::F16, S::F16),
+            Dtype::BF16 => (WeightDType::BF16, S::BF16),
+            // Integer parts of a packed quantized layer: never handed out as a tensor.
+            Dtype::I8 => (WeightDType::F32, S::I8),
+            Dtype::I32 => (WeightDType::F32, S::I32),
+            Dtype::I64 => (WeightDType::F32, S::I64),
             other => {
                 return Err(Error::Unsupported {
                     path: path.to_path_buf(),
                     msg: format!(
-                        "tensor '{name}': unsupported dtype {other:?} (supported: F32, F16, BF16)"
+                        "tensor '{name}': unsupported dtype {other:?} (supported: F32, F16, BF16; I8/I32/I64 in quantized checkpoints)"
                     ),
                 })
             }
@@ -507,6 +606,7 @@ fn parse_safetensors(path: &Path, bytes: &[u8], file: usize) -> Result<Vec<(Stri
             StEntry {
                 file,
                 dtype,
+                stored,
                 shape: info.shape.clone(),
                 start: base + s,
                 end: base + e,

@@ -12,6 +12,7 @@ pub mod awq;
 pub mod blocks;
 pub mod calibrate;
 pub mod calibrated;
+pub mod compressed_tensors;
 pub mod encode;
 pub mod error;
 pub mod gguf_writer;
@@ -281,6 +282,39 @@ pub fn write_gguf<W: Write>(
             notes,
         },
     ))
+}
+
+/// One planned tensor's bytes, whole, in its target type (the source bytes when kept) and in
+/// the source's row order: what the GGUF writer streams, for writers that take a tensor at a
+/// time (compressed-tensors). Uses the calibrated result or the imatrix as the GGUF path does.
+pub fn tensor_bytes(ck: &Checkpoint, t: &plan::PlannedTensor, opts: &Options) -> Result<Vec<u8>> {
+    if let Some(bytes) = opts.calibrated.and_then(|c| c.tensors.get(&t.source_name)) {
+        return Ok(bytes.clone());
+    }
+    let file = ck.store.path_of(&t.source_name).to_path_buf();
+    let raw = ck.store.get(&t.source_name)?;
+    let cols = raw.shape.last().copied().unwrap_or(1).max(1);
+    let rows = raw.elem_count() / cols;
+    if let Some(values) = opts.calibrated.and_then(|c| c.dense.get(&t.source_name)) {
+        let ty = t.target.unwrap_or(match raw.dtype {
+            tandem_model::weights::WeightDType::F16 => QuantType::F16,
+            tandem_model::weights::WeightDType::BF16 => QuantType::BF16,
+            _ => QuantType::F32,
+        });
+        return encode::encode(ty, values, cols, None);
+    }
+    let Some(q) = t.target else {
+        if !opts.allow_nonfinite {
+            tandem_model::linear::check_finite(&file, &raw)?;
+        }
+        return Ok(raw.data.to_vec());
+    };
+    let importance = match opts.imatrix {
+        Some(m) if q.uses_importance() => m.importance(&t.gguf_name).filter(|w| w.len() == cols),
+        _ => None,
+    };
+    let xs = encode::to_f32(&file, &raw, raw.data, (0, rows), opts.allow_nonfinite)?;
+    encode::encode(q, &xs, cols, importance.as_deref())
 }
 
 /// Elements per streamed block (16 MiB of f32).

@@ -84,6 +84,8 @@ impl TensorKind {
 #[derive(Debug, Clone)]
 pub struct Policy {
     pub scheme: QuantType,
+    /// The MLP projections: `To(scheme)` unless a quantized source keeps its own grid.
+    pub mlp: TypeChoice,
     pub attention: TypeChoice,
     pub embeddings: TypeChoice,
     pub output: TypeChoice,
@@ -127,6 +129,7 @@ impl Policy {
     pub fn new(scheme: QuantType) -> Self {
         Policy {
             scheme,
+            mlp: TypeChoice::To(scheme),
             attention: TypeChoice::Keep,
             embeddings: TypeChoice::To(QuantType::Q8_0),
             output: TypeChoice::To(QuantType::Q8_0),
@@ -294,7 +297,7 @@ pub fn make_plan(ck: &Checkpoint, policy: &Policy) -> Result<Plan> {
         } else {
             match kind {
                 TensorKind::Attention => policy.attention,
-                TensorKind::Mlp => TypeChoice::To(policy.scheme),
+                TensorKind::Mlp => policy.mlp,
                 TensorKind::Embeddings => policy.embeddings,
                 TensorKind::Output => policy.output,
                 _ => TypeChoice::Keep,

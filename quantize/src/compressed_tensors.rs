@@ -1,0 +1,512 @@
+//! Writing a plan as a compressed-tensors Hugging Face folder (`--format compressed-tensors`):
+//! what llm-compressor writes and vLLM, SGLang and transformers load.
+//!
+//! The quantizer is the same as for GGUF (round-to-nearest, GPTQ, AWQ, the imatrix): each
+//! quantized linear layer is first made as GGML blocks, then its blocks are rewritten in
+//! compressed-tensors' `pack-quantized` layout without changing a value. The grids are the
+//! same: a Q4_0 block is 32 signed 4-bit levels times one f16 scale, which is compressed-tensors'
+//! symmetric int4 with group size 32; Q8_0 is its symmetric int8. So a layer here and the same
+//! layer in tandem's GGUF hold identical weights.
+//!
+//! Per quantized layer `X` the folder holds `X.weight_packed` (I32 [out, in·bits/32], level
+//! `q + 2^(bits−1)` of element i at bit i·bits of its row), `X.weight_scale` (F16 [out, in/32])
+//! and `X.weight_shape` (I64 [2]); everything the policy keeps 16-bit is written as it is and
+//! listed in `ignore`. Written by hand (streaming, one tensor in memory at a time): the
+//! `safetensors` crate serializes only from views of data already in memory.
+
+use crate::error::{io_err, tensor_err, Error, Result};
+use crate::plan::{Plan, PlannedTensor, TensorKind};
+use crate::types::QuantType;
+use crate::Options;
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::Path;
+use tandem_model::weights::WeightDType;
+use tandem_model::Checkpoint;
+
+/// compressed-tensors' version whose layout this writes (and `config.json` names).
+pub const COMPRESSED_TENSORS_VERSION: &str = "0.19.0";
+
+/// The group size of every block type written here.
+const GROUP: usize = 32;
+
+/// The integer width of a block type in compressed-tensors, if it has one.
+fn bits_of(t: QuantType) -> Option<u32> {
+    match t {
+        QuantType::Q4_0 => Some(4),
+        QuantType::Q8_0 => Some(8),
+        _ => None,
+    }
+}
+
+/// One tensor of the output file, in write order.
+struct Entry {
+    name: String,
+    dtype: &'static str,
+    shape: Vec<usize>,
+    bytes: usize,
+}
+
+/// What a finished export did.
+#[derive(Debug, Clone)]
+pub struct ExportReport {
+    pub tensors: usize,
+    pub quantized_layers: usize,
+    pub bytes_out: u64,
+    pub seconds: f64,
+    pub notes: Vec<String>,
+}
+
+/// Checks that compressed-tensors can hold every planned type (before anything is read).
+pub fn check_plan(ck: &Checkpoint, plan: &Plan) -> Result<()> {
+    if ck.store.is_gguf() {
+        return Err(Error::Plan(format!(
+            "{}: compressed-tensors export reads a Hugging Face folder (16-bit safetensors); convert the GGUF first with `tandem convert`",
+            ck.path.display()
+        )));
+    }
+    for t in &plan.tensors {
+        let linear = matches!(
+            t.kind,
+            TensorKind::Attention | TensorKind::Mlp | TensorKind::Output
+        ) && t.shape.len() == 2;
+        match t.target {
+            Some(q) if !q.is_dense() => {
+                if !linear {
+                    return Err(Error::Plan(format!(
+                        "{}: planned as {q}, but compressed-tensors quantizes only linear layers (keep {} 16-bit: --embeddings keep)",
+                        t.source_name,
+                        t.kind.name()
+                    )));
+                }
+                if bits_of(q).is_none() {
+                    return Err(Error::Plan(format!(
+                        "{}: {q} has no compressed-tensors layout (supported: q4_0 = int4 symmetric group 32, q8_0 = int8 symmetric group 32)",
+                        t.source_name
+                    )));
+                }
+            }
+            _ => {}
+        }
+        if matches!(t.source_type, WeightDType::Quant(_)) && t.target.is_none() {
+            return Err(Error::Plan(format!(
+                "{}: stored as {}; choose q4_0 or q8_0 for it",
+                t.source_name,
+                t.source_type.name()
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn dtype_name(t: QuantType) -> &'static str {
+    match t {
+        QuantType::F32 => "F32",
+        QuantType::BF16 => "BF16",
+        _ => "F16",
+    }
+}
+
+fn source_dtype(d: WeightDType) -> (&'static str, usize) {
+    match d {
+        WeightDType::F32 => ("F32", 4),
+        WeightDType::BF16 => ("BF16", 2),
+        _ => ("F16", 2),
+    }
+}
+
+/// The output's tensors for one planned tensor.
+fn entries_for(t: &PlannedTensor) -> Vec<Entry> {
+    let module = t.source_name.trim_end_matches(".weight");
+    match t.target.and_then(bits_of) {
+        Some(bits) => {
+            let (rows, cols) = (t.shape[0], t.shape[1]);
+            let per_row = (cols * bits as usize).div_ceil(32);
+            vec![
+                Entry {
+                    name: format!("{module}.weight_packed"),
+                    dtype: "I32",
+                    shape: vec![rows, per_row],
+                    bytes: rows * per_row * 4,
+                },
+                Entry {
+                    name: format!("{module}.weight_scale"),
+                    dtype: "F16",
+                    shape: vec![rows, cols / GROUP],
+                    bytes: rows * (cols / GROUP) * 2,
+                },
+                Entry {
+                    name: format!("{module}.weight_shape"),
+                    dtype: "I64",
+                    shape: vec![2],
+                    bytes: 16,
+                },
+            ]
+        }
+        None => {
+            let elems = t.elems();
+            let (dtype, size) = match t.target {
+                Some(q) => (dtype_name(q), if q == QuantType::F32 { 4 } else { 2 }),
+                None => source_dtype(t.source_type),
+            };
+            // 1-D tensors (norms, biases) keep the source's 16-bit type rather than the
+            // GGUF plan's F32: a Hugging Face folder stores them in the model's dtype.
+            let (dtype, size) = if t.shape.len() == 1 && t.target == Some(QuantType::F32) {
+                source_dtype(t.source_type)
+            } else {
+                (dtype, size)
+            };
+            vec![Entry {
+                name: t.source_name.clone(),
+                dtype,
+                shape: t.shape.clone(),
+                bytes: elems * size,
+            }]
+        }
+    }
+}
+
+/// GGML Q4_0 / Q8_0 blocks of a [rows, cols] tensor → (packed words, f16 scale bytes).
+pub fn blocks_to_packed(
+    t: QuantType,
+    blocks: &[u8],
+    rows: usize,
+    cols: usize,
+) -> (Vec<u8>, Vec<u8>) {
+    let nb = cols / GROUP;
+    let mut scales = Vec::with_capacity(rows * nb * 2);
+    let mut levels: Vec<u8> = Vec::with_capacity(cols);
+    let bits = bits_of(t).unwrap_or(8) as usize;
+    let per_row = (cols * bits).div_ceil(32);
+    let mut packed = Vec::with_capacity(rows * per_row * 4);
+    let block_bytes = if t == QuantType::Q4_0 { 18 } else { 34 };
+    for r in 0..rows {
+        levels.clear();
+        for b in 0..nb {
+            let blk = &blocks[(r * nb + b) * block_bytes..][..block_bytes];
+            scales.extend_from_slice(&blk[..2]);
+            if t == QuantType::Q4_0 {
+                // Byte j holds element j (low nibble) and j + 16 (high); a nibble is the
+                // level q + 8, exactly compressed-tensors' stored value.
+                levels.extend(blk[2..].iter().map(|&x| x & 15));
+                levels.extend(blk[2..].iter().map(|&x| x >> 4));
+            } else {
+                levels.extend(blk[2..].iter().map(|&x| (x as i8 as i16 + 128) as u8));
+            }
+        }
+        let mut words = vec![0u32; per_row];
+        for (i, &v) in levels.iter().enumerate() {
+            let p = i * bits;
+            words[p / 32] |= u32::from(v) << (p % 32);
+        }
+        packed.extend(words.iter().flat_map(|w| w.to_le_bytes()));
+    }
+    (packed, scales)
+}
+
+/// The `quantization_config` for the quantized layers of a plan.
+fn quantization_config(plan: &Plan) -> Value {
+    let mut by_bits: BTreeMap<u32, Vec<String>> = BTreeMap::new();
+    let mut ignore = Vec::new();
+    for t in &plan.tensors {
+        let linear = matches!(
+            t.kind,
+            TensorKind::Attention | TensorKind::Mlp | TensorKind::Output
+        ) && t.shape.len() == 2;
+        if !linear {
+            continue;
+        }
+        let module = t.source_name.trim_end_matches(".weight").to_string();
+        match t.target.and_then(bits_of) {
+            Some(b) => by_bits.entry(b).or_default().push(module),
+            None => ignore.push(module),
+        }
+    }
+    // A tied output head has no tensor of its own but is a Linear module to the libraries.
+    if !plan
+        .tensors
+        .iter()
+        .any(|t| t.source_name == "lm_head.weight")
+    {
+        ignore.push("lm_head".into());
+    }
+    let single = by_bits.len() == 1;
+    let mut groups = serde_json::Map::new();
+    for (i, (bits, modules)) in by_bits.into_iter().enumerate() {
+        let targets = if single {
+            json!(["Linear"])
+        } else {
+            json!(modules)
+        };
+        groups.insert(
+            format!("group_{i}"),
+            json!({
+                "targets": targets,
+                "weights": {
+                    "num_bits": bits, "type": "int", "symmetric": true, "strategy": "group",
+                    "group_size": GROUP, "dynamic": false, "actorder": null,
+                    "block_structure": null, "observer": "minmax", "observer_kwargs": {},
+                    "scale_dtype": null, "zp_dtype": null
+                },
+                "input_activations": null,
+                "output_activations": null,
+                "format": "pack-quantized"
+            }),
+        );
+    }
+    json!({
+        "quant_method": "compressed-tensors",
+        "format": "pack-quantized",
+        "quantization_status": "compressed",
+        "config_groups": groups,
+        "ignore": ignore,
+        "kv_cache_scheme": null,
+        "sparsity_config": {},
+        "transform_config": {},
+        "global_compression_ratio": null,
+        "version": COMPRESSED_TENSORS_VERSION
+    })
+}
+
+/// Files copied beside the weights when the source folder has them.
+const COPIED_FILES: &[&str] = &[
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "generation_config.json",
+    "chat_template.jinja",
+    "vocab.json",
+    "merges.txt",
+];
+
+/// Writes the plan as a compressed-tensors folder at `out`, atomically (a temporary folder
+/// beside it, renamed into place; an existing `out` only with `force`).
+pub fn write_folder(
+    ck: &Checkpoint,
+    plan: &Plan,
+    opts: &Options,
+    out: &Path,
+    force: bool,
+) -> Result<ExportReport> {
+    check_plan(ck, plan)?;
+    let start = std::time::Instant::now();
+    let mut report = ExportReport {
+        tensors: 0,
+        quantized_layers: 0,
+        bytes_out: 0,
+        seconds: 0.0,
+        notes: Vec::new(),
+    };
+    tandem_model::export::write_dir_atomically(out, force, |tmp| -> Result<()> {
+        // config.json: the source's, with the quantization config (and the 16-bit type the
+        // scales are written in, so a loader keeps them exact).
+        let src_cfg = ck.path.join("config.json");
+        let text = std::fs::read_to_string(&src_cfg).map_err(|e| io_err(&src_cfg, &e))?;
+        let mut cfg: Value = serde_json::from_str(&text)
+            .map_err(|e| Error::Plan(format!("{}: invalid JSON: {e}", src_cfg.display())))?;
+        let Some(obj) = cfg.as_object_mut() else {
+            return Err(Error::Plan(format!(
+                "{}: not a JSON object",
+                src_cfg.display()
+            )));
+        };
+        obj.insert("quantization_config".into(), quantization_config(plan));
+        if obj.get("torch_dtype").and_then(Value::as_str) == Some("bfloat16") {
+            report.notes.push(
+                "config.json says float16 (was bfloat16): the f16 block scales stay exact when a loader casts parameters to the model's dtype".into(),
+            );
+        }
+        obj.insert("torch_dtype".into(), json!("float16"));
+        let cfg_path = tmp.join("config.json");
+        let text = serde_json::to_string_pretty(&cfg)
+            .map_err(|e| Error::Plan(format!("config.json: {e}")))?;
+        std::fs::write(&cfg_path, text).map_err(|e| io_err(&cfg_path, &e))?;
+        for f in COPIED_FILES {
+            let src = ck.path.join(f);
+            if src.is_file() {
+                std::fs::copy(&src, tmp.join(f)).map_err(|e| io_err(&src, &e))?;
+            }
+        }
+        let st = tmp.join("model.safetensors");
+        let (n, q, bytes) = write_safetensors(ck, plan, opts, &st)?;
+        report.tensors = n;
+        report.quantized_layers = q;
+        report.bytes_out = bytes;
+        Ok(())
+    })?;
+    report.seconds = start.elapsed().as_secs_f64();
+    Ok(report)
+}
+
+/// Streams the tensors into one safetensors file; returns (tensors, quantized layers, bytes).
+fn write_safetensors(
+    ck: &Checkpoint,
+    plan: &Plan,
+    opts: &Options,
+    path: &Path,
+) -> Result<(usize, usize, u64)> {
+    let planned: Vec<&PlannedTensor> = plan
+        .tensors
+        .iter()
+        .filter(|t| t.source_name.starts_with("model.") || t.source_name == "lm_head.weight")
+        .collect();
+    let mut header = serde_json::Map::new();
+    let mut metadata = serde_json::Map::new();
+    metadata.insert("format".into(), json!("pt"));
+    if let Some(c) = opts.calibrated {
+        for (k, v) in &c.metadata {
+            metadata.insert(k.clone(), json!(format!("{v:?}")));
+        }
+    }
+    header.insert("__metadata__".into(), Value::Object(metadata));
+    let mut offset = 0usize;
+    let mut n = 0;
+    for t in &planned {
+        for e in entries_for(t) {
+            header.insert(
+                e.name,
+                json!({"dtype": e.dtype, "shape": e.shape, "data_offsets": [offset, offset + e.bytes]}),
+            );
+            offset += e.bytes;
+            n += 1;
+        }
+    }
+    let mut head = serde_json::to_vec(&header).map_err(|e| Error::Plan(e.to_string()))?;
+    head.resize(head.len().next_multiple_of(8), b' ');
+    let file = std::fs::File::create(path).map_err(|e| io_err(path, &e))?;
+    let mut w = std::io::BufWriter::with_capacity(8 << 20, file);
+    let werr = |e: std::io::Error| io_err(path, &e);
+    w.write_all(&(head.len() as u64).to_le_bytes())
+        .map_err(werr)?;
+    w.write_all(&head).map_err(werr)?;
+    let total: u64 = planned.iter().map(|t| t.elems() as u64 * 2).sum();
+    let mut done = 0u64;
+    let mut quantized = 0;
+    for t in &planned {
+        if opts
+            .cancel
+            .is_some_and(|c| c.load(std::sync::atomic::Ordering::Relaxed))
+        {
+            return Err(Error::Interrupted);
+        }
+        if let Some(p) = opts.progress {
+            p(done, total, &t.source_name);
+        }
+        let entries = entries_for(t);
+        let bytes = crate::tensor_bytes(ck, t, opts)?;
+        match t.target.filter(|q| bits_of(*q).is_some()) {
+            Some(q) => {
+                let (rows, cols) = (t.shape[0], t.shape[1]);
+                let (packed, scales) = blocks_to_packed(q, &bytes, rows, cols);
+                let shape: Vec<u8> = [rows as i64, cols as i64]
+                    .iter()
+                    .flat_map(|x| x.to_le_bytes())
+                    .collect();
+                for (e, b) in entries.iter().zip([&packed, &scales, &shape]) {
+                    if e.bytes != b.len() {
+                        return Err(tensor_err(
+                            path,
+                            &e.name,
+                            "size differs from the header (internal error)",
+                        ));
+                    }
+                    w.write_all(b).map_err(werr)?;
+                }
+                quantized += 1;
+            }
+            None => {
+                let e = &entries[0];
+                let b = if e.bytes == bytes.len() {
+                    bytes
+                } else {
+                    // A 1-D tensor planned as F32 goes out in the source's 16-bit type.
+                    let raw = ck.store.get(&t.source_name)?;
+                    raw.data.to_vec()
+                };
+                if e.bytes != b.len() {
+                    return Err(tensor_err(
+                        path,
+                        &e.name,
+                        "size differs from the header (internal error)",
+                    ));
+                }
+                w.write_all(&b).map_err(werr)?;
+            }
+        }
+        ck.store.release(&t.source_name);
+        done += t.elems() as u64 * 2;
+    }
+    if let Some(p) = opts.progress {
+        p(total, total, "");
+    }
+    w.flush().map_err(werr)?;
+    let file = w.into_inner().map_err(|e| io_err(path, e.error()))?;
+    file.sync_all().map_err(werr)?;
+    Ok((n, quantized, 8 + head.len() as u64 + offset as u64))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{make_plan, Policy, TypeChoice};
+
+    #[test]
+    fn packed_blocks_hold_the_same_values() {
+        let (rows, cols) = (3, 64);
+        let xs: Vec<f32> = (0..rows * cols)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 40.0)
+            .collect();
+        for t in [QuantType::Q4_0, QuantType::Q8_0] {
+            let blocks = crate::encode::encode(t, &xs, cols, None).unwrap();
+            let (packed, scales) = blocks_to_packed(t, &blocks, rows, cols);
+            let bits = bits_of(t).unwrap() as usize;
+            let words: Vec<u32> = packed
+                .chunks_exact(4)
+                .map(|c| u32::from_le_bytes(c.try_into().unwrap()))
+                .collect();
+            let per_row = cols * bits / 32;
+            let ggml = candle_core::quantized::ggml_file::qtensor_from_ggml(
+                t.ggml(),
+                &blocks,
+                vec![rows, cols],
+                &candle_core::Device::Cpu,
+            )
+            .unwrap()
+            .dequantize(&candle_core::Device::Cpu)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+            for r in 0..rows {
+                for c in 0..cols {
+                    let p = c * bits;
+                    let level = (words[r * per_row + p / 32] >> (p % 32)) & ((1 << bits) - 1);
+                    let q = level as i32 - (1 << (bits - 1));
+                    let s = half::f16::from_le_bytes([
+                        scales[(r * cols / 32 + c / 32) * 2],
+                        scales[(r * cols / 32 + c / 32) * 2 + 1],
+                    ]);
+                    assert_eq!(q as f32 * s.to_f32(), ggml[r * cols + c], "{t} r{r} c{c}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn k_quants_and_quantized_embeddings_are_refused_before_writing() {
+        let ck = Checkpoint::bundled().unwrap();
+        let mut policy = Policy::new(QuantType::Q4K);
+        policy.embeddings = TypeChoice::Keep;
+        let plan = make_plan(&ck, &policy).unwrap();
+        let e = check_plan(&ck, &plan).unwrap_err().to_string();
+        assert!(e.contains("q4_k has no compressed-tensors layout"), "{e}");
+        let plan = make_plan(&ck, &Policy::new(QuantType::Q8_0)).unwrap();
+        let e = check_plan(&ck, &plan).unwrap_err().to_string();
+        assert!(
+            e.contains("compressed-tensors quantizes only linear layers"),
+            "{e}"
+        );
+    }
+}
