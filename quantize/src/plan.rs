@@ -234,6 +234,9 @@ pub struct PlannedTensor {
     pub permute_heads: Option<usize>,
     /// Why the type differs from what was asked (fallback), if it does.
     pub note: Option<String>,
+    /// For a layer of a GPTQ / AWQ / compressed-tensors source: how exactly the output keeps
+    /// the source's values, when not bit for bit.
+    pub exactness: Option<String>,
 }
 
 impl PlannedTensor {
@@ -336,6 +339,11 @@ pub fn make_plan(ck: &Checkpoint, policy: &Policy) -> Result<Plan> {
             Some(t) => t.bytes_for(rows, cols).unwrap_or(0),
             None => raw.data.len(),
         };
+        let exactness = ck
+            .imported
+            .as_ref()
+            .and_then(|imp| imp.exactness_of(&name))
+            .and_then(|e| source_exactness(e, raw.dtype, target));
         let heads = match name.as_str() {
             n if n.ends_with("self_attn.q_proj.weight") => Some(ck.config.num_attention_heads),
             n if n.ends_with("self_attn.k_proj.weight") => Some(ck.config.num_kv_heads()),
@@ -351,6 +359,7 @@ pub fn make_plan(ck: &Checkpoint, policy: &Policy) -> Result<Plan> {
             bytes,
             permute_heads: heads.filter(|_| permute),
             note,
+            exactness,
         });
     }
     if let Some(i) = rule_hits.iter().position(|&h| h == 0) {
@@ -372,6 +381,29 @@ pub fn make_plan(ck: &Checkpoint, policy: &Policy) -> Result<Plan> {
         computed,
         scheme: policy.scheme,
     })
+}
+
+/// What the plan says about a quantized source layer written as `target` (None: kept).
+fn source_exactness(
+    e: &tandem_model::packed::Exactness,
+    held: WeightDType,
+    target: Option<QuantType>,
+) -> Option<String> {
+    use tandem_model::packed::Exactness;
+    match (e, target) {
+        (Exactness::Dequantized { reason }, Some(t)) => Some(format!(
+            "no GGML type holds the source grid ({reason}): dequantized and requantized to {t}, not exact"
+        )),
+        (Exactness::Dequantized { reason }, None) => Some(format!(
+            "no GGML type holds the source grid ({reason}): written dequantized as F32, exact"
+        )),
+        (Exactness::OffsetRounded { max_abs_error }, None) => Some(format!(
+            "asymmetric grid as {}: the offset −z·s rounded to f16 (largest change {max_abs_error:.2e})",
+            held.name()
+        )),
+        (_, Some(t)) => Some(format!("requantized from the source grid to {t}: not exact")),
+        (Exactness::Exact, None) => None,
+    }
 }
 
 fn same_type(t: QuantType, d: WeightDType) -> bool {
@@ -499,6 +531,29 @@ impl Plan {
             }
             if !verbose && fallbacks.len() > 4 {
                 let _ = writeln!(s, "  ... ({} more; -v lists all)", fallbacks.len() - 4);
+            }
+        }
+        let inexact: Vec<&PlannedTensor> = self
+            .tensors
+            .iter()
+            .filter(|t| t.exactness.is_some())
+            .collect();
+        if !inexact.is_empty() {
+            let _ = writeln!(
+                s,
+                "from the quantized source: {} layer(s) not kept bit for bit:",
+                inexact.len()
+            );
+            for t in inexact.iter().take(if verbose { usize::MAX } else { 4 }) {
+                let _ = writeln!(
+                    s,
+                    "  {}: {}",
+                    t.gguf_name,
+                    t.exactness.as_deref().unwrap_or("")
+                );
+            }
+            if !verbose && inexact.len() > 4 {
+                let _ = writeln!(s, "  ... ({} more; -v lists all)", inexact.len() - 4);
             }
         }
         for n in &self.skipped {

@@ -1,0 +1,382 @@
+//! Issue 17: compressed-tensors out, GPTQ / AWQ / compressed-tensors in. The checks against
+//! the libraries themselves (transformers, llm-compressor, GPTQModel, AutoAWQ, llama.cpp) need
+//! a Python environment and run in `scripts/peers/interop_check.py` (results in BENCHMARKS.md);
+//! these tests cover tandem's side on the bundled model: the export's layout, the lossless
+//! way back to GGUF, and every bad-input case of the importer.
+
+mod common;
+use common::*;
+use safetensors::{Dtype, SafeTensors};
+use std::path::{Path, PathBuf};
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+fn ok(args: &[&str]) -> String {
+    let out = tandem(args);
+    assert!(
+        out.status.success(),
+        "{args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The command fails with one line on stderr containing every needle, and no panic.
+fn fails(args: &[&str], needles: &[&str]) {
+    let out = tandem(args);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{args:?} succeeded");
+    assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
+    assert_eq!(
+        err.trim().lines().count(),
+        1,
+        "{args:?}: not one line: {err}"
+    );
+    for n in needles {
+        assert!(err.contains(n), "{args:?}: '{n}' not in: {err}");
+    }
+}
+
+/// stories260K exported as compressed-tensors q4_0 into `dir/ct`.
+fn export(dir: &Path) -> PathBuf {
+    let out = dir.join("ct");
+    ok(&[
+        "quantize",
+        s(&stories()),
+        "--out",
+        s(&out),
+        "--format",
+        "compressed-tensors",
+        "--scheme",
+        "q4_0",
+        "-q",
+    ]);
+    out
+}
+
+#[test]
+fn export_is_compressed_tensors_and_converts_back_to_the_same_gguf_bytes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ct = export(tmp.path());
+    // config.json: the quantization config compressed-tensors reads.
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(ct.join("config.json")).unwrap()).unwrap();
+    let q = &cfg["quantization_config"];
+    assert_eq!(q["quant_method"], "compressed-tensors");
+    assert_eq!(q["format"], "pack-quantized");
+    let w = &q["config_groups"]["group_0"]["weights"];
+    assert_eq!(
+        (
+            w["num_bits"].as_u64(),
+            w["group_size"].as_u64(),
+            w["symmetric"].as_bool()
+        ),
+        (Some(4), Some(32), Some(true))
+    );
+    let ignore: Vec<&str> = q["ignore"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    // Attention kept 16-bit, the tied head, and down_proj (172 columns: no whole blocks).
+    for m in [
+        "model.layers.0.self_attn.q_proj",
+        "model.layers.4.self_attn.o_proj",
+        "lm_head",
+        "model.layers.0.mlp.down_proj",
+    ] {
+        assert!(ignore.contains(&m), "{m} not in ignore: {ignore:?}");
+    }
+    assert!(ct.join("tokenizer.json").exists() && ct.join("tokenizer_config.json").exists());
+    // The tensors: packed I32, F16 scales, I64 shape; kept ones as they were.
+    let bytes = std::fs::read(ct.join("model.safetensors")).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let packed = st
+        .tensor("model.layers.0.mlp.gate_proj.weight_packed")
+        .unwrap();
+    assert_eq!(
+        (packed.dtype(), packed.shape()),
+        (Dtype::I32, &[172, 8][..])
+    );
+    let scale = st
+        .tensor("model.layers.0.mlp.gate_proj.weight_scale")
+        .unwrap();
+    assert_eq!((scale.dtype(), scale.shape()), (Dtype::F16, &[172, 2][..]));
+    let shape = st
+        .tensor("model.layers.0.mlp.gate_proj.weight_shape")
+        .unwrap();
+    assert_eq!(
+        shape.data(),
+        &[172i64, 64].map(i64::to_le_bytes).concat()[..]
+    );
+    assert!(st.tensor("model.layers.0.self_attn.q_proj.weight").is_ok());
+    // tandem reads it back as Q4_0, exactly.
+    let info = ok(&["info", s(&ct)]);
+    assert!(
+        info.contains("compressed-tensors, group_0: int4 symmetric group 32 (pack-quantized)"),
+        "{info}"
+    );
+    assert!(info.contains("layers held as Q4_0 (exact)"), "{info}");
+    // Back to GGUF losslessly: the same bytes as quantizing the 16-bit model straight to GGUF
+    // with embeddings kept (what the export kept).
+    let direct = tmp.path().join("direct.gguf");
+    let via = tmp.path().join("via.gguf");
+    ok(&[
+        "quantize",
+        s(&stories()),
+        "--out",
+        s(&direct),
+        "--scheme",
+        "q4_0",
+        "--embeddings",
+        "keep",
+        "-q",
+    ]);
+    ok(&["quantize", s(&ct), "--out", s(&via), "-q"]);
+    let a = tandem_model::Checkpoint::open(&direct, None).unwrap();
+    let b = tandem_model::Checkpoint::open(&via, None).unwrap();
+    let mut compared = 0;
+    for n in a.store.names() {
+        let (x, y) = (a.store.get(&n).unwrap(), b.store.get(&n).unwrap());
+        assert_eq!(x.dtype, y.dtype, "{n}");
+        assert!(x.data == y.data, "{n}: bytes differ");
+        compared += 1;
+    }
+    assert_eq!(compared, b.store.names().len());
+    // And the folder runs: the same greedy text as the GGUF made straight from the source.
+    let gen = |m: &Path| {
+        ok(&[
+            "generate",
+            "--model",
+            s(m),
+            "--prompt",
+            "Once upon a time",
+            "--max-tokens",
+            "24",
+        ])
+    };
+    assert_eq!(gen(&ct), gen(&direct));
+}
+
+#[test]
+fn export_refuses_layouts_compressed_tensors_has_not() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("ct");
+    let src = stories();
+    let base = [
+        "quantize",
+        s(&src),
+        "--out",
+        s(&out),
+        "--format",
+        "compressed-tensors",
+    ];
+    fails(
+        &[&base[..], &["--scheme", "q4_k"]].concat(),
+        &["has no compressed-tensors layout (supported: q4_0"],
+    );
+    fails(
+        &[&base[..], &["--scheme", "q4_0", "--embeddings", "q8_0"]].concat(),
+        &["compressed-tensors quantizes only linear layers"],
+    );
+    assert!(!out.exists());
+    assert_eq!(
+        std::fs::read_dir(tmp.path()).unwrap().count(),
+        0,
+        "left something behind"
+    );
+}
+
+/// Writes `config.json` of `dir` with `edit` applied to its quantization_config.
+fn edit_config(dir: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
+    let p = dir.join("config.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    edit(&mut cfg);
+    std::fs::write(&p, serde_json::to_string(&cfg).unwrap()).unwrap();
+}
+
+/// Rewrites the safetensors of `dir` with `edit` applied to its (name → (dtype, shape, bytes)).
+fn edit_tensors(
+    dir: &Path,
+    edit: impl FnOnce(&mut std::collections::BTreeMap<String, (Dtype, Vec<usize>, Vec<u8>)>),
+) {
+    let p = dir.join("model.safetensors");
+    let bytes = std::fs::read(&p).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let mut m: std::collections::BTreeMap<String, (Dtype, Vec<usize>, Vec<u8>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, v)| (n, (v.dtype(), v.shape().to_vec(), v.data().to_vec())))
+        .collect();
+    edit(&mut m);
+    let views: Vec<(String, safetensors::tensor::TensorView)> = m
+        .iter()
+        .map(|(n, (d, sh, b))| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(*d, sh.clone(), b).unwrap(),
+            )
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, &p).unwrap();
+}
+
+#[test]
+fn bad_quantized_checkpoints_are_one_line_errors_naming_the_field_or_tensor() {
+    let tmp = tempfile::tempdir().unwrap();
+    let good = export(tmp.path());
+    let case = |name: &str| -> PathBuf {
+        let d = tmp.path().join(name);
+        std::fs::create_dir(&d).unwrap();
+        for f in std::fs::read_dir(&good).unwrap() {
+            let f = f.unwrap().path();
+            std::fs::copy(&f, d.join(f.file_name().unwrap())).unwrap();
+        }
+        d
+    };
+    let check = |d: &Path, needles: &[&str]| {
+        for cmd in [
+            vec!["info", s(d)],
+            vec!["generate", "--model", s(d), "--prompt", "Hi"],
+        ] {
+            fails(&cmd, needles);
+        }
+        let out = tmp.path().join("never.gguf");
+        fails(&["quantize", s(d), "--out", s(&out)], needles);
+        assert!(!out.exists());
+    };
+    // Integer tensors without a quantization_config.
+    let d = case("no-config");
+    edit_config(&d, |c| {
+        c.as_object_mut().unwrap().remove("quantization_config");
+    });
+    check(&d, &["weight_packed", "I32", "quantization_config"]);
+    // Unsupported settings, named by field.
+    let d = case("float-type");
+    edit_config(&d, |c| {
+        c["quantization_config"]["config_groups"]["group_0"]["weights"]["type"] = "float".into()
+    });
+    check(
+        &d,
+        &["config_groups.group_0.weights.type = 'float' is not supported"],
+    );
+    let d = case("block-strategy");
+    edit_config(&d, |c| {
+        c["quantization_config"]["config_groups"]["group_0"]["weights"]["strategy"] = "block".into()
+    });
+    check(&d, &["weights.strategy = 'block' is not supported"]);
+    let d = case("bits-9");
+    edit_config(&d, |c| {
+        c["quantization_config"]["config_groups"]["group_0"]["weights"]["num_bits"] = 9.into()
+    });
+    check(&d, &["num_bits = 9 is not supported"]);
+    let d = case("method");
+    edit_config(&d, |c| {
+        c["quantization_config"]["quant_method"] = "bitsandbytes".into()
+    });
+    check(&d, &["quant_method 'bitsandbytes' is not supported"]);
+    // Contradictions between the config and the tensors.
+    let d = case("group-64");
+    edit_config(&d, |c| {
+        c["quantization_config"]["config_groups"]["group_0"]["weights"]["group_size"] = 64.into()
+    });
+    check(&d, &["weight_scale", "does not match the layer"]);
+    let d = case("bits-8");
+    edit_config(&d, |c| {
+        c["quantization_config"]["config_groups"]["group_0"]["weights"]["num_bits"] = 8.into()
+    });
+    check(
+        &d,
+        &["model.layers.0.mlp.gate_proj.weight_packed", "at 8 bits"],
+    );
+    let d = case("asymmetric-without-zeros");
+    edit_config(&d, |c| {
+        c["quantization_config"]["config_groups"]["group_0"]["weights"]["symmetric"] = false.into()
+    });
+    check(&d, &["weight_scale", "no weight_zero_point"]);
+    // Tensors that lie.
+    let d = case("shape-lies");
+    edit_tensors(&d, |m| {
+        m.get_mut("model.layers.1.mlp.up_proj.weight_shape")
+            .unwrap()
+            .2 = [172i64 * 1_000_000_000, 64].map(i64::to_le_bytes).concat();
+    });
+    check(
+        &d,
+        &[
+            "model.layers.1.mlp.up_proj.weight_shape",
+            "not a plausible [out, in] shape",
+        ],
+    );
+    let d = case("g-idx-out-of-range");
+    edit_tensors(&d, |m| {
+        let g: Vec<u8> = (0..64i32)
+            .map(|c| if c == 40 { 7 } else { c / 32 })
+            .flat_map(i32::to_le_bytes)
+            .collect();
+        m.insert(
+            "model.layers.2.mlp.gate_proj.weight_g_idx".into(),
+            (Dtype::I32, vec![64], g),
+        );
+    });
+    check(
+        &d,
+        &[
+            "model.layers.2.mlp.gate_proj.weight_g_idx",
+            "column 40 names group 7, outside 0..2",
+        ],
+    );
+    let d = case("missing-scale");
+    edit_tensors(&d, |m| {
+        m.remove("model.layers.3.mlp.up_proj.weight_scale");
+    });
+    check(&d, &["model.layers.3.mlp.up_proj.weight_scale", "missing"]);
+    let d = case("stray-integers");
+    edit_tensors(&d, |m| {
+        m.insert(
+            "model.extra.counts".into(),
+            (Dtype::I64, vec![1], 5i64.to_le_bytes().to_vec()),
+        );
+    });
+    check(&d, &["model.extra.counts", "no quantized layer uses"]);
+}
+
+#[test]
+fn act_order_groups_that_keep_blocks_together_stay_q4_0_and_others_are_dequantized_exactly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let good = export(tmp.path());
+    // g_idx listing each column's group in order: the same layer, still Q4_0.
+    let in_order = |m: &mut std::collections::BTreeMap<String, (Dtype, Vec<usize>, Vec<u8>)>,
+                    swap: bool| {
+        let mut g: Vec<i32> = (0..64).map(|c| c / 32).collect();
+        if swap {
+            g.swap(3, 40);
+        }
+        m.insert(
+            "model.layers.2.mlp.gate_proj.weight_g_idx".into(),
+            (
+                Dtype::I32,
+                vec![64],
+                g.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            ),
+        );
+    };
+    edit_tensors(&good, |m| in_order(m, false));
+    let info = ok(&["info", s(&good)]);
+    assert!(info.contains("10 layers held as Q4_0 (exact)"), "{info}");
+    // Columns 3 and 40 swapped between groups: no Q4_0 block holds that layer, so F32.
+    edit_tensors(&good, |m| in_order(m, true));
+    let info = ok(&["info", s(&good)]);
+    assert!(info.contains("9 layers held as Q4_0 (exact)"), "{info}");
+    assert!(info.contains("1 layers held as F32 (dequantized: groups (act-order) do not keep 32-column blocks together)"), "{info}");
+    let gguf = tmp.path().join("m.gguf");
+    let plan = ok(&["quantize", s(&good), "--out", s(&gguf), "--scheme", "q4_0"]);
+    assert!(
+        plan.contains("dequantized"),
+        "the plan should say which tensor lost exactness: {plan}"
+    );
+}
