@@ -356,7 +356,14 @@ fn write_safetensors(
     metadata.insert("format".into(), json!("pt"));
     if let Some(c) = opts.calibrated {
         for (k, v) in &c.metadata {
-            metadata.insert(k.clone(), json!(format!("{v:?}")));
+            use candle_core::quantized::gguf_file::Value as V;
+            let text = match v {
+                V::String(s) => s.clone(),
+                V::U32(x) => x.to_string(),
+                V::F32(x) => x.to_string(),
+                other => format!("{other:?}"),
+            };
+            metadata.insert(k.clone(), json!(text));
         }
     }
     header.insert("__metadata__".into(), Value::Object(metadata));
@@ -420,9 +427,31 @@ fn write_safetensors(
                 let b = if e.bytes == bytes.len() {
                     bytes
                 } else {
-                    // A 1-D tensor planned as F32 goes out in the source's 16-bit type.
-                    let raw = ck.store.get(&t.source_name)?;
-                    raw.data.to_vec()
+                    // A 1-D tensor the GGUF plan makes F32 goes out in the source's 16-bit
+                    // type, with what a calibrated method made of it (AWQ folds its scales
+                    // into the norms).
+                    let ty = match e.dtype {
+                        "BF16" => QuantType::BF16,
+                        "F32" => QuantType::F32,
+                        _ => QuantType::F16,
+                    };
+                    let cols = t.shape.last().copied().unwrap_or(1).max(1);
+                    match opts.calibrated.and_then(|c| c.dense.get(&t.source_name)) {
+                        Some(values) => crate::encode::encode(ty, values, cols, None)?,
+                        None => {
+                            let raw = ck.store.get(&t.source_name)?;
+                            let file = ck.store.path_of(&t.source_name).to_path_buf();
+                            let rows = raw.elem_count() / cols;
+                            let xs = crate::encode::to_f32(
+                                &file,
+                                &raw,
+                                raw.data,
+                                (0, rows),
+                                opts.allow_nonfinite,
+                            )?;
+                            crate::encode::encode(ty, &xs, cols, None)?
+                        }
+                    }
                 };
                 if e.bytes != b.len() {
                     return Err(tensor_err(

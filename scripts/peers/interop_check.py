@@ -81,10 +81,28 @@ def load_reference(path):
         g = GPTQModel.load(path, device="cpu", backend=BACKEND.TORCH, dtype=torch.float32)
         return g.model, "GPTQModel (torch kernel, float32)"
     if method == "awq":
-        from awq import AutoAWQForCausalLM
-        q = AutoAWQForCausalLM.from_quantized(path, device_map="cpu", fuse_layers=False,
-                                              torch_dtype=torch.float32, use_ipex=False)
-        return q.model, "AutoAWQ (GEMM, float32)"
+        # AutoAWQ 0.2.9 cannot load models with transformers 5 (its last tested version is
+        # 4.51), so the reference is AutoAWQ's own dequantizer (`dequantize_gemm`) over every
+        # packed layer, the other tensors as stored, run by transformers.
+        from awq.utils.packing_utils import dequantize_gemm
+        from safetensors.torch import load_file
+        from transformers import AutoConfig
+        conf = AutoConfig.from_pretrained(path)
+        qc = cfg["quantization_config"]
+        if hasattr(conf, "quantization_config"):
+            del conf.quantization_config
+        m = AutoModelForCausalLM.from_config(conf, dtype=torch.float32)
+        sd = load_file(os.path.join(path, "model.safetensors"))
+        for k, v in sd.items():
+            if k.endswith(".qweight"):
+                mod = k[: -len(".qweight")]
+                w = dequantize_gemm(v, sd[mod + ".qzeros"], sd[mod + ".scales"], qc["bits"], qc["group_size"])
+                m.get_submodule(mod).weight.data = w.T.float().contiguous()
+            elif not k.endswith((".qzeros", ".scales")):
+                m.get_parameter(k).data = v.float()
+        if conf.tie_word_embeddings:
+            m.tie_weights()
+        return m, "AutoAWQ dequantize_gemm + transformers (float32)"
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), "transformers (float32)"
 
 
@@ -92,15 +110,11 @@ def dequantized_linears(model):
     """name → float32 weight of every quantized MLP linear, as the library computes with it."""
     out = {}
     for name, mod in model.named_modules():
-        if not name.endswith(("gate_proj", "up_proj", "down_proj")):
+        if not name.endswith(("gate_proj", "up_proj", "down_proj", "q_proj", "k_proj", "v_proj", "o_proj")):
             continue
         w = None
-        if hasattr(mod, "qweight"):
-            if hasattr(mod, "dequantize_weight"):       # GPTQModel
-                w = mod.dequantize_weight().T
-            else:                                     # AutoAWQ GEMM
-                from awq.utils.packing_utils import dequantize_gemm
-                w = dequantize_gemm(mod.qweight, mod.qzeros, mod.scales, mod.w_bit, mod.group_size).T
+        if hasattr(mod, "qweight"):                   # GPTQModel's kernels
+            w = mod.dequantize_weight().T
         elif hasattr(mod, "weight"):
             w = mod.weight
         if w is not None:
@@ -168,20 +182,24 @@ def gguf_exactness(gguf_path, weights):
     hf = {}
     for t in rd.tensors:
         parts = t.name.split(".")
-        if len(parts) == 4 and parts[0] == "blk" and parts[2] in ("ffn_gate", "ffn_up", "ffn_down"):
-            mod = {"ffn_gate": "gate_proj", "ffn_up": "up_proj", "ffn_down": "down_proj"}[parts[2]]
-            hf[f"model.layers.{parts[1]}.mlp.{mod}.weight"] = t
-    exact, worst, types = 0, 0.0, {}
+        # q/k rows are in llama.cpp's RoPE order in a GGUF: compared are the layers whose rows
+        # are not reordered (every MLP projection, v and o).
+        names = {"ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+                 "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj"}
+        if len(parts) == 4 and parts[0] == "blk" and parts[2] in names:
+            hf[f"model.layers.{parts[1]}.{names[parts[2]]}.weight"] = t
+    exact, compared, worst, types = 0, 0, 0.0, {}
     for name, w in weights.items():
         t = hf.get(name)
-        if t is None:
+        if t is None or t.tensor_type.name in ("F16", "BF16", "F32"):
             continue
+        compared += 1
         got = dequantize(t.data, t.tensor_type).reshape(w.shape).astype(np.float32)
         d = float(np.abs(got - w).max())
         exact += d == 0.0
         worst = max(worst, d)
         types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
-    return exact, len(weights), worst, types
+    return exact, compared, worst, types
 
 
 def llama_runs(gguf_path):

@@ -7,7 +7,11 @@ of llm-compressor's own work (oneshot). Not part of CI (needs torch, transformer
 llmcompressor from PyPI; see scripts/bench-calibrated.sh).
 
   python llmcompressor_gptq.py MODEL_DIR CALIB.txt OUT_DIR [--actorder static|group|weight|none]
-                               [--observer minmax|mse] [--threads N]
+                               [--observer minmax|mse] [--threads N] [--compressed]
+
+With --compressed, OUT_DIR is llm-compressor's own compressed-tensors checkpoint
+(save_pretrained(save_compressed=True): pack-quantized int4), the folder vLLM serves and
+`tandem` reads (scripts/peers/interop_check.py).
 """
 import argparse, json, os, shutil, time
 
@@ -17,6 +21,8 @@ ap.add_argument("--actorder", default="static")
 ap.add_argument("--observer", default="minmax")
 ap.add_argument("--threads", type=int, default=2)
 ap.add_argument("--ctx", type=int, default=512)
+ap.add_argument("--compressed", action="store_true")
+ap.add_argument("--dtype", default="float32", help="float16 for a checkpoint as users make it (f16 scales)")
 a = ap.parse_args()
 
 import torch
@@ -27,7 +33,7 @@ from llmcompressor import oneshot
 from llmcompressor.modifiers.quantization import GPTQModifier
 
 tok = AutoTokenizer.from_pretrained(a.model)
-model = AutoModelForCausalLM.from_pretrained(a.model, torch_dtype=torch.float32)
+model = AutoModelForCausalLM.from_pretrained(a.model, torch_dtype=getattr(torch, a.dtype))
 ids = tok(open(a.calib, encoding="utf-8").read(), add_special_tokens=False)["input_ids"]
 bos = tok.bos_token_id
 chunks = []
@@ -50,6 +56,14 @@ t0 = time.time()
 oneshot(model=model, dataset=ds, recipe=recipe, max_seq_length=a.ctx,
         num_calibration_samples=len(chunks))
 seconds = time.time() - t0
+
+if a.compressed:
+    model.save_pretrained(a.out, save_compressed=True)
+    tok.save_pretrained(a.out)
+    print(json.dumps({"tool": "llmcompressor", "actorder": a.actorder, "observer": a.observer,
+                      "chunks": len(chunks), "format": "compressed-tensors",
+                      "oneshot_seconds": round(seconds, 1)}))
+    raise SystemExit(0)
 
 # Dequantize every quantized Linear with its own scales (fake quantization = the values a
 # serving engine computes with) and save an F16 folder.
