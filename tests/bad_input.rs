@@ -17,6 +17,7 @@
 //! | SIGINT / SIGTERM / SIGHUP during quantize, convert, calibrate, eval, sweeps | tests/signals.rs |
 //! | C ABI: NULL verifier, NULL forward/rollback, vocab_size 0 or 2^64−1, context_limit 0, draft vocabulary differing, an engine error | tests/c/engine.c (run by tests/c_abi.rs) |
 //! | a draft whose vocabulary size differs (library) | tests/speculate.rs `mismatched_vocabularies_are_refused` |
+//! | quantized checkpoints (issue 17): integer tensors without a quantization_config, unsupported quant_method / type / strategy / bits, group size or bits contradicting the tensors, asymmetric without zero points, an implausible weight_shape, g_idx out of range, a missing scale, stray integer tensors | tests/interop.rs `bad_quantized_checkpoints_are_one_line_errors_naming_the_field_or_tensor`; GPTQ/AWQ layouts' short tensors and g_idx in `model::packed` unit tests |
 //! | random and field-wise mutations of every reader | `scripts/fuzz.sh` (fuzz/, a short run in CI) |
 
 mod common;

@@ -852,7 +852,7 @@ fn words(name: &str, t: &Stored, n: usize) -> Result<Vec<u32>> {
             format!("dtype {:?}, expected I32 (packed integers)", t.dtype),
         ));
     }
-    if t.data.len() != n.checked_mul(4).unwrap_or(usize::MAX) {
+    if t.data.len() != n.saturating_mul(4) {
         return Err(tensor_err(
             t.path,
             name,
@@ -871,7 +871,7 @@ fn words(name: &str, t: &Stored, n: usize) -> Result<Vec<u32>> {
 /// A float tensor (scales) as f32, checked to hold `n` values.
 fn floats(name: &str, t: &Stored, n: usize) -> Result<Vec<f32>> {
     let size = t.dtype.size();
-    if t.data.len() != n.checked_mul(size).unwrap_or(usize::MAX) {
+    if t.data.len() != n.saturating_mul(size) {
         return Err(tensor_err(
             t.path,
             name,
@@ -914,7 +914,7 @@ fn floats(name: &str, t: &Stored, n: usize) -> Result<Vec<f32>> {
 /// Integers of an I8/I32/I64 tensor, checked to hold `n`.
 fn ints(name: &str, t: &Stored, n: usize) -> Result<Vec<i64>> {
     let size = t.dtype.size();
-    if t.data.len() != n.checked_mul(size).unwrap_or(usize::MAX) {
+    if t.data.len() != n.saturating_mul(size) {
         return Err(tensor_err(
             t.path,
             name,

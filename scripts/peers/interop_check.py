@@ -38,6 +38,13 @@ PROMPTS = [
     "List the planets of the solar system in order from the sun.",
 ]
 
+# SmolLM2-Instruct's chat template (ChatML with its default system prompt), for folders whose
+# tokenizer_config.json carries none (tandem convert's output from the GGUF).
+CHATML = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+          "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}"
+          "{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
 ap = argparse.ArgumentParser()
 ap.add_argument("--tandem", required=True)
 ap.add_argument("--model", required=True, help="the 16-bit Hugging Face folder (SmolLM2)")
@@ -49,7 +56,10 @@ ap.add_argument("--chunks", type=int, default=8)
 ap.add_argument("--tokens", type=int, default=32)
 ap.add_argument("--threads", type=int, default=2)
 ap.add_argument("--skip-export", action="store_true")
+ap.add_argument("--prompts", type=int, default=len(PROMPTS), help="use the first N prompts")
+ap.add_argument("--only-export", default=None, help="export only this variant (e.g. tandem-q4_0-rtn)")
 a = ap.parse_args()
+PROMPTS = PROMPTS[: a.prompts]
 
 import numpy as np
 import torch
@@ -125,7 +135,8 @@ def dequantized_linears(model):
 def greedy_compare(model, tok, path):
     same, max_dlp, rows = 0, 0.0, []
     for p in PROMPTS:
-        text = tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+        text = tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True,
+                                       chat_template=None if tok.chat_template else CHATML)
         ids = tok(text, return_tensors="pt", add_special_tokens=False).input_ids
         with torch.no_grad():
             out = model.generate(ids, max_new_tokens=a.tokens, do_sample=False, output_scores=True,
@@ -151,7 +162,8 @@ def greedy_compare(model, tok, path):
 
 
 def perplexity_reference(model, tok):
-    ids = tok(open(a.text, encoding="utf-8").read(), add_special_tokens=False)["input_ids"]
+    # newline="": the text exactly as tandem and llama-perplexity read it (wikitext-2 has CRLF).
+    ids = tok(open(a.text, encoding="utf-8", newline="").read(), add_special_tokens=False)["input_ids"]
     ctx, first = 512, 256
     total, count = 0.0, 0
     for c in range(min(a.chunks, len(ids) // ctx)):
@@ -175,7 +187,8 @@ def perplexity_tandem(path):
 
 def gguf_exactness(gguf_path, weights):
     """Decodes every quantized MLP tensor of the GGUF with llama.cpp's gguf-py and compares."""
-    sys.path.insert(0, os.path.join(a.llama_bin, "..", "..", "..", "gguf-py"))
+    # llama.cpp's gguf-py beside its build folder (LLAMA_BIN = <llama.cpp>/build-*/bin).
+    sys.path.insert(0, os.path.abspath(os.path.join(a.llama_bin, "..", "..", "gguf-py")))
     import gguf
     from gguf.quants import dequantize
     rd = gguf.GGUFReader(gguf_path)
@@ -223,6 +236,8 @@ checkpoints = [c.split("=", 1) for c in a.checkpoint]
 if not a.skip_export:
     for label, extra in [("tandem-q4_0-rtn", []), ("tandem-q4_0-gptq", ["--method", "gptq"]),
                          ("tandem-q8_0-rtn", ["--scheme", "q8_0"])]:
+        if a.only_export and label != a.only_export:
+            continue
         out = os.path.join(a.work, label)
         scheme = [] if "--scheme" in extra else ["--scheme", "q4_0"]
         t0 = time.time()
