@@ -232,6 +232,17 @@ pub fn quantize(a: QuantizeArgs) -> Result<()> {
     let plan = make_plan(&ck, &policy)?;
     if compressed {
         tandem_quantize::compressed_tensors::check_plan(&ck, &plan)?;
+        let method = Method::parse(&a.calib.method)?;
+        if method.is_calibrated()
+            && plan
+                .tensors
+                .iter()
+                .any(|t| t.target == Some(QuantType::Q4_1))
+        {
+            anyhow::bail!(
+                "{method} makes q4_1 blocks with a float minimum, which compressed-tensors cannot hold: use --method rtn for asymmetric int4, or q4_0 with {method}"
+            );
+        }
     }
     if a.dry_run {
         print!("{}", plan.summary(a.verbose));

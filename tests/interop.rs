@@ -380,3 +380,75 @@ fn act_order_groups_that_keep_blocks_together_stay_q4_0_and_others_are_dequantiz
         "the plan should say which tensor lost exactness: {plan}"
     );
 }
+
+#[test]
+fn asymmetric_export_has_integer_zero_points_and_reads_back_as_q4_1() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ct = tmp.path().join("asym");
+    ok(&[
+        "quantize",
+        s(&stories()),
+        "--out",
+        s(&ct),
+        "--format",
+        "compressed-tensors",
+        "--scheme",
+        "q4_1",
+        "-q",
+    ]);
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(ct.join("config.json")).unwrap()).unwrap();
+    assert_eq!(
+        cfg["quantization_config"]["config_groups"]["group_0"]["weights"]["symmetric"],
+        false
+    );
+    let bytes = std::fs::read(ct.join("model.safetensors")).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    // Zero points packed along the output dimension: 172 rows → 22 words, 2 groups.
+    let zp = st
+        .tensor("model.layers.0.mlp.gate_proj.weight_zero_point")
+        .unwrap();
+    assert_eq!((zp.dtype(), zp.shape()), (Dtype::I32, &[22, 2][..]));
+    let info = ok(&["info", s(&ct)]);
+    assert!(
+        info.contains("int4 asymmetric group 32 (pack-quantized)"),
+        "{info}"
+    );
+    assert!(
+        info.contains("10 layers held as Q4_1 (exact up to the f16 rounding of the offset)"),
+        "{info}"
+    );
+    // Lossless to GGUF (the Q4_1 blocks copied), and the plan says what the offset lost.
+    let gguf = tmp.path().join("m.gguf");
+    let plan = ok(&["quantize", s(&ct), "--out", s(&gguf)]);
+    assert!(plan.contains("the offset −z·s rounded to f16"), "{plan}");
+    let gen = |m: &Path| {
+        ok(&[
+            "generate",
+            "--model",
+            s(m),
+            "--prompt",
+            "Once upon a time",
+            "--max-tokens",
+            "16",
+        ])
+    };
+    assert_eq!(gen(&ct), gen(&gguf));
+    // Calibrated methods make float minima compressed-tensors cannot hold: refused.
+    fails(
+        &[
+            "quantize",
+            s(&stories()),
+            "--out",
+            s(&tmp.path().join("no")),
+            "--format",
+            "compressed-tensors",
+            "--scheme",
+            "q4_1",
+            "--method",
+            "gptq",
+        ],
+        &["float minimum", "--method rtn"],
+    );
+    assert!(!tmp.path().join("no").exists());
+}

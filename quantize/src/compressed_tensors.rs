@@ -34,10 +34,47 @@ const GROUP: usize = 32;
 /// The integer width of a block type in compressed-tensors, if it has one.
 fn bits_of(t: QuantType) -> Option<u32> {
     match t {
-        QuantType::Q4_0 => Some(4),
+        QuantType::Q4_0 | QuantType::Q4_1 => Some(4),
         QuantType::Q8_0 => Some(8),
         _ => None,
     }
+}
+
+/// Whether a type is written symmetric (Q4_0, Q8_0) or with integer zero points (Q4_1).
+fn symmetric(t: QuantType) -> bool {
+    t != QuantType::Q4_1
+}
+
+/// Asymmetric int4 at group 32 with integer zero points, as compressed-tensors' min-max
+/// observer makes it (the range always holds 0, the scale rounded to f16 before the levels
+/// are taken): Q4_1's own minimum is a float, which compressed-tensors cannot hold, so q4_1
+/// layers are made on this grid instead. Returns (levels, f16 scales, zeros) per row-major
+/// [rows, cols] / [rows, cols/32]. tandem reads such a layer back as Q4_1 with the offset
+/// −z·s rounded to f16.
+pub fn asymmetric_int4(xs: &[f32], cols: usize) -> (Vec<u8>, Vec<half::f16>, Vec<u8>) {
+    let groups = xs.len() / GROUP;
+    let mut levels = vec![0u8; xs.len()];
+    let mut scales = Vec::with_capacity(groups);
+    let mut zeros = Vec::with_capacity(groups);
+    debug_assert!(cols.is_multiple_of(GROUP));
+    for (g, (x, q)) in xs
+        .chunks_exact(GROUP)
+        .zip(levels.chunks_exact_mut(GROUP))
+        .enumerate()
+    {
+        let _ = g;
+        let lo = x.iter().copied().fold(0f32, f32::min);
+        let hi = x.iter().copied().fold(0f32, f32::max);
+        let s = half::f16::from_f32(((hi - lo) / 15.0).max(f32::MIN_POSITIVE));
+        let sf = s.to_f32().max(f32::MIN_POSITIVE);
+        let z = (-lo / sf).round().clamp(0.0, 15.0);
+        for (v, o) in x.iter().zip(q.iter_mut()) {
+            *o = ((v / sf).round() + z).clamp(0.0, 15.0) as u8;
+        }
+        scales.push(s);
+        zeros.push(z as u8);
+    }
+    (levels, scales, zeros)
 }
 
 /// One tensor of the output file, in write order.
@@ -82,7 +119,7 @@ pub fn check_plan(ck: &Checkpoint, plan: &Plan) -> Result<()> {
                 }
                 if bits_of(q).is_none() {
                     return Err(Error::Plan(format!(
-                        "{}: {q} has no compressed-tensors layout (supported: q4_0 = int4 symmetric group 32, q8_0 = int8 symmetric group 32)",
+                        "{}: {q} has no compressed-tensors layout (supported: q4_0 = int4 symmetric, q4_1 = int4 asymmetric, q8_0 = int8 symmetric; group 32)",
                         t.source_name
                     )));
                 }
@@ -143,6 +180,18 @@ fn entries_for(t: &PlannedTensor) -> Vec<Entry> {
                     bytes: 16,
                 },
             ]
+            .into_iter()
+            .chain((!t.target.is_some_and(symmetric)).then(|| {
+                // Packed along the output dimension: [ceil(rows·bits/32), groups].
+                let packed_rows = (rows * bits as usize).div_ceil(32);
+                Entry {
+                    name: format!("{module}.weight_zero_point"),
+                    dtype: "I32",
+                    shape: vec![packed_rows, cols / GROUP],
+                    bytes: packed_rows * (cols / GROUP) * 4,
+                }
+            }))
+            .collect()
         }
         None => {
             let elems = t.elems();
@@ -165,6 +214,22 @@ fn entries_for(t: &PlannedTensor) -> Vec<Entry> {
             }]
         }
     }
+}
+
+/// Unsigned levels [rows, cols] → compressed-tensors' dense packing, little-endian words:
+/// level i of a row at bit i·bits.
+fn pack_rows(levels: &[u8], rows: usize, cols: usize, bits: usize) -> Vec<u8> {
+    let per_row = (cols * bits).div_ceil(32);
+    let mut out = Vec::with_capacity(rows * per_row * 4);
+    for row in levels.chunks_exact(cols).take(rows) {
+        let mut words = vec![0u32; per_row];
+        for (i, &v) in row.iter().enumerate() {
+            let p = i * bits;
+            words[p / 32] |= u32::from(v) << (p % 32);
+        }
+        out.extend(words.iter().flat_map(|w| w.to_le_bytes()));
+    }
+    out
 }
 
 /// GGML Q4_0 / Q8_0 blocks of a [rows, cols] tensor → (packed words, f16 scale bytes).
@@ -195,19 +260,14 @@ pub fn blocks_to_packed(
                 levels.extend(blk[2..].iter().map(|&x| (x as i8 as i16 + 128) as u8));
             }
         }
-        let mut words = vec![0u32; per_row];
-        for (i, &v) in levels.iter().enumerate() {
-            let p = i * bits;
-            words[p / 32] |= u32::from(v) << (p % 32);
-        }
-        packed.extend(words.iter().flat_map(|w| w.to_le_bytes()));
+        packed.extend(pack_rows(&levels, 1, cols, bits));
     }
     (packed, scales)
 }
 
 /// The `quantization_config` for the quantized layers of a plan.
 fn quantization_config(plan: &Plan) -> Value {
-    let mut by_bits: BTreeMap<u32, Vec<String>> = BTreeMap::new();
+    let mut by_bits: BTreeMap<(u32, bool), Vec<String>> = BTreeMap::new();
     let mut ignore = Vec::new();
     for t in &plan.tensors {
         let linear = matches!(
@@ -218,8 +278,8 @@ fn quantization_config(plan: &Plan) -> Value {
             continue;
         }
         let module = t.source_name.trim_end_matches(".weight").to_string();
-        match t.target.and_then(bits_of) {
-            Some(b) => by_bits.entry(b).or_default().push(module),
+        match t.target.and_then(|q| bits_of(q).map(|b| (b, symmetric(q)))) {
+            Some(k) => by_bits.entry(k).or_default().push(module),
             None => ignore.push(module),
         }
     }
@@ -233,7 +293,7 @@ fn quantization_config(plan: &Plan) -> Value {
     }
     let single = by_bits.len() == 1;
     let mut groups = serde_json::Map::new();
-    for (i, (bits, modules)) in by_bits.into_iter().enumerate() {
+    for (i, ((bits, sym), modules)) in by_bits.into_iter().enumerate() {
         let targets = if single {
             json!(["Linear"])
         } else {
@@ -244,7 +304,7 @@ fn quantization_config(plan: &Plan) -> Value {
             json!({
                 "targets": targets,
                 "weights": {
-                    "num_bits": bits, "type": "int", "symmetric": true, "strategy": "group",
+                    "num_bits": bits, "type": "int", "symmetric": sym, "strategy": "group",
                     "group_size": GROUP, "dynamic": false, "actorder": null,
                     "block_structure": null, "observer": "minmax", "observer_kwargs": {},
                     "scale_dtype": null, "zp_dtype": null
@@ -401,6 +461,59 @@ fn write_safetensors(
             p(done, total, &t.source_name);
         }
         let entries = entries_for(t);
+        if t.target == Some(QuantType::Q4_1) {
+            if opts
+                .calibrated
+                .is_some_and(|c| c.tensors.contains_key(&t.source_name))
+            {
+                return Err(Error::Plan(format!(
+                    "{}: calibrated methods make q4_1 blocks with a float minimum, which compressed-tensors cannot hold; use --method rtn for asymmetric int4, or q4_0",
+                    t.source_name
+                )));
+            }
+            let (rows, cols) = (t.shape[0], t.shape[1]);
+            let raw = ck.store.get(&t.source_name)?;
+            let file = ck.store.path_of(&t.source_name).to_path_buf();
+            let xs = crate::encode::to_f32(&file, &raw, raw.data, (0, rows), opts.allow_nonfinite)?;
+            let (levels, scales, zeros) = asymmetric_int4(&xs, cols);
+            let packed = pack_rows(&levels, rows, cols, 4);
+            let scale_bytes: Vec<u8> = scales.iter().flat_map(|s| s.to_le_bytes()).collect();
+            let shape: Vec<u8> = [rows as i64, cols as i64]
+                .iter()
+                .flat_map(|x| x.to_le_bytes())
+                .collect();
+            // Zero points: signed (z − 8), packed along the output dimension.
+            let groups = cols / GROUP;
+            let mut by_col = vec![0u8; rows * groups];
+            for r in 0..rows {
+                for g in 0..groups {
+                    by_col[g * rows + r] = zeros[r * groups + g];
+                }
+            }
+            let packed_cols = pack_rows(&by_col, groups, rows, 4);
+            let per = (rows * 4).div_ceil(32);
+            let mut zp = vec![0u8; per * groups * 4];
+            for g in 0..groups {
+                for k in 0..per {
+                    zp[(k * groups + g) * 4..][..4]
+                        .copy_from_slice(&packed_cols[(g * per + k) * 4..][..4]);
+                }
+            }
+            for (e, b) in entries.iter().zip([&packed, &scale_bytes, &shape, &zp]) {
+                if e.bytes != b.len() {
+                    return Err(tensor_err(
+                        path,
+                        &e.name,
+                        "size differs from the header (internal error)",
+                    ));
+                }
+                w.write_all(b).map_err(werr)?;
+            }
+            quantized += 1;
+            ck.store.release(&t.source_name);
+            done += t.elems() as u64 * 2;
+            continue;
+        }
         let bytes = crate::tensor_bytes(ck, t, opts)?;
         match t.target.filter(|q| bits_of(*q).is_some()) {
             Some(q) => {

@@ -232,9 +232,10 @@ def llama_runs(gguf_path):
             "tg_tok_s": json.loads(r.stdout)[0]["avg_ts"] if r.returncode == 0 else None}
 
 
-checkpoints = [c.split("=", 1) for c in a.checkpoint]
+checkpoints = []
 if not a.skip_export:
     for label, extra in [("tandem-q4_0-rtn", []), ("tandem-q4_0-gptq", ["--method", "gptq"]),
+                         ("tandem-q4_1-asym-rtn", ["--scheme", "q4_1"]),
                          ("tandem-q8_0-rtn", ["--scheme", "q8_0"])]:
         if a.only_export and label != a.only_export:
             continue
@@ -244,8 +245,9 @@ if not a.skip_export:
         tandem("quantize", a.model, "--out", out, "--format", "compressed-tensors", *scheme, *extra,
                "--force", "-q")
         print(f"exported {label} in {time.time() - t0:.1f} s", file=sys.stderr)
-        checkpoints.insert(0, (label, out))
+        checkpoints.append((label, out))
 
+checkpoints += [c.split("=", 1) for c in a.checkpoint]
 results = []
 for label, path in checkpoints:
     t0 = time.time()
