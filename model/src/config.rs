@@ -122,8 +122,28 @@ impl Config {
 
     /// Parses and validates the text of a `config.json`; `path` names it in errors.
     pub fn from_json(path: &Path, text: &str) -> Result<Self> {
-        let cfg: Config = serde_json::from_str(text)
+        let mut cfg: Config = serde_json::from_str(text)
             .map_err(|e| format_err(path, format!("invalid config.json: {e}")))?;
+        // transformers ≥ 5 saves RoPE settings as `rope_parameters` (theta, type, factors)
+        // instead of top-level `rope_theta` / `rope_scaling`; where present it is what the
+        // model was trained with (SmolLM2's 100 000, not the 10 000 default).
+        let v: serde_json::Value = serde_json::from_str(text)
+            .map_err(|e| format_err(path, format!("invalid config.json: {e}")))?;
+        if let Some(rp) = v.get("rope_parameters").filter(|r| r.is_object()) {
+            if let Some(t) = rp.get("rope_theta").and_then(serde_json::Value::as_f64) {
+                cfg.rope_theta = t;
+            }
+            let ty = rp
+                .get("rope_type")
+                .or_else(|| rp.get("type"))
+                .and_then(serde_json::Value::as_str)
+                .unwrap_or("default");
+            if ty != "default" && cfg.rope_scaling.is_none() {
+                cfg.rope_scaling = Some(serde_json::from_value(rp.clone()).map_err(|e| {
+                    format_err(path, format!("invalid config.json: rope_parameters: {e}"))
+                })?);
+            }
+        }
         cfg.validate(path)?;
         Ok(cfg)
     }
@@ -304,5 +324,32 @@ impl Config {
             }
         }
         inv.into_iter().map(|f| f as f32).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transformers_5_rope_parameters_are_read() {
+        let base = r#""hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1,
+            "num_attention_heads": 4, "vocab_size": 32"#;
+        let p = Path::new("config.json");
+        let c = Config::from_json(p, &format!("{{{base}}}")).unwrap();
+        assert_eq!(c.rope_theta, 10_000.0);
+        let c = Config::from_json(
+            p,
+            &format!(r#"{{{base}, "rope_parameters": {{"rope_theta": 100000.0, "rope_type": "default"}}}}"#),
+        )
+        .unwrap();
+        assert_eq!((c.rope_theta, c.rope_scaling.is_none()), (100_000.0, true));
+        let c = Config::from_json(
+            p,
+            &format!(r#"{{{base}, "rope_parameters": {{"rope_theta": 5e5, "rope_type": "linear", "factor": 2.0}}}}"#),
+        )
+        .unwrap();
+        assert_eq!(c.rope_theta, 500_000.0);
+        assert_eq!(c.rope_scaling.as_ref().and_then(|s| s.factor), Some(2.0));
     }
 }

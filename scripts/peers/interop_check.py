@@ -87,9 +87,27 @@ def load_reference(path):
             path, dtype=torch.float32, quantization_config=CompressedTensorsConfig(run_compressed=False))
         return m, "transformers + compressed-tensors (decompressed, float32)"
     if method == "gptq":
+        # GPTQModel's CPU kernel runs in float16/bfloat16 only; the reference is its own
+        # dequantizer (`dequantize_weight`, scales in float32 so the products are exact) over
+        # every packed layer, the other tensors as it loaded them, run by transformers in float32.
         from gptqmodel import GPTQModel, BACKEND
-        g = GPTQModel.load(path, device="cpu", backend=BACKEND.TORCH, dtype=torch.float32)
-        return g.model, "GPTQModel (torch kernel, float32)"
+        from transformers import AutoConfig
+        g = GPTQModel.load(path, device="cpu", backend=BACKEND.TORCH, dtype=torch.float16)
+        conf = AutoConfig.from_pretrained(path)
+        if hasattr(conf, "quantization_config"):
+            del conf.quantization_config
+        m = AutoModelForCausalLM.from_config(conf, dtype=torch.float32)
+        for name, mod in g.model.named_modules():
+            if hasattr(mod, "qweight") and hasattr(mod, "dequantize_weight"):
+                mod.scales = mod.scales.float()
+                m.get_submodule(name).weight.data = mod.dequantize_weight().T.float().contiguous()
+        own = dict(m.named_parameters())
+        for name, p in g.model.named_parameters():
+            if name in own:
+                own[name].data = p.detach().float()
+        if conf.tie_word_embeddings:
+            m.tie_weights()
+        return m, "GPTQModel dequantize_weight + transformers (float32)"
     if method == "awq":
         # AutoAWQ 0.2.9 cannot load models with transformers 5 (its last tested version is
         # 4.51), so the reference is AutoAWQ's own dequantizer (`dequantize_gemm`) over every
@@ -123,9 +141,7 @@ def dequantized_linears(model):
         if not name.endswith(("gate_proj", "up_proj", "down_proj", "q_proj", "k_proj", "v_proj", "o_proj")):
             continue
         w = None
-        if hasattr(mod, "qweight"):                   # GPTQModel's kernels
-            w = mod.dequantize_weight().T
-        elif hasattr(mod, "weight"):
+        if hasattr(mod, "weight"):
             w = mod.weight
         if w is not None:
             out[name + ".weight"] = w.detach().float().cpu().numpy()
