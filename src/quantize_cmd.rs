@@ -23,6 +23,10 @@ pub struct QuantizeArgs {
     /// embeddings and anything kept 16-bit listed in `ignore`).
     #[arg(long, default_value = "gguf", value_parser = ["gguf", "compressed-tensors"])]
     format: String,
+    /// Columns per scale in a compressed-tensors export (a multiple of 32; above 32, round
+    /// to nearest only).
+    #[arg(long, default_value_t = 32)]
+    group_size: usize,
     /// Quantize each variant (TYPE, TYPE@all to quantize attention too, +imatrix to use
     /// --imatrix), e.g. q8_0,q4_k,q4_0@all,q4_k+imatrix, reuse finished ones, evaluate all
     /// against this model on --eval-text and write one report to --out-dir.
@@ -211,6 +215,11 @@ pub fn quantize(a: QuantizeArgs) -> Result<()> {
         &a.rules,
         a.recipe.as_deref(),
     )?;
+    if a.group_size != 32 && !compressed {
+        anyhow::bail!(
+            "--group-size applies to --format compressed-tensors (GGUF blocks are 32 columns)"
+        );
+    }
     if !a.sweep.is_empty() {
         if compressed {
             anyhow::bail!("--sweep writes GGUF variants; drop --format compressed-tensors");
@@ -233,6 +242,12 @@ pub fn quantize(a: QuantizeArgs) -> Result<()> {
     if compressed {
         tandem_quantize::compressed_tensors::check_plan(&ck, &plan)?;
         let method = Method::parse(&a.calib.method)?;
+        if method.is_calibrated() && a.group_size != 32 {
+            anyhow::bail!(
+                "{method} chooses a scale per 32-column block: --group-size {} takes --method rtn",
+                a.group_size
+            );
+        }
         if method.is_calibrated()
             && plan
                 .tensors
@@ -278,9 +293,15 @@ pub fn quantize(a: QuantizeArgs) -> Result<()> {
         calibrated: Some(&calibrated),
     };
     if compressed {
-        let report =
-            tandem_quantize::compressed_tensors::write_folder(&ck, &plan, &opts, out, a.force)
-                .with_context(|| format!("quantizing {}", a.model.display()))?;
+        let report = tandem_quantize::compressed_tensors::write_folder(
+            &ck,
+            &plan,
+            &opts,
+            a.group_size,
+            out,
+            a.force,
+        )
+        .with_context(|| format!("quantizing {}", a.model.display()))?;
         bar.finish_and_clear();
         print!("{}", plan.summary(a.verbose));
         for n in &report.notes {

@@ -452,3 +452,87 @@ fn asymmetric_export_has_integer_zero_points_and_reads_back_as_q4_1() {
     );
     assert!(!tmp.path().join("no").exists());
 }
+
+#[test]
+fn group_size_shares_one_scale_per_group_and_is_checked() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ct = tmp.path().join("g64");
+    let src = stories();
+    ok(&[
+        "quantize",
+        s(&src),
+        "--out",
+        s(&ct),
+        "--format",
+        "compressed-tensors",
+        "--scheme",
+        "q8_0",
+        "--group-size",
+        "64",
+        "-q",
+    ]);
+    let bytes = std::fs::read(ct.join("model.safetensors")).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let scale = st
+        .tensor("model.layers.0.mlp.up_proj.weight_scale")
+        .unwrap();
+    assert_eq!(scale.shape(), &[172, 1]);
+    let info = ok(&["info", s(&ct)]);
+    assert!(
+        info.contains("int8 symmetric group 64 (pack-quantized)"),
+        "{info}"
+    );
+    assert!(info.contains("layers held as Q8_0 (exact)"), "{info}");
+    let gguf = tmp.path().join("m.gguf");
+    ok(&["quantize", s(&ct), "--out", s(&gguf), "-q"]);
+    let gen = |m: &Path| {
+        ok(&[
+            "generate",
+            "--model",
+            s(m),
+            "--prompt",
+            "Once upon a time",
+            "--max-tokens",
+            "16",
+        ])
+    };
+    assert_eq!(gen(&ct), gen(&gguf));
+    let out = tmp.path().join("no");
+    let base = ["quantize", s(&src), "--out", s(&out), "--scheme", "q4_0"];
+    fails(
+        &[
+            &base[..],
+            &["--format", "compressed-tensors", "--group-size", "48"],
+        ]
+        .concat(),
+        &["--group-size 48 is not a multiple of 32"],
+    );
+    fails(
+        &[
+            &base[..],
+            &["--format", "compressed-tensors", "--group-size", "128"],
+        ]
+        .concat(),
+        &["64 columns are not a multiple of --group-size 128"],
+    );
+    fails(
+        &[
+            &base[..],
+            &[
+                "--format",
+                "compressed-tensors",
+                "--group-size",
+                "64",
+                "--method",
+                "gptq",
+            ],
+        ]
+        .concat(),
+        &["--group-size 64 takes --method rtn"],
+    );
+    fails(
+        &[&base[..], &["--group-size", "64"]].concat(),
+        &["--group-size applies to --format compressed-tensors"],
+    );
+    assert!(!out.exists());
+}

@@ -28,7 +28,8 @@ use tandem_model::Checkpoint;
 /// compressed-tensors' version whose layout this writes (and `config.json` names).
 pub const COMPRESSED_TENSORS_VERSION: &str = "0.19.0";
 
-/// The group size of every block type written here.
+/// The group size of the GGML blocks the layers are made of; `--group-size` may be any
+/// multiple of it (every block of a group then carries the group's scale).
 const GROUP: usize = 32;
 
 /// The integer width of a block type in compressed-tensors, if it has one.
@@ -51,15 +52,19 @@ fn symmetric(t: QuantType) -> bool {
 /// layers are made on this grid instead. Returns (levels, f16 scales, zeros) per row-major
 /// [rows, cols] / [rows, cols/32]. tandem reads such a layer back as Q4_1 with the offset
 /// −z·s rounded to f16.
-pub fn asymmetric_int4(xs: &[f32], cols: usize) -> (Vec<u8>, Vec<half::f16>, Vec<u8>) {
-    let groups = xs.len() / GROUP;
+pub fn asymmetric_int4(
+    xs: &[f32],
+    cols: usize,
+    group: usize,
+) -> (Vec<u8>, Vec<half::f16>, Vec<u8>) {
+    let groups = xs.len() / group;
     let mut levels = vec![0u8; xs.len()];
     let mut scales = Vec::with_capacity(groups);
     let mut zeros = Vec::with_capacity(groups);
-    debug_assert!(cols.is_multiple_of(GROUP));
+    debug_assert!(cols.is_multiple_of(group));
     for (g, (x, q)) in xs
-        .chunks_exact(GROUP)
-        .zip(levels.chunks_exact_mut(GROUP))
+        .chunks_exact(group)
+        .zip(levels.chunks_exact_mut(group))
         .enumerate()
     {
         let _ = g;
@@ -154,7 +159,7 @@ fn source_dtype(d: WeightDType) -> (&'static str, usize) {
 }
 
 /// The output's tensors for one planned tensor.
-fn entries_for(t: &PlannedTensor) -> Vec<Entry> {
+fn entries_for(t: &PlannedTensor, group: usize) -> Vec<Entry> {
     let module = t.source_name.trim_end_matches(".weight");
     match t.target.and_then(bits_of) {
         Some(bits) => {
@@ -170,8 +175,8 @@ fn entries_for(t: &PlannedTensor) -> Vec<Entry> {
                 Entry {
                     name: format!("{module}.weight_scale"),
                     dtype: "F16",
-                    shape: vec![rows, cols / GROUP],
-                    bytes: rows * (cols / GROUP) * 2,
+                    shape: vec![rows, cols / group],
+                    bytes: rows * (cols / group) * 2,
                 },
                 Entry {
                     name: format!("{module}.weight_shape"),
@@ -187,8 +192,8 @@ fn entries_for(t: &PlannedTensor) -> Vec<Entry> {
                 Entry {
                     name: format!("{module}.weight_zero_point"),
                     dtype: "I32",
-                    shape: vec![packed_rows, cols / GROUP],
-                    bytes: packed_rows * (cols / GROUP) * 4,
+                    shape: vec![packed_rows, cols / group],
+                    bytes: packed_rows * (cols / group) * 4,
                 }
             }))
             .collect()
@@ -214,6 +219,75 @@ fn entries_for(t: &PlannedTensor) -> Vec<Entry> {
             }]
         }
     }
+}
+
+/// Symmetric blocks (Q4_0 / Q8_0) whose scale is shared by every block of a `group`-column
+/// group, computed as llama.cpp's row quantizers compute a block's (Q4_0: the value of largest
+/// magnitude maps to −8; Q8_0: the largest magnitude to 127), so tandem reads the layer back
+/// as ordinary blocks and compressed-tensors sees one scale per group.
+pub fn shared_scale_blocks(t: QuantType, xs: &[f32], group: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(xs.len() / GROUP * if t == QuantType::Q4_0 { 18 } else { 34 });
+    for g in xs.chunks_exact(group) {
+        let (amax, max) = g.iter().fold((0f32, 0f32), |(a, m), &v| {
+            if v.abs() > a {
+                (v.abs(), v)
+            } else {
+                (a, m)
+            }
+        });
+        let d = if t == QuantType::Q4_0 {
+            max / -8.0
+        } else {
+            amax / 127.0
+        };
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        let d16 = half::f16::from_f32(d).to_le_bytes();
+        for b in g.chunks_exact(GROUP) {
+            out.extend_from_slice(&d16);
+            if t == QuantType::Q4_0 {
+                let q = |v: f32| ((v * id + 8.5) as i32).clamp(0, 15) as u8;
+                for j in 0..16 {
+                    out.push(q(b[j]) | (q(b[j + 16]) << 4));
+                }
+            } else {
+                out.extend(b.iter().map(|&v| (v * id).round() as i8 as u8));
+            }
+        }
+    }
+    out
+}
+
+/// `--group-size`: a multiple of 32 dividing every quantized layer's columns; groups wider
+/// than 32 are made by rounding (a calibrated method's blocks carry their own scales).
+fn check_group(plan: &Plan, group: usize, opts: &Options) -> Result<()> {
+    if group == 0 || !group.is_multiple_of(GROUP) {
+        return Err(Error::Plan(format!(
+            "--group-size {group} is not a multiple of {GROUP} (the GGML block the layers are made of)"
+        )));
+    }
+    for t in &plan.tensors {
+        if !t.target.is_some_and(|q| bits_of(q).is_some()) {
+            continue;
+        }
+        let cols = t.shape.last().copied().unwrap_or(0);
+        if !cols.is_multiple_of(group) {
+            return Err(Error::Plan(format!(
+                "{}: {cols} columns are not a multiple of --group-size {group} (keep the layer 16-bit with --rule or choose a group size that divides it)",
+                t.source_name
+            )));
+        }
+        if group > GROUP
+            && opts
+                .calibrated
+                .is_some_and(|c| c.tensors.contains_key(&t.source_name))
+        {
+            return Err(Error::Plan(format!(
+                "{}: calibrated methods choose a scale per 32-column block; --group-size {group} takes --method rtn",
+                t.source_name
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Unsigned levels [rows, cols] → compressed-tensors' dense packing, little-endian words:
@@ -266,7 +340,7 @@ pub fn blocks_to_packed(
 }
 
 /// The `quantization_config` for the quantized layers of a plan.
-fn quantization_config(plan: &Plan) -> Value {
+fn quantization_config(plan: &Plan, group: usize) -> Value {
     let mut by_bits: BTreeMap<(u32, bool), Vec<String>> = BTreeMap::new();
     let mut ignore = Vec::new();
     for t in &plan.tensors {
@@ -305,7 +379,7 @@ fn quantization_config(plan: &Plan) -> Value {
                 "targets": targets,
                 "weights": {
                     "num_bits": bits, "type": "int", "symmetric": sym, "strategy": "group",
-                    "group_size": GROUP, "dynamic": false, "actorder": null,
+                    "group_size": group, "dynamic": false, "actorder": null,
                     "block_structure": null, "observer": "minmax", "observer_kwargs": {},
                     "scale_dtype": null, "zp_dtype": null
                 },
@@ -346,10 +420,12 @@ pub fn write_folder(
     ck: &Checkpoint,
     plan: &Plan,
     opts: &Options,
+    group: usize,
     out: &Path,
     force: bool,
 ) -> Result<ExportReport> {
     check_plan(ck, plan)?;
+    check_group(plan, group, opts)?;
     let start = std::time::Instant::now();
     let mut report = ExportReport {
         tensors: 0,
@@ -371,7 +447,10 @@ pub fn write_folder(
                 src_cfg.display()
             )));
         };
-        obj.insert("quantization_config".into(), quantization_config(plan));
+        obj.insert(
+            "quantization_config".into(),
+            quantization_config(plan, group),
+        );
         if obj.get("torch_dtype").and_then(Value::as_str) == Some("bfloat16") {
             report.notes.push(
                 "config.json says float16 (was bfloat16): the f16 block scales stay exact when a loader casts parameters to the model's dtype".into(),
@@ -389,7 +468,7 @@ pub fn write_folder(
             }
         }
         let st = tmp.join("model.safetensors");
-        let (n, q, bytes) = write_safetensors(ck, plan, opts, &st)?;
+        let (n, q, bytes) = write_safetensors(ck, plan, opts, group, &st)?;
         report.tensors = n;
         report.quantized_layers = q;
         report.bytes_out = bytes;
@@ -404,6 +483,7 @@ fn write_safetensors(
     ck: &Checkpoint,
     plan: &Plan,
     opts: &Options,
+    group: usize,
     path: &Path,
 ) -> Result<(usize, usize, u64)> {
     let planned: Vec<&PlannedTensor> = plan
@@ -430,7 +510,7 @@ fn write_safetensors(
     let mut offset = 0usize;
     let mut n = 0;
     for t in &planned {
-        for e in entries_for(t) {
+        for e in entries_for(t, group) {
             header.insert(
                 e.name,
                 json!({"dtype": e.dtype, "shape": e.shape, "data_offsets": [offset, offset + e.bytes]}),
@@ -460,7 +540,7 @@ fn write_safetensors(
         if let Some(p) = opts.progress {
             p(done, total, &t.source_name);
         }
-        let entries = entries_for(t);
+        let entries = entries_for(t, group);
         if t.target == Some(QuantType::Q4_1) {
             if opts
                 .calibrated
@@ -475,7 +555,7 @@ fn write_safetensors(
             let raw = ck.store.get(&t.source_name)?;
             let file = ck.store.path_of(&t.source_name).to_path_buf();
             let xs = crate::encode::to_f32(&file, &raw, raw.data, (0, rows), opts.allow_nonfinite)?;
-            let (levels, scales, zeros) = asymmetric_int4(&xs, cols);
+            let (levels, scales, zeros) = asymmetric_int4(&xs, cols, group);
             let packed = pack_rows(&levels, rows, cols, 4);
             let scale_bytes: Vec<u8> = scales.iter().flat_map(|s| s.to_le_bytes()).collect();
             let shape: Vec<u8> = [rows as i64, cols as i64]
@@ -483,7 +563,7 @@ fn write_safetensors(
                 .flat_map(|x| x.to_le_bytes())
                 .collect();
             // Zero points: signed (z − 8), packed along the output dimension.
-            let groups = cols / GROUP;
+            let groups = cols / group;
             let mut by_col = vec![0u8; rows * groups];
             for r in 0..rows {
                 for g in 0..groups {
@@ -514,11 +594,29 @@ fn write_safetensors(
             done += t.elems() as u64 * 2;
             continue;
         }
-        let bytes = crate::tensor_bytes(ck, t, opts)?;
+        let bytes = match t.target {
+            Some(q) if group > GROUP && bits_of(q).is_some() => {
+                let raw = ck.store.get(&t.source_name)?;
+                let file = ck.store.path_of(&t.source_name).to_path_buf();
+                let rows = t.shape[0];
+                let xs =
+                    crate::encode::to_f32(&file, &raw, raw.data, (0, rows), opts.allow_nonfinite)?;
+                shared_scale_blocks(q, &xs, group)
+            }
+            _ => crate::tensor_bytes(ck, t, opts)?,
+        };
         match t.target.filter(|q| bits_of(*q).is_some()) {
             Some(q) => {
                 let (rows, cols) = (t.shape[0], t.shape[1]);
                 let (packed, scales) = blocks_to_packed(q, &bytes, rows, cols);
+                // One scale per group: the blocks of a group share it.
+                let per = group / GROUP;
+                let scales: Vec<u8> = scales
+                    .chunks_exact(2)
+                    .step_by(per)
+                    .flatten()
+                    .copied()
+                    .collect();
                 let shape: Vec<u8> = [rows as i64, cols as i64]
                     .iter()
                     .flat_map(|x| x.to_le_bytes())

@@ -57,7 +57,7 @@ ap.add_argument("--tokens", type=int, default=32)
 ap.add_argument("--threads", type=int, default=2)
 ap.add_argument("--skip-export", action="store_true")
 ap.add_argument("--prompts", type=int, default=len(PROMPTS), help="use the first N prompts")
-ap.add_argument("--only-export", default=None, help="export only this variant (e.g. tandem-q4_0-rtn)")
+ap.add_argument("--only-export", action="append", default=[], help="export only these variants (e.g. tandem-q4_0-rtn)")
 a = ap.parse_args()
 PROMPTS = PROMPTS[: a.prompts]
 
@@ -220,7 +220,7 @@ def gguf_exactness(gguf_path, weights):
     exact, compared, worst, types = 0, 0, 0.0, {}
     for name, w in weights.items():
         t = hf.get(name)
-        if t is None or t.tensor_type.name in ("F16", "BF16", "F32"):
+        if t is None or t.tensor_type.name in ("F16", "BF16"):
             continue
         compared += 1
         got = dequantize(t.data, t.tensor_type).reshape(w.shape).astype(np.float32)
@@ -252,8 +252,10 @@ checkpoints = []
 if not a.skip_export:
     for label, extra in [("tandem-q4_0-rtn", []), ("tandem-q4_0-gptq", ["--method", "gptq"]),
                          ("tandem-q4_1-asym-rtn", ["--scheme", "q4_1"]),
+                         ("tandem-q4_0-rtn-g64", ["--group-size", "64"]),
+                         ("tandem-q4_0-down-q8_0", ["--rule", "mlp\\.down_proj=q8_0"]),
                          ("tandem-q8_0-rtn", ["--scheme", "q8_0"])]:
-        if a.only_export and label != a.only_export:
+        if a.only_export and label not in a.only_export:
             continue
         out = os.path.join(a.work, label)
         scheme = [] if "--scheme" in extra else ["--scheme", "q4_0"]
