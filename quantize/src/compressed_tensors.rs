@@ -266,7 +266,7 @@ fn check_group(plan: &Plan, group: usize, opts: &Options) -> Result<()> {
         )));
     }
     for t in &plan.tensors {
-        if !t.target.is_some_and(|q| bits_of(q).is_some()) {
+        if t.target.is_none_or(|q| bits_of(q).is_none()) {
             continue;
         }
         let cols = t.shape.last().copied().unwrap_or(0);
