@@ -1028,6 +1028,53 @@ fn check_scale_shape(name: &str, t: &Stored, want: &[usize]) -> Result<()> {
     Ok(())
 }
 
+/// Signed `bits`-bit integers (compressed-tensors' levels and zero points) → unsigned levels
+/// (+2^(bits−1)), refusing any outside the range.
+fn unsigned_levels(
+    t: &Stored,
+    name: &str,
+    what: &str,
+    signed: &[i64],
+    bits: u32,
+) -> Result<Vec<u8>> {
+    let mid = 1i64 << (bits - 1);
+    signed
+        .iter()
+        .enumerate()
+        .map(|(i, &x)| {
+            if x < -mid || x >= mid {
+                Err(tensor_err(
+                    t.path,
+                    name,
+                    format!("{what} {i} = {x} is outside the {bits}-bit range"),
+                ))
+            } else {
+                Ok((x + mid) as u8)
+            }
+        })
+        .collect()
+}
+
+/// Unsigned levels of `rows` rows of `cols` → compressed-tensors' dense packing, as
+/// little-endian bytes: level i of a row at bit i·bits (`pack_to_int32`; the inverse of
+/// [`dense_level`]). The exporter writes with it.
+pub fn pack_levels(levels: &[u8], rows: usize, cols: usize, bits: usize) -> Vec<u8> {
+    let per_row = (cols * bits).div_ceil(32);
+    let mut out = Vec::with_capacity(rows * per_row * 4);
+    for row in levels.chunks_exact(cols).take(rows) {
+        let mut words = vec![0u32; per_row];
+        for (i, &v) in row.iter().enumerate() {
+            let p = i * bits;
+            words[p / 32] |= u32::from(v) << (p % 32);
+            if p % 32 + bits > 32 {
+                words[p / 32 + 1] |= u32::from(v) >> (32 - p % 32);
+            }
+        }
+        out.extend(words.iter().flat_map(|w| w.to_le_bytes()));
+    }
+    out
+}
+
 /// A compressed-tensors layer (pack-quantized or int-quantized).
 fn ct_layer(
     scheme: &IntScheme,
@@ -1071,21 +1118,7 @@ fn ct_layer(
             ));
         }
         let v = ints(wn, w, rows * cols)?;
-        let lo = -mid;
-        v.iter()
-            .enumerate()
-            .map(|(i, &x)| {
-                if x < lo || x >= mid {
-                    Err(tensor_err(
-                        w.path,
-                        wn,
-                        format!("element {i} = {x} is outside the {bits}-bit range"),
-                    ))
-                } else {
-                    Ok((x + mid) as u8)
-                }
-            })
-            .collect::<Result<_>>()?
+        unsigned_levels(w, wn, "element", &v, bits)?
     };
     let (groups, mut group_of_col) = match scheme.group_size {
         Some(g) if scheme.act_order || gidx.is_some() => {
@@ -1153,21 +1186,7 @@ fn ct_layer(
                 check_scale_shape(zn, z, &[rows, groups])?;
                 ints(zn, z, rows * groups)?
             };
-            signed
-                .iter()
-                .enumerate()
-                .map(|(i, &x)| {
-                    if x < -mid || x >= mid {
-                        Err(tensor_err(
-                            z.path,
-                            zn,
-                            format!("zero point {i} = {x} is outside the {bits}-bit range"),
-                        ))
-                    } else {
-                        Ok((x + mid) as u8)
-                    }
-                })
-                .collect::<Result<_>>()?
+            unsigned_levels(z, zn, "zero point", &signed, bits)?
         }
     };
     Ok(IntLinear {
@@ -1373,27 +1392,17 @@ fn awq_layer(
 mod tests {
     use super::*;
 
-    /// compressed-tensors' packing, written from its definition: element i at bit i·bits.
-    fn pack_dense(levels: &[u8], bits: u32) -> Vec<u32> {
-        let mut out = vec![0u32; (levels.len() * bits as usize).div_ceil(32)];
-        for (i, &v) in levels.iter().enumerate() {
-            let p = i * bits as usize;
-            let (w, off) = (p / 32, p % 32);
-            out[w] |= (u32::from(v)) << off;
-            if off + bits as usize > 32 {
-                out[w + 1] |= u32::from(v) >> (32 - off);
-            }
-        }
-        out
-    }
-
     #[test]
     fn dense_packing_round_trips_at_every_width() {
         for bits in 2..=8u32 {
             let levels: Vec<u8> = (0..100)
                 .map(|i| ((i * 7 + 3) % (1 << bits)) as u8)
                 .collect();
-            let packed = pack_dense(&levels, bits);
+            let packed: Vec<u32> = pack_levels(&levels, 1, levels.len(), bits as usize)
+                .chunks_exact(4)
+                .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect();
+            // Widths that do not divide 32 split a level across two words.
             let back: Vec<u8> = (0..levels.len())
                 .map(|i| dense_level(&packed, i, bits))
                 .collect();

@@ -290,21 +290,7 @@ fn check_group(plan: &Plan, group: usize, opts: &Options) -> Result<()> {
     Ok(())
 }
 
-/// Unsigned levels [rows, cols] → compressed-tensors' dense packing, little-endian words:
-/// level i of a row at bit i·bits.
-fn pack_rows(levels: &[u8], rows: usize, cols: usize, bits: usize) -> Vec<u8> {
-    let per_row = (cols * bits).div_ceil(32);
-    let mut out = Vec::with_capacity(rows * per_row * 4);
-    for row in levels.chunks_exact(cols).take(rows) {
-        let mut words = vec![0u32; per_row];
-        for (i, &v) in row.iter().enumerate() {
-            let p = i * bits;
-            words[p / 32] |= u32::from(v) << (p % 32);
-        }
-        out.extend(words.iter().flat_map(|w| w.to_le_bytes()));
-    }
-    out
-}
+use tandem_model::packed::pack_levels as pack_rows;
 
 /// GGML Q4_0 / Q8_0 blocks of a [rows, cols] tensor → (packed words, f16 scale bytes).
 pub fn blocks_to_packed(
@@ -478,6 +464,27 @@ pub fn write_folder(
     Ok(report)
 }
 
+/// Writes one planned tensor's output tensors, each checked against its header entry.
+fn write_parts(w: &mut impl Write, path: &Path, entries: &[Entry], parts: &[&[u8]]) -> Result<()> {
+    if entries.len() != parts.len() {
+        return Err(Error::Plan(format!(
+            "{}: tensor count differs from the header (internal error)",
+            path.display()
+        )));
+    }
+    for (e, b) in entries.iter().zip(parts) {
+        if e.bytes != b.len() {
+            return Err(tensor_err(
+                path,
+                &e.name,
+                "size differs from the header (internal error)",
+            ));
+        }
+        w.write_all(b).map_err(|err| io_err(path, &err))?;
+    }
+    Ok(())
+}
+
 /// Streams the tensors into one safetensors file; returns (tensors, quantized layers, bytes).
 fn write_safetensors(
     ck: &Checkpoint,
@@ -579,16 +586,12 @@ fn write_safetensors(
                         .copy_from_slice(&packed_cols[(g * per + k) * 4..][..4]);
                 }
             }
-            for (e, b) in entries.iter().zip([&packed, &scale_bytes, &shape, &zp]) {
-                if e.bytes != b.len() {
-                    return Err(tensor_err(
-                        path,
-                        &e.name,
-                        "size differs from the header (internal error)",
-                    ));
-                }
-                w.write_all(b).map_err(werr)?;
-            }
+            write_parts(
+                &mut w,
+                path,
+                &entries,
+                &[&packed, &scale_bytes, &shape, &zp],
+            )?;
             quantized += 1;
             ck.store.release(&t.source_name);
             done += t.elems() as u64 * 2;
@@ -621,16 +624,7 @@ fn write_safetensors(
                     .iter()
                     .flat_map(|x| x.to_le_bytes())
                     .collect();
-                for (e, b) in entries.iter().zip([&packed, &scales, &shape]) {
-                    if e.bytes != b.len() {
-                        return Err(tensor_err(
-                            path,
-                            &e.name,
-                            "size differs from the header (internal error)",
-                        ));
-                    }
-                    w.write_all(b).map_err(werr)?;
-                }
+                write_parts(&mut w, path, &entries, &[&packed, &scales, &shape])?;
                 quantized += 1;
             }
             None => {
@@ -664,14 +658,7 @@ fn write_safetensors(
                         }
                     }
                 };
-                if e.bytes != b.len() {
-                    return Err(tensor_err(
-                        path,
-                        &e.name,
-                        "size differs from the header (internal error)",
-                    ));
-                }
-                w.write_all(&b).map_err(werr)?;
+                write_parts(&mut w, path, std::slice::from_ref(e), &[&b])?;
             }
         }
         ck.store.release(&t.source_name);
@@ -741,7 +728,7 @@ mod tests {
         policy.embeddings = TypeChoice::Keep;
         let plan = make_plan(&ck, &policy).unwrap();
         let e = check_plan(&ck, &plan).unwrap_err().to_string();
-        assert!(e.contains("q4_k has no compressed-tensors layout"), "{e}");
+        assert!(e.contains("has no compressed-tensors layout"), "{e}");
         let plan = make_plan(&ck, &Policy::new(QuantType::Q8_0)).unwrap();
         let e = check_plan(&ck, &plan).unwrap_err().to_string();
         assert!(
