@@ -35,7 +35,8 @@ if [ ! -f "$gguf" ] || ! echo "$sha  $gguf" | sha256sum -c --status; then
   mv "$src" "$gguf.part" && mv "$gguf.part" "$gguf"
 fi
 
-if [ ! -f "$hf/model.safetensors" ]; then
+# Re-converted when missing, or made before `tandem convert` carried the chat template over.
+if [ ! -f "$hf/model.safetensors" ] || ! grep -q '"chat_template"' "$hf/tokenizer_config.json" 2>/dev/null; then
   bin=${TANDEM_BIN:-}
   if [ -z "$bin" ]; then
     (cd "$here" && cargo build --release --quiet >&2)

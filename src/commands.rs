@@ -61,6 +61,15 @@ pub struct GenerateArgs {
     /// Print generation statistics as JSON to stderr.
     #[arg(long)]
     pub json: bool,
+    /// Wrap the prompt as a user message in the model's chat template (see `tandem chat`).
+    #[arg(long)]
+    pub chat: bool,
+    /// With --chat: a system message before the prompt.
+    #[arg(long, requires = "chat")]
+    pub system: Option<String>,
+    /// With --chat: a Jinja chat template to use instead of the model's own.
+    #[arg(long, requires = "chat")]
+    pub chat_template: Option<PathBuf>,
     /// Add each generated token's id and log-probability under the model to the JSON
     /// statistics (implies --json; plain decoding only).
     #[arg(long, conflicts_with = "draft")]
@@ -115,9 +124,20 @@ pub fn check_generation_flags(
     Ok(())
 }
 
-pub fn generate(a: GenerateArgs) -> Result<()> {
+pub fn generate(mut a: GenerateArgs) -> Result<()> {
     check_generation_flags(a.max_tokens, a.ctx, a.draft_p_min)?;
     let ck = Checkpoint::open(&a.model, a.tokenizer.as_deref())?;
+    if a.chat {
+        a.prompt = crate::chat_cmd::render_prompt(
+            &ck,
+            a.chat_template.as_deref(),
+            a.system.as_deref(),
+            &a.prompt,
+        )?;
+        // The template prints the special tokens it wants (BOS included).
+        a.no_bos = true;
+        a.bos = false;
+    }
     let params = SamplingParams {
         temperature: a.temperature,
         top_k: a.top_k,

@@ -1,5 +1,6 @@
 //! The `tandem` command line: arguments in, library calls out. No model logic lives here.
 
+mod chat_cmd;
 mod commands;
 mod eval_cmd;
 mod quantize_cmd;
@@ -46,6 +47,9 @@ enum Command {
     },
     /// Generate text from a prompt, streaming it to stdout (timing on stderr).
     Generate(commands::GenerateArgs),
+    /// Chat with a model in its own chat template (one line per turn; the KV cache is kept
+    /// between turns).
+    Chat(chat_cmd::ChatArgs),
     /// Convert a GGUF file to a Hugging Face folder with F16 safetensors.
     Convert {
         /// The GGUF file to convert.
@@ -151,6 +155,7 @@ fn run(command: Command) -> anyhow::Result<()> {
             verbose,
         } => commands::info(&model, tokenizer.as_deref(), verbose),
         Command::Generate(args) => commands::generate(args),
+        Command::Chat(args) => chat_cmd::chat(args),
         Command::Convert {
             input,
             out,

@@ -257,6 +257,12 @@ pub struct BenchSpecArgs {
     /// Write per-prompt and total results here.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Wrap every prompt as a user message in the model's chat template (instruct use).
+    #[arg(long)]
+    chat: bool,
+    /// With --chat: a Jinja chat template to use instead of the model's own.
+    #[arg(long, requires = "chat")]
+    chat_template: Option<PathBuf>,
     /// Decode the prompts in batches of this many sequences (greedy), plainly and
     /// speculatively, with one batched verifier pass per step.
     #[arg(long, default_value_t = 1)]
@@ -302,6 +308,11 @@ pub fn bench_spec(a: BenchSpecArgs) -> Result<()> {
         anyhow::bail!("no prompts");
     }
     let ck = Checkpoint::open(&a.model, None)?;
+    if a.chat {
+        for p in prompts.iter_mut() {
+            *p = crate::chat_cmd::render_prompt(&ck, a.chat_template.as_deref(), None, p)?;
+        }
+    }
     let model = ck.load_model(&Device::Cpu)?;
     let mut src = DraftSource::open(&ck, &a.draft)?;
     if a.batch > 1 {
@@ -332,7 +343,7 @@ pub fn bench_spec(a: BenchSpecArgs) -> Result<()> {
         "#", "plain t/s", "spec t/s", "speedup", "accept", "tok/pass"
     );
     for (i, p) in prompts.iter().enumerate() {
-        let ids = tok.encode(p, tok.add_bos)?;
+        let ids = tok.encode(p, tok.add_bos && !a.chat)?;
         let mut cache = model.new_cache()?;
         let mut sampler = Sampler::new(params)?;
         let (_, ps) = tandem_model::generate::generate(
@@ -421,7 +432,7 @@ fn bench_batch(
     let tok = &ck.tokenizer;
     let ids: Vec<Vec<u32>> = prompts
         .iter()
-        .map(|p| tok.encode(p, tok.add_bos))
+        .map(|p| tok.encode(p, tok.add_bos && !a.chat))
         .collect::<tandem_model::Result<_>>()?;
     if let DraftSource::Model(m) = src {
         let all: Vec<&[u32]> = ids.iter().map(Vec::as_slice).collect();

@@ -35,11 +35,14 @@ pub fn export_hf_f16(
         write_config(ck, &tmp.join("config.json"))?;
         std::fs::write(tmp.join("tokenizer.json"), &ck.tokenizer.json)
             .map_err(|e| io_err(&tmp.join("tokenizer.json"), e))?;
-        let tc = json!({
+        let mut tc = json!({
             "add_bos_token": ck.tokenizer.add_bos,
             "bos_token": ck.tokenizer.bos_id.and_then(|i| ck.tokenizer.id_to_token(i)),
             "eos_token": ck.tokenizer.eos_ids.first().and_then(|&i| ck.tokenizer.id_to_token(i)),
         });
+        if let Some(t) = &ck.tokenizer.chat_template {
+            tc["chat_template"] = json!(t);
+        }
         write_json(&tmp.join("tokenizer_config.json"), &tc)?;
         write_safetensors_f16(ck, &tmp.join("model.safetensors"), progress)
     })

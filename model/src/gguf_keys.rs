@@ -67,6 +67,8 @@ pub mod tokenizer {
     pub const UNKNOWN_ID: &str = "tokenizer.ggml.unknown_token_id";
     pub const ADD_BOS: &str = "tokenizer.ggml.add_bos_token";
     pub const ADD_EOS: &str = "tokenizer.ggml.add_eos_token";
+    /// The Jinja chat template (Hugging Face's `chat_template`).
+    pub const CHAT_TEMPLATE: &str = "tokenizer.chat_template";
 }
 
 /// An importance matrix file (llama-imatrix's GGUF format).

@@ -5,6 +5,7 @@
 //! on `tandem-kernels`.
 
 pub mod bench;
+pub mod chat;
 pub mod checkpoint;
 pub mod config;
 pub mod error;

@@ -17,6 +17,8 @@ pub struct Tokenizer {
     pub add_bos: bool,
     /// The tokenizer.json text (written out by `tandem convert`).
     pub json: String,
+    /// The model's Jinja chat template, when it ships one (see [`crate::chat`]).
+    pub chat_template: Option<String>,
 }
 
 impl Tokenizer {
@@ -35,7 +37,18 @@ impl Tokenizer {
             }
             _ => None,
         };
-        Self::from_json(tokenizer_json, json, cfg.as_ref())
+        let mut tok = Self::from_json(tokenizer_json, json, cfg.as_ref())?;
+        // transformers ≥ 4.43 may keep the template in its own file beside the config.
+        if tok.chat_template.is_none() {
+            if let Some(dir) = tokenizer_config.and_then(Path::parent) {
+                let f = dir.join("chat_template.jinja");
+                if f.is_file() {
+                    tok.chat_template =
+                        Some(std::fs::read_to_string(&f).map_err(|e| io_err(&f, e))?);
+                }
+            }
+        }
+        Ok(tok)
     }
 
     pub fn from_json(path: &Path, json: String, cfg: Option<&Json>) -> Result<Self> {
@@ -76,7 +89,13 @@ impl Tokenizer {
             eos_ids,
             add_bos,
             json,
+            chat_template: cfg.and_then(crate::chat::template_from_config),
         })
+    }
+
+    /// The text of a special token (for a chat template's `bos_token` / `eos_token`).
+    pub fn special_text(&self, id: Option<u32>) -> String {
+        id.and_then(|i| self.id_to_token(i)).unwrap_or_default()
     }
 
     /// Rebuilds a tokenizer from a GGUF file's `tokenizer.ggml.*` metadata.
@@ -127,6 +146,7 @@ impl Tokenizer {
         t.bos_id = bos_id;
         t.eos_ids = eos_id.into_iter().collect();
         t.add_bos = add_bos_key.unwrap_or(default_add_bos);
+        t.chat_template = get_str(keys::tokenizer::CHAT_TEMPLATE);
         Ok(t)
     }
 

@@ -283,6 +283,13 @@ fn from_tokenizer_json(ck: &Checkpoint) -> Result<(Metadata, Vec<String>)> {
     }
     kv.push((keys::tokenizer::ADD_BOS.into(), Value::Bool(tok.add_bos)));
     kv.push((keys::tokenizer::ADD_EOS.into(), Value::Bool(false)));
+    // As llama.cpp's convert_hf_to_gguf.py does: llama.cpp's chat tools read it from here.
+    if let Some(t) = &tok.chat_template {
+        kv.push((
+            keys::tokenizer::CHAT_TEMPLATE.into(),
+            Value::String(t.clone()),
+        ));
+    }
     Ok((kv, notes))
 }
 

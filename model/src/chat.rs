@@ -1,0 +1,187 @@
+//! Chat templates: the model's own Jinja template (tokenizer_config.json `chat_template`, a
+//! `chat_template.jinja` beside it, or GGUF `tokenizer.chat_template`) rendered with minijinja,
+//! as transformers' `apply_chat_template` renders it: `messages`, `add_generation_prompt`,
+//! `bos_token`, `eos_token`, `raise_exception`, and Python's string methods (`.strip()`,
+//! `.startswith()`, …) that templates call.
+
+use crate::error::{format_err, io_err, Error, Result};
+use serde::Serialize;
+use std::path::Path;
+
+/// One turn of a conversation.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Message {
+    pub role: String,
+    pub content: String,
+}
+
+impl Message {
+    pub fn new(role: &str, content: &str) -> Self {
+        Message {
+            role: role.into(),
+            content: content.into(),
+        }
+    }
+}
+
+/// A compiled chat template and the special tokens it may print.
+pub struct ChatTemplate {
+    env: minijinja::Environment<'static>,
+    bos_token: String,
+    eos_token: String,
+}
+
+/// What the CLI says when a model has no template.
+pub const NO_TEMPLATE_HINT: &str =
+    "has no chat template (tokenizer_config.json chat_template, chat_template.jinja or GGUF tokenizer.chat_template): pass one with --chat-template FILE";
+
+impl ChatTemplate {
+    /// Compiles `source`; `label` names it in errors.
+    pub fn new(label: &Path, source: &str, bos_token: &str, eos_token: &str) -> Result<Self> {
+        let mut env = minijinja::Environment::new();
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_function(
+            "raise_exception",
+            |msg: String| -> std::result::Result<String, minijinja::Error> {
+                Err(minijinja::Error::new(
+                    minijinja::ErrorKind::InvalidOperation,
+                    msg,
+                ))
+            },
+        );
+        // Templates that print a date (Llama 3.1) get a fixed one: output must not depend
+        // on the day it is run.
+        env.add_function("strftime_now", |_fmt: String| "26 Jul 2024".to_string());
+        env.add_template_owned("chat", source.to_string())
+            .map_err(|e| {
+                format_err(
+                    label,
+                    format!("invalid chat template: {}", e.display_debug_info_oneline()),
+                )
+            })?;
+        Ok(ChatTemplate {
+            env,
+            bos_token: bos_token.into(),
+            eos_token: eos_token.into(),
+        })
+    }
+
+    /// The template file given with `--chat-template`.
+    pub fn from_file(path: &Path, bos_token: &str, eos_token: &str) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| io_err(path, e))?;
+        Self::new(path, &text, bos_token, eos_token)
+    }
+
+    /// The conversation as the model reads it; with `add_generation_prompt`, ending where the
+    /// assistant's answer starts.
+    pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
+        let t = self
+            .env
+            .get_template("chat")
+            .map_err(|e| Error::Invalid(format!("chat template: {e}")))?;
+        t.render(minijinja::context! {
+            messages => messages,
+            add_generation_prompt => add_generation_prompt,
+            bos_token => self.bos_token,
+            eos_token => self.eos_token,
+        })
+        .map_err(|e| Error::Invalid(format!("chat template: {}", e.display_debug_info_oneline())))
+    }
+}
+
+/// minijinja's error with its detail on one line.
+trait OneLine {
+    fn display_debug_info_oneline(&self) -> String;
+}
+
+impl OneLine for minijinja::Error {
+    fn display_debug_info_oneline(&self) -> String {
+        let mut s = self.to_string();
+        let mut src = std::error::Error::source(self);
+        while let Some(e) = src {
+            s.push_str(": ");
+            s.push_str(&e.to_string());
+            src = e.source();
+        }
+        crate::error::one_line(&s)
+    }
+}
+
+/// The template text from a tokenizer_config.json value: a string, or transformers' list of
+/// named templates (the one named "default", else the first).
+pub fn template_from_config(cfg: &serde_json::Value) -> Option<String> {
+    match cfg.get("chat_template")? {
+        serde_json::Value::String(s) => Some(s.clone()),
+        serde_json::Value::Array(list) => {
+            let pick = list
+                .iter()
+                .find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default"))
+                .or_else(|| list.first())?;
+            pick.get("template")
+                .and_then(|t| t.as_str())
+                .map(str::to_string)
+        }
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// SmolLM2-Instruct's template, as its GGUF carries it.
+    const SMOLLM2: &str = "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
+
+    #[test]
+    fn renders_as_transformers_does() {
+        let t = ChatTemplate::new(Path::new("t"), SMOLLM2, "<|im_start|>", "<|im_end|>").unwrap();
+        let s = t.render(&[Message::new("user", "Hi")], true).unwrap();
+        assert_eq!(
+            s,
+            "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+        );
+        let s = t
+            .render(
+                &[
+                    Message::new("system", "Be brief."),
+                    Message::new("user", "Hi"),
+                    Message::new("assistant", "Hello!"),
+                ],
+                false,
+            )
+            .unwrap();
+        assert_eq!(
+            s,
+            "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello!<|im_end|>\n"
+        );
+    }
+
+    #[test]
+    fn python_methods_tokens_and_raise_exception() {
+        let src = "{{ bos_token }}{% for m in messages %}{% if m['role'] not in ['user', 'assistant'] %}{{ raise_exception('roles must be user/assistant') }}{% endif %}[{{ m['content'].strip() }}]{% endfor %}{{ eos_token }}";
+        let t = ChatTemplate::new(Path::new("t"), src, "<s>", "</s>").unwrap();
+        assert_eq!(
+            t.render(&[Message::new("user", "  hi  ")], false).unwrap(),
+            "<s>[hi]</s>"
+        );
+        let e = t
+            .render(&[Message::new("system", "x")], false)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("roles must be user/assistant"), "{e}");
+        let e = ChatTemplate::new(Path::new("bad.jinja"), "{% for %}", "", "")
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.starts_with("bad.jinja: invalid chat template"), "{e}");
+    }
+
+    #[test]
+    fn config_forms() {
+        let v = serde_json::json!({"chat_template": "A"});
+        assert_eq!(template_from_config(&v).as_deref(), Some("A"));
+        let v = serde_json::json!({"chat_template": [{"name": "tool_use", "template": "T"}, {"name": "default", "template": "D"}]});
+        assert_eq!(template_from_config(&v).as_deref(), Some("D"));
+        assert_eq!(template_from_config(&serde_json::json!({})), None);
+    }
+}

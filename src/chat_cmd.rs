@@ -1,0 +1,171 @@
+//! `tandem chat` and the `--chat` flags: the model's own chat template applied to what the
+//! user types, the KV cache kept from turn to turn.
+
+use anyhow::{Context, Result};
+use candle_core::Device;
+use std::io::{BufRead, IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use tandem_model::chat::{ChatTemplate, Message, NO_TEMPLATE_HINT};
+use tandem_model::{Checkpoint, Sampler, SamplingParams};
+
+/// The chat template to use: `--chat-template FILE`, else the model's own.
+pub fn template_for(ck: &Checkpoint, file: Option<&Path>) -> Result<ChatTemplate> {
+    let tok = &ck.tokenizer;
+    let bos = tok.special_text(tok.bos_id);
+    let eos = tok.special_text(tok.eos_ids.first().copied());
+    match (file, &tok.chat_template) {
+        (Some(f), _) => Ok(ChatTemplate::from_file(f, &bos, &eos)?),
+        (None, Some(t)) => Ok(ChatTemplate::new(&ck.path, t, &bos, &eos)?),
+        (None, None) => anyhow::bail!("{}: {NO_TEMPLATE_HINT}", ck.path.display()),
+    }
+}
+
+/// One user message (after an optional system message) rendered for the model to answer.
+pub fn render_prompt(
+    ck: &Checkpoint,
+    file: Option<&Path>,
+    system: Option<&str>,
+    user: &str,
+) -> Result<String> {
+    let t = template_for(ck, file)?;
+    let mut messages = Vec::new();
+    if let Some(s) = system {
+        messages.push(Message::new("system", s));
+    }
+    messages.push(Message::new("user", user));
+    Ok(t.render(&messages, true)?)
+}
+
+#[derive(clap::Args)]
+pub struct ChatArgs {
+    /// A Hugging Face folder or a GGUF file.
+    #[arg(long)]
+    model: PathBuf,
+    /// A Jinja chat template to use instead of the model's own.
+    #[arg(long)]
+    chat_template: Option<PathBuf>,
+    /// A system message opening the conversation.
+    #[arg(long)]
+    system: Option<String>,
+    /// Most tokens per answer.
+    #[arg(long, default_value_t = 512)]
+    max_tokens: usize,
+    /// 0 = greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Context length limit (default: the model's).
+    #[arg(long)]
+    ctx: Option<usize>,
+    /// Use this tokenizer.json instead of the model's own.
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+}
+
+/// Interactive chat on stdin/stdout: one line per user turn (`/reset` forgets the
+/// conversation, `/exit` or end of input ends it). Each turn renders the whole conversation
+/// with the template and runs only the tokens after the longest prefix the KV cache already
+/// holds, so earlier turns are not recomputed.
+pub fn chat(a: ChatArgs) -> Result<()> {
+    crate::commands::check_generation_flags(a.max_tokens, a.ctx, 0.0)?;
+    let ck = Checkpoint::open(&a.model, a.tokenizer.as_deref())?;
+    let template = template_for(&ck, a.chat_template.as_deref())?;
+    let model = ck.load_model(&Device::Cpu)?;
+    let tok = &ck.tokenizer;
+    let mut cache = match a.ctx {
+        Some(n) => model.new_cache_with_limit(n)?,
+        None => model.new_cache()?,
+    };
+    let mut sampler = Sampler::new(SamplingParams {
+        temperature: a.temperature,
+        top_k: a.top_k,
+        top_p: a.top_p,
+        seed: a.seed,
+    })?;
+    let opening: Vec<Message> = a.system.iter().map(|s| Message::new("system", s)).collect();
+    let mut messages = opening.clone();
+    // The tokens whose keys and values the cache holds, in order.
+    let mut cached: Vec<u32> = Vec::new();
+    let stdin = std::io::stdin();
+    let interactive = stdin.is_terminal();
+    if interactive {
+        eprintln!(
+            "tandem chat: {} — one line per turn, /reset to start over, /exit or Ctrl-D to leave",
+            ck.path.display()
+        );
+    }
+    let mut turn = 0;
+    let mut lines = stdin.lock().lines();
+    loop {
+        if interactive {
+            eprint!("> ");
+            std::io::stderr().flush()?;
+        }
+        let Some(line) = lines.next() else { break };
+        let line = line.context("reading stdin")?;
+        let line = line.trim();
+        match line {
+            "" => continue,
+            "/exit" | "/quit" => break,
+            "/reset" => {
+                messages = opening.clone();
+                cached.clear();
+                cache.truncate(0);
+                continue;
+            }
+            _ => {}
+        }
+        turn += 1;
+        messages.push(Message::new("user", line));
+        let text = template.render(&messages, true)?;
+        // Templates print their own special tokens (BOS included), as transformers'
+        // apply_chat_template tokenizes them.
+        let ids = tok.encode(&text, false)?;
+        let reuse = cached
+            .iter()
+            .zip(&ids)
+            .take_while(|(a, b)| a == b)
+            .count()
+            .min(ids.len().saturating_sub(1));
+        cache.truncate(reuse);
+        cached.truncate(reuse);
+        let mut stream =
+            tandem_model::TextStream::with_context(tok, reuse.checked_sub(1).map(|i| ids[i]));
+        let mut out = std::io::stdout().lock();
+        let (answer, stats) = tandem_model::generate::generate(
+            &model,
+            &mut cache,
+            &ids[reuse..],
+            a.max_tokens,
+            &mut sampler,
+            &tok.eos_ids,
+            |id| {
+                if let Some(piece) = stream.push(id)? {
+                    let _ = out.write_all(piece.as_bytes()).and_then(|_| out.flush());
+                }
+                Ok(())
+            },
+        )?;
+        if let Some(rest) = stream.finish()? {
+            write!(out, "{rest}")?;
+        }
+        writeln!(out)?;
+        out.flush()?;
+        cached = ids.clone();
+        cached.extend(&answer);
+        cached.truncate(cache.len());
+        eprintln!(
+            "[turn {turn}: {} prompt tokens ({reuse} reused from the cache), {} generated, {:.1} tok/s]",
+            ids.len(),
+            stats.generated_tokens,
+            stats.decode_tok_s()
+        );
+        messages.push(Message::new("assistant", &tok.decode(&answer)?));
+    }
+    Ok(())
+}

@@ -1,0 +1,157 @@
+//! Chat templates (issue 19, requirement 5): `generate --chat`, `tandem chat` (KV cache kept
+//! between turns), `bench spec --chat`, and the error for a model without a template.
+
+mod common;
+use common::*;
+use std::io::Write;
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// ChatML, as SmolLM2-Instruct's template without its default system prompt.
+const CHATML: &str = "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
+
+#[test]
+fn a_model_without_a_template_names_the_option() {
+    let out = tandem(&[
+        "generate",
+        "--model",
+        s(&stories()),
+        "--prompt",
+        "Hi",
+        "--chat",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(
+        err.contains("has no chat template") && err.contains("--chat-template FILE"),
+        "{err}"
+    );
+}
+
+#[test]
+fn chat_keeps_the_cache_between_turns_and_generate_chat_renders_the_template() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path().join("chatml.jinja");
+    std::fs::write(&t, CHATML).unwrap();
+    // generate --chat: the prompt as the template renders it.
+    let out = tandem(&[
+        "generate",
+        "--model",
+        s(&stories()),
+        "--chat",
+        "--chat-template",
+        s(&t),
+        "--system",
+        "Be kind.",
+        "--prompt",
+        "Tell me a story",
+        "--max-tokens",
+        "8",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.starts_with("<|im_start|>system\nBe kind.<|im_end|>\n<|im_start|>user\nTell me a story<|im_end|>\n<|im_start|>assistant\n"),
+        "{text}"
+    );
+    // chat: two turns on stdin; the second reuses the first turn's cache.
+    let mut child = Command::new(bin())
+        .args([
+            "chat",
+            "--model",
+            s(&stories()),
+            "--chat-template",
+            s(&t),
+            "--max-tokens",
+            "12",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"Once upon a time\nWhat happened next?\n/exit\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    let answers = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| !l.is_empty())
+        .count();
+    assert!(answers >= 2, "{answers} answers");
+    let reused = |turn: usize| -> usize {
+        let line = err
+            .lines()
+            .find(|l| l.starts_with(&format!("[turn {turn}:")))
+            .unwrap_or_else(|| panic!("no turn {turn} in {err}"));
+        let (_, after) = line.split_once('(').unwrap();
+        after.split_whitespace().next().unwrap().parse().unwrap()
+    };
+    assert_eq!(reused(1), 0);
+    assert!(
+        reused(2) > 10,
+        "the second turn recomputed the first: {err}"
+    );
+}
+
+#[test]
+fn smollm2_answers_in_its_own_template() {
+    let m = smollm2_f16();
+    let out = tandem(&[
+        "generate",
+        "--model",
+        s(&m),
+        "--chat",
+        "--prompt",
+        "What is the capital of France?",
+        "--max-tokens",
+        "12",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("<|im_start|>system\nYou are a helpful AI assistant named SmolLM"),
+        "{text}"
+    );
+    assert!(text.contains("Paris"), "{text}");
+    // bench spec --chat applies it to every prompt.
+    let tmp = tempfile::tempdir().unwrap();
+    let prompts = tmp.path().join("p.jsonl");
+    std::fs::write(&prompts, "{\"prompt\": \"Name three colors.\"}\n").unwrap();
+    let out = tandem(&[
+        "bench",
+        "spec",
+        "--model",
+        s(&m),
+        "--draft",
+        "ngram",
+        "--prompts",
+        s(&prompts),
+        "--chat",
+        "--max-tokens",
+        "16",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
