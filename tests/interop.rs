@@ -435,6 +435,7 @@ fn asymmetric_export_has_integer_zero_points_and_reads_back_as_q4_1() {
     };
     assert_eq!(gen(&ct), gen(&gguf));
     // Calibrated methods make float minima compressed-tensors cannot hold: refused.
+    // (q4_0 with them is fine, and the folder says how it was made: see below.)
     fails(
         &[
             "quantize",
@@ -535,4 +536,28 @@ fn group_size_shares_one_scale_per_group_and_is_checked() {
         &["--group-size applies to --format compressed-tensors"],
     );
     assert!(!out.exists());
+}
+
+#[test]
+fn a_calibrated_export_says_how_it_was_made() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ct = tmp.path().join("gptq");
+    ok(&[
+        "quantize",
+        s(&stories()),
+        "--out",
+        s(&ct),
+        "--format",
+        "compressed-tensors",
+        "--scheme",
+        "q4_0",
+        "--method",
+        "gptq",
+        "--calib-chunks",
+        "4",
+        "-q",
+    ]);
+    let info = ok(&["info", s(&ct)]);
+    assert!(info.contains("quantized with: method=gptq"), "{info}");
+    assert!(info.contains("calibration.sha256="), "{info}");
 }

@@ -197,13 +197,19 @@ impl Checkpoint {
         })
     }
 
-    /// Builds the forward pass on `device`.
     /// How the file was quantized, when tandem's calibrated quantization recorded it
-    /// (`tandem.quantize.*` GGUF keys): (key without the prefix, value), in table order.
+    /// (`tandem.quantize.*` GGUF keys, or the same keys in a compressed-tensors export's
+    /// safetensors metadata): (key without the prefix, value), in table order.
     pub fn quantization_record(&self) -> Vec<(String, String)> {
         use candle_core::quantized::gguf_file::Value;
+        let short = |k: &str| k.trim_start_matches("tandem.quantize.").to_string();
         let Some(md) = self.store.gguf_metadata() else {
-            return Vec::new();
+            // A compressed-tensors export keeps the same keys in its safetensors metadata.
+            let md = self.store.safetensors_metadata();
+            return crate::gguf_keys::TANDEM_QUANTIZE_KEYS
+                .iter()
+                .filter_map(|k| Some((short(k), crate::error::clean(md.get(*k)?, 200))))
+                .collect();
         };
         crate::gguf_keys::TANDEM_QUANTIZE_KEYS
             .iter()
@@ -214,11 +220,12 @@ impl Checkpoint {
                     Value::F32(x) => x.to_string(),
                     _ => return None,
                 };
-                Some((k.trim_start_matches("tandem.quantize.").to_string(), v))
+                Some((short(k), v))
             })
             .collect()
     }
 
+    /// Builds the forward pass on `device`.
     pub fn load_model(&self, device: &Device) -> Result<Llama> {
         Llama::load(self.config.clone(), &self.store, device)
     }

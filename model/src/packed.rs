@@ -1201,6 +1201,67 @@ fn ct_layer(
     })
 }
 
+/// The parts GPTQ and AWQ layers share, checked against each other before anything is
+/// sized by them: the packed weight words (`qweight`, `n` words), the packed zeros
+/// (`qzeros` [groups, `zpacked`]), and the scales [groups, `rows`], the group count agreeing
+/// with the scheme's group size over `cols` columns.
+fn packed_parts(
+    scheme: &IntScheme,
+    (qn, qw, n): (&str, &Stored, usize),
+    (zn, qz, zpacked): (&str, &Stored, usize),
+    (sn, sc): (&str, &Stored),
+    rows: usize,
+    cols: usize,
+) -> Result<PackedParts> {
+    let groups = sc.shape[0];
+    if sc.shape[1] != rows {
+        return Err(tensor_err(
+            sc.path,
+            sn,
+            format!(
+                "shape {:?} does not match qweight {:?} ({rows} outputs)",
+                sc.shape, qw.shape
+            ),
+        ));
+    }
+    let want = scheme.group_size.map_or(1, |g| cols.div_ceil(g));
+    if groups != want {
+        return Err(tensor_err(
+            sc.path,
+            sn,
+            format!(
+                "{groups} groups, but {cols} columns at {} make {want}",
+                scheme
+                    .group_size
+                    .map_or("one scale per channel".to_string(), |g| format!(
+                        "group_size {g}"
+                    ))
+            ),
+        ));
+    }
+    if qz.shape != [groups, zpacked] {
+        return Err(tensor_err(
+            qz.path,
+            zn,
+            format!("shape {:?} is not [{groups}, {zpacked}]", qz.shape),
+        ));
+    }
+    Ok(PackedParts {
+        weights: words(qn, qw, n)?,
+        zeros: words(zn, qz, groups * zpacked)?,
+        scales: floats(sn, sc, groups * rows)?,
+        groups,
+    })
+}
+
+/// What [`packed_parts`] read: packed weight and zero words, scales [groups, rows].
+struct PackedParts {
+    weights: Vec<u32>,
+    zeros: Vec<u32>,
+    scales: Vec<f32>,
+    groups: usize,
+}
+
 /// A GPTQ (AutoGPTQ / GPTQModel) layer: `qweight` [in·bits/32, out] packed along the input,
 /// `qzeros` [groups, out·bits/32] packed along the output, `scales` [groups, out], `g_idx` [in].
 fn gptq_layer(
@@ -1222,43 +1283,20 @@ fn gptq_layer(
     }
     let (packed_in, rows) = (qw.shape[0], qw.shape[1]);
     let cols = packed_in * per;
-    let groups = sc.shape[0];
-    if sc.shape[1] != rows {
-        return Err(tensor_err(
-            sc.path,
-            sn,
-            format!("shape {:?} does not match qweight {:?}", sc.shape, qw.shape),
-        ));
-    }
-    if let Some(g) = scheme.group_size {
-        if cols.div_ceil(g) != groups {
-            return Err(tensor_err(
-                sc.path,
-                sn,
-                format!(
-                    "{groups} groups, but {cols} columns at group_size {g} make {}",
-                    cols.div_ceil(g)
-                ),
-            ));
-        }
-    } else if groups != 1 {
-        return Err(tensor_err(
-            sc.path,
-            sn,
-            format!("{groups} groups for a per-channel scheme"),
-        ));
-    }
     let zpacked = rows.div_ceil(per);
-    if qz.shape != [groups, zpacked] {
-        return Err(tensor_err(
-            qz.path,
-            zn,
-            format!("shape {:?} is not [{groups}, {zpacked}]", qz.shape),
-        ));
-    }
-    let ws = words(qn, qw, packed_in * rows)?;
-    let zs = words(zn, qz, groups * zpacked)?;
-    let scales_t = floats(sn, sc, groups * rows)?;
+    let PackedParts {
+        weights: ws,
+        zeros: zs,
+        scales: scales_t,
+        groups,
+    } = packed_parts(
+        scheme,
+        (qn, qw, packed_in * rows),
+        (zn, qz, zpacked),
+        (sn, sc),
+        rows,
+        cols,
+    )?;
     let mask = (1u32 << bits) - 1;
     let mut q = vec![0u8; rows * cols];
     for pi in 0..packed_in {
@@ -1321,38 +1359,20 @@ fn awq_layer(
     }
     let (cols, packed_out) = (qw.shape[0], qw.shape[1]);
     let rows = packed_out * 8;
-    let groups = sc.shape[0];
-    if sc.shape[1] != rows {
-        return Err(tensor_err(
-            sc.path,
-            sn,
-            format!(
-                "shape {:?} does not match qweight {:?} ({rows} outputs)",
-                sc.shape, qw.shape
-            ),
-        ));
-    }
     let gs = scheme.group_size.unwrap_or(cols);
-    if cols.div_ceil(gs) != groups {
-        return Err(tensor_err(
-            sc.path,
-            sn,
-            format!(
-                "{groups} groups, but {cols} columns at group_size {gs} make {}",
-                cols.div_ceil(gs)
-            ),
-        ));
-    }
-    if qz.shape != [groups, packed_out] {
-        return Err(tensor_err(
-            qz.path,
-            zn,
-            format!("shape {:?} is not [{groups}, {packed_out}]", qz.shape),
-        ));
-    }
-    let ws = words(qn, qw, cols * packed_out)?;
-    let zs = words(zn, qz, groups * packed_out)?;
-    let scales_t = floats(sn, sc, groups * rows)?;
+    let PackedParts {
+        weights: ws,
+        zeros: zs,
+        scales: scales_t,
+        groups,
+    } = packed_parts(
+        scheme,
+        (qn, qw, cols * packed_out),
+        (zn, qz, packed_out),
+        (sn, sc),
+        rows,
+        cols,
+    )?;
     let mut q = vec![0u8; rows * cols];
     for c in 0..cols {
         for k in 0..packed_out {

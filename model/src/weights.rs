@@ -389,6 +389,19 @@ impl WeightStore {
         matches!(self, WeightStore::Gguf { .. })
     }
 
+    /// The free-form `__metadata__` of a safetensors checkpoint's first file (where tandem's
+    /// compressed-tensors export records how it was quantized); empty for GGUF.
+    pub fn safetensors_metadata(&self) -> HashMap<String, String> {
+        match self {
+            WeightStore::Safetensors { files, .. } => files
+                .first()
+                .and_then(|f| safetensors::SafeTensors::read_metadata(&f.bytes).ok())
+                .and_then(|(_, m)| m.metadata().clone())
+                .unwrap_or_default(),
+            WeightStore::Gguf { .. } => HashMap::new(),
+        }
+    }
+
     pub fn gguf_metadata(&self) -> Option<&HashMap<String, gguf_file::Value>> {
         match self {
             WeightStore::Gguf { content, .. } => Some(&content.metadata),
