@@ -382,7 +382,7 @@ fn act_order_groups_that_keep_blocks_together_stay_q4_0_and_others_are_dequantiz
 }
 
 #[test]
-fn asymmetric_export_has_integer_zero_points_and_reads_back_as_q4_1() {
+fn asymmetric_export_has_integer_zero_points_and_reads_back_exactly() {
     let tmp = tempfile::tempdir().unwrap();
     let ct = tmp.path().join("asym");
     ok(&[
@@ -414,14 +414,23 @@ fn asymmetric_export_has_integer_zero_points_and_reads_back_as_q4_1() {
         info.contains("int4 asymmetric group 32 (pack-quantized)"),
         "{info}"
     );
-    assert!(
-        info.contains("10 layers held as Q4_1 (exact up to the f16 rounding of the offset)"),
-        "{info}"
-    );
-    // Lossless to GGUF (the Q4_1 blocks copied), and the plan says what the offset lost.
+    // (q − z)·s held exactly: as Q8_0 (levels q − z), or Q4_1 where the offsets are f16s.
+    assert!(info.contains("layers held as Q8_0 (exact)"), "{info}");
+    // Lossless to GGUF (the blocks copied); asked for q4_1, the plan says it is not exact.
     let gguf = tmp.path().join("m.gguf");
-    let plan = ok(&["quantize", s(&ct), "--out", s(&gguf)]);
-    assert!(plan.contains("the offset −z·s rounded to f16"), "{plan}");
+    ok(&["quantize", s(&ct), "--out", s(&gguf), "-q"]);
+    let plan = ok(&[
+        "quantize",
+        s(&ct),
+        "--out",
+        s(&tmp.path().join("q41.gguf")),
+        "--scheme",
+        "q4_1",
+    ]);
+    assert!(
+        plan.contains("requantized from the source grid to q4_1: not exact"),
+        "{plan}"
+    );
     let gen = |m: &Path| {
         ok(&[
             "generate",

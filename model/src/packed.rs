@@ -10,7 +10,7 @@
 //! | source                                    | GGML  | exact?                                |
 //! |-------------------------------------------|-------|---------------------------------------|
 //! | 4-bit, zero at 8 (symmetric), groups ⊇ 32  | Q4_0  | yes (scale is the block's `d`)        |
-//! | 4-bit, other zeros, groups ⊇ 32            | Q4_1  | the offset `-z·s` rounded to f16      |
+//! | 4-bit, other zeros, groups ⊇ 32            | Q4_1 where every offset `−z·s` is an f16, else Q8_0 | yes (Q8_0: levels `q − z` in [−16, 15], `d = s`) |
 //! | 8-bit, zero at 128 (symmetric), groups ⊇ 32| Q8_0  | yes                                   |
 //! | anything else (act-order groups that cut a 32-block, 2/3/5–7 bits, 8-bit asymmetric, scales f16 cannot hold) | F32 | yes: dequantized |
 //!
@@ -523,9 +523,6 @@ pub struct Stored<'a> {
 pub enum Exactness {
     /// Every weight is the source's value.
     Exact,
-    /// Q4_1 from an integer zero point: `-z·s` rounded to f16; the largest change to any
-    /// weight.
-    OffsetRounded { max_abs_error: f32 },
     /// No GGML type holds the grid: dequantized to F32 (exact values, no longer packed).
     Dequantized { reason: String },
 }
@@ -569,9 +566,6 @@ impl ImportSummary {
         for (_, d, e, _) in &self.tensors {
             let k = match e {
                 Exactness::Exact => format!("{} (exact)", d.name()),
-                Exactness::OffsetRounded { .. } => {
-                    format!("{} (exact up to the f16 rounding of the offset)", d.name())
-                }
                 Exactness::Dequantized { reason } => {
                     format!("{} (dequantized: {reason})", d.name())
                 }
@@ -688,14 +682,23 @@ impl IntLinear {
                         }
                     }
                 }
-                let e = if max_err == 0.0 {
-                    Exactness::Exact
-                } else {
-                    Exactness::OffsetRounded {
-                        max_abs_error: max_err,
+                if max_err == 0.0 {
+                    return (WeightDType::Quant(GgmlDType::Q4_1), out, Exactness::Exact);
+                }
+                // Q4_1's offset is an f16 and some −z·s are not: (q − z)·s is a symmetric
+                // grid with integer levels in [−16, 15] (a zero of 16 from GPTQ's v1 layout),
+                // which a Q8_0 block with d = s holds exactly, at 8.5 bits a weight.
+                let mut out = Vec::with_capacity(self.rows * blocks * 34);
+                for r in 0..self.rows {
+                    for b in 0..blocks {
+                        let g = r * self.groups + self.group_of_col[b * 32] as usize;
+                        out.extend(f16::from_f32(self.scale[g]).to_le_bytes());
+                        let q = &self.q[r * self.cols + b * 32..][..32];
+                        let z = i16::from(self.zero[g]);
+                        out.extend(q.iter().map(|&v| (i16::from(v) - z) as i8 as u8));
                     }
-                };
-                (WeightDType::Quant(GgmlDType::Q4_1), out, e)
+                }
+                (WeightDType::Quant(GgmlDType::Q8_0), out, Exactness::Exact)
             }
             (8, true) => {
                 let mut out = Vec::with_capacity(self.rows * blocks * 34);
@@ -1493,20 +1496,24 @@ mod tests {
     }
 
     #[test]
-    fn asymmetric_4_bit_becomes_q4_1_up_to_the_offset() {
+    fn asymmetric_4_bit_is_held_exactly() {
+        // Offsets −z·s that are not f16 values: Q8_0 with the levels q − z.
         let l = linear(4, 3, 64, 2, false);
         let (d, bytes, e) = l.to_ggml();
-        assert_eq!(d, WeightDType::Quant(GgmlDType::Q4_1));
-        let got = ggml_values(d, &bytes, 3, 64);
-        let bound = match e {
-            Exactness::OffsetRounded { max_abs_error } => max_abs_error,
-            Exactness::Exact => 0.0,
-            other => panic!("{other:?}"),
-        };
-        for (a, b) in got.iter().zip(l.dequantize()) {
-            // Q4_1 computes q·d + m: the offset's rounding plus f32 arithmetic.
-            assert!((a - b).abs() <= bound + 1e-6, "{a} vs {b}");
-        }
+        assert_eq!(
+            (d, e),
+            (WeightDType::Quant(GgmlDType::Q8_0), Exactness::Exact)
+        );
+        assert!(ggml_values(d, &bytes, 3, 64) == l.dequantize());
+        // Offsets that are: Q4_1, exactly.
+        let mut l = l;
+        l.scale.iter_mut().for_each(|s| *s = 0.0625);
+        let (d, bytes, e) = l.to_ggml();
+        assert_eq!(
+            (d, e),
+            (WeightDType::Quant(GgmlDType::Q4_1), Exactness::Exact)
+        );
+        assert!(ggml_values(d, &bytes, 3, 64) == l.dequantize());
     }
 
     #[test]

@@ -50,8 +50,8 @@ fn symmetric(t: QuantType) -> bool {
 /// observer makes it (the range always holds 0, the scale rounded to f16 before the levels
 /// are taken): Q4_1's own minimum is a float, which compressed-tensors cannot hold, so q4_1
 /// layers are made on this grid instead. Returns (levels, f16 scales, zeros) per row-major
-/// [rows, cols] / [rows, cols/32]. tandem reads such a layer back as Q4_1 with the offset
-/// −z·s rounded to f16.
+/// [rows, cols] / [rows, cols/32]. tandem reads such a layer back exactly (as Q8_0 blocks of
+/// the levels q − z, see `tandem_model::packed`).
 pub fn asymmetric_int4(
     xs: &[f32],
     cols: usize,

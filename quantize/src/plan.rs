@@ -343,7 +343,7 @@ pub fn make_plan(ck: &Checkpoint, policy: &Policy) -> Result<Plan> {
             .imported
             .as_ref()
             .and_then(|imp| imp.exactness_of(&name))
-            .and_then(|e| source_exactness(e, raw.dtype, target));
+            .and_then(|e| source_exactness(e, target));
         let heads = match name.as_str() {
             n if n.ends_with("self_attn.q_proj.weight") => Some(ck.config.num_attention_heads),
             n if n.ends_with("self_attn.k_proj.weight") => Some(ck.config.num_kv_heads()),
@@ -386,7 +386,6 @@ pub fn make_plan(ck: &Checkpoint, policy: &Policy) -> Result<Plan> {
 /// What the plan says about a quantized source layer written as `target` (None: kept).
 fn source_exactness(
     e: &tandem_model::packed::Exactness,
-    held: WeightDType,
     target: Option<QuantType>,
 ) -> Option<String> {
     use tandem_model::packed::Exactness;
@@ -396,10 +395,6 @@ fn source_exactness(
         )),
         (Exactness::Dequantized { reason }, None) => Some(format!(
             "no GGML type holds the source grid ({reason}): written dequantized as F32, exact"
-        )),
-        (Exactness::OffsetRounded { max_abs_error }, None) => Some(format!(
-            "asymmetric grid as {}: the offset −z·s rounded to f16 (largest change {max_abs_error:.2e})",
-            held.name()
         )),
         (_, Some(t)) => Some(format!("requantized from the source grid to {t}: not exact")),
         (Exactness::Exact, None) => None,
