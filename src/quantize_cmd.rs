@@ -292,6 +292,14 @@ pub fn quantize(a: QuantizeArgs) -> Result<()> {
         progress: Some(&progress),
         calibrated: Some(&calibrated),
     };
+    // Both formats: the plan and the notes, then what was written.
+    let finish = |notes: &[String]| {
+        bar.finish_and_clear();
+        print!("{}", plan.summary(a.verbose));
+        for n in notes {
+            eprintln!("note: {n}");
+        }
+    };
     if compressed {
         let report = tandem_quantize::compressed_tensors::write_folder(
             &ck,
@@ -302,11 +310,7 @@ pub fn quantize(a: QuantizeArgs) -> Result<()> {
             a.force,
         )
         .with_context(|| format!("quantizing {}", a.model.display()))?;
-        bar.finish_and_clear();
-        print!("{}", plan.summary(a.verbose));
-        for n in &report.notes {
-            eprintln!("note: {n}");
-        }
+        finish(&report.notes);
         println!(
             "wrote {} (compressed-tensors pack-quantized: {} layers quantized, {} tensors, {} bytes of weights) in {:.2} s",
             out.display(),
@@ -319,11 +323,7 @@ pub fn quantize(a: QuantizeArgs) -> Result<()> {
     }
     let report = tandem_quantize::quantize_to_file(&ck, &plan, &opts, out, a.force)
         .with_context(|| format!("quantizing {}", a.model.display()))?;
-    bar.finish_and_clear();
-    print!("{}", plan.summary(a.verbose));
-    for n in &report.notes {
-        eprintln!("note: {n}");
-    }
+    finish(&report.notes);
     println!(
         "wrote {} ({} tensors, {} bytes) in {:.2} s: {:.0} MB/s of source weights{}",
         out.display(),

@@ -122,13 +122,13 @@ impl Config {
 
     /// Parses and validates the text of a `config.json`; `path` names it in errors.
     pub fn from_json(path: &Path, text: &str) -> Result<Self> {
-        let mut cfg: Config = serde_json::from_str(text)
+        let v: serde_json::Value = serde_json::from_str(text)
+            .map_err(|e| format_err(path, format!("invalid config.json: {e}")))?;
+        let mut cfg: Config = Config::deserialize(&v)
             .map_err(|e| format_err(path, format!("invalid config.json: {e}")))?;
         // transformers ≥ 5 saves RoPE settings as `rope_parameters` (theta, type, factors)
         // instead of top-level `rope_theta` / `rope_scaling`; where present it is what the
         // model was trained with (SmolLM2's 100 000, not the 10 000 default).
-        let v: serde_json::Value = serde_json::from_str(text)
-            .map_err(|e| format_err(path, format!("invalid config.json: {e}")))?;
         if let Some(rp) = v.get("rope_parameters").filter(|r| r.is_object()) {
             if let Some(t) = rp.get("rope_theta").and_then(serde_json::Value::as_f64) {
                 cfg.rope_theta = t;

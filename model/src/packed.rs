@@ -1204,6 +1204,18 @@ fn ct_layer(
     })
 }
 
+/// The two dimensions of a GPTQ/AWQ `qweight`, once it and its scales are known to be 2-D.
+fn matrix_dims((qn, qw): (&str, &Stored), sc: &Stored) -> Result<[usize; 2]> {
+    match (qw.shape, sc.shape.len()) {
+        (&[a, b], 2) => Ok([a, b]),
+        _ => Err(tensor_err(
+            qw.path,
+            qn,
+            format!("shape {:?} (scales {:?}) is not 2-D", qw.shape, sc.shape),
+        )),
+    }
+}
+
 /// The parts GPTQ and AWQ layers share, checked against each other before anything is
 /// sized by them: the packed weight words (`qweight`, `n` words), the packed zeros
 /// (`qzeros` [groups, `zpacked`]), and the scales [groups, `rows`], the group count agreeing
@@ -1277,14 +1289,7 @@ fn gptq_layer(
 ) -> Result<IntLinear> {
     let bits = scheme.bits as usize;
     let per = 32 / bits;
-    if qw.shape.len() != 2 || sc.shape.len() != 2 {
-        return Err(tensor_err(
-            qw.path,
-            qn,
-            format!("shape {:?} (scales {:?}) is not 2-D", qw.shape, sc.shape),
-        ));
-    }
-    let (packed_in, rows) = (qw.shape[0], qw.shape[1]);
+    let [packed_in, rows] = matrix_dims((qn, qw), sc)?;
     let cols = packed_in * per;
     let zpacked = rows.div_ceil(per);
     let PackedParts {
@@ -1353,14 +1358,7 @@ fn awq_layer(
     (zn, qz): (&str, &Stored),
     (sn, sc): (&str, &Stored),
 ) -> Result<IntLinear> {
-    if qw.shape.len() != 2 || sc.shape.len() != 2 {
-        return Err(tensor_err(
-            qw.path,
-            qn,
-            format!("shape {:?} (scales {:?}) is not 2-D", qw.shape, sc.shape),
-        ));
-    }
-    let (cols, packed_out) = (qw.shape[0], qw.shape[1]);
+    let [cols, packed_out] = matrix_dims((qn, qw), sc)?;
     let rows = packed_out * 8;
     let gs = scheme.group_size.unwrap_or(cols);
     let PackedParts {
