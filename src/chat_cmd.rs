@@ -5,19 +5,12 @@ use anyhow::{Context, Result};
 use candle_core::Device;
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::{Path, PathBuf};
-use tandem_model::chat::{ChatTemplate, Message, NO_TEMPLATE_HINT};
+use tandem_model::chat::{ChatTemplate, Message};
 use tandem_model::{Checkpoint, Sampler, SamplingParams};
 
 /// The chat template to use: `--chat-template FILE`, else the model's own.
 pub fn template_for(ck: &Checkpoint, file: Option<&Path>) -> Result<ChatTemplate> {
-    let tok = &ck.tokenizer;
-    let bos = tok.special_text(tok.bos_id);
-    let eos = tok.special_text(tok.eos_ids.first().copied());
-    match (file, &tok.chat_template) {
-        (Some(f), _) => Ok(ChatTemplate::from_file(f, &bos, &eos)?),
-        (None, Some(t)) => Ok(ChatTemplate::new(&ck.path, t, &bos, &eos)?),
-        (None, None) => anyhow::bail!("{}: {NO_TEMPLATE_HINT}", ck.path.display()),
-    }
+    Ok(ChatTemplate::for_checkpoint(ck, file)?)
 }
 
 /// One user message (after an optional system message) rendered for the model to answer.

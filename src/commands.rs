@@ -100,10 +100,7 @@ pub struct GenerateArgs {
     pub draft_vocab: usize,
 }
 
-/// Off by default, unlike llama.cpp's 0.75: a quantized copy of the verifier agrees with it
-/// even where it is unsure, so the cut-off mostly threw good drafts away (SmolLM2, self:q4_0,
-/// 6 prompts: 1.03× plain at 0, 0.95× at 0.4; self:q8_0@all with k = 4: 0.81× at 0.75).
-pub const DEFAULT_DRAFT_P_MIN: f32 = 0.0;
+pub use tandem_speculate::session::DEFAULT_DRAFT_P_MIN;
 
 /// The generation flags every command shares, checked before any model is opened.
 pub fn check_generation_flags(

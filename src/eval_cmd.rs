@@ -1,13 +1,9 @@
 //! `tandem eval` and `tandem quantize --sweep`: open models, run the evaluator, write reports.
 
 use crate::commands::progress_bar;
-use anyhow::{Context, Result};
-use candle_core::Device;
+use anyhow::Result;
 use std::path::{Path, PathBuf};
-use tandem_eval::report::{ModelResult, Quality, Report, TextInfo, WeightSummary};
-use tandem_eval::{cache::ReferenceCache, Chunks};
-use tandem_model::pending::Pending;
-use tandem_model::Checkpoint;
+use tandem_eval::job::EvalJob;
 
 #[derive(clap::Args)]
 pub struct EvalArgs {
@@ -63,23 +59,47 @@ pub fn eval(a: EvalArgs) -> Result<()> {
     run_eval(&a.reference, &a.models, &a.text, &a.opts, &a.out, a.quiet)
 }
 
-/// Creates the output folder `dir` if it is missing. The guard returned for a folder made
-/// here removes it again if the command fails or is interrupted before it commits the guard
-/// (once something finished is in it), so a failed run leaves no empty or half-filled folder.
-pub fn create_output_dir(dir: &Path) -> Result<Option<Pending>> {
-    if dir.exists() {
-        return Ok(None);
-    }
-    let guard = Pending::new(dir);
-    std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create", dir.display()))?;
-    Ok(Some(guard.made()))
+pub use tandem_eval::job::create_output_dir;
+
+/// Progress bars and notes on stderr for an evaluation run.
+struct Bars {
+    quiet: bool,
+    bar: std::cell::RefCell<Option<(String, indicatif::ProgressBar)>>,
 }
 
-fn name_of(p: &Path) -> String {
-    p.file_stem()
-        .or_else(|| p.file_name())
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_else(|| p.display().to_string())
+impl tandem_eval::job::EvalObserver for Bars {
+    fn progress(&self, stage: &str, done: usize, total: usize) {
+        let mut slot = self.bar.borrow_mut();
+        if slot.as_ref().is_none_or(|(s, _)| s != stage) {
+            let b = progress_bar(self.quiet);
+            b.set_message(stage.to_string());
+            *slot = Some((stage.to_string(), b));
+        }
+        if let Some((_, b)) = slot.as_ref() {
+            b.set_length(total as u64);
+            b.set_position(done as u64);
+        }
+    }
+    fn stage_done(&self, _stage: &str) {
+        if let Some((_, b)) = self.bar.borrow_mut().take() {
+            b.finish_and_clear();
+        }
+    }
+    fn note(&self, line: &str) {
+        eprintln!("{line}");
+    }
+    fn model_done(&self, m: &tandem_eval::report::ModelResult) {
+        if let Some(q) = &m.quality {
+            eprintln!(
+                "{}: PPL {:.4} (x{:.4}), mean KLD {:.5}, top-1 {:.2}%",
+                m.name,
+                m.ppl,
+                q.ppl_ratio,
+                q.kl.mean,
+                100.0 * q.top1_agreement
+            );
+        }
+    }
 }
 
 /// Evaluates every candidate against the reference and writes the report after each one
@@ -92,112 +112,20 @@ pub fn run_eval(
     out: &Path,
     quiet: bool,
 ) -> Result<()> {
-    let text = std::fs::read_to_string(text_path)
-        .with_context(|| format!("{}: cannot read", text_path.display()))?;
-    let rck = Checkpoint::open(reference, None).context("opening the reference")?;
-    // Open every candidate first: a bad file fails before any long work.
-    let mut cands = Vec::new();
-    for m in models {
-        let ck = Checkpoint::open(m, None)?;
-        tandem_eval::check_same_tokenizer(&rck, &ck, &text)?;
-        cands.push(ck);
-    }
-    let chunks = Chunks::new(&rck.tokenizer, &text, o.ctx, o.chunks)
-        .with_context(|| text_path.display().to_string())?;
-    let mut fresh = create_output_dir(out)?;
-    let cache_path = o
-        .cache
-        .clone()
-        .unwrap_or_else(|| out.join("reference-cache.bin"));
-    let key = tandem_eval::cache::cache_key(&rck, &text, &chunks);
-    let rmodel = rck.load_model(&Device::Cpu)?;
-    let bar = |what: String| {
-        let b = progress_bar(quiet);
-        b.set_message(what);
-        b
+    let job = EvalJob {
+        ctx: o.ctx,
+        chunks: o.chunks,
+        cache: o.cache.clone(),
+        speed_pp: o.speed_pp,
+        speed_tg: o.speed_tg,
+        out: Some(out.to_path_buf()),
+        ..EvalJob::new(reference, models, text_path)
     };
-    let mut cache = match ReferenceCache::open(&cache_path, &key, &chunks, rck.config.vocab_size) {
-        Some(c) => {
-            eprintln!("reference pass: reusing {}", cache_path.display());
-            c
-        }
-        None => {
-            let b = bar(format!("reference pass ({})", name_of(reference)));
-            let c = ReferenceCache::build(&cache_path, &key, &rmodel, &chunks, &|d, t| {
-                b.set_length(t as u64);
-                b.set_position(d as u64);
-            })?;
-            b.finish_and_clear();
-            c
-        }
+    let bars = Bars {
+        quiet,
+        bar: Default::default(),
     };
-    let speed = |m: &tandem_model::Llama| -> Result<Option<tandem_eval::report::Speed>> {
-        Ok(if o.speed_pp > 0 && o.speed_tg > 0 {
-            Some(tandem_eval::measure_speed(m, o.speed_pp, o.speed_tg)?)
-        } else {
-            None
-        })
-    };
-    let mut report = Report {
-        schema_version: tandem_eval::report::SCHEMA_VERSION,
-        tool: format!("tandem {}", env!("CARGO_PKG_VERSION")),
-        text: TextInfo {
-            path: text_path.display().to_string(),
-            ctx: chunks.ctx,
-            chunks: chunks.chunks.len(),
-            scored_tokens: chunks.chunks.len() * chunks.scored_per_chunk(),
-        },
-        reference: ModelResult {
-            name: name_of(reference),
-            path: reference.display().to_string(),
-            size: tandem_eval::model_size(&rck),
-            ppl: tandem_eval::reference_perplexity(&mut cache)?,
-            quality: None,
-            speed: speed(&rmodel)?,
-            weights: None,
-            quantized_with: rck.quantization_record(),
-        },
-        models: Vec::new(),
-    };
-    drop(rmodel);
-    for (path, ck) in models.iter().zip(&cands) {
-        let model = ck.load_model(&Device::Cpu)?;
-        let b = bar(name_of(path));
-        let (ppl, div) = tandem_eval::evaluate(&model, &mut cache, &chunks, &|d, t| {
-            b.set_length(t as u64);
-            b.set_position(d as u64);
-        })?;
-        b.finish_and_clear();
-        let errors = tandem_eval::weights::weight_errors(&rck, ck)?;
-        report.models.push(ModelResult {
-            name: name_of(path),
-            path: path.display().to_string(),
-            size: tandem_eval::model_size(ck),
-            ppl,
-            quality: Some(Quality::from_divergence(&div)),
-            speed: speed(&model)?,
-            weights: Some(WeightSummary::from_errors(&errors)),
-            quantized_with: ck.quantization_record(),
-        });
-        tandem_eval::write_report(out, &report)?;
-        if let Some(g) = fresh.take() {
-            g.commit(|| ());
-        }
-        let q = report.models.last().and_then(|m| m.quality.clone());
-        if let Some(q) = q {
-            eprintln!(
-                "{}: PPL {ppl:.4} (x{:.4}), mean KLD {:.5}, top-1 {:.2}%",
-                name_of(path),
-                q.ppl_ratio,
-                q.kl.mean,
-                100.0 * q.top1_agreement
-            );
-        }
-    }
-    tandem_eval::write_report(out, &report)?;
-    if let Some(g) = fresh.take() {
-        g.commit(|| ());
-    }
+    tandem_eval::job::run(&job, &bars)?;
     println!(
         "wrote {} (report.json, report.md, report.html)",
         out.display()

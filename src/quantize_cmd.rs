@@ -2,13 +2,11 @@
 
 use crate::commands::progress_bar;
 use anyhow::{Context, Result};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use tandem_model::Checkpoint;
-use tandem_quantize::calibrated::{Calibrated, CalibratedOptions, Method};
-use tandem_quantize::{
-    calibrate::CalibrationOptions, make_plan, ImportanceMatrix, Options, Policy, QuantType, Recipe,
-    Rule, TypeChoice,
-};
+use tandem_quantize::calibrated::{CalibratedOptions, Method};
+use tandem_quantize::job::{self, Format, PolicyChoices, QuantizeJob, QuantizeObserver};
+use tandem_quantize::{calibrate::CalibrationOptions, make_plan, ImportanceMatrix, Options};
 
 #[derive(clap::Args)]
 pub struct QuantizeArgs {
@@ -114,229 +112,109 @@ impl CalibArgs {
             Some(m) => m,
             None => Method::parse(&self.method)?,
         };
-        let mut o = CalibratedOptions::new(method);
-        if let Some(p) = &self.calib_text {
-            o.text = std::fs::read_to_string(p)
-                .with_context(|| format!("{}: cannot read the calibration text", p.display()))?;
-            o.text_name = p
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default();
-        }
-        if !(0.0..=1.0).contains(&self.gptq_damp) {
-            anyhow::bail!("--gptq-damp {} is outside 0..=1", self.gptq_damp);
-        }
-        o.ctx = self.calib_ctx;
-        o.chunks = self.calib_chunks;
-        o.gptq.damp = self.gptq_damp;
-        Ok(o)
+        Ok(job::calibration_options(
+            method,
+            self.calib_text.as_deref(),
+            self.calib_ctx,
+            self.calib_chunks,
+            self.gptq_damp,
+        )?)
     }
 }
 
-/// Runs a calibrated method (nothing for rtn), with a progress bar per layer.
-fn run_calibration(
-    ck: &Checkpoint,
-    plan: &tandem_quantize::Plan,
-    opts: &CalibratedOptions,
-    imatrix: Option<&ImportanceMatrix>,
-    quiet: bool,
-    label: &str,
-) -> Result<Calibrated> {
-    if !opts.method.is_calibrated() {
-        return Ok(Calibrated::default());
-    }
-    let bar = progress_bar(quiet);
-    let progress = |done: usize, total: usize, what: &str| {
-        bar.set_length(total as u64);
-        bar.set_position(done as u64);
-        bar.set_message(format!("{label}{} layer {done}: {what}", opts.method));
-    };
-    let c = tandem_quantize::calibrated::calibrate_plan(ck, plan, opts, imatrix, &progress)
-        .with_context(|| format!("{} calibration of {}", opts.method, ck.path.display()))?;
-    bar.finish_and_clear();
-    let t = &c.timings;
-    eprintln!(
-        "{label}{}: {} tensors calibrated on {} chunks ({} tokens of {}): layer passes {:.1} s, Hessians {:.1} s, scale search {:.1} s, factorization {:.1} s, quantization {:.1} s",
-        opts.method,
-        c.tensors.len(),
-        c.chunks,
-        c.tokens,
-        opts.text_name,
-        t.statistics,
-        t.hessians,
-        t.scale_search,
-        t.factorization,
-        t.quantization
-    );
-    Ok(c)
+/// A progress bar and notes on stderr for quantization; `prefix` labels a sweep's variant.
+struct Bar {
+    bar: indicatif::ProgressBar,
+    prefix: String,
 }
 
-/// The policy from a recipe (if any) overlaid with the command-line flags.
-pub fn policy_from(
-    scheme: Option<&str>,
-    attention: Option<&str>,
-    embeddings: Option<&str>,
-    output: Option<&str>,
-    rules: &[String],
-    recipe: Option<&Path>,
-) -> Result<Policy> {
-    // Flags win over the recipe's fields; the library turns the result into a policy.
-    let mut recipe = match recipe {
-        Some(p) => Recipe::from_file(p)?,
-        None => Recipe::default(),
-    };
-    for (flag, field) in [
-        (scheme, &mut recipe.scheme),
-        (attention, &mut recipe.attention),
-        (embeddings, &mut recipe.embeddings),
-        (output, &mut recipe.output),
-    ] {
-        if let Some(v) = flag {
-            *field = Some(v.to_string());
+impl Bar {
+    fn new(quiet: bool, prefix: &str) -> Self {
+        Bar {
+            bar: progress_bar(quiet),
+            prefix: prefix.to_string(),
         }
     }
-    let mut policy = recipe.to_policy()?;
-    for r in rules {
-        policy.rules.push(Rule::parse(r)?);
+}
+
+impl QuantizeObserver for Bar {
+    fn progress(&self, stage: &str, done: u64, total: u64) {
+        self.bar.set_length(total);
+        self.bar.set_position(done);
+        self.bar.set_message(format!("{}{stage}", self.prefix));
     }
-    Ok(policy)
+    fn done(&self) {
+        self.bar.finish_and_clear();
+    }
+    fn note(&self, line: &str) {
+        eprintln!("{line}");
+    }
+}
+
+impl QuantizeArgs {
+    fn choices(&self) -> PolicyChoices {
+        PolicyChoices {
+            scheme: self.scheme.clone(),
+            attention: self.attention.clone(),
+            embeddings: self.embeddings.clone(),
+            output: self.output.clone(),
+            rules: self.rules.clone(),
+            recipe: self.recipe.clone(),
+        }
+    }
 }
 
 pub fn quantize(a: QuantizeArgs) -> Result<()> {
-    let compressed = a.format == "compressed-tensors";
-    // compressed-tensors quantizes linear layers only: embeddings and a separate head stay
-    // 16-bit unless asked otherwise.
-    let keep_default = compressed.then_some("keep");
-    let mut policy = policy_from(
-        a.scheme.as_deref(),
-        a.attention.as_deref(),
-        a.embeddings.as_deref().or(keep_default),
-        a.output.as_deref().or(keep_default),
-        &a.rules,
-        a.recipe.as_deref(),
-    )?;
-    if a.group_size != 32 && !compressed {
-        anyhow::bail!(
-            "--group-size applies to --format compressed-tensors (GGUF blocks are 32 columns)"
-        );
-    }
+    let format = Format::parse(&a.format, a.group_size)?;
     if !a.sweep.is_empty() {
-        if compressed {
+        if format != Format::Gguf {
             anyhow::bail!("--sweep writes GGUF variants; drop --format compressed-tensors");
         }
         return sweep(&a);
     }
     let ck = Checkpoint::open(&a.model, a.tokenizer.as_deref())?;
-    if ck.imported.is_some() && a.scheme.is_none() && a.recipe.is_none() {
-        // A quantized source converts losslessly by default: every layer keeps its grid
-        // (held as the GGML type it maps onto), everything else its type.
-        policy.mlp = TypeChoice::Keep;
-        if a.embeddings.is_none() {
-            policy.embeddings = TypeChoice::Keep;
-        }
-        if a.output.is_none() {
-            policy.output = TypeChoice::Keep;
-        }
-    }
-    let plan = make_plan(&ck, &policy)?;
-    if compressed {
-        tandem_quantize::compressed_tensors::check_plan(&ck, &plan)?;
-        let method = Method::parse(&a.calib.method)?;
-        if method.is_calibrated() && a.group_size != 32 {
-            anyhow::bail!(
-                "{method} chooses a scale per 32-column block: --group-size {} takes --method rtn",
-                a.group_size
-            );
-        }
-        if method.is_calibrated()
-            && plan
-                .tensors
-                .iter()
-                .any(|t| t.target == Some(QuantType::Q4_1))
-        {
-            anyhow::bail!(
-                "{method} makes q4_1 blocks with a float minimum, which compressed-tensors cannot hold: use --method rtn for asymmetric int4, or q4_0 with {method}"
-            );
-        }
-    }
+    let job = QuantizeJob {
+        imatrix: a.imatrix.clone(),
+        allow_nonfinite: a.allow_nonfinite,
+        force: a.force,
+        calib: a.calib.options(None)?,
+        ..QuantizeJob::new(a.choices(), format, Method::Rtn)
+    };
+    let plan = job.plan(&ck)?;
     if a.dry_run {
         print!("{}", plan.summary(a.verbose));
         return Ok(());
     }
     let out = a.out.as_deref().context("--out is required")?;
-    tandem_quantize::output::check_target(out, a.force)?;
-    let imatrix = match &a.imatrix {
-        Some(p) => Some(ImportanceMatrix::read(p)?),
-        None => None,
-    };
-    if imatrix.is_some()
-        && !plan
-            .tensors
-            .iter()
-            .any(|t| t.target.is_some_and(QuantType::uses_importance))
-    {
-        eprintln!("note: --imatrix given but no tensor is planned as a type it weights (every block type but q8_0); it changes nothing");
-    }
-    let calib = a.calib.options(None)?;
-    let calibrated = run_calibration(&ck, &plan, &calib, imatrix.as_ref(), a.quiet, "")?;
-    let bar = progress_bar(a.quiet);
-    let progress = |done: u64, total: u64, name: &str| {
-        bar.set_length(total);
-        bar.set_position(done);
-        bar.set_message(name.to_string());
-    };
-    let opts = Options {
-        imatrix: imatrix.as_ref(),
-        allow_nonfinite: a.allow_nonfinite,
-        cancel: None,
-        progress: Some(&progress),
-        calibrated: Some(&calibrated),
-    };
-    // Both formats: the plan and the notes, then what was written.
-    let finish = |notes: &[String]| {
-        bar.finish_and_clear();
-        print!("{}", plan.summary(a.verbose));
-        for n in notes {
-            eprintln!("note: {n}");
-        }
-    };
-    if compressed {
-        let report = tandem_quantize::compressed_tensors::write_folder(
-            &ck,
-            &plan,
-            &opts,
-            a.group_size,
-            out,
-            a.force,
-        )
+    let report = job
+        .run(&ck, &plan, out, &Bar::new(a.quiet, ""))
         .with_context(|| format!("quantizing {}", a.model.display()))?;
-        finish(&report.notes);
-        println!(
-            "wrote {} (compressed-tensors pack-quantized: {} layers quantized, {} tensors, {} bytes of weights) in {:.2} s",
+    print!("{}", plan.summary(a.verbose));
+    for n in &report.notes {
+        eprintln!("note: {n}");
+    }
+    match report.quantized_layers {
+        Some(layers) => println!(
+            "wrote {} (compressed-tensors pack-quantized: {layers} layers quantized, {} tensors, {} bytes of weights) in {:.2} s",
             out.display(),
-            report.quantized_layers,
             report.tensors,
             report.bytes_out,
             report.seconds
-        );
-        return Ok(());
+        ),
+        None => println!(
+            "wrote {} ({} tensors, {} bytes) in {:.2} s: {:.0} MB/s of source weights{}",
+            out.display(),
+            report.tensors,
+            report.bytes_out,
+            report.seconds,
+            report.throughput_mb_s.unwrap_or_default(),
+            if report.imatrix_tensors > 0 {
+                format!(", {} tensors importance-weighted", report.imatrix_tensors)
+            } else {
+                String::new()
+            }
+        ),
     }
-    let report = tandem_quantize::quantize_to_file(&ck, &plan, &opts, out, a.force)
-        .with_context(|| format!("quantizing {}", a.model.display()))?;
-    finish(&report.notes);
-    println!(
-        "wrote {} ({} tensors, {} bytes) in {:.2} s: {:.0} MB/s of source weights{}",
-        out.display(),
-        report.tensors,
-        report.bytes_out,
-        report.seconds,
-        report.throughput_mb_s(),
-        if report.imatrix_tensors > 0 {
-            format!(", {} tensors importance-weighted", report.imatrix_tensors)
-        } else {
-            String::new()
-        }
-    );
     Ok(())
 }
 
@@ -464,14 +342,12 @@ fn sweep(a: &QuantizeArgs) -> Result<()> {
         } else {
             a.attention.as_deref()
         };
-        let policy = policy_from(
-            Some(ty),
-            attention,
-            a.embeddings.as_deref(),
-            a.output.as_deref(),
-            &a.rules,
-            a.recipe.as_deref(),
-        )
+        let policy = PolicyChoices {
+            scheme: Some(ty.to_string()),
+            attention: attention.map(str::to_string),
+            ..a.choices()
+        }
+        .policy()
         .with_context(|| format!("sweep variant '{item}'"))?;
         let plan = make_plan(&ck, &policy).with_context(|| format!("sweep variant '{item}'"))?;
         let file = dir.join(format!("{}.gguf", item.replace(['@', '+'], "-")));
@@ -484,14 +360,12 @@ fn sweep(a: &QuantizeArgs) -> Result<()> {
             eprintln!("{}: kept from an earlier run", file.display());
         } else {
             let weights = imatrix.as_ref().filter(|_| weighted);
+            let bar = Bar::new(a.quiet, &format!("{item}: "));
             let calibrated =
-                run_calibration(&ck, &plan, &calib, weights, a.quiet, &format!("{item}: "))?;
-            let bar = progress_bar(a.quiet);
-            let progress = |done: u64, total: u64, name: &str| {
-                bar.set_length(total);
-                bar.set_position(done);
-                bar.set_message(format!("{item}: {name}"));
-            };
+                job::calibrate(&ck, &plan, &calib, weights, &bar, "").with_context(|| {
+                    format!("{} calibration of {}", calib.method, ck.path.display())
+                })?;
+            let progress = |done: u64, total: u64, name: &str| bar.progress(name, done, total);
             let opts = Options {
                 imatrix: weights,
                 allow_nonfinite: a.allow_nonfinite,
@@ -501,7 +375,7 @@ fn sweep(a: &QuantizeArgs) -> Result<()> {
             };
             let r = tandem_quantize::quantize_to_file(&ck, &plan, &opts, &file, false)
                 .with_context(|| format!("sweep variant '{item}'"))?;
-            bar.finish_and_clear();
+            bar.done();
             eprintln!(
                 "{}: {} bytes in {:.1} s",
                 file.display(),

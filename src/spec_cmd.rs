@@ -3,158 +3,13 @@
 use crate::commands::{GenerateArgs, Printer};
 use anyhow::{Context, Result};
 use candle_core::Device;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use tandem_model::{Checkpoint, Llama, Sampler, SamplingParams};
+use tandem_speculate::session::{run, shortlist_draft_head};
 use tandem_speculate::{
-    AcceptanceRule, AdaptiveK, Controller, Drafter, FixedK, Greedy, ModelDrafter, ModelVerifier,
-    NgramDrafter, RejectionSampling, SharedCacheDrafter, SpecStats, SpeculativeDecoder,
+    AdaptiveK, Controller, DraftSource, Drafter, FixedK, ModelDrafter, NgramDrafter, SpecConfig,
+    SpecStats,
 };
-
-/// Where drafts come from: prompt lookup, or a model (a file, or `self:<type>`).
-pub enum DraftSource {
-    Ngram,
-    Model(Box<Llama>),
-}
-
-impl DraftSource {
-    /// `ngram`, `self:<type>` (the verifier quantized in memory with the quantizer's default
-    /// policy: attention 16-bit, MLP at `<type>`; `self:<type>@all` quantizes attention too)
-    /// or a model path.
-    pub fn open(verifier: &Checkpoint, spec: &str) -> Result<Self> {
-        if spec == "ngram" {
-            return Ok(DraftSource::Ngram);
-        }
-        let ck = match spec.strip_prefix("self:") {
-            Some(ty) => {
-                let (ty, all) = match ty.strip_suffix("@all") {
-                    Some(t) => (t, true),
-                    None => (ty, false),
-                };
-                let t =
-                    match tandem_quantize::TypeChoice::parse(ty).context("--draft self:<type>")? {
-                        tandem_quantize::TypeChoice::To(t) => t,
-                        tandem_quantize::TypeChoice::Keep => {
-                            anyhow::bail!("--draft self:keep would be the verifier itself")
-                        }
-                    };
-                tandem_quantize::quantized_copy(verifier, t, all)
-                    .context("quantizing the self-draft")?
-            }
-            None => {
-                let draft =
-                    Checkpoint::open(Path::new(spec), None).context("opening the draft model")?;
-                if let Some(d) = draft.tokenizer.vocabulary_difference(&verifier.tokenizer) {
-                    anyhow::bail!(
-                        "{}: the draft's vocabulary differs from the verifier's ({}): {d}",
-                        draft.path.display(),
-                        verifier.path.display()
-                    );
-                }
-                draft
-            }
-        };
-        Ok(DraftSource::Model(Box::new(ck.load_model(&Device::Cpu)?)))
-    }
-}
-
-/// How to speculate.
-#[derive(Clone, Copy)]
-pub struct SpecSettings {
-    pub params: SamplingParams,
-    pub draft_max: usize,
-    pub adapt: bool,
-    pub ctx: Option<usize>,
-    pub draft_p_min: f32,
-    /// Give a draft model its own KV cache even when it could draft over the verifier's.
-    pub own_draft_cache: bool,
-    /// A draft model's output head keeps the tokens below this id and the prompt's (0 = all).
-    pub draft_vocab: usize,
-}
-
-/// One speculative generation with fresh drafter, verifier, rule and controller.
-pub fn run(
-    model: &Llama,
-    draft: &mut DraftSource,
-    s: SpecSettings,
-    prompt: &[u32],
-    max_tokens: usize,
-    eos: &[u32],
-    mut on_token: impl FnMut(u32) -> tandem_model::Result<()>,
-) -> Result<(Vec<u32>, SpecStats)> {
-    let mut verifier = ModelVerifier::new(model, s.ctx)?;
-    if let DraftSource::Model(m) = draft {
-        shortlist_draft_head(m, &[prompt], s.draft_vocab)?;
-    }
-    let draft = &*draft;
-    let mut ngram = NgramDrafter::default();
-    let (mut own_cache, mut shared_cache);
-    let drafter: &mut dyn Drafter = match draft {
-        DraftSource::Ngram => &mut ngram,
-        DraftSource::Model(m) => {
-            // The draft samples from its own distribution on its own seeded stream.
-            let ds = (!s.params.is_greedy())
-                .then(|| {
-                    Sampler::new(SamplingParams {
-                        seed: s.params.seed ^ 0x9e37_79b9,
-                        ..s.params
-                    })
-                })
-                .transpose()?;
-            if s.own_draft_cache || !m.shares_cache_shape_with(model) {
-                own_cache = ModelDrafter::new(m, ds)?;
-                own_cache.min_confidence = s.draft_p_min;
-                &mut own_cache
-            } else {
-                shared_cache = SharedCacheDrafter::new(m, &verifier, ds)?;
-                shared_cache.min_confidence = s.draft_p_min;
-                &mut shared_cache
-            }
-        }
-    };
-    let mut greedy = Greedy;
-    let mut sampling = RejectionSampling {
-        sampler: Sampler::new(s.params)?,
-    };
-    let rule: &mut dyn AcceptanceRule = if s.params.is_greedy() {
-        &mut greedy
-    } else {
-        &mut sampling
-    };
-    let mut fixed = FixedK(s.draft_max);
-    // Greedy output never depends on k, so k may follow the clock. Sampled output does (the
-    // random streams are consumed differently), so a seeded run adapts on acceptance alone,
-    // with the draft cost taken as the draft's decode cost over the verifier's (weight bytes
-    // weighted by how fast each format decodes).
-    let mut adaptive = if s.params.is_greedy() {
-        AdaptiveK::new(s.draft_max)
-    } else {
-        let cost = match draft {
-            DraftSource::Ngram => 0.0,
-            DraftSource::Model(m) => m.decode_cost() / model.decode_cost().max(1.0),
-        };
-        AdaptiveK::with_fixed_cost(s.draft_max, cost)
-    };
-    let controller: &mut dyn Controller = if s.adapt { &mut adaptive } else { &mut fixed };
-    let mut dec = SpeculativeDecoder {
-        drafter,
-        verifier: &mut verifier,
-        rule,
-        controller,
-    };
-    Ok(dec.generate(prompt, max_tokens, eos, |id| Ok(on_token(id)?))?)
-}
-
-/// Cuts a draft model's output head down to the lowest `top` ids and the prompts' tokens
-/// (`draft_shortlist`; the full head with `top` = 0, or on the GPU, where the head stays whole).
-fn shortlist_draft_head(m: &mut Llama, prompts: &[&[u32]], top: usize) -> Result<()> {
-    if m.runs_on_gpu() {
-        return Ok(());
-    }
-    let all: Vec<u32> = prompts.iter().flat_map(|p| p.iter().copied()).collect();
-    let ids = tandem_speculate::draft_shortlist(&all, m.config.vocab_size, top);
-    m.set_output_shortlist(ids.as_deref())
-        .context("shortlisting the draft's output head")
-}
 
 /// The metrics of one run as JSON.
 pub fn stats_json(st: &SpecStats) -> serde_json::Value {
@@ -184,7 +39,7 @@ pub fn generate(
     let tok = &ck.tokenizer;
     let ids = tok.encode(&a.prompt, bos)?;
     let mut src = DraftSource::open(ck, draft)?;
-    let settings = SpecSettings {
+    let settings = SpecConfig {
         params,
         draft_max: a.draft_max,
         adapt: !a.no_adapt,
@@ -197,11 +52,11 @@ pub fn generate(
     let (_, st) = run(
         &model,
         &mut src,
-        settings,
+        &settings,
         &ids,
         a.max_tokens,
         &tok.eos_ids,
-        |id| printer.push(id),
+        |id| Ok(printer.push(id)?),
     )?;
     printer.finish()?;
     if a.json {
@@ -324,7 +179,7 @@ pub fn bench_spec(a: BenchSpecArgs) -> Result<()> {
         top_p: a.top_p,
         seed: a.seed,
     };
-    let settings = SpecSettings {
+    let settings = SpecConfig {
         params,
         draft_max: a.draft_max,
         adapt: !a.no_adapt,
@@ -358,7 +213,7 @@ pub fn bench_spec(a: BenchSpecArgs) -> Result<()> {
         let (_, st) = run(
             &model,
             &mut src,
-            settings,
+            &settings,
             &ids,
             a.max_tokens,
             &tok.eos_ids,
@@ -434,10 +289,8 @@ fn bench_batch(
         .iter()
         .map(|p| tok.encode(p, tok.add_bos && !a.chat))
         .collect::<tandem_model::Result<_>>()?;
-    if let DraftSource::Model(m) = src {
-        let all: Vec<&[u32]> = ids.iter().map(Vec::as_slice).collect();
-        shortlist_draft_head(m, &all, a.draft_vocab)?;
-    }
+    let all: Vec<&[u32]> = ids.iter().map(Vec::as_slice).collect();
+    shortlist_draft_head(src, &all, a.draft_vocab)?;
     let src = &*src;
     let run = |batch: &[Vec<u32>], max_spec: usize| -> Result<SpecStats> {
         let mut ngrams: Vec<NgramDrafter> = batch.iter().map(|_| NgramDrafter::default()).collect();

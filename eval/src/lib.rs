@@ -11,6 +11,7 @@
 
 pub mod cache;
 pub mod chunks;
+pub mod job;
 pub mod metrics;
 pub mod report;
 pub mod scoring;

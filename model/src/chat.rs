@@ -36,6 +36,19 @@ pub const NO_TEMPLATE_HINT: &str =
     "has no chat template (tokenizer_config.json chat_template, chat_template.jinja or GGUF tokenizer.chat_template): pass one with --chat-template FILE";
 
 impl ChatTemplate {
+    /// The template to use for `ck`: `file` when given (`--chat-template`), else the model's
+    /// own; a model without one is an error naming the option.
+    pub fn for_checkpoint(ck: &crate::Checkpoint, file: Option<&Path>) -> Result<Self> {
+        let tok = &ck.tokenizer;
+        let bos = tok.special_text(tok.bos_id);
+        let eos = tok.special_text(tok.eos_ids.first().copied());
+        match (file, &tok.chat_template) {
+            (Some(f), _) => ChatTemplate::from_file(f, &bos, &eos),
+            (None, Some(t)) => ChatTemplate::new(&ck.path, t, &bos, &eos),
+            (None, None) => Err(format_err(&ck.path, NO_TEMPLATE_HINT)),
+        }
+    }
+
     /// Compiles `source`; `label` names it in errors.
     pub fn new(label: &Path, source: &str, bos_token: &str, eos_token: &str) -> Result<Self> {
         let mut env = minijinja::Environment::new();

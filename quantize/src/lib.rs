@@ -19,6 +19,7 @@ pub mod gguf_writer;
 pub mod gptq;
 pub mod grid;
 pub mod imatrix;
+pub mod job;
 pub mod metadata;
 pub mod output;
 pub mod plan;

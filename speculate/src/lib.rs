@@ -16,6 +16,8 @@ pub mod decoder;
 pub mod drafter;
 #[cfg(feature = "model")]
 pub mod model_adapter;
+#[cfg(feature = "model")]
+pub mod session;
 
 pub use acceptance::{AcceptanceRule, Greedy, RejectionSampling, Verdict};
 pub use batch::{BatchDecoder, BatchVerifier};
@@ -25,7 +27,11 @@ pub use drafter::{
     draft_shortlist, Draft, Drafter, ModelDrafter, NgramDrafter, DEFAULT_DRAFT_VOCAB,
 };
 #[cfg(feature = "model")]
-pub use model_adapter::{ModelBatchVerifier, ModelVerifier, SharedCacheDrafter};
+pub use model_adapter::{
+    ModelBatchVerifier, ModelVerifier, OwnedModelVerifier, SharedCacheDrafter,
+};
+#[cfg(feature = "model")]
+pub use session::{DraftSource, SpecConfig};
 
 /// Errors of the speculative loop: the model's own, or a draft/verifier mismatch.
 #[derive(Debug, thiserror::Error)]
@@ -33,6 +39,9 @@ pub enum Error {
     #[cfg(feature = "model")]
     #[error(transparent)]
     Model(#[from] tandem_model::Error),
+    /// Sampling parameters out of range.
+    #[error(transparent)]
+    Sampling(#[from] tandem_kernels::sampling::InvalidParams),
     /// tandem's own text (a mismatch, an engine's failure code): one line.
     #[error("{0}")]
     Mismatch(String),

@@ -138,6 +138,47 @@ impl Drafter for SharedCacheDrafter<'_> {
     }
 }
 
+/// A shared model and a cache of its own: a verifier (or, under [`ModelDrafter`], a draft)
+/// that can live as long as its owner wants, on any thread (what a drafter held by another
+/// engine, such as the Python package's `Drafter`, needs).
+pub struct OwnedModelVerifier {
+    pub model: std::sync::Arc<Llama>,
+    pub cache: KvCache,
+}
+
+impl OwnedModelVerifier {
+    pub fn new(model: std::sync::Arc<Llama>, limit: Option<usize>) -> Result<Self> {
+        let cache = match limit {
+            Some(n) => model.new_cache_with_limit(n)?,
+            None => model.new_cache()?,
+        };
+        Ok(OwnedModelVerifier { model, cache })
+    }
+}
+
+impl Verifier for OwnedModelVerifier {
+    fn verify(&mut self, tokens: &[u32]) -> Result<Vec<Vec<f32>>> {
+        let logits = self.model.forward(tokens, &mut self.cache, Logits::All)?;
+        Ok(tandem_model::llama::all_rows(&logits)?)
+    }
+    fn rollback(&mut self, len: usize) {
+        self.cache.truncate(len);
+    }
+    fn len(&self) -> usize {
+        self.cache.len()
+    }
+    fn limit(&self) -> usize {
+        self.cache.limit()
+    }
+    fn vocab_size(&self) -> usize {
+        self.model.config.vocab_size
+    }
+    fn forward_last(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
+        let l = self.model.forward(tokens, &mut self.cache, Logits::Last)?;
+        Ok(tandem_model::llama::last_row(&l)?)
+    }
+}
+
 impl<'m> ModelDrafter<ModelVerifier<'m>> {
     pub fn new(model: &'m Llama, sampler: Option<Sampler>) -> Result<Self> {
         Ok(Self::over(ModelVerifier::new(model, None)?, sampler))

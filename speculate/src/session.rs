@@ -1,0 +1,213 @@
+//! A speculative session assembled from a config: where drafts come from, how they are
+//! accepted and how k adapts. The CLI (`generate --draft`, `bench spec`, `chat --draft`) and
+//! the Python package build their runs here, so the choices (shared or own draft cache, the
+//! draft's seed, the controller a seeded run may use) are made in one place.
+
+use crate::{
+    AcceptanceRule, AdaptiveK, Controller, Drafter, Error, FixedK, Greedy, ModelDrafter,
+    ModelVerifier, NgramDrafter, RejectionSampling, Result, SharedCacheDrafter, SpecStats,
+    SpeculativeDecoder,
+};
+use candle_core::Device;
+use std::path::Path;
+use std::sync::Arc;
+use tandem_model::{Checkpoint, Llama, Sampler, SamplingParams};
+use tandem_quantize::{QuantType, TypeChoice};
+
+/// Off by default, unlike llama.cpp's 0.75: a quantized copy of the verifier agrees with it
+/// even where it is unsure, so the cut-off mostly threw good drafts away (SmolLM2, self:q4_0,
+/// 6 prompts: 1.03× plain at 0, 0.95× at 0.4; self:q8_0@all with k = 4: 0.81× at 0.75).
+pub const DEFAULT_DRAFT_P_MIN: f32 = 0.0;
+
+/// Where drafts come from: prompt lookup, or a model (a file, or the verifier quantized).
+/// The model is shared so that a caller (the Python package) can keep drafting with it
+/// between sessions.
+pub enum DraftSource {
+    Ngram,
+    Model(Arc<Llama>),
+}
+
+impl DraftSource {
+    /// `ngram`, `self:<type>` (the verifier quantized in memory with the quantizer's default
+    /// policy: attention 16-bit, MLP at `<type>`; `self:<type>@all` quantizes attention too)
+    /// or a model path.
+    pub fn open(verifier: &Checkpoint, spec: &str) -> Result<Self> {
+        if spec == "ngram" {
+            return Ok(DraftSource::Ngram);
+        }
+        let ck = match spec.strip_prefix("self:") {
+            Some(ty) => {
+                let (ty, all) = match ty.strip_suffix("@all") {
+                    Some(t) => (t, true),
+                    None => (ty, false),
+                };
+                let t = match TypeChoice::parse(ty)
+                    .map_err(|e| Error::Mismatch(format!("draft '{spec}': {e}")))?
+                {
+                    TypeChoice::To(t) => t,
+                    TypeChoice::Keep => {
+                        return Err(Error::Mismatch(format!(
+                            "draft '{spec}' would be the verifier itself"
+                        )))
+                    }
+                };
+                return Self::self_draft(verifier, t, all);
+            }
+            None => Self::open_model(verifier, Path::new(spec))?,
+        };
+        Ok(ck)
+    }
+
+    /// The verifier quantized to `scheme` in memory (MLP only, or attention too).
+    pub fn self_draft(
+        verifier: &Checkpoint,
+        scheme: QuantType,
+        attention_too: bool,
+    ) -> Result<Self> {
+        let ck = tandem_quantize::quantized_copy(verifier, scheme, attention_too)
+            .map_err(|e| Error::Mismatch(format!("quantizing the self-draft: {e}")))?;
+        Ok(DraftSource::Model(Arc::new(ck.load_model(&Device::Cpu)?)))
+    }
+
+    /// A draft model from a file or folder; its vocabulary must be the verifier's.
+    pub fn open_model(verifier: &Checkpoint, path: &Path) -> Result<Self> {
+        let draft = Checkpoint::open(path, None)?;
+        if let Some(d) = draft.tokenizer.vocabulary_difference(&verifier.tokenizer) {
+            return Err(Error::Mismatch(format!(
+                "{}: the draft's vocabulary differs from the verifier's ({}): {d}",
+                draft.path.display(),
+                verifier.path.display()
+            )));
+        }
+        Ok(DraftSource::Model(Arc::new(
+            draft.load_model(&Device::Cpu)?,
+        )))
+    }
+}
+
+/// How to speculate.
+#[derive(Clone, Copy, Debug)]
+pub struct SpecConfig {
+    pub params: SamplingParams,
+    /// Most tokens drafted per verifier pass.
+    pub draft_max: usize,
+    /// Let k follow what drafting earns ([`AdaptiveK`]); else always `draft_max`.
+    pub adapt: bool,
+    /// The verifier's context limit (default: the model's).
+    pub ctx: Option<usize>,
+    /// A draft model stops drafting below this top probability ([`ModelDrafter::min_confidence`]).
+    pub draft_p_min: f32,
+    /// Give a draft model its own KV cache even when it could draft over the verifier's.
+    pub own_draft_cache: bool,
+    /// A draft model's output head keeps the tokens below this id and the prompt's (0 = all).
+    pub draft_vocab: usize,
+}
+
+impl Default for SpecConfig {
+    fn default() -> Self {
+        SpecConfig {
+            params: SamplingParams::default(),
+            draft_max: 8,
+            adapt: true,
+            ctx: None,
+            draft_p_min: DEFAULT_DRAFT_P_MIN,
+            own_draft_cache: false,
+            draft_vocab: crate::DEFAULT_DRAFT_VOCAB,
+        }
+    }
+}
+
+/// One speculative generation with fresh drafter, verifier, rule and controller.
+pub fn run(
+    model: &Llama,
+    draft: &mut DraftSource,
+    s: &SpecConfig,
+    prompt: &[u32],
+    max_tokens: usize,
+    eos: &[u32],
+    on_token: impl FnMut(u32) -> Result<()>,
+) -> Result<(Vec<u32>, SpecStats)> {
+    let mut verifier = ModelVerifier::new(model, s.ctx)?;
+    shortlist_draft_head(draft, &[prompt], s.draft_vocab)?;
+    let draft = &*draft;
+    let mut ngram = NgramDrafter::default();
+    let (mut own_cache, mut shared_cache);
+    let drafter: &mut dyn Drafter = match draft {
+        DraftSource::Ngram => &mut ngram,
+        DraftSource::Model(m) => {
+            // The draft samples from its own distribution on its own seeded stream.
+            let ds = draft_sampler(&s.params)?;
+            if s.own_draft_cache || !m.shares_cache_shape_with(model) {
+                own_cache = ModelDrafter::new(m, ds)?;
+                own_cache.min_confidence = s.draft_p_min;
+                &mut own_cache
+            } else {
+                shared_cache = SharedCacheDrafter::new(m, &verifier, ds)?;
+                shared_cache.min_confidence = s.draft_p_min;
+                &mut shared_cache
+            }
+        }
+    };
+    let mut greedy = Greedy;
+    let mut sampling = RejectionSampling {
+        sampler: Sampler::new(s.params)?,
+    };
+    let rule: &mut dyn AcceptanceRule = if s.params.is_greedy() {
+        &mut greedy
+    } else {
+        &mut sampling
+    };
+    let mut fixed = FixedK(s.draft_max);
+    // Greedy output never depends on k, so k may follow the clock. Sampled output does (the
+    // random streams are consumed differently), so a seeded run adapts on acceptance alone,
+    // with the draft cost taken as the draft's decode cost over the verifier's (weight bytes
+    // weighted by how fast each format decodes).
+    let mut adaptive = if s.params.is_greedy() {
+        AdaptiveK::new(s.draft_max)
+    } else {
+        let cost = match draft {
+            DraftSource::Ngram => 0.0,
+            DraftSource::Model(m) => m.decode_cost() / model.decode_cost().max(1.0),
+        };
+        AdaptiveK::with_fixed_cost(s.draft_max, cost)
+    };
+    let controller: &mut dyn Controller = if s.adapt { &mut adaptive } else { &mut fixed };
+    let mut dec = SpeculativeDecoder {
+        drafter,
+        verifier: &mut verifier,
+        rule,
+        controller,
+    };
+    dec.generate(prompt, max_tokens, eos, on_token)
+}
+
+/// The sampler a draft model samples its proposals with: none when greedy, else the run's
+/// parameters on a stream of its own.
+pub fn draft_sampler(params: &SamplingParams) -> Result<Option<Sampler>> {
+    Ok((!params.is_greedy())
+        .then(|| {
+            Sampler::new(SamplingParams {
+                seed: params.seed ^ 0x9e37_79b9,
+                ..*params
+            })
+        })
+        .transpose()?)
+}
+
+/// Cuts a draft model's output head down to the lowest `top` ids and the prompts' tokens
+/// (`draft_shortlist`; the full head with `top` = 0, or on the GPU, where the head stays
+/// whole). A model someone else also holds keeps the head it has.
+pub fn shortlist_draft_head(draft: &mut DraftSource, prompts: &[&[u32]], top: usize) -> Result<()> {
+    let DraftSource::Model(m) = draft else {
+        return Ok(());
+    };
+    let Some(m) = Arc::get_mut(m) else {
+        return Ok(());
+    };
+    if m.runs_on_gpu() {
+        return Ok(());
+    }
+    let all: Vec<u32> = prompts.iter().flat_map(|p| p.iter().copied()).collect();
+    let ids = crate::draft_shortlist(&all, m.config.vocab_size, top);
+    Ok(m.set_output_shortlist(ids.as_deref())?)
+}
