@@ -74,9 +74,11 @@ pub struct GenerateArgs {
     /// statistics (implies --json; plain decoding only).
     #[arg(long, conflicts_with = "draft")]
     pub logprobs: bool,
-    /// Decode speculatively: `ngram` (prompt lookup), `self:<type>` (this model quantized in
-    /// memory, e.g. self:q4_0) or a draft model (folder or GGUF) that
-    /// shares the verifier's vocabulary. Output is exactly the model's own.
+    /// Decode speculatively: `ngram` (prompt lookup), `suffix` (lookup of the longest earlier
+    /// match), `self:<type>` (this model quantized in memory, e.g. self:q4_0), a draft model
+    /// (folder or GGUF) that shares the verifier's vocabulary, or a lookup and a model joined
+    /// by `+` (`ngram+self:q4_0`: the lookup first, the model where it finds nothing). Output
+    /// is exactly the model's own.
     #[arg(long)]
     pub draft: Option<String>,
     /// Most tokens drafted per verifier pass.

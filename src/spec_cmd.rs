@@ -5,7 +5,7 @@ use anyhow::{Context, Result};
 use candle_core::Device;
 use std::path::PathBuf;
 use tandem_model::{Checkpoint, Llama, Sampler, SamplingParams};
-use tandem_speculate::session::{run, shortlist_draft_head};
+use tandem_speculate::session::{run, shortlist_draft_head, Lookup};
 use tandem_speculate::{
     AdaptiveK, Controller, DraftSource, Drafter, FixedK, ModelDrafter, NgramDrafter, SpecConfig,
     SpecStats,
@@ -76,7 +76,8 @@ pub struct BenchSpecArgs {
     /// The verifier: a Hugging Face folder or a GGUF file.
     #[arg(long)]
     model: PathBuf,
-    /// ngram, self:<type> (e.g. self:q4_0) or a draft model path.
+    /// ngram, suffix (lookup over this and the earlier prompts and answers), self:<type>
+    /// (e.g. self:q4_0), a draft model path, or lookup+model (suffix+self:q8_0@all).
     #[arg(long)]
     draft: String,
     /// JSON lines, each {"prompt": "..."} (default: scripts/spec-prompts.jsonl's 18 prompts,
@@ -291,20 +292,24 @@ fn bench_batch(
         .collect::<tandem_model::Result<_>>()?;
     let all: Vec<&[u32]> = ids.iter().map(Vec::as_slice).collect();
     shortlist_draft_head(src, &all, a.draft_vocab)?;
-    let src = &*src;
+    let model_draft = match (&src.lookup, &src.model) {
+        (Lookup::Ngram, None) => None,
+        (Lookup::None, Some(m)) => Some(&**m),
+        _ => anyhow::bail!("--batch drafts with ngram or one draft model"),
+    };
     let run = |batch: &[Vec<u32>], max_spec: usize| -> Result<SpecStats> {
         let mut ngrams: Vec<NgramDrafter> = batch.iter().map(|_| NgramDrafter::default()).collect();
         let mut models = Vec::new();
-        if let DraftSource::Model(m) = src {
+        if let Some(m) = model_draft {
             for _ in batch {
                 let mut d = ModelDrafter::new(m, None)?;
                 d.min_confidence = a.draft_p_min;
                 models.push(d);
             }
         }
-        let drafters: Vec<&mut dyn Drafter> = match src {
-            DraftSource::Ngram => ngrams.iter_mut().map(|d| d as &mut dyn Drafter).collect(),
-            DraftSource::Model(_) => models.iter_mut().map(|d| d as &mut dyn Drafter).collect(),
+        let drafters: Vec<&mut dyn Drafter> = match model_draft {
+            None => ngrams.iter_mut().map(|d| d as &mut dyn Drafter).collect(),
+            Some(_) => models.iter_mut().map(|d| d as &mut dyn Drafter).collect(),
         };
         let mut fixed: Vec<FixedK> = batch.iter().map(|_| FixedK(a.draft_max)).collect();
         let mut adaptive: Vec<AdaptiveK> =

@@ -534,3 +534,39 @@ fn stories260k_speculative_sampling_matches_the_verifier_distribution() {
         "the test cannot tell a wrong rule apart: TV {tv_wrong}"
     );
 }
+
+#[test]
+fn lookup_and_hybrid_drafts_through_a_session_equal_plain_greedy() {
+    // The CLI's and Python's path: draft sources opened from a spec, one session per prompt,
+    // the suffix history carried from prompt to prompt.
+    let ck = Checkpoint::open(&stories(), None).unwrap();
+    let m = ck.load_model(&Device::Cpu).unwrap();
+    let eos = ck.tokenizer.eos_ids.clone();
+    let config = tandem_speculate::SpecConfig::default();
+    for spec in ["suffix", "ngram", "suffix+self:q8_0", "ngram+self:q4_0@all"] {
+        let mut src = tandem_speculate::DraftSource::open(&ck, spec).unwrap();
+        let mut drafted = 0;
+        // Twice over: the second round finds the first one's answers in the suffix history.
+        for p in STORY_PROMPTS.iter().chain(STORY_PROMPTS.iter()) {
+            let ids = ck.tokenizer.encode(p, true).unwrap();
+            let want = plain(&m, &ids, 60, None, &eos);
+            let (got, st) =
+                tandem_speculate::session::run(&m, &mut src, &config, &ids, 60, &eos, |_| Ok(()))
+                    .unwrap();
+            assert_eq!(got, want, "{spec} prompt {p:?}");
+            drafted += st.accepted;
+        }
+        assert!(drafted > 0, "{spec} never had a draft accepted");
+    }
+    for bad in [
+        "ngram+suffix",
+        "self:q8_0+self:q4_0",
+        "self:keep",
+        "self:q9",
+    ] {
+        assert!(
+            tandem_speculate::DraftSource::open(&ck, bad).is_err(),
+            "{bad} should be refused"
+        );
+    }
+}

@@ -85,6 +85,52 @@ impl Drafter for NgramDrafter {
     }
 }
 
+/// A lookup drafter (n-gram, suffix) first, a model draft where the lookup finds nothing: a
+/// lookup draft costs next to nothing, a model draft a step per token, and where a lookup
+/// matches (repeated text, code, lists) it tends to be right for longer.
+pub struct HybridDrafter<'a> {
+    pub lookup: &'a mut dyn Drafter,
+    pub model: &'a mut dyn Drafter,
+    /// Whether the last proposal came from the lookup (who is told what was accepted).
+    last_from_lookup: bool,
+    /// Proposals made by each part: (lookup, model).
+    pub proposals: (usize, usize),
+}
+
+impl<'a> HybridDrafter<'a> {
+    pub fn new(lookup: &'a mut dyn Drafter, model: &'a mut dyn Drafter) -> Self {
+        HybridDrafter {
+            lookup,
+            model,
+            last_from_lookup: false,
+            proposals: (0, 0),
+        }
+    }
+}
+
+impl Drafter for HybridDrafter<'_> {
+    fn propose(&mut self, context: &[u32], k: usize) -> Result<Draft> {
+        let d = self.lookup.propose(context, k)?;
+        self.last_from_lookup = !d.tokens.is_empty();
+        if self.last_from_lookup {
+            self.proposals.0 += 1;
+            return Ok(d);
+        }
+        self.proposals.1 += 1;
+        self.model.propose(context, k)
+    }
+    fn accepted(&mut self, n: usize) {
+        if self.last_from_lookup {
+            self.lookup.accepted(n);
+        } else {
+            self.model.accepted(n);
+        }
+    }
+    fn vocab_size(&self) -> Option<usize> {
+        self.model.vocab_size()
+    }
+}
+
 /// Picks the next draft token from `logits`: sampled (its distribution pushed to `probs`)
 /// with a sampler, the argmax without; `None` when the draft's most likely token has less
 /// than `min_confidence` probability (drafting stops there).

@@ -18,13 +18,14 @@ pub mod drafter;
 pub mod model_adapter;
 #[cfg(feature = "model")]
 pub mod session;
+pub mod suffix;
 
 pub use acceptance::{AcceptanceRule, Greedy, RejectionSampling, Verdict};
 pub use batch::{BatchDecoder, BatchVerifier};
 pub use controller::{AdaptiveK, Controller, FixedK};
 pub use decoder::{SpecStats, SpeculativeDecoder};
 pub use drafter::{
-    draft_shortlist, Draft, Drafter, ModelDrafter, NgramDrafter, DEFAULT_DRAFT_VOCAB,
+    draft_shortlist, Draft, Drafter, HybridDrafter, ModelDrafter, NgramDrafter, DEFAULT_DRAFT_VOCAB,
 };
 #[cfg(feature = "model")]
 pub use model_adapter::{
@@ -32,6 +33,7 @@ pub use model_adapter::{
 };
 #[cfg(feature = "model")]
 pub use session::{DraftSource, SpecConfig};
+pub use suffix::{SuffixCache, SuffixDrafter};
 
 /// Errors of the speculative loop: the model's own, or a draft/verifier mismatch.
 #[derive(Debug, thiserror::Error)]

@@ -4,9 +4,9 @@
 //! draft's seed, the controller a seeded run may use) are made in one place.
 
 use crate::{
-    AcceptanceRule, AdaptiveK, Controller, Drafter, Error, FixedK, Greedy, ModelDrafter,
-    ModelVerifier, NgramDrafter, RejectionSampling, Result, SharedCacheDrafter, SpecStats,
-    SpeculativeDecoder,
+    AcceptanceRule, AdaptiveK, Controller, Drafter, Error, FixedK, Greedy, HybridDrafter,
+    ModelDrafter, ModelVerifier, NgramDrafter, RejectionSampling, Result, SharedCacheDrafter,
+    SpecStats, SpeculativeDecoder, SuffixDrafter,
 };
 use candle_core::Device;
 use std::path::Path;
@@ -19,23 +19,94 @@ use tandem_quantize::{QuantType, TypeChoice};
 /// 6 prompts: 1.03× plain at 0, 0.95× at 0.4; self:q8_0@all with k = 4: 0.81× at 0.75).
 pub const DEFAULT_DRAFT_P_MIN: f32 = 0.0;
 
-/// Where drafts come from: prompt lookup, or a model (a file, or the verifier quantized).
-/// The model is shared so that a caller (the Python package) can keep drafting with it
-/// between sessions.
-pub enum DraftSource {
+/// Beside a model draft, a suffix lookup proposes only for a match of at least this many
+/// tokens: shorter ones are right less often than the model.
+pub const HYBRID_MIN_MATCH: usize = 3;
+
+/// A drafter that needs no model: none, prompt lookup, or suffix lookup over the session.
+pub enum Lookup {
+    None,
     Ngram,
-    Model(Arc<Llama>),
+    /// Persists across the runs that use this source (bench spec's prompts, a chat session).
+    Suffix(SuffixDrafter),
+}
+
+/// Where drafts come from: a lookup, a model (a file, or the verifier quantized), or a lookup
+/// first and the model where it finds nothing. The model is shared so that a caller (the
+/// Python package) can keep drafting with it between sessions.
+pub struct DraftSource {
+    pub lookup: Lookup,
+    pub model: Option<Arc<Llama>>,
 }
 
 impl DraftSource {
-    /// `ngram`, `self:<type>` (the verifier quantized in memory with the quantizer's default
-    /// policy: attention 16-bit, MLP at `<type>`; `self:<type>@all` quantizes attention too)
-    /// or a model path.
-    pub fn open(verifier: &Checkpoint, spec: &str) -> Result<Self> {
-        if spec == "ngram" {
-            return Ok(DraftSource::Ngram);
+    pub fn ngram() -> Self {
+        DraftSource {
+            lookup: Lookup::Ngram,
+            model: None,
         }
-        let ck = match spec.strip_prefix("self:") {
+    }
+
+    pub fn suffix() -> Self {
+        DraftSource {
+            lookup: Lookup::Suffix(SuffixDrafter::default()),
+            model: None,
+        }
+    }
+
+    pub fn from_model(model: Arc<Llama>) -> Self {
+        DraftSource {
+            lookup: Lookup::None,
+            model: Some(model),
+        }
+    }
+
+    /// `ngram`, `suffix`, `self:<type>` (the verifier quantized in memory with the
+    /// quantizer's default policy: attention 16-bit, MLP at `<type>`; `self:<type>@all`
+    /// quantizes attention too), a model path, or a lookup and a model joined by `+`
+    /// (`suffix+self:q8_0@all`: the lookup first, the model where it finds nothing).
+    pub fn open(verifier: &Checkpoint, spec: &str) -> Result<Self> {
+        let parts: Vec<&str> = if Path::new(spec).exists() {
+            vec![spec]
+        } else {
+            spec.split('+').collect()
+        };
+        let mut source = DraftSource {
+            lookup: Lookup::None,
+            model: None,
+        };
+        for part in parts {
+            match part {
+                "ngram" | "suffix" => {
+                    if !matches!(source.lookup, Lookup::None) {
+                        return Err(Error::Mismatch(format!(
+                            "draft '{spec}': one lookup (ngram or suffix) at most"
+                        )));
+                    }
+                    source.lookup = if part == "ngram" {
+                        Lookup::Ngram
+                    } else {
+                        Lookup::Suffix(SuffixDrafter::default())
+                    };
+                }
+                _ => {
+                    if source.model.is_some() {
+                        return Err(Error::Mismatch(format!(
+                            "draft '{spec}': one draft model at most"
+                        )));
+                    }
+                    source.model = Some(Self::open_model_part(verifier, spec, part)?);
+                }
+            }
+        }
+        if let (Lookup::Suffix(d), Some(_)) = (&mut source.lookup, &source.model) {
+            d.min_match = HYBRID_MIN_MATCH;
+        }
+        Ok(source)
+    }
+
+    fn open_model_part(verifier: &Checkpoint, spec: &str, part: &str) -> Result<Arc<Llama>> {
+        match part.strip_prefix("self:") {
             Some(ty) => {
                 let (ty, all) = match ty.strip_suffix("@all") {
                     Some(t) => (t, true),
@@ -51,11 +122,10 @@ impl DraftSource {
                         )))
                     }
                 };
-                return Self::self_draft(verifier, t, all);
+                self_draft_model(verifier, t, all)
             }
-            None => Self::open_model(verifier, Path::new(spec))?,
-        };
-        Ok(ck)
+            None => open_draft_model(verifier, Path::new(part)),
+        }
     }
 
     /// The verifier quantized to `scheme` in memory (MLP only, or attention too).
@@ -64,25 +134,39 @@ impl DraftSource {
         scheme: QuantType,
         attention_too: bool,
     ) -> Result<Self> {
-        let ck = tandem_quantize::quantized_copy(verifier, scheme, attention_too)
-            .map_err(|e| Error::Mismatch(format!("quantizing the self-draft: {e}")))?;
-        Ok(DraftSource::Model(Arc::new(ck.load_model(&Device::Cpu)?)))
+        Ok(Self::from_model(self_draft_model(
+            verifier,
+            scheme,
+            attention_too,
+        )?))
     }
 
     /// A draft model from a file or folder; its vocabulary must be the verifier's.
     pub fn open_model(verifier: &Checkpoint, path: &Path) -> Result<Self> {
-        let draft = Checkpoint::open(path, None)?;
-        if let Some(d) = draft.tokenizer.vocabulary_difference(&verifier.tokenizer) {
-            return Err(Error::Mismatch(format!(
-                "{}: the draft's vocabulary differs from the verifier's ({}): {d}",
-                draft.path.display(),
-                verifier.path.display()
-            )));
-        }
-        Ok(DraftSource::Model(Arc::new(
-            draft.load_model(&Device::Cpu)?,
-        )))
+        Ok(Self::from_model(open_draft_model(verifier, path)?))
     }
+}
+
+fn self_draft_model(
+    verifier: &Checkpoint,
+    scheme: QuantType,
+    attention_too: bool,
+) -> Result<Arc<Llama>> {
+    let ck = tandem_quantize::quantized_copy(verifier, scheme, attention_too)
+        .map_err(|e| Error::Mismatch(format!("quantizing the self-draft: {e}")))?;
+    Ok(Arc::new(ck.load_model(&Device::Cpu)?))
+}
+
+fn open_draft_model(verifier: &Checkpoint, path: &Path) -> Result<Arc<Llama>> {
+    let draft = Checkpoint::open(path, None)?;
+    if let Some(d) = draft.tokenizer.vocabulary_difference(&verifier.tokenizer) {
+        return Err(Error::Mismatch(format!(
+            "{}: the draft's vocabulary differs from the verifier's ({}): {d}",
+            draft.path.display(),
+            verifier.path.display()
+        )));
+    }
+    Ok(Arc::new(draft.load_model(&Device::Cpu)?))
 }
 
 /// How to speculate.
@@ -129,23 +213,45 @@ pub fn run(
 ) -> Result<(Vec<u32>, SpecStats)> {
     let mut verifier = ModelVerifier::new(model, s.ctx)?;
     shortlist_draft_head(draft, &[prompt], s.draft_vocab)?;
-    let draft = &*draft;
+    let DraftSource {
+        lookup,
+        model: draft_model,
+    } = draft;
+    let draft_model: Option<&Llama> = draft_model.as_deref();
     let mut ngram = NgramDrafter::default();
+    let lookup_drafter: Option<&mut dyn Drafter> = match lookup {
+        Lookup::None => None,
+        Lookup::Ngram => Some(&mut ngram),
+        Lookup::Suffix(d) => Some(d),
+    };
     let (mut own_cache, mut shared_cache);
-    let drafter: &mut dyn Drafter = match draft {
-        DraftSource::Ngram => &mut ngram,
-        DraftSource::Model(m) => {
+    let model_drafter: Option<&mut dyn Drafter> = match draft_model {
+        None => None,
+        Some(m) => {
             // The draft samples from its own distribution on its own seeded stream.
             let ds = draft_sampler(&s.params)?;
             if s.own_draft_cache || !m.shares_cache_shape_with(model) {
                 own_cache = ModelDrafter::new(m, ds)?;
                 own_cache.min_confidence = s.draft_p_min;
-                &mut own_cache
+                Some(&mut own_cache)
             } else {
                 shared_cache = SharedCacheDrafter::new(m, &verifier, ds)?;
                 shared_cache.min_confidence = s.draft_p_min;
-                &mut shared_cache
+                Some(&mut shared_cache)
             }
+        }
+    };
+    let mut hybrid;
+    let drafter: &mut dyn Drafter = match (lookup_drafter, model_drafter) {
+        (Some(l), Some(m)) => {
+            hybrid = HybridDrafter::new(l, m);
+            &mut hybrid
+        }
+        (Some(d), None) | (None, Some(d)) => d,
+        (None, None) => {
+            return Err(Error::Mismatch(
+                "no drafter: name a lookup or a model".into(),
+            ))
         }
     };
     let mut greedy = Greedy;
@@ -165,9 +271,9 @@ pub fn run(
     let mut adaptive = if s.params.is_greedy() {
         AdaptiveK::new(s.draft_max)
     } else {
-        let cost = match draft {
-            DraftSource::Ngram => 0.0,
-            DraftSource::Model(m) => m.decode_cost() / model.decode_cost().max(1.0),
+        let cost = match draft_model {
+            None => 0.0,
+            Some(m) => m.decode_cost() / model.decode_cost().max(1.0),
         };
         AdaptiveK::with_fixed_cost(s.draft_max, cost)
     };
@@ -178,7 +284,13 @@ pub fn run(
         rule,
         controller,
     };
-    dec.generate(prompt, max_tokens, eos, on_token)
+    let (out, stats) = dec.generate(prompt, max_tokens, eos, on_token)?;
+    if let Lookup::Suffix(d) = lookup {
+        // The whole sequence (its last tokens were never a draft's context) joins the
+        // session's history for the next run.
+        d.end_sequence(&[prompt, &out[..]].concat());
+    }
+    Ok((out, stats))
 }
 
 /// The sampler a draft model samples its proposals with: none when greedy, else the run's
@@ -198,7 +310,7 @@ pub fn draft_sampler(params: &SamplingParams) -> Result<Option<Sampler>> {
 /// (`draft_shortlist`; the full head with `top` = 0, or on the GPU, where the head stays
 /// whole). A model someone else also holds keeps the head it has.
 pub fn shortlist_draft_head(draft: &mut DraftSource, prompts: &[&[u32]], top: usize) -> Result<()> {
-    let DraftSource::Model(m) = draft else {
+    let Some(m) = draft.model.as_mut() else {
         return Ok(());
     };
     let Some(m) = Arc::get_mut(m) else {
