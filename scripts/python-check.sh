@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Builds the Python package (python/, PyO3 + maturin, abi3) into a virtual environment and
+# runs its pytest suite: the API against the CLI's own output, errors as exceptions, and the
+# engine adapters where their engines are installed (llama-cpp-python, transformers + torch;
+# those tests skip otherwise).
+#
+#   scripts/python-check.sh                    # venv in target/python-venv (made if missing)
+#   TANDEM_VENV=/path/venv scripts/python-check.sh  # an existing venv (e.g. with the engines)
+#   scripts/python-check.sh -k llama           # extra arguments go to pytest
+set -euo pipefail
+here=$(cd "$(dirname "$0")/.." && pwd)
+cd "$here"
+venv=${TANDEM_VENV:-$here/target/python-venv}
+if [ ! -x "$venv/bin/python" ]; then
+  python3 -m venv "$venv"
+fi
+"$venv/bin/python" -m pip install --quiet --disable-pip-version-check "maturin>=1.5,<2" pytest numpy
+# The CLI the tests compare with, and the Python module, from one target folder (the library
+# crates compile once for both).
+cargo build --release --quiet --bin tandem
+export CARGO_TARGET_DIR=$here/target
+(cd python && VIRTUAL_ENV=$venv PATH=$venv/bin:$PATH "$venv/bin/maturin" develop --release --quiet)
+export TANDEM_BIN=$here/target/release/tandem
+cd python && "$venv/bin/python" -m pytest -q tests "$@"
