@@ -6,7 +6,7 @@ use candle_core::Device;
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use tandem_model::chat::{ChatTemplate, Message};
-use tandem_model::{Checkpoint, Sampler, SamplingParams};
+use tandem_model::{Checkpoint, Sampler};
 
 /// The chat template to use: `--chat-template FILE`, else the model's own.
 pub fn template_for(ck: &Checkpoint, file: Option<&Path>) -> Result<ChatTemplate> {
@@ -43,15 +43,8 @@ pub struct ChatArgs {
     /// Most tokens per answer.
     #[arg(long, default_value_t = 512)]
     max_tokens: usize,
-    /// 0 = greedy.
-    #[arg(long, default_value_t = 0.0)]
-    temperature: f32,
-    #[arg(long, default_value_t = 0)]
-    top_k: usize,
-    #[arg(long, default_value_t = 1.0)]
-    top_p: f32,
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
+    #[command(flatten)]
+    sampling: crate::args::SamplingArgs,
     /// Context length limit (default: the model's).
     #[arg(long)]
     ctx: Option<usize>,
@@ -65,7 +58,7 @@ pub struct ChatArgs {
 /// with the template and runs only the tokens after the longest prefix the KV cache already
 /// holds, so earlier turns are not recomputed.
 pub fn chat(a: ChatArgs) -> Result<()> {
-    crate::commands::check_generation_flags(a.max_tokens, a.ctx, 0.0)?;
+    crate::args::check_generation_flags(a.max_tokens, a.ctx, 0.0)?;
     let ck = Checkpoint::open(&a.model, a.tokenizer.as_deref())?;
     let template = template_for(&ck, a.chat_template.as_deref())?;
     let model = ck.load_model(&Device::Cpu)?;
@@ -74,12 +67,7 @@ pub fn chat(a: ChatArgs) -> Result<()> {
         Some(n) => model.new_cache_with_limit(n)?,
         None => model.new_cache()?,
     };
-    let mut sampler = Sampler::new(SamplingParams {
-        temperature: a.temperature,
-        top_k: a.top_k,
-        top_p: a.top_p,
-        seed: a.seed,
-    })?;
+    let mut sampler = Sampler::new(a.sampling.params())?;
     let opening: Vec<Message> = a.system.iter().map(|s| Message::new("system", s)).collect();
     let mut messages = opening.clone();
     // The tokens whose keys and values the cache holds, in order.

@@ -1,6 +1,6 @@
 //! `tandem eval` and `tandem quantize --sweep`: open models, run the evaluator, write reports.
 
-use crate::commands::progress_bar;
+use crate::args::progress_bar;
 use anyhow::Result;
 use std::path::{Path, PathBuf};
 use tandem_eval::job::EvalJob;

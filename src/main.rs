@@ -1,8 +1,13 @@
 //! The `tandem` command line: arguments in, library calls out. No model logic lives here.
 
+mod args;
+mod bench_cmd;
 mod chat_cmd;
-mod commands;
 mod eval_cmd;
+mod generate_cmd;
+mod info_cmd;
+mod output;
+mod perplexity_cmd;
 mod quantize_cmd;
 mod spec_cmd;
 
@@ -22,8 +27,8 @@ struct Cli {
     threads: Option<usize>,
     /// How activations meet Q8_0/Q4_0 weights: int8 (rounded to 8 bits per 32-block, as
     /// llama.cpp does; fast) or f32 (what the dequantized 16-bit weights compute exactly).
-    #[arg(long, global = true, value_enum, default_value_t = commands::Activations::Int8)]
-    activations: commands::Activations,
+    #[arg(long, global = true, value_enum, default_value_t = args::Activations::Int8)]
+    activations: args::Activations,
     /// Run on GPU 0 (builds with `--features cuda`): the whole forward pass and KV cache when
     /// every linear layer is Q8_0/Q4_0/F16, else just those layers.
     #[arg(long, global = true)]
@@ -46,7 +51,7 @@ enum Command {
         verbose: bool,
     },
     /// Generate text from a prompt, streaming it to stdout (timing on stderr).
-    Generate(commands::GenerateArgs),
+    Generate(generate_cmd::GenerateArgs),
     /// Chat with a model in its own chat template (one line per turn; the KV cache is kept
     /// between turns).
     Chat(chat_cmd::ChatArgs),
@@ -75,9 +80,9 @@ enum Command {
     /// size and speed, as report.json / report.md / report.html.
     Eval(eval_cmd::EvalArgs),
     /// Perplexity on a text, computed as llama-perplexity does.
-    Perplexity(commands::PerplexityArgs),
+    Perplexity(perplexity_cmd::PerplexityArgs),
     /// Prefill and decode speed (tokens/s), measured like llama-bench's pp/tg tests.
-    Bench(commands::BenchCmd),
+    Bench(bench_cmd::BenchCmd),
     /// Tell a short story with the bundled stories260K model.
     Demo {
         #[arg(long, default_value_t = 200)]
@@ -124,7 +129,7 @@ fn main() -> ExitCode {
     install_signal_cleanup();
     // The command runs inside the worker pool, so the thread that runs the serial parts of a
     // forward pass is itself a worker: n threads on n cores, none spinning against it.
-    let pool = commands::thread_pool(cli.threads);
+    let pool = args::thread_pool(cli.threads);
     tandem_model::linear::set_default_activations(cli.activations.into());
     let result = if cli.gpu {
         tandem_model::linear::offload_to_gpu()
@@ -153,8 +158,8 @@ fn run(command: Command) -> anyhow::Result<()> {
             model,
             tokenizer,
             verbose,
-        } => commands::info(&model, tokenizer.as_deref(), verbose),
-        Command::Generate(args) => commands::generate(args),
+        } => info_cmd::info(&model, tokenizer.as_deref(), verbose),
+        Command::Generate(args) => generate_cmd::generate(args),
         Command::Chat(args) => chat_cmd::chat(args),
         Command::Convert {
             input,
@@ -162,9 +167,9 @@ fn run(command: Command) -> anyhow::Result<()> {
             force,
             tokenizer,
             quiet,
-        } => commands::convert(&input, &out, force, tokenizer.as_deref(), quiet),
-        Command::Bench(args) => commands::bench(args),
-        Command::Perplexity(args) => commands::perplexity(args),
+        } => info_cmd::convert(&input, &out, force, tokenizer.as_deref(), quiet),
+        Command::Bench(args) => bench_cmd::bench(args),
+        Command::Perplexity(args) => perplexity_cmd::perplexity(args),
         Command::Eval(args) => eval_cmd::eval(args),
         Command::Quantize(args) => quantize_cmd::quantize(*args),
         Command::Calibrate(args) => quantize_cmd::calibrate(args),
@@ -172,6 +177,6 @@ fn run(command: Command) -> anyhow::Result<()> {
             max_tokens,
             prompt,
             seed,
-        } => commands::demo(max_tokens, &prompt, seed),
+        } => generate_cmd::demo(max_tokens, &prompt, seed),
     }
 }

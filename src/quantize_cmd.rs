@@ -1,6 +1,6 @@
 //! `tandem quantize` and `tandem calibrate`: flags → policy → library calls → summary.
 
-use crate::commands::progress_bar;
+use crate::args::progress_bar;
 use anyhow::{Context, Result};
 use std::path::PathBuf;
 use tandem_model::Checkpoint;

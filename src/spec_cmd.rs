@@ -1,31 +1,17 @@
 //! Speculative decoding from the command line: `generate --draft` and `bench spec`.
 
-use crate::commands::{GenerateArgs, Printer};
+use crate::args::{check_generation_flags, DraftArgs, SamplingArgs};
+use crate::generate_cmd::GenerateArgs;
+use crate::output::{write_json, Printer, SpecJson};
 use anyhow::{Context, Result};
 use candle_core::Device;
+use serde::Serialize;
 use std::path::PathBuf;
 use tandem_model::{Checkpoint, Llama, Sampler, SamplingParams};
 use tandem_speculate::session::{run, shortlist_draft_head, Lookup};
 use tandem_speculate::{
-    AdaptiveK, Controller, DraftSource, Drafter, FixedK, ModelDrafter, NgramDrafter, SpecConfig,
-    SpecStats,
+    AdaptiveK, Controller, DraftSource, Drafter, FixedK, ModelDrafter, NgramDrafter, SpecStats,
 };
-
-/// The metrics of one run as JSON.
-pub fn stats_json(st: &SpecStats) -> serde_json::Value {
-    let by_pos: Vec<f64> = st
-        .by_position
-        .iter()
-        .map(|(d, acc)| *acc as f64 / (*d).max(1) as f64)
-        .collect();
-    serde_json::json!({
-        "prompt_tokens": st.prompt_tokens, "generated_tokens": st.generated_tokens,
-        "drafted": st.drafted, "accepted": st.accepted, "acceptance_rate": st.acceptance_rate(),
-        "tokens_per_verifier_pass": st.tokens_per_pass(), "verifier_passes": st.verifier_passes,
-        "acceptance_by_position": by_pos, "draft_s": st.draft_secs, "verify_s": st.verify_secs,
-        "tok_s": st.generated_tokens as f64 / st.total_secs.max(1e-9), "stop": st.stop,
-    })
-}
 
 /// `tandem generate --draft ...`: streams the text, metrics to stderr.
 pub fn generate(
@@ -39,15 +25,7 @@ pub fn generate(
     let tok = &ck.tokenizer;
     let ids = tok.encode(&a.prompt, bos)?;
     let mut src = DraftSource::open(ck, draft)?;
-    let settings = SpecConfig {
-        params,
-        draft_max: a.draft_max,
-        adapt: !a.no_adapt,
-        ctx: a.ctx,
-        draft_p_min: a.draft_p_min,
-        own_draft_cache: a.own_draft_cache,
-        draft_vocab: a.draft_vocab,
-    };
+    let settings = a.drafting.config(params, a.ctx);
     let mut printer = Printer::start(tok, &a.prompt, ids.last().copied())?;
     let (_, st) = run(
         &model,
@@ -60,7 +38,7 @@ pub fn generate(
     )?;
     printer.finish()?;
     if a.json {
-        eprintln!("{}", stats_json(&st));
+        eprintln!("{}", serde_json::to_string(&SpecJson::of(&st))?);
     } else {
         eprintln!(
             "speculative: {} tokens, {} drafted, {} accepted ({:.0}%), {:.2} tokens/verifier pass, draft {:.2} s, verify {:.2} s, {:.1} tok/s (stop: {})",
@@ -86,30 +64,10 @@ pub struct BenchSpecArgs {
     prompts: Option<PathBuf>,
     #[arg(long, default_value_t = 128)]
     max_tokens: usize,
-    #[arg(long, default_value_t = 0.0)]
-    temperature: f32,
-    #[arg(long, default_value_t = 0)]
-    top_k: usize,
-    #[arg(long, default_value_t = 1.0)]
-    top_p: f32,
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
-    #[arg(long, default_value_t = 8)]
-    draft_max: usize,
-    #[arg(long)]
-    no_adapt: bool,
-    /// A draft model stops drafting when its most likely next token has less than this
-    /// probability (0 = draft --draft-max tokens whenever speculating).
-    #[arg(long, default_value_t = crate::commands::DEFAULT_DRAFT_P_MIN)]
-    draft_p_min: f32,
-    /// Give a draft model its own KV cache (it reads the prompt and every verified token
-    /// itself) even when it has the verifier's shape and could draft over the verifier's.
-    #[arg(long)]
-    own_draft_cache: bool,
-    /// A draft model computes logits only for the tokens below this id and the prompt's
-    /// (0 = the whole vocabulary).
-    #[arg(long, default_value_t = tandem_speculate::DEFAULT_DRAFT_VOCAB)]
-    draft_vocab: usize,
+    #[command(flatten)]
+    sampling: SamplingArgs,
+    #[command(flatten)]
+    drafting: DraftArgs,
     /// Write per-prompt and total results here.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -138,7 +96,7 @@ const DEFAULT_PROMPTS: &str = include_str!("../scripts/spec-prompts.jsonl");
 /// `tandem bench spec`: each prompt decoded plainly and speculatively (same sampling), tok/s
 /// of both and the speedup, with the speculative metrics.
 pub fn bench_spec(a: BenchSpecArgs) -> Result<()> {
-    crate::commands::check_generation_flags(a.max_tokens, None, a.draft_p_min)?;
+    check_generation_flags(a.max_tokens, None, a.drafting.draft_p_min)?;
     let text = match &a.prompts {
         Some(p) => {
             std::fs::read_to_string(p).with_context(|| format!("{}: cannot read", p.display()))?
@@ -174,21 +132,8 @@ pub fn bench_spec(a: BenchSpecArgs) -> Result<()> {
     if a.batch > 1 {
         return bench_batch(&a, &ck, &model, &mut src, &prompts);
     }
-    let params = SamplingParams {
-        temperature: a.temperature,
-        top_k: a.top_k,
-        top_p: a.top_p,
-        seed: a.seed,
-    };
-    let settings = SpecConfig {
-        params,
-        draft_max: a.draft_max,
-        adapt: !a.no_adapt,
-        ctx: None,
-        draft_p_min: a.draft_p_min,
-        own_draft_cache: a.own_draft_cache,
-        draft_vocab: a.draft_vocab,
-    };
+    let params = a.sampling.params();
+    let settings = a.drafting.config(params, None);
     let tok = &ck.tokenizer;
     let (mut plain_tokens, mut plain_secs, mut spec_tokens, mut spec_secs) =
         (0usize, 0f64, 0usize, 0f64);
@@ -240,36 +185,75 @@ pub fn bench_spec(a: BenchSpecArgs) -> Result<()> {
         drafted += st.drafted;
         accepted += st.accepted;
         passes += st.verifier_passes;
-        let mut j = stats_json(&st);
-        j["prompt"] = p.as_str().into();
-        j["plain_tok_s"] = pr.into();
-        j["speedup"] = (sr / pr).into();
-        rows.push(j);
+        rows.push(SpecJson {
+            prompt: Some(p.clone()),
+            plain_tok_s: Some(pr),
+            speedup: Some(sr / pr),
+            ..SpecJson::of(&st)
+        });
     }
     let (pr, sr) = (
         plain_tokens as f64 / plain_secs.max(1e-9),
         spec_tokens as f64 / spec_secs.max(1e-9),
     );
-    let total = serde_json::json!({
-        "model": a.model.display().to_string(), "draft": a.draft, "temperature": a.temperature,
-        "prompts": prompts.len(), "max_tokens": a.max_tokens, "threads": rayon::current_num_threads(),
-        "plain_tok_s": pr, "spec_tok_s": sr, "speedup": sr / pr,
-        "acceptance_rate": accepted as f64 / drafted.max(1) as f64,
-        "tokens_per_verifier_pass": spec_tokens as f64 / passes.max(1) as f64,
-    });
+    let total = BenchSpecTotal {
+        model: a.model.display().to_string(),
+        draft: a.draft.clone(),
+        temperature: a.sampling.temperature,
+        prompts: prompts.len(),
+        max_tokens: a.max_tokens,
+        threads: rayon::current_num_threads(),
+        plain_tok_s: pr,
+        spec_tok_s: sr,
+        speedup: sr / pr,
+        acceptance_rate: accepted as f64 / drafted.max(1) as f64,
+        tokens_per_verifier_pass: Some(spec_tokens as f64 / passes.max(1) as f64),
+        batch: None,
+        spec_max_batch: None,
+    };
     println!(
         "{} prompts, draft {}, temperature {}: plain {pr:.1} tok/s, speculative {sr:.1} tok/s, speedup {:.2}x, acceptance {:.0}%, {:.2} tokens/verifier pass",
-        prompts.len(), a.draft, a.temperature, sr / pr, 100.0 * accepted as f64 / drafted.max(1) as f64,
+        prompts.len(), a.draft, a.sampling.temperature, sr / pr, 100.0 * accepted as f64 / drafted.max(1) as f64,
         spec_tokens as f64 / passes.max(1) as f64
     );
     if let Some(path) = &a.json {
-        let doc = serde_json::json!({"total": total, "prompts": rows});
-        tandem_model::export::write_file_atomically(path, true, |w| -> Result<()> {
-            serde_json::to_writer_pretty(&mut *w, &doc)?;
-            Ok(())
-        })?;
+        write_json(
+            path,
+            &BenchSpecDoc {
+                total,
+                prompts: rows,
+            },
+        )?;
     }
     Ok(())
+}
+
+/// `bench spec --json`: the totals, and each prompt's metrics.
+#[derive(Serialize)]
+struct BenchSpecDoc {
+    total: BenchSpecTotal,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    prompts: Vec<SpecJson>,
+}
+
+#[derive(Serialize)]
+struct BenchSpecTotal {
+    model: String,
+    draft: String,
+    temperature: f32,
+    prompts: usize,
+    max_tokens: usize,
+    threads: usize,
+    plain_tok_s: f64,
+    spec_tok_s: f64,
+    speedup: f64,
+    acceptance_rate: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tokens_per_verifier_pass: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    batch: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    spec_max_batch: Option<usize>,
 }
 
 /// `bench spec --batch B`: prompts in batches of B, each batch decoded plainly (the same loop,
@@ -282,7 +266,7 @@ fn bench_batch(
     prompts: &[String],
 ) -> Result<()> {
     use tandem_speculate::{BatchDecoder, ModelBatchVerifier};
-    if a.temperature != 0.0 {
+    if a.sampling.temperature != 0.0 {
         anyhow::bail!("--batch runs greedy decoding only (--temperature 0)");
     }
     let tok = &ck.tokenizer;
@@ -291,7 +275,7 @@ fn bench_batch(
         .map(|p| tok.encode(p, tok.add_bos && !a.chat))
         .collect::<tandem_model::Result<_>>()?;
     let all: Vec<&[u32]> = ids.iter().map(Vec::as_slice).collect();
-    shortlist_draft_head(src, &all, a.draft_vocab)?;
+    shortlist_draft_head(src, &all, a.drafting.draft_vocab)?;
     let model_draft = match (&src.lookup, &src.model) {
         (Lookup::Ngram, None) => None,
         (Lookup::None, Some(m)) => Some(&**m),
@@ -303,7 +287,7 @@ fn bench_batch(
         if let Some(m) = model_draft {
             for _ in batch {
                 let mut d = ModelDrafter::new(m, None)?;
-                d.min_confidence = a.draft_p_min;
+                d.min_confidence = a.drafting.draft_p_min;
                 models.push(d);
             }
         }
@@ -311,10 +295,12 @@ fn bench_batch(
             None => ngrams.iter_mut().map(|d| d as &mut dyn Drafter).collect(),
             Some(_) => models.iter_mut().map(|d| d as &mut dyn Drafter).collect(),
         };
-        let mut fixed: Vec<FixedK> = batch.iter().map(|_| FixedK(a.draft_max)).collect();
-        let mut adaptive: Vec<AdaptiveK> =
-            batch.iter().map(|_| AdaptiveK::new(a.draft_max)).collect();
-        let controllers: Vec<&mut dyn Controller> = if a.no_adapt {
+        let mut fixed: Vec<FixedK> = batch.iter().map(|_| FixedK(a.drafting.draft_max)).collect();
+        let mut adaptive: Vec<AdaptiveK> = batch
+            .iter()
+            .map(|_| AdaptiveK::new(a.drafting.draft_max))
+            .collect();
+        let controllers: Vec<&mut dyn Controller> = if a.drafting.no_adapt {
             fixed.iter_mut().map(|c| c as &mut dyn Controller).collect()
         } else {
             adaptive
@@ -349,15 +335,28 @@ fn bench_batch(
         ids.len(), a.batch, a.draft, a.spec_max_batch, sr / pr, 100.0 * ac as f64 / dr.max(1) as f64
     );
     if let Some(path) = &a.json {
-        let doc = serde_json::json!({"total": {
-            "model": a.model.display().to_string(), "draft": a.draft, "batch": a.batch,
-            "spec_max_batch": a.spec_max_batch, "prompts": ids.len(), "max_tokens": a.max_tokens,
-            "threads": rayon::current_num_threads(), "plain_tok_s": pr, "spec_tok_s": sr,
-            "speedup": sr / pr, "acceptance_rate": ac as f64 / dr.max(1) as f64}});
-        tandem_model::export::write_file_atomically(path, true, |w| -> Result<()> {
-            serde_json::to_writer_pretty(&mut *w, &doc)?;
-            Ok(())
-        })?;
+        let total = BenchSpecTotal {
+            model: a.model.display().to_string(),
+            draft: a.draft.clone(),
+            temperature: a.sampling.temperature,
+            prompts: ids.len(),
+            max_tokens: a.max_tokens,
+            threads: rayon::current_num_threads(),
+            plain_tok_s: pr,
+            spec_tok_s: sr,
+            speedup: sr / pr,
+            acceptance_rate: ac as f64 / dr.max(1) as f64,
+            tokens_per_verifier_pass: None,
+            batch: Some(a.batch),
+            spec_max_batch: Some(a.spec_max_batch),
+        };
+        write_json(
+            path,
+            &BenchSpecDoc {
+                total,
+                prompts: Vec::new(),
+            },
+        )?;
     }
     Ok(())
 }

@@ -144,8 +144,8 @@ fn stories260k_speculative_greedy_equals_plain_greedy() {
                     &eos,
                 );
                 assert_eq!(got, want, "ngram k={k} adaptive={adaptive} prompt {p:?}");
-                saw_eos |= st.stop == "eos";
-                saw_full |= st.stop == "context-full";
+                saw_eos |= st.stop == tandem_model::generate::StopReason::Eos;
+                saw_full |= st.stop == tandem_model::generate::StopReason::ContextFull;
                 accepted += st.accepted;
             }
             // Self-drafts: the verifier quantized in memory (MLP at q8_0 / q4_0).

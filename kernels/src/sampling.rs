@@ -259,3 +259,32 @@ mod tests {
         .is_err());
     }
 }
+
+/// Why a generation stopped: the one type plain and speculative generation both report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum StopReason {
+    /// An end-of-sequence (or stop) token was generated; it is not emitted.
+    Eos,
+    /// The token budget was spent.
+    #[default]
+    MaxTokens,
+    /// The cache is full: the context limit was reached.
+    ContextFull,
+}
+
+impl StopReason {
+    /// The name machine-readable output uses: `eos`, `max-tokens`, `context-full`.
+    pub fn name(self) -> &'static str {
+        match self {
+            StopReason::Eos => "eos",
+            StopReason::MaxTokens => "max-tokens",
+            StopReason::ContextFull => "context-full",
+        }
+    }
+}
+
+impl std::fmt::Display for StopReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}

@@ -6,13 +6,7 @@ use crate::llama::{KvCache, Llama, Logits};
 use crate::sampling::Sampler;
 use std::time::{Duration, Instant};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum StopReason {
-    Eos,
-    MaxTokens,
-    /// The cache is full: the model's context length was reached.
-    ContextFull,
-}
+pub use tandem_kernels::sampling::StopReason;
 
 #[derive(Debug, Clone)]
 pub struct GenerationStats {

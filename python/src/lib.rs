@@ -861,7 +861,7 @@ impl SpeculativeDecoder {
             "tok_s",
             st.generated_tokens as f64 / st.total_secs.max(1e-9),
         )?;
-        d.set_item("stop", st.stop)?;
+        d.set_item("stop", st.stop.name())?;
         Ok(Some(d))
     }
 }

@@ -14,6 +14,7 @@ use crate::decoder::SpecStats;
 use crate::drafter::Drafter;
 use crate::{Error, Result};
 use std::time::Instant;
+use tandem_kernels::sampling::StopReason;
 
 /// Scores several sequences' tokens in one pass; each sequence has its own context.
 pub trait BatchVerifier {
@@ -62,7 +63,7 @@ impl BatchDecoder<'_> {
         }
         let start = Instant::now();
         let mut stats = SpecStats {
-            stop: "max-tokens",
+            stop: StopReason::MaxTokens,
             ..Default::default()
         };
         let mut seqs = Vec::with_capacity(n);
@@ -165,7 +166,7 @@ impl BatchDecoder<'_> {
                 }
                 if !s.done && self.verifier.len(i) + 1 > limit {
                     s.done = true;
-                    stats.stop = "context-full";
+                    stats.stop = StopReason::ContextFull;
                 }
             }
         }

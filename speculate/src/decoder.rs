@@ -5,6 +5,7 @@ use crate::controller::{Controller, StepReport};
 use crate::drafter::Drafter;
 use crate::{Error, Result, Verifier};
 use std::time::Instant;
+use tandem_kernels::sampling::StopReason;
 
 /// What a generation did, for metrics and benchmarks.
 #[derive(Debug, Clone, Default)]
@@ -19,8 +20,8 @@ pub struct SpecStats {
     pub draft_secs: f64,
     pub verify_secs: f64,
     pub total_secs: f64,
-    /// Why generation stopped: "eos", "max-tokens" or "context-full".
-    pub stop: &'static str,
+    /// Why generation stopped (the type plain generation reports too).
+    pub stop: StopReason,
 }
 
 impl SpecStats {
@@ -63,7 +64,7 @@ impl SpeculativeDecoder<'_> {
         let start = Instant::now();
         let mut stats = SpecStats {
             prompt_tokens: prompt.len(),
-            stop: "max-tokens",
+            stop: StopReason::MaxTokens,
             ..Default::default()
         };
         let mut seq = prompt.to_vec();
@@ -76,7 +77,7 @@ impl SpeculativeDecoder<'_> {
         'outer: while out.len() < max_tokens {
             let base = self.verifier.len();
             if base + 1 > self.verifier.limit() {
-                stats.stop = "context-full";
+                stats.stop = StopReason::ContextFull;
                 break;
             }
             // Leave room for the bonus token within max_tokens and the context.
@@ -131,7 +132,7 @@ impl SpeculativeDecoder<'_> {
                 .chain(std::iter::once(&verdict.next))
             {
                 if eos.contains(&t) {
-                    stats.stop = "eos";
+                    stats.stop = StopReason::Eos;
                     break 'outer;
                 }
                 seq.push(t);

@@ -1,0 +1,141 @@
+//! Argument groups several commands share (flattened into each), the checks on them, and
+//! the process-wide settings (thread pool, activation precision, progress bars).
+
+use anyhow::Result;
+use tandem_model::SamplingParams;
+use tandem_speculate::SpecConfig;
+
+pub use tandem_speculate::session::DEFAULT_DRAFT_P_MIN;
+
+/// The worker pool for tandem's kernels, `threads` wide (default: every core). candle's own
+/// CPU matmul reads RAYON_NUM_THREADS, so it is sized the same way.
+pub fn thread_pool(threads: Option<usize>) -> rayon::ThreadPool {
+    let n = threads
+        .unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+        })
+        .max(1);
+    std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(n)
+        .build()
+        .or_else(|_| rayon::ThreadPoolBuilder::new().num_threads(1).build())
+        .expect("a one-thread pool can always be built")
+}
+
+/// How tokens are picked: greedy, or sampled reproducibly.
+#[derive(clap::Args, Clone, Copy, Debug)]
+pub struct SamplingArgs {
+    /// 0 = greedy.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+    /// Keep only the k most likely tokens (0 = off).
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
+    /// Nucleus sampling threshold (1.0 = off).
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f32,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+impl SamplingArgs {
+    pub fn params(&self) -> SamplingParams {
+        SamplingParams {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            seed: self.seed,
+        }
+    }
+}
+
+/// How a speculative run drafts (the drafter itself is each command's `--draft`).
+#[derive(clap::Args, Clone, Copy, Debug)]
+pub struct DraftArgs {
+    /// Most tokens drafted per verifier pass.
+    #[arg(long, default_value_t = 8)]
+    pub draft_max: usize,
+    /// Always draft --draft-max tokens instead of adapting to acceptance and cost.
+    #[arg(long)]
+    pub no_adapt: bool,
+    /// A draft model stops drafting when its most likely next token has less than this
+    /// probability (0 = draft --draft-max tokens whenever speculating).
+    #[arg(long, default_value_t = DEFAULT_DRAFT_P_MIN)]
+    pub draft_p_min: f32,
+    /// Give a draft model its own KV cache (it reads the prompt and every verified token
+    /// itself) even when it has the verifier's shape and could draft over the verifier's.
+    #[arg(long)]
+    pub own_draft_cache: bool,
+    /// A draft model computes logits only for the tokens below this id and the prompt's (its
+    /// output head is ~20% of a draft step on SmolLM2; a token left out is only never
+    /// proposed, the output stays the model's own). 0 = the whole vocabulary.
+    #[arg(long, default_value_t = tandem_speculate::DEFAULT_DRAFT_VOCAB)]
+    pub draft_vocab: usize,
+}
+
+impl DraftArgs {
+    /// The speculative session's configuration.
+    pub fn config(&self, params: SamplingParams, ctx: Option<usize>) -> SpecConfig {
+        SpecConfig {
+            params,
+            draft_max: self.draft_max,
+            adapt: !self.no_adapt,
+            ctx,
+            draft_p_min: self.draft_p_min,
+            own_draft_cache: self.own_draft_cache,
+            draft_vocab: self.draft_vocab,
+        }
+    }
+}
+
+/// The generation flags every command shares, checked before any model is opened.
+pub fn check_generation_flags(
+    max_tokens: usize,
+    ctx: Option<usize>,
+    draft_p_min: f32,
+) -> Result<()> {
+    if max_tokens == 0 {
+        anyhow::bail!("--max-tokens must be at least 1");
+    }
+    if ctx == Some(0) {
+        anyhow::bail!("--ctx must be at least 1 position (the prompt and what is generated)");
+    }
+    // NaN fails the range check too.
+    if !(0.0..=1.0).contains(&draft_p_min) {
+        anyhow::bail!("--draft-p-min {draft_p_min} is not a probability (0 to 1)");
+    }
+    Ok(())
+}
+
+/// A byte-progress bar on stderr; hidden when stderr is not a terminal or with --quiet.
+pub fn progress_bar(quiet: bool) -> indicatif::ProgressBar {
+    use std::io::IsTerminal;
+    if quiet || !std::io::stderr().is_terminal() {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:30} {bytes}/{total_bytes} {eta} {wide_msg}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    bar
+}
+
+/// `--activations` for every command that runs a model.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Activations {
+    Int8,
+    F32,
+}
+
+impl From<Activations> for tandem_model::linear::ActivationPrecision {
+    fn from(a: Activations) -> Self {
+        match a {
+            Activations::Int8 => Self::Int8,
+            Activations::F32 => Self::F32,
+        }
+    }
+}
