@@ -11,14 +11,19 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 cd "$here"
 venv=${TANDEM_VENV:-$here/target/python-venv}
+phase() { echo "-- $1 ($SECONDS s)" >&2; }
+phase "venv"
 if [ ! -x "$venv/bin/python" ]; then
   python3 -m venv "$venv"
 fi
 "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "maturin>=1.5,<2" pytest numpy
+phase "cli"
 # The CLI the tests compare with, and the Python module, from one target folder (the library
 # crates compile once for both).
 cargo build --release --quiet --bin tandem
 export CARGO_TARGET_DIR=$here/target
+phase "maturin"
 (cd python && VIRTUAL_ENV=$venv PATH=$venv/bin:$PATH "$venv/bin/maturin" develop --release --quiet)
 export TANDEM_BIN=$here/target/release/tandem
+phase "pytest"
 cd python && "$venv/bin/python" -m pytest -q tests "$@"
