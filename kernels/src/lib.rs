@@ -11,6 +11,7 @@ pub mod attention;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod f16_gemm;
+pub mod ggml;
 pub mod int8_gemm;
 pub mod int8_tiles;
 pub mod membw;
@@ -22,6 +23,7 @@ pub mod sampling;
 
 pub use attention::{attention, attention_reference, AttentionShape};
 pub use f16_gemm::{matmul_f16, matmul_f16_reference};
+pub use ggml::GgmlType;
 pub use int8_gemm::{int8_supported, matmul_int8, matmul_int8_reference};
 pub use int8_tiles::Int8Tiles;
 pub use quant_gemm::{matmul_quant, matmul_quant_reference, BlockFormat};

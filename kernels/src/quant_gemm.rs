@@ -8,6 +8,7 @@
 //! only where the weights differ. Each weight row is read once for all m activation rows
 //! (m = 1 decode, m = 2…9 verification).
 
+use crate::ggml::GgmlType;
 use half::f16;
 
 /// The GGML block formats this kernel reads.
@@ -32,30 +33,48 @@ pub enum BlockFormat {
 }
 
 /// Weights per block of the 32-wide formats.
-pub const BLOCK: usize = 32;
+pub const BLOCK: usize = crate::ggml::QK;
 /// Weights per super-block of the K-quants.
-pub const QK_K: usize = 256;
+pub const QK_K: usize = crate::ggml::QK_K;
 
 impl BlockFormat {
-    pub fn block_bytes(self) -> usize {
+    /// The GGML type these blocks are (ids and sizes come from [`crate::ggml`]).
+    pub const fn ggml(self) -> GgmlType {
         match self {
-            BlockFormat::Q4_0 => 18,
-            BlockFormat::Q4_1 => 20,
-            BlockFormat::Q5_0 => 22,
-            BlockFormat::Q5_1 => 24,
-            BlockFormat::Q8_0 => 34,
-            BlockFormat::Q4K => 144,
-            BlockFormat::Q5K => 176,
-            BlockFormat::Q6K => 210,
+            BlockFormat::Q4_0 => GgmlType::Q4_0,
+            BlockFormat::Q4_1 => GgmlType::Q4_1,
+            BlockFormat::Q5_0 => GgmlType::Q5_0,
+            BlockFormat::Q5_1 => GgmlType::Q5_1,
+            BlockFormat::Q8_0 => GgmlType::Q8_0,
+            BlockFormat::Q4K => GgmlType::Q4K,
+            BlockFormat::Q5K => GgmlType::Q5K,
+            BlockFormat::Q6K => GgmlType::Q6K,
         }
     }
 
+    /// The kernels' format for a GGML type, when they read it.
+    pub fn of(t: GgmlType) -> Option<Self> {
+        [
+            BlockFormat::Q4_0,
+            BlockFormat::Q4_1,
+            BlockFormat::Q5_0,
+            BlockFormat::Q5_1,
+            BlockFormat::Q8_0,
+            BlockFormat::Q4K,
+            BlockFormat::Q5K,
+            BlockFormat::Q6K,
+        ]
+        .into_iter()
+        .find(|f| f.ggml() == t)
+    }
+
+    pub const fn block_bytes(self) -> usize {
+        self.ggml().block_bytes()
+    }
+
     /// Weights per block.
-    pub fn block_elems(self) -> usize {
-        match self {
-            BlockFormat::Q4K | BlockFormat::Q5K | BlockFormat::Q6K => QK_K,
-            _ => BLOCK,
-        }
+    pub const fn block_elems(self) -> usize {
+        self.ggml().block_elems()
     }
 }
 

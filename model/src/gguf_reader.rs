@@ -14,6 +14,7 @@ use candle_core::quantized::gguf_file::{Content, TensorInfo, Value, VersionedMag
 use candle_core::quantized::GgmlDType;
 use std::collections::HashMap;
 use std::path::Path;
+use tandem_kernels::GgmlType;
 
 /// Deepest nesting of arrays accepted (GGUF writers never nest more than one level).
 const MAX_DEPTH: usize = 4;
@@ -22,34 +23,45 @@ const MAX_DIMS: usize = 4;
 /// `general.alignment` when the file does not say (ggml's `GGUF_DEFAULT_ALIGNMENT`).
 pub const DEFAULT_ALIGNMENT: u64 = 32;
 
+/// candle's name for a GGML type (the one place the two enums meet).
+pub fn candle_dtype(t: GgmlType) -> GgmlDType {
+    match t {
+        GgmlType::F32 => GgmlDType::F32,
+        GgmlType::F16 => GgmlDType::F16,
+        GgmlType::BF16 => GgmlDType::BF16,
+        GgmlType::Q4_0 => GgmlDType::Q4_0,
+        GgmlType::Q4_1 => GgmlDType::Q4_1,
+        GgmlType::Q5_0 => GgmlDType::Q5_0,
+        GgmlType::Q5_1 => GgmlDType::Q5_1,
+        GgmlType::Q8_0 => GgmlDType::Q8_0,
+        GgmlType::Q8_1 => GgmlDType::Q8_1,
+        GgmlType::Q2K => GgmlDType::Q2K,
+        GgmlType::Q3K => GgmlDType::Q3K,
+        GgmlType::Q4K => GgmlDType::Q4K,
+        GgmlType::Q5K => GgmlDType::Q5K,
+        GgmlType::Q6K => GgmlDType::Q6K,
+        GgmlType::Q8K => GgmlDType::Q8K,
+    }
+}
+
+/// The GGML type candle's `t` is.
+pub fn ggml_type(t: GgmlDType) -> GgmlType {
+    tandem_kernels::ggml::ALL
+        .iter()
+        .copied()
+        .find(|&g| candle_dtype(g) == t)
+        .unwrap_or(GgmlType::F32)
+}
+
 /// ggml's type id of a tensor element type (`enum ggml_type`), the number a GGUF tensor info
 /// stores; `None` for ids tandem does not read.
 pub fn ggml_dtype_from_id(id: u32) -> Option<GgmlDType> {
-    Some(match id {
-        0 => GgmlDType::F32,
-        1 => GgmlDType::F16,
-        2 => GgmlDType::Q4_0,
-        3 => GgmlDType::Q4_1,
-        6 => GgmlDType::Q5_0,
-        7 => GgmlDType::Q5_1,
-        8 => GgmlDType::Q8_0,
-        9 => GgmlDType::Q8_1,
-        10 => GgmlDType::Q2K,
-        11 => GgmlDType::Q3K,
-        12 => GgmlDType::Q4K,
-        13 => GgmlDType::Q5K,
-        14 => GgmlDType::Q6K,
-        15 => GgmlDType::Q8K,
-        30 => GgmlDType::BF16,
-        _ => return None,
-    })
+    GgmlType::from_gguf_id(id).map(candle_dtype)
 }
 
 /// The inverse of [`ggml_dtype_from_id`].
 pub fn ggml_type_id(t: GgmlDType) -> u32 {
-    (0..=30)
-        .find(|&id| ggml_dtype_from_id(id) == Some(t))
-        .unwrap_or(u32::MAX)
+    ggml_type(t).gguf_id()
 }
 
 /// A little-endian cursor that never reads past the end and never trusts a length.

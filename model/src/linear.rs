@@ -462,11 +462,7 @@ fn quantized(
 }
 
 fn tile_dtype(t: &tandem_kernels::Int8Tiles) -> candle_core::quantized::GgmlDType {
-    use candle_core::quantized::GgmlDType as G;
-    match t.format {
-        tandem_kernels::BlockFormat::Q4_0 => G::Q4_0,
-        _ => G::Q8_0,
-    }
+    crate::gguf_reader::candle_dtype(t.format.ggml())
 }
 
 /// The GGML-layout weight of a tiled one (tiles are made from Q4_0 and Q8_0 only).
@@ -476,18 +472,7 @@ fn untile(t: &tandem_kernels::Int8Tiles, device: &Device) -> Result<(Arc<QTensor
 
 /// The block types tandem's own f32-activation kernel reads.
 fn block_format(t: candle_core::quantized::GgmlDType) -> Option<tandem_kernels::BlockFormat> {
-    use candle_core::quantized::GgmlDType as G;
-    match t {
-        G::Q4_0 => Some(tandem_kernels::BlockFormat::Q4_0),
-        G::Q4_1 => Some(tandem_kernels::BlockFormat::Q4_1),
-        G::Q8_0 => Some(tandem_kernels::BlockFormat::Q8_0),
-        G::Q5_0 => Some(tandem_kernels::BlockFormat::Q5_0),
-        G::Q5_1 => Some(tandem_kernels::BlockFormat::Q5_1),
-        G::Q4K => Some(tandem_kernels::BlockFormat::Q4K),
-        G::Q5K => Some(tandem_kernels::BlockFormat::Q5K),
-        G::Q6K => Some(tandem_kernels::BlockFormat::Q6K),
-        _ => None,
-    }
+    tandem_kernels::BlockFormat::of(crate::gguf_reader::ggml_type(t))
 }
 
 /// Calls `f` with a CPU f32 tensor's elements, borrowed from candle's storage (copied only

@@ -63,12 +63,7 @@ impl WeightDType {
         match self {
             WeightDType::F32 => elems.checked_mul(4),
             WeightDType::F16 | WeightDType::BF16 => elems.checked_mul(2),
-            WeightDType::Quant(q) => {
-                if !elems.is_multiple_of(q.block_size()) {
-                    return None;
-                }
-                (elems / q.block_size()).checked_mul(q.type_size())
-            }
+            WeightDType::Quant(q) => crate::gguf_reader::ggml_type(*q).bytes_for(elems),
         }
     }
 }

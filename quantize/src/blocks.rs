@@ -11,12 +11,15 @@
 
 use half::f16;
 
-pub const QK8_0: usize = 32;
-pub const QK4_0: usize = 32;
-pub const QK_K: usize = 256;
-pub const Q8_0_BYTES: usize = 34;
-pub const Q4_0_BYTES: usize = 18;
-pub const Q4_K_BYTES: usize = 144;
+use tandem_kernels::GgmlType;
+
+// Block geometry from the one table of GGML formats.
+pub const QK8_0: usize = GgmlType::Q8_0.block_elems();
+pub const QK4_0: usize = GgmlType::Q4_0.block_elems();
+pub const QK_K: usize = tandem_kernels::ggml::QK_K;
+pub const Q8_0_BYTES: usize = GgmlType::Q8_0.block_bytes();
+pub const Q4_0_BYTES: usize = GgmlType::Q4_0.block_bytes();
+pub const Q4_K_BYTES: usize = GgmlType::Q4K.block_bytes();
 
 /// Runs `$body` compiled for AVX2 when the CPU has it (wider vectors for the same operations;
 /// no FMA contraction, so results are identical), else for the baseline target.

@@ -3,6 +3,7 @@
 
 use candle_core::quantized::GgmlDType;
 use std::fmt;
+use tandem_kernels::GgmlType;
 
 /// A target type for one tensor.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -39,23 +40,29 @@ pub const ALL_TYPES: &[QuantType] = &[
 ];
 
 impl QuantType {
+    /// The GGML type written: its name, GGUF id and block geometry come from
+    /// `tandem_kernels::ggml`, the one table of formats.
+    pub const fn format(self) -> GgmlType {
+        match self {
+            QuantType::F32 => GgmlType::F32,
+            QuantType::F16 => GgmlType::F16,
+            QuantType::BF16 => GgmlType::BF16,
+            QuantType::Q8_0 => GgmlType::Q8_0,
+            QuantType::Q5_0 => GgmlType::Q5_0,
+            QuantType::Q5_1 => GgmlType::Q5_1,
+            QuantType::Q4_0 => GgmlType::Q4_0,
+            QuantType::Q4_1 => GgmlType::Q4_1,
+            QuantType::Q6K => GgmlType::Q6K,
+            QuantType::Q5K => GgmlType::Q5K,
+            QuantType::Q4K => GgmlType::Q4K,
+            QuantType::Q3K => GgmlType::Q3K,
+            QuantType::Q2K => GgmlType::Q2K,
+        }
+    }
+
     /// The lower-case name users type (`q4_k`), as llama.cpp spells its types.
     pub fn name(self) -> &'static str {
-        match self {
-            QuantType::F32 => "f32",
-            QuantType::F16 => "f16",
-            QuantType::BF16 => "bf16",
-            QuantType::Q8_0 => "q8_0",
-            QuantType::Q5_0 => "q5_0",
-            QuantType::Q5_1 => "q5_1",
-            QuantType::Q4_0 => "q4_0",
-            QuantType::Q4_1 => "q4_1",
-            QuantType::Q6K => "q6_k",
-            QuantType::Q5K => "q5_k",
-            QuantType::Q4K => "q4_k",
-            QuantType::Q3K => "q3_k",
-            QuantType::Q2K => "q2_k",
-        }
+        self.format().name()
     }
 
     pub fn parse(s: &str) -> Option<Self> {
@@ -63,41 +70,27 @@ impl QuantType {
         ALL_TYPES.iter().copied().find(|t| t.name() == s)
     }
 
+    /// candle's name for the type (to build its tensors).
     pub fn ggml(self) -> GgmlDType {
-        match self {
-            QuantType::F32 => GgmlDType::F32,
-            QuantType::F16 => GgmlDType::F16,
-            QuantType::BF16 => GgmlDType::BF16,
-            QuantType::Q8_0 => GgmlDType::Q8_0,
-            QuantType::Q5_0 => GgmlDType::Q5_0,
-            QuantType::Q5_1 => GgmlDType::Q5_1,
-            QuantType::Q4_0 => GgmlDType::Q4_0,
-            QuantType::Q4_1 => GgmlDType::Q4_1,
-            QuantType::Q6K => GgmlDType::Q6K,
-            QuantType::Q5K => GgmlDType::Q5K,
-            QuantType::Q4K => GgmlDType::Q4K,
-            QuantType::Q3K => GgmlDType::Q3K,
-            QuantType::Q2K => GgmlDType::Q2K,
-        }
+        tandem_model::gguf_reader::candle_dtype(self.format())
     }
 
-    /// The type id stored in a GGUF tensor info (ggml's `enum ggml_type`), from the model
-    /// crate's one table.
+    /// The type id stored in a GGUF tensor info (ggml's `enum ggml_type`).
     pub fn ggml_id(self) -> u32 {
-        tandem_model::gguf_reader::ggml_type_id(self.ggml())
+        self.format().gguf_id()
     }
 
     pub fn block_size(self) -> usize {
-        self.ggml().block_size()
+        self.format().block_elems()
     }
 
     /// Bytes per block.
     pub fn type_size(self) -> usize {
-        self.ggml().type_size()
+        self.format().block_bytes()
     }
 
     pub fn is_dense(self) -> bool {
-        matches!(self, QuantType::F32 | QuantType::F16 | QuantType::BF16)
+        self.format().is_dense()
     }
 
     /// Whether importance weights (an imatrix) change how this type is quantized: every block
@@ -107,7 +100,7 @@ impl QuantType {
     }
 
     pub fn bits_per_weight(self) -> f64 {
-        self.type_size() as f64 * 8.0 / self.block_size() as f64
+        self.format().bits_per_weight()
     }
 
     /// Bytes for a tensor of `rows` rows of `cols` elements, or None when `cols` does not fill
