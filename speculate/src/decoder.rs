@@ -146,3 +146,228 @@ impl SpeculativeDecoder<'_> {
         Ok((out, stats))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::acceptance::Greedy;
+    use crate::controller::{AdaptiveK, Controller, FixedK};
+    use crate::drafter::{Draft, HybridDrafter, NgramDrafter};
+
+    const VOCAB: usize = 53;
+
+    /// A verifier without a model: after token t its greedy next token is `next(t)`.
+    struct FakeVerifier {
+        context: Vec<u32>,
+        limit: usize,
+        passes: usize,
+    }
+
+    fn next(t: u32) -> u32 {
+        (t * 7 + 3) % VOCAB as u32
+    }
+
+    impl Verifier for FakeVerifier {
+        fn verify(&mut self, tokens: &[u32]) -> Result<Vec<Vec<f32>>> {
+            if self.context.len() + tokens.len() > self.limit {
+                return Err(Error::Mismatch("past the limit".into()));
+            }
+            self.passes += 1;
+            self.context.extend_from_slice(tokens);
+            Ok(tokens
+                .iter()
+                .map(|&t| {
+                    let mut row = vec![0f32; VOCAB];
+                    row[next(t) as usize] = 5.0;
+                    row
+                })
+                .collect())
+        }
+        fn rollback(&mut self, len: usize) {
+            self.context.truncate(len);
+        }
+        fn len(&self) -> usize {
+            self.context.len()
+        }
+        fn limit(&self) -> usize {
+            self.limit
+        }
+        fn vocab_size(&self) -> usize {
+            VOCAB
+        }
+    }
+
+    /// Proposes the verifier's own continuation, wrong at every `wrong_every`-th position.
+    struct NoisyDrafter {
+        wrong_every: usize,
+        calls: usize,
+    }
+
+    impl Drafter for NoisyDrafter {
+        fn propose(&mut self, context: &[u32], k: usize) -> Result<Draft> {
+            self.calls += 1;
+            let mut t = *context.last().unwrap_or(&0);
+            let tokens = (0..k)
+                .map(|i| {
+                    t = next(t);
+                    if self.wrong_every > 0 && (i + self.calls).is_multiple_of(self.wrong_every) {
+                        (t + 1) % VOCAB as u32
+                    } else {
+                        t
+                    }
+                })
+                .collect();
+            Ok(Draft {
+                tokens,
+                probs: None,
+            })
+        }
+    }
+
+    fn plain(prompt: &[u32], max: usize, eos: &[u32], limit: usize) -> Vec<u32> {
+        let mut out = Vec::new();
+        let mut t = *prompt.last().unwrap();
+        // The cache holds every token but the last generated one (as with a model).
+        while out.len() < max && prompt.len() + out.len() <= limit {
+            t = next(t);
+            if eos.contains(&t) {
+                break;
+            }
+            out.push(t);
+        }
+        out
+    }
+
+    fn run(
+        d: &mut dyn Drafter,
+        prompt: &[u32],
+        max: usize,
+        eos: &[u32],
+        limit: usize,
+    ) -> (Vec<u32>, SpecStats) {
+        run_with(d, &mut AdaptiveK::new(6), prompt, max, eos, limit)
+    }
+
+    fn run_with(
+        d: &mut dyn Drafter,
+        ctl: &mut dyn Controller,
+        prompt: &[u32],
+        max: usize,
+        eos: &[u32],
+        limit: usize,
+    ) -> (Vec<u32>, SpecStats) {
+        let mut v = FakeVerifier {
+            context: Vec::new(),
+            limit,
+            passes: 0,
+        };
+        let mut rule = Greedy;
+        let mut dec = SpeculativeDecoder {
+            drafter: d,
+            verifier: &mut v,
+            rule: &mut rule,
+            controller: ctl,
+        };
+        let mut streamed = Vec::new();
+        let (out, st) = dec
+            .generate(prompt, max, eos, |t| {
+                streamed.push(t);
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!(streamed, out, "on_token sees exactly the output");
+        // The prompt's own pass (all but its last token) is not a decoding step.
+        assert_eq!(v.passes, st.verifier_passes + usize::from(prompt.len() > 1));
+        (out, st)
+    }
+
+    #[test]
+    fn greedy_output_is_the_verifiers_whatever_the_draft() {
+        for wrong_every in [0, 1, 2, 3, 5] {
+            for (max, limit) in [(40, 1000), (40, 20), (1, 1000)] {
+                let prompt = [1, 2, 3];
+                let want = plain(&prompt, max, &[], limit);
+                let mut d = NoisyDrafter {
+                    wrong_every,
+                    calls: 0,
+                };
+                let (got, st) = run(&mut d, &prompt, max, &[], limit);
+                assert_eq!(
+                    got, want,
+                    "wrong_every {wrong_every} max {max} limit {limit}"
+                );
+                let stop = if limit == 20 {
+                    StopReason::ContextFull
+                } else {
+                    StopReason::MaxTokens
+                };
+                assert_eq!(st.stop, stop);
+                if wrong_every == 0 && max > 1 && limit > 20 {
+                    // A perfect draft: several tokens per verifier pass.
+                    assert!(st.tokens_per_pass() > 2.0, "{}", st.tokens_per_pass());
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn eos_ends_generation_and_is_not_emitted() {
+        let prompt = [4];
+        let free = plain(&prompt, 40, &[], 100);
+        // The first token that does not occur earlier in the text, from the third on.
+        let at = (2..free.len())
+            .find(|&i| !free[..i].contains(&free[i]))
+            .expect("a fresh token");
+        let eos = [free[at]];
+        let want = plain(&prompt, 40, &eos, 100);
+        assert_eq!(want.len(), at);
+        let mut d = NoisyDrafter {
+            wrong_every: 0,
+            calls: 0,
+        };
+        let (got, st) = run(&mut d, &prompt, 40, &eos, 100);
+        assert_eq!(got, want);
+        assert_eq!(st.stop, StopReason::Eos);
+    }
+
+    #[test]
+    fn hybrid_asks_the_model_only_where_lookup_finds_nothing() {
+        let prompt = [1, 2, 3];
+        let want = plain(&prompt, 30, &[], 1000);
+        let mut lookup = NgramDrafter::default();
+        let mut model = NoisyDrafter {
+            wrong_every: 4,
+            calls: 0,
+        };
+        let mut h = HybridDrafter::new(&mut lookup, &mut model);
+        let (got, _) = run(&mut h, &prompt, 30, &[], 1000);
+        assert_eq!(got, want);
+        let (from_lookup, from_model) = h.proposals;
+        assert!(from_model > 0 && from_lookup > 0, "{:?}", h.proposals);
+        // A fixed k and an empty prompt's edge: one token prompts still decode.
+        let mut fixed = FixedK(3);
+        let mut v = FakeVerifier {
+            context: Vec::new(),
+            limit: 100,
+            passes: 0,
+        };
+        let mut d = NoisyDrafter {
+            wrong_every: 0,
+            calls: 0,
+        };
+        let mut dec = SpeculativeDecoder {
+            drafter: &mut d,
+            verifier: &mut v,
+            rule: &mut Greedy,
+            controller: &mut fixed,
+        };
+        assert_eq!(
+            dec.generate(&[9], 7, &[], |_| Ok(())).unwrap().0,
+            plain(&[9], 7, &[], 100)
+        );
+        assert!(
+            dec.generate(&[], 7, &[], |_| Ok(())).is_err(),
+            "an empty prompt is refused"
+        );
+    }
+}
