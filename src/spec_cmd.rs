@@ -197,19 +197,8 @@ pub fn bench_spec(a: BenchSpecArgs) -> Result<()> {
         spec_tokens as f64 / spec_secs.max(1e-9),
     );
     let total = BenchSpecTotal {
-        model: a.model.display().to_string(),
-        draft: a.draft.clone(),
-        temperature: a.sampling.temperature,
-        prompts: prompts.len(),
-        max_tokens: a.max_tokens,
-        threads: rayon::current_num_threads(),
-        plain_tok_s: pr,
-        spec_tok_s: sr,
-        speedup: sr / pr,
-        acceptance_rate: accepted as f64 / drafted.max(1) as f64,
         tokens_per_verifier_pass: Some(spec_tokens as f64 / passes.max(1) as f64),
-        batch: None,
-        spec_max_batch: None,
+        ..BenchSpecTotal::of(&a, prompts.len(), (pr, sr), (accepted, drafted))
     };
     println!(
         "{} prompts, draft {}, temperature {}: plain {pr:.1} tok/s, speculative {sr:.1} tok/s, speedup {:.2}x, acceptance {:.0}%, {:.2} tokens/verifier pass",
@@ -254,6 +243,28 @@ struct BenchSpecTotal {
     batch: Option<usize>,
     #[serde(skip_serializing_if = "Option::is_none")]
     spec_max_batch: Option<usize>,
+}
+
+impl BenchSpecTotal {
+    /// The totals of `prompts` runs: (plain, speculative) tok/s and (accepted, drafted).
+    fn of(a: &BenchSpecArgs, prompts: usize, rates: (f64, f64), acc: (usize, usize)) -> Self {
+        let (pr, sr) = rates;
+        BenchSpecTotal {
+            model: a.model.display().to_string(),
+            draft: a.draft.clone(),
+            temperature: a.sampling.temperature,
+            prompts,
+            max_tokens: a.max_tokens,
+            threads: rayon::current_num_threads(),
+            plain_tok_s: pr,
+            spec_tok_s: sr,
+            speedup: sr / pr,
+            acceptance_rate: acc.0 as f64 / acc.1.max(1) as f64,
+            tokens_per_verifier_pass: None,
+            batch: None,
+            spec_max_batch: None,
+        }
+    }
 }
 
 /// `bench spec --batch B`: prompts in batches of B, each batch decoded plainly (the same loop,
@@ -336,19 +347,9 @@ fn bench_batch(
     );
     if let Some(path) = &a.json {
         let total = BenchSpecTotal {
-            model: a.model.display().to_string(),
-            draft: a.draft.clone(),
-            temperature: a.sampling.temperature,
-            prompts: ids.len(),
-            max_tokens: a.max_tokens,
-            threads: rayon::current_num_threads(),
-            plain_tok_s: pr,
-            spec_tok_s: sr,
-            speedup: sr / pr,
-            acceptance_rate: ac as f64 / dr.max(1) as f64,
-            tokens_per_verifier_pass: None,
             batch: Some(a.batch),
             spec_max_batch: Some(a.spec_max_batch),
+            ..BenchSpecTotal::of(a, ids.len(), (pr, sr), (ac, dr))
         };
         write_json(
             path,

@@ -410,20 +410,38 @@ fn scale_min(j: usize, q: &[u8; 12]) -> (f32, f32) {
     }
 }
 
+/// Q4_K and Q5_K weights: 4 chunks of 64, low nibbles sub-block 2c and high nibbles 2c + 1,
+/// each with its 6-bit scale and min; Q5_K adds bit 2c / 2c + 1 of `qh[l]` as the fifth bit.
+fn dequantize_k4(
+    d: f16,
+    dmin: f16,
+    scales: &[u8; 12],
+    qs: &[u8; QK_K / 2],
+    qh: Option<&[u8; QK_K / 8]>,
+    out: &mut [f32],
+) {
+    let (d, dmin) = (d.to_f32(), dmin.to_f32());
+    for c in 0..4 {
+        let (s0, m0) = scale_min(2 * c, scales);
+        let (s1, m1) = scale_min(2 * c + 1, scales);
+        for l in 0..32 {
+            let q = qs[32 * c + l];
+            let (h0, h1) = qh.map_or((0, 0), |h| {
+                (
+                    ((h[l] >> (2 * c)) & 1) << 4,
+                    ((h[l] >> (2 * c + 1)) & 1) << 4,
+                )
+            });
+            out[64 * c + l] = d * s0 * ((q & 0x0F) | h0) as f32 - dmin * m0;
+            out[64 * c + 32 + l] = d * s1 * ((q >> 4) | h1) as f32 - dmin * m1;
+        }
+    }
+}
+
 impl Block for BlockQ4K {
     const TYPE: GgmlType = GgmlType::Q4K;
     fn dequantize(&self, out: &mut [f32]) {
-        let (d, dmin) = (self.d.to_f32(), self.dmin.to_f32());
-        // 4 chunks of 64 weights: low nibbles are sub-block 2c, high nibbles 2c + 1.
-        for c in 0..4 {
-            let (s0, m0) = scale_min(2 * c, &self.scales);
-            let (s1, m1) = scale_min(2 * c + 1, &self.scales);
-            for l in 0..32 {
-                let q = self.qs[32 * c + l];
-                out[64 * c + l] = d * s0 * (q & 0x0F) as f32 - dmin * m0;
-                out[64 * c + 32 + l] = d * s1 * (q >> 4) as f32 - dmin * m1;
-            }
-        }
+        dequantize_k4(self.d, self.dmin, &self.scales, &self.qs, None, out);
     }
     fn read(b: &[u8]) -> Option<Self> {
         (b.len() >= 144).then(|| BlockQ4K {
@@ -438,18 +456,14 @@ impl Block for BlockQ4K {
 impl Block for BlockQ5K {
     const TYPE: GgmlType = GgmlType::Q5K;
     fn dequantize(&self, out: &mut [f32]) {
-        let (d, dmin) = (self.d.to_f32(), self.dmin.to_f32());
-        for c in 0..4 {
-            let (s0, m0) = scale_min(2 * c, &self.scales);
-            let (s1, m1) = scale_min(2 * c + 1, &self.scales);
-            for l in 0..32 {
-                let q = self.qs[32 * c + l];
-                let h0 = ((self.qh[l] >> (2 * c)) & 1) << 4;
-                let h1 = ((self.qh[l] >> (2 * c + 1)) & 1) << 4;
-                out[64 * c + l] = d * s0 * ((q & 0x0F) | h0) as f32 - dmin * m0;
-                out[64 * c + 32 + l] = d * s1 * ((q >> 4) | h1) as f32 - dmin * m1;
-            }
-        }
+        dequantize_k4(
+            self.d,
+            self.dmin,
+            &self.scales,
+            &self.qs,
+            Some(&self.qh),
+            out,
+        );
     }
     fn read(b: &[u8]) -> Option<Self> {
         (b.len() >= 176).then(|| BlockQ5K {

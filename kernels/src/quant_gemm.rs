@@ -52,20 +52,21 @@ impl BlockFormat {
         }
     }
 
+    /// Every format the kernels read.
+    pub const ALL: [BlockFormat; 8] = [
+        BlockFormat::Q4_0,
+        BlockFormat::Q4_1,
+        BlockFormat::Q5_0,
+        BlockFormat::Q5_1,
+        BlockFormat::Q8_0,
+        BlockFormat::Q4K,
+        BlockFormat::Q5K,
+        BlockFormat::Q6K,
+    ];
+
     /// The kernels' format for a GGML type, when they read it.
     pub fn of(t: GgmlType) -> Option<Self> {
-        [
-            BlockFormat::Q4_0,
-            BlockFormat::Q4_1,
-            BlockFormat::Q5_0,
-            BlockFormat::Q5_1,
-            BlockFormat::Q8_0,
-            BlockFormat::Q4K,
-            BlockFormat::Q5K,
-            BlockFormat::Q6K,
-        ]
-        .into_iter()
-        .find(|f| f.ggml() == t)
+        Self::ALL.into_iter().find(|f| f.ggml() == t)
     }
 
     pub const fn block_bytes(self) -> usize {
@@ -593,16 +594,7 @@ mod tests {
         w
     }
 
-    const ALL: [BlockFormat; 8] = [
-        BlockFormat::Q4_0,
-        BlockFormat::Q4_1,
-        BlockFormat::Q5_0,
-        BlockFormat::Q5_1,
-        BlockFormat::Q8_0,
-        BlockFormat::Q4K,
-        BlockFormat::Q5K,
-        BlockFormat::Q6K,
-    ];
+    const ALL: [BlockFormat; 8] = BlockFormat::ALL;
 
     /// The block decoder against candle's (an independent implementation of GGML's formats).
     #[test]
