@@ -291,7 +291,12 @@ mod tests {
                     wrong_every,
                     calls: 0,
                 };
-                let (got, st) = run(&mut d, &prompt, max, &[], limit);
+                // Adaptive k (which reads the clock) on odd drafts, a fixed k on even ones.
+                let (got, st) = if wrong_every % 2 == 1 {
+                    run(&mut d, &prompt, max, &[], limit)
+                } else {
+                    run_with(&mut d, &mut FixedK(6), &prompt, max, &[], limit)
+                };
                 assert_eq!(
                     got, want,
                     "wrong_every {wrong_every} max {max} limit {limit}"
@@ -332,7 +337,11 @@ mod tests {
 
     #[test]
     fn hybrid_asks_the_model_only_where_lookup_finds_nothing() {
-        let prompt = [1, 2, 3];
+        // The prompt already holds the first tokens of the answer after a 1, and ends in 1:
+        // lookup drafts those, the model the rest.
+        let mut prompt = vec![1];
+        prompt.extend(plain(&[1], 6, &[], 1000));
+        prompt.push(1);
         let want = plain(&prompt, 30, &[], 1000);
         let mut lookup = NgramDrafter::default();
         let mut model = NoisyDrafter {
@@ -340,7 +349,7 @@ mod tests {
             calls: 0,
         };
         let mut h = HybridDrafter::new(&mut lookup, &mut model);
-        let (got, _) = run(&mut h, &prompt, 30, &[], 1000);
+        let (got, _) = run_with(&mut h, &mut FixedK(4), &prompt, 30, &[], 1000);
         assert_eq!(got, want);
         let (from_lookup, from_model) = h.proposals;
         assert!(from_model > 0 && from_lookup > 0, "{:?}", h.proposals);
