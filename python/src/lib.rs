@@ -306,17 +306,12 @@ impl Model {
         draft: Option<PyRefMut<'_, Drafter>>,
         add_bos: Option<bool>,
     ) -> PyResult<String> {
-        let prompt = match prompt {
-            Prompt::Text(t) => Prompt::Ids(self.encode(Prompt::Text(t), add_bos)?),
-            ids => ids,
-        };
-        let last = match &prompt {
-            Prompt::Ids(ids) => ids.last().copied(),
-            Prompt::Text(_) => None,
-        };
-        let ids = self.generate_tokens(
+        // Encoded once here: the text is decoded as the continuation of its last token.
+        let ids = self.encode(prompt, add_bos)?;
+        let last = ids.last().copied();
+        let out = self.generate_tokens(
             py,
-            prompt,
+            Prompt::Ids(ids),
             max_tokens,
             temperature,
             top_k,
@@ -325,7 +320,7 @@ impl Model {
             draft,
             add_bos,
         )?;
-        self.continuation_text(last, &ids)
+        self.continuation_text(last, &out)
     }
 
     /// As `generate`, returning the new token ids.

@@ -66,23 +66,34 @@ impl Default for NgramDrafter {
 
 impl Drafter for NgramDrafter {
     fn propose(&mut self, context: &[u32], k: usize) -> Result<Draft> {
-        let len = context.len();
-        for n in (1..=self.max_ngram.min(len.saturating_sub(1))).rev() {
-            let tail = &context[len - n..];
-            // Latest match that ends before the tail itself.
-            if let Some(start) = (0..len - n).rev().find(|&s| &context[s..s + n] == tail) {
-                let from = start + n;
-                let tokens: Vec<u32> = context[from..len.min(from + k)].to_vec();
-                if !tokens.is_empty() {
-                    return Ok(Draft {
-                        tokens,
-                        probs: None,
-                    });
-                }
+        Ok(Draft {
+            tokens: longest_context_match(context, self.max_ngram, k).1,
+            probs: None,
+        })
+    }
+}
+
+/// The longest (up to `max_ngram` tokens) tail of `context` that occurred earlier in it, at
+/// its latest earlier occurrence: (its length, up to `k` tokens that followed it); (0, none)
+/// when nothing matches. Prompt lookup's search, shared with the suffix drafter.
+pub(crate) fn longest_context_match(
+    context: &[u32],
+    max_ngram: usize,
+    k: usize,
+) -> (usize, Vec<u32>) {
+    let len = context.len();
+    for n in (1..=max_ngram.min(len.saturating_sub(1))).rev() {
+        let tail = &context[len - n..];
+        // Latest match that ends before the tail itself.
+        if let Some(start) = (0..len - n).rev().find(|&s| &context[s..s + n] == tail) {
+            let from = start + n;
+            let tokens = context[from..len.min(from + k)].to_vec();
+            if !tokens.is_empty() {
+                return (n, tokens);
             }
         }
-        Ok(Draft::default())
     }
+    (0, Vec::new())
 }
 
 /// A lookup drafter (n-gram, suffix) first, a model draft where the lookup finds nothing: a

@@ -5,7 +5,7 @@
 //! idioms, the template's own tokens) far more than within one short answer, which is where
 //! plain prompt lookup finds nothing.
 
-use crate::drafter::{Draft, Drafter};
+use crate::drafter::{longest_context_match, Draft, Drafter};
 use crate::Result;
 use std::collections::HashMap;
 
@@ -168,22 +168,6 @@ impl SuffixDrafter {
     }
 }
 
-/// The longest match of `context`'s tail earlier in `context` itself: (length, what followed).
-fn lookup_in_context(context: &[u32], max_ngram: usize, k: usize) -> (usize, Vec<u32>) {
-    let len = context.len();
-    for n in (1..=max_ngram.min(len.saturating_sub(1))).rev() {
-        let tail = &context[len - n..];
-        if let Some(start) = (0..len - n).rev().find(|&s| &context[s..s + n] == tail) {
-            let from = start + n;
-            let tokens = context[from..len.min(from + k)].to_vec();
-            if !tokens.is_empty() {
-                return (n, tokens);
-            }
-        }
-    }
-    (0, Vec::new())
-}
-
 impl Drafter for SuffixDrafter {
     fn propose(&mut self, context: &[u32], k: usize) -> Result<Draft> {
         let continues = context.len() >= self.current.len()
@@ -191,9 +175,10 @@ impl Drafter for SuffixDrafter {
         if !continues {
             self.finish_sequence();
         }
-        self.current.clear();
-        self.current.extend_from_slice(context);
-        let (n_here, here) = lookup_in_context(context, self.max_ngram, k);
+        // Only the tokens since the last call are new.
+        let seen = self.current.len();
+        self.current.extend_from_slice(&context[seen..]);
+        let (n_here, here) = longest_context_match(context, self.max_ngram, k);
         let (n_past, past) = self.cache.lookup(context, self.max_ngram, k);
         let (n, tokens) = if n_past > n_here {
             (n_past, past)
