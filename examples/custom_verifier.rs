@@ -46,7 +46,7 @@ fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
 /// The whole example; returns what it prints (tests/c_abi.rs runs it in-process).
 pub fn run() -> std::result::Result<String, Box<dyn std::error::Error>> {
     let ck = Checkpoint::bundled()?;
-    let model = ck.load_model(&candle_core::Device::Cpu)?;
+    let model = ck.load_model(&tandem_model::LoadOptions::default())?;
     let prompt = ck
         .tokenizer
         .encode("Once upon a time, there was a little dog named Max.", true)?;

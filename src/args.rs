@@ -124,6 +124,45 @@ pub fn progress_bar(quiet: bool) -> indicatif::ProgressBar {
     bar
 }
 
+/// How models are run, for every command (global flags): threads, activation precision,
+/// device. Parsed into the [`tandem_model::LoadOptions`] every model is loaded with.
+#[derive(clap::Args, Clone, Copy, Debug)]
+pub struct RuntimeArgs {
+    /// Worker threads for the CPU kernels (default: all cores).
+    #[arg(long, global = true)]
+    pub threads: Option<usize>,
+    /// How activations meet Q8_0/Q4_0 weights: int8 (rounded to 8 bits per 32-block, as
+    /// llama.cpp does; fast) or f32 (what the dequantized 16-bit weights compute exactly).
+    #[arg(long, global = true, value_enum, default_value_t = Activations::Int8)]
+    pub activations: Activations,
+    /// Run on GPU 0 (builds with `--features cuda`): the whole forward pass and KV cache when
+    /// every linear layer is Q8_0/Q4_0/F16, else just those layers.
+    #[arg(long, global = true)]
+    pub gpu: bool,
+}
+
+impl RuntimeArgs {
+    /// The load options these flags ask for; with `--gpu`, checks a GPU is usable first (and
+    /// names it on stderr).
+    pub fn load_options(&self) -> Result<tandem_model::LoadOptions> {
+        if self.threads == Some(0) {
+            anyhow::bail!("--threads must be at least 1");
+        }
+        let device = if self.gpu {
+            let name = tandem_model::linear::gpu_name()?;
+            eprintln!("GPU 0: {name}");
+            tandem_model::ComputeDevice::Gpu
+        } else {
+            tandem_model::ComputeDevice::Cpu
+        };
+        Ok(tandem_model::LoadOptions {
+            threads: self.threads,
+            activations: self.activations.into(),
+            device,
+        })
+    }
+}
+
 /// `--activations` for every command that runs a model.
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Activations {

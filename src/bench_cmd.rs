@@ -2,7 +2,6 @@
 //! profile, and `bench spec` (in `spec_cmd`).
 
 use anyhow::{Context, Result};
-use candle_core::Device;
 use std::path::PathBuf;
 use tandem_model::Checkpoint;
 
@@ -130,15 +129,15 @@ fn bench_profile(model: &tandem_model::Llama, k: usize, passes: usize, json: boo
     Ok(())
 }
 
-pub fn bench(b: BenchCmd) -> Result<()> {
+pub fn bench(b: BenchCmd, load: &tandem_model::LoadOptions) -> Result<()> {
     let a = match b.sub {
-        Some(BenchSub::Spec(s)) => return crate::spec_cmd::bench_spec(s),
+        Some(BenchSub::Spec(s)) => return crate::spec_cmd::bench_spec(s, load),
         None => b.args,
     };
     use tandem_model::bench::{rate_stats, time_decode, time_prefill, time_verify};
     let model_path = a.model.clone().context("--model is required")?;
     let ck = Checkpoint::open(&model_path, None)?;
-    let model = ck.load_model(&Device::Cpu)?;
+    let model = ck.load_model(load)?;
     if let Some(k) = a.profile {
         return bench_profile(&model, k, 64, a.json);
     }

@@ -2,7 +2,6 @@
 //! user types, the KV cache kept from turn to turn.
 
 use anyhow::{Context, Result};
-use candle_core::Device;
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use tandem_model::chat::{ChatTemplate, Message};
@@ -57,11 +56,11 @@ pub struct ChatArgs {
 /// conversation, `/exit` or end of input ends it). Each turn renders the whole conversation
 /// with the template and runs only the tokens after the longest prefix the KV cache already
 /// holds, so earlier turns are not recomputed.
-pub fn chat(a: ChatArgs) -> Result<()> {
+pub fn chat(a: ChatArgs, load: &tandem_model::LoadOptions) -> Result<()> {
     crate::args::check_generation_flags(a.max_tokens, a.ctx, 0.0)?;
     let ck = Checkpoint::open(&a.model, a.tokenizer.as_deref())?;
     let template = template_for(&ck, a.chat_template.as_deref())?;
-    let model = ck.load_model(&Device::Cpu)?;
+    let model = ck.load_model(load)?;
     let tok = &ck.tokenizer;
     let mut cache = match a.ctx {
         Some(n) => model.new_cache_with_limit(n)?,

@@ -49,14 +49,22 @@ pub struct EvalOptions {
     pub speed_tg: usize,
 }
 
-pub fn eval(a: EvalArgs) -> Result<()> {
+pub fn eval(a: EvalArgs, load: &tandem_model::LoadOptions) -> Result<()> {
     if a.out.join("report.json").exists() && !a.force {
         anyhow::bail!(
             "{}: already holds a report (pass --force to replace it)",
             a.out.display()
         );
     }
-    run_eval(&a.reference, &a.models, &a.text, &a.opts, &a.out, a.quiet)
+    run_eval(
+        &a.reference,
+        &a.models,
+        &a.text,
+        &a.opts,
+        &a.out,
+        a.quiet,
+        load,
+    )
 }
 
 pub use tandem_eval::job::create_output_dir;
@@ -111,6 +119,7 @@ pub fn run_eval(
     o: &EvalOptions,
     out: &Path,
     quiet: bool,
+    load: &tandem_model::LoadOptions,
 ) -> Result<()> {
     let job = EvalJob {
         ctx: o.ctx,
@@ -119,6 +128,7 @@ pub fn run_eval(
         speed_pp: o.speed_pp,
         speed_tg: o.speed_tg,
         out: Some(out.to_path_buf()),
+        load: *load,
         ..EvalJob::new(reference, models, text_path)
     };
     let bars = Bars {

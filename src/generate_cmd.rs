@@ -4,7 +4,6 @@
 use crate::args::{check_generation_flags, DraftArgs, SamplingArgs};
 use crate::output::{GenerationJson, Printer};
 use anyhow::Result;
-use candle_core::Device;
 use std::path::PathBuf;
 use tandem_model::generate::{generate_scored, GenerationStats};
 use tandem_model::{Checkpoint, Sampler, SamplingParams};
@@ -59,7 +58,7 @@ pub struct GenerateArgs {
     pub drafting: DraftArgs,
 }
 
-pub fn generate(mut a: GenerateArgs) -> Result<()> {
+pub fn generate(mut a: GenerateArgs, load: &tandem_model::LoadOptions) -> Result<()> {
     check_generation_flags(a.max_tokens, a.ctx, a.drafting.draft_p_min)?;
     let ck = Checkpoint::open(&a.model, a.tokenizer.as_deref())?;
     if a.chat {
@@ -82,9 +81,10 @@ pub fn generate(mut a: GenerateArgs) -> Result<()> {
         ck.tokenizer.add_bos
     };
     match &a.draft {
-        Some(d) => crate::spec_cmd::generate(&ck, d, &a, params, bos),
+        Some(d) => crate::spec_cmd::generate(&ck, d, &a, params, bos, load),
         None => run(
             &ck,
+            load,
             &a.prompt,
             a.max_tokens,
             params,
@@ -95,7 +95,12 @@ pub fn generate(mut a: GenerateArgs) -> Result<()> {
     }
 }
 
-pub fn demo(max_tokens: usize, prompt: &str, seed: u64) -> Result<()> {
+pub fn demo(
+    max_tokens: usize,
+    prompt: &str,
+    seed: u64,
+    load: &tandem_model::LoadOptions,
+) -> Result<()> {
     let ck = Checkpoint::bundled()?;
     let params = SamplingParams {
         temperature: 0.8,
@@ -109,7 +114,16 @@ pub fn demo(max_tokens: usize, prompt: &str, seed: u64) -> Result<()> {
         ck.parameter_count()
     );
     let add_bos = ck.tokenizer.add_bos;
-    run(&ck, prompt, max_tokens, params, add_bos, None, Report::Text)
+    run(
+        &ck,
+        load,
+        prompt,
+        max_tokens,
+        params,
+        add_bos,
+        None,
+        Report::Text,
+    )
 }
 
 /// How a plain generation reports its statistics (stderr).
@@ -131,8 +145,10 @@ impl Report {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn run(
     ck: &Checkpoint,
+    load: &tandem_model::LoadOptions,
     prompt: &str,
     max_tokens: usize,
     params: SamplingParams,
@@ -140,7 +156,7 @@ fn run(
     ctx: Option<usize>,
     report: Report,
 ) -> Result<()> {
-    let model = ck.load_model(&Device::Cpu)?;
+    let model = ck.load_model(load)?;
     let tok = &ck.tokenizer;
     let ids = tok.encode(prompt, bos)?;
     if ids.is_empty() {

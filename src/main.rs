@@ -22,17 +22,8 @@ use std::process::ExitCode;
     about = "Quantize, evaluate and speculatively decode open LLMs on your own hardware"
 )]
 struct Cli {
-    /// Worker threads for the CPU kernels (default: all cores).
-    #[arg(long, global = true)]
-    threads: Option<usize>,
-    /// How activations meet Q8_0/Q4_0 weights: int8 (rounded to 8 bits per 32-block, as
-    /// llama.cpp does; fast) or f32 (what the dequantized 16-bit weights compute exactly).
-    #[arg(long, global = true, value_enum, default_value_t = args::Activations::Int8)]
-    activations: args::Activations,
-    /// Run on GPU 0 (builds with `--features cuda`): the whole forward pass and KV cache when
-    /// every linear layer is Q8_0/Q4_0/F16, else just those layers.
-    #[arg(long, global = true)]
-    gpu: bool,
+    #[command(flatten)]
+    runtime: args::RuntimeArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -129,16 +120,11 @@ fn main() -> ExitCode {
     install_signal_cleanup();
     // The command runs inside the worker pool, so the thread that runs the serial parts of a
     // forward pass is itself a worker: n threads on n cores, none spinning against it.
-    let pool = args::thread_pool(cli.threads);
-    tandem_model::linear::set_default_activations(cli.activations.into());
-    let result = if cli.gpu {
-        tandem_model::linear::offload_to_gpu()
-            .map(|name| eprintln!("GPU 0: {name}"))
-            .map_err(anyhow::Error::from)
-    } else {
-        Ok(())
-    }
-    .and_then(|()| pool.install(|| run(cli.command)));
+    let pool = args::thread_pool(cli.runtime.threads);
+    let result = cli
+        .runtime
+        .load_options()
+        .and_then(|load| pool.install(|| run(cli.command, &load)));
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -152,15 +138,15 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(command: Command) -> anyhow::Result<()> {
+fn run(command: Command, load: &tandem_model::LoadOptions) -> anyhow::Result<()> {
     match command {
         Command::Info {
             model,
             tokenizer,
             verbose,
         } => info_cmd::info(&model, tokenizer.as_deref(), verbose),
-        Command::Generate(args) => generate_cmd::generate(args),
-        Command::Chat(args) => chat_cmd::chat(args),
+        Command::Generate(args) => generate_cmd::generate(args, load),
+        Command::Chat(args) => chat_cmd::chat(args, load),
         Command::Convert {
             input,
             out,
@@ -168,15 +154,15 @@ fn run(command: Command) -> anyhow::Result<()> {
             tokenizer,
             quiet,
         } => info_cmd::convert(&input, &out, force, tokenizer.as_deref(), quiet),
-        Command::Bench(args) => bench_cmd::bench(args),
-        Command::Perplexity(args) => perplexity_cmd::perplexity(args),
-        Command::Eval(args) => eval_cmd::eval(args),
-        Command::Quantize(args) => quantize_cmd::quantize(*args),
-        Command::Calibrate(args) => quantize_cmd::calibrate(args),
+        Command::Bench(args) => bench_cmd::bench(args, load),
+        Command::Perplexity(args) => perplexity_cmd::perplexity(args, load),
+        Command::Eval(args) => eval_cmd::eval(args, load),
+        Command::Quantize(args) => quantize_cmd::quantize(*args, load),
+        Command::Calibrate(args) => quantize_cmd::calibrate(args, load),
         Command::Demo {
             max_tokens,
             prompt,
             seed,
-        } => generate_cmd::demo(max_tokens, &prompt, seed),
+        } => generate_cmd::demo(max_tokens, &prompt, seed, load),
     }
 }

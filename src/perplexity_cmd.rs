@@ -2,7 +2,6 @@
 
 use crate::args::progress_bar;
 use anyhow::{Context, Result};
-use candle_core::Device;
 use std::path::PathBuf;
 use tandem_model::Checkpoint;
 
@@ -27,13 +26,13 @@ pub struct PerplexityArgs {
 }
 
 /// Perplexity of a model on a text, computed the way llama-perplexity computes it.
-pub fn perplexity(a: PerplexityArgs) -> Result<()> {
+pub fn perplexity(a: PerplexityArgs, load: &tandem_model::LoadOptions) -> Result<()> {
     let ck = Checkpoint::open(&a.model, a.tokenizer.as_deref())?;
     let text = std::fs::read_to_string(&a.text)
         .with_context(|| format!("{}: cannot read", a.text.display()))?;
     let chunks = tandem_eval::Chunks::new(&ck.tokenizer, &text, a.ctx, a.chunks)
         .with_context(|| a.text.display().to_string())?;
-    let model = ck.load_model(&Device::Cpu)?;
+    let model = ck.load_model(load)?;
     let bar = progress_bar(a.quiet);
     let start = std::time::Instant::now();
     let ppl = tandem_eval::scoring::perplexity(&model, &chunks, &|d, t| {

@@ -107,18 +107,24 @@ pub struct CalibArgs {
 
 impl CalibArgs {
     /// The calibration options for `method` (the flag's, unless a sweep variant names one).
-    fn options(&self, method: Option<Method>) -> Result<CalibratedOptions> {
+    fn options(
+        &self,
+        method: Option<Method>,
+        load: &tandem_model::LoadOptions,
+    ) -> Result<CalibratedOptions> {
         let method = match method {
             Some(m) => m,
             None => Method::parse(&self.method)?,
         };
-        Ok(job::calibration_options(
+        let mut o = job::calibration_options(
             method,
             self.calib_text.as_deref(),
             self.calib_ctx,
             self.calib_chunks,
             self.gptq_damp,
-        )?)
+        )?;
+        o.threads = load.threads;
+        Ok(o)
     }
 }
 
@@ -164,20 +170,20 @@ impl QuantizeArgs {
     }
 }
 
-pub fn quantize(a: QuantizeArgs) -> Result<()> {
+pub fn quantize(a: QuantizeArgs, load: &tandem_model::LoadOptions) -> Result<()> {
     let format = Format::parse(&a.format, a.group_size)?;
     if !a.sweep.is_empty() {
         if format != Format::Gguf {
             anyhow::bail!("--sweep writes GGUF variants; drop --format compressed-tensors");
         }
-        return sweep(&a);
+        return sweep(&a, load);
     }
     let ck = Checkpoint::open(&a.model, a.tokenizer.as_deref())?;
     let job = QuantizeJob {
         imatrix: a.imatrix.clone(),
         allow_nonfinite: a.allow_nonfinite,
         force: a.force,
-        calib: a.calib.options(None)?,
+        calib: a.calib.options(None, load)?,
         ..QuantizeJob::new(a.choices(), format, Method::Rtn)
     };
     let plan = job.plan(&ck)?;
@@ -242,7 +248,7 @@ pub struct CalibrateArgs {
     tokenizer: Option<PathBuf>,
 }
 
-pub fn calibrate(a: CalibrateArgs) -> Result<()> {
+pub fn calibrate(a: CalibrateArgs, load: &tandem_model::LoadOptions) -> Result<()> {
     tandem_quantize::output::check_target(&a.out, a.force)?;
     let ck = Checkpoint::open(&a.model, a.tokenizer.as_deref())?;
     let (text, dataset) = match &a.text {
@@ -255,7 +261,7 @@ pub fn calibrate(a: CalibrateArgs) -> Result<()> {
             "tandem:austen-emma-calibration.txt".to_string(),
         ),
     };
-    let model = ck.load_model(&candle_core::Device::Cpu)?;
+    let model = ck.load_model(load)?;
     let bar = progress_bar(a.quiet);
     let start = std::time::Instant::now();
     let progress = |done: usize, total: usize| {
@@ -284,7 +290,7 @@ pub fn calibrate(a: CalibrateArgs) -> Result<()> {
 
 /// `--sweep`: each variant is quantized into --out-dir (kept when already there), then all are
 /// evaluated against the source model in one report.
-fn sweep(a: &QuantizeArgs) -> Result<()> {
+fn sweep(a: &QuantizeArgs, load: &tandem_model::LoadOptions) -> Result<()> {
     let (Some(dir), Some(text)) = (&a.out_dir, &a.eval_text) else {
         anyhow::bail!("--sweep needs --eval-text and --out-dir");
     };
@@ -329,7 +335,7 @@ fn sweep(a: &QuantizeArgs) -> Result<()> {
             (false, true) => Method::Gptq,
             (false, false) => Method::Rtn,
         };
-        let calib = a.calib.options(Some(method))?;
+        let calib = a.calib.options(Some(method), load)?;
         let (ty, all) = match rest.strip_suffix("@all") {
             Some(t) => (t, true),
             None => (rest, false),
@@ -389,5 +395,5 @@ fn sweep(a: &QuantizeArgs) -> Result<()> {
         }
         files.push(file);
     }
-    crate::eval_cmd::run_eval(&a.model, &files, text, &a.eval, dir, a.quiet)
+    crate::eval_cmd::run_eval(&a.model, &files, text, &a.eval, dir, a.quiet, load)
 }

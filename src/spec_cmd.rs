@@ -4,13 +4,13 @@ use crate::args::{check_generation_flags, DraftArgs, SamplingArgs};
 use crate::generate_cmd::GenerateArgs;
 use crate::output::{write_json, Printer, SpecJson};
 use anyhow::{Context, Result};
-use candle_core::Device;
 use serde::Serialize;
 use std::path::PathBuf;
 use tandem_model::{Checkpoint, Llama, Sampler, SamplingParams};
 use tandem_speculate::session::{run, shortlist_draft_head, Lookup};
 use tandem_speculate::{
-    AdaptiveK, Controller, DraftSource, Drafter, FixedK, ModelDrafter, NgramDrafter, SpecStats,
+    AcceptanceRule, AdaptiveK, Controller, DraftSource, Drafter, FixedK, Greedy, ModelDrafter,
+    NgramDrafter, SpecStats,
 };
 
 /// `tandem generate --draft ...`: streams the text, metrics to stderr.
@@ -20,11 +20,12 @@ pub fn generate(
     a: &GenerateArgs,
     params: SamplingParams,
     bos: bool,
+    load: &tandem_model::LoadOptions,
 ) -> Result<()> {
-    let model = ck.load_model(&Device::Cpu)?;
+    let model = ck.load_model(load)?;
     let tok = &ck.tokenizer;
     let ids = tok.encode(&a.prompt, bos)?;
-    let mut src = DraftSource::open(ck, draft)?;
+    let mut src = DraftSource::open(ck, draft, load)?;
     let settings = a.drafting.config(params, a.ctx);
     let mut printer = Printer::start(tok, &a.prompt, ids.last().copied())?;
     let (_, st) = run(
@@ -95,7 +96,7 @@ const DEFAULT_PROMPTS: &str = include_str!("../scripts/spec-prompts.jsonl");
 
 /// `tandem bench spec`: each prompt decoded plainly and speculatively (same sampling), tok/s
 /// of both and the speedup, with the speculative metrics.
-pub fn bench_spec(a: BenchSpecArgs) -> Result<()> {
+pub fn bench_spec(a: BenchSpecArgs, load: &tandem_model::LoadOptions) -> Result<()> {
     check_generation_flags(a.max_tokens, None, a.drafting.draft_p_min)?;
     let text = match &a.prompts {
         Some(p) => {
@@ -127,8 +128,8 @@ pub fn bench_spec(a: BenchSpecArgs) -> Result<()> {
             *p = crate::chat_cmd::render_prompt(&ck, a.chat_template.as_deref(), None, p)?;
         }
     }
-    let model = ck.load_model(&Device::Cpu)?;
-    let mut src = DraftSource::open(&ck, &a.draft)?;
+    let model = ck.load_model(load)?;
+    let mut src = DraftSource::open(&ck, &a.draft, load)?;
     if a.batch > 1 {
         return bench_batch(&a, &ck, &model, &mut src, &prompts);
     }
@@ -320,8 +321,13 @@ fn bench_batch(
                 .collect()
         };
         let mut v = ModelBatchVerifier::new(model, batch.len(), None)?;
+        let mut greedy: Vec<Greedy> = batch.iter().map(|_| Greedy).collect();
         let mut dec = BatchDecoder {
             drafters,
+            rules: greedy
+                .iter_mut()
+                .map(|r| r as &mut dyn AcceptanceRule)
+                .collect(),
             controllers,
             verifier: &mut v,
             max_spec_batch: max_spec,

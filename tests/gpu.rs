@@ -5,10 +5,9 @@
 #![cfg(feature = "cuda")]
 
 mod common;
-use candle_core::Device;
 use common::*;
 use tandem_model::linear::ActivationPrecision;
-use tandem_model::{argmax, Checkpoint, Llama, Logits};
+use tandem_model::{argmax, Checkpoint, ComputeDevice, Llama, LoadOptions, Logits};
 
 /// The bundled model, loaded twice: on the CPU with f32 activations, and on the GPU.
 fn cpu_and_gpu(test: &str) -> Option<(Checkpoint, Llama, Llama)> {
@@ -17,11 +16,18 @@ fn cpu_and_gpu(test: &str) -> Option<(Checkpoint, Llama, Llama)> {
         return None;
     }
     let ck = Checkpoint::open(&stories(), None).unwrap();
-    let mut cpu = ck.load_model(&Device::Cpu).unwrap();
-    cpu.set_activation_precision(ActivationPrecision::F32)
+    let cpu = ck
+        .load_model(&LoadOptions {
+            activations: ActivationPrecision::F32,
+            ..LoadOptions::default()
+        })
         .unwrap();
-    let mut on_gpu = ck.load_model(&Device::Cpu).unwrap();
-    on_gpu.upload_to_gpu().unwrap();
+    let on_gpu = ck
+        .load_model(&LoadOptions {
+            device: ComputeDevice::Gpu,
+            ..LoadOptions::default()
+        })
+        .unwrap();
     assert!(
         on_gpu.runs_on_gpu(),
         "every layer of stories260K has a GPU kernel"
@@ -76,7 +82,7 @@ fn gpu_forward_matches_cpu_and_verification_matches_decoding() {
     g.forward(&toks, &mut cache, Logits::Last).unwrap();
     cache.truncate(3);
     let again = g.forward(&toks[3..], &mut cache, Logits::All).unwrap();
-    assert_eq!(again.to_vec2::<f32>().unwrap(), singles[3..].to_vec());
+    assert_eq!(again.to_vecs(), singles[3..].to_vec());
 }
 
 #[test]
@@ -109,7 +115,7 @@ fn gpu_batch_matches_one_by_one() {
         .forward_batch(&mut [(&a[..], &mut ca), (&b[..], &mut cb)], Logits::All)
         .unwrap();
     for (w, t) in want.iter().zip(&got) {
-        assert_eq!(&t.to_vec2::<f32>().unwrap(), w);
+        assert_eq!(&t.to_vecs(), w);
     }
 }
 
@@ -167,11 +173,11 @@ fn gpu_greedy_text_matches_cpu() {
     let greedy = |m: &Llama| {
         let mut cache = m.new_cache().unwrap();
         let l = m.forward(&prompt, &mut cache, Logits::Last).unwrap();
-        let mut next = argmax(&l.to_vec2::<f32>().unwrap()[0]);
+        let mut next = argmax(l.last());
         let mut out = vec![next];
         for _ in 0..63 {
             let l = m.forward(&[next], &mut cache, Logits::Last).unwrap();
-            next = argmax(&l.to_vec2::<f32>().unwrap()[0]);
+            next = argmax(l.last());
             out.push(next);
         }
         out

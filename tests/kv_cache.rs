@@ -3,7 +3,6 @@
 //! back with `truncate` then re-feeding must equal a fresh run.
 
 mod common;
-use candle_core::Device;
 use common::*;
 use rand::{Rng, SeedableRng};
 use std::path::Path;
@@ -18,7 +17,9 @@ fn max_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
 
 fn check_chunking(model: &Path, text: &str) {
     let ck = Checkpoint::open(model, None).unwrap();
-    let m = ck.load_model(&Device::Cpu).unwrap();
+    let m = ck
+        .load_model(&tandem_model::LoadOptions::default())
+        .unwrap();
     let toks = ck.tokenizer.encode(text, true).unwrap();
     let n = toks.len();
     assert!(n > 20, "test text too short");
@@ -53,8 +54,7 @@ fn check_chunking(model: &Path, text: &str) {
         let l: Vec<Vec<f32>> = m
             .forward(&toks[cut..], &mut cache, Logits::All)
             .unwrap()
-            .to_vec2()
-            .unwrap();
+            .to_vecs();
         let d = max_diff(&whole[cut..], &l);
         assert!(d <= 1e-4, "after truncate({cut}): {d}");
     }
@@ -73,7 +73,9 @@ fn smollm2_chunking_and_rollback_are_exact() {
 #[test]
 fn context_overflow_is_an_error_not_a_panic() {
     let ck = Checkpoint::open(&stories(), None).unwrap();
-    let m = ck.load_model(&Device::Cpu).unwrap();
+    let m = ck
+        .load_model(&tandem_model::LoadOptions::default())
+        .unwrap();
     let mut cache = m.new_cache_with_limit(8).unwrap();
     m.forward(&[1, 2, 3, 4, 5, 6], &mut cache, Logits::All)
         .unwrap();
@@ -105,7 +107,9 @@ fn context_overflow_is_an_error_not_a_panic() {
 fn batched_forward_equals_one_sequence_at_a_time() {
     for dir in [stories(), smollm2_f16()] {
         let ck = tandem_model::Checkpoint::open(&dir, None).unwrap();
-        let m = ck.load_model(&candle_core::Device::Cpu).unwrap();
+        let m = ck
+            .load_model(&tandem_model::LoadOptions::default())
+            .unwrap();
         let texts = [
             "Once upon a time, there was",
             "The little dog",
@@ -138,9 +142,8 @@ fn batched_forward_equals_one_sequence_at_a_time() {
                 let want: Vec<Vec<f32>> = m
                     .forward(t, cache, tandem_model::Logits::All)
                     .unwrap()
-                    .to_vec2()
-                    .unwrap();
-                let g: Vec<Vec<f32>> = g.to_vec2().unwrap();
+                    .to_vecs();
+                let g: Vec<Vec<f32>> = g.to_vecs();
                 assert_eq!(g, want, "{}: batched logits differ", dir.display());
             }
         }
@@ -156,8 +159,10 @@ fn output_shortlist_keeps_exact_logits_and_grows_with_the_context() {
     let ck = Checkpoint::open(&stories(), None).unwrap();
     let q8 = tandem_quantize::quantized_copy(&ck, tandem_quantize::QuantType::Q8_0, true).unwrap();
     for mut m in [
-        ck.load_model(&Device::Cpu).unwrap(),
-        q8.load_model(&Device::Cpu).unwrap(),
+        ck.load_model(&tandem_model::LoadOptions::default())
+            .unwrap(),
+        q8.load_model(&tandem_model::LoadOptions::default())
+            .unwrap(),
     ] {
         let vocab = m.config.vocab_size;
         let prompt = ck
@@ -167,7 +172,7 @@ fn output_shortlist_keeps_exact_logits_and_grows_with_the_context() {
         let full = |m: &tandem_model::Llama, toks: &[u32]| {
             let mut c = m.new_cache().unwrap();
             let l = m.forward(toks, &mut c, Logits::All).unwrap();
-            tandem_model::llama::all_rows(&l).unwrap()
+            l.to_vecs()
         };
         let want = full(&m, &prompt);
         // 5 ids (padded to a tile inside) that leave out most of the prompt's tokens.
@@ -175,7 +180,7 @@ fn output_shortlist_keeps_exact_logits_and_grows_with_the_context() {
         m.set_output_shortlist(Some(&list)).unwrap();
         let mut c = m.new_cache().unwrap();
         let got = m.forward(&prompt[..1], &mut c, Logits::All).unwrap();
-        let got = tandem_model::llama::all_rows(&got).unwrap();
+        let got = got.to_vecs();
         for t in 0..vocab as u32 {
             let keep = list.contains(&t) || t == prompt[0];
             let g = got[0][t as usize];
@@ -187,7 +192,7 @@ fn output_shortlist_keeps_exact_logits_and_grows_with_the_context() {
         }
         // The rest of the prompt goes through the model: all of it is in the list now.
         let got = m.forward(&prompt[1..], &mut c, Logits::Last).unwrap();
-        let got = tandem_model::llama::last_row(&got).unwrap();
+        let got = got.last().to_vec();
         let last = want.last().unwrap();
         for &t in &prompt {
             assert!(close(got[t as usize], last[t as usize]), "prompt token {t}");
@@ -200,7 +205,7 @@ fn output_shortlist_keeps_exact_logits_and_grows_with_the_context() {
         m.set_output_shortlist(None).unwrap();
         let mut c = m.new_cache().unwrap();
         let l = m.forward(&prompt, &mut c, Logits::All).unwrap();
-        assert_eq!(tandem_model::llama::all_rows(&l).unwrap(), want);
+        assert_eq!(l.to_vecs(), want);
     }
 }
 

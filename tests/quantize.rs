@@ -242,14 +242,16 @@ fn agreement(model: &Path, at_least: f64) {
     let prompt = ids(&case["prompt_ids"]);
     let greedy = ids(&case["greedy_ids"]);
     let ck = Checkpoint::open(model, None).unwrap();
-    let model = ck.load_model(&candle_core::Device::Cpu).unwrap();
+    let model = ck
+        .load_model(&tandem_model::LoadOptions::default())
+        .unwrap();
     let mut cache = model.new_cache().unwrap();
     let mut seq = prompt.clone();
     seq.extend(&greedy);
     let logits = model
         .forward(&seq, &mut cache, tandem_model::Logits::All)
         .unwrap();
-    let rows: Vec<Vec<f32>> = logits.to_vec2().unwrap();
+    let rows: Vec<Vec<f32>> = logits.to_vecs();
     let agree = (0..greedy.len())
         .filter(|&i| tandem_model::argmax(&rows[prompt.len() - 1 + i]) == greedy[i])
         .count();
@@ -371,7 +373,9 @@ fn calibrate_matches_llama_imatrix_and_reads_both_formats() {
 /// Mean KL divergence (F16 reference vs candidate) over a few wikitext chunks.
 fn mean_kl(reference: &tandem_model::Llama, candidate: &Path, chunks: &tandem_eval::Chunks) -> f64 {
     let ck = Checkpoint::open(candidate, None).unwrap();
-    let cand = ck.load_model(&candle_core::Device::Cpu).unwrap();
+    let cand = ck
+        .load_model(&tandem_model::LoadOptions::default())
+        .unwrap();
     let mut d = tandem_eval::Divergence::default();
     for c in 0..chunks.chunks.len() {
         let r = tandem_eval::scoring::chunk_logprobs(reference, chunks, c).unwrap();
@@ -403,7 +407,9 @@ fn imatrix_lowers_kl_divergence_at_q4_k() {
     let w = ok(&[&base[..], &[s(&weighted), "--imatrix", s(&imatrix)]].concat());
     assert!(w.contains("importance-weighted"), "{w}");
     let ck = Checkpoint::open(&m, None).unwrap();
-    let reference = ck.load_model(&candle_core::Device::Cpu).unwrap();
+    let reference = ck
+        .load_model(&tandem_model::LoadOptions::default())
+        .unwrap();
     let text = std::fs::read_to_string(shared().join("data/wikitext-2-raw/wiki.test.raw")).unwrap();
     let chunks = tandem_eval::Chunks::new(&ck.tokenizer, &text[..200_000], 256, Some(3)).unwrap();
     let (kl_plain, kl_weighted) = (
@@ -441,7 +447,9 @@ fn calibrated_methods_lower_kl_divergence_at_q4_0_and_say_so_in_the_file() {
     assert!(info.contains(&format!("sha256={hash}")), "{info}");
     assert!(info.contains("chunks=4"), "{info}");
     let ck = Checkpoint::open(&m, None).unwrap();
-    let reference = ck.load_model(&candle_core::Device::Cpu).unwrap();
+    let reference = ck
+        .load_model(&tandem_model::LoadOptions::default())
+        .unwrap();
     let text = std::fs::read_to_string(shared().join("data/wikitext-2-raw/wiki.test.raw")).unwrap();
     let chunks = tandem_eval::Chunks::new(&ck.tokenizer, &text[..200_000], 256, Some(3)).unwrap();
     let kl: Vec<f64> = files

@@ -2,18 +2,19 @@
 //! logits at every prompt position within 1e-2, and the greedy continuation token for token.
 
 mod common;
-use candle_core::Device;
 use common::*;
 use std::path::Path;
 use tandem_model::{Checkpoint, Logits};
 
 fn check_against_reference(model: &Path, reference_dir: &Path, logit_tol: f32) {
     let ck = Checkpoint::open(model, None).unwrap();
-    let mut llama = ck.load_model(&Device::Cpu).unwrap();
     // The reference computed with f32 activations; tandem's int8 default (llama.cpp's
     // rounding for Q8_0/Q4_0 layers) is checked by the greedy-text tests instead.
-    llama
-        .set_activation_precision(tandem_model::linear::ActivationPrecision::F32)
+    let llama = ck
+        .load_model(&tandem_model::LoadOptions {
+            activations: tandem_model::linear::ActivationPrecision::F32,
+            ..Default::default()
+        })
         .unwrap();
     check_llama_against_reference(&ck, &llama, reference_dir, logit_tol);
 }
@@ -28,7 +29,9 @@ fn stories260k_matches_reference() {
 #[test]
 fn stories260k_perplexity_matches_reference() {
     let ck = Checkpoint::open(&stories(), None).unwrap();
-    let llama = ck.load_model(&Device::Cpu).unwrap();
+    let llama = ck
+        .load_model(&tandem_model::LoadOptions::default())
+        .unwrap();
     let r = reference(&stories());
     let text =
         std::fs::read_to_string(shared().join("data/austen/pride_and_prejudice.txt")).unwrap();
@@ -42,8 +45,7 @@ fn stories260k_perplexity_matches_reference() {
         let l: Vec<Vec<f32>> = llama
             .forward(&win[..w], &mut cache, Logits::All)
             .unwrap()
-            .to_vec2()
-            .unwrap();
+            .to_vecs();
         for (i, row) in l.iter().enumerate() {
             let max = row.iter().cloned().fold(f32::MIN, f32::max);
             let lse = max as f64

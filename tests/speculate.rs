@@ -3,13 +3,12 @@
 //! context limit.
 
 mod common;
-use candle_core::Device;
 use common::*;
 use tandem_model::generate::generate;
 use tandem_model::{Checkpoint, Llama, Sampler, SamplingParams};
 use tandem_speculate::{
-    AdaptiveK, Controller, Drafter, FixedK, Greedy, ModelDrafter, ModelVerifier, NgramDrafter,
-    SharedCacheDrafter, SpeculativeDecoder,
+    AcceptanceRule, AdaptiveK, Controller, Drafter, FixedK, Greedy, ModelDrafter, ModelVerifier,
+    NgramDrafter, SharedCacheDrafter, SpeculativeDecoder,
 };
 
 const STORY_PROMPTS: &[&str] = &[
@@ -100,7 +99,7 @@ fn self_drafts(ck: &Checkpoint) -> Vec<Llama> {
         .iter()
         .map(|&t| {
             let d = tandem_quantize::quantized_copy(ck, t, false).unwrap();
-            d.load_model(&Device::Cpu).unwrap()
+            d.load_model(&tandem_model::LoadOptions::default()).unwrap()
         })
         .collect()
 }
@@ -108,14 +107,16 @@ fn self_drafts(ck: &Checkpoint) -> Vec<Llama> {
 #[test]
 fn stories260k_speculative_greedy_equals_plain_greedy() {
     let ck = Checkpoint::open(&stories(), None).unwrap();
-    let m = ck.load_model(&Device::Cpu).unwrap();
+    let m = ck
+        .load_model(&tandem_model::LoadOptions::default())
+        .unwrap();
     // stories260K's greedy text never reaches EOS, so every fourth prompt also stops at "."
     // (stop tokens are handled exactly like EOS).
     let period = *ck.tokenizer.encode(".", false).unwrap().last().unwrap();
     let self_drafts = self_drafts(&ck);
     let mut short = tandem_quantize::quantized_copy(&ck, tandem_quantize::QuantType::Q8_0, true)
         .unwrap()
-        .load_model(&Device::Cpu)
+        .load_model(&tandem_model::LoadOptions::default())
         .unwrap();
     let (mut saw_eos, mut saw_full, mut accepted) = (false, false, 0);
     for (pi, p) in STORY_PROMPTS.iter().enumerate() {
@@ -191,9 +192,9 @@ fn stories260k_speculative_greedy_equals_plain_greedy() {
 #[test]
 fn smollm2_speculative_greedy_equals_plain_greedy() {
     let v = Checkpoint::open(&smollm2_f16(), None).unwrap();
-    let vm = v.load_model(&Device::Cpu).unwrap();
+    let vm = v.load_model(&tandem_model::LoadOptions::default()).unwrap();
     let d = Checkpoint::open(&smollm2_gguf(), None).unwrap();
-    let dm = d.load_model(&Device::Cpu).unwrap();
+    let dm = d.load_model(&tandem_model::LoadOptions::default()).unwrap();
     let eos = v.tokenizer.eos_ids.clone();
     let text = std::fs::read_to_string(shared().join("data/wikitext-2-raw/wiki.test.raw")).unwrap();
     let mut prompts: Vec<String> = text
@@ -222,7 +223,7 @@ fn smollm2_speculative_greedy_equals_plain_greedy() {
     // self:q8_0@all (Q8_0 tiles) with the CLI's default draft head: ids < 16384 and the prompt's.
     let mut short = tandem_quantize::quantized_copy(&v, tandem_quantize::QuantType::Q8_0, true)
         .unwrap()
-        .load_model(&Device::Cpu)
+        .load_model(&tandem_model::LoadOptions::default())
         .unwrap();
     let mut short_counts = (0, 0);
     // (accepted, drafted) of the self-drafts over the verifier's cache.
@@ -312,9 +313,9 @@ fn smollm2_speculative_greedy_equals_plain_greedy() {
 #[test]
 fn a_draft_of_another_shape_cannot_share_the_cache() {
     let s = Checkpoint::open(&stories(), None).unwrap();
-    let sm = s.load_model(&Device::Cpu).unwrap();
+    let sm = s.load_model(&tandem_model::LoadOptions::default()).unwrap();
     let v = Checkpoint::open(&smollm2_gguf(), None).unwrap();
-    let vm = v.load_model(&Device::Cpu).unwrap();
+    let vm = v.load_model(&tandem_model::LoadOptions::default()).unwrap();
     let verifier = ModelVerifier::new(&vm, None).unwrap();
     let err = SharedCacheDrafter::new(&sm, &verifier, None)
         .err()
@@ -329,9 +330,9 @@ fn a_draft_of_another_shape_cannot_share_the_cache() {
 #[test]
 fn mismatched_vocabularies_are_refused() {
     let s = Checkpoint::open(&stories(), None).unwrap();
-    let sm = s.load_model(&Device::Cpu).unwrap();
+    let sm = s.load_model(&tandem_model::LoadOptions::default()).unwrap();
     let v = Checkpoint::open(&smollm2_gguf(), None).unwrap();
-    let vm = v.load_model(&Device::Cpu).unwrap();
+    let vm = v.load_model(&tandem_model::LoadOptions::default()).unwrap();
     let mut d = ModelDrafter::new(&sm, None).unwrap();
     let mut verifier = ModelVerifier::new(&vm, None).unwrap();
     let mut dec = SpeculativeDecoder {
@@ -376,7 +377,9 @@ fn batched_speculative_greedy_equals_plain_greedy() {
         ),
     ] {
         let ck = Checkpoint::open(&dir, None).unwrap();
-        let m = ck.load_model(&Device::Cpu).unwrap();
+        let m = ck
+            .load_model(&tandem_model::LoadOptions::default())
+            .unwrap();
         let drafts = self_drafts(&ck);
         let period = *ck.tokenizer.encode(".", false).unwrap().last().unwrap();
         let mut eos = ck.tokenizer.eos_ids.clone();
@@ -407,8 +410,13 @@ fn batched_speculative_greedy_equals_plain_greedy() {
                     };
                     let mut ctl: Vec<AdaptiveK> = batch.iter().map(|_| AdaptiveK::new(4)).collect();
                     let mut v = ModelBatchVerifier::new(&m, batch.len(), Some(limit)).unwrap();
+                    let mut rules: Vec<Greedy> = batch.iter().map(|_| Greedy).collect();
                     let mut dec = BatchDecoder {
                         drafters,
+                        rules: rules
+                            .iter_mut()
+                            .map(|r| r as &mut dyn AcceptanceRule)
+                            .collect(),
                         controllers: ctl.iter_mut().map(|c| c as &mut dyn Controller).collect(),
                         verifier: &mut v,
                         max_spec_batch: max_spec,
@@ -440,7 +448,9 @@ fn batched_speculative_greedy_equals_plain_greedy() {
 fn stories260k_speculative_sampling_matches_the_verifier_distribution() {
     use tandem_speculate::{AcceptanceRule, RejectionSampling};
     let ck = Checkpoint::open(&stories(), None).unwrap();
-    let m = ck.load_model(&Device::Cpu).unwrap();
+    let m = ck
+        .load_model(&tandem_model::LoadOptions::default())
+        .unwrap();
     let drafts = self_drafts(&ck);
     let params = SamplingParams {
         temperature: 1.0,
@@ -459,7 +469,7 @@ fn stories260k_speculative_sampling_matches_the_verifier_distribution() {
         .unwrap();
     let target = Sampler::new(params)
         .unwrap()
-        .distribution(&tandem_model::llama::last_row(&logits).unwrap());
+        .distribution(logits.last());
     // A draft whose head keeps only the 48 lowest ids and the prompt's: q is 0 for every other
     // token, so those can only come from the resampling step.
     let mut short = self_drafts(&ck).remove(1);
@@ -540,11 +550,13 @@ fn lookup_and_hybrid_drafts_through_a_session_equal_plain_greedy() {
     // The CLI's and Python's path: draft sources opened from a spec, one session per prompt,
     // the suffix history carried from prompt to prompt.
     let ck = Checkpoint::open(&stories(), None).unwrap();
-    let m = ck.load_model(&Device::Cpu).unwrap();
+    let m = ck
+        .load_model(&tandem_model::LoadOptions::default())
+        .unwrap();
     let eos = ck.tokenizer.eos_ids.clone();
     let config = tandem_speculate::SpecConfig::default();
     for spec in ["suffix", "ngram", "suffix+self:q8_0", "ngram+self:q4_0@all"] {
-        let mut src = tandem_speculate::DraftSource::open(&ck, spec).unwrap();
+        let mut src = tandem_speculate::DraftSource::open(&ck, spec, &Default::default()).unwrap();
         let mut drafted = 0;
         // Twice over: the second round finds the first one's answers in the suffix history.
         for p in STORY_PROMPTS.iter().chain(STORY_PROMPTS.iter()) {
@@ -565,7 +577,7 @@ fn lookup_and_hybrid_drafts_through_a_session_equal_plain_greedy() {
         "self:q9",
     ] {
         assert!(
-            tandem_speculate::DraftSource::open(&ck, bad).is_err(),
+            tandem_speculate::DraftSource::open(&ck, bad, &Default::default()).is_err(),
             "{bad} should be refused"
         );
     }

@@ -7,10 +7,9 @@
 use crate::cache::ReferenceCache;
 use crate::report::{ModelResult, Quality, Report, Speed, TextInfo, WeightSummary};
 use crate::{Chunks, Result};
-use candle_core::Device;
 use std::path::{Path, PathBuf};
 use tandem_model::pending::Pending;
-use tandem_model::{Checkpoint, Error, Llama};
+use tandem_model::{Checkpoint, Error, Llama, LoadOptions};
 
 /// What to evaluate and how.
 #[derive(Debug, Clone)]
@@ -32,6 +31,8 @@ pub struct EvalJob {
     pub speed_tg: usize,
     /// Report folder (report.json, report.md, report.html); none: the report is only returned.
     pub out: Option<PathBuf>,
+    /// How every model is loaded (threads, activation precision, device).
+    pub load: LoadOptions,
 }
 
 impl EvalJob {
@@ -46,6 +47,7 @@ impl EvalJob {
             speed_pp: 128,
             speed_tg: 32,
             out: None,
+            load: LoadOptions::default(),
         }
     }
 }
@@ -129,7 +131,7 @@ pub fn run(job: &EvalJob, obs: &dyn EvalObserver) -> Result<Report> {
         }
     };
     let key = crate::cache::cache_key(&rck, &text, &chunks);
-    let rmodel = rck.load_model(&Device::Cpu)?;
+    let rmodel = rck.load_model(&job.load)?;
     let mut cache = match ReferenceCache::open(&cache_path, &key, &chunks, rck.config.vocab_size) {
         Some(c) => {
             obs.note(&format!("reference pass: reusing {}", cache_path.display()));
@@ -174,7 +176,7 @@ pub fn run(job: &EvalJob, obs: &dyn EvalObserver) -> Result<Report> {
     };
     drop(rmodel);
     for (path, ck) in job.models.iter().zip(&cands) {
-        let model = ck.load_model(&Device::Cpu)?;
+        let model = ck.load_model(&job.load)?;
         let stage = name_of(path);
         let (ppl, div) = crate::evaluate(&model, &mut cache, &chunks, &|d, t| {
             obs.progress(&stage, d, t)

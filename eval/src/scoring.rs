@@ -20,8 +20,7 @@ pub fn chunk_logprobs(model: &Llama, chunks: &Chunks, c: usize) -> Result<Vec<Ve
     let logits = model.forward(input, &mut cache, Logits::All)?;
     let first = chunks.first;
     let n = chunks.scored_per_chunk();
-    let rows = logits.narrow(0, first, n)?;
-    let rows: Vec<Vec<f32>> = rows.to_vec2()?;
+    let rows: Vec<&[f32]> = logits.rows().skip(first).take(n).collect();
     Ok(rows.par_iter().map(|r| log_softmax(r)).collect())
 }
 

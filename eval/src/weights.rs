@@ -2,10 +2,9 @@
 //! the reference's, in the Hugging Face layout (llama.cpp's q/k row order undone on both sides).
 
 use crate::Result;
-use candle_core::Device;
 use serde::Serialize;
 use tandem_model::gguf_names::{permute_qk_rows, Permute};
-use tandem_model::linear::Linear;
+use tandem_model::linear::{ActivationPrecision, Linear};
 use tandem_model::weights::RawTensor;
 use tandem_model::{Architecture, Checkpoint, Error};
 
@@ -69,7 +68,8 @@ fn dense(ck: &Checkpoint, name: &str) -> Result<Vec<f32>> {
         }
         None => raw,
     };
-    let lin = Linear::from_raw(path, &raw, &Device::Cpu)?;
+    // Read back only: f32 activations keep Q4_0/Q8_0 in GGML rows (no tiles to build).
+    let lin = Linear::from_raw(path, &raw, ActivationPrecision::F32)?;
     Ok(lin.dequantize()?.flatten_all()?.to_vec1()?)
 }
 

@@ -139,7 +139,9 @@ fn read(p: &Path) -> Option<Vec<u8>> {
 /// Loads the checkpoint's model and runs a few of its tokens: the readers' output must carry
 /// a real forward pass, not only parse.
 fn exercise(ck: &Checkpoint) -> Outcome {
-    let m = ck.load_model(&candle_core::Device::Cpu).map_err(err)?;
+    let m = ck
+        .load_model(&tandem_model::LoadOptions::default())
+        .map_err(err)?;
     let mut ids = ck
         .tokenizer
         .encode("Once upon a time", false)

@@ -79,10 +79,10 @@ pub fn attention(s: AttentionShape, q: &[f32], k: &[f32], v: &[f32], out: &mut [
     // microsecond of arithmetic, less than handing it out as a task of its own (SmolLM2: 45
     // rows per layer in a 5-token verification pass). Eight tasks per thread or more, so the
     // pool still evens out a prefill's rows (later positions attend over more keys).
-    let threads = crate::pool::global().threads_now().max(1);
+    let threads = crate::pool::current().threads_now().max(1);
     let per_task = rows.div_ceil(8 * threads).max(1);
     let base = crate::rows::SendPtr(out.as_mut_ptr());
-    crate::pool::global().run(rows.div_ceil(per_task), |c| {
+    crate::pool::current().run(rows.div_ceil(per_task), |c| {
         crate::rows::with_scratch(&SCORES, |scores| {
             for row in c * per_task..((c + 1) * per_task).min(rows) {
                 // SAFETY: task c alone writes its rows, each out[row·d..(row+1)·d]; `run`

@@ -210,6 +210,12 @@ impl Gpu {
     // sizes of its buffers first (a kernel reading past one is undefined behaviour) and runs
     // asynchronously on the one stream, so their order is the order of the calls. ----
 
+    /// Waits until every operation queued on the stream has finished (profiling times whole
+    /// operations, not their launches).
+    pub fn synchronize(&self) -> Result<(), GpuError> {
+        Ok(self.stream.synchronize()?)
+    }
+
     /// `len` f32 zeros on the GPU.
     pub fn zeros(&self, len: usize) -> Result<CudaSlice<f32>, GpuError> {
         Ok(self.stream.alloc_zeros::<f32>(len.max(1))?)

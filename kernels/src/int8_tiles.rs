@@ -102,11 +102,11 @@ impl Int8Tiles {
         let tile_bytes = nb * TILE * self.format.block_bytes();
         let q4 = self.format == BlockFormat::Q4_0;
         // Tasks of whole tiles; each writes its tiles' 8 columns in every output row.
-        let threads = crate::pool::global().threads_now().max(1);
+        let threads = crate::pool::current().threads_now().max(1);
         let per_task = tiles.div_ceil(4 * threads).clamp(1, 16);
         let tasks = tiles.div_ceil(per_task);
         let base = crate::rows::SendPtr(out.as_mut_ptr());
-        crate::pool::global().run(tasks, |c| {
+        crate::pool::current().run(tasks, |c| {
             let mut res = [0f32; TILE * GROUP];
             for t in c * per_task..((c + 1) * per_task).min(tiles) {
                 let tile = &self.data[t * tile_bytes..][..tile_bytes];

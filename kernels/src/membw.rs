@@ -16,7 +16,7 @@ pub fn read_bandwidth(bytes: usize, reps: usize) -> f64 {
     let sink = std::sync::atomic::AtomicU64::new(0);
     for _ in 0..reps.max(1) {
         let t = Instant::now();
-        crate::pool::global().run(tasks, |c| {
+        crate::pool::current().run(tasks, |c| {
             let part = &buf[c * chunk..((c + 1) * chunk).min(words)];
             // Four independent sums so the adds are not the limit; the compiler vectorizes.
             let mut acc = [0u64; 4];

@@ -166,6 +166,50 @@ pub fn set_threads(n: usize) {
     THREADS.store(n.max(1), SeqCst);
 }
 
+/// Pools of a given width asked for by [`with_threads`] (leaked: a process asks for a few at
+/// most, and their workers live as long as it does).
+static SIZED: Mutex<Vec<&'static Pool>> = Mutex::new(Vec::new());
+
+thread_local! {
+    /// The pool kernels called from this thread use (see [`scoped`]); `None`: [`global`].
+    static CURRENT: std::cell::Cell<Option<&'static Pool>> = const { std::cell::Cell::new(None) };
+}
+
+/// A pool `threads` wide, shared by everything that asks for that width (the process-wide
+/// pool when it already has it): two models loaded with the same thread count (a verifier and
+/// its draft) share one set of spinning workers instead of competing with two.
+pub fn with_threads(threads: usize) -> &'static Pool {
+    let threads = threads.max(1);
+    if let Some(g) = POOL.get().filter(|g| g.threads() == threads) {
+        return g;
+    }
+    let mut sized = SIZED.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(p) = sized.iter().find(|p| p.threads() == threads) {
+        return p;
+    }
+    let p: &'static Pool = Box::leak(Box::new(Pool::new(threads)));
+    sized.push(p);
+    p
+}
+
+/// Runs `f` with `pool` as the pool of every kernel it calls on this thread (a model loaded
+/// with an explicit thread count runs its forward pass this way).
+pub fn scoped<R>(pool: &'static Pool, f: impl FnOnce() -> R) -> R {
+    struct Restore(Option<&'static Pool>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            CURRENT.with(|c| c.set(self.0));
+        }
+    }
+    let _restore = Restore(CURRENT.with(|c| c.replace(Some(pool))));
+    f()
+}
+
+/// The pool for a kernel called now: the one [`scoped`] set on this thread, else [`global`].
+pub fn current() -> &'static Pool {
+    CURRENT.with(|c| c.get()).unwrap_or_else(global)
+}
+
 /// The process-wide pool.
 pub fn global() -> &'static Pool {
     POOL.get_or_init(|| {

@@ -58,9 +58,9 @@ pub(crate) fn par_weight_rows(
 /// 192- and 576-row k/v/q/o projections) split into at least four per thread: 576 rows in
 /// tasks of 64 gave one thread 5 tasks and the other 4.
 pub(crate) fn par_row_tasks(n: usize, rows_per_task: usize, task: impl Fn(usize, usize) + Sync) {
-    let threads = crate::pool::global().threads_now().max(1);
+    let threads = crate::pool::current().threads_now().max(1);
     let rows_per_task = rows_per_task.min(n.div_ceil(4 * threads)).max(8);
-    crate::pool::global().run(n.div_ceil(rows_per_task), |c| {
+    crate::pool::current().run(n.div_ceil(rows_per_task), |c| {
         let j0 = c * rows_per_task;
         task(j0, (j0 + rows_per_task).min(n));
     });

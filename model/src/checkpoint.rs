@@ -225,9 +225,9 @@ impl Checkpoint {
             .collect()
     }
 
-    /// Builds the forward pass on `device`.
-    pub fn load_model(&self, device: &Device) -> Result<Llama> {
-        Llama::load(self.config.clone(), &self.store, device)
+    /// Builds the model as `options` say (threads, activation precision, device).
+    pub fn load_model(&self, options: &crate::LoadOptions) -> Result<Llama> {
+        Llama::load(self.config.clone(), &self.store, options)
     }
 
     /// Number of parameters (elements of all tensors).

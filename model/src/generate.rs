@@ -104,8 +104,7 @@ pub fn generate_scored(
     if max_tokens == 0 {
         return Ok((out, stats));
     }
-    let logits = model.forward(prompt, cache, Logits::Last)?;
-    let mut row = crate::llama::last_row(&logits)?;
+    let mut row = model.forward(prompt, cache, Logits::Last)?.into_last();
     let mut next = sampler.sample(&row);
     stats.prefill = start.elapsed();
     let decode_start = Instant::now();
@@ -130,8 +129,7 @@ pub fn generate_scored(
             stats.stop = StopReason::ContextFull;
             break;
         }
-        let logits = model.forward(&[next], cache, Logits::Last)?;
-        row = crate::llama::last_row(&logits)?;
+        row = model.forward(&[next], cache, Logits::Last)?.into_last();
         next = sampler.sample(&row);
     }
     stats.generated_tokens = out.len();

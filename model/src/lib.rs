@@ -27,6 +27,8 @@ pub mod weights;
 pub use checkpoint::Checkpoint;
 pub use config::{Architecture, Config};
 pub use error::{Error, Result};
-pub use llama::{argmax, ActivationObserver, KvCache, Llama, Logits};
+pub use llama::{
+    argmax, ActivationObserver, ComputeDevice, KvCache, Llama, LoadOptions, LogitRows, Logits,
+};
 pub use sampling::{Sampler, SamplingParams};
 pub use tokenizer::{TextStream, Tokenizer};

@@ -13,6 +13,13 @@ use half::f16;
 use std::path::Path;
 use std::sync::Arc;
 
+/// The GPU copy of a layer: real with feature `cuda`, an uninhabited stand-in without it.
+#[cfg_attr(feature = "cuda", path = "linear/gpu.rs")]
+#[cfg_attr(not(feature = "cuda"), path = "linear/no_gpu.rs")]
+mod gpu;
+pub use gpu::device_name as gpu_name;
+pub(crate) use gpu::GpuWeight;
+
 #[derive(Debug, Clone)]
 pub enum LinearWeight {
     /// [out, in] f16, multiplied by tandem's kernel with f32 accumulation.
@@ -48,58 +55,20 @@ pub struct Linear {
     pub in_dim: usize,
     pub out_dim: usize,
     pub activations: ActivationPrecision,
-    /// A copy of the weight on the GPU, used instead of the CPU kernels when present.
-    #[cfg(feature = "cuda")]
-    gpu: Option<Arc<tandem_kernels::cuda::GpuMatrix>>,
-    /// The bias on the GPU, for the device-resident forward pass.
-    #[cfg(feature = "cuda")]
-    gpu_bias: Option<Arc<tandem_kernels::cuda::CudaSlice<f32>>>,
-}
-
-/// The precision later-loaded layers start with (`--activations`); 0 = Int8, 1 = F32.
-static DEFAULT_ACTIVATIONS: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
-
-/// Sets how layers of models loaded from now on meet Q8_0/Q4_0 weights (default: Int8).
-pub fn set_default_activations(p: ActivationPrecision) {
-    let v = match p {
-        ActivationPrecision::Int8 => 0,
-        ActivationPrecision::F32 => 1,
-    };
-    DEFAULT_ACTIVATIONS.store(v, std::sync::atomic::Ordering::SeqCst);
-}
-
-fn default_activations() -> ActivationPrecision {
-    match DEFAULT_ACTIVATIONS.load(std::sync::atomic::Ordering::SeqCst) {
-        0 => ActivationPrecision::Int8,
-        _ => ActivationPrecision::F32,
-    }
-}
-
-/// Whether models loaded from now on put their linear layers on the GPU (`--gpu`).
-static OFFLOAD_TO_GPU: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-
-/// Asks every later `Llama::load` to copy its Q8_0/Q4_0/F16 linear layers to GPU 0 and run
-/// their matmuls there. Fails when this build has no GPU support or no GPU is usable.
-pub fn offload_to_gpu() -> Result<String> {
-    #[cfg(feature = "cuda")]
-    {
-        let g = tandem_kernels::cuda::gpu().map_err(|e| crate::Error::Invalid(e.to_string()))?;
-        OFFLOAD_TO_GPU.store(true, std::sync::atomic::Ordering::SeqCst);
-        Ok(g.name.clone())
-    }
-    #[cfg(not(feature = "cuda"))]
-    Err(crate::Error::Invalid(
-        "this tandem was built without GPU support (cargo build --features cuda)".into(),
-    ))
-}
-
-pub(crate) fn offload_requested() -> bool {
-    OFFLOAD_TO_GPU.load(std::sync::atomic::Ordering::SeqCst)
+    /// A copy of the weight (and bias) on the GPU, used instead of the CPU kernels when
+    /// present.
+    gpu: Option<Arc<GpuWeight>>,
 }
 
 impl Linear {
-    /// Builds a layer from stored bytes (already in Hugging Face [out, in] layout).
-    pub fn from_raw(path: &Path, raw: &RawTensor<'_>, device: &Device) -> Result<Self> {
+    /// Builds a layer from stored bytes (already in Hugging Face [out, in] layout), on the CPU,
+    /// meeting activations as `activations` says.
+    pub fn from_raw(
+        path: &Path,
+        raw: &RawTensor<'_>,
+        activations: ActivationPrecision,
+    ) -> Result<Self> {
+        let device = &Device::Cpu;
         let (out_dim, in_dim) = match raw.shape.as_slice() {
             [o, i] => (*o, *i),
             s => {
@@ -116,8 +85,8 @@ impl Linear {
                 LinearWeight::F32(dense_tensor(path, raw, device)?.to_dtype(DType::F32)?)
             }
             WeightDType::Quant(q) => {
-                let tiles = match (block_format(q), device.is_cpu(), default_activations()) {
-                    (Some(f), true, ActivationPrecision::Int8) => {
+                let tiles = match (block_format(q), activations) {
+                    (Some(f), ActivationPrecision::Int8) => {
                         tandem_kernels::Int8Tiles::pack(f, raw.data, out_dim, in_dim)
                     }
                     _ => None,
@@ -132,7 +101,7 @@ impl Linear {
                 }
             }
         };
-        Ok(Linear::bare(weight, in_dim, out_dim, default_activations()))
+        Ok(Linear::bare(weight, in_dim, out_dim, activations))
     }
 
     /// A layer with no bias (add one with [`Linear::with_bias`]) and no GPU copy.
@@ -149,76 +118,33 @@ impl Linear {
             in_dim,
             out_dim,
             activations,
-            #[cfg(feature = "cuda")]
             gpu: None,
-            #[cfg(feature = "cuda")]
-            gpu_bias: None,
         }
     }
 
     /// Copies the weight to the GPU when there is a kernel for its type (Q8_0, Q4_0, F16);
     /// returns the bytes copied (0 when it stays on the CPU).
-    #[cfg(feature = "cuda")]
     pub fn upload_to_gpu(&mut self) -> Result<usize> {
-        use tandem_kernels::cuda::{gpu, GpuFormat};
-        let g = gpu().map_err(|e| crate::Error::Invalid(e.to_string()))?;
-        let (n, k) = (self.out_dim, self.in_dim);
-        let m = match &self.weight {
-            LinearWeight::F16(w) => {
-                let v: Vec<f16> = w.flatten_all()?.to_vec1()?;
-                let bytes: Vec<u8> = v.iter().flat_map(|h| h.to_le_bytes()).collect();
-                g.upload(GpuFormat::F16, &bytes, n, k)
-            }
-            LinearWeight::Quantized(q, _) => {
-                match block_format(q.dtype()).and_then(GpuFormat::from_block) {
-                    Some(f) => g.upload(f, &q.data()?, n, k),
-                    None => return Ok(0),
-                }
-            }
-            LinearWeight::Tiled(t) => match GpuFormat::from_block(t.format) {
-                Some(f) => g.upload(f, &t.unpack(), n, k),
-                None => return Ok(0),
-            },
-            LinearWeight::F32(_) => return Ok(0),
-        }
-        .map_err(|e| crate::Error::Invalid(e.to_string()))?;
-        let bytes = m.bytes();
-        self.gpu = Some(Arc::new(m));
-        if let Some(b) = &self.bias_f32 {
-            let d = g
-                .to_device(b)
-                .map_err(|e| crate::Error::Invalid(e.to_string()))?;
-            self.gpu_bias = Some(Arc::new(d));
-        }
+        let g = GpuWeight::upload(
+            &self.weight,
+            self.out_dim,
+            self.in_dim,
+            self.bias_f32.as_deref(),
+        )?;
+        let bytes = g.as_ref().map_or(0, GpuWeight::bytes);
+        self.gpu = g.map(Arc::new);
         Ok(bytes)
     }
 
     /// Whether the weight is on the GPU.
-    #[cfg(feature = "cuda")]
     pub(crate) fn on_gpu(&self) -> bool {
         self.gpu.is_some()
     }
 
-    /// `out` [m, out_dim] = `x` [m, in_dim] · Wᵀ (+ bias) with both on the GPU (the
-    /// device-resident forward pass); the weight must have been uploaded.
-    #[cfg(feature = "cuda")]
-    pub(crate) fn forward_on_device(
-        &self,
-        g: &tandem_kernels::cuda::Gpu,
-        x: &tandem_kernels::cuda::CudaView<'_, f32>,
-        m: usize,
-        out: &mut tandem_kernels::cuda::CudaViewMut<'_, f32>,
-    ) -> Result<()> {
-        let gm = self.gpu.as_ref().ok_or_else(|| {
-            crate::Error::Invalid("linear layer is not on the GPU (internal error)".into())
-        })?;
-        let err = |e: tandem_kernels::cuda::GpuError| crate::Error::Invalid(format!("GPU: {e}"));
-        g.matmul_on_device(gm, x, m, out).map_err(err)?;
-        if let Some(b) = &self.gpu_bias {
-            g.add_assign(out, &b.slice(..), m * self.out_dim, self.out_dim)
-                .map_err(err)?;
-        }
-        Ok(())
+    /// The GPU copy, if any (the device-resident forward pass multiplies with it).
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    pub(crate) fn gpu_weight(&self) -> Option<&GpuWeight> {
+        self.gpu.as_deref()
     }
 
     pub fn with_bias(mut self, bias: Option<Tensor>) -> Self {
@@ -241,18 +167,8 @@ impl Linear {
                 out.len()
             )));
         }
-        #[cfg(feature = "cuda")]
-        if let Some(gm) = &self.gpu {
-            let g =
-                tandem_kernels::cuda::gpu().map_err(|e| crate::Error::Invalid(e.to_string()))?;
-            g.matmul(gm, x, m, out)
-                .map_err(|e| crate::Error::Invalid(format!("GPU matmul: {e}")))?;
-            if let Some(b) = &self.bias_f32 {
-                for row in out.chunks_exact_mut(n) {
-                    tandem_kernels::ops::add_assign(row, b);
-                }
-            }
-            return Ok(());
+        if let Some(g) = &self.gpu {
+            return g.matmul(x, m, out);
         }
         match &self.weight {
             LinearWeight::F16(w) if w.device().is_cpu() => {
@@ -311,7 +227,6 @@ impl Linear {
 
     /// Whether `forward_into` runs one of tandem's kernels (not candle) for this weight.
     fn has_cpu_kernel(&self) -> bool {
-        #[cfg(feature = "cuda")]
         if self.gpu.is_some() {
             return true;
         }

@@ -85,6 +85,26 @@ fn threads() -> usize {
     pool().current_num_threads()
 }
 
+/// How this module loads a model: on the CPU, with the pool's thread count (so
+/// `set_threads` governs the kernels too), activations as `activations` names them.
+fn load_options(activations: &str) -> PyResult<tandem_model::LoadOptions> {
+    use tandem_model::linear::ActivationPrecision;
+    let activations = match activations {
+        "int8" => ActivationPrecision::Int8,
+        "f32" => ActivationPrecision::F32,
+        other => {
+            return Err(err(format!(
+                "activations '{other}': expected 'int8' or 'f32'"
+            )))
+        }
+    };
+    Ok(tandem_model::LoadOptions {
+        threads: Some(pool().current_num_threads()),
+        activations,
+        device: tandem_model::ComputeDevice::Cpu,
+    })
+}
+
 /// A progress bar on stderr when it is a terminal (or as `show` says).
 fn progress_bar(show: Option<bool>) -> indicatif::ProgressBar {
     use std::io::IsTerminal;
@@ -232,13 +252,20 @@ impl Model {
 #[pymethods]
 impl Model {
     /// Opens `path` (a Hugging Face folder or a GGUF file); `tokenizer` replaces its
-    /// tokenizer.json.
+    /// tokenizer.json; `activations` is how they meet Q8_0/Q4_0 weights ("int8", fast, or
+    /// "f32", exactly what the dequantized weights compute).
     #[new]
-    #[pyo3(signature = (path, tokenizer=None))]
-    fn new(py: Python<'_>, path: PathBuf, tokenizer: Option<PathBuf>) -> PyResult<Self> {
+    #[pyo3(signature = (path, tokenizer=None, *, activations="int8"))]
+    fn new(
+        py: Python<'_>,
+        path: PathBuf,
+        tokenizer: Option<PathBuf>,
+        activations: &str,
+    ) -> PyResult<Self> {
+        let load = load_options(activations)?;
         compute(py, || {
             let ck = Checkpoint::open(&path, tokenizer.as_deref())?;
-            let model = ck.load_model(&candle_core::Device::Cpu)?;
+            let model = ck.load_model(&load)?;
             Ok::<_, tandem_model::Error>(Model {
                 ck: Arc::new(ck),
                 model: Arc::new(model),
@@ -405,9 +432,9 @@ impl Model {
             }
             let mut cache = model.new_cache()?;
             let logits = model.forward(&ids[..ids.len() - 1], &mut cache, Logits::All)?;
-            let rows = tandem_model::llama::all_rows(&logits)?;
             Ok::<_, tandem_model::Error>(
-                rows.iter()
+                logits
+                    .rows()
                     .zip(&ids[1..])
                     .map(|(row, &t)| log_prob(row, t))
                     .collect(),
@@ -425,8 +452,7 @@ impl Model {
         let model = &self.model;
         compute(py, || {
             let mut cache = model.new_cache()?;
-            let l = model.forward(&ids, &mut cache, Logits::Last)?;
-            tandem_model::llama::last_row(&l)
+            Ok::<_, tandem_model::Error>(model.forward(&ids, &mut cache, Logits::Last)?.into_last())
         })
         .map_err(err)
     }
@@ -628,13 +654,20 @@ impl Drafter {
     /// does by default; `attention=True` quantizes attention too): a draft that shares the
     /// verifier's tokenizer by construction.
     #[staticmethod]
-    #[pyo3(signature = (path, r#type="q4_0", attention=false))]
-    fn self_draft(py: Python<'_>, path: PathBuf, r#type: &str, attention: bool) -> PyResult<Self> {
+    #[pyo3(signature = (path, r#type="q4_0", attention=false, *, activations="int8"))]
+    fn self_draft(
+        py: Python<'_>,
+        path: PathBuf,
+        r#type: &str,
+        attention: bool,
+        activations: &str,
+    ) -> PyResult<Self> {
         let t = tandem_quantize::QuantType::parse(r#type)
             .ok_or_else(|| err(format!("unknown type '{}'", r#type)))?;
+        let load = load_options(activations)?;
         let source = compute(py, || {
             let ck = Checkpoint::open(&path, None).map_err(tandem_speculate::Error::from)?;
-            DraftSource::self_draft(&ck, t, attention)
+            DraftSource::self_draft(&ck, t, attention, &load)
         })
         .map_err(err)?;
         let all = if attention { "@all" } else { "" };
@@ -650,9 +683,11 @@ impl Drafter {
     /// A draft model from a file or folder (its vocabulary must be the verifier's; checked
     /// when it drafts for one).
     #[staticmethod]
-    fn model(py: Python<'_>, path: PathBuf) -> PyResult<Self> {
+    #[pyo3(signature = (path, *, activations="int8"))]
+    fn model(py: Python<'_>, path: PathBuf, activations: &str) -> PyResult<Self> {
+        let load = load_options(activations)?;
         let m = compute(py, || {
-            Checkpoint::open(&path, None).and_then(|ck| ck.load_model(&candle_core::Device::Cpu))
+            Checkpoint::open(&path, None).and_then(|ck| ck.load_model(&load))
         })
         .map_err(err)?;
         Ok(Drafter::over_model(

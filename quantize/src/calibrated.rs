@@ -18,7 +18,7 @@ use crate::grid;
 use crate::imatrix::ImportanceMatrix;
 use crate::plan::{Plan, PlannedTensor};
 use crate::types::QuantType;
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::time::Instant;
@@ -94,6 +94,8 @@ pub struct CalibratedOptions {
     /// Use at most this many chunks.
     pub chunks: Option<usize>,
     pub gptq: GptqOptions,
+    /// Threads of the layer-by-layer passes (`None`: the process-wide pool).
+    pub threads: Option<usize>,
 }
 
 impl CalibratedOptions {
@@ -105,6 +107,7 @@ impl CalibratedOptions {
             ctx: 512,
             chunks: None,
             gptq: GptqOptions::default(),
+            threads: None,
         }
     }
 }
@@ -222,7 +225,10 @@ pub fn calibrate_plan(
     out.chunks = chunks.len();
     out.tokens = chunks.iter().map(Vec::len).sum();
     out.metadata = provenance(opts, out.chunks);
-    let model = ck.load_model(&Device::Cpu)?;
+    // On the CPU (layer-by-layer passes read every activation), 8-bit activations as the
+    // quantized file will mostly be run with.
+    let load = tandem_model::LoadOptions::default().with_threads(opts.threads);
+    let model = ck.load_model(&load)?;
     let planned: BTreeMap<&str, &PlannedTensor> = plan
         .tensors
         .iter()
@@ -570,7 +576,7 @@ impl Run<'_> {
             let lin = tandem_model::linear::Linear::from_raw(
                 self.ck.store.path_of(&name),
                 &raw,
-                &Device::Cpu,
+                tandem_model::linear::ActivationPrecision::default(),
             )?;
             self.model.replace_linear(&name, lin)?;
             self.out.tensors.insert(name, bytes);

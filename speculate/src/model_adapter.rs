@@ -31,7 +31,7 @@ impl Verifier for ModelVerifier<'_> {
     fn verify(&mut self, tokens: &[u32]) -> Result<Vec<Vec<f32>>> {
         let mut cache = self.cache.borrow_mut();
         let logits = self.model.forward(tokens, &mut cache, Logits::All)?;
-        Ok(tandem_model::llama::all_rows(&logits)?)
+        Ok(logits.to_vecs())
     }
     fn rollback(&mut self, len: usize) {
         self.cache.borrow_mut().truncate(len);
@@ -47,8 +47,10 @@ impl Verifier for ModelVerifier<'_> {
     }
     fn forward_last(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
         let mut cache = self.cache.borrow_mut();
-        let l = self.model.forward(tokens, &mut cache, Logits::Last)?;
-        Ok(tandem_model::llama::last_row(&l)?)
+        Ok(self
+            .model
+            .forward(tokens, &mut cache, Logits::Last)?
+            .into_last())
     }
 }
 
@@ -109,7 +111,7 @@ impl Drafter for SharedCacheDrafter<'_> {
             let logits = match self
                 .model
                 .forward(&[token], &mut cache, Logits::Last)
-                .and_then(|l| tandem_model::llama::last_row(&l))
+                .map(tandem_model::LogitRows::into_last)
             {
                 Ok(l) => l,
                 Err(e) => {
@@ -159,7 +161,7 @@ impl OwnedModelVerifier {
 impl Verifier for OwnedModelVerifier {
     fn verify(&mut self, tokens: &[u32]) -> Result<Vec<Vec<f32>>> {
         let logits = self.model.forward(tokens, &mut self.cache, Logits::All)?;
-        Ok(tandem_model::llama::all_rows(&logits)?)
+        Ok(logits.to_vecs())
     }
     fn rollback(&mut self, len: usize) {
         self.cache.truncate(len);
@@ -174,8 +176,10 @@ impl Verifier for OwnedModelVerifier {
         self.model.config.vocab_size
     }
     fn forward_last(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
-        let l = self.model.forward(tokens, &mut self.cache, Logits::Last)?;
-        Ok(tandem_model::llama::last_row(&l)?)
+        Ok(self
+            .model
+            .forward(tokens, &mut self.cache, Logits::Last)?
+            .into_last())
     }
 }
 
@@ -215,9 +219,7 @@ impl BatchVerifier for ModelBatchVerifier<'_> {
             batch.push((toks, cache));
         }
         let out = self.model.forward_batch(&mut batch, Logits::All)?;
-        out.iter()
-            .map(|t| Ok(tandem_model::llama::all_rows(t)?))
-            .collect()
+        Ok(out.iter().map(tandem_model::LogitRows::to_vecs).collect())
     }
     fn rollback(&mut self, seq: usize, len: usize) {
         if let Some(c) = self.caches.get_mut(seq) {

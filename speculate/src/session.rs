@@ -8,10 +8,9 @@ use crate::{
     ModelDrafter, ModelVerifier, NgramDrafter, RejectionSampling, Result, SharedCacheDrafter,
     SpecStats, SpeculativeDecoder, SuffixDrafter,
 };
-use candle_core::Device;
 use std::path::Path;
 use std::sync::Arc;
-use tandem_model::{Checkpoint, Llama, Sampler, SamplingParams};
+use tandem_model::{Checkpoint, Llama, LoadOptions, Sampler, SamplingParams};
 use tandem_quantize::{QuantType, TypeChoice};
 
 /// Off by default, unlike llama.cpp's 0.75: a quantized copy of the verifier agrees with it
@@ -64,8 +63,9 @@ impl DraftSource {
     /// `ngram`, `suffix`, `self:<type>` (the verifier quantized in memory with the
     /// quantizer's default policy: attention 16-bit, MLP at `<type>`; `self:<type>@all`
     /// quantizes attention too), a model path, or a lookup and a model joined by `+`
-    /// (`suffix+self:q8_0@all`: the lookup first, the model where it finds nothing).
-    pub fn open(verifier: &Checkpoint, spec: &str) -> Result<Self> {
+    /// (`suffix+self:q8_0@all`: the lookup first, the model where it finds nothing). A draft
+    /// model is loaded with `load` (the verifier's options, as a rule).
+    pub fn open(verifier: &Checkpoint, spec: &str, load: &LoadOptions) -> Result<Self> {
         let parts: Vec<&str> = if Path::new(spec).exists() {
             vec![spec]
         } else {
@@ -95,7 +95,7 @@ impl DraftSource {
                             "draft '{spec}': one draft model at most"
                         )));
                     }
-                    source.model = Some(Self::open_model_part(verifier, spec, part)?);
+                    source.model = Some(Self::open_model_part(verifier, spec, part, load)?);
                 }
             }
         }
@@ -105,7 +105,12 @@ impl DraftSource {
         Ok(source)
     }
 
-    fn open_model_part(verifier: &Checkpoint, spec: &str, part: &str) -> Result<Arc<Llama>> {
+    fn open_model_part(
+        verifier: &Checkpoint,
+        spec: &str,
+        part: &str,
+        load: &LoadOptions,
+    ) -> Result<Arc<Llama>> {
         match part.strip_prefix("self:") {
             Some(ty) => {
                 let (ty, all) = match ty.strip_suffix("@all") {
@@ -122,9 +127,9 @@ impl DraftSource {
                         )))
                     }
                 };
-                self_draft_model(verifier, t, all)
+                self_draft_model(verifier, t, all, load)
             }
-            None => open_draft_model(verifier, Path::new(part)),
+            None => open_draft_model(verifier, Path::new(part), load),
         }
     }
 
@@ -133,17 +138,19 @@ impl DraftSource {
         verifier: &Checkpoint,
         scheme: QuantType,
         attention_too: bool,
+        load: &LoadOptions,
     ) -> Result<Self> {
         Ok(Self::from_model(self_draft_model(
             verifier,
             scheme,
             attention_too,
+            load,
         )?))
     }
 
     /// A draft model from a file or folder; its vocabulary must be the verifier's.
-    pub fn open_model(verifier: &Checkpoint, path: &Path) -> Result<Self> {
-        Ok(Self::from_model(open_draft_model(verifier, path)?))
+    pub fn open_model(verifier: &Checkpoint, path: &Path, load: &LoadOptions) -> Result<Self> {
+        Ok(Self::from_model(open_draft_model(verifier, path, load)?))
     }
 }
 
@@ -151,13 +158,14 @@ fn self_draft_model(
     verifier: &Checkpoint,
     scheme: QuantType,
     attention_too: bool,
+    load: &LoadOptions,
 ) -> Result<Arc<Llama>> {
     let ck = tandem_quantize::quantized_copy(verifier, scheme, attention_too)
         .map_err(|e| Error::Mismatch(format!("quantizing the self-draft: {e}")))?;
-    Ok(Arc::new(ck.load_model(&Device::Cpu)?))
+    Ok(Arc::new(ck.load_model(load)?))
 }
 
-fn open_draft_model(verifier: &Checkpoint, path: &Path) -> Result<Arc<Llama>> {
+fn open_draft_model(verifier: &Checkpoint, path: &Path, load: &LoadOptions) -> Result<Arc<Llama>> {
     let draft = Checkpoint::open(path, None)?;
     if let Some(d) = draft.tokenizer.vocabulary_difference(&verifier.tokenizer) {
         return Err(Error::Mismatch(format!(
@@ -166,7 +174,7 @@ fn open_draft_model(verifier: &Checkpoint, path: &Path) -> Result<Arc<Llama>> {
             verifier.path.display()
         )));
     }
-    Ok(Arc::new(draft.load_model(&Device::Cpu)?))
+    Ok(Arc::new(draft.load_model(load)?))
 }
 
 /// How to speculate.

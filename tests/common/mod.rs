@@ -130,7 +130,7 @@ pub fn check_llama_against_reference(
         );
         let mut cache = llama.new_cache().unwrap();
         let logits = llama.forward(&prompt_ids, &mut cache, Logits::All).unwrap();
-        let logits: Vec<Vec<f32>> = logits.to_vec2().unwrap();
+        let logits: Vec<Vec<f32>> = logits.to_vecs();
         let top5 = case["top5_logits_per_position"].as_array().unwrap();
         assert_eq!(top5.len(), prompt_ids.len());
         let mut worst = 0f32;
@@ -153,7 +153,7 @@ pub fn check_llama_against_reference(
         for _ in 0..want.len() {
             got.push(next);
             let l = llama.forward(&[next], &mut cache, Logits::Last).unwrap();
-            next = argmax(&l.to_vec2::<f32>().unwrap()[0]);
+            next = argmax(l.last());
         }
         assert_eq!(
             got,
@@ -177,7 +177,7 @@ pub fn logits_in_chunks(m: &tandem_model::Llama, toks: &[u32], chunks: &[usize])
         let l = m
             .forward(&toks[at..at + c], &mut cache, tandem_model::Logits::All)
             .unwrap();
-        out.extend(l.to_vec2::<f32>().unwrap());
+        out.extend(l.to_vecs());
         at += c;
     }
     assert_eq!(cache.len(), toks.len());

@@ -5,15 +5,19 @@
 //! decoding (which only call `Llama::forward` and `KvCache::truncate`) then run on the GPU
 //! end to end.
 //!
-//! Same steps and f32 math as the CPU path (`forward_rows`), kernel for kernel
+//! The layer loop is the CPU's (`forward.rs`); this is its backend. Same f32 math as the CPU
+//! backend, kernel for kernel
 //! (`kernels/src/cuda/kernels.cu`, each tested against its CPU reference). A row's result does
 //! not depend on how many rows share the pass, so verification reproduces decoding exactly.
 
-use super::{head_rows, sized, split_logits, KvCache, Llama, Logits, Workspace};
+use super::backend::{internal, Backend, Buf, Norm, BUFS, BUF_ORDER};
+use super::cache::{KvCache, KvStore};
+use super::forward::{LogitRows, Pass};
+use super::Llama;
 use crate::config::Config;
 use crate::error::{Error, Result};
-use candle_core::Tensor;
-use std::sync::Mutex;
+use crate::linear::Linear;
+use std::sync::{Mutex, MutexGuard};
 use tandem_kernels::cuda::{gpu, CudaSlice, Gpu, GpuError};
 use tandem_kernels::AttentionShape;
 
@@ -58,15 +62,8 @@ impl Resident {
 /// One pass's activations on the GPU, sized for `rows` rows.
 struct Buffers {
     rows: usize,
-    x: CudaSlice<f32>,
-    hn: CudaSlice<f32>,
-    q: CudaSlice<f32>,
-    k: CudaSlice<f32>,
-    v: CudaSlice<f32>,
-    att: CudaSlice<f32>,
-    proj: CudaSlice<f32>,
-    gate: CudaSlice<f32>,
-    up: CudaSlice<f32>,
+    /// Indexed by `Buf as usize`.
+    bufs: [CudaSlice<f32>; BUFS],
     logits: CudaSlice<f32>,
     /// RoPE angles of this pass's rows, [rows, head_dim / 2] each (computed on the host per
     /// pass: a table for the whole declared context could be gigabytes), and the row index
@@ -74,28 +71,27 @@ struct Buffers {
     cos: CudaSlice<f32>,
     sin: CudaSlice<f32>,
     pos: CudaSlice<i32>,
-    /// The host side of the above before they are copied (reused: no allocation per token).
+    /// The host side of the above before they are copied, and of what is read back
+    /// (reused: no allocation per token).
     pos_host: Vec<i32>,
     cos_host: Vec<f32>,
     sin_host: Vec<f32>,
+    host: Vec<f32>,
 }
 
 impl Buffers {
     fn new(g: &Gpu, c: &Config, rows: usize) -> Result<Self> {
-        let (h, inter, hd) = (c.hidden_size, c.intermediate_size, c.head_dim());
-        let (nh, nkv) = (c.num_attention_heads, c.num_kv_heads());
+        let hd = c.head_dim();
         let z = |n: usize| g.zeros(rows * n).map_err(gpu_err);
+        let mut bufs = Vec::with_capacity(BUFS);
+        for b in BUF_ORDER {
+            bufs.push(z(b.width(c))?);
+        }
+        let bufs: [CudaSlice<f32>; BUFS] =
+            bufs.try_into().map_err(|_| internal("GPU buffer count"))?;
         Ok(Buffers {
             rows,
-            x: z(h)?,
-            hn: z(h)?,
-            q: z(nh * hd)?,
-            k: z(nkv * hd)?,
-            v: z(nkv * hd)?,
-            att: z(nh * hd)?,
-            proj: z(h)?,
-            gate: z(inter)?,
-            up: z(inter)?,
+            bufs,
             logits: z(c.vocab_size)?,
             cos: z(hd / 2)?,
             sin: z(hd / 2)?,
@@ -103,13 +99,14 @@ impl Buffers {
             pos_host: Vec::with_capacity(rows),
             cos_host: Vec::with_capacity(rows * hd / 2),
             sin_host: Vec::with_capacity(rows * hd / 2),
+            host: Vec::new(),
         })
     }
 }
 
 /// A sequence's keys and values on the GPU: per layer, [n_kv_heads, capacity, head_dim],
 /// grown by doubling (copying the held positions) up to the cache's limit.
-pub struct GpuKv {
+pub(crate) struct GpuKv {
     k: Vec<CudaSlice<f32>>,
     v: Vec<CudaSlice<f32>>,
     capacity: usize,
@@ -157,195 +154,272 @@ impl GpuKv {
     }
 }
 
-/// A sequence's GPU keys and values (every cache of a GPU-resident model has them).
-fn gpu_kv(cache: &mut KvCache) -> Result<&mut GpuKv> {
-    cache
-        .gpu
-        .as_mut()
-        .ok_or_else(|| Error::Invalid("KV cache is not on the GPU".into()))
-}
+impl Resident {
+    /// A cache's keys and values on the GPU.
+    pub(super) fn new_kv(&self, c: &Config, layers: usize, capacity: usize) -> Result<GpuKv> {
+        GpuKv::new(c, layers, capacity)
+    }
 
-impl Llama {
-    /// The forward pass on the GPU: the CPU only looks up the embeddings (a copy of `h`
-    /// values per token) and receives the logits.
-    pub(super) fn forward_resident(
+    /// Runs `pass` through the layer loop on the GPU: the CPU only looks up the embeddings
+    /// (a copy of `h` values per token) and receives the logits.
+    pub(super) fn forward(
         &self,
-        r: &Resident,
-        ws: &mut Workspace,
-        seqs: &mut [(&[u32], &mut KvCache)],
-        all: &[u32],
-        positions: &[usize],
-        which: Logits,
-    ) -> Result<Vec<Tensor>> {
+        model: &Llama,
+        pass: &mut Pass<'_, '_, '_>,
+    ) -> Result<Vec<LogitRows>> {
         let g = the_gpu()?;
-        let c = &self.config;
-        let (h, inter, hd) = (c.hidden_size, c.intermediate_size, c.head_dim());
-        let (nh, nkv, vocab) = (c.num_attention_heads, c.num_kv_heads(), c.vocab_size);
-        let eps = c.rms_norm_eps as f32;
-        let rows = all.len();
-        for (tokens, cache) in seqs.iter_mut() {
-            let (len, limit) = (cache.len, cache.limit);
-            let kv = gpu_kv(cache)?;
-            kv.reserve(c, len, len + tokens.len(), limit)?;
-        }
-
-        let mut held = r
+        let rows = pass.tokens.len();
+        let mut held = self
             .work
             .lock()
             .map_err(|_| Error::Invalid("GPU buffers poisoned by an earlier failure".into()))?;
         if held.as_ref().is_none_or(|b| b.rows < rows) {
             let grown = held.as_ref().map_or(rows, |b| rows.max(2 * b.rows));
             *held = None; // free the old buffers first
-            *held = Some(Buffers::new(g, c, grown)?);
+            *held = Some(Buffers::new(g, &model.config, grown)?);
         }
-        let b = held
-            .as_mut()
-            .ok_or_else(|| Error::Invalid("no GPU buffers (internal error)".into()))?;
+        let mut b = GpuPass {
+            g,
+            model,
+            resident: self,
+            held,
+            rows,
+        };
+        model.run_pass(&mut b, pass)
+    }
+}
 
-        self.embed_rows(all, sized(&mut ws.x, rows * h))?;
-        g.write(&ws.x[..rows * h], &mut b.x.slice_mut(..))
+/// A forward pass on the GPU.
+struct GpuPass<'a> {
+    g: &'static Gpu,
+    model: &'a Llama,
+    resident: &'a Resident,
+    /// Always `Some` (grown to the pass's rows before this is made).
+    held: MutexGuard<'a, Option<Buffers>>,
+    rows: usize,
+}
+
+impl GpuPass<'_> {
+    fn bufs(&mut self) -> Result<&mut Buffers> {
+        self.held.as_mut().ok_or_else(|| internal("no GPU buffers"))
+    }
+
+    fn len(&self, buf: Buf) -> usize {
+        self.rows * buf.width(&self.model.config)
+    }
+
+    /// `src` to read and `dst` to write, two different buffers.
+    fn pair(&mut self, src: Buf, dst: Buf) -> Result<(&CudaSlice<f32>, &mut CudaSlice<f32>)> {
+        let [s, d] = self
+            .bufs()?
+            .bufs
+            .get_disjoint_mut([src as usize, dst as usize])
+            .map_err(|_| internal("an operation reads and writes one buffer"))?;
+        Ok((&*s, d))
+    }
+
+    /// Gathers rows `picked` of `X` into `Proj` and normalizes them into `Hn`.
+    fn final_norm(&mut self, picked: &[usize]) -> Result<()> {
+        let (g, c) = (self.g, &self.model.config);
+        let (h, eps, p) = (c.hidden_size, c.rms_norm_eps as f32, picked.len());
+        let norm = &self.resident.norm;
+        let b = self.bufs()?;
+        let [x, proj, hn] = b
+            .bufs
+            .get_disjoint_mut([Buf::X as usize, Buf::Proj as usize, Buf::Hn as usize])
+            .map_err(|_| internal("head buffers overlap"))?;
+        for (i, &src) in picked.iter().enumerate() {
+            g.copy(
+                &x.slice(src * h..(src + 1) * h),
+                &mut proj.slice_mut(i * h..),
+            )
+            .map_err(gpu_err)?;
+        }
+        g.rms_norm(
+            &proj.slice(..p * h),
+            norm,
+            eps,
+            &mut hn.slice_mut(..p * h),
+            p,
+        )
+        .map_err(gpu_err)
+    }
+}
+
+impl Backend for GpuPass<'_> {
+    fn reserve(&mut self, cache: &mut KvCache, needed: usize) -> Result<()> {
+        let (len, limit) = (cache.len, cache.limit);
+        match &mut cache.store {
+            KvStore::Device(kv) => kv.reserve(&self.model.config, len, needed, limit),
+            KvStore::Host(_) => Err(Error::Invalid(
+                "a KV cache made for the CPU was given to a model on the GPU".into(),
+            )),
+        }
+    }
+
+    fn begin(&mut self, tokens: &[u32], positions: &[usize]) -> Result<()> {
+        let (g, model, rows) = (self.g, self.model, self.rows);
+        let n = self.len(Buf::X);
+        let half = model.config.head_dim() / 2;
+        let b = self.bufs()?;
+        b.host.resize(n, 0.0);
+        model.embed_rows(tokens, &mut b.host)?;
+        g.write(&b.host, &mut b.bufs[Buf::X as usize].slice_mut(..))
             .map_err(gpu_err)?;
         b.pos_host.clear();
         b.pos_host.extend(0..rows as i32);
         g.write(&b.pos_host, &mut b.pos.slice_mut(..))
             .map_err(gpu_err)?;
-        let half = hd / 2;
         b.cos_host.resize(rows * half, 0.0);
         b.sin_host.resize(rows * half, 0.0);
-        self.rope_rows(positions, &mut b.cos_host, &mut b.sin_host);
+        model.rope_rows(positions, &mut b.cos_host, &mut b.sin_host);
         g.write(&b.cos_host, &mut b.cos.slice_mut(..))
             .map_err(gpu_err)?;
         g.write(&b.sin_host, &mut b.sin.slice_mut(..))
-            .map_err(gpu_err)?;
+            .map_err(gpu_err)
+    }
 
-        let (xh, qh, kvh) = (rows * h, rows * nh * hd, rows * nkv * hd);
-        for (li, layer) in self.layers.iter().enumerate() {
-            g.rms_norm(
-                &b.x.slice(..xh),
-                &r.attn_norm[li],
-                eps,
-                &mut b.hn.slice_mut(..xh),
-                rows,
-            )
-            .map_err(gpu_err)?;
-            let hn = b.hn.slice(..xh);
-            layer
-                .q
-                .forward_on_device(g, &hn, rows, &mut b.q.slice_mut(..qh))?;
-            layer
-                .k
-                .forward_on_device(g, &hn, rows, &mut b.k.slice_mut(..kvh))?;
-            layer
-                .v
-                .forward_on_device(g, &hn, rows, &mut b.v.slice_mut(..kvh))?;
-            let pos = b.pos.slice(..rows);
-            g.rope_rotate_half(&mut b.q.slice_mut(..qh), &pos, &b.cos, &b.sin, rows, nh, hd)
-                .map_err(gpu_err)?;
-            g.rope_rotate_half(
-                &mut b.k.slice_mut(..kvh),
-                &pos,
-                &b.cos,
-                &b.sin,
-                rows,
-                nkv,
-                hd,
-            )
-            .map_err(gpu_err)?;
-            let mut row = 0;
-            for (tokens, cache) in seqs.iter_mut() {
-                let (t, n) = (tokens.len(), cache.len);
-                let kv = gpu_kv(cache)?;
-                let s = AttentionShape {
-                    t,
-                    n,
-                    n_head: nh,
-                    n_kv_head: nkv,
-                    head_dim: hd,
-                    capacity: kv.capacity,
-                };
-                let (kr, qr) = (
-                    row * nkv * hd..(row + t) * nkv * hd,
-                    row * nh * hd..(row + t) * nh * hd,
-                );
-                g.kv_append(s, &b.k.slice(kr.clone()), &mut kv.k[li])
-                    .map_err(gpu_err)?;
-                g.kv_append(s, &b.v.slice(kr), &mut kv.v[li])
-                    .map_err(gpu_err)?;
-                g.attention(
-                    s,
-                    &b.q.slice(qr.clone()),
-                    &kv.k[li],
-                    &kv.v[li],
-                    &mut b.att.slice_mut(qr),
-                )
-                .map_err(gpu_err)?;
-                row += t;
-            }
-            layer
-                .o
-                .forward_on_device(g, &b.att.slice(..qh), rows, &mut b.proj.slice_mut(..xh))?;
-            g.add_assign(&mut b.x.slice_mut(..xh), &b.proj.slice(..xh), xh, xh)
-                .map_err(gpu_err)?;
-            g.rms_norm(
-                &b.x.slice(..xh),
-                &r.mlp_norm[li],
-                eps,
-                &mut b.hn.slice_mut(..xh),
-                rows,
-            )
-            .map_err(gpu_err)?;
-            let (hn, ih) = (b.hn.slice(..xh), rows * inter);
-            layer
-                .gate
-                .forward_on_device(g, &hn, rows, &mut b.gate.slice_mut(..ih))?;
-            layer
-                .up
-                .forward_on_device(g, &hn, rows, &mut b.up.slice_mut(..ih))?;
-            g.silu_mul(&mut b.gate.slice_mut(..ih), &b.up.slice(..ih), ih)
-                .map_err(gpu_err)?;
-            layer.down.forward_on_device(
-                g,
-                &b.gate.slice(..ih),
-                rows,
-                &mut b.proj.slice_mut(..xh),
-            )?;
-            g.add_assign(&mut b.x.slice_mut(..xh), &b.proj.slice(..xh), xh, xh)
-                .map_err(gpu_err)?;
-        }
+    fn rms_norm(&mut self, norm: Norm, src: Buf, dst: Buf) -> Result<()> {
+        let (g, rows, n) = (self.g, self.rows, self.len(src));
+        let eps = self.model.config.rms_norm_eps as f32;
+        let w = match norm {
+            Norm::Attention(li) => &self.resident.attn_norm[li],
+            Norm::Mlp(li) => &self.resident.mlp_norm[li],
+        };
+        let (s, d) = self.pair(src, dst)?;
+        g.rms_norm(&s.slice(..n), w, eps, &mut d.slice_mut(..n), rows)
+            .map_err(gpu_err)
+    }
 
-        let (mut picked, mut counts) = (
-            std::mem::take(&mut ws.picked),
-            std::mem::take(&mut ws.counts),
-        );
-        head_rows(seqs, which, &mut picked, &mut counts);
-        let p = picked.len();
-        // Gather the head's rows (into `proj`, free now), normalize, project.
-        for (i, &src) in picked.iter().enumerate() {
-            g.copy(
-                &b.x.slice(src * h..(src + 1) * h),
-                &mut b.proj.slice_mut(i * h..),
-            )
-            .map_err(gpu_err)?;
-        }
-        g.rms_norm(
-            &b.proj.slice(..p * h),
-            &r.norm,
-            eps,
-            &mut b.hn.slice_mut(..p * h),
-            p,
+    fn matmul(&mut self, w: &Linear, src: Buf, dst: Buf) -> Result<()> {
+        let (g, rows) = (self.g, self.rows);
+        let (ns, nd) = (self.len(src), self.len(dst));
+        let gw = w
+            .gpu_weight()
+            .ok_or_else(|| internal("a linear layer of a GPU pass is not on the GPU"))?;
+        let (s, d) = self.pair(src, dst)?;
+        gw.forward_on_device(g, &s.slice(..ns), rows, &mut d.slice_mut(..nd))
+    }
+
+    fn rope(&mut self, buf: Buf, heads: usize) -> Result<()> {
+        let (g, rows, n) = (self.g, self.rows, self.len(buf));
+        let hd = self.model.config.head_dim();
+        let b = self.bufs()?;
+        let pos = b.pos.slice(..rows);
+        g.rope_rotate_half(
+            &mut b.bufs[buf as usize].slice_mut(..n),
+            &pos,
+            &b.cos,
+            &b.sin,
+            rows,
+            heads,
+            hd,
         )
-        .map_err(gpu_err)?;
-        self.lm_head.forward_on_device(
-            g,
-            &b.hn.slice(..p * h),
-            p,
-            &mut b.logits.slice_mut(..p * vocab),
-        )?;
-        let mut logits = vec![0f32; p * vocab];
-        g.read(&b.logits.slice(..p * vocab), &mut logits)
+        .map_err(gpu_err)
+    }
+
+    fn attention(&mut self, li: usize, seqs: &mut [(&[u32], &mut KvCache)]) -> Result<()> {
+        let g = self.g;
+        let c = &self.model.config;
+        let (nh, nkv, hd) = (c.num_attention_heads, c.num_kv_heads(), c.head_dim());
+        let b = self.bufs()?;
+        let [q, k, v, att] = b
+            .bufs
+            .get_disjoint_mut([
+                Buf::Q as usize,
+                Buf::K as usize,
+                Buf::V as usize,
+                Buf::Att as usize,
+            ])
+            .map_err(|_| internal("attention buffers overlap"))?;
+        let mut row = 0;
+        for (tokens, cache) in seqs.iter_mut() {
+            let (t, n) = (tokens.len(), cache.len);
+            let KvStore::Device(kv) = &mut cache.store else {
+                return Err(internal("a CPU cache in a GPU pass"));
+            };
+            let s = AttentionShape {
+                t,
+                n,
+                n_head: nh,
+                n_kv_head: nkv,
+                head_dim: hd,
+                capacity: kv.capacity,
+            };
+            let (kr, qr) = (
+                row * nkv * hd..(row + t) * nkv * hd,
+                row * nh * hd..(row + t) * nh * hd,
+            );
+            g.kv_append(s, &k.slice(kr.clone()), &mut kv.k[li])
+                .map_err(gpu_err)?;
+            g.kv_append(s, &v.slice(kr), &mut kv.v[li])
+                .map_err(gpu_err)?;
+            g.attention(
+                s,
+                &q.slice(qr.clone()),
+                &kv.k[li],
+                &kv.v[li],
+                &mut att.slice_mut(qr),
+            )
             .map_err(gpu_err)?;
-        let out = split_logits(logits, &counts, vocab, &self.device);
-        (ws.picked, ws.counts) = (picked, counts);
-        out
+            row += t;
+        }
+        Ok(())
+    }
+
+    fn silu_mul(&mut self, gate: Buf, up: Buf) -> Result<()> {
+        let (g, n) = (self.g, self.len(gate));
+        let (u, gt) = self.pair(up, gate)?;
+        g.silu_mul(&mut gt.slice_mut(..n), &u.slice(..n), n)
+            .map_err(gpu_err)
+    }
+
+    fn add(&mut self, dst: Buf, src: Buf) -> Result<()> {
+        let (g, n) = (self.g, self.len(dst));
+        let (s, d) = self.pair(src, dst)?;
+        g.add_assign(&mut d.slice_mut(..n), &s.slice(..n), n, n)
+            .map_err(gpu_err)
+    }
+
+    fn host(&mut self, buf: Buf) -> Result<&[f32]> {
+        let (g, n) = (self.g, self.len(buf));
+        let b = self.bufs()?;
+        b.host.resize(n, 0.0);
+        g.read(&b.bufs[buf as usize].slice(..n), &mut b.host)
+            .map_err(gpu_err)?;
+        Ok(&b.host)
+    }
+
+    fn head_input(&mut self, picked: &[usize]) -> Result<&[f32]> {
+        self.final_norm(picked)?;
+        let (g, n) = (self.g, picked.len() * self.model.config.hidden_size);
+        let b = self.bufs()?;
+        b.host.resize(n, 0.0);
+        g.read(&b.bufs[Buf::Hn as usize].slice(..n), &mut b.host)
+            .map_err(gpu_err)?;
+        Ok(&b.host)
+    }
+
+    fn head(&mut self, picked: &[usize], lm_head: &Linear, logits: &mut [f32]) -> Result<()> {
+        let Some(gw) = lm_head.gpu_weight() else {
+            let hn = self.head_input(picked)?;
+            return lm_head.forward_into(hn, picked.len(), logits);
+        };
+        self.final_norm(picked)?;
+        let g = self.g;
+        let (p, h) = (picked.len(), self.model.config.hidden_size);
+        let b = self.bufs()?;
+        gw.forward_on_device(
+            g,
+            &b.bufs[Buf::Hn as usize].slice(..p * h),
+            p,
+            &mut b.logits.slice_mut(..logits.len()),
+        )?;
+        g.read(&b.logits.slice(..logits.len()), logits)
+            .map_err(gpu_err)
+    }
+
+    fn sync(&self) -> Result<()> {
+        self.g.synchronize().map_err(gpu_err)
     }
 }

@@ -2,7 +2,9 @@
 //! aware scaling) needs to quantize layer `i` with the inputs that the already-quantized layers
 //! before it produce, without re-running the whole model for every layer.
 
-use super::{sized, KvCache, Llama, Timer, Workspace};
+use super::backend::{Backend, Buf, CpuBuffers, CpuPass};
+use super::profile::Timer;
+use super::Llama;
 use crate::error::{Error, Result};
 use crate::linear::Linear;
 use crate::ActivationObserver;
@@ -99,55 +101,26 @@ impl Llama {
             ));
         }
         let rows = hidden.len() / h;
-        let see = |l: Option<usize>, modules: &[&str], x: &[f32], n: usize| {
-            self.show_input(observer, l, modules, x, n)
-        };
-        let mut ws = Workspace::default();
-        sized(&mut ws.x, rows * h).copy_from_slice(hidden);
-        let mut timer = Timer {
-            times: None,
-            last: std::time::Instant::now(),
-        };
+        let mut buffers = CpuBuffers::default();
+        let mut b = CpuPass::new(self, &mut buffers, rows);
+        // Attention reads only the count of a sequence's tokens, not the ids, and `begin`'s
+        // embedding of them is replaced by the given rows.
+        let ids = vec![0u32; rows];
         if attention {
-            let half = self.config.head_dim() / 2;
             let positions: Vec<usize> = (0..rows).collect();
-            let (cos, sin) = (
-                sized(&mut ws.cos, rows * half),
-                sized(&mut ws.sin, rows * half),
-            );
-            self.rope_rows(&positions, cos, sin);
+            b.begin(&ids, &positions)?;
+        }
+        b.load(Buf::X, hidden)?;
+        let mut timer = Timer::new(None);
+        if attention {
             // Keys and values for this one layer only (the others stay empty).
-            let (nl, nkv, hd) = (
-                self.layers.len(),
-                self.config.num_kv_heads(),
-                self.config.head_dim(),
-            );
-            let mut cache = KvCache {
-                k: vec![Vec::new(); nl],
-                v: vec![Vec::new(); nl],
-                len: 0,
-                capacity: rows,
-                limit: rows,
-                #[cfg(feature = "cuda")]
-                gpu: None,
-            };
-            cache.k[li] = vec![0f32; nkv * rows * hd];
-            cache.v[li] = vec![0f32; nkv * rows * hd];
-            // Attention reads only the count of a sequence's tokens, not the ids.
-            let ids = vec![0u32; rows];
-            self.attention_rows(
-                li,
-                &mut ws,
-                &mut [(&ids, &mut cache)],
-                rows,
-                &see,
-                &mut timer,
-            )?;
+            let mut cache = self.one_layer_cache(li, rows);
+            self.attention_half(&mut b, li, &mut [(&ids, &mut cache)], observer, &mut timer)?;
         }
         if mlp {
-            self.mlp_rows(li, &mut ws, rows, &see, &mut timer)?;
+            self.mlp_half(&mut b, li, observer, &mut timer)?;
         }
-        hidden.copy_from_slice(&ws.x[..rows * h]);
+        hidden.copy_from_slice(b.host(Buf::X)?);
         Ok(())
     }
 

@@ -1,0 +1,311 @@
+//! The operations a forward pass is made of, as an interface the layer loop
+//! (`forward.rs`) is written against once, and its CPU implementation. The CUDA one is
+//! `gpu.rs`. A backend owns the pass's activation buffers, named by [`Buf`]; the loop says
+//! which buffer each operation reads and writes.
+
+use super::cache::{KvCache, KvStore};
+use super::Llama;
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::linear::Linear;
+
+/// The activation buffers of a pass, each `rows` × [`Buf::width`] f32.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Buf {
+    /// The hidden state (the residual stream).
+    X,
+    /// A normalized copy of `X` (the input of q/k/v and gate/up).
+    Hn,
+    Q,
+    K,
+    V,
+    /// Attention's output (the input of o).
+    Att,
+    /// A projection's output, added back into `X`.
+    Proj,
+    Gate,
+    Up,
+}
+
+pub(super) const BUFS: usize = 9;
+
+impl Buf {
+    /// Values per row.
+    pub(super) fn width(self, c: &Config) -> usize {
+        let (hd, nh, nkv) = (c.head_dim(), c.num_attention_heads, c.num_kv_heads());
+        match self {
+            Buf::X | Buf::Hn | Buf::Proj => c.hidden_size,
+            Buf::Q | Buf::Att => nh * hd,
+            Buf::K | Buf::V => nkv * hd,
+            Buf::Gate | Buf::Up => c.intermediate_size,
+        }
+    }
+}
+
+/// Which RMSNorm weights an operation applies.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Norm {
+    /// Layer `li`'s, before attention.
+    Attention(usize),
+    /// Layer `li`'s, before the MLP.
+    Mlp(usize),
+}
+
+/// What a forward pass runs on. Every operation works on the pass's `rows` rows.
+pub(super) trait Backend {
+    /// Grows `cache` to hold `needed` positions (refusing a cache made for another backend).
+    fn reserve(&mut self, cache: &mut KvCache, needed: usize) -> Result<()>;
+    /// Embeds `tokens` into `X` and prepares the RoPE angles of `positions`.
+    fn begin(&mut self, tokens: &[u32], positions: &[usize]) -> Result<()>;
+    /// `dst = RMSNorm(src) · weights`.
+    fn rms_norm(&mut self, norm: Norm, src: Buf, dst: Buf) -> Result<()>;
+    /// `dst = src · Wᵀ (+ bias)`.
+    fn matmul(&mut self, w: &Linear, src: Buf, dst: Buf) -> Result<()>;
+    /// Rotates `heads` heads of each row of `buf` by its position (rotate-half RoPE).
+    fn rope(&mut self, buf: Buf, heads: usize) -> Result<()>;
+    /// Appends each sequence's rows of `K`, `V` to its cache at layer `li` and attends:
+    /// `Att` = causal attention of `Q` over the cache.
+    fn attention(&mut self, li: usize, seqs: &mut [(&[u32], &mut KvCache)]) -> Result<()>;
+    /// `gate = silu(gate) ⊙ up`.
+    fn silu_mul(&mut self, gate: Buf, up: Buf) -> Result<()>;
+    /// `dst += src`.
+    fn add(&mut self, dst: Buf, src: Buf) -> Result<()>;
+    /// The rows of `buf` in host memory (what an activation observer reads).
+    fn host(&mut self, buf: Buf) -> Result<&[f32]>;
+    /// Rows `picked` of `X` after the final norm, in host memory.
+    fn head_input(&mut self, picked: &[usize]) -> Result<&[f32]>;
+    /// `logits` = the output head over rows `picked` of `X` after the final norm.
+    fn head(&mut self, picked: &[usize], lm_head: &Linear, logits: &mut [f32]) -> Result<()> {
+        let hn = self.head_input(picked)?;
+        lm_head.forward_into(hn, picked.len(), logits)
+    }
+    /// Waits for queued work (a backend that runs asynchronously).
+    fn sync(&self) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// The CPU pass's buffers, kept by the model from call to call.
+#[derive(Default)]
+pub(super) struct CpuBuffers {
+    bufs: [Vec<f32>; BUFS],
+    /// RoPE angles of the pass's rows, [rows, head_dim / 2].
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+}
+
+/// A forward pass on the CPU: tandem's SIMD kernels over host buffers.
+pub(super) struct CpuPass<'a> {
+    model: &'a Llama,
+    b: &'a mut CpuBuffers,
+    rows: usize,
+}
+
+impl<'a> CpuPass<'a> {
+    pub(super) fn new(model: &'a Llama, b: &'a mut CpuBuffers, rows: usize) -> Self {
+        let c = &model.config;
+        for (i, buf) in b.bufs.iter_mut().enumerate() {
+            buf.resize(rows * BUF_ORDER[i].width(c), 0.0);
+        }
+        CpuPass { model, b, rows }
+    }
+
+    fn len(&self, buf: Buf) -> usize {
+        self.rows * buf.width(&self.model.config)
+    }
+
+    /// Fills `buf` with `rows` (a layer-by-layer run starts from given hidden rows).
+    pub(super) fn load(&mut self, buf: Buf, rows: &[f32]) -> Result<()> {
+        let n = self.len(buf);
+        if rows.len() != n {
+            return Err(internal("rows of the wrong size"));
+        }
+        self.b.bufs[buf as usize][..n].copy_from_slice(rows);
+        Ok(())
+    }
+
+    /// `src` to read and `dst` to write, two different buffers.
+    fn pair(&mut self, src: Buf, dst: Buf) -> Result<(&[f32], &mut [f32])> {
+        let (ls, ld) = (self.len(src), self.len(dst));
+        let [s, d] = self
+            .b
+            .bufs
+            .get_disjoint_mut([src as usize, dst as usize])
+            .map_err(|_| internal("an operation reads and writes one buffer"))?;
+        Ok((&s[..ls], &mut d[..ld]))
+    }
+
+    fn norm_weights(&self, norm: Norm) -> &'a [f32] {
+        let model: &'a Llama = self.model;
+        match norm {
+            Norm::Attention(li) => &model.layers[li].attn_norm,
+            Norm::Mlp(li) => &model.layers[li].mlp_norm,
+        }
+    }
+}
+
+/// `Buf` by index (`Buf as usize` is its position here).
+pub(super) const BUF_ORDER: [Buf; BUFS] = [
+    Buf::X,
+    Buf::Hn,
+    Buf::Q,
+    Buf::K,
+    Buf::V,
+    Buf::Att,
+    Buf::Proj,
+    Buf::Gate,
+    Buf::Up,
+];
+
+pub(super) fn internal(what: &str) -> Error {
+    Error::Invalid(format!("{what} (internal error)"))
+}
+
+impl Backend for CpuPass<'_> {
+    fn reserve(&mut self, cache: &mut KvCache, needed: usize) -> Result<()> {
+        let c = &self.model.config;
+        match &mut cache.store {
+            KvStore::Host(kv) => {
+                kv.reserve(
+                    c.num_kv_heads(),
+                    c.head_dim(),
+                    cache.len,
+                    needed,
+                    cache.limit,
+                );
+                Ok(())
+            }
+            KvStore::Device(_) => Err(Error::Invalid(
+                "a KV cache made for the GPU was given to a model on the CPU".into(),
+            )),
+        }
+    }
+
+    fn begin(&mut self, tokens: &[u32], positions: &[usize]) -> Result<()> {
+        let n = self.len(Buf::X);
+        self.model
+            .embed_rows(tokens, &mut self.b.bufs[Buf::X as usize][..n])?;
+        let half = self.model.config.head_dim() / 2;
+        self.b.cos.resize(self.rows * half, 0.0);
+        self.b.sin.resize(self.rows * half, 0.0);
+        self.model
+            .rope_rows(positions, &mut self.b.cos, &mut self.b.sin);
+        Ok(())
+    }
+
+    fn rms_norm(&mut self, norm: Norm, src: Buf, dst: Buf) -> Result<()> {
+        let w = self.norm_weights(norm);
+        let eps = self.model.config.rms_norm_eps as f32;
+        let (s, d) = self.pair(src, dst)?;
+        tandem_kernels::ops::rms_norm(s, w, eps, d);
+        Ok(())
+    }
+
+    fn matmul(&mut self, w: &Linear, src: Buf, dst: Buf) -> Result<()> {
+        let rows = self.rows;
+        let (s, d) = self.pair(src, dst)?;
+        w.forward_into(s, rows, d)
+    }
+
+    fn rope(&mut self, buf: Buf, heads: usize) -> Result<()> {
+        let (n, hd) = (self.len(buf), self.model.config.head_dim());
+        let half = hd / 2;
+        tandem_kernels::ops::rope_rotate_half(
+            &mut self.b.bufs[buf as usize][..n],
+            heads,
+            hd,
+            &self.b.cos[..self.rows * half],
+            &self.b.sin[..self.rows * half],
+        );
+        Ok(())
+    }
+
+    fn attention(&mut self, li: usize, seqs: &mut [(&[u32], &mut KvCache)]) -> Result<()> {
+        let c = &self.model.config;
+        let (nh, nkv, hd) = (c.num_attention_heads, c.num_kv_heads(), c.head_dim());
+        let [q, k, v, out] = self
+            .b
+            .bufs
+            .get_disjoint_mut([
+                Buf::Q as usize,
+                Buf::K as usize,
+                Buf::V as usize,
+                Buf::Att as usize,
+            ])
+            .map_err(|_| internal("attention buffers overlap"))?;
+        let mut row = 0;
+        for (tokens, cache) in seqs.iter_mut() {
+            let (t, n) = (tokens.len(), cache.len);
+            let KvStore::Host(kv) = &mut cache.store else {
+                return Err(internal("a GPU cache in a CPU pass"));
+            };
+            let cap = kv.capacity;
+            // Append this sequence's keys/values at positions [n, n+t) of each kv head.
+            let (kc, vc) = (&mut kv.k[li], &mut kv.v[li]);
+            for i in 0..t {
+                for h in 0..nkv {
+                    let src = ((row + i) * nkv + h) * hd;
+                    let dst = (h * cap + n + i) * hd;
+                    kc[dst..dst + hd].copy_from_slice(&k[src..src + hd]);
+                    vc[dst..dst + hd].copy_from_slice(&v[src..src + hd]);
+                }
+            }
+            let shape = tandem_kernels::AttentionShape {
+                t,
+                n,
+                n_head: nh,
+                n_kv_head: nkv,
+                head_dim: hd,
+                capacity: cap,
+            };
+            let span = row * nh * hd..(row + t) * nh * hd;
+            tandem_kernels::attention(shape, &q[span.clone()], kc, vc, &mut out[span]);
+            row += t;
+        }
+        Ok(())
+    }
+
+    fn silu_mul(&mut self, gate: Buf, up: Buf) -> Result<()> {
+        let (u, g) = self.pair(up, gate)?;
+        tandem_kernels::ops::silu_mul(g, u);
+        Ok(())
+    }
+
+    fn add(&mut self, dst: Buf, src: Buf) -> Result<()> {
+        let (s, d) = self.pair(src, dst)?;
+        tandem_kernels::ops::add_assign(d, s);
+        Ok(())
+    }
+
+    fn host(&mut self, buf: Buf) -> Result<&[f32]> {
+        let n = self.len(buf);
+        Ok(&self.b.bufs[buf as usize][..n])
+    }
+
+    fn head_input(&mut self, picked: &[usize]) -> Result<&[f32]> {
+        let c = &self.model.config;
+        let (h, eps) = (c.hidden_size, c.rms_norm_eps as f32);
+        let norm: &[f32] = &self.model.norm;
+        let [x, hn] = self
+            .b
+            .bufs
+            .get_disjoint_mut([Buf::X as usize, Buf::Hn as usize])
+            .map_err(|_| internal("head buffers overlap"))?;
+        for (dst, &r) in hn.chunks_exact_mut(h).zip(picked) {
+            tandem_kernels::ops::rms_norm(&x[r * h..][..h], norm, eps, dst);
+        }
+        Ok(&hn[..picked.len() * h])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buffers_are_indexed_by_their_discriminant() {
+        for (i, b) in BUF_ORDER.iter().enumerate() {
+            assert_eq!(*b as usize, i, "{b:?}");
+        }
+    }
+}

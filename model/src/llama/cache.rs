@@ -1,0 +1,157 @@
+//! The per-sequence key/value cache.
+
+use super::{gpu, Llama};
+use crate::error::{Error, Result};
+
+/// Per-sequence key/value cache: for each layer, keys and values as [n_kv_heads, capacity,
+/// head_dim] f32 buffers that the attention kernel reads in place. It grows by doubling
+/// (amortized, never per token) up to `limit`.
+pub struct KvCache {
+    pub(super) len: usize,
+    pub(super) limit: usize,
+    pub(super) store: KvStore,
+}
+
+/// Where a cache's keys and values are.
+pub(super) enum KvStore {
+    /// In host memory, for a model whose forward pass runs on the CPU.
+    Host(HostKv),
+    /// On the GPU, for a model whose forward pass runs there.
+    Device(gpu::GpuKv),
+}
+
+/// Keys and values in host memory: per layer, [n_kv_heads, capacity, head_dim].
+pub(super) struct HostKv {
+    pub(super) k: Vec<Vec<f32>>,
+    pub(super) v: Vec<Vec<f32>>,
+    pub(super) capacity: usize,
+}
+
+impl HostKv {
+    /// Grows (doubling, capped at `limit`) to hold `needed` positions, keeping the first `len`.
+    pub(super) fn reserve(
+        &mut self,
+        kv_heads: usize,
+        head_dim: usize,
+        len: usize,
+        needed: usize,
+        limit: usize,
+    ) {
+        if needed <= self.capacity {
+            return;
+        }
+        let mut cap = self.capacity.max(1);
+        while cap < needed {
+            cap *= 2;
+        }
+        let (cap, old, hd) = (cap.min(limit), self.capacity, head_dim);
+        for buf in self.k.iter_mut().chain(self.v.iter_mut()) {
+            if buf.is_empty() {
+                continue; // a layer this cache does not hold (layer-by-layer runs)
+            }
+            let mut grown = vec![0f32; kv_heads * cap * hd];
+            for h in 0..kv_heads {
+                let n = len * hd;
+                grown[h * cap * hd..][..n].copy_from_slice(&buf[h * old * hd..][..n]);
+            }
+            *buf = grown;
+        }
+        self.capacity = cap;
+    }
+}
+
+impl KvCache {
+    /// Positions currently held.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    /// Most positions this cache will ever hold (the context length).
+    pub fn limit(&self) -> usize {
+        self.limit
+    }
+    /// Rolls back to the first `n` positions without copying: later writes overwrite the rest.
+    pub fn truncate(&mut self, n: usize) {
+        self.len = self.len.min(n);
+    }
+    pub fn clear(&mut self) {
+        self.len = 0;
+    }
+    /// Whether the keys and values are on the GPU.
+    pub fn on_gpu(&self) -> bool {
+        matches!(self.store, KvStore::Device(_))
+    }
+}
+
+const INITIAL_CACHE: usize = 256;
+
+impl Llama {
+    /// A fresh, empty cache for one sequence.
+    pub fn new_cache(&self) -> Result<KvCache> {
+        self.new_cache_with_limit(self.config.context_length())
+    }
+
+    /// A cache limited to `limit` positions (at most the model's context length).
+    pub fn new_cache_with_limit(&self, limit: usize) -> Result<KvCache> {
+        if limit == 0 {
+            return Err(Error::Invalid(
+                "a context limit of 0 positions holds no token".into(),
+            ));
+        }
+        let limit = limit.min(self.config.context_length());
+        let capacity = INITIAL_CACHE.min(limit);
+        let n = self.layers.len();
+        let store = match &self.resident {
+            Some(r) => KvStore::Device(r.new_kv(&self.config, n, capacity)?),
+            None => {
+                let size = self.config.num_kv_heads() * capacity * self.config.head_dim();
+                KvStore::Host(HostKv {
+                    k: vec![vec![0f32; size]; n],
+                    v: vec![vec![0f32; size]; n],
+                    capacity,
+                })
+            }
+        };
+        Ok(KvCache {
+            len: 0,
+            limit,
+            store,
+        })
+    }
+
+    /// A host cache of `rows` positions holding layer `li` only (a layer-by-layer run).
+    pub(super) fn one_layer_cache(&self, li: usize, rows: usize) -> KvCache {
+        let (nl, nkv, hd) = (
+            self.layers.len(),
+            self.config.num_kv_heads(),
+            self.config.head_dim(),
+        );
+        let (mut k, mut v) = (vec![Vec::new(); nl], vec![Vec::new(); nl]);
+        k[li] = vec![0f32; nkv * rows * hd];
+        v[li] = vec![0f32; nkv * rows * hd];
+        KvCache {
+            len: 0,
+            limit: rows,
+            store: KvStore::Host(HostKv {
+                k,
+                v,
+                capacity: rows,
+            }),
+        }
+    }
+
+    /// Whether `other` can read and write this model's [`KvCache`]: same layer count, KV
+    /// heads, head size and RoPE. A quantized copy of a model can (a self-draft attending over
+    /// its verifier's cache); a different model cannot.
+    pub fn shares_cache_shape_with(&self, other: &Llama) -> bool {
+        let (a, b) = (&self.config, &other.config);
+        self.runs_on_gpu() == other.runs_on_gpu()
+            && self.layers.len() == other.layers.len()
+            && a.num_kv_heads() == b.num_kv_heads()
+            && a.head_dim() == b.head_dim()
+            && a.rope_theta == b.rope_theta
+            && a.context_length() == b.context_length()
+    }
+}

@@ -1,0 +1,456 @@
+//! The forward pass: its entry points and the layer loop, written once over a
+//! [`Backend`](super::backend::Backend) (the CPU's, or the GPU's when the model is resident
+//! there).
+
+use super::backend::{Backend, Buf, CpuBuffers, CpuPass, Norm};
+use super::profile::{OpTimes, Timer};
+use super::{KvCache, Llama};
+use crate::error::{Error, Result};
+use candle_core::{DType, Tensor};
+
+/// Sees the input of every linear layer during a forward pass (calibration for importance-
+/// weighted quantization collects its statistics this way).
+pub trait ActivationObserver {
+    /// `x` is the [tokens, in] f32 input about to be multiplied by each of `weights` (Hugging
+    /// Face names, e.g. `model.layers.0.mlp.down_proj.weight`; q/k/v, and gate/up, share one
+    /// input and come in one call).
+    fn observe(&self, weights: &[String], x: &Tensor) -> Result<()>;
+}
+
+/// Which positions' logits a forward call returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Logits {
+    /// Every new position (verification, evaluation).
+    All,
+    /// Only the last new position (prefill before sampling).
+    Last,
+}
+
+/// The logits a forward call returns: `rows` rows of `vocab` f32 values, one per position
+/// asked for (see [`Logits`]), in order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LogitRows {
+    data: Vec<f32>,
+    vocab: usize,
+}
+
+impl LogitRows {
+    /// `data` holds whole rows of `vocab` values.
+    pub fn new(data: Vec<f32>, vocab: usize) -> Result<Self> {
+        if vocab == 0 || !data.len().is_multiple_of(vocab) {
+            return Err(Error::Invalid(format!(
+                "{} logits are not rows of {vocab}",
+                data.len()
+            )));
+        }
+        Ok(LogitRows { data, vocab })
+    }
+    /// Number of rows.
+    pub fn len(&self) -> usize {
+        self.data.len() / self.vocab
+    }
+    pub fn is_empty(&self) -> bool {
+        self.data.is_empty()
+    }
+    /// Values per row.
+    pub fn vocab(&self) -> usize {
+        self.vocab
+    }
+    /// Row `i`. Panics when `i >= len()`, as slice indexing does.
+    pub fn row(&self, i: usize) -> &[f32] {
+        &self.data[i * self.vocab..][..self.vocab]
+    }
+    /// The last row (a forward call returns at least one).
+    pub fn last(&self) -> &[f32] {
+        self.row(self.len() - 1)
+    }
+    /// The rows in order.
+    pub fn rows(&self) -> std::slice::ChunksExact<'_, f32> {
+        self.data.chunks_exact(self.vocab)
+    }
+    /// Every value, row after row.
+    pub fn as_slice(&self) -> &[f32] {
+        &self.data
+    }
+    /// The last row, owned.
+    pub fn into_last(self) -> Vec<f32> {
+        self.last().to_vec()
+    }
+    /// The rows, owned.
+    pub fn to_vecs(&self) -> Vec<Vec<f32>> {
+        self.rows().map(<[f32]>::to_vec).collect()
+    }
+}
+
+/// Buffers the forward pass reuses from call to call.
+#[derive(Default)]
+pub(super) struct Workspace {
+    pub(super) cpu: CpuBuffers,
+    /// Every sequence's new tokens and their positions, and which rows reach the head.
+    tokens: Vec<u32>,
+    positions: Vec<usize>,
+    picked: Vec<usize>,
+    counts: Vec<usize>,
+    pub(super) profile: Option<OpTimes>,
+}
+
+/// One forward call's sequences and what it returns, as the layer loop sees them.
+pub(crate) struct Pass<'p, 't, 'c> {
+    pub(super) seqs: &'p mut [(&'t [u32], &'c mut KvCache)],
+    /// Every sequence's new tokens, in order, and their positions.
+    pub(super) tokens: &'p [u32],
+    pub(super) positions: &'p [usize],
+    pub(super) which: Logits,
+    pub(super) observer: Option<&'p dyn ActivationObserver>,
+    pub(super) profile: Option<&'p mut OpTimes>,
+    /// Scratch: rows that reach the head, and how many per sequence.
+    pub(super) picked: &'p mut Vec<usize>,
+    pub(super) counts: &'p mut Vec<usize>,
+}
+
+impl Llama {
+    /// Runs `tokens` at positions [cache.len(), cache.len() + tokens.len()), appends their keys
+    /// and values to `cache`, and returns f32 logits: a row per token for `Logits::All`, the
+    /// last token's for `Logits::Last`.
+    pub fn forward(&self, tokens: &[u32], cache: &mut KvCache, which: Logits) -> Result<LogitRows> {
+        self.forward_observed(tokens, cache, which, None)
+    }
+
+    /// [`Llama::forward`], showing each linear layer's input to `observer`.
+    pub fn forward_observed(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache,
+        which: Logits,
+        observer: Option<&dyn ActivationObserver>,
+    ) -> Result<LogitRows> {
+        self.forward_batch_observed(&mut [(tokens, cache)], which, observer)?
+            .pop()
+            .ok_or_else(|| Error::Invalid("no output (internal error)".into()))
+    }
+
+    /// Several sequences in one pass, each with its own cache: every linear layer runs once
+    /// over all their new rows (each weight is read once for the whole batch) and attention
+    /// runs per sequence. Returns one [`LogitRows`] per sequence, as [`Llama::forward`] would;
+    /// the values are the same as running the sequences one by one.
+    pub fn forward_batch(
+        &self,
+        seqs: &mut [(&[u32], &mut KvCache)],
+        which: Logits,
+    ) -> Result<Vec<LogitRows>> {
+        self.forward_batch_observed(seqs, which, None)
+    }
+
+    fn forward_batch_observed(
+        &self,
+        seqs: &mut [(&[u32], &mut KvCache)],
+        which: Logits,
+        observer: Option<&dyn ActivationObserver>,
+    ) -> Result<Vec<LogitRows>> {
+        for (tokens, cache) in seqs.iter() {
+            let (t, n) = (tokens.len(), cache.len);
+            if t == 0 {
+                return Err(Error::Invalid("forward called with no tokens".into()));
+            }
+            if n + t > cache.limit {
+                return Err(Error::ContextFull {
+                    needed: n + t,
+                    limit: cache.limit,
+                });
+            }
+            if let Some(bad) = tokens
+                .iter()
+                .find(|&&id| id as usize >= self.config.vocab_size)
+            {
+                return Err(Error::Invalid(format!(
+                    "token id {bad} is outside the vocabulary ({})",
+                    self.config.vocab_size
+                )));
+            }
+        }
+        let mut fresh = Workspace::default();
+        let mut held = self.workspace.try_lock();
+        let ws = match held.as_mut() {
+            Ok(w) => &mut **w,
+            Err(_) => &mut fresh,
+        };
+        ws.tokens.clear();
+        ws.positions.clear();
+        for (tokens, cache) in seqs.iter() {
+            ws.tokens.extend_from_slice(tokens);
+            ws.positions.extend(cache.len..cache.len + tokens.len());
+        }
+        let mut profile = ws.profile.take();
+        let mut pass = Pass {
+            seqs,
+            tokens: &ws.tokens,
+            positions: &ws.positions,
+            which,
+            observer,
+            profile: profile.as_mut(),
+            picked: &mut ws.picked,
+            counts: &mut ws.counts,
+        };
+        let mut run = || match &self.resident {
+            Some(r) => r.forward(self, &mut pass),
+            None => {
+                let rows = pass.tokens.len();
+                self.run_pass(&mut CpuPass::new(self, &mut ws.cpu, rows), &mut pass)
+            }
+        };
+        let out = match self.pool {
+            Some(p) => tandem_kernels::pool::scoped(p, run),
+            None => run(),
+        };
+        if let Some(p) = profile.as_mut() {
+            p.calls += 1;
+        }
+        ws.profile = profile;
+        out
+    }
+
+    /// The layer loop: embeddings, every decoder layer, the output head, on backend `b`.
+    pub(super) fn run_pass(
+        &self,
+        b: &mut impl Backend,
+        pass: &mut Pass<'_, '_, '_>,
+    ) -> Result<Vec<LogitRows>> {
+        for (tokens, cache) in pass.seqs.iter_mut() {
+            let needed = cache.len + tokens.len();
+            b.reserve(cache, needed)?;
+        }
+        let mut timer = Timer::new(pass.profile.as_deref_mut());
+        b.begin(pass.tokens, pass.positions)?;
+        timer.lap(b, "embed");
+        for li in 0..self.layers.len() {
+            self.attention_half(b, li, pass.seqs, pass.observer, &mut timer)?;
+            self.mlp_half(b, li, pass.observer, &mut timer)?;
+        }
+        // Which rows go through the output head, and how they split per sequence.
+        head_rows(pass.seqs, pass.which, pass.picked, pass.counts);
+        let picked: &[usize] = pass.picked;
+        let vocab = self.config.vocab_size;
+        let mut logits = vec![0f32; picked.len() * vocab];
+        self.extend_shortlist(pass.tokens)?;
+        let shortlist = self.shortlist.read().unwrap_or_else(|e| e.into_inner());
+        if pass.observer.is_none() && shortlist.is_none() {
+            b.head(picked, &self.lm_head, &mut logits)?;
+        } else {
+            let hn = b.head_input(picked)?;
+            show_input(pass.observer, None, &["lm_head.weight"], hn, picked.len())?;
+            match &*shortlist {
+                Some(s) => s.logits(hn, picked.len(), &mut logits)?,
+                None => self.lm_head.forward_into(hn, picked.len(), &mut logits)?,
+            }
+        }
+        timer.lap(b, "norm + lm_head matmul");
+        split_logits(logits, pass.counts, vocab)
+    }
+
+    /// A decoder layer's attention half: `X += o(attention(q, k, v))` over RMSNorm(X),
+    /// appending to each sequence's cache at layer `li`.
+    pub(super) fn attention_half(
+        &self,
+        b: &mut impl Backend,
+        li: usize,
+        seqs: &mut [(&[u32], &mut KvCache)],
+        observer: Option<&dyn ActivationObserver>,
+        timer: &mut Timer<'_>,
+    ) -> Result<()> {
+        let layer = &self.layers[li];
+        let (nh, nkv) = (self.config.num_attention_heads, self.config.num_kv_heads());
+        b.rms_norm(Norm::Attention(li), Buf::X, Buf::Hn)?;
+        timer.lap(b, "norm");
+        let qkv = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"];
+        show(b, observer, li, &qkv, Buf::Hn, Buf::Hn.width(&self.config))?;
+        b.matmul(&layer.q, Buf::Hn, Buf::Q)?;
+        b.matmul(&layer.k, Buf::Hn, Buf::K)?;
+        b.matmul(&layer.v, Buf::Hn, Buf::V)?;
+        timer.lap(b, "q/k/v matmul");
+        b.rope(Buf::Q, nh)?;
+        b.rope(Buf::K, nkv)?;
+        timer.lap(b, "rope");
+        b.attention(li, seqs)?;
+        timer.lap(b, "attention");
+        show(
+            b,
+            observer,
+            li,
+            &["self_attn.o_proj"],
+            Buf::Att,
+            Buf::Att.width(&self.config),
+        )?;
+        b.matmul(&layer.o, Buf::Att, Buf::Proj)?;
+        timer.lap(b, "o matmul");
+        b.add(Buf::X, Buf::Proj)
+    }
+
+    /// A decoder layer's MLP half: `X += down(silu(gate·n) ⊙ up·n)`, n = RMSNorm(X).
+    pub(super) fn mlp_half(
+        &self,
+        b: &mut impl Backend,
+        li: usize,
+        observer: Option<&dyn ActivationObserver>,
+        timer: &mut Timer<'_>,
+    ) -> Result<()> {
+        let layer = &self.layers[li];
+        b.rms_norm(Norm::Mlp(li), Buf::X, Buf::Hn)?;
+        timer.lap(b, "norm");
+        show(
+            b,
+            observer,
+            li,
+            &["mlp.gate_proj", "mlp.up_proj"],
+            Buf::Hn,
+            Buf::Hn.width(&self.config),
+        )?;
+        b.matmul(&layer.gate, Buf::Hn, Buf::Gate)?;
+        b.matmul(&layer.up, Buf::Hn, Buf::Up)?;
+        timer.lap(b, "gate/up matmul");
+        b.silu_mul(Buf::Gate, Buf::Up)?;
+        timer.lap(b, "silu");
+        show(
+            b,
+            observer,
+            li,
+            &["mlp.down_proj"],
+            Buf::Gate,
+            Buf::Gate.width(&self.config),
+        )?;
+        b.matmul(&layer.down, Buf::Gate, Buf::Proj)?;
+        timer.lap(b, "down matmul");
+        b.add(Buf::X, Buf::Proj)
+    }
+
+    /// Embedding rows of `ids` into `out` as f32.
+    pub(super) fn embed_rows(&self, ids: &[u32], out: &mut [f32]) -> Result<()> {
+        let h = self.config.hidden_size;
+        let (storage, layout) = self.embed.storage_and_layout();
+        let off = layout.start_offset();
+        match &*storage {
+            candle_core::Storage::Cpu(s) if self.embed.dtype() == DType::F16 => {
+                let all = s.as_slice::<half::f16>()?;
+                for (dst, &id) in out.chunks_exact_mut(h).zip(ids) {
+                    let row = &all[off + id as usize * h..][..h];
+                    for (d, v) in dst.iter_mut().zip(row) {
+                        *d = v.to_f32();
+                    }
+                }
+            }
+            candle_core::Storage::Cpu(s) if self.embed.dtype() == DType::F32 => {
+                let all = s.as_slice::<f32>()?;
+                for (dst, &id) in out.chunks_exact_mut(h).zip(ids) {
+                    dst.copy_from_slice(&all[off + id as usize * h..][..h]);
+                }
+            }
+            _ => {
+                let idx = Tensor::new(ids, self.embed.device())?;
+                let v: Vec<f32> = self
+                    .embed
+                    .index_select(&idx, 0)?
+                    .to_dtype(DType::F32)?
+                    .flatten_all()?
+                    .to_vec1()?;
+                out.copy_from_slice(&v);
+            }
+        }
+        Ok(())
+    }
+
+    /// RoPE cosines and sines of `positions`, [positions, head_dim / 2] each. Angles are
+    /// f32 products position · inverse frequency, as candle computed them.
+    pub(super) fn rope_rows(&self, positions: &[usize], cos: &mut [f32], sin: &mut [f32]) {
+        let half = self.rope_inv.len();
+        for (r, &p) in positions.iter().enumerate() {
+            let (c, s) = (&mut cos[r * half..][..half], &mut sin[r * half..][..half]);
+            for ((c, s), f) in c.iter_mut().zip(s.iter_mut()).zip(&self.rope_inv) {
+                let a = p as f32 * f;
+                *c = a.cos();
+                *s = a.sin();
+            }
+        }
+    }
+}
+
+/// Shows buffer `buf` (the input of layer `li`'s `modules`) to the observer, if any.
+fn show(
+    b: &mut impl Backend,
+    observer: Option<&dyn ActivationObserver>,
+    li: usize,
+    modules: &[&str],
+    buf: Buf,
+    width: usize,
+) -> Result<()> {
+    if observer.is_none() {
+        return Ok(());
+    }
+    let x = b.host(buf)?;
+    show_input(observer, Some(li), modules, x, x.len() / width)
+}
+
+/// Shows one linear input (`rows` rows of `x`) to the observer, if any, under the Hugging
+/// Face names of the weights that read it (layer `li`'s `modules`, or top-level names).
+fn show_input(
+    observer: Option<&dyn ActivationObserver>,
+    li: Option<usize>,
+    modules: &[&str],
+    x: &[f32],
+    rows: usize,
+) -> Result<()> {
+    let Some(o) = observer else { return Ok(()) };
+    let names: Vec<String> = modules
+        .iter()
+        .map(|m| match li {
+            Some(li) => format!("model.layers.{li}.{m}.weight"),
+            None => m.to_string(),
+        })
+        .collect();
+    let t = Tensor::from_slice(x, (rows, x.len() / rows), &candle_core::Device::Cpu)?;
+    o.observe(&names, &t)
+}
+
+/// After a forward pass over `seqs`: counts their new tokens into their caches and lists the
+/// rows that reach the output head (`picked`, indices into the pass's rows) and how many of
+/// them each sequence gets (`counts`).
+pub(super) fn head_rows(
+    seqs: &mut [(&[u32], &mut KvCache)],
+    which: Logits,
+    picked: &mut Vec<usize>,
+    counts: &mut Vec<usize>,
+) {
+    picked.clear();
+    counts.clear();
+    let mut off = 0;
+    for (tokens, cache) in seqs.iter_mut() {
+        let t = tokens.len();
+        cache.len += t;
+        match which {
+            Logits::All => {
+                picked.extend(off..off + t);
+                counts.push(t);
+            }
+            Logits::Last => {
+                picked.push(off + t - 1);
+                counts.push(1);
+            }
+        }
+        off += t;
+    }
+}
+
+/// Splits the head's output rows into one [`LogitRows`] per sequence.
+fn split_logits(mut logits: Vec<f32>, counts: &[usize], vocab: usize) -> Result<Vec<LogitRows>> {
+    let total: usize = counts.iter().sum();
+    let mut out = Vec::with_capacity(counts.len());
+    let mut start = 0;
+    for &n in counts {
+        let part = if counts.len() == 1 && n == total {
+            std::mem::take(&mut logits)
+        } else {
+            logits[start * vocab..(start + n) * vocab].to_vec()
+        };
+        out.push(LogitRows::new(part, vocab)?);
+        start += n;
+    }
+    Ok(out)
+}

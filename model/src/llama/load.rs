@@ -1,0 +1,241 @@
+//! Building a [`Llama`] from a weight store, and the options it is built with.
+
+use super::{Layer, Llama};
+use crate::config::Config;
+use crate::error::{tensor_err, Result};
+use crate::gguf_names::{permute_qk_rows, Permute};
+use crate::linear::{dense_tensor, ActivationPrecision, Linear};
+use crate::weights::{RawTensor, WeightStore};
+use candle_core::{DType, Device, Tensor};
+
+/// How a model is loaded: everything that used to be a process-wide setting, explicit.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LoadOptions {
+    /// Threads its kernels run on (the caller included). `None`: the process-wide pool
+    /// (`RAYON_NUM_THREADS`, else every core). Models loaded with the same count share one
+    /// pool, so a verifier and its draft do not compete with two sets of workers.
+    pub threads: Option<usize>,
+    /// How activations meet Q8_0/Q4_0 weights (8-bit, the fast default, or f32).
+    pub activations: ActivationPrecision,
+    /// Where the forward pass runs.
+    pub device: ComputeDevice,
+}
+
+/// Where a model's forward pass runs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ComputeDevice {
+    #[default]
+    Cpu,
+    /// GPU 0 (feature `cuda`): linear layers with a GPU kernel (Q8_0, Q4_0, F16) are copied
+    /// there, and when all of them are, the whole pass and its KV caches run there.
+    Gpu,
+}
+
+impl LoadOptions {
+    /// The options with `threads` set.
+    pub fn with_threads(self, threads: Option<usize>) -> Self {
+        LoadOptions { threads, ..self }
+    }
+}
+
+impl Llama {
+    /// Builds the model from a checked config and a weight store, verifying every tensor's
+    /// shape against the config, as `options` say (threads, activation precision, device).
+    pub fn load(config: Config, store: &WeightStore, options: &LoadOptions) -> Result<Self> {
+        let c = &config;
+        let device = &Device::Cpu;
+        let act = options.activations;
+        let (h, hd, nh, nkv) = (
+            c.hidden_size,
+            c.head_dim(),
+            c.num_attention_heads,
+            c.num_kv_heads(),
+        );
+        let permute = store.is_gguf() && c.architecture() == crate::config::Architecture::Llama;
+        let get = |name: &str, shape: &[usize]| -> Result<RawTensor<'_>> {
+            let raw = store.get(name)?;
+            if raw.shape != shape {
+                return Err(tensor_err(
+                    store.path_of(name),
+                    &store.stored_name(name),
+                    format!(
+                        "shape {:?} does not match the config (expected {shape:?})",
+                        raw.shape
+                    ),
+                ));
+            }
+            Ok(raw)
+        };
+        let linear = |name: &str, out: usize, inp: usize| -> Result<Linear> {
+            let raw = get(name, &[out, inp])?;
+            Linear::from_raw(store.path_of(name), &raw, act)
+        };
+        // q/k from a llama GGUF are stored in llama.cpp's RoPE order: put rows back.
+        let qk_linear = |name: &str, heads: usize| -> Result<Linear> {
+            let raw = get(name, &[heads * hd, h])?;
+            if !permute {
+                return Linear::from_raw(store.path_of(name), &raw, act);
+            }
+            let row_bytes = raw.data.len() / (heads * hd);
+            let data = permute_qk_rows(raw.data, heads, heads * hd, row_bytes, Permute::GgufToHf);
+            let raw = RawTensor { data: &data, ..raw };
+            Linear::from_raw(store.path_of(name), &raw, act)
+        };
+        let qk_bias = |name: &str, heads: usize| -> Result<Option<Tensor>> {
+            if !c.qkv_bias() {
+                return Ok(None);
+            }
+            let raw = get(name, &[heads * hd])?;
+            let t = dense_tensor(store.path_of(name), &raw, device)?.to_dtype(DType::F32)?;
+            if !permute {
+                return Ok(Some(t));
+            }
+            let bytes: Vec<u8> = t
+                .to_vec1::<f32>()?
+                .iter()
+                .flat_map(|x| x.to_le_bytes())
+                .collect();
+            let p = permute_qk_rows(&bytes, heads, heads * hd, 4, Permute::GgufToHf);
+            let v: Vec<f32> = p
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect();
+            Ok(Some(Tensor::from_vec(v, heads * hd, device)?))
+        };
+        let vector = |name: &str, len: usize| -> Result<Tensor> {
+            let raw = get(name, &[len])?;
+            Ok(dense_tensor(store.path_of(name), &raw, device)?.to_dtype(DType::F32)?)
+        };
+        let norm_weights = |name: &str| -> Result<Vec<f32>> { Ok(vector(name, h)?.to_vec1()?) };
+
+        let embed_name = "model.embed_tokens.weight";
+        let embed_raw = get(embed_name, &[c.vocab_size, h])?;
+        let embed = dense_tensor(store.path_of(embed_name), &embed_raw, device)?;
+        let embed = match embed.dtype() {
+            DType::BF16 => embed.to_dtype(DType::F32)?,
+            _ => embed,
+        };
+        let lm_head = if store.contains("lm_head.weight") {
+            linear("lm_head.weight", c.vocab_size, h)?
+        } else if c.tie_word_embeddings || store.is_gguf() {
+            Linear::from_raw(store.path_of(embed_name), &embed_raw, act)?
+        } else {
+            return Err(tensor_err(
+                store.main_path(),
+                "lm_head.weight",
+                "missing (and tie_word_embeddings is false)",
+            ));
+        };
+
+        let mut layers = Vec::with_capacity(c.num_hidden_layers);
+        for i in 0..c.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            layers.push(Layer {
+                attn_norm: norm_weights(&format!("{p}.input_layernorm.weight"))?,
+                q: qk_linear(&format!("{p}.self_attn.q_proj.weight"), nh)?
+                    .with_bias(qk_bias(&format!("{p}.self_attn.q_proj.bias"), nh)?),
+                k: qk_linear(&format!("{p}.self_attn.k_proj.weight"), nkv)?
+                    .with_bias(qk_bias(&format!("{p}.self_attn.k_proj.bias"), nkv)?),
+                v: linear(&format!("{p}.self_attn.v_proj.weight"), nkv * hd, h)?.with_bias(
+                    if c.qkv_bias() {
+                        Some(vector(&format!("{p}.self_attn.v_proj.bias"), nkv * hd)?)
+                    } else {
+                        None
+                    },
+                ),
+                o: linear(&format!("{p}.self_attn.o_proj.weight"), h, nh * hd)?,
+                mlp_norm: norm_weights(&format!("{p}.post_attention_layernorm.weight"))?,
+                gate: linear(&format!("{p}.mlp.gate_proj.weight"), c.intermediate_size, h)?,
+                up: linear(&format!("{p}.mlp.up_proj.weight"), c.intermediate_size, h)?,
+                down: linear(&format!("{p}.mlp.down_proj.weight"), h, c.intermediate_size)?,
+            });
+        }
+        let norm = norm_weights("model.norm.weight")?;
+
+        let mut model = Llama {
+            rope_inv: c.rope_inv_freq(),
+            embed,
+            layers,
+            norm,
+            lm_head,
+            shortlist: Default::default(),
+            config,
+            workspace: Default::default(),
+            pool: options.threads.map(tandem_kernels::pool::with_threads),
+            resident: None,
+        };
+        if options.device == ComputeDevice::Gpu {
+            model.upload_to_gpu()?;
+        }
+        Ok(model)
+    }
+
+    /// Every tensor the forward pass reads, with its Hugging Face shape. Optional ones
+    /// (`lm_head.weight` when tied) are marked `false`.
+    pub fn expected_tensors(c: &Config) -> Vec<(String, Vec<usize>, bool)> {
+        let (h, hd, nh, nkv, ff) = (
+            c.hidden_size,
+            c.head_dim(),
+            c.num_attention_heads,
+            c.num_kv_heads(),
+            c.intermediate_size,
+        );
+        let mut v = vec![
+            (
+                "model.embed_tokens.weight".to_string(),
+                vec![c.vocab_size, h],
+                true,
+            ),
+            ("model.norm.weight".to_string(), vec![h], true),
+            (
+                "lm_head.weight".to_string(),
+                vec![c.vocab_size, h],
+                !c.tie_word_embeddings,
+            ),
+        ];
+        for i in 0..c.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            let mut add = |n: &str, shape: Vec<usize>| v.push((format!("{p}.{n}"), shape, true));
+            add("input_layernorm.weight", vec![h]);
+            add("self_attn.q_proj.weight", vec![nh * hd, h]);
+            add("self_attn.k_proj.weight", vec![nkv * hd, h]);
+            add("self_attn.v_proj.weight", vec![nkv * hd, h]);
+            add("self_attn.o_proj.weight", vec![h, nh * hd]);
+            add("post_attention_layernorm.weight", vec![h]);
+            add("mlp.gate_proj.weight", vec![ff, h]);
+            add("mlp.up_proj.weight", vec![ff, h]);
+            add("mlp.down_proj.weight", vec![h, ff]);
+            if c.qkv_bias() {
+                add("self_attn.q_proj.bias", vec![nh * hd]);
+                add("self_attn.k_proj.bias", vec![nkv * hd]);
+                add("self_attn.v_proj.bias", vec![nkv * hd]);
+            }
+        }
+        v
+    }
+
+    /// Copies every linear layer with a GPU kernel to the GPU; returns the bytes copied.
+    /// When every one is there, the whole forward pass moves to the GPU (its norms and
+    /// buffers too): caches made after this live there.
+    pub fn upload_to_gpu(&mut self) -> Result<usize> {
+        let mut bytes = 0;
+        for lin in self.linears_mut() {
+            bytes += lin.upload_to_gpu()?;
+        }
+        if self.linears().iter().all(|(_, l)| l.on_gpu()) {
+            self.resident = Some(super::gpu::Resident::new(self)?);
+        }
+        Ok(bytes)
+    }
+
+    /// Sets how activations meet Q8_0/Q4_0 weights in every linear layer.
+    pub fn set_activation_precision(&mut self, p: ActivationPrecision) -> Result<()> {
+        for lin in self.linears_mut() {
+            lin.set_activations(p)?;
+        }
+        if let Some(s) = self.shortlist.get_mut().unwrap_or_else(|e| e.into_inner()) {
+            s.set_activations(p)?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,96 @@
+//! The forward pass through its public interface, on the bundled stories260K model: what the
+//! load options change (and what they must not), the logit rows a call returns, and what the
+//! observer and the profiler see.
+
+use std::cell::RefCell;
+use std::path::PathBuf;
+use tandem_model::{ActivationObserver, Checkpoint, Llama, LoadOptions, Logits};
+
+fn stories() -> Checkpoint {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/stories260K");
+    Checkpoint::open(&p, None).expect("the bundled model opens")
+}
+
+fn prompt(ck: &Checkpoint) -> Vec<u32> {
+    ck.tokenizer
+        .encode("Once upon a time, there was a little dog", true)
+        .expect("encodes")
+}
+
+fn all_logits(m: &Llama, toks: &[u32]) -> Vec<Vec<f32>> {
+    let mut cache = m.new_cache().expect("cache");
+    m.forward(toks, &mut cache, Logits::All)
+        .expect("forward")
+        .to_vecs()
+}
+
+#[test]
+fn thread_count_does_not_change_the_logits() {
+    let ck = stories();
+    let toks = prompt(&ck);
+    let one = ck
+        .load_model(&LoadOptions::default().with_threads(Some(1)))
+        .expect("loads");
+    let two = ck
+        .load_model(&LoadOptions::default().with_threads(Some(2)))
+        .expect("loads");
+    assert_eq!(all_logits(&one, &toks), all_logits(&two, &toks));
+}
+
+#[test]
+fn logit_rows_are_one_per_position_and_last_is_the_last() {
+    let ck = stories();
+    let m = ck.load_model(&LoadOptions::default()).expect("loads");
+    let toks = prompt(&ck);
+    let mut cache = m.new_cache().expect("cache");
+    let all = m.forward(&toks, &mut cache, Logits::All).expect("forward");
+    assert_eq!(all.len(), toks.len());
+    assert_eq!(all.vocab(), m.config.vocab_size);
+    assert_eq!(all.rows().count(), toks.len());
+    let mut cache = m.new_cache().expect("cache");
+    let last = m.forward(&toks, &mut cache, Logits::Last).expect("forward");
+    assert_eq!(last.len(), 1);
+    assert_eq!(last.last(), all.last());
+    assert_eq!(cache.len(), toks.len());
+}
+
+struct Seen(RefCell<Vec<(String, usize)>>);
+
+impl ActivationObserver for Seen {
+    fn observe(&self, weights: &[String], x: &candle_core::Tensor) -> tandem_model::Result<()> {
+        let rows = x.dims()[0];
+        for w in weights {
+            self.0.borrow_mut().push((w.clone(), rows));
+        }
+        Ok(())
+    }
+}
+
+#[test]
+fn observer_sees_every_linear_input_and_profile_times_every_op() {
+    let ck = stories();
+    let m = ck.load_model(&LoadOptions::default()).expect("loads");
+    let toks = prompt(&ck);
+    let seen = Seen(RefCell::new(Vec::new()));
+    m.start_profile();
+    let mut cache = m.new_cache().expect("cache");
+    m.forward_observed(&toks, &mut cache, Logits::Last, Some(&seen))
+        .expect("forward");
+    let profile = m.take_profile().expect("profiled");
+    let seen = seen.0.into_inner();
+    // 7 linear layers per decoder layer, and the head (which sees the one row it computes).
+    assert_eq!(seen.len(), 7 * m.config.num_hidden_layers + 1);
+    assert!(seen[..seen.len() - 1].iter().all(|(_, r)| *r == toks.len()));
+    assert_eq!(seen.last(), Some(&("lm_head.weight".to_string(), 1)));
+    assert_eq!(profile.calls, 1);
+    for op in [
+        "embed",
+        "norm",
+        "q/k/v matmul",
+        "rope",
+        "attention",
+        "down matmul",
+    ] {
+        assert!(profile.ops.iter().any(|(o, _)| *o == op), "{op} not timed");
+    }
+}
