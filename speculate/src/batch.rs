@@ -1,14 +1,15 @@
-//! Speculative decoding for a batch of sequences: each sequence has its own drafter and
-//! controller, and one batched verifier pass scores every sequence's draft at once (each
-//! weight is read once for the whole batch). Greedy acceptance: every sequence's output is its
-//! own plain greedy decoding.
+//! The speculative step loop, for a batch of sequences: each sequence has its own drafter,
+//! acceptance rule and controller, and one batched verifier pass scores every sequence's draft
+//! at once (each weight is read once for the whole batch). With greedy acceptance every
+//! sequence's output is its own plain greedy decoding; with a sampling rule, its own sampled
+//! output. A single sequence is a batch of one (`SpeculativeDecoder` wraps this loop).
 //!
 //! At small batch a verification pass costs about as much as a decode pass, so drafts pay; as
 //! the batch grows the matmuls become compute-bound and every drafted row costs real time, so
 //! above `max_spec_batch` active sequences the decoder stops drafting (k = 0) and decodes the
 //! batch plainly. The threshold is measured with `tandem bench spec --batch` (BENCHMARKS.md).
 
-use crate::acceptance::{AcceptanceRule, Greedy};
+use crate::acceptance::AcceptanceRule;
 use crate::controller::{Controller, StepReport};
 use crate::decoder::SpecStats;
 use crate::drafter::Drafter;
@@ -28,8 +29,9 @@ pub trait BatchVerifier {
 }
 
 pub struct BatchDecoder<'a> {
-    /// One drafter and one controller per sequence.
+    /// One drafter, acceptance rule and controller per sequence.
     pub drafters: Vec<&'a mut dyn Drafter>,
+    pub rules: Vec<&'a mut dyn AcceptanceRule>,
     pub controllers: Vec<&'a mut dyn Controller>,
     pub verifier: &'a mut dyn BatchVerifier,
     /// Draft only while at most this many sequences are active (0 = never: plain batched
@@ -41,31 +43,52 @@ struct Seq {
     tokens: Vec<u32>,
     out: Vec<u32>,
     last: u32,
-    done: bool,
+    /// Why the sequence ended, once it has.
+    stop: Option<StopReason>,
 }
 
 impl BatchDecoder<'_> {
-    /// Generates up to `max_tokens` after each prompt (greedy); EOS ends a sequence and is not
-    /// emitted. Returns each sequence's tokens and the batch's combined statistics.
+    /// Generates up to `max_tokens` after each prompt; EOS ends a sequence and is not emitted.
+    /// Returns each sequence's tokens and the batch's combined statistics.
     pub fn generate(
         &mut self,
         prompts: &[Vec<u32>],
         max_tokens: usize,
         eos: &[u32],
     ) -> Result<(Vec<Vec<u32>>, SpecStats)> {
+        self.generate_streaming(prompts, max_tokens, eos, |_, _| Ok(()))
+    }
+
+    /// [`BatchDecoder::generate`], calling `on_token(sequence, token)` for every token as it
+    /// is decided. `stats.stop` is the one sequence's reason for a batch of one; for more,
+    /// `ContextFull` if any sequence ran out of context, `Eos` if all ended there, else
+    /// `MaxTokens`.
+    pub fn generate_streaming(
+        &mut self,
+        prompts: &[Vec<u32>],
+        max_tokens: usize,
+        eos: &[u32],
+        mut on_token: impl FnMut(usize, u32) -> Result<()>,
+    ) -> Result<(Vec<Vec<u32>>, SpecStats)> {
         let n = prompts.len();
-        if self.drafters.len() != n || self.controllers.len() != n {
+        if self.drafters.len() != n || self.rules.len() != n || self.controllers.len() != n {
             return Err(Error::Mismatch(format!(
-                "{n} prompts need {n} drafters and controllers ({} and {} given)",
+                "{n} prompts need {n} drafters, rules and controllers ({}, {} and {} given)",
                 self.drafters.len(),
+                self.rules.len(),
                 self.controllers.len()
             )));
         }
+        let vocab = self.verifier.vocab_size();
+        for d in &self.drafters {
+            if let Some(dv) = d.vocab_size().filter(|&dv| dv != vocab) {
+                return Err(Error::Mismatch(format!(
+                    "draft and verifier vocabularies differ ({dv} vs {vocab} tokens): they must share a tokenizer"
+                )));
+            }
+        }
         let start = Instant::now();
-        let mut stats = SpecStats {
-            stop: StopReason::MaxTokens,
-            ..Default::default()
-        };
+        let mut stats = SpecStats::default();
         let mut seqs = Vec::with_capacity(n);
         let mut heads = Vec::new();
         for (i, p) in prompts.iter().enumerate() {
@@ -80,7 +103,7 @@ impl BatchDecoder<'_> {
                 tokens: p.clone(),
                 out: Vec::new(),
                 last,
-                done: max_tokens == 0,
+                stop: (max_tokens == 0).then_some(StopReason::MaxTokens),
             });
         }
         // Every sequence's context holds all its tokens but the last.
@@ -88,9 +111,13 @@ impl BatchDecoder<'_> {
             self.verifier.verify_batch(&heads)?;
         }
         let limit = self.verifier.limit();
-        let mut greedy = Greedy;
         loop {
-            let active: Vec<usize> = (0..n).filter(|&i| !seqs[i].done).collect();
+            for (i, s) in seqs.iter_mut().enumerate() {
+                if s.stop.is_none() && self.verifier.len(i) + 1 > limit {
+                    s.stop = Some(StopReason::ContextFull);
+                }
+            }
+            let active: Vec<usize> = (0..n).filter(|&i| seqs[i].stop.is_none()).collect();
             if active.is_empty() {
                 break;
             }
@@ -105,7 +132,7 @@ impl BatchDecoder<'_> {
                     self.controllers[i]
                         .next_k()
                         .min(max_tokens - s.out.len() - 1)
-                        .min(limit.saturating_sub(base + 1))
+                        .min(limit - base - 1)
                 } else {
                     0
                 };
@@ -115,7 +142,11 @@ impl BatchDecoder<'_> {
                     Default::default()
                 };
                 d.tokens.truncate(k);
-                let mut input = vec![s.last];
+                if let Some(p) = d.probs.as_mut() {
+                    p.truncate(d.tokens.len());
+                }
+                let mut input = Vec::with_capacity(d.tokens.len() + 1);
+                input.push(s.last);
                 input.extend_from_slice(&d.tokens);
                 inputs.push(input);
                 drafts.push(d);
@@ -133,15 +164,15 @@ impl BatchDecoder<'_> {
             stats.verify_secs += vs;
             stats.verifier_passes += 1;
             for ((&i, d), l) in active.iter().zip(&drafts).zip(&logits) {
-                let base = self.verifier.len(i) - inputs_len(d);
-                let verdict = greedy.judge(d, l);
+                let drafted = d.tokens.len();
+                let base = self.verifier.len(i) - (drafted + 1);
+                let verdict = self.rules[i].judge(d, l);
                 self.drafters[i].accepted(verdict.accepted);
                 self.verifier.rollback(i, base + 1 + verdict.accepted);
-                stats.drafted += d.tokens.len();
-                stats.accepted += verdict.accepted;
+                stats.record(drafted, verdict.accepted);
                 if speculate {
                     self.controllers[i].observe(&StepReport {
-                        drafted: d.tokens.len(),
+                        drafted,
                         accepted: verdict.accepted,
                         draft_secs: ds / active.len() as f64,
                         verify_secs: vs,
@@ -153,30 +184,33 @@ impl BatchDecoder<'_> {
                     .chain(std::iter::once(&verdict.next))
                 {
                     if eos.contains(&t) {
-                        s.done = true;
+                        s.stop = Some(StopReason::Eos);
                         break;
                     }
                     s.tokens.push(t);
                     s.out.push(t);
                     s.last = t;
+                    on_token(i, t)?;
                     if s.out.len() >= max_tokens {
-                        s.done = true;
+                        s.stop = Some(StopReason::MaxTokens);
                         break;
                     }
                 }
-                if !s.done && self.verifier.len(i) + 1 > limit {
-                    s.done = true;
-                    stats.stop = StopReason::ContextFull;
-                }
             }
         }
+        let stops: Vec<StopReason> = seqs
+            .iter()
+            .map(|s| s.stop.unwrap_or(StopReason::MaxTokens))
+            .collect();
+        stats.stop = if stops.contains(&StopReason::ContextFull) {
+            StopReason::ContextFull
+        } else if !stops.is_empty() && stops.iter().all(|&s| s == StopReason::Eos) {
+            StopReason::Eos
+        } else {
+            StopReason::MaxTokens
+        };
         stats.generated_tokens = seqs.iter().map(|s| s.out.len()).sum();
         stats.total_secs = start.elapsed().as_secs_f64();
         Ok((seqs.into_iter().map(|s| s.out).collect(), stats))
     }
-}
-
-/// Rows a sequence added in this step: its last token plus its draft.
-fn inputs_len(d: &crate::drafter::Draft) -> usize {
-    d.tokens.len() + 1
 }

@@ -1,10 +1,11 @@
-//! The speculative loop: draft → verify → accept → adapt, one step at a time.
+//! One sequence's speculative decoding: draft → verify → accept → adapt, one step at a time,
+//! run by the batch step loop (`batch.rs`) as a batch of one, and the statistics both report.
 
 use crate::acceptance::AcceptanceRule;
-use crate::controller::{Controller, StepReport};
+use crate::batch::{BatchDecoder, BatchVerifier};
+use crate::controller::Controller;
 use crate::drafter::Drafter;
 use crate::{Error, Result, Verifier};
-use std::time::Instant;
 use tandem_kernels::sampling::StopReason;
 
 /// What a generation did, for metrics and benchmarks.
@@ -32,6 +33,21 @@ impl SpecStats {
     pub fn tokens_per_pass(&self) -> f64 {
         self.generated_tokens as f64 / self.verifier_passes.max(1) as f64
     }
+
+    /// Counts one sequence's step: `drafted` tokens proposed, the first `accepted` kept.
+    pub(crate) fn record(&mut self, drafted: usize, accepted: usize) {
+        self.drafted += drafted;
+        self.accepted += accepted;
+        if self.by_position.len() < drafted {
+            self.by_position.resize(drafted, (0, 0));
+        }
+        for (i, slot) in self.by_position.iter_mut().enumerate().take(drafted) {
+            slot.0 += 1;
+            if i < accepted {
+                slot.1 += 1;
+            }
+        }
+    }
 }
 
 pub struct SpeculativeDecoder<'a> {
@@ -42,7 +58,9 @@ pub struct SpeculativeDecoder<'a> {
 }
 
 impl SpeculativeDecoder<'_> {
-    /// Generates up to `max_tokens` after `prompt`; EOS ends generation and is not emitted.
+    /// Generates up to `max_tokens` after `prompt`, calling `on_token` for each token as it
+    /// is decided; EOS ends generation and is not emitted. The step loop is the batch one
+    /// ([`BatchDecoder`]) with a batch of one: one loop for every rule and batch size.
     pub fn generate(
         &mut self,
         prompt: &[u32],
@@ -50,100 +68,46 @@ impl SpeculativeDecoder<'_> {
         eos: &[u32],
         mut on_token: impl FnMut(u32) -> Result<()>,
     ) -> Result<(Vec<u32>, SpecStats)> {
-        if let Some(dv) = self.drafter.vocab_size() {
-            if dv != self.verifier.vocab_size() {
-                return Err(Error::Mismatch(format!(
-                    "draft and verifier vocabularies differ ({dv} vs {} tokens): they must share a tokenizer",
-                    self.verifier.vocab_size()
-                )));
-            }
-        }
-        let (&last, head) = prompt
-            .split_last()
-            .ok_or_else(|| Error::Mismatch("the prompt is empty".into()))?;
-        let start = Instant::now();
-        let mut stats = SpecStats {
-            prompt_tokens: prompt.len(),
-            stop: StopReason::MaxTokens,
-            ..Default::default()
+        let mut one = OneSequence(&mut *self.verifier);
+        let mut batch = BatchDecoder {
+            drafters: vec![&mut *self.drafter],
+            rules: vec![&mut *self.rule],
+            controllers: vec![&mut *self.controller],
+            verifier: &mut one,
+            max_spec_batch: usize::MAX,
         };
-        let mut seq = prompt.to_vec();
-        let mut out = Vec::new();
-        // The verifier holds every token but the last, whose logits the next pass computes.
-        if !head.is_empty() {
-            self.verifier.verify(head)?;
-        }
-        let mut last = last;
-        'outer: while out.len() < max_tokens {
-            let base = self.verifier.len();
-            if base + 1 > self.verifier.limit() {
-                stats.stop = StopReason::ContextFull;
-                break;
-            }
-            // Leave room for the bonus token within max_tokens and the context.
-            let k = self
-                .controller
-                .next_k()
-                .min(max_tokens - out.len() - 1)
-                .min(self.verifier.limit() - base - 1);
-            let t0 = Instant::now();
-            let mut draft = if k > 0 {
-                self.drafter.propose(&seq, k)?
-            } else {
-                Default::default()
-            };
-            draft.tokens.truncate(k);
-            if let Some(p) = draft.probs.as_mut() {
-                p.truncate(draft.tokens.len());
-            }
-            let t1 = Instant::now();
-            let mut input = Vec::with_capacity(draft.tokens.len() + 1);
-            input.push(last);
-            input.extend_from_slice(&draft.tokens);
-            let logits = self.verifier.verify(&input)?;
-            let verdict = self.rule.judge(&draft, &logits);
-            let t2 = Instant::now();
-            self.drafter.accepted(verdict.accepted);
-            self.verifier.rollback(base + 1 + verdict.accepted);
-            let n = draft.tokens.len();
-            stats.drafted += n;
-            stats.accepted += verdict.accepted;
-            stats.verifier_passes += 1;
-            if stats.by_position.len() < n {
-                stats.by_position.resize(n, (0, 0));
-            }
-            for (i, slot) in stats.by_position.iter_mut().enumerate().take(n) {
-                slot.0 += 1;
-                if i < verdict.accepted {
-                    slot.1 += 1;
-                }
-            }
-            let (ds, vs) = ((t1 - t0).as_secs_f64(), (t2 - t1).as_secs_f64());
-            stats.draft_secs += ds;
-            stats.verify_secs += vs;
-            self.controller.observe(&StepReport {
-                drafted: n,
-                accepted: verdict.accepted,
-                draft_secs: ds,
-                verify_secs: vs,
-            });
-            for &t in draft.tokens[..verdict.accepted]
-                .iter()
-                .chain(std::iter::once(&verdict.next))
-            {
-                if eos.contains(&t) {
-                    stats.stop = StopReason::Eos;
-                    break 'outer;
-                }
-                seq.push(t);
-                out.push(t);
-                on_token(t)?;
-                last = t;
-            }
-        }
-        stats.generated_tokens = out.len();
-        stats.total_secs = start.elapsed().as_secs_f64();
-        Ok((out, stats))
+        let (mut out, stats) =
+            batch.generate_streaming(&[prompt.to_vec()], max_tokens, eos, |_, t| on_token(t))?;
+        Ok((out.pop().unwrap_or_default(), stats))
+    }
+}
+
+/// A single sequence's verifier as a batch verifier of one (sequence 0).
+struct OneSequence<'a>(&'a mut dyn Verifier);
+
+impl BatchVerifier for OneSequence<'_> {
+    fn verify_batch(&mut self, inputs: &[(usize, &[u32])]) -> Result<Vec<Vec<Vec<f32>>>> {
+        inputs
+            .iter()
+            .map(|&(seq, tokens)| match seq {
+                0 => self.0.verify(tokens),
+                _ => Err(Error::Mismatch(format!(
+                    "sequence {seq} of a single-sequence decoder (internal error)"
+                ))),
+            })
+            .collect()
+    }
+    fn rollback(&mut self, _seq: usize, len: usize) {
+        self.0.rollback(len);
+    }
+    fn len(&self, _seq: usize) -> usize {
+        self.0.len()
+    }
+    fn limit(&self) -> usize {
+        self.0.limit()
+    }
+    fn vocab_size(&self) -> usize {
+        self.0.vocab_size()
     }
 }
 
