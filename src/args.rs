@@ -87,6 +87,7 @@ impl DraftArgs {
             draft_p_min: self.draft_p_min,
             own_draft_cache: self.own_draft_cache,
             draft_vocab: self.draft_vocab,
+            ..SpecConfig::default()
         }
     }
 }

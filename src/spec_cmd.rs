@@ -9,8 +9,8 @@ use std::path::PathBuf;
 use tandem_model::{Checkpoint, Llama, Sampler, SamplingParams};
 use tandem_speculate::session::{run, shortlist_draft_head, Lookup};
 use tandem_speculate::{
-    AcceptanceRule, AdaptiveK, Controller, DraftSource, Drafter, FixedK, Greedy, ModelDrafter,
-    NgramDrafter, SpecStats,
+    AcceptanceRule, Controller, DraftSource, Drafter, ModelDrafter, NgramDrafter, SpecConfig,
+    SpecStats,
 };
 
 /// `tandem generate --draft ...`: streams the text, metrics to stderr.
@@ -278,9 +278,6 @@ fn bench_batch(
     prompts: &[String],
 ) -> Result<()> {
     use tandem_speculate::{BatchDecoder, ModelBatchVerifier};
-    if a.sampling.temperature != 0.0 {
-        anyhow::bail!("--batch runs greedy decoding only (--temperature 0)");
-    }
     let tok = &ck.tokenizer;
     let ids: Vec<Vec<u32>> = prompts
         .iter()
@@ -293,13 +290,21 @@ fn bench_batch(
         (Lookup::None, Some(m)) => Some(&**m),
         _ => anyhow::bail!("--batch drafts with ngram or one draft model"),
     };
+    let params = a.sampling.params();
+    let cost = model_draft.map_or(0.0, |m| m.decode_cost() / model.decode_cost().max(1.0));
+    // Every sequence gets the run's rule, controller and (for a model) draft sampler from one
+    // config, as a single-sequence run does.
     let run = |batch: &[Vec<u32>], max_spec: usize| -> Result<SpecStats> {
+        let config = SpecConfig {
+            max_spec_batch: max_spec,
+            ..a.drafting.config(params, None)
+        };
         let mut ngrams: Vec<NgramDrafter> = batch.iter().map(|_| NgramDrafter::default()).collect();
         let mut models = Vec::new();
         if let Some(m) = model_draft {
             for _ in batch {
-                let mut d = ModelDrafter::new(m, None)?;
-                d.min_confidence = a.drafting.draft_p_min;
+                let mut d = ModelDrafter::new(m, config.draft_sampler()?)?;
+                d.min_confidence = config.draft_p_min;
                 models.push(d);
             }
         }
@@ -307,30 +312,24 @@ fn bench_batch(
             None => ngrams.iter_mut().map(|d| d as &mut dyn Drafter).collect(),
             Some(_) => models.iter_mut().map(|d| d as &mut dyn Drafter).collect(),
         };
-        let mut fixed: Vec<FixedK> = batch.iter().map(|_| FixedK(a.drafting.draft_max)).collect();
-        let mut adaptive: Vec<AdaptiveK> = batch
+        let mut rules = batch
             .iter()
-            .map(|_| AdaptiveK::new(a.drafting.draft_max))
-            .collect();
-        let controllers: Vec<&mut dyn Controller> = if a.drafting.no_adapt {
-            fixed.iter_mut().map(|c| c as &mut dyn Controller).collect()
-        } else {
-            adaptive
-                .iter_mut()
-                .map(|c| c as &mut dyn Controller)
-                .collect()
-        };
+            .map(|_| config.rule())
+            .collect::<tandem_speculate::Result<Vec<_>>>()?;
+        let mut controllers: Vec<_> = batch.iter().map(|_| config.controller(cost)).collect();
         let mut v = ModelBatchVerifier::new(model, batch.len(), None)?;
-        let mut greedy: Vec<Greedy> = batch.iter().map(|_| Greedy).collect();
         let mut dec = BatchDecoder {
             drafters,
-            rules: greedy
+            rules: rules
                 .iter_mut()
-                .map(|r| r as &mut dyn AcceptanceRule)
+                .map(|r| &mut **r as &mut dyn AcceptanceRule)
                 .collect(),
-            controllers,
+            controllers: controllers
+                .iter_mut()
+                .map(|c| &mut **c as &mut dyn Controller)
+                .collect(),
             verifier: &mut v,
-            max_spec_batch: max_spec,
+            max_spec_batch: config.max_spec_batch,
         };
         Ok(dec.generate(batch, a.max_tokens, &tok.eos_ids)?.1)
     };

@@ -467,9 +467,7 @@ fn stories260k_speculative_sampling_matches_the_verifier_distribution() {
     let logits = m
         .forward(&prompt, &mut cache, tandem_model::Logits::Last)
         .unwrap();
-    let target = Sampler::new(params)
-        .unwrap()
-        .distribution(logits.last());
+    let target = Sampler::new(params).unwrap().distribution(logits.last());
     // A draft whose head keeps only the 48 lowest ids and the prompt's: q is 0 for every other
     // token, so those can only come from the resampling step.
     let mut short = self_drafts(&ck).remove(1);

@@ -5,7 +5,9 @@
  * drafts tokens (by prompt lookup, or with a second engine model as the draft), verifies them
  * with ONE forward call of up to draft_max + 1 tokens, keeps the longest prefix the verifier
  * agrees with, rolls the verifier back to it, and adapts the draft length to acceptance and
- * cost. Acceptance is greedy: the tokens delivered are exactly the engine's own greedy decoding.
+ * cost. tandem_generate is greedy: the tokens delivered are exactly the engine's own greedy
+ * decoding. tandem_generate_with takes a TandemConfig and also samples (rejection sampling: the
+ * engine's own sampling distribution, reproducible by seed).
  *
  * Link with -ltandem_speculate (libtandem_speculate.so, built by
  * `cargo build --release -p tandem-speculate`).
@@ -59,6 +61,37 @@ int64_t tandem_generate(const TandemModel *verifier, const TandemModel *draft,
                         const uint32_t *eos, size_t n_eos, size_t draft_max, int adaptive,
                         int (*on_token)(void *user, uint32_t token), void *on_token_user,
                         TandemStats *stats);
+
+/* How to speculate, for tandem_generate_with. */
+typedef struct TandemConfig {
+    /* Most tokens drafted per verifier pass. */
+    size_t draft_max;
+    /* != 0: tandem picks the draft length (down to 0 when drafts do not pay). */
+    int adaptive;
+    /* 0: greedy (exactly the engine's own greedy decoding). > 0: sampled at this temperature;
+     * rejection sampling keeps the verifier's own distribution, and `seed` reproduces a run. */
+    float temperature;
+    /* Keep only the top_k most likely tokens (0 = off), the nucleus of top_p (1 = off). */
+    size_t top_k;
+    float top_p;
+    uint64_t seed;
+    /* A draft model stops drafting below this top probability (0 = never). */
+    float draft_p_min;
+    /* A draft step's time over a verifier step's (their weight bytes' ratio, say; 0 for
+     * prompt lookup): a sampled adaptive run adapts on it rather than on the clock, so the
+     * seed alone decides its output. */
+    double draft_cost;
+} TandemConfig;
+
+/* tandem_generate with the settings of *config (not NULL): greedy or sampled. The draft model,
+ * when given, samples its proposals on a stream of its own (derived from seed). Returns as
+ * tandem_generate does; an out-of-range setting (temperature < 0, top_p outside (0, 1], ...)
+ * is refused before any call. */
+int64_t tandem_generate_with(const TandemModel *verifier, const TandemModel *draft,
+                             const uint32_t *prompt, size_t n_prompt, size_t max_tokens,
+                             const uint32_t *eos, size_t n_eos, const TandemConfig *config,
+                             int (*on_token)(void *user, uint32_t token), void *on_token_user,
+                             TandemStats *stats);
 
 /* The last error on this thread, "" if none. Valid until the next tandem call. */
 const char *tandem_last_error(void);

@@ -1,15 +1,15 @@
 //! The C ABI: an engine written in any language plugs its own model in as callbacks
 //! (forward k tokens, roll the context back) and gets speculative decoding from tandem's core:
 //! drafts from prompt lookup or from a second engine model, greedy acceptance (the output is
-//! exactly the engine's own greedy decoding), adaptive draft length, and the accepted tokens
-//! streamed back. See `include/tandem.h` for the contract; `tests/c/engine.c` drives it.
+//! exactly the engine's own greedy decoding) or rejection sampling (the engine's own sampling
+//! distribution), adaptive draft length, and the accepted tokens streamed back. The run is
+//! built from a [`SpecConfig`], as tandem's own CLI and Python runs are. See
+//! `include/tandem.h` for the contract; `tests/c/engine.c` drives it.
 
-use crate::{
-    AdaptiveK, Controller, Error, FixedK, Greedy, ModelDrafter, NgramDrafter, Result,
-    SpeculativeDecoder, Verifier,
-};
+use crate::{Error, ModelDrafter, NgramDrafter, Result, SpecConfig, Verifier};
 use std::cell::RefCell;
 use std::ffi::{c_char, c_int, c_void, CString};
+use tandem_kernels::sampling::SamplingParams;
 
 /// An engine's model: forward and rollback over one sequence's context (`TandemModel` in C).
 #[repr(C)]
@@ -30,6 +30,47 @@ pub struct TandemModel {
     pub rollback: Option<unsafe extern "C" fn(user: *mut c_void, len: usize)>,
     pub vocab_size: usize,
     pub context_limit: usize,
+}
+
+/// How to speculate (`TandemConfig` in C): what [`SpecConfig`] holds that an engine sets.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct TandemConfig {
+    /// Most tokens drafted per verifier pass.
+    pub draft_max: usize,
+    /// Non-zero: tandem picks the draft length (down to 0 when drafts do not pay).
+    pub adaptive: c_int,
+    /// 0: greedy (the engine's own greedy decoding). Above 0: sampled; rejection sampling
+    /// keeps the verifier's distribution, reproducibly by `seed`.
+    pub temperature: f32,
+    /// Keep only the k most likely tokens (0 = off).
+    pub top_k: usize,
+    /// Nucleus threshold (1 = off).
+    pub top_p: f32,
+    pub seed: u64,
+    /// A draft model stops drafting below this top probability (0 = never).
+    pub draft_p_min: f32,
+    /// A draft step's time over a verifier step's (e.g. their weight bytes' ratio; 0 for
+    /// prompt lookup): a sampled adaptive run adapts on it instead of the clock, so a seed
+    /// reproduces its output.
+    pub draft_cost: f64,
+}
+
+impl TandemConfig {
+    fn spec_config(&self) -> SpecConfig {
+        SpecConfig {
+            params: SamplingParams {
+                temperature: self.temperature,
+                top_k: self.top_k,
+                top_p: self.top_p,
+                seed: self.seed,
+            },
+            draft_max: self.draft_max,
+            adapt: self.adaptive != 0,
+            draft_p_min: self.draft_p_min,
+            ..SpecConfig::default()
+        }
+    }
 }
 
 /// What a generation did (`TandemStats` in C).
@@ -164,8 +205,58 @@ pub unsafe extern "C" fn tandem_generate(
     on_token_user: *mut c_void,
     stats: *mut TandemStats,
 ) -> i64 {
+    let config = TandemConfig {
+        draft_max,
+        adaptive,
+        temperature: 0.0,
+        top_k: 0,
+        top_p: 1.0,
+        seed: 0,
+        draft_p_min: 0.0,
+        draft_cost: 0.0,
+    };
+    // SAFETY: the caller's pointers, passed on unchanged under the same contract.
+    unsafe {
+        tandem_generate_with(
+            verifier,
+            draft,
+            prompt,
+            n_prompt,
+            max_tokens,
+            eos,
+            n_eos,
+            &config,
+            on_token,
+            on_token_user,
+            stats,
+        )
+    }
+}
+
+/// Speculative generation as `config` says (greedy or sampled); see tandem.h. Returns the
+/// number of tokens generated, or -1 with `tandem_last_error()` set.
+///
+/// # Safety
+/// Pointers must be valid for the lengths given (or NULL where tandem.h allows it), and the
+/// callbacks must honour the contract in tandem.h.
+#[no_mangle]
+#[allow(clippy::too_many_arguments)]
+pub unsafe extern "C" fn tandem_generate_with(
+    verifier: *const TandemModel,
+    draft: *const TandemModel,
+    prompt: *const u32,
+    n_prompt: usize,
+    max_tokens: usize,
+    eos: *const u32,
+    n_eos: usize,
+    config: *const TandemConfig,
+    on_token: Option<unsafe extern "C" fn(user: *mut c_void, token: u32) -> c_int>,
+    on_token_user: *mut c_void,
+    stats: *mut TandemStats,
+) -> i64 {
     let run = || -> std::result::Result<(usize, TandemStats), String> {
         let v = verifier.as_ref().ok_or("verifier is NULL")?;
+        let c = config.as_ref().ok_or("config is NULL")?;
         check_model(v, "verifier")?;
         if let Some(d) = draft.as_ref() {
             check_model(d, "draft")?;
@@ -175,6 +266,9 @@ pub unsafe extern "C" fn tandem_generate(
                     d.vocab_size, v.vocab_size
                 ));
             }
+        }
+        if !c.draft_cost.is_finite() || c.draft_cost < 0.0 {
+            return Err(format!("config: draft_cost {} is not >= 0", c.draft_cost));
         }
         if eos.is_null() && n_eos > 0 {
             return Err(format!("eos is NULL but n_eos is {n_eos}"));
@@ -188,42 +282,40 @@ pub unsafe extern "C" fn tandem_generate(
         } else {
             std::slice::from_raw_parts(eos, n_eos)
         };
+        let spec = c.spec_config();
         let mut ver = Engine { m: *v, len: 0 };
         let mut ngram = NgramDrafter::default();
         let mut model_draft;
         let drafter: &mut dyn crate::Drafter = match draft.as_ref() {
             None => &mut ngram,
             Some(d) => {
-                model_draft = ModelDrafter::over(Engine { m: *d, len: 0 }, None);
+                let sampler = spec.draft_sampler().map_err(|e| format!("config: {e}"))?;
+                model_draft = ModelDrafter::over(Engine { m: *d, len: 0 }, sampler);
+                model_draft.min_confidence = spec.draft_p_min;
                 &mut model_draft
             }
         };
-        let mut fixed = FixedK(draft_max);
-        let mut adapt = AdaptiveK::new(draft_max);
-        let controller: &mut dyn Controller = if adaptive != 0 {
-            &mut adapt
-        } else {
-            &mut fixed
-        };
-        let mut dec = SpeculativeDecoder {
-            drafter,
-            verifier: &mut ver,
-            rule: &mut Greedy,
-            controller,
-        };
         let mut delivered = 0usize;
         let mut stopped = false;
-        let res = dec.generate(prompt, max_tokens, eos, |t| {
-            delivered += 1;
-            if let Some(cb) = on_token {
-                // SAFETY: the engine's callback with its own user pointer.
-                if cb(on_token_user, t) != 0 {
-                    stopped = true;
-                    return Err(Error::Mismatch("stopped by the engine".into()));
+        let res = spec.decode(
+            drafter,
+            &mut ver,
+            c.draft_cost,
+            prompt,
+            max_tokens,
+            eos,
+            |t| {
+                delivered += 1;
+                if let Some(cb) = on_token {
+                    // SAFETY: the engine's callback with its own user pointer.
+                    if cb(on_token_user, t) != 0 {
+                        stopped = true;
+                        return Err(Error::Mismatch("stopped by the engine".into()));
+                    }
                 }
-            }
-            Ok(())
-        });
+                Ok(())
+            },
+        );
         match res {
             Ok((out, st)) => Ok((
                 out.len(),

@@ -11,6 +11,7 @@
 pub mod acceptance;
 pub mod batch;
 pub mod capi;
+pub mod config;
 pub mod controller;
 pub mod decoder;
 pub mod drafter;
@@ -22,6 +23,7 @@ pub mod suffix;
 
 pub use acceptance::{AcceptanceRule, Greedy, RejectionSampling, Verdict};
 pub use batch::{BatchDecoder, BatchVerifier};
+pub use config::SpecConfig;
 pub use controller::{AdaptiveK, Controller, FixedK};
 pub use decoder::{SpecStats, SpeculativeDecoder};
 pub use drafter::{
@@ -32,7 +34,7 @@ pub use model_adapter::{
     ModelBatchVerifier, ModelVerifier, OwnedModelVerifier, SharedCacheDrafter,
 };
 #[cfg(feature = "model")]
-pub use session::{DraftSource, SpecConfig};
+pub use session::DraftSource;
 pub use suffix::{SuffixCache, SuffixDrafter};
 
 /// Errors of the speculative loop: the model's own, or a draft/verifier mismatch.

@@ -3,20 +3,15 @@
 //! the Python package build their runs here, so the choices (shared or own draft cache, the
 //! draft's seed, the controller a seeded run may use) are made in one place.
 
+pub use crate::config::{SpecConfig, DEFAULT_DRAFT_P_MIN};
 use crate::{
-    AcceptanceRule, AdaptiveK, Controller, Drafter, Error, FixedK, Greedy, HybridDrafter,
-    ModelDrafter, ModelVerifier, NgramDrafter, RejectionSampling, Result, SharedCacheDrafter,
-    SpecStats, SpeculativeDecoder, SuffixDrafter,
+    Drafter, Error, HybridDrafter, ModelDrafter, ModelVerifier, NgramDrafter, Result,
+    SharedCacheDrafter, SpecStats, SuffixDrafter,
 };
 use std::path::Path;
 use std::sync::Arc;
-use tandem_model::{Checkpoint, Llama, LoadOptions, Sampler, SamplingParams};
+use tandem_model::{Checkpoint, Llama, LoadOptions};
 use tandem_quantize::{QuantType, TypeChoice};
-
-/// Off by default, unlike llama.cpp's 0.75: a quantized copy of the verifier agrees with it
-/// even where it is unsure, so the cut-off mostly threw good drafts away (SmolLM2, self:q4_0,
-/// 6 prompts: 1.03× plain at 0, 0.95× at 0.4; self:q8_0@all with k = 4: 0.81× at 0.75).
-pub const DEFAULT_DRAFT_P_MIN: f32 = 0.0;
 
 /// Beside a model draft, a suffix lookup proposes only for a match of at least this many
 /// tokens: shorter ones are right less often than the model.
@@ -177,38 +172,6 @@ fn open_draft_model(verifier: &Checkpoint, path: &Path, load: &LoadOptions) -> R
     Ok(Arc::new(draft.load_model(load)?))
 }
 
-/// How to speculate.
-#[derive(Clone, Copy, Debug)]
-pub struct SpecConfig {
-    pub params: SamplingParams,
-    /// Most tokens drafted per verifier pass.
-    pub draft_max: usize,
-    /// Let k follow what drafting earns ([`AdaptiveK`]); else always `draft_max`.
-    pub adapt: bool,
-    /// The verifier's context limit (default: the model's).
-    pub ctx: Option<usize>,
-    /// A draft model stops drafting below this top probability ([`ModelDrafter::min_confidence`]).
-    pub draft_p_min: f32,
-    /// Give a draft model its own KV cache even when it could draft over the verifier's.
-    pub own_draft_cache: bool,
-    /// A draft model's output head keeps the tokens below this id and the prompt's (0 = all).
-    pub draft_vocab: usize,
-}
-
-impl Default for SpecConfig {
-    fn default() -> Self {
-        SpecConfig {
-            params: SamplingParams::default(),
-            draft_max: 8,
-            adapt: true,
-            ctx: None,
-            draft_p_min: DEFAULT_DRAFT_P_MIN,
-            own_draft_cache: false,
-            draft_vocab: crate::DEFAULT_DRAFT_VOCAB,
-        }
-    }
-}
-
 /// One speculative generation with fresh drafter, verifier, rule and controller.
 pub fn run(
     model: &Llama,
@@ -237,7 +200,7 @@ pub fn run(
         None => None,
         Some(m) => {
             // The draft samples from its own distribution on its own seeded stream.
-            let ds = draft_sampler(&s.params)?;
+            let ds = s.draft_sampler()?;
             if s.own_draft_cache || !m.shares_cache_shape_with(model) {
                 own_cache = ModelDrafter::new(m, ds)?;
                 own_cache.min_confidence = s.draft_p_min;
@@ -262,56 +225,25 @@ pub fn run(
             ))
         }
     };
-    let mut greedy = Greedy;
-    let mut sampling = RejectionSampling {
-        sampler: Sampler::new(s.params)?,
+    let cost = match draft_model {
+        None => 0.0,
+        Some(m) => m.decode_cost() / model.decode_cost().max(1.0),
     };
-    let rule: &mut dyn AcceptanceRule = if s.params.is_greedy() {
-        &mut greedy
-    } else {
-        &mut sampling
-    };
-    let mut fixed = FixedK(s.draft_max);
-    // Greedy output never depends on k, so k may follow the clock. Sampled output does (the
-    // random streams are consumed differently), so a seeded run adapts on acceptance alone,
-    // with the draft cost taken as the draft's decode cost over the verifier's (weight bytes
-    // weighted by how fast each format decodes).
-    let mut adaptive = if s.params.is_greedy() {
-        AdaptiveK::new(s.draft_max)
-    } else {
-        let cost = match draft_model {
-            None => 0.0,
-            Some(m) => m.decode_cost() / model.decode_cost().max(1.0),
-        };
-        AdaptiveK::with_fixed_cost(s.draft_max, cost)
-    };
-    let controller: &mut dyn Controller = if s.adapt { &mut adaptive } else { &mut fixed };
-    let mut dec = SpeculativeDecoder {
+    let (out, stats) = s.decode(
         drafter,
-        verifier: &mut verifier,
-        rule,
-        controller,
-    };
-    let (out, stats) = dec.generate(prompt, max_tokens, eos, on_token)?;
+        &mut verifier,
+        cost,
+        prompt,
+        max_tokens,
+        eos,
+        on_token,
+    )?;
     if let Lookup::Suffix(d) = lookup {
         // The whole sequence (its last tokens were never a draft's context) joins the
         // session's history for the next run.
         d.end_sequence(&[prompt, &out[..]].concat());
     }
     Ok((out, stats))
-}
-
-/// The sampler a draft model samples its proposals with: none when greedy, else the run's
-/// parameters on a stream of its own.
-pub fn draft_sampler(params: &SamplingParams) -> Result<Option<Sampler>> {
-    Ok((!params.is_greedy())
-        .then(|| {
-            Sampler::new(SamplingParams {
-                seed: params.seed ^ 0x9e37_79b9,
-                ..*params
-            })
-        })
-        .transpose()?)
 }
 
 /// Cuts a draft model's output head down to the lowest `top` ids and the prompts' tokens

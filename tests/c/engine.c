@@ -2,7 +2,8 @@
  * from the last token and its position, so wrong rollbacks or misordered logits change the
  * output. Checks that speculative generation returns exactly the engine's own greedy tokens
  * with prompt-lookup drafts and with a second (partly wrong) draft model, that on_token can
- * stop generation, and that an engine error comes back as -1 with a message. */
+ * stop generation, that a config runs sampled speculation reproducibly, and that an engine
+ * error comes back as -1 with a message. */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -84,6 +85,39 @@ int main(void) {
         if (st.accepted == 0) return fail("no draft was ever accepted");
         printf("mode %d: %zu tokens, %zu drafted, %zu accepted, %zu verifier passes\n",
                mode, st.generated, st.drafted, st.accepted, st.verifier_passes);
+    }
+    { /* A config: temperature 0 is the greedy run; a sampled run is reproducible by seed,
+       * with lookup drafts and with a draft model, and is not the greedy output. */
+        TandemConfig c = { 4, 1, 0.0f, 0, 1.0f, 0, 0.0f, 0.0 };
+        Toy v = {0}; TandemModel vm = model_of(&v); Out o = {0};
+        int64_t n = tandem_generate_with(&vm, NULL, prompt, np, max, eos, 1, &c, collect, &o, NULL);
+        if (n != (int64_t)nw || memcmp(o.toks, want, nw * sizeof(uint32_t)) != 0)
+            return fail("temperature 0 through a config is not the greedy output");
+        c.temperature = 1.0f; c.seed = 42; c.draft_cost = 0.25;
+        for (int with_draft = 0; with_draft < 2; with_draft++) {
+            Out a = {0}, b = {0};
+            for (int run = 0; run < 2; run++) {
+                Toy v2 = {0}, d2 = {0}; d2.noisy = 1;
+                TandemModel vm2 = model_of(&v2), dm2 = model_of(&d2);
+                TandemStats st;
+                int64_t m = tandem_generate_with(&vm2, with_draft ? &dm2 : NULL, prompt, np, 60,
+                                                 eos, 1, &c, collect, run ? &b : &a, &st);
+                if (m < 0) { fprintf(stderr, "error: %s\n", tandem_last_error()); return 1; }
+                if ((size_t)m != st.generated) return fail("sampled stats");
+            }
+            if (a.n != b.n || memcmp(a.toks, b.toks, a.n * sizeof(uint32_t)) != 0)
+                return fail("a seeded sampled run is not reproducible");
+            if (a.n == (nw < 60 ? nw : 60) && memcmp(a.toks, want, a.n * sizeof(uint32_t)) == 0)
+                return fail("the sampled run is the greedy output");
+            printf("sampled, %s: %zu tokens, reproducible\n", with_draft ? "draft model" : "lookup", a.n);
+        }
+        c.temperature = -1.0f;
+        if (tandem_generate_with(&vm, NULL, prompt, np, max, eos, 1, &c, NULL, NULL, NULL) != -1
+            || strstr(tandem_last_error(), "temperature") == NULL)
+            return fail("a negative temperature accepted");
+        if (tandem_generate_with(&vm, NULL, prompt, np, max, eos, 1, NULL, NULL, NULL, NULL) != -1
+            || strstr(tandem_last_error(), "config is NULL") == NULL)
+            return fail("a NULL config accepted");
     }
     { /* on_token can stop generation. */
         Toy v = {0}; TandemModel vm = model_of(&v); Out o = {0}; o.stop_after = 5;

@@ -1,0 +1,118 @@
+//! How to speculate, as one config that builds the run's parts: the acceptance rule, the
+//! draft-length controller and a draft model's sampler. Model-free, so the session (tandem's
+//! own models), the Python package and the C ABI (an engine's models) all build their runs
+//! from it.
+
+use crate::{
+    AcceptanceRule, AdaptiveK, Controller, Drafter, FixedK, Greedy, RejectionSampling, Result,
+    SpecStats, SpeculativeDecoder, Verifier,
+};
+use tandem_kernels::sampling::{Sampler, SamplingParams};
+
+/// Off by default, unlike llama.cpp's 0.75: a quantized copy of the verifier agrees with it
+/// even where it is unsure, so the cut-off mostly threw good drafts away (SmolLM2, self:q4_0,
+/// 6 prompts: 1.03× plain at 0, 0.95× at 0.4; self:q8_0@all with k = 4: 0.81× at 0.75).
+pub const DEFAULT_DRAFT_P_MIN: f32 = 0.0;
+
+/// How to speculate.
+#[derive(Clone, Copy, Debug)]
+pub struct SpecConfig {
+    /// Greedy (temperature 0: the output is the verifier's greedy decoding) or sampled
+    /// (rejection sampling: the verifier's distribution, reproducible by seed).
+    pub params: SamplingParams,
+    /// Most tokens drafted per verifier pass.
+    pub draft_max: usize,
+    /// Let k follow what drafting earns ([`AdaptiveK`]); else always `draft_max`.
+    pub adapt: bool,
+    /// The verifier's context limit (default: the model's).
+    pub ctx: Option<usize>,
+    /// A draft model stops drafting below this top probability
+    /// ([`crate::ModelDrafter::min_confidence`]).
+    pub draft_p_min: f32,
+    /// Give a draft model its own KV cache even when it could draft over the verifier's.
+    pub own_draft_cache: bool,
+    /// A draft model's output head keeps the tokens below this id and the prompt's (0 = all).
+    pub draft_vocab: usize,
+    /// In a batch, draft only while at most this many sequences are active (above it the
+    /// batch decodes plainly: drafted rows cost real time once the matmuls are compute-bound).
+    pub max_spec_batch: usize,
+}
+
+impl Default for SpecConfig {
+    fn default() -> Self {
+        SpecConfig {
+            params: SamplingParams::default(),
+            draft_max: 8,
+            adapt: true,
+            ctx: None,
+            draft_p_min: DEFAULT_DRAFT_P_MIN,
+            own_draft_cache: false,
+            draft_vocab: crate::DEFAULT_DRAFT_VOCAB,
+            max_spec_batch: usize::MAX,
+        }
+    }
+}
+
+impl SpecConfig {
+    /// The acceptance rule the sampling parameters call for.
+    pub fn rule(&self) -> Result<Box<dyn AcceptanceRule>> {
+        Ok(if self.params.is_greedy() {
+            Box::new(Greedy)
+        } else {
+            Box::new(RejectionSampling {
+                sampler: Sampler::new(self.params)?,
+            })
+        })
+    }
+
+    /// The draft-length controller. Greedy output never depends on k, so k may follow the
+    /// clock. Sampled output does (the random streams are consumed differently), so a seeded
+    /// run adapts on acceptance alone, with the draft's cost given as `draft_cost`: a draft
+    /// step's time over a verifier step's, known without reading the clock (0 for a lookup).
+    pub fn controller(&self, draft_cost: f64) -> Box<dyn Controller> {
+        if !self.adapt {
+            Box::new(FixedK(self.draft_max))
+        } else if self.params.is_greedy() {
+            Box::new(AdaptiveK::new(self.draft_max))
+        } else {
+            Box::new(AdaptiveK::with_fixed_cost(self.draft_max, draft_cost))
+        }
+    }
+
+    /// The sampler a draft model samples its proposals with: none when greedy, else the run's
+    /// parameters on a stream of its own.
+    pub fn draft_sampler(&self) -> Result<Option<Sampler>> {
+        Ok((!self.params.is_greedy())
+            .then(|| {
+                Sampler::new(SamplingParams {
+                    seed: self.params.seed ^ 0x9e37_79b9,
+                    ..self.params
+                })
+            })
+            .transpose()?)
+    }
+
+    /// One generation with these settings over `drafter` and `verifier`: up to `max_tokens`
+    /// after `prompt`, `on_token` called for each token as it is decided.
+    #[allow(clippy::too_many_arguments)]
+    pub fn decode(
+        &self,
+        drafter: &mut dyn Drafter,
+        verifier: &mut dyn Verifier,
+        draft_cost: f64,
+        prompt: &[u32],
+        max_tokens: usize,
+        eos: &[u32],
+        on_token: impl FnMut(u32) -> Result<()>,
+    ) -> Result<(Vec<u32>, SpecStats)> {
+        let mut rule = self.rule()?;
+        let mut controller = self.controller(draft_cost);
+        SpeculativeDecoder {
+            drafter,
+            verifier,
+            rule: &mut *rule,
+            controller: &mut *controller,
+        }
+        .generate(prompt, max_tokens, eos, on_token)
+    }
+}
