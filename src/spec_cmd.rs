@@ -78,8 +78,8 @@ pub struct BenchSpecArgs {
     /// With --chat: a Jinja chat template to use instead of the model's own.
     #[arg(long, requires = "chat")]
     chat_template: Option<PathBuf>,
-    /// Decode the prompts in batches of this many sequences (greedy), plainly and
-    /// speculatively, with one batched verifier pass per step.
+    /// Decode the prompts in batches of this many sequences, plainly and speculatively, with
+    /// one batched verifier pass per step (greedy, or sampled with --temperature).
     #[arg(long, default_value_t = 1)]
     batch: usize,
     /// With --batch: draft only while at most this many sequences are active (above it the
