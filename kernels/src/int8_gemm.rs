@@ -1,11 +1,14 @@
-//! `out[m×n] = x[m×k] · Wᵀ` for Q8_0, Q4_0 and Q4_K weights with the activations rounded to 8 bits,
+//! `out[m×n] = x[m×k] · Wᵀ` for Q8_0, Q4_0, Q5_0 and Q4_K weights with the activations rounded
+//! to 8 bits,
 //! the way llama.cpp runs these formats: each 32-wide block of x becomes an f32 scale
 //! `d = max|x|/127` and 32 signed bytes `round(x/d)`, and each block dot product is an
 //! integer sum scaled by `d_w·d_x`. Q4_K's 256-weight blocks are eight 32-weight sub-blocks,
 //! each `d·scale_j·q − dmin·min_j`, so they meet the same 32-wide activation blocks: the
 //! integer dot of the levels, and the min term through the block's sum of activation levels
 //! (llama.cpp rounds activations for Q4_K to 256-wide Q8_K blocks instead; the 32-wide ones
-//! keep one activation format for all three weight formats).
+//! keep one activation format for every weight format). Q5_0's 5-bit levels − 16 fit a signed
+//! byte like the others (llama.cpp's Q4_K_M files hold Q5_0 where a row is not a multiple of
+//! 256, e.g. SmolLM2's 576).
 //!
 //! Why a second path beside `quant_gemm` (which keeps x in f32): widening every weight to f32
 //! costs more instructions per weight byte than this CPU can stream (Q4_0 at ~5 GB/s of weights
@@ -55,7 +58,10 @@ impl Int8Rows {
 
 /// Whether [`matmul_int8`] handles this block format.
 pub fn int8_supported(f: BlockFormat) -> bool {
-    matches!(f, BlockFormat::Q8_0 | BlockFormat::Q4_0 | BlockFormat::Q4K)
+    matches!(
+        f,
+        BlockFormat::Q8_0 | BlockFormat::Q4_0 | BlockFormat::Q5_0 | BlockFormat::Q4K
+    )
 }
 
 /// Sub-block j's scale `d·scale_j` and min `dmin·min_j`, and the 4-bit levels (0..15) of
@@ -85,6 +91,15 @@ fn weight_block(f: BlockFormat, b: &[u8], q: &mut [i8; BLOCK]) -> f32 {
         BlockFormat::Q8_0 => {
             for (qv, &byte) in q.iter_mut().zip(&b[2..34]) {
                 *qv = byte as i8;
+            }
+        }
+        BlockFormat::Q5_0 => {
+            // Weight i: its nibble (low nibbles first, then high) and high bit i of `qh`.
+            let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
+            for j in 0..16 {
+                let hi = |i: usize| (((qh >> i) & 1) << 4) as u8;
+                q[j] = ((b[6 + j] & 15) | hi(j)) as i8 - 16;
+                q[j + 16] = ((b[6 + j] >> 4) | hi(j + 16)) as i8 - 16;
             }
         }
         _ => {
@@ -175,7 +190,8 @@ thread_local! {
 
 /// Fast path: AVX2 where the CPU has it, parallel over weight rows.
 ///
-/// Panics on a format other than Q8_0/Q4_0 or mismatched lengths (caller bugs).
+/// Panics on a format without this path ([`int8_supported`]) or mismatched lengths (caller
+/// bugs).
 pub fn matmul_int8(
     f: BlockFormat,
     x: &[f32],
@@ -273,6 +289,10 @@ fn row_neon(
     if f == BlockFormat::Q4K {
         return row_q4k_portable(w, xq, i0, m, k, out);
     }
+    if f == BlockFormat::Q5_0 {
+        // No NEON unpacking of the high bits yet: the portable integer sums.
+        return row_portable(f, w, xq, i0, m, k, out);
+    }
     let (nb, bb) = (k / BLOCK, f.block_bytes());
     assert!(xq.quants.len() >= (i0 + m) * k && out.len() >= m);
     out[..m].fill(0.0);
@@ -354,26 +374,35 @@ unsafe fn row_avx2(
             (BlockFormat::Q4K, 2) => group_q4k_avx2::<2>(w, xq, i, k, o),
             (BlockFormat::Q4K, 3) => group_q4k_avx2::<3>(w, xq, i, k, o),
             (BlockFormat::Q4K, _) => group_q4k_avx2::<4>(w, xq, i, k, o),
-            (BlockFormat::Q4_0, 1) => group_avx2::<true, 1>(w, xq, i, k, o),
-            (BlockFormat::Q4_0, 2) => group_avx2::<true, 2>(w, xq, i, k, o),
-            (BlockFormat::Q4_0, 3) => group_avx2::<true, 3>(w, xq, i, k, o),
-            (BlockFormat::Q4_0, _) => group_avx2::<true, 4>(w, xq, i, k, o),
-            (_, 1) => group_avx2::<false, 1>(w, xq, i, k, o),
-            (_, 2) => group_avx2::<false, 2>(w, xq, i, k, o),
-            (_, 3) => group_avx2::<false, 3>(w, xq, i, k, o),
-            (_, _) => group_avx2::<false, 4>(w, xq, i, k, o),
+            (BlockFormat::Q4_0, 1) => group_avx2::<Q4_0, 1>(w, xq, i, k, o),
+            (BlockFormat::Q4_0, 2) => group_avx2::<Q4_0, 2>(w, xq, i, k, o),
+            (BlockFormat::Q4_0, 3) => group_avx2::<Q4_0, 3>(w, xq, i, k, o),
+            (BlockFormat::Q4_0, _) => group_avx2::<Q4_0, 4>(w, xq, i, k, o),
+            (BlockFormat::Q5_0, 1) => group_avx2::<Q5_0, 1>(w, xq, i, k, o),
+            (BlockFormat::Q5_0, 2) => group_avx2::<Q5_0, 2>(w, xq, i, k, o),
+            (BlockFormat::Q5_0, 3) => group_avx2::<Q5_0, 3>(w, xq, i, k, o),
+            (BlockFormat::Q5_0, _) => group_avx2::<Q5_0, 4>(w, xq, i, k, o),
+            (_, 1) => group_avx2::<Q8_0, 1>(w, xq, i, k, o),
+            (_, 2) => group_avx2::<Q8_0, 2>(w, xq, i, k, o),
+            (_, 3) => group_avx2::<Q8_0, 3>(w, xq, i, k, o),
+            (_, _) => group_avx2::<Q8_0, 4>(w, xq, i, k, o),
         }
         r += g;
     }
 }
 
+/// The 32-wide formats [`group_avx2`] unpacks, as its const parameter.
+const Q8_0: u8 = 0;
+const Q4_0: u8 = 1;
+const Q5_0: u8 = 2;
+
 /// One weight row against activation rows `i0..i0+G`. Per block the weights are unpacked
-/// once to 32 signed bytes (`Q4` = Q4_0: nibbles − 8; else Q8_0); per row, `|w|·sign(x, w)`
-/// goes through `vpmaddubsw`/`vpmaddwd` to eight i32 sums, scaled by `d_w·d_x` into an f32
-/// accumulator.
+/// once to 32 signed bytes (`FMT` = Q4_0: nibbles − 8; Q5_0: nibbles with their high bits,
+/// − 16; Q8_0: the bytes); per row, `|w|·sign(x, w)` goes through `vpmaddubsw`/`vpmaddwd`
+/// to eight i32 sums, scaled by `d_w·d_x` into an f32 accumulator.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn group_avx2<const Q4: bool, const G: usize>(
+unsafe fn group_avx2<const FMT: u8, const G: usize>(
     w: &[u8],
     xq: &Int8Rows,
     i0: usize,
@@ -381,7 +410,11 @@ unsafe fn group_avx2<const Q4: bool, const G: usize>(
     out: &mut [f32],
 ) {
     use std::arch::x86_64::*;
-    let bb = if Q4 { 18 } else { 34 };
+    let bb = match FMT {
+        Q4_0 => 18,
+        Q5_0 => 22,
+        _ => 34,
+    };
     let nb = k / BLOCK;
     let wp = w.as_ptr();
     let xp = xq.quants.as_ptr().add(i0 * k);
@@ -401,12 +434,40 @@ unsafe fn group_avx2<const Q4: bool, const G: usize>(
             (blk as *const u16).read_unaligned() as i32,
         )));
         let q = blk.add(2);
-        let wq = if Q4 {
-            let raw = _mm_loadu_si128(q as *const __m128i);
-            let both = _mm256_set_m128i(_mm_srli_epi16(raw, 4), raw);
-            _mm256_sub_epi8(_mm256_and_si256(both, nib), eight)
-        } else {
-            _mm256_loadu_si256(q as *const __m256i)
+        let wq = match FMT {
+            Q4_0 => {
+                let raw = _mm_loadu_si128(q as *const __m128i);
+                let both = _mm256_set_m128i(_mm_srli_epi16(raw, 4), raw);
+                _mm256_sub_epi8(_mm256_and_si256(both, nib), eight)
+            }
+            Q5_0 => {
+                // Nibbles as Q4_0's; byte i of `set` is 0xFF where high bit i of `qh` is set
+                // (each byte picks its bit by OR-ing every other bit to 1 and comparing with
+                // all-ones, as llama.cpp's bytes_from_bits_32 does). level − 16 is the nibble
+                // itself where the bit is set, the nibble with 0xF0 OR-ed in where it is not.
+                let qh = (q as *const u32).read_unaligned() as i32;
+                let spread = _mm256_shuffle_epi8(
+                    _mm256_set1_epi32(qh),
+                    _mm256_set_epi64x(
+                        0x0303_0303_0303_0303,
+                        0x0202_0202_0202_0202,
+                        0x0101_0101_0101_0101,
+                        0,
+                    ),
+                );
+                let set = _mm256_cmpeq_epi8(
+                    _mm256_or_si256(spread, _mm256_set1_epi64x(0x7fbf_dfef_f7fb_fdfe)),
+                    _mm256_set1_epi64x(-1),
+                );
+                let raw = _mm_loadu_si128(q.add(4) as *const __m128i);
+                let both = _mm256_set_m128i(_mm_srli_epi16(raw, 4), raw);
+                let nibbles = _mm256_and_si256(both, nib);
+                _mm256_or_si256(
+                    nibbles,
+                    _mm256_andnot_si256(set, _mm256_set1_epi8(0xF0u8 as i8)),
+                )
+            }
+            _ => _mm256_loadu_si256(q as *const __m256i),
         };
         let aw = _mm256_sign_epi8(wq, wq);
         for (r, a) in acc.iter_mut().enumerate() {
@@ -523,7 +584,12 @@ mod tests {
     #[test]
     fn fast_matches_reference() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(11);
-        for f in [BlockFormat::Q8_0, BlockFormat::Q4_0, BlockFormat::Q4K] {
+        for f in [
+            BlockFormat::Q8_0,
+            BlockFormat::Q4_0,
+            BlockFormat::Q5_0,
+            BlockFormat::Q4K,
+        ] {
             for m in [1, 2, 3, 4, 5, 9] {
                 for (k, n) in [
                     (32usize, 1usize),
@@ -567,6 +633,7 @@ mod tests {
         for (f, k) in [
             (BlockFormat::Q8_0, 576),
             (BlockFormat::Q4_0, 576),
+            (BlockFormat::Q5_0, 576),
             (BlockFormat::Q4K, 768),
         ] {
             let w = random_weights(f, n * k / f.block_elems(), &mut rng);
@@ -612,6 +679,7 @@ mod tests {
         for (f, k) in [
             (BlockFormat::Q8_0, 576),
             (BlockFormat::Q4_0, 576),
+            (BlockFormat::Q5_0, 576),
             (BlockFormat::Q4K, 768),
         ] {
             let w = random_weights(f, n * k / f.block_elems(), &mut rng);
