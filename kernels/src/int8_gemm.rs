@@ -1,13 +1,13 @@
-//! `out[m×n] = x[m×k] · Wᵀ` for Q8_0, Q4_0, Q5_0 and Q4_K weights with the activations rounded
-//! to 8 bits,
+//! `out[m×n] = x[m×k] · Wᵀ` for Q8_0, Q4_0, Q5_0, Q4_K and Q6_K weights with the activations
+//! rounded to 8 bits,
 //! the way llama.cpp runs these formats: each 32-wide block of x becomes an f32 scale
 //! `d = max|x|/127` and 32 signed bytes `round(x/d)`, and each block dot product is an
 //! integer sum scaled by `d_w·d_x`. Q4_K's 256-weight blocks are eight 32-weight sub-blocks,
 //! each `d·scale_j·q − dmin·min_j`, so they meet the same 32-wide activation blocks: the
 //! integer dot of the levels, and the min term through the block's sum of activation levels
 //! (llama.cpp rounds activations for Q4_K to 256-wide Q8_K blocks instead; the 32-wide ones
-//! keep one activation format for every weight format). Q5_0's 5-bit levels − 16 fit a signed
-//! byte like the others (llama.cpp's Q4_K_M files hold Q5_0 where a row is not a multiple of
+//! keep one activation format for every weight format). Q5_0's 5-bit levels − 16 and Q6_K's
+//! 6-bit levels − 32 (with an 8-bit scale per 16 weights) fit a signed byte like the others (llama.cpp's Q4_K_M files hold Q5_0 where a row is not a multiple of
 //! 256, e.g. SmolLM2's 576).
 //!
 //! Why a second path beside `quant_gemm` (which keeps x in f32): widening every weight to f32
@@ -60,8 +60,47 @@ impl Int8Rows {
 pub fn int8_supported(f: BlockFormat) -> bool {
     matches!(
         f,
-        BlockFormat::Q8_0 | BlockFormat::Q4_0 | BlockFormat::Q5_0 | BlockFormat::Q4K
+        BlockFormat::Q8_0
+            | BlockFormat::Q4_0
+            | BlockFormat::Q5_0
+            | BlockFormat::Q4K
+            | BlockFormat::Q6K
     )
+}
+
+/// One Q6_K block's signed levels (−32..31, in weight order) and its scale `d`; 32-wide
+/// activation block t of it meets levels `32t..32t+32`, whose two halves have the 8-bit scales
+/// `scales[2t]` and `scales[2t + 1]` (read with [`q6k_scales`]).
+fn q6k_block(b: &[u8], levels: &mut [i8; QK_K]) -> f32 {
+    let (ql, qh) = (&b[0..128], &b[128..192]);
+    for n in 0..2 {
+        let (ql, qh, o) = (&ql[64 * n..], &qh[32 * n..], &mut levels[128 * n..]);
+        for l in 0..32 {
+            o[l] = ((ql[l] & 0xF) | ((qh[l] & 3) << 4)) as i8 - 32;
+            o[l + 32] = ((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) as i8 - 32;
+            o[l + 64] = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) as i8 - 32;
+            o[l + 96] = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) as i8 - 32;
+        }
+    }
+    f16::from_le_bytes([b[208], b[209]]).to_f32()
+}
+
+/// A Q6_K block's sixteen 8-bit scales (one per 16 weights).
+fn q6k_scales(b: &[u8]) -> [i32; 16] {
+    std::array::from_fn(|i| b[192 + i] as i8 as i32)
+}
+
+/// Q6_K sub-block `t` (32 levels) against 32 activation levels: each 16-weight half's integer
+/// dot times its scale.
+fn q6k_dot(levels: &[i8], sc: &[i32; 16], t: usize, xs: &[i8]) -> i32 {
+    let half = |h: usize| -> i32 {
+        levels[h * 16..][..16]
+            .iter()
+            .zip(&xs[h * 16..][..16])
+            .map(|(a, c)| *a as i32 * *c as i32)
+            .sum()
+    };
+    sc[2 * t] * half(0) + sc[2 * t + 1] * half(1)
 }
 
 /// Sub-block j's scale `d·scale_j` and min `dmin·min_j`, and the 4-bit levels (0..15) of
@@ -154,6 +193,27 @@ pub fn matmul_int8_reference(
                         let dx = xq.scales[i * nb + b] as f64;
                         acc += dj as f64 * dx * dot as f64
                             - mj as f64 * dx * xq.sums[i * nb + b] as f64;
+                    }
+                }
+                out[i * n + j] = acc as f32;
+            }
+        }
+        return;
+    }
+    if f == BlockFormat::Q6K {
+        let mut levels = [0i8; QK_K];
+        let row_bytes = k / QK_K * bb;
+        for j in 0..n {
+            for i in 0..m {
+                let mut acc = 0f64;
+                for (s, blk) in w[j * row_bytes..][..row_bytes].chunks_exact(bb).enumerate() {
+                    let d = q6k_block(blk, &mut levels);
+                    let sc = q6k_scales(blk);
+                    for t in 0..8 {
+                        let b = s * 8 + t;
+                        let xs = &xq.quants[i * k + b * BLOCK..][..BLOCK];
+                        let dot = q6k_dot(&levels[t * BLOCK..][..BLOCK], &sc, t, xs);
+                        acc += d as f64 * xq.scales[i * nb + b] as f64 * dot as f64;
                     }
                 }
                 out[i * n + j] = acc as f32;
@@ -257,6 +317,9 @@ fn row_portable(
     if f == BlockFormat::Q4K {
         return row_q4k_portable(w, xq, i0, m, k, out);
     }
+    if f == BlockFormat::Q6K {
+        return row_q6k_portable(w, xq, i0, m, k, out);
+    }
     let (nb, bb) = (k / BLOCK, f.block_bytes());
     let mut q = [0i8; BLOCK];
     out[..m].fill(0.0);
@@ -289,7 +352,7 @@ fn row_neon(
     if f == BlockFormat::Q4K {
         return row_q4k_portable(w, xq, i0, m, k, out);
     }
-    if f == BlockFormat::Q5_0 {
+    if f == BlockFormat::Q5_0 || f == BlockFormat::Q6K {
         // No NEON unpacking of the high bits yet: the portable integer sums.
         return row_portable(f, w, xq, i0, m, k, out);
     }
@@ -354,6 +417,26 @@ fn row_q4k_portable(w: &[u8], xq: &Int8Rows, i0: usize, m: usize, k: usize, out:
     }
 }
 
+/// Q6_K: per 32-wide sub-block, the two 16-weight halves' integer dots times their scales.
+fn row_q6k_portable(w: &[u8], xq: &Int8Rows, i0: usize, m: usize, k: usize, out: &mut [f32]) {
+    let nb = k / BLOCK;
+    let mut levels = [0i8; QK_K];
+    out[..m].fill(0.0);
+    for (s, blk) in w.chunks_exact(BlockFormat::Q6K.block_bytes()).enumerate() {
+        let d = q6k_block(blk, &mut levels);
+        let sc = q6k_scales(blk);
+        for (r, o) in out[..m].iter_mut().enumerate() {
+            let i = i0 + r;
+            for t in 0..8 {
+                let b = s * 8 + t;
+                let xs = &xq.quants[i * k + b * BLOCK..][..BLOCK];
+                let dot = q6k_dot(&levels[t * BLOCK..][..BLOCK], &sc, t, xs);
+                *o += d * xq.scales[i * nb + b] * dot as f32;
+            }
+        }
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn row_avx2(
@@ -374,6 +457,10 @@ unsafe fn row_avx2(
             (BlockFormat::Q4K, 2) => group_q4k_avx2::<2>(w, xq, i, k, o),
             (BlockFormat::Q4K, 3) => group_q4k_avx2::<3>(w, xq, i, k, o),
             (BlockFormat::Q4K, _) => group_q4k_avx2::<4>(w, xq, i, k, o),
+            (BlockFormat::Q6K, 1) => group_q6k_avx2::<1>(w, xq, i, k, o),
+            (BlockFormat::Q6K, 2) => group_q6k_avx2::<2>(w, xq, i, k, o),
+            (BlockFormat::Q6K, 3) => group_q6k_avx2::<3>(w, xq, i, k, o),
+            (BlockFormat::Q6K, _) => group_q6k_avx2::<4>(w, xq, i, k, o),
             (BlockFormat::Q4_0, 1) => group_avx2::<Q4_0, 1>(w, xq, i, k, o),
             (BlockFormat::Q4_0, 2) => group_avx2::<Q4_0, 2>(w, xq, i, k, o),
             (BlockFormat::Q4_0, 3) => group_avx2::<Q4_0, 3>(w, xq, i, k, o),
@@ -494,6 +581,80 @@ unsafe fn group_avx2<const FMT: u8, const G: usize>(
     }
 }
 
+/// Q6_K against activation rows `i0..i0+G`. Per 128-weight half of a block, the 64 low-nibble
+/// bytes and 32 high-bit bytes unpack to four 32-weight sub-blocks of signed levels (as in
+/// [`q6k_block`], 32 lanes at a time); per row, `vpmaddubsw` gives sixteen i16 pair sums whose
+/// first eight belong to the sub-block's first 16 weights and last eight to its second 16,
+/// so one `vpmaddwd` against the two scales (eight lanes each) applies both.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn group_q6k_avx2<const G: usize>(
+    w: &[u8],
+    xq: &Int8Rows,
+    i0: usize,
+    k: usize,
+    out: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    let bb = BlockFormat::Q6K.block_bytes();
+    let nb = k / BLOCK;
+    let xp = xq.quants.as_ptr().add(i0 * k);
+    let dxp = xq.scales.as_ptr().add(i0 * nb);
+    let (m4, m2, bias) = (
+        _mm256_set1_epi8(0x0F),
+        _mm256_set1_epi8(3),
+        _mm256_set1_epi8(32),
+    );
+    let mut acc = [_mm256_setzero_ps(); G];
+    for (s, blk) in w.chunks_exact(bb).enumerate() {
+        let p = blk.as_ptr();
+        _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(crate::PREFETCH_BYTES) as *const i8);
+        let d = _mm256_set1_ps(f16::from_le_bytes([blk[208], blk[209]]).to_f32());
+        for h in 0..2 {
+            let ql0 = _mm256_loadu_si256(p.add(64 * h) as *const __m256i);
+            let ql1 = _mm256_loadu_si256(p.add(64 * h + 32) as *const __m256i);
+            let qh = _mm256_loadu_si256(p.add(128 + 32 * h) as *const __m256i);
+            // Two bits of qh per level, shifted into bits 4..5 (16-bit shifts: the masks keep
+            // every byte's bits inside the byte).
+            let hi = |shift: i32| -> __m256i {
+                let v = match shift {
+                    0 => qh,
+                    2 => _mm256_srli_epi16(qh, 2),
+                    4 => _mm256_srli_epi16(qh, 4),
+                    _ => _mm256_srli_epi16(qh, 6),
+                };
+                _mm256_slli_epi16(_mm256_and_si256(v, m2), 4)
+            };
+            let subs = [
+                _mm256_or_si256(_mm256_and_si256(ql0, m4), hi(0)),
+                _mm256_or_si256(_mm256_and_si256(ql1, m4), hi(2)),
+                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql0, 4), m4), hi(4)),
+                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql1, 4), m4), hi(6)),
+            ];
+            for (t4, lv) in subs.into_iter().enumerate() {
+                let t = 4 * h + t4;
+                let wq = _mm256_sub_epi8(lv, bias);
+                let aw = _mm256_sign_epi8(wq, wq);
+                let sc = _mm256_set_m128i(
+                    _mm_set1_epi16(blk[192 + 2 * t + 1] as i8 as i16),
+                    _mm_set1_epi16(blk[192 + 2 * t] as i8 as i16),
+                );
+                let b = s * 8 + t;
+                for (r, a) in acc.iter_mut().enumerate() {
+                    let xv = _mm256_loadu_si256(xp.add(r * k + b * BLOCK) as *const __m256i);
+                    let pairs = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(xv, wq));
+                    let dot = _mm256_madd_epi16(pairs, sc);
+                    let dd = _mm256_mul_ps(d, _mm256_broadcast_ss(&*dxp.add(r * nb + b)));
+                    *a = _mm256_fmadd_ps(dd, _mm256_cvtepi32_ps(dot), *a);
+                }
+            }
+        }
+    }
+    for (o, a) in out.iter_mut().zip(acc.iter()) {
+        *o = crate::hsum256(*a);
+    }
+}
+
 /// Q4_K against activation rows `i0..i0+G`: per 64-weight chunk the 32 packed bytes give two
 /// sub-blocks of levels 0..15 (low and high nibbles), which are unsigned, so they go straight
 /// into `vpmaddubsw` against the signed activation bytes; the mins are scalar per sub-block.
@@ -563,6 +724,10 @@ mod tests {
                 let dmin = f16::from_f32(rng.random_range(0.001..0.05));
                 b[2..4].copy_from_slice(&dmin.to_le_bytes());
             }
+            if f == BlockFormat::Q6K {
+                // Q6_K keeps d last; its first bytes are levels.
+                b[208..210].copy_from_slice(&d.to_le_bytes());
+            }
         }
         w
     }
@@ -589,6 +754,7 @@ mod tests {
             BlockFormat::Q4_0,
             BlockFormat::Q5_0,
             BlockFormat::Q4K,
+            BlockFormat::Q6K,
         ] {
             for m in [1, 2, 3, 4, 5, 9] {
                 for (k, n) in [
@@ -635,6 +801,7 @@ mod tests {
             (BlockFormat::Q4_0, 576),
             (BlockFormat::Q5_0, 576),
             (BlockFormat::Q4K, 768),
+            (BlockFormat::Q6K, 1536),
         ] {
             let w = random_weights(f, n * k / f.block_elems(), &mut rng);
             let x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-1.0..1.0)).collect();
@@ -681,6 +848,7 @@ mod tests {
             (BlockFormat::Q4_0, 576),
             (BlockFormat::Q5_0, 576),
             (BlockFormat::Q4K, 768),
+            (BlockFormat::Q6K, 1536),
         ] {
             let w = random_weights(f, n * k / f.block_elems(), &mut rng);
             let x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-1.0..1.0)).collect();
