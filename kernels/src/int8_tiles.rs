@@ -1,4 +1,5 @@
-//! Q4_0 and Q8_0 weights repacked eight rows at a time, for the 8-bit-activation path on AVX2.
+//! Q4_0, Q5_0 and Q8_0 weights repacked eight rows at a time, for the 8-bit-activation path on
+//! AVX2.
 //!
 //! Why: in GGML's layout each weight row is dotted on its own, and every 32-weight block costs
 //! ~16 instructions (unpack, two sign fixes, `vpmaddubsw`, `vpmaddwd`, scales, FMA, and a
@@ -14,7 +15,9 @@
 //! Layout, per tile of rows 8t..8t+8 and block b: the 8 rows' f16 scales (16 bytes), then
 //! 32-byte groups where byte `4·r + i` of group g is row r's weight `4g + i`. Q8_0 has eight
 //! groups (272 bytes); Q4_0 four (144 bytes), each byte holding level `4g + i` in its low
-//! nibble and level `16 + 4g + i` in its high nibble.
+//! nibble and level `16 + 4g + i` in its high nibble. Q5_0 puts the 8 rows' 32-bit high-bit
+//! words (row r at bytes 4r..4r+4, 32 bytes) before Q4_0's four groups (176 bytes): its levels
+//! are unsigned 0..31 with a −16 offset, which becomes `−16·Σx` per block.
 //!
 //! Every activation row goes through the same per-row arithmetic whatever rows come with it,
 //! so prefill, decode and verification give identical results. The reference is
@@ -26,7 +29,7 @@ use crate::quant_gemm::{BlockFormat, BLOCK};
 /// Rows per tile.
 pub const TILE: usize = 8;
 
-/// A Q4_0 or Q8_0 matrix [n, k] in 8-row tiles.
+/// A Q4_0, Q5_0 or Q8_0 matrix [n, k] in 8-row tiles.
 #[derive(Debug, Clone)]
 pub struct Int8Tiles {
     pub format: BlockFormat,
@@ -36,11 +39,13 @@ pub struct Int8Tiles {
 }
 
 impl Int8Tiles {
-    /// Repacks GGML Q4_0 or Q8_0 rows; `None` for other formats, when the shape does not tile
-    /// (n not a multiple of 8), or where this CPU has no kernel for it (no AVX2).
+    /// Repacks GGML Q4_0, Q5_0 or Q8_0 rows; `None` for other formats, when the shape does not
+    /// tile (n not a multiple of 8), or where this CPU has no kernel for it (no AVX2).
     pub fn pack(format: BlockFormat, w: &[u8], n: usize, k: usize) -> Option<Self> {
-        if !matches!(format, BlockFormat::Q4_0 | BlockFormat::Q8_0)
-            || !available()
+        if !matches!(
+            format,
+            BlockFormat::Q4_0 | BlockFormat::Q5_0 | BlockFormat::Q8_0
+        ) || !available()
             || !n.is_multiple_of(TILE)
             || !k.is_multiple_of(BLOCK)
             || k == 0
@@ -100,7 +105,7 @@ impl Int8Tiles {
         let nb = k / BLOCK;
         let tiles = n / TILE;
         let tile_bytes = nb * TILE * self.format.block_bytes();
-        let q4 = self.format == BlockFormat::Q4_0;
+        let fmt = self.format;
         // Tasks of whole tiles; each writes its tiles' 8 columns in every output row.
         let threads = crate::pool::current().threads_now().max(1);
         let per_task = tiles.div_ceil(4 * threads).clamp(1, 16);
@@ -113,7 +118,7 @@ impl Int8Tiles {
                 let mut i0 = 0;
                 while i0 < m {
                     let g = (m - i0).min(GROUP);
-                    tile_rows(q4, tile, xq, i0, g, k, &mut res[..g * TILE]);
+                    tile_rows(fmt, tile, xq, i0, g, k, &mut res[..g * TILE]);
                     for r in 0..g {
                         // SAFETY: this task alone writes columns 8t..8t+8; `run` waits for
                         // every task before `out` is used again.
@@ -147,8 +152,17 @@ fn for_each_row_byte(format: BlockFormat, k: usize, row: usize, mut f: impl FnMu
         let at = b * bb;
         f(at, tile + 2 * r);
         f(at + 1, tile + 2 * r + 1);
-        for p in 0..bb - 2 {
-            f(at + 2 + p, tile + 16 + 32 * (p / 4) + 4 * r + p % 4);
+        // Q5_0's high bits: row r's word at 16 + 4r; its nibbles follow Q4_0's layout after.
+        let (qs, groups) = if format == BlockFormat::Q5_0 {
+            for p in 0..4 {
+                f(at + 2 + p, tile + 16 + 4 * r + p);
+            }
+            (at + 6, tile + 48)
+        } else {
+            (at + 2, tile + 16)
+        };
+        for p in 0..at + bb - qs {
+            f(qs + p, groups + 32 * (p / 4) + 4 * r + p % 4);
         }
     }
 }
@@ -165,34 +179,51 @@ fn available() -> bool {
     false
 }
 
+/// The formats [`tile_avx2`] reads, as its const parameter.
+const Q8_0: u8 = 0;
+const Q4_0: u8 = 1;
+const Q5_0: u8 = 2;
+
 /// One tile against activation rows `i0..i0 + g` (g ≤ GROUP): `out[r·8 + c]` for tile row c.
-fn tile_rows(q4: bool, tile: &[u8], xq: &Int8Rows, i0: usize, g: usize, k: usize, out: &mut [f32]) {
+fn tile_rows(
+    f: BlockFormat,
+    tile: &[u8],
+    xq: &Int8Rows,
+    i0: usize,
+    g: usize,
+    k: usize,
+    out: &mut [f32],
+) {
     #[cfg(target_arch = "x86_64")]
     {
         // SAFETY: tiles exist only where AVX2/FMA/F16C were detected (`pack`).
         unsafe {
-            match (q4, g) {
-                (true, 1) => tile_avx2::<true, 1>(tile, xq, i0, k, out),
-                (true, 2) => tile_avx2::<true, 2>(tile, xq, i0, k, out),
-                (true, 3) => tile_avx2::<true, 3>(tile, xq, i0, k, out),
-                (true, _) => tile_avx2::<true, 4>(tile, xq, i0, k, out),
-                (false, 1) => tile_avx2::<false, 1>(tile, xq, i0, k, out),
-                (false, 2) => tile_avx2::<false, 2>(tile, xq, i0, k, out),
-                (false, 3) => tile_avx2::<false, 3>(tile, xq, i0, k, out),
-                (false, _) => tile_avx2::<false, 4>(tile, xq, i0, k, out),
+            match (f, g) {
+                (BlockFormat::Q4_0, 1) => tile_avx2::<Q4_0, 1>(tile, xq, i0, k, out),
+                (BlockFormat::Q4_0, 2) => tile_avx2::<Q4_0, 2>(tile, xq, i0, k, out),
+                (BlockFormat::Q4_0, 3) => tile_avx2::<Q4_0, 3>(tile, xq, i0, k, out),
+                (BlockFormat::Q4_0, _) => tile_avx2::<Q4_0, 4>(tile, xq, i0, k, out),
+                (BlockFormat::Q5_0, 1) => tile_avx2::<Q5_0, 1>(tile, xq, i0, k, out),
+                (BlockFormat::Q5_0, 2) => tile_avx2::<Q5_0, 2>(tile, xq, i0, k, out),
+                (BlockFormat::Q5_0, 3) => tile_avx2::<Q5_0, 3>(tile, xq, i0, k, out),
+                (BlockFormat::Q5_0, _) => tile_avx2::<Q5_0, 4>(tile, xq, i0, k, out),
+                (_, 1) => tile_avx2::<Q8_0, 1>(tile, xq, i0, k, out),
+                (_, 2) => tile_avx2::<Q8_0, 2>(tile, xq, i0, k, out),
+                (_, 3) => tile_avx2::<Q8_0, 3>(tile, xq, i0, k, out),
+                (_, _) => tile_avx2::<Q8_0, 4>(tile, xq, i0, k, out),
             }
         }
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        let _ = (q4, tile, xq, i0, g, k, out);
+        let _ = (f, tile, xq, i0, g, k, out);
         unreachable!("int8 tiles are only made where the AVX2 kernel runs");
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn tile_avx2<const Q4: bool, const G: usize>(
+unsafe fn tile_avx2<const FMT: u8, const G: usize>(
     tile: &[u8],
     xq: &Int8Rows,
     i0: usize,
@@ -201,7 +232,15 @@ unsafe fn tile_avx2<const Q4: bool, const G: usize>(
 ) {
     use std::arch::x86_64::*;
     let nb = k / BLOCK;
-    let tile_block = if Q4 { TILE * 18 } else { TILE * 34 };
+    let tile_block = TILE
+        * match FMT {
+            Q4_0 => 18,
+            Q5_0 => 22,
+            _ => 34,
+        };
+    // Q4_0/Q5_0 levels are unsigned (offset 8 / 16, taken off through Σx); Q8_0's signed.
+    let unsigned = FMT != Q8_0;
+    let groups_at = if FMT == Q5_0 { 48 } else { 16 };
     let nib = _mm256_set1_epi8(0x0F);
     let ones = _mm256_set1_epi16(1);
     let tp = tile.as_ptr();
@@ -217,18 +256,73 @@ unsafe fn tile_avx2<const Q4: bool, const G: usize>(
             ahead += 64;
         }
         let dw = _mm256_cvtph_ps(_mm_loadu_si128(blk as *const __m128i));
+        // Q5_0: the 8 rows' high-bit words, row r's at lanes 4r..4r+4.
+        let qh = if FMT == Q5_0 {
+            _mm256_loadu_si256(blk.add(16) as *const __m256i)
+        } else {
+            _mm256_setzero_si256()
+        };
         let mut dot = [_mm256_setzero_si256(); G];
         // Eight groups of four weights per row: group s is weights 4s..4s+4 of all 8 rows.
         for s in 0..8 {
-            let (ws, absw) = if Q4 {
-                // Q4_0 groups 0..4 are the low nibbles, 4..8 the high nibbles of the same bytes.
-                let raw = _mm256_loadu_si256(blk.add(16 + 32 * (s % 4)) as *const __m256i);
+            let (ws, absw) = if unsigned {
+                // Groups 0..4 are the low nibbles, 4..8 the high nibbles of the same bytes.
+                let raw = _mm256_loadu_si256(blk.add(groups_at + 32 * (s % 4)) as *const __m256i);
                 let lv = if s < 4 {
                     raw
                 } else {
                     _mm256_srli_epi16(raw, 4)
                 };
-                let lv = _mm256_and_si256(lv, nib);
+                let mut lv = _mm256_and_si256(lv, nib);
+                if FMT == Q5_0 {
+                    // Lane 4r+i needs bit 4s+i of row r's word: byte s/2 of it, spread over
+                    // the row's four lanes, then bit 4(s%2)+i of that byte, as 16.
+                    let pick = (s / 2) as i8;
+                    let spread = _mm256_shuffle_epi8(
+                        qh,
+                        _mm256_setr_epi8(
+                            pick,
+                            pick,
+                            pick,
+                            pick,
+                            4 + pick,
+                            4 + pick,
+                            4 + pick,
+                            4 + pick,
+                            8 + pick,
+                            8 + pick,
+                            8 + pick,
+                            8 + pick,
+                            12 + pick,
+                            12 + pick,
+                            12 + pick,
+                            12 + pick,
+                            pick,
+                            pick,
+                            pick,
+                            pick,
+                            4 + pick,
+                            4 + pick,
+                            4 + pick,
+                            4 + pick,
+                            8 + pick,
+                            8 + pick,
+                            8 + pick,
+                            8 + pick,
+                            12 + pick,
+                            12 + pick,
+                            12 + pick,
+                            12 + pick,
+                        ),
+                    );
+                    let bits = _mm256_set1_epi32(if s % 2 == 0 {
+                        0x0804_0201
+                    } else {
+                        0x8040_2010u32 as i32
+                    });
+                    let set = _mm256_cmpeq_epi8(_mm256_and_si256(spread, bits), bits);
+                    lv = _mm256_or_si256(lv, _mm256_and_si256(set, _mm256_set1_epi8(16)));
+                }
                 (lv, lv)
             } else {
                 let w = _mm256_loadu_si256(blk.add(16 + 32 * s) as *const __m256i);
@@ -238,14 +332,26 @@ unsafe fn tile_avx2<const Q4: bool, const G: usize>(
                 let xs = _mm256_set1_epi32(
                     (xp.add(r * k + b * BLOCK + 4 * s) as *const i32).read_unaligned(),
                 );
-                let xs = if Q4 { xs } else { _mm256_sign_epi8(xs, ws) };
+                let xs = if unsigned {
+                    xs
+                } else {
+                    _mm256_sign_epi8(xs, ws)
+                };
                 *d = _mm256_add_epi32(*d, _mm256_madd_epi16(_mm256_maddubs_epi16(absw, xs), ones));
             }
         }
         for (r, a) in acc.iter_mut().enumerate() {
             let idx = (i0 + r) * nb + b;
-            let dot = if Q4 {
-                _mm256_sub_epi32(dot[r], _mm256_set1_epi32(8 * *xq.sums.get_unchecked(idx)))
+            let offset = match FMT {
+                Q4_0 => 8,
+                Q5_0 => 16,
+                _ => 0,
+            };
+            let dot = if unsigned {
+                _mm256_sub_epi32(
+                    dot[r],
+                    _mm256_set1_epi32(offset * *xq.sums.get_unchecked(idx)),
+                )
             } else {
                 dot[r]
             };
@@ -276,7 +382,7 @@ mod tests {
     #[test]
     fn packed_matches_reference_and_rows_do_not_depend_on_the_batch() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(31);
-        for (f, n, k) in [BlockFormat::Q4_0, BlockFormat::Q8_0]
+        for (f, n, k) in [BlockFormat::Q4_0, BlockFormat::Q5_0, BlockFormat::Q8_0]
             .into_iter()
             .flat_map(|f| {
                 [(8, 32), (16, 64), (64, 576), (1536, 576), (576, 1536)].map(|(n, k)| (f, n, k))

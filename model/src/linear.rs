@@ -28,7 +28,7 @@ pub enum LinearWeight {
     F32(Tensor),
     /// GGML block-quantized, multiplied by candle's quantized matmul.
     Quantized(Arc<QTensor>, QMatMul),
-    /// Q4_0/Q8_0 repacked into 8-row tiles for the 8-bit-activation kernel (about 2x GGML's
+    /// Q4_0/Q5_0/Q8_0 repacked into 8-row tiles for the 8-bit-activation kernel (about 2x GGML's
     /// row layout on AVX2). The only copy: the GGML rows are rebuilt where something needs
     /// them (f32 activations, the GPU, export), so memory stays one copy of the weights.
     Tiled(Arc<tandem_kernels::Int8Tiles>),
