@@ -41,6 +41,20 @@ pub(crate) fn has_avx2_fma() -> bool {
         && std::is_x86_feature_detected!("f16c")
 }
 
+/// Whether the CPU has AVX-512 VNNI on 256-bit vectors (`vpdpbusd`: u8 × i8 products summed in
+/// fours into i32 lanes, one instruction for AVX2's `vpmaddubsw` + `vpmaddwd` + add). Checked
+/// at run time; the kernels keep their AVX2 path for CPUs without it.
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn has_vnni() -> bool {
+    static VNNI: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *VNNI.get_or_init(|| {
+        has_avx2_fma()
+            && std::is_x86_feature_detected!("avx512vnni")
+            && std::is_x86_feature_detected!("avx512vl")
+            && std::env::var_os("TANDEM_NO_VNNI").is_none()
+    })
+}
+
 /// The sum of an AVX vector's 8 lanes, in one fixed order (shared by every x86 kernel).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
