@@ -68,9 +68,26 @@ pub fn attention_reference(s: AttentionShape, q: &[f32], k: &[f32], v: &[f32], o
     }
 }
 
-/// Fast path: parallel over (position, head), f32 with fixed-lane accumulation.
+/// Query heads one pass over a key/value row serves (a grouped-query layer's heads that share a
+/// KV head, up to this many at once).
+const HEADS_PER_PASS: usize = 4;
+
+/// Fast path: parallel over (position, head), f32 with fixed-lane accumulation. With enough
+/// positions (a prefill, a long verification), the query heads that share a KV head go
+/// through one pass over its keys and values together (each key and value row loaded once
+/// for all of them); each head's arithmetic, and so its result, is the same either way.
 pub fn attention(s: AttentionShape, q: &[f32], k: &[f32], v: &[f32], out: &mut [f32]) {
     s.check(q, k, v, out);
+    let group = s.n_head / s.n_kv_head;
+    let threads = crate::pool::current().threads_now().max(1);
+    if group > 1 && s.t * s.n_kv_head >= 8 * threads {
+        return attention_grouped(s, q, k, v, out);
+    }
+    attention_per_head(s, q, k, v, out)
+}
+
+/// One task unit per (position, head).
+fn attention_per_head(s: AttentionShape, q: &[f32], k: &[f32], v: &[f32], out: &mut [f32]) {
     let d = s.head_dim;
     let group = s.n_head / s.n_kv_head;
     let scale = 1.0 / (d as f32).sqrt();
@@ -98,6 +115,123 @@ pub fn attention(s: AttentionShape, q: &[f32], k: &[f32], v: &[f32], out: &mut [
             }
         })
     });
+}
+
+/// One task unit per (position, KV head): the `group` query heads that read that KV head, in
+/// passes of up to [`HEADS_PER_PASS`].
+fn attention_grouped(s: AttentionShape, q: &[f32], k: &[f32], v: &[f32], out: &mut [f32]) {
+    let d = s.head_dim;
+    let group = s.n_head / s.n_kv_head;
+    let scale = 1.0 / (d as f32).sqrt();
+    let units = s.t * s.n_kv_head;
+    let threads = crate::pool::current().threads_now().max(1);
+    let per_task = units.div_ceil(8 * threads).max(1);
+    let base = crate::rows::SendPtr(out.as_mut_ptr());
+    crate::pool::current().run(units.div_ceil(per_task), |c| {
+        crate::rows::with_scratch(&SCORES, |scores| {
+            for unit in c * per_task..((c + 1) * per_task).min(units) {
+                let (i, kv) = (unit / s.n_kv_head, unit % s.n_kv_head);
+                let len = s.n + i + 1;
+                let keys = &k[kv * s.capacity * d..][..len * d];
+                let vals = &v[kv * s.capacity * d..][..len * d];
+                let mut h = kv * group;
+                while h < (kv + 1) * group {
+                    let heads = ((kv + 1) * group - h).min(HEADS_PER_PASS);
+                    let row = i * s.n_head + h;
+                    // SAFETY: task c alone writes its units' heads, out[row·d..(row+heads)·d];
+                    // `run` waits for every task.
+                    let o = unsafe {
+                        std::slice::from_raw_parts_mut(base.get().add(row * d), heads * d)
+                    };
+                    let qs = &q[row * d..][..heads * d];
+                    attend_heads(qs, heads, keys, vals, scale, scores, o);
+                    h += heads;
+                }
+            }
+        })
+    });
+}
+
+/// `heads` (≤ [`HEADS_PER_PASS`]) query rows, consecutive in `qs`, against the same keys and
+/// values: for each head exactly what [`attend`] computes.
+fn attend_heads(
+    qs: &[f32],
+    heads: usize,
+    keys: &[f32],
+    vals: &[f32],
+    scale: f32,
+    scores: &mut Vec<f32>,
+    o: &mut [f32],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if crate::has_avx2_fma() {
+        // SAFETY: the CPU has AVX2 and FMA (checked above).
+        unsafe {
+            return match heads {
+                1 => attend_heads_avx2::<1>(qs, keys, vals, scale, scores, o),
+                2 => attend_heads_avx2::<2>(qs, keys, vals, scale, scores, o),
+                3 => attend_heads_avx2::<3>(qs, keys, vals, scale, scores, o),
+                _ => attend_heads_avx2::<4>(qs, keys, vals, scale, scores, o),
+            };
+        }
+    }
+    match heads {
+        1 => attend_heads_body::<1>(qs, keys, vals, scale, scores, o),
+        2 => attend_heads_body::<2>(qs, keys, vals, scale, scores, o),
+        3 => attend_heads_body::<3>(qs, keys, vals, scale, scores, o),
+        _ => attend_heads_body::<4>(qs, keys, vals, scale, scores, o),
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn attend_heads_avx2<const G: usize>(
+    qs: &[f32],
+    keys: &[f32],
+    vals: &[f32],
+    scale: f32,
+    scores: &mut Vec<f32>,
+    o: &mut [f32],
+) {
+    attend_heads_body::<G>(qs, keys, vals, scale, scores, o)
+}
+
+/// [`attend_body`] for G heads at once: the same operations per head in the same order (so
+/// the same bits), with each key and value row read once for all G.
+#[inline(always)]
+fn attend_heads_body<const G: usize>(
+    qs: &[f32],
+    keys: &[f32],
+    vals: &[f32],
+    scale: f32,
+    scores: &mut Vec<f32>,
+    o: &mut [f32],
+) {
+    let d = qs.len() / G;
+    let len = keys.len() / d;
+    scores.clear();
+    scores.resize(G * len, 0.0);
+    let mut max = [f32::NEG_INFINITY; G];
+    for (j, kr) in keys.chunks_exact(d).enumerate() {
+        for g in 0..G {
+            let x = dot(&qs[g * d..][..d], kr) * scale;
+            max[g] = max[g].max(x);
+            scores[g * len + j] = x;
+        }
+    }
+    let mut z = [0f32; G];
+    for g in 0..G {
+        z[g] = crate::ops::exp_shifted_sum(&mut scores[g * len..][..len], max[g]);
+    }
+    o.fill(0.0);
+    for (j, vr) in vals.chunks_exact(d).enumerate() {
+        for g in 0..G {
+            let w = scores[g * len + j] / z[g];
+            for (oc, vc) in o[g * d..][..d].iter_mut().zip(vr) {
+                *oc += w * vc;
+            }
+        }
+    }
 }
 
 /// One query row against `len` keys and values: softmax(q·kᵀ·scale)·v into `o`.
@@ -214,6 +348,34 @@ mod tests {
             for (x, y) in a.iter().zip(&b) {
                 assert!((x - y).abs() < 1e-5, "{s:?}: {x} vs {y}");
             }
+        }
+    }
+
+    /// The grouped path (a KV head's query heads together) gives each head the same bits as
+    /// the per-head path.
+    #[test]
+    fn grouped_heads_match_per_head_bit_for_bit() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(10);
+        for (t, n, nh, nkv, d) in [(7, 5, 9, 3, 64), (3, 0, 8, 2, 16), (5, 2, 12, 2, 32)] {
+            let cap = n + t;
+            let s = AttentionShape {
+                t,
+                n,
+                n_head: nh,
+                n_kv_head: nkv,
+                head_dim: d,
+                capacity: cap,
+            };
+            let mut r = |len| {
+                (0..len)
+                    .map(|_| rng.random_range(-2.0f32..2.0))
+                    .collect::<Vec<_>>()
+            };
+            let (q, k, v) = (r(t * nh * d), r(nkv * cap * d), r(nkv * cap * d));
+            let (mut a, mut b) = (vec![0f32; q.len()], vec![0f32; q.len()]);
+            attention_per_head(s, &q, &k, &v, &mut a);
+            attention_grouped(s, &q, &k, &v, &mut b);
+            assert_eq!(a, b, "{s:?}");
         }
     }
 
