@@ -80,63 +80,50 @@ pub fn attention(s: AttentionShape, q: &[f32], k: &[f32], v: &[f32], out: &mut [
     s.check(q, k, v, out);
     let group = s.n_head / s.n_kv_head;
     let threads = crate::pool::current().threads_now().max(1);
-    if group > 1 && s.t * s.n_kv_head >= 8 * threads {
-        return attention_grouped(s, q, k, v, out);
-    }
-    attention_per_head(s, q, k, v, out)
+    let per_unit = if group > 1 && s.t * s.n_kv_head >= 8 * threads {
+        group
+    } else {
+        1
+    };
+    attention_units(s, q, k, v, out, per_unit)
 }
 
-/// One task unit per (position, head).
-fn attention_per_head(s: AttentionShape, q: &[f32], k: &[f32], v: &[f32], out: &mut [f32]) {
+/// Attention in task units of `per_unit` query heads of one position (1, or a KV head's whole
+/// group), each unit's heads in passes of up to [`HEADS_PER_PASS`].
+fn attention_units(
+    s: AttentionShape,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    out: &mut [f32],
+    per_unit: usize,
+) {
     let d = s.head_dim;
     let group = s.n_head / s.n_kv_head;
     let scale = 1.0 / (d as f32).sqrt();
-    let rows = out.len() / d;
-    // Tasks of a few consecutive rows: one (row, head) at short context is well under a
+    let units_per_position = s.n_head / per_unit;
+    let units = s.t * units_per_position;
+    // Tasks of a few consecutive units: one (row, head) at short context is well under a
     // microsecond of arithmetic, less than handing it out as a task of its own (SmolLM2: 45
     // rows per layer in a 5-token verification pass). Eight tasks per thread or more, so the
     // pool still evens out a prefill's rows (later positions attend over more keys).
-    let threads = crate::pool::current().threads_now().max(1);
-    let per_task = rows.div_ceil(8 * threads).max(1);
-    let base = crate::rows::SendPtr(out.as_mut_ptr());
-    crate::pool::current().run(rows.div_ceil(per_task), |c| {
-        crate::rows::with_scratch(&SCORES, |scores| {
-            for row in c * per_task..((c + 1) * per_task).min(rows) {
-                // SAFETY: task c alone writes its rows, each out[row·d..(row+1)·d]; `run`
-                // waits for every task.
-                let o = unsafe { std::slice::from_raw_parts_mut(base.get().add(row * d), d) };
-                let (i, h) = (row / s.n_head, row % s.n_head);
-                let kv = h / group;
-                let qr = &q[row * d..][..d];
-                let len = s.n + i + 1;
-                let keys = &k[kv * s.capacity * d..][..len * d];
-                let vals = &v[kv * s.capacity * d..][..len * d];
-                attend(qr, keys, vals, scale, scores, o);
-            }
-        })
-    });
-}
-
-/// One task unit per (position, KV head): the `group` query heads that read that KV head, in
-/// passes of up to [`HEADS_PER_PASS`].
-fn attention_grouped(s: AttentionShape, q: &[f32], k: &[f32], v: &[f32], out: &mut [f32]) {
-    let d = s.head_dim;
-    let group = s.n_head / s.n_kv_head;
-    let scale = 1.0 / (d as f32).sqrt();
-    let units = s.t * s.n_kv_head;
     let threads = crate::pool::current().threads_now().max(1);
     let per_task = units.div_ceil(8 * threads).max(1);
     let base = crate::rows::SendPtr(out.as_mut_ptr());
     crate::pool::current().run(units.div_ceil(per_task), |c| {
         crate::rows::with_scratch(&SCORES, |scores| {
             for unit in c * per_task..((c + 1) * per_task).min(units) {
-                let (i, kv) = (unit / s.n_kv_head, unit % s.n_kv_head);
+                let (i, h0) = (
+                    unit / units_per_position,
+                    unit % units_per_position * per_unit,
+                );
+                let kv = h0 / group;
                 let len = s.n + i + 1;
                 let keys = &k[kv * s.capacity * d..][..len * d];
                 let vals = &v[kv * s.capacity * d..][..len * d];
-                let mut h = kv * group;
-                while h < (kv + 1) * group {
-                    let heads = ((kv + 1) * group - h).min(HEADS_PER_PASS);
+                let mut h = h0;
+                while h < h0 + per_unit {
+                    let heads = (h0 + per_unit - h).min(HEADS_PER_PASS);
                     let row = i * s.n_head + h;
                     // SAFETY: task c alone writes its units' heads, out[row·d..(row+heads)·d];
                     // `run` waits for every task.
@@ -153,7 +140,7 @@ fn attention_grouped(s: AttentionShape, q: &[f32], k: &[f32], v: &[f32], out: &m
 }
 
 /// `heads` (≤ [`HEADS_PER_PASS`]) query rows, consecutive in `qs`, against the same keys and
-/// values: for each head exactly what [`attend`] computes.
+/// values: softmax(q·kᵀ·scale)·v for each into `o`.
 fn attend_heads(
     qs: &[f32],
     heads: usize,
@@ -196,8 +183,10 @@ unsafe fn attend_heads_avx2<const G: usize>(
     attend_heads_body::<G>(qs, keys, vals, scale, scores, o)
 }
 
-/// [`attend_body`] for G heads at once: the same operations per head in the same order (so
-/// the same bits), with each key and value row read once for all G.
+/// G heads at once: per head the same operations in the same order whatever G (so the same
+/// bits), with each key and value row read once for all G. The plain loops vectorize 8 wide
+/// in the AVX2 build; Rust never fuses a multiply and an add on its own, so both builds round
+/// identically.
 #[inline(always)]
 fn attend_heads_body<const G: usize>(
     qs: &[f32],
@@ -234,58 +223,6 @@ fn attend_heads_body<const G: usize>(
     }
 }
 
-/// One query row against `len` keys and values: softmax(q·kᵀ·scale)·v into `o`.
-fn attend(q: &[f32], keys: &[f32], vals: &[f32], scale: f32, scores: &mut Vec<f32>, o: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if crate::has_avx2_fma() {
-        // SAFETY: the CPU has AVX2 and FMA (checked above).
-        return unsafe { attend_avx2(q, keys, vals, scale, scores, o) };
-    }
-    attend_body(q, keys, vals, scale, scores, o)
-}
-
-/// The same code compiled for AVX2: the plain loops below vectorize 8 wide. Rust never fuses
-/// a multiply and an add on its own, so both versions round identically.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn attend_avx2(
-    q: &[f32],
-    keys: &[f32],
-    vals: &[f32],
-    scale: f32,
-    scores: &mut Vec<f32>,
-    o: &mut [f32],
-) {
-    attend_body(q, keys, vals, scale, scores, o)
-}
-
-#[inline(always)]
-fn attend_body(
-    q: &[f32],
-    keys: &[f32],
-    vals: &[f32],
-    scale: f32,
-    scores: &mut Vec<f32>,
-    o: &mut [f32],
-) {
-    let d = q.len();
-    scores.clear();
-    let mut max = f32::NEG_INFINITY;
-    for kr in keys.chunks_exact(d) {
-        let x = dot(q, kr) * scale;
-        max = max.max(x);
-        scores.push(x);
-    }
-    let z = crate::ops::exp_shifted_sum(scores, max);
-    o.fill(0.0);
-    for (w, vr) in scores.iter().zip(vals.chunks_exact(d)) {
-        let w = w / z;
-        for (oc, vc) in o.iter_mut().zip(vr) {
-            *oc += w * vc;
-        }
-    }
-}
-
 thread_local! {
     /// One (position, head)'s attention scores, reused across calls.
     static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
@@ -315,6 +252,33 @@ mod tests {
     use super::*;
     use rand::{Rng, SeedableRng};
 
+    /// A shape and random q, k, v for it.
+    fn random_case(
+        rng: &mut impl Rng,
+        t: usize,
+        n: usize,
+        nh: usize,
+        nkv: usize,
+        d: usize,
+        cap: usize,
+    ) -> (AttentionShape, Vec<f32>, Vec<f32>, Vec<f32>) {
+        let s = AttentionShape {
+            t,
+            n,
+            n_head: nh,
+            n_kv_head: nkv,
+            head_dim: d,
+            capacity: cap,
+        };
+        let mut r = |len| {
+            (0..len)
+                .map(|_| rng.random_range(-2.0f32..2.0))
+                .collect::<Vec<_>>()
+        };
+        let (q, k, v) = (r(t * nh * d), r(nkv * cap * d), r(nkv * cap * d));
+        (s, q, k, v)
+    }
+
     #[test]
     fn fast_matches_reference() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(5);
@@ -325,22 +289,7 @@ mod tests {
             (4, 0, 8, 8, 12, 4),
             (3, 20, 6, 2, 17, 40),
         ] {
-            let s = AttentionShape {
-                t,
-                n,
-                n_head: nh,
-                n_kv_head: nkv,
-                head_dim: d,
-                capacity: cap,
-            };
-            let mut r = |len| {
-                (0..len)
-                    .map(|_| rng.random_range(-2.0f32..2.0))
-                    .collect::<Vec<_>>()
-            };
-            let q = r(t * nh * d);
-            let k = r(nkv * cap * d);
-            let v = r(nkv * cap * d);
+            let (s, q, k, v) = random_case(&mut rng, t, n, nh, nkv, d, cap);
             let mut a = vec![0f32; q.len()];
             let mut b = vec![0f32; q.len()];
             attention_reference(s, &q, &k, &v, &mut a);
@@ -357,24 +306,10 @@ mod tests {
     fn grouped_heads_match_per_head_bit_for_bit() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(10);
         for (t, n, nh, nkv, d) in [(7, 5, 9, 3, 64), (3, 0, 8, 2, 16), (5, 2, 12, 2, 32)] {
-            let cap = n + t;
-            let s = AttentionShape {
-                t,
-                n,
-                n_head: nh,
-                n_kv_head: nkv,
-                head_dim: d,
-                capacity: cap,
-            };
-            let mut r = |len| {
-                (0..len)
-                    .map(|_| rng.random_range(-2.0f32..2.0))
-                    .collect::<Vec<_>>()
-            };
-            let (q, k, v) = (r(t * nh * d), r(nkv * cap * d), r(nkv * cap * d));
+            let (s, q, k, v) = random_case(&mut rng, t, n, nh, nkv, d, n + t);
             let (mut a, mut b) = (vec![0f32; q.len()], vec![0f32; q.len()]);
-            attention_per_head(s, &q, &k, &v, &mut a);
-            attention_grouped(s, &q, &k, &v, &mut b);
+            attention_units(s, &q, &k, &v, &mut a, 1);
+            attention_units(s, &q, &k, &v, &mut b, nh / nkv);
             assert_eq!(a, b, "{s:?}");
         }
     }

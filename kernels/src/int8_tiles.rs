@@ -327,43 +327,9 @@ unsafe fn tile_body<const FMT: u8, const G: usize, const VNNI: bool>(
                     // Lane 4r+i needs bit 4s+i of row r's word: byte s/2 of it, spread over
                     // the row's four lanes, then bit 4(s%2)+i of that byte, as 16.
                     let pick = (s / 2) as i8;
-                    let spread = _mm256_shuffle_epi8(
-                        qh,
-                        _mm256_setr_epi8(
-                            pick,
-                            pick,
-                            pick,
-                            pick,
-                            4 + pick,
-                            4 + pick,
-                            4 + pick,
-                            4 + pick,
-                            8 + pick,
-                            8 + pick,
-                            8 + pick,
-                            8 + pick,
-                            12 + pick,
-                            12 + pick,
-                            12 + pick,
-                            12 + pick,
-                            pick,
-                            pick,
-                            pick,
-                            pick,
-                            4 + pick,
-                            4 + pick,
-                            4 + pick,
-                            4 + pick,
-                            8 + pick,
-                            8 + pick,
-                            8 + pick,
-                            8 + pick,
-                            12 + pick,
-                            12 + pick,
-                            12 + pick,
-                            12 + pick,
-                        ),
-                    );
+                    let idx: [i8; 32] = std::array::from_fn(|l| (l % 16 / 4 * 4) as i8 + pick);
+                    let spread =
+                        _mm256_shuffle_epi8(qh, _mm256_loadu_si256(idx.as_ptr() as *const __m256i));
                     let bits = _mm256_set1_epi32(if s % 2 == 0 {
                         0x0804_0201
                     } else {

@@ -161,6 +161,35 @@ pub(super) fn internal(what: &str) -> Error {
     Error::Invalid(format!("{what} (internal error)"))
 }
 
+/// The buffers attention reads (Q, K, V) and writes (Att), whatever a backend holds them in.
+pub(super) fn attention_buffers<T>(bufs: &mut [T; BUFS]) -> Result<[&mut T; 4]> {
+    bufs.get_disjoint_mut([
+        Buf::Q as usize,
+        Buf::K as usize,
+        Buf::V as usize,
+        Buf::Att as usize,
+    ])
+    .map_err(|_| internal("attention buffers overlap"))
+}
+
+/// The attention kernels' shape for `t` new positions after `n`, in a cache laid out for
+/// `capacity` positions.
+pub(super) fn attention_shape(
+    c: &Config,
+    t: usize,
+    n: usize,
+    capacity: usize,
+) -> tandem_kernels::AttentionShape {
+    tandem_kernels::AttentionShape {
+        t,
+        n,
+        n_head: c.num_attention_heads,
+        n_kv_head: c.num_kv_heads(),
+        head_dim: c.head_dim(),
+        capacity,
+    }
+}
+
 impl Backend for CpuPass<'_> {
     fn reserve(&mut self, cache: &mut KvCache, needed: usize) -> Result<()> {
         let c = &self.model.config;
@@ -223,16 +252,7 @@ impl Backend for CpuPass<'_> {
     fn attention(&mut self, li: usize, seqs: &mut [(&[u32], &mut KvCache)]) -> Result<()> {
         let c = &self.model.config;
         let (nh, nkv, hd) = (c.num_attention_heads, c.num_kv_heads(), c.head_dim());
-        let [q, k, v, out] = self
-            .b
-            .bufs
-            .get_disjoint_mut([
-                Buf::Q as usize,
-                Buf::K as usize,
-                Buf::V as usize,
-                Buf::Att as usize,
-            ])
-            .map_err(|_| internal("attention buffers overlap"))?;
+        let [q, k, v, out] = attention_buffers(&mut self.b.bufs)?;
         let mut row = 0;
         for (tokens, cache) in seqs.iter_mut() {
             let (t, n) = (tokens.len(), cache.len);
@@ -250,14 +270,7 @@ impl Backend for CpuPass<'_> {
                     vc[dst..dst + hd].copy_from_slice(&v[src..src + hd]);
                 }
             }
-            let shape = tandem_kernels::AttentionShape {
-                t,
-                n,
-                n_head: nh,
-                n_kv_head: nkv,
-                head_dim: hd,
-                capacity: cap,
-            };
+            let shape = attention_shape(c, t, n, cap);
             let span = row * nh * hd..(row + t) * nh * hd;
             tandem_kernels::attention(shape, &q[span.clone()], kc, vc, &mut out[span]);
             row += t;

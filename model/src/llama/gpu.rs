@@ -10,7 +10,9 @@
 //! (`kernels/src/cuda/kernels.cu`, each tested against its CPU reference). A row's result does
 //! not depend on how many rows share the pass, so verification reproduces decoding exactly.
 
-use super::backend::{internal, Backend, Buf, Norm, BUFS, BUF_ORDER};
+use super::backend::{
+    attention_buffers, attention_shape, internal, Backend, Buf, Norm, BUFS, BUF_ORDER,
+};
 use super::cache::{KvCache, KvStore};
 use super::forward::{LogitRows, Pass};
 use super::Llama;
@@ -19,7 +21,6 @@ use crate::error::{Error, Result};
 use crate::linear::Linear;
 use std::sync::{Mutex, MutexGuard};
 use tandem_kernels::cuda::{gpu, CudaSlice, Gpu, GpuError};
-use tandem_kernels::AttentionShape;
 
 fn gpu_err(e: GpuError) -> Error {
     Error::Invalid(format!("GPU: {e}"))
@@ -323,29 +324,14 @@ impl Backend for GpuPass<'_> {
         let c = &self.model.config;
         let (nh, nkv, hd) = (c.num_attention_heads, c.num_kv_heads(), c.head_dim());
         let b = self.bufs()?;
-        let [q, k, v, att] = b
-            .bufs
-            .get_disjoint_mut([
-                Buf::Q as usize,
-                Buf::K as usize,
-                Buf::V as usize,
-                Buf::Att as usize,
-            ])
-            .map_err(|_| internal("attention buffers overlap"))?;
+        let [q, k, v, att] = attention_buffers(&mut b.bufs)?;
         let mut row = 0;
         for (tokens, cache) in seqs.iter_mut() {
             let (t, n) = (tokens.len(), cache.len);
             let KvStore::Device(kv) = &mut cache.store else {
                 return Err(internal("a CPU cache in a GPU pass"));
             };
-            let s = AttentionShape {
-                t,
-                n,
-                n_head: nh,
-                n_kv_head: nkv,
-                head_dim: hd,
-                capacity: kv.capacity,
-            };
+            let s = attention_shape(c, t, n, kv.capacity);
             let (kr, qr) = (
                 row * nkv * hd..(row + t) * nkv * hd,
                 row * nh * hd..(row + t) * nh * hd,
