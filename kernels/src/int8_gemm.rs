@@ -290,6 +290,11 @@ type RowKernel = fn(BlockFormat, &[u8], &Int8Rows, usize, usize, usize, &mut [f3
 fn select() -> RowKernel {
     #[cfg(target_arch = "x86_64")]
     {
+        if crate::has_vnni() {
+            // SAFETY: chosen only when the CPU reports AVX2, FMA, F16C and AVX-512 VNNI/VL,
+            // which `row_vnni` needs.
+            return |f, w, xq, i0, m, k, o| unsafe { row_vnni(f, w, xq, i0, m, k, o) };
+        }
         if crate::has_avx2_fma() {
             // SAFETY: chosen only when the CPU reports AVX2 and FMA, which `row_avx2` needs.
             return |f, w, xq, i0, m, k, o| unsafe { row_avx2(f, w, xq, i0, m, k, o) };
@@ -448,33 +453,81 @@ unsafe fn row_avx2(
     k: usize,
     out: &mut [f32],
 ) {
+    row_body::<false>(f, w, xq, i0, m, k, out)
+}
+
+/// [`row_avx2`] with AVX-512 VNNI: `vpdpbusd` sums the u8 × i8 products (the same integers).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
+unsafe fn row_vnni(
+    f: BlockFormat,
+    w: &[u8],
+    xq: &Int8Rows,
+    i0: usize,
+    m: usize,
+    k: usize,
+    out: &mut [f32],
+) {
+    row_body::<true>(f, w, xq, i0, m, k, out)
+}
+
+/// The row kernels' dispatch, inlined into [`row_avx2`] and [`row_vnni`] (the group kernels
+/// below are inlined into it in turn, so they compile with the wrapper's target features).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn row_body<const VNNI: bool>(
+    f: BlockFormat,
+    w: &[u8],
+    xq: &Int8Rows,
+    i0: usize,
+    m: usize,
+    k: usize,
+    out: &mut [f32],
+) {
     let mut r = 0;
     while r < m {
         let g = (m - r).min(GROUP);
         let (i, o) = (i0 + r, &mut out[r..r + g]);
         match (f, g) {
-            (BlockFormat::Q4K, 1) => group_q4k_avx2::<1>(w, xq, i, k, o),
-            (BlockFormat::Q4K, 2) => group_q4k_avx2::<2>(w, xq, i, k, o),
-            (BlockFormat::Q4K, 3) => group_q4k_avx2::<3>(w, xq, i, k, o),
-            (BlockFormat::Q4K, _) => group_q4k_avx2::<4>(w, xq, i, k, o),
+            (BlockFormat::Q4K, 1) => group_q4k_avx2::<1, VNNI>(w, xq, i, k, o),
+            (BlockFormat::Q4K, 2) => group_q4k_avx2::<2, VNNI>(w, xq, i, k, o),
+            (BlockFormat::Q4K, 3) => group_q4k_avx2::<3, VNNI>(w, xq, i, k, o),
+            (BlockFormat::Q4K, _) => group_q4k_avx2::<4, VNNI>(w, xq, i, k, o),
             (BlockFormat::Q6K, 1) => group_q6k_avx2::<1>(w, xq, i, k, o),
             (BlockFormat::Q6K, 2) => group_q6k_avx2::<2>(w, xq, i, k, o),
             (BlockFormat::Q6K, 3) => group_q6k_avx2::<3>(w, xq, i, k, o),
             (BlockFormat::Q6K, _) => group_q6k_avx2::<4>(w, xq, i, k, o),
-            (BlockFormat::Q4_0, 1) => group_avx2::<Q4_0, 1>(w, xq, i, k, o),
-            (BlockFormat::Q4_0, 2) => group_avx2::<Q4_0, 2>(w, xq, i, k, o),
-            (BlockFormat::Q4_0, 3) => group_avx2::<Q4_0, 3>(w, xq, i, k, o),
-            (BlockFormat::Q4_0, _) => group_avx2::<Q4_0, 4>(w, xq, i, k, o),
-            (BlockFormat::Q5_0, 1) => group_avx2::<Q5_0, 1>(w, xq, i, k, o),
-            (BlockFormat::Q5_0, 2) => group_avx2::<Q5_0, 2>(w, xq, i, k, o),
-            (BlockFormat::Q5_0, 3) => group_avx2::<Q5_0, 3>(w, xq, i, k, o),
-            (BlockFormat::Q5_0, _) => group_avx2::<Q5_0, 4>(w, xq, i, k, o),
-            (_, 1) => group_avx2::<Q8_0, 1>(w, xq, i, k, o),
-            (_, 2) => group_avx2::<Q8_0, 2>(w, xq, i, k, o),
-            (_, 3) => group_avx2::<Q8_0, 3>(w, xq, i, k, o),
-            (_, _) => group_avx2::<Q8_0, 4>(w, xq, i, k, o),
+            (BlockFormat::Q4_0, 1) => group_avx2::<Q4_0, 1, VNNI>(w, xq, i, k, o),
+            (BlockFormat::Q4_0, 2) => group_avx2::<Q4_0, 2, VNNI>(w, xq, i, k, o),
+            (BlockFormat::Q4_0, 3) => group_avx2::<Q4_0, 3, VNNI>(w, xq, i, k, o),
+            (BlockFormat::Q4_0, _) => group_avx2::<Q4_0, 4, VNNI>(w, xq, i, k, o),
+            (BlockFormat::Q5_0, 1) => group_avx2::<Q5_0, 1, VNNI>(w, xq, i, k, o),
+            (BlockFormat::Q5_0, 2) => group_avx2::<Q5_0, 2, VNNI>(w, xq, i, k, o),
+            (BlockFormat::Q5_0, 3) => group_avx2::<Q5_0, 3, VNNI>(w, xq, i, k, o),
+            (BlockFormat::Q5_0, _) => group_avx2::<Q5_0, 4, VNNI>(w, xq, i, k, o),
+            (_, 1) => group_avx2::<Q8_0, 1, VNNI>(w, xq, i, k, o),
+            (_, 2) => group_avx2::<Q8_0, 2, VNNI>(w, xq, i, k, o),
+            (_, 3) => group_avx2::<Q8_0, 3, VNNI>(w, xq, i, k, o),
+            (_, _) => group_avx2::<Q8_0, 4, VNNI>(w, xq, i, k, o),
         }
         r += g;
+    }
+}
+
+/// Σ of four u8 × i8 products per i32 lane: `vpdpbusd` with VNNI, else `vpmaddubsw` +
+/// `vpmaddwd` (the same integers wherever no pair of products exceeds i16, true of every
+/// format here: at most 2 · 128 · 127).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn dot_u8_i8<const VNNI: bool>(
+    a: std::arch::x86_64::__m256i,
+    b: std::arch::x86_64::__m256i,
+) -> std::arch::x86_64::__m256i {
+    use std::arch::x86_64::*;
+    if VNNI {
+        _mm256_dpbusd_epi32(_mm256_setzero_si256(), a, b)
+    } else {
+        _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), _mm256_set1_epi16(1))
     }
 }
 
@@ -488,8 +541,8 @@ const Q5_0: u8 = 2;
 /// − 16; Q8_0: the bytes); per row, `|w|·sign(x, w)` goes through `vpmaddubsw`/`vpmaddwd`
 /// to eight i32 sums, scaled by `d_w·d_x` into an f32 accumulator.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn group_avx2<const FMT: u8, const G: usize>(
+#[inline(always)]
+unsafe fn group_avx2<const FMT: u8, const G: usize, const VNNI: bool>(
     w: &[u8],
     xq: &Int8Rows,
     i0: usize,
@@ -508,7 +561,6 @@ unsafe fn group_avx2<const FMT: u8, const G: usize>(
     let dxp = xq.scales.as_ptr().add(i0 * nb);
     let nib = _mm256_set1_epi8(0x0F);
     let eight = _mm256_set1_epi8(8);
-    let ones = _mm256_set1_epi16(1);
     // Two accumulators per row (even and odd blocks): with one, every block waited on the
     // previous block's FMA, and a 576-wide row is only 18 blocks.
     let mut acc = [[_mm256_setzero_ps(); G]; 2];
@@ -560,7 +612,7 @@ unsafe fn group_avx2<const FMT: u8, const G: usize>(
         for (r, a) in acc.iter_mut().enumerate() {
             let xv = _mm256_loadu_si256(xp.add(r * k + b * BLOCK) as *const __m256i);
             let sx = _mm256_sign_epi8(xv, wq);
-            let dot = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, sx), ones);
+            let dot = dot_u8_i8::<VNNI>(aw, sx);
             let d = _mm256_mul_ps(dw, _mm256_broadcast_ss(&*dxp.add(r * nb + b)));
             *a = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(dot), *a);
         }
@@ -587,7 +639,7 @@ unsafe fn group_avx2<const FMT: u8, const G: usize>(
 /// first eight belong to the sub-block's first 16 weights and last eight to its second 16,
 /// so one `vpmaddwd` against the two scales (eight lanes each) applies both.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,f16c")]
+#[inline(always)]
 unsafe fn group_q6k_avx2<const G: usize>(
     w: &[u8],
     xq: &Int8Rows,
@@ -659,8 +711,8 @@ unsafe fn group_q6k_avx2<const G: usize>(
 /// sub-blocks of levels 0..15 (low and high nibbles), which are unsigned, so they go straight
 /// into `vpmaddubsw` against the signed activation bytes; the mins are scalar per sub-block.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn group_q4k_avx2<const G: usize>(
+#[inline(always)]
+unsafe fn group_q4k_avx2<const G: usize, const VNNI: bool>(
     w: &[u8],
     xq: &Int8Rows,
     i0: usize,
@@ -671,7 +723,6 @@ unsafe fn group_q4k_avx2<const G: usize>(
     let bb = BlockFormat::Q4K.block_bytes();
     let nb = k / BLOCK;
     let nib = _mm256_set1_epi8(0x0F);
-    let ones = _mm256_set1_epi16(1);
     let mut acc = [_mm256_setzero_ps(); G];
     let mut mins = [0f32; G];
     for (s, blk) in w.chunks_exact(bb).enumerate() {
@@ -691,8 +742,8 @@ unsafe fn group_q4k_avx2<const G: usize>(
                 let xp = xq.quants.as_ptr().add(row * k + b * BLOCK);
                 let xl = _mm256_loadu_si256(xp as *const __m256i);
                 let xh = _mm256_loadu_si256(xp.add(BLOCK) as *const __m256i);
-                let dl = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, xl), ones);
-                let dh = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, xh), ones);
+                let dl = dot_u8_i8::<VNNI>(lo, xl);
+                let dh = dot_u8_i8::<VNNI>(hi, xh);
                 let (dx1, dx2) = (xq.scales[row * nb + b], xq.scales[row * nb + b + 1]);
                 acc[r] =
                     _mm256_fmadd_ps(_mm256_set1_ps(d * s1 * dx1), _mm256_cvtepi32_ps(dl), acc[r]);
@@ -812,6 +863,36 @@ mod tests {
                 matmul_int8(f, &x[i * k..(i + 1) * k], &w, 1, k, n, &mut one);
                 assert_eq!(one, all[i * n..(i + 1) * n], "{f:?} row {i}");
             }
+        }
+    }
+
+    /// Where the CPU has AVX-512 VNNI, its row kernels and the AVX2 ones give the same bits.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn vnni_and_avx2_rows_agree_bit_for_bit() {
+        if !crate::has_vnni() {
+            eprintln!("skipped: no AVX-512 VNNI here");
+            return;
+        }
+        let mut rng = rand::rngs::StdRng::seed_from_u64(14);
+        for (f, k) in [
+            (BlockFormat::Q8_0, 576),
+            (BlockFormat::Q4_0, 576),
+            (BlockFormat::Q5_0, 576),
+            (BlockFormat::Q4K, 768),
+            (BlockFormat::Q6K, 768),
+        ] {
+            let w = random_weights(f, k / f.block_elems(), &mut rng);
+            let x: Vec<f32> = (0..5 * k).map(|_| rng.random_range(-1.0..1.0)).collect();
+            let mut xq = Int8Rows::default();
+            xq.quantize(&x, k);
+            let (mut a, mut b) = ([0f32; 5], [0f32; 5]);
+            // SAFETY: AVX2/FMA/F16C and AVX-512 VNNI/VL (`has_vnni` checks all of them).
+            unsafe {
+                row_vnni(f, &w, &xq, 0, 5, k, &mut a);
+                row_avx2(f, &w, &xq, 0, 5, k, &mut b);
+            }
+            assert_eq!(a, b, "{f:?}");
         }
     }
 
