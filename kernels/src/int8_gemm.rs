@@ -488,27 +488,12 @@ unsafe fn row_body<const VNNI: bool>(
     while r < m {
         let g = (m - r).min(GROUP);
         let (i, o) = (i0 + r, &mut out[r..r + g]);
-        match (f, g) {
-            (BlockFormat::Q4K, 1) => group_q4k_avx2::<1, VNNI>(w, xq, i, k, o),
-            (BlockFormat::Q4K, 2) => group_q4k_avx2::<2, VNNI>(w, xq, i, k, o),
-            (BlockFormat::Q4K, 3) => group_q4k_avx2::<3, VNNI>(w, xq, i, k, o),
-            (BlockFormat::Q4K, _) => group_q4k_avx2::<4, VNNI>(w, xq, i, k, o),
-            (BlockFormat::Q6K, 1) => group_q6k_avx2::<1>(w, xq, i, k, o),
-            (BlockFormat::Q6K, 2) => group_q6k_avx2::<2>(w, xq, i, k, o),
-            (BlockFormat::Q6K, 3) => group_q6k_avx2::<3>(w, xq, i, k, o),
-            (BlockFormat::Q6K, _) => group_q6k_avx2::<4>(w, xq, i, k, o),
-            (BlockFormat::Q4_0, 1) => group_avx2::<Q4_0, 1, VNNI>(w, xq, i, k, o),
-            (BlockFormat::Q4_0, 2) => group_avx2::<Q4_0, 2, VNNI>(w, xq, i, k, o),
-            (BlockFormat::Q4_0, 3) => group_avx2::<Q4_0, 3, VNNI>(w, xq, i, k, o),
-            (BlockFormat::Q4_0, _) => group_avx2::<Q4_0, 4, VNNI>(w, xq, i, k, o),
-            (BlockFormat::Q5_0, 1) => group_avx2::<Q5_0, 1, VNNI>(w, xq, i, k, o),
-            (BlockFormat::Q5_0, 2) => group_avx2::<Q5_0, 2, VNNI>(w, xq, i, k, o),
-            (BlockFormat::Q5_0, 3) => group_avx2::<Q5_0, 3, VNNI>(w, xq, i, k, o),
-            (BlockFormat::Q5_0, _) => group_avx2::<Q5_0, 4, VNNI>(w, xq, i, k, o),
-            (_, 1) => group_avx2::<Q8_0, 1, VNNI>(w, xq, i, k, o),
-            (_, 2) => group_avx2::<Q8_0, 2, VNNI>(w, xq, i, k, o),
-            (_, 3) => group_avx2::<Q8_0, 3, VNNI>(w, xq, i, k, o),
-            (_, _) => group_avx2::<Q8_0, 4, VNNI>(w, xq, i, k, o),
+        match f {
+            BlockFormat::Q4K => by_group!(g, G => group_q4k_avx2::<G, VNNI>(w, xq, i, k, o)),
+            BlockFormat::Q6K => by_group!(g, G => group_q6k_avx2::<G>(w, xq, i, k, o)),
+            BlockFormat::Q4_0 => by_group!(g, G => group_avx2::<Q4_0, G, VNNI>(w, xq, i, k, o)),
+            BlockFormat::Q5_0 => by_group!(g, G => group_avx2::<Q5_0, G, VNNI>(w, xq, i, k, o)),
+            _ => by_group!(g, G => group_avx2::<Q8_0, G, VNNI>(w, xq, i, k, o)),
         }
         r += g;
     }

@@ -179,7 +179,7 @@ fn available() -> bool {
     false
 }
 
-/// The formats [`tile_avx2`] reads, as its const parameter.
+/// The formats [`tile_body`] reads, as its const parameter.
 const Q8_0: u8 = 0;
 const Q4_0: u8 = 1;
 const Q5_0: u8 = 2;
@@ -202,28 +202,28 @@ fn tile_rows(
             return unsafe { tile_rows_vnni(f, tile, xq, i0, g, k, out) };
         }
         // SAFETY: tiles exist only where AVX2/FMA/F16C were detected (`pack`).
-        unsafe {
-            match (f, g) {
-                (BlockFormat::Q4_0, 1) => tile_avx2::<Q4_0, 1>(tile, xq, i0, k, out),
-                (BlockFormat::Q4_0, 2) => tile_avx2::<Q4_0, 2>(tile, xq, i0, k, out),
-                (BlockFormat::Q4_0, 3) => tile_avx2::<Q4_0, 3>(tile, xq, i0, k, out),
-                (BlockFormat::Q4_0, _) => tile_avx2::<Q4_0, 4>(tile, xq, i0, k, out),
-                (BlockFormat::Q5_0, 1) => tile_avx2::<Q5_0, 1>(tile, xq, i0, k, out),
-                (BlockFormat::Q5_0, 2) => tile_avx2::<Q5_0, 2>(tile, xq, i0, k, out),
-                (BlockFormat::Q5_0, 3) => tile_avx2::<Q5_0, 3>(tile, xq, i0, k, out),
-                (BlockFormat::Q5_0, _) => tile_avx2::<Q5_0, 4>(tile, xq, i0, k, out),
-                (_, 1) => tile_avx2::<Q8_0, 1>(tile, xq, i0, k, out),
-                (_, 2) => tile_avx2::<Q8_0, 2>(tile, xq, i0, k, out),
-                (_, 3) => tile_avx2::<Q8_0, 3>(tile, xq, i0, k, out),
-                (_, _) => tile_avx2::<Q8_0, 4>(tile, xq, i0, k, out),
-            }
-        }
+        unsafe { tile_rows_avx2(f, tile, xq, i0, g, k, out) }
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
         let _ = (f, tile, xq, i0, g, k, out);
         unreachable!("int8 tiles are only made where the AVX2 kernel runs");
     }
+}
+
+/// [`tile_rows`] on AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn tile_rows_avx2(
+    f: BlockFormat,
+    tile: &[u8],
+    xq: &Int8Rows,
+    i0: usize,
+    g: usize,
+    k: usize,
+    out: &mut [f32],
+) {
+    tile_dispatch::<false>(f, tile, xq, i0, g, k, out)
 }
 
 /// [`tile_rows`] with AVX-512 VNNI.
@@ -238,36 +238,30 @@ unsafe fn tile_rows_vnni(
     k: usize,
     out: &mut [f32],
 ) {
-    match (f, g) {
-        (BlockFormat::Q4_0, 1) => tile_body::<Q4_0, 1, true>(tile, xq, i0, k, out),
-        (BlockFormat::Q4_0, 2) => tile_body::<Q4_0, 2, true>(tile, xq, i0, k, out),
-        (BlockFormat::Q4_0, 3) => tile_body::<Q4_0, 3, true>(tile, xq, i0, k, out),
-        (BlockFormat::Q4_0, _) => tile_body::<Q4_0, 4, true>(tile, xq, i0, k, out),
-        (BlockFormat::Q5_0, 1) => tile_body::<Q5_0, 1, true>(tile, xq, i0, k, out),
-        (BlockFormat::Q5_0, 2) => tile_body::<Q5_0, 2, true>(tile, xq, i0, k, out),
-        (BlockFormat::Q5_0, 3) => tile_body::<Q5_0, 3, true>(tile, xq, i0, k, out),
-        (BlockFormat::Q5_0, _) => tile_body::<Q5_0, 4, true>(tile, xq, i0, k, out),
-        (_, 1) => tile_body::<Q8_0, 1, true>(tile, xq, i0, k, out),
-        (_, 2) => tile_body::<Q8_0, 2, true>(tile, xq, i0, k, out),
-        (_, 3) => tile_body::<Q8_0, 3, true>(tile, xq, i0, k, out),
-        (_, _) => tile_body::<Q8_0, 4, true>(tile, xq, i0, k, out),
-    }
+    tile_dispatch::<true>(f, tile, xq, i0, g, k, out)
 }
 
+/// Picks the kernel for the format and group size; inlined into the two wrappers above.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn tile_avx2<const FMT: u8, const G: usize>(
+#[inline(always)]
+unsafe fn tile_dispatch<const VNNI: bool>(
+    f: BlockFormat,
     tile: &[u8],
     xq: &Int8Rows,
     i0: usize,
+    g: usize,
     k: usize,
     out: &mut [f32],
 ) {
-    tile_body::<FMT, G, false>(tile, xq, i0, k, out)
+    match f {
+        BlockFormat::Q4_0 => by_group!(g, G => tile_body::<Q4_0, G, VNNI>(tile, xq, i0, k, out)),
+        BlockFormat::Q5_0 => by_group!(g, G => tile_body::<Q5_0, G, VNNI>(tile, xq, i0, k, out)),
+        _ => by_group!(g, G => tile_body::<Q8_0, G, VNNI>(tile, xq, i0, k, out)),
+    }
 }
 
-/// The tile kernel, inlined into [`tile_avx2`] and [`tile_rows_vnni`] (whose target features
-/// it then compiles with). `VNNI`: each group's products summed by `vpdpbusd` instead of
+/// The tile kernel, inlined into [`tile_rows_avx2`] and [`tile_rows_vnni`] (whose target
+/// features it then compiles with). `VNNI`: each group's products summed by `vpdpbusd` instead of
 /// `vpmaddubsw` + `vpmaddwd` + add; the same integers (no pair of products here can saturate
 /// `vpmaddubsw`'s i16: at most 2 · 128 · 127), so the same results bit for bit.
 #[cfg(target_arch = "x86_64")]
@@ -468,11 +462,7 @@ mod tests {
             // SAFETY: AVX2/FMA/F16C (the tiles were made) and AVX-512 VNNI/VL (checked above).
             unsafe {
                 tile_rows_vnni(f, tile, &xq, 0, 4, k, &mut a);
-                match f {
-                    BlockFormat::Q4_0 => tile_avx2::<Q4_0, 4>(tile, &xq, 0, k, &mut b),
-                    BlockFormat::Q5_0 => tile_avx2::<Q5_0, 4>(tile, &xq, 0, k, &mut b),
-                    _ => tile_avx2::<Q8_0, 4>(tile, &xq, 0, k, &mut b),
-                }
+                tile_rows_avx2(f, tile, &xq, 0, 4, k, &mut b);
             }
             assert_eq!(a, b, "{f:?}");
         }

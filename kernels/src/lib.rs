@@ -7,6 +7,33 @@
 //! Every `unsafe` block says why it is sound (enforced: `clippy::undocumented_unsafe_blocks`).
 #![deny(clippy::undocumented_unsafe_blocks)]
 
+/// Evaluates `$body` with `$G` a `const usize` equal to the run-time group size `$g` (1, 2 or
+/// 3; anything larger is 4): the x86 kernels take the number of activation rows they run per
+/// pass over the weights as a const parameter, and every dispatch picks it the same way.
+#[cfg(target_arch = "x86_64")]
+macro_rules! by_group {
+    ($g:expr, $G:ident => $body:expr) => {
+        match $g {
+            1 => {
+                const $G: usize = 1;
+                $body
+            }
+            2 => {
+                const $G: usize = 2;
+                $body
+            }
+            3 => {
+                const $G: usize = 3;
+                $body
+            }
+            _ => {
+                const $G: usize = 4;
+                $body
+            }
+        }
+    };
+}
+
 pub mod attention;
 #[cfg(feature = "cuda")]
 pub mod cuda;

@@ -79,10 +79,6 @@ impl KvCache {
     pub fn clear(&mut self) {
         self.len = 0;
     }
-    /// Whether the keys and values are on the GPU.
-    pub fn on_gpu(&self) -> bool {
-        matches!(self.store, KvStore::Device(_))
-    }
 }
 
 const INITIAL_CACHE: usize = 256;

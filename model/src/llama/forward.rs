@@ -72,9 +72,11 @@ impl LogitRows {
     pub fn as_slice(&self) -> &[f32] {
         &self.data
     }
-    /// The last row, owned.
-    pub fn into_last(self) -> Vec<f32> {
-        self.last().to_vec()
+    /// The last row, owned (no copy when it is the only one, as a `Logits::Last` call gives).
+    pub fn into_last(mut self) -> Vec<f32> {
+        let start = self.data.len() - self.vocab;
+        self.data.drain(..start);
+        self.data
     }
     /// The rows, owned.
     pub fn to_vecs(&self) -> Vec<Vec<f32>> {
@@ -91,6 +93,8 @@ pub(super) struct Workspace {
     positions: Vec<usize>,
     picked: Vec<usize>,
     counts: Vec<usize>,
+    /// A shortlisted head's logits before they are spread over the vocabulary.
+    short: Vec<f32>,
     pub(super) profile: Option<OpTimes>,
 }
 
@@ -106,6 +110,7 @@ pub(crate) struct Pass<'p, 't, 'c> {
     /// Scratch: rows that reach the head, and how many per sequence.
     pub(super) picked: &'p mut Vec<usize>,
     pub(super) counts: &'p mut Vec<usize>,
+    pub(super) short: &'p mut Vec<f32>,
 }
 
 impl Llama {
@@ -190,6 +195,7 @@ impl Llama {
             profile: profile.as_mut(),
             picked: &mut ws.picked,
             counts: &mut ws.counts,
+            short: &mut ws.short,
         };
         let mut run = || match &self.resident {
             Some(r) => r.forward(self, &mut pass),
@@ -239,7 +245,7 @@ impl Llama {
             let hn = b.head_input(picked)?;
             show_input(pass.observer, None, &["lm_head.weight"], hn, picked.len())?;
             match &*shortlist {
-                Some(s) => s.logits(hn, picked.len(), &mut logits)?,
+                Some(s) => s.logits(hn, picked.len(), pass.short, &mut logits)?,
                 None => self.lm_head.forward_into(hn, picked.len(), &mut logits)?,
             }
         }

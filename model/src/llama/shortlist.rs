@@ -17,18 +17,23 @@ pub(super) struct Shortlist {
 
 impl Shortlist {
     /// Spreads the heads' logits for `rows` normalized rows `hn` over full vocabulary rows of
-    /// `logits` (−∞ elsewhere).
-    pub(super) fn logits(&self, hn: &[f32], rows: usize, logits: &mut [f32]) -> Result<()> {
+    /// `logits` (−∞ elsewhere); `short` is scratch space the caller keeps between calls.
+    pub(super) fn logits(
+        &self,
+        hn: &[f32],
+        rows: usize,
+        short: &mut Vec<f32>,
+        logits: &mut [f32],
+    ) -> Result<()> {
         let vocab = self.member.len();
         logits.fill(f32::NEG_INFINITY);
-        let mut short = Vec::new();
         for (ids, head) in [
             (&self.ids, Some(&self.head)),
             (&self.extra_ids, self.extra.as_ref()),
         ] {
             let Some(head) = head else { continue };
             short.resize(rows * ids.len(), 0.0);
-            head.forward_into(hn, rows, &mut short)?;
+            head.forward_into(hn, rows, short)?;
             for (row, v) in logits
                 .chunks_exact_mut(vocab)
                 .zip(short.chunks_exact(ids.len()))
