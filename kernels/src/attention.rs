@@ -35,7 +35,23 @@ impl AttentionShape {
 /// Plain reference: softmax(q·kᵀ/√d + causal mask)·v in f64.
 /// `q` and `out` are [t, n_head, head_dim]; query i sits at position n+i and sees keys 0..=n+i.
 pub fn attention_reference(s: AttentionShape, q: &[f32], k: &[f32], v: &[f32], out: &mut [f32]) {
+    let causal: Vec<Vec<u32>> = (0..s.t as u32).map(|i| (0..=i).collect()).collect();
+    attention_tree_reference(s, q, k, v, out, &causal)
+}
+
+/// Plain reference for a token tree: query i sees the cached keys 0..n and the new rows
+/// `paths[i]` (its ancestors in the tree and itself, as indices into the t new rows at
+/// n..n+t), in that order; f64.
+pub fn attention_tree_reference(
+    s: AttentionShape,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    out: &mut [f32],
+    paths: &[Vec<u32>],
+) {
     s.check(q, k, v, out);
+    check_paths(s, paths);
     let d = s.head_dim;
     let group = s.n_head / s.n_kv_head;
     let scale = 1.0 / (d as f64).sqrt();
@@ -43,9 +59,12 @@ pub fn attention_reference(s: AttentionShape, q: &[f32], k: &[f32], v: &[f32], o
         for h in 0..s.n_head {
             let kv = h / group;
             let qr = &q[(i * s.n_head + h) * d..][..d];
-            let len = s.n + i + 1;
-            let scores: Vec<f64> = (0..len)
-                .map(|j| {
+            let rows: Vec<usize> = (0..s.n)
+                .chain(paths[i].iter().map(|&m| s.n + m as usize))
+                .collect();
+            let scores: Vec<f64> = rows
+                .iter()
+                .map(|&j| {
                     let kr = &k[(kv * s.capacity + j) * d..][..d];
                     qr.iter()
                         .zip(kr)
@@ -59,12 +78,27 @@ pub fn attention_reference(s: AttentionShape, q: &[f32], k: &[f32], v: &[f32], o
             let z: f64 = w.iter().sum();
             let o = &mut out[(i * s.n_head + h) * d..][..d];
             for (c, oc) in o.iter_mut().enumerate() {
-                *oc = ((0..len)
-                    .map(|j| w[j] * v[(kv * s.capacity + j) * d + c] as f64)
+                *oc = (rows
+                    .iter()
+                    .zip(&w)
+                    .map(|(&j, w)| w * v[(kv * s.capacity + j) * d + c] as f64)
                     .sum::<f64>()
                     / z) as f32;
             }
         }
+    }
+}
+
+/// Panics unless every `paths[i]` lists rows before i, ascending, and ends at i itself.
+fn check_paths(s: AttentionShape, paths: &[Vec<u32>]) {
+    assert_eq!(paths.len(), s.t, "one path per new row");
+    for (i, p) in paths.iter().enumerate() {
+        assert_eq!(
+            p.last().copied(),
+            Some(i as u32),
+            "row {i}'s path ends at itself"
+        );
+        assert!(p.windows(2).all(|w| w[0] < w[1]), "row {i}'s path ascends");
     }
 }
 
@@ -78,18 +112,43 @@ const HEADS_PER_PASS: usize = 4;
 /// for all of them); each head's arithmetic, and so its result, is the same either way.
 pub fn attention(s: AttentionShape, q: &[f32], k: &[f32], v: &[f32], out: &mut [f32]) {
     s.check(q, k, v, out);
+    attention_units(s, q, k, v, out, per_unit(s), None)
+}
+
+/// Attention over a token tree (a speculative draft with several candidates per position):
+/// query i sees the cached keys 0..n, then the new rows `paths[i]` (its ancestors and itself,
+/// ascending indices into the t new rows). Row i's keys are visited in that order, so its
+/// result is bit for bit what [`attention`] gives when the same path sits contiguously after
+/// the cache (a tree's accepted path equals plain decoding's). The masked-out rows are never
+/// read, not multiplied by zero.
+pub fn attention_tree(
+    s: AttentionShape,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    out: &mut [f32],
+    paths: &[Vec<u32>],
+) {
+    s.check(q, k, v, out);
+    check_paths(s, paths);
+    attention_units(s, q, k, v, out, per_unit(s), Some(paths))
+}
+
+/// How many query heads one task unit takes: a KV head's whole group when there are enough
+/// positions to keep every thread busy, else one.
+fn per_unit(s: AttentionShape) -> usize {
     let group = s.n_head / s.n_kv_head;
     let threads = crate::pool::current().threads_now().max(1);
-    let per_unit = if group > 1 && s.t * s.n_kv_head >= 8 * threads {
+    if group > 1 && s.t * s.n_kv_head >= 8 * threads {
         group
     } else {
         1
-    };
-    attention_units(s, q, k, v, out, per_unit)
+    }
 }
 
 /// Attention in task units of `per_unit` query heads of one position (1, or a KV head's whole
-/// group), each unit's heads in passes of up to [`HEADS_PER_PASS`].
+/// group), each unit's heads in passes of up to [`HEADS_PER_PASS`]. `paths`: a token tree's
+/// visible new rows per query (see [`attention_tree`]); `None` is causal.
 fn attention_units(
     s: AttentionShape,
     q: &[f32],
@@ -97,6 +156,7 @@ fn attention_units(
     v: &[f32],
     out: &mut [f32],
     per_unit: usize,
+    paths: Option<&[Vec<u32>]>,
 ) {
     let d = s.head_dim;
     let group = s.n_head / s.n_kv_head;
@@ -118,9 +178,18 @@ fn attention_units(
                     unit % units_per_position * per_unit,
                 );
                 let kv = h0 / group;
-                let len = s.n + i + 1;
-                let keys = &k[kv * s.capacity * d..][..len * d];
-                let vals = &v[kv * s.capacity * d..][..len * d];
+                // Causal: the rows 0..=n+i. A tree: 0..n, then the path's rows.
+                let (pre, tail) = match paths {
+                    None => (s.n + i + 1, &[][..]),
+                    Some(p) => (s.n, &p[i][..]),
+                };
+                let rows = RowSet {
+                    keys: &k[kv * s.capacity * d..][..(s.n + s.t) * d],
+                    vals: &v[kv * s.capacity * d..][..(s.n + s.t) * d],
+                    pre,
+                    tail,
+                    tail_base: s.n,
+                };
                 let mut h = h0;
                 while h < h0 + per_unit {
                     let heads = (h0 + per_unit - h).min(HEADS_PER_PASS);
@@ -131,7 +200,7 @@ fn attention_units(
                         std::slice::from_raw_parts_mut(base.get().add(row * d), heads * d)
                     };
                     let qs = &q[row * d..][..heads * d];
-                    attend_heads(qs, heads, keys, vals, scale, scores, o);
+                    attend_heads(qs, heads, &rows, scale, scores, o);
                     h += heads;
                 }
             }
@@ -139,13 +208,37 @@ fn attention_units(
     });
 }
 
+/// The key/value rows one query sees, in order: rows 0..pre, then `tail_base + m` for each m
+/// of `tail` (a token tree's path; empty for causal attention).
+struct RowSet<'a> {
+    keys: &'a [f32],
+    vals: &'a [f32],
+    pre: usize,
+    tail: &'a [u32],
+    tail_base: usize,
+}
+
+impl RowSet<'_> {
+    fn len(&self) -> usize {
+        self.pre + self.tail.len()
+    }
+    /// Every row of `buf` (the keys or the values) this query sees, in order.
+    #[inline(always)]
+    fn rows<'b>(&'b self, buf: &'b [f32], d: usize) -> impl Iterator<Item = &'b [f32]> + 'b {
+        buf[..self.pre * d].chunks_exact(d).chain(
+            self.tail
+                .iter()
+                .map(move |&m| &buf[(self.tail_base + m as usize) * d..][..d]),
+        )
+    }
+}
+
 /// `heads` (≤ [`HEADS_PER_PASS`]) query rows, consecutive in `qs`, against the same keys and
 /// values: softmax(q·kᵀ·scale)·v for each into `o`.
 fn attend_heads(
     qs: &[f32],
     heads: usize,
-    keys: &[f32],
-    vals: &[f32],
+    rows: &RowSet<'_>,
     scale: f32,
     scores: &mut Vec<f32>,
     o: &mut [f32],
@@ -155,18 +248,18 @@ fn attend_heads(
         // SAFETY: the CPU has AVX2 and FMA (checked above).
         unsafe {
             return match heads {
-                1 => attend_heads_avx2::<1>(qs, keys, vals, scale, scores, o),
-                2 => attend_heads_avx2::<2>(qs, keys, vals, scale, scores, o),
-                3 => attend_heads_avx2::<3>(qs, keys, vals, scale, scores, o),
-                _ => attend_heads_avx2::<4>(qs, keys, vals, scale, scores, o),
+                1 => attend_heads_avx2::<1>(qs, rows, scale, scores, o),
+                2 => attend_heads_avx2::<2>(qs, rows, scale, scores, o),
+                3 => attend_heads_avx2::<3>(qs, rows, scale, scores, o),
+                _ => attend_heads_avx2::<4>(qs, rows, scale, scores, o),
             };
         }
     }
     match heads {
-        1 => attend_heads_body::<1>(qs, keys, vals, scale, scores, o),
-        2 => attend_heads_body::<2>(qs, keys, vals, scale, scores, o),
-        3 => attend_heads_body::<3>(qs, keys, vals, scale, scores, o),
-        _ => attend_heads_body::<4>(qs, keys, vals, scale, scores, o),
+        1 => attend_heads_body::<1>(qs, rows, scale, scores, o),
+        2 => attend_heads_body::<2>(qs, rows, scale, scores, o),
+        3 => attend_heads_body::<3>(qs, rows, scale, scores, o),
+        _ => attend_heads_body::<4>(qs, rows, scale, scores, o),
     }
 }
 
@@ -174,13 +267,12 @@ fn attend_heads(
 #[target_feature(enable = "avx2,fma")]
 unsafe fn attend_heads_avx2<const G: usize>(
     qs: &[f32],
-    keys: &[f32],
-    vals: &[f32],
+    rows: &RowSet<'_>,
     scale: f32,
     scores: &mut Vec<f32>,
     o: &mut [f32],
 ) {
-    attend_heads_body::<G>(qs, keys, vals, scale, scores, o)
+    attend_heads_body::<G>(qs, rows, scale, scores, o)
 }
 
 /// G heads at once: per head the same operations in the same order whatever G (so the same
@@ -190,18 +282,17 @@ unsafe fn attend_heads_avx2<const G: usize>(
 #[inline(always)]
 fn attend_heads_body<const G: usize>(
     qs: &[f32],
-    keys: &[f32],
-    vals: &[f32],
+    rows: &RowSet<'_>,
     scale: f32,
     scores: &mut Vec<f32>,
     o: &mut [f32],
 ) {
     let d = qs.len() / G;
-    let len = keys.len() / d;
+    let len = rows.len();
     scores.clear();
     scores.resize(G * len, 0.0);
     let mut max = [f32::NEG_INFINITY; G];
-    for (j, kr) in keys.chunks_exact(d).enumerate() {
+    for (j, kr) in rows.rows(rows.keys, d).enumerate() {
         for g in 0..G {
             let x = dot(&qs[g * d..][..d], kr) * scale;
             max[g] = max[g].max(x);
@@ -213,7 +304,7 @@ fn attend_heads_body<const G: usize>(
         z[g] = crate::ops::exp_shifted_sum(&mut scores[g * len..][..len], max[g]);
     }
     o.fill(0.0);
-    for (j, vr) in vals.chunks_exact(d).enumerate() {
+    for (j, vr) in rows.rows(rows.vals, d).enumerate() {
         for g in 0..G {
             let w = scores[g * len + j] / z[g];
             for (oc, vc) in o[g * d..][..d].iter_mut().zip(vr) {
@@ -308,8 +399,8 @@ mod tests {
         for (t, n, nh, nkv, d) in [(7, 5, 9, 3, 64), (3, 0, 8, 2, 16), (5, 2, 12, 2, 32)] {
             let (s, q, k, v) = random_case(&mut rng, t, n, nh, nkv, d, n + t);
             let (mut a, mut b) = (vec![0f32; q.len()], vec![0f32; q.len()]);
-            attention_units(s, &q, &k, &v, &mut a, 1);
-            attention_units(s, &q, &k, &v, &mut b, nh / nkv);
+            attention_units(s, &q, &k, &v, &mut a, 1, None);
+            attention_units(s, &q, &k, &v, &mut b, nh / nkv, None);
             assert_eq!(a, b, "{s:?}");
         }
     }
@@ -358,6 +449,71 @@ mod tests {
                 &mut one,
             );
             assert_eq!(&whole[i * row..][..row], &one[..], "position {i}");
+        }
+    }
+
+    /// A tree: root 0; 1 and 2 its children; 3 under 1; 4 under 2; 5 under 3.
+    fn tree_paths() -> Vec<Vec<u32>> {
+        vec![
+            vec![0],
+            vec![0, 1],
+            vec![0, 2],
+            vec![0, 1, 3],
+            vec![0, 2, 4],
+            vec![0, 1, 3, 5],
+        ]
+    }
+
+    #[test]
+    fn tree_matches_its_reference_and_a_chain_is_causal() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(21);
+        for (n, nh, nkv, d) in [(0, 4, 2, 16), (9, 9, 3, 64), (30, 8, 8, 12)] {
+            let (s, q, k, v) = random_case(&mut rng, 6, n, nh, nkv, d, n + 6);
+            let (mut a, mut b) = (vec![0f32; q.len()], vec![0f32; q.len()]);
+            attention_tree_reference(s, &q, &k, &v, &mut a, &tree_paths());
+            attention_tree(s, &q, &k, &v, &mut b, &tree_paths());
+            for (x, y) in a.iter().zip(&b) {
+                assert!((x - y).abs() < 1e-5, "{s:?}: {x} vs {y}");
+            }
+            let chain: Vec<Vec<u32>> = (0..6).map(|i| (0..=i).collect()).collect();
+            let (mut c, mut e) = (vec![0f32; q.len()], vec![0f32; q.len()]);
+            attention_tree(s, &q, &k, &v, &mut c, &chain);
+            attention(s, &q, &k, &v, &mut e);
+            assert_eq!(c, e, "a chain-shaped tree is causal attention, bit for bit");
+        }
+    }
+
+    /// A tree row gives the bits causal attention gives when its path is laid out after the
+    /// cache contiguously: what plain decoding of the accepted path computes.
+    #[test]
+    fn a_tree_row_equals_its_path_decoded_plainly() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(22);
+        let (n, nh, nkv, d) = (13, 6, 2, 32);
+        let (s, q, k, v) = random_case(&mut rng, 6, n, nh, nkv, d, n + 6);
+        let mut tree = vec![0f32; q.len()];
+        attention_tree(s, &q, &k, &v, &mut tree, &tree_paths());
+        let row = nh * d;
+        for (i, path) in tree_paths().iter().enumerate() {
+            // The path's keys and values moved to n, n+1, ... (as the cache keeps them).
+            let (mut kp, mut vp) = (k.clone(), v.clone());
+            for h in 0..nkv {
+                for (depth, &m) in path.iter().enumerate() {
+                    let (src, dst) = (
+                        (h * s.capacity + n + m as usize) * d,
+                        (h * s.capacity + n + depth) * d,
+                    );
+                    kp.copy_within(src..src + d, dst);
+                    vp.copy_within(src..src + d, dst);
+                }
+            }
+            let one = AttentionShape {
+                t: 1,
+                n: n + path.len() - 1,
+                ..s
+            };
+            let mut plain = vec![0f32; row];
+            attention(one, &q[i * row..][..row], &kp, &vp, &mut plain);
+            assert_eq!(&tree[i * row..][..row], &plain[..], "row {i}");
         }
     }
 }

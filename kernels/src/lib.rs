@@ -48,7 +48,9 @@ pub mod quant_gemm;
 mod rows;
 pub mod sampling;
 
-pub use attention::{attention, attention_reference, AttentionShape};
+pub use attention::{
+    attention, attention_reference, attention_tree, attention_tree_reference, AttentionShape,
+};
 pub use f16_gemm::{matmul_f16, matmul_f16_reference};
 pub use ggml::GgmlType;
 pub use int8_gemm::{int8_supported, matmul_int8, matmul_int8_reference};

@@ -94,3 +94,57 @@ fn observer_sees_every_linear_input_and_profile_times_every_op() {
         assert!(profile.ops.iter().any(|(o, _)| *o == op), "{op} not timed");
     }
 }
+
+/// A token tree's rows are bit for bit the logits of decoding each node's path plainly, and
+/// after keeping one path the cache continues exactly as if that path had been decoded.
+#[test]
+fn a_token_tree_scores_every_path_as_plain_decoding_would() {
+    let ck = stories();
+    let m = ck.load_model(&LoadOptions::default()).expect("loads");
+    let toks = prompt(&ck);
+    // root 0; 1, 2 under it; 3 under 1; 4 under 2; 5 under 3; 6 a second root.
+    let tree: [u32; 7] = [10, 20, 30, 40, 50, 60, 70];
+    let parents = [None, Some(0), Some(0), Some(1), Some(2), Some(3), None];
+    let paths: [&[usize]; 7] = [
+        &[0],
+        &[0, 1],
+        &[0, 2],
+        &[0, 1, 3],
+        &[0, 2, 4],
+        &[0, 1, 3, 5],
+        &[6],
+    ];
+    let mut cache = m.new_cache().expect("cache");
+    m.forward(&toks, &mut cache, Logits::Last).expect("prefill");
+    let base = cache.len();
+    let rows = m.forward_tree(&tree, &parents, &mut cache).expect("tree");
+    assert_eq!(rows.len(), tree.len());
+    assert_eq!(cache.len(), base + tree.len());
+    for (i, path) in paths.iter().enumerate() {
+        let mut plain = m.new_cache().expect("cache");
+        m.forward(&toks, &mut plain, Logits::Last).expect("prefill");
+        let path_tokens: Vec<u32> = path.iter().map(|&j| tree[j]).collect();
+        let want = m
+            .forward(&path_tokens, &mut plain, Logits::All)
+            .expect("path");
+        assert_eq!(rows.row(i), want.last(), "node {i}");
+    }
+    // Keep the path 0 → 2 → 4, then decode one more token over it.
+    m.keep_cache_rows(&mut cache, base, &[0, 2, 4])
+        .expect("keeps");
+    assert_eq!(cache.len(), base + 3);
+    let next = m.forward(&[99], &mut cache, Logits::Last).expect("next");
+    let mut plain = m.new_cache().expect("cache");
+    m.forward(&toks, &mut plain, Logits::Last).expect("prefill");
+    let want = m
+        .forward(&[10, 30, 50, 99], &mut plain, Logits::Last)
+        .expect("plain");
+    assert_eq!(next.last(), want.last());
+    // Bad trees and rows are errors, not panics.
+    assert!(m
+        .forward_tree(&[1, 2], &[None, Some(1)], &mut cache)
+        .is_err());
+    assert!(m.forward_tree(&[1, 2], &[None], &mut cache).is_err());
+    assert!(m.keep_cache_rows(&mut cache, base, &[2, 1]).is_err());
+    assert!(m.keep_cache_rows(&mut cache, base, &[0, 40]).is_err());
+}

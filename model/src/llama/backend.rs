@@ -64,8 +64,15 @@ pub(super) trait Backend {
     /// Rotates `heads` heads of each row of `buf` by its position (rotate-half RoPE).
     fn rope(&mut self, buf: Buf, heads: usize) -> Result<()>;
     /// Appends each sequence's rows of `K`, `V` to its cache at layer `li` and attends:
-    /// `Att` = causal attention of `Q` over the cache.
-    fn attention(&mut self, li: usize, seqs: &mut [(&[u32], &mut KvCache)]) -> Result<()>;
+    /// `Att` = causal attention of `Q` over the cache, or, with `tree` (one sequence whose
+    /// new rows form a token tree), each row over the cache and its path in the tree
+    /// ([`tandem_kernels::attention_tree`]).
+    fn attention(
+        &mut self,
+        li: usize,
+        seqs: &mut [(&[u32], &mut KvCache)],
+        tree: Option<&[Vec<u32>]>,
+    ) -> Result<()>;
     /// `gate = silu(gate) ⊙ up`.
     fn silu_mul(&mut self, gate: Buf, up: Buf) -> Result<()>;
     /// `dst += src`.
@@ -249,7 +256,12 @@ impl Backend for CpuPass<'_> {
         Ok(())
     }
 
-    fn attention(&mut self, li: usize, seqs: &mut [(&[u32], &mut KvCache)]) -> Result<()> {
+    fn attention(
+        &mut self,
+        li: usize,
+        seqs: &mut [(&[u32], &mut KvCache)],
+        tree: Option<&[Vec<u32>]>,
+    ) -> Result<()> {
         let c = &self.model.config;
         let (nh, nkv, hd) = (c.num_attention_heads, c.num_kv_heads(), c.head_dim());
         let [q, k, v, out] = attention_buffers(&mut self.b.bufs)?;
@@ -272,7 +284,17 @@ impl Backend for CpuPass<'_> {
             }
             let shape = attention_shape(c, t, n, cap);
             let span = row * nh * hd..(row + t) * nh * hd;
-            tandem_kernels::attention(shape, &q[span.clone()], kc, vc, &mut out[span]);
+            match tree {
+                None => tandem_kernels::attention(shape, &q[span.clone()], kc, vc, &mut out[span]),
+                Some(paths) => tandem_kernels::attention_tree(
+                    shape,
+                    &q[span.clone()],
+                    kc,
+                    vc,
+                    &mut out[span],
+                    paths,
+                ),
+            }
             row += t;
         }
         Ok(())

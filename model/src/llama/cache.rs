@@ -138,6 +138,44 @@ impl Llama {
         }
     }
 
+    /// Keeps, of the positions from `base` on, those at `base + rows[j]` (ascending), moved
+    /// to `base + j`, and drops the rest: after [`Llama::forward_tree`], the accepted path's
+    /// keys and values become the context, each row copied once (a row already in place is
+    /// not copied at all).
+    pub fn keep_cache_rows(&self, cache: &mut KvCache, base: usize, rows: &[usize]) -> Result<()> {
+        let in_order = rows.windows(2).all(|w| w[0] < w[1]);
+        if !in_order || rows.last().is_some_and(|&r| base + r >= cache.len) {
+            return Err(Error::Invalid(format!(
+                "cannot keep rows {rows:?} after position {base} of a {}-position cache",
+                cache.len
+            )));
+        }
+        let KvStore::Host(kv) = &mut cache.store else {
+            return Err(Error::Invalid(
+                "token trees are verified on the CPU only (this cache is on the GPU)".into(),
+            ));
+        };
+        let (nkv, hd, cap) = (
+            self.config.num_kv_heads(),
+            self.config.head_dim(),
+            kv.capacity,
+        );
+        for buf in kv.k.iter_mut().chain(kv.v.iter_mut()) {
+            if buf.is_empty() {
+                continue;
+            }
+            for h in 0..nkv {
+                // Ascending rows move down or stay: a later source is never overwritten first.
+                for (j, &r) in rows.iter().enumerate().filter(|&(j, &r)| j != r) {
+                    let (src, dst) = ((h * cap + base + r) * hd, (h * cap + base + j) * hd);
+                    buf.copy_within(src..src + hd, dst);
+                }
+            }
+        }
+        cache.len = base + rows.len();
+        Ok(())
+    }
+
     /// Whether `other` can read and write this model's [`KvCache`]: same layer count, KV
     /// heads, head size and RoPE. A quantized copy of a model can (a self-draft attending over
     /// its verifier's cache); a different model cannot.

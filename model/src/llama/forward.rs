@@ -106,6 +106,8 @@ pub(crate) struct Pass<'p, 't, 'c> {
     pub(super) positions: &'p [usize],
     pub(super) which: Logits,
     pub(super) observer: Option<&'p dyn ActivationObserver>,
+    /// A token tree's paths (one sequence; see [`Llama::forward_tree`]); `None`: causal.
+    pub(super) tree: Option<&'p [Vec<u32>]>,
     pub(super) profile: Option<&'p mut OpTimes>,
     /// Scratch: rows that reach the head, and how many per sequence.
     pub(super) picked: &'p mut Vec<usize>,
@@ -152,6 +154,34 @@ impl Llama {
         which: Logits,
         observer: Option<&dyn ActivationObserver>,
     ) -> Result<Vec<LogitRows>> {
+        self.forward_inner(seqs, which, observer, None)
+    }
+
+    /// Runs a token tree after the cache in one pass (speculative verification of several
+    /// candidates): `tokens[i]` follows `tokens[parents[i]]`, or the context when the parent
+    /// is `None`; parents come before their children. Row i attends to the context and its
+    /// own path, at position `cache.len()` + its depth, so its logits are bit for bit those of
+    /// decoding its path plainly. All the rows' keys and values are appended to the cache;
+    /// [`Llama::keep_cache_rows`] then keeps the accepted path's.
+    pub fn forward_tree(
+        &self,
+        tokens: &[u32],
+        parents: &[Option<usize>],
+        cache: &mut KvCache,
+    ) -> Result<LogitRows> {
+        let tree = TreeLayout::new(parents, tokens.len())?;
+        self.forward_inner(&mut [(tokens, cache)], Logits::All, None, Some(tree))?
+            .pop()
+            .ok_or_else(|| Error::Invalid("no output (internal error)".into()))
+    }
+
+    fn forward_inner(
+        &self,
+        seqs: &mut [(&[u32], &mut KvCache)],
+        which: Logits,
+        observer: Option<&dyn ActivationObserver>,
+        tree: Option<TreeLayout>,
+    ) -> Result<Vec<LogitRows>> {
         for (tokens, cache) in seqs.iter() {
             let (t, n) = (tokens.len(), cache.len);
             if t == 0 {
@@ -183,7 +213,12 @@ impl Llama {
         ws.positions.clear();
         for (tokens, cache) in seqs.iter() {
             ws.tokens.extend_from_slice(tokens);
-            ws.positions.extend(cache.len..cache.len + tokens.len());
+            match &tree {
+                Some(t) => ws
+                    .positions
+                    .extend(t.paths.iter().map(|p| cache.len + p.len() - 1)),
+                None => ws.positions.extend(cache.len..cache.len + tokens.len()),
+            }
         }
         let mut profile = ws.profile.take();
         let mut pass = Pass {
@@ -192,6 +227,7 @@ impl Llama {
             positions: &ws.positions,
             which,
             observer,
+            tree: tree.as_ref().map(|t| t.paths.as_slice()),
             profile: profile.as_mut(),
             picked: &mut ws.picked,
             counts: &mut ws.counts,
@@ -229,7 +265,7 @@ impl Llama {
         b.begin(pass.tokens, pass.positions)?;
         timer.lap(b, "embed");
         for li in 0..self.layers.len() {
-            self.attention_half(b, li, pass.seqs, pass.observer, &mut timer)?;
+            self.attention_half(b, li, pass.seqs, pass.tree, pass.observer, &mut timer)?;
             self.mlp_half(b, li, pass.observer, &mut timer)?;
         }
         // Which rows go through the output head, and how they split per sequence.
@@ -260,6 +296,7 @@ impl Llama {
         b: &mut impl Backend,
         li: usize,
         seqs: &mut [(&[u32], &mut KvCache)],
+        tree: Option<&[Vec<u32>]>,
         observer: Option<&dyn ActivationObserver>,
         timer: &mut Timer<'_>,
     ) -> Result<()> {
@@ -276,7 +313,7 @@ impl Llama {
         b.rope(Buf::Q, nh)?;
         b.rope(Buf::K, nkv)?;
         timer.lap(b, "rope");
-        b.attention(li, seqs)?;
+        b.attention(li, seqs, tree)?;
         timer.lap(b, "attention");
         show(
             b,
@@ -375,6 +412,38 @@ impl Llama {
                 *s = a.sin();
             }
         }
+    }
+}
+
+/// A token tree as the attention kernel reads it: per row, the rows of its path (its
+/// ancestors, then itself).
+struct TreeLayout {
+    paths: Vec<Vec<u32>>,
+}
+
+impl TreeLayout {
+    fn new(parents: &[Option<usize>], tokens: usize) -> Result<Self> {
+        if parents.len() != tokens {
+            return Err(Error::Invalid(format!(
+                "a token tree of {tokens} tokens given {} parents",
+                parents.len()
+            )));
+        }
+        let mut paths: Vec<Vec<u32>> = Vec::with_capacity(tokens);
+        for (i, p) in parents.iter().enumerate() {
+            let mut path = match *p {
+                None => Vec::new(),
+                Some(p) if p < i => paths[p].clone(),
+                Some(p) => {
+                    return Err(Error::Invalid(format!(
+                        "token tree node {i} names parent {p}: parents must come first"
+                    )))
+                }
+            };
+            path.push(i as u32);
+            paths.push(path);
+        }
+        Ok(TreeLayout { paths })
     }
 }
 

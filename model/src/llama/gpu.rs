@@ -319,7 +319,18 @@ impl Backend for GpuPass<'_> {
         .map_err(gpu_err)
     }
 
-    fn attention(&mut self, li: usize, seqs: &mut [(&[u32], &mut KvCache)]) -> Result<()> {
+    fn attention(
+        &mut self,
+        li: usize,
+        seqs: &mut [(&[u32], &mut KvCache)],
+        tree: Option<&[Vec<u32>]>,
+    ) -> Result<()> {
+        if tree.is_some() {
+            return Err(Error::Invalid(
+                "token trees are verified on the CPU only (the GPU's attention kernel is causal)"
+                    .into(),
+            ));
+        }
         let g = self.g;
         let c = &self.model.config;
         let (nh, nkv, hd) = (c.num_attention_heads, c.num_kv_heads(), c.head_dim());

@@ -115,7 +115,14 @@ impl Llama {
         if attention {
             // Keys and values for this one layer only (the others stay empty).
             let mut cache = self.one_layer_cache(li, rows);
-            self.attention_half(&mut b, li, &mut [(&ids, &mut cache)], observer, &mut timer)?;
+            self.attention_half(
+                &mut b,
+                li,
+                &mut [(&ids, &mut cache)],
+                None,
+                observer,
+                &mut timer,
+            )?;
         }
         if mlp {
             self.mlp_half(&mut b, li, observer, &mut timer)?;
