@@ -74,6 +74,11 @@ pub struct DraftArgs {
     /// proposed, the output stays the model's own). 0 = the whole vocabulary.
     #[arg(long, default_value_t = tandem_speculate::DEFAULT_DRAFT_VOCAB)]
     pub draft_vocab: usize,
+    /// Token trees: where a draft model's top probability is below this, its runner-up is
+    /// verified beside it in the same pass (0 = chains only). Leaves that the verifier rarely
+    /// takes switch branching off.
+    #[arg(long, default_value_t = tandem_speculate::config::DEFAULT_TREE_BELOW)]
+    pub draft_tree: f32,
 }
 
 impl DraftArgs {
@@ -87,6 +92,7 @@ impl DraftArgs {
             draft_p_min: self.draft_p_min,
             own_draft_cache: self.own_draft_cache,
             draft_vocab: self.draft_vocab,
+            tree_below: self.draft_tree,
             ..SpecConfig::default()
         }
     }
@@ -96,7 +102,7 @@ impl DraftArgs {
 pub fn check_generation_flags(
     max_tokens: usize,
     ctx: Option<usize>,
-    draft_p_min: f32,
+    drafting: Option<&DraftArgs>,
 ) -> Result<()> {
     if max_tokens == 0 {
         anyhow::bail!("--max-tokens must be at least 1");
@@ -105,8 +111,16 @@ pub fn check_generation_flags(
         anyhow::bail!("--ctx must be at least 1 position (the prompt and what is generated)");
     }
     // NaN fails the range check too.
-    if !(0.0..=1.0).contains(&draft_p_min) {
-        anyhow::bail!("--draft-p-min {draft_p_min} is not a probability (0 to 1)");
+    let probabilities = drafting.map(|d| {
+        [
+            ("--draft-p-min", d.draft_p_min),
+            ("--draft-tree", d.draft_tree),
+        ]
+    });
+    for (flag, p) in probabilities.into_iter().flatten() {
+        if !(0.0..=1.0).contains(&p) {
+            anyhow::bail!("{flag} {p} is not a probability (0 to 1)");
+        }
     }
     Ok(())
 }

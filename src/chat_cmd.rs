@@ -57,7 +57,7 @@ pub struct ChatArgs {
 /// with the template and runs only the tokens after the longest prefix the KV cache already
 /// holds, so earlier turns are not recomputed.
 pub fn chat(a: ChatArgs, load: &tandem_model::LoadOptions) -> Result<()> {
-    crate::args::check_generation_flags(a.max_tokens, a.ctx, 0.0)?;
+    crate::args::check_generation_flags(a.max_tokens, a.ctx, None)?;
     let ck = Checkpoint::open(&a.model, a.tokenizer.as_deref())?;
     let template = template_for(&ck, a.chat_template.as_deref())?;
     let model = ck.load_model(load)?;

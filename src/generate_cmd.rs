@@ -59,7 +59,7 @@ pub struct GenerateArgs {
 }
 
 pub fn generate(mut a: GenerateArgs, load: &tandem_model::LoadOptions) -> Result<()> {
-    check_generation_flags(a.max_tokens, a.ctx, a.drafting.draft_p_min)?;
+    check_generation_flags(a.max_tokens, a.ctx, Some(&a.drafting))?;
     let ck = Checkpoint::open(&a.model, a.tokenizer.as_deref())?;
     if a.chat {
         a.prompt = crate::chat_cmd::render_prompt(

@@ -100,6 +100,16 @@ pub struct SpecJson {
     pub verify_s: f64,
     pub tok_s: f64,
     pub stop: &'static str,
+    /// The draft's share of the generation's time.
+    pub draft_share: f64,
+    /// Token trees: verifier passes over a branching draft, their tokens, and the passes that
+    /// accepted a candidate off the main chain.
+    pub tree_passes: usize,
+    pub tree_nodes: usize,
+    pub tree_branch_wins: usize,
+    /// `bench spec` at temperature 0: whether the output equals plain greedy decoding's.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub same_as_plain: Option<bool>,
     /// `bench spec`: the prompt, and plain decoding's rate on it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub prompt: Option<String>,
@@ -128,6 +138,11 @@ impl SpecJson {
             verify_s: st.verify_secs,
             tok_s: st.generated_tokens as f64 / st.total_secs.max(1e-9),
             stop: st.stop.name(),
+            draft_share: st.draft_secs / st.total_secs.max(1e-9),
+            tree_passes: st.tree_passes,
+            tree_nodes: st.tree_nodes,
+            tree_branch_wins: st.tree_branch_wins,
+            same_as_plain: None,
             prompt: None,
             plain_tok_s: None,
             speedup: None,

@@ -97,7 +97,7 @@ const DEFAULT_PROMPTS: &str = include_str!("../scripts/spec-prompts.jsonl");
 /// `tandem bench spec`: each prompt decoded plainly and speculatively (same sampling), tok/s
 /// of both and the speedup, with the speculative metrics.
 pub fn bench_spec(a: BenchSpecArgs, load: &tandem_model::LoadOptions) -> Result<()> {
-    check_generation_flags(a.max_tokens, None, a.drafting.draft_p_min)?;
+    check_generation_flags(a.max_tokens, None, Some(&a.drafting))?;
     let text = match &a.prompts {
         Some(p) => {
             std::fs::read_to_string(p).with_context(|| format!("{}: cannot read", p.display()))?
@@ -139,6 +139,7 @@ pub fn bench_spec(a: BenchSpecArgs, load: &tandem_model::LoadOptions) -> Result<
     let (mut plain_tokens, mut plain_secs, mut spec_tokens, mut spec_secs) =
         (0usize, 0f64, 0usize, 0f64);
     let (mut drafted, mut accepted, mut passes) = (0usize, 0usize, 0usize);
+    let (mut differing, mut tree_passes, mut tree_nodes, mut tree_wins) = (0, 0, 0, 0);
     let mut rows = Vec::new();
     eprintln!(
         "{:>3} {:>10} {:>10} {:>8} {:>8} {:>8}",
@@ -148,7 +149,7 @@ pub fn bench_spec(a: BenchSpecArgs, load: &tandem_model::LoadOptions) -> Result<
         let ids = tok.encode(p, tok.add_bos && !a.chat)?;
         let mut cache = model.new_cache()?;
         let mut sampler = Sampler::new(params)?;
-        let (_, ps) = tandem_model::generate::generate(
+        let (plain_out, ps) = tandem_model::generate::generate(
             &model,
             &mut cache,
             &ids,
@@ -157,7 +158,7 @@ pub fn bench_spec(a: BenchSpecArgs, load: &tandem_model::LoadOptions) -> Result<
             &tok.eos_ids,
             |_| Ok(()),
         )?;
-        let (_, st) = run(
+        let (spec_out, st) = run(
             &model,
             &mut src,
             &settings,
@@ -166,6 +167,12 @@ pub fn bench_spec(a: BenchSpecArgs, load: &tandem_model::LoadOptions) -> Result<
             &tok.eos_ids,
             |_| Ok(()),
         )?;
+        // Greedy speculation must reproduce plain greedy decoding token for token.
+        let same = params.is_greedy().then_some(spec_out == plain_out);
+        differing += usize::from(same == Some(false));
+        tree_passes += st.tree_passes;
+        tree_nodes += st.tree_nodes;
+        tree_wins += st.tree_branch_wins;
         // Whole generation on both sides (prompt prefill included), as a user would time it.
         let plain_t = (ps.prefill + ps.decode).as_secs_f64();
         let spec_t = st.total_secs;
@@ -190,6 +197,7 @@ pub fn bench_spec(a: BenchSpecArgs, load: &tandem_model::LoadOptions) -> Result<
             prompt: Some(p.clone()),
             plain_tok_s: Some(pr),
             speedup: Some(sr / pr),
+            same_as_plain: same,
             ..SpecJson::of(&st)
         });
     }
@@ -206,6 +214,19 @@ pub fn bench_spec(a: BenchSpecArgs, load: &tandem_model::LoadOptions) -> Result<
         prompts.len(), a.draft, a.sampling.temperature, sr / pr, 100.0 * accepted as f64 / drafted.max(1) as f64,
         spec_tokens as f64 / passes.max(1) as f64
     );
+    if tree_passes > 0 {
+        println!(
+            "token trees: {tree_passes} of {passes} verifier passes, {:.1} draft tokens per tree, {tree_wins} accepted a branch off the main chain",
+            tree_nodes as f64 / tree_passes as f64
+        );
+    }
+    if params.is_greedy() {
+        println!(
+            "greedy output identical to plain decoding on {} of {} prompts",
+            prompts.len() - differing,
+            prompts.len()
+        );
+    }
     if let Some(path) = &a.json {
         write_json(
             path,
@@ -305,6 +326,7 @@ fn bench_batch(
             for _ in batch {
                 let mut d = ModelDrafter::new(m, config.draft_sampler()?)?;
                 d.min_confidence = config.draft_p_min;
+                d.branching = config.branching();
                 models.push(d);
             }
         }

@@ -7,9 +7,18 @@ use common::*;
 use tandem_model::generate::generate;
 use tandem_model::{Checkpoint, Llama, Sampler, SamplingParams};
 use tandem_speculate::{
-    AcceptanceRule, AdaptiveK, Controller, Drafter, FixedK, Greedy, ModelDrafter, ModelVerifier,
-    NgramDrafter, SharedCacheDrafter, SpeculativeDecoder,
+    AcceptanceRule, AdaptiveK, Branching, Controller, Drafter, FixedK, Greedy, ModelDrafter,
+    ModelVerifier, NgramDrafter, SharedCacheDrafter, SpeculativeDecoder,
 };
+
+/// Branch at every position where the runner-up has any probability, and never stop: the
+/// token-tree paths in every step.
+fn always_branch() -> Branching {
+    let mut b = Branching::below(1.0);
+    b.min_p = 0.0;
+    b.warmup = usize::MAX;
+    b
+}
 
 const STORY_PROMPTS: &[&str] = &[
     "Once upon a time, there was a little dog named Max.",
@@ -119,6 +128,7 @@ fn stories260k_speculative_greedy_equals_plain_greedy() {
         .load_model(&tandem_model::LoadOptions::default())
         .unwrap();
     let (mut saw_eos, mut saw_full, mut accepted) = (false, false, 0);
+    let (mut tree_passes, mut branch_wins) = (0, 0);
     for (pi, p) in STORY_PROMPTS.iter().enumerate() {
         let mut eos = ck.tokenizer.eos_ids.clone();
         if pi % 4 == 1 {
@@ -154,6 +164,21 @@ fn stories260k_speculative_greedy_equals_plain_greedy() {
                 let mut dr = ModelDrafter::new(d, None).unwrap();
                 let (got, _) = speculative(&m, &mut dr, &mut FixedK(k), &ids, 120, limit, &eos);
                 assert_eq!(got, want, "self draft k={k} prompt {p:?}");
+                // Token trees: the runner-up beside every drafted token, own cache and shared.
+                let mut dr = ModelDrafter::new(d, None).unwrap();
+                dr.branching = always_branch();
+                let (got, st) = speculative(&m, &mut dr, &mut FixedK(k), &ids, 120, limit, &eos);
+                assert_eq!(got, want, "token-tree self draft k={k} prompt {p:?}");
+                tree_passes += st.tree_passes;
+                branch_wins += st.tree_branch_wins;
+                let mut v = ModelVerifier::new(&m, limit).unwrap();
+                let mut dr = SharedCacheDrafter::new(d, &v, None).unwrap();
+                dr.branching = always_branch();
+                let (got, _) = decode(&mut v, &mut dr, &mut AdaptiveK::new(k), &ids, 120, &eos);
+                assert_eq!(
+                    got, want,
+                    "token-tree shared-cache draft k={k} prompt {p:?}"
+                );
                 // The same draft over the verifier's cache, fixed and adaptive k.
                 let mut fixed = FixedK(k);
                 let mut adapt = AdaptiveK::new(k);
@@ -185,6 +210,10 @@ fn stories260k_speculative_greedy_equals_plain_greedy() {
         "cover EOS ({saw_eos}) and the context limit ({saw_full})"
     );
     assert!(accepted > 0, "n-gram drafts should sometimes be accepted");
+    assert!(
+        tree_passes > 0 && branch_wins > 0,
+        "token trees were verified ({tree_passes} passes) and took a branch ({branch_wins})"
+    );
 }
 
 /// SmolLM2-135M F16 as verifier; drafters: n-gram, the PyPI Q4_1 GGUF of the same model, and
@@ -474,7 +503,7 @@ fn stories260k_speculative_sampling_matches_the_verifier_distribution() {
     let ids = tandem_speculate::draft_shortlist(&prompt, m.config.vocab_size, 48).unwrap();
     short.set_output_shortlist(Some(&ids)).unwrap();
     let n = 12_000;
-    let tv_of = |draft: &Llama, greedy_rule: bool, shared_cache: bool| -> f64 {
+    let tv_of = |draft: &Llama, greedy_rule: bool, shared_cache: bool, tree: bool| -> f64 {
         let mut counts = vec![0usize; target.len()];
         for i in 0..n {
             let p = SamplingParams {
@@ -488,11 +517,18 @@ fn stories260k_speculative_sampling_matches_the_verifier_distribution() {
             .unwrap();
             let mut v = ModelVerifier::new(&m, None).unwrap();
             let (mut own, mut shared);
+            let branching = if tree {
+                always_branch()
+            } else {
+                Branching::default()
+            };
             let d: &mut dyn Drafter = if shared_cache {
                 shared = SharedCacheDrafter::new(draft, &v, Some(ds)).unwrap();
+                shared.branching = branching;
                 &mut shared
             } else {
                 own = ModelDrafter::new(draft, Some(ds)).unwrap();
+                own.branching = branching;
                 &mut own
             };
             let mut rs = RejectionSampling {
@@ -504,7 +540,7 @@ fn stories260k_speculative_sampling_matches_the_verifier_distribution() {
                 drafter: d,
                 verifier: &mut v,
                 rule,
-                controller: &mut FixedK(1),
+                controller: &mut FixedK(if tree { 2 } else { 1 }),
             };
             // Two tokens: the first comes out of one draft + verify + accept/resample step.
             let (out, _) = dec.generate(&prompt, 2, &[], |_| Ok(())).unwrap();
@@ -517,13 +553,18 @@ fn stories260k_speculative_sampling_matches_the_verifier_distribution() {
             .sum::<f64>()
     };
     let d = &drafts[1];
-    let (tv_ok, tv_shared, tv_short, tv_wrong) = (
-        tv_of(d, false, false),
-        tv_of(d, false, true),
-        tv_of(&short, false, true),
-        tv_of(d, true, false),
+    let (tv_ok, tv_shared, tv_short, tv_tree, tv_wrong) = (
+        tv_of(d, false, false, false),
+        tv_of(d, false, true, false),
+        tv_of(&short, false, true, false),
+        tv_of(d, false, true, true),
+        tv_of(d, true, false, false),
     );
-    eprintln!("TV to the verifier's distribution: rejection sampling {tv_ok:.4} (draft over the verifier's cache {tv_shared:.4}, with a 48-token head {tv_short:.4}), greedy acceptance {tv_wrong:.4}");
+    eprintln!("TV to the verifier's distribution: rejection sampling {tv_ok:.4} (draft over the verifier's cache {tv_shared:.4}, with a 48-token head {tv_short:.4}, token trees {tv_tree:.4}), greedy acceptance {tv_wrong:.4}");
+    assert!(
+        tv_tree < 0.035,
+        "multi-candidate rejection sampling over token trees is off the target: TV {tv_tree}"
+    );
     assert!(
         tv_short < 0.035,
         "rejection sampling with a shortlisted draft head is off the target: TV {tv_short}"

@@ -11,9 +11,44 @@ pub struct Verdict {
     pub next: u32,
 }
 
+/// A token tree's verdict: the accepted path (indices into the draft's tokens, root first)
+/// and the verifier's own token after it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TreeVerdict {
+    pub path: Vec<usize>,
+    pub next: u32,
+}
+
 pub trait AcceptanceRule {
     /// `logits` holds draft.tokens.len() + 1 verifier rows (row i follows drafted token i-1).
     fn judge(&mut self, draft: &Draft, logits: &[Vec<f32>]) -> Verdict;
+
+    /// A token tree (or a chain): `logits[0]` follows the context, `logits[i + 1]` follows
+    /// `draft.tokens[i]`. A rule that knows no trees judges the tree's main chain (its first
+    /// candidate at each step), which keeps its own guarantee.
+    fn judge_tree(&mut self, draft: &Draft, logits: &[Vec<f32>]) -> TreeVerdict {
+        if !draft.is_tree() {
+            let v = self.judge(draft, logits);
+            return TreeVerdict {
+                path: (0..v.accepted).collect(),
+                next: v.next,
+            };
+        }
+        let chain = draft.main_chain();
+        let mut rows = vec![logits[0].clone()];
+        let mut nodes = Vec::new();
+        let mut node = None;
+        while let Some(c) = draft.children(node).next() {
+            rows.push(logits[c + 1].clone());
+            nodes.push(c);
+            node = Some(c);
+        }
+        let v = self.judge(&chain, &rows);
+        TreeVerdict {
+            path: nodes[..v.accepted].to_vec(),
+            next: v.next,
+        }
+    }
 }
 
 /// Greedy: keep drafted tokens while they equal the verifier's argmax. The output is token for
@@ -29,6 +64,23 @@ impl AcceptanceRule for Greedy {
         Verdict {
             accepted: i,
             next: argmax(&logits[i]),
+        }
+    }
+
+    /// From the root, follow the candidate that equals the verifier's argmax, while there is
+    /// one: the path is plain greedy decoding's, whichever branch it lies on.
+    fn judge_tree(&mut self, draft: &Draft, logits: &[Vec<f32>]) -> TreeVerdict {
+        let (mut path, mut node) = (Vec::new(), None);
+        loop {
+            let row = node.map_or(0, |n| n + 1);
+            let want = argmax(&logits[row]);
+            match draft.children(node).find(|&c| draft.tokens[c] == want) {
+                Some(c) => {
+                    path.push(c);
+                    node = Some(c);
+                }
+                None => return TreeVerdict { path, next: want },
+            }
         }
     }
 }
@@ -86,6 +138,61 @@ impl RejectionSampling {
     }
 }
 
+impl RejectionSampling {
+    /// Multi-candidate rejection sampling over a token tree (SpecInfer, Miao et al. 2024;
+    /// EAGLE's tree sampling): at each node the verifier's distribution p, and its candidates
+    /// in order; candidate x drawn from q is accepted with probability min(1, p(x)/q(x)) (q
+    /// one-hot for a deterministic candidate), and on rejection p becomes norm(max(0, p − q))
+    /// for the next candidate. When every candidate is rejected the token is drawn from what
+    /// is left of p. Each stage samples exactly the distribution the stage before left, so the
+    /// emitted token follows the verifier's p, whatever the candidates (sampled candidates
+    /// must be independent draws given the context; deterministic ones may be anything).
+    pub fn judge_tree_probs(
+        &mut self,
+        draft: &Draft,
+        mut p_at: impl FnMut(&Sampler, usize) -> Vec<f32>,
+    ) -> TreeVerdict {
+        let (mut path, mut node) = (Vec::new(), None);
+        'walk: loop {
+            let mut p = p_at(&self.sampler, node.map_or(0, |n| n + 1));
+            for c in draft.children(node) {
+                let x = draft.tokens[c] as usize;
+                let q = draft.q(c);
+                let px = p.get(x).copied().unwrap_or(0.0) as f64;
+                let qx = q.map_or(1.0, |q| q.get(x).copied().unwrap_or(0.0) as f64);
+                if qx > 0.0 && self.sampler.uniform() < (px / qx).min(1.0) {
+                    path.push(c);
+                    node = Some(c);
+                    continue 'walk;
+                }
+                let mut residual = p.clone();
+                match q {
+                    Some(q) => residual
+                        .iter_mut()
+                        .zip(q)
+                        .for_each(|(r, q)| *r = (*r - q).max(0.0)),
+                    None => {
+                        if let Some(r) = residual.get_mut(x) {
+                            *r = 0.0;
+                        }
+                    }
+                }
+                let z: f64 = residual.iter().map(|&r| r as f64).sum();
+                if z > 0.0 {
+                    residual
+                        .iter_mut()
+                        .for_each(|r| *r = (*r as f64 / z) as f32);
+                    p = residual;
+                }
+            }
+            return TreeVerdict {
+                path,
+                next: self.sampler.sample_from(&p),
+            };
+        }
+    }
+}
+
 impl AcceptanceRule for RejectionSampling {
     fn judge(&mut self, draft: &Draft, logits: &[Vec<f32>]) -> Verdict {
         let p: Vec<Vec<f32>> = logits
@@ -93,6 +200,17 @@ impl AcceptanceRule for RejectionSampling {
             .map(|l| self.sampler.distribution(l))
             .collect();
         self.judge_probs(&draft.tokens, draft.probs.as_deref(), &p)
+    }
+
+    fn judge_tree(&mut self, draft: &Draft, logits: &[Vec<f32>]) -> TreeVerdict {
+        if !draft.is_tree() {
+            let v = self.judge(draft, logits);
+            return TreeVerdict {
+                path: (0..v.accepted).collect(),
+                next: v.next,
+            };
+        }
+        self.judge_tree_probs(draft, |s, row| s.distribution(&logits[row]))
     }
 }
 
@@ -189,6 +307,7 @@ mod tests {
         let d = Draft {
             tokens: vec![1, 2],
             probs: None,
+            parents: None,
         };
         assert_eq!(
             Greedy.judge(&d, &rows),
@@ -200,6 +319,7 @@ mod tests {
         let d = Draft {
             tokens: vec![1, 0],
             probs: None,
+            parents: None,
         };
         assert_eq!(
             Greedy.judge(&d, &rows),
@@ -208,5 +328,132 @@ mod tests {
                 next: 2
             }
         );
+    }
+
+    fn draw(rng: &mut impl Rng, w: &[f32]) -> usize {
+        let r: f32 = rng.random::<f32>() * w.iter().sum::<f32>();
+        let mut acc = 0.0;
+        w.iter()
+            .position(|x| {
+                acc += x;
+                r < acc
+            })
+            .unwrap_or(w.len() - 1)
+    }
+
+    /// A token tree: at the root a candidate drawn from q and a deterministic second one (q's
+    /// likeliest other token), and under the first a candidate drawn from q again. Over 400k
+    /// draws the first two emitted tokens must follow the verifier's joint p(x)·p(y|x); the
+    /// same walk without the residual update (a plausible mistake) must fail the test.
+    #[test]
+    fn tree_sampling_keeps_the_target_joint_distribution() {
+        let p0 = vec![0.45f32, 0.3, 0.2, 0.05];
+        let q0 = vec![0.1f32, 0.2, 0.3, 0.4];
+        // The verifier's and the draft's next-token distributions after token x.
+        let p_after = [
+            vec![0.1f32, 0.6, 0.2, 0.1],
+            vec![0.25, 0.25, 0.25, 0.25],
+            vec![0.7, 0.1, 0.1, 0.1],
+            vec![0.05, 0.05, 0.1, 0.8],
+        ];
+        let q_after = [
+            vec![0.4f32, 0.3, 0.2, 0.1],
+            vec![0.1, 0.1, 0.1, 0.7],
+            vec![0.25, 0.25, 0.25, 0.25],
+            vec![0.6, 0.2, 0.1, 0.1],
+        ];
+        let target: Vec<f32> = (0..16).map(|c| p0[c / 4] * p_after[c / 4][c % 4]).collect();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(31);
+        let mut rule = RejectionSampling {
+            sampler: sampler(3),
+        };
+        let n = 400_000;
+        let (mut ours, mut wrong) = (vec![0usize; 16], vec![0usize; 16]);
+        for _ in 0..n {
+            let a = draw(&mut rng, &q0);
+            let b = (0..4)
+                .filter(|&t| t != a)
+                .max_by(|&x, &y| q0[x].total_cmp(&q0[y]))
+                .unwrap();
+            let c = draw(&mut rng, &q_after[a]);
+            let draft = Draft {
+                tokens: vec![a as u32, b as u32, c as u32],
+                probs: Some(vec![q0.clone(), Vec::new(), q_after[a].clone()]),
+                parents: Some(vec![None, None, Some(0)]),
+            };
+            let rows = [
+                p0.clone(),
+                p_after[a].clone(),
+                p_after[b].clone(),
+                p_after[c].clone(),
+            ];
+            let v = rule.judge_tree_probs(&draft, |_, r| rows[r].clone());
+            let mut emitted: Vec<usize> =
+                v.path.iter().map(|&i| draft.tokens[i] as usize).collect();
+            emitted.push(v.next as usize);
+            if emitted.len() < 2 {
+                // The next step would sample after the correction.
+                emitted.push(draw(&mut rng, &p_after[emitted[0]]));
+            }
+            ours[emitted[0] * 4 + emitted[1]] += 1;
+
+            // The wrong walk: p is never reduced after a rejection.
+            let mut out = Vec::new();
+            let mut node = None;
+            'walk: loop {
+                let p = &rows[node.map_or(0, |n: usize| n + 1)];
+                for ch in draft.children(node) {
+                    let x = draft.tokens[ch] as usize;
+                    let qx = draft.q(ch).map_or(1.0, |q| q[x]);
+                    if rng.random::<f32>() < (p[x] / qx).min(1.0) {
+                        out.push(x);
+                        node = Some(ch);
+                        continue 'walk;
+                    }
+                }
+                out.push(draw(&mut rng, p));
+                break;
+            }
+            if out.len() < 2 {
+                out.push(draw(&mut rng, &p_after[out[0]]));
+            }
+            wrong[out[0] * 4 + out[1]] += 1;
+        }
+        assert!(tv(&ours, &target) < 0.01, "TV {}", tv(&ours, &target));
+        assert!(
+            tv(&wrong, &target) > 0.02,
+            "the wrong rule should be detected: TV {}",
+            tv(&wrong, &target)
+        );
+    }
+
+    #[test]
+    fn greedy_follows_the_branch_the_verifier_takes() {
+        // Root candidates 1 and 2; under 2, candidate 0; under 1, candidate 2.
+        let draft = Draft {
+            tokens: vec![1, 2, 0, 2],
+            probs: None,
+            parents: Some(vec![None, None, Some(1), Some(0)]),
+        };
+        let row = |t: usize| {
+            let mut r = vec![0f32; 3];
+            r[t] = 5.0;
+            r
+        };
+        // The verifier wants 2, then 0, then 1: the second branch, then a correction.
+        let logits = vec![row(2), row(0), row(0), row(1), row(0)];
+        assert_eq!(
+            Greedy.judge_tree(&draft, &logits),
+            TreeVerdict {
+                path: vec![1, 2],
+                next: 1
+            }
+        );
+        // The main chain (1 → 2) alone, judged by a rule without trees, agrees on a chain.
+        assert_eq!(draft.main_chain().tokens, vec![1, 2]);
+        let mut limited = draft.clone();
+        limited.limit_depth(1);
+        assert_eq!(limited.tokens, vec![1, 2]);
+        assert_eq!(limited.parents, Some(vec![None, None]));
     }
 }

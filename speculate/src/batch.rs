@@ -26,6 +26,32 @@ pub trait BatchVerifier {
     fn len(&self, seq: usize) -> usize;
     fn limit(&self) -> usize;
     fn vocab_size(&self) -> usize;
+    /// Whether [`BatchVerifier::verify_tree`] takes trees that branch.
+    fn scores_trees(&self) -> bool {
+        false
+    }
+    /// One sequence's token tree in one pass ([`crate::Verifier::verify_tree`]).
+    fn verify_tree(
+        &mut self,
+        seq: usize,
+        tokens: &[u32],
+        parents: &[Option<usize>],
+    ) -> Result<Vec<Vec<f32>>> {
+        if crate::is_chain(parents) {
+            Ok(self
+                .verify_batch(&[(seq, tokens)])?
+                .pop()
+                .unwrap_or_default())
+        } else {
+            Err(Error::Mismatch(
+                "this verifier scores no token trees".into(),
+            ))
+        }
+    }
+    /// [`crate::Verifier::keep`] for sequence `seq`.
+    fn keep(&mut self, seq: usize, base: usize, rows: &[usize]) -> Result<()> {
+        crate::keep_prefix_only(rows, |n| self.rollback(seq, base + n))
+    }
 }
 
 pub struct BatchDecoder<'a> {
@@ -122,6 +148,9 @@ impl BatchDecoder<'_> {
                 break;
             }
             let speculate = active.len() <= self.max_spec_batch;
+            // A token tree is verified in a pass of its own sequence: with one sequence, and a
+            // verifier that scores trees; otherwise a drafted tree is cut to its main chain.
+            let trees = active.len() == 1 && self.verifier.scores_trees();
             let t0 = Instant::now();
             let mut drafts = Vec::with_capacity(active.len());
             let mut inputs: Vec<Vec<u32>> = Vec::with_capacity(active.len());
@@ -141,9 +170,11 @@ impl BatchDecoder<'_> {
                 } else {
                     Default::default()
                 };
-                d.tokens.truncate(k);
-                if let Some(p) = d.probs.as_mut() {
-                    p.truncate(d.tokens.len());
+                d.limit_depth(k);
+                // A tree has more tokens than its depth k; all must fit the context.
+                d.limit_nodes(limit - base - 1);
+                if d.is_tree() && !trees {
+                    d = d.main_chain();
                 }
                 let mut input = Vec::with_capacity(d.tokens.len() + 1);
                 input.push(s.last);
@@ -157,32 +188,50 @@ impl BatchDecoder<'_> {
                 .zip(&inputs)
                 .map(|(&i, t)| (i, t.as_slice()))
                 .collect();
-            let logits = self.verifier.verify_batch(&batch)?;
+            let logits = match (&drafts[..], &batch[..]) {
+                ([d], &[(i, input)]) if d.is_tree() => {
+                    // The context's last token is the root; the draft's tokens hang under it.
+                    let parents: Vec<Option<usize>> = std::iter::once(None)
+                        .chain((0..d.tokens.len()).map(|j| Some(d.parent(j).map_or(0, |p| p + 1))))
+                        .collect();
+                    vec![self.verifier.verify_tree(i, input, &parents)?]
+                }
+                _ => self.verifier.verify_batch(&batch)?,
+            };
             let t2 = Instant::now();
             let (ds, vs) = ((t1 - t0).as_secs_f64(), (t2 - t1).as_secs_f64());
             stats.draft_secs += ds;
             stats.verify_secs += vs;
             stats.verifier_passes += 1;
             for ((&i, d), l) in active.iter().zip(&drafts).zip(&logits) {
-                let drafted = d.tokens.len();
-                let base = self.verifier.len(i) - (drafted + 1);
-                let verdict = self.rules[i].judge(d, l);
-                self.drafters[i].accepted(verdict.accepted);
-                self.verifier.rollback(i, base + 1 + verdict.accepted);
-                stats.record(drafted, verdict.accepted);
+                let base = self.verifier.len(i) - (d.tokens.len() + 1);
+                let verdict = self.rules[i].judge_tree(d, l);
+                let accepted = verdict.path.len();
+                self.drafters[i].accepted(accepted);
+                // The root stays; so do the accepted path's rows (draft token j is row j + 1).
+                if d.is_tree() {
+                    let rows: Vec<usize> = std::iter::once(0)
+                        .chain(verdict.path.iter().map(|&j| j + 1))
+                        .collect();
+                    self.verifier.keep(i, base, &rows)?;
+                    stats.record_tree(d, &verdict.path);
+                } else {
+                    self.verifier.rollback(i, base + 1 + accepted);
+                }
+                // A tree counts as its depth: the controller's k bounds the longest path.
+                let drafted = d.depth();
+                stats.record(drafted, accepted);
                 if speculate {
                     self.controllers[i].observe(&StepReport {
                         drafted,
-                        accepted: verdict.accepted,
+                        accepted,
                         draft_secs: ds / active.len() as f64,
                         verify_secs: vs,
                     });
                 }
                 let s = &mut seqs[i];
-                for &t in d.tokens[..verdict.accepted]
-                    .iter()
-                    .chain(std::iter::once(&verdict.next))
-                {
+                let path_tokens = verdict.path.iter().map(|&j| d.tokens[j]);
+                for t in path_tokens.chain(std::iter::once(verdict.next)) {
                     if eos.contains(&t) {
                         s.stop = Some(StopReason::Eos);
                         break;

@@ -14,6 +14,9 @@ use tandem_kernels::sampling::{Sampler, SamplingParams};
 /// 6 prompts: 1.03× plain at 0, 0.95× at 0.4; self:q8_0@all with k = 4: 0.81× at 0.75).
 pub const DEFAULT_DRAFT_P_MIN: f32 = 0.0;
 
+/// Token trees are off by default until measured to pay (BENCHMARKS.md).
+pub const DEFAULT_TREE_BELOW: f32 = 0.0;
+
 /// How to speculate.
 #[derive(Clone, Copy, Debug)]
 pub struct SpecConfig {
@@ -36,6 +39,9 @@ pub struct SpecConfig {
     /// In a batch, draft only while at most this many sequences are active (above it the
     /// batch decodes plainly: drafted rows cost real time once the matmuls are compute-bound).
     pub max_spec_batch: usize,
+    /// Token trees: a draft model offers its runner-up where its top probability is below
+    /// this ([`crate::Branching`]; 0 = chains).
+    pub tree_below: f32,
 }
 
 impl Default for SpecConfig {
@@ -49,6 +55,7 @@ impl Default for SpecConfig {
             own_draft_cache: false,
             draft_vocab: crate::DEFAULT_DRAFT_VOCAB,
             max_spec_batch: usize::MAX,
+            tree_below: DEFAULT_TREE_BELOW,
         }
     }
 }
@@ -77,6 +84,11 @@ impl SpecConfig {
         } else {
             Box::new(AdaptiveK::with_fixed_cost(self.draft_max, draft_cost))
         }
+    }
+
+    /// How a draft model branches into a token tree.
+    pub fn branching(&self) -> crate::Branching {
+        crate::Branching::below(self.tree_below)
     }
 
     /// The sampler a draft model samples its proposals with: none when greedy, else the run's

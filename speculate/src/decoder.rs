@@ -23,6 +23,12 @@ pub struct SpecStats {
     pub total_secs: f64,
     /// Why generation stopped (the type plain generation reports too).
     pub stop: StopReason,
+    /// Verifier passes over a token tree (a draft that branched), the tokens they scored,
+    /// and how many of them accepted a candidate off the tree's main chain (a token a chain
+    /// draft would have lost).
+    pub tree_passes: usize,
+    pub tree_nodes: usize,
+    pub tree_branch_wins: usize,
 }
 
 impl SpecStats {
@@ -32,6 +38,21 @@ impl SpecStats {
     /// Tokens produced per verifier pass (1.0 = no gain over plain decoding).
     pub fn tokens_per_pass(&self) -> f64 {
         self.generated_tokens as f64 / self.verifier_passes.max(1) as f64
+    }
+
+    /// Counts a token tree's verification: its size, and whether the accepted path left the
+    /// main chain.
+    pub(crate) fn record_tree(&mut self, draft: &crate::Draft, path: &[usize]) {
+        self.tree_passes += 1;
+        self.tree_nodes += draft.tokens.len();
+        let mut node = None;
+        for &j in path {
+            if draft.children(node).next() != Some(j) {
+                self.tree_branch_wins += 1;
+                break;
+            }
+            node = Some(j);
+        }
     }
 
     /// Counts one sequence's step: `drafted` tokens proposed, the first `accepted` kept.
@@ -109,6 +130,20 @@ impl BatchVerifier for OneSequence<'_> {
     fn vocab_size(&self) -> usize {
         self.0.vocab_size()
     }
+    fn scores_trees(&self) -> bool {
+        self.0.scores_trees()
+    }
+    fn verify_tree(
+        &mut self,
+        _seq: usize,
+        tokens: &[u32],
+        parents: &[Option<usize>],
+    ) -> Result<Vec<Vec<f32>>> {
+        self.0.verify_tree(tokens, parents)
+    }
+    fn keep(&mut self, _seq: usize, base: usize, rows: &[usize]) -> Result<()> {
+        self.0.keep(base, rows)
+    }
 }
 
 #[cfg(test)]
@@ -181,10 +216,7 @@ mod tests {
                     }
                 })
                 .collect();
-            Ok(Draft {
-                tokens,
-                probs: None,
-            })
+            Ok(Draft::chain(tokens))
         }
     }
 

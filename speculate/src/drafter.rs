@@ -3,12 +3,169 @@
 use crate::{Result, Verifier};
 use tandem_kernels::sampling::{argmax, Sampler};
 
-/// Up to k proposed tokens, with the distribution each was drawn from (needed by rejection
-/// sampling; `None` means the proposal was deterministic, i.e. one-hot).
+/// Proposed tokens: a chain (each follows the one before) or a token tree (several candidates
+/// where the drafter is unsure), with the distribution each was drawn from (needed by
+/// rejection sampling; `None` means every proposal was deterministic, i.e. one-hot; in a
+/// tree, an empty row marks one deterministic node among sampled ones).
 #[derive(Debug, Clone, Default)]
 pub struct Draft {
     pub tokens: Vec<u32>,
     pub probs: Option<Vec<Vec<f32>>>,
+    /// A token tree: `parents[i]` is the proposed token `tokens[i]` follows (an index into
+    /// `tokens`, always below i), `None` for a token that follows the context. `None` overall
+    /// is a chain.
+    pub parents: Option<Vec<Option<usize>>>,
+}
+
+impl Draft {
+    /// A deterministic chain.
+    pub fn chain(tokens: Vec<u32>) -> Self {
+        Draft {
+            tokens,
+            ..Default::default()
+        }
+    }
+
+    /// Whether the proposal branches (a chain-shaped `parents` is no tree).
+    pub fn is_tree(&self) -> bool {
+        self.parents.as_ref().is_some_and(|p| {
+            p.iter()
+                .enumerate()
+                .any(|(i, &parent)| parent != i.checked_sub(1))
+        })
+    }
+
+    /// The token `tokens[i]` follows: an earlier index, or `None` for the context.
+    pub fn parent(&self, i: usize) -> Option<usize> {
+        match &self.parents {
+            Some(p) => p[i],
+            None => i.checked_sub(1),
+        }
+    }
+
+    /// The candidates after `node` (`None`: after the context), in proposal order.
+    pub fn children(&self, node: Option<usize>) -> impl Iterator<Item = usize> + '_ {
+        let from = node.map_or(0, |n| n + 1);
+        (from..self.tokens.len()).filter(move |&i| self.parent(i) == node)
+    }
+
+    /// The distribution `tokens[i]` was drawn from; `None` when it was proposed
+    /// deterministically.
+    pub fn q(&self, i: usize) -> Option<&[f32]> {
+        self.probs
+            .as_ref()
+            .and_then(|p| p.get(i))
+            .map(Vec::as_slice)
+            .filter(|r| !r.is_empty())
+    }
+
+    /// Keeps the tokens at most `k` deep (a path of at most k proposed tokens), renumbered;
+    /// a chain is cut to its first k.
+    pub fn limit_depth(&mut self, k: usize) {
+        let Some(parents) = self.parents.take() else {
+            self.tokens.truncate(k);
+            if let Some(p) = self.probs.as_mut() {
+                p.truncate(self.tokens.len());
+            }
+            return;
+        };
+        let mut depth = Vec::with_capacity(parents.len());
+        let mut new_index = vec![None; parents.len()];
+        let (mut tokens, mut kept_parents) = (Vec::new(), Vec::new());
+        let mut probs = self.probs.as_ref().map(|_| Vec::new());
+        for (i, &p) in parents.iter().enumerate() {
+            let d = p.map_or(1, |p: usize| depth[p] + 1);
+            depth.push(d);
+            if d > k || p.is_some_and(|p| new_index[p].is_none()) {
+                continue;
+            }
+            new_index[i] = Some(tokens.len());
+            tokens.push(self.tokens[i]);
+            kept_parents.push(p.and_then(|p| new_index[p]));
+            if let (Some(out), Some(all)) = (probs.as_mut(), self.probs.as_mut()) {
+                out.push(std::mem::take(&mut all[i]));
+            }
+        }
+        self.tokens = tokens;
+        self.probs = probs;
+        self.parents = Some(kept_parents);
+    }
+
+    /// Proposed tokens on the longest path (a chain's length).
+    pub fn depth(&self) -> usize {
+        let mut depth: Vec<usize> = Vec::with_capacity(self.tokens.len());
+        for i in 0..self.tokens.len() {
+            let d = self.parent(i).map_or(1, |p| depth[p] + 1);
+            depth.push(d);
+        }
+        depth.into_iter().max().unwrap_or(0)
+    }
+
+    /// A chain with second candidates as leaves: `siblings[j] = (d, t)` offers token t beside
+    /// the chain's d-th token (same parent). Siblings are deterministic (an empty probs row).
+    pub fn with_siblings(chain: Draft, siblings: &[(usize, u32)]) -> Draft {
+        if siblings.is_empty() {
+            return chain;
+        }
+        let mut tree = Draft {
+            probs: chain.probs.as_ref().map(|_| Vec::new()),
+            parents: Some(Vec::new()),
+            ..Default::default()
+        };
+        let mut prev: Option<usize> = None;
+        for (d, &t) in chain.tokens.iter().enumerate() {
+            let parent = prev;
+            let push = |tree: &mut Draft, t: u32, row: Vec<f32>| {
+                tree.tokens.push(t);
+                if let Some(p) = tree.parents.as_mut() {
+                    p.push(parent);
+                }
+                if let Some(p) = tree.probs.as_mut() {
+                    p.push(row);
+                }
+            };
+            let row = chain
+                .probs
+                .as_ref()
+                .map(|p| p[d].clone())
+                .unwrap_or_default();
+            push(&mut tree, t, row);
+            prev = Some(tree.tokens.len() - 1);
+            for &(_, s) in siblings.iter().filter(|&&(sd, s)| sd == d && s != t) {
+                push(&mut tree, s, Vec::new());
+            }
+        }
+        tree
+    }
+
+    /// Keeps the first `n` proposed tokens (a tree's parents come first, so what is left is
+    /// still a tree).
+    pub fn limit_nodes(&mut self, n: usize) {
+        self.tokens.truncate(n);
+        if let Some(p) = self.probs.as_mut() {
+            p.truncate(n);
+        }
+        if let Some(p) = self.parents.as_mut() {
+            p.truncate(n);
+        }
+    }
+
+    /// The first candidate at each step (what a verifier without token trees checks).
+    pub fn main_chain(&self) -> Draft {
+        let mut chain = Draft::default();
+        let mut probs = self.probs.as_ref().map(|_| Vec::new());
+        let mut node = None;
+        while let Some(c) = self.children(node).next() {
+            chain.tokens.push(self.tokens[c]);
+            if let (Some(out), Some(all)) = (probs.as_mut(), self.probs.as_ref()) {
+                out.push(all[c].clone());
+            }
+            node = Some(c);
+        }
+        // A chain's probs rows are all real distributions, or there are none.
+        chain.probs = probs.filter(|rows| rows.iter().all(|r| !r.is_empty()));
+        chain
+    }
 }
 
 pub trait Drafter {
@@ -20,6 +177,135 @@ pub trait Drafter {
     fn vocab_size(&self) -> Option<usize> {
         None
     }
+}
+
+/// When a model drafter offers a second candidate beside its first, making its proposal a
+/// token tree (EAGLE-2's dynamic trees in their smallest form: the draft's own confidence
+/// decides where to branch): where its top probability is below `below`, the runner-up joins
+/// as a leaf if it has at least `min_p`. Each leaf costs a verifier row, and pays only when
+/// the verifier picks it, so once `warmup` leaves were offered and fewer than `min_win_rate`
+/// of them won, the drafter stops branching (the tree is cut back to a chain).
+#[derive(Debug, Clone, Default)]
+pub struct Branching {
+    pub below: f32,
+    pub min_p: f32,
+    pub warmup: usize,
+    pub min_win_rate: f64,
+    /// Leaves offered, and taken by the verifier, so far.
+    pub offered: usize,
+    pub won: usize,
+    /// The last proposal, until the next one shows what the verifier took: the context's
+    /// length then, the chain, and the leaves as (depth, token).
+    pending: Option<PendingLeaves>,
+}
+
+/// A proposal's leaves awaiting the verifier's verdict (see [`Branching::settle`]).
+#[derive(Debug, Clone)]
+struct PendingLeaves {
+    /// The context's length when proposed.
+    len: usize,
+    /// The main chain.
+    chain: Vec<u32>,
+    /// (depth, token) of each leaf.
+    leaves: Vec<(usize, u32)>,
+}
+
+impl Branching {
+    /// Branching where the draft's top probability is below `below` (0 = never).
+    pub fn below(below: f32) -> Self {
+        Branching {
+            below,
+            min_p: 0.05,
+            warmup: 24,
+            min_win_rate: 0.1,
+            offered: 0,
+            won: 0,
+            pending: None,
+        }
+    }
+
+    /// Whether leaves are offered at all (after the measured win rate is in).
+    pub fn active(&self) -> bool {
+        self.below > 0.0
+            && (self.offered < self.warmup
+                || self.won as f64 >= self.min_win_rate * self.offered as f64)
+    }
+
+    /// The runner-up to `chosen` under `probs` (the draft's distribution), when the draft is
+    /// unsure enough to offer one.
+    pub fn runner_up(&self, probs: &[f32], chosen: u32) -> Option<u32> {
+        if !self.active() {
+            return None;
+        }
+        let top = probs.iter().copied().fold(0.0f32, f32::max);
+        if top >= self.below {
+            return None;
+        }
+        let (best, p) = probs
+            .iter()
+            .enumerate()
+            .filter(|&(i, _)| i != chosen as usize)
+            .fold((0, f32::MIN), |b, (i, &p)| if p > b.1 { (i, p) } else { b });
+        (p >= self.min_p).then_some(best as u32)
+    }
+
+    /// The runner-up for a drafter: from the distribution its token was sampled from (the
+    /// last row of `probs`), else from its logits.
+    pub(crate) fn offer(
+        &self,
+        probs: &Option<Vec<Vec<f32>>>,
+        logits: &[f32],
+        chosen: u32,
+    ) -> Option<u32> {
+        if !self.active() {
+            return None;
+        }
+        match probs.as_ref().and_then(|p| p.last()) {
+            Some(q) => self.runner_up(q, chosen),
+            None => self.runner_up(&softmax(logits), chosen),
+        }
+    }
+
+    /// Counts the leaves of the last proposal the verifier took, now that `context` (the
+    /// next proposal's) shows what followed it.
+    pub(crate) fn settle(&mut self, context: &[u32]) {
+        let Some(PendingLeaves { len, chain, leaves }) = self.pending.take() else {
+            return;
+        };
+        let Some(emitted) = context.get(len..) else {
+            return;
+        };
+        self.offered += leaves.len();
+        // A leaf at depth d won when the verifier followed the chain to d and then took it.
+        self.won += leaves
+            .iter()
+            .filter(|&&(d, t)| emitted.get(d) == Some(&t) && chain.get(..d) == emitted.get(..d))
+            .count();
+    }
+
+    /// The proposal just made from a context of `len` tokens, as a tree.
+    pub(crate) fn propose(&mut self, len: usize, chain: Draft, leaves: Vec<(usize, u32)>) -> Draft {
+        if leaves.is_empty() {
+            return chain;
+        }
+        let tree = Draft::with_siblings(chain, &leaves);
+        let main = tree.main_chain().tokens;
+        self.pending = Some(PendingLeaves {
+            len,
+            chain: main,
+            leaves,
+        });
+        tree
+    }
+}
+
+/// softmax(logits), for a greedy draft's runner-up.
+pub(crate) fn softmax(logits: &[f32]) -> Vec<f32> {
+    let m = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut p: Vec<f32> = logits.iter().map(|&l| (l - m).exp()).collect();
+    let z: f32 = p.iter().sum();
+    p.iter_mut().for_each(|x| *x /= z);
+    p
 }
 
 /// How many of the lowest token ids a draft model's output head keeps by default
@@ -69,6 +355,7 @@ impl Drafter for NgramDrafter {
         Ok(Draft {
             tokens: longest_context_match(context, self.max_ngram, k).1,
             probs: None,
+            parents: None,
         })
     }
 }
@@ -192,6 +479,8 @@ pub struct ModelDrafter<V: Verifier> {
     /// draft's own distribution, so greedy output and the sampled distribution stay the
     /// verifier's (llama.cpp's `--draft-p-min`).
     pub min_confidence: f32,
+    /// Second candidates where the draft is unsure (a token tree); off by default.
+    pub branching: Branching,
 }
 
 /// softmax(logits)[top] where `top` is the largest logit: 1 / Σ exp(lᵢ − l_top).
@@ -210,6 +499,7 @@ impl<V: Verifier> ModelDrafter<V> {
             first_window: 64,
             catch_up_window: 16,
             min_confidence: 0.0,
+            branching: Branching::default(),
         }
     }
 
@@ -222,6 +512,7 @@ impl<V: Verifier> ModelDrafter<V> {
 
 impl<V: Verifier> Drafter for ModelDrafter<V> {
     fn propose(&mut self, context: &[u32], k: usize) -> Result<Draft> {
+        self.branching.settle(context);
         // Keep the cached part the context still shares; feed the rest, or restart from a
         // window of the latest tokens when the rest is long.
         let mut keep = match context.get(self.offset..) {
@@ -256,11 +547,13 @@ impl<V: Verifier> Drafter for ModelDrafter<V> {
         let mut draft = Draft {
             tokens: Vec::with_capacity(k),
             probs: self.sampler.as_ref().map(|_| Vec::with_capacity(k)),
+            parents: None,
         };
         if k == 0 {
             return Ok(draft);
         }
         let mut logits = self.feed(&context[self.offset + keep..])?;
+        let mut leaves = Vec::new();
         for i in 0..k {
             let Some(t) = pick_draft_token(
                 &mut self.sampler,
@@ -270,12 +563,15 @@ impl<V: Verifier> Drafter for ModelDrafter<V> {
             ) else {
                 break;
             };
+            if let Some(s) = self.branching.offer(&draft.probs, &logits, t) {
+                leaves.push((i, s));
+            }
             draft.tokens.push(t);
             if i + 1 < k {
                 logits = self.feed(&[t])?;
             }
         }
-        Ok(draft)
+        Ok(self.branching.propose(context.len(), draft, leaves))
     }
 
     fn vocab_size(&self) -> Option<usize> {

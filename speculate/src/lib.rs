@@ -21,13 +21,14 @@ pub mod model_adapter;
 pub mod session;
 pub mod suffix;
 
-pub use acceptance::{AcceptanceRule, Greedy, RejectionSampling, Verdict};
+pub use acceptance::{AcceptanceRule, Greedy, RejectionSampling, TreeVerdict, Verdict};
 pub use batch::{BatchDecoder, BatchVerifier};
 pub use config::SpecConfig;
 pub use controller::{AdaptiveK, Controller, FixedK};
 pub use decoder::{SpecStats, SpeculativeDecoder};
 pub use drafter::{
-    draft_shortlist, Draft, Drafter, HybridDrafter, ModelDrafter, NgramDrafter, DEFAULT_DRAFT_VOCAB,
+    draft_shortlist, Branching, Draft, Drafter, HybridDrafter, ModelDrafter, NgramDrafter,
+    DEFAULT_DRAFT_VOCAB,
 };
 #[cfg(feature = "model")]
 pub use model_adapter::{
@@ -74,5 +75,46 @@ pub trait Verifier {
         self.verify(tokens)?
             .pop()
             .ok_or_else(|| Error::Mismatch("forward returned no logits".into()))
+    }
+    /// Whether [`Verifier::verify_tree`] takes trees that branch (else only chains).
+    fn scores_trees(&self) -> bool {
+        false
+    }
+    /// Runs a token tree after the current context in one pass: `tokens[i]` follows
+    /// `tokens[parents[i]]`, or the context when that is `None` (parents come first). Returns
+    /// one logit row per token, each as if its path alone had followed the context.
+    fn verify_tree(&mut self, tokens: &[u32], parents: &[Option<usize>]) -> Result<Vec<Vec<f32>>> {
+        if is_chain(parents) {
+            self.verify(tokens)
+        } else {
+            Err(Error::Mismatch(
+                "this verifier scores no token trees".into(),
+            ))
+        }
+    }
+    /// Keeps, of the positions from `base` on, those at `base + rows[j]` (ascending) as
+    /// `base + j`: after a tree, its accepted path becomes the context.
+    fn keep(&mut self, base: usize, rows: &[usize]) -> Result<()> {
+        keep_prefix_only(rows, |n| self.rollback(base + n))
+    }
+}
+
+/// Whether `parents` describes a chain (each token follows the one before it).
+pub fn is_chain(parents: &[Option<usize>]) -> bool {
+    parents
+        .iter()
+        .enumerate()
+        .all(|(i, &p)| p == i.checked_sub(1))
+}
+
+/// [`Verifier::keep`] for a verifier that can only roll back: `rows` must be 0, 1, 2, ….
+pub(crate) fn keep_prefix_only(rows: &[usize], rollback: impl FnOnce(usize)) -> Result<()> {
+    if rows.iter().enumerate().all(|(j, &r)| j == r) {
+        rollback(rows.len());
+        Ok(())
+    } else {
+        Err(Error::Mismatch(format!(
+            "this verifier cannot keep the rows {rows:?} of a token tree (it only rolls back)"
+        )))
     }
 }

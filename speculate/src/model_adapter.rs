@@ -1,7 +1,7 @@
 //! tandem's own `Llama` as a verifier or a drafter (feature `model`, on by default).
 
 use crate::batch::BatchVerifier;
-use crate::drafter::{pick_draft_token, Draft, Drafter, ModelDrafter};
+use crate::drafter::{pick_draft_token, Branching, Draft, Drafter, ModelDrafter};
 use crate::{Error, Result, Verifier};
 use std::cell::RefCell;
 use std::rc::Rc;
@@ -52,6 +52,20 @@ impl Verifier for ModelVerifier<'_> {
             .forward(tokens, &mut cache, Logits::Last)?
             .into_last())
     }
+    fn scores_trees(&self) -> bool {
+        !self.model.runs_on_gpu()
+    }
+    fn verify_tree(&mut self, tokens: &[u32], parents: &[Option<usize>]) -> Result<Vec<Vec<f32>>> {
+        let mut cache = self.cache.borrow_mut();
+        Ok(self
+            .model
+            .forward_tree(tokens, parents, &mut cache)?
+            .to_vecs())
+    }
+    fn keep(&mut self, base: usize, rows: &[usize]) -> Result<()> {
+        let mut cache = self.cache.borrow_mut();
+        Ok(self.model.keep_cache_rows(&mut cache, base, rows)?)
+    }
 }
 
 /// Drafts with a model of the verifier's shape (a quantized copy of it: `self:<type>`) over
@@ -67,6 +81,8 @@ pub struct SharedCacheDrafter<'m> {
     sampler: Option<Sampler>,
     /// As [`ModelDrafter::min_confidence`].
     pub min_confidence: f32,
+    /// As [`ModelDrafter::branching`].
+    pub branching: Branching,
 }
 
 impl<'m> SharedCacheDrafter<'m> {
@@ -86,15 +102,18 @@ impl<'m> SharedCacheDrafter<'m> {
             cache: Rc::clone(&verifier.cache),
             sampler,
             min_confidence: 0.0,
+            branching: Branching::default(),
         })
     }
 }
 
 impl Drafter for SharedCacheDrafter<'_> {
     fn propose(&mut self, context: &[u32], k: usize) -> Result<Draft> {
+        self.branching.settle(context);
         let mut draft = Draft {
             tokens: Vec::with_capacity(k),
             probs: self.sampler.as_ref().map(|_| Vec::with_capacity(k)),
+            parents: None,
         };
         let mut cache = self.cache.borrow_mut();
         let base = cache.len();
@@ -107,6 +126,7 @@ impl Drafter for SharedCacheDrafter<'_> {
         let k = k.min(cache.limit().saturating_sub(base + 1));
         let mut token = last;
         let mut result = Ok(());
+        let mut leaves = Vec::new();
         for i in 0..k {
             let logits = match self
                 .model
@@ -125,14 +145,20 @@ impl Drafter for SharedCacheDrafter<'_> {
                 &logits,
                 self.min_confidence,
             ) {
-                Some(t) => draft.tokens.push(t),
+                Some(t) => {
+                    if let Some(s) = self.branching.offer(&draft.probs, &logits, t) {
+                        leaves.push((i, s));
+                    }
+                    draft.tokens.push(t)
+                }
                 None => break,
             }
             token = draft.tokens[i];
         }
         // Leave the cache as the verifier left it.
         cache.truncate(base);
-        result.map(|()| draft)
+        drop(cache);
+        result.map(|()| self.branching.propose(context.len(), draft, leaves))
     }
 
     fn vocab_size(&self) -> Option<usize> {
@@ -234,5 +260,27 @@ impl BatchVerifier for ModelBatchVerifier<'_> {
     }
     fn vocab_size(&self) -> usize {
         self.model.config.vocab_size
+    }
+    fn scores_trees(&self) -> bool {
+        !self.model.runs_on_gpu()
+    }
+    fn verify_tree(
+        &mut self,
+        seq: usize,
+        tokens: &[u32],
+        parents: &[Option<usize>],
+    ) -> Result<Vec<Vec<f32>>> {
+        let cache = self
+            .caches
+            .get_mut(seq)
+            .ok_or_else(|| Error::Mismatch(format!("sequence {seq} is not in the batch")))?;
+        Ok(self.model.forward_tree(tokens, parents, cache)?.to_vecs())
+    }
+    fn keep(&mut self, seq: usize, base: usize, rows: &[usize]) -> Result<()> {
+        let cache = self
+            .caches
+            .get_mut(seq)
+            .ok_or_else(|| Error::Mismatch(format!("sequence {seq} is not in the batch")))?;
+        Ok(self.model.keep_cache_rows(cache, base, rows)?)
     }
 }

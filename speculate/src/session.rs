@@ -204,10 +204,12 @@ pub fn run(
             if s.own_draft_cache || !m.shares_cache_shape_with(model) {
                 own_cache = ModelDrafter::new(m, ds)?;
                 own_cache.min_confidence = s.draft_p_min;
+                own_cache.branching = s.branching();
                 Some(&mut own_cache)
             } else {
                 shared_cache = SharedCacheDrafter::new(m, &verifier, ds)?;
                 shared_cache.min_confidence = s.draft_p_min;
+                shared_cache.branching = s.branching();
                 Some(&mut shared_cache)
             }
         }

@@ -190,10 +190,7 @@ impl Drafter for SuffixDrafter {
         } else {
             Vec::new()
         };
-        Ok(Draft {
-            tokens,
-            probs: None,
-        })
+        Ok(Draft::chain(tokens))
     }
 }
 
