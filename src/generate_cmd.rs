@@ -48,7 +48,9 @@ pub struct GenerateArgs {
     #[arg(long, conflicts_with = "draft")]
     pub logprobs: bool,
     /// Decode speculatively: `ngram` (prompt lookup), `suffix` (lookup of the longest earlier
-    /// match), `self:<type>` (this model quantized in memory, e.g. self:q4_0), a draft model
+    /// match), `self:<type>` (this model quantized in memory, e.g. self:q4_0; `,skip=auto`
+    /// also leaves out the sublayers chosen on calibration text, `,skip=N` the N least
+    /// influential, `,skip=a3.m5` those named; `self:keep,skip=…` skips without quantizing), a draft model
     /// (folder or GGUF) that shares the verifier's vocabulary, or a lookup and a model joined
     /// by `+` (`ngram+self:q4_0`: the lookup first, the model where it finds nothing). Output
     /// is exactly the model's own.

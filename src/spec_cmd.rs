@@ -26,6 +26,7 @@ pub fn generate(
     let tok = &ck.tokenizer;
     let ids = tok.encode(&a.prompt, bos)?;
     let mut src = DraftSource::open(ck, draft, load)?;
+    report_skips(&src);
     let settings = a.drafting.config(params, a.ctx);
     let mut printer = Printer::start(tok, &a.prompt, ids.last().copied())?;
     let (_, st) = run(
@@ -56,7 +57,8 @@ pub struct BenchSpecArgs {
     #[arg(long)]
     model: PathBuf,
     /// ngram, suffix (lookup over this and the earlier prompts and answers), self:<type>
-    /// (e.g. self:q4_0), a draft model path, or lookup+model (suffix+self:q8_0@all).
+    /// (e.g. self:q4_0; `self:q8_0@all,skip=auto|N|a3.m5` also skips sublayers chosen on
+    /// calibration text), a draft model path, or lookup+model (suffix+self:q8_0@all).
     #[arg(long)]
     draft: String,
     /// JSON lines, each {"prompt": "..."} (default: scripts/spec-prompts.jsonl's 18 prompts,
@@ -130,6 +132,7 @@ pub fn bench_spec(a: BenchSpecArgs, load: &tandem_model::LoadOptions) -> Result<
     }
     let model = ck.load_model(load)?;
     let mut src = DraftSource::open(&ck, &a.draft, load)?;
+    report_skips(&src);
     if a.batch > 1 {
         return bench_batch(&a, &ck, &model, &mut src, &prompts);
     }
@@ -387,4 +390,28 @@ fn bench_batch(
         )?;
     }
     Ok(())
+}
+
+/// A layer-skipping draft's choice, on stderr: what each candidate measured, and what is
+/// skipped.
+fn report_skips(src: &DraftSource) {
+    let Some(r) = &src.skip_report else {
+        return;
+    };
+    for (n, agree, cost, speedup) in &r.candidates {
+        eprintln!(
+            "skip {n:>2} sublayers: agreement {:.1}% on the calibration text, draft step {cost:.2} of the verifier's, expected {speedup:.2}x",
+            100.0 * agree
+        );
+    }
+    let names: Vec<String> = r.skipped.iter().map(ToString::to_string).collect();
+    eprintln!(
+        "layer-skipping draft: {} sublayers skipped ({})",
+        r.skipped.len(),
+        if names.is_empty() {
+            "none".into()
+        } else {
+            names.join(".")
+        }
+    );
 }

@@ -594,8 +594,21 @@ fn lookup_and_hybrid_drafts_through_a_session_equal_plain_greedy() {
         .unwrap();
     let eos = ck.tokenizer.eos_ids.clone();
     let config = tandem_speculate::SpecConfig::default();
-    for spec in ["suffix", "ngram", "suffix+self:q8_0", "ngram+self:q4_0@all"] {
+    for spec in [
+        "suffix",
+        "ngram",
+        "suffix+self:q8_0",
+        "ngram+self:q4_0@all",
+        "self:q8_0@all,skip=2",
+        "self:keep,skip=a1.m3",
+    ] {
         let mut src = tandem_speculate::DraftSource::open(&ck, spec, &Default::default()).unwrap();
+        if let Some(r) = &src.skip_report {
+            // The skipping draft leaves out what was asked (2: the two least influential).
+            let skipped = src.model.as_ref().unwrap().skipped();
+            assert_eq!(skipped, r.skipped, "{spec}");
+            assert_eq!(skipped.len(), 2, "{spec}");
+        }
         let mut drafted = 0;
         // Twice over: the second round finds the first one's answers in the suffix history.
         for p in STORY_PROMPTS.iter().chain(STORY_PROMPTS.iter()) {
@@ -614,6 +627,8 @@ fn lookup_and_hybrid_drafts_through_a_session_equal_plain_greedy() {
         "self:q8_0+self:q4_0",
         "self:keep",
         "self:q9",
+        "self:q8_0,skip=x3",
+        "self:keep,skip=a99",
     ] {
         assert!(
             tandem_speculate::DraftSource::open(&ck, bad, &Default::default()).is_err(),

@@ -29,6 +29,7 @@ pub use config::{Architecture, Config};
 pub use error::{Error, Result};
 pub use llama::{
     argmax, ActivationObserver, ComputeDevice, KvCache, Llama, LoadOptions, LogitRows, Logits,
+    Sublayer,
 };
 pub use sampling::{Sampler, SamplingParams};
 pub use tokenizer::{TextStream, Tokenizer};

@@ -13,7 +13,8 @@
 //! - `backend`: that interface and its CPU implementation; `gpu` the CUDA one (feature
 //!   `cuda`; `no_gpu.rs` stands in without it, so no field or call is behind a `cfg`);
 //! - `shortlist`: a cut-down output head for draft models; `profile`: per-operation times;
-//! - `layerwise`: layer-by-layer runs for calibrated quantization.
+//! - `layerwise`: layer-by-layer runs for calibrated quantization;
+//! - `skip`: leaving sublayers out (layer-skipping self-drafts) and measuring their influence.
 
 use crate::config::Config;
 use crate::linear::Linear;
@@ -29,11 +30,13 @@ mod layerwise;
 mod load;
 mod profile;
 mod shortlist;
+mod skip;
 
 pub use cache::KvCache;
 pub use forward::{ActivationObserver, LogitRows, Logits};
 pub use load::{ComputeDevice, LoadOptions};
 pub use profile::OpTimes;
+pub use skip::Sublayer;
 pub use tandem_kernels::sampling::argmax;
 
 struct Layer {
@@ -68,6 +71,9 @@ pub struct Llama {
     /// The kernels' worker pool when the model was loaded with a thread count (else the
     /// process-wide one).
     pool: Option<&'static tandem_kernels::pool::Pool>,
+    /// Per sublayer (2i: layer i's attention half, 2i + 1: its MLP), whether the forward pass
+    /// leaves it out (a layer-skipping draft; see `llama/skip.rs`). All false as loaded.
+    skip: Vec<bool>,
     /// Norms, RoPE tables and buffers on the GPU when every linear layer is there too: the
     /// forward pass then runs on the GPU end to end (see `llama/gpu.rs`).
     resident: Option<gpu::Resident>,
@@ -100,7 +106,25 @@ impl Llama {
             };
             l.weight_bytes() as f64 * per_byte
         };
-        let all: f64 = self.linears().iter().map(|(_, l)| cost(l)).sum();
+        // A skipped sublayer's weights are never read.
+        let all: f64 = self
+            .layers
+            .iter()
+            .enumerate()
+            .flat_map(|(i, l)| {
+                let (a, m) = (
+                    self.skips(Sublayer::Attention(i)),
+                    self.skips(Sublayer::Mlp(i)),
+                );
+                l.linears()
+                    .into_iter()
+                    .enumerate()
+                    .filter(move |&(j, _)| if j < 4 { !a } else { !m })
+                    .map(|(_, lin)| lin)
+            })
+            .chain(std::iter::once(&self.lm_head))
+            .map(cost)
+            .sum();
         match &*self.shortlist.read().unwrap_or_else(|e| e.into_inner()) {
             Some(s) => all - cost(&self.lm_head) + s.cost(cost),
             None => all,

@@ -148,3 +148,28 @@ fn a_token_tree_scores_every_path_as_plain_decoding_would() {
     assert!(m.keep_cache_rows(&mut cache, base, &[2, 1]).is_err());
     assert!(m.keep_cache_rows(&mut cache, base, &[0, 40]).is_err());
 }
+
+/// A skipped sublayer leaves the residual stream alone: the logits change, the KV cache keeps
+/// its layout, and clearing the list gives the whole model's logits back bit for bit.
+#[test]
+fn skipping_sublayers_changes_the_model_and_clearing_restores_it() {
+    use tandem_model::Sublayer;
+    let ck = stories();
+    let mut m = ck.load_model(&LoadOptions::default()).expect("loads");
+    let toks = prompt(&ck);
+    let whole = all_logits(&m, &toks);
+    let influence = m.sublayer_influence(&toks).expect("influence");
+    assert_eq!(influence.len(), 2 * m.config.num_hidden_layers);
+    assert!(influence.iter().all(|&(_, i)| (0.0..=2.0).contains(&i)));
+    let cost = m.decode_cost();
+    m.set_skipped(&[Sublayer::Mlp(1), Sublayer::Attention(2)])
+        .expect("skips");
+    assert_eq!(m.skipped(), vec![Sublayer::Mlp(1), Sublayer::Attention(2)]);
+    assert!(m.decode_cost() < cost, "skipped weights are not read");
+    assert_ne!(all_logits(&m, &toks), whole);
+    m.set_skipped(&[]).expect("clears");
+    assert_eq!(all_logits(&m, &toks), whole);
+    assert!(m.set_skipped(&[Sublayer::Mlp(99)]).is_err());
+    assert_eq!("m7".parse::<Sublayer>().ok(), Some(Sublayer::Mlp(7)));
+    assert!("q7".parse::<Sublayer>().is_err() && "a".parse::<Sublayer>().is_err());
+}

@@ -556,6 +556,7 @@ impl Drafter {
         DraftSource {
             lookup,
             model: self.model.clone(),
+            skip_report: None,
         }
     }
 

@@ -16,6 +16,8 @@ pub mod controller;
 pub mod decoder;
 pub mod drafter;
 #[cfg(feature = "model")]
+pub mod layer_skip;
+#[cfg(feature = "model")]
 pub mod model_adapter;
 #[cfg(feature = "model")]
 pub mod session;

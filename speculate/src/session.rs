@@ -4,6 +4,7 @@
 //! draft's seed, the controller a seeded run may use) are made in one place.
 
 pub use crate::config::{SpecConfig, DEFAULT_DRAFT_P_MIN};
+use crate::layer_skip::{choose_skips, SkipChoice, SkipReport};
 use crate::{
     Drafter, Error, HybridDrafter, ModelDrafter, ModelVerifier, NgramDrafter, Result,
     SharedCacheDrafter, SpecStats, SuffixDrafter,
@@ -31,6 +32,8 @@ pub enum Lookup {
 pub struct DraftSource {
     pub lookup: Lookup,
     pub model: Option<Arc<Llama>>,
+    /// For a layer-skipping self-draft (`,skip=`): what the choice of sublayers measured.
+    pub skip_report: Option<SkipReport>,
 }
 
 impl DraftSource {
@@ -38,6 +41,7 @@ impl DraftSource {
         DraftSource {
             lookup: Lookup::Ngram,
             model: None,
+            skip_report: None,
         }
     }
 
@@ -45,6 +49,7 @@ impl DraftSource {
         DraftSource {
             lookup: Lookup::Suffix(SuffixDrafter::default()),
             model: None,
+            skip_report: None,
         }
     }
 
@@ -52,6 +57,7 @@ impl DraftSource {
         DraftSource {
             lookup: Lookup::None,
             model: Some(model),
+            skip_report: None,
         }
     }
 
@@ -69,6 +75,7 @@ impl DraftSource {
         let mut source = DraftSource {
             lookup: Lookup::None,
             model: None,
+            skip_report: None,
         };
         for part in parts {
             match part {
@@ -90,7 +97,9 @@ impl DraftSource {
                             "draft '{spec}': one draft model at most"
                         )));
                     }
-                    source.model = Some(Self::open_model_part(verifier, spec, part, load)?);
+                    let (model, report) = Self::open_model_part(verifier, spec, part, load)?;
+                    source.model = Some(model);
+                    source.skip_report = report;
                 }
             }
         }
@@ -105,26 +114,50 @@ impl DraftSource {
         spec: &str,
         part: &str,
         load: &LoadOptions,
-    ) -> Result<Arc<Llama>> {
+    ) -> Result<(Arc<Llama>, Option<SkipReport>)> {
         match part.strip_prefix("self:") {
             Some(ty) => {
+                // self:<type>[@all][,skip=<auto|count|list>]
+                let (ty, skip) = match ty.split_once(",skip=") {
+                    Some((t, s)) => (
+                        t,
+                        Some(
+                            SkipChoice::parse(s)
+                                .map_err(|e| Error::Mismatch(format!("draft '{spec}': {e}")))?,
+                        ),
+                    ),
+                    None => (ty, None),
+                };
                 let (ty, all) = match ty.strip_suffix("@all") {
                     Some(t) => (t, true),
                     None => (ty, false),
                 };
-                let t = match TypeChoice::parse(ty)
+                let mut draft = match TypeChoice::parse(ty)
                     .map_err(|e| Error::Mismatch(format!("draft '{spec}': {e}")))?
                 {
-                    TypeChoice::To(t) => t,
+                    TypeChoice::To(t) => self_draft_model(verifier, t, all, load)?,
+                    // The verifier's own weights, with sublayers left out.
+                    TypeChoice::Keep if skip.is_some() => verifier.load_model(load)?,
                     TypeChoice::Keep => {
                         return Err(Error::Mismatch(format!(
-                            "draft '{spec}' would be the verifier itself"
+                            "draft '{spec}' would be the verifier itself (add ,skip=auto to skip layers)"
                         )))
                     }
                 };
-                self_draft_model(verifier, t, all, load)
+                let report = match skip {
+                    Some(choice) => {
+                        let reference = verifier.load_model(load)?;
+                        let calibration = calibration_tokens(verifier)?;
+                        Some(choose_skips(&reference, &mut draft, &calibration, &choice)?)
+                    }
+                    None => None,
+                };
+                Ok((Arc::new(draft), report))
             }
-            None => open_draft_model(verifier, Path::new(part), load),
+            None => Ok((
+                Arc::new(open_draft_model(verifier, Path::new(part), load)?),
+                None,
+            )),
         }
     }
 
@@ -135,17 +168,19 @@ impl DraftSource {
         attention_too: bool,
         load: &LoadOptions,
     ) -> Result<Self> {
-        Ok(Self::from_model(self_draft_model(
+        Ok(Self::from_model(Arc::new(self_draft_model(
             verifier,
             scheme,
             attention_too,
             load,
-        )?))
+        )?)))
     }
 
     /// A draft model from a file or folder; its vocabulary must be the verifier's.
     pub fn open_model(verifier: &Checkpoint, path: &Path, load: &LoadOptions) -> Result<Self> {
-        Ok(Self::from_model(open_draft_model(verifier, path, load)?))
+        Ok(Self::from_model(Arc::new(open_draft_model(
+            verifier, path, load,
+        )?)))
     }
 }
 
@@ -154,13 +189,26 @@ fn self_draft_model(
     scheme: QuantType,
     attention_too: bool,
     load: &LoadOptions,
-) -> Result<Arc<Llama>> {
+) -> Result<Llama> {
     let ck = tandem_quantize::quantized_copy(verifier, scheme, attention_too)
         .map_err(|e| Error::Mismatch(format!("quantizing the self-draft: {e}")))?;
-    Ok(Arc::new(ck.load_model(load)?))
+    Ok(ck.load_model(load)?)
 }
 
-fn open_draft_model(verifier: &Checkpoint, path: &Path, load: &LoadOptions) -> Result<Arc<Llama>> {
+/// Tokens a layer-skipping draft is chosen on: the start of the quantizer's bundled
+/// calibration text (Austen's Emma; never the evaluation text).
+const SKIP_CALIBRATION_TOKENS: usize = 256;
+
+fn calibration_tokens(verifier: &Checkpoint) -> Result<Vec<u32>> {
+    let mut ids = verifier.tokenizer.encode(
+        tandem_quantize::CALIBRATION_TEXT,
+        verifier.tokenizer.add_bos,
+    )?;
+    ids.truncate(SKIP_CALIBRATION_TOKENS);
+    Ok(ids)
+}
+
+fn open_draft_model(verifier: &Checkpoint, path: &Path, load: &LoadOptions) -> Result<Llama> {
     let draft = Checkpoint::open(path, None)?;
     if let Some(d) = draft.tokenizer.vocabulary_difference(&verifier.tokenizer) {
         return Err(Error::Mismatch(format!(
@@ -169,7 +217,7 @@ fn open_draft_model(verifier: &Checkpoint, path: &Path, load: &LoadOptions) -> R
             verifier.path.display()
         )));
     }
-    Ok(Arc::new(draft.load_model(load)?))
+    Ok(draft.load_model(load)?)
 }
 
 /// One speculative generation with fresh drafter, verifier, rule and controller.
@@ -187,6 +235,7 @@ pub fn run(
     let DraftSource {
         lookup,
         model: draft_model,
+        ..
     } = draft;
     let draft_model: Option<&Llama> = draft_model.as_deref();
     let mut ngram = NgramDrafter::default();

@@ -4,7 +4,7 @@
 
 use super::backend::{Backend, Buf, CpuBuffers, CpuPass, Norm};
 use super::profile::{OpTimes, Timer};
-use super::{KvCache, Llama};
+use super::{KvCache, Llama, Sublayer};
 use crate::error::{Error, Result};
 use candle_core::{DType, Tensor};
 
@@ -265,8 +265,12 @@ impl Llama {
         b.begin(pass.tokens, pass.positions)?;
         timer.lap(b, "embed");
         for li in 0..self.layers.len() {
-            self.attention_half(b, li, pass.seqs, pass.tree, pass.observer, &mut timer)?;
-            self.mlp_half(b, li, pass.observer, &mut timer)?;
+            if !self.skips(Sublayer::Attention(li)) {
+                self.attention_half(b, li, pass.seqs, pass.tree, pass.observer, &mut timer)?;
+            }
+            if !self.skips(Sublayer::Mlp(li)) {
+                self.mlp_half(b, li, pass.observer, &mut timer)?;
+            }
         }
         // Which rows go through the output head, and how they split per sequence.
         head_rows(pass.seqs, pass.which, pass.picked, pass.counts);

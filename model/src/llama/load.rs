@@ -163,6 +163,7 @@ impl Llama {
             workspace: Default::default(),
             pool: options.threads.map(tandem_kernels::pool::with_threads),
             resident: None,
+            skip: Vec::new(),
         };
         if options.device == ComputeDevice::Gpu {
             model.upload_to_gpu()?;
