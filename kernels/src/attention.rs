@@ -172,65 +172,67 @@ fn attention_units(
     let base = crate::rows::SendPtr(out.as_mut_ptr());
     crate::pool::current().run(units.div_ceil(per_task), |c| {
         crate::rows::with_scratch(&SCORES, |scores| {
-            for unit in c * per_task..((c + 1) * per_task).min(units) {
-                let (i, h0) = (
-                    unit / units_per_position,
-                    unit % units_per_position * per_unit,
-                );
-                let kv = h0 / group;
-                // Causal: the rows 0..=n+i. A tree: 0..n, then the path's rows.
-                let (pre, tail) = match paths {
-                    None => (s.n + i + 1, &[][..]),
-                    Some(p) => (s.n, &p[i][..]),
-                };
-                let rows = RowSet {
-                    keys: &k[kv * s.capacity * d..][..(s.n + s.t) * d],
-                    vals: &v[kv * s.capacity * d..][..(s.n + s.t) * d],
-                    pre,
-                    tail,
-                    tail_base: s.n,
-                };
-                let mut h = h0;
-                while h < h0 + per_unit {
-                    let heads = (h0 + per_unit - h).min(HEADS_PER_PASS);
-                    let row = i * s.n_head + h;
-                    // SAFETY: task c alone writes its units' heads, out[row·d..(row+heads)·d];
-                    // `run` waits for every task.
-                    let o = unsafe {
-                        std::slice::from_raw_parts_mut(base.get().add(row * d), heads * d)
+            crate::rows::with_scratch(&PATH_ROWS, |path_rows| {
+                for unit in c * per_task..((c + 1) * per_task).min(units) {
+                    let (i, h0) = (
+                        unit / units_per_position,
+                        unit % units_per_position * per_unit,
+                    );
+                    let kv = h0 / group;
+                    let (kh, vh) = (&k[kv * s.capacity * d..], &v[kv * s.capacity * d..]);
+                    // Causal: the rows 0..=n+i. A tree: 0..n, then the path's rows, gathered
+                    // (at most a few dozen) so both segments are contiguous.
+                    let rows = match paths {
+                        None => Segments {
+                            keys: &kh[..(s.n + i + 1) * d],
+                            vals: &vh[..(s.n + i + 1) * d],
+                            path_keys: &[],
+                            path_vals: &[],
+                        },
+                        Some(p) => {
+                            let len = p[i].len() * d;
+                            path_rows.clear();
+                            path_rows.resize(2 * len, 0.0);
+                            for (j, &m) in p[i].iter().enumerate() {
+                                let r = (s.n + m as usize) * d;
+                                path_rows[j * d..][..d].copy_from_slice(&kh[r..r + d]);
+                                path_rows[len + j * d..][..d].copy_from_slice(&vh[r..r + d]);
+                            }
+                            let (pk, pv) = path_rows.split_at(len);
+                            Segments {
+                                keys: &kh[..s.n * d],
+                                vals: &vh[..s.n * d],
+                                path_keys: pk,
+                                path_vals: pv,
+                            }
+                        }
                     };
-                    let qs = &q[row * d..][..heads * d];
-                    attend_heads(qs, heads, &rows, scale, scores, o);
-                    h += heads;
+                    let mut h = h0;
+                    while h < h0 + per_unit {
+                        let heads = (h0 + per_unit - h).min(HEADS_PER_PASS);
+                        let row = i * s.n_head + h;
+                        // SAFETY: task c alone writes its units' heads,
+                        // out[row·d..(row+heads)·d]; `run` waits for every task.
+                        let o = unsafe {
+                            std::slice::from_raw_parts_mut(base.get().add(row * d), heads * d)
+                        };
+                        let qs = &q[row * d..][..heads * d];
+                        attend_heads(qs, heads, &rows, scale, scores, o);
+                        h += heads;
+                    }
                 }
-            }
+            })
         })
     });
 }
 
-/// The key/value rows one query sees, in order: rows 0..pre, then `tail_base + m` for each m
-/// of `tail` (a token tree's path; empty for causal attention).
-struct RowSet<'a> {
+/// The key/value rows one query sees, as two contiguous segments visited in order: the
+/// cache's rows from 0, then (a token tree's query) its path's rows, gathered.
+struct Segments<'a> {
     keys: &'a [f32],
     vals: &'a [f32],
-    pre: usize,
-    tail: &'a [u32],
-    tail_base: usize,
-}
-
-impl RowSet<'_> {
-    fn len(&self) -> usize {
-        self.pre + self.tail.len()
-    }
-    /// Every row of `buf` (the keys or the values) this query sees, in order.
-    #[inline(always)]
-    fn rows<'b>(&'b self, buf: &'b [f32], d: usize) -> impl Iterator<Item = &'b [f32]> + 'b {
-        buf[..self.pre * d].chunks_exact(d).chain(
-            self.tail
-                .iter()
-                .map(move |&m| &buf[(self.tail_base + m as usize) * d..][..d]),
-        )
-    }
+    path_keys: &'a [f32],
+    path_vals: &'a [f32],
 }
 
 /// `heads` (≤ [`HEADS_PER_PASS`]) query rows, consecutive in `qs`, against the same keys and
@@ -238,7 +240,7 @@ impl RowSet<'_> {
 fn attend_heads(
     qs: &[f32],
     heads: usize,
-    rows: &RowSet<'_>,
+    rows: &Segments<'_>,
     scale: f32,
     scores: &mut Vec<f32>,
     o: &mut [f32],
@@ -267,7 +269,7 @@ fn attend_heads(
 #[target_feature(enable = "avx2,fma")]
 unsafe fn attend_heads_avx2<const G: usize>(
     qs: &[f32],
-    rows: &RowSet<'_>,
+    rows: &Segments<'_>,
     scale: f32,
     scores: &mut Vec<f32>,
     o: &mut [f32],
@@ -278,35 +280,67 @@ unsafe fn attend_heads_avx2<const G: usize>(
 /// G heads at once: per head the same operations in the same order whatever G (so the same
 /// bits), with each key and value row read once for all G. The plain loops vectorize 8 wide
 /// in the AVX2 build; Rust never fuses a multiply and an add on its own, so both builds round
-/// identically.
+/// identically. Row j of the query's order is the same arithmetic whichever segment holds it.
 #[inline(always)]
 fn attend_heads_body<const G: usize>(
     qs: &[f32],
-    rows: &RowSet<'_>,
+    rows: &Segments<'_>,
     scale: f32,
     scores: &mut Vec<f32>,
     o: &mut [f32],
 ) {
     let d = qs.len() / G;
-    let len = rows.len();
+    let pre = rows.keys.len() / d;
+    let len = pre + rows.path_keys.len() / d;
     scores.clear();
     scores.resize(G * len, 0.0);
     let mut max = [f32::NEG_INFINITY; G];
-    for (j, kr) in rows.rows(rows.keys, d).enumerate() {
-        for g in 0..G {
-            let x = dot(&qs[g * d..][..d], kr) * scale;
-            max[g] = max[g].max(x);
-            scores[g * len + j] = x;
-        }
-    }
+    score_rows::<G>(qs, rows.keys, 0, len, scale, scores, &mut max);
+    score_rows::<G>(qs, rows.path_keys, pre, len, scale, scores, &mut max);
     let mut z = [0f32; G];
     for g in 0..G {
         z[g] = crate::ops::exp_shifted_sum(&mut scores[g * len..][..len], max[g]);
     }
     o.fill(0.0);
-    for (j, vr) in rows.rows(rows.vals, d).enumerate() {
+    accumulate_rows::<G>(rows.vals, 0, len, scores, &z, o);
+    accumulate_rows::<G>(rows.path_vals, pre, len, scores, &z, o);
+}
+
+/// Scores of the rows of `keys` (row j of the query's order at `first + j`).
+#[inline(always)]
+fn score_rows<const G: usize>(
+    qs: &[f32],
+    keys: &[f32],
+    first: usize,
+    len: usize,
+    scale: f32,
+    scores: &mut [f32],
+    max: &mut [f32; G],
+) {
+    let d = qs.len() / G;
+    for (j, kr) in keys.chunks_exact(d).enumerate() {
         for g in 0..G {
-            let w = scores[g * len + j] / z[g];
+            let x = dot(&qs[g * d..][..d], kr) * scale;
+            max[g] = max[g].max(x);
+            scores[g * len + first + j] = x;
+        }
+    }
+}
+
+/// Adds the weighted value rows of `vals` (row j of the query's order at `first + j`) to `o`.
+#[inline(always)]
+fn accumulate_rows<const G: usize>(
+    vals: &[f32],
+    first: usize,
+    len: usize,
+    scores: &[f32],
+    z: &[f32; G],
+    o: &mut [f32],
+) {
+    let d = o.len() / G;
+    for (j, vr) in vals.chunks_exact(d).enumerate() {
+        for g in 0..G {
+            let w = scores[g * len + first + j] / z[g];
             for (oc, vc) in o[g * d..][..d].iter_mut().zip(vr) {
                 *oc += w * vc;
             }
@@ -317,6 +351,8 @@ fn attend_heads_body<const G: usize>(
 thread_local! {
     /// One (position, head)'s attention scores, reused across calls.
     static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// A token-tree query's path keys and values, gathered.
+    static PATH_ROWS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// Dot product with 8 independent lanes (vectorizes, and its order never depends on callers).
