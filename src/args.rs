@@ -79,6 +79,10 @@ pub struct DraftArgs {
     /// takes switch branching off.
     #[arg(long, default_value_t = tandem_speculate::config::DEFAULT_TREE_BELOW)]
     pub draft_tree: f32,
+    /// Token trees from the suffix lookup: up to this many distinct earlier continuations
+    /// verified at once (1 = the best match only).
+    #[arg(long, default_value_t = 1)]
+    pub lookup_paths: usize,
 }
 
 impl DraftArgs {
@@ -93,6 +97,7 @@ impl DraftArgs {
             own_draft_cache: self.own_draft_cache,
             draft_vocab: self.draft_vocab,
             tree_below: self.draft_tree,
+            lookup_paths: self.lookup_paths,
             ..SpecConfig::default()
         }
     }

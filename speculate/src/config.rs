@@ -42,6 +42,9 @@ pub struct SpecConfig {
     /// Token trees: a draft model offers its runner-up where its top probability is below
     /// this ([`crate::Branching`]; 0 = chains).
     pub tree_below: f32,
+    /// Token trees from a suffix lookup: up to this many distinct continuations at once
+    /// ([`crate::SuffixDrafter::paths`]; 1 = the best match only).
+    pub lookup_paths: usize,
 }
 
 impl Default for SpecConfig {
@@ -56,6 +59,7 @@ impl Default for SpecConfig {
             draft_vocab: crate::DEFAULT_DRAFT_VOCAB,
             max_spec_batch: usize::MAX,
             tree_below: DEFAULT_TREE_BELOW,
+            lookup_paths: 1,
         }
     }
 }

@@ -242,7 +242,10 @@ pub fn run(
     let lookup_drafter: Option<&mut dyn Drafter> = match lookup {
         Lookup::None => None,
         Lookup::Ngram => Some(&mut ngram),
-        Lookup::Suffix(d) => Some(d),
+        Lookup::Suffix(d) => {
+            d.paths = s.lookup_paths;
+            Some(d)
+        }
     };
     let (mut own_cache, mut shared_cache);
     let model_drafter: Option<&mut dyn Drafter> = match draft_model {

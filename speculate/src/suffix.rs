@@ -78,14 +78,30 @@ impl SuffixCache {
     /// stored sequences: (its length, up to `k` tokens that followed it). The latest
     /// occurrence wins among equally long ones.
     pub fn lookup(&self, context: &[u32], max_ngram: usize, k: usize) -> (usize, Vec<u32>) {
+        self.lookup_many(context, max_ngram, k, 1)
+            .pop()
+            .unwrap_or((0, Vec::new()))
+    }
+
+    /// Up to `paths` matches (each at least 2 tokens long) with distinct continuations,
+    /// longest first, the latest first among equally long ones: (match length, up to `k`
+    /// tokens that followed it). The candidates of a token-tree draft.
+    pub fn lookup_many(
+        &self,
+        context: &[u32],
+        max_ngram: usize,
+        k: usize,
+        paths: usize,
+    ) -> Vec<(usize, Vec<u32>)> {
         let n = context.len();
-        if n < 2 || k == 0 {
-            return (0, Vec::new());
+        if n < 2 || k == 0 || paths == 0 {
+            return Vec::new();
         }
         let Some(starts) = self.index.get(&(context[n - 2], context[n - 1])) else {
-            return (0, Vec::new());
+            return Vec::new();
         };
-        let (mut best_len, mut best_end) = (0, 0);
+        // (match length, where the continuation starts), latest occurrence first.
+        let mut found: Vec<(usize, usize)> = Vec::new();
         for &s in starts.iter().rev() {
             // The bigram occupies s, s+1; extend the match backwards.
             let mut len = 2;
@@ -97,25 +113,30 @@ impl SuffixCache {
             {
                 len += 1;
             }
-            if len > best_len {
-                best_len = len;
-                best_end = s + 2;
-                if len >= max_ngram {
+            found.push((len, s + 2));
+            // Enough full-length matches: older ones cannot rank higher.
+            if found.iter().filter(|f| f.0 >= max_ngram).count() >= paths {
+                break;
+            }
+        }
+        // Longest first; the sort is stable, so the latest stays first among equals.
+        found.sort_by(|a, b| b.0.cmp(&a.0));
+        let mut out: Vec<(usize, Vec<u32>)> = Vec::new();
+        for (len, end) in found {
+            let follow: Vec<u32> = self.tokens[end..]
+                .iter()
+                .take_while(|&&t| t != SEPARATOR)
+                .take(k)
+                .copied()
+                .collect();
+            if !follow.is_empty() && !out.iter().any(|(_, f)| *f == follow) {
+                out.push((len, follow));
+                if out.len() == paths {
                     break;
                 }
             }
         }
-        let follow: Vec<u32> = self.tokens[best_end..]
-            .iter()
-            .take_while(|&&t| t != SEPARATOR)
-            .take(k)
-            .copied()
-            .collect();
-        if follow.is_empty() {
-            (0, follow)
-        } else {
-            (best_len, follow)
-        }
+        out
     }
 }
 
@@ -131,6 +152,9 @@ pub struct SuffixDrafter {
     pub min_match: usize,
     /// The sequence being decoded (the last context seen).
     current: Vec<u32>,
+    /// Most distinct continuations proposed at once, as a token tree (1 = a chain: the best
+    /// match only). Lookup candidates cost nothing to draft, only a verifier row each.
+    pub paths: usize,
 }
 
 impl Default for SuffixDrafter {
@@ -141,6 +165,7 @@ impl Default for SuffixDrafter {
             max_ngram: 8,
             min_match: 1,
             current: Vec::new(),
+            paths: 1,
         }
     }
 }
@@ -178,20 +203,44 @@ impl Drafter for SuffixDrafter {
         // Only the tokens since the last call are new.
         let seen = self.current.len();
         self.current.extend_from_slice(&context[seen..]);
-        let (n_here, here) = longest_context_match(context, self.max_ngram, k);
-        let (n_past, past) = self.cache.lookup(context, self.max_ngram, k);
-        let (n, tokens) = if n_past > n_here {
-            (n_past, past)
-        } else {
-            (n_here, here)
-        };
-        let tokens = if n >= self.min_match {
-            tokens
-        } else {
-            Vec::new()
-        };
-        Ok(Draft::chain(tokens))
+        // The context's own match first, then the history's, longest first (the context's
+        // wins a tie: the same request predicts itself best).
+        let mut candidates = vec![longest_context_match(context, self.max_ngram, k)];
+        candidates.extend(
+            self.cache
+                .lookup_many(context, self.max_ngram, k, self.paths.max(1)),
+        );
+        candidates.sort_by(|a, b| b.0.cmp(&a.0));
+        let paths: Vec<Vec<u32>> = candidates
+            .into_iter()
+            .filter(|(n, t)| *n >= self.min_match.max(1) && !t.is_empty())
+            .map(|(_, t)| t)
+            .take(self.paths.max(1))
+            .collect();
+        Ok(trie(&paths))
     }
+}
+
+/// The token tree of `paths` (shared prefixes merged; the first path is the main chain), or
+/// the chain of the one path.
+fn trie(paths: &[Vec<u32>]) -> Draft {
+    let mut d = Draft::default();
+    let mut parents: Vec<Option<usize>> = Vec::new();
+    for path in paths {
+        let mut node: Option<usize> = None;
+        for &t in path {
+            let existing = (0..d.tokens.len()).find(|&i| parents[i] == node && d.tokens[i] == t);
+            node = Some(existing.unwrap_or_else(|| {
+                d.tokens.push(t);
+                parents.push(node);
+                d.tokens.len() - 1
+            }));
+        }
+    }
+    if paths.len() > 1 {
+        d.parents = Some(parents);
+    }
+    d
 }
 
 #[cfg(test)]
@@ -235,5 +284,27 @@ mod tests {
         assert!(c.len() <= 20);
         assert_eq!(c.lookup(&[49, 50], 4, 1), (2, vec![51]));
         assert_eq!(c.lookup(&[1, 2], 4, 1), (0, vec![]));
+    }
+
+    #[test]
+    fn several_continuations_make_a_token_tree() {
+        let mut d = SuffixDrafter {
+            paths: 3,
+            ..Default::default()
+        };
+        // Three earlier requests continue "7 8" differently (two share a first token).
+        d.end_sequence(&[7, 8, 1, 2]);
+        d.end_sequence(&[7, 8, 1, 3]);
+        d.end_sequence(&[5, 7, 8, 4]);
+        let draft = d.propose(&[5, 7, 8], 2).unwrap();
+        // The longest match (5 7 8 → 4) is the main chain; then the latest (1 3), then (1 2).
+        assert_eq!(draft.main_chain().tokens, vec![4]);
+        assert_eq!(draft.tokens, vec![4, 1, 3, 2]);
+        assert_eq!(draft.parents, Some(vec![None, None, Some(1), Some(1)]));
+        // One path is a chain.
+        d.paths = 1;
+        let chain = d.propose(&[6, 7, 8], 2).unwrap();
+        assert!(chain.parents.is_none());
+        assert_eq!(chain.tokens, vec![4]);
     }
 }
