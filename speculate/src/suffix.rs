@@ -120,7 +120,7 @@ impl SuffixCache {
             }
         }
         // Longest first; the sort is stable, so the latest stays first among equals.
-        found.sort_by(|a, b| b.0.cmp(&a.0));
+        found.sort_by_key(|f| std::cmp::Reverse(f.0));
         let mut out: Vec<(usize, Vec<u32>)> = Vec::new();
         for (len, end) in found {
             let follow: Vec<u32> = self.tokens[end..]
@@ -210,7 +210,7 @@ impl Drafter for SuffixDrafter {
             self.cache
                 .lookup_many(context, self.max_ngram, k, self.paths.max(1)),
         );
-        candidates.sort_by(|a, b| b.0.cmp(&a.0));
+        candidates.sort_by_key(|c| std::cmp::Reverse(c.0));
         let paths: Vec<Vec<u32>> = candidates
             .into_iter()
             .filter(|(n, t)| *n >= self.min_match.max(1) && !t.is_empty())
