@@ -297,13 +297,15 @@ fn attend_heads_body<const G: usize>(
     let mut max = [f32::NEG_INFINITY; G];
     score_rows::<G>(qs, rows.keys, 0, len, scale, scores, &mut max);
     score_rows::<G>(qs, rows.path_keys, pre, len, scale, scores, &mut max);
-    let mut z = [0f32; G];
     for g in 0..G {
-        z[g] = crate::ops::exp_shifted_sum(&mut scores[g * len..][..len], max[g]);
+        let weights = &mut scores[g * len..][..len];
+        let z = crate::ops::exp_shifted_sum(weights, max[g]);
+        // The softmax weights, each divided once.
+        weights.iter_mut().for_each(|w| *w /= z);
     }
     o.fill(0.0);
-    accumulate_rows::<G>(rows.vals, 0, len, scores, &z, o);
-    accumulate_rows::<G>(rows.path_vals, pre, len, scores, &z, o);
+    accumulate_rows::<G>(rows.vals, 0, len, scores, o);
+    accumulate_rows::<G>(rows.path_vals, pre, len, scores, o);
 }
 
 /// Scores of the rows of `keys` (row j of the query's order at `first + j`).
@@ -318,6 +320,23 @@ fn score_rows<const G: usize>(
     max: &mut [f32; G],
 ) {
     let d = qs.len() / G;
+    #[cfg(target_arch = "x86_64")]
+    if d.is_multiple_of(8) && crate::has_avx2_fma() {
+        let rows = keys.len() / d;
+        for g in 0..G {
+            // SAFETY: the CPU has AVX2 and FMA (checked above); the slices are in bounds.
+            let m = unsafe {
+                score_rows_avx2(
+                    &qs[g * d..][..d],
+                    keys,
+                    scale,
+                    &mut scores[g * len + first..][..rows],
+                )
+            };
+            max[g] = max[g].max(m);
+        }
+        return;
+    }
     for (j, kr) in keys.chunks_exact(d).enumerate() {
         for g in 0..G {
             let x = dot(&qs[g * d..][..d], kr) * scale;
@@ -327,24 +346,133 @@ fn score_rows<const G: usize>(
     }
 }
 
+/// One query row's scores against the rows of `keys`, eight keys at a time, into `out`;
+/// returns their maximum. Each key's score is bit for bit [`dot`]`(q, k) * scale`: the same
+/// eight lanes accumulate the same products in the same order, and the transposing reduction
+/// below adds them in `dot`'s tree, ((a0 + a4) + (a1 + a5)) + ((a2 + a6) + (a3 + a7)), for
+/// eight keys at once instead of one horizontal sum per key (which was most of a prefill's
+/// attention time). Needs `q.len()` a multiple of 8.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn score_rows_avx2(q: &[f32], keys: &[f32], scale: f32, out: &mut [f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let d = q.len();
+    let rows = out.len();
+    debug_assert!(d.is_multiple_of(8) && keys.len() >= rows * d);
+    let (qp, kp) = (q.as_ptr(), keys.as_ptr());
+    let scale_v = _mm256_set1_ps(scale);
+    // The final reduction leaves the keys in lanes 0 2 4 6 1 3 5 7.
+    let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    let mut max_v = _mm256_set1_ps(f32::NEG_INFINITY);
+    let mut j = 0;
+    while j + 8 <= rows {
+        let mut a = [_mm256_setzero_ps(); 8];
+        let mut c = 0;
+        while c < d {
+            let qv = _mm256_loadu_ps(qp.add(c));
+            for (r, ar) in a.iter_mut().enumerate() {
+                let kv = _mm256_loadu_ps(kp.add((j + r) * d + c));
+                // Multiply, then add: `dot` is never fused either.
+                *ar = _mm256_add_ps(*ar, _mm256_mul_ps(qv, kv));
+            }
+            c += 8;
+        }
+        // Per key: lanes l and l + 4 added (two keys per register).
+        let pair = |x: __m256, y: __m256| {
+            _mm256_add_ps(
+                _mm256_permute2f128_ps::<0x20>(x, y),
+                _mm256_permute2f128_ps::<0x31>(x, y),
+            )
+        };
+        let (p01, p23, p45, p67) = (
+            pair(a[0], a[1]),
+            pair(a[2], a[3]),
+            pair(a[4], a[5]),
+            pair(a[6], a[7]),
+        );
+        // (b0 + b1), (b2 + b3), then their sum, per key.
+        let h = _mm256_hadd_ps(_mm256_hadd_ps(p01, p23), _mm256_hadd_ps(p45, p67));
+        let s = _mm256_mul_ps(_mm256_permutevar8x32_ps(h, order), scale_v);
+        _mm256_storeu_ps(out.as_mut_ptr().add(j), s);
+        max_v = _mm256_max_ps(max_v, s);
+        j += 8;
+    }
+    let mut lanes = [0f32; 8];
+    _mm256_storeu_ps(lanes.as_mut_ptr(), max_v);
+    let mut max = lanes.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    while j < rows {
+        let x = dot(q, &keys[j * d..][..d]) * scale;
+        max = max.max(x);
+        out[j] = x;
+        j += 1;
+    }
+    max
+}
+
 /// Adds the weighted value rows of `vals` (row j of the query's order at `first + j`) to `o`.
 #[inline(always)]
 fn accumulate_rows<const G: usize>(
     vals: &[f32],
     first: usize,
     len: usize,
-    scores: &[f32],
-    z: &[f32; G],
+    weights: &[f32],
     o: &mut [f32],
 ) {
     let d = o.len() / G;
+    #[cfg(target_arch = "x86_64")]
+    if d.is_multiple_of(8) && crate::has_avx2_fma() {
+        let rows = vals.len() / d;
+        for g in 0..G {
+            // SAFETY: the CPU has AVX2 and FMA (checked above); the slices are in bounds.
+            unsafe {
+                accumulate_rows_avx2(
+                    vals,
+                    &weights[g * len + first..][..rows],
+                    &mut o[g * d..][..d],
+                )
+            };
+        }
+        return;
+    }
     for (j, vr) in vals.chunks_exact(d).enumerate() {
         for g in 0..G {
-            let w = scores[g * len + first + j] / z[g];
+            let w = weights[g * len + first + j];
             for (oc, vc) in o[g * d..][..d].iter_mut().zip(vr) {
                 *oc += w * vc;
             }
         }
+    }
+}
+
+/// `o += Σ_j weights[j] · vals[j]` for one head, each output element summed over j in order
+/// (so bit for bit the plain loop), with up to 64 outputs held in registers across all the
+/// rows instead of loaded and stored per row. Needs `o.len()` a multiple of 8.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn accumulate_rows_avx2(vals: &[f32], weights: &[f32], o: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let d = o.len();
+    debug_assert!(d.is_multiple_of(8) && vals.len() >= weights.len() * d);
+    let (vp, op) = (vals.as_ptr(), o.as_mut_ptr());
+    let mut c0 = 0;
+    while c0 < d {
+        let n = ((d - c0) / 8).min(8);
+        let mut acc = [_mm256_setzero_ps(); 8];
+        for (v, a) in acc.iter_mut().enumerate().take(n) {
+            *a = _mm256_loadu_ps(op.add(c0 + 8 * v));
+        }
+        for (j, &w) in weights.iter().enumerate() {
+            let wv = _mm256_set1_ps(w);
+            let row = vp.add(j * d + c0);
+            for (v, a) in acc.iter_mut().enumerate().take(n) {
+                // Multiply, then add, as the plain loop.
+                *a = _mm256_add_ps(*a, _mm256_mul_ps(wv, _mm256_loadu_ps(row.add(8 * v))));
+            }
+        }
+        for (v, a) in acc.iter().enumerate().take(n) {
+            _mm256_storeu_ps(op.add(c0 + 8 * v), *a);
+        }
+        c0 += 8 * n;
     }
 }
 
@@ -550,6 +678,27 @@ mod tests {
             let mut plain = vec![0f32; row];
             attention(one, &q[i * row..][..row], &kp, &vp, &mut plain);
             assert_eq!(&tree[i * row..][..row], &plain[..], "row {i}");
+        }
+    }
+
+    /// The eight-keys-at-once scores are bit for bit the one-key `dot`'s.
+    #[test]
+    fn blocked_scores_equal_one_key_dots() {
+        if !crate::has_avx2_fma() {
+            return;
+        }
+        let mut rng = rand::rngs::StdRng::seed_from_u64(41);
+        for (d, rows) in [(64, 37), (8, 8), (128, 5), (16, 100)] {
+            let q: Vec<f32> = (0..d).map(|_| rng.random_range(-3.0..3.0)).collect();
+            let keys: Vec<f32> = (0..rows * d).map(|_| rng.random_range(-3.0..3.0)).collect();
+            let mut out = vec![0f32; rows];
+            // SAFETY: AVX2 and FMA checked above.
+            let max = unsafe { score_rows_avx2(&q, &keys, 0.125, &mut out) };
+            for (j, &s) in out.iter().enumerate() {
+                let want = dot(&q, &keys[j * d..][..d]) * 0.125;
+                assert_eq!(s.to_bits(), want.to_bits(), "d {d} key {j}");
+            }
+            assert_eq!(max, out.iter().copied().fold(f32::NEG_INFINITY, f32::max));
         }
     }
 }
