@@ -70,6 +70,18 @@ pub(crate) fn has_avx2_fma() -> bool {
         && std::is_x86_feature_detected!("f16c")
 }
 
+/// Whether the CPU has AVX-512F (512-bit vectors, 32 registers) besides the AVX2 set, for the
+/// F16 matmul's wider blocks; `TANDEM_NO_AVX512=1` keeps the AVX2 path. Checked once.
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn has_avx512() -> bool {
+    static AVX512: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *AVX512.get_or_init(|| {
+        has_avx2_fma()
+            && std::is_x86_feature_detected!("avx512f")
+            && std::env::var_os("TANDEM_NO_AVX512").is_none()
+    })
+}
+
 /// Whether the CPU has AVX-512 VNNI on 256-bit vectors (`vpdpbusd`: u8 × i8 products summed in
 /// fours into i32 lanes, one instruction for AVX2's `vpmaddubsw` + `vpmaddwd` + add). Checked
 /// at run time; the kernels keep their AVX2 path for CPUs without it.
