@@ -682,6 +682,7 @@ mod tests {
     }
 
     /// The eight-keys-at-once scores are bit for bit the one-key `dot`'s.
+    #[cfg(target_arch = "x86_64")]
     #[test]
     fn blocked_scores_equal_one_key_dots() {
         if !crate::has_avx2_fma() {
