@@ -252,8 +252,11 @@ unsafe fn task_avx512_entry(job: &Job, i0: usize, j0: usize, out: Out) {
 /// against up to six activation rows (the AVX2 blocks take two for five or six). Measured on
 /// a 2-core Zen 4 (which runs 512-bit operations as two 256-bit halves): SmolLM2 F16 pp512
 /// 475-520 -> 580-590 tok/s with R = 3 at G = 5-6; R = 4 there (24 accumulators) ran at 300,
-/// its registers spilled. It is chosen for every shape on a CPU that has it, so decode,
-/// verification and prefill still sum each dot product in one order.
+/// its registers spilled. One-row decode (bandwidth-bound) measured ~4% slower than AVX2 here
+/// (tg128 76.5 vs 79.4 tok/s over four alternations; R = 2 or 8 at G = 1 no better), a cost
+/// kept for prefill and verification: the path must be the same for every shape, so that
+/// decode, verification and prefill sum each dot product in one order (greedy speculation
+/// stays identical to plain decoding).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
 unsafe fn task_avx512(job: &Job, i0: usize, j0: usize, out: Out) {
