@@ -155,28 +155,32 @@ unsafe fn task_avx2(job: &Job, i0: usize, j0: usize, out: Out) {
     }
 }
 
-/// The task's weight rows in blocks of `R` (the remainder one at a time) against `G`
-/// activation rows.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn blocks_f16_avx2<const R: usize, const G: usize>(
-    job: &Job,
-    i0: usize,
-    j0: usize,
-    out: Out,
-) {
-    let k = job.k;
-    let rows = job.w.len() / k;
-    let mut jj = 0;
-    while jj + R <= rows {
-        block_f16_avx2::<R, G>(job, jj, i0, j0, out);
-        jj += R;
-    }
-    while jj < rows {
-        block_f16_avx2::<1, G>(job, jj, i0, j0, out);
-        jj += 1;
-    }
+/// A task's weight rows in blocks of `R` (the remainder one at a time) against `G` activation
+/// rows, through a block kernel: written once for every instruction set, each expansion
+/// compiled with its set's target features so the block kernel inlines into it (calling it
+/// through a function pointer instead lost the AVX-512 path's gain, measured).
+macro_rules! blocks_fn {
+    ($name:ident, $features:literal, $block:ident) => {
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = $features)]
+        unsafe fn $name<const R: usize, const G: usize>(job: &Job, i0: usize, j0: usize, out: Out) {
+            let k = job.k;
+            let rows = job.w.len() / k;
+            let mut jj = 0;
+            while jj + R <= rows {
+                $block::<R, G>(job, jj, i0, j0, out);
+                jj += R;
+            }
+            while jj < rows {
+                $block::<1, G>(job, jj, i0, j0, out);
+                jj += 1;
+            }
+        }
+    };
 }
+
+blocks_fn!(blocks_f16_avx2, "avx2,fma,f16c", block_f16_avx2);
+blocks_fn!(blocks_f16_avx512, "avx512f,avx2,fma,f16c", block_f16_avx512);
 
 /// Weight rows `jj..jj + R` of the task against its `G` activation rows: one 8-lane
 /// accumulator per (weight row, activation row), fed 8 columns at a time in order, then
@@ -252,8 +256,9 @@ unsafe fn task_avx512_entry(job: &Job, i0: usize, j0: usize, out: Out) {
 /// against up to six activation rows (the AVX2 blocks take two for five or six). Measured on
 /// a 2-core Zen 4 (which runs 512-bit operations as two 256-bit halves): SmolLM2 F16 pp512
 /// 475-520 -> 580-590 tok/s with R = 3 at G = 5-6; R = 4 there (24 accumulators) ran at 300,
-/// its registers spilled. One-row decode (bandwidth-bound) measured ~4% slower than AVX2 here
-/// (tg128 76.5 vs 79.4 tok/s over four alternations; R = 2 or 8 at G = 1 no better), a cost
+/// its registers spilled. One-row decode (bandwidth-bound) measured 4-10% slower than AVX2 here
+/// (tg128 76.5 vs 79.4 and 69 vs 78 tok/s in two sets of alternations; R = 2 or 8 at G = 1 no
+/// better), a cost
 /// kept for prefill and verification: the path must be the same for every shape, so that
 /// decode, verification and prefill sum each dot product in one order (greedy speculation
 /// stays identical to plain decoding).
@@ -267,27 +272,6 @@ unsafe fn task_avx512(job: &Job, i0: usize, j0: usize, out: Out) {
         4 => blocks_f16_avx512::<4, 4>(job, i0, j0, out),
         5 => blocks_f16_avx512::<3, 5>(job, i0, j0, out),
         _ => blocks_f16_avx512::<3, 6>(job, i0, j0, out),
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx2,fma,f16c")]
-unsafe fn blocks_f16_avx512<const R: usize, const G: usize>(
-    job: &Job,
-    i0: usize,
-    j0: usize,
-    out: Out,
-) {
-    let k = job.k;
-    let rows = job.w.len() / k;
-    let mut jj = 0;
-    while jj + R <= rows {
-        block_f16_avx512::<R, G>(job, jj, i0, j0, out);
-        jj += R;
-    }
-    while jj < rows {
-        block_f16_avx512::<1, G>(job, jj, i0, j0, out);
-        jj += 1;
     }
 }
 

@@ -262,8 +262,31 @@ impl Branching {
         }
         match probs.as_ref().and_then(|p| p.last()) {
             Some(q) => self.runner_up(q, chosen),
-            None => self.runner_up(&softmax(logits), chosen),
+            None => self.runner_up_of_greedy(logits, chosen),
         }
+    }
+
+    /// [`Branching::runner_up`] for a greedy draft (`chosen` is the logits' argmax), without
+    /// building the distribution on every drafted token: p(chosen) is [`top_probability`],
+    /// and any other token's p is exp(l − l_chosen) · p(chosen).
+    fn runner_up_of_greedy(&self, logits: &[f32], chosen: u32) -> Option<u32> {
+        let top = top_probability(logits, chosen);
+        if top >= self.below {
+            return None;
+        }
+        let (best, l) = logits
+            .iter()
+            .enumerate()
+            .filter(|&(i, _)| i != chosen as usize)
+            .fold((None, f32::NEG_INFINITY), |b, (i, &l)| {
+                if b.0.is_none() || l > b.1 {
+                    (Some(i), l)
+                } else {
+                    b
+                }
+            });
+        let p = (l - logits[chosen as usize]).exp() * top;
+        best.filter(|_| p >= self.min_p).map(|i| i as u32)
     }
 
     /// Counts the leaves of the last proposal the verifier took, now that `context` (the
@@ -297,15 +320,6 @@ impl Branching {
         });
         tree
     }
-}
-
-/// softmax(logits), for a greedy draft's runner-up.
-pub(crate) fn softmax(logits: &[f32]) -> Vec<f32> {
-    let m = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut p: Vec<f32> = logits.iter().map(|&l| (l - m).exp()).collect();
-    let z: f32 = p.iter().sum();
-    p.iter_mut().for_each(|x| *x /= z);
-    p
 }
 
 /// How many of the lowest token ids a draft model's output head keeps by default
