@@ -165,8 +165,8 @@ fn stories260k_speculative_greedy_equals_plain_greedy() {
                 let (got, _) = speculative(&m, &mut dr, &mut FixedK(k), &ids, 120, limit, &eos);
                 assert_eq!(got, want, "self draft k={k} prompt {p:?}");
                 // Token trees: the runner-up beside every drafted token, own cache and shared
-                // (at three draft lengths: each run is a whole generation).
-                if [2, 5, 8].contains(&k) {
+                // (at two draft lengths: each run is a whole generation).
+                if [2, 8].contains(&k) {
                     let mut dr = ModelDrafter::new(d, None).unwrap();
                     dr.branching = always_branch();
                     let (got, st) =
@@ -506,7 +506,7 @@ fn stories260k_speculative_sampling_matches_the_verifier_distribution() {
     let mut short = self_drafts(&ck).remove(1);
     let ids = tandem_speculate::draft_shortlist(&prompt, m.config.vocab_size, 48).unwrap();
     short.set_output_shortlist(Some(&ids)).unwrap();
-    let n = 10_000;
+    let n = 8_000;
     let tv_of = |draft: &Llama, greedy_rule: bool, shared_cache: bool, tree: bool| -> f64 {
         let mut counts = vec![0usize; target.len()];
         for i in 0..n {
@@ -577,7 +577,7 @@ fn stories260k_speculative_sampling_matches_the_verifier_distribution() {
         tv_shared < 0.035,
         "rejection sampling with a shared-cache draft is off the target: TV {tv_shared}"
     );
-    // 10k draws over ~40 tokens: sampling noise alone gives TV around 0.02.
+    // 8k draws over ~40 tokens: sampling noise alone gives TV around 0.01-0.02.
     assert!(
         tv_ok < 0.035,
         "rejection sampling is off the target: TV {tv_ok}"
