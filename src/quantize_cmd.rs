@@ -103,6 +103,10 @@ pub struct CalibArgs {
     /// KLD 0.099 at 0.01, 0.089 at 0.1, 0.083 at 0.3 and at 1.0; see BENCHMARKS.md).
     #[arg(long, default_value_t = 0.3)]
     gptq_damp: f64,
+    /// GPTQ takes input channels in order of decreasing activation (GPTQModel's desc_act);
+    /// each block's scale is still fixed when its first column comes up.
+    #[arg(long)]
+    act_order: bool,
 }
 
 impl CalibArgs {
@@ -124,6 +128,7 @@ impl CalibArgs {
             self.gptq_damp,
         )?;
         o.threads = load.threads;
+        o.gptq.act_order = self.act_order;
         Ok(o)
     }
 }

@@ -431,18 +431,22 @@ fn calibrated_methods_lower_kl_divergence_at_q4_0_and_say_so_in_the_file() {
     // BENCHMARKS.md), evaluated on wikitext: never the same text.
     let base = ["quantize", s(&m), "--scheme", "q4_0", "--quiet", "--out"];
     let calib = ["--calib-chunks", "4"];
-    let files: Vec<PathBuf> = ["rtn", "gptq", "awq+gptq"]
+    // The last also takes GPTQ's columns in act-order.
+    let files: Vec<PathBuf> = [&["rtn"][..], &["gptq"], &["awq+gptq", "--act-order"]]
         .iter()
         .map(|method| {
             let out = tmp
                 .path()
-                .join(format!("{}.gguf", method.replace('+', "-")));
-            ok(&[&base[..], &[s(&out), "--method", method], &calib[..]].concat());
+                .join(format!("{}.gguf", method[0].replace('+', "-")));
+            ok(&[&base[..], &[s(&out), "--method"], method, &calib[..]].concat());
             out
         })
         .collect();
     let info = ok(&["info", s(&files[1])]);
     assert!(info.contains("quantized with: method=gptq"), "{info}");
+    assert!(info.contains("act_order=false"), "{info}");
+    let info = ok(&["info", s(&files[2])]);
+    assert!(info.contains("act_order=true"), "{info}");
     let hash = tandem_quantize::sha256_hex(tandem_quantize::CALIBRATION_TEXT.as_bytes());
     assert!(info.contains(&format!("sha256={hash}")), "{info}");
     assert!(info.contains("chunks=4"), "{info}");
@@ -457,7 +461,7 @@ fn calibrated_methods_lower_kl_divergence_at_q4_0_and_say_so_in_the_file() {
         .map(|f| mean_kl(&reference, f, &chunks))
         .collect();
     eprintln!(
-        "q4_0 mean KL vs F16: rtn {:.5}, gptq {:.5}, awq+gptq {:.5}",
+        "q4_0 mean KL vs F16: rtn {:.5}, gptq {:.5}, awq+gptq with act-order {:.5}",
         kl[0], kl[1], kl[2]
     );
     assert!(kl[1] < 0.8 * kl[0], "gptq did not help enough: {kl:?}");

@@ -101,3 +101,37 @@ fn smollm2_gguf_tokenizer_matches_tokenizer_json() {
     assert_eq!(a, from_json.encode(sample, false).unwrap());
     assert_eq!(from_gguf.decode(&a).unwrap(), sample);
 }
+
+/// Calibrated quantization holds one decoder layer at a time: a model loaded without its
+/// layers' projections, given them one by one, computes exactly what the whole model does,
+/// and reading a layer that is not loaded is an error, not a panic.
+#[test]
+fn a_model_loaded_layer_by_layer_runs_as_the_whole_one() {
+    use tandem_model::{Llama, LoadOptions};
+    let ck = Checkpoint::open(&stories(), None).unwrap();
+    let opts = LoadOptions::default();
+    let whole = ck.load_model(&opts).unwrap();
+    let mut lazy = Llama::load_deferred(ck.config.clone(), &ck.store, &opts).unwrap();
+    let tokens = [1u32, 403, 29, 83, 260, 11, 40];
+    let mut a = whole.embed_sequence(&tokens).unwrap();
+    let mut b = lazy.embed_sequence(&tokens).unwrap();
+    assert_eq!(a, b);
+    let e = lazy
+        .run_layer(0, &mut b.clone(), None)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("released"), "{e}");
+    let mut cache = lazy.new_cache().unwrap();
+    assert!(lazy
+        .forward(&tokens, &mut cache, tandem_model::Logits::Last)
+        .is_err());
+    for li in 0..ck.config.num_hidden_layers {
+        lazy.load_layer(&ck.store, li, &opts).unwrap();
+        whole.run_layer(li, &mut a, None).unwrap();
+        lazy.run_layer(li, &mut b, None).unwrap();
+        assert_eq!(a, b, "layer {li}");
+        lazy.release_layer(li);
+        assert!(lazy.run_layer(li, &mut b.clone(), None).is_err());
+    }
+    assert!(lazy.load_layer(&ck.store, 99, &opts).is_err());
+}

@@ -218,6 +218,7 @@ impl Checkpoint {
                     Value::String(s) => crate::error::clean(s, 200),
                     Value::U32(x) => x.to_string(),
                     Value::F32(x) => x.to_string(),
+                    Value::Bool(b) => b.to_string(),
                     _ => return None,
                 };
                 Some((short(k), v))

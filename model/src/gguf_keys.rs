@@ -18,6 +18,8 @@ pub const TANDEM_CALIBRATION_CHUNKS: &str = "tandem.quantize.calibration.chunks"
 pub const TANDEM_CALIBRATION_CTX: &str = "tandem.quantize.calibration.ctx";
 pub const TANDEM_GPTQ_DAMP: &str = "tandem.quantize.gptq.damp";
 pub const TANDEM_GPTQ_BLOCK: &str = "tandem.quantize.gptq.block";
+/// Whether GPTQ took input channels in order of decreasing activation.
+pub const TANDEM_GPTQ_ACT_ORDER: &str = "tandem.quantize.gptq.act_order";
 /// Every `tandem.quantize.*` key, in the order `tandem info` shows them.
 pub const TANDEM_QUANTIZE_KEYS: &[&str] = &[
     TANDEM_QUANTIZE_METHOD,
@@ -27,6 +29,7 @@ pub const TANDEM_QUANTIZE_KEYS: &[&str] = &[
     TANDEM_CALIBRATION_CTX,
     TANDEM_GPTQ_DAMP,
     TANDEM_GPTQ_BLOCK,
+    TANDEM_GPTQ_ACT_ORDER,
 ];
 
 /// A per-architecture hyperparameter key: `{arch}.{suffix}` with a suffix from [`arch`].

@@ -32,6 +32,15 @@ pub enum LinearWeight {
     /// row layout on AVX2). The only copy: the GGML rows are rebuilt where something needs
     /// them (f32 activations, the GPU, export), so memory stays one copy of the weights.
     Tiled(Arc<tandem_kernels::Int8Tiles>),
+    /// No weights: dropped by a layer-by-layer run (calibrated quantization holds one decoder
+    /// layer at a time) or not loaded yet. Using it is an error, never a panic.
+    Released,
+}
+
+fn released(n: usize, k: usize) -> crate::Error {
+    crate::Error::Invalid(format!(
+        "linear layer [{n}, {k}]: its weights were released (internal error)"
+    ))
 }
 
 /// How activations meet block-quantized weights in a matmul.
@@ -102,6 +111,17 @@ impl Linear {
             }
         };
         Ok(Linear::bare(weight, in_dim, out_dim, activations))
+    }
+
+    /// A layer of shape [out_dim, in_dim] whose weights are not in memory
+    /// ([`LinearWeight::Released`]).
+    pub fn released(out_dim: usize, in_dim: usize) -> Linear {
+        Linear::bare(
+            LinearWeight::Released,
+            in_dim,
+            out_dim,
+            ActivationPrecision::default(),
+        )
     }
 
     /// A layer with no bias (add one with [`Linear::with_bias`]) and no GPU copy.
@@ -199,6 +219,7 @@ impl Linear {
             LinearWeight::Tiled(t) => {
                 tandem_kernels::matmul_quant(t.format, x, &t.unpack(), m, k, n, out)
             }
+            LinearWeight::Released => return Err(released(n, k)),
             _ => {
                 let t = Tensor::from_slice(x, (m, k), &Device::Cpu)?;
                 let y = self.forward_candle(&t)?.flatten_all()?.to_vec1::<f32>()?;
@@ -236,7 +257,7 @@ impl Linear {
                 q.device().is_cpu() && block_format(q.dtype()).is_some()
             }
             LinearWeight::Tiled(_) => true,
-            LinearWeight::F32(_) => false,
+            LinearWeight::F32(_) | LinearWeight::Released => false,
         }
     }
 
@@ -252,6 +273,7 @@ impl Linear {
             LinearWeight::F32(w) => x.matmul(&w.t()?)?,
             LinearWeight::Quantized(_, mm) => mm.forward(x)?,
             LinearWeight::Tiled(t) => untile(t, x.device())?.1.forward(x)?,
+            LinearWeight::Released => return Err(released(self.out_dim, self.in_dim)),
         };
         match &self.bias {
             Some(b) => Ok(y.broadcast_add(b)?),
@@ -266,6 +288,7 @@ impl Linear {
             LinearWeight::F32(_) => "F32".into(),
             LinearWeight::Quantized(q, _) => WeightDType::Quant(q.dtype()).name(),
             LinearWeight::Tiled(t) => WeightDType::Quant(tile_dtype(t)).name(),
+            LinearWeight::Released => "released".into(),
         }
     }
 
@@ -276,6 +299,7 @@ impl Linear {
             LinearWeight::F32(_) => self.in_dim * self.out_dim * 4,
             LinearWeight::Quantized(q, _) => q.storage_size_in_bytes(),
             LinearWeight::Tiled(t) => t.bytes(),
+            LinearWeight::Released => 0,
         }
     }
 
@@ -285,6 +309,7 @@ impl Linear {
             LinearWeight::F16(w) | LinearWeight::F32(w) => w.to_dtype(DType::F32)?,
             LinearWeight::Quantized(q, _) => q.dequantize(&q.device())?,
             LinearWeight::Tiled(t) => untile(t, &Device::Cpu)?.0.dequantize(&Device::Cpu)?,
+            LinearWeight::Released => return Err(released(self.out_dim, self.in_dim)),
         })
     }
 
@@ -327,6 +352,7 @@ impl Linear {
                 )?;
                 LinearWeight::Quantized(q, mm)
             }
+            LinearWeight::Released => return Err(released(n, k)),
         };
         let bias = match &self.bias {
             Some(b) => Some(b.to_device(&Device::Cpu)?.index_select(&index, 0)?),

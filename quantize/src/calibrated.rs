@@ -127,11 +127,75 @@ pub struct Timings {
     pub scale_search: f64,
 }
 
+/// The GGML bytes of the calibrated tensors, kept in an unnamed temporary file as each is
+/// made rather than in memory, so a run's memory does not grow with the model (a 3B model's
+/// MLP at q4_0 is 1.2 GB). The file has no name (`O_TMPFILE` where the OS has it): it is gone
+/// when the process ends, however it ends. Written by hand because no crate here keeps a
+/// name → byte range map over a temporary file.
+#[derive(Debug, Default)]
+pub struct CalibratedTensors {
+    file: Option<std::fs::File>,
+    /// Name → (offset, length) in `file`.
+    index: BTreeMap<String, (u64, usize)>,
+    end: u64,
+}
+
+impl CalibratedTensors {
+    fn spill_err(e: std::io::Error) -> Error {
+        Error::Io {
+            path: std::env::temp_dir(),
+            msg: format!("cannot keep calibrated tensors in a temporary file: {e}"),
+        }
+    }
+
+    /// Adds one tensor's bytes (rows in the source's stored order).
+    pub fn insert(&mut self, name: String, bytes: &[u8]) -> Result<()> {
+        use std::io::{Seek, SeekFrom, Write};
+        let mut file: &std::fs::File = match &mut self.file {
+            Some(f) => f,
+            None => self
+                .file
+                .insert(tempfile::tempfile().map_err(Self::spill_err)?),
+        };
+        file.seek(SeekFrom::Start(self.end))
+            .and_then(|_| file.write_all(bytes))
+            .map_err(Self::spill_err)?;
+        self.index.insert(name, (self.end, bytes.len()));
+        self.end += bytes.len() as u64;
+        Ok(())
+    }
+
+    /// A tensor's bytes, read back, if it was calibrated.
+    pub fn get(&self, name: &str) -> Result<Option<Vec<u8>>> {
+        use std::io::{Read, Seek, SeekFrom};
+        let (Some(&(at, len)), Some(mut file)) = (self.index.get(name), self.file.as_ref()) else {
+            return Ok(None);
+        };
+        let mut out = vec![0u8; len];
+        file.seek(SeekFrom::Start(at))
+            .and_then(|_| file.read_exact(&mut out))
+            .map_err(Self::spill_err)?;
+        Ok(Some(out))
+    }
+
+    pub fn contains_key(&self, name: &str) -> bool {
+        self.index.contains_key(name)
+    }
+
+    pub fn len(&self) -> usize {
+        self.index.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.index.is_empty()
+    }
+}
+
 /// The outcome: bytes to write in place of rounding, and what was done.
 #[derive(Debug, Default)]
 pub struct Calibrated {
     /// Source tensor name → GGML bytes of its planned type, rows in the source's stored order.
-    pub tensors: BTreeMap<String, Vec<u8>>,
+    pub tensors: CalibratedTensors,
     /// Source tensor name → replacement f32 values (a norm or a projection that activation-
     /// aware scaling changed), written in the tensor's planned type.
     pub dense: BTreeMap<String, Vec<f32>>,
@@ -226,9 +290,9 @@ pub fn calibrate_plan(
     out.tokens = chunks.iter().map(Vec::len).sum();
     out.metadata = provenance(opts, out.chunks);
     // On the CPU (layer-by-layer passes read every activation), 8-bit activations as the
-    // quantized file will mostly be run with.
+    // quantized file will mostly be run with; one decoder layer in memory at a time.
     let load = tandem_model::LoadOptions::default().with_threads(opts.threads);
-    let model = ck.load_model(&load)?;
+    let model = tandem_model::Llama::load_deferred(ck.config.clone(), &ck.store, &load)?;
     let planned: BTreeMap<&str, &PlannedTensor> = plan
         .tensors
         .iter()
@@ -237,6 +301,7 @@ pub fn calibrate_plan(
     let mut run = Run {
         ck,
         opts,
+        load,
         imatrix,
         model,
         planned,
@@ -253,6 +318,7 @@ pub fn calibrate_plan(
 struct Run<'a> {
     ck: &'a Checkpoint,
     opts: &'a CalibratedOptions,
+    load: tandem_model::LoadOptions,
     imatrix: Option<&'a ImportanceMatrix>,
     /// The model as quantized so far: each group's weights replaced as soon as they are done.
     model: tandem_model::Llama,
@@ -311,6 +377,7 @@ impl Run<'_> {
         )?;
         for li in 0..self.ck.config.num_hidden_layers {
             self.progress(li, "");
+            self.model.load_layer(&self.ck.store, li, &self.load)?;
             // q/k/v read the attention norm's output: no layer run needed.
             if self.has_targets(li, GROUPS[0]) {
                 let xs = self.per_chunk(&hidden, |m, x| m.attention_input(li, x))?;
@@ -370,6 +437,8 @@ impl Run<'_> {
                         .try_for_each(|(x, a)| r.model.mlp_down_add(li, a, x).map_err(Error::from))
                 },
             )?;
+            self.model.release_layer(li);
+            release_layer_source(self.ck, li);
         }
         Ok(())
     }
@@ -517,13 +586,16 @@ impl Run<'_> {
             }
             self.out.timings.scale_search += t.elapsed().as_secs_f64();
         }
+        let order = (self.opts.method.uses_gptq() && self.opts.gptq.act_order)
+            .then(|| gptq::act_order(&h, cols));
         let factor = if self.opts.method.uses_gptq() {
             self.progress(li, &format!("{label}: factorization"));
             let damp = self.opts.gptq.damp;
             Some(self.timed(
                 |t| &mut t.factorization,
                 |_| {
-                    gptq::inverse_hessian_factor(&h, cols, damp)
+                    let permuted = order.as_ref().map(|o| gptq::permute_hessian(&h, cols, o));
+                    gptq::inverse_hessian_factor(permuted.as_deref().unwrap_or(&h), cols, damp)
                         .map_err(|e| Error::Plan(format!("layer {li} {label}: {e}")))
                 },
             )?)
@@ -551,9 +623,16 @@ impl Run<'_> {
                 _ => None,
             };
             let bytes = match &factor {
-                Some((u, dead)) => {
-                    gptq::gptq_quantize(q, &mut w, cols, u, dead, importance, &self.opts.gptq)
-                }
+                Some((u, dead)) => gptq::gptq_quantize_in_order(
+                    q,
+                    &mut w,
+                    cols,
+                    u,
+                    dead,
+                    order.as_deref(),
+                    importance,
+                    &self.opts.gptq,
+                ),
                 None => encode::encode(q, &w, cols, importance),
             }
             .map_err(|e| tensor_err(self.ck.store.path_of(&name), &name, e.to_string()))?;
@@ -579,9 +658,20 @@ impl Run<'_> {
                 tandem_model::linear::ActivationPrecision::default(),
             )?;
             self.model.replace_linear(&name, lin)?;
-            self.out.tensors.insert(name, bytes);
+            self.out.tensors.insert(name, &bytes)?;
         }
         Ok(())
+    }
+}
+
+/// Tells the OS this run is done with layer `li`'s pages of the source file (they are read
+/// again, from the file, when the output is written).
+fn release_layer_source(ck: &Checkpoint, li: usize) {
+    let prefix = format!("model.layers.{li}.");
+    for name in ck.store.names() {
+        if name.starts_with(&prefix) {
+            ck.store.release(&name);
+        }
     }
 }
 
@@ -638,6 +728,31 @@ fn provenance(opts: &CalibratedOptions, chunks: usize) -> crate::metadata::Metad
             keys::TANDEM_GPTQ_BLOCK.into(),
             Value::U32(opts.gptq.lazy_block as u32),
         ));
+        md.push((
+            keys::TANDEM_GPTQ_ACT_ORDER.into(),
+            Value::Bool(opts.gptq.act_order),
+        ));
     }
     md
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn calibrated_tensors_come_back_from_the_spill_file_as_written() {
+        let mut t = CalibratedTensors::default();
+        assert!(t.is_empty() && t.get("a").unwrap().is_none());
+        let a: Vec<u8> = (0..5000u32).map(|i| (i * 7 % 251) as u8).collect();
+        t.insert("a".into(), &a).unwrap();
+        t.insert("b".into(), &[]).unwrap();
+        t.insert("c".into(), &a[..17]).unwrap();
+        assert_eq!(t.len(), 3);
+        assert!(t.contains_key("b") && !t.contains_key("d"));
+        assert_eq!(t.get("c").unwrap().unwrap(), &a[..17]);
+        assert_eq!(t.get("a").unwrap().unwrap(), a);
+        assert_eq!(t.get("b").unwrap().unwrap(), Vec::<u8>::new());
+        assert!(t.get("d").unwrap().is_none());
+    }
 }

@@ -508,6 +508,7 @@ fn write_safetensors(
                 V::String(s) => s.clone(),
                 V::U32(x) => x.to_string(),
                 V::F32(x) => x.to_string(),
+                V::Bool(b) => b.to_string(),
                 other => format!("{other:?}"),
             };
             metadata.insert(k.clone(), json!(text));

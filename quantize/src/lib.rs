@@ -204,16 +204,20 @@ pub fn write_gguf<W: Write>(
             },
             _ => None,
         };
-        if let Some(bytes) = opts.calibrated.and_then(|c| c.tensors.get(&t.source_name)) {
+        let calibrated = match opts.calibrated {
+            Some(c) => c.tensors.get(&t.source_name)?,
+            None => None,
+        };
+        if let Some(bytes) = calibrated {
             // Quantized already (rows in the source's order, like `raw.data`).
             match t.permute_heads {
                 Some(heads) => {
                     let row_bytes = bytes.len() / rows.max(1);
                     let permuted =
-                        permute_qk_rows(bytes, heads, rows, row_bytes, Permute::HfToGguf);
+                        permute_qk_rows(&bytes, heads, rows, row_bytes, Permute::HfToGguf);
                     w.write_tensor(&permuted).map_err(out_err)?;
                 }
-                None => w.write_tensor(bytes).map_err(out_err)?,
+                None => w.write_tensor(&bytes).map_err(out_err)?,
             }
             ck.store.release(&t.source_name);
             done += raw.data.len() as u64;
@@ -289,8 +293,10 @@ pub fn write_gguf<W: Write>(
 /// the source's row order: what the GGUF writer streams, for writers that take a tensor at a
 /// time (compressed-tensors). Uses the calibrated result or the imatrix as the GGUF path does.
 pub fn tensor_bytes(ck: &Checkpoint, t: &plan::PlannedTensor, opts: &Options) -> Result<Vec<u8>> {
-    if let Some(bytes) = opts.calibrated.and_then(|c| c.tensors.get(&t.source_name)) {
-        return Ok(bytes.clone());
+    if let Some(c) = opts.calibrated {
+        if let Some(bytes) = c.tensors.get(&t.source_name)? {
+            return Ok(bytes);
+        }
     }
     let file = ck.store.path_of(&t.source_name).to_path_buf();
     let raw = ck.store.get(&t.source_name)?;

@@ -54,7 +54,7 @@ impl GpuWeight {
                 Some(f) => g.upload(f, &t.unpack(), n, k),
                 None => return Ok(None),
             },
-            LinearWeight::F32(_) => return Ok(None),
+            LinearWeight::F32(_) | LinearWeight::Released => return Ok(None),
         }
         .map_err(gpu_err)?;
         let bias_dev = bias.map(|b| g.to_device(b)).transpose().map_err(gpu_err)?;

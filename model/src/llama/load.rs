@@ -38,87 +38,221 @@ impl LoadOptions {
     }
 }
 
-impl Llama {
-    /// Builds the model from a checked config and a weight store, verifying every tensor's
-    /// shape against the config, as `options` say (threads, activation precision, device).
-    pub fn load(config: Config, store: &WeightStore, options: &LoadOptions) -> Result<Self> {
-        let c = &config;
-        let device = &Device::Cpu;
-        let act = options.activations;
-        let (h, hd, nh, nkv) = (
+/// Reads the model's tensors from a store, checking each shape against the config.
+struct Reader<'a> {
+    c: &'a Config,
+    store: &'a WeightStore,
+    act: ActivationPrecision,
+    /// q/k from a llama GGUF are stored in llama.cpp's RoPE order: rows are put back.
+    permute: bool,
+}
+
+impl<'a> Reader<'a> {
+    fn new(c: &'a Config, store: &'a WeightStore, options: &LoadOptions) -> Self {
+        Reader {
+            c,
+            store,
+            act: options.activations,
+            permute: store.is_gguf() && c.architecture() == crate::config::Architecture::Llama,
+        }
+    }
+
+    fn get(&self, name: &str, shape: &[usize]) -> Result<RawTensor<'a>> {
+        let raw = self.store.get(name)?;
+        if raw.shape != shape {
+            return Err(tensor_err(
+                self.store.path_of(name),
+                &self.store.stored_name(name),
+                format!(
+                    "shape {:?} does not match the config (expected {shape:?})",
+                    raw.shape
+                ),
+            ));
+        }
+        Ok(raw)
+    }
+
+    fn linear(&self, name: &str, out: usize, inp: usize) -> Result<Linear> {
+        let raw = self.get(name, &[out, inp])?;
+        Linear::from_raw(self.store.path_of(name), &raw, self.act)
+    }
+
+    fn qk_linear(&self, name: &str, heads: usize) -> Result<Linear> {
+        let (h, hd) = (self.c.hidden_size, self.c.head_dim());
+        let raw = self.get(name, &[heads * hd, h])?;
+        if !self.permute {
+            return Linear::from_raw(self.store.path_of(name), &raw, self.act);
+        }
+        let row_bytes = raw.data.len() / (heads * hd);
+        let data = permute_qk_rows(raw.data, heads, heads * hd, row_bytes, Permute::GgufToHf);
+        let raw = RawTensor { data: &data, ..raw };
+        Linear::from_raw(self.store.path_of(name), &raw, self.act)
+    }
+
+    fn qk_bias(&self, name: &str, heads: usize) -> Result<Option<Tensor>> {
+        if !self.c.qkv_bias() {
+            return Ok(None);
+        }
+        let hd = self.c.head_dim();
+        let raw = self.get(name, &[heads * hd])?;
+        let t = dense_tensor(self.store.path_of(name), &raw, &Device::Cpu)?.to_dtype(DType::F32)?;
+        if !self.permute {
+            return Ok(Some(t));
+        }
+        let bytes: Vec<u8> = t
+            .to_vec1::<f32>()?
+            .iter()
+            .flat_map(|x| x.to_le_bytes())
+            .collect();
+        let p = permute_qk_rows(&bytes, heads, heads * hd, 4, Permute::GgufToHf);
+        let v: Vec<f32> = p
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        Ok(Some(Tensor::from_vec(v, heads * hd, &Device::Cpu)?))
+    }
+
+    fn vector(&self, name: &str, len: usize) -> Result<Tensor> {
+        let raw = self.get(name, &[len])?;
+        Ok(dense_tensor(self.store.path_of(name), &raw, &Device::Cpu)?.to_dtype(DType::F32)?)
+    }
+
+    fn norm_weights(&self, name: &str) -> Result<Vec<f32>> {
+        Ok(self.vector(name, self.c.hidden_size)?.to_vec1()?)
+    }
+
+    /// Decoder layer `i`; with `weights` false its projections are left unloaded
+    /// ([`Linear::released`]: shapes and norms only).
+    fn layer(&self, i: usize, weights: bool) -> Result<Layer> {
+        let c = self.c;
+        let (h, hd, nh, nkv, ff) = (
             c.hidden_size,
             c.head_dim(),
             c.num_attention_heads,
             c.num_kv_heads(),
+            c.intermediate_size,
         );
-        let permute = store.is_gguf() && c.architecture() == crate::config::Architecture::Llama;
-        let get = |name: &str, shape: &[usize]| -> Result<RawTensor<'_>> {
-            let raw = store.get(name)?;
-            if raw.shape != shape {
-                return Err(tensor_err(
-                    store.path_of(name),
-                    &store.stored_name(name),
-                    format!(
-                        "shape {:?} does not match the config (expected {shape:?})",
-                        raw.shape
-                    ),
-                ));
-            }
-            Ok(raw)
-        };
-        let linear = |name: &str, out: usize, inp: usize| -> Result<Linear> {
-            let raw = get(name, &[out, inp])?;
-            Linear::from_raw(store.path_of(name), &raw, act)
-        };
-        // q/k from a llama GGUF are stored in llama.cpp's RoPE order: put rows back.
-        let qk_linear = |name: &str, heads: usize| -> Result<Linear> {
-            let raw = get(name, &[heads * hd, h])?;
-            if !permute {
-                return Linear::from_raw(store.path_of(name), &raw, act);
-            }
-            let row_bytes = raw.data.len() / (heads * hd);
-            let data = permute_qk_rows(raw.data, heads, heads * hd, row_bytes, Permute::GgufToHf);
-            let raw = RawTensor { data: &data, ..raw };
-            Linear::from_raw(store.path_of(name), &raw, act)
-        };
-        let qk_bias = |name: &str, heads: usize| -> Result<Option<Tensor>> {
-            if !c.qkv_bias() {
-                return Ok(None);
-            }
-            let raw = get(name, &[heads * hd])?;
-            let t = dense_tensor(store.path_of(name), &raw, device)?.to_dtype(DType::F32)?;
-            if !permute {
-                return Ok(Some(t));
-            }
-            let bytes: Vec<u8> = t
-                .to_vec1::<f32>()?
-                .iter()
-                .flat_map(|x| x.to_le_bytes())
-                .collect();
-            let p = permute_qk_rows(&bytes, heads, heads * hd, 4, Permute::GgufToHf);
-            let v: Vec<f32> = p
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect();
-            Ok(Some(Tensor::from_vec(v, heads * hd, device)?))
-        };
-        let vector = |name: &str, len: usize| -> Result<Tensor> {
-            let raw = get(name, &[len])?;
-            Ok(dense_tensor(store.path_of(name), &raw, device)?.to_dtype(DType::F32)?)
-        };
-        let norm_weights = |name: &str| -> Result<Vec<f32>> { Ok(vector(name, h)?.to_vec1()?) };
+        let p = format!("model.layers.{i}");
+        let norms = (
+            self.norm_weights(&format!("{p}.input_layernorm.weight"))?,
+            self.norm_weights(&format!("{p}.post_attention_layernorm.weight"))?,
+        );
+        if !weights {
+            return Ok(Layer {
+                attn_norm: norms.0,
+                q: Linear::released(nh * hd, h),
+                k: Linear::released(nkv * hd, h),
+                v: Linear::released(nkv * hd, h),
+                o: Linear::released(h, nh * hd),
+                mlp_norm: norms.1,
+                gate: Linear::released(ff, h),
+                up: Linear::released(ff, h),
+                down: Linear::released(h, ff),
+            });
+        }
+        Ok(Layer {
+            attn_norm: norms.0,
+            q: self
+                .qk_linear(&format!("{p}.self_attn.q_proj.weight"), nh)?
+                .with_bias(self.qk_bias(&format!("{p}.self_attn.q_proj.bias"), nh)?),
+            k: self
+                .qk_linear(&format!("{p}.self_attn.k_proj.weight"), nkv)?
+                .with_bias(self.qk_bias(&format!("{p}.self_attn.k_proj.bias"), nkv)?),
+            v: self
+                .linear(&format!("{p}.self_attn.v_proj.weight"), nkv * hd, h)?
+                .with_bias(if c.qkv_bias() {
+                    Some(self.vector(&format!("{p}.self_attn.v_proj.bias"), nkv * hd)?)
+                } else {
+                    None
+                }),
+            o: self.linear(&format!("{p}.self_attn.o_proj.weight"), h, nh * hd)?,
+            mlp_norm: norms.1,
+            gate: self.linear(&format!("{p}.mlp.gate_proj.weight"), ff, h)?,
+            up: self.linear(&format!("{p}.mlp.up_proj.weight"), ff, h)?,
+            down: self.linear(&format!("{p}.mlp.down_proj.weight"), h, ff)?,
+        })
+    }
+}
 
+impl Llama {
+    /// Builds the model from a checked config and a weight store, verifying every tensor's
+    /// shape against the config, as `options` say (threads, activation precision, device).
+    pub fn load(config: Config, store: &WeightStore, options: &LoadOptions) -> Result<Self> {
+        Self::load_parts(config, store, options, true)
+    }
+
+    /// The model without its decoder layers' projections and output head (embeddings and
+    /// norms only): a layer-by-layer run (calibrated quantization) loads one layer at a time
+    /// with [`Llama::load_layer`] and drops it with [`Llama::release_layer`], so a large
+    /// checkpoint never sits in memory whole. Anything that reads a released layer fails
+    /// with an error.
+    pub fn load_deferred(
+        config: Config,
+        store: &WeightStore,
+        options: &LoadOptions,
+    ) -> Result<Self> {
+        if options.device == ComputeDevice::Gpu {
+            return Err(crate::Error::Invalid(
+                "a model loaded layer by layer runs on the CPU".into(),
+            ));
+        }
+        Self::load_parts(config, store, options, false)
+    }
+
+    /// Loads decoder layer `li`'s projections from `store` (the one the model came from).
+    pub fn load_layer(
+        &mut self,
+        store: &WeightStore,
+        li: usize,
+        options: &LoadOptions,
+    ) -> Result<()> {
+        if li >= self.layers.len() {
+            return Err(crate::Error::Invalid(format!("no decoder layer {li}")));
+        }
+        let layer = Reader::new(&self.config, store, options).layer(li, true)?;
+        self.layers[li] = layer;
+        Ok(())
+    }
+
+    /// Drops decoder layer `li`'s projections (its norms stay).
+    pub fn release_layer(&mut self, li: usize) {
+        if let Some(l) = self.layers.get_mut(li) {
+            for lin in [
+                &mut l.q,
+                &mut l.k,
+                &mut l.v,
+                &mut l.o,
+                &mut l.gate,
+                &mut l.up,
+                &mut l.down,
+            ] {
+                *lin = Linear::released(lin.out_dim, lin.in_dim);
+            }
+        }
+    }
+
+    fn load_parts(
+        config: Config,
+        store: &WeightStore,
+        options: &LoadOptions,
+        weights: bool,
+    ) -> Result<Self> {
+        let c = &config;
+        let h = c.hidden_size;
+        let r = Reader::new(c, store, options);
         let embed_name = "model.embed_tokens.weight";
-        let embed_raw = get(embed_name, &[c.vocab_size, h])?;
-        let embed = dense_tensor(store.path_of(embed_name), &embed_raw, device)?;
+        let embed_raw = r.get(embed_name, &[c.vocab_size, h])?;
+        let embed = dense_tensor(store.path_of(embed_name), &embed_raw, &Device::Cpu)?;
         let embed = match embed.dtype() {
             DType::BF16 => embed.to_dtype(DType::F32)?,
             _ => embed,
         };
-        let lm_head = if store.contains("lm_head.weight") {
-            linear("lm_head.weight", c.vocab_size, h)?
+        let lm_head = if !weights {
+            Linear::released(c.vocab_size, h)
+        } else if store.contains("lm_head.weight") {
+            r.linear("lm_head.weight", c.vocab_size, h)?
         } else if c.tie_word_embeddings || store.is_gguf() {
-            Linear::from_raw(store.path_of(embed_name), &embed_raw, act)?
+            Linear::from_raw(store.path_of(embed_name), &embed_raw, options.activations)?
         } else {
             return Err(tensor_err(
                 store.main_path(),
@@ -126,31 +260,10 @@ impl Llama {
                 "missing (and tie_word_embeddings is false)",
             ));
         };
-
-        let mut layers = Vec::with_capacity(c.num_hidden_layers);
-        for i in 0..c.num_hidden_layers {
-            let p = format!("model.layers.{i}");
-            layers.push(Layer {
-                attn_norm: norm_weights(&format!("{p}.input_layernorm.weight"))?,
-                q: qk_linear(&format!("{p}.self_attn.q_proj.weight"), nh)?
-                    .with_bias(qk_bias(&format!("{p}.self_attn.q_proj.bias"), nh)?),
-                k: qk_linear(&format!("{p}.self_attn.k_proj.weight"), nkv)?
-                    .with_bias(qk_bias(&format!("{p}.self_attn.k_proj.bias"), nkv)?),
-                v: linear(&format!("{p}.self_attn.v_proj.weight"), nkv * hd, h)?.with_bias(
-                    if c.qkv_bias() {
-                        Some(vector(&format!("{p}.self_attn.v_proj.bias"), nkv * hd)?)
-                    } else {
-                        None
-                    },
-                ),
-                o: linear(&format!("{p}.self_attn.o_proj.weight"), h, nh * hd)?,
-                mlp_norm: norm_weights(&format!("{p}.post_attention_layernorm.weight"))?,
-                gate: linear(&format!("{p}.mlp.gate_proj.weight"), c.intermediate_size, h)?,
-                up: linear(&format!("{p}.mlp.up_proj.weight"), c.intermediate_size, h)?,
-                down: linear(&format!("{p}.mlp.down_proj.weight"), h, c.intermediate_size)?,
-            });
-        }
-        let norm = norm_weights("model.norm.weight")?;
+        let layers = (0..c.num_hidden_layers)
+            .map(|i| r.layer(i, weights))
+            .collect::<Result<Vec<_>>>()?;
+        let norm = r.norm_weights("model.norm.weight")?;
 
         let mut model = Llama {
             rope_inv: c.rope_inv_freq(),
