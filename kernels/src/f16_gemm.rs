@@ -181,6 +181,11 @@ macro_rules! blocks_fn {
 
 blocks_fn!(blocks_f16_avx2, "avx2,fma,f16c", block_f16_avx2);
 blocks_fn!(blocks_f16_avx512, "avx512f,avx2,fma,f16c", block_f16_avx512);
+blocks_fn!(
+    blocks_f16_lanes16_avx2,
+    "avx2,fma,f16c",
+    block_f16_lanes16_avx2
+);
 
 /// Weight rows `jj..jj + R` of the task against its `G` activation rows: one 8-lane
 /// accumulator per (weight row, activation row), fed 8 columns at a time in order, then
@@ -256,17 +261,18 @@ unsafe fn task_avx512_entry(job: &Job, i0: usize, j0: usize, out: Out) {
 /// against up to six activation rows (the AVX2 blocks take two for five or six). Measured on
 /// a 2-core Zen 4 (which runs 512-bit operations as two 256-bit halves): SmolLM2 F16 pp512
 /// 475-520 -> 580-590 tok/s with R = 3 at G = 5-6; R = 4 there (24 accumulators) ran at 300,
-/// its registers spilled. One-row decode (bandwidth-bound) measured 4-10% slower than AVX2 here
-/// (tg128 76.5 vs 79.4 and 69 vs 78 tok/s in two sets of alternations; R = 2 or 8 at G = 1 no
-/// better), a cost
-/// kept for prefill and verification: the path must be the same for every shape, so that
-/// decode, verification and prefill sum each dot product in one order (greedy speculation
-/// stays identical to plain decoding).
+/// its registers spilled. One-row decode (bandwidth-bound) measured 4-10% slower than AVX2 in
+/// 512-bit registers (tg128 76.5 vs 79.4 and 69 vs 78 tok/s in two sets of alternations; R = 2
+/// or 8 at G = 1 no better), so G = 1 runs the same 16-lane arithmetic in 256-bit registers
+/// ([`block_f16_lanes16_avx2`]: 85.4 vs 82.3 tok/s over eight alternations). The sums must be
+/// the same for every shape, so that decode, verification and prefill sum each dot product in
+/// one order (greedy speculation stays identical to plain decoding).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
 unsafe fn task_avx512(job: &Job, i0: usize, j0: usize, out: Out) {
     match job.g {
-        1 => blocks_f16_avx512::<4, 1>(job, i0, j0, out),
+        // One-row decode: the same arithmetic in 256-bit registers (bit-identical).
+        1 => blocks_f16_lanes16_avx2::<4, 1>(job, i0, j0, out),
         2 => blocks_f16_avx512::<4, 2>(job, i0, j0, out),
         3 => blocks_f16_avx512::<4, 3>(job, i0, j0, out),
         4 => blocks_f16_avx512::<4, 4>(job, i0, j0, out),
@@ -336,10 +342,107 @@ unsafe fn block_f16_avx512<const R: usize, const G: usize>(
     }
 }
 
+/// [`block_f16_avx512`]'s arithmetic in 256-bit registers: each 16-lane accumulator held as two
+/// 8-lane halves (lanes 0–7 and 8–15), fed the same products in the same order, then summed by
+/// the same tree (the upper half onto the lower, then `hsum256`), so every result is bit for
+/// bit the AVX-512 kernel's (tested) and decode, verification and prefill still agree. Used for
+/// one-row decode, which is bandwidth-bound and ran 4-10% slower in 512-bit registers on the
+/// 2-core Zen 4 these kernels were measured on.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn block_f16_lanes16_avx2<const R: usize, const G: usize>(
+    job: &Job,
+    jj: usize,
+    i0: usize,
+    j0: usize,
+    out: Out,
+) {
+    use std::arch::x86_64::*;
+    let k = job.k;
+    let (k16, k32) = (k / 16 * 16, k / 32 * 32);
+    let wp = job.w.as_ptr().add(jj * k) as *const u16;
+    let xp = job.x.as_ptr();
+    let mut lo = [[_mm256_setzero_ps(); G]; R];
+    let mut hi = [[_mm256_setzero_ps(); G]; R];
+    let step = |p: usize, lo: &mut [[__m256; G]; R], hi: &mut [[__m256; G]; R]| {
+        let mut wl = [_mm256_setzero_ps(); R];
+        let mut wh = [_mm256_setzero_ps(); R];
+        for q in 0..R {
+            wl[q] = _mm256_cvtph_ps(_mm_loadu_si128(wp.add(q * k + p) as *const __m128i));
+            wh[q] = _mm256_cvtph_ps(_mm_loadu_si128(wp.add(q * k + p + 8) as *const __m128i));
+        }
+        for r in 0..G {
+            let xl = _mm256_loadu_ps(xp.add(r * k + p));
+            let xh = _mm256_loadu_ps(xp.add(r * k + p + 8));
+            for q in 0..R {
+                lo[q][r] = _mm256_fmadd_ps(wl[q], xl, lo[q][r]);
+                hi[q][r] = _mm256_fmadd_ps(wh[q], xh, hi[q][r]);
+            }
+        }
+    };
+    let mut p = 0;
+    while p < k32 {
+        let next = wp.wrapping_add(R * k + p * R);
+        for q in 0..R {
+            _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(q * 32) as *const i8);
+        }
+        step(p, &mut lo, &mut hi);
+        step(p + 16, &mut lo, &mut hi);
+        p += 32;
+    }
+    while p < k16 {
+        step(p, &mut lo, &mut hi);
+        p += 16;
+    }
+    for q in 0..R {
+        let wr = &job.w[(jj + q) * k..(jj + q + 1) * k];
+        for r in 0..G {
+            let mut v = crate::hsum256(_mm256_add_ps(lo[q][r], hi[q][r]));
+            for (w, x) in wr[k16..].iter().zip(&job.x[r * k + k16..(r + 1) * k]) {
+                v += w.to_f32() * x;
+            }
+            out.set(i0 + r, j0 + jj + q, v);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use rand::{Rng, SeedableRng};
+
+    /// One-row decode through 256-bit registers gives the AVX-512 kernel's bits exactly.
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn sixteen_lanes_on_avx2_equal_the_avx512_kernel_bit_for_bit() {
+        if !crate::has_avx512() {
+            return;
+        }
+        unsafe fn lanes16(job: &Job, i0: usize, j0: usize, out: Out) {
+            // SAFETY: the test runs only where AVX-512 (and so AVX2/FMA/F16C) is present.
+            unsafe { blocks_f16_lanes16_avx2::<4, 1>(job, i0, j0, out) }
+        }
+        unsafe fn wide(job: &Job, i0: usize, j0: usize, out: Out) {
+            // SAFETY: as above.
+            unsafe { blocks_f16_avx512::<4, 1>(job, i0, j0, out) }
+        }
+        let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+        for (k, n) in [(576, 64), (1536, 37), (50, 9), (16, 5), (7, 3)] {
+            let x: Vec<f32> = (0..k).map(|_| rng.random_range(-1.0..1.0)).collect();
+            let w: Vec<f16> = (0..n * k)
+                .map(|_| f16::from_f32(rng.random_range(-1.0..1.0)))
+                .collect();
+            let (mut a, mut b) = (vec![0f32; n], vec![0f32; n]);
+            matmul_with(lanes16, &x, &w, 1, k, n, &mut a);
+            matmul_with(wide, &x, &w, 1, k, n, &mut b);
+            assert_eq!(
+                a.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                b.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                "k={k} n={n}"
+            );
+        }
+    }
 
     /// Every task kernel this CPU can run.
     fn kernels() -> Vec<TaskKernel> {

@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# Speculative vs plain decoding on instruct prompts in SmolLM2's chat template (issue 18's
+# shape), tandem beside llama.cpp in the same script, F16 verifier, same threads, greedy.
+#   LLAMA_CPP_BIN=/path/to/llama.cpp/build/bin scripts/bench-spec-chat.sh [THREADS] [MAX_TOKENS] [PROMPTS]
+# tandem: `tandem bench spec --chat` (plain and speculative on the same prompts) for the
+# drafters below. llama.cpp: llama-completion (plain) and llama-speculative-simple with a Q8_0
+# and a Q4_0 draft (llama-quantize of the same F16 file) and its n-gram drafters, each prompt
+# rendered by the model's own chat template (jinja2, from tokenizer_config.json; special
+# tokens parsed). tok/s = generated tokens / (prompt + generation time), both tools.
+# Needs llama-completion and llama-speculative-simple (cmake --build BUILD --target
+# llama-completion llama-speculative-simple) and python3 with jinja2.
+set -euo pipefail
+source "$(dirname "$0")/common.sh"
+N=${1:-2}; M=${2:-128}; P=${3:-$root/scripts/chat-prompts.jsonl}
+out=${OUT:-$root/target/bench-spec}; mkdir -p "$out"
+echo "== tandem ($N threads, <= $M tokens, $(grep -c . "$P") chat prompts, greedy)"
+for d in ngram self:q8_0@all suffix+self:q8_0@all; do
+  "$T" --threads "$N" bench spec --model "$smol" --chat --prompts "$P" --draft "$d" \
+    --max-tokens "$M" --json "$out/chat-$d.json" 2>/dev/null | grep -E "tok/s|speedup" | sed "s/^/  [$d] /"
+done
+echo "== llama.cpp ($N threads, <= $M tokens, same prompts in the same template, greedy)"
+[ -f "$out/f16.gguf" ] || "$T" quantize "$smol" --out "$out/f16.gguf" --scheme f16 --attention f16 --embeddings f16 --quiet >/dev/null
+for q in Q8_0 Q4_0; do [ -f "$out/$q.gguf" ] || "$B/llama-quantize" "$out/f16.gguf" "$out/$q.gguf" $q "$N" >/dev/null 2>&1; done
+python3 - "$B" "$out" "$N" "$M" "$P" "$smol/tokenizer_config.json" <<'PY'
+import json, re, subprocess, sys
+import jinja2
+B, out, N, M, prompts, tc = sys.argv[1:7]
+template = jinja2.Environment().from_string(json.load(open(tc))["chat_template"])
+ps = [template.render(messages=[{"role": "user", "content": json.loads(l)["prompt"]}],
+                      add_generation_prompt=True) for l in open(prompts) if l.strip()]
+def run(cmd):
+    r = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    return r.stdout + r.stderr
+def rate(log, plain):
+    # llama-completion: llama.cpp's perf lines (prompt eval, then one eval run per token after
+    # the first); speculative-simple: "encoded" (prompt) and "decoded" (generation) lines.
+    if plain:
+        pe = re.search(r"prompt eval time =\s*([\d.]+) ms", log)
+        ev = re.search(r"\beval time =\s*([\d.]+) ms /\s*(\d+) runs", log)
+        return (int(ev.group(2)) + 1, (float(pe.group(1)) + float(ev.group(1))) / 1000) if pe and ev else (0, 0.0)
+    m = re.search(r"decoded\s+(\d+)\s+tokens in\s+([\d.]+)\s*s", log)
+    e = re.search(r"encoded\s+\d+\s+tokens in\s+([\d.]+)\s*s", log)
+    return (int(m.group(1)), float(m.group(2)) + (float(e.group(1)) if e else 0.0)) if m else (0, 0.0)
+spec = [f"{B}/llama-speculative-simple", "-m", f"{out}/f16.gguf", "-n", M, "-t", N, "--temp", "0"]
+configs = [("plain (llama-completion)", True, lambda p: [f"{B}/llama-completion", "-m", f"{out}/f16.gguf", "-n", M, "-t", N, "--temp", "0", "-no-cnv", "-p", p])]
+for q in ["Q8_0", "Q4_0"]:
+    configs.append((f"spec {q} draft", False, lambda p, q=q: spec + ["-md", f"{out}/{q}.gguf", "--spec-type", "draft-simple", "--spec-draft-n-max", "8", "-p", p]))
+for t in ["ngram-simple", "ngram-map-k", "ngram-cache"]:
+    configs.append((f"spec {t}", False, lambda p, t=t: spec + ["--spec-type", t, "-p", p]))
+tot = {}
+for name, plain, cmd in configs:
+    n = s = 0
+    for p in ps:
+        a, b = rate(run(cmd(p)), plain)
+        n += a; s += b
+    tot[name] = n / s if s else float("nan")
+    print(f"  {name:26s} {tot[name]:7.1f} tok/s over {n} tokens")
+base = tot["plain (llama-completion)"]
+best = max((v, k) for k, v in tot.items() if k.startswith("spec"))
+for k, v in tot.items():
+    print(f"  {k:26s} {v / base:5.2f}x its plain")
+print(f"  best llama.cpp speculative: {best[1]} at {best[0]:.1f} tok/s")
+PY
