@@ -264,7 +264,9 @@ unsafe fn task_avx512_entry(job: &Job, i0: usize, j0: usize, out: Out) {
 /// its registers spilled. One-row decode (bandwidth-bound) measured 4-10% slower than AVX2 in
 /// 512-bit registers (tg128 76.5 vs 79.4 and 69 vs 78 tok/s in two sets of alternations; R = 2
 /// or 8 at G = 1 no better), so G = 1 runs the same 16-lane arithmetic in 256-bit registers
-/// ([`block_f16_lanes16_avx2`]: 85.4 vs 82.3 tok/s over eight alternations). The sums must be
+/// ([`block_f16_lanes16_avx2`]: 85.4 vs 82.3 tok/s over eight alternations, on a machine whose
+/// runs vary ±5%; copying the weights onto transparent huge pages was also tried and made no
+/// difference over eight more: 82.4 vs 82.4). The sums must be
 /// the same for every shape, so that decode, verification and prefill sum each dot product in
 /// one order (greedy speculation stays identical to plain decoding).
 #[cfg(target_arch = "x86_64")]

@@ -925,7 +925,7 @@ impl tandem_quantize::job::QuantizeObserver for QuantizeBar {
 /// gptq, awq or awq+gptq (calibrated on `calib_text`, default the bundled Austen). Returns
 /// what was written.
 #[pyfunction]
-#[pyo3(signature = (model, out, scheme=None, method="rtn", *, attention=None, embeddings=None, output=None, rules=Vec::new(), recipe=None, format="gguf", group_size=32, imatrix=None, calib_text=None, calib_ctx=512, calib_chunks=None, gptq_damp=0.3, force=false, allow_nonfinite=false, progress=None))]
+#[pyo3(signature = (model, out, scheme=None, method="rtn", *, attention=None, embeddings=None, output=None, rules=Vec::new(), recipe=None, format="gguf", group_size=32, imatrix=None, calib_text=None, calib_ctx=512, calib_chunks=None, gptq_damp=0.3, act_order=false, force=false, allow_nonfinite=false, progress=None))]
 #[allow(clippy::too_many_arguments)]
 fn quantize<'py>(
     py: Python<'py>,
@@ -945,6 +945,7 @@ fn quantize<'py>(
     calib_ctx: usize,
     calib_chunks: Option<usize>,
     gptq_damp: f64,
+    act_order: bool,
     force: bool,
     allow_nonfinite: bool,
     progress: Option<bool>,
@@ -955,14 +956,18 @@ fn quantize<'py>(
         imatrix,
         allow_nonfinite,
         force,
-        calib: job::calibration_options(
-            method,
-            calib_text.as_deref(),
-            calib_ctx,
-            calib_chunks,
-            gptq_damp,
-        )
-        .map_err(err)?,
+        calib: {
+            let mut c = job::calibration_options(
+                method,
+                calib_text.as_deref(),
+                calib_ctx,
+                calib_chunks,
+                gptq_damp,
+            )
+            .map_err(err)?;
+            c.gptq.act_order = act_order;
+            c
+        },
         ..QuantizeJob::new(
             PolicyChoices {
                 scheme,

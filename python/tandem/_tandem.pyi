@@ -142,6 +142,7 @@ def quantize(
     calib_ctx: int = 512,
     calib_chunks: Optional[int] = None,
     gptq_damp: float = 0.3,
+    act_order: bool = False,
     force: bool = False,
     allow_nonfinite: bool = False,
     progress: Optional[bool] = None,

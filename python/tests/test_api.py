@@ -89,6 +89,11 @@ def test_quantize_is_the_clis_bytes_and_evaluate_reports(stories, tandem_bin, tm
     assert r["tensors"] > 0 and r["bytes"] == a.stat().st_size
     cli(tandem_bin, "quantize", stories, "--out", b, "--scheme", "q4_0", "--quiet")
     assert a.read_bytes() == b.read_bytes()
+    g, gc = tmp_path / "gptq.gguf", tmp_path / "gptq-cli.gguf"
+    tandem.quantize(stories, g, scheme="q4_0", method="gptq", act_order=True, calib_chunks=2, progress=False)
+    cli(tandem_bin, "quantize", stories, "--out", gc, "--scheme", "q4_0", "--method", "gptq", "--act-order",
+        "--calib-chunks", "2", "--quiet")
+    assert g.read_bytes() == gc.read_bytes()
     ct = tmp_path / "ct"
     r = tandem.quantize(stories, ct, scheme="q8_0", format="compressed-tensors", progress=False)
     assert (ct / "config.json").exists() and r["quantized_layers"] > 0
