@@ -19,8 +19,11 @@ fi
 "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "maturin>=1.5,<2" pytest numpy
 phase "cli"
 # The CLI the tests compare with, and the Python module, from one target folder (the library
-# crates compile once for both).
-cargo build --release --quiet --bin tandem
+# crates compile once for both). Built with --workspace, as `cargo test --workspace` does: the
+# Python crate's pyo3 turns on features of shared dependencies (once_cell's default, syn's
+# visit-mut) for every crate built beside it, so `--bin tandem` alone compiled a second copy of
+# most dependencies (162 s of CI's python stage); this reuses the test build's.
+cargo build --release --quiet --workspace --bins
 export CARGO_TARGET_DIR=$here/target
 phase "maturin"
 (cd python && VIRTUAL_ENV=$venv PATH=$venv/bin:$PATH "$venv/bin/maturin" develop --release --quiet)
