@@ -217,15 +217,7 @@ impl Llama {
     /// Drops decoder layer `li`'s projections (its norms stay).
     pub fn release_layer(&mut self, li: usize) {
         if let Some(l) = self.layers.get_mut(li) {
-            for lin in [
-                &mut l.q,
-                &mut l.k,
-                &mut l.v,
-                &mut l.o,
-                &mut l.gate,
-                &mut l.up,
-                &mut l.down,
-            ] {
+            for lin in l.linears_mut() {
                 *lin = Linear::released(lin.out_dim, lin.in_dim);
             }
         }
