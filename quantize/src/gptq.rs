@@ -194,11 +194,11 @@ pub fn gptq_quantize_in_order(
     let row_bytes = cols / bs * t.type_size();
     let mut out = vec![0u8; rows * row_bytes];
     let lazy = opts.lazy_block.max(bs).div_ceil(bs) * bs;
-    let col_of = |i: usize| order.map_or(i, |o| o[i]);
+    let source = Order { order };
     for (r, row) in w.chunks_exact_mut(cols).enumerate() {
         for (i, &d) in dead.iter().enumerate() {
             if d {
-                row[col_of(i)] = 0.0;
+                row[source.col(i)] = 0.0;
             }
         }
         for (j, v) in row.iter_mut().enumerate() {
@@ -221,10 +221,9 @@ pub fn gptq_quantize_in_order(
         p
     });
     let work: &mut [f32] = permuted.as_deref_mut().unwrap_or(w);
-    let cols_order = Order { order };
     work.par_chunks_mut(PANEL_ROWS * cols)
         .zip(out.par_chunks_mut(PANEL_ROWS * row_bytes))
-        .try_for_each(|(p, o)| panel_dispatch(t, p, cols, u, cols_order, importance, lazy, o))?;
+        .try_for_each(|(p, o)| panel_dispatch(t, p, cols, u, source, importance, lazy, o))?;
     if let (Some(p), Some(o)) = (&permuted, order) {
         for (row, pr) in w.chunks_exact_mut(cols).zip(p.chunks_exact(cols)) {
             for (v, &c) in pr.iter().zip(o) {

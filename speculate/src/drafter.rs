@@ -241,11 +241,7 @@ impl Branching {
         if top >= self.below {
             return None;
         }
-        let (best, p) = probs
-            .iter()
-            .enumerate()
-            .filter(|&(i, _)| i != chosen as usize)
-            .fold((0, f32::MIN), |b, (i, &p)| if p > b.1 { (i, p) } else { b });
+        let (best, p) = largest_other(probs, chosen)?;
         (p >= self.min_p).then_some(best as u32)
     }
 
@@ -274,19 +270,9 @@ impl Branching {
         if top >= self.below {
             return None;
         }
-        let (best, l) = logits
-            .iter()
-            .enumerate()
-            .filter(|&(i, _)| i != chosen as usize)
-            .fold((None, f32::NEG_INFINITY), |b, (i, &l)| {
-                if b.0.is_none() || l > b.1 {
-                    (Some(i), l)
-                } else {
-                    b
-                }
-            });
+        let (best, l) = largest_other(logits, chosen)?;
         let p = (l - logits[chosen as usize]).exp() * top;
-        best.filter(|_| p >= self.min_p).map(|i| i as u32)
+        (p >= self.min_p).then_some(best as u32)
     }
 
     /// Counts the leaves of the last proposal the verifier took, now that `context` (the
@@ -591,6 +577,19 @@ impl<V: Verifier> Drafter for ModelDrafter<V> {
     fn vocab_size(&self) -> Option<usize> {
         Some(self.model.vocab_size())
     }
+}
+
+/// The largest value other than `values[chosen]` and where it is (the first of equals).
+fn largest_other(values: &[f32], chosen: u32) -> Option<(usize, f32)> {
+    values
+        .iter()
+        .enumerate()
+        .filter(|&(i, _)| i != chosen as usize)
+        .fold(None, |b: Option<(usize, f32)>, (i, &v)| match b {
+            Some((_, bv)) if v > bv => Some((i, v)),
+            Some(_) => b,
+            None => Some((i, v)),
+        })
 }
 
 #[cfg(test)]
