@@ -97,28 +97,41 @@ impl Int8Tiles {
         if m == 0 || n == 0 {
             return;
         }
-        crate::int8_gemm::with_rounded(x, k, |xq| self.run(xq, m, out))
+        crate::int8_gemm::with_rounded(x, k, |xq| {
+            if self.format == BlockFormat::Q8_0 && biased_kernel() {
+                crate::rows::with_scratch(&BIASED, |xb| {
+                    // i8 v ^ 0x80 read as u8 is v + 128.
+                    xb.clear();
+                    xb.extend(xq.quants.iter().map(|&v| v as u8 ^ 0x80));
+                    self.run(xq, xb, m, out)
+                })
+            } else {
+                self.run(xq, &[], m, out)
+            }
+        })
     }
 
-    fn run(&self, xq: &Int8Rows, m: usize, out: &mut [f32]) {
+    /// `xb`: the activation levels + 128 where [`biased_kernel`] runs Q8_0, else empty.
+    fn run(&self, xq: &Int8Rows, xb: &[u8], m: usize, out: &mut [f32]) {
         let (n, k) = (self.n, self.k);
         let nb = k / BLOCK;
         let tiles = n / TILE;
         let tile_bytes = nb * TILE * self.format.block_bytes();
         let fmt = self.format;
+        let group = group_size();
         // Tasks of whole tiles; each writes its tiles' 8 columns in every output row.
         let threads = crate::pool::current().threads_now().max(1);
         let per_task = tiles.div_ceil(4 * threads).clamp(1, 16);
         let tasks = tiles.div_ceil(per_task);
         let base = crate::rows::SendPtr(out.as_mut_ptr());
         crate::pool::current().run(tasks, |c| {
-            let mut res = [0f32; TILE * GROUP];
+            let mut res = [0f32; TILE * GROUP_MAX];
             for t in c * per_task..((c + 1) * per_task).min(tiles) {
                 let tile = &self.data[t * tile_bytes..][..tile_bytes];
                 let mut i0 = 0;
                 while i0 < m {
-                    let g = (m - i0).min(GROUP);
-                    tile_rows(fmt, tile, xq, i0, g, k, &mut res[..g * TILE]);
+                    let g = (m - i0).min(group);
+                    tile_rows(fmt, tile, xq, xb, i0, g, k, &mut res[..g * TILE]);
                     for r in 0..g {
                         // SAFETY: this task alone writes columns 8t..8t+8; `run` waits for
                         // every task before `out` is used again.
@@ -167,8 +180,35 @@ fn for_each_row_byte(format: BlockFormat, k: usize, row: usize, mut f: impl FnMu
     }
 }
 
-/// Activation rows per pass over a tile (the unpacked weights take 8 registers).
-const GROUP: usize = 4;
+/// Activation rows per pass over a tile: AVX2's 16 vector registers hold 4 rows' dot and
+/// accumulator vectors beside the unpacked weights; with VNNI (AVX-512VL: 32 registers) 8,
+/// which keeps eight `vpdpbusd` chains in flight instead of four (each block adds 8 dependent
+/// `vpdpbusd` to a row's sum, so 4 rows left the multi-row passes latency-bound).
+const GROUP_AVX2: usize = 4;
+const GROUP_MAX: usize = 8;
+
+fn group_size() -> usize {
+    #[cfg(target_arch = "x86_64")]
+    if crate::has_vnni() {
+        return GROUP_MAX;
+    }
+    GROUP_AVX2
+}
+
+/// Whether Q8_0 tiles run [`tile_body`]'s biased form: the VNNI kernel.
+fn biased_kernel() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        crate::has_vnni()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+thread_local! {
+    /// The caller's activation levels + 128 (see [`tile_body`]), reused across calls.
+    static BIASED: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
 
 fn available() -> bool {
     #[cfg(target_arch = "x86_64")]
@@ -184,11 +224,14 @@ const Q8_0: u8 = 0;
 const Q4_0: u8 = 1;
 const Q5_0: u8 = 2;
 
-/// One tile against activation rows `i0..i0 + g` (g ≤ GROUP): `out[r·8 + c]` for tile row c.
+/// One tile against activation rows `i0..i0 + g` (g ≤ [`group_size`]): `out[r·8 + c]` for
+/// tile row c. `xb`: see [`Int8Tiles::run`].
+#[allow(clippy::too_many_arguments)]
 fn tile_rows(
     f: BlockFormat,
     tile: &[u8],
     xq: &Int8Rows,
+    xb: &[u8],
     i0: usize,
     g: usize,
     k: usize,
@@ -199,14 +242,14 @@ fn tile_rows(
         if crate::has_vnni() {
             // SAFETY: tiles exist only where AVX2/FMA/F16C were detected (`pack`), and
             // `has_vnni` checked AVX-512 VNNI/VL.
-            return unsafe { tile_rows_vnni(f, tile, xq, i0, g, k, out) };
+            return unsafe { tile_rows_vnni(f, tile, xq, xb, i0, g, k, out) };
         }
         // SAFETY: tiles exist only where AVX2/FMA/F16C were detected (`pack`).
         unsafe { tile_rows_avx2(f, tile, xq, i0, g, k, out) }
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        let _ = (f, tile, xq, i0, g, k, out);
+        let _ = (f, tile, xq, xb, i0, g, k, out);
         unreachable!("int8 tiles are only made where the AVX2 kernel runs");
     }
 }
@@ -223,40 +266,39 @@ unsafe fn tile_rows_avx2(
     k: usize,
     out: &mut [f32],
 ) {
-    tile_dispatch::<false>(f, tile, xq, i0, g, k, out)
+    match f {
+        BlockFormat::Q4_0 => {
+            by_group!(g, G => tile_body::<Q4_0, G, false>(tile, xq, &[], i0, k, out))
+        }
+        BlockFormat::Q5_0 => {
+            by_group!(g, G => tile_body::<Q5_0, G, false>(tile, xq, &[], i0, k, out))
+        }
+        _ => by_group!(g, G => tile_body::<Q8_0, G, false>(tile, xq, &[], i0, k, out)),
+    }
 }
 
-/// [`tile_rows`] with AVX-512 VNNI.
+/// [`tile_rows`] with AVX-512 VNNI (up to 8 rows per pass; Q8_0 in the biased form).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
+#[allow(clippy::too_many_arguments)]
 unsafe fn tile_rows_vnni(
     f: BlockFormat,
     tile: &[u8],
     xq: &Int8Rows,
-    i0: usize,
-    g: usize,
-    k: usize,
-    out: &mut [f32],
-) {
-    tile_dispatch::<true>(f, tile, xq, i0, g, k, out)
-}
-
-/// Picks the kernel for the format and group size; inlined into the two wrappers above.
-#[cfg(target_arch = "x86_64")]
-#[inline(always)]
-unsafe fn tile_dispatch<const VNNI: bool>(
-    f: BlockFormat,
-    tile: &[u8],
-    xq: &Int8Rows,
+    xb: &[u8],
     i0: usize,
     g: usize,
     k: usize,
     out: &mut [f32],
 ) {
     match f {
-        BlockFormat::Q4_0 => by_group!(g, G => tile_body::<Q4_0, G, VNNI>(tile, xq, i0, k, out)),
-        BlockFormat::Q5_0 => by_group!(g, G => tile_body::<Q5_0, G, VNNI>(tile, xq, i0, k, out)),
-        _ => by_group!(g, G => tile_body::<Q8_0, G, VNNI>(tile, xq, i0, k, out)),
+        BlockFormat::Q4_0 => {
+            by_group8!(g, G => tile_body::<Q4_0, G, true>(tile, xq, &[], i0, k, out))
+        }
+        BlockFormat::Q5_0 => {
+            by_group8!(g, G => tile_body::<Q5_0, G, true>(tile, xq, &[], i0, k, out))
+        }
+        _ => by_group8!(g, G => tile_body::<Q8_0, G, true>(tile, xq, xb, i0, k, out)),
     }
 }
 
@@ -264,11 +306,18 @@ unsafe fn tile_dispatch<const VNNI: bool>(
 /// features it then compiles with). `VNNI`: each group's products summed by `vpdpbusd` instead of
 /// `vpmaddubsw` + `vpmaddwd` + add; the same integers (no pair of products here can saturate
 /// `vpmaddubsw`'s i16: at most 2 · 128 · 127), so the same results bit for bit.
+///
+/// Q8_0 with VNNI is *biased*: `vpdpbusd` takes unsigned bytes on one side, and instead of
+/// `|w|` against x with w's sign (a `vpsignb` per row and group) it takes the activation
+/// levels + 128 (`xb`, unsigned) against the signed weights, and takes `128·Σw` (Σw by one
+/// `vpdpbusd` of ones per group, shared by every row) off each block's sum: the same integer,
+/// exactly (|Σ (x + 128)·w| ≤ 32 · 255 · 128 fits i32), so the same results bit for bit.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 unsafe fn tile_body<const FMT: u8, const G: usize, const VNNI: bool>(
     tile: &[u8],
     xq: &Int8Rows,
+    xb: &[u8],
     i0: usize,
     k: usize,
     out: &mut [f32],
@@ -283,11 +332,18 @@ unsafe fn tile_body<const FMT: u8, const G: usize, const VNNI: bool>(
         };
     // Q4_0/Q5_0 levels are unsigned (offset 8 / 16, taken off through Σx); Q8_0's signed.
     let unsigned = FMT != Q8_0;
+    let biased = VNNI && FMT == Q8_0;
     let groups_at = if FMT == Q5_0 { 48 } else { 16 };
     let nib = _mm256_set1_epi8(0x0F);
     let ones = _mm256_set1_epi16(1);
     let tp = tile.as_ptr();
-    let xp = xq.quants.as_ptr().add(i0 * k);
+    let xp = if biased {
+        debug_assert!(xb.len() >= (i0 + G) * k);
+        xb.as_ptr().add(i0 * k)
+    } else {
+        xq.quants.as_ptr().add(i0 * k) as *const u8
+    };
+    let byte_ones = _mm256_set1_epi8(1);
     let mut acc = [_mm256_setzero_ps(); G];
     for b in 0..nb {
         let blk = tp.add(b * tile_block);
@@ -306,8 +362,20 @@ unsafe fn tile_body<const FMT: u8, const G: usize, const VNNI: bool>(
             _mm256_setzero_si256()
         };
         let mut dot = [_mm256_setzero_si256(); G];
+        let mut wsum = _mm256_setzero_si256();
         // Eight groups of four weights per row: group s is weights 4s..4s+4 of all 8 rows.
         for s in 0..8 {
+            if biased {
+                let w = _mm256_loadu_si256(blk.add(16 + 32 * s) as *const __m256i);
+                wsum = _mm256_dpbusd_epi32(wsum, byte_ones, w);
+                for (r, d) in dot.iter_mut().enumerate() {
+                    let xs = _mm256_set1_epi32(
+                        (xp.add(r * k + b * BLOCK + 4 * s) as *const i32).read_unaligned(),
+                    );
+                    *d = _mm256_dpbusd_epi32(*d, xs, w);
+                }
+                continue;
+            }
             let (ws, absw) = if unsigned {
                 // Groups 0..4 are the low nibbles, 4..8 the high nibbles of the same bytes.
                 let raw = _mm256_loadu_si256(blk.add(groups_at + 32 * (s % 4)) as *const __m256i);
@@ -365,6 +433,8 @@ unsafe fn tile_body<const FMT: u8, const G: usize, const VNNI: bool>(
                     dot[r],
                     _mm256_set1_epi32(offset * *xq.sums.get_unchecked(idx)),
                 )
+            } else if biased {
+                _mm256_sub_epi32(dot[r], _mm256_slli_epi32::<7>(wsum))
             } else {
                 dot[r]
             };
@@ -441,7 +511,8 @@ mod tests {
         }
     }
 
-    /// Where the CPU has AVX-512 VNNI, its kernel and the AVX2 one give the same bits.
+    /// Where the CPU has AVX-512 VNNI, its kernel (8 rows per pass, Q8_0 biased) and the AVX2
+    /// one (4 rows per pass, |w| against signed x) give the same bits.
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn vnni_and_avx2_agree_bit_for_bit() {
@@ -454,15 +525,17 @@ mod tests {
         for f in [BlockFormat::Q4_0, BlockFormat::Q5_0, BlockFormat::Q8_0] {
             let w = random_blocks(f, n * k / BLOCK, &mut rng);
             let p = Int8Tiles::pack(f, &w, n, k).expect("AVX2 is there");
-            let x: Vec<f32> = (0..4 * k).map(|_| rng.random_range(-2.0..2.0)).collect();
+            let x: Vec<f32> = (0..8 * k).map(|_| rng.random_range(-2.0..2.0)).collect();
             let mut xq = Int8Rows::default();
             xq.quantize(&x, k);
+            let xb: Vec<u8> = xq.quants.iter().map(|&v| v as u8 ^ 0x80).collect();
             let tile = &p.data[..k / BLOCK * TILE * f.block_bytes()];
-            let (mut a, mut b) = ([0f32; 4 * TILE], [0f32; 4 * TILE]);
+            let (mut a, mut b) = ([0f32; 8 * TILE], [0f32; 8 * TILE]);
             // SAFETY: AVX2/FMA/F16C (the tiles were made) and AVX-512 VNNI/VL (checked above).
             unsafe {
-                tile_rows_vnni(f, tile, &xq, 0, 4, k, &mut a);
-                tile_rows_avx2(f, tile, &xq, 0, 4, k, &mut b);
+                tile_rows_vnni(f, tile, &xq, &xb, 0, 8, k, &mut a);
+                tile_rows_avx2(f, tile, &xq, 0, 4, k, &mut b[..4 * TILE]);
+                tile_rows_avx2(f, tile, &xq, 4, 4, k, &mut b[4 * TILE..]);
             }
             assert_eq!(a, b, "{f:?}");
         }

@@ -13,24 +13,27 @@
 #[cfg(target_arch = "x86_64")]
 macro_rules! by_group {
     ($g:expr, $G:ident => $body:expr) => {
+        by_group!(@arms $g, $G => $body; 1 2 3; 4)
+    };
+    (@arms $g:expr, $G:ident => $body:expr; $($n:literal)*; $last:literal) => {
         match $g {
-            1 => {
-                const $G: usize = 1;
+            $($n => {
+                const $G: usize = $n;
                 $body
-            }
-            2 => {
-                const $G: usize = 2;
-                $body
-            }
-            3 => {
-                const $G: usize = 3;
-                $body
-            }
+            })*
             _ => {
-                const $G: usize = 4;
+                const $G: usize = $last;
                 $body
             }
         }
+    };
+}
+
+/// [`by_group!`] up to 8 (kernels with AVX-512's 32 vector registers).
+#[cfg(target_arch = "x86_64")]
+macro_rules! by_group8 {
+    ($g:expr, $G:ident => $body:expr) => {
+        by_group!(@arms $g, $G => $body; 1 2 3 4 5 6 7; 8)
     };
 }
 
