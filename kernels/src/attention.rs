@@ -322,18 +322,27 @@ fn score_rows<const G: usize>(
     let d = qs.len() / G;
     #[cfg(target_arch = "x86_64")]
     if d.is_multiple_of(8) && crate::has_avx2_fma() {
+        // Blocks of keys small enough to stay in L1 while every head of the group scores
+        // them: a long context's keys (SmolLM2 at 320 positions: 80 KB per KV head) come from
+        // L2, and reading them once per head made a prefill's attention L2-bound. Each key's
+        // score is the same arithmetic whichever block it is in.
         let rows = keys.len() / d;
-        for g in 0..G {
-            // SAFETY: the CPU has AVX2 and FMA (checked above); the slices are in bounds.
-            let m = unsafe {
-                score_rows_avx2(
-                    &qs[g * d..][..d],
-                    keys,
-                    scale,
-                    &mut scores[g * len + first..][..rows],
-                )
-            };
-            max[g] = max[g].max(m);
+        let mut j0 = 0;
+        while j0 < rows {
+            let j1 = (j0 + KEYS_PER_BLOCK).min(rows);
+            for g in 0..G {
+                // SAFETY: the CPU has AVX2 and FMA (checked above); the slices are in bounds.
+                let m = unsafe {
+                    score_rows_avx2(
+                        &qs[g * d..][..d],
+                        &keys[j0 * d..j1 * d],
+                        scale,
+                        &mut scores[g * len + first + j0..][..j1 - j0],
+                    )
+                };
+                max[g] = max[g].max(m);
+            }
+            j0 = j1;
         }
         return;
     }
@@ -421,16 +430,24 @@ fn accumulate_rows<const G: usize>(
     let d = o.len() / G;
     #[cfg(target_arch = "x86_64")]
     if d.is_multiple_of(8) && crate::has_avx2_fma() {
+        // As in `score_rows`: blocks of value rows that stay in L1 for every head; each
+        // output element still adds its rows in order (the sums pass through `o` between
+        // blocks, exactly).
         let rows = vals.len() / d;
-        for g in 0..G {
-            // SAFETY: the CPU has AVX2 and FMA (checked above); the slices are in bounds.
-            unsafe {
-                accumulate_rows_avx2(
-                    vals,
-                    &weights[g * len + first..][..rows],
-                    &mut o[g * d..][..d],
-                )
-            };
+        let mut j0 = 0;
+        while j0 < rows {
+            let j1 = (j0 + KEYS_PER_BLOCK).min(rows);
+            for g in 0..G {
+                // SAFETY: the CPU has AVX2 and FMA (checked above); the slices are in bounds.
+                unsafe {
+                    accumulate_rows_avx2(
+                        &vals[j0 * d..j1 * d],
+                        &weights[g * len + first + j0..][..j1 - j0],
+                        &mut o[g * d..][..d],
+                    )
+                };
+            }
+            j0 = j1;
         }
         return;
     }
@@ -450,31 +467,60 @@ fn accumulate_rows<const G: usize>(
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn accumulate_rows_avx2(vals: &[f32], weights: &[f32], o: &mut [f32]) {
-    use std::arch::x86_64::*;
     let d = o.len();
     debug_assert!(d.is_multiple_of(8) && vals.len() >= weights.len() * d);
-    let (vp, op) = (vals.as_ptr(), o.as_mut_ptr());
     let mut c0 = 0;
     while c0 < d {
+        // The register count as a constant: with it a run-time value, the loop over the rows
+        // tested it for every register of every row.
         let n = ((d - c0) / 8).min(8);
-        let mut acc = [_mm256_setzero_ps(); 8];
-        for (v, a) in acc.iter_mut().enumerate().take(n) {
-            *a = _mm256_loadu_ps(op.add(c0 + 8 * v));
-        }
-        for (j, &w) in weights.iter().enumerate() {
-            let wv = _mm256_set1_ps(w);
-            let row = vp.add(j * d + c0);
-            for (v, a) in acc.iter_mut().enumerate().take(n) {
-                // Multiply, then add, as the plain loop.
-                *a = _mm256_add_ps(*a, _mm256_mul_ps(wv, _mm256_loadu_ps(row.add(8 * v))));
-            }
-        }
-        for (v, a) in acc.iter().enumerate().take(n) {
-            _mm256_storeu_ps(op.add(c0 + 8 * v), *a);
+        match n {
+            8 => accumulate_chunk_avx2::<8>(vals, weights, o, c0),
+            7 => accumulate_chunk_avx2::<7>(vals, weights, o, c0),
+            6 => accumulate_chunk_avx2::<6>(vals, weights, o, c0),
+            5 => accumulate_chunk_avx2::<5>(vals, weights, o, c0),
+            4 => accumulate_chunk_avx2::<4>(vals, weights, o, c0),
+            3 => accumulate_chunk_avx2::<3>(vals, weights, o, c0),
+            2 => accumulate_chunk_avx2::<2>(vals, weights, o, c0),
+            _ => accumulate_chunk_avx2::<1>(vals, weights, o, c0),
         }
         c0 += 8 * n;
     }
 }
+
+/// Outputs `c0..c0 + 8·N` of [`accumulate_rows_avx2`], held in N registers over all the rows.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn accumulate_chunk_avx2<const N: usize>(
+    vals: &[f32],
+    weights: &[f32],
+    o: &mut [f32],
+    c0: usize,
+) {
+    use std::arch::x86_64::*;
+    let d = o.len();
+    let (vp, op) = (vals.as_ptr(), o.as_mut_ptr());
+    let mut acc = [_mm256_setzero_ps(); N];
+    for (v, a) in acc.iter_mut().enumerate() {
+        *a = _mm256_loadu_ps(op.add(c0 + 8 * v));
+    }
+    for (j, &w) in weights.iter().enumerate() {
+        let wv = _mm256_set1_ps(w);
+        let row = vp.add(j * d + c0);
+        for (v, a) in acc.iter_mut().enumerate() {
+            // Multiply, then add, as the plain loop.
+            *a = _mm256_add_ps(*a, _mm256_mul_ps(wv, _mm256_loadu_ps(row.add(8 * v))));
+        }
+    }
+    for (v, a) in acc.iter().enumerate() {
+        _mm256_storeu_ps(op.add(c0 + 8 * v), *a);
+    }
+}
+
+/// Key (and value) rows per block that a group's heads work through together (32 rows of 64
+/// floats: 8 KB, a quarter of L1).
+const KEYS_PER_BLOCK: usize = 32;
 
 thread_local! {
     /// One (position, head)'s attention scores, reused across calls.
