@@ -84,11 +84,57 @@ pub fn rope_rotate_half(x: &mut [f32], heads: usize, head_dim: usize, cos: &[f32
     }
 }
 
-/// `gate[i] = silu(gate[i]) · up[i]`, in place (the SwiGLU activation).
+/// `gate[i] = silu(gate[i]) · up[i]`, in place (the SwiGLU activation). A prefill's worth
+/// (SmolLM2: 512 × 1536 per layer) is split over the pool's threads; every element is the same
+/// arithmetic wherever it lands.
 pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
-    avx2_or_plain!(silu_mul_avx2(gate: &mut [f32], up: &[f32]) {
-        silu_mul_body(gate, up)
-    })
+    assert_eq!(gate.len(), up.len());
+    const PARALLEL_FROM: usize = 1 << 14;
+    const CHUNK: usize = 1 << 12;
+    let n = gate.len();
+    if n < PARALLEL_FROM {
+        return silu_mul_serial(gate, up);
+    }
+    let g = crate::rows::SendPtr(gate.as_mut_ptr());
+    crate::pool::current().run(n.div_ceil(CHUNK), |c| {
+        let (a, b) = (c * CHUNK, ((c + 1) * CHUNK).min(n));
+        // SAFETY: task c alone touches gate[a..b], inside `gate`; `run` returns only when
+        // every task is done.
+        let gs = unsafe { std::slice::from_raw_parts_mut(g.get().add(a), b - a) };
+        silu_mul_serial(gs, &up[a..b]);
+    });
+}
+
+fn silu_mul_serial(gate: &mut [f32], up: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if crate::has_avx2_fma() {
+        // SAFETY: the CPU has AVX2 (checked above).
+        return unsafe { silu_mul_avx2(gate, up) };
+    }
+    silu_mul_body(gate, up)
+}
+
+/// [`silu_mul_body`] eight lanes at a time through [`exp_approx_avx2`] (same bits, tested).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn silu_mul_avx2(gate: &mut [f32], up: &[f32]) {
+    use std::arch::x86_64::*;
+    let one = _mm256_set1_ps(1.0);
+    let sign = _mm256_set1_ps(-0.0);
+    let n8 = gate.len() / 8 * 8;
+    let (gp, upp) = (gate.as_mut_ptr(), up.as_ptr());
+    let mut i = 0;
+    while i < n8 {
+        let g = _mm256_loadu_ps(gp.add(i));
+        let e = exp_approx_avx2(_mm256_xor_ps(g, sign));
+        let y = _mm256_mul_ps(
+            _mm256_div_ps(g, _mm256_add_ps(one, e)),
+            _mm256_loadu_ps(upp.add(i)),
+        );
+        _mm256_storeu_ps(gp.add(i), y);
+        i += 8;
+    }
+    silu_mul_body(&mut gate[n8..], &up[n8..]);
 }
 
 #[inline(always)]
@@ -308,6 +354,28 @@ mod tests {
             }
         }
         close(&y, &want);
+    }
+
+    /// SiLU through the AVX2 lanes, the pool's chunks and the plain loop: the same bits.
+    #[test]
+    fn silu_mul_fast_and_parallel_equal_plain() {
+        for n in [5usize, 64, 77, 70_003] {
+            let mut g: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin() * 12.0).collect();
+            if n > 10 {
+                g[3] = f32::NAN;
+                g[4] = -1e9;
+                g[5] = 1e9;
+            }
+            let u: Vec<f32> = (0..n).map(|i| (i as f32 * 0.11).cos()).collect();
+            let (mut a, mut b) = (g.clone(), g.clone());
+            silu_mul(&mut a, &u);
+            silu_mul_body(&mut b, &u);
+            assert_eq!(
+                a.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                b.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                "n={n}"
+            );
+        }
     }
 
     /// The AVX2 softmax numerators and sum are the plain loop's bits, extremes and NaN too.
