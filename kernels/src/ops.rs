@@ -29,6 +29,19 @@ macro_rules! avx2_or_plain {
     }};
 }
 
+/// `$fast` (a call to an `avx2`-enabled function written in intrinsics) where the CPU has
+/// AVX2, else `$plain`.
+macro_rules! avx2_intrinsics_or {
+    ($fast:expr, $plain:expr) => {{
+        #[cfg(target_arch = "x86_64")]
+        if crate::has_avx2_fma() {
+            // SAFETY: the CPU has AVX2 (checked just above), all `$fast` needs.
+            return unsafe { $fast };
+        }
+        $plain
+    }};
+}
+
 /// `out[r] = x[r] / sqrt(mean(x[r]²) + eps) · w` for each row r of length `w.len()`.
 pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
     avx2_or_plain!(rms_norm_avx2(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
@@ -106,12 +119,7 @@ pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
 }
 
 fn silu_mul_serial(gate: &mut [f32], up: &[f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if crate::has_avx2_fma() {
-        // SAFETY: the CPU has AVX2 (checked above).
-        return unsafe { silu_mul_avx2(gate, up) };
-    }
-    silu_mul_body(gate, up)
+    avx2_intrinsics_or!(silu_mul_avx2(gate, up), silu_mul_body(gate, up))
 }
 
 /// [`silu_mul_body`] eight lanes at a time through [`exp_approx_avx2`] (same bits, tested).
@@ -185,12 +193,10 @@ pub fn exp_approx(x: f32) -> f32 {
 /// `x[i] = e^(x[i] − shift)` for every i; returns the sum of the results (a softmax's
 /// numerators and denominator). Eight-lane sums, so the order depends only on `x.len()`.
 pub fn exp_shifted_sum(x: &mut [f32], shift: f32) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    if crate::has_avx2_fma() {
-        // SAFETY: the CPU has AVX2 (checked above).
-        return unsafe { exp_shifted_sum_avx2(x, shift) };
-    }
-    exp_shifted_sum_body(x, shift)
+    avx2_intrinsics_or!(
+        exp_shifted_sum_avx2(x, shift),
+        exp_shifted_sum_body(x, shift)
+    )
 }
 
 /// [`exp_shifted_sum_body`] in AVX2 intrinsics, bit for bit (tested). Why by hand: the
