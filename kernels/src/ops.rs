@@ -217,14 +217,7 @@ unsafe fn exp_shifted_sum_avx2(x: &mut [f32], shift: f32) -> f32 {
     }
     let mut lanes = [0f32; 8];
     _mm256_storeu_ps(lanes.as_mut_ptr(), acc);
-    let mut tail = 0f32;
-    for v in chunks.into_remainder() {
-        *v = exp_approx(*v - shift);
-        tail += *v;
-    }
-    ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5]))
-        + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]))
-        + tail
+    exp_sum_finish(lanes, chunks.into_remainder(), shift)
 }
 
 /// [`exp_approx`] on eight lanes: the same operations in the same order (multiplies and adds
@@ -277,14 +270,21 @@ fn exp_shifted_sum_body(x: &mut [f32], shift: f32) -> f32 {
             lanes[l] += c[l];
         }
     }
-    let mut tail = 0f32;
-    for v in chunks.into_remainder() {
+    exp_sum_finish(lanes, chunks.into_remainder(), shift)
+}
+
+/// The end of [`exp_shifted_sum`], shared by both paths: the tail's exponentials, then the
+/// eight lane sums added in one fixed tree, the tail's sum last.
+#[inline(always)]
+fn exp_sum_finish(lanes: [f32; 8], tail: &mut [f32], shift: f32) -> f32 {
+    let mut rest = 0f32;
+    for v in tail {
         *v = exp_approx(*v - shift);
-        tail += *v;
+        rest += *v;
     }
     ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5]))
         + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]))
-        + tail
+        + rest
 }
 
 /// `acc[i] += x[i]` (the residual connection).
