@@ -326,23 +326,20 @@ fn score_rows<const G: usize>(
         // them: a long context's keys (SmolLM2 at 320 positions: 80 KB per KV head) come from
         // L2, and reading them once per head made a prefill's attention L2-bound. Each key's
         // score is the same arithmetic whichever block it is in.
-        let rows = keys.len() / d;
-        let mut j0 = 0;
-        while j0 < rows {
-            let j1 = (j0 + KEYS_PER_BLOCK).min(rows);
+        for (b, block) in keys.chunks(KEYS_PER_BLOCK * d).enumerate() {
+            let j0 = b * KEYS_PER_BLOCK;
             for g in 0..G {
                 // SAFETY: the CPU has AVX2 and FMA (checked above); the slices are in bounds.
                 let m = unsafe {
                     score_rows_avx2(
                         &qs[g * d..][..d],
-                        &keys[j0 * d..j1 * d],
+                        block,
                         scale,
-                        &mut scores[g * len + first + j0..][..j1 - j0],
+                        &mut scores[g * len + first + j0..][..block.len() / d],
                     )
                 };
                 max[g] = max[g].max(m);
             }
-            j0 = j1;
         }
         return;
     }
@@ -433,21 +430,18 @@ fn accumulate_rows<const G: usize>(
         // As in `score_rows`: blocks of value rows that stay in L1 for every head; each
         // output element still adds its rows in order (the sums pass through `o` between
         // blocks, exactly).
-        let rows = vals.len() / d;
-        let mut j0 = 0;
-        while j0 < rows {
-            let j1 = (j0 + KEYS_PER_BLOCK).min(rows);
+        for (b, block) in vals.chunks(KEYS_PER_BLOCK * d).enumerate() {
+            let j0 = b * KEYS_PER_BLOCK;
             for g in 0..G {
                 // SAFETY: the CPU has AVX2 and FMA (checked above); the slices are in bounds.
                 unsafe {
                     accumulate_rows_avx2(
-                        &vals[j0 * d..j1 * d],
-                        &weights[g * len + first + j0..][..j1 - j0],
+                        block,
+                        &weights[g * len + first + j0..][..block.len() / d],
                         &mut o[g * d..][..d],
                     )
                 };
             }
-            j0 = j1;
         }
         return;
     }

@@ -48,13 +48,13 @@ impl Int8Rows {
             // SAFETY: AVX2 (and FMA/F16C) detected; the three buffers were sized above.
             return unsafe { self.quantize_avx2(x) };
         }
-        self.quantize_blocks(x, 0);
+        self.quantize_blocks(x);
     }
 
-    /// The plain rounding of blocks `first..` of `x` (the reference the AVX2 path matches bit
-    /// for bit): `d = max|x|/127`, levels `round(x/d)` (halves away from zero), NaN to 0.
-    fn quantize_blocks(&mut self, x: &[f32], first: usize) {
-        for (b, blk) in x.chunks_exact(BLOCK).enumerate().skip(first) {
+    /// The plain rounding of `x`'s blocks (the reference the AVX2 path matches bit for bit):
+    /// `d = max|x|/127`, levels `round(x/d)` (halves away from zero), NaN to 0.
+    fn quantize_blocks(&mut self, x: &[f32]) {
+        for (b, blk) in x.chunks_exact(BLOCK).enumerate() {
             let q = &mut self.quants[b * BLOCK..][..BLOCK];
             let amax = blk.iter().fold(0f32, |a, v| a.max(v.abs()));
             let d = amax / 127.0;
@@ -882,7 +882,7 @@ mod tests {
         let mut fast = Int8Rows::default();
         fast.quantize(&x, 64);
         let mut plain = fast.clone();
-        plain.quantize_blocks(&x, 0);
+        plain.quantize_blocks(&x);
         assert_eq!(fast.quants, plain.quants);
         assert_eq!(fast.sums, plain.sums);
         assert_eq!(

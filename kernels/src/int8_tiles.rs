@@ -98,7 +98,7 @@ impl Int8Tiles {
             return;
         }
         crate::int8_gemm::with_rounded(x, k, |xq| {
-            if self.format == BlockFormat::Q8_0 && biased_kernel() {
+            if self.format == BlockFormat::Q8_0 && vnni() {
                 crate::rows::with_scratch(&BIASED, |xb| {
                     // i8 v ^ 0x80 read as u8 is v + 128.
                     xb.clear();
@@ -111,7 +111,7 @@ impl Int8Tiles {
         })
     }
 
-    /// `xb`: the activation levels + 128 where [`biased_kernel`] runs Q8_0, else empty.
+    /// `xb`: the activation levels + 128 where the VNNI kernel runs Q8_0 (biased), else empty.
     fn run(&self, xq: &Int8Rows, xb: &[u8], m: usize, out: &mut [f32]) {
         let (n, k) = (self.n, self.k);
         let nb = k / BLOCK;
@@ -201,15 +201,16 @@ const GROUP_AVX2: usize = 4;
 const GROUP_MAX: usize = 8;
 
 fn group_size() -> usize {
-    #[cfg(target_arch = "x86_64")]
-    if crate::has_vnni() {
-        return GROUP_MAX;
+    if vnni() {
+        GROUP_MAX
+    } else {
+        GROUP_AVX2
     }
-    GROUP_AVX2
 }
 
-/// Whether Q8_0 tiles run [`tile_body`]'s biased form: the VNNI kernel.
-fn biased_kernel() -> bool {
+/// Whether the tiles run the VNNI kernel (8 rows per pass; Q8_0 in [`tile_body`]'s biased
+/// form).
+fn vnni() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         crate::has_vnni()

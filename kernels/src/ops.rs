@@ -153,6 +153,24 @@ fn silu_mul_body(gate: &mut [f32], up: &[f32]) {
     }
 }
 
+/// [`exp_approx`]'s constants (shared with its AVX2 lanes): the clamp, log2(e), 1.5·2²³
+/// (adding it rounds to an integer, ties to even, and leaves n in the low bits), ln 2 in two
+/// parts, and the polynomial's coefficients from the highest degree down.
+const EXP_MIN: f32 = -87.3;
+const EXP_MAX: f32 = 88.3;
+const EXP_LOG2E: f32 = std::f32::consts::LOG2_E;
+const EXP_ROUND: f32 = 12_582_912.0;
+const EXP_LN2_HI: f32 = 0.693_359_4;
+const EXP_LN2_LO: f32 = -2.121_944_4e-4;
+const EXP_POLY: [f32; 6] = [
+    1.987_569_1e-4,
+    1.398_199_9e-3,
+    8.333_452e-3,
+    4.166_579_6e-2,
+    1.666_666_5e-1,
+    0.5,
+];
+
 /// `e^x` in plain f32 arithmetic that vectorizes (Cephes' `expf`: a degree-6 polynomial on
 /// x − n·ln2, scaled by 2ⁿ built from bits; relative error < 3e-7 against f64). libm's `exp`
 /// is a call per element and kept SiLU and the softmax scalar: 3.5 ns per element, 3% of a
@@ -161,29 +179,22 @@ fn silu_mul_body(gate: &mut [f32], up: &[f32]) {
 /// [-87.3, 88.3] (e^x stays finite and normal); NaN stays NaN.
 #[inline(always)]
 pub fn exp_approx(x: f32) -> f32 {
-    const LOG2E: f32 = std::f32::consts::LOG2_E;
-    // 1.5·2²³: adding it rounds to an integer (ties to even) and leaves n in the low bits.
-    const ROUND: f32 = 12_582_912.0;
-    const LN2_HI: f32 = 0.693_359_4;
-    const LN2_LO: f32 = -2.121_944_4e-4;
     // Written as comparisons (not f32::max/min) so that NaN passes through.
     #[allow(clippy::manual_clamp)]
-    let x = if x < -87.3 {
-        -87.3
-    } else if x > 88.3 {
-        88.3
+    let x = if x < EXP_MIN {
+        EXP_MIN
+    } else if x > EXP_MAX {
+        EXP_MAX
     } else {
         x
     };
-    let t = x * LOG2E + ROUND;
-    let n = t - ROUND;
-    let r = x - n * LN2_HI - n * LN2_LO;
-    let mut p = 1.987_569_1e-4f32;
-    p = p * r + 1.398_199_9e-3;
-    p = p * r + 8.333_452e-3;
-    p = p * r + 4.166_579_6e-2;
-    p = p * r + 1.666_666_5e-1;
-    p = p * r + 0.5;
+    let t = x * EXP_LOG2E + EXP_ROUND;
+    let n = t - EXP_ROUND;
+    let r = x - n * EXP_LN2_HI - n * EXP_LN2_LO;
+    let mut p = EXP_POLY[0];
+    for c in &EXP_POLY[1..] {
+        p = p * r + c;
+    }
     let y = p * (r * r) + r + 1.0;
     // t's low mantissa bits hold 2²² + n; adding 127 and shifting puts n + 127 in the
     // exponent field and drops the rest: 2ⁿ.
@@ -227,26 +238,20 @@ unsafe fn exp_shifted_sum_avx2(x: &mut [f32], shift: f32) -> f32 {
 #[inline]
 unsafe fn exp_approx_avx2(x: std::arch::x86_64::__m256) -> std::arch::x86_64::__m256 {
     use std::arch::x86_64::*;
-    let (lo, hi) = (_mm256_set1_ps(-87.3), _mm256_set1_ps(88.3));
-    // The scalar's comparisons: below -87.3 → -87.3, above 88.3 → 88.3, NaN stays.
+    let c = |v: f32| _mm256_set1_ps(v);
+    let (lo, hi) = (c(EXP_MIN), c(EXP_MAX));
+    // The scalar's comparisons: below the range → its floor, above → its ceiling, NaN stays.
     let x = _mm256_blendv_ps(x, hi, _mm256_cmp_ps::<_CMP_GT_OQ>(x, hi));
     let x = _mm256_blendv_ps(x, lo, _mm256_cmp_ps::<_CMP_LT_OQ>(x, lo));
-    let c = |v: f32| _mm256_set1_ps(v);
-    let round = c(12_582_912.0);
-    let t = _mm256_add_ps(_mm256_mul_ps(x, c(std::f32::consts::LOG2_E)), round);
+    let round = c(EXP_ROUND);
+    let t = _mm256_add_ps(_mm256_mul_ps(x, c(EXP_LOG2E)), round);
     let n = _mm256_sub_ps(t, round);
     let r = _mm256_sub_ps(
-        _mm256_sub_ps(x, _mm256_mul_ps(n, c(0.693_359_4))),
-        _mm256_mul_ps(n, c(-2.121_944_4e-4)),
+        _mm256_sub_ps(x, _mm256_mul_ps(n, c(EXP_LN2_HI))),
+        _mm256_mul_ps(n, c(EXP_LN2_LO)),
     );
-    let mut p = c(1.987_569_1e-4);
-    for k in [
-        1.398_199_9e-3,
-        8.333_452e-3,
-        4.166_579_6e-2,
-        1.666_666_5e-1,
-        0.5,
-    ] {
+    let mut p = c(EXP_POLY[0]);
+    for &k in &EXP_POLY[1..] {
         p = _mm256_add_ps(_mm256_mul_ps(p, r), c(k));
     }
     let y = _mm256_add_ps(
