@@ -431,13 +431,21 @@ fn calibrated_methods_lower_kl_divergence_at_q4_0_and_say_so_in_the_file() {
     // BENCHMARKS.md), evaluated on wikitext: never the same text.
     let base = ["quantize", s(&m), "--scheme", "q4_0", "--quiet", "--out"];
     let calib = ["--calib-chunks", "4"];
-    // The last also takes GPTQ's columns in act-order.
-    let files: Vec<PathBuf> = [&["rtn"][..], &["gptq"], &["awq+gptq", "--act-order"]]
+    // The third also takes GPTQ's columns in act-order; the last also calibrates on 1024
+    // tokens of the model's own answers (four more chunks of 256).
+    let variants: [&[&str]; 4] = [
+        &["rtn"],
+        &["gptq"],
+        &["awq+gptq", "--act-order"],
+        &["gptq", "--calib-self", "1024", "--calib-ctx", "256"],
+    ];
+    let files: Vec<PathBuf> = variants
         .iter()
-        .map(|method| {
+        .enumerate()
+        .map(|(i, method)| {
             let out = tmp
                 .path()
-                .join(format!("{}.gguf", method[0].replace('+', "-")));
+                .join(format!("{i}-{}.gguf", method[0].replace('+', "-")));
             ok(&[&base[..], &[s(&out), "--method"], method, &calib[..]].concat());
             out
         })
@@ -450,6 +458,12 @@ fn calibrated_methods_lower_kl_divergence_at_q4_0_and_say_so_in_the_file() {
     let hash = tandem_quantize::sha256_hex(tandem_quantize::CALIBRATION_TEXT.as_bytes());
     assert!(info.contains(&format!("sha256={hash}")), "{info}");
     assert!(info.contains("chunks=4"), "{info}");
+    assert!(!info.contains("self_tokens"), "{info}");
+    let info = ok(&["info", s(&files[3])]);
+    // 4 chunks of the text at 256 tokens, then the 1024 generated tokens' 4.
+    assert!(info.contains("calibration.chunks=8"), "{info}");
+    assert!(info.contains("calibration.self_tokens="), "{info}");
+    assert!(info.contains("calibration.self_sha256="), "{info}");
     let ck = Checkpoint::open(&m, None).unwrap();
     let reference = ck
         .load_model(&tandem_model::LoadOptions::default())
@@ -461,11 +475,15 @@ fn calibrated_methods_lower_kl_divergence_at_q4_0_and_say_so_in_the_file() {
         .map(|f| mean_kl(&reference, f, &chunks))
         .collect();
     eprintln!(
-        "q4_0 mean KL vs F16: rtn {:.5}, gptq {:.5}, awq+gptq with act-order {:.5}",
-        kl[0], kl[1], kl[2]
+        "q4_0 mean KL vs F16: rtn {:.5}, gptq {:.5}, awq+gptq with act-order {:.5}, gptq with its own answers {:.5}",
+        kl[0], kl[1], kl[2], kl[3]
     );
     assert!(kl[1] < 0.8 * kl[0], "gptq did not help enough: {kl:?}");
     assert!(kl[2] < 0.8 * kl[0], "awq+gptq did not help enough: {kl:?}");
+    assert!(
+        kl[3] < 0.8 * kl[0],
+        "gptq with self-calibration did not help enough: {kl:?}"
+    );
 }
 
 #[test]

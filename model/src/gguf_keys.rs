@@ -16,6 +16,10 @@ pub const TANDEM_CALIBRATION_TEXT: &str = "tandem.quantize.calibration.text";
 pub const TANDEM_CALIBRATION_SHA256: &str = "tandem.quantize.calibration.sha256";
 pub const TANDEM_CALIBRATION_CHUNKS: &str = "tandem.quantize.calibration.chunks";
 pub const TANDEM_CALIBRATION_CTX: &str = "tandem.quantize.calibration.ctx";
+/// Tokens of the model's own answers calibrated on after the text (`--calib-self`), and the
+/// SHA-256 of their ids (u32 little-endian).
+pub const TANDEM_CALIBRATION_SELF_TOKENS: &str = "tandem.quantize.calibration.self_tokens";
+pub const TANDEM_CALIBRATION_SELF_SHA256: &str = "tandem.quantize.calibration.self_sha256";
 pub const TANDEM_GPTQ_DAMP: &str = "tandem.quantize.gptq.damp";
 pub const TANDEM_GPTQ_BLOCK: &str = "tandem.quantize.gptq.block";
 /// Whether GPTQ took input channels in order of decreasing activation.
@@ -27,6 +31,8 @@ pub const TANDEM_QUANTIZE_KEYS: &[&str] = &[
     TANDEM_CALIBRATION_SHA256,
     TANDEM_CALIBRATION_CHUNKS,
     TANDEM_CALIBRATION_CTX,
+    TANDEM_CALIBRATION_SELF_TOKENS,
+    TANDEM_CALIBRATION_SELF_SHA256,
     TANDEM_GPTQ_DAMP,
     TANDEM_GPTQ_BLOCK,
     TANDEM_GPTQ_ACT_ORDER,

@@ -17,6 +17,7 @@ use crate::gptq::{self, GptqOptions};
 use crate::grid;
 use crate::imatrix::ImportanceMatrix;
 use crate::plan::{Plan, PlannedTensor};
+use crate::self_calibration::{self, cut_chunks, SelfCalibration};
 use crate::types::QuantType;
 use candle_core::Tensor;
 use std::collections::BTreeMap;
@@ -96,6 +97,9 @@ pub struct CalibratedOptions {
     pub gptq: GptqOptions,
     /// Threads of the layer-by-layer passes (`None`: the process-wide pool).
     pub threads: Option<usize>,
+    /// The model's own answers to the bundled requests, calibrated on after the text's chunks
+    /// (`None`: the text only).
+    pub self_calibration: Option<SelfCalibration>,
 }
 
 impl CalibratedOptions {
@@ -108,6 +112,7 @@ impl CalibratedOptions {
             chunks: None,
             gptq: GptqOptions::default(),
             threads: None,
+            self_calibration: None,
         }
     }
 }
@@ -125,6 +130,8 @@ pub struct Timings {
     pub quantization: f64,
     /// Activation-aware scale search.
     pub scale_search: f64,
+    /// Generating the model's own calibration answers (`--calib-self`).
+    pub self_generation: f64,
 }
 
 /// The GGML bytes of the calibrated tensors, kept in an unnamed temporary file as each is
@@ -259,17 +266,12 @@ pub fn calibration_chunks(
             tokens.len()
         )));
     }
-    let n = chunks.map_or(available, |c| c.min(available)).max(1);
-    let bos = ck.tokenizer.bos_id.filter(|_| ck.tokenizer.add_bos);
-    Ok((0..n)
-        .map(|c| {
-            let mut chunk = tokens[c * ctx..(c + 1) * ctx].to_vec();
-            if let Some(b) = bos {
-                chunk[0] = b;
-            }
-            chunk
-        })
-        .collect())
+    Ok(cut_chunks(&tokens, ctx, chunks, chunk_bos(ck)))
+}
+
+/// The token every calibration chunk starts with: BOS where the vocabulary adds one.
+fn chunk_bos(ck: &Checkpoint) -> Option<u32> {
+    ck.tokenizer.bos_id.filter(|_| ck.tokenizer.add_bos)
 }
 
 /// Runs the calibrated method over every decoder-layer tensor the plan quantizes to a block
@@ -285,13 +287,34 @@ pub fn calibrate_plan(
     if !opts.method.is_calibrated() {
         return Ok(out);
     }
-    let chunks = calibration_chunks(ck, &opts.text, opts.ctx, opts.chunks)?;
-    out.chunks = chunks.len();
-    out.tokens = chunks.iter().map(Vec::len).sum();
-    out.metadata = provenance(opts, out.chunks);
+    let mut chunks = calibration_chunks(ck, &opts.text, opts.ctx, opts.chunks)?;
     // On the CPU (layer-by-layer passes read every activation), 8-bit activations as the
     // quantized file will mostly be run with; one decoder layer in memory at a time.
     let load = tandem_model::LoadOptions::default().with_threads(opts.threads);
+    let mut generated = Vec::new();
+    if let Some(sc) = &opts.self_calibration {
+        let t0 = Instant::now();
+        generated = self_calibration::generate(ck, sc, &load, &|done, target| {
+            progress(
+                0,
+                ck.config.num_hidden_layers,
+                &format!("generating its own calibration answers, {done} of {target} tokens"),
+            )
+        })?;
+        let ctx = opts.ctx.min(ck.config.context_length());
+        let own = cut_chunks(&generated, ctx, None, chunk_bos(ck));
+        if own.is_empty() {
+            return Err(Error::Plan(format!(
+                "self-calibration produced {} tokens, fewer than one chunk of {ctx}",
+                generated.len()
+            )));
+        }
+        chunks.extend(own);
+        out.timings.self_generation = t0.elapsed().as_secs_f64();
+    }
+    out.chunks = chunks.len();
+    out.tokens = chunks.iter().map(Vec::len).sum();
+    out.metadata = provenance(opts, out.chunks, &generated);
     let model = tandem_model::Llama::load_deferred(ck.config.clone(), &ck.store, &load)?;
     let planned: BTreeMap<&str, &PlannedTensor> = plan
         .tensors
@@ -694,7 +717,11 @@ fn heads_of(ck: &Checkpoint, name: &str) -> usize {
 }
 
 /// GGUF keys recording the method (`tandem.quantize.*`).
-fn provenance(opts: &CalibratedOptions, chunks: usize) -> crate::metadata::Metadata {
+fn provenance(
+    opts: &CalibratedOptions,
+    chunks: usize,
+    generated: &[u32],
+) -> crate::metadata::Metadata {
     use candle_core::quantized::gguf_file::Value;
     use tandem_model::gguf_keys as keys;
     let mut md = vec![
@@ -719,6 +746,17 @@ fn provenance(opts: &CalibratedOptions, chunks: usize) -> crate::metadata::Metad
             Value::U32(opts.ctx as u32),
         ),
     ];
+    if opts.self_calibration.is_some() {
+        let bytes: Vec<u8> = generated.iter().flat_map(|t| t.to_le_bytes()).collect();
+        md.push((
+            keys::TANDEM_CALIBRATION_SELF_TOKENS.into(),
+            Value::U32(u32::try_from(generated.len()).unwrap_or(u32::MAX)),
+        ));
+        md.push((
+            keys::TANDEM_CALIBRATION_SELF_SHA256.into(),
+            Value::String(crate::sha256_hex(&bytes)),
+        ));
+    }
     if opts.method.uses_gptq() {
         md.push((
             keys::TANDEM_GPTQ_DAMP.into(),

@@ -267,12 +267,18 @@ pub fn calibrate(
     obs.done();
     let t = &c.timings;
     obs.note(&format!(
-        "{label}{}: {} tensors calibrated on {} chunks ({} tokens of {}): layer passes {:.1} s, Hessians {:.1} s, scale search {:.1} s, factorization {:.1} s, quantization {:.1} s",
+        "{label}{}: {} tensors calibrated on {} chunks ({} tokens of {}{}): self-generation {:.1} s, layer passes {:.1} s, Hessians {:.1} s, scale search {:.1} s, factorization {:.1} s, quantization {:.1} s",
         opts.method,
         c.tensors.len(),
         c.chunks,
         c.tokens,
         opts.text_name,
+        if opts.self_calibration.is_some() {
+            " and the model's own answers"
+        } else {
+            ""
+        },
+        t.self_generation,
         t.statistics,
         t.hessians,
         t.scale_search,

@@ -23,6 +23,7 @@ pub mod job;
 pub mod metadata;
 pub mod output;
 pub mod plan;
+pub mod self_calibration;
 pub mod types;
 pub mod weighted;
 
