@@ -267,7 +267,7 @@ pub fn calibrate(
     obs.done();
     let t = &c.timings;
     obs.note(&format!(
-        "{label}{}: {} tensors calibrated on {} chunks ({} tokens of {}{}): self-generation {:.1} s, layer passes {:.1} s, Hessians {:.1} s, scale search {:.1} s, factorization {:.1} s, quantization {:.1} s",
+        "{label}{}: {} tensors calibrated on {} chunks ({} tokens of {}{}): {}layer passes {:.1} s, Hessians {:.1} s, scale search {:.1} s, factorization {:.1} s, quantization {:.1} s",
         opts.method,
         c.tensors.len(),
         c.chunks,
@@ -278,7 +278,11 @@ pub fn calibrate(
         } else {
             ""
         },
-        t.self_generation,
+        if opts.self_calibration.is_some() {
+            format!("self-generation {:.1} s, ", t.self_generation)
+        } else {
+            String::new()
+        },
         t.statistics,
         t.hessians,
         t.scale_search,
