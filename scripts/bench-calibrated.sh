@@ -2,7 +2,8 @@
 # Calibrated quantization (GPTQ, activation-aware scaling, importance matrix) of SmolLM2-135M
 # beside rounding, llama.cpp's own Q4_0 and (optionally) llm-compressor's GPTQ W4A16, all scored
 # by tandem eval against the F16 model on wikitext-2 and on a second text never tuned on
-# (Austen's Persuasion; calibration is always the bundled opening of Emma).
+# (Austen's Persuasion; calibration is the bundled opening of Emma, and for one row Emma and
+# the model's own answers, --calib-self).
 #   LLAMA_CPP_BIN=/path/to/llama.cpp/build/bin [VENV=/path/to/venv] scripts/bench-calibrated.sh [CHUNKS] [CHUNKS2]
 # VENV: a virtual environment with torch, transformers, llmcompressor (PyPI) for the peer row.
 set -euo pipefail
@@ -18,7 +19,10 @@ variants=q4_0,q4_0+gptq,q4_0+awq,q4_0+awq+gptq,q4_0@all,q4_0@all+gptq,q4_0@all+a
 # The same GPTQ run timed on its own (the sweep above reuses its file).
 /usr/bin/time -f "tandem quantize --method gptq: %e s wall, %M KiB peak RSS" \
   "$T" quantize "$smol" --out "$out/gptq-timed.gguf" --scheme q4_0 --method gptq --force --quiet 2>&1 | grep -E "calibrated|wall"
-models=()
+# GPTQ calibrated on Emma and on 16k tokens of the model's own answers (--calib-self).
+[ -f "$out/q4_0-gptq-self.gguf" ] || /usr/bin/time -f "tandem quantize --method gptq --calib-self 16384: %e s wall, %M KiB peak RSS" \
+  "$T" quantize "$smol" --out "$out/q4_0-gptq-self.gguf" --scheme q4_0 --method gptq --calib-self 16384 --quiet 2>&1 | grep -E "calibrated|wall"
+models=(--model "$out/q4_0-gptq-self.gguf")
 for v in ${variants//,/ }; do models+=(--model "$out/sweep/$(echo $v | tr '@+' '--').gguf"); done
 [ -f "$out/f16.gguf" ] || "$T" quantize "$smol" --out "$out/f16.gguf" --scheme f16 --attention f16 --embeddings f16 --quiet >/dev/null
 [ -f "$out/llama.cpp-Q4_0.gguf" ] || "$B/llama-quantize" "$out/f16.gguf" "$out/llama.cpp-Q4_0.gguf" Q4_0 >/dev/null 2>&1

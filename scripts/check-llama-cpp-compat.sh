@@ -8,7 +8,7 @@ source "$(dirname "$0")/common.sh"
 N=${1:-2}; C=${2:-8}
 w=$(mktemp -d); trap 'rm -rf "$w"' EXIT
 prompts=("The history of the Roman Empire" "It is a truth universally acknowledged, that" "def fibonacci(n):")
-for spec in "q8_0:" "q4_0:" "q4_k:" "q4_0:--attention q4_0" "q4_0:--method gptq" "q4_k:--method awq+gptq" "stories-f16:"; do
+for spec in "q8_0:" "q4_0:" "q4_k:" "q4_0:--attention q4_0" "q4_0:--method gptq" "q4_0:--method gptq --calib-self 16384" "q4_k:--method awq+gptq" "stories-f16:"; do
   t=${spec%%:*}; extra=${spec#*:}
   if [ "$t" = stories-f16 ]; then
     f=$w/stories.gguf; "$T" quantize "$root/models/stories260K" --out "$f" --scheme f16 --embeddings keep --quiet >/dev/null

@@ -922,10 +922,10 @@ impl tandem_quantize::job::QuantizeObserver for QuantizeBar {
 /// Quantizes `model` into `out` (a GGUF file, or a compressed-tensors folder with
 /// `format="compressed-tensors"`), as `tandem quantize` does: attention kept 16-bit unless
 /// `attention` says otherwise, the MLP at `scheme`, `method` rtn (llama-quantize's bytes),
-/// gptq, awq or awq+gptq (calibrated on `calib_text`, default the bundled Austen). Returns
-/// what was written.
+/// gptq, awq or awq+gptq (calibrated on `calib_text`, default the bundled Austen, and with
+/// `calib_self=N` on N tokens of the model's own answers too). Returns what was written.
 #[pyfunction]
-#[pyo3(signature = (model, out, scheme=None, method="rtn", *, attention=None, embeddings=None, output=None, rules=Vec::new(), recipe=None, format="gguf", group_size=32, imatrix=None, calib_text=None, calib_ctx=512, calib_chunks=None, gptq_damp=0.3, act_order=false, force=false, allow_nonfinite=false, progress=None))]
+#[pyo3(signature = (model, out, scheme=None, method="rtn", *, attention=None, embeddings=None, output=None, rules=Vec::new(), recipe=None, format="gguf", group_size=32, imatrix=None, calib_text=None, calib_ctx=512, calib_chunks=None, calib_self=0, gptq_damp=0.3, act_order=false, force=false, allow_nonfinite=false, progress=None))]
 #[allow(clippy::too_many_arguments)]
 fn quantize<'py>(
     py: Python<'py>,
@@ -944,6 +944,7 @@ fn quantize<'py>(
     calib_text: Option<PathBuf>,
     calib_ctx: usize,
     calib_chunks: Option<usize>,
+    calib_self: usize,
     gptq_damp: f64,
     act_order: bool,
     force: bool,
@@ -966,6 +967,11 @@ fn quantize<'py>(
             )
             .map_err(err)?;
             c.gptq.act_order = act_order;
+            if calib_self > 0 {
+                c.self_calibration = Some(
+                    tandem_quantize::self_calibration::SelfCalibration::new(calib_self),
+                );
+            }
             c
         },
         ..QuantizeJob::new(

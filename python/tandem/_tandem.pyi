@@ -141,6 +141,7 @@ def quantize(
     calib_text: Optional[_Path] = None,
     calib_ctx: int = 512,
     calib_chunks: Optional[int] = None,
+    calib_self: int = 0,
     gptq_damp: float = 0.3,
     act_order: bool = False,
     force: bool = False,
