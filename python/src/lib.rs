@@ -968,9 +968,9 @@ fn quantize<'py>(
             .map_err(err)?;
             c.gptq.act_order = act_order;
             if calib_self > 0 {
-                c.self_calibration = Some(
-                    tandem_quantize::self_calibration::SelfCalibration::new(calib_self),
-                );
+                c.self_calibration = Some(tandem_quantize::self_calibration::SelfCalibration::new(
+                    calib_self,
+                ));
             }
             c
         },

@@ -261,7 +261,11 @@ mod tests {
         );
         // Each step adds a token to every open answer, so the stream may pass the target by
         // less than a batch.
-        assert!((600..600 + opts.batch).contains(&a.len()), "{} tokens", a.len());
+        assert!(
+            (600..600 + opts.batch).contains(&a.len()),
+            "{} tokens",
+            a.len()
+        );
         // The first answer is request 0's, sampled with the first seed, one at a time.
         let requests = request_tokens(&ck).unwrap();
         let model = crate::quantized_copy(&ck, crate::QuantType::Q8_0, true)
