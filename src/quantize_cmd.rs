@@ -125,7 +125,15 @@ impl CalibArgs {
     ) -> Result<CalibratedOptions> {
         let method = match method {
             Some(m) => m,
-            None => Method::parse(&self.method)?,
+            None => {
+                let m = Method::parse(&self.method)?;
+                if !m.is_calibrated() && self.calib_self > 0 {
+                    anyhow::bail!(
+                        "--calib-self calibrates a method on text; add --method gptq, awq or awq+gptq (rounding to nearest reads no text)"
+                    );
+                }
+                m
+            }
         };
         let mut o = job::calibration_options(
             method,

@@ -519,6 +519,20 @@ fn calibrated_methods_refuse_bad_calibration_text() {
     ]);
     assert!(e.contains("unknown method 'gptqq'"), "{e}");
     assert!(!out.exists());
+    // The model's own answers are calibration too: rounding to nearest has no use for them.
+    let e = fails(&[
+        "quantize",
+        s(&stories()),
+        "--out",
+        s(&out),
+        "--calib-self",
+        "1024",
+    ]);
+    assert!(
+        e.contains("--calib-self") && e.contains("--method gptq"),
+        "{e}"
+    );
+    assert!(!out.exists());
 }
 
 #[test]
