@@ -78,14 +78,15 @@ pub fn calibrate(
     }
     let n_chunks = opts.chunks.map_or(available, |c| c.min(available));
     let collector = Collector::default();
-    let bos = ck.tokenizer.bos_id.filter(|_| ck.tokenizer.add_bos);
-    for c in 0..n_chunks {
-        let mut chunk = tokens[c * ctx..(c + 1) * ctx].to_vec();
-        if let Some(b) = bos {
-            chunk[0] = b;
-        }
+    let chunks = crate::calibrated::cut_chunks(
+        &tokens,
+        ctx,
+        Some(n_chunks),
+        crate::calibrated::chunk_bos(ck),
+    );
+    for (c, chunk) in chunks.iter().enumerate() {
         let mut cache = model.new_cache_with_limit(ctx)?;
-        model.forward_observed(&chunk, &mut cache, Logits::Last, Some(&collector))?;
+        model.forward_observed(chunk, &mut cache, Logits::Last, Some(&collector))?;
         progress(c + 1, n_chunks);
     }
     let sums = collector

@@ -17,7 +17,7 @@ use crate::gptq::{self, GptqOptions};
 use crate::grid;
 use crate::imatrix::ImportanceMatrix;
 use crate::plan::{Plan, PlannedTensor};
-use crate::self_calibration::{self, cut_chunks, SelfCalibration};
+use crate::self_calibration::{self, SelfCalibration};
 use crate::types::QuantType;
 use candle_core::Tensor;
 use std::collections::BTreeMap;
@@ -270,8 +270,31 @@ pub fn calibration_chunks(
 }
 
 /// The token every calibration chunk starts with: BOS where the vocabulary adds one.
-fn chunk_bos(ck: &Checkpoint) -> Option<u32> {
+pub(crate) fn chunk_bos(ck: &Checkpoint) -> Option<u32> {
     ck.tokenizer.bos_id.filter(|_| ck.tokenizer.add_bos)
+}
+
+/// Cuts a token stream into `ctx`-token chunks, each starting with `bos` when given (as
+/// llama-imatrix does), dropping the incomplete tail; at most `limit` chunks. The importance
+/// matrix (`calibrate`), the calibrated methods' text and the self-generated answers all go
+/// through it.
+pub fn cut_chunks(
+    tokens: &[u32],
+    ctx: usize,
+    limit: Option<usize>,
+    bos: Option<u32>,
+) -> Vec<Vec<u32>> {
+    tokens
+        .chunks_exact(ctx)
+        .take(limit.unwrap_or(usize::MAX))
+        .map(|c| {
+            let mut chunk = c.to_vec();
+            if let Some(b) = bos {
+                chunk[0] = b;
+            }
+            chunk
+        })
+        .collect()
 }
 
 /// Runs the calibrated method over every decoder-layer tensor the plan quantizes to a block
@@ -777,6 +800,24 @@ fn provenance(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn chunks_start_with_bos_and_drop_the_tail() {
+        let t: Vec<u32> = (10..30).collect();
+        let c = cut_chunks(&t, 8, None, Some(1));
+        assert_eq!(
+            c,
+            vec![
+                vec![1, 11, 12, 13, 14, 15, 16, 17],
+                vec![1, 19, 20, 21, 22, 23, 24, 25]
+            ]
+        );
+        assert_eq!(
+            cut_chunks(&t, 8, Some(1), None),
+            vec![(10..18).collect::<Vec<u32>>()]
+        );
+        assert!(cut_chunks(&t, 32, None, None).is_empty());
+    }
 
     #[test]
     fn calibrated_tensors_come_back_from_the_spill_file_as_written() {

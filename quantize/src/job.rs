@@ -266,6 +266,13 @@ pub fn calibrate(
     let c = crate::calibrated::calibrate_plan(ck, plan, opts, imatrix, &progress)?;
     obs.done();
     let t = &c.timings;
+    let (own_answers, self_generation) = match opts.self_calibration {
+        Some(_) => (
+            " and the model's own answers",
+            format!("self-generation {:.1} s, ", t.self_generation),
+        ),
+        None => ("", String::new()),
+    };
     obs.note(&format!(
         "{label}{}: {} tensors calibrated on {} chunks ({} tokens of {}{}): {}layer passes {:.1} s, Hessians {:.1} s, scale search {:.1} s, factorization {:.1} s, quantization {:.1} s",
         opts.method,
@@ -273,16 +280,8 @@ pub fn calibrate(
         c.chunks,
         c.tokens,
         opts.text_name,
-        if opts.self_calibration.is_some() {
-            " and the model's own answers"
-        } else {
-            ""
-        },
-        if opts.self_calibration.is_some() {
-            format!("self-generation {:.1} s, ", t.self_generation)
-        } else {
-            String::new()
-        },
+        own_answers,
+        self_generation,
         t.statistics,
         t.hessians,
         t.scale_search,

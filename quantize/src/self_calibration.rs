@@ -167,14 +167,9 @@ pub fn generate(
             continue;
         }
         let rows = {
-            let pending: Vec<Vec<u32>> = open
+            let mut seqs: Vec<(&[u32], &mut KvCache)> = open
                 .iter_mut()
-                .map(|a| std::mem::take(&mut a.pending))
-                .collect();
-            let mut seqs: Vec<(&[u32], &mut KvCache)> = pending
-                .iter()
-                .zip(open.iter_mut())
-                .map(|(p, a)| (p.as_slice(), &mut a.cache))
+                .map(|a| (a.pending.as_slice(), &mut a.cache))
                 .collect();
             model.forward_batch(&mut seqs, Logits::Last)?
         };
@@ -188,7 +183,8 @@ pub fn generate(
             if ended {
                 out.extend_from_slice(a.answer());
             } else {
-                a.pending = vec![next];
+                a.pending.clear();
+                a.pending.push(next);
                 still_open.push(a);
             }
         }
@@ -198,48 +194,9 @@ pub fn generate(
     Ok(out)
 }
 
-/// Cuts a token stream into `ctx`-token chunks, each starting with `bos` when given (as
-/// llama-imatrix does), dropping the incomplete tail; at most `limit` chunks.
-pub fn cut_chunks(
-    tokens: &[u32],
-    ctx: usize,
-    limit: Option<usize>,
-    bos: Option<u32>,
-) -> Vec<Vec<u32>> {
-    tokens
-        .chunks_exact(ctx)
-        .take(limit.unwrap_or(usize::MAX))
-        .map(|c| {
-            let mut chunk = c.to_vec();
-            if let Some(b) = bos {
-                chunk[0] = b;
-            }
-            chunk
-        })
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn chunks_start_with_bos_and_drop_the_tail() {
-        let t: Vec<u32> = (10..30).collect();
-        let c = cut_chunks(&t, 8, None, Some(1));
-        assert_eq!(
-            c,
-            vec![
-                vec![1, 11, 12, 13, 14, 15, 16, 17],
-                vec![1, 19, 20, 21, 22, 23, 24, 25]
-            ]
-        );
-        assert_eq!(
-            cut_chunks(&t, 8, Some(1), None),
-            vec![(10..18).collect::<Vec<u32>>()]
-        );
-        assert!(cut_chunks(&t, 32, None, None).is_empty());
-    }
 
     /// On the bundled stories260K (no chat template: requests as text after BOS): the stream
     /// is the answers alone, as many tokens as asked for, reproducible, and each one follows
