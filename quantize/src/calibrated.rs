@@ -640,8 +640,7 @@ impl Run<'_> {
             Some(self.timed(
                 |t| &mut t.factorization,
                 |_| {
-                    let permuted = order.as_ref().map(|o| gptq::permute_hessian(&h, cols, o));
-                    gptq::inverse_hessian_factor(permuted.as_deref().unwrap_or(&h), cols, damp)
+                    gptq::inverse_hessian_factor_in_order(&h, cols, order.as_deref(), damp)
                         .map_err(|e| Error::Plan(format!("layer {li} {label}: {e}")))
                 },
             )?)
