@@ -3,7 +3,7 @@
 # synthetic 3.1B-parameter checkpoint (random F16, 6.24 GB in three safetensors shards), which
 # holds one decoder layer at a time. Needs python3 with numpy for the synthetic checkpoint
 # (written once to DIR, default /tmp/synth) and ~10 GB of free disk; ~8 minutes on 2 threads.
-#   scripts/bench-gptq-memory.sh [THREADS] [DIR] [EXTRA QUANTIZE OPTIONS, e.g. --act-order false]
+#   scripts/bench-gptq-memory.sh [THREADS] [DIR] [EXTRA QUANTIZE OPTIONS, e.g. --act-order=false]
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 T=${TANDEM_BIN:-$root/target/release/tandem}

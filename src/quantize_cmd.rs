@@ -111,8 +111,10 @@ pub struct CalibArgs {
     #[arg(long, default_value_t = 0.3)]
     gptq_damp: f64,
     /// GPTQ takes input channels in order of decreasing activation (GPTQModel's desc_act);
-    /// each block's scale is still fixed when its first column comes up.
-    #[arg(long)]
+    /// each block's scale is still fixed when its first column comes up. On by default (on
+    /// SmolLM2 everything-q4_0 mean KLD 0.190 -> 0.146, MLP-only unchanged; same time and
+    /// memory); `--act-order=false` takes them in file order.
+    #[arg(long, default_value_t = true, num_args = 0..=1, require_equals = true, default_missing_value = "true", action = clap::ArgAction::Set, value_name = "BOOL")]
     act_order: bool,
 }
 

@@ -925,7 +925,7 @@ impl tandem_quantize::job::QuantizeObserver for QuantizeBar {
 /// gptq, awq or awq+gptq (calibrated on `calib_text`, default the bundled Austen, and with
 /// `calib_self=N` on N tokens of the model's own answers too). Returns what was written.
 #[pyfunction]
-#[pyo3(signature = (model, out, scheme=None, method="rtn", *, attention=None, embeddings=None, output=None, rules=Vec::new(), recipe=None, format="gguf", group_size=32, imatrix=None, calib_text=None, calib_ctx=512, calib_chunks=None, calib_self=0, gptq_damp=0.3, act_order=false, force=false, allow_nonfinite=false, progress=None))]
+#[pyo3(signature = (model, out, scheme=None, method="rtn", *, attention=None, embeddings=None, output=None, rules=Vec::new(), recipe=None, format="gguf", group_size=32, imatrix=None, calib_text=None, calib_ctx=512, calib_chunks=None, calib_self=0, gptq_damp=0.3, act_order=true, force=false, allow_nonfinite=false, progress=None))]
 #[allow(clippy::too_many_arguments)]
 fn quantize<'py>(
     py: Python<'py>,

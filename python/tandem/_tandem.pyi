@@ -143,7 +143,7 @@ def quantize(
     calib_chunks: Optional[int] = None,
     calib_self: int = 0,
     gptq_damp: float = 0.3,
-    act_order: bool = False,
+    act_order: bool = True,
     force: bool = False,
     allow_nonfinite: bool = False,
     progress: Optional[bool] = None,

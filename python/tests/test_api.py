@@ -90,8 +90,8 @@ def test_quantize_is_the_clis_bytes_and_evaluate_reports(stories, tandem_bin, tm
     cli(tandem_bin, "quantize", stories, "--out", b, "--scheme", "q4_0", "--quiet")
     assert a.read_bytes() == b.read_bytes()
     g, gc = tmp_path / "gptq.gguf", tmp_path / "gptq-cli.gguf"
-    tandem.quantize(stories, g, scheme="q4_0", method="gptq", act_order=True, calib_chunks=2, progress=False)
-    cli(tandem_bin, "quantize", stories, "--out", gc, "--scheme", "q4_0", "--method", "gptq", "--act-order",
+    tandem.quantize(stories, g, scheme="q4_0", method="gptq", act_order=False, calib_chunks=2, progress=False)
+    cli(tandem_bin, "quantize", stories, "--out", gc, "--scheme", "q4_0", "--method", "gptq", "--act-order=false",
         "--calib-chunks", "2", "--quiet")
     assert g.read_bytes() == gc.read_bytes()
     ct = tmp_path / "ct"

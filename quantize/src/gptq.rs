@@ -32,7 +32,9 @@ pub struct GptqOptions {
     pub damp: f64,
     /// Columns per lazy update block (a multiple of the type's block size is used).
     pub lazy_block: usize,
-    /// Quantize columns in order of decreasing Hessian diagonal ([`act_order`]).
+    /// Quantize columns in order of decreasing Hessian diagonal ([`act_order`]). On by
+    /// default: on SmolLM2 with attention quantized too it took wikitext-2 mean KLD from 0.190
+    /// to 0.146, and it is neutral on the MLP-only policy, at the same time and peak memory.
     pub act_order: bool,
 }
 
@@ -41,7 +43,7 @@ impl Default for GptqOptions {
         GptqOptions {
             damp: 0.3,
             lazy_block: 128,
-            act_order: false,
+            act_order: true,
         }
     }
 }
