@@ -632,8 +632,10 @@ impl Run<'_> {
             }
             self.out.timings.scale_search += t.elapsed().as_secs_f64();
         }
-        let order = (self.opts.method.uses_gptq() && self.opts.gptq.act_order)
-            .then(|| gptq::act_order(&h, cols));
+        let order = (self.opts.method.uses_gptq()
+            && self.opts.gptq.act_order
+            && weights.iter().all(|(_, _, q, _)| gptq::act_order_suits(*q)))
+        .then(|| gptq::act_order(&h, cols));
         let factor = if self.opts.method.uses_gptq() {
             self.progress(li, &format!("{label}: factorization"));
             let damp = self.opts.gptq.damp;
