@@ -114,7 +114,8 @@ pub struct CalibArgs {
     /// each block's scale is still fixed when its first column comes up. On by default (on
     /// SmolLM2 everything-q4_0 mean KLD 0.190 -> 0.146, MLP-only unchanged; same time and
     /// memory); `--act-order=false` takes them in file order. K-quant tensors always take file
-    /// order (their 256-column super-blocks' scales would be fixed before most columns are).
+    /// order (a 256-column super-block's scales would be fixed before error feedback reached
+    /// most of its columns).
     #[arg(long, default_value_t = true, num_args = 0..=1, require_equals = true, default_missing_value = "true", action = clap::ArgAction::Set, value_name = "BOOL")]
     act_order: bool,
 }
