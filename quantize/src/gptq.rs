@@ -195,9 +195,9 @@ pub fn gptq_quantize(
 }
 
 /// [`gptq_quantize`] taking the columns in `order` (act-order, [`act_order`]): `u` and `dead`
-/// are then those of the Hessian taken in that order ([`inverse_hessian_factor_in_order`]). A GGML block's
-/// scales are fixed when the first of its columns comes up, from its weights as they stand
-/// then, so the output is the same standard block layout whatever the order.
+/// are then those of the Hessian taken in that order ([`inverse_hessian_factor_in_order`]).
+/// A GGML block's scales are fixed when the first of its columns comes up, from its weights
+/// as they stand then, so the output is the same standard block layout whatever the order.
 #[allow(clippy::too_many_arguments)]
 pub fn gptq_quantize_in_order(
     t: QuantType,
