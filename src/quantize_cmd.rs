@@ -6,7 +6,6 @@ use std::path::PathBuf;
 use tandem_model::Checkpoint;
 use tandem_quantize::calibrated::{CalibratedOptions, Method};
 use tandem_quantize::job::{self, Format, PolicyChoices, QuantizeJob, QuantizeObserver};
-use tandem_quantize::self_calibration::SelfCalibration;
 use tandem_quantize::{calibrate::CalibrationOptions, make_plan, ImportanceMatrix, Options};
 
 #[derive(clap::Args)]
@@ -127,17 +126,10 @@ impl CalibArgs {
         method: Option<Method>,
         load: &tandem_model::LoadOptions,
     ) -> Result<CalibratedOptions> {
-        let method = match method {
-            Some(m) => m,
-            None => {
-                let m = Method::parse(&self.method)?;
-                if !m.is_calibrated() && self.calib_self > 0 {
-                    anyhow::bail!(
-                        "--calib-self calibrates a method on text; add --method gptq, awq or awq+gptq (rounding to nearest reads no text)"
-                    );
-                }
-                m
-            }
+        // A sweep's rtn variants simply read no text; one method must be a calibrated one.
+        let (method, single) = match method {
+            Some(m) => (m, false),
+            None => (Method::parse(&self.method)?, true),
         };
         let mut o = job::calibration_options(
             method,
@@ -148,8 +140,8 @@ impl CalibArgs {
         )?;
         o.threads = load.threads;
         o.gptq.act_order = self.act_order;
-        if self.calib_self > 0 {
-            o.self_calibration = Some(SelfCalibration::new(self.calib_self));
+        if single || method.is_calibrated() {
+            job::set_self_calibration(&mut o, self.calib_self)?;
         }
         Ok(o)
     }

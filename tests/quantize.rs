@@ -529,7 +529,7 @@ fn calibrated_methods_refuse_bad_calibration_text() {
         "1024",
     ]);
     assert!(
-        e.contains("--calib-self") && e.contains("--method gptq"),
+        e.contains("--calib-self") && e.contains("method gptq"),
         "{e}"
     );
     assert!(!out.exists());

@@ -967,11 +967,7 @@ fn quantize<'py>(
             )
             .map_err(err)?;
             c.gptq.act_order = act_order;
-            if calib_self > 0 {
-                c.self_calibration = Some(tandem_quantize::self_calibration::SelfCalibration::new(
-                    calib_self,
-                ));
-            }
+            job::set_self_calibration(&mut c, calib_self).map_err(err)?;
             c
         },
         ..QuantizeJob::new(

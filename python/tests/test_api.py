@@ -128,6 +128,10 @@ def test_errors_are_exceptions_with_one_line(stories, tmp_path):
     with pytest.raises(tandem.TandemError, match="unknown type"):
         tandem.quantize(stories, tmp_path / "y.gguf", scheme="q3_x", progress=False)
     assert not (tmp_path / "y.gguf").exists()
+    # Rounding to nearest reads no calibration: asking it to self-calibrate is an error.
+    with pytest.raises(tandem.TandemError, match="calib_self.*method gptq"):
+        tandem.quantize(stories, tmp_path / "y.gguf", scheme="q4_0", calib_self=64, progress=False)
+    assert not (tmp_path / "y.gguf").exists()
 
 
 def test_compute_releases_the_interpreter_lock(smol):

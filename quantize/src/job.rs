@@ -4,6 +4,7 @@
 //! a [`QuantizeJob`] and run it; they differ only in how they show progress.
 
 use crate::calibrated::{Calibrated, CalibratedOptions, Method};
+use crate::self_calibration::SelfCalibration;
 use crate::{
     make_plan, Error, ImportanceMatrix, Options, Plan, Policy, QuantType, Recipe, Result, Rule,
     TypeChoice,
@@ -320,4 +321,21 @@ pub fn calibration_options(
     o.chunks = chunks;
     o.gptq.damp = gptq_damp;
     Ok(o)
+}
+
+/// Adds `tokens` of the model's own answers to the calibration (0: the text only). For one
+/// method: rounding to nearest reads no calibration, so asking it to self-calibrate is an
+/// error, not an option silently ignored. (A sweep mixes methods and sets this on its
+/// calibrated variants only.)
+pub fn set_self_calibration(o: &mut CalibratedOptions, tokens: usize) -> Result<()> {
+    if tokens == 0 {
+        return Ok(());
+    }
+    if !o.method.is_calibrated() {
+        return Err(Error::Plan(
+            "self-calibration (--calib-self, calib_self) calibrates a method on text; choose method gptq, awq or awq+gptq (rounding to nearest reads no text)".into(),
+        ));
+    }
+    o.self_calibration = Some(SelfCalibration::new(tokens));
+    Ok(())
 }
