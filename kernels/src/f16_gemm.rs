@@ -32,6 +32,12 @@ const ROWS_PER_TASK: usize = 64;
 /// alternations, 2 threads; it changes only the 49k-row output head, the other matrices
 /// already split into four tasks per thread, see `rows::par_row_tasks`).
 const ROWS_PER_TASK_DECODE: usize = 1024;
+/// Up to this many activation rows a pass still streams its weights (a speculative
+/// verification of 1-3 drafted tokens) and takes decode's long runs of rows: SmolLM2 F16
+/// `bench --verify 4`, 2 threads, four alternations: 79.1 against 68.6 passes/s on average
+/// (1.17x the 1-row pass instead of 1.37x), verify2 96-97 against 87-88. At 8 rows, where the
+/// pass is compute-bound, the long runs measured slower (42-50 against 49-53 passes/s).
+const STREAMING_ROWS: usize = 4;
 /// Most activation rows per pass over a block of weight rows: the AVX2 kernel's register
 /// budget (see `block_f16_avx2`).
 const ROW_GROUP: usize = 6;
@@ -84,7 +90,7 @@ fn matmul_with(
         ptr: crate::rows::SendPtr(out.as_mut_ptr()),
         n,
     };
-    let rows_per_task = if m == 1 {
+    let rows_per_task = if m <= STREAMING_ROWS {
         ROWS_PER_TASK_DECODE
     } else {
         ROWS_PER_TASK
