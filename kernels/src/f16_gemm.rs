@@ -32,11 +32,20 @@ const ROWS_PER_TASK: usize = 64;
 /// alternations, 2 threads; it changes only the 49k-row output head, the other matrices
 /// already split into four tasks per thread, see `rows::par_row_tasks`).
 const ROWS_PER_TASK_DECODE: usize = 1024;
-/// Up to this many activation rows a pass still streams its weights (a speculative
-/// verification of 1-3 drafted tokens) and takes decode's long runs of rows: SmolLM2 F16
-/// `bench --verify 4`, 2 threads, four alternations: 79.1 against 68.6 passes/s on average
-/// (1.17x the 1-row pass instead of 1.37x), verify2 96-97 against 87-88. At 8 rows, where the
-/// pass is compute-bound, the long runs measured slower (42-50 against 49-53 passes/s).
+/// Up to this many activation rows a pass still streams its weights (decode, and a
+/// speculative verification of 1-3 drafted tokens) and takes long runs of rows, one run per
+/// thread even for the small projections (SmolLM2's 192-row k/v were 24-row tasks): each
+/// thread then reads one contiguous stretch of every matrix, which its prefetches and the
+/// hardware's follow. SmolLM2 F16, 2 threads: `bench --verify 4` (four alternations) 79.1
+/// against 68.6 passes/s with 1024-row runs (1.17x the 1-row pass instead of 1.37x), verify2
+/// 96-97 against 87-88; tg128 with one run per thread 96.6 against 91.9 tok/s on average over
+/// six alternations (98.8-117.2 against 91.5-95.0 in four earlier ones; Q8_0's int8 kernels
+/// measured no difference, so they keep four). While another process takes the cores (the
+/// pool saw a stall lately) they keep four per thread, so the caller can take over a
+/// descheduled worker's share: beside a busy neighbour, one run per thread measured 64.6
+/// against 67.9 tok/s, and with this switch 68.7 (one thread: 66.6). At 8
+/// rows, where the pass is compute-bound, the long runs measured slower (42-50 against 49-53
+/// passes/s).
 const STREAMING_ROWS: usize = 4;
 /// Most activation rows per pass over a block of weight rows: the AVX2 kernel's register
 /// budget (see `block_f16_avx2`).
@@ -90,12 +99,17 @@ fn matmul_with(
         ptr: crate::rows::SendPtr(out.as_mut_ptr()),
         n,
     };
-    let rows_per_task = if m <= STREAMING_ROWS {
-        ROWS_PER_TASK_DECODE
+    let (rows_per_task, per_thread) = if m <= STREAMING_ROWS {
+        let per_thread = if crate::pool::current().contended() {
+            crate::rows::TASKS_PER_THREAD
+        } else {
+            1
+        };
+        (ROWS_PER_TASK_DECODE, per_thread)
     } else {
-        ROWS_PER_TASK
+        (ROWS_PER_TASK, crate::rows::TASKS_PER_THREAD)
     };
-    crate::rows::par_row_tasks(n, rows_per_task, |j0, j1| {
+    crate::rows::par_row_tasks(n, rows_per_task, per_thread, |j0, j1| {
         // Activation groups outside, weight rows inside: a group's rows stay in L1 while the
         // task's weight rows (tens of KB) pass through L2 (see `rows::par_weight_rows`).
         for (i0, g) in crate::rows::row_groups(m, kernel.max_group) {

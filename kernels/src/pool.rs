@@ -51,6 +51,8 @@ struct Shared {
     /// [`Governor`]).
     active: AtomicUsize,
     unpark: Condvar,
+    /// When a call last stalled, in milliseconds since the pool's `epoch` plus one (0: never).
+    last_stall_ms: AtomicU64,
 }
 
 // SAFETY: `job` is written only by the thread holding `busy` while no worker reads it (all
@@ -63,6 +65,7 @@ pub struct Pool {
     workers: usize,
     /// Held by the call in progress; holds the governor's state.
     busy: Mutex<Governor>,
+    epoch: Instant,
 }
 
 /// Decides how many workers take part in calls from the stalls the calls measure.
@@ -246,6 +249,7 @@ impl Pool {
             // would wake it (the first parallel call then waited for it forever).
             active: AtomicUsize::new(threads.max(1) - 1),
             unpark: Condvar::new(),
+            last_stall_ms: AtomicU64::new(0),
         });
         let mut workers = threads.max(1) - 1;
         for i in 0..workers {
@@ -267,7 +271,16 @@ impl Pool {
             shared,
             workers,
             busy: Mutex::new(Governor::new(workers)),
+            epoch: Instant::now(),
         }
+    }
+
+    /// Whether a call stalled in the last [`CALM`] (another process is taking the cores):
+    /// kernels that hand each thread one long run of work while the cores are theirs split it
+    /// finer then, so the caller can take over a descheduled worker's share.
+    pub fn contended(&self) -> bool {
+        let last = self.shared.last_stall_ms.load(Relaxed);
+        last != 0 && (self.epoch.elapsed().as_millis() as u64 + 1) < last + CALM.as_millis() as u64
     }
 
     /// Threads taking part in calls now (the caller included): what kernels size their tasks
@@ -338,6 +351,10 @@ impl Pool {
         let end = Instant::now();
         let own_tasks = mine.as_ref().map_or(0, |&n| n);
         let stalled = Governor::is_stall(end - own_done, own_done - start, own_tasks);
+        if stalled {
+            let ms = end.duration_since(self.epoch).as_millis() as u64 + 1;
+            s.last_stall_ms.store(ms, Relaxed);
+        }
         guard.record(stalled, end);
         drop(guard);
         if let Err(p) = mine {
@@ -488,6 +505,22 @@ mod tests {
             assert!(!calm.record(false, t0));
         }
         assert_eq!(calm.active(t0), 3);
+    }
+
+    #[test]
+    fn a_pool_is_contended_for_a_while_after_a_stall() {
+        let pool = Pool::new(2);
+        assert!(!pool.contended(), "a fresh pool has seen no stall");
+        let now = pool.epoch.elapsed().as_millis() as u64 + 1;
+        pool.shared.last_stall_ms.store(now, Relaxed);
+        assert!(pool.contended());
+        // A stall longer ago than CALM no longer counts.
+        let pool = Pool {
+            epoch: Instant::now() - CALM - Duration::from_secs(1),
+            ..Pool::new(2)
+        };
+        pool.shared.last_stall_ms.store(1, Relaxed);
+        assert!(!pool.contended());
     }
 
     #[test]

@@ -10,6 +10,9 @@
 /// the task's weight rows (tens of KB) pass through L2, instead of every weight row streaming
 /// all m activation rows (a prefill's 512 rows are ~1 MB, read from L3 once per weight row).
 /// Each output is still one call's arithmetic, so results do not depend on the grouping.
+/// Tasks per thread at least, for [`par_row_tasks`] (balance across cores).
+pub(crate) const TASKS_PER_THREAD: usize = 4;
+
 pub(crate) fn par_weight_rows(
     out: &mut [f32],
     m: usize,
@@ -21,7 +24,7 @@ pub(crate) fn par_weight_rows(
     let run = |dst: &mut [f32]| {
         let len = dst.len();
         let base = SendPtr(dst.as_mut_ptr());
-        par_row_tasks(n, rows_per_task, |j0, j1| {
+        par_row_tasks(n, rows_per_task, TASKS_PER_THREAD, |j0, j1| {
             // SAFETY: this task alone writes rows j0..j1 of the [n × m] layout; `par_row_tasks`
             // returns after every task.
             let o = unsafe {
@@ -55,11 +58,19 @@ pub(crate) fn par_weight_rows(
 
 /// Runs `task(j0, j1)` over consecutive ranges of the `n` weight rows on the pool, returning
 /// when all are done. Ranges hold at most `rows_per_task` rows, and small matrices (SmolLM2's
-/// 192- and 576-row k/v/q/o projections) split into at least four per thread: 576 rows in
-/// tasks of 64 gave one thread 5 tasks and the other 4.
-pub(crate) fn par_row_tasks(n: usize, rows_per_task: usize, task: impl Fn(usize, usize) + Sync) {
+/// 192- and 576-row k/v/q/o projections) split into at least `per_thread` per thread: with
+/// four, 576 rows in tasks of 64 gave one thread 5 tasks and the other 4 (what a compute-bound
+/// pass balances on; a streaming pass takes one, see `f16_gemm`).
+pub(crate) fn par_row_tasks(
+    n: usize,
+    rows_per_task: usize,
+    per_thread: usize,
+    task: impl Fn(usize, usize) + Sync,
+) {
     let threads = crate::pool::current().threads_now().max(1);
-    let rows_per_task = rows_per_task.min(n.div_ceil(4 * threads)).max(8);
+    let rows_per_task = rows_per_task
+        .min(n.div_ceil(per_thread.max(1) * threads))
+        .max(8);
     crate::pool::current().run(n.div_ceil(rows_per_task), |c| {
         let j0 = c * rows_per_task;
         task(j0, (j0 + rows_per_task).min(n));
