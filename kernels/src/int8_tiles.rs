@@ -121,12 +121,23 @@ impl Int8Tiles {
         let group = group_size();
         // Tasks of whole tiles; each writes its tiles' 8 columns in every output row.
         let threads = crate::pool::current().threads_now().max(1);
-        // One-row decode streams each tile once: up to 128 tiles (1024 rows) per task, which
-        // gives the 49k-row output head long sequential runs (SmolLM2 tg128, four alternations:
-        // Q4_0 230 against 205 tok/s, Q8_0 148 against 144); more rows reread a task's tiles
-        // per group of activation rows, so 16 (128 rows, ~40-80 KB) keep them in L2.
-        let most = if m == 1 { 128 } else { 16 };
-        let per_task = tiles.div_ceil(4 * threads).clamp(1, most);
+        // A pass of at most one group of activation rows (decode, a verification of up to 7
+        // drafted tokens with VNNI) streams each tile once: up to 128 tiles (1024 rows) per
+        // task, which gives the 49k-row output head long sequential runs (SmolLM2 tg128, four
+        // alternations: Q4_0 230 against 205 tok/s, Q8_0 148 against 144), and one task per
+        // thread for every matrix while the cores are idle (Q8_0, three alternations: tg128
+        // 185.3 against 173.4 tok/s, verify4 154.5 against 132.3 passes/s, verify8 98.6
+        // against 87.8; while the pool saw stalls lately, four per thread, see
+        // `f16_gemm::STREAMING_ROWS`). More rows reread a task's tiles per group of
+        // activation rows, so 16 tiles (128 rows, ~40-80 KB) keep them in L2.
+        let streaming = m <= group;
+        let most = if streaming { 128 } else { 16 };
+        let per_thread = if streaming && !crate::pool::current().contended() {
+            1
+        } else {
+            crate::rows::TASKS_PER_THREAD
+        };
+        let per_task = tiles.div_ceil(per_thread * threads).clamp(1, most);
         let tasks = tiles.div_ceil(per_task);
         let base = crate::rows::SendPtr(out.as_mut_ptr());
         crate::pool::current().run(tasks, |c| {
