@@ -39,8 +39,8 @@ const ROWS_PER_TASK_DECODE: usize = 1024;
 /// hardware's follow. SmolLM2 F16, 2 threads: `bench --verify 4` (four alternations) 79.1
 /// against 68.6 passes/s with 1024-row runs (1.17x the 1-row pass instead of 1.37x), verify2
 /// 96-97 against 87-88; tg128 with one run per thread 96.6 against 91.9 tok/s on average over
-/// six alternations (98.8-117.2 against 91.5-95.0 in four earlier ones; Q8_0's int8 kernels
-/// measured no difference, so they keep four). While another process takes the cores (the
+/// six alternations (98.8-117.2 against 91.5-95.0 in four earlier ones; the int8 tiles do the
+/// same, see `Int8Tiles::run`). While another process takes the cores (the
 /// pool saw a stall lately) they keep four per thread, so the caller can take over a
 /// descheduled worker's share: beside a busy neighbour, one run per thread measured 64.6
 /// against 67.9 tok/s, and with this switch 68.7 (one thread: 66.6). At 8

@@ -275,7 +275,7 @@ impl Pool {
         }
     }
 
-    /// Whether a call stalled in the last [`CALM`] (another process is taking the cores):
+    /// Whether a call stalled in the last 5 s (`CALM`; another process is taking the cores):
     /// kernels that hand each thread one long run of work while the cores are theirs split it
     /// finer then, so the caller can take over a descheduled worker's share.
     pub fn contended(&self) -> bool {

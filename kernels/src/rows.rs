@@ -1,5 +1,8 @@
 //! The parallel driver all GEMM kernels share.
 
+/// Tasks per thread at least, for [`par_row_tasks`] (balance across cores).
+pub(crate) const TASKS_PER_THREAD: usize = 4;
+
 /// Runs `row(j, i0, g, results)` for every weight row j and every group of at most
 /// `row_group` activation rows `i0..i0 + g`, in parallel over tasks of `rows_per_task` weight
 /// rows; `results` receives those g outputs. Lays them out as `out[i * n + j]`. For m > 1 rows
@@ -10,9 +13,6 @@
 /// the task's weight rows (tens of KB) pass through L2, instead of every weight row streaming
 /// all m activation rows (a prefill's 512 rows are ~1 MB, read from L3 once per weight row).
 /// Each output is still one call's arithmetic, so results do not depend on the grouping.
-/// Tasks per thread at least, for [`par_row_tasks`] (balance across cores).
-pub(crate) const TASKS_PER_THREAD: usize = 4;
-
 pub(crate) fn par_weight_rows(
     out: &mut [f32],
     m: usize,
