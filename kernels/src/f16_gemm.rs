@@ -99,16 +99,13 @@ fn matmul_with(
         ptr: crate::rows::SendPtr(out.as_mut_ptr()),
         n,
     };
-    let (rows_per_task, per_thread) = if m <= STREAMING_ROWS {
-        let per_thread = if crate::pool::current().contended() {
-            crate::rows::TASKS_PER_THREAD
-        } else {
-            1
-        };
-        (ROWS_PER_TASK_DECODE, per_thread)
+    let streaming = m <= STREAMING_ROWS;
+    let rows_per_task = if streaming {
+        ROWS_PER_TASK_DECODE
     } else {
-        (ROWS_PER_TASK, crate::rows::TASKS_PER_THREAD)
+        ROWS_PER_TASK
     };
+    let per_thread = crate::rows::tasks_per_thread(streaming);
     crate::rows::par_row_tasks(n, rows_per_task, per_thread, |j0, j1| {
         // Activation groups outside, weight rows inside: a group's rows stay in L1 while the
         // task's weight rows (tens of KB) pass through L2 (see `rows::par_weight_rows`).

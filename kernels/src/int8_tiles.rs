@@ -132,11 +132,7 @@ impl Int8Tiles {
         // activation rows, so 16 tiles (128 rows, ~40-80 KB) keep them in L2.
         let streaming = m <= group;
         let most = if streaming { 128 } else { 16 };
-        let per_thread = if streaming && !crate::pool::current().contended() {
-            1
-        } else {
-            crate::rows::TASKS_PER_THREAD
-        };
+        let per_thread = crate::rows::tasks_per_thread(streaming);
         let per_task = tiles.div_ceil(per_thread * threads).clamp(1, most);
         let tasks = tiles.div_ceil(per_task);
         let base = crate::rows::SendPtr(out.as_mut_ptr());

@@ -3,6 +3,18 @@
 /// Tasks per thread at least, for [`par_row_tasks`] (balance across cores).
 pub(crate) const TASKS_PER_THREAD: usize = 4;
 
+/// Tasks per thread for a pass: one run per thread where the pass streams its weights (reads
+/// each once; see `f16_gemm::STREAMING_ROWS`) and the cores are the pool's own, else
+/// [`TASKS_PER_THREAD`] (a compute-bound pass balances on them, and on a busy machine they let
+/// the caller take over a descheduled worker's share: `Pool::contended`).
+pub(crate) fn tasks_per_thread(streaming: bool) -> usize {
+    if streaming && !crate::pool::current().contended() {
+        1
+    } else {
+        TASKS_PER_THREAD
+    }
+}
+
 /// Runs `row(j, i0, g, results)` for every weight row j and every group of at most
 /// `row_group` activation rows `i0..i0 + g`, in parallel over tasks of `rows_per_task` weight
 /// rows; `results` receives those g outputs. Lays them out as `out[i * n + j]`. For m > 1 rows
