@@ -137,6 +137,10 @@ pub fn bench_spec(a: BenchSpecArgs, load: &tandem_model::LoadOptions) -> Result<
         return bench_batch(&a, &ck, &model, &mut src, &prompts);
     }
     let params = a.sampling.params();
+    if params.is_greedy() {
+        // Built before the clock starts (it is built on the first greedy call otherwise).
+        model.prepare_greedy_head()?;
+    }
     let settings = a.drafting.config(params, None);
     let tok = &ck.tokenizer;
     let (mut plain_tokens, mut plain_secs, mut spec_tokens, mut spec_secs) =
@@ -229,6 +233,14 @@ pub fn bench_spec(a: BenchSpecArgs, load: &tandem_model::LoadOptions) -> Result<
             prompts.len() - differing,
             prompts.len()
         );
+        if let Some(g) = model.greedy_head_stats() {
+            println!(
+                "greedy head (both runs): {} rows, {:.1} candidates rescored per screened row, {} rows on the full head",
+                g.rows,
+                g.candidates as f64 / g.rows.saturating_sub(g.fallbacks).max(1) as f64,
+                g.fallbacks
+            );
+        }
     }
     if let Some(path) = &a.json {
         write_json(

@@ -104,7 +104,17 @@ pub fn generate_scored(
     if max_tokens == 0 {
         return Ok((out, stats));
     }
-    let mut row = model.forward(prompt, cache, Logits::Last)?.into_last();
+    // Greedy decoding without scores reads only each row's argmax: the greedy head's rows.
+    let greedy = sampler.params.is_greedy() && !score;
+    let step = |tokens: &[u32], cache: &mut KvCache| -> Result<Vec<f32>> {
+        Ok(if greedy {
+            model.forward_greedy(tokens, cache, Logits::Last)?
+        } else {
+            model.forward(tokens, cache, Logits::Last)?
+        }
+        .into_last())
+    };
+    let mut row = step(prompt, cache)?;
     let mut next = sampler.sample(&row);
     stats.prefill = start.elapsed();
     let decode_start = Instant::now();
@@ -129,7 +139,7 @@ pub fn generate_scored(
             stats.stop = StopReason::ContextFull;
             break;
         }
-        row = model.forward(&[next], cache, Logits::Last)?.into_last();
+        row = step(&[next], cache)?;
         next = sampler.sample(&row);
     }
     stats.generated_tokens = out.len();

@@ -124,6 +124,18 @@ impl Linear {
         )
     }
 
+    /// A 16-bit layer from an [out, in] F16 CPU tensor (tests build heads this way).
+    #[cfg(test)]
+    pub(crate) fn from_f16_tensor(w: Tensor) -> Linear {
+        let (out_dim, in_dim) = w.dims2().expect("a 2-D weight");
+        Linear::bare(
+            LinearWeight::F16(w),
+            in_dim,
+            out_dim,
+            ActivationPrecision::default(),
+        )
+    }
+
     /// A layer with no bias (add one with [`Linear::with_bias`]) and no GPU copy.
     fn bare(
         weight: LinearWeight,

@@ -12,7 +12,8 @@
 //!   operations a pass needs: norm, matmul, RoPE, KV append + attention, SiLU·mul, add);
 //! - `backend`: that interface and its CPU implementation; `gpu` the CUDA one (feature
 //!   `cuda`; `no_gpu.rs` stands in without it, so no field or call is behind a `cfg`);
-//! - `shortlist`: a cut-down output head for draft models; `profile`: per-operation times;
+//! - `shortlist`: a cut-down output head for draft models; `greedy_head`: the exact argmax of
+//!   a 16-bit head from a Q8_0 screen (greedy decoding); `profile`: per-operation times;
 //! - `layerwise`: layer-by-layer runs for calibrated quantization;
 //! - `skip`: leaving sublayers out (layer-skipping self-drafts) and measuring their influence.
 
@@ -26,6 +27,7 @@ mod forward;
 #[cfg_attr(feature = "cuda", path = "llama/gpu.rs")]
 #[cfg_attr(not(feature = "cuda"), path = "llama/no_gpu.rs")]
 mod gpu;
+mod greedy_head;
 mod layerwise;
 mod load;
 mod profile;
@@ -34,6 +36,7 @@ mod skip;
 
 pub use cache::KvCache;
 pub use forward::{ActivationObserver, LogitRows, Logits};
+pub use greedy_head::GreedyHeadStats;
 pub use load::{ComputeDevice, LoadOptions};
 pub use profile::OpTimes;
 pub use skip::Sublayer;
@@ -61,6 +64,9 @@ pub struct Llama {
     /// When set, the output head computes only these tokens' logits (see
     /// [`Llama::set_output_shortlist`]); the forward pass adds the tokens it reads.
     shortlist: std::sync::RwLock<Option<shortlist::Shortlist>>,
+    /// The screen greedy forward calls use (built on the first: `None` inside when the head
+    /// is not a 16-bit CPU head); see [`Llama::forward_greedy`].
+    greedy_head: std::sync::OnceLock<Option<greedy_head::GreedyHead>>,
     /// RoPE inverse frequencies, [head_dim / 2]: angles are computed per row of a pass, so
     /// memory does not grow with the context a file declares (2^31 positions would be a
     /// 32 GB table) and costs the same for the positions actually run.

@@ -173,3 +173,59 @@ fn skipping_sublayers_changes_the_model_and_clearing_restores_it() {
     assert_eq!("m7".parse::<Sublayer>().ok(), Some(Sublayer::Mlp(7)));
     assert!("q7".parse::<Sublayer>().is_err() && "a".parse::<Sublayer>().is_err());
 }
+
+/// The greedy head (a Q8_0 screen of the 16-bit head, only the candidates multiplied) gives
+/// every row the full head's argmax, and its finite values are the full head's bit for bit:
+/// over a prompt, in greedy decoding, and over a token tree.
+#[test]
+fn greedy_rows_have_the_full_heads_argmax_and_values() {
+    let ck = stories();
+    let m = ck.load_model(&LoadOptions::default()).expect("loads");
+    let toks = ck
+        .tokenizer
+        .encode(
+            "Once upon a time, there was a little dog named Max. He liked to run in the park \
+             with his friend, a big red ball. One day",
+            true,
+        )
+        .expect("encodes");
+    let check = |full: &tandem_model::LogitRows, greedy: &tandem_model::LogitRows| {
+        assert_eq!(full.len(), greedy.len());
+        for (f, g) in full.rows().zip(greedy.rows()) {
+            assert_eq!(tandem_model::argmax(f), tandem_model::argmax(g));
+            let kept = g.iter().filter(|v| v.is_finite()).count();
+            assert!(kept >= 1 && kept < f.len(), "{kept} of {} kept", f.len());
+            for (a, b) in f.iter().zip(g) {
+                assert!(*b == f32::NEG_INFINITY || a.to_bits() == b.to_bits());
+            }
+        }
+    };
+    let (mut c1, mut c2) = (m.new_cache().expect("cache"), m.new_cache().expect("cache"));
+    let full = m.forward(&toks, &mut c1, Logits::All).expect("forward");
+    let greedy = m
+        .forward_greedy(&toks, &mut c2, Logits::All)
+        .expect("greedy");
+    check(&full, &greedy);
+    // Thirty greedy steps on each head: the same tokens.
+    let mut next = tandem_model::argmax(full.last());
+    for _ in 0..30 {
+        let f = m.forward(&[next], &mut c1, Logits::Last).expect("forward");
+        let g = m
+            .forward_greedy(&[next], &mut c2, Logits::Last)
+            .expect("greedy");
+        check(&f, &g);
+        next = tandem_model::argmax(f.last());
+    }
+    // A tree of two branches after the context.
+    let (tree, parents) = ([next, 5, 9, 7], [None, Some(0), Some(0), Some(2)]);
+    let base = c1.len();
+    let f = m.forward_tree(&tree, &parents, &mut c1).expect("tree");
+    let g = m
+        .forward_tree_greedy(&tree, &parents, &mut c2)
+        .expect("greedy tree");
+    check(&f, &g);
+    assert_eq!(c1.len(), base + tree.len());
+    let st = m.greedy_head_stats().expect("the F16 head is screened");
+    assert_eq!(st.fallbacks, 0, "{st:?}");
+    assert_eq!(st.rows as usize, toks.len() + 30 + tree.len());
+}

@@ -12,6 +12,9 @@ use tandem_model::{KvCache, Llama, Logits, Sampler};
 pub struct ModelVerifier<'m> {
     pub model: &'m Llama,
     pub cache: Rc<RefCell<KvCache>>,
+    /// Whether verification is greedy: rows then come from [`Llama::forward_greedy`] (exact
+    /// argmax, −∞ for tokens that cannot be it). Off by default; see [`ModelVerifier::greedy`].
+    pub greedy: bool,
 }
 
 impl<'m> ModelVerifier<'m> {
@@ -23,14 +26,26 @@ impl<'m> ModelVerifier<'m> {
         Ok(ModelVerifier {
             model,
             cache: Rc::new(RefCell::new(cache)),
+            greedy: false,
         })
+    }
+
+    /// Verifies with the greedy head when `on` (a greedy acceptance rule reads only each
+    /// row's argmax); a sampling rule needs every logit, so leave it off there.
+    pub fn greedy(mut self, on: bool) -> Self {
+        self.greedy = on;
+        self
     }
 }
 
 impl Verifier for ModelVerifier<'_> {
     fn verify(&mut self, tokens: &[u32]) -> Result<Vec<Vec<f32>>> {
         let mut cache = self.cache.borrow_mut();
-        let logits = self.model.forward(tokens, &mut cache, Logits::All)?;
+        let logits = if self.greedy {
+            self.model.forward_greedy(tokens, &mut cache, Logits::All)?
+        } else {
+            self.model.forward(tokens, &mut cache, Logits::All)?
+        };
         Ok(logits.to_vecs())
     }
     fn rollback(&mut self, len: usize) {
@@ -47,20 +62,26 @@ impl Verifier for ModelVerifier<'_> {
     }
     fn forward_last(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
         let mut cache = self.cache.borrow_mut();
-        Ok(self
-            .model
-            .forward(tokens, &mut cache, Logits::Last)?
-            .into_last())
+        Ok(if self.greedy {
+            self.model
+                .forward_greedy(tokens, &mut cache, Logits::Last)?
+        } else {
+            self.model.forward(tokens, &mut cache, Logits::Last)?
+        }
+        .into_last())
     }
     fn scores_trees(&self) -> bool {
         !self.model.runs_on_gpu()
     }
     fn verify_tree(&mut self, tokens: &[u32], parents: &[Option<usize>]) -> Result<Vec<Vec<f32>>> {
         let mut cache = self.cache.borrow_mut();
-        Ok(self
-            .model
-            .forward_tree(tokens, parents, &mut cache)?
-            .to_vecs())
+        Ok(if self.greedy {
+            self.model
+                .forward_tree_greedy(tokens, parents, &mut cache)?
+        } else {
+            self.model.forward_tree(tokens, parents, &mut cache)?
+        }
+        .to_vecs())
     }
     fn keep(&mut self, base: usize, rows: &[usize]) -> Result<()> {
         let mut cache = self.cache.borrow_mut();

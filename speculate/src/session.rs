@@ -230,7 +230,7 @@ pub fn run(
     eos: &[u32],
     on_token: impl FnMut(u32) -> Result<()>,
 ) -> Result<(Vec<u32>, SpecStats)> {
-    let mut verifier = ModelVerifier::new(model, s.ctx)?;
+    let mut verifier = ModelVerifier::new(model, s.ctx)?.greedy(s.params.is_greedy());
     shortlist_draft_head(draft, &[prompt], s.draft_vocab)?;
     let DraftSource {
         lookup,

@@ -95,6 +95,8 @@ pub(super) struct Workspace {
     counts: Vec<usize>,
     /// A shortlisted head's logits before they are spread over the vocabulary.
     short: Vec<f32>,
+    /// The greedy head's scores and candidates.
+    greedy: super::greedy_head::GreedyScratch,
     pub(super) profile: Option<OpTimes>,
 }
 
@@ -113,6 +115,9 @@ pub(crate) struct Pass<'p, 't, 'c> {
     pub(super) picked: &'p mut Vec<usize>,
     pub(super) counts: &'p mut Vec<usize>,
     pub(super) short: &'p mut Vec<f32>,
+    /// Whether only each row's argmax matters (see [`Llama::forward_greedy`]), and the
+    /// greedy head's scratch.
+    pub(super) greedy: Option<&'p mut super::greedy_head::GreedyScratch>,
 }
 
 impl Llama {
@@ -121,6 +126,62 @@ impl Llama {
     /// last token's for `Logits::Last`.
     pub fn forward(&self, tokens: &[u32], cache: &mut KvCache, which: Logits) -> Result<LogitRows> {
         self.forward_observed(tokens, cache, which, None)
+    }
+
+    /// [`Llama::forward`] for greedy decoding: each row holds the exact logit (bit for bit
+    /// [`Llama::forward`]'s) of every token that could be the row's largest and −∞ for the
+    /// rest, so `argmax` of a row is [`Llama::forward`]'s and nothing else in it is. A 16-bit
+    /// output head on the CPU is then screened by a Q8_0 copy with error bounds and only the
+    /// candidates' rows are multiplied (about half the head's bytes per step; the copy is
+    /// built on the first call, see `llama/greedy_head.rs`); other heads compute every logit.
+    pub fn forward_greedy(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache,
+        which: Logits,
+    ) -> Result<LogitRows> {
+        self.forward_inner(&mut [(tokens, cache)], which, None, None, true)?
+            .pop()
+            .ok_or_else(|| Error::Invalid("no output (internal error)".into()))
+    }
+
+    /// [`Llama::forward_tree`] for greedy verification, with [`Llama::forward_greedy`]'s rows.
+    pub fn forward_tree_greedy(
+        &self,
+        tokens: &[u32],
+        parents: &[Option<usize>],
+        cache: &mut KvCache,
+    ) -> Result<LogitRows> {
+        let tree = TreeLayout::new(parents, tokens.len())?;
+        self.forward_inner(&mut [(tokens, cache)], Logits::All, None, Some(tree), true)?
+            .pop()
+            .ok_or_else(|| Error::Invalid("no output (internal error)".into()))
+    }
+
+    /// Builds the greedy head's screen now rather than on the first greedy call (so that a
+    /// timed run does not pay for it); does nothing for a head it does not apply to.
+    pub fn prepare_greedy_head(&self) -> Result<()> {
+        self.greedy_head().map(|_| ())
+    }
+
+    /// What the greedy head has done so far (`None`: it does not apply to this model's head,
+    /// or no greedy call has built it yet).
+    pub fn greedy_head_stats(&self) -> Option<super::GreedyHeadStats> {
+        self.greedy_head.get()?.as_ref().map(|g| g.stats())
+    }
+
+    fn greedy_head(&self) -> Result<Option<&super::greedy_head::GreedyHead>> {
+        if let Some(g) = self.greedy_head.get() {
+            return Ok(g.as_ref());
+        }
+        // TANDEM_FULL_HEAD=1 keeps greedy calls on the full head (A/B timing of the screen).
+        let built = if self.resident.is_some() || std::env::var_os("TANDEM_FULL_HEAD").is_some() {
+            None
+        } else {
+            super::greedy_head::GreedyHead::build(&self.lm_head)?
+        };
+        // A concurrent first call may have won the race; either screen is the same.
+        Ok(self.greedy_head.get_or_init(|| built).as_ref())
     }
 
     /// [`Llama::forward`], showing each linear layer's input to `observer`.
@@ -154,7 +215,7 @@ impl Llama {
         which: Logits,
         observer: Option<&dyn ActivationObserver>,
     ) -> Result<Vec<LogitRows>> {
-        self.forward_inner(seqs, which, observer, None)
+        self.forward_inner(seqs, which, observer, None, false)
     }
 
     /// Runs a token tree after the cache in one pass (speculative verification of several
@@ -170,7 +231,7 @@ impl Llama {
         cache: &mut KvCache,
     ) -> Result<LogitRows> {
         let tree = TreeLayout::new(parents, tokens.len())?;
-        self.forward_inner(&mut [(tokens, cache)], Logits::All, None, Some(tree))?
+        self.forward_inner(&mut [(tokens, cache)], Logits::All, None, Some(tree), false)?
             .pop()
             .ok_or_else(|| Error::Invalid("no output (internal error)".into()))
     }
@@ -181,6 +242,7 @@ impl Llama {
         which: Logits,
         observer: Option<&dyn ActivationObserver>,
         tree: Option<TreeLayout>,
+        greedy: bool,
     ) -> Result<Vec<LogitRows>> {
         for (tokens, cache) in seqs.iter() {
             let (t, n) = (tokens.len(), cache.len);
@@ -232,6 +294,7 @@ impl Llama {
             picked: &mut ws.picked,
             counts: &mut ws.counts,
             short: &mut ws.short,
+            greedy: greedy.then_some(&mut ws.greedy),
         };
         let mut run = || match &self.resident {
             Some(r) => r.forward(self, &mut pass),
@@ -279,7 +342,14 @@ impl Llama {
         let mut logits = vec![0f32; picked.len() * vocab];
         self.extend_shortlist(pass.tokens)?;
         let shortlist = self.shortlist.read().unwrap_or_else(|e| e.into_inner());
-        if pass.observer.is_none() && shortlist.is_none() {
+        let greedy_head = match pass.greedy {
+            Some(_) if pass.observer.is_none() && shortlist.is_none() => self.greedy_head()?,
+            _ => None,
+        };
+        if let (Some(g), Some(scratch)) = (greedy_head, pass.greedy.as_deref_mut()) {
+            let hn = b.head_input(picked)?;
+            g.logits(&self.lm_head, hn, picked.len(), scratch, &mut logits)?;
+        } else if pass.observer.is_none() && shortlist.is_none() {
             b.head(picked, &self.lm_head, &mut logits)?;
         } else {
             let hn = b.head_input(picked)?;

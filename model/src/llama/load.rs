@@ -264,6 +264,7 @@ impl Llama {
             norm,
             lm_head,
             shortlist: Default::default(),
+            greedy_head: Default::default(),
             config,
             workspace: Default::default(),
             pool: options.threads.map(tandem_kernels::pool::with_threads),

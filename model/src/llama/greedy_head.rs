@@ -1,0 +1,465 @@
+//! An exact greedy output head: each row's largest logit without computing all of them.
+//!
+//! Greedy decoding (and greedy speculative verification) reads nothing of a row of logits but
+//! its argmax, yet a 16-bit output head is about a fifth of every decode step of a small model
+//! (SmolLM2-135M: 49152 × 576 F16 weights, 57 MB of the 270 MB a step reads). Here a Q8_0
+//! copy of the head (34 bytes per 32 weights against 64) scores every token with a rigorous
+//! bound on how far that score can be from the 16-bit logit; only the tokens whose upper
+//! bound reaches the best lower bound can be the argmax, and only those rows of the 16-bit
+//! head are multiplied, by the same kernel as the full head. Every other token's logit is
+//! −∞, so argmax (first index on ties) is exactly the full head's: a token left out lies
+//! strictly below a candidate. Why by hand: no crate does this; it is a decode-speed matter.
+//!
+//! The bound, for weight row `e` (16-bit), its Q8_0 copy `ŵ`, activations `h` and their
+//! 8-bit rounding `ĥ` (what the int8 kernel multiplies), by Cauchy–Schwarz:
+//! `|e·h − ŵ·ĥ| ≤ |e·(h − ĥ)| + |(e − ŵ)·ĥ| ≤ ‖e‖₂·‖h − ĥ‖₂ + ‖e − ŵ‖₂·‖ĥ‖₂`,
+//! plus a margin for both kernels' f32 rounding (see [`FP_MARGIN`]). Euclidean norms, not
+//! max-times-sum: SmolLM2's embedding rows have a few large dimensions, and max|e|·‖h − ĥ‖₁
+//! was ~3× looser (5.4 logits against 1.8 for the first term; 232 candidates per row against
+//! 29, and one row in eight over [`MAX_CANDIDATE_SHARE`]). On SmolLM2 the second term is
+//! nearly 0 because its 16-bit embedding came from a Q8_0 file (its rows lie on the grid); a
+//! head that does not would add about 1 logit (‖e − ŵ‖₂ ≈ 0.02 against ‖ĥ‖₂ ≈ 50), still tens
+//! of candidates where the best token leads by a few logits. The unit tests use such a head.
+
+use crate::error::{Error, Result};
+use crate::linear::{Linear, LinearWeight};
+use half::f16;
+use tandem_kernels::int8_gemm::Int8Rows;
+use tandem_kernels::{BlockFormat, Int8Tiles};
+
+/// Relative margin for f32 rounding in the F16 and int8 kernels' sums: a sum of n terms in
+/// f32 is within about n·2⁻²⁴ of the exact one relative to the sum of magnitudes (itself at
+/// most the product of the two Euclidean norms), and these kernels add at most a few hundred
+/// terms per lane before a short reduction; 2⁻¹² covers rows up to ~4000 terms per lane.
+const FP_MARGIN: f64 = 1.0 / 4096.0;
+
+/// Bytes of a Q8_0 block (32 weights). A Q4_0 screen (18 bytes) was tried: its rounding
+/// error (‖e − ŵ‖₂ ≈ 0.35 on SmolLM2's rows) made every token a candidate.
+const Q8_0_BYTES: usize = 34;
+
+/// Above this share of the vocabulary as candidates, the full head is cheaper than screening
+/// and rescoring (a row with no clear winner, or activations the bound cannot handle).
+const MAX_CANDIDATE_SHARE: usize = 8;
+
+/// What the screen saw: rows run, candidates rescored, rows that fell back to the full head.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct GreedyHeadStats {
+    pub rows: u64,
+    pub candidates: u64,
+    pub fallbacks: u64,
+}
+
+/// The Q8_0 screen of a 16-bit output head and each row's error bounds.
+pub(super) struct GreedyHead {
+    screen: Int8Tiles,
+    /// Per vocabulary row: ‖e‖₂ of the 16-bit row (rounded up).
+    row_norm: Vec<f32>,
+    /// Per vocabulary row: ‖e − ŵ‖₂, the screen's rounding (rounded up).
+    err_norm: Vec<f32>,
+    /// The largest of each (the comparison's rounding margin).
+    max_row_norm: f32,
+    max_err_norm: f32,
+    stats: std::sync::Mutex<GreedyHeadStats>,
+}
+
+/// Scratch the screen reuses between calls.
+#[derive(Default)]
+pub(super) struct GreedyScratch {
+    scores: Vec<f32>,
+    rounded: Int8Rows,
+    near: Vec<u32>,
+    union: Vec<u32>,
+    member: Vec<bool>,
+    gathered: Vec<f16>,
+    exact: Vec<f32>,
+}
+
+impl GreedyHead {
+    /// A screen for `head` when it is a 16-bit CPU head without bias that tiles for the int8
+    /// kernel (this CPU has one, the shape fits); `None` otherwise (the full head is used).
+    pub(super) fn build(head: &Linear) -> Result<Option<Self>> {
+        let (n, k) = (head.out_dim, head.in_dim);
+        if head.bias.is_some() || !k.is_multiple_of(32) || n == 0 {
+            return Ok(None);
+        }
+        let nb = k / 32;
+        let mut bytes = vec![0u8; n * nb * Q8_0_BYTES];
+        let mut row_norm = vec![0f32; n];
+        let mut err_norm = vec![0f32; n];
+        let rounded = with_f16_rows(head, |w| {
+            Ok(round_rows(w, k, &mut bytes, &mut row_norm, &mut err_norm))
+        })?;
+        if rounded != Some(true) {
+            return Ok(None);
+        }
+        let Some(screen) = Int8Tiles::pack(BlockFormat::Q8_0, &bytes, n, k) else {
+            return Ok(None);
+        };
+        let largest = |v: &[f32]| v.iter().fold(0f32, |a, &x| a.max(x));
+        Ok(Some(GreedyHead {
+            screen,
+            max_row_norm: largest(&row_norm),
+            max_err_norm: largest(&err_norm),
+            row_norm,
+            err_norm,
+            stats: Default::default(),
+        }))
+    }
+
+    pub(super) fn stats(&self) -> GreedyHeadStats {
+        *self.stats.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Fills `logits` ([rows, vocab]) for the normalized head inputs `hn` ([rows, k]): every
+    /// token that can be its row's argmax gets its exact logit from `head` (the full head's
+    /// value bit for bit), every other one −∞. Falls back to the full head where screening
+    /// would not pay or cannot bound (non-finite activations).
+    pub(super) fn logits(
+        &self,
+        head: &Linear,
+        hn: &[f32],
+        rows: usize,
+        s: &mut GreedyScratch,
+        logits: &mut [f32],
+    ) -> Result<()> {
+        let (n, k) = (head.out_dim, head.in_dim);
+        let full = |logits: &mut [f32]| head.forward_into(hn, rows, logits);
+        if hn.len() != rows * k || logits.len() != rows * n || hn.iter().any(|v| !v.is_finite()) {
+            self.count(rows, 0, rows);
+            return full(logits);
+        }
+        s.scores.resize(rows * n, 0.0);
+        self.screen.matmul(hn, rows, &mut s.scores);
+        // The same rounding the int8 kernel applied to hn (it is deterministic).
+        s.rounded.quantize(hn, k);
+        s.member.clear();
+        s.member.resize(n, false);
+        s.union.clear();
+        for (i, (h, scores)) in hn.chunks_exact(k).zip(s.scores.chunks_exact(n)).enumerate() {
+            let (alpha, beta) = norms(h, &s.rounded, i, k);
+            self.candidates(
+                scores,
+                alpha,
+                beta,
+                &mut s.near,
+                &mut s.member,
+                &mut s.union,
+            );
+            if s.union.len() * MAX_CANDIDATE_SHARE > n {
+                self.count(rows, 0, rows);
+                return full(logits);
+            }
+        }
+        s.union.sort_unstable();
+        let u = s.union.len();
+        s.gathered.clear();
+        let gathered = with_f16_rows(head, |w| {
+            for &j in &s.union {
+                s.gathered.extend_from_slice(&w[j as usize * k..][..k]);
+            }
+            Ok(())
+        })?;
+        if gathered.is_none() {
+            self.count(rows, 0, rows);
+            return full(logits);
+        }
+        s.exact.resize(rows * u, 0.0);
+        tandem_kernels::matmul_f16(hn, &s.gathered, rows, k, u, &mut s.exact);
+        logits.fill(f32::NEG_INFINITY);
+        for (row, exact) in logits.chunks_exact_mut(n).zip(s.exact.chunks_exact(u)) {
+            for (&j, &v) in s.union.iter().zip(exact) {
+                row[j as usize] = v;
+            }
+        }
+        self.count(rows, u * rows, 0);
+        Ok(())
+    }
+
+    /// Adds to `union` (and marks in `member`) the tokens whose upper bound reaches the best
+    /// lower bound in one row of screen `scores`, in three steps so that only two simple
+    /// passes touch the whole row (a direct scan of the bounds took 50–90 µs a row, a tenth
+    /// of the screen's matmul): the largest score `top`; the tokens within two of the largest
+    /// bound `max_b` of it, a superset of the candidates (the best lower bound is at least
+    /// `top − max_b`, and a candidate's score is at least that minus `max_b`); then the exact
+    /// test on those few. All in f32: the bound's factors are widened by 2⁻¹⁸ to cover its
+    /// three roundings, and the comparisons by 2⁻¹⁸ of the largest magnitude involved to
+    /// cover the additions'.
+    #[allow(clippy::too_many_arguments)]
+    fn candidates(
+        &self,
+        scores: &[f32],
+        alpha: f64,
+        beta: f64,
+        near: &mut Vec<u32>,
+        member: &mut [bool],
+        union: &mut Vec<u32>,
+    ) {
+        const LANES: usize = 8;
+        let widen = 1.0 + 1.0 / f64::from(1u32 << 18);
+        let (a, b) = ((alpha * widen) as f32, (beta * widen) as f32);
+        let bound = |j: usize| self.row_norm[j] * a + self.err_norm[j] * b;
+        let max_b = self.max_row_norm * a + self.max_err_norm * b;
+        let split = scores.len() / LANES * LANES;
+        let mut lanes = [f32::NEG_INFINITY; LANES];
+        for c in scores[..split].chunks_exact(LANES) {
+            for l in 0..LANES {
+                lanes[l] = if c[l] > lanes[l] { c[l] } else { lanes[l] };
+            }
+        }
+        let top = scores[split..]
+            .iter()
+            .chain(&lanes)
+            .fold(f32::NEG_INFINITY, |x, &y| x.max(y));
+        // Every value the tests below add or compare is at most `mag` in magnitude.
+        let mag = top.abs() + 4.0 * max_b;
+        let slack = mag / (1u32 << 18) as f32;
+        let floor = top - 2.0 * max_b - 2.0 * slack;
+        near.clear();
+        for (ci, c) in scores[..split].chunks_exact(LANES).enumerate() {
+            let mut any = false;
+            for &v in c {
+                any |= v >= floor;
+            }
+            if any {
+                for (l, &v) in c.iter().enumerate() {
+                    if v >= floor {
+                        near.push((ci * LANES + l) as u32);
+                    }
+                }
+            }
+        }
+        near.extend(
+            (split..scores.len())
+                .filter(|&j| scores[j] >= floor)
+                .map(|j| j as u32),
+        );
+        let best_low = near
+            .iter()
+            .map(|&j| scores[j as usize] - bound(j as usize))
+            .fold(f32::NEG_INFINITY, f32::max);
+        let threshold = best_low - slack;
+        for &j in near.iter() {
+            let j = j as usize;
+            if scores[j] + bound(j) >= threshold && !member[j] {
+                member[j] = true;
+                union.push(j as u32);
+            }
+        }
+    }
+
+    fn count(&self, rows: usize, candidates: usize, fallbacks: usize) {
+        let mut st = self.stats.lock().unwrap_or_else(|e| e.into_inner());
+        st.rows += rows as u64;
+        st.candidates += candidates as u64;
+        st.fallbacks += fallbacks as u64;
+    }
+}
+
+/// The bound's two factors for activation row `i` (`h`, length k): `alpha` multiplies a
+/// token's ‖e‖₂, `beta` its ‖e − ŵ‖₂, each with the f32 margin.
+fn norms(h: &[f32], rounded: &Int8Rows, i: usize, k: usize) -> (f64, f64) {
+    let (mut h2, mut d2, mut x2) = (0f64, 0f64, 0f64);
+    let q = &rounded.quants[i * k..][..k];
+    let d = &rounded.scales[i * k / 32..][..k / 32];
+    for (b, (hb, qb)) in h.chunks_exact(32).zip(q.chunks_exact(32)).enumerate() {
+        let scale = f64::from(d[b]);
+        for (&x, &l) in hb.iter().zip(qb) {
+            let xr = scale * f64::from(l);
+            h2 += xr * xr;
+            d2 += (f64::from(x) - xr).powi(2);
+            x2 += f64::from(x).powi(2);
+        }
+    }
+    let (h2, d2, x2) = (h2.sqrt(), d2.sqrt(), x2.sqrt());
+    // f32 rounding: of the F16 kernel's sum (its terms' magnitudes add up to at most
+    // ‖e‖₂·‖h‖₂) and of the int8 kernel's (at most (‖e‖₂ + ‖e − ŵ‖₂)·‖ĥ‖₂).
+    let alpha = d2 + FP_MARGIN * (x2 + h2);
+    let beta = h2 * (1.0 + FP_MARGIN);
+    (alpha * (1.0 + FP_MARGIN), beta)
+}
+
+/// Rounds rows `w` (length k) to Q8_0 blocks in `bytes`, with each row's ‖e‖₂ and rounding
+/// error ‖e − ŵ‖₂ (both rounded up); false when a weight is not finite (no bound holds: no
+/// screen).
+fn round_rows(
+    w: &[f16],
+    k: usize,
+    bytes: &mut [u8],
+    row_norm: &mut [f32],
+    err_norm: &mut [f32],
+) -> bool {
+    let nb = k / 32;
+    let mut vals = [0f32; 32];
+    let up = |x: f64| (x * (1.0 + 1e-6)) as f32 + f32::MIN_POSITIVE;
+    for (r, row) in w.chunks_exact(k).enumerate() {
+        let (mut norm, mut err) = (0f64, 0f64);
+        for (b, blk) in row.chunks_exact(32).enumerate() {
+            for (v, x) in vals.iter_mut().zip(blk) {
+                *v = x.to_f32();
+            }
+            if vals.iter().any(|v| !v.is_finite()) {
+                return false;
+            }
+            err += round_q8_0(&vals, &mut bytes[(r * nb + b) * Q8_0_BYTES..][..Q8_0_BYTES]);
+            norm += vals.iter().map(|&v| f64::from(v).powi(2)).sum::<f64>();
+        }
+        row_norm[r] = up(norm.sqrt());
+        err_norm[r] = up(err.sqrt());
+    }
+    true
+}
+
+/// Rounds 32 weights to one Q8_0 block (`d = max|x|/127` as f16, `q = round(x/d)`) into
+/// `out` (34 bytes) and returns Σ(x − d·q)², exactly (in f64). Any rounding would do (the
+/// bound measures it); this one is GGML's.
+fn round_q8_0(x: &[f32; 32], out: &mut [u8]) -> f64 {
+    let amax = x.iter().fold(0f32, |a, v| a.max(v.abs()));
+    let d = f16::from_f32(amax / 127.0);
+    let df = d.to_f32();
+    out[..2].copy_from_slice(&d.to_le_bytes());
+    let mut err = 0f64;
+    for (o, &v) in out[2..].iter_mut().zip(x) {
+        let q = if df > 0.0 {
+            (v / df).round().clamp(-127.0, 127.0)
+        } else {
+            0.0
+        };
+        *o = (q as i8) as u8;
+        err += (f64::from(v) - f64::from(df) * f64::from(q)).powi(2);
+    }
+    err
+}
+
+/// Runs `f` on the head's f16 weights, row after row, when it is a 16-bit CPU head without a
+/// GPU copy (`None` otherwise): the slice borrows candle's storage for the call.
+fn with_f16_rows<R>(head: &Linear, f: impl FnOnce(&[f16]) -> Result<R>) -> Result<Option<R>> {
+    if head.on_gpu() {
+        return Ok(None);
+    }
+    let LinearWeight::F16(w) = &head.weight else {
+        return Ok(None);
+    };
+    if !w.device().is_cpu() || !w.is_contiguous() {
+        return Ok(None);
+    }
+    let (storage, layout) = w.storage_and_layout();
+    let candle_core::Storage::Cpu(cpu) = &*storage else {
+        return Ok(None);
+    };
+    let all = cpu.as_slice::<f16>()?;
+    let start = layout.start_offset();
+    match all.get(start..start + head.out_dim * head.in_dim) {
+        Some(rows) => f(rows).map(Some),
+        None => Err(Error::Invalid(
+            "output head storage is shorter than its shape".into(),
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Tensor};
+
+    fn head(n: usize, k: usize, seed: u64) -> Linear {
+        let mut x = seed;
+        let vals: Vec<f16> = (0..n * k)
+            .map(|_| {
+                x = x
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                f16::from_f32(((x >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.2)
+            })
+            .collect();
+        let t = Tensor::from_vec(vals, (n, k), &Device::Cpu).unwrap();
+        Linear::from_f16_tensor(t)
+    }
+
+    fn inputs(rows: usize, k: usize, seed: u64, outlier: f32) -> Vec<f32> {
+        let mut x = seed;
+        (0..rows * k)
+            .map(|i| {
+                x = x
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                let v = ((x >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 4.0;
+                if i % 97 == 5 {
+                    v * outlier
+                } else {
+                    v
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn argmax_and_candidate_logits_match_the_full_head() {
+        let (n, k) = (2048, 96);
+        for (seed, rows, outlier, n, k) in [
+            (1, 1, 1.0, n, k),
+            (2, 4, 30.0, n, k),
+            (3, 7, 3.0, n, k),
+            (4, 5, 10.0, 4096, 576),
+        ] {
+            let h = head(n, k, seed);
+            let g = GreedyHead::build(&h).unwrap().expect("a screen");
+            let x = inputs(rows, k, seed + 10, outlier);
+            let mut full = vec![0f32; rows * n];
+            h.forward_into(&x, rows, &mut full).unwrap();
+            let mut got = vec![0f32; rows * n];
+            g.logits(&h, &x, rows, &mut GreedyScratch::default(), &mut got)
+                .unwrap();
+            for (a, b) in full.chunks_exact(n).zip(got.chunks_exact(n)) {
+                assert_eq!(
+                    tandem_kernels::sampling::argmax(a),
+                    tandem_kernels::sampling::argmax(b)
+                );
+                for (fa, gb) in a.iter().zip(b) {
+                    assert!(*gb == f32::NEG_INFINITY || fa.to_bits() == gb.to_bits());
+                }
+            }
+            let st = g.stats();
+            assert_eq!(st.rows, rows as u64);
+            assert_eq!(st.fallbacks, 0, "seed {seed}: {st:?}");
+            assert!(st.candidates < (rows * n / MAX_CANDIDATE_SHARE) as u64);
+        }
+    }
+
+    #[test]
+    fn ties_resolve_to_the_first_index_as_the_full_head() {
+        // Two identical rows: equal logits; argmax must be the lower index.
+        let (n, k) = (64, 32);
+        let mut vals = vec![f16::from_f32(0.0); n * k];
+        for j in [7usize, 40] {
+            for p in 0..k {
+                vals[j * k + p] = f16::from_f32(0.5);
+            }
+        }
+        let h = Linear::from_f16_tensor(Tensor::from_vec(vals, (n, k), &Device::Cpu).unwrap());
+        let g = GreedyHead::build(&h).unwrap().expect("a screen");
+        let x = vec![1f32; k];
+        let mut got = vec![0f32; n];
+        g.logits(&h, &x, 1, &mut GreedyScratch::default(), &mut got)
+            .unwrap();
+        assert_eq!(tandem_kernels::sampling::argmax(&got), 7);
+    }
+
+    #[test]
+    fn non_finite_activations_take_the_full_head() {
+        let (n, k) = (64, 32);
+        let h = head(n, k, 5);
+        let g = GreedyHead::build(&h).unwrap().expect("a screen");
+        let mut x = inputs(1, k, 6, 1.0);
+        x[3] = f32::NAN;
+        let mut full = vec![0f32; n];
+        h.forward_into(&x, 1, &mut full).unwrap();
+        let mut got = vec![0f32; n];
+        g.logits(&h, &x, 1, &mut GreedyScratch::default(), &mut got)
+            .unwrap();
+        assert!(full
+            .iter()
+            .zip(&got)
+            .all(|(a, b)| a.to_bits() == b.to_bits()));
+        assert_eq!(g.stats().fallbacks, 1);
+    }
+}
