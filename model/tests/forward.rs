@@ -221,7 +221,7 @@ fn greedy_rows_have_the_full_heads_argmax_and_values() {
     let base = c1.len();
     let f = m.forward_tree(&tree, &parents, &mut c1).expect("tree");
     let g = m
-        .forward_tree_greedy(&tree, &parents, &mut c2)
+        .forward_tree_with(&tree, &parents, &mut c2, true)
         .expect("greedy tree");
     check(&f, &g);
     assert_eq!(c1.len(), base + tree.len());

@@ -75,13 +75,10 @@ impl Verifier for ModelVerifier<'_> {
     }
     fn verify_tree(&mut self, tokens: &[u32], parents: &[Option<usize>]) -> Result<Vec<Vec<f32>>> {
         let mut cache = self.cache.borrow_mut();
-        Ok(if self.greedy {
-            self.model
-                .forward_tree_greedy(tokens, parents, &mut cache)?
-        } else {
-            self.model.forward_tree(tokens, parents, &mut cache)?
-        }
-        .to_vecs())
+        Ok(self
+            .model
+            .forward_tree_with(tokens, parents, &mut cache, self.greedy)?
+            .to_vecs())
     }
     fn keep(&mut self, base: usize, rows: &[usize]) -> Result<()> {
         let mut cache = self.cache.borrow_mut();

@@ -140,22 +140,20 @@ impl Llama {
         cache: &mut KvCache,
         which: Logits,
     ) -> Result<LogitRows> {
-        self.forward_inner(&mut [(tokens, cache)], which, None, None, true)?
-            .pop()
-            .ok_or_else(|| Error::Invalid("no output (internal error)".into()))
+        self.forward_one(tokens, cache, which, None, None, true)
     }
 
-    /// [`Llama::forward_tree`] for greedy verification, with [`Llama::forward_greedy`]'s rows.
-    pub fn forward_tree_greedy(
+    /// [`Llama::forward_tree`], with [`Llama::forward_greedy`]'s rows when `greedy` (greedy
+    /// verification reads only each row's argmax).
+    pub fn forward_tree_with(
         &self,
         tokens: &[u32],
         parents: &[Option<usize>],
         cache: &mut KvCache,
+        greedy: bool,
     ) -> Result<LogitRows> {
         let tree = TreeLayout::new(parents, tokens.len())?;
-        self.forward_inner(&mut [(tokens, cache)], Logits::All, None, Some(tree), true)?
-            .pop()
-            .ok_or_else(|| Error::Invalid("no output (internal error)".into()))
+        self.forward_one(tokens, cache, Logits::All, None, Some(tree), greedy)
     }
 
     /// Builds the greedy head's screen now rather than on the first greedy call (so that a
@@ -192,7 +190,20 @@ impl Llama {
         which: Logits,
         observer: Option<&dyn ActivationObserver>,
     ) -> Result<LogitRows> {
-        self.forward_batch_observed(&mut [(tokens, cache)], which, observer)?
+        self.forward_one(tokens, cache, which, observer, None, false)
+    }
+
+    /// One sequence's pass through [`Llama::forward_inner`].
+    fn forward_one(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache,
+        which: Logits,
+        observer: Option<&dyn ActivationObserver>,
+        tree: Option<TreeLayout>,
+        greedy: bool,
+    ) -> Result<LogitRows> {
+        self.forward_inner(&mut [(tokens, cache)], which, observer, tree, greedy)?
             .pop()
             .ok_or_else(|| Error::Invalid("no output (internal error)".into()))
     }
@@ -206,16 +217,7 @@ impl Llama {
         seqs: &mut [(&[u32], &mut KvCache)],
         which: Logits,
     ) -> Result<Vec<LogitRows>> {
-        self.forward_batch_observed(seqs, which, None)
-    }
-
-    fn forward_batch_observed(
-        &self,
-        seqs: &mut [(&[u32], &mut KvCache)],
-        which: Logits,
-        observer: Option<&dyn ActivationObserver>,
-    ) -> Result<Vec<LogitRows>> {
-        self.forward_inner(seqs, which, observer, None, false)
+        self.forward_inner(seqs, which, None, None, false)
     }
 
     /// Runs a token tree after the cache in one pass (speculative verification of several
@@ -230,10 +232,7 @@ impl Llama {
         parents: &[Option<usize>],
         cache: &mut KvCache,
     ) -> Result<LogitRows> {
-        let tree = TreeLayout::new(parents, tokens.len())?;
-        self.forward_inner(&mut [(tokens, cache)], Logits::All, None, Some(tree), false)?
-            .pop()
-            .ok_or_else(|| Error::Invalid("no output (internal error)".into()))
+        self.forward_tree_with(tokens, parents, cache, false)
     }
 
     fn forward_inner(
