@@ -67,6 +67,10 @@ pub fn chat(a: ChatArgs, load: &tandem_model::LoadOptions) -> Result<()> {
         None => model.new_cache()?,
     };
     let mut sampler = Sampler::new(a.sampling.params())?;
+    if sampler.params.is_greedy() {
+        // Greedy answers use the greedy head; its screen is built with the model.
+        model.prepare_greedy_head()?;
+    }
     let opening: Vec<Message> = a.system.iter().map(|s| Message::new("system", s)).collect();
     let mut messages = opening.clone();
     // The tokens whose keys and values the cache holds, in order.

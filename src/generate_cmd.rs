@@ -169,8 +169,12 @@ fn run(
         None => model.new_cache()?,
     };
     let mut sampler = Sampler::new(params)?;
-    let mut printer = Printer::start(tok, prompt, ids.last().copied())?;
     let score = report == Report::JsonLogprobs;
+    if params.is_greedy() && !score {
+        // The greedy head's screen is built with the model, not inside time to first token.
+        model.prepare_greedy_head()?;
+    }
+    let mut printer = Printer::start(tok, prompt, ids.last().copied())?;
     let mut logprobs = Vec::new();
     let (tokens, stats) = generate_scored(
         &model,

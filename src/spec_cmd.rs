@@ -27,6 +27,9 @@ pub fn generate(
     let ids = tok.encode(&a.prompt, bos)?;
     let mut src = DraftSource::open(ck, draft, load)?;
     report_skips(&src);
+    if params.is_greedy() {
+        model.prepare_greedy_head()?;
+    }
     let settings = a.drafting.config(params, a.ctx);
     let mut printer = Printer::start(tok, &a.prompt, ids.last().copied())?;
     let (_, st) = run(
