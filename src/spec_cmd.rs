@@ -136,14 +136,14 @@ pub fn bench_spec(a: BenchSpecArgs, load: &tandem_model::LoadOptions) -> Result<
     let model = ck.load_model(load)?;
     let mut src = DraftSource::open(&ck, &a.draft, load)?;
     report_skips(&src);
+    if a.sampling.params().is_greedy() {
+        // Built before the clock starts (it is built on the first greedy call otherwise).
+        model.prepare_greedy_head()?;
+    }
     if a.batch > 1 {
         return bench_batch(&a, &ck, &model, &mut src, &prompts);
     }
     let params = a.sampling.params();
-    if params.is_greedy() {
-        // Built before the clock starts (it is built on the first greedy call otherwise).
-        model.prepare_greedy_head()?;
-    }
     let settings = a.drafting.config(params, None);
     let tok = &ck.tokenizer;
     let (mut plain_tokens, mut plain_secs, mut spec_tokens, mut spec_secs) =
@@ -357,7 +357,7 @@ fn bench_batch(
             .map(|_| config.rule())
             .collect::<tandem_speculate::Result<Vec<_>>>()?;
         let mut controllers: Vec<_> = batch.iter().map(|_| config.controller(cost)).collect();
-        let mut v = ModelBatchVerifier::new(model, batch.len(), None)?;
+        let mut v = ModelBatchVerifier::new(model, batch.len(), None)?.greedy(params.is_greedy());
         let mut dec = BatchDecoder {
             drafters,
             rules: rules

@@ -225,7 +225,23 @@ fn greedy_rows_have_the_full_heads_argmax_and_values() {
         .expect("greedy tree");
     check(&f, &g);
     assert_eq!(c1.len(), base + tree.len());
+    // Two sequences in one batch.
+    let (a, b) = (&toks[..9], &toks[4..]);
+    let (mut ca, mut cb) = (m.new_cache().expect("cache"), m.new_cache().expect("cache"));
+    let full = m
+        .forward_batch(&mut [(a, &mut ca), (b, &mut cb)], Logits::All)
+        .expect("batch");
+    let (mut ca, mut cb) = (m.new_cache().expect("cache"), m.new_cache().expect("cache"));
+    let greedy = m
+        .forward_batch_with(&mut [(a, &mut ca), (b, &mut cb)], Logits::All, true)
+        .expect("greedy batch");
+    for (f, g) in full.iter().zip(&greedy) {
+        check(f, g);
+    }
     let st = m.greedy_head_stats().expect("the F16 head is screened");
     assert_eq!(st.fallbacks, 0, "{st:?}");
-    assert_eq!(st.rows as usize, toks.len() + 30 + tree.len());
+    assert_eq!(
+        st.rows as usize,
+        toks.len() + 30 + tree.len() + a.len() + b.len()
+    );
 }

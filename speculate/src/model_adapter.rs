@@ -237,6 +237,8 @@ impl<'m> ModelDrafter<ModelVerifier<'m>> {
 pub struct ModelBatchVerifier<'m> {
     pub model: &'m Llama,
     pub caches: Vec<KvCache>,
+    /// As [`ModelVerifier::greedy`]: greedy rows from [`Llama::forward_batch_with`].
+    pub greedy: bool,
 }
 
 impl<'m> ModelBatchVerifier<'m> {
@@ -247,7 +249,17 @@ impl<'m> ModelBatchVerifier<'m> {
                 None => model.new_cache(),
             })
             .collect::<tandem_model::Result<_>>()?;
-        Ok(ModelBatchVerifier { model, caches })
+        Ok(ModelBatchVerifier {
+            model,
+            caches,
+            greedy: false,
+        })
+    }
+
+    /// Verifies with the greedy head when `on` (see [`ModelVerifier::greedy`]).
+    pub fn greedy(mut self, on: bool) -> Self {
+        self.greedy = on;
+        self
     }
 }
 
@@ -262,7 +274,9 @@ impl BatchVerifier for ModelBatchVerifier<'_> {
             })?;
             batch.push((toks, cache));
         }
-        let out = self.model.forward_batch(&mut batch, Logits::All)?;
+        let out = self
+            .model
+            .forward_batch_with(&mut batch, Logits::All, self.greedy)?;
         Ok(out.iter().map(tandem_model::LogitRows::to_vecs).collect())
     }
     fn rollback(&mut self, seq: usize, len: usize) {
@@ -292,7 +306,10 @@ impl BatchVerifier for ModelBatchVerifier<'_> {
             .caches
             .get_mut(seq)
             .ok_or_else(|| Error::Mismatch(format!("sequence {seq} is not in the batch")))?;
-        Ok(self.model.forward_tree(tokens, parents, cache)?.to_vecs())
+        Ok(self
+            .model
+            .forward_tree_with(tokens, parents, cache, self.greedy)?
+            .to_vecs())
     }
     fn keep(&mut self, seq: usize, base: usize, rows: &[usize]) -> Result<()> {
         let cache = self

@@ -217,7 +217,17 @@ impl Llama {
         seqs: &mut [(&[u32], &mut KvCache)],
         which: Logits,
     ) -> Result<Vec<LogitRows>> {
-        self.forward_inner(seqs, which, None, None, false)
+        self.forward_batch_with(seqs, which, false)
+    }
+
+    /// [`Llama::forward_batch`], with [`Llama::forward_greedy`]'s rows when `greedy`.
+    pub fn forward_batch_with(
+        &self,
+        seqs: &mut [(&[u32], &mut KvCache)],
+        which: Logits,
+        greedy: bool,
+    ) -> Result<Vec<LogitRows>> {
+        self.forward_inner(seqs, which, None, None, greedy)
     }
 
     /// Runs a token tree after the cache in one pass (speculative verification of several
