@@ -107,12 +107,9 @@ pub fn generate_scored(
     // Greedy decoding without scores reads only each row's argmax: the greedy head's rows.
     let greedy = sampler.params.is_greedy() && !score;
     let step = |tokens: &[u32], cache: &mut KvCache| -> Result<Vec<f32>> {
-        Ok(if greedy {
-            model.forward_greedy(tokens, cache, Logits::Last)?
-        } else {
-            model.forward(tokens, cache, Logits::Last)?
-        }
-        .into_last())
+        Ok(model
+            .forward_with(tokens, cache, Logits::Last, greedy)?
+            .into_last())
     };
     let mut row = step(prompt, cache)?;
     let mut next = sampler.sample(&row);

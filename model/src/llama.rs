@@ -65,7 +65,7 @@ pub struct Llama {
     /// [`Llama::set_output_shortlist`]); the forward pass adds the tokens it reads.
     shortlist: std::sync::RwLock<Option<shortlist::Shortlist>>,
     /// The screen greedy forward calls use (built on the first: `None` inside when the head
-    /// is not a 16-bit CPU head); see [`Llama::forward_greedy`].
+    /// is not a 16-bit CPU head); see [`Llama::forward_with`].
     greedy_head: std::sync::OnceLock<Option<greedy_head::GreedyHead>>,
     /// RoPE inverse frequencies, [head_dim / 2]: angles are computed per row of a pass, so
     /// memory does not grow with the context a file declares (2^31 positions would be a

@@ -203,7 +203,7 @@ fn greedy_rows_have_the_full_heads_argmax_and_values() {
     let (mut c1, mut c2) = (m.new_cache().expect("cache"), m.new_cache().expect("cache"));
     let full = m.forward(&toks, &mut c1, Logits::All).expect("forward");
     let greedy = m
-        .forward_greedy(&toks, &mut c2, Logits::All)
+        .forward_with(&toks, &mut c2, Logits::All, true)
         .expect("greedy");
     check(&full, &greedy);
     // Thirty greedy steps on each head: the same tokens.
@@ -211,7 +211,7 @@ fn greedy_rows_have_the_full_heads_argmax_and_values() {
     for _ in 0..30 {
         let f = m.forward(&[next], &mut c1, Logits::Last).expect("forward");
         let g = m
-            .forward_greedy(&[next], &mut c2, Logits::Last)
+            .forward_with(&[next], &mut c2, Logits::Last, true)
             .expect("greedy");
         check(&f, &g);
         next = tandem_model::argmax(f.last());

@@ -12,7 +12,7 @@ use tandem_model::{KvCache, Llama, Logits, Sampler};
 pub struct ModelVerifier<'m> {
     pub model: &'m Llama,
     pub cache: Rc<RefCell<KvCache>>,
-    /// Whether verification is greedy: rows then come from [`Llama::forward_greedy`] (exact
+    /// Whether verification is greedy: rows then come from [`Llama::forward_with`] (exact
     /// argmax, −∞ for tokens that cannot be it). Off by default; see [`ModelVerifier::greedy`].
     pub greedy: bool,
 }
@@ -41,11 +41,9 @@ impl<'m> ModelVerifier<'m> {
 impl Verifier for ModelVerifier<'_> {
     fn verify(&mut self, tokens: &[u32]) -> Result<Vec<Vec<f32>>> {
         let mut cache = self.cache.borrow_mut();
-        let logits = if self.greedy {
-            self.model.forward_greedy(tokens, &mut cache, Logits::All)?
-        } else {
-            self.model.forward(tokens, &mut cache, Logits::All)?
-        };
+        let logits = self
+            .model
+            .forward_with(tokens, &mut cache, Logits::All, self.greedy)?;
         Ok(logits.to_vecs())
     }
     fn rollback(&mut self, len: usize) {
@@ -62,13 +60,10 @@ impl Verifier for ModelVerifier<'_> {
     }
     fn forward_last(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
         let mut cache = self.cache.borrow_mut();
-        Ok(if self.greedy {
-            self.model
-                .forward_greedy(tokens, &mut cache, Logits::Last)?
-        } else {
-            self.model.forward(tokens, &mut cache, Logits::Last)?
-        }
-        .into_last())
+        Ok(self
+            .model
+            .forward_with(tokens, &mut cache, Logits::Last, self.greedy)?
+            .into_last())
     }
     fn scores_trees(&self) -> bool {
         !self.model.runs_on_gpu()

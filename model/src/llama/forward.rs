@@ -115,7 +115,7 @@ pub(crate) struct Pass<'p, 't, 'c> {
     pub(super) picked: &'p mut Vec<usize>,
     pub(super) counts: &'p mut Vec<usize>,
     pub(super) short: &'p mut Vec<f32>,
-    /// Whether only each row's argmax matters (see [`Llama::forward_greedy`]), and the
+    /// Whether only each row's argmax matters (see [`Llama::forward_with`]), and the
     /// greedy head's scratch.
     pub(super) greedy: Option<&'p mut super::greedy_head::GreedyScratch>,
 }
@@ -128,23 +128,25 @@ impl Llama {
         self.forward_observed(tokens, cache, which, None)
     }
 
-    /// [`Llama::forward`] for greedy decoding: each row holds the exact logit (bit for bit
-    /// [`Llama::forward`]'s) of every token that could be the row's largest and −∞ for the
-    /// rest, so `argmax` of a row is [`Llama::forward`]'s and nothing else in it is. A 16-bit
-    /// output head on the CPU is then screened by a Q8_0 copy with error bounds and only the
-    /// candidates' rows are multiplied (about half the head's bytes per step; the copy is
-    /// built on the first call, see `llama/greedy_head.rs`); other heads compute every logit.
-    pub fn forward_greedy(
+    /// [`Llama::forward`], or with `greedy` rows for greedy decoding: each row then holds the
+    /// exact logit (bit for bit [`Llama::forward`]'s) of every token that could be the row's
+    /// largest and −∞ for the rest, so `argmax` of a row is [`Llama::forward`]'s and nothing
+    /// else in it is. A 16-bit output head on the CPU is then screened by a Q8_0 copy with
+    /// error bounds and only the candidates' rows are multiplied (about half the head's bytes
+    /// per step; the copy is built on the first call, see `llama/greedy_head.rs`); other heads
+    /// compute every logit.
+    pub fn forward_with(
         &self,
         tokens: &[u32],
         cache: &mut KvCache,
         which: Logits,
+        greedy: bool,
     ) -> Result<LogitRows> {
-        self.forward_one(tokens, cache, which, None, None, true)
+        self.forward_one(tokens, cache, which, None, None, greedy)
     }
 
-    /// [`Llama::forward_tree`], with [`Llama::forward_greedy`]'s rows when `greedy` (greedy
-    /// verification reads only each row's argmax).
+    /// [`Llama::forward_tree`], with [`Llama::forward_with`]'s greedy rows when `greedy`
+    /// (greedy verification reads only each row's argmax).
     pub fn forward_tree_with(
         &self,
         tokens: &[u32],
@@ -220,7 +222,7 @@ impl Llama {
         self.forward_batch_with(seqs, which, false)
     }
 
-    /// [`Llama::forward_batch`], with [`Llama::forward_greedy`]'s rows when `greedy`.
+    /// [`Llama::forward_batch`], with [`Llama::forward_with`]'s greedy rows when `greedy`.
     pub fn forward_batch_with(
         &self,
         seqs: &mut [(&[u32], &mut KvCache)],
