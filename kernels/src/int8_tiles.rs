@@ -97,18 +97,31 @@ impl Int8Tiles {
         if m == 0 || n == 0 {
             return;
         }
-        crate::int8_gemm::with_rounded(x, k, |xq| {
-            if self.format == BlockFormat::Q8_0 && vnni() {
-                crate::rows::with_scratch(&BIASED, |xb| {
-                    // i8 v ^ 0x80 read as u8 is v + 128.
-                    xb.clear();
-                    xb.extend(xq.quants.iter().map(|&v| v as u8 ^ 0x80));
-                    self.run(xq, xb, m, out)
-                })
-            } else {
-                self.run(xq, &[], m, out)
-            }
-        })
+        crate::int8_gemm::with_rounded(x, k, |xq| self.matmul_rounded(xq, m, out))
+    }
+
+    /// [`Int8Tiles::matmul`] on activations already rounded by [`Int8Rows::quantize`] (a
+    /// caller that also reads the rounded values, such as the greedy output head's error
+    /// bound, rounds once).
+    ///
+    /// Panics on mismatched lengths (a caller bug).
+    pub fn matmul_rounded(&self, xq: &Int8Rows, m: usize, out: &mut [f32]) {
+        let (n, k) = (self.n, self.k);
+        assert_eq!(xq.quants.len(), m * k);
+        assert_eq!(out.len(), m * n);
+        if m == 0 || n == 0 {
+            return;
+        }
+        if self.format == BlockFormat::Q8_0 && vnni() {
+            crate::rows::with_scratch(&BIASED, |xb| {
+                // i8 v ^ 0x80 read as u8 is v + 128.
+                xb.clear();
+                xb.extend(xq.quants.iter().map(|&v| v as u8 ^ 0x80));
+                self.run(xq, xb, m, out)
+            })
+        } else {
+            self.run(xq, &[], m, out)
+        }
     }
 
     /// `xb`: the activation levels + 128 where the VNNI kernel runs Q8_0 (biased), else empty.

@@ -140,10 +140,10 @@ impl GreedyHead {
             self.count(rows, 0, rows);
             return full(logits);
         }
-        s.scores.resize(rows * n, 0.0);
-        self.screen.matmul(hn, rows, &mut s.scores);
-        // The same rounding the int8 kernel applied to hn (it is deterministic).
+        // Rounded once: the screen multiplies these levels and the bound reads them.
         s.rounded.quantize(hn, k);
+        s.scores.resize(rows * n, 0.0);
+        self.screen.matmul_rounded(&s.rounded, rows, &mut s.scores);
         s.member.clear();
         s.member.resize(n, false);
         s.union.clear();
