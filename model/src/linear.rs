@@ -202,15 +202,14 @@ impl Linear {
         if let Some(g) = &self.gpu {
             return g.matmul(x, m, out);
         }
+        let f16 = self.with_cpu_f16(|w| {
+            tandem_kernels::matmul_f16(x, w, m, k, n, out);
+            Ok(())
+        })?;
+        if f16.is_some() {
+            return self.add_bias(out);
+        }
         match &self.weight {
-            LinearWeight::F16(w) if w.device().is_cpu() => {
-                let (ws, wl) = w.storage_and_layout();
-                let ws = match &*ws {
-                    candle_core::Storage::Cpu(s) => s.as_slice::<f16>()?,
-                    _ => unreachable!("checked is_cpu"),
-                };
-                tandem_kernels::matmul_f16(x, &ws[wl.start_offset()..][..n * k], m, k, n, out)
-            }
             LinearWeight::Quantized(q, _)
                 if q.device().is_cpu() && block_format(q.dtype()).is_some() =>
             {
@@ -239,12 +238,44 @@ impl Linear {
                 return Ok(());
             }
         }
+        self.add_bias(out)
+    }
+
+    /// Adds the bias (if any) to every row of `out`.
+    fn add_bias(&self, out: &mut [f32]) -> Result<()> {
         if let Some(b) = &self.bias_f32 {
-            for row in out.chunks_exact_mut(n) {
+            for row in out.chunks_exact_mut(self.out_dim) {
                 tandem_kernels::ops::add_assign(row, b);
             }
         }
         Ok(())
+    }
+
+    /// Runs `f` on the weight's f16 values, row after row, when it is a contiguous F16 weight
+    /// in CPU memory (`None` otherwise: another format, or only a GPU copy is used); the slice
+    /// borrows candle's storage for the call.
+    pub(crate) fn with_cpu_f16<R>(&self, f: impl FnOnce(&[f16]) -> Result<R>) -> Result<Option<R>> {
+        let LinearWeight::F16(w) = &self.weight else {
+            return Ok(None);
+        };
+        if self.gpu.is_some() || !w.device().is_cpu() || !w.is_contiguous() {
+            return Ok(None);
+        }
+        let (storage, layout) = w.storage_and_layout();
+        let candle_core::Storage::Cpu(cpu) = &*storage else {
+            return Ok(None);
+        };
+        let start = layout.start_offset();
+        match cpu
+            .as_slice::<f16>()?
+            .get(start..start + self.out_dim * self.in_dim)
+        {
+            Some(rows) => f(rows).map(Some),
+            None => Err(crate::Error::Invalid(format!(
+                "linear layer [{}, {}]: its storage is shorter than its shape",
+                self.out_dim, self.in_dim
+            ))),
+        }
     }
 
     /// `x` is [m, in] f32; returns [m, out] f32.

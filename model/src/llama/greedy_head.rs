@@ -21,8 +21,8 @@
 //! head that does not would add about 1 logit (‖e − ŵ‖₂ ≈ 0.02 against ‖ĥ‖₂ ≈ 50), still tens
 //! of candidates where the best token leads by a few logits. The unit tests use such a head.
 
-use crate::error::{Error, Result};
-use crate::linear::{Linear, LinearWeight};
+use crate::error::Result;
+use crate::linear::Linear;
 use half::f16;
 use tandem_kernels::int8_gemm::Int8Rows;
 use tandem_kernels::{BlockFormat, Int8Tiles};
@@ -90,7 +90,7 @@ impl GreedyHead {
         // one core, paid once, on the first greedy call).
         let threads = tandem_kernels::pool::current().threads_now().max(1);
         let per = n.div_ceil(threads);
-        let rounded = with_f16_rows(head, |w| {
+        let rounded = head.with_cpu_f16(|w| {
             Ok(std::thread::scope(|sc| {
                 let jobs: Vec<_> = w
                     .chunks(per * k)
@@ -165,7 +165,7 @@ impl GreedyHead {
         s.union.sort_unstable();
         let u = s.union.len();
         s.gathered.clear();
-        let gathered = with_f16_rows(head, |w| {
+        let gathered = head.with_cpu_f16(|w| {
             for &j in &s.union {
                 s.gathered.extend_from_slice(&w[j as usize * k..][..k]);
             }
@@ -340,32 +340,6 @@ fn round_q8_0(x: &[f32; 32], out: &mut [u8]) -> f64 {
         err += e * e;
     }
     err
-}
-
-/// Runs `f` on the head's f16 weights, row after row, when it is a 16-bit CPU head without a
-/// GPU copy (`None` otherwise): the slice borrows candle's storage for the call.
-fn with_f16_rows<R>(head: &Linear, f: impl FnOnce(&[f16]) -> Result<R>) -> Result<Option<R>> {
-    if head.on_gpu() {
-        return Ok(None);
-    }
-    let LinearWeight::F16(w) = &head.weight else {
-        return Ok(None);
-    };
-    if !w.device().is_cpu() || !w.is_contiguous() {
-        return Ok(None);
-    }
-    let (storage, layout) = w.storage_and_layout();
-    let candle_core::Storage::Cpu(cpu) = &*storage else {
-        return Ok(None);
-    };
-    let all = cpu.as_slice::<f16>()?;
-    let start = layout.start_offset();
-    match all.get(start..start + head.out_dim * head.in_dim) {
-        Some(rows) => f(rows).map(Some),
-        None => Err(Error::Invalid(
-            "output head storage is shorter than its shape".into(),
-        )),
-    }
 }
 
 #[cfg(test)]
