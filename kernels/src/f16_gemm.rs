@@ -32,21 +32,6 @@ const ROWS_PER_TASK: usize = 64;
 /// alternations, 2 threads; it changes only the 49k-row output head, the other matrices
 /// already split into four tasks per thread, see `rows::par_row_tasks`).
 const ROWS_PER_TASK_DECODE: usize = 1024;
-/// Up to this many activation rows a pass still streams its weights (decode, and a
-/// speculative verification of 1-3 drafted tokens) and takes long runs of rows, one run per
-/// thread even for the small projections (SmolLM2's 192-row k/v were 24-row tasks): each
-/// thread then reads one contiguous stretch of every matrix, which its prefetches and the
-/// hardware's follow. SmolLM2 F16, 2 threads: `bench --verify 4` (four alternations) 79.1
-/// against 68.6 passes/s with 1024-row runs (1.17x the 1-row pass instead of 1.37x), verify2
-/// 96-97 against 87-88; tg128 with one run per thread 96.6 against 91.9 tok/s on average over
-/// six alternations (98.8-117.2 against 91.5-95.0 in four earlier ones; the int8 tiles do the
-/// same, see `Int8Tiles::run`). While another process takes the cores (the
-/// pool saw a stall lately) they keep four per thread, so the caller can take over a
-/// descheduled worker's share: beside a busy neighbour, one run per thread measured 64.6
-/// against 67.9 tok/s, and with this switch 68.7 (one thread: 66.6). At 8
-/// rows, where the pass is compute-bound, the long runs measured slower (42-50 against 49-53
-/// passes/s).
-const STREAMING_ROWS: usize = 4;
 /// Most activation rows per pass over a block of weight rows: the AVX2 kernel's register
 /// budget (see `block_f16_avx2`).
 const ROW_GROUP: usize = 6;
@@ -99,7 +84,26 @@ fn matmul_with(
         ptr: crate::rows::SendPtr(out.as_mut_ptr()),
         n,
     };
-    let streaming = m <= STREAMING_ROWS;
+    // A pass that takes all its activation rows in one group (decode, and a verification of
+    // up to 9 drafted tokens with AVX-512) reads each weight once, and streams: long runs of
+    // rows, one run per thread even for the small projections (SmolLM2's 192-row k/v were
+    // 24-row tasks), so each thread reads one contiguous stretch of every matrix, which its
+    // prefetches and the hardware's follow. SmolLM2 F16, 2 threads: `bench --verify 4` (four
+    // alternations) 79.1 against 68.6 passes/s with 1024-row runs (1.17x the 1-row pass
+    // instead of 1.37x), verify2 96-97 against 87-88; tg128 with one run per thread 96.6
+    // against 91.9 tok/s on average over six alternations (the int8 tiles do the same, see
+    // `Int8Tiles::run`). Passes of 5-10 rows streamed too since session 19 (they had
+    // 64-row tasks, four per thread): `bench --verify 5`, three alternations, 72-84 against
+    // 59-64 passes/s (1.23-1.56x the 1-row pass instead of 1.64-1.83x), verify8 53-55 against
+    // 46-53; the `stream` example, two alternations, m = 5 12.0-12.2 against 14.3-14.4 ms
+    // and m = 8 17.4-18.4 against 20.0-20.4 (an earlier measurement had long runs slower at 8
+    // rows, 42-50 against 49-53 passes/s, with the pool's tasks spread four per thread). More rows
+    // reread a task's weights once per group, so 64-row tasks keep them in L2. While another
+    // process takes the cores (the pool saw a stall lately) streaming passes keep four tasks
+    // per thread, so the caller can take over a descheduled worker's share: beside a busy
+    // neighbour, one run per thread measured 64.6 against 67.9 tok/s, and with this switch
+    // 68.7 (one thread: 66.6).
+    let streaming = m <= kernel.max_group;
     let rows_per_task = if streaming {
         ROWS_PER_TASK_DECODE
     } else {

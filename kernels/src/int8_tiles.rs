@@ -11,6 +11,8 @@
 //! land in one register (no horizontal sums). Q4_0 levels stay unsigned (0..15) and the −8
 //! offset becomes `−8·Σx` per block; Q8_0 weights are signed, so `vpmaddubsw` takes |w| and
 //! x with w's sign, as in the row kernel. 2.2x the row kernel's speed at m = 1 (Q4_0).
+//! Where the CPU has AVX-512 VNNI, Q8_0 tiles store their levels + 128 (*biased*, see
+//! [`Int8Tiles::biased`]), so they take the unsigned-weight path too, with a `−128·Σx` offset.
 //!
 //! Layout, per tile of rows 8t..8t+8 and block b: the 8 rows' f16 scales (16 bytes), then
 //! 32-byte groups where byte `4·r + i` of group g is row r's weight `4g + i`. Q8_0 has eight
@@ -33,6 +35,15 @@ pub const TILE: usize = 8;
 #[derive(Debug, Clone)]
 pub struct Int8Tiles {
     pub format: BlockFormat,
+    /// Q8_0 levels stored + 128, as unsigned bytes (on CPUs with AVX-512 VNNI). `vpdpbusd`
+    /// multiplies unsigned bytes by signed ones, and only its signed operand can be a
+    /// broadcast from memory: with the weights on the unsigned side, each activation group
+    /// of four bytes is broadcast inside the `vpdpbusd` instead of by a `vpbroadcastd` of
+    /// its own (measured 1.25 against 1.67 `vpdpbusd` per cycle on Zen 4), and the offset
+    /// comes off through the activations' block sums, which the rounding already has, instead
+    /// of a `vpdpbusd` of ones per group for Σw. Exact: |Σ (w + 128)·x| ≤ 32 · 255 · 128 fits
+    /// i32, so the results are bit for bit those of the signed form.
+    biased: bool,
     data: Vec<u8>,
     pub n: usize,
     pub k: usize,
@@ -56,9 +67,16 @@ impl Int8Tiles {
         if w.len() != n * nb * bb {
             return None;
         }
+        let biased = format == BlockFormat::Q8_0 && vnni();
         let mut data = vec![0u8; n * nb * bb];
-        for_each_byte(format, n, k, |g, t| data[t] = w[g]);
-        Some(Int8Tiles { format, data, n, k })
+        for_each_byte(format, n, k, |g, t| data[t] = w[g] ^ bias(biased, bb, t));
+        Some(Int8Tiles {
+            format,
+            biased,
+            data,
+            n,
+            k,
+        })
     }
 
     pub fn bytes(&self) -> usize {
@@ -68,7 +86,10 @@ impl Int8Tiles {
     /// The GGML rows again (for export, the GPU, candle's kernels and f32 activations).
     pub fn unpack(&self) -> Vec<u8> {
         let mut w = vec![0u8; self.data.len()];
-        for_each_byte(self.format, self.n, self.k, |g, t| w[g] = self.data[t]);
+        let bb = self.format.block_bytes();
+        for_each_byte(self.format, self.n, self.k, |g, t| {
+            w[g] = self.data[t] ^ bias(self.biased, bb, t)
+        });
         w
     }
 
@@ -81,7 +102,10 @@ impl Int8Tiles {
         let mut w = vec![0u8; rows.len() * row_bytes];
         for (dst, &row) in w.chunks_exact_mut(row_bytes).zip(rows) {
             assert!(row < self.n, "row {row} of a {}-row matrix", self.n);
-            for_each_row_byte(self.format, self.k, row, |g, t| dst[g] = self.data[t]);
+            let bb = self.format.block_bytes();
+            for_each_row_byte(self.format, self.k, row, |g, t| {
+                dst[g] = self.data[t] ^ bias(self.biased, bb, t)
+            });
         }
         w
     }
@@ -112,25 +136,15 @@ impl Int8Tiles {
         if m == 0 || n == 0 {
             return;
         }
-        if self.format == BlockFormat::Q8_0 && vnni() {
-            crate::rows::with_scratch(&BIASED, |xb| {
-                // i8 v ^ 0x80 read as u8 is v + 128.
-                xb.clear();
-                xb.extend(xq.quants.iter().map(|&v| v as u8 ^ 0x80));
-                self.run(xq, xb, m, out)
-            })
-        } else {
-            self.run(xq, &[], m, out)
-        }
+        self.run(xq, m, out)
     }
 
-    /// `xb`: the activation levels + 128 where the VNNI kernel runs Q8_0 (biased), else empty.
-    fn run(&self, xq: &Int8Rows, xb: &[u8], m: usize, out: &mut [f32]) {
+    fn run(&self, xq: &Int8Rows, m: usize, out: &mut [f32]) {
         let (n, k) = (self.n, self.k);
         let nb = k / BLOCK;
         let tiles = n / TILE;
         let tile_bytes = nb * TILE * self.format.block_bytes();
-        let fmt = self.format;
+        let fmt = Stored::of(self.format, self.biased);
         let group = group_size();
         // Tasks of whole tiles; each writes its tiles' 8 columns in every output row.
         let threads = crate::pool::current().threads_now().max(1);
@@ -141,7 +155,7 @@ impl Int8Tiles {
         // thread for every matrix while the cores are idle (Q8_0, three alternations: tg128
         // 185.3 against 173.4 tok/s, verify4 154.5 against 132.3 passes/s, verify8 98.6
         // against 87.8; while the pool saw stalls lately, four per thread, see
-        // `f16_gemm::STREAMING_ROWS`). More rows reread a task's tiles per group of
+        // `f16_gemm::matmul_with`). More rows reread a task's tiles per group of
         // activation rows, so 16 tiles (128 rows, ~40-80 KB) keep them in L2.
         let streaming = m <= group;
         let most = if streaming { 128 } else { 16 };
@@ -156,7 +170,7 @@ impl Int8Tiles {
                 let mut i0 = 0;
                 while i0 < m {
                     let g = (m - i0).min(group);
-                    tile_rows(fmt, tile, xq, xb, i0, g, k, &mut res[..g * TILE]);
+                    tile_rows(fmt, tile, xq, i0, g, k, &mut res[..g * TILE]);
                     for r in 0..g {
                         // SAFETY: this task alone writes columns 8t..8t+8; `run` waits for
                         // every task before `out` is used again.
@@ -169,6 +183,17 @@ impl Int8Tiles {
                 }
             }
         });
+    }
+}
+
+/// What a biased Q8_0 tile's byte at `t` holds beyond the GGML byte (XOR): 0x80 on the levels
+/// (i8 v ^ 0x80 read as u8 is v + 128), nothing on the scales (the first 16 bytes of each
+/// tile block).
+fn bias(biased: bool, block_bytes: usize, t: usize) -> u8 {
+    if biased && t % (TILE * block_bytes) >= 2 * TILE {
+        0x80
+    } else {
+        0
     }
 }
 
@@ -205,12 +230,14 @@ fn for_each_row_byte(format: BlockFormat, k: usize, row: usize, mut f: impl FnMu
     }
 }
 
-/// How far ahead of the block in hand a one-row pass asks for its weights, into L2: decode
-/// streams them from DRAM, and 4 KB into L2 measured faster than the row kernels' 1 KB into L1
-/// (the `stream` example, SmolLM2's matmuls, 2 threads, best of 20 passes averaged over five
-/// or six alternations: Q8_0 5.2-5.6 against 6.7 ms per pass, Q4_0 3.1-3.4 against 3.7; tg128
-/// over five alternations of the two binaries, Q4_0 229 against 206 tok/s). Passes of several
-/// rows (prefill, verification) keep 1 KB into L1, not measured better the other way.
+/// How far ahead of the block in hand a pass asks for its weights, into L2: decode streams
+/// them from DRAM, and 4 KB into L2 measured faster than the row kernels' 1 KB into L1 (the
+/// `stream` example, SmolLM2's matmuls, 2 threads, best of 20 passes averaged over five or six
+/// alternations: Q8_0 5.2-5.6 against 6.7 ms per pass, Q4_0 3.1-3.4 against 3.7; tg128 over
+/// five alternations of the two binaries, Q4_0 229 against 206 tok/s). Passes of several rows
+/// kept 1 KB into L1 until the biased Q8_0 tiles made them faster: then 4 KB into L2 measured
+/// better for them too (Q8_0, m = 8, best of 40, three alternations: 6.8-8.9 against
+/// 7.3-9.9 ms; 2-8 KB tried, 4-8 KB best).
 const PREFETCH_AHEAD: usize = 4096;
 
 /// Activation rows per pass over a tile: AVX2's 16 vector registers hold 4 rows' dot and
@@ -228,8 +255,7 @@ fn group_size() -> usize {
     }
 }
 
-/// Whether the tiles run the VNNI kernel (8 rows per pass; Q8_0 in [`tile_body`]'s biased
-/// form).
+/// Whether the tiles run the VNNI kernel (8 rows per pass; Q8_0 tiles biased).
 fn vnni() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
@@ -237,11 +263,6 @@ fn vnni() -> bool {
     }
     #[cfg(not(target_arch = "x86_64"))]
     false
-}
-
-thread_local! {
-    /// The caller's activation levels + 128 (see [`tile_body`]), reused across calls.
-    static BIASED: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 fn available() -> bool {
@@ -257,15 +278,35 @@ fn available() -> bool {
 const Q8_0: u8 = 0;
 const Q4_0: u8 = 1;
 const Q5_0: u8 = 2;
+/// Q8_0 tiles stored biased ([`Int8Tiles::biased`]).
+const Q8_0_BIASED: u8 = 3;
+
+/// A matrix's tile format as the kernels dispatch on it.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Stored {
+    Q4_0,
+    Q5_0,
+    Q8_0,
+    Q8_0Biased,
+}
+
+impl Stored {
+    fn of(format: BlockFormat, biased: bool) -> Stored {
+        match format {
+            BlockFormat::Q4_0 => Stored::Q4_0,
+            BlockFormat::Q5_0 => Stored::Q5_0,
+            _ if biased => Stored::Q8_0Biased,
+            _ => Stored::Q8_0,
+        }
+    }
+}
 
 /// One tile against activation rows `i0..i0 + g` (g ≤ [`group_size`]): `out[r·8 + c]` for
-/// tile row c. `xb`: see [`Int8Tiles::run`].
-#[allow(clippy::too_many_arguments)]
+/// tile row c.
 fn tile_rows(
-    f: BlockFormat,
+    f: Stored,
     tile: &[u8],
     xq: &Int8Rows,
-    xb: &[u8],
     i0: usize,
     g: usize,
     k: usize,
@@ -276,14 +317,14 @@ fn tile_rows(
         if crate::has_vnni() {
             // SAFETY: tiles exist only where AVX2/FMA/F16C were detected (`pack`), and
             // `has_vnni` checked AVX-512 VNNI/VL.
-            return unsafe { tile_rows_vnni(f, tile, xq, xb, i0, g, k, out) };
+            return unsafe { tile_rows_vnni(f, tile, xq, i0, g, k, out) };
         }
         // SAFETY: tiles exist only where AVX2/FMA/F16C were detected (`pack`).
         unsafe { tile_rows_avx2(f, tile, xq, i0, g, k, out) }
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        let _ = (f, tile, xq, xb, i0, g, k, out);
+        let _ = (f, tile, xq, i0, g, k, out);
         unreachable!("int8 tiles are only made where the AVX2 kernel runs");
     }
 }
@@ -292,7 +333,7 @@ fn tile_rows(
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn tile_rows_avx2(
-    f: BlockFormat,
+    f: Stored,
     tile: &[u8],
     xq: &Int8Rows,
     i0: usize,
@@ -301,38 +342,34 @@ unsafe fn tile_rows_avx2(
     out: &mut [f32],
 ) {
     match f {
-        BlockFormat::Q4_0 => {
-            by_group!(g, G => tile_body::<Q4_0, G, false>(tile, xq, &[], i0, k, out))
+        Stored::Q4_0 => by_group!(g, G => tile_body::<Q4_0, G, false>(tile, xq, i0, k, out)),
+        Stored::Q5_0 => by_group!(g, G => tile_body::<Q5_0, G, false>(tile, xq, i0, k, out)),
+        Stored::Q8_0 => by_group!(g, G => tile_body::<Q8_0, G, false>(tile, xq, i0, k, out)),
+        Stored::Q8_0Biased => {
+            by_group!(g, G => tile_body::<Q8_0_BIASED, G, false>(tile, xq, i0, k, out))
         }
-        BlockFormat::Q5_0 => {
-            by_group!(g, G => tile_body::<Q5_0, G, false>(tile, xq, &[], i0, k, out))
-        }
-        _ => by_group!(g, G => tile_body::<Q8_0, G, false>(tile, xq, &[], i0, k, out)),
     }
 }
 
-/// [`tile_rows`] with AVX-512 VNNI (up to 8 rows per pass; Q8_0 in the biased form).
+/// [`tile_rows`] with AVX-512 VNNI (up to 8 rows per pass).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
-#[allow(clippy::too_many_arguments)]
 unsafe fn tile_rows_vnni(
-    f: BlockFormat,
+    f: Stored,
     tile: &[u8],
     xq: &Int8Rows,
-    xb: &[u8],
     i0: usize,
     g: usize,
     k: usize,
     out: &mut [f32],
 ) {
     match f {
-        BlockFormat::Q4_0 => {
-            by_group8!(g, G => tile_body::<Q4_0, G, true>(tile, xq, &[], i0, k, out))
+        Stored::Q4_0 => by_group8!(g, G => tile_body::<Q4_0, G, true>(tile, xq, i0, k, out)),
+        Stored::Q5_0 => by_group8!(g, G => tile_body::<Q5_0, G, true>(tile, xq, i0, k, out)),
+        Stored::Q8_0 => by_group8!(g, G => tile_body::<Q8_0, G, true>(tile, xq, i0, k, out)),
+        Stored::Q8_0Biased => {
+            by_group8!(g, G => tile_body::<Q8_0_BIASED, G, true>(tile, xq, i0, k, out))
         }
-        BlockFormat::Q5_0 => {
-            by_group8!(g, G => tile_body::<Q5_0, G, true>(tile, xq, &[], i0, k, out))
-        }
-        _ => by_group8!(g, G => tile_body::<Q8_0, G, true>(tile, xq, xb, i0, k, out)),
     }
 }
 
@@ -341,17 +378,15 @@ unsafe fn tile_rows_vnni(
 /// `vpmaddubsw` + `vpmaddwd` + add; the same integers (no pair of products here can saturate
 /// `vpmaddubsw`'s i16: at most 2 · 128 · 127), so the same results bit for bit.
 ///
-/// Q8_0 with VNNI is *biased*: `vpdpbusd` takes unsigned bytes on one side, and instead of
-/// `|w|` against x with w's sign (a `vpsignb` per row and group) it takes the activation
-/// levels + 128 (`xb`, unsigned) against the signed weights, and takes `128·Σw` (Σw by one
-/// `vpdpbusd` of ones per group, shared by every row) off each block's sum: the same integer,
-/// exactly (|Σ (x + 128)·w| ≤ 32 · 255 · 128 fits i32), so the same results bit for bit.
+/// Biased Q8_0 tiles ([`Int8Tiles::biased`]) go through the unsigned path with VNNI, their
+/// offset 128 taken off through Σx like Q4_0's 8. Without VNNI (only the tests run them
+/// there) the bias comes off each group first (`vpmaddubsw` of w + 128 could saturate i16),
+/// and they take the signed path.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 unsafe fn tile_body<const FMT: u8, const G: usize, const VNNI: bool>(
     tile: &[u8],
     xq: &Int8Rows,
-    xb: &[u8],
     i0: usize,
     k: usize,
     out: &mut [f32],
@@ -364,33 +399,27 @@ unsafe fn tile_body<const FMT: u8, const G: usize, const VNNI: bool>(
             Q5_0 => 22,
             _ => 34,
         };
-    // Q4_0/Q5_0 levels are unsigned (offset 8 / 16, taken off through Σx); Q8_0's signed.
-    let unsigned = FMT != Q8_0;
-    let biased = VNNI && FMT == Q8_0;
+    // Unsigned levels with an offset taken off through Σx: Q4_0 (8), Q5_0 (16), biased Q8_0
+    // with VNNI (128). Otherwise signed levels: |w| against x with w's sign.
+    let unsigned = FMT == Q4_0 || FMT == Q5_0 || (VNNI && FMT == Q8_0_BIASED);
+    let offset = match FMT {
+        Q4_0 => 8,
+        Q5_0 => 16,
+        _ => 128,
+    };
     let groups_at = if FMT == Q5_0 { 48 } else { 16 };
     let nib = _mm256_set1_epi8(0x0F);
     let ones = _mm256_set1_epi16(1);
+    let top_bits = _mm256_set1_epi8(0x80u8 as i8);
     let tp = tile.as_ptr();
-    let xp = if biased {
-        debug_assert!(xb.len() >= (i0 + G) * k);
-        xb.as_ptr().add(i0 * k)
-    } else {
-        xq.quants.as_ptr().add(i0 * k) as *const u8
-    };
-    let byte_ones = _mm256_set1_epi8(1);
+    let xp = xq.quants.as_ptr().add(i0 * k) as *const u8;
     let mut acc = [_mm256_setzero_ps(); G];
     for b in 0..nb {
         let blk = tp.add(b * tile_block);
         let mut ahead = 0;
         while ahead < tile_block {
             // Never faults, so addresses past the matrix are harmless.
-            if G == 1 {
-                _mm_prefetch::<_MM_HINT_T1>(blk.wrapping_add(PREFETCH_AHEAD + ahead) as *const i8);
-            } else {
-                _mm_prefetch::<_MM_HINT_T0>(
-                    blk.wrapping_add(crate::PREFETCH_BYTES + ahead) as *const i8
-                );
-            }
+            _mm_prefetch::<_MM_HINT_T1>(blk.wrapping_add(PREFETCH_AHEAD + ahead) as *const i8);
             ahead += 64;
         }
         let dw = _mm256_cvtph_ps(_mm_loadu_si128(blk as *const __m128i));
@@ -401,21 +430,9 @@ unsafe fn tile_body<const FMT: u8, const G: usize, const VNNI: bool>(
             _mm256_setzero_si256()
         };
         let mut dot = [_mm256_setzero_si256(); G];
-        let mut wsum = _mm256_setzero_si256();
         // Eight groups of four weights per row: group s is weights 4s..4s+4 of all 8 rows.
         for s in 0..8 {
-            if biased {
-                let w = _mm256_loadu_si256(blk.add(16 + 32 * s) as *const __m256i);
-                wsum = _mm256_dpbusd_epi32(wsum, byte_ones, w);
-                for (r, d) in dot.iter_mut().enumerate() {
-                    let xs = _mm256_set1_epi32(
-                        (xp.add(r * k + b * BLOCK + 4 * s) as *const i32).read_unaligned(),
-                    );
-                    *d = _mm256_dpbusd_epi32(*d, xs, w);
-                }
-                continue;
-            }
-            let (ws, absw) = if unsigned {
+            let (ws, absw) = if FMT == Q4_0 || FMT == Q5_0 {
                 // Groups 0..4 are the low nibbles, 4..8 the high nibbles of the same bytes.
                 let raw = _mm256_loadu_si256(blk.add(groups_at + 32 * (s % 4)) as *const __m256i);
                 let lv = if s < 4 {
@@ -442,7 +459,16 @@ unsafe fn tile_body<const FMT: u8, const G: usize, const VNNI: bool>(
                 (lv, lv)
             } else {
                 let w = _mm256_loadu_si256(blk.add(16 + 32 * s) as *const __m256i);
-                (w, _mm256_sign_epi8(w, w))
+                if unsigned {
+                    (w, w)
+                } else {
+                    let w = if FMT == Q8_0_BIASED {
+                        _mm256_xor_si256(w, top_bits)
+                    } else {
+                        w
+                    };
+                    (w, _mm256_sign_epi8(w, w))
+                }
             };
             for (r, d) in dot.iter_mut().enumerate() {
                 let xs = _mm256_set1_epi32(
@@ -462,18 +488,11 @@ unsafe fn tile_body<const FMT: u8, const G: usize, const VNNI: bool>(
         }
         for (r, a) in acc.iter_mut().enumerate() {
             let idx = (i0 + r) * nb + b;
-            let offset = match FMT {
-                Q4_0 => 8,
-                Q5_0 => 16,
-                _ => 0,
-            };
             let dot = if unsigned {
                 _mm256_sub_epi32(
                     dot[r],
                     _mm256_set1_epi32(offset * *xq.sums.get_unchecked(idx)),
                 )
-            } else if biased {
-                _mm256_sub_epi32(dot[r], _mm256_slli_epi32::<7>(wsum))
             } else {
                 dot[r]
             };
@@ -551,7 +570,8 @@ mod tests {
     }
 
     /// Where the CPU has AVX-512 VNNI, its kernel (8 rows per pass, Q8_0 biased) and the AVX2
-    /// one (4 rows per pass, |w| against signed x) give the same bits.
+    /// one (4 rows per pass, |w| against signed x, the bias taken off first) give the same
+    /// bits.
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn vnni_and_avx2_agree_bit_for_bit() {
@@ -567,12 +587,12 @@ mod tests {
             let x: Vec<f32> = (0..8 * k).map(|_| rng.random_range(-2.0..2.0)).collect();
             let mut xq = Int8Rows::default();
             xq.quantize(&x, k);
-            let xb: Vec<u8> = xq.quants.iter().map(|&v| v as u8 ^ 0x80).collect();
             let tile = &p.data[..k / BLOCK * TILE * f.block_bytes()];
             let (mut a, mut b) = ([0f32; 8 * TILE], [0f32; 8 * TILE]);
             // SAFETY: AVX2/FMA/F16C (the tiles were made) and AVX-512 VNNI/VL (checked above).
             unsafe {
-                tile_rows_vnni(f, tile, &xq, &xb, 0, 8, k, &mut a);
+                let f = Stored::of(f, p.biased);
+                tile_rows_vnni(f, tile, &xq, 0, 8, k, &mut a);
                 tile_rows_avx2(f, tile, &xq, 0, 4, k, &mut b[..4 * TILE]);
                 tile_rows_avx2(f, tile, &xq, 4, 4, k, &mut b[4 * TILE..]);
             }

@@ -4,7 +4,7 @@
 pub(crate) const TASKS_PER_THREAD: usize = 4;
 
 /// Tasks per thread for a pass: one run per thread where the pass streams its weights (reads
-/// each once; see `f16_gemm::STREAMING_ROWS`) and the cores are the pool's own, else
+/// each once; see `f16_gemm::matmul_with`) and the cores are the pool's own, else
 /// [`TASKS_PER_THREAD`] (a compute-bound pass balances on them, and on a busy machine they let
 /// the caller take over a descheduled worker's share: `Pool::contended`).
 pub(crate) fn tasks_per_thread(streaming: bool) -> usize {
