@@ -89,8 +89,8 @@ pub struct CalibArgs {
     /// calibration Hessian), awq (activation-aware channel scaling) or awq+gptq.
     #[arg(long, default_value = "rtn")]
     method: String,
-    /// Calibration text for gptq/awq (default: the bundled opening of Austen's Emma). Never
-    /// the evaluation text.
+    /// Calibration text for gptq/awq (default: the bundled opening of Austen's Emma followed
+    /// by SmolLM2's answers to the bundled requests, ~32k tokens). Never the evaluation text.
     #[arg(long)]
     calib_text: Option<PathBuf>,
     /// Tokens per calibration chunk.
@@ -101,10 +101,15 @@ pub struct CalibArgs {
     calib_chunks: Option<usize>,
     /// Also calibrate on this many tokens of the model's own answers to a bundled set of
     /// varied requests (in its chat template; sampled, seeded), generated first by a q8_0 copy
-    /// of the whole model held in memory (e.g. 16384; on SmolLM2 q4_0 GPTQ, wikitext-2 mean
-    /// KLD 0.083 → 0.071; see BENCHMARKS.md). 0 = the text only.
+    /// of the whole model held in memory (e.g. 16384; on SmolLM2 q4_0 GPTQ after Emma's
+    /// opening alone, wikitext-2 mean KLD 0.083 → 0.071; the default text already holds
+    /// SmolLM2's answers, written out once; see BENCHMARKS.md). 0 = the text only.
     #[arg(long, default_value_t = 0)]
     calib_self: usize,
+    /// With --calib-self: also write the generated answers' text to this file (to read what
+    /// the layers were fitted to, or to reuse it with --calib-text).
+    #[arg(long)]
+    calib_self_save: Option<PathBuf>,
     /// GPTQ dampening, a fraction of the Hessian's mean diagonal (0.3: on SmolLM2 q4_0, mean
     /// KLD 0.099 at 0.01, 0.089 at 0.1, 0.083 at 0.3 and at 1.0; see BENCHMARKS.md).
     #[arg(long, default_value_t = 0.3)]
@@ -195,14 +200,30 @@ pub fn quantize(a: QuantizeArgs, load: &tandem_model::LoadOptions) -> Result<()>
         if format != Format::Gguf {
             anyhow::bail!("--sweep writes GGUF variants; drop --format compressed-tensors");
         }
+        if a.calib.calib_self_save.is_some() {
+            anyhow::bail!(
+                "--calib-self-save writes one quantization's answers; drop it with --sweep"
+            );
+        }
         return sweep(&a, load);
+    }
+    let mut calib = a.calib.options(None, load)?;
+    if let Some(path) = &a.calib.calib_self_save {
+        let Some(sc) = calib.self_calibration.as_mut() else {
+            anyhow::bail!(
+                "--calib-self-save writes what --calib-self generates; add --calib-self N"
+            );
+        };
+        tandem_quantize::output::check_target(path, a.force)?;
+        sc.save_text = Some(path.clone());
+        sc.save_force = a.force;
     }
     let ck = Checkpoint::open(&a.model, a.tokenizer.as_deref())?;
     let job = QuantizeJob {
         imatrix: a.imatrix.clone(),
         allow_nonfinite: a.allow_nonfinite,
         force: a.force,
-        calib: a.calib.options(None, load)?,
+        calib,
         ..QuantizeJob::new(a.choices(), format, Method::Rtn)
     };
     let plan = job.plan(&ck)?;
@@ -247,7 +268,8 @@ pub fn quantize(a: QuantizeArgs, load: &tandem_model::LoadOptions) -> Result<()>
 pub struct CalibrateArgs {
     /// A Hugging Face folder or a GGUF file.
     model: PathBuf,
-    /// Calibration text (default: the bundled opening of Austen's Emma). Never evaluation text.
+    /// Calibration text (default: the bundled opening of Austen's Emma followed by SmolLM2's
+    /// answers to the bundled requests). Never evaluation text.
     #[arg(long)]
     text: Option<PathBuf>,
     /// Output importance matrix (llama.cpp's GGUF imatrix format).
@@ -276,8 +298,8 @@ pub fn calibrate(a: CalibrateArgs, load: &tandem_model::LoadOptions) -> Result<(
             p.display().to_string(),
         ),
         None => (
-            tandem_quantize::CALIBRATION_TEXT.to_string(),
-            "tandem:austen-emma-calibration.txt".to_string(),
+            tandem_quantize::DEFAULT_CALIBRATION_TEXT.to_string(),
+            tandem_quantize::DEFAULT_CALIBRATION_NAME.to_string(),
         ),
     };
     let model = ck.load_model(load)?;

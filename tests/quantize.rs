@@ -432,12 +432,22 @@ fn calibrated_methods_lower_kl_divergence_at_q4_0_and_say_so_in_the_file() {
     let base = ["quantize", s(&m), "--scheme", "q4_0", "--quiet", "--out"];
     let calib = ["--calib-chunks", "4"];
     // The second takes GPTQ's columns in file order (act-order is the default); the last also
-    // calibrates on 1024 tokens of the model's own answers (four more chunks of 256).
+    // calibrates on 1024 tokens of the model's own answers (four more chunks of 256), and
+    // writes their text out.
+    let answers = tmp.path().join("answers.txt");
     let variants: [&[&str]; 4] = [
         &["rtn"],
         &["gptq", "--act-order=false"],
         &["awq+gptq"],
-        &["gptq", "--calib-self", "1024", "--calib-ctx", "256"],
+        &[
+            "gptq",
+            "--calib-self",
+            "1024",
+            "--calib-ctx",
+            "256",
+            "--calib-self-save",
+            s(&answers),
+        ],
     ];
     let files: Vec<PathBuf> = variants
         .iter()
@@ -455,7 +465,7 @@ fn calibrated_methods_lower_kl_divergence_at_q4_0_and_say_so_in_the_file() {
     assert!(info.contains("act_order=false"), "{info}");
     let info = ok(&["info", s(&files[2])]);
     assert!(info.contains("act_order=true"), "{info}");
-    let hash = tandem_quantize::sha256_hex(tandem_quantize::CALIBRATION_TEXT.as_bytes());
+    let hash = tandem_quantize::sha256_hex(tandem_quantize::DEFAULT_CALIBRATION_TEXT.as_bytes());
     assert!(info.contains(&format!("sha256={hash}")), "{info}");
     assert!(info.contains("chunks=4"), "{info}");
     assert!(!info.contains("self_tokens"), "{info}");
@@ -464,6 +474,26 @@ fn calibrated_methods_lower_kl_divergence_at_q4_0_and_say_so_in_the_file() {
     assert!(info.contains("calibration.chunks=8"), "{info}");
     assert!(info.contains("calibration.self_tokens="), "{info}");
     assert!(info.contains("calibration.self_sha256="), "{info}");
+    // The saved answers are the generated tokens' text: the model's tokenizer reads about
+    // as many tokens back (a BPE round trip may merge a few at the joins between answers).
+    let saved = std::fs::read_to_string(&answers).unwrap();
+    let ck = Checkpoint::open(&m, None).unwrap();
+    let back = ck.tokenizer.encode(&saved, false).unwrap().len();
+    assert!((900..=1100).contains(&back), "{back} tokens in {saved:?}");
+    // Saving needs something generated to save.
+    let e = fails(
+        &[
+            &base[..],
+            &[s(&tmp.path().join("x.gguf")), "--method", "gptq"],
+            &calib[..],
+            &["--calib-self-save", s(&tmp.path().join("y.txt"))],
+        ]
+        .concat(),
+    );
+    assert!(
+        e.contains("--calib-self-save") && e.contains("--calib-self N"),
+        "{e}"
+    );
     let ck = Checkpoint::open(&m, None).unwrap();
     let reference = ck
         .load_model(&tandem_model::LoadOptions::default())

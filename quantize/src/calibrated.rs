@@ -106,8 +106,8 @@ impl CalibratedOptions {
     pub fn new(method: Method) -> Self {
         CalibratedOptions {
             method,
-            text: crate::CALIBRATION_TEXT.to_string(),
-            text_name: "tandem:austen-emma-calibration.txt".into(),
+            text: crate::DEFAULT_CALIBRATION_TEXT.to_string(),
+            text_name: crate::DEFAULT_CALIBRATION_NAME.into(),
             ctx: 512,
             chunks: None,
             gptq: GptqOptions::default(),
@@ -324,6 +324,18 @@ pub fn calibrate_plan(
                 &format!("generating its own calibration answers, {done} of {target} tokens"),
             )
         })?;
+        if let Some(path) = &sc.save_text {
+            // The answers as text, to read what the layers were fitted to or to calibrate
+            // on again with --calib-text (how data/smollm2-answers-calibration.txt was made).
+            let text = ck.tokenizer.decode(&generated)?;
+            crate::output::write_atomically(path, sc.save_force, |w| {
+                use std::io::Write;
+                w.write_all(text.as_bytes()).map_err(|e| Error::Io {
+                    path: path.clone(),
+                    msg: e.to_string(),
+                })
+            })?;
+        }
         let ctx = opts.ctx.min(ck.config.context_length());
         let own = cut_chunks(&generated, ctx, None, chunk_bos(ck));
         if own.is_empty() {

@@ -396,9 +396,32 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
         .collect()
 }
 
-/// The default calibration text: the opening of Austen's *Emma* (see data/PROVENANCE.md).
+/// The opening of Austen's *Emma* (see data/PROVENANCE.md): the first part of
+/// [`DEFAULT_CALIBRATION_TEXT`], and alone the text layer-skipping drafts are chosen on.
 /// Calibration text only; never used for evaluation.
 pub const CALIBRATION_TEXT: &str = include_str!("../data/austen-emma-calibration.txt");
+
+/// What gptq/awq and `tandem calibrate` calibrate on when no text is given: the opening of
+/// *Emma* ([`CALIBRATION_TEXT`]), then SmolLM2-135M-Instruct's own answers to the 48 bundled
+/// self-calibration requests (data/smollm2-answers-calibration.txt: the text `--calib-self
+/// 16384` generates for that model, written out with `--calib-self-save`; see
+/// data/PROVENANCE.md).
+///
+/// Why both: fiction alone fits the layers to one register of English. On SmolLM2, GPTQ
+/// calibrated on *Emma* alone scored wikitext-2 mean KLD 0.0825 (MLP q4_0), 0.0143 (q4_k
+/// policy) and 0.146 (everything q4_0); with the answers after it 0.0738, 0.0134 and 0.137,
+/// and on *Persuasion* (never tuned on) no worse (BENCHMARKS.md, session 20). Modern
+/// expository text of any model's making serves another model as plain calibration text;
+/// `--calib-self` generates the model's own.
+pub const DEFAULT_CALIBRATION_TEXT: &str = concat!(
+    include_str!("../data/austen-emma-calibration.txt"),
+    "\n\n",
+    include_str!("../data/smollm2-answers-calibration.txt")
+);
+
+/// [`DEFAULT_CALIBRATION_TEXT`]'s name in GGUF metadata and reports.
+pub const DEFAULT_CALIBRATION_NAME: &str =
+    "tandem:austen-emma-calibration.txt+smollm2-answers-calibration.txt";
 
 #[cfg(test)]
 mod tests {

@@ -36,6 +36,10 @@ pub struct SelfCalibration {
     pub top_p: f32,
     /// Request i is sampled with seed `seed + i`.
     pub seed: u64,
+    /// Also write the answers' text here (`--calib-self-save`), replacing an existing file
+    /// only with `save_force`.
+    pub save_text: Option<std::path::PathBuf>,
+    pub save_force: bool,
 }
 
 impl SelfCalibration {
@@ -48,6 +52,8 @@ impl SelfCalibration {
             temperature: 0.8,
             top_p: 0.95,
             seed: 1,
+            save_text: None,
+            save_force: false,
         }
     }
 }
