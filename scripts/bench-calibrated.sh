@@ -45,5 +45,5 @@ fi
 for text in "$W" "$P"; do
   name=$(basename "$text" .txt); n=$C; [ "$text" = "$P" ] && n=$C2
   "$T" eval --reference "$smol" "${models[@]}" --text "$text" --chunks $n --ctx 512 --speed-pp 0 \
-    --out "$out/eval-$name" --force --quiet | grep -E "PPL"
+    --out "$out/eval-$name" --force --quiet 2>&1 | grep -E "PPL"
 done
