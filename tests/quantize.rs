@@ -494,7 +494,6 @@ fn calibrated_methods_lower_kl_divergence_at_q4_0_and_say_so_in_the_file() {
         e.contains("--calib-self-save") && e.contains("--calib-self N"),
         "{e}"
     );
-    let ck = Checkpoint::open(&m, None).unwrap();
     let reference = ck
         .load_model(&tandem_model::LoadOptions::default())
         .unwrap();

@@ -100,9 +100,9 @@ impl Int8Tiles {
     pub fn unpack_rows(&self, rows: &[usize]) -> Vec<u8> {
         let row_bytes = self.k / BLOCK * self.format.block_bytes();
         let mut w = vec![0u8; rows.len() * row_bytes];
+        let bb = self.format.block_bytes();
         for (dst, &row) in w.chunks_exact_mut(row_bytes).zip(rows) {
             assert!(row < self.n, "row {row} of a {}-row matrix", self.n);
-            let bb = self.format.block_bytes();
             for_each_row_byte(self.format, self.k, row, |g, t| {
                 dst[g] = self.data[t] ^ bias(self.biased, bb, t)
             });
@@ -139,17 +139,16 @@ impl Int8Tiles {
         let fmt = Stored::of(self.format, self.biased);
         crate::rows::with_scratch(&OFFSETS, |offs| {
             block_offsets(fmt, xq, offs);
-            self.run(xq, offs, m, out)
+            self.run(fmt, xq, offs, m, out)
         })
     }
 
-    /// `offs`: [`block_offsets`] of `xq`.
-    fn run(&self, xq: &Int8Rows, offs: &[i32], m: usize, out: &mut [f32]) {
+    /// `fmt`: `Stored::of` the tiles; `offs`: [`block_offsets`] of `xq`.
+    fn run(&self, fmt: Stored, xq: &Int8Rows, offs: &[i32], m: usize, out: &mut [f32]) {
         let (n, k) = (self.n, self.k);
         let nb = k / BLOCK;
         let tiles = n / TILE;
         let tile_bytes = nb * TILE * self.format.block_bytes();
-        let fmt = Stored::of(self.format, self.biased);
         let group = group_size();
         // Tasks of whole tiles; each writes its tiles' 8 columns in every output row.
         let threads = crate::pool::current().threads_now().max(1);
