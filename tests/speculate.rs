@@ -202,11 +202,24 @@ fn stories260k_speculative_greedy_equals_plain_greedy() {
                 st.accepted, st.drafted,
                 "the shared cache must be left as it was"
             );
+            // Nothing is drafted past a stop token (only the stop token itself, never emitted).
+            assert!(
+                st.drafted <= st.generated_tokens + 1,
+                "shared-cache draft past a stop token: {} drafted, {} generated, prompt {p:?}",
+                st.drafted,
+                st.generated_tokens
+            );
             // The verifier itself as a drafter: every draft is accepted.
             let mut own = ModelDrafter::new(&m, None).unwrap();
             let (got, st) = speculative(&m, &mut own, &mut FixedK(k), &ids, 120, limit, &eos);
             assert_eq!(got, want, "self-draft k={k} prompt {p:?}");
             assert_eq!(st.accepted, st.drafted, "a model must agree with itself");
+            assert!(
+                st.drafted <= st.generated_tokens + 1,
+                "own-cache draft past a stop token: {} drafted, {} generated, prompt {p:?}",
+                st.drafted,
+                st.generated_tokens
+            );
         }
     }
     assert!(

@@ -118,6 +118,19 @@ impl BatchVerifier for OneSequence<'_> {
             })
             .collect()
     }
+    fn prefill_batch(&mut self, inputs: &[(usize, &[u32])]) -> Result<()> {
+        for &(seq, tokens) in inputs {
+            match seq {
+                0 => drop(self.0.forward_last(tokens)?),
+                _ => {
+                    return Err(Error::Mismatch(format!(
+                        "sequence {seq} of a single-sequence decoder (internal error)"
+                    )))
+                }
+            }
+        }
+        Ok(())
+    }
     fn rollback(&mut self, _seq: usize, len: usize) {
         self.0.rollback(len);
     }
@@ -326,9 +339,13 @@ mod tests {
             wrong_every: 0,
             calls: 0,
         };
-        let (got, st) = run(&mut d, &prompt, 40, &eos, 100);
+        let (got, st) = run_with(&mut d, &mut FixedK(6), &prompt, 40, &eos, 100);
         assert_eq!(got, want);
         assert_eq!(st.stop, StopReason::Eos);
+        // This drafter proposes past EOS; the decoder cuts its chains there, so a perfect
+        // draft is drafted (and verified) up to EOS and no further.
+        assert_eq!(st.accepted, st.drafted);
+        assert!(st.drafted <= at + 1, "{} drafted, EOS at {at}", st.drafted);
     }
 
     #[test]

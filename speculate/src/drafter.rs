@@ -61,6 +61,17 @@ impl Draft {
 
     /// Keeps the tokens at most `k` deep (a path of at most k proposed tokens), renumbered;
     /// a chain is cut to its first k.
+    /// Cuts a chain after its first token in `stop` (generation ends there, so the tokens
+    /// after it could never be used); a tree is left as it is.
+    pub fn cut_after_stop(&mut self, stop: &[u32]) {
+        if self.parents.is_some() {
+            return;
+        }
+        if let Some(i) = self.tokens.iter().position(|t| stop.contains(t)) {
+            self.limit_depth(i + 1);
+        }
+    }
+
     pub fn limit_depth(&mut self, k: usize) {
         let Some(parents) = self.parents.take() else {
             self.tokens.truncate(k);
@@ -177,6 +188,11 @@ pub trait Drafter {
     fn vocab_size(&self) -> Option<usize> {
         None
     }
+    /// The tokens that end generation (EOS, a chat template's end of turn), told once before
+    /// the first proposal. Nothing after one of them can be accepted, so a model drafter stops
+    /// its chain there instead of paying draft steps for tokens that are never used (the
+    /// decoder also cuts every chain after its first stop token).
+    fn set_stop_tokens(&mut self, _stop: &[u32]) {}
 }
 
 /// When a model drafter offers a second candidate beside its first, making its proposal a
@@ -427,6 +443,10 @@ impl Drafter for HybridDrafter<'_> {
     fn vocab_size(&self) -> Option<usize> {
         self.model.vocab_size()
     }
+    fn set_stop_tokens(&mut self, stop: &[u32]) {
+        self.lookup.set_stop_tokens(stop);
+        self.model.set_stop_tokens(stop);
+    }
 }
 
 /// Picks the next draft token from `logits`: sampled (its distribution pushed to `probs`)
@@ -481,6 +501,8 @@ pub struct ModelDrafter<V: Verifier> {
     pub min_confidence: f32,
     /// Second candidates where the draft is unsure (a token tree); off by default.
     pub branching: Branching,
+    /// Tokens that end generation: the chain stops after one ([`Drafter::set_stop_tokens`]).
+    pub stop: Vec<u32>,
 }
 
 /// softmax(logits)[top] where `top` is the largest logit: 1 / Σ exp(lᵢ − l_top).
@@ -500,6 +522,7 @@ impl<V: Verifier> ModelDrafter<V> {
             catch_up_window: 16,
             min_confidence: 0.0,
             branching: Branching::default(),
+            stop: Vec::new(),
         }
     }
 
@@ -567,6 +590,9 @@ impl<V: Verifier> Drafter for ModelDrafter<V> {
                 leaves.push((i, s));
             }
             draft.tokens.push(t);
+            if self.stop.contains(&t) {
+                break;
+            }
             if i + 1 < k {
                 logits = self.feed(&[t])?;
             }
@@ -576,6 +602,9 @@ impl<V: Verifier> Drafter for ModelDrafter<V> {
 
     fn vocab_size(&self) -> Option<usize> {
         Some(self.model.vocab_size())
+    }
+    fn set_stop_tokens(&mut self, stop: &[u32]) {
+        self.stop = stop.to_vec();
     }
 }
 

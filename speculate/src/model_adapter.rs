@@ -96,6 +96,8 @@ pub struct SharedCacheDrafter<'m> {
     pub min_confidence: f32,
     /// As [`ModelDrafter::branching`].
     pub branching: Branching,
+    /// As [`ModelDrafter::stop`].
+    pub stop: Vec<u32>,
 }
 
 impl<'m> SharedCacheDrafter<'m> {
@@ -116,6 +118,7 @@ impl<'m> SharedCacheDrafter<'m> {
             sampler,
             min_confidence: 0.0,
             branching: Branching::default(),
+            stop: Vec::new(),
         })
     }
 }
@@ -162,7 +165,10 @@ impl Drafter for SharedCacheDrafter<'_> {
                     if let Some(s) = self.branching.offer(&draft.probs, &logits, t) {
                         leaves.push((i, s));
                     }
-                    draft.tokens.push(t)
+                    draft.tokens.push(t);
+                    if self.stop.contains(&t) {
+                        break;
+                    }
                 }
                 None => break,
             }
@@ -176,6 +182,9 @@ impl Drafter for SharedCacheDrafter<'_> {
 
     fn vocab_size(&self) -> Option<usize> {
         Some(self.model.config.vocab_size)
+    }
+    fn set_stop_tokens(&mut self, stop: &[u32]) {
+        self.stop = stop.to_vec();
     }
 }
 
@@ -258,8 +267,13 @@ impl<'m> ModelBatchVerifier<'m> {
     }
 }
 
-impl BatchVerifier for ModelBatchVerifier<'_> {
-    fn verify_batch(&mut self, inputs: &[(usize, &[u32])]) -> Result<Vec<Vec<Vec<f32>>>> {
+impl ModelBatchVerifier<'_> {
+    /// One batched forward call over `inputs`, returning the rows `which` asks for.
+    fn forward(
+        &mut self,
+        inputs: &[(usize, &[u32])],
+        which: Logits,
+    ) -> Result<Vec<tandem_model::LogitRows>> {
         // Pair each input with its cache (inputs name distinct sequences).
         let mut slots: Vec<Option<&mut KvCache>> = self.caches.iter_mut().map(Some).collect();
         let mut batch = Vec::with_capacity(inputs.len());
@@ -269,10 +283,19 @@ impl BatchVerifier for ModelBatchVerifier<'_> {
             })?;
             batch.push((toks, cache));
         }
-        let out = self
+        Ok(self
             .model
-            .forward_batch_with(&mut batch, Logits::All, self.greedy)?;
+            .forward_batch_with(&mut batch, which, self.greedy)?)
+    }
+}
+
+impl BatchVerifier for ModelBatchVerifier<'_> {
+    fn verify_batch(&mut self, inputs: &[(usize, &[u32])]) -> Result<Vec<Vec<Vec<f32>>>> {
+        let out = self.forward(inputs, Logits::All)?;
         Ok(out.iter().map(tandem_model::LogitRows::to_vecs).collect())
+    }
+    fn prefill_batch(&mut self, inputs: &[(usize, &[u32])]) -> Result<()> {
+        self.forward(inputs, Logits::Last).map(drop)
     }
     fn rollback(&mut self, seq: usize, len: usize) {
         if let Some(c) = self.caches.get_mut(seq) {
