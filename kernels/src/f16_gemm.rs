@@ -569,18 +569,21 @@ mod tests {
     #[test]
     fn rows_do_not_depend_on_the_batch() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(99);
-        let (m, k, n) = (20, 584, 67);
-        let x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-1.0..1.0)).collect();
-        let w: Vec<f16> = (0..n * k)
-            .map(|_| f16::from_f32(rng.random_range(-1.0..1.0)))
-            .collect();
-        for (ki, kernel) in kernels().into_iter().enumerate() {
-            let mut all = vec![0f32; m * n];
-            matmul_with(kernel, &x, &w, m, k, n, &mut all);
-            for i in 0..m {
-                let mut one = vec![0f32; n];
-                matmul_with(kernel, &x[i * k..(i + 1) * k], &w, 1, k, n, &mut one);
-                assert_eq!(one, all[i * n..(i + 1) * n], "kernel {ki} row {i}");
+        // More rows than one group, cut into groups of 5-10 rows, and k with and without a
+        // tail past the last 16 columns.
+        for (m, k, n) in [(20, 584, 67), (11, 576, 19), (23, 40, 9)] {
+            let x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-1.0..1.0)).collect();
+            let w: Vec<f16> = (0..n * k)
+                .map(|_| f16::from_f32(rng.random_range(-1.0..1.0)))
+                .collect();
+            for (ki, kernel) in kernels().into_iter().enumerate() {
+                let mut all = vec![0f32; m * n];
+                matmul_with(kernel, &x, &w, m, k, n, &mut all);
+                for i in 0..m {
+                    let mut one = vec![0f32; n];
+                    matmul_with(kernel, &x[i * k..(i + 1) * k], &w, 1, k, n, &mut one);
+                    assert_eq!(one, all[i * n..(i + 1) * n], "kernel {ki} m={m} row {i}");
+                }
             }
         }
     }
