@@ -199,6 +199,21 @@ fn output_shortlist_keeps_exact_logits_and_grows_with_the_context() {
         }
         assert!(got.iter().filter(|v| v.is_finite()).count() <= list.len() + prompt.len());
         assert!(m.decode_cost() > 0.0);
+        // A second request's list: the head in place is kept, the ids it lacks added.
+        let list2: Vec<u32> = vec![1, 5, 300, 17];
+        m.set_output_shortlist(Some(&list2)).unwrap();
+        let mut c = m.new_cache().unwrap();
+        let got = m.forward(&prompt[..1], &mut c, Logits::All).unwrap();
+        let got = got.to_vecs();
+        for t in 0..vocab as u32 {
+            let asked = list.contains(&t) || list2.contains(&t) || prompt.contains(&t);
+            let g = got[0][t as usize];
+            if asked {
+                assert!(close(g, want[0][t as usize]), "token {t}");
+            } else {
+                assert_eq!(g, f32::NEG_INFINITY, "token {t} was never asked for");
+            }
+        }
         // Bad lists are errors; `None` restores the full head.
         assert!(m.set_output_shortlist(Some(&[])).is_err());
         assert!(m.set_output_shortlist(Some(&[vocab as u32])).is_err());
