@@ -134,7 +134,7 @@ pub fn bench(b: BenchCmd, load: &tandem_model::LoadOptions) -> Result<()> {
         Some(BenchSub::Spec(s)) => return crate::spec_cmd::bench_spec(s, load),
         None => b.args,
     };
-    use tandem_model::bench::{rate_stats, time_decode, time_prefill, time_verify};
+    use tandem_model::bench::{bench_cache, rate_stats, time_decode, time_prefill, time_verify};
     let model_path = a.model.clone().context("--model is required")?;
     let ck = Checkpoint::open(&model_path, None)?;
     let model = ck.load_model(load)?;
@@ -148,14 +148,15 @@ pub fn bench(b: BenchCmd, load: &tandem_model::LoadOptions) -> Result<()> {
         if n == 0 {
             continue;
         }
-        let run = |n| {
+        let mut cache = bench_cache(&model, n)?;
+        let mut run = |n| {
             if test == "pp" {
-                time_prefill(&model, n)
+                time_prefill(&model, &mut cache, n)
             } else {
-                time_decode(&model, n)
+                time_decode(&model, &mut cache, n)
             }
         };
-        run(n)?; // warm-up: page in the weights, size the caches
+        run(n)?; // warm-up: page in the weights and the cache, size the buffers
         let secs: Vec<f64> = (0..reps)
             .map(|_| run(n))
             .collect::<tandem_model::Result<_>>()?;

@@ -51,11 +51,13 @@ pub fn model_size(ck: &Checkpoint) -> Size {
 
 /// Prefill `pp` tokens and decode `tg` tokens once, on this machine.
 pub fn measure_speed(model: &Llama, pp: usize, tg: usize) -> Result<Speed> {
+    use tandem_model::bench::{bench_cache, time_decode, time_prefill};
+    let mut cache = bench_cache(model, pp.max(tg))?;
     Ok(Speed {
         prefill_tokens: pp,
-        prefill_tok_s: pp as f64 / tandem_model::bench::time_prefill(model, pp)?,
+        prefill_tok_s: pp as f64 / time_prefill(model, &mut cache, pp)?,
         decode_tokens: tg,
-        decode_tok_s: tg as f64 / tandem_model::bench::time_decode(model, tg)?,
+        decode_tok_s: tg as f64 / time_decode(model, &mut cache, tg)?,
         threads: rayon::current_num_threads(),
     })
 }
