@@ -37,6 +37,7 @@ macro_rules! by_group8 {
     };
 }
 
+pub mod aligned;
 pub mod attention;
 #[cfg(feature = "cuda")]
 pub mod cuda;

@@ -95,7 +95,8 @@ pub(super) trait Backend {
 /// The CPU pass's buffers, kept by the model from call to call.
 #[derive(Default)]
 pub(super) struct CpuBuffers {
-    bufs: [Vec<f32>; BUFS],
+    /// Aligned: the F16 kernels read them 64 bytes at a time (see `AlignedBuf`).
+    bufs: [tandem_kernels::aligned::AlignedBuf; BUFS],
     /// RoPE angles of the pass's rows, [rows, head_dim / 2].
     cos: Vec<f32>,
     sin: Vec<f32>,
