@@ -569,9 +569,15 @@ mod tests {
     #[test]
     fn rows_do_not_depend_on_the_batch() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(99);
-        // More rows than one group, cut into groups of 5-10 rows, and k with and without a
-        // tail past the last 16 columns.
-        for (m, k, n) in [(20, 584, 67), (11, 576, 19), (23, 40, 9)] {
+        // More rows than one group, cut into groups of 5-10 rows; one group of 8 and of 3
+        // (a verification pass); k with and without a tail past the last 16 columns.
+        for (m, k, n) in [
+            (20, 584, 67),
+            (11, 576, 19),
+            (23, 40, 9),
+            (8, 584, 67),
+            (3, 576, 19),
+        ] {
             let x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-1.0..1.0)).collect();
             let w: Vec<f16> = (0..n * k)
                 .map(|_| f16::from_f32(rng.random_range(-1.0..1.0)))
