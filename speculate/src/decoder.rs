@@ -106,28 +106,26 @@ impl SpeculativeDecoder<'_> {
 /// A single sequence's verifier as a batch verifier of one (sequence 0).
 struct OneSequence<'a>(&'a mut dyn Verifier);
 
+/// `tokens` of an input, which must name sequence 0.
+fn only_sequence<'t>(&(seq, tokens): &(usize, &'t [u32])) -> Result<&'t [u32]> {
+    match seq {
+        0 => Ok(tokens),
+        _ => Err(Error::Mismatch(format!(
+            "sequence {seq} of a single-sequence decoder (internal error)"
+        ))),
+    }
+}
+
 impl BatchVerifier for OneSequence<'_> {
     fn verify_batch(&mut self, inputs: &[(usize, &[u32])]) -> Result<Vec<Vec<Vec<f32>>>> {
         inputs
             .iter()
-            .map(|&(seq, tokens)| match seq {
-                0 => self.0.verify(tokens),
-                _ => Err(Error::Mismatch(format!(
-                    "sequence {seq} of a single-sequence decoder (internal error)"
-                ))),
-            })
+            .map(|input| self.0.verify(only_sequence(input)?))
             .collect()
     }
     fn prefill_batch(&mut self, inputs: &[(usize, &[u32])]) -> Result<()> {
-        for &(seq, tokens) in inputs {
-            match seq {
-                0 => drop(self.0.forward_last(tokens)?),
-                _ => {
-                    return Err(Error::Mismatch(format!(
-                        "sequence {seq} of a single-sequence decoder (internal error)"
-                    )))
-                }
-            }
+        for input in inputs {
+            self.0.forward_last(only_sequence(input)?)?;
         }
         Ok(())
     }

@@ -59,8 +59,6 @@ impl Draft {
             .filter(|r| !r.is_empty())
     }
 
-    /// Keeps the tokens at most `k` deep (a path of at most k proposed tokens), renumbered;
-    /// a chain is cut to its first k.
     /// Cuts a chain after its first token in `stop` (generation ends there, so the tokens
     /// after it could never be used); a tree is left as it is.
     pub fn cut_after_stop(&mut self, stop: &[u32]) {
@@ -72,6 +70,8 @@ impl Draft {
         }
     }
 
+    /// Keeps the tokens at most `k` deep (a path of at most k proposed tokens), renumbered;
+    /// a chain is cut to its first k.
     pub fn limit_depth(&mut self, k: usize) {
         let Some(parents) = self.parents.take() else {
             self.tokens.truncate(k);

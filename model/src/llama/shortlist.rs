@@ -104,26 +104,16 @@ impl Llama {
         // few missing ones added as extras: each request of a session asks for the same
         // lowest ids plus its prompt's, and cutting SmolLM2's ~16k rows again took 36-39 ms
         // before every request (a 7-token answer takes ~150 ms).
-        let shortlist = self.shortlist.get_mut().unwrap_or_else(|e| e.into_inner());
-        if let Some(s) = shortlist.as_mut() {
-            let missing: Vec<u32> = list
-                .iter()
-                .copied()
-                .filter(|&t| !s.member[t as usize])
-                .collect();
-            let held = s.member.iter().filter(|&&m| m).count();
-            if s.extra_ids.len() + missing.len() <= MAX_EXTRA_ROWS
-                && held <= list.len() + MAX_EXTRA_ROWS
-            {
-                if !missing.is_empty() {
-                    for &t in &missing {
-                        s.member[t as usize] = true;
-                    }
-                    s.extra_ids.extend(missing);
-                    s.extra = Some(self.lm_head.select_rows(&s.extra_ids)?);
-                }
-                return Ok(());
+        let keep = match self.shortlist.get_mut().unwrap_or_else(|e| e.into_inner()) {
+            Some(s) => {
+                let missing = list.iter().filter(|&&t| !s.member[t as usize]).count();
+                let held = s.member.iter().filter(|&&m| m).count();
+                s.extra_ids.len() + missing <= MAX_EXTRA_ROWS && held <= list.len() + MAX_EXTRA_ROWS
             }
+            None => false,
+        };
+        if keep {
+            return self.extend_shortlist(&list);
         }
         // Whole 8-row tiles for Q8_0/Q4_0 heads: the last id repeats (its logit is written
         // twice, with the same value).
