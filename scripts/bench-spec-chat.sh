@@ -14,7 +14,7 @@ source "$(dirname "$0")/common.sh"
 N=${1:-2}; M=${2:-128}; P=${3:-$root/scripts/chat-prompts.jsonl}
 out=${OUT:-$root/target/bench-spec}; mkdir -p "$out"
 echo "== tandem ($N threads, <= $M tokens, $(grep -c . "$P") chat prompts, greedy)"
-for d in ngram self:q8_0@all suffix+self:q8_0@all; do
+for d in ngram self:q8_0@all suffix+self:q8_0@all suffix+self:q4_0@all; do
   "$T" --threads "$N" bench spec --model "$smol" --chat --prompts "$P" --draft "$d" \
     --max-tokens "$M" --json "$out/chat-$d.json" 2>/dev/null | grep -E "tok/s|speedup" | sed "s/^/  [$d] /"
 done
