@@ -50,6 +50,13 @@ pub struct ChatArgs {
     /// Use this tokenizer.json instead of the model's own.
     #[arg(long)]
     tokenizer: Option<PathBuf>,
+    /// Answer speculatively, as `generate --draft` (e.g. `suffix+self:q8_0@all`): the draft is
+    /// made once for the session, a suffix lookup remembers every turn, and the KV cache is
+    /// kept between turns as in plain chat. Answers are exactly the model's own.
+    #[arg(long)]
+    draft: Option<String>,
+    #[command(flatten)]
+    drafting: crate::args::DraftArgs,
 }
 
 /// Interactive chat on stdin/stdout: one line per user turn (`/reset` forgets the
@@ -57,7 +64,7 @@ pub struct ChatArgs {
 /// with the template and runs only the tokens after the longest prefix the KV cache already
 /// holds, so earlier turns are not recomputed.
 pub fn chat(a: ChatArgs, load: &tandem_model::LoadOptions) -> Result<()> {
-    crate::args::check_generation_flags(a.max_tokens, a.ctx, None)?;
+    crate::args::check_generation_flags(a.max_tokens, a.ctx, Some(&a.drafting))?;
     let ck = Checkpoint::open(&a.model, a.tokenizer.as_deref())?;
     let template = template_for(&ck, a.chat_template.as_deref())?;
     let model = ck.load_model(load)?;
@@ -67,6 +74,11 @@ pub fn chat(a: ChatArgs, load: &tandem_model::LoadOptions) -> Result<()> {
         None => model.new_cache()?,
     };
     let mut sampler = Sampler::new(a.sampling.params())?;
+    let mut draft = match &a.draft {
+        Some(d) => Some(tandem_speculate::session::DraftSource::open(&ck, d, load)?),
+        None => None,
+    };
+    let settings = a.drafting.config(a.sampling.params(), a.ctx);
     if sampler.params.is_greedy() {
         // Greedy answers use the greedy head; its screen is built with the model.
         model.prepare_greedy_head()?;
@@ -121,20 +133,48 @@ pub fn chat(a: ChatArgs, load: &tandem_model::LoadOptions) -> Result<()> {
         let mut stream =
             tandem_model::TextStream::with_context(tok, reuse.checked_sub(1).map(|i| ids[i]));
         let mut out = std::io::stdout().lock();
-        let (answer, stats) = tandem_model::generate::generate(
-            &model,
-            &mut cache,
-            &ids[reuse..],
-            a.max_tokens,
-            &mut sampler,
-            &tok.eos_ids,
-            |id| {
-                if let Some(piece) = stream.push(id)? {
-                    let _ = out.write_all(piece.as_bytes()).and_then(|_| out.flush());
-                }
-                Ok(())
-            },
-        )?;
+        let mut show = |id: u32| -> tandem_model::Result<()> {
+            if let Some(piece) = stream.push(id)? {
+                let _ = out.write_all(piece.as_bytes()).and_then(|_| out.flush());
+            }
+            Ok(())
+        };
+        let (answer, generated, tok_s, spec) = match draft.as_mut() {
+            None => {
+                let (answer, stats) = tandem_model::generate::generate(
+                    &model,
+                    &mut cache,
+                    &ids[reuse..],
+                    a.max_tokens,
+                    &mut sampler,
+                    &tok.eos_ids,
+                    &mut show,
+                )?;
+                let secs = (stats.prefill + stats.decode).as_secs_f64();
+                let rate = stats.generated_tokens as f64 / secs.max(1e-9);
+                (answer, stats.generated_tokens, rate, None)
+            }
+            Some(src) => {
+                // Each turn samples on a stream of its own (the same seed every turn would
+                // reuse one stream's draws).
+                let mut turn_settings = settings.clone();
+                turn_settings.params.seed = settings.params.seed.wrapping_add(turn as u64 - 1);
+                let ran = tandem_speculate::session::run_over(
+                    &model,
+                    &mut cache,
+                    src,
+                    &turn_settings,
+                    &ids,
+                    a.max_tokens,
+                    &tok.eos_ids,
+                    |id| Ok(show(id)?),
+                );
+                let (answer, st) = ran?;
+                let rate = st.generated_tokens as f64 / st.total_secs.max(1e-9);
+                (answer, st.generated_tokens, rate, Some(st))
+            }
+        };
+        drop(show);
         if let Some(rest) = stream.finish()? {
             write!(out, "{rest}")?;
         }
@@ -143,11 +183,17 @@ pub fn chat(a: ChatArgs, load: &tandem_model::LoadOptions) -> Result<()> {
         cached = ids.clone();
         cached.extend(&answer);
         cached.truncate(cache.len());
+        let spec = spec.map_or(String::new(), |st| {
+            format!(
+                ", {:.0}% of {} drafted accepted, {:.2} tokens/verifier pass",
+                100.0 * st.acceptance_rate(),
+                st.drafted,
+                st.tokens_per_pass()
+            )
+        });
         eprintln!(
-            "[turn {turn}: {} prompt tokens ({reuse} reused from the cache), {} generated, {:.1} tok/s]",
+            "[turn {turn}: {} prompt tokens ({reuse} reused from the cache), {generated} generated, {tok_s:.1} tok/s over the turn{spec}]",
             ids.len(),
-            stats.generated_tokens,
-            stats.decode_tok_s()
         );
         messages.push(Message::new("assistant", &tok.decode(&answer)?));
     }

@@ -155,3 +155,52 @@ fn smollm2_answers_in_its_own_template() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// `tandem chat --draft`: the same answers as plain chat, turn after turn, with the cache kept
+/// between turns and the draft's statistics on each turn's line.
+#[test]
+fn chat_with_a_draft_answers_as_plain_chat_and_keeps_the_cache() {
+    let m = smollm2_f16();
+    let turns = b"What is the capital of France?\nAnd of Italy?\n/exit\n";
+    let run = |extra: &[&str]| {
+        let mut child = Command::new(bin())
+            .args([
+                "--threads",
+                "2",
+                "chat",
+                "--model",
+                s(&m),
+                "--max-tokens",
+                "24",
+            ])
+            .args(extra)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(turns).unwrap();
+        let out = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(out.status.success(), "{err}");
+        (String::from_utf8_lossy(&out.stdout).to_string(), err)
+    };
+    let (plain, _) = run(&[]);
+    let (spec, err) = run(&["--draft", "suffix+self:q8_0@all"]);
+    assert!(plain.contains("Paris"), "{plain}");
+    assert_eq!(spec, plain, "{err}");
+    let second = err
+        .lines()
+        .find(|l| l.starts_with("[turn 2:"))
+        .unwrap_or_else(|| panic!("no second turn in {err}"));
+    assert!(second.contains("drafted accepted"), "{second}");
+    let reused: usize = second
+        .split_once('(')
+        .and_then(|(_, r)| r.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{second}"));
+    assert!(
+        reused > 30,
+        "the second turn recomputed the first: {second}"
+    );
+}

@@ -131,8 +131,17 @@ impl BatchDecoder<'_> {
                 .split_last()
                 .ok_or_else(|| Error::Mismatch(format!("prompt {i} is empty")))?;
             stats.prompt_tokens += p.len();
-            if !head.is_empty() {
-                heads.push((i, head));
+            // A verifier may already hold the start of the prompt (a chat's earlier turns):
+            // only the rest is run. It must be the prompt's own start; the caller keeps that.
+            let held = self.verifier.len(i);
+            let rest = head.get(held..).ok_or_else(|| {
+                Error::Mismatch(format!(
+                    "the verifier holds {held} tokens of sequence {i}, more than its prompt's {}",
+                    head.len()
+                ))
+            })?;
+            if !rest.is_empty() {
+                heads.push((i, rest));
             }
             seqs.push(Seq {
                 tokens: p.clone(),

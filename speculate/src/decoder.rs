@@ -288,6 +288,50 @@ mod tests {
         (out, st)
     }
 
+    /// A verifier that already holds the start of the prompt (a chat's earlier turns) runs
+    /// only the rest of it, decodes as from scratch, and one holding more than the prompt's
+    /// head is refused rather than decoded on a context it does not hold.
+    #[test]
+    fn a_verifier_holding_the_prompts_start_runs_only_the_rest() {
+        let prompt = [1, 2, 3, 4, 5, 6];
+        let want = plain(&prompt, 20, &[], 1000);
+        let mut v = FakeVerifier {
+            context: prompt[..4].to_vec(),
+            limit: 1000,
+            passes: 0,
+        };
+        let mut d = NoisyDrafter {
+            wrong_every: 3,
+            calls: 0,
+        };
+        let (mut rule, mut ctl) = (Greedy, FixedK(4));
+        let mut dec = SpeculativeDecoder {
+            drafter: &mut d,
+            verifier: &mut v,
+            rule: &mut rule,
+            controller: &mut ctl,
+        };
+        let (out, st) = dec.generate(&prompt, 20, &[], |_| Ok(())).unwrap();
+        assert_eq!(out, want);
+        assert_eq!(v.context[..prompt.len()], prompt);
+        // One pass for the prompt's fifth token, then the decoding steps.
+        assert_eq!(v.passes, st.verifier_passes + 1);
+
+        let mut v = FakeVerifier {
+            context: prompt.to_vec(),
+            limit: 1000,
+            passes: 0,
+        };
+        let mut dec = SpeculativeDecoder {
+            drafter: &mut d,
+            verifier: &mut v,
+            rule: &mut rule,
+            controller: &mut ctl,
+        };
+        let err = dec.generate(&prompt, 20, &[], |_| Ok(())).unwrap_err();
+        assert!(err.to_string().contains("holds 6 tokens"), "{err}");
+    }
+
     #[test]
     fn greedy_output_is_the_verifiers_whatever_the_draft() {
         for wrong_every in [0, 1, 2, 3, 5] {

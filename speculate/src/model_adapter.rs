@@ -30,6 +30,25 @@ impl<'m> ModelVerifier<'m> {
         })
     }
 
+    /// A verifier over a cache the caller already filled (a chat's earlier turns): the next
+    /// run continues after what it holds. [`ModelVerifier::into_cache`] gives it back.
+    pub fn from_cache(model: &'m Llama, cache: KvCache) -> Self {
+        ModelVerifier {
+            model,
+            cache: Rc::new(RefCell::new(cache)),
+            greedy: false,
+        }
+    }
+
+    /// The cache, once no drafter shares it any more.
+    pub fn into_cache(self) -> Result<KvCache> {
+        Rc::try_unwrap(self.cache)
+            .map(RefCell::into_inner)
+            .map_err(|_| {
+                Error::Mismatch("the verifier's KV cache is still shared with a drafter".into())
+            })
+    }
+
     /// Verifies with the greedy head when `on` (a greedy acceptance rule reads only each
     /// row's argmax); a sampling rule needs every logit, so leave it off there.
     pub fn greedy(mut self, on: bool) -> Self {

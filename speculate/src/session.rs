@@ -11,7 +11,7 @@ use crate::{
 };
 use std::path::Path;
 use std::sync::Arc;
-use tandem_model::{Checkpoint, Llama, LoadOptions};
+use tandem_model::{Checkpoint, KvCache, Llama, LoadOptions};
 use tandem_quantize::{QuantType, TypeChoice};
 
 /// Beside a model draft, a suffix lookup proposes only for a match of at least this many
@@ -231,6 +231,45 @@ pub fn run(
     on_token: impl FnMut(u32) -> Result<()>,
 ) -> Result<(Vec<u32>, SpecStats)> {
     let mut verifier = ModelVerifier::new(model, s.ctx)?.greedy(s.params.is_greedy());
+    decode_over(&mut verifier, draft, s, prompt, max_tokens, eos, on_token)
+}
+
+/// [`run`] over a cache that already holds the start of `prompt` (a chat's earlier turns, as
+/// `tandem chat --draft` keeps them): only the rest of the prompt is run, and the cache comes
+/// back holding the prompt and the answer. Its own limit applies (`s.ctx` is not read). On an
+/// error the cache comes back too, holding an unspecified prefix: truncate it before reuse.
+#[allow(clippy::too_many_arguments)]
+pub fn run_over(
+    model: &Llama,
+    cache: &mut KvCache,
+    draft: &mut DraftSource,
+    s: &SpecConfig,
+    prompt: &[u32],
+    max_tokens: usize,
+    eos: &[u32],
+    on_token: impl FnMut(u32) -> Result<()>,
+) -> Result<(Vec<u32>, SpecStats)> {
+    // The verifier owns the cache while it runs (a draft over it shares it); a one-position
+    // stand-in holds its place, allocated at its smallest.
+    let filled = std::mem::replace(cache, model.new_cache_with_limit(1)?);
+    let mut verifier = ModelVerifier::from_cache(model, filled).greedy(s.params.is_greedy());
+    let result = decode_over(&mut verifier, draft, s, prompt, max_tokens, eos, on_token);
+    *cache = verifier.into_cache()?;
+    result
+}
+
+/// The drafters `draft` names, over `verifier`, decoding `prompt`; they are dropped on return,
+/// so the verifier's cache is its own again.
+fn decode_over(
+    verifier: &mut ModelVerifier<'_>,
+    draft: &mut DraftSource,
+    s: &SpecConfig,
+    prompt: &[u32],
+    max_tokens: usize,
+    eos: &[u32],
+    on_token: impl FnMut(u32) -> Result<()>,
+) -> Result<(Vec<u32>, SpecStats)> {
+    let model = verifier.model;
     shortlist_draft_head(draft, &[prompt], s.draft_vocab)?;
     let DraftSource {
         lookup,
@@ -259,7 +298,7 @@ pub fn run(
                 own_cache.branching = s.branching();
                 Some(&mut own_cache)
             } else {
-                shared_cache = SharedCacheDrafter::new(m, &verifier, ds)?;
+                shared_cache = SharedCacheDrafter::new(m, verifier, ds)?;
                 shared_cache.min_confidence = s.draft_p_min;
                 shared_cache.branching = s.branching();
                 Some(&mut shared_cache)
@@ -283,15 +322,7 @@ pub fn run(
         None => 0.0,
         Some(m) => m.decode_cost() / model.decode_cost().max(1.0),
     };
-    let (out, stats) = s.decode(
-        drafter,
-        &mut verifier,
-        cost,
-        prompt,
-        max_tokens,
-        eos,
-        on_token,
-    )?;
+    let (out, stats) = s.decode(drafter, verifier, cost, prompt, max_tokens, eos, on_token)?;
     if let Lookup::Suffix(d) = lookup {
         // The whole sequence (its last tokens were never a draft's context) joins the
         // session's history for the next run.
