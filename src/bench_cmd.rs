@@ -35,39 +35,50 @@ pub struct BenchArgs {
     /// Repetitions of each test (after one warm-up run).
     #[arg(long, default_value_t = 3)]
     reps: usize,
-    /// Also time verification passes of 1 and of K tokens after a 64-token context
+    /// Also time verification passes of 1 and of K tokens after a `--context`-token context
     /// (the speculative-decoding shape), e.g. `--verify 5`.
     #[arg(long)]
     verify: Option<usize>,
+    /// The context (tokens already in the cache) that `--verify` and `--profile` passes run
+    /// after: a chat's later turns run at hundreds to thousands.
+    #[arg(long, default_value_t = 64)]
+    context: usize,
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
     /// Instead of the speed table: where the time of a 1-token decode step and of a K-token
-    /// verification pass goes, per operation, beside the memory-bandwidth limit.
+    /// verification pass (after `--context` tokens) goes, per operation, beside the
+    /// memory-bandwidth limit.
     #[arg(long, value_name = "K")]
     profile: Option<usize>,
 }
 
 /// `tandem bench --profile K`: per-operation time of decode and of a K-token verification
-/// pass after a 64-token context, and the bandwidth limit (weight bytes ÷ measured read
+/// pass after a `context`-token context, and the bandwidth limit (weight bytes ÷ measured read
 /// bandwidth of this machine with the same threads).
-fn bench_profile(model: &tandem_model::Llama, k: usize, passes: usize, json: bool) -> Result<()> {
+fn bench_profile(
+    model: &tandem_model::Llama,
+    k: usize,
+    context: usize,
+    passes: usize,
+    json: bool,
+) -> Result<()> {
     use tandem_model::bench::time_verify;
     use tandem_model::Logits;
-    const CONTEXT: usize = 64;
+    let context = context.max(1);
     let bw = tandem_kernels::membw::read_bandwidth(1 << 30, 5);
     let bytes = model.weight_bytes() as f64;
     let mut tables = Vec::new();
     for kk in [1, k.max(1)] {
-        time_verify(model, kk, CONTEXT, 4)?; // warm-up
-        let toks: Vec<u32> = (0..(CONTEXT + kk) as u32).map(|i| 100 + 37 * i).collect();
-        let mut cache = model.new_cache_with_limit(CONTEXT + kk)?;
-        model.forward(&toks[..CONTEXT], &mut cache, Logits::Last)?;
+        time_verify(model, kk, context, 4)?; // warm-up
+        let toks: Vec<u32> = (0..(context + kk) as u32).map(|i| 100 + 37 * i).collect();
+        let mut cache = model.new_cache_with_limit(context + kk)?;
+        model.forward(&toks[..context], &mut cache, Logits::Last)?;
         model.start_profile();
         let t = std::time::Instant::now();
         for _ in 0..passes {
-            model.forward(&toks[CONTEXT..], &mut cache, Logits::All)?;
-            cache.truncate(CONTEXT);
+            model.forward(&toks[context..], &mut cache, Logits::All)?;
+            cache.truncate(context);
         }
         let secs = t.elapsed().as_secs_f64();
         let prof = model.take_profile().context("profile was not recorded")?;
@@ -139,7 +150,7 @@ pub fn bench(b: BenchCmd, load: &tandem_model::LoadOptions) -> Result<()> {
     let ck = Checkpoint::open(&model_path, None)?;
     let model = ck.load_model(load)?;
     if let Some(k) = a.profile {
-        return bench_profile(&model, k, 64, a.json);
+        return bench_profile(&model, k, a.context, 64, a.json);
     }
     let reps = a.reps.max(1);
     let threads = rayon::current_num_threads();
@@ -164,16 +175,16 @@ pub fn bench(b: BenchCmd, load: &tandem_model::LoadOptions) -> Result<()> {
         rows.push((format!("{test}{n}"), mean, sd));
     }
     if let Some(k) = a.verify {
-        const CONTEXT: usize = 64;
+        let context = a.context.max(1);
         const PASSES: usize = 32;
         for kk in [1, k.max(1)] {
-            time_verify(&model, kk, CONTEXT, 4)?;
+            time_verify(&model, kk, context, 4)?;
             let secs: Vec<f64> = (0..reps)
-                .map(|_| time_verify(&model, kk, CONTEXT, PASSES))
+                .map(|_| time_verify(&model, kk, context, PASSES))
                 .collect::<tandem_model::Result<_>>()?;
             // Reported as passes per second; the ratio of the two rows is the verify cost.
             let (mean, sd) = rate_stats(PASSES, &secs);
-            rows.push((format!("verify{kk}@{CONTEXT} (passes/s)"), mean, sd));
+            rows.push((format!("verify{kk}@{context} (passes/s)"), mean, sd));
         }
     }
     let size = ck.store.data_bytes();
