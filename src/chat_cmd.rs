@@ -157,7 +157,7 @@ pub fn chat(a: ChatArgs, load: &tandem_model::LoadOptions) -> Result<()> {
             Some(src) => {
                 // Each turn samples on a stream of its own (the same seed every turn would
                 // reuse one stream's draws).
-                let mut turn_settings = settings.clone();
+                let mut turn_settings = settings;
                 turn_settings.params.seed = settings.params.seed.wrapping_add(turn as u64 - 1);
                 let ran = tandem_speculate::session::run_over(
                     &model,
@@ -174,7 +174,6 @@ pub fn chat(a: ChatArgs, load: &tandem_model::LoadOptions) -> Result<()> {
                 (answer, st.generated_tokens, rate, Some(st))
             }
         };
-        drop(show);
         if let Some(rest) = stream.finish()? {
             write!(out, "{rest}")?;
         }

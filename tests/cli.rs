@@ -293,37 +293,28 @@ fn activations_flag_and_profile_table() {
     }
     // Verification passes after a longer context (a chat's later turns), and a context past
     // the model's limit refused with the limit named.
-    let (out, _) = stdout_of(&[
-        "--threads",
-        "2",
-        "bench",
-        "--model",
-        g.to_str().unwrap(),
-        "--pp",
-        "0",
-        "--tg",
-        "0",
-        "--reps",
-        "1",
-        "--verify",
-        "2",
-        "--context",
-        "300",
-    ]);
+    let verify_after = |context: &str| {
+        tandem(&[
+            "--threads",
+            "2",
+            "bench",
+            "--model",
+            g.to_str().unwrap(),
+            "--pp",
+            "0",
+            "--tg",
+            "0",
+            "--reps",
+            "1",
+            "--verify",
+            "2",
+            "--context",
+            context,
+        ])
+    };
+    let out = String::from_utf8_lossy(&verify_after("300").stdout).to_string();
     assert!(out.contains("verify2@300 (passes/s)"), "{out}");
-    let bad = tandem(&[
-        "bench",
-        "--model",
-        g.to_str().unwrap(),
-        "--pp",
-        "0",
-        "--tg",
-        "0",
-        "--verify",
-        "2",
-        "--context",
-        "1000000",
-    ]);
+    let bad = verify_after("1000000");
     let err = String::from_utf8_lossy(&bad.stderr);
     assert!(
         !bad.status.success() && err.contains("context length exceeded"),
