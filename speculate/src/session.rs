@@ -270,6 +270,8 @@ fn decode_over(
     on_token: impl FnMut(u32) -> Result<()>,
 ) -> Result<(Vec<u32>, SpecStats)> {
     let model = verifier.model;
+    // What a kept cache already held (a chat's earlier turns) is in the history already.
+    let held = verifier.cache.borrow().len().min(prompt.len());
     shortlist_draft_head(draft, &[prompt], s.draft_vocab)?;
     let DraftSource {
         lookup,
@@ -324,9 +326,10 @@ fn decode_over(
     };
     let (out, stats) = s.decode(drafter, verifier, cost, prompt, max_tokens, eos, on_token)?;
     if let Lookup::Suffix(d) = lookup {
-        // The whole sequence (its last tokens were never a draft's context) joins the
-        // session's history for the next run.
-        d.end_sequence(&[prompt, &out[..]].concat());
+        // The sequence (its last tokens were never a draft's context) joins the session's
+        // history for the next run, less the start a kept cache held: an earlier run of the
+        // session added that already.
+        d.end_sequence(&[&prompt[held..], &out[..]].concat());
     }
     Ok((out, stats))
 }
