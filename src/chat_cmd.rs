@@ -73,12 +73,13 @@ pub fn chat(a: ChatArgs, load: &tandem_model::LoadOptions) -> Result<()> {
         Some(n) => model.new_cache_with_limit(n)?,
         None => model.new_cache()?,
     };
-    let mut sampler = Sampler::new(a.sampling.params())?;
+    let params = a.sampling.params();
+    let mut sampler = Sampler::new(params)?;
     let mut draft = match &a.draft {
         Some(d) => Some(tandem_speculate::session::DraftSource::open(&ck, d, load)?),
         None => None,
     };
-    let settings = a.drafting.config(a.sampling.params(), a.ctx);
+    let settings = a.drafting.config(params, a.ctx);
     if sampler.params.is_greedy() {
         // Greedy answers use the greedy head; its screen is built with the model.
         model.prepare_greedy_head()?;

@@ -230,8 +230,13 @@ pub fn run(
     eos: &[u32],
     on_token: impl FnMut(u32) -> Result<()>,
 ) -> Result<(Vec<u32>, SpecStats)> {
-    let mut verifier = ModelVerifier::new(model, s.ctx)?.greedy(s.params.is_greedy());
-    decode_over(&mut verifier, draft, s, prompt, max_tokens, eos, on_token)
+    let mut cache = match s.ctx {
+        Some(n) => model.new_cache_with_limit(n)?,
+        None => model.new_cache()?,
+    };
+    run_over(
+        model, &mut cache, draft, s, prompt, max_tokens, eos, on_token,
+    )
 }
 
 /// [`run`] over a cache that already holds the start of `prompt` (a chat's earlier turns, as
