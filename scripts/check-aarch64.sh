@@ -6,7 +6,9 @@
 # Needs the Rust target (`rustup target add aarch64-unknown-linux-gnu`) and Debian's
 # qemu-user, gcc-aarch64-linux-gnu and libc6-dev-arm64-cross; installs them when it can.
 # Where it cannot (no rustup download, no apt), it says "skipped" and exits 0; a failing
-# test still fails it. About 3 minutes on 2 cores (LINT=1 adds clippy for the target).
+# test still fails it. Under a minute on 2 cores once installed (LINT=1 adds clippy for the
+# target). `--install-only` installs and stops (CI runs it in the background while the tests
+# build, so the downloads overlap them).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 t=aarch64-unknown-linux-gnu
@@ -18,6 +20,7 @@ if ! command -v qemu-aarch64 >/dev/null || ! command -v aarch64-linux-gnu-gcc >/
   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
     qemu-user gcc-aarch64-linux-gnu libc6-dev-arm64-cross >/dev/null) || skip "cannot install qemu-user / the cross linker"
 fi
+[ "${1:-}" = --install-only ] && exit 0
 export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER=aarch64-linux-gnu-gcc
 export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER="qemu-aarch64 -L /usr/aarch64-linux-gnu"
 # Lints too with LINT=1 (a second, check-mode build of the dependencies: left out of CI for time).

@@ -28,7 +28,8 @@ cp "$CARGO_TARGET_DIR/release/tandem" "$out/tandem"
 # The root package's GPU tests (forward pass, speculative decoding through the CLI).
 cargo test --release --features cuda --test gpu --no-run --message-format=json 2>/dev/null \
   | executables | while read -r e; do cp "$e" "$out/test-gpu"; done
-# The kernels' GPU tests and unit tests (the NVRTC compile check among them).
+# The kernels' GPU tests (the NVRTC compile check among them), and their unit tests built
+# with the GPU feature.
 cargo test --release -p tandem-kernels --features cuda --test gpu --no-run --message-format=json 2>/dev/null \
   | executables | while read -r e; do cp "$e" "$out/test-kernels-gpu"; done
 cargo test --release -p tandem-kernels --features cuda --lib --no-run --message-format=json 2>/dev/null \

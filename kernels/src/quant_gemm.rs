@@ -596,7 +596,9 @@ mod tests {
 
     const ALL: [BlockFormat; 8] = BlockFormat::ALL;
 
-    /// The block decoder against candle's (an independent implementation of GGML's formats).
+    /// The block decoder against candle's (an independent implementation of GGML's formats;
+    /// a dev-dependency on x86_64 only, see Cargo.toml).
+    #[cfg(target_arch = "x86_64")]
     #[test]
     fn dequantize_matches_candle() {
         use candle_core::quantized::{ggml_file::qtensor_from_ggml, GgmlDType};

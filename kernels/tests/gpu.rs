@@ -4,7 +4,7 @@
 
 use half::f16;
 use rand::{Rng, SeedableRng};
-use tandem_kernels::cuda::{gpu, Gpu, GpuFormat};
+use tandem_kernels::cuda::{compile_ptx, gpu, Gpu, GpuError, GpuFormat};
 use tandem_kernels::{matmul_f16_reference, matmul_quant_reference, BlockFormat};
 
 fn gpu_or_skip(test: &str) -> Option<&'static Gpu> {
@@ -232,5 +232,30 @@ fn attention_matches_cpu_reference() {
             &got,
             &format!("attention t={t} n={n} heads={nh}/{nkv} hd={hd}"),
         );
+    }
+}
+
+/// The CUDA source compiles (needs libnvrtc only, no GPU; says so and passes when it is absent).
+#[test]
+fn kernels_compile_with_nvrtc() {
+    match compile_ptx() {
+        Ok(ptx) => {
+            let src = ptx.to_src();
+            for name in [
+                "matmul_q8_0",
+                "matmul_q4_0",
+                "matmul_f16",
+                "rms_norm",
+                "rope_rotate_half",
+                "kv_append",
+                "attention",
+                "silu_mul",
+                "add_assign",
+            ] {
+                assert!(src.contains(&format!(".entry {name}")), "{name} missing");
+            }
+        }
+        Err(GpuError::Unavailable(why)) => eprintln!("skipped: {why}"),
+        Err(e) => panic!("{e}"),
     }
 }
