@@ -102,17 +102,20 @@ fn check_paths(s: AttentionShape, paths: &[Vec<u32>]) {
     }
 }
 
-/// Query heads one pass over a key/value row serves (a grouped-query layer's heads that share a
-/// KV head, up to this many at once).
-const HEADS_PER_PASS: usize = 4;
+/// Most queries (a pass's rows × the query heads of one KV head) one task unit takes through
+/// the keys and values together: their vectors (6 KB at head_dim 64) and one key block stay
+/// in L1 beside each other.
+const QUERIES_PER_UNIT: usize = 24;
 
-/// Fast path: parallel over (position, head), f32 with fixed-lane accumulation. With enough
-/// positions (a prefill, a long verification), the query heads that share a KV head go
-/// through one pass over its keys and values together (each key and value row loaded once
-/// for all of them); each head's arithmetic, and so its result, is the same either way.
+/// Fast path: f32 with fixed-lane accumulation, parallel over units of queries that share a
+/// KV head (rows of the pass × the query heads of its group). A unit reads each key and value
+/// row once for all its queries, block by block, instead of once per row and head: a
+/// verification pass's rows all see the long prefix of the cache, and reading it per row made
+/// a 4-row pass's attention at a 1,024-token context twice a one-row step's. Each query's
+/// arithmetic, and so its result, is the same whichever unit it is in.
 pub fn attention(s: AttentionShape, q: &[f32], k: &[f32], v: &[f32], out: &mut [f32]) {
     s.check(q, k, v, out);
-    attention_units(s, q, k, v, out, per_unit(s), None)
+    attention_units(s, q, k, v, out, queries_per_unit(s), None)
 }
 
 /// Attention over a token tree (a speculative draft with several candidates per position):
@@ -131,24 +134,44 @@ pub fn attention_tree(
 ) {
     s.check(q, k, v, out);
     check_paths(s, paths);
-    attention_units(s, q, k, v, out, per_unit(s), Some(paths))
+    attention_units(s, q, k, v, out, queries_per_unit(s), Some(paths))
 }
 
-/// How many query heads one task unit takes: a KV head's whole group when there are enough
-/// positions to keep every thread busy, else one.
-fn per_unit(s: AttentionShape) -> usize {
+/// How many queries a unit takes: a KV head's t·group queries split into enough equal runs
+/// that there are about four units per thread (so the pool evens them out), at most
+/// [`QUERIES_PER_UNIT`], and never fewer than a group's heads: a one-token step at a long
+/// context is bound by reading the cache, and a group's heads read their KV head once
+/// (SmolLM2 at 1,024 tokens, 2 threads: 3.1-3.2 ms of attention per step against 3.5-3.9
+/// with a unit per head, although 3 units cannot be split evenly over 2 threads).
+fn queries_per_unit(s: AttentionShape) -> usize {
     let group = s.n_head / s.n_kv_head;
+    let per_kv_head = s.t * group;
     let threads = crate::pool::current().threads_now().max(1);
-    if group > 1 && s.t * s.n_kv_head >= 8 * threads {
-        group
-    } else {
+    let runs = if threads == 1 {
         1
-    }
+    } else {
+        (4 * threads).div_ceil(s.n_kv_head)
+    };
+    per_kv_head
+        .div_ceil(runs)
+        .max(group)
+        .clamp(1, QUERIES_PER_UNIT)
 }
 
-/// Attention in task units of `per_unit` query heads of one position (1, or a KV head's whole
-/// group), each unit's heads in passes of up to [`HEADS_PER_PASS`]. `paths`: a token tree's
-/// visible new rows per query (see [`attention_tree`]); `None` is causal.
+/// One query of a unit: where its vector and output sit (the row of `q`/`out`), how many of
+/// the cache's key rows from 0 it sees, and (a token tree's) where its path's gathered keys
+/// and values sit in the unit's scratch.
+#[derive(Clone, Copy, Default)]
+struct Query {
+    row: usize,
+    cached: usize,
+    path_at: usize,
+    path_len: usize,
+}
+
+/// Attention in task units of `per_unit` queries of one KV head (its group's heads of
+/// consecutive rows, row-major). `paths`: a token tree's visible new rows per query (see
+/// [`attention_tree`]); `None` is causal.
 fn attention_units(
     s: AttentionShape,
     q: &[f32],
@@ -161,12 +184,13 @@ fn attention_units(
     let d = s.head_dim;
     let group = s.n_head / s.n_kv_head;
     let scale = 1.0 / (d as f32).sqrt();
-    let units_per_position = s.n_head / per_unit;
-    let units = s.t * units_per_position;
-    // Tasks of a few consecutive units: one (row, head) at short context is well under a
-    // microsecond of arithmetic, less than handing it out as a task of its own (SmolLM2: 45
-    // rows per layer in a 5-token verification pass). Eight tasks per thread or more, so the
-    // pool still evens out a prefill's rows (later positions attend over more keys).
+    let per_unit = per_unit.clamp(1, QUERIES_PER_UNIT);
+    let per_kv_head = s.t * group;
+    let units_per_kv_head = per_kv_head.div_ceil(per_unit);
+    let units = s.n_kv_head * units_per_kv_head;
+    // Tasks of a few consecutive units: a unit at short context is a few microseconds of
+    // arithmetic, near what handing it out as a task costs. Eight tasks per thread or more,
+    // so the pool still evens out a prefill's units (later rows attend over more keys).
     let threads = crate::pool::current().threads_now().max(1);
     let per_task = units.div_ceil(8 * threads).max(1);
     let base = crate::rows::SendPtr(out.as_mut_ptr());
@@ -174,182 +198,190 @@ fn attention_units(
         crate::rows::with_scratch(&SCORES, |scores| {
             crate::rows::with_scratch(&PATH_ROWS, |path_rows| {
                 for unit in c * per_task..((c + 1) * per_task).min(units) {
-                    let (i, h0) = (
-                        unit / units_per_position,
-                        unit % units_per_position * per_unit,
-                    );
-                    let kv = h0 / group;
+                    let kv = unit / units_per_kv_head;
+                    let first = unit % units_per_kv_head * per_unit;
+                    let last = (first + per_unit).min(per_kv_head);
                     let (kh, vh) = (&k[kv * s.capacity * d..], &v[kv * s.capacity * d..]);
-                    // Causal: the rows 0..=n+i. A tree: 0..n, then the path's rows, gathered
-                    // (at most a few dozen) so both segments are contiguous.
-                    let rows = match paths {
-                        None => Segments {
-                            keys: &kh[..(s.n + i + 1) * d],
-                            vals: &vh[..(s.n + i + 1) * d],
-                            path_keys: &[],
-                            path_vals: &[],
-                        },
-                        Some(p) => {
-                            let len = p[i].len() * d;
-                            path_rows.clear();
-                            path_rows.resize(2 * len, 0.0);
-                            for (j, &m) in p[i].iter().enumerate() {
-                                let r = (s.n + m as usize) * d;
-                                path_rows[j * d..][..d].copy_from_slice(&kh[r..r + d]);
-                                path_rows[len + j * d..][..d].copy_from_slice(&vh[r..r + d]);
+                    let mut queries = [Query::default(); QUERIES_PER_UNIT];
+                    path_rows.clear();
+                    let mut gathered_row = usize::MAX;
+                    for (x, qi) in (first..last).enumerate() {
+                        let (i, g) = (qi / group, qi % group);
+                        let row = i * s.n_head + kv * group + g;
+                        queries[x] = match paths {
+                            // Causal: the rows 0..=n+i.
+                            None => Query {
+                                row,
+                                cached: s.n + i + 1,
+                                ..Query::default()
+                            },
+                            // A tree: 0..n, then the path's rows, gathered (at most a few
+                            // dozen) once per row of the unit, keys then values.
+                            Some(p) => {
+                                let len = p[i].len() * d;
+                                if gathered_row != i {
+                                    gathered_row = i;
+                                    for src in [kh, vh] {
+                                        for &m in &p[i] {
+                                            let r = (s.n + m as usize) * d;
+                                            path_rows.extend_from_slice(&src[r..r + d]);
+                                        }
+                                    }
+                                }
+                                Query {
+                                    row,
+                                    cached: s.n,
+                                    path_at: path_rows.len() - 2 * len,
+                                    path_len: p[i].len(),
+                                }
                             }
-                            let (pk, pv) = path_rows.split_at(len);
-                            Segments {
-                                keys: &kh[..s.n * d],
-                                vals: &vh[..s.n * d],
-                                path_keys: pk,
-                                path_vals: pv,
-                            }
-                        }
-                    };
-                    let mut h = h0;
-                    while h < h0 + per_unit {
-                        let heads = (h0 + per_unit - h).min(HEADS_PER_PASS);
-                        let row = i * s.n_head + h;
-                        // SAFETY: task c alone writes its units' heads,
-                        // out[row·d..(row+heads)·d]; `run` waits for every task.
-                        let o = unsafe {
-                            std::slice::from_raw_parts_mut(base.get().add(row * d), heads * d)
                         };
-                        let qs = &q[row * d..][..heads * d];
-                        attend_heads(qs, heads, &rows, scale, scores, o);
-                        h += heads;
                     }
+                    let work = Unit {
+                        queries: &queries[..last - first],
+                        q,
+                        d,
+                        keys: kh,
+                        vals: vh,
+                        path_rows,
+                        scale,
+                    };
+                    // SAFETY: a query's output row is (row i, head h): a unit's queries are
+                    // distinct (i, h) of its KV head and units split the queries without
+                    // overlap, so no two tasks write the same row; `run` waits for them all.
+                    unsafe { attend_queries(&work, scores, base.get()) };
                 }
             })
         })
     });
 }
 
-/// The key/value rows one query sees, as two contiguous segments visited in order: the
-/// cache's rows from 0, then (a token tree's query) its path's rows, gathered.
-struct Segments<'a> {
+/// What one unit computes: its queries, their KV head's cache rows, and (a tree's) the
+/// paths' rows gathered.
+struct Unit<'a> {
+    queries: &'a [Query],
+    /// All query vectors, [t, n_head, head_dim] (a query's at `row · d`).
+    q: &'a [f32],
+    d: usize,
     keys: &'a [f32],
     vals: &'a [f32],
-    path_keys: &'a [f32],
-    path_vals: &'a [f32],
+    path_rows: &'a [f32],
+    scale: f32,
 }
 
-/// `heads` (≤ [`HEADS_PER_PASS`]) query rows, consecutive in `qs`, against the same keys and
-/// values: softmax(q·kᵀ·scale)·v for each into `o`.
-fn attend_heads(
-    qs: &[f32],
-    heads: usize,
-    rows: &Segments<'_>,
-    scale: f32,
-    scores: &mut Vec<f32>,
-    o: &mut [f32],
-) {
+/// softmax(q·kᵀ·scale)·v for each of the unit's queries, into its row of `out`.
+///
+/// # Safety
+/// `out` is the [t, n_head, head_dim] output, and no other thread touches the unit's queries'
+/// rows during the call.
+unsafe fn attend_queries(unit: &Unit<'_>, scores: &mut Vec<f32>, out: *mut f32) {
     #[cfg(target_arch = "x86_64")]
     if crate::has_avx2_fma() {
-        // SAFETY: the CPU has AVX2 and FMA (checked above).
-        unsafe {
-            return match heads {
-                1 => attend_heads_avx2::<1>(qs, rows, scale, scores, o),
-                2 => attend_heads_avx2::<2>(qs, rows, scale, scores, o),
-                3 => attend_heads_avx2::<3>(qs, rows, scale, scores, o),
-                _ => attend_heads_avx2::<4>(qs, rows, scale, scores, o),
-            };
-        }
+        // SAFETY: the CPU has AVX2 and FMA (checked above); `out` as this function's contract.
+        return unsafe { attend_queries_avx2(unit, scores, out) };
     }
-    match heads {
-        1 => attend_heads_body::<1>(qs, rows, scale, scores, o),
-        2 => attend_heads_body::<2>(qs, rows, scale, scores, o),
-        3 => attend_heads_body::<3>(qs, rows, scale, scores, o),
-        _ => attend_heads_body::<4>(qs, rows, scale, scores, o),
-    }
+    // SAFETY: as this function's contract.
+    unsafe { attend_queries_body(unit, scores, out) }
 }
 
+/// # Safety
+/// As [`attend_queries`], on a CPU with AVX2 and FMA.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn attend_heads_avx2<const G: usize>(
-    qs: &[f32],
-    rows: &Segments<'_>,
-    scale: f32,
-    scores: &mut Vec<f32>,
-    o: &mut [f32],
-) {
-    attend_heads_body::<G>(qs, rows, scale, scores, o)
+unsafe fn attend_queries_avx2(unit: &Unit<'_>, scores: &mut Vec<f32>, out: *mut f32) {
+    // SAFETY: as this function's contract.
+    unsafe { attend_queries_body(unit, scores, out) }
 }
 
-/// G heads at once: per head the same operations in the same order whatever G (so the same
-/// bits), with each key and value row read once for all G. The plain loops vectorize 8 wide
-/// in the AVX2 build; Rust never fuses a multiply and an add on its own, so both builds round
-/// identically. Row j of the query's order is the same arithmetic whichever segment holds it.
+/// The cache's rows are visited in blocks of [`KEYS_PER_BLOCK`], each block by every query
+/// that sees (part of) it before the next block is read, then each query's gathered path rows
+/// (a tree's). Per query: the same operations in the same order whatever the unit, the same
+/// bits (each key's score is one function of q and k, a maximum does not depend on order, and
+/// each output element adds its rows in order, through memory between blocks). The plain
+/// loops vectorize 8 wide in the AVX2 build; Rust never fuses a multiply and an add on its
+/// own, so both builds round identically.
+///
+/// # Safety
+/// As [`attend_queries`].
 #[inline(always)]
-fn attend_heads_body<const G: usize>(
-    qs: &[f32],
-    rows: &Segments<'_>,
-    scale: f32,
-    scores: &mut Vec<f32>,
-    o: &mut [f32],
-) {
-    let d = qs.len() / G;
-    let pre = rows.keys.len() / d;
-    let len = pre + rows.path_keys.len() / d;
+unsafe fn attend_queries_body(unit: &Unit<'_>, scores: &mut Vec<f32>, out: *mut f32) {
+    let Unit {
+        queries,
+        q,
+        d,
+        keys,
+        vals,
+        path_rows,
+        scale,
+    } = *unit;
+    let seen = |x: &Query| x.cached + x.path_len;
+    let stride = queries.iter().map(seen).max().unwrap_or(0);
+    let cached = queries.iter().map(|x| x.cached).max().unwrap_or(0);
     scores.clear();
-    scores.resize(G * len, 0.0);
-    let mut max = [f32::NEG_INFINITY; G];
-    score_rows::<G>(qs, rows.keys, 0, len, scale, scores, &mut max);
-    score_rows::<G>(qs, rows.path_keys, pre, len, scale, scores, &mut max);
-    for g in 0..G {
-        let weights = &mut scores[g * len..][..len];
-        let z = crate::ops::exp_shifted_sum(weights, max[g]);
-        // The softmax weights, each divided once.
-        weights.iter_mut().for_each(|w| *w /= z);
-    }
-    o.fill(0.0);
-    accumulate_rows::<G>(rows.vals, 0, len, scores, o);
-    accumulate_rows::<G>(rows.path_vals, pre, len, scores, o);
-}
-
-/// Scores of the rows of `keys` (row j of the query's order at `first + j`).
-#[inline(always)]
-fn score_rows<const G: usize>(
-    qs: &[f32],
-    keys: &[f32],
-    first: usize,
-    len: usize,
-    scale: f32,
-    scores: &mut [f32],
-    max: &mut [f32; G],
-) {
-    let d = qs.len() / G;
-    #[cfg(target_arch = "x86_64")]
-    if d.is_multiple_of(8) && crate::has_avx2_fma() {
-        // Blocks of keys small enough to stay in L1 while every head of the group scores
-        // them: a long context's keys (SmolLM2 at 320 positions: 80 KB per KV head) come from
-        // L2, and reading them once per head made a prefill's attention L2-bound. Each key's
-        // score is the same arithmetic whichever block it is in.
-        for (b, block) in keys.chunks(KEYS_PER_BLOCK * d).enumerate() {
-            let j0 = b * KEYS_PER_BLOCK;
-            for g in 0..G {
-                // SAFETY: the CPU has AVX2 and FMA (checked above); the slices are in bounds.
-                let m = unsafe {
-                    score_rows_avx2(
-                        &qs[g * d..][..d],
-                        block,
-                        scale,
-                        &mut scores[g * len + first + j0..][..block.len() / d],
-                    )
-                };
-                max[g] = max[g].max(m);
+    scores.resize(queries.len() * stride, 0.0);
+    let query = |x: &Query| &q[x.row * d..][..d];
+    // SAFETY: the query's own output row (this function's contract).
+    let output = |x: &Query| unsafe { std::slice::from_raw_parts_mut(out.add(x.row * d), d) };
+    let mut max = [f32::NEG_INFINITY; QUERIES_PER_UNIT];
+    for (b, block) in keys[..cached * d].chunks(KEYS_PER_BLOCK * d).enumerate() {
+        let j0 = b * KEYS_PER_BLOCK;
+        for (x, qy) in queries.iter().enumerate() {
+            let rows = qy.cached.saturating_sub(j0).min(block.len() / d);
+            if rows > 0 {
+                let s = &mut scores[x * stride + j0..][..rows];
+                max[x] = max[x].max(score_block(query(qy), &block[..rows * d], scale, s));
             }
         }
-        return;
     }
-    for (j, kr) in keys.chunks_exact(d).enumerate() {
-        for g in 0..G {
-            let x = dot(&qs[g * d..][..d], kr) * scale;
-            max[g] = max[g].max(x);
-            scores[g * len + first + j] = x;
+    for (x, qy) in queries.iter().enumerate() {
+        let path_keys = &path_rows[qy.path_at..][..qy.path_len * d];
+        for (b, block) in path_keys.chunks(KEYS_PER_BLOCK * d).enumerate() {
+            let s = &mut scores[x * stride + qy.cached + b * KEYS_PER_BLOCK..][..block.len() / d];
+            max[x] = max[x].max(score_block(query(qy), block, scale, s));
         }
     }
+    for (x, qy) in queries.iter().enumerate() {
+        let weights = &mut scores[x * stride..][..seen(qy)];
+        let z = crate::ops::exp_shifted_sum(weights, max[x]);
+        // The softmax weights, each divided once.
+        weights.iter_mut().for_each(|w| *w /= z);
+        output(qy).fill(0.0);
+    }
+    for (b, block) in vals[..cached * d].chunks(KEYS_PER_BLOCK * d).enumerate() {
+        let j0 = b * KEYS_PER_BLOCK;
+        for (x, qy) in queries.iter().enumerate() {
+            let rows = qy.cached.saturating_sub(j0).min(block.len() / d);
+            if rows > 0 {
+                let w = &scores[x * stride + j0..][..rows];
+                accumulate_block(&block[..rows * d], w, output(qy));
+            }
+        }
+    }
+    for (x, qy) in queries.iter().enumerate() {
+        let path_vals = &path_rows[qy.path_at + qy.path_len * d..][..qy.path_len * d];
+        for (b, block) in path_vals.chunks(KEYS_PER_BLOCK * d).enumerate() {
+            let w = &scores[x * stride + qy.cached + b * KEYS_PER_BLOCK..][..block.len() / d];
+            accumulate_block(block, w, output(qy));
+        }
+    }
+}
+
+/// One query's scores against the key rows of `keys` into `out`; returns their maximum.
+#[inline(always)]
+fn score_block(q: &[f32], keys: &[f32], scale: f32, out: &mut [f32]) -> f32 {
+    let d = q.len();
+    #[cfg(target_arch = "x86_64")]
+    if d.is_multiple_of(8) && crate::has_avx2_fma() {
+        // SAFETY: the CPU has AVX2 and FMA (checked above); `out` holds a score per key row.
+        return unsafe { score_rows_avx2(q, keys, scale, out) };
+    }
+    let mut max = f32::NEG_INFINITY;
+    for (s, kr) in out.iter_mut().zip(keys.chunks_exact(d)) {
+        let x = dot(q, kr) * scale;
+        max = max.max(x);
+        *s = x;
+    }
+    max
 }
 
 /// One query row's scores against the rows of `keys`, eight keys at a time, into `out`;
@@ -415,42 +447,20 @@ unsafe fn score_rows_avx2(q: &[f32], keys: &[f32], scale: f32, out: &mut [f32]) 
     max
 }
 
-/// Adds the weighted value rows of `vals` (row j of the query's order at `first + j`) to `o`.
+/// Adds the weighted value rows of `vals` to `o` (one query's output), each element summed
+/// over the rows in order.
 #[inline(always)]
-fn accumulate_rows<const G: usize>(
-    vals: &[f32],
-    first: usize,
-    len: usize,
-    weights: &[f32],
-    o: &mut [f32],
-) {
-    let d = o.len() / G;
+fn accumulate_block(vals: &[f32], weights: &[f32], o: &mut [f32]) {
+    let d = o.len();
     #[cfg(target_arch = "x86_64")]
     if d.is_multiple_of(8) && crate::has_avx2_fma() {
-        // As in `score_rows`: blocks of value rows that stay in L1 for every head; each
-        // output element still adds its rows in order (the sums pass through `o` between
-        // blocks, exactly).
-        for (b, block) in vals.chunks(KEYS_PER_BLOCK * d).enumerate() {
-            let j0 = b * KEYS_PER_BLOCK;
-            for g in 0..G {
-                // SAFETY: the CPU has AVX2 and FMA (checked above); the slices are in bounds.
-                unsafe {
-                    accumulate_rows_avx2(
-                        block,
-                        &weights[g * len + first + j0..][..block.len() / d],
-                        &mut o[g * d..][..d],
-                    )
-                };
-            }
-        }
+        // SAFETY: the CPU has AVX2 and FMA (checked above); `vals` holds a row per weight.
+        unsafe { accumulate_rows_avx2(vals, weights, o) };
         return;
     }
-    for (j, vr) in vals.chunks_exact(d).enumerate() {
-        for g in 0..G {
-            let w = weights[g * len + first + j];
-            for (oc, vc) in o[g * d..][..d].iter_mut().zip(vr) {
-                *oc += w * vc;
-            }
+    for (vr, &w) in vals.chunks_exact(d).zip(weights) {
+        for (oc, vc) in o.iter_mut().zip(vr) {
+            *oc += w * vc;
         }
     }
 }
@@ -517,9 +527,9 @@ unsafe fn accumulate_chunk_avx2<const N: usize>(
 const KEYS_PER_BLOCK: usize = 32;
 
 thread_local! {
-    /// One (position, head)'s attention scores, reused across calls.
+    /// A unit's attention scores (a row per query), reused across calls.
     static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
-    /// A token-tree query's path keys and values, gathered.
+    /// A unit's token-tree paths' keys and values, gathered (per row of the tree).
     static PATH_ROWS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
@@ -595,17 +605,33 @@ mod tests {
         }
     }
 
-    /// The grouped path (a KV head's query heads together) gives each head the same bits as
-    /// the per-head path.
+    /// However the queries are split into units (one per unit, a KV head's group, several
+    /// rows of it, the most a unit takes), each gets the same bits: causal and tree.
     #[test]
-    fn grouped_heads_match_per_head_bit_for_bit() {
+    fn every_unit_size_gives_each_query_the_same_bits() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(10);
-        for (t, n, nh, nkv, d) in [(7, 5, 9, 3, 64), (3, 0, 8, 2, 16), (5, 2, 12, 2, 32)] {
+        for (t, n, nh, nkv, d) in [
+            (7, 5, 9, 3, 64),
+            (3, 0, 8, 2, 16),
+            (5, 2, 12, 2, 32),
+            (6, 70, 9, 3, 64),
+            (16, 40, 9, 3, 64),
+            (6, 33, 4, 1, 12),
+        ] {
             let (s, q, k, v) = random_case(&mut rng, t, n, nh, nkv, d, n + t);
-            let (mut a, mut b) = (vec![0f32; q.len()], vec![0f32; q.len()]);
-            attention_units(s, &q, &k, &v, &mut a, 1, None);
-            attention_units(s, &q, &k, &v, &mut b, nh / nkv, None);
-            assert_eq!(a, b, "{s:?}");
+            let chain: Vec<Vec<u32>> = (0..t as u32).map(|i| (0..=i).collect()).collect();
+            let tree: Vec<Vec<u32>> = (0..t as u32)
+                .map(|i| (0..=i).filter(|m| m % 2 == 0 || *m == i).collect())
+                .collect();
+            for paths in [None, Some(&chain[..]), Some(&tree[..])] {
+                let mut one = vec![0f32; q.len()];
+                attention_units(s, &q, &k, &v, &mut one, 1, paths);
+                for per_unit in [2, nh / nkv, 5, QUERIES_PER_UNIT] {
+                    let mut b = vec![0f32; q.len()];
+                    attention_units(s, &q, &k, &v, &mut b, per_unit, paths);
+                    assert_eq!(one, b, "{s:?} {per_unit} per unit, tree {:?}", paths.is_some());
+                }
+            }
         }
     }
 
