@@ -629,7 +629,12 @@ mod tests {
                 for per_unit in [2, nh / nkv, 5, QUERIES_PER_UNIT] {
                     let mut b = vec![0f32; q.len()];
                     attention_units(s, &q, &k, &v, &mut b, per_unit, paths);
-                    assert_eq!(one, b, "{s:?} {per_unit} per unit, tree {:?}", paths.is_some());
+                    assert_eq!(
+                        one,
+                        b,
+                        "{s:?} {per_unit} per unit, tree {:?}",
+                        paths.is_some()
+                    );
                 }
             }
         }
