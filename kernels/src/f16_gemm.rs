@@ -37,6 +37,7 @@ const ROWS_PER_TASK_DECODE: usize = 1024;
 const ROW_GROUP: usize = 6;
 /// The AVX-512 kernel's: 32 registers take up to ten rows against two weight rows (see
 /// `task_avx512`).
+#[cfg(target_arch = "x86_64")]
 const ROW_GROUP_AVX512: usize = 10;
 
 /// Where the tasks write `out[i * n + j]`: each task owns a range of weight rows j, so the
@@ -243,6 +244,7 @@ blocks_fn!(
 );
 
 /// How far ahead [`prefetch_rows_ahead`] asks, in blocks of rows.
+#[cfg(target_arch = "x86_64")]
 const PREFETCH_BLOCKS_AHEAD: usize = 2;
 
 /// Asks for the weights a block kernel reads `PREFETCH_BLOCKS_AHEAD` blocks of `R` rows from now, at column
@@ -517,6 +519,7 @@ mod tests {
 
     /// Every task kernel this CPU can run.
     fn kernels() -> Vec<TaskKernel> {
+        #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))]
         let mut v: Vec<TaskKernel> = vec![SCALAR];
         #[cfg(target_arch = "x86_64")]
         {

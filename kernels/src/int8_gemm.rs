@@ -597,8 +597,11 @@ unsafe fn dot_u8_i8<const VNNI: bool>(
 }
 
 /// The 32-wide formats [`group_avx2`] unpacks, as its const parameter.
+#[cfg(target_arch = "x86_64")]
 const Q8_0: u8 = 0;
+#[cfg(target_arch = "x86_64")]
 const Q4_0: u8 = 1;
+#[cfg(target_arch = "x86_64")]
 const Q5_0: u8 = 2;
 
 /// One weight row against activation rows `i0..i0+G`. Per block the weights are unpacked

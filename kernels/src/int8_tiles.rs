@@ -242,6 +242,7 @@ fn for_each_row_byte(format: BlockFormat, k: usize, row: usize, mut f: impl FnMu
 /// kept 1 KB into L1 until the biased Q8_0 tiles made them faster: then 4 KB into L2 measured
 /// better for them too (Q8_0, m = 8, best of 40, three alternations: 6.8-8.9 against
 /// 7.3-9.9 ms; 2-8 KB tried, 4-8 KB best).
+#[cfg(target_arch = "x86_64")]
 const PREFETCH_AHEAD: usize = 4096;
 
 /// Activation rows per pass over a tile: AVX2's 16 vector registers hold 4 rows' dot and
@@ -279,10 +280,14 @@ fn available() -> bool {
 }
 
 /// The formats [`tile_body`] reads, as its const parameter.
+#[cfg(target_arch = "x86_64")]
 const Q8_0: u8 = 0;
+#[cfg(target_arch = "x86_64")]
 const Q4_0: u8 = 1;
+#[cfg(target_arch = "x86_64")]
 const Q5_0: u8 = 2;
 /// Q8_0 tiles stored biased ([`Int8Tiles::biased`]).
+#[cfg(target_arch = "x86_64")]
 const Q8_0_BIASED: u8 = 3;
 
 thread_local! {
