@@ -109,10 +109,9 @@ const QUERIES_PER_UNIT: usize = 24;
 
 /// Fast path: f32 with fixed-lane accumulation, parallel over units of queries that share a
 /// KV head (rows of the pass × the query heads of its group). A unit reads each key and value
-/// row once for all its queries, block by block, instead of once per row and head: a
-/// verification pass's rows all see the long prefix of the cache, and reading it per row made
-/// a 4-row pass's attention at a 1,024-token context twice a one-row step's. Each query's
-/// arithmetic, and so its result, is the same whichever unit it is in.
+/// row once for all its queries, block by block, instead of once per row and head (a
+/// verification pass's rows all see the cache's long prefix). Each query's arithmetic, and so
+/// its result, is the same whichever unit it is in.
 pub fn attention(s: AttentionShape, q: &[f32], k: &[f32], v: &[f32], out: &mut [f32]) {
     s.check(q, k, v, out);
     attention_units(s, q, k, v, out, queries_per_unit(s), None)
@@ -319,6 +318,8 @@ unsafe fn attend_queries_body(unit: &Unit<'_>, scores: &mut Vec<f32>, out: *mut 
     let cached = queries.iter().map(|x| x.cached).max().unwrap_or(0);
     scores.clear();
     scores.resize(queries.len() * stride, 0.0);
+    // The kernels' choice, made once per unit rather than per block and query.
+    let simd = d.is_multiple_of(8) && simd_available();
     let query = |x: &Query| &q[x.row * d..][..d];
     // SAFETY: the query's own output row (this function's contract).
     let output = |x: &Query| unsafe { std::slice::from_raw_parts_mut(out.add(x.row * d), d) };
@@ -329,7 +330,7 @@ unsafe fn attend_queries_body(unit: &Unit<'_>, scores: &mut Vec<f32>, out: *mut 
             let rows = qy.cached.saturating_sub(j0).min(block.len() / d);
             if rows > 0 {
                 let s = &mut scores[x * stride + j0..][..rows];
-                max[x] = max[x].max(score_block(query(qy), &block[..rows * d], scale, s));
+                max[x] = max[x].max(score_block(simd, query(qy), &block[..rows * d], scale, s));
             }
         }
     }
@@ -337,7 +338,7 @@ unsafe fn attend_queries_body(unit: &Unit<'_>, scores: &mut Vec<f32>, out: *mut 
         let path_keys = &path_rows[qy.path_at..][..qy.path_len * d];
         for (b, block) in path_keys.chunks(KEYS_PER_BLOCK * d).enumerate() {
             let s = &mut scores[x * stride + qy.cached + b * KEYS_PER_BLOCK..][..block.len() / d];
-            max[x] = max[x].max(score_block(query(qy), block, scale, s));
+            max[x] = max[x].max(score_block(simd, query(qy), block, scale, s));
         }
     }
     for (x, qy) in queries.iter().enumerate() {
@@ -353,7 +354,7 @@ unsafe fn attend_queries_body(unit: &Unit<'_>, scores: &mut Vec<f32>, out: *mut 
             let rows = qy.cached.saturating_sub(j0).min(block.len() / d);
             if rows > 0 {
                 let w = &scores[x * stride + j0..][..rows];
-                accumulate_block(&block[..rows * d], w, output(qy));
+                accumulate_block(simd, &block[..rows * d], w, output(qy));
             }
         }
     }
@@ -361,20 +362,34 @@ unsafe fn attend_queries_body(unit: &Unit<'_>, scores: &mut Vec<f32>, out: *mut 
         let path_vals = &path_rows[qy.path_at + qy.path_len * d..][..qy.path_len * d];
         for (b, block) in path_vals.chunks(KEYS_PER_BLOCK * d).enumerate() {
             let w = &scores[x * stride + qy.cached + b * KEYS_PER_BLOCK..][..block.len() / d];
-            accumulate_block(block, w, output(qy));
+            accumulate_block(simd, block, w, output(qy));
         }
     }
 }
 
-/// One query's scores against the key rows of `keys` into `out`; returns their maximum.
+/// Whether [`score_rows_avx2`] and [`accumulate_rows_avx2`] can run here (with a head size
+/// that is a multiple of 8).
 #[inline(always)]
-fn score_block(q: &[f32], keys: &[f32], scale: f32, out: &mut [f32]) -> f32 {
+fn simd_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return crate::has_avx2_fma();
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// One query's scores against the key rows of `keys` into `out`; returns their maximum.
+/// `simd`: [`simd_available`] and the head size a multiple of 8.
+#[inline(always)]
+fn score_block(simd: bool, q: &[f32], keys: &[f32], scale: f32, out: &mut [f32]) -> f32 {
     let d = q.len();
     #[cfg(target_arch = "x86_64")]
-    if d.is_multiple_of(8) && crate::has_avx2_fma() {
-        // SAFETY: the CPU has AVX2 and FMA (checked above); `out` holds a score per key row.
+    if simd {
+        // SAFETY: the CPU has AVX2 and FMA and d is a multiple of 8 (what `simd` says);
+        // `out` holds a score per key row.
         return unsafe { score_rows_avx2(q, keys, scale, out) };
     }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = simd;
     let mut max = f32::NEG_INFINITY;
     for (s, kr) in out.iter_mut().zip(keys.chunks_exact(d)) {
         let x = dot(q, kr) * scale;
@@ -448,16 +463,19 @@ unsafe fn score_rows_avx2(q: &[f32], keys: &[f32], scale: f32, out: &mut [f32]) 
 }
 
 /// Adds the weighted value rows of `vals` to `o` (one query's output), each element summed
-/// over the rows in order.
+/// over the rows in order. `simd` as for [`score_block`].
 #[inline(always)]
-fn accumulate_block(vals: &[f32], weights: &[f32], o: &mut [f32]) {
+fn accumulate_block(simd: bool, vals: &[f32], weights: &[f32], o: &mut [f32]) {
     let d = o.len();
     #[cfg(target_arch = "x86_64")]
-    if d.is_multiple_of(8) && crate::has_avx2_fma() {
-        // SAFETY: the CPU has AVX2 and FMA (checked above); `vals` holds a row per weight.
+    if simd {
+        // SAFETY: the CPU has AVX2 and FMA and d is a multiple of 8 (what `simd` says);
+        // `vals` holds a row per weight.
         unsafe { accumulate_rows_avx2(vals, weights, o) };
         return;
     }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = simd;
     for (vr, &w) in vals.chunks_exact(d).zip(weights) {
         for (oc, vc) in o.iter_mut().zip(vr) {
             *oc += w * vc;
