@@ -69,10 +69,7 @@ pub fn chat(a: ChatArgs, load: &tandem_model::LoadOptions) -> Result<()> {
     let template = template_for(&ck, a.chat_template.as_deref())?;
     let model = ck.load_model(load)?;
     let tok = &ck.tokenizer;
-    let mut cache = match a.ctx {
-        Some(n) => model.new_cache_with_limit(n)?,
-        None => model.new_cache()?,
-    };
+    let mut cache = model.new_cache_limited(a.ctx)?;
     let params = a.sampling.params();
     let mut sampler = Sampler::new(params)?;
     let mut draft = match &a.draft {

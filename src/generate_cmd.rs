@@ -164,10 +164,7 @@ fn run(
     if ids.is_empty() {
         anyhow::bail!("the prompt encodes to no tokens");
     }
-    let mut cache = match ctx {
-        Some(n) => model.new_cache_with_limit(n)?,
-        None => model.new_cache()?,
-    };
+    let mut cache = model.new_cache_limited(ctx)?;
     let mut sampler = Sampler::new(params)?;
     let score = report == Report::JsonLogprobs;
     if params.is_greedy() && !score {

@@ -46,10 +46,7 @@ const STORY_PROMPTS: &[&str] = &[
 ];
 
 fn plain(model: &Llama, prompt: &[u32], max: usize, limit: Option<usize>, eos: &[u32]) -> Vec<u32> {
-    let mut cache = match limit {
-        Some(n) => model.new_cache_with_limit(n).unwrap(),
-        None => model.new_cache().unwrap(),
-    };
+    let mut cache = model.new_cache_limited(limit).unwrap();
     let mut s = Sampler::new(SamplingParams::default()).unwrap();
     generate(model, &mut cache, prompt, max, &mut s, eos, |_| Ok(()))
         .unwrap()

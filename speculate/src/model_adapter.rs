@@ -19,10 +19,7 @@ pub struct ModelVerifier<'m> {
 
 impl<'m> ModelVerifier<'m> {
     pub fn new(model: &'m Llama, limit: Option<usize>) -> Result<Self> {
-        let cache = match limit {
-            Some(n) => model.new_cache_with_limit(n)?,
-            None => model.new_cache()?,
-        };
+        let cache = model.new_cache_limited(limit)?;
         Ok(ModelVerifier {
             model,
             cache: Rc::new(RefCell::new(cache)),
@@ -217,10 +214,7 @@ pub struct OwnedModelVerifier {
 
 impl OwnedModelVerifier {
     pub fn new(model: std::sync::Arc<Llama>, limit: Option<usize>) -> Result<Self> {
-        let cache = match limit {
-            Some(n) => model.new_cache_with_limit(n)?,
-            None => model.new_cache()?,
-        };
+        let cache = model.new_cache_limited(limit)?;
         Ok(OwnedModelVerifier { model, cache })
     }
 }
@@ -267,10 +261,7 @@ pub struct ModelBatchVerifier<'m> {
 impl<'m> ModelBatchVerifier<'m> {
     pub fn new(model: &'m Llama, n: usize, limit: Option<usize>) -> Result<Self> {
         let caches = (0..n)
-            .map(|_| match limit {
-                Some(l) => model.new_cache_with_limit(l),
-                None => model.new_cache(),
-            })
+            .map(|_| model.new_cache_limited(limit))
             .collect::<tandem_model::Result<_>>()?;
         Ok(ModelBatchVerifier {
             model,

@@ -230,10 +230,7 @@ pub fn run(
     eos: &[u32],
     on_token: impl FnMut(u32) -> Result<()>,
 ) -> Result<(Vec<u32>, SpecStats)> {
-    let mut cache = match s.ctx {
-        Some(n) => model.new_cache_with_limit(n)?,
-        None => model.new_cache()?,
-    };
+    let mut cache = model.new_cache_limited(s.ctx)?;
     run_over(
         model, &mut cache, draft, s, prompt, max_tokens, eos, on_token,
     )

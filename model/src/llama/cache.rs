@@ -89,6 +89,15 @@ impl Llama {
         self.new_cache_with_limit(self.config.context_length())
     }
 
+    /// A cache limited to `limit` positions, or to the model's context length without one (a
+    /// `--ctx` option's value).
+    pub fn new_cache_limited(&self, limit: Option<usize>) -> Result<KvCache> {
+        match limit {
+            Some(n) => self.new_cache_with_limit(n),
+            None => self.new_cache(),
+        }
+    }
+
     /// A cache limited to `limit` positions (at most the model's context length).
     pub fn new_cache_with_limit(&self, limit: usize) -> Result<KvCache> {
         if limit == 0 {
