@@ -71,7 +71,11 @@ fn bench_profile(
     let mut tables = Vec::new();
     for kk in [1, k.max(1)] {
         time_verify(model, kk, context, 4)?; // warm-up
-        let toks: Vec<u32> = (0..(context + kk) as u32).map(|i| 100 + 37 * i).collect();
+        // Token ids wrap within the vocabulary (a long context ran past it).
+        let vocab = model.config.vocab_size as u64;
+        let toks: Vec<u32> = (0..(context + kk) as u64)
+            .map(|i| ((100 + 37 * i) % vocab) as u32)
+            .collect();
         let mut cache = model.new_cache_with_limit(context + kk)?;
         model.forward(&toks[..context], &mut cache, Logits::Last)?;
         model.start_profile();
