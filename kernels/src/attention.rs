@@ -21,7 +21,7 @@ pub struct AttentionShape {
 }
 
 impl AttentionShape {
-    fn check(&self, q: &[f32], k: &[f32], v: &[f32], out: &[f32]) {
+    fn check<E>(&self, q: &[f32], k: &[E], v: &[E], out: &[f32]) {
         let s = self;
         assert!(s.n_kv_head > 0 && s.n_head.is_multiple_of(s.n_kv_head));
         assert!(s.n + s.t <= s.capacity);
@@ -29,6 +29,94 @@ impl AttentionShape {
         assert_eq!(out.len(), q.len());
         assert!(k.len() >= s.n_kv_head * s.capacity * s.head_dim);
         assert!(v.len() >= s.n_kv_head * s.capacity * s.head_dim);
+    }
+}
+
+/// What a KV cache holds per element: f32, or f16 (llama.cpp's default cache type: half the
+/// bytes a decoding step reads from a long context, which is what a one-token step's attention
+/// is bound by). The kernels compute in f32 either way: a unit widens each block of an f16
+/// cache once for all its queries, so a query's result is bit for bit what the f32 kernel
+/// gives on the widened cache.
+pub trait KvElement: Copy + Default + Send + Sync + 'static {
+    /// `src` rounded into `dst` (the same length): how new keys and values enter a cache.
+    fn store(src: &[f32], dst: &mut [Self]);
+    /// `src` widened into `dst` (the same length).
+    fn load(src: &[Self], dst: &mut [f32]);
+    /// `src` as f32: itself where it already is, else widened into `scratch`. `simd`: the
+    /// x86 AVX2/F16C path may run (the caller checked [`simd_available`]).
+    #[inline(always)]
+    fn widen<'a>(_simd: bool, src: &'a [Self], scratch: &'a mut Vec<f32>) -> &'a [f32] {
+        scratch.clear();
+        scratch.resize(src.len(), 0.0);
+        Self::load(src, scratch);
+        scratch
+    }
+}
+
+impl KvElement for f32 {
+    fn store(src: &[f32], dst: &mut [f32]) {
+        dst.copy_from_slice(src);
+    }
+    fn load(src: &[f32], dst: &mut [f32]) {
+        dst.copy_from_slice(src);
+    }
+    #[inline(always)]
+    fn widen<'a>(_simd: bool, src: &'a [f32], _scratch: &'a mut Vec<f32>) -> &'a [f32] {
+        src
+    }
+}
+
+impl KvElement for half::f16 {
+    fn store(src: &[f32], dst: &mut [half::f16]) {
+        use half::slice::HalfFloatSliceExt;
+        // Round to nearest even, as F16C's conversion and llama.cpp's cache writes do.
+        dst.convert_from_f32_slice(src);
+    }
+    fn load(src: &[half::f16], dst: &mut [f32]) {
+        use half::slice::HalfFloatSliceExt;
+        src.convert_to_f32_slice(dst);
+    }
+    #[inline(always)]
+    fn widen<'a>(simd: bool, src: &'a [half::f16], scratch: &'a mut Vec<f32>) -> &'a [f32] {
+        scratch.clear();
+        scratch.resize(src.len(), 0.0);
+        #[cfg(target_arch = "x86_64")]
+        if simd {
+            // SAFETY: the CPU has AVX2 and F16C (what `simd` says); both slices hold
+            // `src.len()` elements.
+            unsafe { widen_f16_f16c(src, scratch) };
+            return scratch;
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = simd;
+        Self::load(src, scratch);
+        scratch
+    }
+}
+
+/// f16 to f32, eight at a time with F16C (exact: every f16 is an f32). Written here rather
+/// than taken from `half`, whose slice conversion calls a non-inlined function per eight
+/// values: a unit widens two blocks of 2,048 values per 32 keys, in the hottest loop of a
+/// long-context decoding step.
+///
+/// # Safety
+/// The CPU has AVX2 and F16C; `dst.len() == src.len()`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn widen_f16_f16c(src: &[half::f16], dst: &mut [f32]) {
+    use std::arch::x86_64::*;
+    debug_assert_eq!(src.len(), dst.len());
+    let n = src.len();
+    let (sp, dp) = (src.as_ptr() as *const u16, dst.as_mut_ptr());
+    let mut i = 0;
+    while i + 8 <= n {
+        let h = _mm_loadu_si128(sp.add(i) as *const __m128i);
+        _mm256_storeu_ps(dp.add(i), _mm256_cvtph_ps(h));
+        i += 8;
+    }
+    for j in i..n {
+        dst[j] = src[j].to_f32();
     }
 }
 
@@ -112,7 +200,7 @@ const QUERIES_PER_UNIT: usize = 24;
 /// row once for all its queries, block by block, instead of once per row and head (a
 /// verification pass's rows all see the cache's long prefix). Each query's arithmetic, and so
 /// its result, is the same whichever unit it is in.
-pub fn attention(s: AttentionShape, q: &[f32], k: &[f32], v: &[f32], out: &mut [f32]) {
+pub fn attention<E: KvElement>(s: AttentionShape, q: &[f32], k: &[E], v: &[E], out: &mut [f32]) {
     s.check(q, k, v, out);
     attention_units(s, q, k, v, out, queries_per_unit(s), None)
 }
@@ -123,11 +211,11 @@ pub fn attention(s: AttentionShape, q: &[f32], k: &[f32], v: &[f32], out: &mut [
 /// result is bit for bit what [`attention`] gives when the same path sits contiguously after
 /// the cache (a tree's accepted path equals plain decoding's). The masked-out rows are never
 /// read, not multiplied by zero.
-pub fn attention_tree(
+pub fn attention_tree<E: KvElement>(
     s: AttentionShape,
     q: &[f32],
-    k: &[f32],
-    v: &[f32],
+    k: &[E],
+    v: &[E],
     out: &mut [f32],
     paths: &[Vec<u32>],
 ) {
@@ -171,11 +259,11 @@ struct Query {
 /// Attention in task units of `per_unit` queries of one KV head (its group's heads of
 /// consecutive rows, row-major). `paths`: a token tree's visible new rows per query (see
 /// [`attention_tree`]); `None` is causal.
-fn attention_units(
+fn attention_units<E: KvElement>(
     s: AttentionShape,
     q: &[f32],
-    k: &[f32],
-    v: &[f32],
+    k: &[E],
+    v: &[E],
     out: &mut [f32],
     per_unit: usize,
     paths: Option<&[Vec<u32>]>,
@@ -195,61 +283,65 @@ fn attention_units(
     let base = crate::rows::SendPtr(out.as_mut_ptr());
     crate::pool::current().run(units.div_ceil(per_task), |c| {
         crate::rows::with_scratch(&SCORES, |scores| {
-            crate::rows::with_scratch(&PATH_ROWS, |path_rows| {
-                for unit in c * per_task..((c + 1) * per_task).min(units) {
-                    let kv = unit / units_per_kv_head;
-                    let first = unit % units_per_kv_head * per_unit;
-                    let last = (first + per_unit).min(per_kv_head);
-                    let (kh, vh) = (&k[kv * s.capacity * d..], &v[kv * s.capacity * d..]);
-                    let mut queries = [Query::default(); QUERIES_PER_UNIT];
-                    path_rows.clear();
-                    let mut gathered_row = usize::MAX;
-                    for (x, qi) in (first..last).enumerate() {
-                        let (i, g) = (qi / group, qi % group);
-                        let row = i * s.n_head + kv * group + g;
-                        queries[x] = match paths {
-                            // Causal: the rows 0..=n+i.
-                            None => Query {
-                                row,
-                                cached: s.n + i + 1,
-                                ..Query::default()
-                            },
-                            // A tree: 0..n, then the path's rows, gathered (at most a few
-                            // dozen) once per row of the unit, keys then values.
-                            Some(p) => {
-                                let len = p[i].len() * d;
-                                if gathered_row != i {
-                                    gathered_row = i;
-                                    for src in [kh, vh] {
-                                        for &m in &p[i] {
-                                            let r = (s.n + m as usize) * d;
-                                            path_rows.extend_from_slice(&src[r..r + d]);
+            crate::rows::with_scratch(&WIDE_BLOCK, |wide| {
+                crate::rows::with_scratch(&PATH_ROWS, |path_rows| {
+                    for unit in c * per_task..((c + 1) * per_task).min(units) {
+                        let kv = unit / units_per_kv_head;
+                        let first = unit % units_per_kv_head * per_unit;
+                        let last = (first + per_unit).min(per_kv_head);
+                        let (kh, vh) = (&k[kv * s.capacity * d..], &v[kv * s.capacity * d..]);
+                        let mut queries = [Query::default(); QUERIES_PER_UNIT];
+                        path_rows.clear();
+                        let mut gathered_row = usize::MAX;
+                        for (x, qi) in (first..last).enumerate() {
+                            let (i, g) = (qi / group, qi % group);
+                            let row = i * s.n_head + kv * group + g;
+                            queries[x] = match paths {
+                                // Causal: the rows 0..=n+i.
+                                None => Query {
+                                    row,
+                                    cached: s.n + i + 1,
+                                    ..Query::default()
+                                },
+                                // A tree: 0..n, then the path's rows, gathered (at most a few
+                                // dozen) once per row of the unit, keys then values.
+                                Some(p) => {
+                                    let len = p[i].len() * d;
+                                    if gathered_row != i {
+                                        gathered_row = i;
+                                        for src in [kh, vh] {
+                                            for &m in &p[i] {
+                                                let r = (s.n + m as usize) * d;
+                                                let at = path_rows.len();
+                                                path_rows.resize(at + d, 0.0);
+                                                E::load(&src[r..r + d], &mut path_rows[at..]);
+                                            }
                                         }
                                     }
+                                    Query {
+                                        row,
+                                        cached: s.n,
+                                        path_at: path_rows.len() - 2 * len,
+                                        path_len: p[i].len(),
+                                    }
                                 }
-                                Query {
-                                    row,
-                                    cached: s.n,
-                                    path_at: path_rows.len() - 2 * len,
-                                    path_len: p[i].len(),
-                                }
-                            }
+                            };
+                        }
+                        let work = Unit {
+                            queries: &queries[..last - first],
+                            q,
+                            d,
+                            keys: kh,
+                            vals: vh,
+                            path_rows,
+                            scale,
                         };
+                        // SAFETY: a query's output row is (row i, head h): a unit's queries are
+                        // distinct (i, h) of its KV head and units split the queries without
+                        // overlap, so no two tasks write the same row; `run` waits for them all.
+                        unsafe { attend_queries(&work, scores, wide, base.get()) };
                     }
-                    let work = Unit {
-                        queries: &queries[..last - first],
-                        q,
-                        d,
-                        keys: kh,
-                        vals: vh,
-                        path_rows,
-                        scale,
-                    };
-                    // SAFETY: a query's output row is (row i, head h): a unit's queries are
-                    // distinct (i, h) of its KV head and units split the queries without
-                    // overlap, so no two tasks write the same row; `run` waits for them all.
-                    unsafe { attend_queries(&work, scores, base.get()) };
-                }
+                })
             })
         })
     });
@@ -257,39 +349,51 @@ fn attention_units(
 
 /// What one unit computes: its queries, their KV head's cache rows, and (a tree's) the
 /// paths' rows gathered.
-struct Unit<'a> {
+struct Unit<'a, E> {
     queries: &'a [Query],
     /// All query vectors, [t, n_head, head_dim] (a query's at `row · d`).
     q: &'a [f32],
     d: usize,
-    keys: &'a [f32],
-    vals: &'a [f32],
+    keys: &'a [E],
+    vals: &'a [E],
     path_rows: &'a [f32],
     scale: f32,
 }
 
-/// softmax(q·kᵀ·scale)·v for each of the unit's queries, into its row of `out`.
+/// softmax(q·kᵀ·scale)·v for each of the unit's queries, into its row of `out`. `wide`:
+/// scratch for a block of an f16 cache widened.
 ///
 /// # Safety
 /// `out` is the [t, n_head, head_dim] output, and no other thread touches the unit's queries'
 /// rows during the call.
-unsafe fn attend_queries(unit: &Unit<'_>, scores: &mut Vec<f32>, out: *mut f32) {
+unsafe fn attend_queries<E: KvElement>(
+    unit: &Unit<'_, E>,
+    scores: &mut Vec<f32>,
+    wide: &mut Vec<f32>,
+    out: *mut f32,
+) {
     #[cfg(target_arch = "x86_64")]
     if crate::has_avx2_fma() {
-        // SAFETY: the CPU has AVX2 and FMA (checked above); `out` as this function's contract.
-        return unsafe { attend_queries_avx2(unit, scores, out) };
+        // SAFETY: the CPU has AVX2, FMA and F16C (checked above); `out` as this function's
+        // contract.
+        return unsafe { attend_queries_avx2(unit, scores, wide, out) };
     }
     // SAFETY: as this function's contract.
-    unsafe { attend_queries_body(unit, scores, out) }
+    unsafe { attend_queries_body(unit, scores, wide, out) }
 }
 
 /// # Safety
-/// As [`attend_queries`], on a CPU with AVX2 and FMA.
+/// As [`attend_queries`], on a CPU with AVX2, FMA and F16C.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn attend_queries_avx2(unit: &Unit<'_>, scores: &mut Vec<f32>, out: *mut f32) {
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn attend_queries_avx2<E: KvElement>(
+    unit: &Unit<'_, E>,
+    scores: &mut Vec<f32>,
+    wide: &mut Vec<f32>,
+    out: *mut f32,
+) {
     // SAFETY: as this function's contract.
-    unsafe { attend_queries_body(unit, scores, out) }
+    unsafe { attend_queries_body(unit, scores, wide, out) }
 }
 
 /// The cache's rows are visited in blocks of [`KEYS_PER_BLOCK`], each block by every query
@@ -303,7 +407,12 @@ unsafe fn attend_queries_avx2(unit: &Unit<'_>, scores: &mut Vec<f32>, out: *mut 
 /// # Safety
 /// As [`attend_queries`].
 #[inline(always)]
-unsafe fn attend_queries_body(unit: &Unit<'_>, scores: &mut Vec<f32>, out: *mut f32) {
+unsafe fn attend_queries_body<E: KvElement>(
+    unit: &Unit<'_, E>,
+    scores: &mut Vec<f32>,
+    wide: &mut Vec<f32>,
+    out: *mut f32,
+) {
     let Unit {
         queries,
         q,
@@ -325,6 +434,7 @@ unsafe fn attend_queries_body(unit: &Unit<'_>, scores: &mut Vec<f32>, out: *mut 
     let output = |x: &Query| unsafe { std::slice::from_raw_parts_mut(out.add(x.row * d), d) };
     let mut max = [f32::NEG_INFINITY; QUERIES_PER_UNIT];
     for (b, block) in keys[..cached * d].chunks(KEYS_PER_BLOCK * d).enumerate() {
+        let block = E::widen(simd, block, wide);
         let j0 = b * KEYS_PER_BLOCK;
         for (x, qy) in queries.iter().enumerate() {
             let rows = qy.cached.saturating_sub(j0).min(block.len() / d);
@@ -349,6 +459,7 @@ unsafe fn attend_queries_body(unit: &Unit<'_>, scores: &mut Vec<f32>, out: *mut 
         output(qy).fill(0.0);
     }
     for (b, block) in vals[..cached * d].chunks(KEYS_PER_BLOCK * d).enumerate() {
+        let block = E::widen(simd, block, wide);
         let j0 = b * KEYS_PER_BLOCK;
         for (x, qy) in queries.iter().enumerate() {
             let rows = qy.cached.saturating_sub(j0).min(block.len() / d);
@@ -547,6 +658,8 @@ const KEYS_PER_BLOCK: usize = 32;
 thread_local! {
     /// A unit's attention scores (a row per query), reused across calls.
     static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// A block of an f16 cache's keys or values, widened to f32 for a unit's queries.
+    static WIDE_BLOCK: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
     /// A unit's token-tree paths' keys and values, gathered (per row of the tree).
     static PATH_ROWS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
@@ -768,6 +881,70 @@ mod tests {
             attention(one, &q[i * row..][..row], &kp, &vp, &mut plain);
             assert_eq!(&tree[i * row..][..row], &plain[..], "row {i}");
         }
+    }
+
+    /// An f16 cache gives each query the bits the f32 kernel gives on the same cache widened
+    /// (the unit widens blocks, the tree gathers its paths widened), causal and tree, at
+    /// every unit size; and it stays within f16's rounding of the f64 reference on the
+    /// original f32 keys and values.
+    #[test]
+    fn an_f16_cache_is_the_f32_kernel_on_its_widened_values() {
+        use half::f16;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(77);
+        for (t, n, nh, nkv, d) in [
+            (1, 0, 9, 3, 64),
+            (1, 100, 9, 3, 64),
+            (6, 70, 9, 3, 64),
+            (5, 33, 4, 1, 12),
+            (16, 40, 8, 2, 16),
+        ] {
+            let (s, q, k, v) = random_case(&mut rng, t, n, nh, nkv, d, n + t + 3);
+            let to_half = |x: &[f32]| x.iter().map(|&y| f16::from_f32(y)).collect::<Vec<_>>();
+            let (kh, vh) = (to_half(&k), to_half(&v));
+            let widen = |x: &[f16]| x.iter().map(|y| y.to_f32()).collect::<Vec<_>>();
+            let (kw, vw) = (widen(&kh), widen(&vh));
+            let tree: Vec<Vec<u32>> = (0..t as u32)
+                .map(|i| (0..=i).filter(|m| m % 2 == 0 || *m == i).collect())
+                .collect();
+            for paths in [None, Some(&tree[..])] {
+                for per_unit in [1, nh / nkv, QUERIES_PER_UNIT] {
+                    let (mut a, mut b) = (vec![0f32; q.len()], vec![0f32; q.len()]);
+                    attention_units(s, &q, &kh, &vh, &mut a, per_unit, paths);
+                    attention_units(s, &q, &kw, &vw, &mut b, per_unit, paths);
+                    assert_eq!(a, b, "{s:?} {per_unit} per unit, tree {}", paths.is_some());
+                }
+            }
+            let (mut fast, mut exact) = (vec![0f32; q.len()], vec![0f32; q.len()]);
+            attention(s, &q, &kh, &vh, &mut fast);
+            attention_reference(s, &q, &k, &v, &mut exact);
+            for (x, y) in fast.iter().zip(&exact) {
+                // Keys and values within 2^-11 relative of the f32 ones (|x| < 2 here).
+                assert!((x - y).abs() < 2e-2, "{s:?}: {x} vs {y}");
+            }
+        }
+    }
+
+    #[test]
+    fn f16_stores_round_to_nearest_and_loads_are_exact() {
+        use half::f16;
+        let src = [0.1f32, -3.3, 65504.0, 1e-8, 0.0, 2.0f32.powi(-14)];
+        let mut h = [f16::ZERO; 6];
+        KvElement::store(&src, &mut h);
+        for (x, y) in src.iter().zip(&h) {
+            assert_eq!(f16::from_f32(*x), *y);
+        }
+        let mut back = [0f32; 6];
+        KvElement::load(&h, &mut back);
+        for (y, b) in h.iter().zip(&back) {
+            assert_eq!(y.to_f32(), *b);
+        }
+        let long: Vec<f16> = (0..37)
+            .map(|i| f16::from_f32(i as f32 * 0.37 - 5.0))
+            .collect();
+        let mut scratch = Vec::new();
+        let simd = simd_available();
+        let wide = f16::widen(simd, &long, &mut scratch).to_vec();
+        assert_eq!(wide, long.iter().map(|x| x.to_f32()).collect::<Vec<_>>());
     }
 
     /// The eight-keys-at-once scores are bit for bit the one-key `dot`'s.

@@ -54,6 +54,7 @@ pub mod sampling;
 
 pub use attention::{
     attention, attention_reference, attention_tree, attention_tree_reference, AttentionShape,
+    KvElement,
 };
 pub use f16_gemm::{matmul_f16, matmul_f16_reference};
 pub use ggml::GgmlType;
