@@ -159,6 +159,11 @@ pub struct RuntimeArgs {
     /// every linear layer is Q8_0/Q4_0/F16, else just those layers.
     #[arg(long, global = true)]
     pub gpu: bool,
+    /// What the KV cache holds keys and values as on the CPU: f16 (llama.cpp's default: half
+    /// the memory and the bytes a long context's decoding step reads) or f32 (exact). A GPU
+    /// cache is f32.
+    #[arg(long, global = true, value_enum, default_value_t = KvCache::F16)]
+    pub kv_cache: KvCache,
 }
 
 impl RuntimeArgs {
@@ -179,7 +184,24 @@ impl RuntimeArgs {
             threads: self.threads,
             activations: self.activations.into(),
             device,
+            kv_cache: self.kv_cache.into(),
         })
+    }
+}
+
+/// `--kv-cache` for every command that runs a model.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KvCache {
+    F16,
+    F32,
+}
+
+impl From<KvCache> for tandem_model::KvCacheType {
+    fn from(k: KvCache) -> Self {
+        match k {
+            KvCache::F16 => Self::F16,
+            KvCache::F32 => Self::F32,
+        }
     }
 }
 

@@ -71,7 +71,7 @@ fn bench_profile(
     let mut tables = Vec::new();
     for kk in [1, k.max(1)] {
         time_verify(model, kk, context, 4)?; // warm-up
-        // Token ids wrap within the vocabulary (a long context ran past it).
+                                             // Token ids wrap within the vocabulary (a long context ran past it).
         let vocab = model.config.vocab_size as u64;
         let toks: Vec<u32> = (0..(context + kk) as u64)
             .map(|i| ((100 + 37 * i) % vocab) as u32)

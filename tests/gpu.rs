@@ -19,6 +19,8 @@ fn cpu_and_gpu(test: &str) -> Option<(Checkpoint, Llama, Llama)> {
     let cpu = ck
         .load_model(&LoadOptions {
             activations: ActivationPrecision::F32,
+            // The GPU's cache is f32.
+            kv_cache: tandem_model::KvCacheType::F32,
             ..LoadOptions::default()
         })
         .unwrap();

@@ -34,7 +34,7 @@ mod profile;
 mod shortlist;
 mod skip;
 
-pub use cache::KvCache;
+pub use cache::{KvCache, KvCacheType};
 pub use forward::{ActivationObserver, LogitRows, Logits};
 pub use greedy_head::GreedyHeadStats;
 pub use load::{ComputeDevice, LoadOptions};
@@ -83,6 +83,8 @@ pub struct Llama {
     /// Norms, RoPE tables and buffers on the GPU when every linear layer is there too: the
     /// forward pass then runs on the GPU end to end (see `llama/gpu.rs`).
     resident: Option<gpu::Resident>,
+    /// What the CPU KV caches it makes hold (see [`KvCacheType`]).
+    kv_cache_type: KvCacheType,
 }
 
 impl Llama {

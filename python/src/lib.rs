@@ -102,6 +102,7 @@ fn load_options(activations: &str) -> PyResult<tandem_model::LoadOptions> {
         threads: Some(pool().current_num_threads()),
         activations,
         device: tandem_model::ComputeDevice::Cpu,
+        ..Default::default()
     })
 }
 

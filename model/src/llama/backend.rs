@@ -3,7 +3,7 @@
 //! `gpu.rs`. A backend owns the pass's activation buffers, named by [`Buf`]; the loop says
 //! which buffer each operation reads and writes.
 
-use super::cache::{KvCache, KvStore};
+use super::cache::{HostKv, HostLayers, KvCache, KvStore};
 use super::Llama;
 use crate::config::Config;
 use crate::error::{Error, Result};
@@ -272,29 +272,13 @@ impl Backend for CpuPass<'_> {
             let KvStore::Host(kv) = &mut cache.store else {
                 return Err(internal("a GPU cache in a CPU pass"));
             };
-            let cap = kv.capacity;
-            // Append this sequence's keys/values at positions [n, n+t) of each kv head.
-            let (kc, vc) = (&mut kv.k[li], &mut kv.v[li]);
-            for i in 0..t {
-                for h in 0..nkv {
-                    let src = ((row + i) * nkv + h) * hd;
-                    let dst = (h * cap + n + i) * hd;
-                    kc[dst..dst + hd].copy_from_slice(&k[src..src + hd]);
-                    vc[dst..dst + hd].copy_from_slice(&v[src..src + hd]);
-                }
-            }
-            let shape = attention_shape(c, t, n, cap);
+            let shape = attention_shape(c, t, n, 0);
             let span = row * nh * hd..(row + t) * nh * hd;
-            match tree {
-                None => tandem_kernels::attention(shape, &q[span.clone()], kc, vc, &mut out[span]),
-                Some(paths) => tandem_kernels::attention_tree(
-                    shape,
-                    &q[span.clone()],
-                    kc,
-                    vc,
-                    &mut out[span],
-                    paths,
-                ),
+            let (q, out) = (&q[span.clone()], &mut out[span]);
+            let (k, v) = (&k[row * nkv * hd..], &v[row * nkv * hd..]);
+            match kv {
+                HostKv::F32(l) => append_and_attend(l, li, shape, q, k, v, out, tree),
+                HostKv::F16(l) => append_and_attend(l, li, shape, q, k, v, out, tree),
             }
             row += t;
         }
@@ -331,6 +315,47 @@ impl Backend for CpuPass<'_> {
             tandem_kernels::ops::rms_norm(&x[r * h..][..h], norm, eps, dst);
         }
         Ok(&hn[..picked.len() * h])
+    }
+}
+
+/// Appends a sequence's `shape.t` new keys and values (`k`, `v`: [t, n_kv_head, head_dim]
+/// from the pass's first row of it) at positions n.. of layer `li`'s cache, then attends its
+/// queries over the cache: causal, or over a token tree's `paths`. `shape.capacity` is taken
+/// from the cache.
+#[allow(clippy::too_many_arguments)]
+fn append_and_attend<E: tandem_kernels::KvElement>(
+    layers: &mut HostLayers<E>,
+    li: usize,
+    shape: tandem_kernels::AttentionShape,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    out: &mut [f32],
+    tree: Option<&[Vec<u32>]>,
+) {
+    let (t, n, nkv, hd, cap) = (
+        shape.t,
+        shape.n,
+        shape.n_kv_head,
+        shape.head_dim,
+        layers.capacity,
+    );
+    let shape = tandem_kernels::AttentionShape {
+        capacity: cap,
+        ..shape
+    };
+    let (kc, vc) = (&mut layers.k[li], &mut layers.v[li]);
+    for i in 0..t {
+        for h in 0..nkv {
+            let src = (i * nkv + h) * hd;
+            let dst = (h * cap + n + i) * hd;
+            E::store(&k[src..src + hd], &mut kc[dst..dst + hd]);
+            E::store(&v[src..src + hd], &mut vc[dst..dst + hd]);
+        }
+    }
+    match tree {
+        None => tandem_kernels::attention(shape, q, kc, vc, out),
+        Some(paths) => tandem_kernels::attention_tree(shape, q, kc, vc, out, paths),
     }
 }
 

@@ -4,7 +4,7 @@ use super::{gpu, Llama};
 use crate::error::{Error, Result};
 
 /// Per-sequence key/value cache: for each layer, keys and values as [n_kv_heads, capacity,
-/// head_dim] f32 buffers that the attention kernel reads in place. It grows by doubling
+/// head_dim] buffers (f32 or f16, [`KvCacheType`]) that the attention kernel reads in place. It grows by doubling
 /// (amortized, never per token) up to `limit`.
 pub struct KvCache {
     pub(super) len: usize,
@@ -20,14 +20,78 @@ pub(super) enum KvStore {
     Device(gpu::GpuKv),
 }
 
-/// Keys and values in host memory: per layer, [n_kv_heads, capacity, head_dim].
-pub(super) struct HostKv {
-    pub(super) k: Vec<Vec<f32>>,
-    pub(super) v: Vec<Vec<f32>>,
+/// What a CPU model's KV cache holds its keys and values as (a GPU cache is f32).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum KvCacheType {
+    /// Exact: the keys and values the projections computed.
+    F32,
+    /// Rounded to f16, as llama.cpp's default cache: half the memory, and half the bytes a
+    /// decoding step reads from a long context (its attention is bound by them).
+    #[default]
+    F16,
+}
+
+/// Keys and values in host memory, of one element type.
+pub(super) enum HostKv {
+    F32(HostLayers<f32>),
+    F16(HostLayers<half::f16>),
+}
+
+/// Per layer, [n_kv_heads, capacity, head_dim] keys and values.
+pub(super) struct HostLayers<E> {
+    pub(super) k: Vec<Vec<E>>,
+    pub(super) v: Vec<Vec<E>>,
     pub(super) capacity: usize,
 }
 
 impl HostKv {
+    /// `n` layers of `size` zeroed elements each for keys and values, or layer `only` alone.
+    fn new(kind: KvCacheType, n: usize, size: usize, capacity: usize, only: Option<usize>) -> Self {
+        fn layers<E: Copy + Default>(n: usize, size: usize, only: Option<usize>) -> Vec<Vec<E>> {
+            (0..n)
+                .map(|li| match only {
+                    Some(o) if o != li => Vec::new(),
+                    _ => vec![E::default(); size],
+                })
+                .collect()
+        }
+        match kind {
+            KvCacheType::F32 => HostKv::F32(HostLayers {
+                k: layers(n, size, only),
+                v: layers(n, size, only),
+                capacity,
+            }),
+            KvCacheType::F16 => HostKv::F16(HostLayers {
+                k: layers(n, size, only),
+                v: layers(n, size, only),
+                capacity,
+            }),
+        }
+    }
+
+    pub(super) fn reserve(
+        &mut self,
+        kv_heads: usize,
+        head_dim: usize,
+        len: usize,
+        needed: usize,
+        limit: usize,
+    ) {
+        match self {
+            HostKv::F32(l) => l.reserve(kv_heads, head_dim, len, needed, limit),
+            HostKv::F16(l) => l.reserve(kv_heads, head_dim, len, needed, limit),
+        }
+    }
+
+    fn keep_rows(&mut self, kv_heads: usize, head_dim: usize, base: usize, rows: &[usize]) {
+        match self {
+            HostKv::F32(l) => l.keep_rows(kv_heads, head_dim, base, rows),
+            HostKv::F16(l) => l.keep_rows(kv_heads, head_dim, base, rows),
+        }
+    }
+}
+
+impl<E: Copy + Default> HostLayers<E> {
     /// Grows (doubling, capped at `limit`) to hold `needed` positions, keeping the first `len`.
     pub(super) fn reserve(
         &mut self,
@@ -49,7 +113,7 @@ impl HostKv {
             if buf.is_empty() {
                 continue; // a layer this cache does not hold (layer-by-layer runs)
             }
-            let mut grown = vec![0f32; kv_heads * cap * hd];
+            let mut grown = vec![E::default(); kv_heads * cap * hd];
             for h in 0..kv_heads {
                 let n = len * hd;
                 grown[h * cap * hd..][..n].copy_from_slice(&buf[h * old * hd..][..n]);
@@ -57,6 +121,23 @@ impl HostKv {
             *buf = grown;
         }
         self.capacity = cap;
+    }
+
+    /// [`Llama::keep_cache_rows`] on these buffers.
+    fn keep_rows(&mut self, nkv: usize, hd: usize, base: usize, rows: &[usize]) {
+        let cap = self.capacity;
+        for buf in self.k.iter_mut().chain(self.v.iter_mut()) {
+            if buf.is_empty() {
+                continue;
+            }
+            for h in 0..nkv {
+                // Ascending rows move down or stay: a later source is never overwritten first.
+                for (j, &r) in rows.iter().enumerate().filter(|&(j, &r)| j != r) {
+                    let (src, dst) = ((h * cap + base + r) * hd, (h * cap + base + j) * hd);
+                    buf.copy_within(src..src + hd, dst);
+                }
+            }
+        }
     }
 }
 
@@ -112,11 +193,7 @@ impl Llama {
             Some(r) => KvStore::Device(r.new_kv(&self.config, n, capacity)?),
             None => {
                 let size = self.config.num_kv_heads() * capacity * self.config.head_dim();
-                KvStore::Host(HostKv {
-                    k: vec![vec![0f32; size]; n],
-                    v: vec![vec![0f32; size]; n],
-                    capacity,
-                })
+                KvStore::Host(HostKv::new(self.kv_cache_type, n, size, capacity, None))
             }
         };
         Ok(KvCache {
@@ -133,17 +210,18 @@ impl Llama {
             self.config.num_kv_heads(),
             self.config.head_dim(),
         );
-        let (mut k, mut v) = (vec![Vec::new(); nl], vec![Vec::new(); nl]);
-        k[li] = vec![0f32; nkv * rows * hd];
-        v[li] = vec![0f32; nkv * rows * hd];
         KvCache {
             len: 0,
             limit: rows,
-            store: KvStore::Host(HostKv {
-                k,
-                v,
-                capacity: rows,
-            }),
+            // Exact keys and values: layer-by-layer runs feed calibration, and their cache
+            // lives for one layer only.
+            store: KvStore::Host(HostKv::new(
+                KvCacheType::F32,
+                nl,
+                nkv * rows * hd,
+                rows,
+                Some(li),
+            )),
         }
     }
 
@@ -164,23 +242,12 @@ impl Llama {
                 "token trees are verified on the CPU only (this cache is on the GPU)".into(),
             ));
         };
-        let (nkv, hd, cap) = (
+        kv.keep_rows(
             self.config.num_kv_heads(),
             self.config.head_dim(),
-            kv.capacity,
+            base,
+            rows,
         );
-        for buf in kv.k.iter_mut().chain(kv.v.iter_mut()) {
-            if buf.is_empty() {
-                continue;
-            }
-            for h in 0..nkv {
-                // Ascending rows move down or stay: a later source is never overwritten first.
-                for (j, &r) in rows.iter().enumerate().filter(|&(j, &r)| j != r) {
-                    let (src, dst) = ((h * cap + base + r) * hd, (h * cap + base + j) * hd);
-                    buf.copy_within(src..src + hd, dst);
-                }
-            }
-        }
         cache.len = base + rows.len();
         Ok(())
     }

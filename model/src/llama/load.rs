@@ -1,6 +1,6 @@
 //! Building a [`Llama`] from a weight store, and the options it is built with.
 
-use super::{Layer, Llama};
+use super::{KvCacheType, Layer, Llama};
 use crate::config::Config;
 use crate::error::{tensor_err, Result};
 use crate::gguf_names::{permute_qk_rows, Permute};
@@ -19,6 +19,8 @@ pub struct LoadOptions {
     pub activations: ActivationPrecision,
     /// Where the forward pass runs.
     pub device: ComputeDevice,
+    /// What its KV caches hold keys and values as (on the CPU; a GPU cache is f32).
+    pub kv_cache: KvCacheType,
 }
 
 /// Where a model's forward pass runs.
@@ -270,6 +272,7 @@ impl Llama {
             pool: options.threads.map(tandem_kernels::pool::with_threads),
             resident: None,
             skip: Vec::new(),
+            kv_cache_type: options.kv_cache,
         };
         if options.device == ComputeDevice::Gpu {
             model.upload_to_gpu()?;
