@@ -111,6 +111,11 @@ unsafe fn widen_f16_f16c(src: &[half::f16], dst: &mut [f32]) {
     let (sp, dp) = (src.as_ptr() as *const u16, dst.as_mut_ptr());
     let mut i = 0;
     while i + 8 <= n {
+        if i % 32 == 0 {
+            // The next block of this KV head's keys or values sits right after this one: ask
+            // for it now, one cache line per 32 values (a prefetch never faults past the end).
+            _mm_prefetch::<_MM_HINT_T0>(sp.wrapping_add(i + n) as *const i8);
+        }
         let h = _mm_loadu_si128(sp.add(i) as *const __m128i);
         _mm256_storeu_ps(dp.add(i), _mm256_cvtph_ps(h));
         i += 8;
@@ -202,7 +207,8 @@ const QUERIES_PER_UNIT: usize = 24;
 /// its result, is the same whichever unit it is in.
 pub fn attention<E: KvElement>(s: AttentionShape, q: &[f32], k: &[E], v: &[E], out: &mut [f32]) {
     s.check(q, k, v, out);
-    attention_units(s, q, k, v, out, queries_per_unit(s), None)
+    let per_unit = queries_per_unit(s);
+    attention_units(s, q, k, v, out, per_unit, segment_split(s, per_unit), None)
 }
 
 /// Attention over a token tree (a speculative draft with several candidates per position):
@@ -221,7 +227,17 @@ pub fn attention_tree<E: KvElement>(
 ) {
     s.check(q, k, v, out);
     check_paths(s, paths);
-    attention_units(s, q, k, v, out, queries_per_unit(s), Some(paths))
+    let per_unit = queries_per_unit(s);
+    attention_units(
+        s,
+        q,
+        k,
+        v,
+        out,
+        per_unit,
+        segment_split(s, per_unit),
+        Some(paths),
+    )
 }
 
 /// How many queries a unit takes: a KV head's t·group queries split into enough equal runs
@@ -256,9 +272,31 @@ struct Query {
     path_len: usize,
 }
 
+/// Keys a query's softmax takes in one piece, from position 0 on (a multiple of
+/// [`KEYS_PER_BLOCK`] and of 8). A query's keys are cut at these fixed positions whatever the
+/// pass, each segment gets its own maximum, exponentials and unnormalized weighted sum, and
+/// [`combine_parts`] merges them in order: so a query's result depends only on its keys, and
+/// a pass with few queries (a one-token step: one run of queries per KV head, 3 on SmolLM2)
+/// can still split each run's keys over several threads (split-K, as flash-decoding does).
+const KEYS_PER_SEGMENT: usize = 256;
+
+/// Into how many pieces each run of queries' segments is cut: enough that the pass has about
+/// four units per thread (a one-token step at 1,024 keys on 2 threads: 3 runs, 2 pieces each,
+/// instead of 3 units for 2 threads), never more than the segments, one with one thread.
+fn segment_split(s: AttentionShape, per_unit: usize) -> usize {
+    let threads = crate::pool::current().threads_now().max(1);
+    if threads == 1 {
+        return 1;
+    }
+    let runs = s.n_kv_head * (s.t * (s.n_head / s.n_kv_head)).div_ceil(per_unit.max(1));
+    (4 * threads).div_ceil(runs.max(1))
+}
+
 /// Attention in task units of `per_unit` queries of one KV head (its group's heads of
-/// consecutive rows, row-major). `paths`: a token tree's visible new rows per query (see
+/// consecutive rows, row-major) and a run of their key segments (each run's segments cut into
+/// `split` pieces). `paths`: a token tree's visible new rows per query (see
 /// [`attention_tree`]); `None` is causal.
+#[allow(clippy::too_many_arguments)]
 fn attention_units<E: KvElement>(
     s: AttentionShape,
     q: &[f32],
@@ -266,6 +304,7 @@ fn attention_units<E: KvElement>(
     v: &[E],
     out: &mut [f32],
     per_unit: usize,
+    split: usize,
     paths: Option<&[Vec<u32>]>,
 ) {
     let d = s.head_dim;
@@ -273,8 +312,28 @@ fn attention_units<E: KvElement>(
     let scale = 1.0 / (d as f32).sqrt();
     let per_unit = per_unit.clamp(1, QUERIES_PER_UNIT);
     let per_kv_head = s.t * group;
-    let units_per_kv_head = per_kv_head.div_ceil(per_unit);
-    let units = s.n_kv_head * units_per_kv_head;
+    let runs_per_kv_head = per_kv_head.div_ceil(per_unit);
+    let runs = s.n_kv_head * runs_per_kv_head;
+    // Keys row i's queries see.
+    let seen = |i: usize| s.n + paths.map_or(i + 1, |p| p[i].len());
+    let segments = (0..s.t)
+        .map(seen)
+        .max()
+        .unwrap_or(0)
+        .div_ceil(KEYS_PER_SEGMENT)
+        .max(1);
+    let per_piece = segments.div_ceil(split.clamp(1, segments));
+    let pieces = segments.div_ceil(per_piece);
+    let units = runs * pieces;
+    let part_len = d + 2;
+    // With a run's segments cut into pieces, each (query, segment) part lands here and the
+    // queries are combined once every unit has run.
+    let mut shared = if pieces > 1 {
+        vec![0f32; s.t * s.n_head * segments * part_len]
+    } else {
+        Vec::new()
+    };
+    let shared_at = crate::rows::SendPtr(shared.as_mut_ptr());
     // Tasks of a few consecutive units: a unit at short context is a few microseconds of
     // arithmetic, near what handing it out as a task costs. Eight tasks per thread or more,
     // so the pool still evens out a prefill's units (later rows attend over more keys).
@@ -285,70 +344,138 @@ fn attention_units<E: KvElement>(
         crate::rows::with_scratch(&SCORES, |scores| {
             crate::rows::with_scratch(&WIDE_BLOCK, |wide| {
                 crate::rows::with_scratch(&PATH_ROWS, |path_rows| {
-                    for unit in c * per_task..((c + 1) * per_task).min(units) {
-                        let kv = unit / units_per_kv_head;
-                        let first = unit % units_per_kv_head * per_unit;
-                        let last = (first + per_unit).min(per_kv_head);
-                        let (kh, vh) = (&k[kv * s.capacity * d..], &v[kv * s.capacity * d..]);
-                        let mut queries = [Query::default(); QUERIES_PER_UNIT];
-                        path_rows.clear();
-                        let mut gathered_row = usize::MAX;
-                        for (x, qi) in (first..last).enumerate() {
-                            let (i, g) = (qi / group, qi % group);
-                            let row = i * s.n_head + kv * group + g;
-                            queries[x] = match paths {
-                                // Causal: the rows 0..=n+i.
-                                None => Query {
-                                    row,
-                                    cached: s.n + i + 1,
-                                    ..Query::default()
-                                },
-                                // A tree: 0..n, then the path's rows, gathered (at most a few
-                                // dozen) once per row of the unit, keys then values.
-                                Some(p) => {
-                                    let len = p[i].len() * d;
-                                    if gathered_row != i {
-                                        gathered_row = i;
-                                        for src in [kh, vh] {
-                                            for &m in &p[i] {
-                                                let r = (s.n + m as usize) * d;
-                                                let at = path_rows.len();
-                                                path_rows.resize(at + d, 0.0);
-                                                E::load(&src[r..r + d], &mut path_rows[at..]);
+                    crate::rows::with_scratch(&PARTS, |parts| {
+                        for unit in c * per_task..((c + 1) * per_task).min(units) {
+                            let (run, piece) = (unit / pieces, unit % pieces);
+                            let kv = run / runs_per_kv_head;
+                            let first = run % runs_per_kv_head * per_unit;
+                            let last = (first + per_unit).min(per_kv_head);
+                            let seg0 = piece * per_piece;
+                            let segs = seg0..(seg0 + per_piece).min(segments);
+                            let (kh, vh) = (&k[kv * s.capacity * d..], &v[kv * s.capacity * d..]);
+                            let mut queries = [Query::default(); QUERIES_PER_UNIT];
+                            path_rows.clear();
+                            let mut gathered_row = usize::MAX;
+                            for (x, qi) in (first..last).enumerate() {
+                                let (i, g) = (qi / group, qi % group);
+                                let row = i * s.n_head + kv * group + g;
+                                queries[x] = match paths {
+                                    // Causal: the rows 0..=n+i.
+                                    None => Query {
+                                        row,
+                                        cached: s.n + i + 1,
+                                        ..Query::default()
+                                    },
+                                    // A tree: 0..n, then the path's rows, gathered (at most a
+                                    // few dozen) once per row of the unit, keys then values.
+                                    Some(p) => {
+                                        let len = p[i].len() * d;
+                                        if gathered_row != i {
+                                            gathered_row = i;
+                                            for src in [kh, vh] {
+                                                for &m in &p[i] {
+                                                    let r = (s.n + m as usize) * d;
+                                                    let at = path_rows.len();
+                                                    path_rows.resize(at + d, 0.0);
+                                                    E::load(&src[r..r + d], &mut path_rows[at..]);
+                                                }
                                             }
                                         }
+                                        Query {
+                                            row,
+                                            cached: s.n,
+                                            path_at: path_rows.len() - 2 * len,
+                                            path_len: p[i].len(),
+                                        }
                                     }
-                                    Query {
-                                        row,
-                                        cached: s.n,
-                                        path_at: path_rows.len() - 2 * len,
-                                        path_len: p[i].len(),
-                                    }
-                                }
+                                };
+                            }
+                            let queries = &queries[..last - first];
+                            let unit_parts = queries.len() * segs.len() * part_len;
+                            parts.clear();
+                            parts.resize(unit_parts, 0.0);
+                            let work = Unit {
+                                queries,
+                                q,
+                                d,
+                                keys: kh,
+                                vals: vh,
+                                path_rows,
+                                scale,
+                                segments: segs.clone(),
                             };
+                            attend_queries(&work, scores, wide, parts);
+                            let per_query = segs.len() * part_len;
+                            for (x, qy) in queries.iter().enumerate() {
+                                let mine = &parts[x * per_query..][..per_query];
+                                if pieces == 1 {
+                                    // SAFETY: a query's output row is (row i, head h): a unit's
+                                    // queries are distinct (i, h) of its KV head and units
+                                    // split the queries without overlap (one piece each), so
+                                    // no two tasks write the same row; `run` waits for them.
+                                    let o = unsafe {
+                                        std::slice::from_raw_parts_mut(
+                                            base.get().add(qy.row * d),
+                                            d,
+                                        )
+                                    };
+                                    combine_parts(mine, qy.cached + qy.path_len, d, o);
+                                } else {
+                                    // SAFETY: `shared` holds a part per (query row, segment);
+                                    // units split (rows × segments) without overlap, so no
+                                    // two tasks write the same part; `run` waits for them.
+                                    let dst = unsafe {
+                                        std::slice::from_raw_parts_mut(
+                                            shared_at
+                                                .get()
+                                                .add((qy.row * segments + seg0) * part_len),
+                                            per_query,
+                                        )
+                                    };
+                                    dst.copy_from_slice(mine);
+                                }
+                            }
                         }
-                        let work = Unit {
-                            queries: &queries[..last - first],
-                            q,
-                            d,
-                            keys: kh,
-                            vals: vh,
-                            path_rows,
-                            scale,
-                        };
-                        // SAFETY: a query's output row is (row i, head h): a unit's queries are
-                        // distinct (i, h) of its KV head and units split the queries without
-                        // overlap, so no two tasks write the same row; `run` waits for them all.
-                        unsafe { attend_queries(&work, scores, wide, base.get()) };
-                    }
+                    })
                 })
             })
         })
     });
+    if pieces > 1 {
+        for i in 0..s.t {
+            for h in 0..s.n_head {
+                let row = i * s.n_head + h;
+                let mine = &shared[row * segments * part_len..][..segments * part_len];
+                combine_parts(mine, seen(i), d, &mut out[row * d..][..d]);
+            }
+        }
+    }
 }
 
-/// What one unit computes: its queries, their KV head's cache rows, and (a tree's) the
-/// paths' rows gathered.
+/// A query's output from its segments' parts (each `[max, z, Σ e^(s−max)·v …]`, segment 0
+/// first) over `seen` keys: rescaled to the largest maximum and added in segment order, then
+/// divided by the total. One segment: its sum divided by its z (e^0 is exactly 1).
+fn combine_parts(parts: &[f32], seen: usize, d: usize, out: &mut [f32]) {
+    let n = seen.div_ceil(KEYS_PER_SEGMENT);
+    let parts = parts.chunks_exact(d + 2).take(n);
+    let max = parts
+        .clone()
+        .map(|p| p[0])
+        .fold(f32::NEG_INFINITY, f32::max);
+    let mut z = 0f32;
+    out.fill(0.0);
+    for p in parts {
+        let c = crate::ops::exp_approx(p[0] - max);
+        z += p[1] * c;
+        for (o, x) in out.iter_mut().zip(&p[2..]) {
+            *o += c * x;
+        }
+    }
+    out.iter_mut().for_each(|o| *o /= z);
+}
+
+/// What one unit computes: its queries, their KV head's cache rows, (a tree's) the paths'
+/// rows gathered, and which of their key segments.
 struct Unit<'a, E> {
     queries: &'a [Query],
     /// All query vectors, [t, n_head, head_dim] (a query's at `row · d`).
@@ -358,60 +485,52 @@ struct Unit<'a, E> {
     vals: &'a [E],
     path_rows: &'a [f32],
     scale: f32,
+    segments: std::ops::Range<usize>,
 }
 
-/// softmax(q·kᵀ·scale)·v for each of the unit's queries, into its row of `out`. `wide`:
-/// scratch for a block of an f16 cache widened.
-///
-/// # Safety
-/// `out` is the [t, n_head, head_dim] output, and no other thread touches the unit's queries'
-/// rows during the call.
-unsafe fn attend_queries<E: KvElement>(
+/// For each of the unit's queries and segments, the segment's part into `parts`
+/// ([query][segment][max, z, d sums]). `wide`: scratch for a block of an f16 cache widened.
+fn attend_queries<E: KvElement>(
     unit: &Unit<'_, E>,
     scores: &mut Vec<f32>,
     wide: &mut Vec<f32>,
-    out: *mut f32,
+    parts: &mut [f32],
 ) {
     #[cfg(target_arch = "x86_64")]
     if crate::has_avx2_fma() {
-        // SAFETY: the CPU has AVX2, FMA and F16C (checked above); `out` as this function's
-        // contract.
-        return unsafe { attend_queries_avx2(unit, scores, wide, out) };
+        // SAFETY: the CPU has AVX2, FMA and F16C (checked above).
+        return unsafe { attend_queries_avx2(unit, scores, wide, parts) };
     }
-    // SAFETY: as this function's contract.
-    unsafe { attend_queries_body(unit, scores, wide, out) }
+    attend_queries_body(unit, scores, wide, parts)
 }
 
 /// # Safety
-/// As [`attend_queries`], on a CPU with AVX2, FMA and F16C.
+/// The CPU has AVX2, FMA and F16C.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn attend_queries_avx2<E: KvElement>(
     unit: &Unit<'_, E>,
     scores: &mut Vec<f32>,
     wide: &mut Vec<f32>,
-    out: *mut f32,
+    parts: &mut [f32],
 ) {
-    // SAFETY: as this function's contract.
-    unsafe { attend_queries_body(unit, scores, wide, out) }
+    attend_queries_body(unit, scores, wide, parts)
 }
 
-/// The cache's rows are visited in blocks of [`KEYS_PER_BLOCK`], each block by every query
-/// that sees (part of) it before the next block is read, then each query's gathered path rows
-/// (a tree's). Per query: the same operations in the same order whatever the unit, the same
-/// bits (each key's score is one function of q and k, a maximum does not depend on order, and
-/// each output element adds its rows in order, through memory between blocks). The plain
-/// loops vectorize 8 wide in the AVX2 build; Rust never fuses a multiply and an add on its
-/// own, so both builds round identically.
-///
-/// # Safety
-/// As [`attend_queries`].
+/// Per segment: the cache's rows in it are visited in blocks of [`KEYS_PER_BLOCK`], each
+/// block by every query that sees (part of) it before the next block is read, then each
+/// query's gathered path rows in it (a tree's). Per query: the same operations in the same
+/// order whatever the unit, the same bits (each key's score is one function of q and k, a
+/// maximum does not depend on order, the exponentials' eight-lane sums depend on the
+/// segment's length only, and each output element adds its rows in order, through memory
+/// between blocks). The plain loops vectorize 8 wide in the AVX2 build; Rust never fuses a
+/// multiply and an add on its own, so both builds round identically.
 #[inline(always)]
-unsafe fn attend_queries_body<E: KvElement>(
+fn attend_queries_body<E: KvElement>(
     unit: &Unit<'_, E>,
     scores: &mut Vec<f32>,
     wide: &mut Vec<f32>,
-    out: *mut f32,
+    parts: &mut [f32],
 ) {
     let Unit {
         queries,
@@ -421,59 +540,85 @@ unsafe fn attend_queries_body<E: KvElement>(
         vals,
         path_rows,
         scale,
+        ref segments,
     } = *unit;
     let seen = |x: &Query| x.cached + x.path_len;
-    let stride = queries.iter().map(seen).max().unwrap_or(0);
+    // Of a query's path rows, those at positions lo..hi (a range of indices into them).
+    let path_span = |x: &Query, lo: usize, hi: usize| {
+        let (a, b) = (lo.max(x.cached), hi.min(seen(x)));
+        (a - x.cached)..b.max(a) - x.cached
+    };
+    const S: usize = KEYS_PER_SEGMENT;
     let cached = queries.iter().map(|x| x.cached).max().unwrap_or(0);
+    let (nseg, part_len) = (segments.len(), d + 2);
     scores.clear();
-    scores.resize(queries.len() * stride, 0.0);
+    scores.resize(queries.len() * S, 0.0);
     // The kernels' choice, made once per unit rather than per block and query.
     let simd = d.is_multiple_of(8) && simd_available();
     let query = |x: &Query| &q[x.row * d..][..d];
-    // SAFETY: the query's own output row (this function's contract).
-    let output = |x: &Query| unsafe { std::slice::from_raw_parts_mut(out.add(x.row * d), d) };
-    let mut max = [f32::NEG_INFINITY; QUERIES_PER_UNIT];
-    for (b, block) in keys[..cached * d].chunks(KEYS_PER_BLOCK * d).enumerate() {
-        let block = E::widen(simd, block, wide);
-        let j0 = b * KEYS_PER_BLOCK;
-        for (x, qy) in queries.iter().enumerate() {
-            let rows = qy.cached.saturating_sub(j0).min(block.len() / d);
-            if rows > 0 {
-                let s = &mut scores[x * stride + j0..][..rows];
-                max[x] = max[x].max(score_block(simd, query(qy), &block[..rows * d], scale, s));
+    for (si, seg) in segments.clone().enumerate() {
+        let (lo, hi) = (seg * S, (seg + 1) * S);
+        let cache_rows = lo..hi.min(cached).max(lo);
+        let mut max = [f32::NEG_INFINITY; QUERIES_PER_UNIT];
+        let blocks = keys[cache_rows.start * d..cache_rows.end * d].chunks(KEYS_PER_BLOCK * d);
+        for (b, block) in blocks.enumerate() {
+            let block = E::widen(simd, block, wide);
+            let j0 = lo + b * KEYS_PER_BLOCK;
+            for (x, qy) in queries.iter().enumerate() {
+                let rows = qy.cached.saturating_sub(j0).min(block.len() / d);
+                if rows > 0 {
+                    let s = &mut scores[x * S + j0 - lo..][..rows];
+                    max[x] = max[x].max(score_block(simd, query(qy), &block[..rows * d], scale, s));
+                }
             }
         }
-    }
-    for (x, qy) in queries.iter().enumerate() {
-        let path_keys = &path_rows[qy.path_at..][..qy.path_len * d];
-        for (b, block) in path_keys.chunks(KEYS_PER_BLOCK * d).enumerate() {
-            let s = &mut scores[x * stride + qy.cached + b * KEYS_PER_BLOCK..][..block.len() / d];
-            max[x] = max[x].max(score_block(simd, query(qy), block, scale, s));
-        }
-    }
-    for (x, qy) in queries.iter().enumerate() {
-        let weights = &mut scores[x * stride..][..seen(qy)];
-        let z = crate::ops::exp_shifted_sum(weights, max[x]);
-        // The softmax weights, each divided once.
-        weights.iter_mut().for_each(|w| *w /= z);
-        output(qy).fill(0.0);
-    }
-    for (b, block) in vals[..cached * d].chunks(KEYS_PER_BLOCK * d).enumerate() {
-        let block = E::widen(simd, block, wide);
-        let j0 = b * KEYS_PER_BLOCK;
         for (x, qy) in queries.iter().enumerate() {
-            let rows = qy.cached.saturating_sub(j0).min(block.len() / d);
-            if rows > 0 {
-                let w = &scores[x * stride + j0..][..rows];
-                accumulate_block(simd, &block[..rows * d], w, output(qy));
+            let span = path_span(qy, lo, hi);
+            if span.is_empty() {
+                continue;
+            }
+            let at = qy.cached + span.start - lo;
+            let path_keys = &path_rows[qy.path_at + span.start * d..][..span.len() * d];
+            for (b, block) in path_keys.chunks(KEYS_PER_BLOCK * d).enumerate() {
+                let s = &mut scores[x * S + at + b * KEYS_PER_BLOCK..][..block.len() / d];
+                max[x] = max[x].max(score_block(simd, query(qy), block, scale, s));
             }
         }
-    }
-    for (x, qy) in queries.iter().enumerate() {
-        let path_vals = &path_rows[qy.path_at + qy.path_len * d..][..qy.path_len * d];
-        for (b, block) in path_vals.chunks(KEYS_PER_BLOCK * d).enumerate() {
-            let w = &scores[x * stride + qy.cached + b * KEYS_PER_BLOCK..][..block.len() / d];
-            accumulate_block(simd, block, w, output(qy));
+        for (x, qy) in queries.iter().enumerate() {
+            let part = &mut parts[(x * nseg + si) * part_len..][..part_len];
+            part.fill(0.0);
+            let len = seen(qy).min(hi).saturating_sub(lo);
+            part[0] = max[x];
+            if len > 0 {
+                part[1] = crate::ops::exp_shifted_sum(&mut scores[x * S..][..len], max[x]);
+            }
+        }
+        let blocks = vals[cache_rows.start * d..cache_rows.end * d].chunks(KEYS_PER_BLOCK * d);
+        for (b, block) in blocks.enumerate() {
+            let block = E::widen(simd, block, wide);
+            let j0 = lo + b * KEYS_PER_BLOCK;
+            for (x, qy) in queries.iter().enumerate() {
+                let rows = qy.cached.saturating_sub(j0).min(block.len() / d);
+                if rows > 0 {
+                    let w = &scores[x * S + j0 - lo..][..rows];
+                    let o = &mut parts[(x * nseg + si) * part_len + 2..][..d];
+                    accumulate_block(simd, &block[..rows * d], w, o);
+                }
+            }
+        }
+        for (x, qy) in queries.iter().enumerate() {
+            let span = path_span(qy, lo, hi);
+            if span.is_empty() {
+                continue;
+            }
+            let at = qy.cached + span.start - lo;
+            let path_vals =
+                &path_rows[qy.path_at + (qy.path_len + span.start) * d..][..span.len() * d];
+            for (b, block) in path_vals.chunks(KEYS_PER_BLOCK * d).enumerate() {
+                let w = &scores[x * S + at + b * KEYS_PER_BLOCK..][..block.len() / d];
+                let o = &mut parts[(x * nseg + si) * part_len + 2..][..d];
+                accumulate_block(simd, block, w, o);
+            }
         }
     }
 }
@@ -660,6 +805,8 @@ thread_local! {
     static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
     /// A block of an f16 cache's keys or values, widened to f32 for a unit's queries.
     static WIDE_BLOCK: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// A unit's parts: per query and segment, its maximum, sum and weighted values.
+    static PARTS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
     /// A unit's token-tree paths' keys and values, gathered (per row of the tree).
     static PATH_ROWS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
@@ -724,6 +871,8 @@ mod tests {
             (5, 3, 9, 3, 64, 10),
             (4, 0, 8, 8, 12, 4),
             (3, 20, 6, 2, 17, 40),
+            (1, 700, 9, 3, 64, 701),
+            (5, 509, 6, 2, 32, 520),
         ] {
             let (s, q, k, v) = random_case(&mut rng, t, n, nh, nkv, d, cap);
             let mut a = vec![0f32; q.len()];
@@ -748,6 +897,9 @@ mod tests {
             (6, 70, 9, 3, 64),
             (16, 40, 9, 3, 64),
             (6, 33, 4, 1, 12),
+            (1, 900, 9, 3, 64),
+            (7, 250, 9, 3, 64),
+            (4, 520, 6, 2, 16),
         ] {
             let (s, q, k, v) = random_case(&mut rng, t, n, nh, nkv, d, n + t);
             let chain: Vec<Vec<u32>> = (0..t as u32).map(|i| (0..=i).collect()).collect();
@@ -756,16 +908,18 @@ mod tests {
                 .collect();
             for paths in [None, Some(&chain[..]), Some(&tree[..])] {
                 let mut one = vec![0f32; q.len()];
-                attention_units(s, &q, &k, &v, &mut one, 1, paths);
-                for per_unit in [2, nh / nkv, 5, QUERIES_PER_UNIT] {
-                    let mut b = vec![0f32; q.len()];
-                    attention_units(s, &q, &k, &v, &mut b, per_unit, paths);
-                    assert_eq!(
-                        one,
-                        b,
-                        "{s:?} {per_unit} per unit, tree {:?}",
-                        paths.is_some()
-                    );
+                attention_units(s, &q, &k, &v, &mut one, 1, 1, paths);
+                for per_unit in [1, 2, nh / nkv, 5, QUERIES_PER_UNIT] {
+                    for split in [1, 2, 3, 64] {
+                        let mut b = vec![0f32; q.len()];
+                        attention_units(s, &q, &k, &v, &mut b, per_unit, split, paths);
+                        assert_eq!(
+                            one,
+                            b,
+                            "{s:?} {per_unit} per unit, {split} pieces, tree {:?}",
+                            paths.is_some()
+                        );
+                    }
                 }
             }
         }
@@ -833,7 +987,12 @@ mod tests {
     #[test]
     fn tree_matches_its_reference_and_a_chain_is_causal() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(21);
-        for (n, nh, nkv, d) in [(0, 4, 2, 16), (9, 9, 3, 64), (30, 8, 8, 12)] {
+        for (n, nh, nkv, d) in [
+            (0, 4, 2, 16),
+            (9, 9, 3, 64),
+            (30, 8, 8, 12),
+            (253, 9, 3, 64),
+        ] {
             let (s, q, k, v) = random_case(&mut rng, 6, n, nh, nkv, d, n + 6);
             let (mut a, mut b) = (vec![0f32; q.len()], vec![0f32; q.len()]);
             attention_tree_reference(s, &q, &k, &v, &mut a, &tree_paths());
@@ -854,32 +1013,35 @@ mod tests {
     #[test]
     fn a_tree_row_equals_its_path_decoded_plainly() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(22);
-        let (n, nh, nkv, d) = (13, 6, 2, 32);
-        let (s, q, k, v) = random_case(&mut rng, 6, n, nh, nkv, d, n + 6);
-        let mut tree = vec![0f32; q.len()];
-        attention_tree(s, &q, &k, &v, &mut tree, &tree_paths());
-        let row = nh * d;
-        for (i, path) in tree_paths().iter().enumerate() {
-            // The path's keys and values moved to n, n+1, ... (as the cache keeps them).
-            let (mut kp, mut vp) = (k.clone(), v.clone());
-            for h in 0..nkv {
-                for (depth, &m) in path.iter().enumerate() {
-                    let (src, dst) = (
-                        (h * s.capacity + n + m as usize) * d,
-                        (h * s.capacity + n + depth) * d,
-                    );
-                    kp.copy_within(src..src + d, dst);
-                    vp.copy_within(src..src + d, dst);
+        // Paths inside a key segment and across one (253 + 4 > 256).
+        for n in [13, 253, 510] {
+            let (nh, nkv, d) = (6, 2, 32);
+            let (s, q, k, v) = random_case(&mut rng, 6, n, nh, nkv, d, n + 6);
+            let mut tree = vec![0f32; q.len()];
+            attention_tree(s, &q, &k, &v, &mut tree, &tree_paths());
+            let row = nh * d;
+            for (i, path) in tree_paths().iter().enumerate() {
+                // The path's keys and values moved to n, n+1, ... (as the cache keeps them).
+                let (mut kp, mut vp) = (k.clone(), v.clone());
+                for h in 0..nkv {
+                    for (depth, &m) in path.iter().enumerate() {
+                        let (src, dst) = (
+                            (h * s.capacity + n + m as usize) * d,
+                            (h * s.capacity + n + depth) * d,
+                        );
+                        kp.copy_within(src..src + d, dst);
+                        vp.copy_within(src..src + d, dst);
+                    }
                 }
+                let one = AttentionShape {
+                    t: 1,
+                    n: n + path.len() - 1,
+                    ..s
+                };
+                let mut plain = vec![0f32; row];
+                attention(one, &q[i * row..][..row], &kp, &vp, &mut plain);
+                assert_eq!(&tree[i * row..][..row], &plain[..], "row {i}");
             }
-            let one = AttentionShape {
-                t: 1,
-                n: n + path.len() - 1,
-                ..s
-            };
-            let mut plain = vec![0f32; row];
-            attention(one, &q[i * row..][..row], &kp, &vp, &mut plain);
-            assert_eq!(&tree[i * row..][..row], &plain[..], "row {i}");
         }
     }
 
@@ -894,6 +1056,7 @@ mod tests {
         for (t, n, nh, nkv, d) in [
             (1, 0, 9, 3, 64),
             (1, 100, 9, 3, 64),
+            (1, 600, 9, 3, 64),
             (6, 70, 9, 3, 64),
             (5, 33, 4, 1, 12),
             (16, 40, 8, 2, 16),
@@ -909,8 +1072,8 @@ mod tests {
             for paths in [None, Some(&tree[..])] {
                 for per_unit in [1, nh / nkv, QUERIES_PER_UNIT] {
                     let (mut a, mut b) = (vec![0f32; q.len()], vec![0f32; q.len()]);
-                    attention_units(s, &q, &kh, &vh, &mut a, per_unit, paths);
-                    attention_units(s, &q, &kw, &vw, &mut b, per_unit, paths);
+                    attention_units(s, &q, &kh, &vh, &mut a, per_unit, 2, paths);
+                    attention_units(s, &q, &kw, &vw, &mut b, per_unit, 2, paths);
                     assert_eq!(a, b, "{s:?} {per_unit} per unit, tree {}", paths.is_some());
                 }
             }
