@@ -245,7 +245,8 @@ pub fn attention_tree<E: KvElement>(
 /// [`QUERIES_PER_UNIT`], and never fewer than a group's heads: a one-token step at a long
 /// context is bound by reading the cache, and a group's heads read their KV head once
 /// (SmolLM2 at 1,024 tokens, 2 threads: 3.1-3.2 ms of attention per step against 3.5-3.9
-/// with a unit per head, although 3 units cannot be split evenly over 2 threads).
+/// with a unit per head). Three such runs cannot be split evenly over 2 threads: their key
+/// segments are ([`segment_split`]).
 fn queries_per_unit(s: AttentionShape) -> usize {
     let group = s.n_head / s.n_kv_head;
     let per_kv_head = s.t * group;
