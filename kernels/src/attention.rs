@@ -328,12 +328,15 @@ fn attention_units<E: KvElement>(
     let units = runs * pieces;
     let part_len = d + 2;
     // With a run's segments cut into pieces, each (query, segment) part lands here and the
-    // queries are combined once every unit has run.
-    let mut shared = if pieces > 1 {
-        vec![0f32; s.t * s.n_head * segments * part_len]
-    } else {
-        Vec::new()
-    };
+    // queries are combined once every unit has run: the calling thread's buffer, kept from
+    // call to call (a one-token step splits in every layer).
+    let mut shared = SHARED_PARTS
+        .with(|c| c.try_borrow_mut().map(|mut b| std::mem::take(&mut *b)))
+        .unwrap_or_default();
+    shared.clear();
+    if pieces > 1 {
+        shared.resize(s.t * s.n_head * segments * part_len, 0.0);
+    }
     let shared_at = crate::rows::SendPtr(shared.as_mut_ptr());
     // Tasks of a few consecutive units: a unit at short context is a few microseconds of
     // arithmetic, near what handing it out as a task costs. Eight tasks per thread or more,
@@ -393,7 +396,7 @@ fn attention_units<E: KvElement>(
                             }
                             let queries = &queries[..last - first];
                             let unit_parts = queries.len() * segs.len() * part_len;
-                            parts.clear();
+                            // Every part is written in full by the unit (no clearing here).
                             parts.resize(unit_parts, 0.0);
                             let work = Unit {
                                 queries,
@@ -451,6 +454,11 @@ fn attention_units<E: KvElement>(
             }
         }
     }
+    SHARED_PARTS.with(|c| {
+        if let Ok(mut b) = c.try_borrow_mut() {
+            *b = shared;
+        }
+    });
 }
 
 /// A query's output from its segments' parts (each `[max, z, Σ e^(s−max)·v …]`, segment 0
@@ -806,6 +814,8 @@ thread_local! {
     static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
     /// A block of an f16 cache's keys or values, widened to f32 for a unit's queries.
     static WIDE_BLOCK: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// The calling thread's parts of a pass whose segments are split over units.
+    static SHARED_PARTS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
     /// A unit's parts: per query and segment, its maximum, sum and weighted values.
     static PARTS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
     /// A unit's token-tree paths' keys and values, gathered (per row of the tree).

@@ -272,7 +272,7 @@ impl Backend for CpuPass<'_> {
             let KvStore::Host(kv) = &mut cache.store else {
                 return Err(internal("a GPU cache in a CPU pass"));
             };
-            let shape = attention_shape(c, t, n, 0);
+            let shape = attention_shape(c, t, n, kv.capacity());
             let span = row * nh * hd..(row + t) * nh * hd;
             let (q, out) = (&q[span.clone()], &mut out[span]);
             let (k, v) = (&k[row * nkv * hd..], &v[row * nkv * hd..]);
@@ -320,8 +320,7 @@ impl Backend for CpuPass<'_> {
 
 /// Appends a sequence's `shape.t` new keys and values (`k`, `v`: [t, n_kv_head, head_dim]
 /// from the pass's first row of it) at positions n.. of layer `li`'s cache, then attends its
-/// queries over the cache: causal, or over a token tree's `paths`. `shape.capacity` is taken
-/// from the cache.
+/// queries over the cache: causal, or over a token tree's `paths`.
 #[allow(clippy::too_many_arguments)]
 fn append_and_attend<E: tandem_kernels::KvElement>(
     layers: &mut HostLayers<E>,
@@ -338,12 +337,8 @@ fn append_and_attend<E: tandem_kernels::KvElement>(
         shape.n,
         shape.n_kv_head,
         shape.head_dim,
-        layers.capacity,
+        shape.capacity,
     );
-    let shape = tandem_kernels::AttentionShape {
-        capacity: cap,
-        ..shape
-    };
     let (kc, vc) = (&mut layers.k[li], &mut layers.v[li]);
     for i in 0..t {
         for h in 0..nkv {

@@ -47,25 +47,17 @@ pub(super) struct HostLayers<E> {
 impl HostKv {
     /// `n` layers of `size` zeroed elements each for keys and values, or layer `only` alone.
     fn new(kind: KvCacheType, n: usize, size: usize, capacity: usize, only: Option<usize>) -> Self {
-        fn layers<E: Copy + Default>(n: usize, size: usize, only: Option<usize>) -> Vec<Vec<E>> {
-            (0..n)
-                .map(|li| match only {
-                    Some(o) if o != li => Vec::new(),
-                    _ => vec![E::default(); size],
-                })
-                .collect()
-        }
         match kind {
-            KvCacheType::F32 => HostKv::F32(HostLayers {
-                k: layers(n, size, only),
-                v: layers(n, size, only),
-                capacity,
-            }),
-            KvCacheType::F16 => HostKv::F16(HostLayers {
-                k: layers(n, size, only),
-                v: layers(n, size, only),
-                capacity,
-            }),
+            KvCacheType::F32 => HostKv::F32(HostLayers::new(n, size, capacity, only)),
+            KvCacheType::F16 => HostKv::F16(HostLayers::new(n, size, capacity, only)),
+        }
+    }
+
+    /// Positions each layer's buffers are laid out for.
+    pub(super) fn capacity(&self) -> usize {
+        match self {
+            HostKv::F32(l) => l.capacity,
+            HostKv::F16(l) => l.capacity,
         }
     }
 
@@ -92,6 +84,22 @@ impl HostKv {
 }
 
 impl<E: Copy + Default> HostLayers<E> {
+    fn new(n: usize, size: usize, capacity: usize, only: Option<usize>) -> Self {
+        let layers = || -> Vec<Vec<E>> {
+            (0..n)
+                .map(|li| match only {
+                    Some(o) if o != li => Vec::new(),
+                    _ => vec![E::default(); size],
+                })
+                .collect()
+        };
+        HostLayers {
+            k: layers(),
+            v: layers(),
+            capacity,
+        }
+    }
+
     /// Grows (doubling, capped at `limit`) to hold `needed` positions, keeping the first `len`.
     pub(super) fn reserve(
         &mut self,
