@@ -627,77 +627,96 @@ unsafe fn group_avx2<const FMT: u8, const G: usize, const VNNI: bool>(
     let wp = w.as_ptr();
     let xp = xq.quants.as_ptr().add(i0 * k);
     let dxp = xq.scales.as_ptr().add(i0 * nb);
-    let nib = _mm256_set1_epi8(0x0F);
-    let eight = _mm256_set1_epi8(8);
     // Two accumulators per row (even and odd blocks): with one, every block waited on the
     // previous block's FMA, and a 576-wide row is only 18 blocks.
     let mut acc = [[_mm256_setzero_ps(); G]; 2];
-    let block = |b: usize, acc: &mut [__m256; G]| {
-        let blk = wp.add(b * bb);
-        _mm_prefetch::<_MM_HINT_T0>(blk.wrapping_add(crate::PREFETCH_BYTES) as *const i8);
-        // The scale converted in registers: staging eight of them through memory stalled
-        // on store forwarding.
-        let dw = _mm256_broadcastss_ps(_mm_cvtph_ps(_mm_cvtsi32_si128(
-            (blk as *const u16).read_unaligned() as i32,
-        )));
-        let q = blk.add(2);
-        let wq = match FMT {
-            Q4_0 => {
-                let raw = _mm_loadu_si128(q as *const __m128i);
-                let both = _mm256_set_m128i(_mm_srli_epi16(raw, 4), raw);
-                _mm256_sub_epi8(_mm256_and_si256(both, nib), eight)
-            }
-            Q5_0 => {
-                // Nibbles as Q4_0's; byte i of `set` is 0xFF where high bit i of `qh` is set
-                // (each byte picks its bit by OR-ing every other bit to 1 and comparing with
-                // all-ones, as llama.cpp's bytes_from_bits_32 does). level − 16 is the nibble
-                // itself where the bit is set, the nibble with 0xF0 OR-ed in where it is not.
-                let qh = (q as *const u32).read_unaligned() as i32;
-                let spread = _mm256_shuffle_epi8(
-                    _mm256_set1_epi32(qh),
-                    _mm256_set_epi64x(
-                        0x0303_0303_0303_0303,
-                        0x0202_0202_0202_0202,
-                        0x0101_0101_0101_0101,
-                        0,
-                    ),
-                );
-                let set = _mm256_cmpeq_epi8(
-                    _mm256_or_si256(spread, _mm256_set1_epi64x(0x7fbf_dfef_f7fb_fdfe)),
-                    _mm256_set1_epi64x(-1),
-                );
-                let raw = _mm_loadu_si128(q.add(4) as *const __m128i);
-                let both = _mm256_set_m128i(_mm_srli_epi16(raw, 4), raw);
-                let nibbles = _mm256_and_si256(both, nib);
-                _mm256_or_si256(
-                    nibbles,
-                    _mm256_andnot_si256(set, _mm256_set1_epi8(0xF0u8 as i8)),
-                )
-            }
-            _ => _mm256_loadu_si256(q as *const __m256i),
-        };
-        let aw = _mm256_sign_epi8(wq, wq);
-        for (r, a) in acc.iter_mut().enumerate() {
-            let xv = _mm256_loadu_si256(xp.add(r * k + b * BLOCK) as *const __m256i);
-            let sx = _mm256_sign_epi8(xv, wq);
-            let dot = dot_u8_i8::<VNNI>(aw, sx);
-            let d = _mm256_mul_ps(dw, _mm256_broadcast_ss(&*dxp.add(r * nb + b)));
-            *a = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(dot), *a);
-        }
-    };
     let mut b = 0;
     while b + 1 < nb {
         let (even, odd) = acc.split_at_mut(1);
-        block(b, &mut even[0]);
-        block(b + 1, &mut odd[0]);
+        block_avx2::<FMT, G, VNNI>(wp, bb, xp, dxp, k, nb, b, &mut even[0]);
+        block_avx2::<FMT, G, VNNI>(wp, bb, xp, dxp, k, nb, b + 1, &mut odd[0]);
         b += 2;
     }
     if b < nb {
-        block(b, &mut acc[0]);
+        block_avx2::<FMT, G, VNNI>(wp, bb, xp, dxp, k, nb, b, &mut acc[0]);
     }
     let acc: [__m256; G] = std::array::from_fn(|r| _mm256_add_ps(acc[0][r], acc[1][r]));
     for (o, a) in out.iter_mut().zip(acc.iter()) {
         *o = crate::hsum256(*a);
+    }
+}
+
+/// Block `b` of [`group_avx2`]'s weight row against its `G` activation rows, added into `acc`.
+/// A function and not a closure: a closure does not inherit its parent's `target_feature`s,
+/// so the intrinsics inside one stayed out-of-line calls (vectors passed through memory, about
+/// 40 calls per block). `inline(always)` puts this body into the AVX2 caller, where they
+/// inline.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn block_avx2<const FMT: u8, const G: usize, const VNNI: bool>(
+    wp: *const u8,
+    bb: usize,
+    xp: *const i8,
+    dxp: *const f32,
+    k: usize,
+    nb: usize,
+    b: usize,
+    acc: &mut [std::arch::x86_64::__m256; G],
+) {
+    use std::arch::x86_64::*;
+    let nib = _mm256_set1_epi8(0x0F);
+    let eight = _mm256_set1_epi8(8);
+    let blk = wp.add(b * bb);
+    _mm_prefetch::<_MM_HINT_T0>(blk.wrapping_add(crate::PREFETCH_BYTES) as *const i8);
+    // The scale converted in registers: staging eight of them through memory stalled
+    // on store forwarding.
+    let dw = _mm256_broadcastss_ps(_mm_cvtph_ps(_mm_cvtsi32_si128(
+        (blk as *const u16).read_unaligned() as i32,
+    )));
+    let q = blk.add(2);
+    let wq = match FMT {
+        Q4_0 => {
+            let raw = _mm_loadu_si128(q as *const __m128i);
+            let both = _mm256_set_m128i(_mm_srli_epi16(raw, 4), raw);
+            _mm256_sub_epi8(_mm256_and_si256(both, nib), eight)
+        }
+        Q5_0 => {
+            // Nibbles as Q4_0's; byte i of `set` is 0xFF where high bit i of `qh` is set
+            // (each byte picks its bit by OR-ing every other bit to 1 and comparing with
+            // all-ones, as llama.cpp's bytes_from_bits_32 does). level − 16 is the nibble
+            // itself where the bit is set, the nibble with 0xF0 OR-ed in where it is not.
+            let qh = (q as *const u32).read_unaligned() as i32;
+            let spread = _mm256_shuffle_epi8(
+                _mm256_set1_epi32(qh),
+                _mm256_set_epi64x(
+                    0x0303_0303_0303_0303,
+                    0x0202_0202_0202_0202,
+                    0x0101_0101_0101_0101,
+                    0,
+                ),
+            );
+            let set = _mm256_cmpeq_epi8(
+                _mm256_or_si256(spread, _mm256_set1_epi64x(0x7fbf_dfef_f7fb_fdfe)),
+                _mm256_set1_epi64x(-1),
+            );
+            let raw = _mm_loadu_si128(q.add(4) as *const __m128i);
+            let both = _mm256_set_m128i(_mm_srli_epi16(raw, 4), raw);
+            let nibbles = _mm256_and_si256(both, nib);
+            _mm256_or_si256(
+                nibbles,
+                _mm256_andnot_si256(set, _mm256_set1_epi8(0xF0u8 as i8)),
+            )
+        }
+        _ => _mm256_loadu_si256(q as *const __m256i),
+    };
+    let aw = _mm256_sign_epi8(wq, wq);
+    for (r, a) in acc.iter_mut().enumerate() {
+        let xv = _mm256_loadu_si256(xp.add(r * k + b * BLOCK) as *const __m256i);
+        let sx = _mm256_sign_epi8(xv, wq);
+        let dot = dot_u8_i8::<VNNI>(aw, sx);
+        let d = _mm256_mul_ps(dw, _mm256_broadcast_ss(&*dxp.add(r * nb + b)));
+        *a = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(dot), *a);
     }
 }
 
