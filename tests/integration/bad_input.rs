@@ -13,15 +13,14 @@
 //! | GGUF bad magic, counts past the file, truncated data | `gguf_bad_magic`, `gguf_bad_counts`, `gguf_truncated_data` |
 //! | convert over an existing folder, failing convert leaves nothing | `convert_refuses_to_overwrite_and_leaves_nothing_on_failure` |
 //! | issue 15's probing: alignment 0, 2^31 context, 2^31 layers, 10^6-token vocabulary, misaligned offset, escape sequences and 2 KB names, duplicate keys, bad sweep variant, a draft with other tokens, `--max-tokens 0`, `--draft-p-min 2`/`NaN`, `--ctx 0` | `hostile_input_matrix` (one row each, below) |
-//! | quantize: existing output without --force, NaN source tensor, policy and recipe errors | tests/quantize.rs `refuses_overwrite_and_nan_and_leaves_nothing_behind`, `policy_errors_and_recipes` |
-//! | SIGINT / SIGTERM / SIGHUP during quantize, convert, calibrate, eval, sweeps | tests/signals.rs |
-//! | C ABI: NULL verifier, NULL forward/rollback, vocab_size 0 or 2^64−1, context_limit 0, draft vocabulary differing, an engine error | tests/c/engine.c (run by tests/c_abi.rs) |
-//! | a draft whose vocabulary size differs (library) | tests/speculate.rs `mismatched_vocabularies_are_refused` |
-//! | quantized checkpoints (issue 17): integer tensors without a quantization_config, unsupported quant_method / type / strategy / bits, group size or bits contradicting the tensors, asymmetric without zero points, an implausible weight_shape, g_idx out of range, a missing scale, stray integer tensors | tests/interop.rs `bad_quantized_checkpoints_are_one_line_errors_naming_the_field_or_tensor`; GPTQ/AWQ layouts' short tensors and g_idx in `model::packed` unit tests |
+//! | quantize: existing output without --force, NaN source tensor, policy and recipe errors | quantize.rs `refuses_overwrite_and_nan_and_leaves_nothing_behind`, `policy_errors_and_recipes` |
+//! | SIGINT / SIGTERM / SIGHUP during quantize, convert, calibrate, eval, sweeps | signals.rs |
+//! | C ABI: NULL verifier, NULL forward/rollback, vocab_size 0 or 2^64−1, context_limit 0, draft vocabulary differing, an engine error | tests/c/engine.c (run by c_abi.rs) |
+//! | a draft whose vocabulary size differs (library) | speculate.rs `mismatched_vocabularies_are_refused` |
+//! | quantized checkpoints (issue 17): integer tensors without a quantization_config, unsupported quant_method / type / strategy / bits, group size or bits contradicting the tensors, asymmetric without zero points, an implausible weight_shape, g_idx out of range, a missing scale, stray integer tensors | interop.rs `bad_quantized_checkpoints_are_one_line_errors_naming_the_field_or_tensor`; GPTQ/AWQ layouts' short tensors and g_idx in `model::packed` unit tests |
 //! | random and field-wise mutations of every reader | `scripts/fuzz.sh` (fuzz/, a short run in CI) |
 
-mod common;
-use common::*;
+use crate::common::*;
 use std::path::{Path, PathBuf};
 
 /// A writable copy of the bundled model.

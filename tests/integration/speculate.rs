@@ -2,8 +2,7 @@
 //! drafter, draft length and controller, including prompts that end at EOS or at the
 //! context limit.
 
-mod common;
-use common::*;
+use crate::common::*;
 use tandem_model::generate::generate;
 use tandem_model::{Checkpoint, Llama, Sampler, SamplingParams};
 use tandem_speculate::{

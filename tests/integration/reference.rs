@@ -1,8 +1,7 @@
 //! The forward pass against an independent float32 implementation (reference.json): top-5
 //! logits at every prompt position within 1e-2, and the greedy continuation token for token.
 
-mod common;
-use common::*;
+use crate::common::*;
 use std::path::Path;
 use tandem_model::{Checkpoint, Logits};
 

@@ -2,8 +2,7 @@
 //! chunk, token by token, or in random chunks must give the same logits, and rolling the cache
 //! back with `truncate` then re-feeding must equal a fresh run.
 
-mod common;
-use common::*;
+use crate::common::*;
 use rand::{Rng, SeedableRng};
 use std::path::Path;
 use tandem_model::{Checkpoint, Error, Logits};

@@ -6,8 +6,7 @@
 //! its first temporary (the bundled model finishes in milliseconds otherwise), so the signal
 //! lands while there is something to clean up, every time.
 
-mod common;
-use common::*;
+use crate::common::*;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};

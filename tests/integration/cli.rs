@@ -1,7 +1,6 @@
 //! The commands a user runs, end to end through the binary.
 
-mod common;
-use common::*;
+use crate::common::*;
 
 fn stdout_of(args: &[&str]) -> (String, String) {
     let out = tandem(args);

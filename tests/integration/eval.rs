@@ -2,8 +2,7 @@
 //! against the schema, cache reuse and invalidation, bad input), and the HTML report rendered
 //! by headless Chromium.
 
-mod common;
-use common::*;
+use crate::common::*;
 use std::path::Path;
 use tandem_eval::Report;
 

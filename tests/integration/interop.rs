@@ -4,8 +4,7 @@
 //! these tests cover tandem's side on the bundled model: the export's layout, the lossless
 //! way back to GGUF, and every bad-input case of the importer.
 
-mod common;
-use common::*;
+use crate::common::*;
 use safetensors::{Dtype, SafeTensors};
 use std::path::{Path, PathBuf};
 

@@ -2,8 +2,7 @@
 //! llama-quantize, reproducible, loadable, policy as documented, importance-weighted mode that
 //! helps, and safe on bad input and interruption.
 
-mod common;
-use common::*;
+use crate::common::*;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use tandem_model::weights::WeightStore;

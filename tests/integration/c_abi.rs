@@ -2,8 +2,7 @@
 //! libtandem_speculate through tandem.h with its own model as callbacks; and the Rust example
 //! that plugs a custom verifier into the decoder runs.
 
-mod common;
-use common::*;
+use crate::common::*;
 use std::path::PathBuf;
 use std::process::Command;
 
@@ -87,7 +86,7 @@ fn the_c_library_builds_without_the_model_stack() {
 
 /// The example, compiled into this test (cargo builds examples with different features than
 /// tests, so running `cargo build --example` from here rebuilt the CLI: two minutes of CI).
-#[path = "../examples/custom_verifier.rs"]
+#[path = "../../examples/custom_verifier.rs"]
 #[allow(dead_code)]
 mod custom_verifier;
 

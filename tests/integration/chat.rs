@@ -1,8 +1,7 @@
 //! Chat templates (issue 19, requirement 5): `generate --chat`, `tandem chat` (KV cache kept
 //! between turns), `bench spec --chat`, and the error for a model without a template.
 
-mod common;
-use common::*;
+use crate::common::*;
 use std::io::Write;
 use std::path::Path;
 use std::process::{Command, Stdio};
