@@ -1,8 +1,8 @@
 //! Kernel throughput on SmolLM2-135M's layer shapes, in weight bytes per second (decode reads
 //! every weight once per pass, so this is the number to hold against memory bandwidth).
 //!
-//!     cargo bench -p tandem-kernels --bench gemm            # all
-//!     cargo bench -p tandem-kernels --bench gemm -- q4_0     # one format
+//!     cargo bench -p tandem-kernels --features bench --bench gemm            # all
+//!     cargo bench -p tandem-kernels --features bench --bench gemm -- q4_0     # one format
 //!
 //! m = 1 is decode, m = 5 a 4-token draft's verification pass.
 
