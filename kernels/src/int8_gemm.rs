@@ -618,11 +618,6 @@ unsafe fn group_avx2<const FMT: u8, const G: usize, const VNNI: bool>(
     out: &mut [f32],
 ) {
     use std::arch::x86_64::*;
-    let bb = match FMT {
-        Q4_0 => 18,
-        Q5_0 => 22,
-        _ => 34,
-    };
     let nb = k / BLOCK;
     let wp = w.as_ptr();
     let xp = xq.quants.as_ptr().add(i0 * k);
@@ -633,12 +628,12 @@ unsafe fn group_avx2<const FMT: u8, const G: usize, const VNNI: bool>(
     let mut b = 0;
     while b + 1 < nb {
         let (even, odd) = acc.split_at_mut(1);
-        block_avx2::<FMT, G, VNNI>(wp, bb, xp, dxp, k, nb, b, &mut even[0]);
-        block_avx2::<FMT, G, VNNI>(wp, bb, xp, dxp, k, nb, b + 1, &mut odd[0]);
+        block_avx2::<FMT, G, VNNI>(wp, xp, dxp, k, nb, b, &mut even[0]);
+        block_avx2::<FMT, G, VNNI>(wp, xp, dxp, k, nb, b + 1, &mut odd[0]);
         b += 2;
     }
     if b < nb {
-        block_avx2::<FMT, G, VNNI>(wp, bb, xp, dxp, k, nb, b, &mut acc[0]);
+        block_avx2::<FMT, G, VNNI>(wp, xp, dxp, k, nb, b, &mut acc[0]);
     }
     let acc: [__m256; G] = std::array::from_fn(|r| _mm256_add_ps(acc[0][r], acc[1][r]));
     for (o, a) in out.iter_mut().zip(acc.iter()) {
@@ -653,10 +648,8 @@ unsafe fn group_avx2<const FMT: u8, const G: usize, const VNNI: bool>(
 /// inline.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
 unsafe fn block_avx2<const FMT: u8, const G: usize, const VNNI: bool>(
     wp: *const u8,
-    bb: usize,
     xp: *const i8,
     dxp: *const f32,
     k: usize,
@@ -665,6 +658,11 @@ unsafe fn block_avx2<const FMT: u8, const G: usize, const VNNI: bool>(
     acc: &mut [std::arch::x86_64::__m256; G],
 ) {
     use std::arch::x86_64::*;
+    let bb = match FMT {
+        Q4_0 => 18,
+        Q5_0 => 22,
+        _ => 34,
+    };
     let nib = _mm256_set1_epi8(0x0F);
     let eight = _mm256_set1_epi8(8);
     let blk = wp.add(b * bb);
