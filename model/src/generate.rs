@@ -112,7 +112,10 @@ pub fn generate_scored(
             .into_last())
     };
     let mut row = step(prompt, cache)?;
-    let mut next = sampler.sample(&row);
+    // Each token is drawn as a function of its index in the sequence (the cache's length
+    // before it): a speculative run with the same seed emits the same tokens
+    // (`Sampler::sample_at`).
+    let mut next = sampler.sample_at(&row, cache.len());
     stats.prefill = start.elapsed();
     let decode_start = Instant::now();
     loop {
@@ -137,7 +140,7 @@ pub fn generate_scored(
             break;
         }
         row = step(&[next], cache)?;
-        next = sampler.sample(&row);
+        next = sampler.sample_at(&row, cache.len());
     }
     stats.generated_tokens = out.len();
     stats.decode = decode_start.elapsed();

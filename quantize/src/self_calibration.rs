@@ -181,7 +181,9 @@ pub fn generate(
         };
         let mut still_open = Vec::with_capacity(open.len());
         for (mut a, row) in open.into_iter().zip(rows) {
-            let next = a.sampler.sample(row.last());
+            // Drawn by position, as `generate` draws: each answer is what plain sampling with
+            // its seed gives, whatever else shares the batch.
+            let next = a.sampler.sample_at(row.last(), a.cache.len());
             a.tokens.push(next);
             let ended = eos.contains(&next)
                 || a.answer_len() >= opts.max_answer
