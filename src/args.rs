@@ -83,6 +83,12 @@ pub struct DraftArgs {
     /// verified at once (1 = the best match only).
     #[arg(long, default_value_t = 1)]
     pub lookup_paths: usize,
+    /// When sampling, judge drafts by rejection sampling (the draft samples on a stream of its
+    /// own; draft lengths follow acceptance alone) instead of the default coupled sampling
+    /// (draft and verifier share each position's noise: the output is plain sampling's with
+    /// the same seed, and draft lengths follow the clock).
+    #[arg(long)]
+    pub rejection_sampling: bool,
 }
 
 impl DraftArgs {
@@ -98,6 +104,7 @@ impl DraftArgs {
             draft_vocab: self.draft_vocab,
             tree_below: self.draft_tree,
             lookup_paths: self.lookup_paths,
+            coupled: !self.rejection_sampling,
             ..SpecConfig::default()
         }
     }

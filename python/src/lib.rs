@@ -719,7 +719,10 @@ impl Drafter {
             if self.live.is_none() {
                 if let Some(m) = &self.model {
                     let v = OwnedModelVerifier::new(Arc::clone(m), None).map_err(err)?;
-                    self.live = Some(Box::new(ModelDrafter::over(v, None)));
+                    self.live = Some(Box::new(ModelDrafter::over(
+                        v,
+                        tandem_speculate::DraftSampling::Greedy,
+                    )));
                 }
             }
             let min_confidence = self.min_confidence;

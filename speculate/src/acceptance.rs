@@ -20,6 +20,11 @@ pub struct TreeVerdict {
 }
 
 pub trait AcceptanceRule {
+    /// The index in the sequence of the token the next judgement's first row decides (the
+    /// context's length). Rules whose draws are keyed by position ([`CoupledSampling`]) read
+    /// it; the others ignore it.
+    fn set_position(&mut self, _position: usize) {}
+
     /// `logits` holds draft.tokens.len() + 1 verifier rows (row i follows drafted token i-1).
     fn judge(&mut self, draft: &Draft, logits: &[Vec<f32>]) -> Verdict;
 
@@ -74,6 +79,68 @@ impl AcceptanceRule for Greedy {
         loop {
             let row = node.map_or(0, |n| n + 1);
             let want = argmax(&logits[row]);
+            match draft.children(node).find(|&c| draft.tokens[c] == want) {
+                Some(c) => {
+                    path.push(c);
+                    node = Some(c);
+                }
+                None => return TreeVerdict { path, next: want },
+            }
+        }
+    }
+}
+
+/// Sampling with the noise shared between draft and verifier: every token is the verifier's
+/// own position-keyed Gumbel-max draw ([`Sampler::sample_at`]), and a drafted token is kept
+/// while it equals that draw. So the rule is [`Greedy`] with the verifier's argmax replaced
+/// by its draw at each position: the output is token for token what plain sampling with the
+/// same seed emits, whatever was drafted and however long (Daliri et al. 2024). A draft that
+/// draws its proposals with the same noise (`ModelDrafter` with the run's own seed) agrees
+/// with the verifier wherever the two distributions are close (with probability at least
+/// (1 − TV) / (1 + TV) per token). Because the output no longer depends on k, a sampled run
+/// may choose k on the clock, as a greedy one does; and trees are judged as greedy ones are.
+pub struct CoupledSampling {
+    pub sampler: Sampler,
+    /// The sequence index the first row decides ([`AcceptanceRule::set_position`]).
+    pub position: usize,
+}
+
+impl CoupledSampling {
+    pub fn new(sampler: Sampler) -> Self {
+        CoupledSampling {
+            sampler,
+            position: 0,
+        }
+    }
+
+    /// The verifier's own token for row `row` at `depth` tokens past the first row.
+    fn draw(&self, row: &[f32], depth: usize) -> u32 {
+        self.sampler.sample_at(row, self.position + depth)
+    }
+}
+
+impl AcceptanceRule for CoupledSampling {
+    fn set_position(&mut self, position: usize) {
+        self.position = position;
+    }
+
+    fn judge(&mut self, draft: &Draft, logits: &[Vec<f32>]) -> Verdict {
+        let mut i = 0;
+        while i < draft.tokens.len() && self.draw(&logits[i], i) == draft.tokens[i] {
+            i += 1;
+        }
+        Verdict {
+            accepted: i,
+            next: self.draw(&logits[i], i),
+        }
+    }
+
+    /// From the root, follow the candidate that equals the verifier's draw at that depth.
+    fn judge_tree(&mut self, draft: &Draft, logits: &[Vec<f32>]) -> TreeVerdict {
+        let (mut path, mut node) = (Vec::new(), None);
+        loop {
+            let row = node.map_or(0, |n| n + 1);
+            let want = self.draw(&logits[row], path.len());
             match draft.children(node).find(|&c| draft.tokens[c] == want) {
                 Some(c) => {
                     path.push(c);
@@ -279,6 +346,44 @@ mod tests {
             tv(&wrong, &p) > 0.1,
             "the wrong rule should be detected: TV {}",
             tv(&wrong, &p)
+        );
+    }
+
+    /// Coupled sampling: a draft drawn from q with the verifier's position-keyed noise, judged
+    /// over 200k positions, emits tokens that follow p (not q), and exactly the tokens plain
+    /// position-keyed sampling from p emits. Accepting the draft as drawn is told apart.
+    #[test]
+    fn coupled_sampling_emits_the_verifiers_own_draws() {
+        let p = [0.5f32, 0.3, 0.15, 0.05];
+        let q = [0.1f32, 0.2, 0.3, 0.4];
+        let ln = |d: &[f32]| d.iter().map(|x| x.ln()).collect::<Vec<f32>>();
+        let (lp, lq) = (ln(&p), ln(&q));
+        let mut rule = CoupledSampling::new(sampler(5));
+        let draft_sampler = sampler(5);
+        let n = 200_000;
+        let (mut ours, mut wrong, mut agreed) = (vec![0usize; 4], vec![0usize; 4], 0);
+        for pos in 0..n {
+            let x = draft_sampler.sample_at(&lq, pos);
+            rule.set_position(pos);
+            let v = rule.judge(&Draft::chain(vec![x]), &[lp.clone(), lp.clone()]);
+            let emitted = if v.accepted == 1 { x } else { v.next };
+            assert_eq!(emitted, rule.sampler.sample_at(&lp, pos));
+            agreed += v.accepted;
+            ours[emitted as usize] += 1;
+            wrong[x as usize] += 1;
+        }
+        assert!(tv(&ours, &p) < 0.01, "TV {}", tv(&ours, &p));
+        assert!(
+            tv(&wrong, &p) > 0.1,
+            "TV of the wrong rule {}",
+            tv(&wrong, &p)
+        );
+        // The shared noise makes the draft agree at least (1 − TV) / (1 + TV) of the time.
+        let tv_pq = 0.5 * p.iter().zip(&q).map(|(a, b)| (a - b).abs()).sum::<f32>() as f64;
+        let rate = agreed as f64 / n as f64;
+        assert!(
+            rate > (1.0 - tv_pq) / (1.0 + tv_pq) - 0.01,
+            "agreement {rate}"
         );
     }
 

@@ -226,6 +226,8 @@ impl BatchDecoder<'_> {
             stats.verifier_passes += 1;
             for ((&i, d), l) in active.iter().zip(&drafts).zip(&logits) {
                 let base = self.verifier.len(i) - (d.tokens.len() + 1);
+                // Row 0 follows the context's last token (at `base`): it decides index base + 1.
+                self.rules[i].set_position(base + 1);
                 let verdict = self.rules[i].judge_tree(d, l);
                 let accepted = verdict.path.len();
                 self.drafters[i].accepted(accepted);

@@ -4,8 +4,8 @@
 //! from it.
 
 use crate::{
-    AcceptanceRule, AdaptiveK, Controller, Drafter, FixedK, Greedy, RejectionSampling, Result,
-    SpecStats, SpeculativeDecoder, Verifier,
+    AcceptanceRule, AdaptiveK, Controller, CoupledSampling, Drafter, FixedK, Greedy,
+    RejectionSampling, Result, SpecStats, SpeculativeDecoder, Verifier,
 };
 use tandem_kernels::sampling::{Sampler, SamplingParams};
 
@@ -16,6 +16,25 @@ pub const DEFAULT_DRAFT_P_MIN: f32 = 0.0;
 
 /// Token trees are off by default until measured to pay (BENCHMARKS.md).
 pub const DEFAULT_TREE_BELOW: f32 = 0.0;
+
+/// How a draft model picks the tokens it proposes ([`SpecConfig::draft_sampler`]).
+pub enum DraftSampling {
+    /// Its argmax.
+    Greedy,
+    /// A draw from its distribution on a stream of its own; the distributions drawn from are
+    /// kept in the draft for [`RejectionSampling`].
+    Independent(Sampler),
+    /// Its position-keyed draw with the verifier's seed ([`Sampler::sample_at`]), for
+    /// [`CoupledSampling`]: no distribution is kept.
+    Coupled(Sampler),
+}
+
+impl DraftSampling {
+    /// Whether the draft keeps the distributions it drew from (rejection sampling reads them).
+    pub fn keeps_probs(&self) -> bool {
+        matches!(self, DraftSampling::Independent(_))
+    }
+}
 
 /// How to speculate.
 #[derive(Clone, Copy, Debug)]
@@ -45,6 +64,11 @@ pub struct SpecConfig {
     /// Token trees from a suffix lookup: up to this many distinct continuations at once
     /// ([`crate::SuffixDrafter::paths`]; 1 = the best match only).
     pub lookup_paths: usize,
+    /// When sampling: judge drafts by [`CoupledSampling`] (the default: draft and verifier
+    /// share position-keyed noise, the output is plain sampling's with the same seed, and k
+    /// follows the clock) instead of [`RejectionSampling`] (the draft samples on a stream of
+    /// its own; k follows acceptance alone, so a seeded run stays reproducible).
+    pub coupled: bool,
 }
 
 impl Default for SpecConfig {
@@ -60,6 +84,7 @@ impl Default for SpecConfig {
             max_spec_batch: usize::MAX,
             tree_below: DEFAULT_TREE_BELOW,
             lookup_paths: 1,
+            coupled: true,
         }
     }
 }
@@ -69,6 +94,8 @@ impl SpecConfig {
     pub fn rule(&self) -> Result<Box<dyn AcceptanceRule>> {
         Ok(if self.params.is_greedy() {
             Box::new(Greedy)
+        } else if self.coupled {
+            Box::new(CoupledSampling::new(Sampler::new(self.params)?))
         } else {
             Box::new(RejectionSampling {
                 sampler: Sampler::new(self.params)?,
@@ -76,14 +103,15 @@ impl SpecConfig {
         })
     }
 
-    /// The draft-length controller. Greedy output never depends on k, so k may follow the
-    /// clock. Sampled output does (the random streams are consumed differently), so a seeded
-    /// run adapts on acceptance alone, with the draft's cost given as `draft_cost`: a draft
-    /// step's time over a verifier step's, known without reading the clock (0 for a lookup).
+    /// The draft-length controller. Greedy and coupled output never depend on k, so k may
+    /// follow the clock. Rejection-sampled output does (the random streams are consumed
+    /// differently), so such a seeded run adapts on acceptance alone, with the draft's cost
+    /// given as `draft_cost`: a draft step's time over a verifier step's, known without
+    /// reading the clock (0 for a lookup).
     pub fn controller(&self, draft_cost: f64) -> Box<dyn Controller> {
         if !self.adapt {
             Box::new(FixedK(self.draft_max))
-        } else if self.params.is_greedy() {
+        } else if self.params.is_greedy() || self.coupled {
             Box::new(AdaptiveK::new(self.draft_max))
         } else {
             Box::new(AdaptiveK::with_fixed_cost(self.draft_max, draft_cost))
@@ -95,17 +123,21 @@ impl SpecConfig {
         crate::Branching::below(self.tree_below)
     }
 
-    /// The sampler a draft model samples its proposals with: none when greedy, else the run's
-    /// parameters on a stream of its own.
-    pub fn draft_sampler(&self) -> Result<Option<Sampler>> {
-        Ok((!self.params.is_greedy())
-            .then(|| {
-                Sampler::new(SamplingParams {
-                    seed: self.params.seed ^ 0x9e37_79b9,
-                    ..self.params
-                })
-            })
-            .transpose()?)
+    /// How a draft model picks its proposals: greedily when the run is greedy; with the run's
+    /// own seed, drawing as the verifier will at each position, when coupled; else sampled
+    /// on a stream of its own (rejection sampling needs independent draws).
+    pub fn draft_sampler(&self) -> Result<DraftSampling> {
+        if self.params.is_greedy() {
+            return Ok(DraftSampling::Greedy);
+        }
+        Ok(if self.coupled {
+            DraftSampling::Coupled(Sampler::new(self.params)?)
+        } else {
+            DraftSampling::Independent(Sampler::new(SamplingParams {
+                seed: self.params.seed ^ 0x9e37_79b9,
+                ..self.params
+            })?)
+        })
     }
 
     /// One generation with these settings over `drafter` and `verifier`: up to `max_tokens`

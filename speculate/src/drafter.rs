@@ -1,7 +1,7 @@
 //! Drafters propose the next tokens cheaply.
 
-use crate::{Result, Verifier};
-use tandem_kernels::sampling::{argmax, Sampler};
+use crate::{DraftSampling, Result, Verifier};
+use tandem_kernels::sampling::argmax;
 
 /// Proposed tokens: a chain (each follows the one before) or a token tree (several candidates
 /// where the drafter is unsure), with the distribution each was drawn from (needed by
@@ -449,17 +449,19 @@ impl Drafter for HybridDrafter<'_> {
     }
 }
 
-/// Picks the next draft token from `logits`: sampled (its distribution pushed to `probs`)
-/// with a sampler, the argmax without; `None` when the draft's most likely token has less
-/// than `min_confidence` probability (drafting stops there).
+/// Picks the draft token at sequence index `position` from `logits`: its argmax, its draw on
+/// the draft's own stream (that distribution pushed to `probs`), or its position-keyed draw
+/// with the verifier's seed, as `sampling` says; `None` when the draft's most likely token has
+/// less than `min_confidence` probability (drafting stops there).
 pub(crate) fn pick_draft_token(
-    sampler: &mut Option<Sampler>,
+    sampling: &mut DraftSampling,
     probs: &mut Option<Vec<Vec<f32>>>,
     logits: &[f32],
     min_confidence: f32,
+    position: usize,
 ) -> Option<u32> {
-    match (sampler, probs) {
-        (Some(s), Some(probs)) => {
+    match (sampling, probs) {
+        (DraftSampling::Independent(s), Some(probs)) => {
             let p = s.distribution(logits);
             if p.iter().copied().fold(0.0f32, f32::max) < min_confidence {
                 return None;
@@ -467,6 +469,11 @@ pub(crate) fn pick_draft_token(
             let t = s.sample_from(&p);
             probs.push(p);
             Some(t)
+        }
+        (DraftSampling::Coupled(s), _) => {
+            let confident =
+                min_confidence <= 0.0 || top_probability(logits, argmax(logits)) >= min_confidence;
+            confident.then(|| s.sample_at(logits, position))
         }
         _ => {
             let t = argmax(logits);
@@ -485,7 +492,7 @@ pub struct ModelDrafter<V: Verifier> {
     /// `fed[0]` is `context[offset]`.
     fed: Vec<u32>,
     offset: usize,
-    sampler: Option<Sampler>,
+    sampling: DraftSampling,
     /// Most tokens read when the draft first sees a prompt (the last ones).
     pub first_window: usize,
     /// When the draft has fallen behind by more than this (speculation was off for a while),
@@ -512,12 +519,12 @@ fn top_probability(logits: &[f32], top: u32) -> f32 {
 }
 
 impl<V: Verifier> ModelDrafter<V> {
-    pub fn over(model: V, sampler: Option<Sampler>) -> Self {
+    pub fn over(model: V, sampling: DraftSampling) -> Self {
         ModelDrafter {
             model,
             fed: Vec::new(),
             offset: 0,
-            sampler,
+            sampling,
             first_window: 64,
             catch_up_window: 16,
             min_confidence: 0.0,
@@ -569,7 +576,7 @@ impl<V: Verifier> Drafter for ModelDrafter<V> {
         let k = k.min(room);
         let mut draft = Draft {
             tokens: Vec::with_capacity(k),
-            probs: self.sampler.as_ref().map(|_| Vec::with_capacity(k)),
+            probs: self.sampling.keeps_probs().then(|| Vec::with_capacity(k)),
             parents: None,
         };
         if k == 0 {
@@ -579,10 +586,11 @@ impl<V: Verifier> Drafter for ModelDrafter<V> {
         let mut leaves = Vec::new();
         for i in 0..k {
             let Some(t) = pick_draft_token(
-                &mut self.sampler,
+                &mut self.sampling,
                 &mut draft.probs,
                 &logits,
                 self.min_confidence,
+                context.len() + i,
             ) else {
                 break;
             };

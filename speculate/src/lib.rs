@@ -23,9 +23,11 @@ pub mod model_adapter;
 pub mod session;
 pub mod suffix;
 
-pub use acceptance::{AcceptanceRule, Greedy, RejectionSampling, TreeVerdict, Verdict};
+pub use acceptance::{
+    AcceptanceRule, CoupledSampling, Greedy, RejectionSampling, TreeVerdict, Verdict,
+};
 pub use batch::{BatchDecoder, BatchVerifier};
-pub use config::SpecConfig;
+pub use config::{DraftSampling, SpecConfig};
 pub use controller::{AdaptiveK, Controller, FixedK};
 pub use decoder::{SpecStats, SpeculativeDecoder};
 pub use drafter::{

@@ -2,10 +2,10 @@
 
 use crate::batch::BatchVerifier;
 use crate::drafter::{pick_draft_token, Branching, Draft, Drafter, ModelDrafter};
-use crate::{Error, Result, Verifier};
+use crate::{DraftSampling, Error, Result, Verifier};
 use std::cell::RefCell;
 use std::rc::Rc;
-use tandem_model::{KvCache, Llama, Logits, Sampler};
+use tandem_model::{KvCache, Llama, Logits};
 
 /// A model and one sequence's cache, verifying k+1 tokens per forward call. The cache is
 /// shared (single-threaded) so that a [`SharedCacheDrafter`] can draft over it.
@@ -107,7 +107,7 @@ impl Verifier for ModelVerifier<'_> {
 pub struct SharedCacheDrafter<'m> {
     model: &'m Llama,
     cache: Rc<RefCell<KvCache>>,
-    sampler: Option<Sampler>,
+    sampling: DraftSampling,
     /// As [`ModelDrafter::min_confidence`].
     pub min_confidence: f32,
     /// As [`ModelDrafter::branching`].
@@ -121,7 +121,7 @@ impl<'m> SharedCacheDrafter<'m> {
     pub fn new(
         draft: &'m Llama,
         verifier: &ModelVerifier<'_>,
-        sampler: Option<Sampler>,
+        sampling: DraftSampling,
     ) -> Result<Self> {
         if !draft.shares_cache_shape_with(verifier.model) {
             return Err(Error::Mismatch(
@@ -131,7 +131,7 @@ impl<'m> SharedCacheDrafter<'m> {
         Ok(SharedCacheDrafter {
             model: draft,
             cache: Rc::clone(&verifier.cache),
-            sampler,
+            sampling,
             min_confidence: 0.0,
             branching: Branching::default(),
             stop: Vec::new(),
@@ -144,7 +144,7 @@ impl Drafter for SharedCacheDrafter<'_> {
         self.branching.settle(context);
         let mut draft = Draft {
             tokens: Vec::with_capacity(k),
-            probs: self.sampler.as_ref().map(|_| Vec::with_capacity(k)),
+            probs: self.sampling.keeps_probs().then(|| Vec::with_capacity(k)),
             parents: None,
         };
         let mut cache = self.cache.borrow_mut();
@@ -172,10 +172,11 @@ impl Drafter for SharedCacheDrafter<'_> {
                 }
             };
             match pick_draft_token(
-                &mut self.sampler,
+                &mut self.sampling,
                 &mut draft.probs,
                 &logits,
                 self.min_confidence,
+                base + 1 + i,
             ) {
                 Some(t) => {
                     if let Some(s) = self.branching.offer(&draft.probs, &logits, t) {
@@ -245,8 +246,8 @@ impl Verifier for OwnedModelVerifier {
 }
 
 impl<'m> ModelDrafter<ModelVerifier<'m>> {
-    pub fn new(model: &'m Llama, sampler: Option<Sampler>) -> Result<Self> {
-        Ok(Self::over(ModelVerifier::new(model, None)?, sampler))
+    pub fn new(model: &'m Llama, sampling: DraftSampling) -> Result<Self> {
+        Ok(Self::over(ModelVerifier::new(model, None)?, sampling))
     }
 }
 

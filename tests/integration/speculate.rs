@@ -6,8 +6,8 @@ use crate::common::*;
 use tandem_model::generate::generate;
 use tandem_model::{Checkpoint, Llama, Sampler, SamplingParams};
 use tandem_speculate::{
-    AcceptanceRule, AdaptiveK, Branching, Controller, Drafter, FixedK, Greedy, ModelDrafter,
-    ModelVerifier, NgramDrafter, SharedCacheDrafter, SpeculativeDecoder,
+    AcceptanceRule, AdaptiveK, Branching, Controller, DraftSampling, Drafter, FixedK, Greedy,
+    ModelDrafter, ModelVerifier, NgramDrafter, SharedCacheDrafter, SpeculativeDecoder,
 };
 
 /// Branch at every position where the runner-up has any probability, and never stop: the
@@ -76,7 +76,8 @@ fn speculative_shared(
     eos: &[u32],
 ) -> (Vec<u32>, tandem_speculate::SpecStats) {
     let mut verifier = ModelVerifier::new(verifier_model, limit).unwrap();
-    let mut drafter = SharedCacheDrafter::new(draft_model, &verifier, None).unwrap();
+    let mut drafter =
+        SharedCacheDrafter::new(draft_model, &verifier, DraftSampling::Greedy).unwrap();
     decode(&mut verifier, &mut drafter, controller, prompt, max, eos)
 }
 
@@ -157,13 +158,13 @@ fn stories260k_speculative_greedy_equals_plain_greedy() {
             }
             // Self-drafts: the verifier quantized in memory (MLP at q8_0 / q4_0).
             for d in &self_drafts {
-                let mut dr = ModelDrafter::new(d, None).unwrap();
+                let mut dr = ModelDrafter::new(d, DraftSampling::Greedy).unwrap();
                 let (got, _) = speculative(&m, &mut dr, &mut FixedK(k), &ids, 120, limit, &eos);
                 assert_eq!(got, want, "self draft k={k} prompt {p:?}");
                 // Token trees: the runner-up beside every drafted token, own cache and shared
                 // (at two draft lengths: each run is a whole generation).
                 if [2, 8].contains(&k) {
-                    let mut dr = ModelDrafter::new(d, None).unwrap();
+                    let mut dr = ModelDrafter::new(d, DraftSampling::Greedy).unwrap();
                     dr.branching = always_branch();
                     let (got, st) =
                         speculative(&m, &mut dr, &mut FixedK(k), &ids, 120, limit, &eos);
@@ -171,7 +172,7 @@ fn stories260k_speculative_greedy_equals_plain_greedy() {
                     tree_passes += st.tree_passes;
                     branch_wins += st.tree_branch_wins;
                     let mut v = ModelVerifier::new(&m, limit).unwrap();
-                    let mut dr = SharedCacheDrafter::new(d, &v, None).unwrap();
+                    let mut dr = SharedCacheDrafter::new(d, &v, DraftSampling::Greedy).unwrap();
                     dr.branching = always_branch();
                     let (got, _) = decode(&mut v, &mut dr, &mut AdaptiveK::new(k), &ids, 120, &eos);
                     assert_eq!(
@@ -206,7 +207,7 @@ fn stories260k_speculative_greedy_equals_plain_greedy() {
                 st.generated_tokens
             );
             // The verifier itself as a drafter: every draft is accepted.
-            let mut own = ModelDrafter::new(&m, None).unwrap();
+            let mut own = ModelDrafter::new(&m, DraftSampling::Greedy).unwrap();
             let (got, st) = speculative(&m, &mut own, &mut FixedK(k), &ids, 120, limit, &eos);
             assert_eq!(got, want, "self-draft k={k} prompt {p:?}");
             assert_eq!(st.accepted, st.drafted, "a model must agree with itself");
@@ -302,7 +303,7 @@ fn smollm2_speculative_greedy_equals_plain_greedy() {
                 short_counts.1 += st.drafted;
             }
             1 => {
-                let mut q4 = ModelDrafter::new(&dm, None).unwrap();
+                let mut q4 = ModelDrafter::new(&dm, DraftSampling::Greedy).unwrap();
                 let (got, st) = speculative(&vm, &mut q4, &mut FixedK(k), &ids, 24, None, &eos);
                 assert_eq!(got, want, "Q4_1 draft k={k} prompt {p:?}");
                 q4_counts.0 += st.accepted;
@@ -317,7 +318,7 @@ fn smollm2_speculative_greedy_equals_plain_greedy() {
                 let mut adapt = AdaptiveK::new(k);
                 let ctl: &mut dyn Controller = if i % 4 < 2 { &mut fixed } else { &mut adapt };
                 if j % 2 == 0 {
-                    let mut dr = ModelDrafter::new(d, None).unwrap();
+                    let mut dr = ModelDrafter::new(d, DraftSampling::Greedy).unwrap();
                     let (got, _) = speculative(&vm, &mut dr, ctl, &ids, 24, None, &eos);
                     assert_eq!(got, want, "{name} k={k} prompt {p:?}");
                 } else {
@@ -359,7 +360,7 @@ fn a_draft_of_another_shape_cannot_share_the_cache() {
     let v = Checkpoint::open(&smollm2_gguf(), None).unwrap();
     let vm = v.load_model(&tandem_model::LoadOptions::default()).unwrap();
     let verifier = ModelVerifier::new(&vm, None).unwrap();
-    let err = SharedCacheDrafter::new(&sm, &verifier, None)
+    let err = SharedCacheDrafter::new(&sm, &verifier, DraftSampling::Greedy)
         .err()
         .expect("stories260K cannot draft over SmolLM2's cache")
         .to_string();
@@ -375,7 +376,7 @@ fn mismatched_vocabularies_are_refused() {
     let sm = s.load_model(&tandem_model::LoadOptions::default()).unwrap();
     let v = Checkpoint::open(&smollm2_gguf(), None).unwrap();
     let vm = v.load_model(&tandem_model::LoadOptions::default()).unwrap();
-    let mut d = ModelDrafter::new(&sm, None).unwrap();
+    let mut d = ModelDrafter::new(&sm, DraftSampling::Greedy).unwrap();
     let mut verifier = ModelVerifier::new(&vm, None).unwrap();
     let mut dec = SpeculativeDecoder {
         drafter: &mut d,
@@ -443,7 +444,7 @@ fn batched_speculative_greedy_equals_plain_greedy() {
                         batch.iter().map(|_| NgramDrafter::default()).collect();
                     let mut sd: Vec<ModelDrafter<_>> = batch
                         .iter()
-                        .map(|_| ModelDrafter::new(&drafts[1], None).unwrap())
+                        .map(|_| ModelDrafter::new(&drafts[1], DraftSampling::Greedy).unwrap())
                         .collect();
                     let drafters: Vec<&mut dyn Drafter> = if use_self {
                         sd.iter_mut().map(|d| d as &mut dyn Drafter).collect()
@@ -536,11 +537,12 @@ fn stories260k_speculative_sampling_matches_the_verifier_distribution() {
                 Branching::default()
             };
             let d: &mut dyn Drafter = if shared_cache {
-                shared = SharedCacheDrafter::new(draft, &v, Some(ds)).unwrap();
+                shared =
+                    SharedCacheDrafter::new(draft, &v, DraftSampling::Independent(ds)).unwrap();
                 shared.branching = branching;
                 &mut shared
             } else {
-                own = ModelDrafter::new(draft, Some(ds)).unwrap();
+                own = ModelDrafter::new(draft, DraftSampling::Independent(ds)).unwrap();
                 own.branching = branching;
                 &mut own
             };
@@ -595,6 +597,65 @@ fn stories260k_speculative_sampling_matches_the_verifier_distribution() {
         tv_wrong > 0.1,
         "the test cannot tell a wrong rule apart: TV {tv_wrong}"
     );
+}
+
+/// Coupled sampling (the default for sampled speculation): through the session path, every
+/// drafter, chains and token trees, adaptive k on the clock, each seed's output equals plain
+/// sampling's with that seed token for token, and the drafts are accepted.
+#[test]
+fn sampled_speculation_equals_plain_sampling_with_the_same_seed() {
+    let ck = Checkpoint::open(&stories(), None).unwrap();
+    let m = ck
+        .load_model(&tandem_model::LoadOptions::default())
+        .unwrap();
+    let eos = ck.tokenizer.eos_ids.clone();
+    let settings = [(1.0, 0, 1.0), (0.7, 40, 0.95), (1.3, 0, 0.9)];
+    for (spec, tree_below) in [
+        ("self:q8_0@all", 0.0),
+        ("self:q4_0@all", 0.6),
+        ("suffix+self:q4_0@all", 0.0),
+        ("ngram", 0.0),
+    ] {
+        let mut src = tandem_speculate::DraftSource::open(&ck, spec, &Default::default()).unwrap();
+        let (mut drafted, mut accepted) = (0, 0);
+        for (pi, p) in STORY_PROMPTS.iter().enumerate() {
+            let (temperature, top_k, top_p) = settings[pi % settings.len()];
+            let params = SamplingParams {
+                temperature,
+                top_k,
+                top_p,
+                seed: 17 + pi as u64,
+            };
+            let config = tandem_speculate::SpecConfig {
+                params,
+                tree_below,
+                ..Default::default()
+            };
+            let ids = ck.tokenizer.encode(p, true).unwrap();
+            let mut cache = m.new_cache().unwrap();
+            let mut s = Sampler::new(params).unwrap();
+            let want = generate(&m, &mut cache, &ids, 60, &mut s, &eos, |_| Ok(()))
+                .unwrap()
+                .0;
+            let (got, st) =
+                tandem_speculate::session::run(&m, &mut src, &config, &ids, 60, &eos, |_| Ok(()))
+                    .unwrap();
+            assert_eq!(got, want, "{spec} prompt {p:?} {params:?}");
+            drafted += st.drafted;
+            accepted += st.accepted;
+        }
+        assert!(
+            accepted > 0,
+            "{spec}: none of {drafted} drafted tokens accepted"
+        );
+        if spec.starts_with("self:q8_0") {
+            // A q8_0 copy shares the verifier's noise and nearly its distribution.
+            assert!(
+                accepted * 2 > drafted,
+                "{spec}: {accepted} of {drafted} accepted"
+            );
+        }
+    }
 }
 
 #[test]
