@@ -18,7 +18,12 @@ fn main() {
         .unwrap_or(1);
     tandem_kernels::pool::set_threads(threads);
     for (x_off, w_off) in [(0usize, 0usize), (0, 8), (4, 0), (4, 8)] {
-        for (m, k, n) in [(512usize, 576usize, 1536usize), (8, 576, 1536), (512, 1536, 576), (8, 1536, 576)] {
+        for (m, k, n) in [
+            (512usize, 576usize, 1536usize),
+            (8, 576, 1536),
+            (512, 1536, 576),
+            (8, 1536, 576),
+        ] {
             let mut xb = vec![0f32; m * k + 32];
             let xs = ((64 - xb.as_ptr() as usize % 64) % 64) / 4 + x_off;
             for (i, v) in xb[xs..xs + m * k].iter_mut().enumerate() {
