@@ -5,8 +5,9 @@
 //!
 //! Prints GMAC/s for a prefill-sized (m = 512) and a verification-sized (m = 8) matmul of
 //! SmolLM2's gate/up shape (k = 576) and down shape (k = 1536: eight activation rows are 48 KB,
-//! more than a Zen 4's L1, and still ran at the gate/up rate in session 30). This is how the activation buffers' alignment was measured
-//! (`kernels::aligned`): a 512-bit load that starts off a cache line touches two.
+//! more than a Zen 4's L1, and still ran at the gate/up rate in session 30). This is how the
+//! activation buffers' alignment was measured (`kernels::aligned`): a 512-bit load that starts
+//! off a cache line touches two.
 
 use half::f16;
 use std::time::Instant;

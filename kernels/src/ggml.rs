@@ -398,18 +398,6 @@ impl Block for BlockQ8_0 {
     }
 }
 
-/// Sub-block `j`'s 6-bit scale and min from a Q4_K/Q5_K block's 12 packed bytes.
-fn scale_min(j: usize, q: &[u8; 12]) -> (f32, f32) {
-    if j < 4 {
-        ((q[j] & 63) as f32, (q[j + 4] & 63) as f32)
-    } else {
-        (
-            ((q[j + 4] & 0x0F) | ((q[j - 4] >> 6) << 4)) as f32,
-            ((q[j + 4] >> 4) | ((q[j] >> 6) << 4)) as f32,
-        )
-    }
-}
-
 /// Q4_K and Q5_K weights: 4 chunks of 64, low nibbles sub-block 2c and high nibbles 2c + 1,
 /// each with its 6-bit scale and min; Q5_K adds bit 2c / 2c + 1 of `qh[l]` as the fifth bit.
 fn dequantize_k4(
@@ -422,8 +410,8 @@ fn dequantize_k4(
 ) {
     let (d, dmin) = (d.to_f32(), dmin.to_f32());
     for c in 0..4 {
-        let (s0, m0) = scale_min(2 * c, scales);
-        let (s1, m1) = scale_min(2 * c + 1, scales);
+        let (s0, m0) = crate::quant_gemm::scale_min_k4(2 * c, scales);
+        let (s1, m1) = crate::quant_gemm::scale_min_k4(2 * c + 1, scales);
         for l in 0..32 {
             let q = qs[32 * c + l];
             let (h0, h1) = qh.map_or((0, 0), |h| {
