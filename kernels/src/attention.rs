@@ -46,10 +46,9 @@ pub trait KvElement: Copy + Default + Send + Sync + 'static {
     /// x86 AVX2/F16C path may run (the caller checked [`simd_available`]).
     #[inline(always)]
     fn widen<'a>(_simd: bool, src: &'a [Self], scratch: &'a mut Vec<f32>) -> &'a [f32] {
-        scratch.clear();
-        scratch.resize(src.len(), 0.0);
-        Self::load(src, scratch);
-        scratch
+        let dst = grown(scratch, src.len());
+        Self::load(src, dst);
+        dst
     }
 }
 
@@ -78,20 +77,31 @@ impl KvElement for half::f16 {
     }
     #[inline(always)]
     fn widen<'a>(simd: bool, src: &'a [half::f16], scratch: &'a mut Vec<f32>) -> &'a [f32] {
-        scratch.clear();
-        scratch.resize(src.len(), 0.0);
+        let dst = grown(scratch, src.len());
         #[cfg(target_arch = "x86_64")]
         if simd {
             // SAFETY: the CPU has AVX2 and F16C (what `simd` says); both slices hold
             // `src.len()` elements.
-            unsafe { widen_f16_f16c(src, scratch) };
-            return scratch;
+            unsafe { widen_f16_f16c(src, dst) };
+            return dst;
         }
         #[cfg(not(target_arch = "x86_64"))]
         let _ = simd;
-        Self::load(src, scratch);
-        scratch
+        Self::load(src, dst);
+        dst
     }
+}
+
+/// The first `len` elements of a scratch buffer kept from call to call, grown (zeroed) only
+/// when it is shorter: every caller overwrites them before reading. Zeroing each block before
+/// widening it into the buffer was an eighth of a short-context verification pass's attention
+/// time (a memset per 32 keys).
+#[inline(always)]
+fn grown(scratch: &mut Vec<f32>, len: usize) -> &mut [f32] {
+    if scratch.len() < len {
+        scratch.resize(len, 0.0);
+    }
+    &mut scratch[..len]
 }
 
 /// f16 to f32, eight at a time with F16C (exact: every f16 is an f32). Written here rather
@@ -466,6 +476,16 @@ fn attention_units<E: KvElement>(
 /// divided by the total. One segment: its sum divided by its z (e^0 is exactly 1).
 fn combine_parts(parts: &[f32], seen: usize, d: usize, out: &mut [f32]) {
     let n = seen.div_ceil(KEYS_PER_SEGMENT);
+    if n == 1 {
+        // The loop below with c = e^0 = 1: the same bits (`0.0 + x` as its first add keeps a
+        // -0.0 sum +0.0) in one pass instead of three over the output (a short context's
+        // queries all have one segment).
+        let z = parts[1];
+        for (o, x) in out.iter_mut().zip(&parts[2..d + 2]) {
+            *o = (0.0 + x) / z;
+        }
+        return;
+    }
     let parts = parts.chunks_exact(d + 2).take(n);
     let max = parts
         .clone()
@@ -560,8 +580,9 @@ fn attend_queries_body<E: KvElement>(
     const S: usize = KEYS_PER_SEGMENT;
     let cached = queries.iter().map(|x| x.cached).max().unwrap_or(0);
     let (nseg, part_len) = (segments.len(), d + 2);
-    scores.clear();
-    scores.resize(queries.len() * S, 0.0);
+    // Each score is written before it is read (the exponentials and weighted sums read a
+    // query's first `len` scores of the segment, all written by its blocks above them).
+    let scores = grown(scores, queries.len() * S);
     // The kernels' choice, made once per unit rather than per block and query.
     let simd = d.is_multiple_of(8) && simd_available();
     let query = |x: &Query| &q[x.row * d..][..d];
@@ -845,6 +866,27 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 mod tests {
     use super::*;
     use rand::{Rng, SeedableRng};
+
+    /// A single segment's output is what the general merge gives with its one part: the
+    /// rescale e^0 is exactly 1, so the shortcut keeps every bit (signed zeros included).
+    #[test]
+    fn one_segment_combines_as_the_general_merge() {
+        assert_eq!(crate::ops::exp_approx(0.0), 1.0);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+        for d in [8usize, 64, 72] {
+            let mut part: Vec<f32> = (0..d + 2).map(|_| rng.random_range(-3.0f32..3.0)).collect();
+            part[1] = rng.random_range(0.5f32..40.0);
+            part[2] = -0.0;
+            let mut fast = vec![f32::NAN; d];
+            combine_parts(&part, KEYS_PER_SEGMENT, d, &mut fast);
+            // The general merge over one part, written out.
+            let c = crate::ops::exp_approx(part[0] - part[0]);
+            let z = 0.0 + part[1] * c;
+            let general: Vec<f32> = part[2..].iter().map(|x| (0.0 + c * x) / z).collect();
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&fast), bits(&general), "head_dim {d}");
+        }
+    }
 
     /// A shape and random q, k, v for it.
     fn random_case(
