@@ -37,11 +37,11 @@ impl Int8Rows {
             "row length {k} is not a multiple of 32"
         );
         let blocks = x.len() / BLOCK;
-        self.quants.clear();
+        // Sized without zeroing what is kept (`resize` fills only a grown tail): both paths
+        // below write every element, so a clear first was a memset per call for nothing (the
+        // same waste attention's scratch had, see `attention::grown`).
         self.quants.resize(x.len(), 0);
-        self.scales.clear();
         self.scales.resize(blocks, 0.0);
-        self.sums.clear();
         self.sums.resize(blocks, 0);
         #[cfg(target_arch = "x86_64")]
         if crate::has_avx2_fma() {
