@@ -26,8 +26,24 @@ import json, re, subprocess, sys
 import jinja2
 B, out, N, M, prompts, tc = sys.argv[1:7]
 template = jinja2.Environment().from_string(json.load(open(tc))["chat_template"])
-ps = [template.render(messages=[{"role": "user", "content": json.loads(l)["prompt"]}],
-                      add_generation_prompt=True) for l in open(prompts) if l.strip()]
+def messages(line):
+    # The line shapes `tandem bench spec --chat` reads (src/prompt_file.rs): a string,
+    # {"prompt"} with an optional "system", {"messages"}, or ShareGPT's {"conversations"};
+    # trailing assistant turns are cut (the model writes them).
+    v = json.loads(line)
+    if isinstance(v, str):
+        return [{"role": "user", "content": v}]
+    if "messages" in v:
+        ms = [{"role": t["role"], "content": t["content"]} for t in v["messages"]]
+    elif "conversations" in v:
+        role = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+        ms = [{"role": role[t["from"]], "content": t["value"]} for t in v["conversations"]]
+    else:
+        ms = ([{"role": "system", "content": v["system"]}] if "system" in v else []) + [{"role": "user", "content": v["prompt"]}]
+    while ms and ms[-1]["role"] == "assistant":
+        ms.pop()
+    return ms
+ps = [template.render(messages=messages(l), add_generation_prompt=True) for l in open(prompts) if l.strip()]
 def run(cmd):
     r = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL)
     return r.stdout + r.stderr

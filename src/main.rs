@@ -8,6 +8,7 @@ mod generate_cmd;
 mod info_cmd;
 mod output;
 mod perplexity_cmd;
+mod prompt_file;
 mod quantize_cmd;
 mod spec_cmd;
 

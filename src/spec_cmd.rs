@@ -64,8 +64,11 @@ pub struct BenchSpecArgs {
     /// calibration text), a draft model path, or lookup+model (suffix+self:q8_0@all).
     #[arg(long)]
     draft: String,
-    /// JSON lines, each {"prompt": "..."} (default: scripts/spec-prompts.jsonl's 18 prompts,
-    /// compiled in: wikitext openings, Austen, code).
+    /// JSON lines, each {"prompt": "..."}, or with --chat {"system": "...", "prompt": "..."},
+    /// {"messages": [{"role", "content"}...]} or ShareGPT's {"conversations": [{"from",
+    /// "value"}...]} (a conversation's trailing assistant turns are cut: the model writes them)
+    /// (default: scripts/spec-prompts.jsonl's 18 prompts, compiled in: wikitext openings,
+    /// Austen, code).
     #[arg(long)]
     prompts: Option<PathBuf>,
     #[arg(long, default_value_t = 128)]
@@ -109,30 +112,20 @@ pub fn bench_spec(a: BenchSpecArgs, load: &tandem_model::LoadOptions) -> Result<
         }
         None => DEFAULT_PROMPTS.to_string(),
     };
-    let mut prompts = Vec::new();
-    for (i, line) in text
-        .lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-    {
-        let v: serde_json::Value = serde_json::from_str(line)
-            .with_context(|| format!("prompts line {}: not JSON", i + 1))?;
-        let p = v
-            .get("prompt")
-            .and_then(|p| p.as_str())
-            .or(v.as_str())
-            .with_context(|| format!("prompts line {}: expected {{\"prompt\": \"...\"}}", i + 1))?;
-        prompts.push(p.to_string());
-    }
-    if prompts.is_empty() {
-        anyhow::bail!("no prompts");
-    }
+    let source = || match &a.prompts {
+        Some(p) => p.display().to_string(),
+        None => "the default prompts".to_string(),
+    };
+    let lines = crate::prompt_file::parse(&text).with_context(source)?;
     let ck = Checkpoint::open(&a.model, None)?;
-    if a.chat {
-        for p in prompts.iter_mut() {
-            *p = crate::chat_cmd::render_prompt(&ck, a.chat_template.as_deref(), None, p)?;
-        }
-    }
+    let template = match a.chat {
+        true => Some(crate::chat_cmd::template_for(
+            &ck,
+            a.chat_template.as_deref(),
+        )?),
+        false => None,
+    };
+    let prompts = crate::prompt_file::render(&lines, template.as_ref()).with_context(source)?;
     let model = ck.load_model(load)?;
     let mut src = DraftSource::open(&ck, &a.draft, load)?;
     report_skips(&src);

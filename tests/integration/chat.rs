@@ -203,3 +203,88 @@ fn chat_with_a_draft_answers_as_plain_chat_and_keeps_the_cache() {
         "the second turn recomputed the first: {second}"
     );
 }
+
+/// `bench spec --chat --prompts`: conversations (`messages`, ShareGPT's `conversations`, a
+/// `system` beside the prompt) are rendered whole by the template, a dataset's last answer is
+/// cut off, and a conversation without `--chat` is a one-line error naming the file.
+#[test]
+fn bench_spec_renders_conversations_from_the_prompts_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path().join("chatml.jinja");
+    std::fs::write(&t, CHATML).unwrap();
+    let prompts = tmp.path().join("p.jsonl");
+    std::fs::write(
+        &prompts,
+        concat!(
+            "{\"messages\": [{\"role\": \"user\", \"content\": \"Tell me a story\"}, {\"role\": \"assistant\", \"content\": \"Once upon a time\"}, {\"role\": \"user\", \"content\": \"Go on\"}]}\n",
+            "{\"conversations\": [{\"from\": \"human\", \"value\": \"Hi\"}, {\"from\": \"gpt\", \"value\": \"Hello\"}]}\n",
+            "{\"system\": \"Be kind.\", \"prompt\": \"Lily\"}\n",
+        ),
+    )
+    .unwrap();
+    let json = tmp.path().join("out.json");
+    let model = stories();
+    let args = |chat: bool| {
+        let mut v = vec![
+            "bench",
+            "spec",
+            "--model",
+            s(&model),
+            "--draft",
+            "ngram",
+            "--prompts",
+            s(&prompts),
+            "--max-tokens",
+            "4",
+            "--json",
+            s(&json),
+        ];
+        if chat {
+            v.extend(["--chat", "--chat-template", s(&t)]);
+        }
+        v.into_iter().map(String::from).collect::<Vec<_>>()
+    };
+    let run = |chat| tandem(&args(chat).iter().map(String::as_str).collect::<Vec<_>>());
+    let out = run(true);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let doc: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let got: Vec<&str> = doc["prompts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["prompt"].as_str().unwrap())
+        .collect();
+    let turn = |r: &str, c: &str| format!("<|im_start|>{r}\n{c}<|im_end|>\n");
+    let open = "<|im_start|>assistant\n";
+    assert_eq!(
+        got,
+        vec![
+            format!(
+                "{}{}{}{open}",
+                turn("user", "Tell me a story"),
+                turn("assistant", "Once upon a time"),
+                turn("user", "Go on")
+            ),
+            format!("{}{open}", turn("user", "Hi")),
+            format!(
+                "{}{}{open}",
+                turn("system", "Be kind."),
+                turn("user", "Lily")
+            ),
+        ]
+    );
+    std::fs::remove_file(&json).unwrap();
+    let out = run(false);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(
+        err.contains("p.jsonl") && err.contains("prompt 1") && err.contains("needs --chat"),
+        "{err}"
+    );
+    assert!(!json.exists(), "no output on an error");
+}
