@@ -5,7 +5,7 @@ use anyhow::{Context, Result};
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use tandem_model::chat::{ChatTemplate, Message};
-use tandem_model::{Checkpoint, Sampler};
+use tandem_model::{Checkpoint, HeadRows, Sampler};
 
 /// The chat template to use: `--chat-template FILE`, else the model's own.
 pub fn template_for(ck: &Checkpoint, file: Option<&Path>) -> Result<ChatTemplate> {
@@ -77,8 +77,9 @@ pub fn chat(a: ChatArgs, load: &tandem_model::LoadOptions) -> Result<()> {
         None => None,
     };
     let settings = a.drafting.config(params, a.ctx);
-    if sampler.params.is_greedy() {
-        // Greedy answers use the greedy head; its screen is built with the model.
+    if HeadRows::for_draws(&sampler.params).is_screened() {
+        // Greedy and plainly sampled answers use the screened head; its screen is built with
+        // the model.
         model.prepare_greedy_head()?;
     }
     let opening: Vec<Message> = a.system.iter().map(|s| Message::new("system", s)).collect();

@@ -6,7 +6,7 @@ use crate::output::{GenerationJson, Printer};
 use anyhow::Result;
 use std::path::PathBuf;
 use tandem_model::generate::{generate_scored, GenerationStats};
-use tandem_model::{Checkpoint, Sampler, SamplingParams};
+use tandem_model::{Checkpoint, HeadRows, Sampler, SamplingParams};
 
 #[derive(clap::Args)]
 pub struct GenerateArgs {
@@ -167,8 +167,8 @@ fn run(
     let mut cache = model.new_cache_limited(ctx)?;
     let mut sampler = Sampler::new(params)?;
     let score = report == Report::JsonLogprobs;
-    if params.is_greedy() && !score {
-        // The greedy head's screen is built with the model, not inside time to first token.
+    if HeadRows::for_draws(&params).is_screened() && !score {
+        // The screened head's screen is built with the model, not inside time to first token.
         model.prepare_greedy_head()?;
     }
     let mut printer = Printer::start(tok, prompt, ids.last().copied())?;

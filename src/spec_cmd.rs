@@ -6,8 +6,8 @@ use crate::output::{write_json, Printer, SpecJson};
 use anyhow::{Context, Result};
 use serde::Serialize;
 use std::path::PathBuf;
-use tandem_model::{Checkpoint, Llama, Sampler, SamplingParams};
-use tandem_speculate::session::{run, shortlist_draft_head, Lookup};
+use tandem_model::{Checkpoint, HeadRows, Llama, Sampler, SamplingParams};
+use tandem_speculate::session::{run, shortlist_draft_head, verifier_reads, Lookup};
 use tandem_speculate::{
     AcceptanceRule, Controller, DraftSource, Drafter, ModelDrafter, NgramDrafter, SpecConfig,
     SpecStats,
@@ -27,7 +27,7 @@ pub fn generate(
     let ids = tok.encode(&a.prompt, bos)?;
     let mut src = DraftSource::open(ck, draft, load)?;
     report_skips(&src);
-    if params.is_greedy() {
+    if HeadRows::for_draws(&params).is_screened() {
         model.prepare_greedy_head()?;
     }
     let settings = a.drafting.config(params, a.ctx);
@@ -129,8 +129,8 @@ pub fn bench_spec(a: BenchSpecArgs, load: &tandem_model::LoadOptions) -> Result<
     let model = ck.load_model(load)?;
     let mut src = DraftSource::open(&ck, &a.draft, load)?;
     report_skips(&src);
-    if a.sampling.params().is_greedy() {
-        // Built before the clock starts (it is built on the first greedy call otherwise).
+    if HeadRows::for_draws(&a.sampling.params()).is_screened() {
+        // Built before the clock starts (it is built on the first screened call otherwise).
         model.prepare_greedy_head()?;
     }
     if a.batch > 1 {
@@ -238,14 +238,14 @@ pub fn bench_spec(a: BenchSpecArgs, load: &tandem_model::LoadOptions) -> Result<
             prompts.len() - differing,
             prompts.len()
         );
-        if let Some(g) = model.greedy_head_stats() {
-            println!(
-                "greedy head (both runs): {} rows, {:.1} candidates rescored per screened row, {} rows on the full head",
-                g.rows,
-                g.candidates as f64 / g.rows.saturating_sub(g.fallbacks).max(1) as f64,
-                g.fallbacks
-            );
-        }
+    }
+    if let Some(g) = model.greedy_head_stats() {
+        println!(
+            "screened head (both runs): {} rows, {:.1} candidates rescored per screened row, {} rows on the full head",
+            g.rows,
+            g.candidates as f64 / g.rows.saturating_sub(g.fallbacks).max(1) as f64,
+            g.fallbacks
+        );
     }
     if let Some(path) = &a.json {
         write_json(
@@ -359,7 +359,8 @@ fn bench_batch(
             .map(|_| config.rule())
             .collect::<tandem_speculate::Result<Vec<_>>>()?;
         let mut controllers: Vec<_> = batch.iter().map(|_| config.controller(cost)).collect();
-        let mut v = ModelBatchVerifier::new(model, batch.len(), None)?.greedy(params.is_greedy());
+        let mut v =
+            ModelBatchVerifier::new(model, batch.len(), None)?.reads(verifier_reads(&config));
         let mut dec = BatchDecoder {
             drafters,
             rules: rules

@@ -74,6 +74,52 @@ impl SamplingParams {
     }
 }
 
+/// The noise of plain temperature sampling's position-keyed draws ([`Sampler::sample_at`]
+/// with neither top-k nor top-p): at sequence index `position`, the token that maximizes
+/// `(l_i − max l) / T + gumbel(key(position), i)` among those within [`DrawNoise::SPREAD`]
+/// of the best. Public so that an output head can tell, from bounds on each logit, which
+/// tokens could be a row's draw and compute only theirs (`tandem_model`'s screened head).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DrawNoise {
+    pub temperature: f32,
+    pub seed: u64,
+}
+
+impl DrawNoise {
+    /// How far (in units of log-probability) below the best token a token may lie and
+    /// still draw noise: the noise is bounded (32-bit uniforms: G in [−3.131, 22.874]), so a
+    /// token further below can never win. Rounded up.
+    pub const SPREAD: f64 = 26.02;
+
+    /// The draws `params` make, when they are plain temperature sampling; `None` for greedy
+    /// and for top-k / top-p (whose draws need every probability).
+    pub fn of(params: &SamplingParams) -> Option<Self> {
+        (params.temperature > 0.0 && params.top_k == 0 && params.top_p >= 1.0).then_some(
+            DrawNoise {
+                temperature: params.temperature,
+                seed: params.seed,
+            },
+        )
+    }
+
+    /// The key of the draw at sequence index `position`.
+    pub fn key(&self, position: usize) -> u64 {
+        gumbel_key(self.seed, position)
+    }
+
+    /// Token `i`'s noise in the draw keyed `key`.
+    pub fn noise(key: u64, i: usize) -> f64 {
+        gumbel(key, i)
+    }
+
+    /// Token `i`'s noise in the draw keyed `key` ([`DrawNoise::noise`]) when it may reach
+    /// `level`; `None` only when it is below `level − 1e-9`, told from the noise's hash bits
+    /// without computing it.
+    pub fn noise_reaching(key: u64, i: usize, level: f64) -> Option<f64> {
+        gumbel_reaching(key, i, level, gate_table())
+    }
+}
+
 pub struct Sampler {
     pub params: SamplingParams,
     rng: rand::rngs::StdRng,
@@ -245,16 +291,37 @@ impl Sampler {
             return argmax(logits);
         }
         let key = gumbel_key(self.params.seed, position);
-        // The noise is bounded (32-bit uniforms: G in [−3.131, 22.874]), so a candidate whose
-        // log-probability lies more than the spread (rounded up) below the best one's can
-        // never win and needs no noise: usually most of a 49k vocabulary.
-        const SPREAD: f64 = 26.02;
+        // The noise is bounded, so a candidate whose log-probability lies more than the
+        // spread below the best one's can never win and needs no noise: usually most of a
+        // 49k vocabulary.
+        const SPREAD: f64 = DrawNoise::SPREAD;
         let mut best = (f64::NEG_INFINITY, argmax(logits));
         if self.params.top_k == 0 && self.params.top_p >= 1.0 {
             // Plain temperature: ln p_i = (l_i − max) / T − ln Z, and the constant ln Z does
             // not move the argmax, so no softmax over the vocabulary is needed.
             let t = self.params.temperature as f64;
             let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+            let m = best.1 as usize;
+            if max.is_finite() && logits[m] as f64 == max {
+                // The same draw, found faster: start from the best token's value (lp = 0)
+                // and skip, by its hash bits alone, every token whose noise cannot bring it
+                // up to the best value so far (it could neither win nor tie). Ties go to the
+                // lower index, as the loop below gives them.
+                let table = gate_table();
+                best.0 = gumbel(key, m);
+                for (i, &l) in logits.iter().enumerate() {
+                    let lp = (l as f64 - max) / t;
+                    if lp >= -SPREAD {
+                        if let Some(g) = gumbel_reaching(key, i, best.0 - lp, table) {
+                            let s = lp + g;
+                            if s > best.0 || (s == best.0 && (i as u32) < best.1) {
+                                best = (s, i as u32);
+                            }
+                        }
+                    }
+                }
+                return best.1;
+            }
             for (i, &l) in logits.iter().enumerate() {
                 let lp = (l as f64 - max) / t;
                 if lp >= -SPREAD {
@@ -303,9 +370,69 @@ fn gumbel_key(seed: u64, position: usize) -> u64 {
 /// 32 hashed bits (a counter-based stream: any position's noise is computed without the ones
 /// before it, which a sequential generator cannot do).
 fn gumbel(key: u64, i: usize) -> f64 {
-    let bits = mix64(key ^ (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15)) >> 32;
+    gumbel_of_bits(noise_bits(key, i))
+}
+
+/// The 32 hashed bits candidate `i`'s uniform is made from under `key`.
+#[inline]
+fn noise_bits(key: u64, i: usize) -> u64 {
+    mix64(key ^ (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15)) >> 32
+}
+
+/// −ln(−ln u) for u = (bits + 0.5) / 2³²: non-decreasing in `bits`.
+#[inline]
+fn gumbel_of_bits(bits: u64) -> f64 {
     let u = (bits as f64 + 0.5) * (1.0 / 4_294_967_296.0);
     -(-u.ln()).ln()
+}
+
+/// The gate's levels: `GATE_BASE + m · GATE_STEP` for m below `GATE_LEVELS`, from under the
+/// least noise (−3.131) to over the most (22.874).
+const GATE_BASE: f64 = -3.25;
+const GATE_STEP: f64 = 0.125;
+const GATE_LEVELS: usize = 216;
+
+/// Per gate level m, the fewest hash bits whose noise reaches the level less 1e-9 (2³² where
+/// none does): a candidate with fewer bits has noise below the level by more than 1e-9.
+/// Found by bisection on [`gumbel_of_bits`] itself, so the table agrees with the noise as
+/// computed, rounding and all.
+fn gate_table() -> &'static [u64; GATE_LEVELS] {
+    static TABLE: std::sync::OnceLock<[u64; GATE_LEVELS]> = std::sync::OnceLock::new();
+    TABLE.get_or_init(|| {
+        let mut table = [0u64; GATE_LEVELS];
+        for (m, slot) in table.iter_mut().enumerate() {
+            let level = GATE_BASE + m as f64 * GATE_STEP - 1e-9;
+            // The least b in [0, 2³²] with gumbel_of_bits(b) ≥ level (2³²: none).
+            let (mut lo, mut hi) = (0u64, 1u64 << 32);
+            while lo < hi {
+                let mid = lo + (hi - lo) / 2;
+                if gumbel_of_bits(mid) >= level {
+                    hi = mid;
+                } else {
+                    lo = mid + 1;
+                }
+            }
+            *slot = lo;
+        }
+        table
+    })
+}
+
+/// Candidate `i`'s noise under `key` when it may reach `level`; `None` when it is surely
+/// below `level` by more than 1e-9, decided from its hash bits against [`gate_table`]
+/// without the two logarithms (most of a 49k vocabulary needs noise far above what it
+/// draws, and the logarithms were most of a sampled step's sampling time).
+#[inline]
+fn gumbel_reaching(key: u64, i: usize, level: f64, table: &[u64; GATE_LEVELS]) -> Option<f64> {
+    let bits = noise_bits(key, i);
+    // The highest gate level at or below `level` (none below the base, or for NaN).
+    if level > GATE_BASE {
+        let m = (((level - GATE_BASE) / GATE_STEP) as usize).min(GATE_LEVELS - 1);
+        if bits < table[m] {
+            return None;
+        }
+    }
+    Some(gumbel_of_bits(bits))
 }
 
 #[cfg(test)]
@@ -462,6 +589,72 @@ mod tests {
         let again = sampler(0.8, 0, 1.0);
         assert!((0..1000).all(|p| s.sample_at(&logits, p) == again.sample_at(&logits, p)));
         assert_eq!(sampler(0.0, 0, 1.0).sample_at(&logits, 9), 2);
+    }
+
+    /// The draw as `sample_at` made it before the gate: noise for every token within the
+    /// spread, the first index on ties.
+    fn sample_at_every_noise(logits: &[f32], t: f32, seed: u64, position: usize) -> u32 {
+        let key = gumbel_key(seed, position);
+        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+        let mut best = (f64::NEG_INFINITY, argmax(logits));
+        for (i, &l) in logits.iter().enumerate() {
+            let lp = (l as f64 - max) / t as f64;
+            if lp >= -DrawNoise::SPREAD {
+                let s = lp + gumbel(key, i);
+                if s > best.0 {
+                    best = (s, i as u32);
+                }
+            }
+        }
+        best.1
+    }
+
+    #[test]
+    fn gated_draws_are_the_draws_with_every_noise() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+        let table = gate_table();
+        // The table's boundaries: the entry reaches its level, the one before it does not.
+        for (m, &b) in table.iter().enumerate() {
+            let level = GATE_BASE + m as f64 * GATE_STEP - 1e-9;
+            if b < 1 << 32 {
+                assert!(gumbel_of_bits(b) >= level);
+            }
+            if b > 0 {
+                assert!(gumbel_of_bits(b - 1) < level);
+            }
+        }
+        for (n, spread, t) in [
+            (5000, 3.0f32, 0.7f32),
+            (5000, 1.0, 1.0),
+            (2000, 8.0, 0.3),
+            (300, 0.2, 2.0),
+            (49152, 4.0, 0.7),
+        ] {
+            let mut logits: Vec<f32> = (0..n).map(|_| rng.random_range(-spread..spread)).collect();
+            // Ties: some tokens share the largest logit, some share others.
+            logits[n / 3] = spread;
+            logits[n / 2] = spread;
+            logits[7] = logits[9];
+            let s = Sampler::new(SamplingParams {
+                temperature: t,
+                seed: 5,
+                ..Default::default()
+            })
+            .unwrap();
+            let positions = if n > 10_000 { 0..40 } else { 0..400 };
+            for pos in positions {
+                assert_eq!(
+                    s.sample_at(&logits, pos),
+                    sample_at_every_noise(&logits, t, 5, pos),
+                    "n {n}, T {t}, position {pos}"
+                );
+            }
+        }
+        // Rows the gate does not take (no finite maximum) still draw as before.
+        let odd = [f32::NEG_INFINITY, f32::NAN, f32::NEG_INFINITY];
+        let s = sampler(0.7, 0, 1.0);
+        assert_eq!(s.sample_at(&odd, 3), sample_at_every_noise(&odd, 0.7, 7, 3));
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! call until EOS, the token budget, or the context limit.
 
 use crate::error::{Error, Result};
-use crate::llama::{KvCache, Llama, Logits};
+use crate::llama::{HeadRows, KvCache, Llama, Logits};
 use crate::sampling::Sampler;
 use std::time::{Duration, Instant};
 
@@ -104,11 +104,16 @@ pub fn generate_scored(
     if max_tokens == 0 {
         return Ok((out, stats));
     }
-    // Greedy decoding without scores reads only each row's argmax: the greedy head's rows.
-    let greedy = sampler.params.is_greedy() && !score;
+    // Without scores, a row is read only by its draw (the argmax when greedy): the screened
+    // head's rows. Scores need every logit.
+    let reads = if score {
+        HeadRows::All
+    } else {
+        HeadRows::for_draws(&sampler.params)
+    };
     let step = |tokens: &[u32], cache: &mut KvCache| -> Result<Vec<f32>> {
         Ok(model
-            .forward_with(tokens, cache, Logits::Last, greedy)?
+            .forward_with(tokens, cache, Logits::Last, reads)?
             .into_last())
     };
     let mut row = step(prompt, cache)?;

@@ -28,8 +28,8 @@ pub use checkpoint::Checkpoint;
 pub use config::{Architecture, Config};
 pub use error::{Error, Result};
 pub use llama::{
-    argmax, ActivationObserver, ComputeDevice, KvCache, KvCacheType, Llama, LoadOptions, LogitRows,
-    Logits, Sublayer,
+    argmax, ActivationObserver, ComputeDevice, HeadRows, KvCache, KvCacheType, Llama, LoadOptions,
+    LogitRows, Logits, Sublayer,
 };
 pub use sampling::{Sampler, SamplingParams};
 pub use tokenizer::{TextStream, Tokenizer};

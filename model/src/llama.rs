@@ -35,7 +35,7 @@ mod shortlist;
 mod skip;
 
 pub use cache::{KvCache, KvCacheType};
-pub use forward::{ActivationObserver, LogitRows, Logits};
+pub use forward::{ActivationObserver, HeadRows, LogitRows, Logits};
 pub use greedy_head::GreedyHeadStats;
 pub use load::{ComputeDevice, LoadOptions};
 pub use profile::OpTimes;

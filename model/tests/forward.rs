@@ -4,7 +4,9 @@
 
 use std::cell::RefCell;
 use std::path::PathBuf;
-use tandem_model::{ActivationObserver, Checkpoint, Llama, LoadOptions, Logits};
+use tandem_model::{
+    ActivationObserver, Checkpoint, HeadRows, Llama, LoadOptions, Logits, Sampler, SamplingParams,
+};
 
 fn stories() -> Checkpoint {
     let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/stories260K");
@@ -203,7 +205,7 @@ fn greedy_rows_have_the_full_heads_argmax_and_values() {
     let (mut c1, mut c2) = (m.new_cache().expect("cache"), m.new_cache().expect("cache"));
     let full = m.forward(&toks, &mut c1, Logits::All).expect("forward");
     let greedy = m
-        .forward_with(&toks, &mut c2, Logits::All, true)
+        .forward_with(&toks, &mut c2, Logits::All, HeadRows::Argmax)
         .expect("greedy");
     check(&full, &greedy);
     // Thirty greedy steps on each head: the same tokens.
@@ -211,7 +213,7 @@ fn greedy_rows_have_the_full_heads_argmax_and_values() {
     for _ in 0..30 {
         let f = m.forward(&[next], &mut c1, Logits::Last).expect("forward");
         let g = m
-            .forward_with(&[next], &mut c2, Logits::Last, true)
+            .forward_with(&[next], &mut c2, Logits::Last, HeadRows::Argmax)
             .expect("greedy");
         check(&f, &g);
         next = tandem_model::argmax(f.last());
@@ -221,7 +223,7 @@ fn greedy_rows_have_the_full_heads_argmax_and_values() {
     let base = c1.len();
     let f = m.forward_tree(&tree, &parents, &mut c1).expect("tree");
     let g = m
-        .forward_tree_with(&tree, &parents, &mut c2, true)
+        .forward_tree_with(&tree, &parents, &mut c2, HeadRows::Argmax)
         .expect("greedy tree");
     check(&f, &g);
     assert_eq!(c1.len(), base + tree.len());
@@ -233,7 +235,11 @@ fn greedy_rows_have_the_full_heads_argmax_and_values() {
         .expect("batch");
     let (mut ca, mut cb) = (m.new_cache().expect("cache"), m.new_cache().expect("cache"));
     let greedy = m
-        .forward_batch_with(&mut [(a, &mut ca), (b, &mut cb)], Logits::All, true)
+        .forward_batch_with(
+            &mut [(a, &mut ca), (b, &mut cb)],
+            Logits::All,
+            HeadRows::Argmax,
+        )
         .expect("greedy batch");
     for (f, g) in full.iter().zip(&greedy) {
         check(f, g);
@@ -244,4 +250,89 @@ fn greedy_rows_have_the_full_heads_argmax_and_values() {
         st.rows as usize,
         toks.len() + 30 + tree.len() + a.len() + b.len()
     );
+}
+
+/// Rows for sampled draws (the screen keeps every token that can be a row's position-keyed
+/// draw) give `Sampler::sample_at` the full head's draw at the index after each row's token,
+/// at several temperatures: over a prompt, in sampled decoding, over a token tree (a row's
+/// index follows its depth) and in a batch. A head that kept only the argmax's candidates
+/// fails this (the draws differ from the argmax at these temperatures).
+#[test]
+fn draw_rows_give_the_full_heads_draws() {
+    use tandem_model::sampling::DrawNoise;
+    let ck = stories();
+    let m = ck.load_model(&LoadOptions::default()).expect("loads");
+    let toks = ck
+        .tokenizer
+        .encode("Lily found a shiny stone in the garden. She", true)
+        .expect("encodes");
+    let mut differs_from_argmax = 0;
+    for (temperature, seed) in [(0.7f32, 1u64), (1.0, 2), (0.3, 3), (1.5, 4), (2.5, 5)] {
+        let params = SamplingParams {
+            temperature,
+            seed,
+            ..SamplingParams::default()
+        };
+        let reads = HeadRows::for_draws(&params);
+        assert_eq!(
+            reads,
+            HeadRows::Draw(DrawNoise::of(&params).expect("plain"))
+        );
+        let sampler = Sampler::new(params).expect("sampler");
+        // Row r of `full`/`draw` decides sequence index `indices[r]`.
+        let mut check =
+            |full: &tandem_model::LogitRows, draw: &tandem_model::LogitRows, indices: &[usize]| {
+                assert_eq!(full.len(), indices.len());
+                for ((f, d), &at) in full.rows().zip(draw.rows()).zip(indices) {
+                    let want = sampler.sample_at(f, at);
+                    assert_eq!(
+                        want,
+                        sampler.sample_at(d, at),
+                        "T {temperature}, index {at}"
+                    );
+                    differs_from_argmax += usize::from(want != tandem_model::argmax(f));
+                    assert_eq!(tandem_model::argmax(f), tandem_model::argmax(d));
+                    for (a, b) in f.iter().zip(d) {
+                        assert!(*b == f32::NEG_INFINITY || a.to_bits() == b.to_bits());
+                    }
+                }
+            };
+        let (mut c1, mut c2) = (m.new_cache().expect("cache"), m.new_cache().expect("cache"));
+        let full = m.forward(&toks, &mut c1, Logits::All).expect("forward");
+        let draw = m
+            .forward_with(&toks, &mut c2, Logits::All, reads)
+            .expect("draw rows");
+        check(&full, &draw, &(1..=toks.len()).collect::<Vec<_>>());
+        let mut next = sampler.sample_at(full.last(), c1.len());
+        for _ in 0..20 {
+            let f = m.forward(&[next], &mut c1, Logits::Last).expect("forward");
+            let d = m
+                .forward_with(&[next], &mut c2, Logits::Last, reads)
+                .expect("draw rows");
+            check(&f, &d, &[c1.len()]);
+            next = sampler.sample_at(f.last(), c1.len());
+        }
+        let (tree, parents) = ([next, 5, 9, 7], [None, Some(0), Some(0), Some(2)]);
+        let base = c1.len();
+        let f = m.forward_tree(&tree, &parents, &mut c1).expect("tree");
+        let d = m
+            .forward_tree_with(&tree, &parents, &mut c2, reads)
+            .expect("draw tree");
+        // Depths 0, 1, 1, 2: each row decides the index after its own token.
+        check(&f, &d, &[base + 1, base + 2, base + 2, base + 3]);
+        let (a, b) = (&toks[..5], &toks[3..]);
+        let (mut ca, mut cb) = (m.new_cache().expect("cache"), m.new_cache().expect("cache"));
+        let full = m
+            .forward_batch(&mut [(a, &mut ca), (b, &mut cb)], Logits::All)
+            .expect("batch");
+        let (mut ca, mut cb) = (m.new_cache().expect("cache"), m.new_cache().expect("cache"));
+        let draw = m
+            .forward_batch_with(&mut [(a, &mut ca), (b, &mut cb)], Logits::All, reads)
+            .expect("draw batch");
+        check(&full[0], &draw[0], &(1..=a.len()).collect::<Vec<_>>());
+        check(&full[1], &draw[1], &(1..=b.len()).collect::<Vec<_>>());
+    }
+    assert!(differs_from_argmax > 10, "{differs_from_argmax}");
+    let st = m.greedy_head_stats().expect("the F16 head is screened");
+    assert!(st.fallbacks < st.rows, "{st:?}");
 }

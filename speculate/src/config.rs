@@ -118,6 +118,14 @@ impl SpecConfig {
         }
     }
 
+    /// Whether the acceptance rule reads a verifier row only through its position-keyed
+    /// draw (`Sampler::sample_at`: the argmax when greedy), as [`Greedy`] and
+    /// [`CoupledSampling`] do; [`RejectionSampling`] reads whole distributions. A verifier
+    /// may then compute only the logits that decide each draw.
+    pub fn rule_reads_draws_only(&self) -> bool {
+        self.params.is_greedy() || self.coupled
+    }
+
     /// How a draft model branches into a token tree.
     pub fn branching(&self) -> crate::Branching {
         crate::Branching::below(self.tree_below)

@@ -5,16 +5,17 @@ use crate::drafter::{pick_draft_token, Branching, Draft, Drafter, ModelDrafter};
 use crate::{DraftSampling, Error, Result, Verifier};
 use std::cell::RefCell;
 use std::rc::Rc;
-use tandem_model::{KvCache, Llama, Logits};
+use tandem_model::{HeadRows, KvCache, Llama, Logits};
 
 /// A model and one sequence's cache, verifying k+1 tokens per forward call. The cache is
 /// shared (single-threaded) so that a [`SharedCacheDrafter`] can draft over it.
 pub struct ModelVerifier<'m> {
     pub model: &'m Llama,
     pub cache: Rc<RefCell<KvCache>>,
-    /// Whether verification is greedy: rows then come from [`Llama::forward_with`] (exact
-    /// argmax, −∞ for tokens that cannot be it). Off by default; see [`ModelVerifier::greedy`].
-    pub greedy: bool,
+    /// What the acceptance rule reads of each row: every logit (the default), or only its
+    /// argmax or position-keyed draw, which [`Llama::forward_with`] then computes for the
+    /// candidates alone (−∞ for tokens that cannot be it); see [`ModelVerifier::reads`].
+    pub reads: HeadRows,
 }
 
 impl<'m> ModelVerifier<'m> {
@@ -23,7 +24,7 @@ impl<'m> ModelVerifier<'m> {
         Ok(ModelVerifier {
             model,
             cache: Rc::new(RefCell::new(cache)),
-            greedy: false,
+            reads: HeadRows::All,
         })
     }
 
@@ -33,7 +34,7 @@ impl<'m> ModelVerifier<'m> {
         ModelVerifier {
             model,
             cache: Rc::new(RefCell::new(cache)),
-            greedy: false,
+            reads: HeadRows::All,
         }
     }
 
@@ -46,10 +47,11 @@ impl<'m> ModelVerifier<'m> {
             })
     }
 
-    /// Verifies with the greedy head when `on` (a greedy acceptance rule reads only each
-    /// row's argmax); a sampling rule needs every logit, so leave it off there.
-    pub fn greedy(mut self, on: bool) -> Self {
-        self.greedy = on;
+    /// Verifies with rows for `reads`: `HeadRows::Argmax` for a greedy rule,
+    /// `HeadRows::Draw` for coupled sampling (it reads each row's position-keyed draw, see
+    /// [`crate::session::verifier_reads`]); rejection sampling needs every logit.
+    pub fn reads(mut self, reads: HeadRows) -> Self {
+        self.reads = reads;
         self
     }
 }
@@ -59,7 +61,7 @@ impl Verifier for ModelVerifier<'_> {
         let mut cache = self.cache.borrow_mut();
         let logits = self
             .model
-            .forward_with(tokens, &mut cache, Logits::All, self.greedy)?;
+            .forward_with(tokens, &mut cache, Logits::All, self.reads)?;
         Ok(logits.to_vecs())
     }
     fn rollback(&mut self, len: usize) {
@@ -78,7 +80,7 @@ impl Verifier for ModelVerifier<'_> {
         let mut cache = self.cache.borrow_mut();
         Ok(self
             .model
-            .forward_with(tokens, &mut cache, Logits::Last, self.greedy)?
+            .forward_with(tokens, &mut cache, Logits::Last, self.reads)?
             .into_last())
     }
     fn scores_trees(&self) -> bool {
@@ -88,7 +90,7 @@ impl Verifier for ModelVerifier<'_> {
         let mut cache = self.cache.borrow_mut();
         Ok(self
             .model
-            .forward_tree_with(tokens, parents, &mut cache, self.greedy)?
+            .forward_tree_with(tokens, parents, &mut cache, self.reads)?
             .to_vecs())
     }
     fn keep(&mut self, base: usize, rows: &[usize]) -> Result<()> {
@@ -255,8 +257,8 @@ impl<'m> ModelDrafter<ModelVerifier<'m>> {
 pub struct ModelBatchVerifier<'m> {
     pub model: &'m Llama,
     pub caches: Vec<KvCache>,
-    /// As [`ModelVerifier::greedy`]: greedy rows from [`Llama::forward_batch_with`].
-    pub greedy: bool,
+    /// As [`ModelVerifier::reads`], through [`Llama::forward_batch_with`].
+    pub reads: HeadRows,
 }
 
 impl<'m> ModelBatchVerifier<'m> {
@@ -267,13 +269,13 @@ impl<'m> ModelBatchVerifier<'m> {
         Ok(ModelBatchVerifier {
             model,
             caches,
-            greedy: false,
+            reads: HeadRows::All,
         })
     }
 
-    /// Verifies with the greedy head when `on` (see [`ModelVerifier::greedy`]).
-    pub fn greedy(mut self, on: bool) -> Self {
-        self.greedy = on;
+    /// Verifies with rows for `reads` (see [`ModelVerifier::reads`]).
+    pub fn reads(mut self, reads: HeadRows) -> Self {
+        self.reads = reads;
         self
     }
 }
@@ -296,7 +298,7 @@ impl ModelBatchVerifier<'_> {
         }
         Ok(self
             .model
-            .forward_batch_with(&mut batch, which, self.greedy)?)
+            .forward_batch_with(&mut batch, which, self.reads)?)
     }
 }
 
@@ -337,7 +339,7 @@ impl BatchVerifier for ModelBatchVerifier<'_> {
             .ok_or_else(|| Error::Mismatch(format!("sequence {seq} is not in the batch")))?;
         Ok(self
             .model
-            .forward_tree_with(tokens, parents, cache, self.greedy)?
+            .forward_tree_with(tokens, parents, cache, self.reads)?
             .to_vecs())
     }
     fn keep(&mut self, seq: usize, base: usize, rows: &[usize]) -> Result<()> {

@@ -11,7 +11,7 @@ use crate::{
 };
 use std::path::Path;
 use std::sync::Arc;
-use tandem_model::{Checkpoint, KvCache, Llama, LoadOptions};
+use tandem_model::{Checkpoint, HeadRows, KvCache, Llama, LoadOptions};
 use tandem_quantize::{QuantType, TypeChoice};
 
 /// Beside a model draft, a suffix lookup proposes only for a match of at least this many
@@ -254,10 +254,20 @@ pub fn run_over(
     // The verifier owns the cache while it runs (a draft over it shares it); a one-position
     // stand-in holds its place, allocated at its smallest.
     let filled = std::mem::replace(cache, model.new_cache_with_limit(1)?);
-    let mut verifier = ModelVerifier::from_cache(model, filled).greedy(s.params.is_greedy());
+    let mut verifier = ModelVerifier::from_cache(model, filled).reads(verifier_reads(s));
     let result = decode_over(&mut verifier, draft, s, prompt, max_tokens, eos, on_token);
     *cache = verifier.into_cache()?;
     result
+}
+
+/// What a verifier's rows must hold for `s`'s acceptance rule (see
+/// [`SpecConfig::rule_reads_draws_only`]).
+pub fn verifier_reads(s: &SpecConfig) -> HeadRows {
+    if s.rule_reads_draws_only() {
+        HeadRows::for_draws(&s.params)
+    } else {
+        HeadRows::All
+    }
 }
 
 /// The drafters `draft` names, over `verifier`, decoding `prompt`; they are dropped on return,

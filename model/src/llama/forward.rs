@@ -3,10 +3,12 @@
 //! there).
 
 use super::backend::{Backend, Buf, CpuBuffers, CpuPass, Norm};
+use super::greedy_head::RowReads;
 use super::profile::{OpTimes, Timer};
 use super::{KvCache, Llama, Sublayer};
 use crate::error::{Error, Result};
 use candle_core::{DType, Tensor};
+use tandem_kernels::sampling::{DrawNoise, SamplingParams};
 
 /// Sees the input of every linear layer during a forward pass (calibration for importance-
 /// weighted quantization collects its statistics this way).
@@ -24,6 +26,39 @@ pub enum Logits {
     All,
     /// Only the last new position (prefill before sampling).
     Last,
+}
+
+/// What the caller reads of each row of logits a forward call returns (see
+/// [`Llama::forward_with`]).
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub enum HeadRows {
+    /// Every logit.
+    #[default]
+    All,
+    /// Only each row's argmax (greedy decoding).
+    Argmax,
+    /// Only each row's position-keyed draw with this noise (`Sampler::sample_at` at the
+    /// sequence index after the row's token; plain temperature sampling).
+    Draw(DrawNoise),
+}
+
+impl HeadRows {
+    /// What a decoder drawing each token with `Sampler::sample_at` under `params` reads:
+    /// the argmax when greedy, the draw for plain temperature, every logit for top-k/top-p
+    /// (whose draws need every probability).
+    pub fn for_draws(params: &SamplingParams) -> Self {
+        if params.is_greedy() {
+            HeadRows::Argmax
+        } else {
+            DrawNoise::of(params).map_or(HeadRows::All, HeadRows::Draw)
+        }
+    }
+
+    /// Whether rows for these reads come from the screened head (whose screen
+    /// [`Llama::prepare_greedy_head`] builds ahead of time).
+    pub fn is_screened(&self) -> bool {
+        !matches!(self, HeadRows::All)
+    }
 }
 
 /// The logits a forward call returns: `rows` rows of `vocab` f32 values, one per position
@@ -95,8 +130,9 @@ pub(super) struct Workspace {
     counts: Vec<usize>,
     /// A shortlisted head's logits before they are spread over the vocabulary.
     short: Vec<f32>,
-    /// The greedy head's scores and candidates.
+    /// The screened head's scores and candidates, and its rows' draw keys.
     greedy: super::greedy_head::GreedyScratch,
+    draw_keys: Vec<u64>,
     pub(super) profile: Option<OpTimes>,
 }
 
@@ -115,9 +151,11 @@ pub(crate) struct Pass<'p, 't, 'c> {
     pub(super) picked: &'p mut Vec<usize>,
     pub(super) counts: &'p mut Vec<usize>,
     pub(super) short: &'p mut Vec<f32>,
-    /// Whether only each row's argmax matters (see [`Llama::forward_with`]), and the
-    /// greedy head's scratch.
-    pub(super) greedy: Option<&'p mut super::greedy_head::GreedyScratch>,
+    /// What the caller reads of each row (see [`Llama::forward_with`]), and the screened
+    /// head's scratch.
+    pub(super) head_rows: HeadRows,
+    pub(super) greedy: &'p mut super::greedy_head::GreedyScratch,
+    pub(super) draw_keys: &'p mut Vec<u64>,
 }
 
 impl Llama {
@@ -128,34 +166,37 @@ impl Llama {
         self.forward_observed(tokens, cache, which, None)
     }
 
-    /// [`Llama::forward`], or with `greedy` rows for greedy decoding: each row then holds the
-    /// exact logit (bit for bit [`Llama::forward`]'s) of every token that could be the row's
-    /// largest and −∞ for the rest, so `argmax` of a row is [`Llama::forward`]'s and nothing
-    /// else in it is. A 16-bit output head on the CPU is then screened by a Q8_0 copy with
-    /// error bounds and only the candidates' rows are multiplied (about half the head's bytes
-    /// per step; the copy is built on the first call, see `llama/greedy_head.rs`); other heads
-    /// compute every logit.
+    /// [`Llama::forward`], with rows that serve only what `reads` says is read of them.
+    /// `HeadRows::Argmax` (greedy decoding): each row holds the exact logit (bit for bit
+    /// [`Llama::forward`]'s) of every token that could be the row's largest and −∞ for the
+    /// rest, so `argmax` of a row is [`Llama::forward`]'s and nothing else in it is.
+    /// `HeadRows::Draw`: also every token that could be the row's draw (`Sampler::sample_at`
+    /// at the index after the row's token, with the noise's seed and temperature), so that
+    /// draw is [`Llama::forward`]'s. A 16-bit output head on the CPU is then screened by a
+    /// Q8_0 copy with error bounds and only the candidates' rows are multiplied (about half
+    /// the head's bytes per step; the copy is built on the first call, see
+    /// `llama/greedy_head.rs`); other heads compute every logit.
     pub fn forward_with(
         &self,
         tokens: &[u32],
         cache: &mut KvCache,
         which: Logits,
-        greedy: bool,
+        reads: HeadRows,
     ) -> Result<LogitRows> {
-        self.forward_one(tokens, cache, which, None, None, greedy)
+        self.forward_one(tokens, cache, which, None, None, reads)
     }
 
-    /// [`Llama::forward_tree`], with [`Llama::forward_with`]'s greedy rows when `greedy`
-    /// (greedy verification reads only each row's argmax).
+    /// [`Llama::forward_tree`], with [`Llama::forward_with`]'s rows for `reads` (a row's
+    /// draw is keyed by its depth: the index after its token on its own path).
     pub fn forward_tree_with(
         &self,
         tokens: &[u32],
         parents: &[Option<usize>],
         cache: &mut KvCache,
-        greedy: bool,
+        reads: HeadRows,
     ) -> Result<LogitRows> {
         let tree = TreeLayout::new(parents, tokens.len())?;
-        self.forward_one(tokens, cache, Logits::All, None, Some(tree), greedy)
+        self.forward_one(tokens, cache, Logits::All, None, Some(tree), reads)
     }
 
     /// Builds the greedy head's screen now rather than on the first greedy call (so that a
@@ -192,7 +233,7 @@ impl Llama {
         which: Logits,
         observer: Option<&dyn ActivationObserver>,
     ) -> Result<LogitRows> {
-        self.forward_one(tokens, cache, which, observer, None, false)
+        self.forward_one(tokens, cache, which, observer, None, HeadRows::All)
     }
 
     /// One sequence's pass through [`Llama::forward_inner`].
@@ -203,9 +244,9 @@ impl Llama {
         which: Logits,
         observer: Option<&dyn ActivationObserver>,
         tree: Option<TreeLayout>,
-        greedy: bool,
+        reads: HeadRows,
     ) -> Result<LogitRows> {
-        self.forward_inner(&mut [(tokens, cache)], which, observer, tree, greedy)?
+        self.forward_inner(&mut [(tokens, cache)], which, observer, tree, reads)?
             .pop()
             .ok_or_else(|| Error::Invalid("no output (internal error)".into()))
     }
@@ -219,17 +260,17 @@ impl Llama {
         seqs: &mut [(&[u32], &mut KvCache)],
         which: Logits,
     ) -> Result<Vec<LogitRows>> {
-        self.forward_batch_with(seqs, which, false)
+        self.forward_batch_with(seqs, which, HeadRows::All)
     }
 
-    /// [`Llama::forward_batch`], with [`Llama::forward_with`]'s greedy rows when `greedy`.
+    /// [`Llama::forward_batch`], with [`Llama::forward_with`]'s rows for `reads`.
     pub fn forward_batch_with(
         &self,
         seqs: &mut [(&[u32], &mut KvCache)],
         which: Logits,
-        greedy: bool,
+        reads: HeadRows,
     ) -> Result<Vec<LogitRows>> {
-        self.forward_inner(seqs, which, None, None, greedy)
+        self.forward_inner(seqs, which, None, None, reads)
     }
 
     /// Runs a token tree after the cache in one pass (speculative verification of several
@@ -244,7 +285,7 @@ impl Llama {
         parents: &[Option<usize>],
         cache: &mut KvCache,
     ) -> Result<LogitRows> {
-        self.forward_tree_with(tokens, parents, cache, false)
+        self.forward_tree_with(tokens, parents, cache, HeadRows::All)
     }
 
     fn forward_inner(
@@ -253,7 +294,7 @@ impl Llama {
         which: Logits,
         observer: Option<&dyn ActivationObserver>,
         tree: Option<TreeLayout>,
-        greedy: bool,
+        reads: HeadRows,
     ) -> Result<Vec<LogitRows>> {
         for (tokens, cache) in seqs.iter() {
             let (t, n) = (tokens.len(), cache.len);
@@ -305,7 +346,9 @@ impl Llama {
             picked: &mut ws.picked,
             counts: &mut ws.counts,
             short: &mut ws.short,
-            greedy: greedy.then_some(&mut ws.greedy),
+            head_rows: reads,
+            greedy: &mut ws.greedy,
+            draw_keys: &mut ws.draw_keys,
         };
         let mut run = || match &self.resident {
             Some(r) => r.forward(self, &mut pass),
@@ -353,13 +396,34 @@ impl Llama {
         let mut logits = vec![0f32; picked.len() * vocab];
         self.extend_shortlist(pass.tokens)?;
         let shortlist = self.shortlist.read().unwrap_or_else(|e| e.into_inner());
-        let greedy_head = match pass.greedy {
-            Some(_) if pass.observer.is_none() && shortlist.is_none() => self.greedy_head()?,
+        let screened = match pass.head_rows {
+            HeadRows::Argmax | HeadRows::Draw(_)
+                if pass.observer.is_none() && shortlist.is_none() =>
+            {
+                self.greedy_head()?
+            }
             _ => None,
         };
-        if let (Some(g), Some(scratch)) = (greedy_head, pass.greedy.as_deref_mut()) {
+        if let Some(g) = screened {
             let hn = b.head_input(picked)?;
-            g.logits(&self.lm_head, hn, picked.len(), scratch, &mut logits)?;
+            let reads = match pass.head_rows {
+                HeadRows::Draw(noise) => {
+                    // A row's logits decide the token after its own: its draw's index.
+                    pass.draw_keys.clear();
+                    pass.draw_keys
+                        .extend(picked.iter().map(|&r| noise.key(pass.positions[r] + 1)));
+                    RowReads::Draw(noise, pass.draw_keys.as_slice())
+                }
+                _ => RowReads::Argmax,
+            };
+            g.logits(
+                &self.lm_head,
+                hn,
+                picked.len(),
+                reads,
+                &mut *pass.greedy,
+                &mut logits,
+            )?;
         } else if pass.observer.is_none() && shortlist.is_none() {
             b.head(picked, &self.lm_head, &mut logits)?;
         } else {

@@ -1,4 +1,6 @@
-//! An exact greedy output head: each row's largest logit without computing all of them.
+//! An exact output head for decoders that read one token per row: each row's largest logit
+//! (greedy decoding), or the token a position-keyed sampled draw picks (plain temperature
+//! sampling, `Sampler::sample_at`), without computing every logit.
 //!
 //! Greedy decoding (and greedy speculative verification) reads nothing of a row of logits but
 //! its argmax, yet a 16-bit output head is about a fifth of every decode step of a small model
@@ -20,11 +22,20 @@
 //! nearly 0 because its 16-bit embedding came from a Q8_0 file (its rows lie on the grid); a
 //! head that does not would add about 1 logit (‖e − ŵ‖₂ ≈ 0.02 against ‖ĥ‖₂ ≈ 50), still tens
 //! of candidates where the best token leads by a few logits. The unit tests use such a head.
+//!
+//! A sampled draw is the Gumbel-max trick: the token maximizing `(l_i − max l)/T + G_i`, with
+//! bounded noise `G_i` that is a pure function of (seed, position, i). The same bounds then
+//! give each token an interval for that value (the shift by the exact maximum is common to
+//! all tokens, so any reference will do), and only tokens whose interval reaches the best
+//! lower end can be the draw; the argmax's candidates are added so the row's maximum is the
+//! exact one. The sampler, run on such a row, draws the very token it draws from the full
+//! row (unit-tested against it), at the screen's cost instead of the 16-bit head's.
 
 use crate::error::Result;
 use crate::linear::Linear;
 use half::f16;
 use tandem_kernels::int8_gemm::Int8Rows;
+use tandem_kernels::sampling::DrawNoise;
 use tandem_kernels::{BlockFormat, Int8Tiles};
 
 /// Relative margin for f32 rounding in the F16 and int8 kernels' sums: a sum of n terms in
@@ -67,11 +78,27 @@ pub(super) struct GreedyHead {
 pub(super) struct GreedyScratch {
     scores: Vec<f32>,
     rounded: Int8Rows,
+    picks: Picks,
+    gathered: Vec<f16>,
+    exact: Vec<f32>,
+}
+
+/// The candidates chosen so far (`union`, marked in `member`) and one row's working lists.
+#[derive(Default)]
+struct Picks {
     near: Vec<u32>,
     union: Vec<u32>,
     member: Vec<bool>,
-    gathered: Vec<f16>,
-    exact: Vec<f32>,
+    /// A sampled row's near tokens' noise.
+    noise: Vec<f64>,
+}
+
+/// What a row of the screened head must get right: its argmax, or also its position-keyed
+/// draw under `DrawNoise` with the given key (one key per row).
+#[derive(Clone, Copy)]
+pub(super) enum RowReads<'a> {
+    Argmax,
+    Draw(DrawNoise, &'a [u64]),
 }
 
 impl GreedyHead {
@@ -123,20 +150,30 @@ impl GreedyHead {
     }
 
     /// Fills `logits` ([rows, vocab]) for the normalized head inputs `hn` ([rows, k]): every
-    /// token that can be its row's argmax gets its exact logit from `head` (the full head's
-    /// value bit for bit), every other one −∞. Falls back to the full head where screening
-    /// would not pay or cannot bound (non-finite activations).
+    /// token that can be its row's argmax (and, for `RowReads::Draw`, its row's draw) gets
+    /// its exact logit from `head` (the full head's value bit for bit), every other one −∞.
+    /// Falls back to the full head where screening would not pay or cannot bound
+    /// (non-finite activations).
     pub(super) fn logits(
         &self,
         head: &Linear,
         hn: &[f32],
         rows: usize,
+        reads: RowReads<'_>,
         s: &mut GreedyScratch,
         logits: &mut [f32],
     ) -> Result<()> {
         let (n, k) = (head.out_dim, head.in_dim);
         let full = |logits: &mut [f32]| head.forward_into(hn, rows, logits);
-        if hn.len() != rows * k || logits.len() != rows * n || hn.iter().any(|v| !v.is_finite()) {
+        let keys_fit = match reads {
+            RowReads::Argmax => true,
+            RowReads::Draw(_, keys) => keys.len() == rows,
+        };
+        if hn.len() != rows * k
+            || logits.len() != rows * n
+            || !keys_fit
+            || hn.iter().any(|v| !v.is_finite())
+        {
             self.count(rows, 0, rows);
             return full(logits);
         }
@@ -144,29 +181,26 @@ impl GreedyHead {
         s.rounded.quantize(hn, k);
         s.scores.resize(rows * n, 0.0);
         self.screen.matmul_rounded(&s.rounded, rows, &mut s.scores);
-        s.member.clear();
-        s.member.resize(n, false);
-        s.union.clear();
+        s.picks.member.clear();
+        s.picks.member.resize(n, false);
+        s.picks.union.clear();
         for (i, (h, scores)) in hn.chunks_exact(k).zip(s.scores.chunks_exact(n)).enumerate() {
             let (alpha, beta) = norms(h, &s.rounded, i, k);
-            self.candidates(
-                scores,
-                alpha,
-                beta,
-                &mut s.near,
-                &mut s.member,
-                &mut s.union,
-            );
-            if s.union.len() * MAX_CANDIDATE_SHARE > n {
+            let draw = match reads {
+                RowReads::Argmax => None,
+                RowReads::Draw(noise, keys) => Some((noise, keys[i])),
+            };
+            self.candidates(scores, alpha, beta, draw, &mut s.picks);
+            if s.picks.union.len() * MAX_CANDIDATE_SHARE > n {
                 self.count(rows, 0, rows);
                 return full(logits);
             }
         }
-        s.union.sort_unstable();
-        let u = s.union.len();
+        s.picks.union.sort_unstable();
+        let u = s.picks.union.len();
         s.gathered.clear();
         let gathered = head.with_cpu_f16(|w| {
-            for &j in &s.union {
+            for &j in &s.picks.union {
                 s.gathered.extend_from_slice(&w[j as usize * k..][..k]);
             }
             Ok(())
@@ -179,7 +213,7 @@ impl GreedyHead {
         tandem_kernels::matmul_f16(hn, &s.gathered, rows, k, u, &mut s.exact);
         logits.fill(f32::NEG_INFINITY);
         for (row, exact) in logits.chunks_exact_mut(n).zip(s.exact.chunks_exact(u)) {
-            for (&j, &v) in s.union.iter().zip(exact) {
+            for (&j, &v) in s.picks.union.iter().zip(exact) {
                 row[j as usize] = v;
             }
         }
@@ -196,16 +230,23 @@ impl GreedyHead {
     /// test on those few. All in f32: the bound's factors are widened by 2⁻¹⁸ to cover its
     /// three roundings, and the comparisons by 2⁻¹⁸ of the largest magnitude involved to
     /// cover the additions'.
-    #[allow(clippy::too_many_arguments)]
+    ///
+    /// `draw`: the row is read by a sampled draw with this noise and key; the tokens that can
+    /// be the draw are added too (see [`GreedyHead::draw_candidates`]).
     fn candidates(
         &self,
         scores: &[f32],
         alpha: f64,
         beta: f64,
-        near: &mut Vec<u32>,
-        member: &mut [bool],
-        union: &mut Vec<u32>,
+        draw: Option<(DrawNoise, u64)>,
+        picks: &mut Picks,
     ) {
+        let Picks {
+            near,
+            member,
+            union,
+            noise,
+        } = picks;
         const LANES: usize = 8;
         let widen = 1.0 + 1.0 / f64::from(1u32 << 18);
         let (a, b) = ((alpha * widen) as f32, (beta * widen) as f32);
@@ -257,6 +298,91 @@ impl GreedyHead {
                 union.push(j as u32);
             }
         }
+        if let Some((params, key)) = draw {
+            let window = Window {
+                top,
+                max_b,
+                best_low,
+                slack,
+            };
+            self.draw_candidates(
+                scores, &bound, window, params, key, near, noise, member, union,
+            );
+        }
+    }
+
+    /// Adds the tokens that can be a sampled row's draw: the token maximizing
+    /// `v_i = (l_i − M)/T + G_i` over those with `(l_i − M)/T ≥ −SPREAD`, where M is the
+    /// row's exact largest logit (`Sampler::sample_at`). With `l_i` within `bound(i)` of
+    /// score `s_i` and M in [best_low, top + max_b]:
+    /// - a token can pass the spread test only if `s_i + bound(i) ≥ best_low − T·SPREAD`,
+    ///   so only scores above `top − 2·max_b − T·SPREAD` are looked at (and get noise);
+    /// - a token surely passes it if `s_i − bound(i) − (top + max_b) ≥ −T·SPREAD`; the best
+    ///   lower end `L` of `v` over those is a value the draw reaches;
+    /// - a token can be the draw only if its upper end reaches `L` (so a token whose noise
+    ///   cannot lift it there is skipped without computing the noise,
+    ///   [`DrawNoise::noise_reaching`]).
+    ///
+    /// The values are taken relative to `top` instead of M (the same shift for every token,
+    /// so the same order); margins cover f32 rounding of the bounds (`slack`) and the
+    /// sampler's f64 rounding (`EPS`).
+    #[allow(clippy::too_many_arguments)]
+    fn draw_candidates(
+        &self,
+        scores: &[f32],
+        bound: &impl Fn(usize) -> f32,
+        w: Window,
+        params: DrawNoise,
+        key: u64,
+        near: &mut Vec<u32>,
+        noise: &mut Vec<f64>,
+        member: &mut [bool],
+        union: &mut Vec<u32>,
+    ) {
+        const EPS: f64 = 1e-9;
+        let t = f64::from(params.temperature);
+        let spread = DrawNoise::SPREAD * t;
+        let (top, max_b, slack) = (f64::from(w.top), f64::from(w.max_b), f64::from(w.slack));
+        let m_hi = top + max_b + slack;
+        let floor = f64::from(w.best_low) - slack - spread - max_b - slack - EPS;
+        // A token's value's lower end, when it surely passes the spread test.
+        let sure_low = |j: usize, g: f64| {
+            let low = f64::from(scores[j]) - f64::from(bound(j)) - slack;
+            (low - m_hi >= -spread + EPS).then(|| (low - top) / t + g)
+        };
+        let high = |j: usize| (f64::from(scores[j]) + f64::from(bound(j)) + slack - top) / t;
+        // A first `best` from the argmax's near tokens (`near` holds them on entry), then
+        // every token in the window whose noise may lift its upper end to `best`: the rest
+        // are skipped by their noise's hash bits, without its logarithms.
+        let mut best = f64::NEG_INFINITY;
+        for &j in near.iter() {
+            let j = j as usize;
+            if let Some(v) = sure_low(j, DrawNoise::noise(key, j)) {
+                best = best.max(v);
+            }
+        }
+        near.clear();
+        noise.clear();
+        for (j, &v) in scores.iter().enumerate() {
+            if f64::from(v) < floor {
+                continue;
+            }
+            if let Some(g) = DrawNoise::noise_reaching(key, j, best - high(j) - EPS) {
+                near.push(j as u32);
+                noise.push(g);
+                if let Some(v) = sure_low(j, g) {
+                    best = best.max(v);
+                }
+            }
+        }
+        let reach = best - EPS;
+        for (&j, &g) in near.iter().zip(noise.iter()) {
+            let j = j as usize;
+            if high(j) + g >= reach && !member[j] {
+                member[j] = true;
+                union.push(j as u32);
+            }
+        }
     }
 
     fn count(&self, rows: usize, candidates: usize, fallbacks: usize) {
@@ -265,6 +391,16 @@ impl GreedyHead {
         st.candidates += candidates as u64;
         st.fallbacks += fallbacks as u64;
     }
+}
+
+/// A screened row's summary from [`GreedyHead::candidates`]: its largest score, the largest
+/// bound, the best lower bound on a logit, and the f32 rounding margin.
+#[derive(Clone, Copy)]
+struct Window {
+    top: f32,
+    max_b: f32,
+    best_low: f32,
+    slack: f32,
 }
 
 /// The bound's two factors for activation row `i` (`h`, length k): `alpha` multiplies a
@@ -393,8 +529,15 @@ mod tests {
             let mut full = vec![0f32; rows * n];
             h.forward_into(&x, rows, &mut full).unwrap();
             let mut got = vec![0f32; rows * n];
-            g.logits(&h, &x, rows, &mut GreedyScratch::default(), &mut got)
-                .unwrap();
+            g.logits(
+                &h,
+                &x,
+                rows,
+                RowReads::Argmax,
+                &mut GreedyScratch::default(),
+                &mut got,
+            )
+            .unwrap();
             for (a, b) in full.chunks_exact(n).zip(got.chunks_exact(n)) {
                 assert_eq!(
                     tandem_kernels::sampling::argmax(a),
@@ -425,9 +568,104 @@ mod tests {
         let g = GreedyHead::build(&h).unwrap().expect("a screen");
         let x = vec![1f32; k];
         let mut got = vec![0f32; n];
-        g.logits(&h, &x, 1, &mut GreedyScratch::default(), &mut got)
-            .unwrap();
+        g.logits(
+            &h,
+            &x,
+            1,
+            RowReads::Argmax,
+            &mut GreedyScratch::default(),
+            &mut got,
+        )
+        .unwrap();
         assert_eq!(tandem_kernels::sampling::argmax(&got), 7);
+    }
+
+    /// Weights on the Q8_0 grid (as SmolLM2's embedding, which came from a Q8_0 file): the
+    /// screen's own rounding is then nil and only the activations' counts in the bound.
+    fn grid_head(n: usize, k: usize, seed: u64, scale: f32) -> Linear {
+        let mut x = seed;
+        let mut vals = Vec::with_capacity(n * k);
+        for _ in 0..n * k / 32 {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let d = f16::from_f32(scale * (0.5 + (x >> 44) as f32 / (1u64 << 20) as f32) / 127.0);
+            for _ in 0..32 {
+                x = x
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                let q = ((x >> 33) % 255) as i32 - 127;
+                vals.push(f16::from_f32(d.to_f32() * q as f32));
+            }
+        }
+        let t = Tensor::from_vec(vals, (n, k), &Device::Cpu).unwrap();
+        Linear::from_f16_tensor(t)
+    }
+
+    #[test]
+    fn sampled_draws_match_the_full_heads() {
+        use tandem_kernels::sampling::{Sampler, SamplingParams};
+        let mut screened_rows = 0;
+        for (seed, rows, n, k, scale, on_grid) in [
+            (1u64, 3, 4096, 576, 0.3f32, true),
+            (2, 4, 2048, 96, 1.0, true),
+            (3, 2, 2048, 96, 0.2, false),
+            (4, 5, 4096, 576, 0.05, false),
+        ] {
+            let h = if on_grid {
+                grid_head(n, k, seed, scale)
+            } else {
+                head(n, k, seed)
+            };
+            let g = GreedyHead::build(&h).unwrap().expect("a screen");
+            let x = inputs(rows, k, seed + 20, 3.0);
+            let mut full = vec![0f32; rows * n];
+            h.forward_into(&x, rows, &mut full).unwrap();
+            for temperature in [0.05f32, 0.3, 0.7, 1.0, 1.5] {
+                for draw_seed in 0..6u64 {
+                    let params = SamplingParams {
+                        temperature,
+                        seed: draw_seed,
+                        ..SamplingParams::default()
+                    };
+                    let noise = DrawNoise::of(&params).expect("plain temperature");
+                    let positions: Vec<usize> = (0..rows).map(|r| 17 + 3 * r).collect();
+                    let keys: Vec<u64> = positions.iter().map(|&p| noise.key(p)).collect();
+                    let before = g.stats();
+                    let mut got = vec![0f32; rows * n];
+                    g.logits(
+                        &h,
+                        &x,
+                        rows,
+                        RowReads::Draw(noise, &keys),
+                        &mut GreedyScratch::default(),
+                        &mut got,
+                    )
+                    .unwrap();
+                    let after = g.stats();
+                    screened_rows +=
+                        (after.rows - before.rows) - (after.fallbacks - before.fallbacks);
+                    let sampler = Sampler::new(params).unwrap();
+                    for (r, (a, b)) in full.chunks_exact(n).zip(got.chunks_exact(n)).enumerate() {
+                        assert_eq!(
+                            sampler.sample_at(a, positions[r]),
+                            sampler.sample_at(b, positions[r]),
+                            "seed {seed}, T {temperature}, draw seed {draw_seed}, row {r}"
+                        );
+                        assert_eq!(
+                            tandem_kernels::sampling::argmax(a),
+                            tandem_kernels::sampling::argmax(b)
+                        );
+                        for (fa, gb) in a.iter().zip(b) {
+                            assert!(*gb == f32::NEG_INFINITY || fa.to_bits() == gb.to_bits());
+                        }
+                    }
+                }
+            }
+            eprintln!("seed {seed}: {:?}", g.stats());
+        }
+        // The draws were screened, not all handed to the full head.
+        assert!(screened_rows > 0);
     }
 
     #[test]
@@ -440,8 +678,15 @@ mod tests {
         let mut full = vec![0f32; n];
         h.forward_into(&x, 1, &mut full).unwrap();
         let mut got = vec![0f32; n];
-        g.logits(&h, &x, 1, &mut GreedyScratch::default(), &mut got)
-            .unwrap();
+        g.logits(
+            &h,
+            &x,
+            1,
+            RowReads::Argmax,
+            &mut GreedyScratch::default(),
+            &mut got,
+        )
+        .unwrap();
         assert!(full
             .iter()
             .zip(&got)
