@@ -170,7 +170,15 @@ impl Sampler {
             return probs;
         }
         // Candidate order: by logit, descending; ties by index for determinism.
-        let mut idx: Vec<usize> = (0..logits.len()).collect();
+        // A screened row (`tandem_model::HeadRows::TopK`) is −∞ but for a few hundred
+        // tokens: with at least k others, the top k are among them (−∞ sorts last), and
+        // selecting among those skips sorting the whole vocabulary's indices.
+        let others = || (0..logits.len()).filter(|&i| logits[i] != f32::NEG_INFINITY);
+        let mut idx: Vec<usize> = if k < logits.len() && others().count() >= k {
+            others().collect()
+        } else {
+            (0..logits.len()).collect()
+        };
         let cmp = |a: &usize, b: &usize| logits[*b].total_cmp(&logits[*a]).then(a.cmp(b));
         if k == logits.len() {
             // Top-p alone: the nucleus is usually a few dozen tokens of a 49k vocabulary, so

@@ -253,8 +253,8 @@ fn greedy_rows_have_the_full_heads_argmax_and_values() {
 }
 
 /// Rows for sampled draws (the screen keeps every token that can be a row's position-keyed
-/// draw) give `Sampler::sample_at` the full head's draw at the index after each row's token,
-/// at several temperatures: over a prompt, in sampled decoding, over a token tree (a row's
+/// draw, or be among its top k) give `Sampler::sample_at` the full head's draw at the index
+/// after each row's token, at several temperatures, with and without top-k: over a prompt, in sampled decoding, over a token tree (a row's
 /// index follows its depth) and in a batch. A head that kept only the argmax's candidates
 /// fails this (the draws differ from the argmax at these temperatures).
 #[test]
@@ -267,17 +267,30 @@ fn draw_rows_give_the_full_heads_draws() {
         .encode("Lily found a shiny stone in the garden. She", true)
         .expect("encodes");
     let mut differs_from_argmax = 0;
-    for (temperature, seed) in [(0.7f32, 1u64), (1.0, 2), (0.3, 3), (1.5, 4), (2.5, 5)] {
+    for (temperature, seed, top_k, top_p) in [
+        (0.7f32, 1u64, 0, 1.0f32),
+        (1.0, 2, 0, 1.0),
+        (0.3, 3, 0, 1.0),
+        (1.5, 4, 0, 1.0),
+        (2.5, 5, 0, 1.0),
+        (0.8, 6, 40, 0.95),
+        (1.2, 7, 10, 1.0),
+    ] {
         let params = SamplingParams {
             temperature,
             seed,
-            ..SamplingParams::default()
+            top_k,
+            top_p,
         };
         let reads = HeadRows::for_draws(&params);
-        assert_eq!(
-            reads,
-            HeadRows::Draw(DrawNoise::of(&params).expect("plain"))
-        );
+        if top_k > 0 {
+            assert_eq!(reads, HeadRows::TopK(top_k));
+        } else {
+            assert_eq!(
+                reads,
+                HeadRows::Draw(DrawNoise::of(&params).expect("plain"))
+            );
+        }
         let sampler = Sampler::new(params).expect("sampler");
         // Row r of `full`/`draw` decides sequence index `indices[r]`.
         let mut check =

@@ -265,6 +265,10 @@ pub fn run_over(
 pub fn verifier_reads(s: &SpecConfig) -> HeadRows {
     if s.rule_reads_draws_only() {
         HeadRows::for_draws(&s.params)
+    } else if s.params.top_k > 0 {
+        // Rejection sampling reads whole distributions; with top-k they hold only the k
+        // largest logits, which these rows keep exact.
+        HeadRows::TopK(s.params.top_k)
     } else {
         HeadRows::All
     }

@@ -40,15 +40,22 @@ pub enum HeadRows {
     /// Only each row's position-keyed draw with this noise (`Sampler::sample_at` at the
     /// sequence index after the row's token; plain temperature sampling).
     Draw(DrawNoise),
+    /// Only each row's k largest logits (the lower index first on ties): all that a top-k
+    /// distribution (`Sampler::distribution`, with or without top-p) reads, so every draw
+    /// from it, keyed or not, is the full row's.
+    TopK(usize),
 }
 
 impl HeadRows {
     /// What a decoder drawing each token with `Sampler::sample_at` under `params` reads:
-    /// the argmax when greedy, the draw for plain temperature, every logit for top-k/top-p
-    /// (whose draws need every probability).
+    /// the argmax when greedy, the draw for plain temperature, the top k with top-k (and any
+    /// top-p), every logit for top-p alone (its nucleus is cut by the whole vocabulary's
+    /// mass).
     pub fn for_draws(params: &SamplingParams) -> Self {
         if params.is_greedy() {
             HeadRows::Argmax
+        } else if params.top_k > 0 {
+            HeadRows::TopK(params.top_k)
         } else {
             DrawNoise::of(params).map_or(HeadRows::All, HeadRows::Draw)
         }
@@ -397,7 +404,7 @@ impl Llama {
         self.extend_shortlist(pass.tokens)?;
         let shortlist = self.shortlist.read().unwrap_or_else(|e| e.into_inner());
         let screened = match pass.head_rows {
-            HeadRows::Argmax | HeadRows::Draw(_)
+            HeadRows::Argmax | HeadRows::Draw(_) | HeadRows::TopK(_)
                 if pass.observer.is_none() && shortlist.is_none() =>
             {
                 self.greedy_head()?
@@ -414,6 +421,7 @@ impl Llama {
                         .extend(picked.iter().map(|&r| noise.key(pass.positions[r] + 1)));
                     RowReads::Draw(noise, pass.draw_keys.as_slice())
                 }
+                HeadRows::TopK(k) => RowReads::TopK(k),
                 _ => RowReads::Argmax,
             };
             g.logits(

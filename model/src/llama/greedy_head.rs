@@ -94,11 +94,21 @@ struct Picks {
 }
 
 /// What a row of the screened head must get right: its argmax, or also its position-keyed
-/// draw under `DrawNoise` with the given key (one key per row).
+/// draw under `DrawNoise` with the given key (one key per row), or its k largest logits (the
+/// lower index first on ties), which are all a top-k distribution reads.
 #[derive(Clone, Copy)]
 pub(super) enum RowReads<'a> {
     Argmax,
     Draw(DrawNoise, &'a [u64]),
+    TopK(usize),
+}
+
+/// [`RowReads`] for one row.
+#[derive(Clone, Copy)]
+enum RowRead {
+    Argmax,
+    Draw(DrawNoise, u64),
+    TopK(usize),
 }
 
 impl GreedyHead {
@@ -168,6 +178,7 @@ impl GreedyHead {
         let keys_fit = match reads {
             RowReads::Argmax => true,
             RowReads::Draw(_, keys) => keys.len() == rows,
+            RowReads::TopK(k) => k > 0,
         };
         if hn.len() != rows * k
             || logits.len() != rows * n
@@ -186,11 +197,12 @@ impl GreedyHead {
         s.picks.union.clear();
         for (i, (h, scores)) in hn.chunks_exact(k).zip(s.scores.chunks_exact(n)).enumerate() {
             let (alpha, beta) = norms(h, &s.rounded, i, k);
-            let draw = match reads {
-                RowReads::Argmax => None,
-                RowReads::Draw(noise, keys) => Some((noise, keys[i])),
+            let read = match reads {
+                RowReads::Argmax => RowRead::Argmax,
+                RowReads::Draw(noise, keys) => RowRead::Draw(noise, keys[i]),
+                RowReads::TopK(k) => RowRead::TopK(k),
             };
-            self.candidates(scores, alpha, beta, draw, &mut s.picks);
+            self.candidates(scores, alpha, beta, read, &mut s.picks);
             if s.picks.union.len() * MAX_CANDIDATE_SHARE > n {
                 self.count(rows, 0, rows);
                 return full(logits);
@@ -231,16 +243,10 @@ impl GreedyHead {
     /// three roundings, and the comparisons by 2⁻¹⁸ of the largest magnitude involved to
     /// cover the additions'.
     ///
-    /// `draw`: the row is read by a sampled draw with this noise and key; the tokens that can
-    /// be the draw are added too (see [`GreedyHead::draw_candidates`]).
-    fn candidates(
-        &self,
-        scores: &[f32],
-        alpha: f64,
-        beta: f64,
-        draw: Option<(DrawNoise, u64)>,
-        picks: &mut Picks,
-    ) {
+    /// `read`: for a sampled draw, the tokens that can be the draw are added too (see
+    /// [`GreedyHead::draw_candidates`]); for top-k, those that can be among the k largest
+    /// ([`GreedyHead::top_k_candidates`]).
+    fn candidates(&self, scores: &[f32], alpha: f64, beta: f64, read: RowRead, picks: &mut Picks) {
         let Picks {
             near,
             member,
@@ -298,16 +304,18 @@ impl GreedyHead {
                 union.push(j as u32);
             }
         }
-        if let Some((params, key)) = draw {
-            let window = Window {
-                top,
-                max_b,
-                best_low,
-                slack,
-            };
-            self.draw_candidates(
+        let window = Window {
+            top,
+            max_b,
+            best_low,
+            slack,
+        };
+        match read {
+            RowRead::Argmax => {}
+            RowRead::Draw(params, key) => self.draw_candidates(
                 scores, &bound, window, params, key, near, noise, member, union,
-            );
+            ),
+            RowRead::TopK(k) => top_k_candidates(scores, &bound, window, k, near, member, union),
         }
     }
 
@@ -390,6 +398,67 @@ impl GreedyHead {
         st.rows += rows as u64;
         st.candidates += candidates as u64;
         st.fallbacks += fallbacks as u64;
+    }
+}
+
+/// Adds the tokens that can be among a row's `k` largest logits: those whose upper bound
+/// reaches the k-th largest lower bound. The k largest scores all have lower bounds of at
+/// least `s_k − max_b` (`s_k` the k-th largest score), so that bound is at least it, and a
+/// candidate's score is at least `s_k − 2·max_b`: the tokens are looked for in ever wider
+/// windows below the top until one holds k scores and reaches that far, and the k-th largest
+/// lower bound is taken among them (a token outside has a lower bound below `s_k − max_b`).
+/// With ties at the k-th place every tied token is a candidate, so the lower index's is
+/// exact too.
+fn top_k_candidates(
+    scores: &[f32],
+    bound: &impl Fn(usize) -> f32,
+    w: Window,
+    k: usize,
+    near: &mut Vec<u32>,
+    member: &mut [bool],
+    union: &mut Vec<u32>,
+) {
+    let k = k.min(scores.len());
+    let mut lows: Vec<f32> = Vec::new();
+    let mut width = 4.0 * w.max_b + 1.0;
+    loop {
+        let floor = w.top - width;
+        near.clear();
+        near.extend(
+            (0..scores.len())
+                .filter(|&j| scores[j] >= floor)
+                .map(|j| j as u32),
+        );
+        // The tokens this window must hold reach `s_k − 2·max_b`, less the rounding margin.
+        let reaches = if near.len() >= k {
+            lows.clear();
+            lows.extend(near.iter().map(|&j| scores[j as usize]));
+            let (_, s_k, _) = lows.select_nth_unstable_by(k - 1, |a, b| b.total_cmp(a));
+            let slack = (w.top.abs() + width + 4.0 * w.max_b) / (1u32 << 18) as f32;
+            *s_k - 2.0 * w.max_b - 4.0 * slack >= floor
+        } else {
+            false
+        };
+        if reaches || !floor.is_finite() || near.len() == scores.len() {
+            break;
+        }
+        width *= 4.0;
+    }
+    lows.clear();
+    lows.extend(near.iter().map(|&j| scores[j as usize] - bound(j as usize)));
+    let kk = k.min(lows.len()).max(1);
+    let (_, low_k, _) = lows.select_nth_unstable_by(kk - 1, |a, b| b.total_cmp(a));
+    // The additions' rounding, as `candidates` allows it, over the wider window's magnitudes.
+    let slack = w
+        .slack
+        .max((w.top.abs() + width + 4.0 * w.max_b) / (1u32 << 18) as f32);
+    let threshold = *low_k - slack;
+    for &j in near.iter() {
+        let j = j as usize;
+        if scores[j] + bound(j) >= threshold && !member[j] {
+            member[j] = true;
+            union.push(j as u32);
+        }
     }
 }
 
@@ -666,6 +735,96 @@ mod tests {
         }
         // The draws were screened, not all handed to the full head.
         assert!(screened_rows > 0);
+    }
+
+    #[test]
+    fn top_k_rows_give_the_full_heads_distributions() {
+        use tandem_kernels::sampling::{Sampler, SamplingParams};
+        let mut screened_rows = 0;
+        for (seed, rows, n, k, scale, on_grid) in [
+            (1u64, 3, 4096, 576, 0.3f32, true),
+            (2, 4, 2048, 96, 1.0, true),
+            (3, 2, 2048, 96, 0.2, false),
+        ] {
+            let h = if on_grid {
+                grid_head(n, k, seed, scale)
+            } else {
+                head(n, k, seed)
+            };
+            let g = GreedyHead::build(&h).unwrap().expect("a screen");
+            let x = inputs(rows, k, seed + 30, 3.0);
+            let mut full = vec![0f32; rows * n];
+            h.forward_into(&x, rows, &mut full).unwrap();
+            for top_k in [1usize, 2, 5, 40, 50, 200] {
+                let before = g.stats();
+                let mut got = vec![0f32; rows * n];
+                g.logits(
+                    &h,
+                    &x,
+                    rows,
+                    RowReads::TopK(top_k),
+                    &mut GreedyScratch::default(),
+                    &mut got,
+                )
+                .unwrap();
+                let after = g.stats();
+                screened_rows += (after.rows - before.rows) - (after.fallbacks - before.fallbacks);
+                for (temperature, top_p) in [(0.7f32, 1.0f32), (1.0, 0.9), (0.3, 0.95)] {
+                    let params = SamplingParams {
+                        temperature,
+                        top_k,
+                        top_p,
+                        seed: 3,
+                    };
+                    let s = Sampler::new(params).unwrap();
+                    for (r, (a, b)) in full.chunks_exact(n).zip(got.chunks_exact(n)).enumerate() {
+                        let (pa, pb) = (s.distribution(a), s.distribution(b));
+                        assert!(
+                            pa.iter().zip(&pb).all(|(x, y)| x.to_bits() == y.to_bits()),
+                            "seed {seed}, k {top_k}, T {temperature}, p {top_p}, row {r}"
+                        );
+                        for pos in 0..20 {
+                            assert_eq!(s.sample_at(a, pos), s.sample_at(b, pos));
+                        }
+                    }
+                }
+            }
+        }
+        assert!(screened_rows > 0);
+        // A tie at the k-th place (two identical rows): the lower index is kept, as with the
+        // full head.
+        let (n, k) = (256, 32);
+        let mut vals: Vec<f16> = (0..n * k)
+            .map(|i| f16::from_f32(((i * 37 % 101) as f32 / 101.0 - 0.5) * 0.1))
+            .collect();
+        for j in [7usize, 40] {
+            for p in 0..k {
+                vals[j * k + p] = f16::from_f32(0.5);
+            }
+        }
+        let h = Linear::from_f16_tensor(Tensor::from_vec(vals, (n, k), &Device::Cpu).unwrap());
+        let g = GreedyHead::build(&h).unwrap().expect("a screen");
+        let x = vec![1f32; k];
+        let mut full = vec![0f32; n];
+        h.forward_into(&x, 1, &mut full).unwrap();
+        let mut got = vec![0f32; n];
+        g.logits(
+            &h,
+            &x,
+            1,
+            RowReads::TopK(1),
+            &mut GreedyScratch::default(),
+            &mut got,
+        )
+        .unwrap();
+        let s = Sampler::new(SamplingParams {
+            temperature: 1.0,
+            top_k: 1,
+            ..SamplingParams::default()
+        })
+        .unwrap();
+        assert_eq!(s.distribution(&full), s.distribution(&got));
+        assert_eq!(s.sample_at(&got, 0), 7);
     }
 
     #[test]
