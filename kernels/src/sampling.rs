@@ -118,6 +118,24 @@ impl DrawNoise {
     pub fn noise_reaching(key: u64, i: usize, level: f64) -> Option<f64> {
         gumbel_reaching(key, i, level, gate_table())
     }
+
+    /// [`DrawNoise::noise_reaching`] with its table looked up once, for loops over a
+    /// vocabulary.
+    pub fn gate() -> NoiseGate {
+        NoiseGate(gate_table())
+    }
+}
+
+/// [`DrawNoise::noise_reaching`] holding its table ([`DrawNoise::gate`]).
+#[derive(Clone, Copy)]
+pub struct NoiseGate(&'static [u64; GATE_LEVELS]);
+
+impl NoiseGate {
+    /// As [`DrawNoise::noise_reaching`].
+    #[inline]
+    pub fn noise_reaching(&self, key: u64, i: usize, level: f64) -> Option<f64> {
+        gumbel_reaching(key, i, level, self.0)
+    }
 }
 
 pub struct Sampler {
@@ -435,7 +453,8 @@ fn gumbel_reaching(key: u64, i: usize, level: f64, table: &[u64; GATE_LEVELS]) -
     let bits = noise_bits(key, i);
     // The highest gate level at or below `level` (none below the base, or for NaN).
     if level > GATE_BASE {
-        let m = (((level - GATE_BASE) / GATE_STEP) as usize).min(GATE_LEVELS - 1);
+        // (level − base) / step, as a multiply (the step is a power of two: exact).
+        let m = (((level - GATE_BASE) * (1.0 / GATE_STEP)) as usize).min(GATE_LEVELS - 1);
         if bits < table[m] {
             return None;
         }

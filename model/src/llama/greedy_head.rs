@@ -349,6 +349,7 @@ impl GreedyHead {
     ) {
         const EPS: f64 = 1e-9;
         let t = f64::from(params.temperature);
+        let inv_t = 1.0 / t;
         let spread = DrawNoise::SPREAD * t;
         let (top, max_b, slack) = (f64::from(w.top), f64::from(w.max_b), f64::from(w.slack));
         let m_hi = top + max_b + slack;
@@ -356,9 +357,9 @@ impl GreedyHead {
         // A token's value's lower end, when it surely passes the spread test.
         let sure_low = |j: usize, g: f64| {
             let low = f64::from(scores[j]) - f64::from(bound(j)) - slack;
-            (low - m_hi >= -spread + EPS).then(|| (low - top) / t + g)
+            (low - m_hi >= -spread + EPS).then_some((low - top) * inv_t + g)
         };
-        let high = |j: usize| (f64::from(scores[j]) + f64::from(bound(j)) + slack - top) / t;
+        let high = |j: usize| (f64::from(scores[j]) + f64::from(bound(j)) + slack - top) * inv_t;
         // A first `best` from the argmax's near tokens (`near` holds them on entry), then
         // every token in the window whose noise may lift its upper end to `best`: the rest
         // are skipped by their noise's hash bits, without its logarithms.
@@ -371,11 +372,14 @@ impl GreedyHead {
         }
         near.clear();
         noise.clear();
+        let gate = DrawNoise::gate();
+        // Rounded down a little, so that the f32 comparison keeps every token the f64 one does.
+        let floor = (floor - 1e-3) as f32;
         for (j, &v) in scores.iter().enumerate() {
-            if f64::from(v) < floor {
+            if v < floor {
                 continue;
             }
-            if let Some(g) = DrawNoise::noise_reaching(key, j, best - high(j) - EPS) {
+            if let Some(g) = gate.noise_reaching(key, j, best - high(j) - EPS) {
                 near.push(j as u32);
                 noise.push(g);
                 if let Some(v) = sure_low(j, g) {
