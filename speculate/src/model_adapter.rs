@@ -13,8 +13,9 @@ pub struct ModelVerifier<'m> {
     pub model: &'m Llama,
     pub cache: Rc<RefCell<KvCache>>,
     /// What the acceptance rule reads of each row: every logit (the default), or only its
-    /// argmax or position-keyed draw, which [`Llama::forward_with`] then computes for the
-    /// candidates alone (−∞ for tokens that cannot be it); see [`ModelVerifier::reads`].
+    /// argmax, its position-keyed draw or its top-k distribution, which
+    /// [`Llama::forward_with`] then computes for the candidates alone (−∞ for tokens that
+    /// cannot matter); see [`ModelVerifier::reads`].
     pub reads: HeadRows,
 }
 
@@ -48,8 +49,9 @@ impl<'m> ModelVerifier<'m> {
     }
 
     /// Verifies with rows for `reads`: `HeadRows::Argmax` for a greedy rule,
-    /// `HeadRows::Draw` for coupled sampling (it reads each row's position-keyed draw, see
-    /// [`crate::session::verifier_reads`]); rejection sampling needs every logit.
+    /// `HeadRows::Draw` for coupled sampling (it reads each row's position-keyed draw),
+    /// `HeadRows::TopK` for either sampling rule with top-k; rejection sampling otherwise
+    /// needs every logit ([`crate::session::verifier_reads`] chooses).
     pub fn reads(mut self, reads: HeadRows) -> Self {
         self.reads = reads;
         self

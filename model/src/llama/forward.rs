@@ -179,7 +179,8 @@ impl Llama {
     /// rest, so `argmax` of a row is [`Llama::forward`]'s and nothing else in it is.
     /// `HeadRows::Draw`: also every token that could be the row's draw (`Sampler::sample_at`
     /// at the index after the row's token, with the noise's seed and temperature), so that
-    /// draw is [`Llama::forward`]'s. A 16-bit output head on the CPU is then screened by a
+    /// draw is [`Llama::forward`]'s. `HeadRows::TopK(k)`: every token that could be among
+    /// the row's k largest, so a top-k distribution is [`Llama::forward`]'s. A 16-bit output head on the CPU is then screened by a
     /// Q8_0 copy with error bounds and only the candidates' rows are multiplied (about half
     /// the head's bytes per step; the copy is built on the first call, see
     /// `llama/greedy_head.rs`); other heads compute every logit.
