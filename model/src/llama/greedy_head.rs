@@ -587,6 +587,14 @@ mod tests {
             .collect()
     }
 
+    /// The screen's rows for `x` ([rows, k]) under `reads`.
+    fn screened(g: &GreedyHead, h: &Linear, x: &[f32], rows: usize, reads: RowReads) -> Vec<f32> {
+        let mut got = vec![0f32; rows * h.out_dim];
+        g.logits(h, x, rows, reads, &mut GreedyScratch::default(), &mut got)
+            .unwrap();
+        got
+    }
+
     #[test]
     fn argmax_and_candidate_logits_match_the_full_head() {
         let (n, k) = (2048, 96);
@@ -601,16 +609,7 @@ mod tests {
             let x = inputs(rows, k, seed + 10, outlier);
             let mut full = vec![0f32; rows * n];
             h.forward_into(&x, rows, &mut full).unwrap();
-            let mut got = vec![0f32; rows * n];
-            g.logits(
-                &h,
-                &x,
-                rows,
-                RowReads::Argmax,
-                &mut GreedyScratch::default(),
-                &mut got,
-            )
-            .unwrap();
+            let got = screened(&g, &h, &x, rows, RowReads::Argmax);
             for (a, b) in full.chunks_exact(n).zip(got.chunks_exact(n)) {
                 assert_eq!(
                     tandem_kernels::sampling::argmax(a),
@@ -627,29 +626,24 @@ mod tests {
         }
     }
 
+    /// A head of `vals` ([n, k]) with rows 7 and 40 set to the same large values (a tie
+    /// for the largest logit at an all-ones input).
+    fn with_tied_rows(mut vals: Vec<f16>, k: usize) -> Linear {
+        let n = vals.len() / k;
+        for j in [7usize, 40] {
+            vals[j * k..][..k].fill(f16::from_f32(0.5));
+        }
+        Linear::from_f16_tensor(Tensor::from_vec(vals, (n, k), &Device::Cpu).unwrap())
+    }
+
     #[test]
     fn ties_resolve_to_the_first_index_as_the_full_head() {
         // Two identical rows: equal logits; argmax must be the lower index.
         let (n, k) = (64, 32);
-        let mut vals = vec![f16::from_f32(0.0); n * k];
-        for j in [7usize, 40] {
-            for p in 0..k {
-                vals[j * k + p] = f16::from_f32(0.5);
-            }
-        }
-        let h = Linear::from_f16_tensor(Tensor::from_vec(vals, (n, k), &Device::Cpu).unwrap());
+        let h = with_tied_rows(vec![f16::from_f32(0.0); n * k], k);
         let g = GreedyHead::build(&h).unwrap().expect("a screen");
         let x = vec![1f32; k];
-        let mut got = vec![0f32; n];
-        g.logits(
-            &h,
-            &x,
-            1,
-            RowReads::Argmax,
-            &mut GreedyScratch::default(),
-            &mut got,
-        )
-        .unwrap();
+        let got = screened(&g, &h, &x, 1, RowReads::Argmax);
         assert_eq!(tandem_kernels::sampling::argmax(&got), 7);
     }
 
@@ -675,25 +669,65 @@ mod tests {
         Linear::from_f16_tensor(t)
     }
 
-    #[test]
-    fn sampled_draws_match_the_full_heads() {
-        use tandem_kernels::sampling::{Sampler, SamplingParams};
-        let mut screened_rows = 0;
-        for (seed, rows, n, k, scale, on_grid) in [
+    /// A head, its screen, input rows and the full head's logits for them.
+    struct Case {
+        seed: u64,
+        rows: usize,
+        n: usize,
+        h: Linear,
+        g: GreedyHead,
+        x: Vec<f32>,
+        full: Vec<f32>,
+    }
+
+    /// Heads on and off the Q8_0 grid, at two sizes and several logit scales (the first
+    /// `count` of them), with inputs seeded `seed + input_offset`.
+    fn screened_cases(count: usize, input_offset: u64) -> Vec<Case> {
+        [
             (1u64, 3, 4096, 576, 0.3f32, true),
             (2, 4, 2048, 96, 1.0, true),
             (3, 2, 2048, 96, 0.2, false),
             (4, 5, 4096, 576, 0.05, false),
-        ] {
+        ]
+        .into_iter()
+        .take(count)
+        .map(|(seed, rows, n, k, scale, on_grid)| {
             let h = if on_grid {
                 grid_head(n, k, seed, scale)
             } else {
                 head(n, k, seed)
             };
             let g = GreedyHead::build(&h).unwrap().expect("a screen");
-            let x = inputs(rows, k, seed + 20, 3.0);
+            let x = inputs(rows, k, seed + input_offset, 3.0);
             let mut full = vec![0f32; rows * n];
             h.forward_into(&x, rows, &mut full).unwrap();
+            Case {
+                seed,
+                rows,
+                n,
+                h,
+                g,
+                x,
+                full,
+            }
+        })
+        .collect()
+    }
+
+    #[test]
+    fn sampled_draws_match_the_full_heads() {
+        use tandem_kernels::sampling::{Sampler, SamplingParams};
+        let mut screened_rows = 0;
+        for Case {
+            seed,
+            rows,
+            n,
+            h,
+            g,
+            x,
+            full,
+        } in screened_cases(4, 20)
+        {
             for temperature in [0.05f32, 0.3, 0.7, 1.0, 1.5] {
                 for draw_seed in 0..6u64 {
                     let params = SamplingParams {
@@ -705,16 +739,7 @@ mod tests {
                     let positions: Vec<usize> = (0..rows).map(|r| 17 + 3 * r).collect();
                     let keys: Vec<u64> = positions.iter().map(|&p| noise.key(p)).collect();
                     let before = g.stats();
-                    let mut got = vec![0f32; rows * n];
-                    g.logits(
-                        &h,
-                        &x,
-                        rows,
-                        RowReads::Draw(noise, &keys),
-                        &mut GreedyScratch::default(),
-                        &mut got,
-                    )
-                    .unwrap();
+                    let got = screened(&g, &h, &x, rows, RowReads::Draw(noise, &keys));
                     let after = g.stats();
                     screened_rows +=
                         (after.rows - before.rows) - (after.fallbacks - before.fallbacks);
@@ -745,32 +770,19 @@ mod tests {
     fn top_k_rows_give_the_full_heads_distributions() {
         use tandem_kernels::sampling::{Sampler, SamplingParams};
         let mut screened_rows = 0;
-        for (seed, rows, n, k, scale, on_grid) in [
-            (1u64, 3, 4096, 576, 0.3f32, true),
-            (2, 4, 2048, 96, 1.0, true),
-            (3, 2, 2048, 96, 0.2, false),
-        ] {
-            let h = if on_grid {
-                grid_head(n, k, seed, scale)
-            } else {
-                head(n, k, seed)
-            };
-            let g = GreedyHead::build(&h).unwrap().expect("a screen");
-            let x = inputs(rows, k, seed + 30, 3.0);
-            let mut full = vec![0f32; rows * n];
-            h.forward_into(&x, rows, &mut full).unwrap();
+        for Case {
+            seed,
+            rows,
+            n,
+            h,
+            g,
+            x,
+            full,
+        } in screened_cases(3, 30)
+        {
             for top_k in [1usize, 2, 5, 40, 50, 200] {
                 let before = g.stats();
-                let mut got = vec![0f32; rows * n];
-                g.logits(
-                    &h,
-                    &x,
-                    rows,
-                    RowReads::TopK(top_k),
-                    &mut GreedyScratch::default(),
-                    &mut got,
-                )
-                .unwrap();
+                let got = screened(&g, &h, &x, rows, RowReads::TopK(top_k));
                 let after = g.stats();
                 screened_rows += (after.rows - before.rows) - (after.fallbacks - before.fallbacks);
                 for (temperature, top_p) in [(0.7f32, 1.0f32), (1.0, 0.9), (0.3, 0.95)] {
@@ -798,29 +810,15 @@ mod tests {
         // A tie at the k-th place (two identical rows): the lower index is kept, as with the
         // full head.
         let (n, k) = (256, 32);
-        let mut vals: Vec<f16> = (0..n * k)
+        let vals: Vec<f16> = (0..n * k)
             .map(|i| f16::from_f32(((i * 37 % 101) as f32 / 101.0 - 0.5) * 0.1))
             .collect();
-        for j in [7usize, 40] {
-            for p in 0..k {
-                vals[j * k + p] = f16::from_f32(0.5);
-            }
-        }
-        let h = Linear::from_f16_tensor(Tensor::from_vec(vals, (n, k), &Device::Cpu).unwrap());
+        let h = with_tied_rows(vals, k);
         let g = GreedyHead::build(&h).unwrap().expect("a screen");
         let x = vec![1f32; k];
         let mut full = vec![0f32; n];
         h.forward_into(&x, 1, &mut full).unwrap();
-        let mut got = vec![0f32; n];
-        g.logits(
-            &h,
-            &x,
-            1,
-            RowReads::TopK(1),
-            &mut GreedyScratch::default(),
-            &mut got,
-        )
-        .unwrap();
+        let got = screened(&g, &h, &x, 1, RowReads::TopK(1));
         let s = Sampler::new(SamplingParams {
             temperature: 1.0,
             top_k: 1,
@@ -840,16 +838,7 @@ mod tests {
         x[3] = f32::NAN;
         let mut full = vec![0f32; n];
         h.forward_into(&x, 1, &mut full).unwrap();
-        let mut got = vec![0f32; n];
-        g.logits(
-            &h,
-            &x,
-            1,
-            RowReads::Argmax,
-            &mut GreedyScratch::default(),
-            &mut got,
-        )
-        .unwrap();
+        let got = screened(&g, &h, &x, 1, RowReads::Argmax);
         assert!(full
             .iter()
             .zip(&got)
