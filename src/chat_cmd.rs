@@ -77,11 +77,8 @@ pub fn chat(a: ChatArgs, load: &tandem_model::LoadOptions) -> Result<()> {
         None => None,
     };
     let settings = a.drafting.config(params, a.ctx);
-    if HeadRows::for_draws(&sampler.params).is_screened() {
-        // Greedy and plainly sampled answers use the screened head; its screen is built with
-        // the model.
-        model.prepare_greedy_head()?;
-    }
+    // Greedy and sampled answers use the screened head; its screen is built with the model.
+    model.prepare_head_for(HeadRows::for_draws(&sampler.params))?;
     let opening: Vec<Message> = a.system.iter().map(|s| Message::new("system", s)).collect();
     let mut messages = opening.clone();
     // The tokens whose keys and values the cache holds, in order.

@@ -167,9 +167,9 @@ fn run(
     let mut cache = model.new_cache_limited(ctx)?;
     let mut sampler = Sampler::new(params)?;
     let score = report == Report::JsonLogprobs;
-    if HeadRows::for_draws(&params).is_screened() && !score {
+    if !score {
         // The screened head's screen is built with the model, not inside time to first token.
-        model.prepare_greedy_head()?;
+        model.prepare_head_for(HeadRows::for_draws(&params))?;
     }
     let mut printer = Printer::start(tok, prompt, ids.last().copied())?;
     let mut logprobs = Vec::new();

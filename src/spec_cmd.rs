@@ -27,9 +27,7 @@ pub fn generate(
     let ids = tok.encode(&a.prompt, bos)?;
     let mut src = DraftSource::open(ck, draft, load)?;
     report_skips(&src);
-    if HeadRows::for_draws(&params).is_screened() {
-        model.prepare_greedy_head()?;
-    }
+    model.prepare_head_for(HeadRows::for_draws(&params))?;
     let settings = a.drafting.config(params, a.ctx);
     let mut printer = Printer::start(tok, &a.prompt, ids.last().copied())?;
     let (_, st) = run(
@@ -129,10 +127,8 @@ pub fn bench_spec(a: BenchSpecArgs, load: &tandem_model::LoadOptions) -> Result<
     let model = ck.load_model(load)?;
     let mut src = DraftSource::open(&ck, &a.draft, load)?;
     report_skips(&src);
-    if HeadRows::for_draws(&a.sampling.params()).is_screened() {
-        // Built before the clock starts (it is built on the first screened call otherwise).
-        model.prepare_greedy_head()?;
-    }
+    // Built before the clock starts (it is built on the first screened call otherwise).
+    model.prepare_head_for(HeadRows::for_draws(&a.sampling.params()))?;
     if a.batch > 1 {
         return bench_batch(&a, &ck, &model, &mut src, &prompts);
     }

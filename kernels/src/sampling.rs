@@ -112,29 +112,34 @@ impl DrawNoise {
         gumbel(key, i)
     }
 
-    /// Token `i`'s noise in the draw keyed `key` ([`DrawNoise::noise`]) when it may reach
-    /// `level`; `None` only when it is below `level − 1e-9`, told from the noise's hash bits
-    /// without computing it.
-    pub fn noise_reaching(key: u64, i: usize, level: f64) -> Option<f64> {
-        gumbel_reaching(key, i, level, gate_table())
-    }
-
-    /// [`DrawNoise::noise_reaching`] with its table looked up once, for loops over a
-    /// vocabulary.
+    /// The gate that tells, from a token's noise bits, whether its noise can reach a level
+    /// (its table looked up once, for loops over a vocabulary).
     pub fn gate() -> NoiseGate {
         NoiseGate(gate_table())
     }
 }
 
-/// [`DrawNoise::noise_reaching`] holding its table ([`DrawNoise::gate`]).
+/// Skips the noise of tokens that cannot reach a level ([`DrawNoise::gate`]).
 #[derive(Clone, Copy)]
 pub struct NoiseGate(&'static [u64; GATE_LEVELS]);
 
 impl NoiseGate {
-    /// As [`DrawNoise::noise_reaching`].
+    /// Token `i`'s noise under `key` ([`DrawNoise::noise`]) when it may reach `level`;
+    /// `None` only when it is below `level − 1e-9`, decided from its hash bits against
+    /// [`gate_table`] without the two logarithms (most of a 49k vocabulary needs noise far
+    /// above what it draws).
     #[inline]
     pub fn noise_reaching(&self, key: u64, i: usize, level: f64) -> Option<f64> {
-        gumbel_reaching(key, i, level, self.0)
+        let bits = noise_bits(key, i);
+        // The highest gate level at or below `level` (none below the base, or for NaN).
+        if level > GATE_BASE {
+            // (level − base) / step, as a multiply (the step is a power of two: exact).
+            let m = (((level - GATE_BASE) * (1.0 / GATE_STEP)) as usize).min(GATE_LEVELS - 1);
+            if bits < self.0[m] {
+                return None;
+            }
+        }
+        Some(gumbel_of_bits(bits))
     }
 }
 
@@ -191,12 +196,16 @@ impl Sampler {
         // A screened row (`tandem_model::HeadRows::TopK`) is −∞ but for a few hundred
         // tokens: with at least k others, the top k are among them (−∞ sorts last), and
         // selecting among those skips sorting the whole vocabulary's indices.
-        let others = || (0..logits.len()).filter(|&i| logits[i] != f32::NEG_INFINITY);
-        let mut idx: Vec<usize> = if k < logits.len() && others().count() >= k {
-            others().collect()
+        let mut idx: Vec<usize> = if k < logits.len() {
+            (0..logits.len())
+                .filter(|&i| logits[i] != f32::NEG_INFINITY)
+                .collect()
         } else {
-            (0..logits.len()).collect()
+            Vec::new()
         };
+        if idx.len() < k {
+            idx = (0..logits.len()).collect();
+        }
         let cmp = |a: &usize, b: &usize| logits[*b].total_cmp(&logits[*a]).then(a.cmp(b));
         if k == logits.len() {
             // Top-p alone: the nucleus is usually a few dozen tokens of a 49k vocabulary, so
@@ -333,12 +342,12 @@ impl Sampler {
                 // and skip, by its hash bits alone, every token whose noise cannot bring it
                 // up to the best value so far (it could neither win nor tie). Ties go to the
                 // lower index, as the loop below gives them.
-                let table = gate_table();
+                let gate = DrawNoise::gate();
                 best.0 = gumbel(key, m);
                 for (i, &l) in logits.iter().enumerate() {
                     let lp = (l as f64 - max) / t;
                     if lp >= -SPREAD {
-                        if let Some(g) = gumbel_reaching(key, i, best.0 - lp, table) {
+                        if let Some(g) = gate.noise_reaching(key, i, best.0 - lp) {
                             let s = lp + g;
                             if s > best.0 || (s == best.0 && (i as u32) < best.1) {
                                 best = (s, i as u32);
@@ -442,24 +451,6 @@ fn gate_table() -> &'static [u64; GATE_LEVELS] {
         }
         table
     })
-}
-
-/// Candidate `i`'s noise under `key` when it may reach `level`; `None` when it is surely
-/// below `level` by more than 1e-9, decided from its hash bits against [`gate_table`]
-/// without the two logarithms (most of a 49k vocabulary needs noise far above what it
-/// draws, and the logarithms were most of a sampled step's sampling time).
-#[inline]
-fn gumbel_reaching(key: u64, i: usize, level: f64, table: &[u64; GATE_LEVELS]) -> Option<f64> {
-    let bits = noise_bits(key, i);
-    // The highest gate level at or below `level` (none below the base, or for NaN).
-    if level > GATE_BASE {
-        // (level − base) / step, as a multiply (the step is a power of two: exact).
-        let m = (((level - GATE_BASE) * (1.0 / GATE_STEP)) as usize).min(GATE_LEVELS - 1);
-        if bits < table[m] {
-            return None;
-        }
-    }
-    Some(gumbel_of_bits(bits))
 }
 
 #[cfg(test)]

@@ -62,7 +62,7 @@ impl HeadRows {
     }
 
     /// Whether rows for these reads come from the screened head (whose screen
-    /// [`Llama::prepare_greedy_head`] builds ahead of time).
+    /// [`Llama::prepare_head_for`] builds ahead of time).
     pub fn is_screened(&self) -> bool {
         !matches!(self, HeadRows::All)
     }
@@ -211,6 +211,15 @@ impl Llama {
     /// timed run does not pay for it); does nothing for a head it does not apply to.
     pub fn prepare_greedy_head(&self) -> Result<()> {
         self.greedy_head().map(|_| ())
+    }
+
+    /// [`Llama::prepare_greedy_head`] when calls with `reads` use the screen (so that time
+    /// to first token does not include building it); nothing for `HeadRows::All`.
+    pub fn prepare_head_for(&self, reads: HeadRows) -> Result<()> {
+        if reads.is_screened() {
+            self.prepare_greedy_head()?;
+        }
+        Ok(())
     }
 
     /// What the greedy head has done so far (`None`: it does not apply to this model's head,

@@ -91,6 +91,8 @@ struct Picks {
     member: Vec<bool>,
     /// A sampled row's near tokens' noise.
     noise: Vec<f64>,
+    /// A top-k row's scores or lower bounds, to select the k-th from.
+    lows: Vec<f32>,
 }
 
 /// What a row of the screened head must get right: its argmax, or also its position-keyed
@@ -245,13 +247,14 @@ impl GreedyHead {
     ///
     /// `read`: for a sampled draw, the tokens that can be the draw are added too (see
     /// [`GreedyHead::draw_candidates`]); for top-k, those that can be among the k largest
-    /// ([`GreedyHead::top_k_candidates`]).
+    /// ([`top_k_candidates`]).
     fn candidates(&self, scores: &[f32], alpha: f64, beta: f64, read: RowRead, picks: &mut Picks) {
         let Picks {
             near,
             member,
             union,
             noise,
+            lows,
         } = picks;
         const LANES: usize = 8;
         let widen = 1.0 + 1.0 / f64::from(1u32 << 18);
@@ -315,7 +318,9 @@ impl GreedyHead {
             RowRead::Draw(params, key) => self.draw_candidates(
                 scores, &bound, window, params, key, near, noise, member, union,
             ),
-            RowRead::TopK(k) => top_k_candidates(scores, &bound, window, k, near, member, union),
+            RowRead::TopK(k) => {
+                top_k_candidates(scores, &bound, window, k, near, lows, member, union)
+            }
         }
     }
 
@@ -329,7 +334,7 @@ impl GreedyHead {
     ///   lower end `L` of `v` over those is a value the draw reaches;
     /// - a token can be the draw only if its upper end reaches `L` (so a token whose noise
     ///   cannot lift it there is skipped without computing the noise,
-    ///   [`DrawNoise::noise_reaching`]).
+    ///   [`tandem_kernels::sampling::NoiseGate`]).
     ///
     /// The values are taken relative to `top` instead of M (the same shift for every token,
     /// so the same order); margins cover f32 rounding of the bounds (`slack`) and the
@@ -413,17 +418,18 @@ impl GreedyHead {
 /// lower bound is taken among them (a token outside has a lower bound below `s_k − max_b`).
 /// With ties at the k-th place every tied token is a candidate, so the lower index's is
 /// exact too.
+#[allow(clippy::too_many_arguments)]
 fn top_k_candidates(
     scores: &[f32],
     bound: &impl Fn(usize) -> f32,
     w: Window,
     k: usize,
     near: &mut Vec<u32>,
+    lows: &mut Vec<f32>,
     member: &mut [bool],
     union: &mut Vec<u32>,
 ) {
     let k = k.min(scores.len());
-    let mut lows: Vec<f32> = Vec::new();
     let mut width = 4.0 * w.max_b + 1.0;
     loop {
         let floor = w.top - width;
