@@ -91,6 +91,10 @@ impl DrawNoise {
     /// token further below can never win. Rounded up.
     pub const SPREAD: f64 = 26.02;
 
+    /// The most noise any token draws (G ≤ 22.874 from 32-bit uniforms), rounded up: a token
+    /// whose value's upper end falls short of a reached value by more cannot be the draw.
+    pub const MAX_NOISE: f64 = 22.875;
+
     /// The draws `params` make, when they are plain temperature sampling; `None` for greedy
     /// and for top-k / top-p (whose draws need every probability).
     pub fn of(params: &SamplingParams) -> Option<Self> {
@@ -344,7 +348,14 @@ impl Sampler {
                 // lower index, as the loop below gives them.
                 let gate = DrawNoise::gate();
                 best.0 = gumbel(key, m);
+                // Below this a logit is surely more than the spread under the best (a margin
+                // for the division's rounding): skipped by one f32 comparison instead of an
+                // f64 division (a screened row is −∞ but for a dozen tokens).
+                let cut = (max - SPREAD * t - 1e-3 * (1.0 + max.abs())) as f32;
                 for (i, &l) in logits.iter().enumerate() {
+                    if l < cut {
+                        continue;
+                    }
                     let lp = (l as f64 - max) / t;
                     if lp >= -SPREAD {
                         if let Some(g) = gate.noise_reaching(key, i, best.0 - lp) {
@@ -625,6 +636,14 @@ mod tests {
             }
         }
         best.1
+    }
+
+    #[test]
+    fn the_noise_lies_within_its_published_bounds() {
+        // The noise is non-decreasing in its bits: the extremes are the first and last.
+        let (least, most) = (gumbel_of_bits(0), gumbel_of_bits(u32::MAX as u64));
+        assert!(most <= DrawNoise::MAX_NOISE && most > DrawNoise::MAX_NOISE - 2e-3);
+        assert!(most - least <= DrawNoise::SPREAD);
     }
 
     #[test]
