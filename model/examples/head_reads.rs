@@ -3,9 +3,17 @@
 //! after a fixed context, the cache cut back after each, best and median of many steps.
 //!
 //!     cargo run --release -p tandem-model --example head_reads -- MODEL [THREADS] [CONTEXT]
+//!
+//! The context is a chat answer, as decoding sees one: an instruction in the model's chat
+//! template (where it has one) continued greedily to CONTEXT tokens, then each round times
+//! one step per kind at the answer's next position. (A context of arbitrary token ids gives flat rows whose
+//! draws have far more candidates than real text does.)
 
 use std::time::Instant;
-use tandem_model::{Checkpoint, HeadRows, LoadOptions, Logits, SamplingParams};
+use tandem_model::chat::{ChatTemplate, Message};
+use tandem_model::{argmax, Checkpoint, HeadRows, LoadOptions, Logits, SamplingParams};
+
+const INSTRUCTION: &str = "Write a short story about a robot who learns to paint.";
 
 fn main() -> tandem_model::Result<()> {
     let mut args = std::env::args().skip(1);
@@ -19,9 +27,25 @@ fn main() -> tandem_model::Result<()> {
     let ck = Checkpoint::open(std::path::Path::new(&path), None)?;
     let model = ck.load_model(&LoadOptions::default())?;
     model.prepare_greedy_head()?;
-    let prompt: Vec<u32> = (0..context as u32).map(|i| 100 + (i * 37) % 5000).collect();
+    let text = match ChatTemplate::for_checkpoint(&ck, None) {
+        Ok(t) => t.render(&[Message::new("user", INSTRUCTION)], true)?,
+        Err(_) => INSTRUCTION.to_string(),
+    };
+    let mut tokens = ck.tokenizer.encode(&text, ck.tokenizer.add_bos)?;
     let mut cache = model.new_cache()?;
-    model.forward(&prompt, &mut cache, Logits::Last)?;
+    let mut next = argmax(model.forward(&tokens, &mut cache, Logits::Last)?.last());
+    // The answer greedily to `context` tokens, and 60 more to feed the timed steps.
+    let steps = 60;
+    while tokens.len() < context + steps {
+        tokens.push(next);
+        next = argmax(
+            model
+                .forward_with(&[next], &mut cache, Logits::Last, HeadRows::Argmax)?
+                .last(),
+        );
+    }
+    let context = context.min(tokens.len() - steps);
+    cache.truncate(context);
     let sampled = |top_k| SamplingParams {
         temperature: 0.8,
         top_k,
@@ -35,13 +59,16 @@ fn main() -> tandem_model::Result<()> {
         ("top-k 40", HeadRows::for_draws(&sampled(40))),
     ];
     let mut times = vec![Vec::new(); kinds.len()];
-    for round in 0..60 {
+    for round in 0..steps {
+        let step = tokens[context + round];
         for (i, (_, reads)) in kinds.iter().enumerate() {
             let t0 = Instant::now();
-            model.forward_with(&[42 + round], &mut cache, Logits::Last, *reads)?;
+            model.forward_with(&[step], &mut cache, Logits::Last, *reads)?;
             times[i].push(t0.elapsed().as_secs_f64() * 1e3);
-            cache.truncate(context);
+            cache.truncate(context + round);
         }
+        // On to the answer's next position (untimed).
+        model.forward_with(&[step], &mut cache, Logits::Last, HeadRows::Argmax)?;
     }
     for ((name, _), t) in kinds.iter().zip(&mut times) {
         t.sort_by(f64::total_cmp);
