@@ -769,24 +769,9 @@ unsafe fn block_avx2<const FMT: u8, const G: usize, const VNNI: bool>(
             _mm256_sub_epi8(_mm256_and_si256(both, nib), eight)
         }
         Q5_0 => {
-            // Nibbles as Q4_0's; byte i of `set` is 0xFF where high bit i of `qh` is set
-            // (each byte picks its bit by OR-ing every other bit to 1 and comparing with
-            // all-ones, as llama.cpp's bytes_from_bits_32 does). level − 16 is the nibble
-            // itself where the bit is set, the nibble with 0xF0 OR-ed in where it is not.
-            let qh = (q as *const u32).read_unaligned() as i32;
-            let spread = _mm256_shuffle_epi8(
-                _mm256_set1_epi32(qh),
-                _mm256_set_epi64x(
-                    0x0303_0303_0303_0303,
-                    0x0202_0202_0202_0202,
-                    0x0101_0101_0101_0101,
-                    0,
-                ),
-            );
-            let set = _mm256_cmpeq_epi8(
-                _mm256_or_si256(spread, _mm256_set1_epi64x(0x7fbf_dfef_f7fb_fdfe)),
-                _mm256_set1_epi64x(-1),
-            );
+            // Nibbles as Q4_0's; level − 16 is the nibble itself where high bit i of `qh`
+            // is set, the nibble with 0xF0 OR-ed in where it is not.
+            let set = bytes_from_bits((q as *const u32).read_unaligned());
             let raw = _mm_loadu_si128(q.add(4) as *const __m128i);
             let both = _mm256_set_m128i(_mm_srli_epi16(raw, 4), raw);
             let nibbles = _mm256_and_si256(both, nib);
@@ -803,21 +788,8 @@ unsafe fn block_avx2<const FMT: u8, const G: usize, const VNNI: bool>(
             let both = _mm256_set_m128i(_mm_srli_epi16(raw, 4), raw);
             let mut levels = _mm256_and_si256(both, nib);
             if FMT == Q5_1 {
-                // Byte i of `set` is 0xFF where bit i of `qh` is set (as for Q5_0): + 16.
-                let qh = (q.add(2) as *const u32).read_unaligned() as i32;
-                let spread = _mm256_shuffle_epi8(
-                    _mm256_set1_epi32(qh),
-                    _mm256_set_epi64x(
-                        0x0303_0303_0303_0303,
-                        0x0202_0202_0202_0202,
-                        0x0101_0101_0101_0101,
-                        0,
-                    ),
-                );
-                let set = _mm256_cmpeq_epi8(
-                    _mm256_or_si256(spread, _mm256_set1_epi64x(0x7fbf_dfef_f7fb_fdfe)),
-                    _mm256_set1_epi64x(-1),
-                );
+                // + 16 where the weight's bit of `qh` is set.
+                let set = bytes_from_bits((q.add(2) as *const u32).read_unaligned());
                 levels = _mm256_or_si256(levels, _mm256_and_si256(set, _mm256_set1_epi8(16)));
             }
             for (r, (a, mn)) in acc.iter_mut().zip(mins.iter_mut()).enumerate() {
@@ -840,6 +812,28 @@ unsafe fn block_avx2<const FMT: u8, const G: usize, const VNNI: bool>(
         let d = _mm256_mul_ps(dw, _mm256_broadcast_ss(&*dxp.add(r * nb + b)));
         *a = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(dot), *a);
     }
+}
+
+/// Byte i is 0xFF where bit i of `bits` is set, else 0 (each byte picks its bit by OR-ing
+/// every other bit to 1 and comparing with all-ones, as llama.cpp's bytes_from_bits_32 does):
+/// Q5_0's and Q5_1's fifth bits, one per weight.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn bytes_from_bits(bits: u32) -> std::arch::x86_64::__m256i {
+    use std::arch::x86_64::*;
+    let spread = _mm256_shuffle_epi8(
+        _mm256_set1_epi32(bits as i32),
+        _mm256_set_epi64x(
+            0x0303_0303_0303_0303,
+            0x0202_0202_0202_0202,
+            0x0101_0101_0101_0101,
+            0,
+        ),
+    );
+    _mm256_cmpeq_epi8(
+        _mm256_or_si256(spread, _mm256_set1_epi64x(0x7fbf_dfef_f7fb_fdfe)),
+        _mm256_set1_epi64x(-1),
+    )
 }
 
 /// Q6_K against activation rows `i0..i0+G`. Per 128-weight half of a block, the 64 low-nibble
