@@ -1,5 +1,5 @@
-//! Q4_0, Q5_0 and Q8_0 weights repacked eight rows at a time, for the 8-bit-activation path on
-//! AVX2.
+//! Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 weights repacked eight rows at a time, for the
+//! 8-bit-activation path on AVX2.
 //!
 //! Why: in GGML's layout each weight row is dotted on its own, and every 32-weight block costs
 //! ~16 instructions (unpack, two sign fixes, `vpmaddubsw`, `vpmaddwd`, scales, FMA, and a
@@ -19,7 +19,11 @@
 //! groups (272 bytes); Q4_0 four (144 bytes), each byte holding level `4g + i` in its low
 //! nibble and level `16 + 4g + i` in its high nibble. Q5_0 puts the 8 rows' 32-bit high-bit
 //! words (row r at bytes 4r..4r+4, 32 bytes) before Q4_0's four groups (176 bytes): its levels
-//! are unsigned 0..31 with a −16 offset, which becomes `−16·Σx` per block.
+//! are unsigned 0..31 with a −16 offset, which becomes `−16·Σx` per block. Q4_1 and Q5_1
+//! (`d·q + m`) put the 8 rows' f16 mins after the scales (16 bytes), then Q4_0's (160 bytes)
+//! or Q5_0's (192 bytes) layout; their unsigned levels take no offset, and `m·d_x·Σx` is
+//! added per block with one multiply-add for the 8 rows. (Through the row kernels they
+//! decoded SmolLM2's Q4_1 file at 119–160 tok/s against 228–269 in tiles, 2 threads.)
 //!
 //! Every activation row goes through the same per-row arithmetic whatever rows come with it,
 //! so prefill, decode and verification give identical results. The reference is
@@ -31,7 +35,7 @@ use crate::quant_gemm::{BlockFormat, BLOCK};
 /// Rows per tile.
 pub const TILE: usize = 8;
 
-/// A Q4_0, Q5_0 or Q8_0 matrix [n, k] in 8-row tiles.
+/// A Q4_0, Q4_1, Q5_0, Q5_1 or Q8_0 matrix [n, k] in 8-row tiles.
 #[derive(Debug, Clone)]
 pub struct Int8Tiles {
     pub format: BlockFormat,
@@ -50,12 +54,16 @@ pub struct Int8Tiles {
 }
 
 impl Int8Tiles {
-    /// Repacks GGML Q4_0, Q5_0 or Q8_0 rows; `None` for other formats, when the shape does not
+    /// Repacks GGML Q4_0, Q4_1, Q5_0, Q5_1 or Q8_0 rows; `None` for other formats, when the shape does not
     /// tile (n not a multiple of 8), or where this CPU has no kernel for it (no AVX2).
     pub fn pack(format: BlockFormat, w: &[u8], n: usize, k: usize) -> Option<Self> {
         if !matches!(
             format,
-            BlockFormat::Q4_0 | BlockFormat::Q5_0 | BlockFormat::Q8_0
+            BlockFormat::Q4_0
+                | BlockFormat::Q4_1
+                | BlockFormat::Q5_0
+                | BlockFormat::Q5_1
+                | BlockFormat::Q8_0
         ) || !available()
             || !n.is_multiple_of(TILE)
             || !k.is_multiple_of(BLOCK)
@@ -219,14 +227,26 @@ fn for_each_row_byte(format: BlockFormat, k: usize, row: usize, mut f: impl FnMu
         let at = b * bb;
         f(at, tile + 2 * r);
         f(at + 1, tile + 2 * r + 1);
-        // Q5_0's high bits: row r's word at 16 + 4r; its nibbles follow Q4_0's layout after.
-        let (qs, groups) = if format == BlockFormat::Q5_0 {
-            for p in 0..4 {
-                f(at + 2 + p, tile + 16 + 4 * r + p);
-            }
-            (at + 6, tile + 48)
+        // Q4_1 / Q5_1: the 8 rows' f16 mins after the scales, row r's at 16 + 2r.
+        let with_min = matches!(format, BlockFormat::Q4_1 | BlockFormat::Q5_1);
+        if with_min {
+            f(at + 2, tile + 16 + 2 * r);
+            f(at + 3, tile + 16 + 2 * r + 1);
+        }
+        let (at_qh, tile_qh) = if with_min {
+            (at + 4, tile + 32)
         } else {
             (at + 2, tile + 16)
+        };
+        // Q5_0 / Q5_1's high bits: row r's word at 4r after the scales (and mins); the
+        // nibbles follow Q4_0's layout after.
+        let (qs, groups) = if matches!(format, BlockFormat::Q5_0 | BlockFormat::Q5_1) {
+            for p in 0..4 {
+                f(at_qh + p, tile_qh + 4 * r + p);
+            }
+            (at_qh + 4, tile_qh + 32)
+        } else {
+            (at_qh, tile_qh)
         };
         for p in 0..at + bb - qs {
             f(qs + p, groups + 32 * (p / 4) + 4 * r + p % 4);
@@ -289,6 +309,10 @@ const Q5_0: u8 = 2;
 /// Q8_0 tiles stored biased ([`Int8Tiles::biased`]).
 #[cfg(target_arch = "x86_64")]
 const Q8_0_BIASED: u8 = 3;
+#[cfg(target_arch = "x86_64")]
+const Q4_1: u8 = 4;
+#[cfg(target_arch = "x86_64")]
+const Q5_1: u8 = 5;
 
 thread_local! {
     /// [`block_offsets`] of the caller's activations, reused across calls.
@@ -307,7 +331,7 @@ fn block_offsets(f: Stored, xq: &Int8Rows, offs: &mut Vec<i32>) {
         Stored::Q4_0 => 8,
         Stored::Q5_0 => 16,
         Stored::Q8_0Biased => 128,
-        Stored::Q8_0 => return,
+        Stored::Q8_0 | Stored::Q4_1 | Stored::Q5_1 => return,
     };
     offs.extend(xq.sums.iter().map(|&s| -offset * s));
 }
@@ -317,6 +341,9 @@ fn block_offsets(f: Stored, xq: &Int8Rows, offs: &mut Vec<i32>) {
 enum Stored {
     Q4_0,
     Q5_0,
+    /// Unsigned levels and a min per row and block (`d·q + m`).
+    Q4_1,
+    Q5_1,
     Q8_0,
     Q8_0Biased,
 }
@@ -326,6 +353,8 @@ impl Stored {
         match format {
             BlockFormat::Q4_0 => Stored::Q4_0,
             BlockFormat::Q5_0 => Stored::Q5_0,
+            BlockFormat::Q4_1 => Stored::Q4_1,
+            BlockFormat::Q5_1 => Stored::Q5_1,
             _ if biased => Stored::Q8_0Biased,
             _ => Stored::Q8_0,
         }
@@ -379,6 +408,8 @@ unsafe fn tile_rows_avx2(
     match f {
         Stored::Q4_0 => by_group!(g, G => tile_body::<Q4_0, G, false>(tile, xq, offs, i0, k, out)),
         Stored::Q5_0 => by_group!(g, G => tile_body::<Q5_0, G, false>(tile, xq, offs, i0, k, out)),
+        Stored::Q4_1 => by_group!(g, G => tile_body::<Q4_1, G, false>(tile, xq, offs, i0, k, out)),
+        Stored::Q5_1 => by_group!(g, G => tile_body::<Q5_1, G, false>(tile, xq, offs, i0, k, out)),
         Stored::Q8_0 => by_group!(g, G => tile_body::<Q8_0, G, false>(tile, xq, offs, i0, k, out)),
         Stored::Q8_0Biased => {
             by_group!(g, G => tile_body::<Q8_0_BIASED, G, false>(tile, xq, offs, i0, k, out))
@@ -403,6 +434,8 @@ unsafe fn tile_rows_vnni(
     match f {
         Stored::Q4_0 => by_group8!(g, G => tile_body::<Q4_0, G, true>(tile, xq, offs, i0, k, out)),
         Stored::Q5_0 => by_group8!(g, G => tile_body::<Q5_0, G, true>(tile, xq, offs, i0, k, out)),
+        Stored::Q4_1 => by_group8!(g, G => tile_body::<Q4_1, G, true>(tile, xq, offs, i0, k, out)),
+        Stored::Q5_1 => by_group8!(g, G => tile_body::<Q5_1, G, true>(tile, xq, offs, i0, k, out)),
         Stored::Q8_0 => by_group8!(g, G => tile_body::<Q8_0, G, true>(tile, xq, offs, i0, k, out)),
         Stored::Q8_0Biased => {
             by_group8!(g, G => tile_body::<Q8_0_BIASED, G, true>(tile, xq, offs, i0, k, out))
@@ -435,13 +468,22 @@ unsafe fn tile_body<const FMT: u8, const G: usize, const VNNI: bool>(
         * match FMT {
             Q4_0 => 18,
             Q5_0 => 22,
+            Q4_1 => 20,
+            Q5_1 => 24,
             _ => 34,
         };
     // Unsigned levels with an offset taken off through Σx: Q4_0 (8), Q5_0 (16), biased Q8_0
-    // with VNNI (128). Otherwise signed levels: |w| against x with w's sign.
-    let unsigned = FMT == Q4_0 || FMT == Q5_0 || (VNNI && FMT == Q8_0_BIASED);
-    debug_assert!(!unsigned || offs.len() >= (i0 + G) * nb);
-    let groups_at = if FMT == Q5_0 { 48 } else { 16 };
+    // with VNNI (128); Q4_1 / Q5_1's unsigned levels with a min per row, added as m·d_x·Σx.
+    // Otherwise signed levels: |w| against x with w's sign.
+    let offset = FMT == Q4_0 || FMT == Q5_0 || (VNNI && FMT == Q8_0_BIASED);
+    let with_min = FMT == Q4_1 || FMT == Q5_1;
+    let unsigned = offset || with_min;
+    let nibbles = matches!(FMT, Q4_0 | Q5_0 | Q4_1 | Q5_1);
+    let five = FMT == Q5_0 || FMT == Q5_1;
+    debug_assert!(!offset || offs.len() >= (i0 + G) * nb);
+    // Where the 8 rows' high-bit words (Q5_*) and the level groups start in a tile block.
+    let qh_at = if with_min { 32 } else { 16 };
+    let groups_at = qh_at + if five { 32 } else { 0 };
     let nib = _mm256_set1_epi8(0x0F);
     let ones = _mm256_set1_epi16(1);
     let top_bits = _mm256_set1_epi8(0x80u8 as i8);
@@ -457,21 +499,21 @@ unsafe fn tile_body<const FMT: u8, const G: usize, const VNNI: bool>(
             ahead += 64;
         }
         let dw = _mm256_cvtph_ps(_mm_loadu_si128(blk as *const __m128i));
-        // Q5_0: the 8 rows' high-bit words, row r's at lanes 4r..4r+4.
-        let qh = if FMT == Q5_0 {
-            _mm256_loadu_si256(blk.add(16) as *const __m256i)
+        // Q5_0 / Q5_1: the 8 rows' high-bit words, row r's at lanes 4r..4r+4.
+        let qh = if five {
+            _mm256_loadu_si256(blk.add(qh_at) as *const __m256i)
         } else {
             _mm256_setzero_si256()
         };
         let mut dot = [_mm256_setzero_si256(); G];
-        if unsigned {
+        if offset {
             for (r, d) in dot.iter_mut().enumerate() {
                 *d = _mm256_set1_epi32(*offs.get_unchecked((i0 + r) * nb + b));
             }
         }
         // Eight groups of four weights per row: group s is weights 4s..4s+4 of all 8 rows.
         for s in 0..8 {
-            let (ws, absw) = if FMT == Q4_0 || FMT == Q5_0 {
+            let (ws, absw) = if nibbles {
                 // Groups 0..4 are the low nibbles, 4..8 the high nibbles of the same bytes.
                 let raw = _mm256_loadu_si256(blk.add(groups_at + 32 * (s % 4)) as *const __m256i);
                 let lv = if s < 4 {
@@ -480,7 +522,7 @@ unsafe fn tile_body<const FMT: u8, const G: usize, const VNNI: bool>(
                     _mm256_srli_epi16(raw, 4)
                 };
                 let mut lv = _mm256_and_si256(lv, nib);
-                if FMT == Q5_0 {
+                if five {
                     // Lane 4r+i needs bit 4s+i of row r's word: byte s/2 of it, spread over
                     // the row's four lanes, then bit 4(s%2)+i of that byte, as 16.
                     let pick = (s / 2) as i8;
@@ -525,11 +567,22 @@ unsafe fn tile_body<const FMT: u8, const G: usize, const VNNI: bool>(
                 };
             }
         }
+        // Q4_1 / Q5_1: the 8 rows' mins.
+        let mw = if with_min {
+            _mm256_cvtph_ps(_mm_loadu_si128(blk.add(16) as *const __m128i))
+        } else {
+            _mm256_setzero_ps()
+        };
         for (r, a) in acc.iter_mut().enumerate() {
             let idx = (i0 + r) * nb + b;
             let dot = dot[r];
-            let d = _mm256_mul_ps(dw, _mm256_set1_ps(*xq.scales.get_unchecked(idx)));
+            let dx = *xq.scales.get_unchecked(idx);
+            let d = _mm256_mul_ps(dw, _mm256_set1_ps(dx));
             *a = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(dot), *a);
+            if with_min {
+                let dsx = dx * *xq.sums.get_unchecked(idx) as f32;
+                *a = _mm256_fmadd_ps(mw, _mm256_set1_ps(dsx), *a);
+            }
         }
     }
     for (r, a) in acc.iter().enumerate() {
@@ -548,6 +601,10 @@ mod tests {
         for b in w.chunks_exact_mut(bb) {
             let d = half::f16::from_f32(rng.random_range(0.001..0.05));
             b[..2].copy_from_slice(&d.to_le_bytes());
+            if matches!(f, BlockFormat::Q4_1 | BlockFormat::Q5_1) {
+                let m = half::f16::from_f32(rng.random_range(-0.05..0.05));
+                b[2..4].copy_from_slice(&m.to_le_bytes());
+            }
         }
         w
     }
@@ -555,12 +612,17 @@ mod tests {
     #[test]
     fn packed_matches_reference_and_rows_do_not_depend_on_the_batch() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(31);
-        for (f, n, k) in [BlockFormat::Q4_0, BlockFormat::Q5_0, BlockFormat::Q8_0]
-            .into_iter()
-            .flat_map(|f| {
-                [(8, 32), (16, 64), (64, 576), (1536, 576), (576, 1536)].map(|(n, k)| (f, n, k))
-            })
-        {
+        for (f, n, k) in [
+            BlockFormat::Q4_0,
+            BlockFormat::Q5_0,
+            BlockFormat::Q8_0,
+            BlockFormat::Q4_1,
+            BlockFormat::Q5_1,
+        ]
+        .into_iter()
+        .flat_map(|f| {
+            [(8, 32), (16, 64), (64, 576), (1536, 576), (576, 1536)].map(|(n, k)| (f, n, k))
+        }) {
             // (Q8_0 levels cover -128 too: |−128| still fits vpmaddubsw's unsigned side)
             let w = random_blocks(f, n * k / BLOCK, &mut rng);
             let Some(p) = Int8Tiles::pack(f, &w, n, k) else {
@@ -613,7 +675,13 @@ mod tests {
         }
         let mut rng = rand::rngs::StdRng::seed_from_u64(33);
         let (n, k) = (16, 576);
-        for f in [BlockFormat::Q4_0, BlockFormat::Q5_0, BlockFormat::Q8_0] {
+        for f in [
+            BlockFormat::Q4_0,
+            BlockFormat::Q5_0,
+            BlockFormat::Q8_0,
+            BlockFormat::Q4_1,
+            BlockFormat::Q5_1,
+        ] {
             let w = random_blocks(f, n * k / BLOCK, &mut rng);
             let p = Int8Tiles::pack(f, &w, n, k).expect("AVX2 is there");
             let x: Vec<f32> = (0..8 * k).map(|_| rng.random_range(-2.0..2.0)).collect();
