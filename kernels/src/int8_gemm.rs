@@ -681,9 +681,9 @@ unsafe fn group_avx2<const FMT: u8, const G: usize, const VNNI: bool>(
     let wp = w.as_ptr();
     let xp = xq.quants.as_ptr().add(i0 * k);
     let dxp = xq.scales.as_ptr().add(i0 * nb);
+    let sxp = xq.sums.as_ptr().add(i0 * nb);
     // Two accumulators per row (even and odd blocks): with one, every block waited on the
     // previous block's FMA, and a 576-wide row is only 18 blocks.
-    let sxp = xq.sums.as_ptr().add(i0 * nb);
     let mut acc = [[_mm256_setzero_ps(); G]; 2];
     // Q4_1 / Q5_1: Σ m_w·d_x·Σx per row.
     let mut mins = [0f32; G];

@@ -401,9 +401,11 @@ impl GreedyHead {
             (v >= floor) & (v + (row_norm * wa + err_norm * wb) >= reach_floor)
         };
         // Branch-free: every index is written, and the length advances past the kept ones
-        // (about half of the window: a branch per token mispredicts).
-        reachable.clear();
-        reachable.resize(n, 0);
+        // (about half of the window: a branch per token mispredicts). The buffer keeps its
+        // length from row to row (grown once, not zeroed per row); `kept` says what is valid.
+        if reachable.len() < n {
+            reachable.resize(n, 0);
+        }
         let mut kept = 0;
         for (j, ((&v, &r), &e)) in scores
             .iter()
@@ -414,11 +416,10 @@ impl GreedyHead {
             reachable[kept] = j as u32;
             kept += usize::from(keeps(v, r, e));
         }
-        reachable.truncate(kept);
         near.clear();
         noise.clear();
         let gate = DrawNoise::gate();
-        for &j in reachable.iter() {
+        for &j in &reachable[..kept] {
             let j = j as usize;
             if let Some(g) = gate.noise_reaching(key, j, best - high(j) - EPS) {
                 near.push(j as u32);
