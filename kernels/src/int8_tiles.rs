@@ -48,7 +48,11 @@ pub struct Int8Tiles {
     /// of a `vpdpbusd` of ones per group for Σw. Exact: |Σ (w + 128)·x| ≤ 32 · 255 · 128 fits
     /// i32, so the results are bit for bit those of the signed form.
     biased: bool,
-    data: Vec<u8>,
+    /// The tile bytes, shared by the matrices [`Int8Tiles::fuse`] laid out one after another
+    /// (q/k/v, gate/up), so [`Int8Tiles::joined`] can run them as one matrix.
+    store: std::sync::Arc<[u8]>,
+    /// Where this matrix's tiles start in `store`.
+    start: usize,
     pub n: usize,
     pub k: usize,
 }
@@ -81,22 +85,82 @@ impl Int8Tiles {
         Some(Int8Tiles {
             format,
             biased,
-            data,
+            store: data.into(),
+            start: 0,
             n,
             k,
         })
     }
 
+    /// This matrix's tile bytes.
+    fn data(&self) -> &[u8] {
+        &self.store[self.start..][..self.n * self.k / BLOCK * self.format.block_bytes()]
+    }
+
     pub fn bytes(&self) -> usize {
-        self.data.len()
+        self.data().len()
+    }
+
+    /// The matrices `parts` (one format and width) copied into one allocation, one after
+    /// another, each returned as a view of its rows: the same results, and [`Int8Tiles::joined`]
+    /// of the views is the matrix of all their rows without a copy. Matrices that one input
+    /// feeds (q/k/v, gate/up) then stream as one: one pass, one rounding of the activations,
+    /// one pool call. `None` when the parts do not share a format and width.
+    pub fn fuse(parts: &[&Int8Tiles]) -> Option<Vec<Int8Tiles>> {
+        let first = parts.first()?;
+        if parts
+            .iter()
+            .any(|t| (t.format, t.biased, t.k) != (first.format, first.biased, first.k))
+        {
+            return None;
+        }
+        let mut data = Vec::with_capacity(parts.iter().map(|t| t.bytes()).sum());
+        let mut starts = Vec::with_capacity(parts.len());
+        for t in parts {
+            starts.push(data.len());
+            data.extend_from_slice(t.data());
+        }
+        let store: std::sync::Arc<[u8]> = data.into();
+        Some(
+            parts
+                .iter()
+                .zip(starts)
+                .map(|(t, start)| Int8Tiles {
+                    store: store.clone(),
+                    start,
+                    ..(*t).clone()
+                })
+                .collect(),
+        )
+    }
+
+    /// The matrix of all of `parts`' rows, in order, when they lie one after another in one
+    /// allocation ([`Int8Tiles::fuse`]); `None` otherwise.
+    pub fn joined(parts: &[&Int8Tiles]) -> Option<Int8Tiles> {
+        let first = parts.first()?;
+        let mut next = first.start;
+        for t in parts {
+            if !std::sync::Arc::ptr_eq(&t.store, &first.store)
+                || t.start != next
+                || (t.format, t.biased, t.k) != (first.format, first.biased, first.k)
+            {
+                return None;
+            }
+            next += t.bytes();
+        }
+        Some(Int8Tiles {
+            n: parts.iter().map(|t| t.n).sum(),
+            ..(*first).clone()
+        })
     }
 
     /// The GGML rows again (for export, the GPU, candle's kernels and f32 activations).
     pub fn unpack(&self) -> Vec<u8> {
-        let mut w = vec![0u8; self.data.len()];
+        let data = self.data();
+        let mut w = vec![0u8; data.len()];
         let bb = self.format.block_bytes();
         for_each_byte(self.format, self.n, self.k, |g, t| {
-            w[g] = self.data[t] ^ bias(self.biased, bb, t)
+            w[g] = data[t] ^ bias(self.biased, bb, t)
         });
         w
     }
@@ -109,10 +173,11 @@ impl Int8Tiles {
         let row_bytes = self.k / BLOCK * self.format.block_bytes();
         let mut w = vec![0u8; rows.len() * row_bytes];
         let bb = self.format.block_bytes();
+        let data = self.data();
         for (dst, &row) in w.chunks_exact_mut(row_bytes).zip(rows) {
             assert!(row < self.n, "row {row} of a {}-row matrix", self.n);
             for_each_row_byte(self.format, self.k, row, |g, t| {
-                dst[g] = self.data[t] ^ bias(self.biased, bb, t)
+                dst[g] = data[t] ^ bias(self.biased, bb, t)
             });
         }
         w
@@ -175,10 +240,11 @@ impl Int8Tiles {
         let per_task = tiles.div_ceil(per_thread * threads).clamp(1, most);
         let tasks = tiles.div_ceil(per_task);
         let base = crate::rows::SendPtr(out.as_mut_ptr());
+        let data = self.data();
         crate::pool::current().run(tasks, |c| {
             let mut res = [0f32; TILE * GROUP_MAX];
             for t in c * per_task..((c + 1) * per_task).min(tiles) {
-                let tile = &self.data[t * tile_bytes..][..tile_bytes];
+                let tile = &data[t * tile_bytes..][..tile_bytes];
                 let mut i0 = 0;
                 while i0 < m {
                     let g = (m - i0).min(group);
@@ -663,6 +729,75 @@ mod tests {
         }
     }
 
+    /// Matrices fused into one allocation give their own results as views, and as one
+    /// joined matrix the results of each, bit for bit; parts that do not follow one another
+    /// in one allocation do not join.
+    #[test]
+    fn fused_views_join_into_one_matrix_with_the_same_results() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(35);
+        let k = 576;
+        for f in [BlockFormat::Q4_0, BlockFormat::Q8_0, BlockFormat::Q5_1] {
+            let rows = [64, 16, 16];
+            let ws: Vec<Vec<u8>> = rows
+                .iter()
+                .map(|&n| random_blocks(f, n * k / BLOCK, &mut rng))
+                .collect();
+            let Some(parts) = rows
+                .iter()
+                .zip(&ws)
+                .map(|(&n, w)| Int8Tiles::pack(f, w, n, k))
+                .collect::<Option<Vec<_>>>()
+            else {
+                eprintln!("skipped: no AVX2 here");
+                return;
+            };
+            let refs: Vec<&Int8Tiles> = parts.iter().collect();
+            assert!(Int8Tiles::joined(&refs).is_none(), "separate allocations");
+            let views = Int8Tiles::fuse(&refs).expect("one format and width");
+            let vrefs: Vec<&Int8Tiles> = views.iter().collect();
+            let all = Int8Tiles::joined(&vrefs).expect("fused views join");
+            assert_eq!(all.n, 96);
+            assert!(
+                Int8Tiles::joined(&[vrefs[1], vrefs[0]]).is_none(),
+                "out of order"
+            );
+            assert!(Int8Tiles::joined(&[vrefs[0], vrefs[2]]).is_none(), "a gap");
+            for m in [1, 3, 8] {
+                let x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-2.0..2.0)).collect();
+                let mut joined = vec![0f32; m * 96];
+                all.matmul(&x, m, &mut joined);
+                let mut col = 0;
+                for ((p, v), &n) in parts.iter().zip(&views).zip(&rows) {
+                    assert_eq!(v.unpack(), p.unpack(), "{f:?} view bytes");
+                    let (mut a, mut b) = (vec![0f32; m * n], vec![0f32; m * n]);
+                    p.matmul(&x, m, &mut a);
+                    v.matmul(&x, m, &mut b);
+                    assert_eq!(a, b, "{f:?} view m={m}");
+                    for i in 0..m {
+                        assert_eq!(a[i * n..][..n], joined[i * 96 + col..][..n], "{f:?} joined");
+                    }
+                    col += n;
+                }
+            }
+        }
+        let mut rng = rand::rngs::StdRng::seed_from_u64(36);
+        let a = Int8Tiles::pack(
+            BlockFormat::Q4_0,
+            &random_blocks(BlockFormat::Q4_0, 8 * 18, &mut rng),
+            8,
+            576,
+        );
+        let b = Int8Tiles::pack(
+            BlockFormat::Q8_0,
+            &random_blocks(BlockFormat::Q8_0, 8 * 18, &mut rng),
+            8,
+            576,
+        );
+        if let (Some(a), Some(b)) = (a, b) {
+            assert!(Int8Tiles::fuse(&[&a, &b]).is_none(), "two formats");
+        }
+    }
+
     /// Where the CPU has AVX-512 VNNI, its kernel (8 rows per pass, Q8_0 biased) and the AVX2
     /// one (4 rows per pass, |w| against signed x, the bias taken off first) give the same
     /// bits.
@@ -687,7 +822,7 @@ mod tests {
             let x: Vec<f32> = (0..8 * k).map(|_| rng.random_range(-2.0..2.0)).collect();
             let mut xq = Int8Rows::default();
             xq.quantize(&x, k);
-            let tile = &p.data[..k / BLOCK * TILE * f.block_bytes()];
+            let tile = &p.data()[..k / BLOCK * TILE * f.block_bytes()];
             let (mut a, mut b) = ([0f32; 8 * TILE], [0f32; 8 * TILE]);
             // SAFETY: AVX2/FMA/F16C (the tiles were made) and AVX-512 VNNI/VL (checked above).
             unsafe {

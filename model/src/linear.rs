@@ -255,6 +255,16 @@ impl Linear {
     /// in CPU memory (`None` otherwise: another format, or only a GPU copy is used); the slice
     /// borrows candle's storage for the call.
     pub(crate) fn with_cpu_f16<R>(&self, f: impl FnOnce(&[f16]) -> Result<R>) -> Result<Option<R>> {
+        self.with_cpu_f16_from(self.out_dim * self.in_dim, f)
+    }
+
+    /// [`Linear::with_cpu_f16`] on `len` values from the weight's first: past its own rows
+    /// when the storage goes on (the views [`Linear::fuse`] makes share one).
+    fn with_cpu_f16_from<R>(
+        &self,
+        len: usize,
+        f: impl FnOnce(&[f16]) -> Result<R>,
+    ) -> Result<Option<R>> {
         let LinearWeight::F16(w) = &self.weight else {
             return Ok(None);
         };
@@ -266,15 +276,161 @@ impl Linear {
             return Ok(None);
         };
         let start = layout.start_offset();
-        match cpu
-            .as_slice::<f16>()?
-            .get(start..start + self.out_dim * self.in_dim)
-        {
+        match cpu.as_slice::<f16>()?.get(start..start + len) {
             Some(rows) => f(rows).map(Some),
             None => Err(crate::Error::Invalid(format!(
                 "linear layer [{}, {}]: its storage is shorter than its shape",
                 self.out_dim, self.in_dim
             ))),
+        }
+    }
+
+    /// Lays out `parts`, matrices that one input feeds (q/k/v, gate/up), one after another in
+    /// one allocation, each layer a view of its rows (the same memory as before, and every
+    /// result the same: each output is its own dot product), so [`Linear::forward_joined`]
+    /// multiplies them as one matrix. F16 weights and 8-row tiles of one format; anything else
+    /// (K-quants, a GPU copy, mixed types) stays as it is.
+    pub fn fuse(parts: &mut [&mut Linear]) -> Result<()> {
+        let Some(first) = parts.first() else {
+            return Ok(());
+        };
+        let (k, act) = (first.in_dim, first.activations);
+        if parts.len() < 2
+            || parts
+                .iter()
+                .any(|p| p.gpu.is_some() || p.in_dim != k || p.activations != act)
+        {
+            return Ok(());
+        }
+        let dense: Option<Vec<&Tensor>> = parts
+            .iter()
+            .map(|p| match &p.weight {
+                LinearWeight::F16(w) if w.device().is_cpu() => Some(w),
+                _ => None,
+            })
+            .collect();
+        if let Some(ws) = dense {
+            let all = Tensor::cat(&ws, 0)?;
+            let mut row = 0;
+            for p in parts.iter_mut() {
+                p.weight = LinearWeight::F16(all.narrow(0, row, p.out_dim)?);
+                row += p.out_dim;
+            }
+            return Ok(());
+        }
+        let tiled: Option<Vec<&tandem_kernels::Int8Tiles>> = parts
+            .iter()
+            .map(|p| match &p.weight {
+                LinearWeight::Tiled(t) => Some(&**t),
+                _ => None,
+            })
+            .collect();
+        if let Some(views) = tiled.and_then(|ts| tandem_kernels::Int8Tiles::fuse(&ts)) {
+            for (p, t) in parts.iter_mut().zip(views) {
+                p.weight = LinearWeight::Tiled(Arc::new(t));
+            }
+        }
+        Ok(())
+    }
+
+    /// `outs[i]` [m, parts[i].out_dim] = `x` [m, in_dim] · `parts[i]`ᵀ (+ bias): one pass
+    /// over all their weights when [`Linear::fuse`] laid them out together (one pool call
+    /// streaming one run of memory per thread, and for tiles one rounding of `x`), else each
+    /// in turn. The results are [`Linear::forward_into`]'s, bit for bit.
+    pub fn forward_joined(
+        parts: &[&Linear],
+        x: &[f32],
+        m: usize,
+        outs: &mut [&mut [f32]],
+    ) -> Result<()> {
+        let n: usize = parts.iter().map(|p| p.out_dim).sum();
+        let shapes_agree = parts.len() == outs.len()
+            && parts.iter().zip(outs.iter()).all(|(p, o)| {
+                p.in_dim == parts[0].in_dim && x.len() == m * p.in_dim && o.len() == m * p.out_dim
+            });
+        if !shapes_agree {
+            return Err(crate::Error::Invalid(format!(
+                "{} joined linear layers given {} outputs of the wrong sizes for {m} rows \
+                 (internal error)",
+                parts.len(),
+                outs.len()
+            )));
+        }
+        JOINED_OUT.with_borrow_mut(|all| {
+            all.clear();
+            all.resize(m * n, 0.0);
+            if !Linear::joined_pass(parts, x, m, n, all)? {
+                for (p, o) in parts.iter().zip(outs.iter_mut()) {
+                    p.forward_into(x, m, o)?;
+                }
+                return Ok(());
+            }
+            let mut col = 0;
+            for (p, o) in parts.iter().zip(outs.iter_mut()) {
+                for (dst, src) in o.chunks_exact_mut(p.out_dim).zip(all.chunks_exact(n)) {
+                    dst.copy_from_slice(&src[col..col + p.out_dim]);
+                }
+                col += p.out_dim;
+                p.add_bias(o)?;
+            }
+            Ok(())
+        })
+    }
+
+    /// The one pass of [`Linear::forward_joined`] into `out` [m, n], when `parts` lie one
+    /// after another in memory (`false`, nothing written, otherwise).
+    fn joined_pass(
+        parts: &[&Linear],
+        x: &[f32],
+        m: usize,
+        n: usize,
+        out: &mut [f32],
+    ) -> Result<bool> {
+        let Some(first) = parts.first() else {
+            return Ok(false);
+        };
+        let k = first.in_dim;
+        if parts.len() < 2 || parts.iter().any(|p| p.gpu.is_some()) {
+            return Ok(false);
+        }
+        if let LinearWeight::F16(_) = &first.weight {
+            // Where each part's rows are; joined when they follow one another.
+            let mut spans = Vec::with_capacity(parts.len());
+            for p in parts {
+                match p.with_cpu_f16(|w| Ok(w.as_ptr() as usize))? {
+                    Some(at) => spans.push((at, p.out_dim * k)),
+                    None => return Ok(false),
+                }
+            }
+            let ran = first.with_cpu_f16_from(n * k, |all| {
+                // `all` runs on from the first part's rows in its storage; it holds the
+                // others when each starts where the one before it ends.
+                let mut at = all.as_ptr() as usize;
+                for &(start, len) in &spans {
+                    if start != at {
+                        return Ok(false);
+                    }
+                    at += len * std::mem::size_of::<f16>();
+                }
+                tandem_kernels::matmul_f16(x, all, m, k, n, out);
+                Ok(true)
+            });
+            // A storage that ends before `n` rows is not one the parts share.
+            return Ok(matches!(ran, Ok(Some(true))));
+        }
+        let tiles: Option<Vec<&tandem_kernels::Int8Tiles>> = parts
+            .iter()
+            .map(|p| match &p.weight {
+                LinearWeight::Tiled(t) if p.activations == ActivationPrecision::Int8 => Some(&**t),
+                _ => None,
+            })
+            .collect();
+        match tiles.and_then(|ts| tandem_kernels::Int8Tiles::joined(&ts)) {
+            Some(all) => {
+                all.matmul(x, m, out);
+                Ok(true)
+            }
+            None => Ok(false),
         }
     }
 
@@ -454,6 +610,11 @@ fn untile(t: &tandem_kernels::Int8Tiles, device: &Device) -> Result<(Arc<QTensor
     quantized(tile_dtype(t), &t.unpack(), t.n, t.k, device)
 }
 
+thread_local! {
+    /// [`Linear::forward_joined`]'s output rows before they are split among its parts.
+    static JOINED_OUT: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 /// The block types tandem's own f32-activation kernel reads.
 fn block_format(t: candle_core::quantized::GgmlDType) -> Option<tandem_kernels::BlockFormat> {
     tandem_kernels::BlockFormat::of(crate::gguf_reader::ggml_type(t))
@@ -576,5 +737,111 @@ mod finite_tests {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod joined_tests {
+    use super::*;
+
+    fn f16_layer(n: usize, k: usize, seed: usize) -> Linear {
+        let w: Vec<f16> = (0..n * k)
+            .map(|i| f16::from_f32(((i * 31 + seed * 7) % 97) as f32 / 97.0 - 0.5))
+            .collect();
+        Linear::from_f16_tensor(Tensor::from_vec(w, (n, k), &Device::Cpu).expect("shape"))
+    }
+
+    fn tiled_layer(n: usize, k: usize, seed: usize) -> Option<Linear> {
+        let f = tandem_kernels::BlockFormat::Q4_0;
+        let mut raw: Vec<u8> = (0..n * k / 32 * f.block_bytes())
+            .map(|i| ((i * 13 + seed * 5) % 251) as u8)
+            .collect();
+        for b in raw.chunks_exact_mut(f.block_bytes()) {
+            b[..2].copy_from_slice(&f16::from_f32(0.01).to_le_bytes());
+        }
+        let t = tandem_kernels::Int8Tiles::pack(f, &raw, n, k)?;
+        Some(Linear::bare(
+            LinearWeight::Tiled(Arc::new(t)),
+            k,
+            n,
+            ActivationPrecision::Int8,
+        ))
+    }
+
+    /// Each part's rows through `forward_joined`, and each part alone through `forward_into`.
+    fn both(parts: &[&Linear], x: &[f32], m: usize) -> (Vec<Vec<f32>>, Vec<Vec<f32>>) {
+        let mut joined: Vec<Vec<f32>> = parts.iter().map(|p| vec![0f32; m * p.out_dim]).collect();
+        let mut outs: Vec<&mut [f32]> = joined.iter_mut().map(|v| v.as_mut_slice()).collect();
+        Linear::forward_joined(parts, x, m, &mut outs).expect("joined pass");
+        let alone = parts
+            .iter()
+            .map(|p| {
+                let mut o = vec![0f32; m * p.out_dim];
+                p.forward_into(x, m, &mut o).expect("pass");
+                o
+            })
+            .collect();
+        (joined, alone)
+    }
+
+    /// Fused q/k/v-shaped layers (F16 with a bias, and Q4_0 tiles) give the results they gave
+    /// apart, bit for bit, through one joined pass and each alone; unfused ones take the
+    /// fallback with the same results.
+    #[test]
+    fn fused_layers_give_their_own_results_in_one_pass() {
+        let k = 64;
+        let x: Vec<f32> = (0..5 * k).map(|i| (i % 11) as f32 / 11.0 - 0.4).collect();
+        let bias = Tensor::from_vec(
+            (0..16).map(|i| i as f32 * 0.5).collect::<Vec<f32>>(),
+            16,
+            &Device::Cpu,
+        )
+        .expect("bias");
+        let make = || {
+            [
+                f16_layer(32, k, 1),
+                f16_layer(16, k, 2).with_bias(Some(bias.clone())),
+                f16_layer(16, k, 3),
+            ]
+        };
+        let [q0, k0, v0] = make();
+        let [mut q, mut kk, mut v] = make();
+        Linear::fuse(&mut [&mut q, &mut kk, &mut v]).expect("fuse");
+        for m in [1, 2, 5] {
+            let xs = &x[..m * k];
+            let (apart, _) = both(&[&q0, &k0, &v0], xs, m);
+            let (joined, alone) = both(&[&q, &kk, &v], xs, m);
+            assert_eq!(joined, apart, "F16 m={m}");
+            assert_eq!(alone, apart, "F16 views alone m={m}");
+        }
+        let mut out = [0f32; 64];
+        assert!(
+            Linear::joined_pass(&[&q, &kk, &v], &x[..k], 1, 64, &mut out).expect("pass"),
+            "fused F16 layers run as one matrix"
+        );
+        assert!(!Linear::joined_pass(&[&q0, &k0, &v0], &x[..k], 1, 64, &mut out).expect("pass"));
+
+        let tiled = || Some([tiled_layer(32, k, 1)?, tiled_layer(16, k, 2)?]);
+        let (Some([g0, u0]), Some([mut g, mut u])) = (tiled(), tiled()) else {
+            eprintln!("skipped the tiles: no AVX2 here");
+            return;
+        };
+        Linear::fuse(&mut [&mut g, &mut u]).expect("fuse");
+        let mut out = [0f32; 48];
+        assert!(Linear::joined_pass(&[&g, &u], &x[..k], 1, 48, &mut out).expect("pass"));
+        for m in [1, 3] {
+            let xs = &x[..m * k];
+            let (apart, _) = both(&[&g0, &u0], xs, m);
+            let (joined, alone) = both(&[&g, &u], xs, m);
+            assert_eq!(joined, apart, "tiles m={m}");
+            assert_eq!(alone, apart, "tile views alone m={m}");
+        }
+        // A mix of types stays apart.
+        let mut h = f16_layer(16, k, 4);
+        let before = g0.weight_bytes();
+        let mut g1 = g0.clone();
+        Linear::fuse(&mut [&mut g1, &mut h]).expect("fuse");
+        assert_eq!(g1.weight_bytes(), before);
+        assert!(!Linear::joined_pass(&[&g1, &h], &x[..k], 1, 48, &mut out).expect("pass"));
     }
 }

@@ -179,6 +179,15 @@ const LINEAR_NAMES: [&str; 7] = [
 ];
 
 impl Layer {
+    /// Lays out q/k/v, and gate/up, each in one allocation (where their types allow), so a
+    /// pass multiplies each group as one matrix ([`Linear::fuse`]): SmolLM2 F16, the `stream`
+    /// example's 30 layers, 2 threads, five alternations: one-row passes 8.1-9.5 against
+    /// 8.6-11.3 ms, four-row 9.8-12.1 against 11.3-12.3.
+    fn fuse_inputs(&mut self) -> crate::error::Result<()> {
+        Linear::fuse(&mut [&mut self.q, &mut self.k, &mut self.v])?;
+        Linear::fuse(&mut [&mut self.gate, &mut self.up])
+    }
+
     fn linears(&self) -> [&Linear; 7] {
         [
             &self.q, &self.k, &self.v, &self.o, &self.gate, &self.up, &self.down,

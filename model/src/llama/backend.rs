@@ -61,6 +61,14 @@ pub(super) trait Backend {
     fn rms_norm(&mut self, norm: Norm, src: Buf, dst: Buf) -> Result<()>;
     /// `dst = src · Wᵀ (+ bias)`.
     fn matmul(&mut self, w: &Linear, src: Buf, dst: Buf) -> Result<()>;
+    /// `dsts[i] = src · ws[i]ᵀ (+ bias)` for matrices one input feeds (q/k/v, gate/up): one
+    /// pass where the backend can run them as one.
+    fn matmul_joined(&mut self, ws: &[&Linear], src: Buf, dsts: &[Buf]) -> Result<()> {
+        for (w, &dst) in ws.iter().zip(dsts) {
+            self.matmul(w, src, dst)?;
+        }
+        Ok(())
+    }
     /// Rotates `heads` heads of each row of `buf` by its position (rotate-half RoPE).
     fn rope(&mut self, buf: Buf, heads: usize) -> Result<()>;
     /// Appends each sequence's rows of `K`, `V` to its cache at layer `li` and attends:
@@ -242,6 +250,27 @@ impl Backend for CpuPass<'_> {
         let rows = self.rows;
         let (s, d) = self.pair(src, dst)?;
         w.forward_into(s, rows, d)
+    }
+
+    fn matmul_joined(&mut self, ws: &[&Linear], src: Buf, dsts: &[Buf]) -> Result<()> {
+        const MOST: usize = 3;
+        if ws.len() != dsts.len() || dsts.len() > MOST {
+            return Err(internal("joined matmuls given the wrong buffers"));
+        }
+        let rows = self.rows;
+        let c = &self.model.config;
+        let src_len = self.len(src);
+        let mut src_buf = None;
+        let mut outs: [&mut [f32]; MOST] = Default::default();
+        for (i, buf) in self.b.bufs.iter_mut().enumerate() {
+            if i == src as usize {
+                src_buf = Some(&buf[..src_len]);
+            } else if let Some(j) = dsts.iter().position(|&d| d as usize == i) {
+                outs[j] = &mut buf[..rows * dsts[j].width(c)];
+            }
+        }
+        let s = src_buf.ok_or_else(|| internal("joined matmuls write their input"))?;
+        Linear::forward_joined(ws, s, rows, &mut outs[..dsts.len()])
     }
 
     fn rope(&mut self, buf: Buf, heads: usize) -> Result<()> {

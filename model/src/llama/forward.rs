@@ -473,9 +473,11 @@ impl Llama {
         timer.lap(b, "norm");
         let qkv = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"];
         show(b, observer, li, &qkv, Buf::Hn, Buf::Hn.width(&self.config))?;
-        b.matmul(&layer.q, Buf::Hn, Buf::Q)?;
-        b.matmul(&layer.k, Buf::Hn, Buf::K)?;
-        b.matmul(&layer.v, Buf::Hn, Buf::V)?;
+        b.matmul_joined(
+            &[&layer.q, &layer.k, &layer.v],
+            Buf::Hn,
+            &[Buf::Q, Buf::K, Buf::V],
+        )?;
         timer.lap(b, "q/k/v matmul");
         b.rope(Buf::Q, nh)?;
         b.rope(Buf::K, nkv)?;
@@ -514,8 +516,7 @@ impl Llama {
             Buf::Hn,
             Buf::Hn.width(&self.config),
         )?;
-        b.matmul(&layer.gate, Buf::Hn, Buf::Gate)?;
-        b.matmul(&layer.up, Buf::Hn, Buf::Up)?;
+        b.matmul_joined(&[&layer.gate, &layer.up], Buf::Hn, &[Buf::Gate, Buf::Up])?;
         timer.lap(b, "gate/up matmul");
         b.silu_mul(Buf::Gate, Buf::Up)?;
         timer.lap(b, "silu");

@@ -152,7 +152,7 @@ impl<'a> Reader<'a> {
                 down: Linear::released(h, ff),
             });
         }
-        Ok(Layer {
+        let mut layer = Layer {
             attn_norm: norms.0,
             q: self
                 .qk_linear(&format!("{p}.self_attn.q_proj.weight"), nh)?
@@ -172,7 +172,9 @@ impl<'a> Reader<'a> {
             gate: self.linear(&format!("{p}.mlp.gate_proj.weight"), ff, h)?,
             up: self.linear(&format!("{p}.mlp.up_proj.weight"), ff, h)?,
             down: self.linear(&format!("{p}.mlp.down_proj.weight"), h, ff)?,
-        })
+        };
+        layer.fuse_inputs()?;
+        Ok(layer)
     }
 }
 
