@@ -1,6 +1,9 @@
 //! One decode pass's worth of matmuls streamed from DRAM, at m = 1…9 activation rows.
 //!
-//!     cargo run --release -p tandem-kernels --example stream [f16|q8_0|q4_0] [THREADS] [PASSES]
+//!     [FUSED=1] cargo run --release -p tandem-kernels --example stream [f16|q8_0|q4_0] [THREADS] [PASSES]
+//!
+//! With `FUSED` set, each layer's q/k/v and gate/up are one matrix each, as a loaded model
+//! multiplies them (`Linear::fuse`); without it, seven matrices per layer.
 //!
 //! The criterion bench (`benches/gemm.rs`) keeps its weights in L3, which measures compute;
 //! decode and verification read all of SmolLM2-135M's weights (269 MB at F16) from DRAM every
