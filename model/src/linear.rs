@@ -336,7 +336,8 @@ impl Linear {
     /// `outs[i]` [m, parts[i].out_dim] = `x` [m, in_dim] · `parts[i]`ᵀ (+ bias): one pass
     /// over all their weights when [`Linear::fuse`] laid them out together (one pool call
     /// streaming one run of memory per thread, and for tiles one rounding of `x`), else each
-    /// in turn. The results are [`Linear::forward_into`]'s, bit for bit.
+    /// in turn (and always for more than [`JOINED_ROWS_MOST`] rows). The results are
+    /// [`Linear::forward_into`]'s, bit for bit.
     pub fn forward_joined(
         parts: &[&Linear],
         x: &[f32],
@@ -358,8 +359,10 @@ impl Linear {
         }
         JOINED_OUT.with_borrow_mut(|all| {
             all.clear();
-            all.resize(m * n, 0.0);
-            if !Linear::joined_pass(parts, x, m, n, all)? {
+            if m <= JOINED_ROWS_MOST {
+                all.resize(m * n, 0.0);
+            }
+            if m > JOINED_ROWS_MOST || !Linear::joined_pass(parts, x, m, n, all)? {
                 for (p, o) in parts.iter().zip(outs.iter_mut()) {
                     p.forward_into(x, m, o)?;
                 }
@@ -610,6 +613,12 @@ fn untile(t: &tandem_kernels::Int8Tiles, device: &Device) -> Result<(Arc<QTensor
     quantized(tile_dtype(t), &t.unpack(), t.n, t.k, device)
 }
 
+/// Most activation rows [`Linear::forward_joined`] runs as one matrix: decode and verification
+/// stream their weights, where a pass that restarts per matrix loses time; a prefill's
+/// matmuls are compute-bound, and joined they would need an [m × n] staging buffer (6 MB for
+/// SmolLM2's gate/up at 512 rows) for nothing.
+pub const JOINED_ROWS_MOST: usize = 16;
+
 thread_local! {
     /// [`Linear::forward_joined`]'s output rows before they are split among its parts.
     static JOINED_OUT: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
@@ -790,7 +799,7 @@ mod joined_tests {
     #[test]
     fn fused_layers_give_their_own_results_in_one_pass() {
         let k = 64;
-        let x: Vec<f32> = (0..5 * k).map(|i| (i % 11) as f32 / 11.0 - 0.4).collect();
+        let x: Vec<f32> = (0..20 * k).map(|i| (i % 11) as f32 / 11.0 - 0.4).collect();
         let bias = Tensor::from_vec(
             (0..16).map(|i| i as f32 * 0.5).collect::<Vec<f32>>(),
             16,
@@ -807,7 +816,8 @@ mod joined_tests {
         let [q0, k0, v0] = make();
         let [mut q, mut kk, mut v] = make();
         Linear::fuse(&mut [&mut q, &mut kk, &mut v]).expect("fuse");
-        for m in [1, 2, 5] {
+        // 20 rows: more than a joined pass takes, each matrix alone.
+        for m in [1, 2, 5, 20] {
             let xs = &x[..m * k];
             let (apart, _) = both(&[&q0, &k0, &v0], xs, m);
             let (joined, alone) = both(&[&q, &kk, &v], xs, m);
