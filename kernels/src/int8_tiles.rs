@@ -136,9 +136,10 @@ impl Int8Tiles {
 
     /// The matrix of all of `parts`' rows, in order, when they lie one after another in one
     /// allocation ([`Int8Tiles::fuse`]); `None` otherwise.
-    pub fn joined(parts: &[&Int8Tiles]) -> Option<Int8Tiles> {
-        let first = parts.first()?;
-        let mut next = first.start;
+    pub fn joined<'a>(parts: impl IntoIterator<Item = &'a Int8Tiles>) -> Option<Int8Tiles> {
+        let mut parts = parts.into_iter();
+        let first = parts.next()?;
+        let (mut next, mut n) = (first.start + first.bytes(), first.n);
         for t in parts {
             if !std::sync::Arc::ptr_eq(&t.store, &first.store)
                 || t.start != next
@@ -147,11 +148,9 @@ impl Int8Tiles {
                 return None;
             }
             next += t.bytes();
+            n += t.n;
         }
-        Some(Int8Tiles {
-            n: parts.iter().map(|t| t.n).sum(),
-            ..(*first).clone()
-        })
+        Some(Int8Tiles { n, ..first.clone() })
     }
 
     /// The GGML rows again (for export, the GPU, candle's kernels and f32 activations).
@@ -752,16 +751,19 @@ mod tests {
                 return;
             };
             let refs: Vec<&Int8Tiles> = parts.iter().collect();
-            assert!(Int8Tiles::joined(&refs).is_none(), "separate allocations");
+            assert!(
+                Int8Tiles::joined(refs.iter().copied()).is_none(),
+                "separate allocations"
+            );
             let views = Int8Tiles::fuse(&refs).expect("one format and width");
             let vrefs: Vec<&Int8Tiles> = views.iter().collect();
-            let all = Int8Tiles::joined(&vrefs).expect("fused views join");
+            let all = Int8Tiles::joined(vrefs.iter().copied()).expect("fused views join");
             assert_eq!(all.n, 96);
             assert!(
-                Int8Tiles::joined(&[vrefs[1], vrefs[0]]).is_none(),
+                Int8Tiles::joined([vrefs[1], vrefs[0]]).is_none(),
                 "out of order"
             );
-            assert!(Int8Tiles::joined(&[vrefs[0], vrefs[2]]).is_none(), "a gap");
+            assert!(Int8Tiles::joined([vrefs[0], vrefs[2]]).is_none(), "a gap");
             for m in [1, 3, 8] {
                 let x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-2.0..2.0)).collect();
                 let mut joined = vec![0f32; m * 96];

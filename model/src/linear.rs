@@ -288,8 +288,8 @@ impl Linear {
     /// Lays out `parts`, matrices that one input feeds (q/k/v, gate/up), one after another in
     /// one allocation, each layer a view of its rows (the same memory as before, and every
     /// result the same: each output is its own dot product), so [`Linear::forward_joined`]
-    /// multiplies them as one matrix. F16 weights and 8-row tiles of one format; anything else
-    /// (K-quants, a GPU copy, mixed types) stays as it is.
+    /// multiplies them as one matrix. F16 weights and 8-row tiles of one format on the int8
+    /// path; anything else (K-quants, a GPU copy, mixed types) stays as it is.
     pub fn fuse(parts: &mut [&mut Linear]) -> Result<()> {
         let Some(first) = parts.first() else {
             return Ok(());
@@ -318,13 +318,8 @@ impl Linear {
             }
             return Ok(());
         }
-        let tiled: Option<Vec<&tandem_kernels::Int8Tiles>> = parts
-            .iter()
-            .map(|p| match &p.weight {
-                LinearWeight::Tiled(t) => Some(&**t),
-                _ => None,
-            })
-            .collect();
+        let tiled: Option<Vec<&tandem_kernels::Int8Tiles>> =
+            parts.iter().map(|p| p.int8_tiles()).collect();
         if let Some(views) = tiled.and_then(|ts| tandem_kernels::Int8Tiles::fuse(&ts)) {
             for (p, t) in parts.iter_mut().zip(views) {
                 p.weight = LinearWeight::Tiled(Arc::new(t));
@@ -397,43 +392,44 @@ impl Linear {
             return Ok(false);
         }
         if let LinearWeight::F16(_) = &first.weight {
-            // Where each part's rows are; joined when they follow one another.
-            let mut spans = Vec::with_capacity(parts.len());
+            // Joined when each part's rows start where the one before it ends (each storage
+            // borrowed in turn, none inside another's borrow).
+            let address = |p: &Linear| p.with_cpu_f16(|w| Ok(w.as_ptr() as usize));
+            let Some(base) = address(first)? else {
+                return Ok(false);
+            };
+            let mut at = base;
             for p in parts {
-                match p.with_cpu_f16(|w| Ok(w.as_ptr() as usize))? {
-                    Some(at) => spans.push((at, p.out_dim * k)),
-                    None => return Ok(false),
+                if address(p)? != Some(at) {
+                    return Ok(false);
                 }
+                at += p.out_dim * k * std::mem::size_of::<f16>();
             }
+            // `all` runs on from the first part's rows in its own storage, over the others'.
             let ran = first.with_cpu_f16_from(n * k, |all| {
-                // `all` runs on from the first part's rows in its storage; it holds the
-                // others when each starts where the one before it ends.
-                let mut at = all.as_ptr() as usize;
-                for &(start, len) in &spans {
-                    if start != at {
-                        return Ok(false);
-                    }
-                    at += len * std::mem::size_of::<f16>();
-                }
                 tandem_kernels::matmul_f16(x, all, m, k, n, out);
-                Ok(true)
+                Ok(())
             });
             // A storage that ends before `n` rows is not one the parts share.
-            return Ok(matches!(ran, Ok(Some(true))));
+            return Ok(matches!(ran, Ok(Some(()))));
         }
-        let tiles: Option<Vec<&tandem_kernels::Int8Tiles>> = parts
-            .iter()
-            .map(|p| match &p.weight {
-                LinearWeight::Tiled(t) if p.activations == ActivationPrecision::Int8 => Some(&**t),
-                _ => None,
-            })
-            .collect();
-        match tiles.and_then(|ts| tandem_kernels::Int8Tiles::joined(&ts)) {
+        if parts.iter().any(|p| p.int8_tiles().is_none()) {
+            return Ok(false);
+        }
+        match tandem_kernels::Int8Tiles::joined(parts.iter().filter_map(|p| p.int8_tiles())) {
             Some(all) => {
                 all.matmul(x, m, out);
                 Ok(true)
             }
             None => Ok(false),
+        }
+    }
+
+    /// The 8-row tiles the int8 kernel multiplies, when this layer is one.
+    fn int8_tiles(&self) -> Option<&tandem_kernels::Int8Tiles> {
+        match &self.weight {
+            LinearWeight::Tiled(t) if self.activations == ActivationPrecision::Int8 => Some(t),
+            _ => None,
         }
     }
 
