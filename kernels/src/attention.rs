@@ -50,6 +50,12 @@ pub trait KvElement: Copy + Default + Send + Sync + 'static {
         Self::load(src, dst);
         dst
     }
+    /// `src` as f16 values when that is what it holds (an f16 cache, which the grouped
+    /// kernels read without widening it first).
+    #[inline(always)]
+    fn as_f16(_src: &[Self]) -> Option<&[half::f16]> {
+        None
+    }
 }
 
 impl KvElement for f32 {
@@ -89,6 +95,10 @@ impl KvElement for half::f16 {
         let _ = simd;
         Self::load(src, dst);
         dst
+    }
+    #[inline(always)]
+    fn as_f16(src: &[half::f16]) -> Option<&[half::f16]> {
+        Some(src)
     }
 }
 
@@ -251,8 +261,10 @@ pub fn attention_tree<E: KvElement>(
 }
 
 /// How many queries a unit takes: a KV head's t·group queries split into enough equal runs
-/// that there are about four units per thread (so the pool evens them out), at most
-/// [`QUERIES_PER_UNIT`], and never fewer than a group's heads: a one-token step at a long
+/// that there are about four units per thread (so the pool evens them out), rounded up to
+/// whole groups (the grouped f16 kernels take a row's group together: a verification pass of
+/// 4 rows has units of 6 queries instead of 4), at most [`QUERIES_PER_UNIT`], and never
+/// fewer than a group's heads: a one-token step at a long
 /// context is bound by reading the cache, and a group's heads read their KV head once
 /// (SmolLM2 at 1,024 tokens, 2 threads: 3.1-3.2 ms of attention per step against 3.5-3.9
 /// with a unit per head). Three such runs cannot be split evenly over 2 threads: their key
@@ -266,9 +278,10 @@ fn queries_per_unit(s: AttentionShape) -> usize {
     } else {
         (4 * threads).div_ceil(s.n_kv_head)
     };
+    // Whole groups where they fit: the grouped f16 kernels take a row's group together.
     per_kv_head
         .div_ceil(runs)
-        .max(group)
+        .next_multiple_of(group.max(1))
         .clamp(1, QUERIES_PER_UNIT)
 }
 
@@ -592,8 +605,25 @@ fn attend_queries_body<E: KvElement>(
         let mut max = [f32::NEG_INFINITY; QUERIES_PER_UNIT];
         let blocks = keys[cache_rows.start * d..cache_rows.end * d].chunks(KEYS_PER_BLOCK * d);
         for (b, block) in blocks.enumerate() {
-            let block = E::widen(simd, block, wide);
             let j0 = lo + b * KEYS_PER_BLOCK;
+            #[cfg(target_arch = "x86_64")]
+            if let Some(half) = E::as_f16(block).filter(|_| simd) {
+                let rows = |qy: &Query| qy.cached.saturating_sub(j0).min(half.len() / d);
+                for (x0, x1, n) in same_row_runs(queries, rows) {
+                    let (lo_s, qs) = (x0 * S + j0 - lo, &queries[x0..x1]);
+                    // SAFETY: `simd` says the CPU has AVX2, FMA and F16C and d is a multiple
+                    // of 8; the run's queries see `n` rows of `half`, and their score rows
+                    // (S apart, from `lo_s`) hold the block's j0 - lo + n scores.
+                    let m = unsafe {
+                        score_rows_f16_grouped(qs, q, d, half, n, scale, scores, lo_s, S, wide)
+                    };
+                    for (mx, m) in max[x0..x1].iter_mut().zip(m) {
+                        *mx = mx.max(m);
+                    }
+                }
+                continue;
+            }
+            let block = E::widen(simd, block, wide);
             for (x, qy) in queries.iter().enumerate() {
                 let rows = qy.cached.saturating_sub(j0).min(block.len() / d);
                 if rows > 0 {
@@ -625,8 +655,32 @@ fn attend_queries_body<E: KvElement>(
         }
         let blocks = vals[cache_rows.start * d..cache_rows.end * d].chunks(KEYS_PER_BLOCK * d);
         for (b, block) in blocks.enumerate() {
-            let block = E::widen(simd, block, wide);
             let j0 = lo + b * KEYS_PER_BLOCK;
+            #[cfg(target_arch = "x86_64")]
+            if let Some(half) = E::as_f16(block).filter(|_| simd) {
+                let rows = |qy: &Query| qy.cached.saturating_sub(j0).min(half.len() / d);
+                for (x0, x1, n) in same_row_runs(queries, rows) {
+                    let stride = nseg * part_len;
+                    let o_at = (x0 * nseg + si) * part_len + 2;
+                    // SAFETY: as for the keys; query x's output sums sit at
+                    // `o_at + (x - x0) * stride`, d of them each, inside `parts`, and its
+                    // weights at `(x - x0) * S` past the block's first score.
+                    unsafe {
+                        accumulate_rows_f16_grouped(
+                            half,
+                            d,
+                            n,
+                            x1 - x0,
+                            &scores[x0 * S + j0 - lo..],
+                            S,
+                            &mut parts[o_at..],
+                            stride,
+                        )
+                    };
+                }
+                continue;
+            }
+            let block = E::widen(simd, block, wide);
             for (x, qy) in queries.iter().enumerate() {
                 let rows = qy.cached.saturating_sub(j0).min(block.len() / d);
                 if rows > 0 {
@@ -823,6 +877,297 @@ unsafe fn accumulate_chunk_avx2<const N: usize>(
     }
     for (v, a) in acc.iter().enumerate() {
         _mm256_storeu_ps(op.add(c0 + 8 * v), *a);
+    }
+}
+
+/// Most queries the grouped f16 kernels take at once: a KV head's group on SmolLM2 (larger
+/// groups go three at a time). Their accumulators, query chunks and a key chunk fit AVX2's
+/// sixteen registers (three queries by two keys for the scores, by two value chunks for the
+/// weighted sums).
+#[cfg(target_arch = "x86_64")]
+const GROUP_MOST: usize = 3;
+
+/// Runs of consecutive queries that see the same number (> 0) of a block's rows, at most
+/// [`GROUP_MOST`] long: (first, end, rows). A causal pass's queries of one row (a KV head's
+/// group) see the same keys; only the last block of a multi-row pass differs between rows.
+#[cfg(target_arch = "x86_64")]
+fn same_row_runs<'a>(
+    queries: &'a [Query],
+    rows: impl Fn(&Query) -> usize + 'a,
+) -> impl Iterator<Item = (usize, usize, usize)> + 'a {
+    let mut x0 = 0;
+    std::iter::from_fn(move || loop {
+        if x0 >= queries.len() {
+            return None;
+        }
+        let n = rows(&queries[x0]);
+        let mut x1 = x0 + 1;
+        while x1 < queries.len() && x1 - x0 < GROUP_MOST && rows(&queries[x1]) == n {
+            x1 += 1;
+        }
+        let run = (x0, x1, n);
+        x0 = x1;
+        if n > 0 {
+            return Some(run);
+        }
+    })
+}
+
+/// Scores of up to [`GROUP_MOST`] queries (`qs`, vectors in `q`) against the first `n` key rows
+/// of an f16 block, into `scores` (query x's at `at + x · stride`); returns each query's
+/// maximum. Each f16 key is widened once, in registers, for all the queries (instead of
+/// widened into memory and read back once per query: a third of a one-token step's
+/// attention), two keys at a time; every score is bit for bit [`score_rows_avx2`]'s on the
+/// widened key (the same lanes, products and reduction tree: `dot`'s). An odd last key is
+/// widened into `wide` and takes [`score_rows_avx2`].
+///
+/// # Safety
+/// The CPU has AVX2, FMA and F16C, and d is a multiple of 8.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn score_rows_f16_grouped(
+    qs: &[Query],
+    q: &[f32],
+    d: usize,
+    keys: &[half::f16],
+    n: usize,
+    scale: f32,
+    scores: &mut [f32],
+    at: usize,
+    stride: usize,
+    wide: &mut Vec<f32>,
+) -> [f32; GROUP_MOST] {
+    let g = qs.len();
+    assert!(
+        (1..=GROUP_MOST).contains(&g)
+            && d.is_multiple_of(8)
+            && keys.len() >= n * d
+            && scores.len() >= at + (g - 1) * stride + n
+            && qs.iter().all(|x| q.len() >= (x.row + 1) * d)
+    );
+    let even = n / 2 * 2;
+    let qp: [*const f32; GROUP_MOST] =
+        std::array::from_fn(|x| q.as_ptr().add(qs[x.min(g - 1)].row * d));
+    let op: [*mut f32; GROUP_MOST] =
+        std::array::from_fn(|x| scores.as_mut_ptr().add(at + x.min(g - 1) * stride));
+    let kp = keys.as_ptr() as *const u16;
+    let ahead = keys.len();
+    let mut max = match g {
+        1 => spread(score_f16_avx2::<1>(
+            [qp[0]],
+            kp,
+            d,
+            even,
+            scale,
+            ahead,
+            [op[0]],
+        )),
+        2 => spread(score_f16_avx2::<2>(
+            [qp[0], qp[1]],
+            kp,
+            d,
+            even,
+            scale,
+            ahead,
+            [op[0], op[1]],
+        )),
+        _ => score_f16_avx2::<3>(qp, kp, d, even, scale, ahead, op),
+    };
+    if even < n {
+        let tail = half::f16::widen(true, &keys[even * d..n * d], wide);
+        for (x, qy) in qs.iter().enumerate() {
+            let out = &mut scores[at + x * stride + even..][..n - even];
+            let m = score_rows_avx2(&q[qy.row * d..][..d], tail, scale, out);
+            max[x] = max[x].max(m);
+        }
+    }
+    max
+}
+
+/// A shorter group's maxima in a [`GROUP_MOST`]-long array (the rest unused).
+#[cfg(target_arch = "x86_64")]
+fn spread<const Q: usize>(m: [f32; Q]) -> [f32; GROUP_MOST] {
+    std::array::from_fn(|x| m.get(x).copied().unwrap_or(f32::NEG_INFINITY))
+}
+
+/// [`score_rows_f16_grouped`]'s core: `rows` (even) keys from `kp`, d wide, against Q query
+/// vectors, two keys at a time (Q · 2 accumulators, the Q query chunks and a key in
+/// registers: four keys at a time spilled accumulators to the stack), scores to `out[x]`;
+/// prefetches the block `ahead` values on.
+///
+/// # Safety
+/// As [`score_rows_f16_grouped`]; every pointer covers what it is read or written at.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn score_f16_avx2<const Q: usize>(
+    qp: [*const f32; Q],
+    kp: *const u16,
+    d: usize,
+    rows: usize,
+    scale: f32,
+    ahead: usize,
+    out: [*mut f32; Q],
+) -> [f32; Q] {
+    use std::arch::x86_64::*;
+    let scale_v = _mm_set1_ps(scale);
+    // After the reduction key 0 sits in lanes 0-3 and key 1 in lanes 4-7.
+    let order = _mm256_setr_epi32(0, 4, 0, 4, 0, 4, 0, 4);
+    let mut max_v = [_mm_set1_ps(f32::NEG_INFINITY); Q];
+    let mut j = 0;
+    while j + 2 <= rows {
+        let mut a = [[_mm256_setzero_ps(); 2]; Q];
+        let (k0, k1) = (kp.add(j * d), kp.add((j + 1) * d));
+        let mut c = 0;
+        while c < d {
+            if c % 32 == 0 {
+                // The next block of this KV head sits `ahead` values on (a prefetch never
+                // faults past the end).
+                _mm_prefetch::<_MM_HINT_T0>(k0.wrapping_add(c + ahead) as *const i8);
+                _mm_prefetch::<_MM_HINT_T0>(k1.wrapping_add(c + ahead) as *const i8);
+            }
+            let kv0 = _mm256_cvtph_ps(_mm_loadu_si128(k0.add(c) as *const __m128i));
+            let kv1 = _mm256_cvtph_ps(_mm_loadu_si128(k1.add(c) as *const __m128i));
+            for (x, ax) in a.iter_mut().enumerate() {
+                let qv = _mm256_loadu_ps(qp[x].add(c));
+                // Multiply, then add, as `dot` and `score_rows_avx2`.
+                ax[0] = _mm256_add_ps(ax[0], _mm256_mul_ps(qv, kv0));
+                ax[1] = _mm256_add_ps(ax[1], _mm256_mul_ps(qv, kv1));
+            }
+            c += 8;
+        }
+        for (x, ax) in a.iter().enumerate() {
+            // Per key: lanes l and l + 4 added, then (b0 + b1) and (b2 + b3), then their
+            // sum: `dot`'s tree.
+            let p = _mm256_add_ps(
+                _mm256_permute2f128_ps::<0x20>(ax[0], ax[1]),
+                _mm256_permute2f128_ps::<0x31>(ax[0], ax[1]),
+            );
+            let h = _mm256_hadd_ps(p, p);
+            let h = _mm256_permutevar8x32_ps(_mm256_hadd_ps(h, h), order);
+            // [s0, s1, s0, s1]: the maximum is the same with each score twice.
+            let s = _mm_mul_ps(_mm256_castps256_ps128(h), scale_v);
+            _mm_storel_pd(out[x].add(j) as *mut f64, _mm_castps_pd(s));
+            max_v[x] = _mm_max_ps(max_v[x], s);
+        }
+        j += 2;
+    }
+    std::array::from_fn(|x| {
+        let mut lanes = [0f32; 4];
+        _mm_storeu_ps(lanes.as_mut_ptr(), max_v[x]);
+        lanes.iter().copied().fold(f32::NEG_INFINITY, f32::max)
+    })
+}
+
+/// Adds up to [`GROUP_MOST`] queries' weighted sums of the first `n` value rows of an f16
+/// block to their outputs: query x's weights at `weights[x · w_stride..][..n]`, its d sums at
+/// `out[x · o_stride..][..d]`. Each value is widened once, in registers, for all the queries;
+/// each output element adds its rows in order, multiply then add, so every sum is bit for bit
+/// [`accumulate_rows_avx2`]'s on the widened rows.
+///
+/// # Safety
+/// The CPU has AVX2, FMA and F16C, and d is a multiple of 8.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn accumulate_rows_f16_grouped(
+    vals: &[half::f16],
+    d: usize,
+    n: usize,
+    g: usize,
+    weights: &[f32],
+    w_stride: usize,
+    out: &mut [f32],
+    o_stride: usize,
+) {
+    assert!(
+        (1..=GROUP_MOST).contains(&g)
+            && d.is_multiple_of(8)
+            && vals.len() >= n * d
+            && weights.len() >= (g - 1) * w_stride + n
+            && out.len() >= (g - 1) * o_stride + d
+    );
+    let wp: [*const f32; GROUP_MOST] =
+        std::array::from_fn(|x| weights.as_ptr().add(x.min(g - 1) * w_stride));
+    let op: [*mut f32; GROUP_MOST] =
+        std::array::from_fn(|x| out.as_mut_ptr().add(x.min(g - 1) * o_stride));
+    let vp = vals.as_ptr() as *const u16;
+    let ahead = vals.len();
+    let mut c0 = 0;
+    while c0 < d {
+        // Three queries take two chunks at a time: Q · N accumulators, Q weights and a value
+        // chunk stay in AVX2's sixteen registers.
+        let chunks = ((d - c0) / 8).min(if g == GROUP_MOST { 2 } else { 4 });
+        macro_rules! run {
+            ($q:literal, $n:literal) => {
+                accumulate_f16_avx2::<$q, $n>(
+                    std::array::from_fn(|x| wp[x]),
+                    vp,
+                    d,
+                    n,
+                    c0,
+                    ahead,
+                    std::array::from_fn(|x| op[x]),
+                )
+            };
+        }
+        match (g, chunks) {
+            (1, 4) => run!(1, 4),
+            (1, 3) => run!(1, 3),
+            (1, 2) => run!(1, 2),
+            (1, _) => run!(1, 1),
+            (2, 4) => run!(2, 4),
+            (2, 3) => run!(2, 3),
+            (2, 2) => run!(2, 2),
+            (2, _) => run!(2, 1),
+            (_, 2) => run!(3, 2),
+            (_, _) => run!(3, 1),
+        }
+        c0 += 8 * chunks;
+    }
+}
+
+/// Outputs `c0..c0 + 8·N` of Q queries in [`accumulate_rows_f16_grouped`], held in registers
+/// over the `rows` value rows.
+///
+/// # Safety
+/// As [`accumulate_rows_f16_grouped`]; every pointer covers what it is read or written at.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn accumulate_f16_avx2<const Q: usize, const N: usize>(
+    wp: [*const f32; Q],
+    vp: *const u16,
+    d: usize,
+    rows: usize,
+    c0: usize,
+    ahead: usize,
+    op: [*mut f32; Q],
+) {
+    use std::arch::x86_64::*;
+    let mut acc = [[_mm256_setzero_ps(); N]; Q];
+    for (x, ax) in acc.iter_mut().enumerate() {
+        for (v, a) in ax.iter_mut().enumerate() {
+            *a = _mm256_loadu_ps(op[x].add(c0 + 8 * v));
+        }
+    }
+    for j in 0..rows {
+        let row = vp.add(j * d + c0);
+        _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(ahead) as *const i8);
+        let w: [__m256; Q] = std::array::from_fn(|x| _mm256_set1_ps(*wp[x].add(j)));
+        for v in 0..N {
+            let vv = _mm256_cvtph_ps(_mm_loadu_si128(row.add(8 * v) as *const __m128i));
+            for (ax, wx) in acc.iter_mut().zip(&w) {
+                // Multiply, then add, as the plain loop.
+                ax[v] = _mm256_add_ps(ax[v], _mm256_mul_ps(*wx, vv));
+            }
+        }
+    }
+    for (x, ax) in acc.iter().enumerate() {
+        for (v, a) in ax.iter().enumerate() {
+            _mm256_storeu_ps(op[x].add(c0 + 8 * v), *a);
+        }
     }
 }
 
@@ -1161,6 +1506,87 @@ mod tests {
         let simd = simd_available();
         let wide = f16::widen(simd, &long, &mut scratch).to_vec();
         assert_eq!(wide, long.iter().map(|x| x.to_f32()).collect::<Vec<_>>());
+    }
+
+    /// The grouped f16 kernels give each query the bits the one-query kernels give on the
+    /// widened block: one to three queries, odd and even rows, several head sizes.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn grouped_f16_kernels_equal_the_widened_ones() {
+        use half::f16;
+        if !crate::has_avx2_fma() {
+            return;
+        }
+        let mut rng = rand::rngs::StdRng::seed_from_u64(43);
+        for (d, rows) in [(64, 32), (64, 7), (8, 1), (128, 5), (16, 30)] {
+            let block: Vec<f16> = (0..rows * d)
+                .map(|_| f16::from_f32(rng.random_range(-3.0..3.0)))
+                .collect();
+            let wide: Vec<f32> = block.iter().map(|x| x.to_f32()).collect();
+            for g in 1..=GROUP_MOST {
+                let q: Vec<f32> = (0..g * d).map(|_| rng.random_range(-3.0..3.0)).collect();
+                let qs: Vec<Query> = (0..g)
+                    .map(|row| Query {
+                        row,
+                        ..Query::default()
+                    })
+                    .collect();
+                let (stride, at) = (rows + 3, 2);
+                let mut scores = vec![0f32; at + g * stride];
+                let mut scratch = Vec::new();
+                // SAFETY: AVX2, FMA and F16C checked above; d is a multiple of 8.
+                let max = unsafe {
+                    score_rows_f16_grouped(
+                        &qs,
+                        &q,
+                        d,
+                        &block,
+                        rows,
+                        0.125,
+                        &mut scores,
+                        at,
+                        stride,
+                        &mut scratch,
+                    )
+                };
+                let weights: Vec<f32> = (0..g * stride)
+                    .map(|_| rng.random_range(0.0..1.0))
+                    .collect();
+                let start: Vec<f32> = (0..g * (d + 5))
+                    .map(|_| rng.random_range(-1.0..1.0))
+                    .collect();
+                let mut sums = start.clone();
+                // SAFETY: as above.
+                unsafe {
+                    accumulate_rows_f16_grouped(
+                        &block,
+                        d,
+                        rows,
+                        g,
+                        &weights,
+                        stride,
+                        &mut sums,
+                        d + 5,
+                    )
+                };
+                for x in 0..g {
+                    let mut want = vec![0f32; rows];
+                    // SAFETY: as above.
+                    let m = unsafe { score_rows_avx2(&q[x * d..][..d], &wide, 0.125, &mut want) };
+                    let got = &scores[at + x * stride..][..rows];
+                    assert_eq!(got, &want[..], "scores d {d} rows {rows} query {x} of {g}");
+                    assert_eq!(max[x], m, "maximum d {d} rows {rows} query {x} of {g}");
+                    let mut o = start[x * (d + 5)..][..d].to_vec();
+                    // SAFETY: as above.
+                    unsafe { accumulate_rows_avx2(&wide, &weights[x * stride..][..rows], &mut o) };
+                    assert_eq!(
+                        &sums[x * (d + 5)..][..d],
+                        &o[..],
+                        "sums d {d} query {x} of {g}"
+                    );
+                }
+            }
+        }
     }
 
     /// The eight-keys-at-once scores are bit for bit the one-key `dot`'s.
