@@ -262,13 +262,13 @@ pub fn attention_tree<E: KvElement>(
 
 /// How many queries a unit takes: a KV head's t·group queries split into enough equal runs
 /// that there are about four units per thread (so the pool evens them out), rounded up to
-/// whole groups (the grouped f16 kernels take a row's group together: a verification pass of
-/// 4 rows has units of 6 queries instead of 4), at most [`QUERIES_PER_UNIT`], and never
-/// fewer than a group's heads: a one-token step at a long
-/// context is bound by reading the cache, and a group's heads read their KV head once
-/// (SmolLM2 at 1,024 tokens, 2 threads: 3.1-3.2 ms of attention per step against 3.5-3.9
-/// with a unit per head). Three such runs cannot be split evenly over 2 threads: their key
-/// segments are ([`segment_split`]).
+/// whole groups while that keeps it within [`GROUPED_UNIT_MOST`] (the grouped f16 kernels take
+/// a row's group together: a verification pass of 4 rows has units of 6 queries instead of
+/// 4), at most [`QUERIES_PER_UNIT`], and never fewer than a group's heads: a one-token step
+/// at a long context is bound by reading the cache, and a group's heads read their KV head
+/// once (SmolLM2 at 1,024 tokens, 2 threads: 3.1-3.2 ms of attention per step against
+/// 3.5-3.9 with a unit per head). Three such runs cannot be split evenly over 2 threads:
+/// their key segments are ([`segment_split`]).
 fn queries_per_unit(s: AttentionShape) -> usize {
     let group = s.n_head / s.n_kv_head;
     let per_kv_head = s.t * group;
@@ -278,11 +278,17 @@ fn queries_per_unit(s: AttentionShape) -> usize {
     } else {
         (4 * threads).div_ceil(s.n_kv_head)
     };
-    // Whole groups where they fit: the grouped f16 kernels take a row's group together.
-    per_kv_head
-        .div_ceil(runs)
-        .next_multiple_of(group.max(1))
-        .clamp(1, QUERIES_PER_UNIT)
+    let per = per_kv_head.div_ceil(runs).max(group);
+    // Whole groups where the unit stays small enough for the grouped f16 kernels (which take
+    // a row's group together); a larger unit keeps its even split (`attn_hot`, 8 rows: 9, 9
+    // and 6 queries ran 5-12% slower than three units of 8).
+    let whole = per.next_multiple_of(group.max(1));
+    let per = if whole <= GROUPED_UNIT_MOST {
+        whole
+    } else {
+        per
+    };
+    per.clamp(1, QUERIES_PER_UNIT)
 }
 
 /// One query of a unit: where its vector and output sit (the row of `q`/`out`), how many of
@@ -598,6 +604,11 @@ fn attend_queries_body<E: KvElement>(
     let scores = grown(scores, queries.len() * S);
     // The kernels' choice, made once per unit rather than per block and query.
     let simd = d.is_multiple_of(8) && simd_available();
+    // An f16 cache's blocks widened in registers per group of queries, where the unit has few
+    // (decoding and short verification passes); a unit of many (prefill, long drafts) widens
+    // each block into memory once for all of them, which costs less than once per group.
+    #[cfg(target_arch = "x86_64")]
+    let grouped = simd && queries.len() <= GROUPED_UNIT_MOST;
     let query = |x: &Query| &q[x.row * d..][..d];
     for (si, seg) in segments.clone().enumerate() {
         let (lo, hi) = (seg * S, (seg + 1) * S);
@@ -607,7 +618,7 @@ fn attend_queries_body<E: KvElement>(
         for (b, block) in blocks.enumerate() {
             let j0 = lo + b * KEYS_PER_BLOCK;
             #[cfg(target_arch = "x86_64")]
-            if let Some(half) = E::as_f16(block).filter(|_| simd) {
+            if let Some(half) = E::as_f16(block).filter(|_| grouped) {
                 let rows = |qy: &Query| qy.cached.saturating_sub(j0).min(half.len() / d);
                 for (x0, x1, n) in same_row_runs(queries, rows) {
                     let (lo_s, qs) = (x0 * S + j0 - lo, &queries[x0..x1]);
@@ -657,7 +668,7 @@ fn attend_queries_body<E: KvElement>(
         for (b, block) in blocks.enumerate() {
             let j0 = lo + b * KEYS_PER_BLOCK;
             #[cfg(target_arch = "x86_64")]
-            if let Some(half) = E::as_f16(block).filter(|_| simd) {
+            if let Some(half) = E::as_f16(block).filter(|_| grouped) {
                 let rows = |qy: &Query| qy.cached.saturating_sub(j0).min(half.len() / d);
                 for (x0, x1, n) in same_row_runs(queries, rows) {
                     let stride = nseg * part_len;
@@ -886,6 +897,14 @@ unsafe fn accumulate_chunk_avx2<const N: usize>(
 /// weighted sums).
 #[cfg(target_arch = "x86_64")]
 const GROUP_MOST: usize = 3;
+
+/// Most queries in a unit for which the grouped f16 kernels run. The `attn_hot` example,
+/// SmolLM2's shape at 512 cached keys, 2 threads, µs per call, widened into memory once per
+/// unit against in registers once per group: one row (3 queries a unit) 24-27 against 15-19,
+/// two rows (3) 42.7 against 35.9, four rows (6) 64.9 against 65.2 (and in whole passes,
+/// `bench --verify 4 --context 768`, 9-13% more passes/s), eight rows (9) 117 against 124,
+/// 32 rows (24) 478 against 569.
+const GROUPED_UNIT_MOST: usize = 6;
 
 /// Runs of consecutive queries that see the same number (> 0) of a block's rows, at most
 /// [`GROUP_MOST`] long: (first, end, rows). A causal pass's queries of one row (a KV head's
