@@ -302,6 +302,14 @@ struct Query {
     path_len: usize,
 }
 
+impl Query {
+    /// How many of a block's `rows` cache rows, the first at position `j0`, this query sees.
+    #[inline(always)]
+    fn rows_in(&self, j0: usize, rows: usize) -> usize {
+        self.cached.saturating_sub(j0).min(rows)
+    }
+}
+
 /// Keys a query's softmax takes in one piece, from position 0 on (a multiple of
 /// [`KEYS_PER_BLOCK`] and of 8). A query's keys are cut at these fixed positions whatever the
 /// pass, each segment gets its own maximum, exponentials and unnormalized weighted sum, and
@@ -619,7 +627,7 @@ fn attend_queries_body<E: KvElement>(
             let j0 = lo + b * KEYS_PER_BLOCK;
             #[cfg(target_arch = "x86_64")]
             if let Some(half) = E::as_f16(block).filter(|_| grouped) {
-                let rows = |qy: &Query| qy.cached.saturating_sub(j0).min(half.len() / d);
+                let rows = |qy: &Query| qy.rows_in(j0, half.len() / d);
                 for (x0, x1, n) in same_row_runs(queries, rows) {
                     let (lo_s, qs) = (x0 * S + j0 - lo, &queries[x0..x1]);
                     // SAFETY: `simd` says the CPU has AVX2, FMA and F16C and d is a multiple
@@ -636,7 +644,7 @@ fn attend_queries_body<E: KvElement>(
             }
             let block = E::widen(simd, block, wide);
             for (x, qy) in queries.iter().enumerate() {
-                let rows = qy.cached.saturating_sub(j0).min(block.len() / d);
+                let rows = qy.rows_in(j0, block.len() / d);
                 if rows > 0 {
                     let s = &mut scores[x * S + j0 - lo..][..rows];
                     max[x] = max[x].max(score_block(simd, query(qy), &block[..rows * d], scale, s));
@@ -669,7 +677,7 @@ fn attend_queries_body<E: KvElement>(
             let j0 = lo + b * KEYS_PER_BLOCK;
             #[cfg(target_arch = "x86_64")]
             if let Some(half) = E::as_f16(block).filter(|_| grouped) {
-                let rows = |qy: &Query| qy.cached.saturating_sub(j0).min(half.len() / d);
+                let rows = |qy: &Query| qy.rows_in(j0, half.len() / d);
                 for (x0, x1, n) in same_row_runs(queries, rows) {
                     let stride = nseg * part_len;
                     let o_at = (x0 * nseg + si) * part_len + 2;
@@ -693,7 +701,7 @@ fn attend_queries_body<E: KvElement>(
             }
             let block = E::widen(simd, block, wide);
             for (x, qy) in queries.iter().enumerate() {
-                let rows = qy.cached.saturating_sub(j0).min(block.len() / d);
+                let rows = qy.rows_in(j0, block.len() / d);
                 if rows > 0 {
                     let w = &scores[x * S + j0 - lo..][..rows];
                     let o = &mut parts[(x * nseg + si) * part_len + 2..][..d];
@@ -966,6 +974,7 @@ unsafe fn score_rows_f16_grouped(
             && qs.iter().all(|x| q.len() >= (x.row + 1) * d)
     );
     let even = n / 2 * 2;
+    // Slots past the group repeat its last query (valid pointers, never used).
     let qp: [*const f32; GROUP_MOST] =
         std::array::from_fn(|x| q.as_ptr().add(qs[x.min(g - 1)].row * d));
     let op: [*mut f32; GROUP_MOST] =
@@ -1107,6 +1116,7 @@ unsafe fn accumulate_rows_f16_grouped(
             && weights.len() >= (g - 1) * w_stride + n
             && out.len() >= (g - 1) * o_stride + d
     );
+    // Slots past the group repeat its last query (valid pointers, never used).
     let wp: [*const f32; GROUP_MOST] =
         std::array::from_fn(|x| weights.as_ptr().add(x.min(g - 1) * w_stride));
     let op: [*mut f32; GROUP_MOST] =
