@@ -526,6 +526,9 @@ struct Drafter {
     min_confidence: f32,
     proposed: u64,
     accepted: u64,
+    /// What the draft-length controller of this drafter's earlier generations learned
+    /// (`DraftSource::controller_memory`): the next generation starts from it.
+    controller_memory: Option<tandem_speculate::ControllerMemory>,
 }
 
 impl Drafter {
@@ -539,6 +542,7 @@ impl Drafter {
             min_confidence: 0.0,
             proposed: 0,
             accepted: 0,
+            controller_memory: None,
         }
     }
 
@@ -558,10 +562,12 @@ impl Drafter {
             lookup,
             model: self.model.clone(),
             skip_report: None,
+            controller_memory: self.controller_memory,
         }
     }
 
     fn restore(&mut self, source: DraftSource) {
+        self.controller_memory = source.controller_memory;
         if let (LookupKind::Suffix(mine), Lookup::Suffix(d)) = (&mut self.lookup, source.lookup) {
             *mine = d;
         }

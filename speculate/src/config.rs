@@ -4,8 +4,8 @@
 //! from it.
 
 use crate::{
-    AcceptanceRule, AdaptiveK, Controller, CoupledSampling, Drafter, FixedK, Greedy,
-    RejectionSampling, Result, SpecStats, SpeculativeDecoder, Verifier,
+    AcceptanceRule, AdaptiveK, Controller, ControllerMemory, CoupledSampling, Drafter, FixedK,
+    Greedy, RejectionSampling, Result, SpecStats, SpeculativeDecoder, Verifier,
 };
 use tandem_kernels::sampling::{Sampler, SamplingParams};
 
@@ -109,13 +109,28 @@ impl SpecConfig {
     /// given as `draft_cost`: a draft step's time over a verifier step's, known without
     /// reading the clock (0 for a lookup).
     pub fn controller(&self, draft_cost: f64) -> Box<dyn Controller> {
+        self.controller_resuming(draft_cost, None)
+    }
+
+    /// [`SpecConfig::controller`] starting from what an earlier run of the same session
+    /// learned ([`AdaptiveK::resume`]), when `memory` holds that.
+    pub fn controller_resuming(
+        &self,
+        draft_cost: f64,
+        memory: Option<&ControllerMemory>,
+    ) -> Box<dyn Controller> {
         if !self.adapt {
-            Box::new(FixedK(self.draft_max))
-        } else if self.params.is_greedy() || self.coupled {
-            Box::new(AdaptiveK::new(self.draft_max))
-        } else {
-            Box::new(AdaptiveK::with_fixed_cost(self.draft_max, draft_cost))
+            return Box::new(FixedK(self.draft_max));
         }
+        let fresh = if self.params.is_greedy() || self.coupled {
+            AdaptiveK::new(self.draft_max)
+        } else {
+            AdaptiveK::with_fixed_cost(self.draft_max, draft_cost)
+        };
+        Box::new(match memory {
+            Some(m) => AdaptiveK::resume(fresh, m),
+            None => fresh,
+        })
     }
 
     /// Whether the acceptance rule reads a verifier row only through its position-keyed
@@ -161,14 +176,46 @@ impl SpecConfig {
         eos: &[u32],
         on_token: impl FnMut(u32) -> Result<()>,
     ) -> Result<(Vec<u32>, SpecStats)> {
+        let mut memory = None;
+        self.decode_resuming(
+            drafter,
+            verifier,
+            draft_cost,
+            &mut memory,
+            prompt,
+            max_tokens,
+            eos,
+            on_token,
+        )
+    }
+
+    /// [`SpecConfig::decode`] as one run of a session: the controller starts from `memory`
+    /// (what the session's earlier runs learned, if anything) and leaves what this run
+    /// learned there, whether or not the run succeeded.
+    #[allow(clippy::too_many_arguments)]
+    pub fn decode_resuming(
+        &self,
+        drafter: &mut dyn Drafter,
+        verifier: &mut dyn Verifier,
+        draft_cost: f64,
+        memory: &mut Option<ControllerMemory>,
+        prompt: &[u32],
+        max_tokens: usize,
+        eos: &[u32],
+        on_token: impl FnMut(u32) -> Result<()>,
+    ) -> Result<(Vec<u32>, SpecStats)> {
         let mut rule = self.rule()?;
-        let mut controller = self.controller(draft_cost);
-        SpeculativeDecoder {
+        let mut controller = self.controller_resuming(draft_cost, memory.as_ref());
+        let result = SpeculativeDecoder {
             drafter,
             verifier,
             rule: &mut *rule,
             controller: &mut *controller,
         }
-        .generate(prompt, max_tokens, eos, on_token)
+        .generate(prompt, max_tokens, eos, on_token);
+        if let Some(m) = controller.memory() {
+            *memory = Some(m);
+        }
+        result
     }
 }

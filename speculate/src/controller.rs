@@ -13,7 +13,33 @@ pub trait Controller {
     /// Tokens to draft in the next step (0 = decode plainly).
     fn next_k(&mut self) -> usize;
     fn observe(&mut self, step: &StepReport);
+    /// What this controller learned that the next generation of the same session may start
+    /// from (see [`ControllerMemory`]); `None` when it learns nothing.
+    fn memory(&self) -> Option<ControllerMemory> {
+        None
+    }
 }
+
+/// What an [`AdaptiveK`] measured that outlives one generation: the verifier's plain step, the
+/// draft's time per drafted token, how much a verification grows per drafted token, plain
+/// decoding's throughput, and the drafts' acceptance. The hardware, the models and the drafter
+/// do not change between the prompts of `bench spec` or the turns of a chat, so a session
+/// hands this from one run to the next ([`AdaptiveK::resume`]): a run then drafts from its
+/// first step, with a k chosen from measured costs, instead of spending its first step on a
+/// plain pass and its first drafts on a prior (a short answer of 10–40 tokens was over before
+/// the controller had measured anything).
+#[derive(Debug, Clone, Copy)]
+pub struct ControllerMemory {
+    alpha: Decayed,
+    plain_step: Decayed,
+    draft: Decayed,
+    growth: Decayed,
+    plain_rate: Decayed,
+}
+
+/// Drafted tokens the acceptance carried over from earlier runs counts as: the rate of other
+/// prompts (code against prose) is a prior for the next, which its own drafts soon outweigh.
+const RESUMED_ALPHA_WEIGHT: f64 = 4.0;
 
 /// Always drafts `k` tokens.
 pub struct FixedK(pub usize);
@@ -165,6 +191,29 @@ impl AdaptiveK {
         }
     }
 
+    /// A controller starting from what an earlier run of the session measured (`memory`, from
+    /// [`Controller::memory`]), with `fresh`'s settings (`AdaptiveK::new` or
+    /// `with_fixed_cost`). Per-run state starts afresh: the throughput guard measures this
+    /// run's speculative steps before it may switch drafting off, and `MIN_JUDGED` of this
+    /// run's drafts are judged before the acceptance may.
+    pub fn resume(fresh: AdaptiveK, memory: &ControllerMemory) -> Self {
+        let mut c = fresh;
+        if let Some(a) = memory.alpha.ratio() {
+            c.alpha = Decayed {
+                num: a * RESUMED_ALPHA_WEIGHT,
+                den: RESUMED_ALPHA_WEIGHT,
+                n: 1,
+            };
+        }
+        c.plain_step = memory.plain_step;
+        c.draft = memory.draft;
+        c.growth = memory.growth;
+        c.plain_rate = memory.plain_rate;
+        c.wanted = c.choose();
+        c.k = c.wanted;
+        c
+    }
+
     /// Expected tokens per unit of verifier time for draft length k.
     pub fn expected_speedup(alpha: f64, cost: f64, k: usize) -> f64 {
         let a = alpha.clamp(0.0, 0.999);
@@ -234,6 +283,16 @@ impl Controller for AdaptiveK {
         self.steps += 1;
         self.asked = self.next_k_inner();
         self.asked
+    }
+
+    fn memory(&self) -> Option<ControllerMemory> {
+        Some(ControllerMemory {
+            alpha: self.alpha,
+            plain_step: self.plain_step,
+            draft: self.draft,
+            growth: self.growth,
+            plain_rate: self.plain_rate,
+        })
     }
 
     fn observe(&mut self, s: &StepReport) {
@@ -360,6 +419,43 @@ mod tests {
         assert_eq!(c.k, 0);
         assert!(spec_steps < 30, "{spec_steps} speculative steps of 400");
         assert_eq!(c.probe_every, MAX_PROBE_EVERY);
+    }
+
+    /// A resumed controller drafts from its first step, with the k its memory's costs and
+    /// acceptance call for, where a fresh one spends its first step measuring a plain pass;
+    /// and it still switches a drafter off that stops paying in the new run.
+    #[test]
+    fn a_resumed_controller_drafts_at_once_and_still_adapts() {
+        // Plain step 10 ms; a drafted token costs 2 ms of drafting and 0.5 ms of verification;
+        // 80% of drafts accepted in runs of four.
+        let step = |k: usize, accepted: usize| StepReport {
+            drafted: k,
+            accepted: accepted.min(k),
+            draft_secs: 0.002 * k as f64,
+            verify_secs: 0.010 + 0.0005 * k as f64,
+        };
+        let mut first = AdaptiveK::new(8);
+        assert_eq!(
+            first.next_k(),
+            0,
+            "a fresh controller measures a plain step first"
+        );
+        first.observe(&step(0, 0));
+        for i in 0..60 {
+            let k = first.next_k();
+            first.observe(&step(k, if i % 5 == 4 { 0 } else { 4 }));
+        }
+        let memory = first.memory().expect("AdaptiveK has a memory");
+        let mut resumed = AdaptiveK::resume(AdaptiveK::new(8), &memory);
+        let k = resumed.next_k();
+        assert!(k >= 2, "a resumed controller drafts at once: k = {k}");
+        assert_eq!(k, first.choose(), "from its memory's costs and acceptance");
+        // Drafts that are never accepted in the new run switch it off.
+        for _ in 0..40 {
+            let k = resumed.next_k();
+            resumed.observe(&step(k, 0));
+        }
+        assert_eq!(resumed.k, 0, "drafting that stopped paying is switched off");
     }
 
     #[test]

@@ -28,7 +28,7 @@ pub use acceptance::{
 };
 pub use batch::{BatchDecoder, BatchVerifier};
 pub use config::{DraftSampling, SpecConfig};
-pub use controller::{AdaptiveK, Controller, FixedK};
+pub use controller::{AdaptiveK, Controller, ControllerMemory, FixedK};
 pub use decoder::{SpecStats, SpeculativeDecoder};
 pub use drafter::{
     draft_shortlist, Branching, Draft, Drafter, HybridDrafter, ModelDrafter, NgramDrafter,

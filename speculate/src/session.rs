@@ -6,8 +6,8 @@
 pub use crate::config::{SpecConfig, DEFAULT_DRAFT_P_MIN};
 use crate::layer_skip::{choose_skips, SkipChoice, SkipReport};
 use crate::{
-    Drafter, Error, HybridDrafter, ModelDrafter, ModelVerifier, NgramDrafter, Result,
-    SharedCacheDrafter, SpecStats, SuffixDrafter,
+    ControllerMemory, Drafter, Error, HybridDrafter, ModelDrafter, ModelVerifier, NgramDrafter,
+    Result, SharedCacheDrafter, SpecStats, SuffixDrafter,
 };
 use std::path::Path;
 use std::sync::Arc;
@@ -34,6 +34,9 @@ pub struct DraftSource {
     pub model: Option<Arc<Llama>>,
     /// For a layer-skipping self-draft (`,skip=`): what the choice of sublayers measured.
     pub skip_report: Option<SkipReport>,
+    /// What the draft-length controller learned in this source's earlier runs (costs and
+    /// acceptance); the next run starts from it, as the suffix lookup starts from their text.
+    pub controller_memory: Option<ControllerMemory>,
 }
 
 impl DraftSource {
@@ -42,6 +45,7 @@ impl DraftSource {
             lookup: Lookup::Ngram,
             model: None,
             skip_report: None,
+            controller_memory: None,
         }
     }
 
@@ -50,6 +54,7 @@ impl DraftSource {
             lookup: Lookup::Suffix(SuffixDrafter::default()),
             model: None,
             skip_report: None,
+            controller_memory: None,
         }
     }
 
@@ -58,6 +63,7 @@ impl DraftSource {
             lookup: Lookup::None,
             model: Some(model),
             skip_report: None,
+            controller_memory: None,
         }
     }
 
@@ -76,6 +82,7 @@ impl DraftSource {
             lookup: Lookup::None,
             model: None,
             skip_report: None,
+            controller_memory: None,
         };
         for part in parts {
             match part {
@@ -292,6 +299,7 @@ fn decode_over(
     let DraftSource {
         lookup,
         model: draft_model,
+        controller_memory,
         ..
     } = draft;
     let draft_model: Option<&Llama> = draft_model.as_deref();
@@ -340,7 +348,16 @@ fn decode_over(
         None => 0.0,
         Some(m) => m.decode_cost() / model.decode_cost().max(1.0),
     };
-    let (out, stats) = s.decode(drafter, verifier, cost, prompt, max_tokens, eos, on_token)?;
+    let (out, stats) = s.decode_resuming(
+        drafter,
+        verifier,
+        cost,
+        controller_memory,
+        prompt,
+        max_tokens,
+        eos,
+        on_token,
+    )?;
     if let Lookup::Suffix(d) = lookup {
         // The sequence (its last tokens were never a draft's context) joins the session's
         // history for the next run, less the start a kept cache held: an earlier run of the
