@@ -88,6 +88,10 @@ if [ "${SYNTH:-1}" = 1 ] && python3 -c 'import numpy' 2>/dev/null; then
   for draft in self:q8_0 ngram; do
     run_spec "GPU" "$synth" $draft 64 "$tmp/p3.jsonl" --gpu
   done
+  # Issue 18's verification cost on the GPU: a pass of 8 rows against a 1-row pass (F16).
+  say "decode, and verification passes of 1 and 8 rows, on the GPU (synthetic model, F16)"
+  timeout 120 $T --gpu bench --model "$synth" --pp 128 --tg 64 --reps 3 --verify 8 --context 256 >"$tmp/verify.md" 2>"$tmp/err" \
+    || echo "bench --verify: $(tail -1 "$tmp/err")" >"$tmp/verify.md"
 fi
 
 echo
@@ -97,5 +101,6 @@ echo "| where | model | draft | plain tok/s | speculative tok/s | speedup | acce
 echo "| --- | --- | --- | ---: | ---: | ---: | ---: |"
 printf '%s\n' "${rows[@]}"
 echo
+[ -f "$tmp/verify.md" ] && { cat "$tmp/verify.md"; echo; }
 $B/gpu_bench
 say "done"

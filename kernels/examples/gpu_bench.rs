@@ -34,7 +34,7 @@ fn main() {
             };
             let bytes = vec![0u8; n * row_bytes]; // zero scales: timing only
             let w = g.upload(f, &bytes, n, k).expect("upload");
-            for m in [1, 5] {
+            for m in [1, 5, 8] {
                 let s = g.time_matmul(&w, m, 50).expect("launch");
                 let gbs = w.bytes() as f64 / s / 1e9;
                 println!(

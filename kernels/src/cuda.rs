@@ -8,7 +8,9 @@
 //! layer computes what the CPU's f32 path computes, up to summation order.
 
 use crate::{AttentionShape, BlockFormat};
-use cudarc::driver::{CudaContext, CudaFunction, CudaStream, LaunchConfig, PushKernelArg};
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaStream, DevicePtr, LaunchConfig, PushKernelArg,
+};
 pub use cudarc::driver::{CudaSlice, CudaView, CudaViewMut};
 use std::sync::{Arc, OnceLock};
 
@@ -16,8 +18,11 @@ use std::sync::{Arc, OnceLock};
 pub const SOURCE: &str = include_str!("cuda/kernels.cu");
 /// Most activation rows one launch handles (`MAX_ROWS` in the source).
 pub const MAX_ROWS: usize = 8;
-/// Warps (output rows) per thread block.
+/// Warps per thread block.
 const WARPS: u32 = 8;
+/// Output rows one warp computes (`OUT_ROWS` and `F16_OUT_ROWS` in the source).
+const OUT_ROWS: u32 = 2;
+const F16_OUT_ROWS: u32 = 4;
 
 #[derive(Debug, thiserror::Error)]
 pub enum GpuError {
@@ -174,7 +179,7 @@ impl Gpu {
                 bytes.len()
             )));
         }
-        let data = self.stream.clone_htod(bytes)?;
+        let data = self.stream.clone_htod(&gpu_layout(format, bytes, n, k))?;
         Ok(GpuMatrix { format, n, k, data })
     }
 
@@ -467,15 +472,34 @@ impl Gpu {
             GpuFormat::Q4_0 => &self.q4_0,
             GpuFormat::F16 => &self.f16,
         };
+        let per_warp = if w.format == GpuFormat::F16 {
+            F16_OUT_ROWS
+        } else {
+            OUT_ROWS
+        };
         let cfg = LaunchConfig {
-            grid_dim: ((w.n as u32).div_ceil(WARPS), 1, 1),
+            grid_dim: ((w.n as u32).div_ceil(per_warp).div_ceil(WARPS), 1, 1),
             block_dim: (32, WARPS, 1),
             shared_mem_bytes: 0,
         };
+        // 16-byte loads of the activations need them 16-byte aligned (a view into a larger
+        // buffer may start anywhere).
+        let aligned = {
+            let (ptr, _sync) = x.device_ptr(&self.stream);
+            ptr % 16 == 0
+        };
+        let wide = i32::from(aligned);
         let (m, k, n) = (rows as i32, w.k as i32, w.n as i32);
         let mut b = self.stream.launch_builder(f);
-        b.arg(&w.data).arg(x).arg(out).arg(&m).arg(&k).arg(&n);
-        // SAFETY: the argument list matches the kernel's signature; sizes were checked.
+        b.arg(&w.data)
+            .arg(x)
+            .arg(out)
+            .arg(&m)
+            .arg(&k)
+            .arg(&n)
+            .arg(&wide);
+        // SAFETY: the argument list matches the kernel's signature (w, x, out, m, k, n, wide);
+        // sizes were checked, and `wide` is set only where the vector loads are aligned.
         unsafe { b.launch(cfg) }?;
         Ok(())
     }
@@ -531,6 +555,25 @@ impl Gpu {
     }
 }
 
+/// GGML blocks rearranged for the GPU's 16-byte loads (the layout `cuda/kernels.cu`
+/// describes): a quantized matrix's quants row after row, then its f16 scales row after row.
+/// F16 rows stay as they are. Same size; `bytes` is checked against `n` and `k` by the caller.
+fn gpu_layout(format: GpuFormat, bytes: &[u8], n: usize, k: usize) -> Vec<u8> {
+    let (block, quants) = match format {
+        GpuFormat::F16 => return bytes.to_vec(),
+        GpuFormat::Q8_0 => (34, 32),
+        GpuFormat::Q4_0 => (18, 16),
+    };
+    let blocks = n * k / 32;
+    let mut out = vec![0u8; bytes.len()];
+    let (qs, scales) = out.split_at_mut(blocks * quants);
+    for (i, b) in bytes.chunks_exact(block).enumerate() {
+        scales[2 * i..2 * i + 2].copy_from_slice(&b[..2]);
+        qs[quants * i..quants * (i + 1)].copy_from_slice(&b[2..]);
+    }
+    out
+}
+
 /// `needed` elements must fit in a buffer of `have`.
 fn fits(what: &str, needed: usize, have: usize) -> Result<(), GpuError> {
     if needed > have {
@@ -547,5 +590,41 @@ fn grid(blocks: u32, threads: u32) -> LaunchConfig {
         grid_dim: (blocks, 1, 1),
         block_dim: (threads, 1, 1),
         shared_mem_bytes: 0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gpu_layout_puts_quants_then_scales() {
+        // Two rows of two Q8_0 blocks: block i has scale bytes [i, 100 + i] and quants 10 * i..
+        let (n, k) = (2, 64);
+        let mut bytes = Vec::new();
+        for i in 0..4u8 {
+            bytes.extend([i, 100 + i]);
+            bytes.extend((0..32).map(|q| 10 * i + q));
+        }
+        let out = gpu_layout(GpuFormat::Q8_0, &bytes, n, k);
+        assert_eq!(out.len(), bytes.len());
+        for i in 0..4usize {
+            let q: Vec<u8> = (0..32).map(|q| 10 * i as u8 + q).collect();
+            assert_eq!(&out[32 * i..32 * (i + 1)], &q[..], "quants of block {i}");
+            assert_eq!(&out[128 + 2 * i..130 + 2 * i], &[i as u8, 100 + i as u8]);
+        }
+        // Q4_0: 16 quant bytes per block.
+        let mut bytes = Vec::new();
+        for i in 0..2u8 {
+            bytes.extend([i, 50 + i]);
+            bytes.extend((0..16).map(|q| 20 * i + q));
+        }
+        let out = gpu_layout(GpuFormat::Q4_0, &bytes, 1, 64);
+        assert_eq!(&out[16..20], &[20, 21, 22, 23]);
+        assert_eq!(&out[32..36], &[0, 50, 1, 51]);
+        assert_eq!(
+            gpu_layout(GpuFormat::F16, &[1, 2, 3, 4], 1, 2),
+            vec![1, 2, 3, 4]
+        );
     }
 }

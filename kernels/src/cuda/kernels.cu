@@ -2,9 +2,21 @@
 //
 // Matmuls keep the activations in f32 (as the CPU's exact path does) and read each weight row
 // once for all m <= 8 activation rows: m = 1 is decode, m = 2..9 a verification pass.
-// One warp computes one output row; lanes stride over the row's blocks, then reduce.
+//
+// Layout (cuda.rs repacks GGML blocks at upload): a quantized matrix [n, k] is its quants, row
+// after row (Q8_0: k int8 per row; Q4_0: k / 2 bytes per row, each 32-weight block's 16 bytes
+// in GGML's order), followed by its scales, one f16 per 32 weights, row after row. So each lane
+// reads 16-byte words: a decode step is a stream of wide loads, not byte loads at a 34- or
+// 18-byte stride (which reached 5% of the read bandwidth on an H200).
+//
+// One warp computes OUT_ROWS output rows (F16_OUT_ROWS for F16), so each activation load from
+// L1 serves that many weight words; lanes stride over 16-byte chunks of the rows, then reduce. The products of an
+// output (j, r) are summed in an order that does not depend on m, so a row of a verification
+// pass equals the same row decoded alone, bit for bit.
 
 #define MAX_ROWS 8
+#define OUT_ROWS 2
+#define F16_OUT_ROWS 4
 
 __device__ __forceinline__ float half_bits_to_float(unsigned short h) {
     float f;
@@ -17,84 +29,232 @@ __device__ __forceinline__ float warp_sum(float v) {
     return v;
 }
 
-__device__ __forceinline__ void finish_rows(float* acc, float* out, int m, int n, int j) {
-    for (int r = 0; r < MAX_ROWS; r++) {
-        if (r >= m) break;
-        float s = warp_sum(acc[r]);
-        if (threadIdx.x == 0) out[r * n + j] = s;
+// Four signed bytes to floats without the (slow) integer-to-float conversion: byte b ^ 0x80
+// placed in the mantissa of 2^23 is the float 2^23 + 128 + b, exactly.
+__device__ __forceinline__ void s8x4_to_f32(unsigned int v, float* f) {
+    unsigned int u = v ^ 0x80808080u;
+    f[0] = __int_as_float(__byte_perm(u, 0x4B000000u, 0x7540)) - 8388736.0f;
+    f[1] = __int_as_float(__byte_perm(u, 0x4B000000u, 0x7541)) - 8388736.0f;
+    f[2] = __int_as_float(__byte_perm(u, 0x4B000000u, 0x7542)) - 8388736.0f;
+    f[3] = __int_as_float(__byte_perm(u, 0x4B000000u, 0x7543)) - 8388736.0f;
+}
+
+// Four nibbles (one per byte, 0..15) to q - 8 as floats, the same way.
+__device__ __forceinline__ void u4x4_to_f32(unsigned int v, float* f) {
+    f[0] = __int_as_float(__byte_perm(v, 0x4B000000u, 0x7540)) - 8388616.0f;
+    f[1] = __int_as_float(__byte_perm(v, 0x4B000000u, 0x7541)) - 8388616.0f;
+    f[2] = __int_as_float(__byte_perm(v, 0x4B000000u, 0x7542)) - 8388616.0f;
+    f[3] = __int_as_float(__byte_perm(v, 0x4B000000u, 0x7543)) - 8388616.0f;
+}
+
+// sum_{i<16} w[i] * x[i] in one fixed order; `wide`: x is 16-byte aligned (vector loads).
+__device__ __forceinline__ float dot16(const float* w, const float* __restrict__ x, int wide) {
+    float s = 0.0f;
+#pragma unroll
+    for (int q = 0; q < 4; q++) {
+        float4 a;
+        if (wide) {
+            a = __ldg((const float4*)x + q);
+        } else {
+            a = make_float4(__ldg(x + 4 * q), __ldg(x + 4 * q + 1), __ldg(x + 4 * q + 2),
+                            __ldg(x + 4 * q + 3));
+        }
+        s += w[4 * q] * a.x + w[4 * q + 1] * a.y + w[4 * q + 2] * a.z + w[4 * q + 3] * a.w;
+    }
+    return s;
+}
+
+template <int J>
+__device__ __forceinline__ void finish_rows(float (*acc)[MAX_ROWS], float* out, int m, int n,
+                                            int j0) {
+#pragma unroll
+    for (int jj = 0; jj < J; jj++) {
+#pragma unroll
+        for (int r = 0; r < MAX_ROWS; r++) {
+            if (r < m) {
+                float s = warp_sum(acc[jj][r]);
+                if (threadIdx.x == 0 && j0 + jj < n) out[r * n + j0 + jj] = s;
+            }
+        }
     }
 }
 
-// out[r*n + j] = sum_p x[r*k + p] * W[j, p], W in Q8_0 blocks of 34 bytes (f16 d, 32 x int8).
+// The first of the J output rows of this warp; rows past n are computed from row n - 1 and
+// not stored.
+template <int J>
+__device__ __forceinline__ int first_row() {
+    return (blockIdx.x * blockDim.y + threadIdx.y) * J;
+}
+
+// A 16-byte weight word, loaded as streaming (evict-first) data: the weights are read once per
+// pass, and L1 is left to the activations, which every warp of the block reads again.
+__device__ __forceinline__ uint4 load_weights(const uint4* p) { return __ldcs(p); }
+
+// out[r*n + j] = sum_p x[r*k + p] * W[j, p]; W in Q8_0 (see the layout above), k % 32 == 0;
+// `wide`: x is 16-byte aligned (cuda.rs checks).
 extern "C" __global__ void matmul_q8_0(const unsigned char* __restrict__ w,
                                        const float* __restrict__ x,
-                                       float* __restrict__ out, int m, int k, int n) {
-    int j = blockIdx.x * blockDim.y + threadIdx.y;
-    if (j >= n) return;
-    int nb = k / 32;
-    const unsigned char* row = w + (size_t)j * nb * 34;
-    float acc[MAX_ROWS] = {0, 0, 0, 0, 0, 0, 0, 0};
-    for (int b = threadIdx.x; b < nb; b += 32) {
-        const unsigned char* blk = row + b * 34;
-        float d = half_bits_to_float((unsigned short)(blk[0] | (blk[1] << 8)));
-        float part[MAX_ROWS] = {0, 0, 0, 0, 0, 0, 0, 0};
-        for (int i = 0; i < 32; i++) {
-            float q = (float)(signed char)blk[2 + i];
-            for (int r = 0; r < MAX_ROWS; r++) {
-                if (r >= m) break;
-                part[r] += q * x[r * k + b * 32 + i];
+                                       float* __restrict__ out, int m, int k, int n, int wide) {
+    int j0 = first_row<OUT_ROWS>();
+    if (j0 >= n) return;
+    int chunks = k / 16, nb = k / 32;
+    const uint4* q[OUT_ROWS];
+    const unsigned short* d[OUT_ROWS];
+    const unsigned short* scales = (const unsigned short*)(w + (size_t)n * k);
+#pragma unroll
+    for (int jj = 0; jj < OUT_ROWS; jj++) {
+        int j = min(j0 + jj, n - 1);
+        q[jj] = (const uint4*)(w + (size_t)j * k);
+        d[jj] = scales + (size_t)j * nb;
+    }
+    float acc[OUT_ROWS][MAX_ROWS] = {};
+    for (int c = threadIdx.x; c < chunks; c += 32) {
+        float wf[OUT_ROWS][16];
+        float scale[OUT_ROWS];
+#pragma unroll
+        for (int jj = 0; jj < OUT_ROWS; jj++) {
+            uint4 v = load_weights(q[jj] + c);
+            scale[jj] = half_bits_to_float(__ldg(d[jj] + (c >> 1)));
+            s8x4_to_f32(v.x, wf[jj]);
+            s8x4_to_f32(v.y, wf[jj] + 4);
+            s8x4_to_f32(v.z, wf[jj] + 8);
+            s8x4_to_f32(v.w, wf[jj] + 12);
+        }
+#pragma unroll
+        for (int r = 0; r < MAX_ROWS; r++) {
+            if (r < m) {
+                const float* xr = x + (size_t)r * k + c * 16;
+#pragma unroll
+                for (int jj = 0; jj < OUT_ROWS; jj++) acc[jj][r] += scale[jj] * dot16(wf[jj], xr, wide);
             }
         }
-        for (int r = 0; r < MAX_ROWS; r++) acc[r] += d * part[r];
     }
-    finish_rows(acc, out, m, n, j);
+    finish_rows<OUT_ROWS>(acc, out, m, n, j0);
 }
 
-// Q4_0: blocks of 18 bytes (f16 d, 16 bytes of nibbles); weight i < 16 is the low nibble of
-// byte i, weight 16 + i the high nibble; value d * (q - 8).
+// Q4_0 (see the layout above): a block's weight i < 16 is the low nibble of its byte i, weight
+// 16 + i the high nibble; value d * (q - 8). One lane takes one whole block (16 bytes).
 extern "C" __global__ void matmul_q4_0(const unsigned char* __restrict__ w,
                                        const float* __restrict__ x,
-                                       float* __restrict__ out, int m, int k, int n) {
-    int j = blockIdx.x * blockDim.y + threadIdx.y;
-    if (j >= n) return;
+                                       float* __restrict__ out, int m, int k, int n, int wide) {
+    int j0 = first_row<OUT_ROWS>();
+    if (j0 >= n) return;
     int nb = k / 32;
-    const unsigned char* row = w + (size_t)j * nb * 18;
-    float acc[MAX_ROWS] = {0, 0, 0, 0, 0, 0, 0, 0};
+    const uint4* q[OUT_ROWS];
+    const unsigned short* d[OUT_ROWS];
+    const unsigned short* scales = (const unsigned short*)(w + (size_t)n * (k / 2));
+#pragma unroll
+    for (int jj = 0; jj < OUT_ROWS; jj++) {
+        int j = min(j0 + jj, n - 1);
+        q[jj] = (const uint4*)(w + (size_t)j * (k / 2));
+        d[jj] = scales + (size_t)j * nb;
+    }
+    float acc[OUT_ROWS][MAX_ROWS] = {};
     for (int b = threadIdx.x; b < nb; b += 32) {
-        const unsigned char* blk = row + b * 18;
-        float d = half_bits_to_float((unsigned short)(blk[0] | (blk[1] << 8)));
-        float part[MAX_ROWS] = {0, 0, 0, 0, 0, 0, 0, 0};
-        for (int i = 0; i < 16; i++) {
-            unsigned char byte = blk[2 + i];
-            float lo = (float)((int)(byte & 15) - 8);
-            float hi = (float)((int)(byte >> 4) - 8);
+        uint4 v[OUT_ROWS];
+        float scale[OUT_ROWS];
+#pragma unroll
+        for (int jj = 0; jj < OUT_ROWS; jj++) {
+            v[jj] = load_weights(q[jj] + b);
+            scale[jj] = half_bits_to_float(__ldg(d[jj] + b));
+        }
+        float part[OUT_ROWS][MAX_ROWS];
+#pragma unroll
+        for (int half = 0; half < 2; half++) {
+            float wf[OUT_ROWS][16];
+#pragma unroll
+            for (int jj = 0; jj < OUT_ROWS; jj++) {
+                unsigned int sh = 4 * half;
+                u4x4_to_f32((v[jj].x >> sh) & 0x0F0F0F0Fu, wf[jj]);
+                u4x4_to_f32((v[jj].y >> sh) & 0x0F0F0F0Fu, wf[jj] + 4);
+                u4x4_to_f32((v[jj].z >> sh) & 0x0F0F0F0Fu, wf[jj] + 8);
+                u4x4_to_f32((v[jj].w >> sh) & 0x0F0F0F0Fu, wf[jj] + 12);
+            }
+#pragma unroll
             for (int r = 0; r < MAX_ROWS; r++) {
-                if (r >= m) break;
-                const float* xr = x + r * k + b * 32;
-                part[r] += lo * xr[i] + hi * xr[16 + i];
+                if (r < m) {
+                    const float* xr = x + (size_t)r * k + b * 32 + 16 * half;
+#pragma unroll
+                    for (int jj = 0; jj < OUT_ROWS; jj++) {
+                        float s = dot16(wf[jj], xr, wide);
+                        part[jj][r] = half == 0 ? s : part[jj][r] + s;
+                    }
+                }
             }
         }
-        for (int r = 0; r < MAX_ROWS; r++) acc[r] += d * part[r];
-    }
-    finish_rows(acc, out, m, n, j);
-}
-
-// Dense F16 weights [n, k]; lanes stride over elements (64 contiguous bytes per warp step).
-extern "C" __global__ void matmul_f16(const unsigned short* __restrict__ w,
-                                      const float* __restrict__ x,
-                                      float* __restrict__ out, int m, int k, int n) {
-    int j = blockIdx.x * blockDim.y + threadIdx.y;
-    if (j >= n) return;
-    const unsigned short* row = w + (size_t)j * k;
-    float acc[MAX_ROWS] = {0, 0, 0, 0, 0, 0, 0, 0};
-    for (int p = threadIdx.x; p < k; p += 32) {
-        float wv = half_bits_to_float(row[p]);
+#pragma unroll
         for (int r = 0; r < MAX_ROWS; r++) {
-            if (r >= m) break;
-            acc[r] += wv * x[r * k + p];
+            if (r < m) {
+#pragma unroll
+                for (int jj = 0; jj < OUT_ROWS; jj++) acc[jj][r] += scale[jj] * part[jj][r];
+            }
         }
     }
-    finish_rows(acc, out, m, n, j);
+    finish_rows<OUT_ROWS>(acc, out, m, n, j0);
+}
+
+// Dense F16 weights [n, k]. Where k % 8 == 0 lanes take 8 weights (16 bytes) at a time, and
+// the activations with 16-byte loads where `wide` (x 16-byte aligned, cuda.rs checks) or
+// one float at a time where not: the same sums in the same order either way.
+extern "C" __global__ void matmul_f16(const unsigned short* __restrict__ w,
+                                      const float* __restrict__ x,
+                                      float* __restrict__ out, int m, int k, int n, int wide) {
+    const int J = F16_OUT_ROWS;
+    int j0 = first_row<J>();
+    if (j0 >= n) return;
+    const unsigned short* row[J];
+#pragma unroll
+    for (int jj = 0; jj < J; jj++) row[jj] = w + (size_t)min(j0 + jj, n - 1) * k;
+    float acc[J][MAX_ROWS] = {};
+    if ((k & 7) == 0) {
+#pragma unroll 2
+        for (int c = threadIdx.x; c < k / 8; c += 32) {
+            float wf[J][8];
+#pragma unroll
+            for (int jj = 0; jj < J; jj++) {
+                uint4 v = load_weights((const uint4*)row[jj] + c);
+                unsigned int u[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    wf[jj][2 * e] = half_bits_to_float((unsigned short)(u[e] & 0xffffu));
+                    wf[jj][2 * e + 1] = half_bits_to_float((unsigned short)(u[e] >> 16));
+                }
+            }
+#pragma unroll
+            for (int r = 0; r < MAX_ROWS; r++) {
+                if (r < m) {
+                    const float* xr = x + (size_t)r * k + c * 8;
+                    float4 a, b;
+                    if (wide) {
+                        a = __ldg((const float4*)xr);
+                        b = __ldg((const float4*)xr + 1);
+                    } else {
+                        a = make_float4(__ldg(xr), __ldg(xr + 1), __ldg(xr + 2), __ldg(xr + 3));
+                        b = make_float4(__ldg(xr + 4), __ldg(xr + 5), __ldg(xr + 6),
+                                        __ldg(xr + 7));
+                    }
+#pragma unroll
+                    for (int jj = 0; jj < J; jj++) {
+                        const float* f = wf[jj];
+                        acc[jj][r] += f[0] * a.x + f[1] * a.y + f[2] * a.z + f[3] * a.w +
+                                      f[4] * b.x + f[5] * b.y + f[6] * b.z + f[7] * b.w;
+                    }
+                }
+            }
+        }
+    } else {
+        for (int p = threadIdx.x; p < k; p += 32) {
+#pragma unroll
+            for (int jj = 0; jj < J; jj++) {
+                float wv = half_bits_to_float(row[jj][p]);
+#pragma unroll
+                for (int r = 0; r < MAX_ROWS; r++) {
+                    if (r < m) acc[jj][r] += wv * x[(size_t)r * k + p];
+                }
+            }
+        }
+    }
+    finish_rows<J>(acc, out, m, n, j0);
 }
 
 // Reads `words` 16-byte words and writes one sum per thread: the read-bandwidth probe the
