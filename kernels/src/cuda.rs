@@ -81,9 +81,10 @@ pub struct Gpu {
     pub name: String,
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
-    q8_0: CudaFunction,
-    q4_0: CudaFunction,
-    f16: CudaFunction,
+    /// The matmul kernels for m = 1..=MAX_ROWS rows, index m - 1.
+    q8_0: Vec<CudaFunction>,
+    q4_0: Vec<CudaFunction>,
+    f16: Vec<CudaFunction>,
     probe: CudaFunction,
     rms_norm: CudaFunction,
     rope: CudaFunction,
@@ -142,12 +143,17 @@ impl Gpu {
         let name = ctx.name()?;
         let module = ctx.load_module(compile_ptx()?)?;
         let stream = ctx.default_stream();
+        let per_rows = |kernel: &str| {
+            (1..=MAX_ROWS)
+                .map(|m| module.load_function(&format!("{kernel}_{m}")))
+                .collect::<Result<Vec<_>, _>>()
+        };
         Ok(Gpu {
             name,
             stream,
-            q8_0: module.load_function("matmul_q8_0")?,
-            q4_0: module.load_function("matmul_q4_0")?,
-            f16: module.load_function("matmul_f16")?,
+            q8_0: per_rows("matmul_q8_0")?,
+            q4_0: per_rows("matmul_q4_0")?,
+            f16: per_rows("matmul_f16")?,
             probe: module.load_function("read_probe")?,
             rms_norm: module.load_function("rms_norm")?,
             rope: module.load_function("rope_rotate_half")?,
@@ -467,11 +473,14 @@ impl Gpu {
         out: &mut cudarc::driver::CudaViewMut<'_, f32>,
         rows: usize,
     ) -> Result<(), GpuError> {
-        let f = match w.format {
+        let kernels = match w.format {
             GpuFormat::Q8_0 => &self.q8_0,
             GpuFormat::Q4_0 => &self.q4_0,
             GpuFormat::F16 => &self.f16,
         };
+        let f = kernels
+            .get(rows.wrapping_sub(1))
+            .ok_or_else(|| GpuError::Invalid(format!("a launch of {rows} rows")))?;
         let per_warp = if w.format == GpuFormat::F16 {
             F16_OUT_ROWS
         } else {

@@ -288,9 +288,12 @@ fn kernels_compile_with_nvrtc() {
         Ok(ptx) => {
             let src = ptx.to_src();
             for name in [
-                "matmul_q8_0",
-                "matmul_q4_0",
-                "matmul_f16",
+                "matmul_q8_0_1",
+                "matmul_q8_0_8",
+                "matmul_q4_0_1",
+                "matmul_q4_0_8",
+                "matmul_f16_1",
+                "matmul_f16_8",
                 "rms_norm",
                 "rope_rotate_half",
                 "kv_append",
@@ -298,7 +301,7 @@ fn kernels_compile_with_nvrtc() {
                 "silu_mul",
                 "add_assign",
             ] {
-                assert!(src.contains(&format!(".entry {name}")), "{name} missing");
+                assert!(src.contains(&format!(".entry {name}(")), "{name} missing");
             }
         }
         Err(GpuError::Unavailable(why)) => eprintln!("skipped: {why}"),

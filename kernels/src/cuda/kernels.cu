@@ -47,20 +47,27 @@ __device__ __forceinline__ void u4x4_to_f32(unsigned int v, float* f) {
     f[3] = __int_as_float(__byte_perm(v, 0x4B000000u, 0x7543)) - 8388616.0f;
 }
 
-// sum_{i<16} w[i] * x[i] in one fixed order; `wide`: x is 16-byte aligned (vector loads).
-__device__ __forceinline__ float dot16(const float* w, const float* __restrict__ x, int wide) {
+// x[0..16] into registers: 16-byte loads where `wide` (x 16-byte aligned), else one float at a
+// time; one branch for all 16, so the loads issue together.
+__device__ __forceinline__ void load_x16(const float* __restrict__ x, int wide, float4* a) {
+    if (wide) {
+#pragma unroll
+        for (int q = 0; q < 4; q++) a[q] = __ldg((const float4*)x + q);
+    } else {
+#pragma unroll
+        for (int q = 0; q < 4; q++)
+            a[q] = make_float4(__ldg(x + 4 * q), __ldg(x + 4 * q + 1), __ldg(x + 4 * q + 2),
+                               __ldg(x + 4 * q + 3));
+    }
+}
+
+// sum_{i<16} w[i] * x[i] in one fixed order.
+__device__ __forceinline__ float dot16(const float* w, const float4* a) {
     float s = 0.0f;
 #pragma unroll
-    for (int q = 0; q < 4; q++) {
-        float4 a;
-        if (wide) {
-            a = __ldg((const float4*)x + q);
-        } else {
-            a = make_float4(__ldg(x + 4 * q), __ldg(x + 4 * q + 1), __ldg(x + 4 * q + 2),
-                            __ldg(x + 4 * q + 3));
-        }
-        s += w[4 * q] * a.x + w[4 * q + 1] * a.y + w[4 * q + 2] * a.z + w[4 * q + 3] * a.w;
-    }
+    for (int q = 0; q < 4; q++)
+        s += w[4 * q] * a[q].x + w[4 * q + 1] * a[q].y + w[4 * q + 2] * a[q].z +
+             w[4 * q + 3] * a[q].w;
     return s;
 }
 
@@ -92,9 +99,14 @@ __device__ __forceinline__ uint4 load_weights(const uint4* p) { return __ldcs(p)
 
 // out[r*n + j] = sum_p x[r*k + p] * W[j, p]; W in Q8_0 (see the layout above), k % 32 == 0;
 // `wide`: x is 16-byte aligned (cuda.rs checks).
-extern "C" __global__ void matmul_q8_0(const unsigned char* __restrict__ w,
-                                       const float* __restrict__ x,
-                                       float* __restrict__ out, int m, int k, int n, int wide) {
+template <int M>
+__device__ __forceinline__ void matmul_q8_0_rows(const unsigned char* __restrict__ w,
+                                                 const float* __restrict__ x,
+                                                 float* __restrict__ out,
+                                                 int k,
+                                                 int n,
+                                                 int wide) {
+    const int m = M;
     int j0 = first_row<OUT_ROWS>();
     if (j0 >= n) return;
     int chunks = k / 16, nb = k / 32;
@@ -123,9 +135,10 @@ extern "C" __global__ void matmul_q8_0(const unsigned char* __restrict__ w,
 #pragma unroll
         for (int r = 0; r < MAX_ROWS; r++) {
             if (r < m) {
-                const float* xr = x + (size_t)r * k + c * 16;
+                float4 xv[4];
+                load_x16(x + (size_t)r * k + c * 16, wide, xv);
 #pragma unroll
-                for (int jj = 0; jj < OUT_ROWS; jj++) acc[jj][r] += scale[jj] * dot16(wf[jj], xr, wide);
+                for (int jj = 0; jj < OUT_ROWS; jj++) acc[jj][r] += scale[jj] * dot16(wf[jj], xv);
             }
         }
     }
@@ -134,9 +147,14 @@ extern "C" __global__ void matmul_q8_0(const unsigned char* __restrict__ w,
 
 // Q4_0 (see the layout above): a block's weight i < 16 is the low nibble of its byte i, weight
 // 16 + i the high nibble; value d * (q - 8). One lane takes one whole block (16 bytes).
-extern "C" __global__ void matmul_q4_0(const unsigned char* __restrict__ w,
-                                       const float* __restrict__ x,
-                                       float* __restrict__ out, int m, int k, int n, int wide) {
+template <int M>
+__device__ __forceinline__ void matmul_q4_0_rows(const unsigned char* __restrict__ w,
+                                                 const float* __restrict__ x,
+                                                 float* __restrict__ out,
+                                                 int k,
+                                                 int n,
+                                                 int wide) {
+    const int m = M;
     int j0 = first_row<OUT_ROWS>();
     if (j0 >= n) return;
     int nb = k / 32;
@@ -158,7 +176,6 @@ extern "C" __global__ void matmul_q4_0(const unsigned char* __restrict__ w,
             v[jj] = load_weights(q[jj] + b);
             scale[jj] = half_bits_to_float(__ldg(d[jj] + b));
         }
-        float part[OUT_ROWS][MAX_ROWS];
 #pragma unroll
         for (int half = 0; half < 2; half++) {
             float wf[OUT_ROWS][16];
@@ -173,20 +190,12 @@ extern "C" __global__ void matmul_q4_0(const unsigned char* __restrict__ w,
 #pragma unroll
             for (int r = 0; r < MAX_ROWS; r++) {
                 if (r < m) {
-                    const float* xr = x + (size_t)r * k + b * 32 + 16 * half;
+                    float4 xv[4];
+                    load_x16(x + (size_t)r * k + b * 32 + 16 * half, wide, xv);
 #pragma unroll
-                    for (int jj = 0; jj < OUT_ROWS; jj++) {
-                        float s = dot16(wf[jj], xr, wide);
-                        part[jj][r] = half == 0 ? s : part[jj][r] + s;
-                    }
+                    for (int jj = 0; jj < OUT_ROWS; jj++)
+                        acc[jj][r] += scale[jj] * dot16(wf[jj], xv);
                 }
-            }
-        }
-#pragma unroll
-        for (int r = 0; r < MAX_ROWS; r++) {
-            if (r < m) {
-#pragma unroll
-                for (int jj = 0; jj < OUT_ROWS; jj++) acc[jj][r] += scale[jj] * part[jj][r];
             }
         }
     }
@@ -196,9 +205,14 @@ extern "C" __global__ void matmul_q4_0(const unsigned char* __restrict__ w,
 // Dense F16 weights [n, k]. Where k % 8 == 0 lanes take 8 weights (16 bytes) at a time, and
 // the activations with 16-byte loads where `wide` (x 16-byte aligned, cuda.rs checks) or
 // one float at a time where not: the same sums in the same order either way.
-extern "C" __global__ void matmul_f16(const unsigned short* __restrict__ w,
-                                      const float* __restrict__ x,
-                                      float* __restrict__ out, int m, int k, int n, int wide) {
+template <int M>
+__device__ __forceinline__ void matmul_f16_rows(const unsigned short* __restrict__ w,
+                                                const float* __restrict__ x,
+                                                float* __restrict__ out,
+                                                int k,
+                                                int n,
+                                                int wide) {
+    const int m = M;
     const int J = F16_OUT_ROWS;
     int j0 = first_row<J>();
     if (j0 >= n) return;
@@ -256,6 +270,37 @@ extern "C" __global__ void matmul_f16(const unsigned short* __restrict__ w,
     }
     finish_rows<J>(acc, out, m, n, j0);
 }
+
+// One kernel per row count m = 1..MAX_ROWS, so that each is compiled for its own m: the row
+// loops unroll without predicates and a decode step's kernel holds one row's registers, not
+// eight (occupancy). `m` is in the argument list only to keep one launch signature.
+#define MATMUL_KERNELS(M)                                                                     \
+    extern "C" __global__ void matmul_q8_0_##M(const unsigned char* __restrict__ w,           \
+                                               const float* __restrict__ x,                   \
+                                               float* __restrict__ out, int m, int k, int n,  \
+                                               int wide) {                                    \
+        matmul_q8_0_rows<M>(w, x, out, k, n, wide);                                          \
+    }                                                                                         \
+    extern "C" __global__ void matmul_q4_0_##M(const unsigned char* __restrict__ w,           \
+                                               const float* __restrict__ x,                   \
+                                               float* __restrict__ out, int m, int k, int n,  \
+                                               int wide) {                                    \
+        matmul_q4_0_rows<M>(w, x, out, k, n, wide);                                          \
+    }                                                                                         \
+    extern "C" __global__ void matmul_f16_##M(const unsigned short* __restrict__ w,           \
+                                              const float* __restrict__ x,                    \
+                                              float* __restrict__ out, int m, int k, int n,   \
+                                              int wide) {                                     \
+        matmul_f16_rows<M>(w, x, out, k, n, wide);                                           \
+    }
+MATMUL_KERNELS(1)
+MATMUL_KERNELS(2)
+MATMUL_KERNELS(3)
+MATMUL_KERNELS(4)
+MATMUL_KERNELS(5)
+MATMUL_KERNELS(6)
+MATMUL_KERNELS(7)
+MATMUL_KERNELS(8)
 
 // Reads `words` 16-byte words and writes one sum per thread: the read-bandwidth probe the
 // kernels' GB/s are compared with.
