@@ -99,6 +99,20 @@ __device__ __forceinline__ int first_row() {
 // pass, and L1 is left to the activations, which every warp of the block reads again.
 __device__ __forceinline__ uint4 load_weights(const uint4* p) { return __ldcs(p); }
 
+// Where the quants (`q`) and the scales (`d`) of this warp's OUT_ROWS output rows start, in
+// the layout above; `row_bytes` is a row's quant bytes.
+__device__ __forceinline__ void quant_rows(const unsigned char* __restrict__ w, int k, int n,
+                                           int j0, int row_bytes, const uint4** q,
+                                           const unsigned short** d) {
+    const unsigned short* scales = (const unsigned short*)(w + (size_t)n * row_bytes);
+#pragma unroll
+    for (int jj = 0; jj < OUT_ROWS; jj++) {
+        int j = min(j0 + jj, n - 1);
+        q[jj] = (const uint4*)(w + (size_t)j * row_bytes);
+        d[jj] = scales + (size_t)j * (k / 32);
+    }
+}
+
 // out[r*n + j] = sum_p x[r*k + p] * W[j, p]; W in Q8_0 (see the layout above), k % 32 == 0;
 // `wide`: x is 16-byte aligned (cuda.rs checks).
 template <int M>
@@ -111,16 +125,10 @@ __device__ __forceinline__ void matmul_q8_0_rows(const unsigned char* __restrict
     const int m = M;
     int j0 = first_row<OUT_ROWS>();
     if (j0 >= n) return;
-    int chunks = k / 16, nb = k / 32;
+    int chunks = k / 16;
     const uint4* q[OUT_ROWS];
     const unsigned short* d[OUT_ROWS];
-    const unsigned short* scales = (const unsigned short*)(w + (size_t)n * k);
-#pragma unroll
-    for (int jj = 0; jj < OUT_ROWS; jj++) {
-        int j = min(j0 + jj, n - 1);
-        q[jj] = (const uint4*)(w + (size_t)j * k);
-        d[jj] = scales + (size_t)j * nb;
-    }
+    quant_rows(w, k, n, j0, k, q, d);
     float acc[OUT_ROWS][MAX_ROWS] = {};
     for (int c = threadIdx.x; c < chunks; c += 32) {
         float wf[OUT_ROWS][16];
@@ -162,13 +170,7 @@ __device__ __forceinline__ void matmul_q4_0_rows(const unsigned char* __restrict
     int nb = k / 32;
     const uint4* q[OUT_ROWS];
     const unsigned short* d[OUT_ROWS];
-    const unsigned short* scales = (const unsigned short*)(w + (size_t)n * (k / 2));
-#pragma unroll
-    for (int jj = 0; jj < OUT_ROWS; jj++) {
-        int j = min(j0 + jj, n - 1);
-        q[jj] = (const uint4*)(w + (size_t)j * (k / 2));
-        d[jj] = scales + (size_t)j * nb;
-    }
+    quant_rows(w, k, n, j0, k / 2, q, d);
     float acc[OUT_ROWS][MAX_ROWS] = {};
     for (int b = threadIdx.x; b < nb; b += 32) {
         uint4 v[OUT_ROWS];
