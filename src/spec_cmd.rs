@@ -139,6 +139,7 @@ pub fn bench_spec(a: BenchSpecArgs, load: &tandem_model::LoadOptions) -> Result<
         (0usize, 0f64, 0usize, 0f64);
     let (mut drafted, mut accepted, mut passes) = (0usize, 0usize, 0usize);
     let (mut differing, mut tree_passes, mut tree_nodes, mut tree_wins) = (0, 0, 0, 0);
+    let mut time = TimeSplit::default();
     let mut rows = Vec::new();
     eprintln!(
         "{:>3} {:>10} {:>10} {:>8} {:>8} {:>8}",
@@ -186,6 +187,7 @@ pub fn bench_spec(a: BenchSpecArgs, load: &tandem_model::LoadOptions) -> Result<
             100.0 * st.acceptance_rate(),
             st.tokens_per_pass()
         );
+        time.add(&ps, &st);
         plain_tokens += ps.generated_tokens;
         plain_secs += plain_t;
         spec_tokens += st.generated_tokens;
@@ -207,6 +209,7 @@ pub fn bench_spec(a: BenchSpecArgs, load: &tandem_model::LoadOptions) -> Result<
     );
     let total = BenchSpecTotal {
         tokens_per_verifier_pass: Some(spec_tokens as f64 / passes.max(1) as f64),
+        time: Some(time.json()),
         ..BenchSpecTotal::of(&a, prompts.len(), (pr, sr), (accepted, drafted))
     };
     println!(
@@ -214,6 +217,7 @@ pub fn bench_spec(a: BenchSpecArgs, load: &tandem_model::LoadOptions) -> Result<
         prompts.len(), a.draft, a.sampling.temperature, sr / pr, 100.0 * accepted as f64 / drafted.max(1) as f64,
         spec_tokens as f64 / passes.max(1) as f64
     );
+    println!("{}", time.line());
     if tree_passes > 0 {
         println!(
             "token trees: {tree_passes} of {passes} verifier passes, {:.1} draft tokens per tree, {tree_wins} accepted a branch off the main chain",
@@ -277,6 +281,9 @@ struct BenchSpecTotal {
     acceptance_rate: f64,
     #[serde(skip_serializing_if = "Option::is_none")]
     tokens_per_verifier_pass: Option<f64>,
+    /// Where the time went (one sequence at a time only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    time: Option<TimeSplitJson>,
     #[serde(skip_serializing_if = "Option::is_none")]
     batch: Option<usize>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -299,6 +306,7 @@ impl BenchSpecTotal {
             speedup: sr / pr,
             acceptance_rate: acc.0 as f64 / acc.1.max(1) as f64,
             tokens_per_verifier_pass: None,
+            time: None,
             batch: None,
             spec_max_batch: None,
         }
@@ -428,4 +436,99 @@ fn report_skips(src: &DraftSource) {
             names.join(".")
         }
     );
+}
+
+/// Where `bench spec`'s time went, summed over its prompts: plain decoding's prefill and
+/// steps, and the speculative run's drafting, verification and the rest (its prefill, the
+/// acceptance rule, the controller). A drafted token and a verifier pass are priced in plain
+/// steps: with the acceptance, those two numbers decide what speculation can gain (a pass
+/// that makes t tokens after d drafted ones pays when d·draft + pass < t plain steps).
+#[derive(Default)]
+struct TimeSplit {
+    plain_prefill: f64,
+    plain_decode: f64,
+    /// Plain steps after each first token (the prefill makes the first).
+    plain_steps: usize,
+    spec_total: f64,
+    draft: f64,
+    verify: f64,
+    drafted: usize,
+    passes: usize,
+}
+
+/// [`TimeSplit`] in `bench spec --json`'s totals.
+#[derive(Serialize)]
+struct TimeSplitJson {
+    plain_prefill_s: f64,
+    plain_decode_s: f64,
+    plain_step_ms: f64,
+    spec_s: f64,
+    draft_s: f64,
+    verify_s: f64,
+    /// The speculative run's prefill and everything not drafting or verifying.
+    spec_other_s: f64,
+    draft_share: f64,
+    draft_ms_per_drafted_token: f64,
+    verify_ms_per_pass: f64,
+    /// A drafted token's and a verifier pass's time, in plain decoding steps.
+    drafted_token_in_plain_steps: f64,
+    verifier_pass_in_plain_steps: f64,
+}
+
+impl TimeSplit {
+    fn add(&mut self, plain: &tandem_model::generate::GenerationStats, spec: &SpecStats) {
+        self.plain_prefill += plain.prefill.as_secs_f64();
+        self.plain_decode += plain.decode.as_secs_f64();
+        self.plain_steps += plain.generated_tokens.saturating_sub(1);
+        self.spec_total += spec.total_secs;
+        self.draft += spec.draft_secs;
+        self.verify += spec.verify_secs;
+        self.drafted += spec.drafted;
+        self.passes += spec.verifier_passes;
+    }
+
+    fn json(&self) -> TimeSplitJson {
+        let per = |secs: f64, n: usize| if n == 0 { 0.0 } else { secs / n as f64 };
+        let step = per(self.plain_decode, self.plain_steps);
+        let in_steps = |secs: f64| if step > 0.0 { secs / step } else { 0.0 };
+        let (draft_each, verify_each) =
+            (per(self.draft, self.drafted), per(self.verify, self.passes));
+        TimeSplitJson {
+            plain_prefill_s: self.plain_prefill,
+            plain_decode_s: self.plain_decode,
+            plain_step_ms: 1e3 * step,
+            spec_s: self.spec_total,
+            draft_s: self.draft,
+            verify_s: self.verify,
+            spec_other_s: (self.spec_total - self.draft - self.verify).max(0.0),
+            draft_share: self.draft / self.spec_total.max(1e-9),
+            draft_ms_per_drafted_token: 1e3 * draft_each,
+            verify_ms_per_pass: 1e3 * verify_each,
+            drafted_token_in_plain_steps: in_steps(draft_each),
+            verifier_pass_in_plain_steps: in_steps(verify_each),
+        }
+    }
+
+    fn line(&self) -> String {
+        let j = self.json();
+        format!(
+            "where the time went: plain {:.2} s = prefill {:.2} s + {} steps of {:.2} ms; \
+             speculative {:.2} s = draft {:.2} s ({:.0}%; {:.2} ms, {:.2} plain steps, per drafted token) \
+             + verify {:.2} s ({} passes of {:.2} ms, {:.2} plain steps) + prefill and the rest {:.2} s",
+            j.plain_prefill_s + j.plain_decode_s,
+            j.plain_prefill_s,
+            self.plain_steps,
+            j.plain_step_ms,
+            j.spec_s,
+            j.draft_s,
+            100.0 * j.draft_share,
+            j.draft_ms_per_drafted_token,
+            j.drafted_token_in_plain_steps,
+            j.verify_s,
+            self.passes,
+            j.verify_ms_per_pass,
+            j.verifier_pass_in_plain_steps,
+            j.spec_other_s,
+        )
+    }
 }

@@ -131,9 +131,10 @@ fn smollm2_answers_in_its_own_template() {
         "{text}"
     );
     assert!(text.contains("Paris"), "{text}");
-    // bench spec --chat applies it to every prompt.
+    // bench spec --chat applies it to every prompt, and says where the time went.
     let tmp = tempfile::tempdir().unwrap();
     let prompts = tmp.path().join("p.jsonl");
+    let json = tmp.path().join("bench.json");
     std::fs::write(&prompts, "{\"prompt\": \"Name three colors.\"}\n").unwrap();
     let out = tandem(&[
         "bench",
@@ -147,11 +148,35 @@ fn smollm2_answers_in_its_own_template() {
         "--chat",
         "--max-tokens",
         "16",
+        "--json",
+        s(&json),
     ]);
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("where the time went: plain"), "{text}");
+    let doc: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let t = &doc["total"]["time"];
+    let f = |k: &str| t[k].as_f64().unwrap_or_else(|| panic!("no {k} in {t}"));
+    // The parts add up to the whole, and a plain step was timed.
+    let parts = f("draft_s") + f("verify_s") + f("spec_other_s");
+    assert!((parts - f("spec_s")).abs() < 1e-6, "{t}");
+    assert!(
+        f("plain_step_ms") > 0.0 && f("verify_ms_per_pass") > 0.0,
+        "{t}"
+    );
+    assert!(
+        f("plain_prefill_s") > 0.0 && f("plain_decode_s") > 0.0,
+        "{t}"
+    );
+    let steps = f("verify_ms_per_pass") / f("plain_step_ms");
+    assert!(
+        (steps - f("verifier_pass_in_plain_steps")).abs() < 1e-9,
+        "{t}"
     );
 }
 
