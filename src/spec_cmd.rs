@@ -135,10 +135,9 @@ pub fn bench_spec(a: BenchSpecArgs, load: &tandem_model::LoadOptions) -> Result<
     let params = a.sampling.params();
     let settings = a.drafting.config(params, None);
     let tok = &ck.tokenizer;
-    let (mut plain_tokens, mut plain_secs, mut spec_tokens, mut spec_secs) =
-        (0usize, 0f64, 0usize, 0f64);
-    let (mut drafted, mut accepted, mut passes) = (0usize, 0usize, 0usize);
+    let (mut plain_tokens, mut spec_tokens, mut accepted) = (0usize, 0usize, 0usize);
     let (mut differing, mut tree_passes, mut tree_nodes, mut tree_wins) = (0, 0, 0, 0);
+    // Seconds, drafted tokens and verifier passes, summed over the prompts.
     let mut time = TimeSplit::default();
     let mut rows = Vec::new();
     eprintln!(
@@ -189,12 +188,8 @@ pub fn bench_spec(a: BenchSpecArgs, load: &tandem_model::LoadOptions) -> Result<
         );
         time.add(&ps, &st);
         plain_tokens += ps.generated_tokens;
-        plain_secs += plain_t;
         spec_tokens += st.generated_tokens;
-        spec_secs += spec_t;
-        drafted += st.drafted;
         accepted += st.accepted;
-        passes += st.verifier_passes;
         rows.push(SpecJson {
             prompt: Some(p.clone()),
             plain_tok_s: Some(pr),
@@ -203,9 +198,10 @@ pub fn bench_spec(a: BenchSpecArgs, load: &tandem_model::LoadOptions) -> Result<
             ..SpecJson::of(&st)
         });
     }
+    let (drafted, passes) = (time.drafted, time.passes);
     let (pr, sr) = (
-        plain_tokens as f64 / plain_secs.max(1e-9),
-        spec_tokens as f64 / spec_secs.max(1e-9),
+        plain_tokens as f64 / (time.plain_prefill + time.plain_decode).max(1e-9),
+        spec_tokens as f64 / time.spec_total.max(1e-9),
     );
     let total = BenchSpecTotal {
         tokens_per_verifier_pass: Some(spec_tokens as f64 / passes.max(1) as f64),
