@@ -185,7 +185,9 @@ impl Gpu {
                 bytes.len()
             )));
         }
-        let data = self.stream.clone_htod(&gpu_layout(format, bytes, n, k))?;
+        let data = self
+            .stream
+            .clone_htod(&gpu_layout(format, bytes, n, k)[..])?;
         Ok(GpuMatrix { format, n, k, data })
     }
 
@@ -566,10 +568,11 @@ impl Gpu {
 
 /// GGML blocks rearranged for the GPU's 16-byte loads (the layout `cuda/kernels.cu`
 /// describes): a quantized matrix's quants row after row, then its f16 scales row after row.
-/// F16 rows stay as they are. Same size; `bytes` is checked against `n` and `k` by the caller.
-fn gpu_layout(format: GpuFormat, bytes: &[u8], n: usize, k: usize) -> Vec<u8> {
+/// F16 rows stay as they are (borrowed, not copied). Same size; `bytes` is checked against `n`
+/// and `k` by the caller.
+fn gpu_layout(format: GpuFormat, bytes: &[u8], n: usize, k: usize) -> std::borrow::Cow<'_, [u8]> {
     let (block, quants) = match format {
-        GpuFormat::F16 => return bytes.to_vec(),
+        GpuFormat::F16 => return std::borrow::Cow::Borrowed(bytes),
         GpuFormat::Q8_0 => (34, 32),
         GpuFormat::Q4_0 => (18, 16),
     };
@@ -580,7 +583,7 @@ fn gpu_layout(format: GpuFormat, bytes: &[u8], n: usize, k: usize) -> Vec<u8> {
         scales[2 * i..2 * i + 2].copy_from_slice(&b[..2]);
         qs[quants * i..quants * (i + 1)].copy_from_slice(&b[2..]);
     }
-    out
+    std::borrow::Cow::Owned(out)
 }
 
 /// `needed` elements must fit in a buffer of `have`.
@@ -632,8 +635,8 @@ mod tests {
         assert_eq!(&out[16..20], &[20, 21, 22, 23]);
         assert_eq!(&out[32..36], &[0, 50, 1, 51]);
         assert_eq!(
-            gpu_layout(GpuFormat::F16, &[1, 2, 3, 4], 1, 2),
-            vec![1, 2, 3, 4]
+            &gpu_layout(GpuFormat::F16, &[1, 2, 3, 4], 1, 2)[..],
+            &[1, 2, 3, 4]
         );
     }
 }
