@@ -8,6 +8,11 @@
 #   scripts/gpu-check.sh       # there: runs target/gpu-bundle's binaries (or builds them
 #                              # with cargo where there is a toolchain and no bundle)
 #   SYNTH=0 scripts/gpu-check.sh   # without the synthetic ~0.8B model (needs python3 + numpy)
+#   SMOLLM2=DIR scripts/gpu-check.sh  # also SmolLM2-135M-Instruct (F16 folder) on chat prompts
+#   GPU_CHECK_OUT=DIR               # keep each `bench spec` JSON there
+#
+# Every GPU pass of up to 8 rows runs from a CUDA graph unless TANDEM_CUDA_GRAPHS=0; the
+# decode and verification timings are taken both ways.
 #
 # Without a GPU every step says "skipped" and the script still exits 0.
 set -uo pipefail
@@ -59,11 +64,18 @@ else
 fi
 
 rows=()
-run_spec() { # where, model, draft, max-tokens, prompts, extra flags...
+runs=0
+# SPEC_ARGS: more `bench spec` flags (--chat); GRAPHS=0: no CUDA graphs.
+run_spec() { # where, model, draft, max-tokens, prompts, global flags...
   local where=$1 m=$2 draft=$3 n=$4 prompts=$5; shift 5
   local j=$tmp/spec.json
   rm -f "$j"
-  if timeout 240 $T "$@" bench spec --model "$m" --draft "$draft" --max-tokens "$n" --prompts "$prompts" --json "$j" >/dev/null 2>"$tmp/err"; then
+  runs=$((runs + 1))
+  # shellcheck disable=SC2086
+  if TANDEM_CUDA_GRAPHS=${GRAPHS:-1} timeout 240 $T "$@" bench spec --model "$m" --draft "$draft" --max-tokens "$n" \
+      --prompts "$prompts" --json "$j" ${SPEC_ARGS:-} >"$tmp/spec.out" 2>"$tmp/err"; then
+    grep -E "identical|where the time went" -A2 "$tmp/spec.out" | sed "s/^/  [$where $draft] /" >&2
+    [ -n "${GPU_CHECK_OUT:-}" ] && mkdir -p "$GPU_CHECK_OUT" && cp "$j" "$GPU_CHECK_OUT/spec-$runs.json"
     rows+=("| $where | $(basename "$m") | $draft | $(python3 -c "
 import json, sys
 d = json.load(open(sys.argv[1]))['total']
@@ -73,11 +85,31 @@ print(f\"{d['plain_tok_s']:.1f} | {d['spec_tok_s']:.1f} | {d['speedup']:.2f}x | 
   fi
 }
 head -6 scripts/spec-prompts.jsonl >"$tmp/prompts.jsonl"
-for draft in ngram self:q8_0; do
+# QUICK=1 leaves out the runs on models whose drafts say little (stories260K, random weights).
+[ "${QUICK:-0}" = 1 ] || for draft in ngram self:q8_0; do
   say "bench spec on $model, $draft (CPU, GPU)"
   run_spec "CPU" $model $draft 128 "$tmp/prompts.jsonl"
   run_spec "GPU" $model $draft 128 "$tmp/prompts.jsonl" --gpu
 done
+# SmolLM2-135M-Instruct, F16 (issue 18's verifier), on the team's chat prompts in its own
+# template: the real model, where it was carried in (its 270 MB travel in several calls).
+if [ -n "${SMOLLM2:-}" ] && [ -f "$SMOLLM2/model.safetensors" ]; then
+  say "SmolLM2: decode and passes of 1 and 8 rows on the GPU, CUDA graphs on, then off"
+  for gr in 1 0; do
+    echo "TANDEM_CUDA_GRAPHS=$gr" >>"$tmp/smol.md"
+    TANDEM_CUDA_GRAPHS=$gr timeout 120 $T --gpu bench --model "$SMOLLM2" --pp 128 --tg 128 --reps 3 --verify 8 --context 256 \
+      >>"$tmp/smol.md" 2>"$tmp/err" || echo "bench (graphs $gr): $(tail -1 "$tmp/err")" >>"$tmp/smol.md"
+  done
+  cat "$tmp/smol.md" >&2
+  say "SmolLM2: bench spec --chat, 16 instruct prompts, <= 128 tokens, greedy"
+  for draft in suffix+self:q4_0@all self:q4_0@all self:q8_0@all suffix ngram; do
+    SPEC_ARGS=--chat run_spec "GPU" "$SMOLLM2" $draft 128 scripts/chat-prompts.jsonl --gpu
+  done
+  SPEC_ARGS=--chat GRAPHS=0 run_spec "GPU, no graphs" "$SMOLLM2" suffix 128 scripts/chat-prompts.jsonl --gpu
+  SPEC_ARGS=--chat GRAPHS=0 run_spec "GPU, no graphs" "$SMOLLM2" suffix+self:q4_0@all 128 scripts/chat-prompts.jsonl --gpu
+  SPEC_ARGS=--chat run_spec "GPU" "$SMOLLM2" suffix 128 scripts/chat-prompts-multiturn.jsonl --gpu
+  SPEC_ARGS=--chat run_spec "CPU, $(nproc) threads" "$SMOLLM2" suffix+self:q4_0@all 128 scripts/chat-prompts.jsonl
+fi
 # A model big enough to load the GPU: random F16 weights (meaningless text, real shapes).
 if [ "${SYNTH:-1}" = 1 ] && python3 -c 'import numpy' 2>/dev/null; then
   synth=$tmp/synth-0.8B
@@ -85,17 +117,21 @@ if [ "${SYNTH:-1}" = 1 ] && python3 -c 'import numpy' 2>/dev/null; then
   python3 scripts/synthetic-checkpoint.py "$synth" --layers 16 --hidden 2048 --ffn 5632 --heads 16 --kv-heads 8 \
     --tokenizer $model/tokenizer.json --vocab 512 >&2
   head -3 scripts/spec-prompts.jsonl >"$tmp/p3.jsonl"
-  for draft in self:q8_0 ngram; do
+  [ "${QUICK:-0}" = 1 ] || for draft in self:q8_0 ngram; do
     run_spec "GPU" "$synth" $draft 64 "$tmp/p3.jsonl" --gpu
   done
   # Issue 18's verification cost on the GPU: a pass of 8 rows against a 1-row pass (F16, Q8_0).
-  say "decode, and verification passes of 1 and 8 rows, on the GPU (synthetic model, F16)"
-  timeout 120 $T --gpu bench --model "$synth" --pp 128 --tg 64 --reps 3 --verify 8 --context 256 >"$tmp/verify.md" 2>"$tmp/err" \
-    || echo "bench --verify: $(tail -1 "$tmp/err")" >"$tmp/verify.md"
+  say "decode, and verification passes of 1 and 8 rows, on the GPU (synthetic model, F16; graphs off, then on)"
+  for gr in 0 1; do
+    echo "TANDEM_CUDA_GRAPHS=$gr" >>"$tmp/verify.md"
+    TANDEM_CUDA_GRAPHS=$gr timeout 120 $T --gpu bench --model "$synth" --pp 128 --tg 64 --reps 3 --verify 8 --context 256 \
+      >>"$tmp/verify.md" 2>"$tmp/err" || echo "bench --verify: $(tail -1 "$tmp/err")" >>"$tmp/verify.md"
+  done
   say "the same in Q8_0 (attention too)"
   if timeout 120 $T quantize "$synth" --scheme q8_0 --attention q8_0 --out "$tmp/synth-q8_0.gguf" >/dev/null 2>"$tmp/err"; then
+    echo "Q8_0, TANDEM_CUDA_GRAPHS=1" >>"$tmp/verify.md"
     timeout 120 $T --gpu bench --model "$tmp/synth-q8_0.gguf" --pp 128 --tg 64 --reps 3 --verify 8 --context 256 2>"$tmp/err" \
-      | tail -n +3 >>"$tmp/verify.md" || echo "bench --verify (Q8_0): $(tail -1 "$tmp/err")" >>"$tmp/verify.md"
+      >>"$tmp/verify.md" || echo "bench --verify (Q8_0): $(tail -1 "$tmp/err")" >>"$tmp/verify.md"
   else
     echo "quantize: $(tail -1 "$tmp/err")" >>"$tmp/verify.md"
   fi
@@ -109,5 +145,6 @@ echo "| --- | --- | --- | ---: | ---: | ---: | ---: |"
 printf '%s\n' "${rows[@]}"
 echo
 [ -f "$tmp/verify.md" ] && { cat "$tmp/verify.md"; echo; }
+[ -f "$tmp/smol.md" ] && { echo "SmolLM2-135M-Instruct F16:"; cat "$tmp/smol.md"; echo; }
 $B/gpu_bench
 say "done"

@@ -87,6 +87,80 @@ fn gpu_forward_matches_cpu_and_verification_matches_decoding() {
     assert_eq!(again.to_vecs(), singles[3..].to_vec());
 }
 
+/// Passes replayed from CUDA graphs give the bits of passes launched kernel by kernel: decode
+/// steps (one graph, replayed with a longer cache each time), verification passes of several
+/// row counts, a rollback, other caches (other buffers, the same graphs), and a cache that
+/// grows while its graph is replayed.
+#[test]
+fn gpu_graphs_match_direct_launches() {
+    let Some((ck, _, g)) = cpu_and_gpu("gpu_graphs_match_direct_launches") else {
+        return;
+    };
+    let toks = ck
+        .tokenizer
+        .encode(
+            "Once upon a time, there was a little dog who liked to run",
+            true,
+        )
+        .unwrap();
+    let chunks = [4, 1, 1, 1, 3, 1, 5, 1, 1, 8, 1];
+    let run = |graphs: bool| {
+        g.use_gpu_graphs(graphs);
+        let (mut rows, mut passes) = (Vec::new(), 0);
+        for _ in 0..2 {
+            let mut cache = g.new_cache().unwrap();
+            let mut at = 0;
+            for &c in &chunks {
+                let end = (at + c).min(toks.len());
+                if at == end {
+                    break;
+                }
+                rows.extend(
+                    g.forward(&toks[at..end], &mut cache, Logits::All)
+                        .unwrap()
+                        .to_vecs(),
+                );
+                passes += 1;
+                at = end;
+            }
+            cache.truncate(5);
+            rows.extend(
+                g.forward(&toks[5..8], &mut cache, Logits::Last)
+                    .unwrap()
+                    .to_vecs(),
+            );
+            passes += 1;
+        }
+        // Past the cache's first capacity (256 positions) one token at a time: the cache
+        // grows (new buffers) under the same graph.
+        let mut cache = g.new_cache().unwrap();
+        for i in 0..300 {
+            let t = toks[i % toks.len()];
+            let last = g.forward(&[t], &mut cache, Logits::Last).unwrap();
+            if i % 7 == 0 || i >= 250 {
+                rows.extend(last.to_vecs());
+            }
+            passes += 1;
+        }
+        (rows, passes)
+    };
+    let (direct, _) = run(false);
+    let before = g.gpu_graph_passes();
+    let (graphs, passes) = run(true);
+    g.use_gpu_graphs(true);
+    // Every pass has at most 8 rows, so each ran from a graph (captured or replayed).
+    assert_eq!(
+        g.gpu_graph_passes() - before,
+        passes,
+        "passes that ran from a graph (did capturing fail?)"
+    );
+    assert_eq!(direct.len(), graphs.len());
+    assert!(
+        direct == graphs,
+        "graph replays differ from direct launches"
+    );
+}
+
 #[test]
 fn gpu_cache_and_cpu_model_do_not_mix() {
     let Some((_, cpu, g)) = cpu_and_gpu("gpu_cache_and_cpu_model_do_not_mix") else {

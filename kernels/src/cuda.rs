@@ -8,8 +8,9 @@
 //! layer computes what the CPU's f32 path computes, up to summation order.
 
 use crate::{AttentionShape, BlockFormat};
+use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaStream, DevicePtr, LaunchConfig, PushKernelArg,
+    CudaContext, CudaFunction, CudaGraph, CudaStream, DevicePtr, LaunchConfig, PushKernelArg,
 };
 pub use cudarc::driver::{CudaSlice, CudaView, CudaViewMut};
 use std::sync::{Arc, OnceLock};
@@ -142,7 +143,13 @@ impl Gpu {
         let ctx = CudaContext::new(ordinal)?;
         let name = ctx.name()?;
         let module = ctx.load_module(compile_ptx()?)?;
-        let stream = ctx.default_stream();
+        // One stream of our own: the legacy default stream cannot be captured into a CUDA
+        // graph.
+        // SAFETY: turning cudarc's event tracking off is sound because every allocation, copy
+        // and launch goes to this one stream, so its order alone orders them; the events only
+        // order work across streams (and would be recorded into a graph being captured).
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx.new_stream()?;
         let per_rows = |kernel: &str| {
             (1..=MAX_ROWS)
                 .map(|m| module.load_function(&format!("{kernel}_{m}")))
@@ -351,10 +358,13 @@ impl Gpu {
     }
 
     /// Writes `s.t` rows of new keys or values, `src` = [t, n_kv_head, head_dim], into a
-    /// cache laid out [n_kv_head, capacity, head_dim] at positions `s.n..s.n + s.t`.
+    /// cache laid out [n_kv_head, capacity, head_dim] at positions `s.n..s.n + s.t`. The
+    /// kernel finds `cache`, `s.n` and `s.capacity` in the table `at` (slot `slot`).
     pub fn kv_append(
         &self,
         s: AttentionShape,
+        at: &KvTable<'_>,
+        slot: usize,
         src: &CudaView<'_, f32>,
         cache: &mut CudaSlice<f32>,
     ) -> Result<(), GpuError> {
@@ -366,22 +376,31 @@ impl Gpu {
                 "kv_append past the cache's capacity".into(),
             ));
         }
+        at.check(slot)?;
         if s.t == 0 {
             return Ok(());
         }
         let mut b = self.stream.launch_builder(&self.kv_append);
-        let (a, d, c, n) = (nkv as i32, hd as i32, s.capacity as i32, s.n as i32);
-        b.arg(src).arg(cache).arg(&a).arg(&d).arg(&c).arg(&n);
-        // SAFETY: matches kv_append(const float*, float*, int, int, int, int); sizes checked.
+        let (sl, sq, a, d) = (slot as i32, at.seq as i32, nkv as i32, hd as i32);
+        b.arg(src).arg(&at.ptrs).arg(&sl).arg(&at.info).arg(&sq);
+        b.arg(&a).arg(&d);
+        // SAFETY: matches kv_append(const float*, const u64*, int, const int*, int, int, int);
+        // sizes checked. The table holds `cache`'s address, `s.n` and `s.capacity` (the
+        // caller's contract, see [`KvTable`]), which were checked against each other above.
         unsafe { b.launch(grid((s.t * nkv) as u32, 128)) }?;
         Ok(())
     }
 
     /// Causal attention of `s.t` new queries over caches holding `s.n + s.t` positions (see
-    /// [`crate::attention`]).
+    /// [`crate::attention`]); the kernel finds `k` and `v` in the table `at` (slots `k_slot`,
+    /// `v_slot`), as [`Gpu::kv_append`] does.
+    #[allow(clippy::too_many_arguments)]
     pub fn attention(
         &self,
         s: AttentionShape,
+        at: &KvTable<'_>,
+        k_slot: usize,
+        v_slot: usize,
         q: &CudaView<'_, f32>,
         k: &CudaSlice<f32>,
         v: &CudaSlice<f32>,
@@ -396,6 +415,8 @@ impl Gpu {
                 "attention shape not supported: {s:?}"
             )));
         }
+        at.check(k_slot)?;
+        at.check(v_slot)?;
         if s.t == 0 {
             return Ok(());
         }
@@ -405,18 +426,20 @@ impl Gpu {
             shared_mem_bytes: 0,
         };
         let scale = 1.0 / (hd as f32).sqrt();
-        let (n, h, a, d, c) = (
-            s.n as i32,
-            nh as i32,
-            nkv as i32,
-            hd as i32,
-            s.capacity as i32,
-        );
+        let (ks, vs, sq) = (k_slot as i32, v_slot as i32, at.seq as i32);
+        let (h, a, d) = (nh as i32, nkv as i32, hd as i32);
         let mut b = self.stream.launch_builder(&self.attention);
-        b.arg(q).arg(k).arg(v).arg(out);
-        b.arg(&n).arg(&h).arg(&a).arg(&d).arg(&c).arg(&scale);
-        // SAFETY: matches attention(const float*, const float*, const float*, float*, int,
-        // int, int, int, int, float); sizes checked.
+        b.arg(q)
+            .arg(&at.ptrs)
+            .arg(&ks)
+            .arg(&vs)
+            .arg(&at.info)
+            .arg(&sq);
+        b.arg(out).arg(&h).arg(&a).arg(&d).arg(&scale);
+        // SAFETY: matches attention(const float*, const u64*, int, int, const int*, int,
+        // float*, int, int, int, float); sizes checked. The table holds `k`'s and `v`'s
+        // addresses, `s.n` and `s.capacity` (the caller's contract, see [`KvTable`]), which
+        // were checked against each other above.
         unsafe { b.launch(cfg) }?;
         Ok(())
     }
@@ -563,6 +586,67 @@ impl Gpu {
 
     pub fn context(&self) -> &Arc<CudaContext> {
         &self.ctx
+    }
+
+    /// The device address of `buf` (what a captured graph holds: a graph replays only while
+    /// the buffers it was captured with are the same).
+    pub fn address<T>(&self, buf: &CudaSlice<T>) -> u64 {
+        let (ptr, _sync) = buf.device_ptr(&self.stream);
+        ptr
+    }
+
+    /// Starts recording this thread's work on the stream into a graph instead of running it
+    /// ([`Gpu::end_capture`] ends it). Nothing may wait on the stream meanwhile
+    /// ([`Gpu::read`] and [`Gpu::synchronize`] fail).
+    pub fn begin_capture(&self) -> Result<(), GpuError> {
+        Ok(self
+            .stream
+            .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)?)
+    }
+
+    /// Ends a capture: the recorded work as a graph to launch again and again.
+    pub fn end_capture(&self) -> Result<GpuGraph, GpuError> {
+        self.stream
+            .end_capture(CUgraphInstantiate_flags(0))?
+            .map(GpuGraph)
+            .ok_or_else(|| GpuError::Invalid("an empty CUDA graph was captured".into()))
+    }
+}
+
+/// Where the attention kernels find a sequence's KV caches on the GPU (read there, so that a
+/// pass captured into a graph replays with any cache of the same shape, at any length):
+/// `ptrs[slot]` holds a cache buffer's address ([`Gpu::address`]), and `info[2 * seq]`,
+/// `info[2 * seq + 1]` the sequence's length before the pass and its caches' capacity.
+///
+/// The caller writes the table before the work that reads it, and it must agree with what
+/// the caller passes beside it: the methods that take a table check the buffers and the
+/// shape they are given, and the kernels use the table's copy of the same.
+pub struct KvTable<'a> {
+    pub ptrs: CudaView<'a, u64>,
+    pub info: CudaView<'a, i32>,
+    pub seq: usize,
+}
+
+impl KvTable<'_> {
+    fn check(&self, slot: usize) -> Result<(), GpuError> {
+        fits("KV table", slot + 1, self.ptrs.len())?;
+        fits("KV lengths", 2 * self.seq + 2, self.info.len())
+    }
+}
+
+/// Work captured from the stream (a whole forward pass), launched in one call: a decode step
+/// of a small model is hundreds of short kernels, whose launches cost more than their work.
+pub struct GpuGraph(CudaGraph);
+
+// SAFETY: a CUDA graph may be used from any thread as long as no two threads use it at once
+// (the CUDA documentation's thread-safety rule for graphs). Moving it to another thread keeps
+// that: it stays `!Sync` (its raw handles are), so no two threads can hold it at once.
+unsafe impl Send for GpuGraph {}
+
+impl GpuGraph {
+    /// Queues the whole graph on the stream it was captured on.
+    pub fn launch(&self) -> Result<(), GpuError> {
+        Ok(self.0.launch()?)
     }
 }
 

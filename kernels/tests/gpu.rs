@@ -4,7 +4,7 @@
 
 use half::f16;
 use rand::{Rng, SeedableRng};
-use tandem_kernels::cuda::{compile_ptx, gpu, Gpu, GpuError, GpuFormat};
+use tandem_kernels::cuda::{compile_ptx, gpu, Gpu, GpuError, GpuFormat, KvTable};
 use tandem_kernels::{matmul_f16_reference, matmul_quant_reference, BlockFormat};
 
 fn gpu_or_skip(test: &str) -> Option<&'static Gpu> {
@@ -262,14 +262,26 @@ fn attention_matches_cpu_reference() {
         let mut want = vec![0f32; t * nh * hd];
         tandem_kernels::attention_reference(s, &q, &kc, &vc, &mut want);
         let (nk, nv) = (g.to_device(&new_k).unwrap(), g.to_device(&new_v).unwrap());
-        g.kv_append(s, &nk.slice(..), &mut kd).unwrap();
-        g.kv_append(s, &nv.slice(..), &mut vd).unwrap();
+        // The kernels find the caches, their length and capacity in a table on the GPU (here
+        // the second sequence's, in slots 2 and 3).
+        let ptrs = [0, 0, g.address(&kd), g.address(&vd)];
+        let (ptrs, info) = (
+            g.to_device(&ptrs).unwrap(),
+            g.to_device(&[-1i32, -1, n as i32, cap as i32]).unwrap(),
+        );
+        let at = KvTable {
+            ptrs: ptrs.slice(..),
+            info: info.slice(..),
+            seq: 1,
+        };
+        g.kv_append(s, &at, 2, &nk.slice(..), &mut kd).unwrap();
+        g.kv_append(s, &at, 3, &nv.slice(..), &mut vd).unwrap();
         let mut cached = vec![0f32; kc.len()];
         g.read(&kd.slice(..), &mut cached).unwrap();
         assert_eq!(cached, kc, "kv_append t={t} n={n}");
         let qd = g.to_device(&q).unwrap();
         let mut od = g.zeros(want.len()).unwrap();
-        g.attention(s, &qd.slice(..), &kd, &vd, &mut od.slice_mut(..))
+        g.attention(s, &at, 2, 3, &qd.slice(..), &kd, &vd, &mut od.slice_mut(..))
             .unwrap();
         let mut got = vec![0f32; want.len()];
         g.read(&od.slice(..), &mut got).unwrap();

@@ -94,6 +94,20 @@ impl Llama {
         self.resident.is_some()
     }
 
+    /// On the GPU: whether later passes of up to 8 rows are captured into CUDA graphs and
+    /// replayed (the default, unless `TANDEM_CUDA_GRAPHS=0`), or launch each kernel. The
+    /// results are the same bits either way. Does nothing for a model on the CPU.
+    pub fn use_gpu_graphs(&self, on: bool) {
+        if let Some(r) = &self.resident {
+            r.use_graphs(on);
+        }
+    }
+
+    /// How many of this model's passes have run from a CUDA graph (0 on the CPU).
+    pub fn gpu_graph_passes(&self) -> u64 {
+        self.resident.as_ref().map_or(0, |r| r.graph_passes())
+    }
+
     /// Bytes of weights read by one forward pass (linear layers plus norms).
     pub fn weight_bytes(&self) -> usize {
         self.linears().iter().map(|(_, l)| l.weight_bytes()).sum()

@@ -370,10 +370,31 @@ extern "C" __global__ void rope_rotate_half(float* __restrict__ x, const int* __
     }
 }
 
+// A sequence's cache, as the attention kernels find it on the GPU: the buffer's address is
+// ptrs[slot], and info[2 * seq], info[2 * seq + 1] are its length before the pass (n) and its
+// capacity (cap). Read on the GPU, so that a pass captured into a CUDA graph replays with
+// each step's length and with any cache of the same shape (cuda.rs writes them per pass).
+struct KvAt {
+    float* cache;
+    int n, cap;
+};
+__device__ __forceinline__ KvAt kv_at(const unsigned long long* __restrict__ ptrs, int slot,
+                                      const int* __restrict__ info, int seq) {
+    KvAt a;
+    a.cache = (float*)ptrs[slot];
+    a.n = info[2 * seq];
+    a.cap = info[2 * seq + 1];
+    return a;
+}
+
 // Writes t rows of new keys or values, src [t, nkv, hd], into a cache [nkv, cap, hd] at
-// positions n..n+t. One block per (row, kv head).
-extern "C" __global__ void kv_append(const float* __restrict__ src, float* __restrict__ cache,
-                                     int nkv, int hd, int cap, int n) {
+// positions n..n+t (the cache and n, cap: kv_at). One block per (row, kv head).
+extern "C" __global__ void kv_append(const float* __restrict__ src,
+                                     const unsigned long long* __restrict__ ptrs, int slot,
+                                     const int* __restrict__ info, int seq, int nkv, int hd) {
+    KvAt at = kv_at(ptrs, slot, info, seq);
+    float* cache = at.cache;
+    int n = at.n, cap = at.cap;
     int i = blockIdx.x / nkv, h = blockIdx.x % nkv;
     const float* s = src + ((size_t)i * nkv + h) * hd;
     float* d = cache + ((size_t)h * cap + n + i) * hd;
@@ -382,12 +403,19 @@ extern "C" __global__ void kv_append(const float* __restrict__ src, float* __res
 
 #define MAX_HD_PER_LANE 8 // head_dim <= 256
 
-// Causal attention of t new queries q [t, nh, hd] over a cache [nkv, cap, hd] that holds
-// n + t positions (the new ones included). One warp per (query row, head), lanes over the
-// head dimension, one pass with a running max (online softmax).
-extern "C" __global__ void attention(const float* __restrict__ q, const float* __restrict__ kc,
-                                     const float* __restrict__ vc, float* __restrict__ out,
-                                     int n, int nh, int nkv, int hd, int cap, float scale) {
+// Causal attention of t new queries q [t, nh, hd] over caches [nkv, cap, hd] (keys at
+// ptrs[k_slot], values at ptrs[v_slot]; n, cap: kv_at) that hold n + t positions (the new
+// ones included). One warp per (query row, head), lanes over the head dimension, one pass
+// with a running max (online softmax).
+extern "C" __global__ void attention(const float* __restrict__ q,
+                                     const unsigned long long* __restrict__ ptrs, int k_slot,
+                                     int v_slot, const int* __restrict__ info, int seq,
+                                     float* __restrict__ out, int nh, int nkv, int hd,
+                                     float scale) {
+    KvAt ka = kv_at(ptrs, k_slot, info, seq), va = kv_at(ptrs, v_slot, info, seq);
+    const float* kc = ka.cache;
+    const float* vc = va.cache;
+    int n = ka.n, cap = ka.cap;
     int h = blockIdx.x, i = blockIdx.y, lane = threadIdx.x;
     int kv = h / (nh / nkv);
     const float* qr = q + ((size_t)i * nh + h) * hd;

@@ -5,6 +5,15 @@
 //! decoding (which only call `Llama::forward` and `KvCache::truncate`) then run on the GPU
 //! end to end.
 //!
+//! A pass of up to 8 rows (a decode step, a verification pass) is captured into a CUDA graph
+//! the first time its shape is seen, and replayed after that: the layer loop then queues
+//! nothing, and one launch runs its hundreds of kernels (a small model's step is mostly launch
+//! overhead otherwise). The attention kernels find each cache, its length and capacity in a
+//! table on the GPU, so one graph serves every step and every cache of its shape: a replay
+//! needs only this step's inputs and that table copied in. `TANDEM_CUDA_GRAPHS=0` launches
+//! every kernel directly (A/B timing); a graph that cannot be made turns graphs off for the
+//! model, and the pass runs directly.
+//!
 //! The layer loop is the CPU's (`forward.rs`); this is its backend. Same f32 math as the CPU
 //! backend, kernel for kernel
 //! (`kernels/src/cuda/kernels.cu`, each tested against its CPU reference). A row's result does
@@ -19,8 +28,9 @@ use super::Llama;
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::linear::Linear;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
-use tandem_kernels::cuda::{gpu, CudaSlice, Gpu, GpuError};
+use tandem_kernels::cuda::{gpu, CudaSlice, Gpu, GpuError, GpuGraph, KvTable, MAX_ROWS};
 
 fn gpu_err(e: GpuError) -> Error {
     Error::Invalid(format!("GPU: {e}"))
@@ -37,7 +47,18 @@ pub(crate) struct Resident {
     norm: CudaSlice<f32>,
     /// Activation buffers, grown to the largest pass seen (never per token).
     work: Mutex<Option<Buffers>>,
+    /// Whether passes of up to [`MAX_ROWS`] rows are captured into CUDA graphs and replayed.
+    graphs: AtomicBool,
+    /// Passes run from a graph (captured or replayed).
+    graph_passes: AtomicU64,
 }
+
+/// Held through each GPU pass (see [`Resident::forward`]).
+static ONE_PASS_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+/// Most graphs a model keeps (a decode step's, and a verification pass's per row count); past
+/// it they are all dropped and captured again as they are met.
+const MOST_GRAPHS: usize = 16;
 
 impl Resident {
     pub(crate) fn new(model: &Llama) -> Result<Self> {
@@ -56,7 +77,27 @@ impl Resident {
                 .collect::<Result<_>>()?,
             norm: up(&model.norm)?,
             work: Mutex::new(None),
+            graphs: AtomicBool::new(std::env::var("TANDEM_CUDA_GRAPHS").as_deref() != Ok("0")),
+            graph_passes: AtomicU64::new(0),
         })
+    }
+
+    /// Drops the captured passes (the forward pass changed: they are captured again).
+    pub(crate) fn forget_graphs(&self) {
+        let mut held = self.work.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(b) = held.as_mut() {
+            b.graphs.clear();
+        }
+    }
+
+    /// How many passes have run from a CUDA graph.
+    pub(crate) fn graph_passes(&self) -> u64 {
+        self.graph_passes.load(Ordering::Relaxed)
+    }
+
+    /// Turns CUDA graphs on or off for this model's later passes.
+    pub(crate) fn use_graphs(&self, on: bool) {
+        self.graphs.store(on, Ordering::Relaxed);
     }
 }
 
@@ -68,20 +109,32 @@ struct Buffers {
     logits: CudaSlice<f32>,
     /// RoPE angles of this pass's rows, [rows, head_dim / 2] each (computed on the host per
     /// pass: a table for the whole declared context could be gigabytes), and the row index
-    /// the RoPE kernel looks them up by.
+    /// the RoPE kernel looks them up by (0, 1, 2, …: written once).
     cos: CudaSlice<f32>,
     sin: CudaSlice<f32>,
     pos: CudaSlice<i32>,
-    /// The host side of the above before they are copied, and of what is read back
-    /// (reused: no allocation per token).
-    pos_host: Vec<i32>,
+    /// Where the attention kernels find each sequence's caches ([`KvTable`]): per sequence,
+    /// its K buffers' addresses layer by layer, then its V buffers'; and its length before
+    /// the pass and capacity.
+    kv_ptrs: CudaSlice<u64>,
+    kv_info: CudaSlice<i32>,
+    /// Passes captured as graphs, each with the shape it was captured for ([`Buffers::key`]).
+    graphs: Vec<(Vec<u64>, GpuGraph)>,
+    /// The host side of the above before they are copied (`ptrs_sent`: what `kv_ptrs` holds
+    /// now), and of what is read back (reused: no allocation per token).
+    ptrs_host: Vec<u64>,
+    ptrs_sent: Vec<u64>,
+    info_host: Vec<i32>,
+    /// This pass's shape: each sequence's new rows, the pass's rows, and which rows reach
+    /// the head.
+    key: Vec<u64>,
     cos_host: Vec<f32>,
     sin_host: Vec<f32>,
     host: Vec<f32>,
 }
 
 impl Buffers {
-    fn new(g: &Gpu, c: &Config, rows: usize) -> Result<Self> {
+    fn new(g: &Gpu, c: &Config, layers: usize, rows: usize) -> Result<Self> {
         let hd = c.head_dim();
         let z = |n: usize| g.zeros(rows * n).map_err(gpu_err);
         let mut bufs = Vec::with_capacity(BUFS);
@@ -96,8 +149,18 @@ impl Buffers {
             logits: z(c.vocab_size)?,
             cos: z(hd / 2)?,
             sin: z(hd / 2)?,
-            pos: g.to_device(&vec![0i32; rows]).map_err(gpu_err)?,
-            pos_host: Vec::with_capacity(rows),
+            pos: g
+                .to_device(&(0..rows as i32).collect::<Vec<_>>())
+                .map_err(gpu_err)?,
+            kv_ptrs: g
+                .to_device(&vec![0u64; rows * 2 * layers])
+                .map_err(gpu_err)?,
+            kv_info: g.to_device(&vec![0i32; 2 * rows]).map_err(gpu_err)?,
+            graphs: Vec::new(),
+            ptrs_host: Vec::with_capacity(rows * 2 * layers),
+            ptrs_sent: Vec::new(),
+            info_host: Vec::with_capacity(2 * rows),
+            key: Vec::new(),
             cos_host: Vec::with_capacity(rows * hd / 2),
             sin_host: Vec::with_capacity(rows * hd / 2),
             host: Vec::new(),
@@ -170,6 +233,9 @@ impl Resident {
     ) -> Result<Vec<LogitRows>> {
         let g = the_gpu()?;
         let rows = pass.tokens.len();
+        // Every model's passes share the GPU's one stream: one pass at a time, so that a
+        // pass being captured into a graph records only its own work.
+        let _stream = ONE_PASS_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
         let mut held = self
             .work
             .lock()
@@ -177,17 +243,76 @@ impl Resident {
         if held.as_ref().is_none_or(|b| b.rows < rows) {
             let grown = held.as_ref().map_or(rows, |b| rows.max(2 * b.rows));
             *held = None; // free the old buffers first
-            *held = Some(Buffers::new(g, &model.config, grown)?);
+            *held = Some(Buffers::new(g, &model.config, model.layers.len(), grown)?);
         }
+        if let Some(b) = held.as_mut() {
+            b.ptrs_host.clear();
+            b.info_host.clear();
+            b.key.clear();
+        }
+        // A graph holds the whole pass, head included, so only passes that run every step
+        // on the GPU and read nothing in between are captured.
+        let graphs = self.graphs.load(Ordering::Relaxed)
+            && rows <= MAX_ROWS
+            && pass.observer.is_none()
+            && pass.profile.is_none()
+            && pass.tree.is_none()
+            && model.lm_head.gpu_weight().is_some()
+            && model.shortlist.read().is_ok_and(|s| s.is_none());
+        let lens: Vec<usize> = pass.seqs.iter().map(|(_, c)| c.len).collect();
         let mut b = GpuPass {
             g,
             model,
             resident: self,
             held,
             rows,
+            which: pass.which,
+            graphs,
+            mode: Mode::Direct,
+            graph_failed: false,
         };
+        let out = model.run_pass(&mut b, pass);
+        if b.mode == Mode::Capture {
+            // The pass failed while it was being captured: the stream must leave capture
+            // mode (what was recorded is dropped).
+            b.mode = Mode::Direct;
+            let _ = g.end_capture();
+        }
+        if out.is_ok() || !b.graph_failed {
+            return out;
+        }
+        // The graph could not be made or run. Nothing it held ran, so the pass runs again
+        // without graphs, from the cache lengths it started with; this model stops trying.
+        self.graphs.store(false, Ordering::Relaxed);
+        for ((_, cache), len) in pass.seqs.iter_mut().zip(lens) {
+            cache.len = len;
+        }
+        let mut b = GpuPass {
+            graphs: false,
+            mode: Mode::Direct,
+            graph_failed: false,
+            ..b
+        };
+        if let Some(buffers) = b.held.as_mut() {
+            buffers.graphs.clear();
+            buffers.ptrs_host.clear();
+            buffers.info_host.clear();
+            buffers.key.clear();
+        }
         model.run_pass(&mut b, pass)
     }
+}
+
+/// How a pass's operations reach the GPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// Each is launched.
+    Direct,
+    /// Each is recorded into a graph, launched at the head.
+    Capture,
+    /// The graph at this index of [`Buffers::graphs`] holds them all: they are skipped, and
+    /// the graph is launched at the head.
+    Replay(usize),
 }
 
 /// A forward pass on the GPU.
@@ -198,11 +323,89 @@ struct GpuPass<'a> {
     /// Always `Some` (grown to the pass's rows before this is made).
     held: MutexGuard<'a, Option<Buffers>>,
     rows: usize,
+    which: crate::Logits,
+    /// Whether this pass may be captured or replayed.
+    graphs: bool,
+    mode: Mode,
+    /// A graph could not be made or launched (the pass is then run again directly).
+    graph_failed: bool,
 }
 
 impl GpuPass<'_> {
     fn bufs(&mut self) -> Result<&mut Buffers> {
         self.held.as_mut().ok_or_else(|| internal("no GPU buffers"))
+    }
+
+    /// Whether the pass's operations are held by a graph already (and so skipped).
+    fn replaying(&self) -> bool {
+        matches!(self.mode, Mode::Replay(_))
+    }
+
+    /// A graph-related failure: the pass will be run again without graphs.
+    fn graph_error(&mut self, e: impl std::fmt::Display) -> Error {
+        self.graph_failed = true;
+        Error::Invalid(format!("GPU graph: {e}"))
+    }
+
+    /// An operation that needs the stream to run now (a read, a wait): not in a graph.
+    fn not_in_graph(&mut self, what: &str) -> Result<()> {
+        if self.mode == Mode::Direct {
+            return Ok(());
+        }
+        Err(self.graph_error(format!("{what} in a captured pass")))
+    }
+
+    /// After the inputs are written: replays the graph captured for this pass's shape
+    /// ([`Buffers::key`], begun by `reserve`), or starts capturing one.
+    fn start_graph(&mut self) -> Result<()> {
+        let (g, rows, which) = (self.g, self.rows, self.which);
+        let b = self.bufs()?;
+        b.key.push(rows as u64);
+        b.key.push(matches!(which, crate::Logits::All) as u64);
+        let found = b.graphs.iter().position(|(k, _)| *k == b.key);
+        if let Some(i) = found {
+            self.mode = Mode::Replay(i);
+            return Ok(());
+        }
+        if b.graphs.len() >= MOST_GRAPHS {
+            b.graphs.clear();
+        }
+        match g.begin_capture() {
+            Ok(()) => {
+                self.mode = Mode::Capture;
+                Ok(())
+            }
+            Err(e) => Err(self.graph_error(e)),
+        }
+    }
+
+    /// At the end of a captured or replayed pass: launches its graph (ending the capture
+    /// first, and keeping the graph).
+    fn launch_graph(&mut self) -> Result<()> {
+        let g = self.g;
+        let i = match self.mode {
+            Mode::Direct => return Ok(()),
+            Mode::Replay(i) => i,
+            Mode::Capture => {
+                self.mode = Mode::Direct;
+                let graph = match g.end_capture() {
+                    Ok(graph) => graph,
+                    Err(e) => return Err(self.graph_error(e)),
+                };
+                let b = self.bufs()?;
+                let key = b.key.clone();
+                b.graphs.push((key, graph));
+                b.graphs.len() - 1
+            }
+        };
+        self.mode = Mode::Direct;
+        let launched = match self.bufs()?.graphs.get(i) {
+            Some((_, graph)) => graph.launch(),
+            None => return Err(internal("a GPU graph index")),
+        };
+        launched.map_err(|e| self.graph_error(e))?;
+        self.resident.graph_passes.fetch_add(1, Ordering::Relaxed);
+        Ok(())
     }
 
     fn len(&self, buf: Buf) -> usize {
@@ -221,6 +424,9 @@ impl GpuPass<'_> {
 
     /// Gathers rows `picked` of `X` into `Proj` and normalizes them into `Hn`.
     fn final_norm(&mut self, picked: &[usize]) -> Result<()> {
+        if self.replaying() {
+            return Ok(());
+        }
         let (g, c) = (self.g, &self.model.config);
         let (h, eps, p) = (c.hidden_size, c.rms_norm_eps as f32, picked.len());
         let norm = &self.resident.norm;
@@ -250,12 +456,26 @@ impl GpuPass<'_> {
 impl Backend for GpuPass<'_> {
     fn reserve(&mut self, cache: &mut KvCache, needed: usize) -> Result<()> {
         let (len, limit) = (cache.len, cache.limit);
-        match &mut cache.store {
-            KvStore::Device(kv) => kv.reserve(&self.model.config, len, needed, limit),
-            KvStore::Host(_) => Err(Error::Invalid(
+        let KvStore::Device(kv) = &mut cache.store else {
+            return Err(Error::Invalid(
                 "a KV cache made for the CPU was given to a model on the GPU".into(),
-            )),
-        }
+            ));
+        };
+        kv.reserve(&self.model.config, len, needed, limit)?;
+        // Called once per sequence, in order, before `begin`: where the attention kernels
+        // find its caches, and its rows for the pass's shape.
+        let g = self.g;
+        let b = self.bufs()?;
+        let int = |v: usize| {
+            i32::try_from(v).map_err(|_| Error::Invalid(format!("a KV cache of {v} positions")))
+        };
+        b.info_host.push(int(len)?);
+        b.info_host.push(int(kv.capacity)?);
+        b.ptrs_host
+            .extend(kv.k.iter().chain(kv.v.iter()).map(|buf| g.address(buf)));
+        b.key.push((needed - len) as u64);
+        b.key.push(kv.k.len() as u64);
+        Ok(())
     }
 
     fn begin(&mut self, tokens: &[u32], positions: &[usize]) -> Result<()> {
@@ -267,20 +487,30 @@ impl Backend for GpuPass<'_> {
         model.embed_rows(tokens, &mut b.host)?;
         g.write(&b.host, &mut b.bufs[Buf::X as usize].slice_mut(..))
             .map_err(gpu_err)?;
-        b.pos_host.clear();
-        b.pos_host.extend(0..rows as i32);
-        g.write(&b.pos_host, &mut b.pos.slice_mut(..))
+        g.write(&b.info_host, &mut b.kv_info.slice_mut(..))
             .map_err(gpu_err)?;
+        if b.ptrs_host != b.ptrs_sent {
+            g.write(&b.ptrs_host, &mut b.kv_ptrs.slice_mut(..))
+                .map_err(gpu_err)?;
+            b.ptrs_sent.clone_from(&b.ptrs_host);
+        }
         b.cos_host.resize(rows * half, 0.0);
         b.sin_host.resize(rows * half, 0.0);
         model.rope_rows(positions, &mut b.cos_host, &mut b.sin_host);
         g.write(&b.cos_host, &mut b.cos.slice_mut(..))
             .map_err(gpu_err)?;
         g.write(&b.sin_host, &mut b.sin.slice_mut(..))
-            .map_err(gpu_err)
+            .map_err(gpu_err)?;
+        if self.graphs {
+            self.start_graph()?;
+        }
+        Ok(())
     }
 
     fn rms_norm(&mut self, norm: Norm, src: Buf, dst: Buf) -> Result<()> {
+        if self.replaying() {
+            return Ok(());
+        }
         let (g, rows, n) = (self.g, self.rows, self.len(src));
         let eps = self.model.config.rms_norm_eps as f32;
         let w = match norm {
@@ -293,6 +523,9 @@ impl Backend for GpuPass<'_> {
     }
 
     fn matmul(&mut self, w: &Linear, src: Buf, dst: Buf) -> Result<()> {
+        if self.replaying() {
+            return Ok(());
+        }
         let (g, rows) = (self.g, self.rows);
         let (ns, nd) = (self.len(src), self.len(dst));
         let gw = w
@@ -303,6 +536,9 @@ impl Backend for GpuPass<'_> {
     }
 
     fn rope(&mut self, buf: Buf, heads: usize) -> Result<()> {
+        if self.replaying() {
+            return Ok(());
+        }
         let (g, rows, n) = (self.g, self.rows, self.len(buf));
         let hd = self.model.config.head_dim();
         let b = self.bufs()?;
@@ -331,13 +567,20 @@ impl Backend for GpuPass<'_> {
                     .into(),
             ));
         }
+        if self.replaying() {
+            return Ok(());
+        }
         let g = self.g;
         let c = &self.model.config;
         let (nh, nkv, hd) = (c.num_attention_heads, c.num_kv_heads(), c.head_dim());
         let b = self.bufs()?;
         let [q, k, v, att] = attention_buffers(&mut b.bufs)?;
+        let (ptrs, info) = (b.kv_ptrs.slice(..), b.kv_info.slice(..));
+        // Where this sequence's K and V addresses start in `kv_ptrs` (`reserve` put them there
+        // in this order).
+        let mut base = 0;
         let mut row = 0;
-        for (tokens, cache) in seqs.iter_mut() {
+        for (seq, (tokens, cache)) in seqs.iter_mut().enumerate() {
             let (t, n) = (tokens.len(), cache.len);
             let KvStore::Device(kv) = &mut cache.store else {
                 return Err(internal("a CPU cache in a GPU pass"));
@@ -347,12 +590,23 @@ impl Backend for GpuPass<'_> {
                 row * nkv * hd..(row + t) * nkv * hd,
                 row * nh * hd..(row + t) * nh * hd,
             );
-            g.kv_append(s, &k.slice(kr.clone()), &mut kv.k[li])
+            let at = KvTable {
+                ptrs: ptrs.slice(..),
+                info: info.slice(..),
+                seq,
+            };
+            let layers = kv.k.len();
+            let (ks, vs) = (base + li, base + layers + li);
+            base += 2 * layers;
+            g.kv_append(s, &at, ks, &k.slice(kr.clone()), &mut kv.k[li])
                 .map_err(gpu_err)?;
-            g.kv_append(s, &v.slice(kr), &mut kv.v[li])
+            g.kv_append(s, &at, vs, &v.slice(kr), &mut kv.v[li])
                 .map_err(gpu_err)?;
             g.attention(
                 s,
+                &at,
+                ks,
+                vs,
                 &q.slice(qr.clone()),
                 &kv.k[li],
                 &kv.v[li],
@@ -365,6 +619,9 @@ impl Backend for GpuPass<'_> {
     }
 
     fn silu_mul(&mut self, gate: Buf, up: Buf) -> Result<()> {
+        if self.replaying() {
+            return Ok(());
+        }
         let (g, n) = (self.g, self.len(gate));
         let (u, gt) = self.pair(up, gate)?;
         g.silu_mul(&mut gt.slice_mut(..n), &u.slice(..n), n)
@@ -372,6 +629,9 @@ impl Backend for GpuPass<'_> {
     }
 
     fn add(&mut self, dst: Buf, src: Buf) -> Result<()> {
+        if self.replaying() {
+            return Ok(());
+        }
         let (g, n) = (self.g, self.len(dst));
         let (s, d) = self.pair(src, dst)?;
         g.add_assign(&mut d.slice_mut(..n), &s.slice(..n), n, n)
@@ -379,6 +639,7 @@ impl Backend for GpuPass<'_> {
     }
 
     fn host(&mut self, buf: Buf) -> Result<&[f32]> {
+        self.not_in_graph("reading activations")?;
         let (g, n) = (self.g, self.len(buf));
         let b = self.bufs()?;
         b.host.resize(n, 0.0);
@@ -388,6 +649,7 @@ impl Backend for GpuPass<'_> {
     }
 
     fn head_input(&mut self, picked: &[usize]) -> Result<&[f32]> {
+        self.not_in_graph("the head on the CPU")?;
         self.final_norm(picked)?;
         let (g, n) = (self.g, picked.len() * self.model.config.hidden_size);
         let b = self.bufs()?;
@@ -404,14 +666,18 @@ impl Backend for GpuPass<'_> {
         };
         self.final_norm(picked)?;
         let g = self.g;
-        let (p, h) = (picked.len(), self.model.config.hidden_size);
+        if !self.replaying() {
+            let (p, h) = (picked.len(), self.model.config.hidden_size);
+            let b = self.bufs()?;
+            gw.forward_on_device(
+                g,
+                &b.bufs[Buf::Hn as usize].slice(..p * h),
+                p,
+                &mut b.logits.slice_mut(..logits.len()),
+            )?;
+        }
+        self.launch_graph()?;
         let b = self.bufs()?;
-        gw.forward_on_device(
-            g,
-            &b.bufs[Buf::Hn as usize].slice(..p * h),
-            p,
-            &mut b.logits.slice_mut(..logits.len()),
-        )?;
         g.read(&b.logits.slice(..logits.len()), logits)
             .map_err(gpu_err)
     }

@@ -24,6 +24,18 @@ impl Resident {
         match *self {}
     }
 
+    pub(crate) fn use_graphs(&self, _on: bool) {
+        match *self {}
+    }
+
+    pub(crate) fn graph_passes(&self) -> u64 {
+        match *self {}
+    }
+
+    pub(crate) fn forget_graphs(&self) {
+        match *self {}
+    }
+
     pub(super) fn forward(
         &self,
         _model: &Llama,

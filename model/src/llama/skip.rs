@@ -74,6 +74,10 @@ impl Llama {
         for s in skipped {
             self.skip[s.slot()] = true;
         }
+        // A captured GPU pass holds the old set of sublayers.
+        if let Some(r) = &self.resident {
+            r.forget_graphs();
+        }
         Ok(())
     }
 
