@@ -21,6 +21,8 @@ pub const SOURCE: &str = include_str!("cuda/kernels.cu");
 pub const MAX_ROWS: usize = 8;
 /// Warps per thread block.
 const WARPS: u32 = 8;
+/// Threads of an attention block (`ATT_WARPS` warps in the source).
+const ATTENTION_THREADS: u32 = 8 * 32;
 /// Output rows one warp computes (`OUT_ROWS` and `F16_OUT_ROWS` in the source).
 const OUT_ROWS: u32 = 2;
 const F16_OUT_ROWS: u32 = 4;
@@ -422,7 +424,7 @@ impl Gpu {
         }
         let cfg = LaunchConfig {
             grid_dim: (nh as u32, s.t as u32, 1),
-            block_dim: (32, 1, 1),
+            block_dim: (ATTENTION_THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
         let scale = 1.0 / (hd as f32).sqrt();

@@ -232,6 +232,9 @@ fn attention_matches_cpu_reference() {
         (5, 100, 9, 3, 64),
         (17, 0, 4, 4, 128),
         (3, 250, 32, 8, 96),
+        // Several tiles of 32 positions per warp, and a head size that is not a multiple of 4.
+        (2, 1000, 9, 3, 64),
+        (3, 700, 4, 2, 6),
     ] {
         let cap = n + t + 3;
         let s = tandem_kernels::AttentionShape {

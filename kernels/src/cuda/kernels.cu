@@ -31,6 +31,12 @@ __device__ __forceinline__ float warp_sum(float v) {
     return v;
 }
 
+// The sum over the warp, in every lane.
+__device__ __forceinline__ float warp_sum_all(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
 // Four signed bytes to floats without the (slow) integer-to-float conversion: byte b ^ 0x80
 // placed in the mantissa of 2^23 is the float 2^23 + 128 + b, exactly.
 __device__ __forceinline__ void s8x4_to_f32(unsigned int v, float* f) {
@@ -402,56 +408,107 @@ extern "C" __global__ void kv_append(const float* __restrict__ src,
 }
 
 #define MAX_HD_PER_LANE 8 // head_dim <= 256
+#define ATT_WARPS 8        // warps per (query row, head); ATTENTION_THREADS in cuda.rs
+
+__device__ __forceinline__ float warp_max(float v) {
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
 
 // Causal attention of t new queries q [t, nh, hd] over caches [nkv, cap, hd] (keys at
 // ptrs[k_slot], values at ptrs[v_slot]; n, cap: kv_at) that hold n + t positions (the new
-// ones included). One warp per (query row, head), lanes over the head dimension, one pass
-// with a running max (online softmax).
+// ones included). One block of ATT_WARPS warps per (head, query row). Warp w takes the
+// positions in tiles of 32, tiles w, w + ATT_WARPS, ...: each lane scores one position of a
+// tile (a whole dot product), the warp keeps a running max and sum (online softmax) and
+// accumulates the values with lanes over the head dimension; then the warps' partial results
+// are merged. The split depends only on the row's own length, so a row's result does not
+// depend on how many rows share the pass.
+//
+// (Session 40's first GPU run found the one-warp-per-row kernel, a warp reduction per
+// position, to be most of a SmolLM2 decode step at a few hundred positions.)
 extern "C" __global__ void attention(const float* __restrict__ q,
                                      const unsigned long long* __restrict__ ptrs, int k_slot,
                                      int v_slot, const int* __restrict__ info, int seq,
                                      float* __restrict__ out, int nh, int nkv, int hd,
                                      float scale) {
+    __shared__ __align__(16) float qs[32 * MAX_HD_PER_LANE];
+    __shared__ float part_m[ATT_WARPS], part_l[ATT_WARPS];
+    __shared__ float part_acc[ATT_WARPS][32 * MAX_HD_PER_LANE];
     KvAt ka = kv_at(ptrs, k_slot, info, seq), va = kv_at(ptrs, v_slot, info, seq);
-    const float* kc = ka.cache;
-    const float* vc = va.cache;
     int n = ka.n, cap = ka.cap;
-    int h = blockIdx.x, i = blockIdx.y, lane = threadIdx.x;
+    int h = blockIdx.x, i = blockIdx.y;
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     int kv = h / (nh / nkv);
     const float* qr = q + ((size_t)i * nh + h) * hd;
-    const float* kb = kc + (size_t)kv * cap * hd;
-    const float* vb = vc + (size_t)kv * cap * hd;
-    float qv[MAX_HD_PER_LANE], acc[MAX_HD_PER_LANE];
-    for (int s = 0; s < MAX_HD_PER_LANE; s++) {
-        int c = lane + 32 * s;
-        qv[s] = (c < hd) ? qr[c] : 0.0f;
-        acc[s] = 0.0f;
-    }
-    float m = __int_as_float(0xff800000), l = 0.0f; // -inf
+    const float* kb = ka.cache + (size_t)kv * cap * hd;
+    const float* vb = va.cache + (size_t)kv * cap * hd;
+    for (int c = threadIdx.x; c < hd; c += blockDim.x) qs[c] = qr[c];
+    __syncthreads();
+    const float neg_inf = __int_as_float(0xff800000);
+    float m = neg_inf, l = 0.0f;
+    float acc[MAX_HD_PER_LANE];
+#pragma unroll
+    for (int s = 0; s < MAX_HD_PER_LANE; s++) acc[s] = 0.0f;
     int len = n + i + 1;
-    for (int p = 0; p < len; p++) {
-        const float* kr = kb + (size_t)p * hd;
-        float dot = 0.0f;
-        for (int s = 0; s < MAX_HD_PER_LANE; s++) {
-            int c = lane + 32 * s;
-            if (c < hd) dot += qv[s] * kr[c];
+    bool vec = (hd & 3) == 0;
+    for (int base = warp * 32; base < len; base += ATT_WARPS * 32) {
+        int p = base + lane;
+        float sc = neg_inf;
+        if (p < len) {
+            const float* kr = kb + (size_t)p * hd;
+            float dot = 0.0f;
+            if (vec) {
+                for (int c = 0; c < hd; c += 4) {
+                    float4 k4 = *(const float4*)(kr + c);
+                    float4 q4 = *(const float4*)(qs + c);
+                    dot += q4.x * k4.x + q4.y * k4.y + q4.z * k4.z + q4.w * k4.w;
+                }
+            } else {
+                for (int c = 0; c < hd; c++) dot += qs[c] * kr[c];
+            }
+            sc = dot * scale;
         }
-        for (int o = 16; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
-        float sc = dot * scale;
-        float mn = fmaxf(m, sc);
-        float corr = expf(m - mn), e = expf(sc - mn);
-        l = l * corr + e;
-        const float* vr = vb + (size_t)p * hd;
-        for (int s = 0; s < MAX_HD_PER_LANE; s++) {
-            int c = lane + 32 * s;
-            if (c < hd) acc[s] = acc[s] * corr + e * vr[c];
+        // Lane 0's position is always in the row (base < len), so the tile's max is finite.
+        float mn = fmaxf(m, warp_max(sc));
+        float corr = expf(m - mn); // 0 on the first tile (m = -inf)
+        float e = (p < len) ? expf(sc - mn) : 0.0f;
+        l = l * corr + warp_sum_all(e);
+#pragma unroll
+        for (int s = 0; s < MAX_HD_PER_LANE; s++) acc[s] *= corr;
+        int count = min(32, len - base);
+        for (int j = 0; j < count; j++) {
+            float ej = __shfl_sync(0xffffffffu, e, j);
+            const float* vr = vb + (size_t)(base + j) * hd;
+#pragma unroll
+            for (int s = 0; s < MAX_HD_PER_LANE; s++) {
+                int c = lane + 32 * s;
+                if (c < hd) acc[s] += ej * vr[c];
+            }
         }
         m = mn;
     }
-    float* o = out + ((size_t)i * nh + h) * hd;
+    if (lane == 0) {
+        part_m[warp] = m;
+        part_l[warp] = l;
+    }
+#pragma unroll
     for (int s = 0; s < MAX_HD_PER_LANE; s++) {
         int c = lane + 32 * s;
-        if (c < hd) o[c] = acc[s] / l;
+        if (c < hd) part_acc[warp][c] = acc[s];
+    }
+    __syncthreads();
+    // Merge the warps' results in a fixed order (a warp with no tile has m = -inf, l = 0).
+    float mm = neg_inf;
+    for (int w = 0; w < ATT_WARPS; w++) mm = fmaxf(mm, part_m[w]);
+    float* o = out + ((size_t)i * nh + h) * hd;
+    for (int c = threadIdx.x; c < hd; c += blockDim.x) {
+        float lsum = 0.0f, osum = 0.0f;
+        for (int w = 0; w < ATT_WARPS; w++) {
+            float f = part_m[w] == neg_inf ? 0.0f : expf(part_m[w] - mm);
+            lsum += part_l[w] * f;
+            osum += part_acc[w][c] * f;
+        }
+        o[c] = osum / lsum;
     }
 }
 
