@@ -90,6 +90,7 @@ pub struct Gpu {
     f16: Vec<CudaFunction>,
     probe: CudaFunction,
     rms_norm: CudaFunction,
+    add_rms_norm: CudaFunction,
     rope: CudaFunction,
     kv_append: CudaFunction,
     attention: CudaFunction,
@@ -165,6 +166,7 @@ impl Gpu {
             f16: per_rows("matmul_f16")?,
             probe: module.load_function("read_probe")?,
             rms_norm: module.load_function("rms_norm")?,
+            add_rms_norm: module.load_function("add_rms_norm")?,
             rope: module.load_function("rope_rotate_half")?,
             kv_append: module.load_function("kv_append")?,
             attention: module.load_function("attention")?,
@@ -351,45 +353,140 @@ impl Gpu {
             return Ok(());
         }
         let mut b = self.stream.launch_builder(&self.rope);
-        let (h, hd) = (heads as i32, head_dim as i32);
-        b.arg(x).arg(pos).arg(cos).arg(sin).arg(&h).arg(&hd);
-        // SAFETY: matches rope_rotate_half(float*, const int*, const float*, const float*,
-        // int, int); sizes checked.
+        let (h, none, hd) = (heads as i32, 0i32, head_dim as i32);
+        // The kernel's second buffer (k) is not touched with hk = 0: `cos` stands in for it.
+        b.arg(x)
+            .arg(cos)
+            .arg(pos)
+            .arg(cos)
+            .arg(sin)
+            .arg(&h)
+            .arg(&none)
+            .arg(&hd);
+        // SAFETY: matches rope_rotate_half(float*, float*, const int*, const float*,
+        // const float*, int, int, int); sizes checked, and with hk = 0 the second buffer is
+        // neither read nor written.
         unsafe { b.launch(grid(rows as u32, 128)) }?;
         Ok(())
     }
 
-    /// Writes `s.t` rows of new keys or values, `src` = [t, n_kv_head, head_dim], into a
-    /// cache laid out [n_kv_head, capacity, head_dim] at positions `s.n..s.n + s.t`. The
-    /// kernel finds `cache`, `s.n` and `s.capacity` in the table `at` (slot `slot`).
+    /// [`Gpu::rope_rotate_half`] of a pass's queries `q` = [rows, q_heads, head_dim] and keys
+    /// `k` = [rows, k_heads, head_dim] in one launch (the same results).
+    #[allow(clippy::too_many_arguments)]
+    pub fn rope_rotate_half_pair(
+        &self,
+        q: &mut CudaViewMut<'_, f32>,
+        k: &mut CudaViewMut<'_, f32>,
+        pos: &CudaView<'_, i32>,
+        cos: &CudaSlice<f32>,
+        sin: &CudaSlice<f32>,
+        rows: usize,
+        heads: (usize, usize),
+        head_dim: usize,
+    ) -> Result<(), GpuError> {
+        fits("rope queries", rows * heads.0 * head_dim, q.len())?;
+        fits("rope keys", rows * heads.1 * head_dim, k.len())?;
+        fits("rope positions", rows, pos.len())?;
+        if cos.len() != sin.len() || !head_dim.is_multiple_of(2) {
+            return Err(GpuError::Invalid(
+                "rope tables or head size do not agree".into(),
+            ));
+        }
+        if rows == 0 {
+            return Ok(());
+        }
+        let mut b = self.stream.launch_builder(&self.rope);
+        let (hq, hk, hd) = (heads.0 as i32, heads.1 as i32, head_dim as i32);
+        b.arg(q)
+            .arg(k)
+            .arg(pos)
+            .arg(cos)
+            .arg(sin)
+            .arg(&hq)
+            .arg(&hk)
+            .arg(&hd);
+        // SAFETY: matches rope_rotate_half(float*, float*, const int*, const float*,
+        // const float*, int, int, int); sizes checked.
+        unsafe { b.launch(grid(rows as u32, 128)) }?;
+        Ok(())
+    }
+
+    /// `x += res` then `out = rms_norm(x) * w`, row by row: a residual add and the norm
+    /// after it in one launch (the same bits as [`Gpu::add_assign`] then [`Gpu::rms_norm`]).
+    pub fn add_rms_norm(
+        &self,
+        x: &mut CudaViewMut<'_, f32>,
+        res: &CudaView<'_, f32>,
+        w: &CudaSlice<f32>,
+        eps: f32,
+        out: &mut CudaViewMut<'_, f32>,
+        rows: usize,
+    ) -> Result<(), GpuError> {
+        let d = w.len();
+        fits("add_rms_norm input", rows * d, x.len())?;
+        fits("add_rms_norm residual", rows * d, res.len())?;
+        fits("add_rms_norm output", rows * d, out.len())?;
+        if rows == 0 {
+            return Ok(());
+        }
+        let mut b = self.stream.launch_builder(&self.add_rms_norm);
+        let di = d as i32;
+        b.arg(x).arg(res).arg(w).arg(out).arg(&di).arg(&eps);
+        // SAFETY: matches add_rms_norm(float*, const float*, const float*, float*, int,
+        // float); sizes checked.
+        unsafe { b.launch(grid(rows as u32, 256)) }?;
+        Ok(())
+    }
+
+    /// Writes `s.t` rows of new keys and of new values, `src` = [t, n_kv_head, head_dim]
+    /// each, into caches laid out [n_kv_head, capacity, head_dim] at positions
+    /// `s.n..s.n + s.t`, in one launch. The kernel finds the caches, `s.n` and `s.capacity`
+    /// in the table `at` (slots `slots.0` and `slots.1`).
+    #[allow(clippy::too_many_arguments)]
     pub fn kv_append(
         &self,
         s: AttentionShape,
         at: &KvTable<'_>,
-        slot: usize,
-        src: &CudaView<'_, f32>,
-        cache: &mut CudaSlice<f32>,
+        slots: (usize, usize),
+        k_src: &CudaView<'_, f32>,
+        v_src: &CudaView<'_, f32>,
+        k_cache: &mut CudaSlice<f32>,
+        v_cache: &mut CudaSlice<f32>,
     ) -> Result<(), GpuError> {
         let (nkv, hd) = (s.n_kv_head, s.head_dim);
-        fits("kv_append input", s.t * nkv * hd, src.len())?;
-        fits("kv cache", nkv * s.capacity * hd, cache.len())?;
+        fits("kv_append keys", s.t * nkv * hd, k_src.len())?;
+        fits("kv_append values", s.t * nkv * hd, v_src.len())?;
+        fits(
+            "kv cache",
+            nkv * s.capacity * hd,
+            k_cache.len().min(v_cache.len()),
+        )?;
         if s.n + s.t > s.capacity {
             return Err(GpuError::Invalid(
                 "kv_append past the cache's capacity".into(),
             ));
         }
-        at.check(slot)?;
+        at.check(slots.0)?;
+        at.check(slots.1)?;
         if s.t == 0 {
             return Ok(());
         }
         let mut b = self.stream.launch_builder(&self.kv_append);
-        let (sl, sq, a, d) = (slot as i32, at.seq as i32, nkv as i32, hd as i32);
-        b.arg(src).arg(&at.ptrs).arg(&sl).arg(&at.info).arg(&sq);
+        let (ks, vs, sq) = (slots.0 as i32, slots.1 as i32, at.seq as i32);
+        let (a, d) = (nkv as i32, hd as i32);
+        b.arg(k_src)
+            .arg(v_src)
+            .arg(&at.ptrs)
+            .arg(&ks)
+            .arg(&vs)
+            .arg(&at.info)
+            .arg(&sq);
         b.arg(&a).arg(&d);
-        // SAFETY: matches kv_append(const float*, const u64*, int, const int*, int, int, int);
-        // sizes checked. The table holds `cache`'s address, `s.n` and `s.capacity` (the
-        // caller's contract, see [`KvTable`]), which were checked against each other above.
-        unsafe { b.launch(grid((s.t * nkv) as u32, 128)) }?;
+        // SAFETY: matches kv_append(const float*, const float*, const u64*, int, int,
+        // const int*, int, int, int); sizes checked. The table holds the caches' addresses,
+        // `s.n` and `s.capacity` (the caller's contract, see [`KvTable`]), which were checked
+        // against each other above.
+        unsafe { b.launch(grid((2 * s.t * nkv) as u32, 128)) }?;
         Ok(())
     }
 

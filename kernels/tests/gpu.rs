@@ -182,6 +182,32 @@ fn elementwise_ops_match_cpu() {
             .unwrap();
         g.read(&xd.slice(..), &mut got).unwrap();
         close(&want, &got, &format!("silu_mul/add {rows}x{d}"));
+
+        // The residual add and the norm after it in one launch: the bits of the two launches.
+        let res = random(rows * d, &mut rng);
+        let resd = g.to_device(&res).unwrap();
+        let (mut xa, mut xb) = (g.to_device(&x).unwrap(), g.to_device(&x).unwrap());
+        let (mut oa, mut ob) = (g.zeros(rows * d).unwrap(), g.zeros(rows * d).unwrap());
+        g.add_assign(&mut xa.slice_mut(..), &resd.slice(..), rows * d, rows * d)
+            .unwrap();
+        g.rms_norm(&xa.slice(..), &wd, 1e-5, &mut oa.slice_mut(..), rows)
+            .unwrap();
+        g.add_rms_norm(
+            &mut xb.slice_mut(..),
+            &resd.slice(..),
+            &wd,
+            1e-5,
+            &mut ob.slice_mut(..),
+            rows,
+        )
+        .unwrap();
+        let read = |b: &tandem_kernels::cuda::CudaSlice<f32>| {
+            let mut v = vec![0f32; rows * d];
+            g.read(&b.slice(..), &mut v).unwrap();
+            v
+        };
+        assert_eq!(read(&xa), read(&xb), "add_rms_norm's sum {rows}x{d}");
+        assert_eq!(read(&oa), read(&ob), "add_rms_norm's norm {rows}x{d}");
     }
     // RoPE at scattered positions
     let (heads, hd, ctx) = (3, 64, 100);
@@ -216,6 +242,39 @@ fn elementwise_ops_match_cpu() {
     let mut got = vec![0f32; x.len()];
     g.read(&xd.slice(..), &mut got).unwrap();
     close(&want, &got, "rope");
+    // Queries and keys (other head counts) in one launch: the bits of one launch each.
+    let kx = random(pos.len() * 2 * hd, &mut rng);
+    let (mut qa, mut ka) = (g.to_device(&x).unwrap(), g.to_device(&kx).unwrap());
+    g.rope_rotate_half_pair(
+        &mut qa.slice_mut(..),
+        &mut ka.slice_mut(..),
+        &pd.slice(..),
+        &cd,
+        &sd,
+        pos.len(),
+        (heads, 2),
+        hd,
+    )
+    .unwrap();
+    g.read(&qa.slice(..), &mut got).unwrap();
+    let mut single = vec![0f32; x.len()];
+    g.read(&xd.slice(..), &mut single).unwrap();
+    assert_eq!(got, single, "rope pair: queries");
+    let mut kd = g.to_device(&kx).unwrap();
+    g.rope_rotate_half(
+        &mut kd.slice_mut(..),
+        &pd.slice(..),
+        &cd,
+        &sd,
+        pos.len(),
+        2,
+        hd,
+    )
+    .unwrap();
+    let (mut k_pair, mut k_single) = (vec![0f32; kx.len()], vec![0f32; kx.len()]);
+    g.read(&ka.slice(..), &mut k_pair).unwrap();
+    g.read(&kd.slice(..), &mut k_single).unwrap();
+    assert_eq!(k_pair, k_single, "rope pair: keys");
 }
 
 /// Appending to the cache and attending over it, against the CPU reference: decode (t = 1),
@@ -277,8 +336,19 @@ fn attention_matches_cpu_reference() {
             info: info.slice(..),
             seq: 1,
         };
-        g.kv_append(s, &at, 2, &nk.slice(..), &mut kd).unwrap();
-        g.kv_append(s, &at, 3, &nv.slice(..), &mut vd).unwrap();
+        g.kv_append(
+            s,
+            &at,
+            (2, 3),
+            &nk.slice(..),
+            &nv.slice(..),
+            &mut kd,
+            &mut vd,
+        )
+        .unwrap();
+        let mut cached_v = vec![0f32; vc.len()];
+        g.read(&vd.slice(..), &mut cached_v).unwrap();
+        assert_eq!(cached_v, vc, "kv_append (values) t={t} n={n}");
         let mut cached = vec![0f32; kc.len()];
         g.read(&kd.slice(..), &mut cached).unwrap();
         assert_eq!(cached, kc, "kv_append t={t} n={n}");
@@ -310,6 +380,7 @@ fn kernels_compile_with_nvrtc() {
                 "matmul_f16_1",
                 "matmul_f16_8",
                 "rms_norm",
+                "add_rms_norm",
                 "rope_rotate_half",
                 "kv_append",
                 "attention",

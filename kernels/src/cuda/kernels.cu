@@ -358,18 +358,40 @@ extern "C" __global__ void rms_norm(const float* __restrict__ x, const float* __
     for (int i = threadIdx.x; i < d; i += blockDim.x) o[i] = xr[i] * inv * w[i];
 }
 
-// Rotate-half RoPE in place on x [rows, heads, hd]; row r is at position pos[r], and
-// cos/sin are the model's tables [context, hd/2]. One block per row.
-extern "C" __global__ void rope_rotate_half(float* __restrict__ x, const int* __restrict__ pos,
+// x[r, :] += res[r, :], then out[r, :] = x[r, :] / sqrt(mean(x[r, :]^2) + eps) * w: a
+// residual add and the norm after it in one launch, with add_assign's and rms_norm's sums (the
+// same bits as the two launches). One block per row.
+extern "C" __global__ void add_rms_norm(float* __restrict__ x, const float* __restrict__ res,
+                                        const float* __restrict__ w, float* __restrict__ out,
+                                        int d, float eps) {
+    float* xr = x + (size_t)blockIdx.x * d;
+    const float* rr = res + (size_t)blockIdx.x * d;
+    float* o = out + (size_t)blockIdx.x * d;
+    float ss = 0.0f;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) {
+        float v = xr[i] + rr[i];
+        xr[i] = v;
+        ss += v * v;
+    }
+    float inv = rsqrtf(block_sum(ss) / (float)d + eps);
+    for (int i = threadIdx.x; i < d; i += blockDim.x) o[i] = xr[i] * inv * w[i];
+}
+
+// Rotate-half RoPE in place on q [rows, hq, hd] and k [rows, hk, hd] (the queries and keys of
+// a pass, in one launch; hk = 0 rotates q alone); row r is at position pos[r], and cos/sin
+// are the pass's tables [positions, hd/2]. One block per row.
+extern "C" __global__ void rope_rotate_half(float* __restrict__ q, float* __restrict__ k,
+                                            const int* __restrict__ pos,
                                             const float* __restrict__ cos_t,
-                                            const float* __restrict__ sin_t, int heads, int hd) {
+                                            const float* __restrict__ sin_t, int hq, int hk,
+                                            int hd) {
     int half = hd / 2;
-    float* xr = x + (size_t)blockIdx.x * heads * hd;
-    const float* c = cos_t + (size_t)pos[blockIdx.x] * half;
-    const float* s = sin_t + (size_t)pos[blockIdx.x] * half;
-    for (int e = threadIdx.x; e < heads * half; e += blockDim.x) {
+    int r = blockIdx.x;
+    const float* c = cos_t + (size_t)pos[r] * half;
+    const float* s = sin_t + (size_t)pos[r] * half;
+    for (int e = threadIdx.x; e < (hq + hk) * half; e += blockDim.x) {
         int h = e / half, i = e % half;
-        float* xh = xr + h * hd;
+        float* xh = h < hq ? q + ((size_t)r * hq + h) * hd : k + ((size_t)r * hk + h - hq) * hd;
         float a = xh[i], b = xh[i + half];
         xh[i] = a * c[i] - b * s[i];
         xh[i + half] = b * c[i] + a * s[i];
@@ -393,15 +415,22 @@ __device__ __forceinline__ KvAt kv_at(const unsigned long long* __restrict__ ptr
     return a;
 }
 
-// Writes t rows of new keys or values, src [t, nkv, hd], into a cache [nkv, cap, hd] at
-// positions n..n+t (the cache and n, cap: kv_at). One block per (row, kv head).
-extern "C" __global__ void kv_append(const float* __restrict__ src,
-                                     const unsigned long long* __restrict__ ptrs, int slot,
-                                     const int* __restrict__ info, int seq, int nkv, int hd) {
-    KvAt at = kv_at(ptrs, slot, info, seq);
+// Writes t rows of new keys and of new values, k_src and v_src [t, nkv, hd], into their
+// caches [nkv, cap, hd] (ptrs[k_slot], ptrs[v_slot]; n, cap: kv_at) at positions n..n+t. One
+// block per (keys or values, row, kv head).
+extern "C" __global__ void kv_append(const float* __restrict__ k_src,
+                                     const float* __restrict__ v_src,
+                                     const unsigned long long* __restrict__ ptrs, int k_slot,
+                                     int v_slot, const int* __restrict__ info, int seq, int nkv,
+                                     int hd) {
+    int per = gridDim.x / 2;
+    bool values = blockIdx.x >= per;
+    int block = values ? blockIdx.x - per : blockIdx.x;
+    const float* src = values ? v_src : k_src;
+    KvAt at = kv_at(ptrs, values ? v_slot : k_slot, info, seq);
     float* cache = at.cache;
     int n = at.n, cap = at.cap;
-    int i = blockIdx.x / nkv, h = blockIdx.x % nkv;
+    int i = block / nkv, h = block % nkv;
     const float* s = src + ((size_t)i * nkv + h) * hd;
     float* d = cache + ((size_t)h * cap + n + i) * hd;
     for (int c = threadIdx.x; c < hd; c += blockDim.x) d[c] = s[c];

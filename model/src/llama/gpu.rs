@@ -270,6 +270,7 @@ impl Resident {
             graphs,
             mode: Mode::Direct,
             graph_failed: false,
+            pending: Pending::Nothing,
         };
         let out = model.run_pass(&mut b, pass);
         if b.mode == Mode::Capture {
@@ -291,6 +292,7 @@ impl Resident {
             graphs: false,
             mode: Mode::Direct,
             graph_failed: false,
+            pending: Pending::Nothing,
             ..b
         };
         if let Some(buffers) = b.held.as_mut() {
@@ -315,6 +317,16 @@ enum Mode {
     Replay(usize),
 }
 
+/// An operation a GPU pass holds back to launch together with the next one: a residual add
+/// with the norm of its sum, the queries' rotation with the keys'. (A small model's step is
+/// hundreds of launches; these save four per layer.)
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pending {
+    Nothing,
+    Add { dst: Buf, src: Buf },
+    Rope { buf: Buf, heads: usize },
+}
+
 /// A forward pass on the GPU.
 struct GpuPass<'a> {
     g: &'static Gpu,
@@ -329,6 +341,7 @@ struct GpuPass<'a> {
     mode: Mode,
     /// A graph could not be made or launched (the pass is then run again directly).
     graph_failed: bool,
+    pending: Pending,
 }
 
 impl GpuPass<'_> {
@@ -412,6 +425,37 @@ impl GpuPass<'_> {
         self.rows * buf.width(&self.model.config)
     }
 
+    /// Launches the operation held back for fusing, if any (before anything that reads its
+    /// result).
+    fn flush(&mut self) -> Result<()> {
+        let g = self.g;
+        match std::mem::replace(&mut self.pending, Pending::Nothing) {
+            Pending::Nothing => Ok(()),
+            Pending::Add { dst, src } => {
+                let n = self.len(dst);
+                let (s, d) = self.pair(src, dst)?;
+                g.add_assign(&mut d.slice_mut(..n), &s.slice(..n), n, n)
+                    .map_err(gpu_err)
+            }
+            Pending::Rope { buf, heads } => {
+                let (rows, n) = (self.rows, self.len(buf));
+                let hd = self.model.config.head_dim();
+                let b = self.bufs()?;
+                let pos = b.pos.slice(..rows);
+                g.rope_rotate_half(
+                    &mut b.bufs[buf as usize].slice_mut(..n),
+                    &pos,
+                    &b.cos,
+                    &b.sin,
+                    rows,
+                    heads,
+                    hd,
+                )
+                .map_err(gpu_err)
+            }
+        }
+    }
+
     /// `src` to read and `dst` to write, two different buffers.
     fn pair(&mut self, src: Buf, dst: Buf) -> Result<(&CudaSlice<f32>, &mut CudaSlice<f32>)> {
         let [s, d] = self
@@ -427,6 +471,7 @@ impl GpuPass<'_> {
         if self.replaying() {
             return Ok(());
         }
+        self.flush()?;
         let (g, c) = (self.g, &self.model.config);
         let (h, eps, p) = (c.hidden_size, c.rms_norm_eps as f32, picked.len());
         let norm = &self.resident.norm;
@@ -517,6 +562,28 @@ impl Backend for GpuPass<'_> {
             Norm::Attention(li) => &self.resident.attn_norm[li],
             Norm::Mlp(li) => &self.resident.mlp_norm[li],
         };
+        if let Pending::Add { dst: x, src: res } = self.pending {
+            if x == src && dst != x && dst != res {
+                // The residual add just held back, and this norm of its sum: one launch.
+                self.pending = Pending::Nothing;
+                let b = self.bufs()?;
+                let [xb, rb, ob] = b
+                    .bufs
+                    .get_disjoint_mut([x as usize, res as usize, dst as usize])
+                    .map_err(|_| internal("add and norm buffers overlap"))?;
+                return g
+                    .add_rms_norm(
+                        &mut xb.slice_mut(..n),
+                        &rb.slice(..n),
+                        w,
+                        eps,
+                        &mut ob.slice_mut(..n),
+                        rows,
+                    )
+                    .map_err(gpu_err);
+            }
+        }
+        self.flush()?;
         let (s, d) = self.pair(src, dst)?;
         g.rms_norm(&s.slice(..n), w, eps, &mut d.slice_mut(..n), rows)
             .map_err(gpu_err)
@@ -526,6 +593,7 @@ impl Backend for GpuPass<'_> {
         if self.replaying() {
             return Ok(());
         }
+        self.flush()?;
         let (g, rows) = (self.g, self.rows);
         let (ns, nd) = (self.len(src), self.len(dst));
         let gw = w
@@ -539,20 +607,36 @@ impl Backend for GpuPass<'_> {
         if self.replaying() {
             return Ok(());
         }
-        let (g, rows, n) = (self.g, self.rows, self.len(buf));
-        let hd = self.model.config.head_dim();
-        let b = self.bufs()?;
-        let pos = b.pos.slice(..rows);
-        g.rope_rotate_half(
-            &mut b.bufs[buf as usize].slice_mut(..n),
-            &pos,
-            &b.cos,
-            &b.sin,
-            rows,
-            heads,
-            hd,
-        )
-        .map_err(gpu_err)
+        if let Pending::Rope { buf: q, heads: hq } = self.pending {
+            if q != buf {
+                // The queries' rotation held back, and these keys': one launch.
+                self.pending = Pending::Nothing;
+                let (g, rows) = (self.g, self.rows);
+                let (nq, nk) = (self.len(q), self.len(buf));
+                let hd = self.model.config.head_dim();
+                let b = self.bufs()?;
+                let pos = b.pos.slice(..rows);
+                let [qb, kb] = b
+                    .bufs
+                    .get_disjoint_mut([q as usize, buf as usize])
+                    .map_err(|_| internal("rope buffers overlap"))?;
+                return g
+                    .rope_rotate_half_pair(
+                        &mut qb.slice_mut(..nq),
+                        &mut kb.slice_mut(..nk),
+                        &pos,
+                        &b.cos,
+                        &b.sin,
+                        rows,
+                        (hq, heads),
+                        hd,
+                    )
+                    .map_err(gpu_err);
+            }
+        }
+        self.flush()?;
+        self.pending = Pending::Rope { buf, heads };
+        Ok(())
     }
 
     fn attention(
@@ -570,6 +654,7 @@ impl Backend for GpuPass<'_> {
         if self.replaying() {
             return Ok(());
         }
+        self.flush()?;
         let g = self.g;
         let c = &self.model.config;
         let (nh, nkv, hd) = (c.num_attention_heads, c.num_kv_heads(), c.head_dim());
@@ -598,9 +683,8 @@ impl Backend for GpuPass<'_> {
             let layers = kv.k.len();
             let (ks, vs) = (base + li, base + layers + li);
             base += 2 * layers;
-            g.kv_append(s, &at, ks, &k.slice(kr.clone()), &mut kv.k[li])
-                .map_err(gpu_err)?;
-            g.kv_append(s, &at, vs, &v.slice(kr), &mut kv.v[li])
+            let (kc, vc) = (&mut kv.k[li], &mut kv.v[li]);
+            g.kv_append(s, &at, (ks, vs), &k.slice(kr.clone()), &v.slice(kr), kc, vc)
                 .map_err(gpu_err)?;
             g.attention(
                 s,
@@ -622,6 +706,7 @@ impl Backend for GpuPass<'_> {
         if self.replaying() {
             return Ok(());
         }
+        self.flush()?;
         let (g, n) = (self.g, self.len(gate));
         let (u, gt) = self.pair(up, gate)?;
         g.silu_mul(&mut gt.slice_mut(..n), &u.slice(..n), n)
@@ -632,14 +717,15 @@ impl Backend for GpuPass<'_> {
         if self.replaying() {
             return Ok(());
         }
-        let (g, n) = (self.g, self.len(dst));
-        let (s, d) = self.pair(src, dst)?;
-        g.add_assign(&mut d.slice_mut(..n), &s.slice(..n), n, n)
-            .map_err(gpu_err)
+        // Held back: the norm that usually follows reads the sum (see `rms_norm`).
+        self.flush()?;
+        self.pending = Pending::Add { dst, src };
+        Ok(())
     }
 
     fn host(&mut self, buf: Buf) -> Result<&[f32]> {
         self.not_in_graph("reading activations")?;
+        self.flush()?;
         let (g, n) = (self.g, self.len(buf));
         let b = self.bufs()?;
         b.host.resize(n, 0.0);
