@@ -9,6 +9,7 @@
 #                              # with cargo where there is a toolchain and no bundle)
 #   SYNTH=0 scripts/gpu-check.sh   # without the synthetic ~0.8B model (needs python3 + numpy)
 #   SMOLLM2=DIR scripts/gpu-check.sh  # also SmolLM2-135M-Instruct (F16 folder) on chat prompts
+#                                   # (scripts/gpu-pack-smollm2.sh carries it in pieces)
 #   GPU_CHECK_OUT=DIR               # keep each `bench spec` JSON there
 #
 # Every GPU pass of up to 8 rows runs from a CUDA graph unless TANDEM_CUDA_GRAPHS=0; the

@@ -453,7 +453,7 @@ __device__ __forceinline__ float warp_max(float v) {
 // are merged. The split depends only on the row's own length, so a row's result does not
 // depend on how many rows share the pass.
 //
-// (Session 40's first GPU run found the one-warp-per-row kernel, a warp reduction per
+// (Session 41's first GPU run found the one-warp-per-row kernel, a warp reduction per
 // position, to be most of a SmolLM2 decode step at a few hundred positions.)
 extern "C" __global__ void attention(const float* __restrict__ q,
                                      const unsigned long long* __restrict__ ptrs, int k_slot,
