@@ -92,15 +92,22 @@ head -6 scripts/spec-prompts.jsonl >"$tmp/prompts.jsonl"
   run_spec "CPU" $model $draft 128 "$tmp/prompts.jsonl"
   run_spec "GPU" $model $draft 128 "$tmp/prompts.jsonl" --gpu
 done
+# `bench` (prefill, decode, passes of 1 and 8 rows after 256 positions) on the GPU with CUDA
+# graphs on and off, in that order, into a file: model, decode tokens, file, graph settings.
+bench_graphs() {
+  local m=$1 tg=$2 out=$3 gr; shift 3
+  for gr in "$@"; do
+    echo "TANDEM_CUDA_GRAPHS=$gr" >>"$out"
+    TANDEM_CUDA_GRAPHS=$gr timeout 120 $T --gpu bench --model "$m" --pp 128 --tg "$tg" --reps 3 --verify 8 --context 256 \
+      >>"$out" 2>"$tmp/err" || echo "bench (graphs $gr): $(tail -1 "$tmp/err")" >>"$out"
+  done
+}
+
 # SmolLM2-135M-Instruct, F16 (issue 18's verifier), on the team's chat prompts in its own
 # template: the real model, where it was carried in (its 270 MB travel in several calls).
 if [ -n "${SMOLLM2:-}" ] && [ -f "$SMOLLM2/model.safetensors" ]; then
   say "SmolLM2: decode and passes of 1 and 8 rows on the GPU, CUDA graphs on, then off"
-  for gr in 1 0; do
-    echo "TANDEM_CUDA_GRAPHS=$gr" >>"$tmp/smol.md"
-    TANDEM_CUDA_GRAPHS=$gr timeout 120 $T --gpu bench --model "$SMOLLM2" --pp 128 --tg 128 --reps 3 --verify 8 --context 256 \
-      >>"$tmp/smol.md" 2>"$tmp/err" || echo "bench (graphs $gr): $(tail -1 "$tmp/err")" >>"$tmp/smol.md"
-  done
+  bench_graphs "$SMOLLM2" 128 "$tmp/smol.md" 1 0
   cat "$tmp/smol.md" >&2
   say "SmolLM2: bench spec --chat, 16 instruct prompts, <= 128 tokens, greedy"
   for draft in suffix+self:q4_0@all self:q4_0@all self:q8_0@all suffix ngram; do
@@ -123,16 +130,11 @@ if [ "${SYNTH:-1}" = 1 ] && python3 -c 'import numpy' 2>/dev/null; then
   done
   # Issue 18's verification cost on the GPU: a pass of 8 rows against a 1-row pass (F16, Q8_0).
   say "decode, and verification passes of 1 and 8 rows, on the GPU (synthetic model, F16; graphs off, then on)"
-  for gr in 0 1; do
-    echo "TANDEM_CUDA_GRAPHS=$gr" >>"$tmp/verify.md"
-    TANDEM_CUDA_GRAPHS=$gr timeout 120 $T --gpu bench --model "$synth" --pp 128 --tg 64 --reps 3 --verify 8 --context 256 \
-      >>"$tmp/verify.md" 2>"$tmp/err" || echo "bench --verify: $(tail -1 "$tmp/err")" >>"$tmp/verify.md"
-  done
+  bench_graphs "$synth" 64 "$tmp/verify.md" 0 1
   say "the same in Q8_0 (attention too)"
   if timeout 120 $T quantize "$synth" --scheme q8_0 --attention q8_0 --out "$tmp/synth-q8_0.gguf" >/dev/null 2>"$tmp/err"; then
-    echo "Q8_0, TANDEM_CUDA_GRAPHS=1" >>"$tmp/verify.md"
-    timeout 120 $T --gpu bench --model "$tmp/synth-q8_0.gguf" --pp 128 --tg 64 --reps 3 --verify 8 --context 256 2>"$tmp/err" \
-      >>"$tmp/verify.md" || echo "bench --verify (Q8_0): $(tail -1 "$tmp/err")" >>"$tmp/verify.md"
+    echo "Q8_0:" >>"$tmp/verify.md"
+    bench_graphs "$tmp/synth-q8_0.gguf" 64 "$tmp/verify.md" 1
   else
     echo "quantize: $(tail -1 "$tmp/err")" >>"$tmp/verify.md"
   fi
