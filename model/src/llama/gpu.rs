@@ -259,7 +259,12 @@ impl Resident {
             && pass.tree.is_none()
             && model.lm_head.gpu_weight().is_some()
             && model.shortlist.read().is_ok_and(|s| s.is_none());
-        let lens: Vec<usize> = pass.seqs.iter().map(|(_, c)| c.len).collect();
+        // What a failed graph's pass reruns from (nothing is allocated when graphs are off).
+        let lens: Vec<usize> = if graphs {
+            pass.seqs.iter().map(|(_, c)| c.len).collect()
+        } else {
+            Vec::new()
+        };
         let mut b = GpuPass {
             g,
             model,
