@@ -442,8 +442,14 @@ impl Gpu {
     /// each, into caches laid out [n_kv_head, capacity, head_dim] at positions
     /// `s.n..s.n + s.t`, in one launch. The kernel finds the caches, `s.n` and `s.capacity`
     /// in the table `at` (slots `slots.0` and `slots.1`).
+    ///
+    /// # Safety
+    /// The kernel writes where the table says: `at` must hold `k_cache`'s and `v_cache`'s
+    /// addresses in those slots and `s.n`, `s.capacity` for `at.seq` (see [`KvTable`]), written
+    /// before this launch on the stream. The sizes given here are checked; the table's copy
+    /// of them cannot be, from the host.
     #[allow(clippy::too_many_arguments)]
-    pub fn kv_append(
+    pub unsafe fn kv_append(
         &self,
         s: AttentionShape,
         at: &KvTable<'_>,
@@ -484,7 +490,7 @@ impl Gpu {
         b.arg(&a).arg(&d);
         // SAFETY: matches kv_append(const float*, const float*, const u64*, int, int,
         // const int*, int, int, int); sizes checked. The table holds the caches' addresses,
-        // `s.n` and `s.capacity` (the caller's contract, see [`KvTable`]), which were checked
+        // `s.n` and `s.capacity` (this function's safety contract), which were checked
         // against each other above.
         unsafe { b.launch(grid((2 * s.t * nkv) as u32, 128)) }?;
         Ok(())
@@ -493,8 +499,12 @@ impl Gpu {
     /// Causal attention of `s.t` new queries over caches holding `s.n + s.t` positions (see
     /// [`crate::attention`]); the kernel finds `k` and `v` in the table `at` (slots `k_slot`,
     /// `v_slot`), as [`Gpu::kv_append`] does.
+    ///
+    /// # Safety
+    /// As for [`Gpu::kv_append`]: `at` must hold `k`'s and `v`'s addresses in those slots and
+    /// `s.n`, `s.capacity` for `at.seq`.
     #[allow(clippy::too_many_arguments)]
-    pub fn attention(
+    pub unsafe fn attention(
         &self,
         s: AttentionShape,
         at: &KvTable<'_>,
@@ -537,8 +547,8 @@ impl Gpu {
         b.arg(out).arg(&h).arg(&a).arg(&d).arg(&scale);
         // SAFETY: matches attention(const float*, const u64*, int, int, const int*, int,
         // float*, int, int, int, float); sizes checked. The table holds `k`'s and `v`'s
-        // addresses, `s.n` and `s.capacity` (the caller's contract, see [`KvTable`]), which
-        // were checked against each other above.
+        // addresses, `s.n` and `s.capacity` (this function's safety contract), which were
+        // checked against each other above.
         unsafe { b.launch(cfg) }?;
         Ok(())
     }
@@ -687,8 +697,7 @@ impl Gpu {
         &self.ctx
     }
 
-    /// The device address of `buf` (what a captured graph holds: a graph replays only while
-    /// the buffers it was captured with are the same).
+    /// The device address of `buf` (what a [`KvTable`] holds).
     pub fn address<T>(&self, buf: &CudaSlice<T>) -> u64 {
         let (ptr, _sync) = buf.device_ptr(&self.stream);
         ptr
@@ -719,7 +728,8 @@ impl Gpu {
 ///
 /// The caller writes the table before the work that reads it, and it must agree with what
 /// the caller passes beside it: the methods that take a table check the buffers and the
-/// shape they are given, and the kernels use the table's copy of the same.
+/// shape they are given, and the kernels use the table's copy of the same (so those methods
+/// are `unsafe`).
 pub struct KvTable<'a> {
     pub ptrs: CudaView<'a, u64>,
     pub info: CudaView<'a, i32>,

@@ -336,15 +336,19 @@ fn attention_matches_cpu_reference() {
             info: info.slice(..),
             seq: 1,
         };
-        g.kv_append(
-            s,
-            &at,
-            (2, 3),
-            &nk.slice(..),
-            &nv.slice(..),
-            &mut kd,
-            &mut vd,
-        )
+        // SAFETY: the table holds kd's and vd's addresses in slots 2 and 3, and n and cap
+        // for sequence 1 (written above, on the same stream).
+        unsafe {
+            g.kv_append(
+                s,
+                &at,
+                (2, 3),
+                &nk.slice(..),
+                &nv.slice(..),
+                &mut kd,
+                &mut vd,
+            )
+        }
         .unwrap();
         let mut cached_v = vec![0f32; vc.len()];
         g.read(&vd.slice(..), &mut cached_v).unwrap();
@@ -354,7 +358,8 @@ fn attention_matches_cpu_reference() {
         assert_eq!(cached, kc, "kv_append t={t} n={n}");
         let qd = g.to_device(&q).unwrap();
         let mut od = g.zeros(want.len()).unwrap();
-        g.attention(s, &at, 2, 3, &qd.slice(..), &kd, &vd, &mut od.slice_mut(..))
+        // SAFETY: as for kv_append above.
+        unsafe { g.attention(s, &at, 2, 3, &qd.slice(..), &kd, &vd, &mut od.slice_mut(..)) }
             .unwrap();
         let mut got = vec![0f32; want.len()];
         g.read(&od.slice(..), &mut got).unwrap();

@@ -689,18 +689,25 @@ impl Backend for GpuPass<'_> {
             let (ks, vs) = (base + li, base + layers + li);
             base += 2 * layers;
             let (kc, vc) = (&mut kv.k[li], &mut kv.v[li]);
-            g.kv_append(s, &at, (ks, vs), &k.slice(kr.clone()), &v.slice(kr), kc, vc)
+            // SAFETY: `begin` wrote the table from what `reserve` found for this pass: for
+            // sequence `seq`, its length before the pass (`n`) and capacity, and its caches'
+            // addresses, K layer by layer then V, from `base` (this loop walks the sequences
+            // in the same order), none of which has changed since.
+            unsafe { g.kv_append(s, &at, (ks, vs), &k.slice(kr.clone()), &v.slice(kr), kc, vc) }
                 .map_err(gpu_err)?;
-            g.attention(
-                s,
-                &at,
-                ks,
-                vs,
-                &q.slice(qr.clone()),
-                &kv.k[li],
-                &kv.v[li],
-                &mut att.slice_mut(qr),
-            )
+            // SAFETY: as for `kv_append` above.
+            unsafe {
+                g.attention(
+                    s,
+                    &at,
+                    ks,
+                    vs,
+                    &q.slice(qr.clone()),
+                    &kv.k[li],
+                    &kv.v[li],
+                    &mut att.slice_mut(qr),
+                )
+            }
             .map_err(gpu_err)?;
             row += t;
         }
