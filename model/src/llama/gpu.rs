@@ -259,12 +259,6 @@ impl Resident {
             && pass.tree.is_none()
             && model.lm_head.gpu_weight().is_some()
             && model.shortlist.read().is_ok_and(|s| s.is_none());
-        // What a failed graph's pass reruns from (nothing is allocated when graphs are off).
-        let lens: Vec<usize> = if graphs {
-            pass.seqs.iter().map(|(_, c)| c.len).collect()
-        } else {
-            Vec::new()
-        };
         let mut b = GpuPass {
             g,
             model,
@@ -288,11 +282,9 @@ impl Resident {
             return out;
         }
         // The graph could not be made or run. Nothing it held ran, so the pass runs again
-        // without graphs, from the cache lengths it started with; this model stops trying.
+        // without graphs, from the cache lengths it started with (what `reserve` put in the
+        // KV table, before anything could fail in a graph); this model stops trying.
         self.graphs.store(false, Ordering::Relaxed);
-        for ((_, cache), len) in pass.seqs.iter_mut().zip(lens) {
-            cache.len = len;
-        }
         let mut b = GpuPass {
             graphs: false,
             mode: Mode::Direct,
@@ -300,12 +292,19 @@ impl Resident {
             pending: Pending::Nothing,
             ..b
         };
-        if let Some(buffers) = b.held.as_mut() {
-            buffers.graphs.clear();
-            buffers.ptrs_host.clear();
-            buffers.info_host.clear();
-            buffers.key.clear();
+        let buffers = b.bufs()?;
+        for (i, (_, cache)) in pass.seqs.iter_mut().enumerate() {
+            let len = buffers
+                .info_host
+                .get(2 * i)
+                .and_then(|&n| usize::try_from(n).ok())
+                .ok_or_else(|| internal("a failed GPU graph's starting lengths"))?;
+            cache.len = len;
         }
+        buffers.graphs.clear();
+        buffers.ptrs_host.clear();
+        buffers.info_host.clear();
+        buffers.key.clear();
         model.run_pass(&mut b, pass)
     }
 }
