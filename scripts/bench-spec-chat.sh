@@ -4,9 +4,9 @@
 #   LLAMA_CPP_BIN=/path/to/llama.cpp/build/bin scripts/bench-spec-chat.sh [THREADS] [MAX_TOKENS] [PROMPTS]
 # tandem: `tandem bench spec --chat` (plain and speculative on the same prompts) for the
 # drafters below. llama.cpp: llama-completion (plain) and llama-speculative-simple with a Q8_0
-# and a Q4_0 draft (llama-quantize of the same F16 file) and its n-gram drafters, each prompt
-# rendered by the model's own chat template (jinja2, from tokenizer_config.json; special
-# tokens parsed). tok/s = generated tokens / (prompt + generation time), both tools.
+# and a Q4_0 draft (llama-quantize of the same F16 file), tandem's GPTQ Q4_0 draft file and
+# its n-gram drafters, each prompt rendered by the model's own chat template (jinja2, from
+# tokenizer_config.json; special tokens parsed). tok/s = generated tokens / (prompt + generation time), both tools.
 # Needs llama-completion and llama-speculative-simple (cmake --build BUILD --target
 # llama-completion llama-speculative-simple) and python3 with jinja2.
 set -euo pipefail
@@ -14,9 +14,15 @@ source "$(dirname "$0")/common.sh"
 N=${1:-2}; M=${2:-128}; P=${3:-$root/scripts/chat-prompts.jsonl}
 out=${OUT:-$root/target/bench-spec}; mkdir -p "$out"
 echo "== tandem ($N threads, <= $M tokens, $(grep -c . "$P") chat prompts, greedy)"
-for d in ngram self:q8_0@all suffix+self:q8_0@all suffix+self:q4_0@all; do
+# A Q4_0 draft file calibrated with GPTQ on the default calibration text (never the prompts):
+# what `tandem quantize` makes for its own verifier; llama.cpp drafts with it too below.
+gptq=$out/draft-q4_0-gptq.gguf
+[ -f "$gptq" ] || "$T" --threads "$N" quantize "$smol" --out "$gptq" --scheme q4_0 --attention q4_0 \
+  --method gptq --quiet >/dev/null
+for d in ngram self:q8_0@all suffix+self:q8_0@all suffix+self:q4_0@all "suffix+$gptq"; do
+  name=${d/$gptq/gptq-q4_0.gguf}
   "$T" --threads "$N" bench spec --model "$smol" --chat --prompts "$P" --draft "$d" \
-    --max-tokens "$M" --json "$out/chat-$d.json" 2>/dev/null | grep -E "tok/s|speedup" | sed "s/^/  [$d] /"
+    --max-tokens "$M" --json "$out/chat-$name.json" 2>/dev/null | grep -E "tok/s|speedup" | sed "s/^/  [$name] /"
 done
 echo "== llama.cpp ($N threads, <= $M tokens, same prompts in the same template, greedy)"
 [ -f "$out/f16.gguf" ] || "$T" quantize "$smol" --out "$out/f16.gguf" --scheme f16 --attention f16 --embeddings f16 --quiet >/dev/null
@@ -61,6 +67,7 @@ spec = [f"{B}/llama-speculative-simple", "-m", f"{out}/f16.gguf", "-n", M, "-t",
 configs = [("plain (llama-completion)", True, lambda p: [f"{B}/llama-completion", "-m", f"{out}/f16.gguf", "-n", M, "-t", N, "--temp", "0", "-no-cnv", "-p", p])]
 for q in ["Q8_0", "Q4_0"]:
     configs.append((f"spec {q} draft", False, lambda p, q=q: spec + ["-md", f"{out}/{q}.gguf", "--spec-type", "draft-simple", "--spec-draft-n-max", "8", "-p", p]))
+configs.append(("spec Q4_0 GPTQ draft", False, lambda p: spec + ["-md", f"{out}/draft-q4_0-gptq.gguf", "--spec-type", "draft-simple", "--spec-draft-n-max", "8", "-p", p]))
 for t in ["ngram-simple", "ngram-map-k", "ngram-cache"]:
     configs.append((f"spec {t}", False, lambda p, t=t: spec + ["--spec-type", t, "-p", p]))
 tot = {}
