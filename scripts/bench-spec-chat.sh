@@ -6,7 +6,8 @@
 # drafters below. llama.cpp: llama-completion (plain) and llama-speculative-simple with a Q8_0
 # and a Q4_0 draft (llama-quantize of the same F16 file), tandem's GPTQ Q4_0 draft file and
 # its n-gram drafters, each prompt rendered by the model's own chat template (jinja2, from
-# tokenizer_config.json; special tokens parsed). tok/s = generated tokens / (prompt + generation time), both tools.
+# tokenizer_config.json; special tokens parsed). tok/s = generated tokens / (prompt +
+# generation time), both tools.
 # Needs llama-completion and llama-speculative-simple (cmake --build BUILD --target
 # llama-completion llama-speculative-simple) and python3 with jinja2.
 set -euo pipefail
