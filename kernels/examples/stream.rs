@@ -1,6 +1,6 @@
 //! One decode pass's worth of matmuls streamed from DRAM, at m = 1…9 activation rows.
 //!
-//!     [FUSED=1] cargo run --release -p tandem-kernels --example stream [f16|q8_0|q4_0] [THREADS] [PASSES]
+//!     [FUSED=1] [ONLY_K=1536] [MS=1,4,8] cargo run --release -p tandem-kernels --example stream [f16|q8_0|q4_0] [THREADS] [PASSES]
 //!
 //! With `FUSED` set, each layer's q/k/v and gate/up are one matrix each, as a loaded model
 //! multiplies them (`Linear::fuse`); without it, seven matrices per layer.
@@ -28,6 +28,10 @@ fn shapes() -> Vec<(usize, usize)> {
         }
     }
     s.push((h, 49152));
+    // `ONLY_K=1536` keeps the matrices of that input width (the down projections).
+    if let Some(k) = std::env::var("ONLY_K").ok().and_then(|v| v.parse().ok()) {
+        s.retain(|&(sk, _)| sk == k);
+    }
     s
 }
 
@@ -99,7 +103,12 @@ fn main() {
         bytes as f64 / 1e6
     );
     let mut base = 0.0;
-    for m in 1..=9usize {
+    // `MS=1,4,8` times just those row counts (the first is the ratios' base).
+    let ms: Vec<usize> = std::env::var("MS")
+        .ok()
+        .map(|v| v.split(',').filter_map(|m| m.trim().parse().ok()).collect())
+        .unwrap_or_else(|| (1..=9).collect());
+    for (at, &m) in ms.iter().enumerate() {
         let xs: Vec<Vec<f32>> = shapes
             .iter()
             .map(|&(k, _)| (0..m * k).map(|i| (i % 13) as f32 / 13.0 - 0.4).collect())
@@ -117,7 +126,7 @@ fn main() {
             run();
             best = best.min(t.elapsed().as_secs_f64() * 1e3);
         }
-        if m == 1 {
+        if at == 0 {
             base = best;
         }
         println!(

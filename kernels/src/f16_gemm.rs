@@ -39,6 +39,12 @@ const ROW_GROUP: usize = 6;
 /// `task_avx512`).
 #[cfg(target_arch = "x86_64")]
 const ROW_GROUP_AVX512: usize = 10;
+/// The AVX-512 kernel's where a group's activations exceed [`L1_ACTIVATION_BYTES`]: its
+/// groups of up to seven take three weight rows per block (see [`TaskKernel::group_for`]).
+#[cfg(target_arch = "x86_64")]
+const ROW_GROUP_AVX512_L2: usize = 7;
+/// Bytes of activation rows a group of the AVX-512 kernel's two-weight-row blocks may hold.
+const L1_ACTIVATION_BYTES: usize = 32 * 1024;
 
 /// Where the tasks write `out[i * n + j]`: each task owns a range of weight rows j, so the
 /// writes of different tasks never meet, though they interleave in memory (writing in place
@@ -104,7 +110,8 @@ fn matmul_with(
     // per thread, so the caller can take over a descheduled worker's share: beside a busy
     // neighbour, one run per thread measured 64.6 against 67.9 tok/s, and with this switch
     // 68.7 (one thread: 66.6).
-    let streaming = m <= kernel.max_group;
+    let max_group = kernel.group_for(k);
+    let streaming = m <= max_group;
     let rows_per_task = if streaming {
         ROWS_PER_TASK_DECODE
     } else {
@@ -114,7 +121,7 @@ fn matmul_with(
     crate::rows::par_row_tasks(n, rows_per_task, per_thread, |j0, j1| {
         // Activation groups outside, weight rows inside: a group's rows stay in L1 while the
         // task's weight rows (tens of KB) pass through L2 (see `rows::par_weight_rows`).
-        for (i0, g) in crate::rows::row_groups(m, kernel.max_group) {
+        for (i0, g) in crate::rows::row_groups(m, max_group) {
             let job = Job {
                 w: &w[j0 * k..j1 * k],
                 x: &x[i0 * k..(i0 + g) * k],
@@ -142,21 +149,44 @@ struct TaskKernel {
     /// `job`.
     run: unsafe fn(&Job, usize, usize, Out),
     max_group: usize,
+    /// The most rows whose activations may go past L1 (see [`TaskKernel::group_for`]).
+    max_group_l2: usize,
+}
+
+impl TaskKernel {
+    /// The most activation rows per group at row length `k`. The AVX-512 kernel's groups of
+    /// 8-10 rows take two weight rows per block, so each activation load feeds two FMAs: it
+    /// needs those rows in L1 (32 KB on the CPUs measured). SmolLM2's down projection (k =
+    /// 1536) has 48 KB in 8 rows, and a 1-row decode's 1.0-1.2 ms of down projections took
+    /// 3.2-3.6 ms at 8 rows against 2.1-2.3 at 7 (three weight rows per block); as two groups
+    /// of four, 2.6-3.0 (the `stream` example, `ONLY_K=1536`, 2 threads, four alternations
+    /// each). SmolLM2 F16, 2 threads, three alternations: `bench --verify 8 --context 128`
+    /// 54.5-58.6 -> 59.9-65.2 passes/s, pp512 659-666 -> 692-701 tok/s (and once 605 ± 61).
+    fn group_for(&self, k: usize) -> usize {
+        if self.max_group * k * 4 > L1_ACTIVATION_BYTES {
+            self.max_group_l2
+        } else {
+            self.max_group
+        }
+    }
 }
 
 const SCALAR: TaskKernel = TaskKernel {
     run: task_scalar,
     max_group: ROW_GROUP,
+    max_group_l2: ROW_GROUP,
 };
 #[cfg(target_arch = "x86_64")]
 const AVX2: TaskKernel = TaskKernel {
     run: task_avx2_entry,
     max_group: ROW_GROUP,
+    max_group_l2: ROW_GROUP,
 };
 #[cfg(target_arch = "x86_64")]
 const AVX512: TaskKernel = TaskKernel {
     run: task_avx512_entry,
     max_group: ROW_GROUP_AVX512,
+    max_group_l2: ROW_GROUP_AVX512_L2,
 };
 
 fn select_kernel() -> TaskKernel {
@@ -506,7 +536,11 @@ mod tests {
                 .map(|_| f16::from_f32(rng.random_range(-1.0..1.0)))
                 .collect();
             let (mut a, mut b) = (vec![0f32; n], vec![0f32; n]);
-            let kernel = |run| TaskKernel { run, max_group: 1 };
+            let kernel = |run| TaskKernel {
+                run,
+                max_group: 1,
+                max_group_l2: 1,
+            };
             matmul_with(kernel(lanes16), &x, &w, 1, k, n, &mut a);
             matmul_with(kernel(wide), &x, &w, 1, k, n, &mut b);
             assert_eq!(
@@ -573,13 +607,16 @@ mod tests {
     fn rows_do_not_depend_on_the_batch() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(99);
         // More rows than one group, cut into groups of 5-10 rows; one group of 8 and of 3
-        // (a verification pass); k with and without a tail past the last 16 columns.
+        // (a verification pass); k with and without a tail past the last 16 columns; rows too
+        // long for groups of 8-10 in L1 (`TaskKernel::group_for`: 8 and 10 rows as two groups).
         for (m, k, n) in [
             (20, 584, 67),
             (11, 576, 19),
             (23, 40, 9),
             (8, 584, 67),
             (3, 576, 19),
+            (8, 1544, 37),
+            (10, 1536, 19),
         ] {
             let x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-1.0..1.0)).collect();
             let w: Vec<f16> = (0..n * k)
