@@ -40,7 +40,8 @@ const ROW_GROUP: usize = 6;
 #[cfg(target_arch = "x86_64")]
 const ROW_GROUP_AVX512: usize = 10;
 /// The AVX-512 kernel's where a group's activations exceed [`L1_ACTIVATION_BYTES`]: its
-/// groups of up to seven take three weight rows per block (see [`TaskKernel::group_for`]).
+/// groups of up to seven take three or four weight rows per block (see
+/// [`TaskKernel::group_for`]).
 #[cfg(target_arch = "x86_64")]
 const ROW_GROUP_AVX512_L2: usize = 7;
 /// Bytes of activation rows a group of the AVX-512 kernel's two-weight-row blocks may hold.
@@ -92,7 +93,8 @@ fn matmul_with(
         n,
     };
     // A pass that takes all its activation rows in one group (decode, and a verification of
-    // up to 9 drafted tokens with AVX-512) reads each weight once, and streams: long runs of
+    // up to 9 drafted tokens with AVX-512, 6 at rows as long as SmolLM2's down projection: see
+    // `TaskKernel::group_for`) reads each weight once, and streams: long runs of
     // rows, one run per thread even for the small projections (SmolLM2's 192-row k/v were
     // 24-row tasks), so each thread reads one contiguous stretch of every matrix, which its
     // prefetches and the hardware's follow. SmolLM2 F16, 2 threads: `bench --verify 4` (four
