@@ -130,9 +130,10 @@ fn main() {
             base = best;
         }
         println!(
-            "m={m}: {best:7.2} ms per pass, {:5.2} GB/s, {:.2}x m=1",
+            "m={m}: {best:7.2} ms per pass, {:5.2} GB/s, {:.2}x m={}",
             bytes as f64 / best / 1e6,
-            best / base
+            best / base,
+            ms[0]
         );
     }
 }
