@@ -156,9 +156,11 @@ struct TaskKernel {
 }
 
 impl TaskKernel {
-    /// The most activation rows per group at row length `k`. The AVX-512 kernel's groups of
-    /// 8-10 rows take two weight rows per block, so each activation load feeds two FMAs: it
-    /// needs those rows in L1 (32 KB on the CPUs measured). SmolLM2's down projection (k =
+    /// The most activation rows per group at row length `k`: `max_group_l2` where a full
+    /// group of `max_group` rows this long would overflow L1 (decided on the largest group,
+    /// not on a pass's own row count). The AVX-512 kernel's groups of 8-10 rows take two
+    /// weight rows per block, so each activation load feeds two FMAs: it needs those rows in
+    /// L1 (32 KB on the CPUs measured). SmolLM2's down projection (k =
     /// 1536) has 48 KB in 8 rows, and a 1-row decode's 1.0-1.2 ms of down projections took
     /// 3.2-3.6 ms at 8 rows against 2.1-2.3 at 7 (three weight rows per block); as two groups
     /// of four, 2.6-3.0 (the `stream` example, `ONLY_K=1536`, 2 threads, four alternations
