@@ -25,6 +25,9 @@
 //! added per block with one multiply-add for the 8 rows. (Through the row kernels they
 //! decoded SmolLM2's Q4_1 file at 119–160 tok/s against 228–269 in tiles, 2 threads.)
 //!
+//! With AVX-512 VNNI and BW, a pass takes two consecutive tiles at a time in 512-bit
+//! registers ([`tile_pair_rows_vnni`]), the same operations lane for lane.
+//!
 //! Every activation row goes through the same per-row arithmetic whatever rows come with it,
 //! so prefill, decode and verification give identical results. The reference is
 //! [`crate::matmul_int8_reference`] on the unpacked weights.
@@ -240,24 +243,36 @@ impl Int8Tiles {
         let tasks = tiles.div_ceil(per_task);
         let base = crate::rows::SendPtr(out.as_mut_ptr());
         let data = self.data();
+        let pairs = pairs_for(fmt);
         crate::pool::current().run(tasks, |c| {
-            let mut res = [0f32; TILE * GROUP_MAX];
-            for t in c * per_task..((c + 1) * per_task).min(tiles) {
-                let tile = &data[t * tile_bytes..][..tile_bytes];
+            let mut res = [0f32; 2 * TILE * GROUP_MAX];
+            let (mut t, end) = (c * per_task, ((c + 1) * per_task).min(tiles));
+            while t < end {
+                // Two tiles at a time where the kernel has it (the results do not depend on
+                // the pairing, see `tile_pair_rows_vnni`), else one.
+                let width = if pairs && t + 1 < end { 2 } else { 1 };
+                let span = &data[t * tile_bytes..][..width * tile_bytes];
                 let mut i0 = 0;
                 while i0 < m {
                     let g = (m - i0).min(group);
-                    tile_rows(fmt, tile, xq, offs, i0, g, k, &mut res[..g * TILE]);
+                    let res = &mut res[..g * width * TILE];
+                    if width == 2 {
+                        tile_pair_rows(fmt, span, tile_bytes, xq, offs, i0, g, k, res);
+                    } else {
+                        tile_rows(fmt, span, xq, offs, i0, g, k, res);
+                    }
                     for r in 0..g {
-                        // SAFETY: this task alone writes columns 8t..8t+8; `run` waits for
-                        // every task before `out` is used again.
+                        // SAFETY: this task alone writes columns 8t..8(t + width); `run`
+                        // waits for every task before `out` is used again.
                         unsafe {
                             let dst = base.get().add((i0 + r) * n + t * TILE);
-                            std::ptr::copy_nonoverlapping(res[r * TILE..].as_ptr(), dst, TILE);
+                            let src = res[r * width * TILE..].as_ptr();
+                            std::ptr::copy_nonoverlapping(src, dst, width * TILE);
                         }
                     }
                     i0 += g;
                 }
+                t += width;
             }
         });
     }
@@ -423,6 +438,53 @@ impl Stored {
             _ if biased => Stored::Q8_0Biased,
             _ => Stored::Q8_0,
         }
+    }
+}
+
+/// Whether [`Int8Tiles::run`] takes tiles of format `f` two at a time
+/// ([`tile_pair_rows_vnni`]).
+fn pairs_for(f: Stored) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        f != Stored::Q8_0 && crate::has_vnni_bw()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = f;
+        false
+    }
+}
+
+/// Two consecutive tiles against activation rows `i0..i0 + g` ([`tile_pair_rows_vnni`]);
+/// only where [`pairs_for`] said so.
+#[allow(clippy::too_many_arguments)]
+fn tile_pair_rows(
+    f: Stored,
+    tiles: &[u8],
+    tile_bytes: usize,
+    xq: &Int8Rows,
+    offs: &[i32],
+    i0: usize,
+    g: usize,
+    k: usize,
+    out: &mut [f32],
+) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        assert!(
+            pairs_for(f),
+            "tile pairs need AVX-512 VNNI/BW and unsigned levels"
+        );
+        assert!(tiles.len() >= 2 * tile_bytes && out.len() >= g * 2 * TILE && g <= GROUP_MAX);
+        // SAFETY: `has_vnni_bw` (through `pairs_for`) checked AVX2/FMA/F16C and AVX-512
+        // F/BW/VL/VNNI; the kernel reads `2·tile_bytes` of `tiles` and writes `g·16` of `out`,
+        // which the caller sized.
+        unsafe { tile_pair_rows_vnni(f, tiles, tile_bytes, xq, offs, i0, g, k, out) }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (f, tiles, tile_bytes, xq, offs, i0, g, k, out);
+        unreachable!("tile pairs are only run where `pairs_for` said so");
     }
 }
 
@@ -655,6 +717,185 @@ unsafe fn tile_body<const FMT: u8, const G: usize, const VNNI: bool>(
     }
 }
 
+/// Two consecutive tiles (`tiles` holds both, the second at `tile_bytes`) against activation
+/// rows `i0..i0 + g`, in 512-bit registers: the first tile's 8 rows in the low lanes, the
+/// second's in the high ones. `out[r·16 + c]`: tile row c of the first tile (c < 8) or the
+/// second (c ≥ 8). Only unsigned levels (every stored format but signed Q8_0, which VNNI
+/// machines store biased; AVX-512 has no `vpsignb`).
+///
+/// Why: [`tile_body`] spends as many instructions on each activation group's broadcast and
+/// on each row's scale arithmetic as on its `vpdpbusd`; here each of those serves 16 weight
+/// rows instead of 8, and a group's two 32-byte halves load into one register. Lane for
+/// lane the same integer sums and the same float operations in the same order as
+/// [`tile_body`] (`vpdpbusd`, one multiply, one conversion, one fused multiply-add per block),
+/// so the results are bit for bit the single-tile kernel's, whichever tiles a task pairs.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vnni,avx512vl")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn tile_pair_rows_vnni(
+    f: Stored,
+    tiles: &[u8],
+    tile_bytes: usize,
+    xq: &Int8Rows,
+    offs: &[i32],
+    i0: usize,
+    g: usize,
+    k: usize,
+    out: &mut [f32],
+) {
+    debug_assert!(tiles.len() >= 2 * tile_bytes && out.len() >= g * 2 * TILE);
+    match f {
+        Stored::Q4_0 => {
+            by_group8!(g, G => tile_pair_body::<Q4_0, G>(tiles, tile_bytes, xq, offs, i0, k, out))
+        }
+        Stored::Q5_0 => {
+            by_group8!(g, G => tile_pair_body::<Q5_0, G>(tiles, tile_bytes, xq, offs, i0, k, out))
+        }
+        Stored::Q4_1 => {
+            by_group8!(g, G => tile_pair_body::<Q4_1, G>(tiles, tile_bytes, xq, offs, i0, k, out))
+        }
+        Stored::Q5_1 => {
+            by_group8!(g, G => tile_pair_body::<Q5_1, G>(tiles, tile_bytes, xq, offs, i0, k, out))
+        }
+        Stored::Q8_0Biased => {
+            by_group8!(g, G => tile_pair_body::<Q8_0_BIASED, G>(tiles, tile_bytes, xq, offs, i0, k, out))
+        }
+        Stored::Q8_0 => unreachable!("signed Q8_0 tiles take the single-tile kernel"),
+    }
+}
+
+/// [`tile_body`] over two tiles at once (see [`tile_pair_rows_vnni`]).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn tile_pair_body<const FMT: u8, const G: usize>(
+    tiles: &[u8],
+    tile_bytes: usize,
+    xq: &Int8Rows,
+    offs: &[i32],
+    i0: usize,
+    k: usize,
+    out: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    let nb = k / BLOCK;
+    let tile_block = TILE
+        * match FMT {
+            Q4_0 => 18,
+            Q5_0 => 22,
+            Q4_1 => 20,
+            Q5_1 => 24,
+            _ => 34,
+        };
+    let offset = FMT == Q4_0 || FMT == Q5_0 || FMT == Q8_0_BIASED;
+    let with_min = FMT == Q4_1 || FMT == Q5_1;
+    let nibbles = matches!(FMT, Q4_0 | Q5_0 | Q4_1 | Q5_1);
+    let five = FMT == Q5_0 || FMT == Q5_1;
+    debug_assert!(!offset || offs.len() >= (i0 + G) * nb);
+    let qh_at = if with_min { 32 } else { 16 };
+    let groups_at = qh_at + if five { 32 } else { 0 };
+    let nib = _mm512_set1_epi8(0x0F);
+    let sixteen = _mm512_set1_epi8(16);
+    // Both tiles' 16 or 32 bytes at `at` of block `b`, the first tile's in the low half.
+    let both128 = |a: *const u8, at: usize| {
+        _mm256_inserti128_si256::<1>(
+            _mm256_castsi128_si256(_mm_loadu_si128(a.add(at) as *const __m128i)),
+            _mm_loadu_si128(a.add(tile_bytes + at) as *const __m128i),
+        )
+    };
+    let both256 = |a: *const u8, at: usize| {
+        _mm512_inserti64x4::<1>(
+            _mm512_castsi256_si512(_mm256_loadu_si256(a.add(at) as *const __m256i)),
+            _mm256_loadu_si256(a.add(tile_bytes + at) as *const __m256i),
+        )
+    };
+    let tp = tiles.as_ptr();
+    let xp = xq.quants.as_ptr().add(i0 * k) as *const u8;
+    let mut acc = [_mm512_setzero_ps(); G];
+    for b in 0..nb {
+        let blk = tp.add(b * tile_block);
+        // Each tile is its own stream, `PREFETCH_AHEAD` ahead of where it reads: past its
+        // end, each continues in the same tile of the next pair (2 tiles on), not in the
+        // other tile of this one (which reads it already).
+        let mut ahead = b * tile_block + PREFETCH_AHEAD;
+        if ahead >= tile_bytes {
+            ahead += tile_bytes;
+        }
+        let mut line = 0;
+        while line < tile_block {
+            // Never faults, so addresses past the matrix are harmless.
+            let at = tp.wrapping_add(ahead + line);
+            _mm_prefetch::<_MM_HINT_T1>(at as *const i8);
+            _mm_prefetch::<_MM_HINT_T1>(at.wrapping_add(tile_bytes) as *const i8);
+            line += 64;
+        }
+        let dw = _mm512_cvtph_ps(both128(blk, 0));
+        let qh = if five {
+            both256(blk, qh_at)
+        } else {
+            _mm512_setzero_si512()
+        };
+        let mut dot = [_mm512_setzero_si512(); G];
+        if offset {
+            for (r, d) in dot.iter_mut().enumerate() {
+                *d = _mm512_set1_epi32(*offs.get_unchecked((i0 + r) * nb + b));
+            }
+        }
+        for s in 0..8 {
+            let w = if nibbles {
+                let raw = both256(blk, groups_at + 32 * (s % 4));
+                let lv = if s < 4 {
+                    raw
+                } else {
+                    _mm512_srli_epi16(raw, 4)
+                };
+                let mut lv = _mm512_and_si512(lv, nib);
+                if five {
+                    // As in `tile_body`, per 16-byte lane: lane 4r+i takes bit 4s+i of row
+                    // r's high-bit word.
+                    let pick = (s / 2) as i8;
+                    let idx: [i8; 64] = std::array::from_fn(|l| (l % 16 / 4 * 4) as i8 + pick);
+                    let spread =
+                        _mm512_shuffle_epi8(qh, _mm512_loadu_si512(idx.as_ptr() as *const _));
+                    let bits = _mm512_set1_epi32(if s % 2 == 0 {
+                        0x0804_0201
+                    } else {
+                        0x8040_2010u32 as i32
+                    });
+                    let set = _mm512_cmpeq_epi8_mask(_mm512_and_si512(spread, bits), bits);
+                    lv = _mm512_mask_add_epi8(lv, set, lv, sixteen);
+                }
+                lv
+            } else {
+                both256(blk, 16 + 32 * s)
+            };
+            for (r, d) in dot.iter_mut().enumerate() {
+                let xs = _mm512_set1_epi32(
+                    (xp.add(r * k + b * BLOCK + 4 * s) as *const i32).read_unaligned(),
+                );
+                *d = _mm512_dpbusd_epi32(*d, w, xs);
+            }
+        }
+        let mw = if with_min {
+            _mm512_cvtph_ps(both128(blk, 16))
+        } else {
+            _mm512_setzero_ps()
+        };
+        for (r, a) in acc.iter_mut().enumerate() {
+            let idx = (i0 + r) * nb + b;
+            let dx = *xq.scales.get_unchecked(idx);
+            let d = _mm512_mul_ps(dw, _mm512_set1_ps(dx));
+            *a = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(dot[r]), *a);
+            if with_min {
+                let dsx = dx * *xq.sums.get_unchecked(idx) as f32;
+                *a = _mm512_fmadd_ps(mw, _mm512_set1_ps(dsx), *a);
+            }
+        }
+    }
+    for (r, a) in acc.iter().enumerate() {
+        _mm512_storeu_ps(out.as_mut_ptr().add(r * 2 * TILE), *a);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -723,6 +964,50 @@ mod tests {
                         got[i * n..(i + 1) * n],
                         "row {i} alone vs in a batch of {m}"
                     );
+                }
+            }
+        }
+    }
+
+    /// Where tiles run two at a time (AVX-512 VNNI/BW), each output is bit for bit what its
+    /// tile gives run alone: a matrix of 35 tiles (tasks of several, so pairs and an odd one
+    /// out on up to 16 threads) against each 8-row slice packed on its own, for every format
+    /// and row counts across group sizes.
+    #[test]
+    fn tile_pairs_give_each_tile_its_own_results() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(47);
+        let (n, k) = (35 * TILE, 576);
+        for f in [
+            BlockFormat::Q4_0,
+            BlockFormat::Q5_0,
+            BlockFormat::Q8_0,
+            BlockFormat::Q4_1,
+            BlockFormat::Q5_1,
+        ] {
+            let w = random_blocks(f, n * k / BLOCK, &mut rng);
+            let Some(all) = Int8Tiles::pack(f, &w, n, k) else {
+                eprintln!("skipped: no AVX2 here");
+                return;
+            };
+            let rb = k / BLOCK * f.block_bytes();
+            let singles: Vec<Int8Tiles> = w
+                .chunks_exact(TILE * rb)
+                .map(|part| Int8Tiles::pack(f, part, TILE, k).expect("packs like the whole"))
+                .collect();
+            for m in [1, 3, 8, 9, 17] {
+                let x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-2.0..2.0)).collect();
+                let mut got = vec![0f32; m * n];
+                all.matmul(&x, m, &mut got);
+                for (t, one) in singles.iter().enumerate() {
+                    let mut want = vec![0f32; m * TILE];
+                    one.matmul(&x, m, &mut want);
+                    for i in 0..m {
+                        assert_eq!(
+                            want[i * TILE..(i + 1) * TILE],
+                            got[i * n + t * TILE..][..TILE],
+                            "{f:?} m={m} row {i} tile {t}"
+                        );
+                    }
                 }
             }
         }

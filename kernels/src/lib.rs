@@ -101,6 +101,15 @@ pub(crate) fn has_vnni() -> bool {
     })
 }
 
+/// Whether the int8 tiles run two tiles per pass in 512-bit registers
+/// (`int8_tiles::tile_pair_rows_vnni`): [`has_vnni`], AVX-512BW (byte shifts and shuffles on
+/// 512 bits), and 512-bit kernels not turned off (`TANDEM_NO_AVX512`, see [`has_avx512`]).
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn has_vnni_bw() -> bool {
+    static BW: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *BW.get_or_init(|| has_vnni() && has_avx512() && std::is_x86_feature_detected!("avx512bw"))
+}
+
 /// The sum of an AVX vector's 8 lanes, in one fixed order (shared by every x86 kernel).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
