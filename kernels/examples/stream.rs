@@ -20,14 +20,19 @@ use tandem_kernels::{matmul_f16, BlockFormat, Int8Tiles};
 fn shapes() -> Vec<(usize, usize)> {
     let (h, kv, ff) = (576, 192, 1536);
     let mut s = Vec::new();
-    for _ in 0..30 {
+    // `LAYERS=3` (no head): weights that stay in L3, so the kernels' compute alone is timed.
+    let layers = std::env::var("LAYERS").ok().and_then(|v| v.parse().ok());
+    for _ in 0..layers.unwrap_or(30) {
         if std::env::var("FUSED").is_ok() {
             s.extend([(h, h + 2 * kv), (h, h), (h, 2 * ff), (ff, h)]);
         } else {
             s.extend([(h, h), (h, kv), (h, kv), (h, h), (h, ff), (h, ff), (ff, h)]);
         }
     }
-    s.push((h, 49152));
+    // `HEAD=1` keeps the head with `LAYERS` set (`LAYERS=0 HEAD=1`: the head alone).
+    if layers.is_none() || std::env::var("HEAD").is_ok_and(|v| v == "1") {
+        s.push((h, 49152));
+    }
     // `ONLY_K=1536` keeps the matrices of that input width (the down projections).
     if let Some(k) = std::env::var("ONLY_K").ok().and_then(|v| v.parse().ok()) {
         s.retain(|&(sk, _)| sk == k);
@@ -102,6 +107,10 @@ fn main() {
         "{format}: weights {:.1} MB, {threads} threads, best of {passes} passes per m",
         bytes as f64 / 1e6
     );
+    // This machine's read bandwidth moves (30-54 GB/s within minutes on a shared VM), so each
+    // run says what a plain read reaches beside it, before and after the passes.
+    let probe = || tandem_kernels::membw::read_bandwidth(1 << 30, 3) / 1e9;
+    println!("plain read: {:.1} GB/s", probe());
     let mut base = 0.0;
     // `MS=1,4,8` times just those row counts (the first is the ratios' base).
     let ms: Vec<usize> = std::env::var("MS")
@@ -130,10 +139,11 @@ fn main() {
             base = best;
         }
         println!(
-            "m={m}: {best:7.2} ms per pass, {:5.2} GB/s, {:.2}x m={}",
+            "m={m}: {best:7.3} ms per pass, {:5.2} GB/s, {:.2}x m={}",
             bytes as f64 / best / 1e6,
             best / base,
             ms[0]
         );
     }
+    println!("plain read: {:.1} GB/s", probe());
 }
