@@ -1,6 +1,6 @@
 //! One decode pass's worth of matmuls streamed from DRAM, at m = 1…9 activation rows.
 //!
-//!     [FUSED=1] [ONLY_K=1536] [MS=1,4,8] cargo run --release -p tandem-kernels --example stream [f16|q8_0|q4_0] [THREADS] [PASSES]
+//!     [FUSED=1] [ONLY_K=1536] [MS=1,4,8] [LAYERS=3 [HEAD=1]] cargo run --release -p tandem-kernels --example stream [f16|q8_0|q4_0] [THREADS] [PASSES]
 //!
 //! With `FUSED` set, each layer's q/k/v and gate/up are one matrix each, as a loaded model
 //! multiplies them (`Linear::fuse`); without it, seven matrices per layer.
