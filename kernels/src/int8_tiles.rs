@@ -570,6 +570,65 @@ unsafe fn tile_rows_vnni(
     }
 }
 
+/// Where a tile block of stored format `FMT` keeps what, and how its levels are read: shared
+/// by [`tile_body`] and [`tile_pair_body`] (the same layout in 256- and 512-bit registers).
+#[cfg(target_arch = "x86_64")]
+struct BlockLayout {
+    /// Bytes per tile block (8 rows × the format's block bytes).
+    bytes: usize,
+    /// Unsigned levels with an offset taken off through Σx: Q4_0 (8), Q5_0 (16), biased Q8_0
+    /// (128, where the kernel runs it unsigned: with VNNI).
+    offset: bool,
+    /// Q4_1 / Q5_1: unsigned levels and a min per row, added as m·d_x·Σx.
+    with_min: bool,
+    /// Levels in nibbles (low: groups 0..4, high: groups 4..8 of the same bytes).
+    nibbles: bool,
+    /// Q5_*: a fifth bit per level in the 8 rows' high-bit words.
+    five: bool,
+    /// Where the high-bit words and the level groups start.
+    qh_at: usize,
+    groups_at: usize,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl BlockLayout {
+    const fn of(fmt: u8, vnni: bool) -> BlockLayout {
+        let with_min = fmt == Q4_1 || fmt == Q5_1;
+        let five = fmt == Q5_0 || fmt == Q5_1;
+        let qh_at = if with_min { 32 } else { 16 };
+        BlockLayout {
+            bytes: TILE
+                * match fmt {
+                    Q4_0 => 18,
+                    Q5_0 => 22,
+                    Q4_1 => 20,
+                    Q5_1 => 24,
+                    _ => 34,
+                },
+            offset: fmt == Q4_0 || fmt == Q5_0 || (vnni && fmt == Q8_0_BIASED),
+            with_min,
+            nibbles: matches!(fmt, Q4_0 | Q5_0 | Q4_1 | Q5_1),
+            five,
+            qh_at,
+            groups_at: qh_at + if five { 32 } else { 0 },
+        }
+    }
+}
+
+/// Q5_*: lane 4r+i of level group `s` needs bit 4s+i of row r's high-bit word, which is bit
+/// 4(s%2)+i of its byte s/2. The byte picked for each lane (a `pshufb` index, repeating per
+/// 16-byte lane), and the four bits to test, one per byte of a 32-bit lane.
+#[cfg(target_arch = "x86_64")]
+fn high_bit_pick<const N: usize>(s: usize) -> ([i8; N], i32) {
+    let pick = (s / 2) as i8;
+    let bits = if s.is_multiple_of(2) {
+        0x0804_0201
+    } else {
+        0x8040_2010u32 as i32
+    };
+    (std::array::from_fn(|l| (l % 16 / 4 * 4) as i8 + pick), bits)
+}
+
 /// The tile kernel, inlined into [`tile_rows_avx2`] and [`tile_rows_vnni`] (whose target
 /// features it then compiles with). `VNNI`: each group's products summed by `vpdpbusd` instead of
 /// `vpmaddubsw` + `vpmaddwd` + add; the same integers (no pair of products here can saturate
@@ -591,26 +650,19 @@ unsafe fn tile_body<const FMT: u8, const G: usize, const VNNI: bool>(
 ) {
     use std::arch::x86_64::*;
     let nb = k / BLOCK;
-    let tile_block = TILE
-        * match FMT {
-            Q4_0 => 18,
-            Q5_0 => 22,
-            Q4_1 => 20,
-            Q5_1 => 24,
-            _ => 34,
-        };
-    // Unsigned levels with an offset taken off through Σx: Q4_0 (8), Q5_0 (16), biased Q8_0
-    // with VNNI (128); Q4_1 / Q5_1's unsigned levels with a min per row, added as m·d_x·Σx.
-    // Otherwise signed levels: |w| against x with w's sign.
-    let offset = FMT == Q4_0 || FMT == Q5_0 || (VNNI && FMT == Q8_0_BIASED);
-    let with_min = FMT == Q4_1 || FMT == Q5_1;
+    let BlockLayout {
+        bytes: tile_block,
+        offset,
+        with_min,
+        nibbles,
+        five,
+        qh_at,
+        groups_at,
+    } = const { BlockLayout::of(FMT, VNNI) };
+    // Unsigned levels multiply x as they are; signed ones (Q8_0 without VNNI) take |w|
+    // against x with w's sign.
     let unsigned = offset || with_min;
-    let nibbles = matches!(FMT, Q4_0 | Q5_0 | Q4_1 | Q5_1);
-    let five = FMT == Q5_0 || FMT == Q5_1;
     debug_assert!(!offset || offs.len() >= (i0 + G) * nb);
-    // Where the 8 rows' high-bit words (Q5_*) and the level groups start in a tile block.
-    let qh_at = if with_min { 32 } else { 16 };
-    let groups_at = qh_at + if five { 32 } else { 0 };
     let nib = _mm256_set1_epi8(0x0F);
     let ones = _mm256_set1_epi16(1);
     let top_bits = _mm256_set1_epi8(0x80u8 as i8);
@@ -650,17 +702,12 @@ unsafe fn tile_body<const FMT: u8, const G: usize, const VNNI: bool>(
                 };
                 let mut lv = _mm256_and_si256(lv, nib);
                 if five {
-                    // Lane 4r+i needs bit 4s+i of row r's word: byte s/2 of it, spread over
-                    // the row's four lanes, then bit 4(s%2)+i of that byte, as 16.
-                    let pick = (s / 2) as i8;
-                    let idx: [i8; 32] = std::array::from_fn(|l| (l % 16 / 4 * 4) as i8 + pick);
+                    // Each lane's high bit (`high_bit_pick`), spread over the row's four
+                    // lanes, tested, and added as 16.
+                    let (idx, bits) = high_bit_pick::<32>(s);
                     let spread =
                         _mm256_shuffle_epi8(qh, _mm256_loadu_si256(idx.as_ptr() as *const __m256i));
-                    let bits = _mm256_set1_epi32(if s % 2 == 0 {
-                        0x0804_0201
-                    } else {
-                        0x8040_2010u32 as i32
-                    });
+                    let bits = _mm256_set1_epi32(bits);
                     let set = _mm256_cmpeq_epi8(_mm256_and_si256(spread, bits), bits);
                     lv = _mm256_or_si256(lv, _mm256_and_si256(set, _mm256_set1_epi8(16)));
                 }
@@ -778,21 +825,16 @@ unsafe fn tile_pair_body<const FMT: u8, const G: usize>(
 ) {
     use std::arch::x86_64::*;
     let nb = k / BLOCK;
-    let tile_block = TILE
-        * match FMT {
-            Q4_0 => 18,
-            Q5_0 => 22,
-            Q4_1 => 20,
-            Q5_1 => 24,
-            _ => 34,
-        };
-    let offset = FMT == Q4_0 || FMT == Q5_0 || FMT == Q8_0_BIASED;
-    let with_min = FMT == Q4_1 || FMT == Q5_1;
-    let nibbles = matches!(FMT, Q4_0 | Q5_0 | Q4_1 | Q5_1);
-    let five = FMT == Q5_0 || FMT == Q5_1;
+    let BlockLayout {
+        bytes: tile_block,
+        offset,
+        with_min,
+        nibbles,
+        five,
+        qh_at,
+        groups_at,
+    } = const { BlockLayout::of(FMT, true) };
     debug_assert!(!offset || offs.len() >= (i0 + G) * nb);
-    let qh_at = if with_min { 32 } else { 16 };
-    let groups_at = qh_at + if five { 32 } else { 0 };
     let nib = _mm512_set1_epi8(0x0F);
     let sixteen = _mm512_set1_epi8(16);
     // Both tiles' 16 or 32 bytes at `at` of block `b`, the first tile's in the low half.
@@ -850,17 +892,11 @@ unsafe fn tile_pair_body<const FMT: u8, const G: usize>(
                 };
                 let mut lv = _mm512_and_si512(lv, nib);
                 if five {
-                    // As in `tile_body`, per 16-byte lane: lane 4r+i takes bit 4s+i of row
-                    // r's high-bit word.
-                    let pick = (s / 2) as i8;
-                    let idx: [i8; 64] = std::array::from_fn(|l| (l % 16 / 4 * 4) as i8 + pick);
+                    // As in `tile_body` (`high_bit_pick`), per 16-byte lane.
+                    let (idx, bits) = high_bit_pick::<64>(s);
                     let spread =
                         _mm512_shuffle_epi8(qh, _mm512_loadu_si512(idx.as_ptr() as *const _));
-                    let bits = _mm512_set1_epi32(if s % 2 == 0 {
-                        0x0804_0201
-                    } else {
-                        0x8040_2010u32 as i32
-                    });
+                    let bits = _mm512_set1_epi32(bits);
                     let set = _mm512_cmpeq_epi8_mask(_mm512_and_si512(spread, bits), bits);
                     lv = _mm512_mask_add_epi8(lv, set, lv, sixteen);
                 }
