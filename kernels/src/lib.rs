@@ -76,7 +76,8 @@ pub(crate) fn has_avx2_fma() -> bool {
 }
 
 /// Whether the CPU has AVX-512F (512-bit vectors, 32 registers) besides the AVX2 set, for the
-/// F16 matmul's wider blocks; `TANDEM_NO_AVX512=1` keeps the AVX2 path. Checked once.
+/// F16 matmul's wider blocks and the int8 tiles taken in pairs ([`has_vnni_bw`]);
+/// `TANDEM_NO_AVX512=1` keeps the AVX2 paths. Checked once.
 #[cfg(target_arch = "x86_64")]
 pub(crate) fn has_avx512() -> bool {
     static AVX512: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
