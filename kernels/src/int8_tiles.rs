@@ -26,7 +26,7 @@
 //! decoded SmolLM2's Q4_1 file at 119–160 tok/s against 228–269 in tiles, 2 threads.)
 //!
 //! With AVX-512 VNNI and BW, a pass takes two consecutive tiles at a time in 512-bit
-//! registers ([`tile_pair_rows_vnni`]), the same operations lane for lane.
+//! registers (`tile_pair_rows_vnni`), the same operations lane for lane.
 //!
 //! Every activation row goes through the same per-row arithmetic whatever rows come with it,
 //! so prefill, decode and verification give identical results. The reference is
