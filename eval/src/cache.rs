@@ -128,11 +128,11 @@ impl ReferenceCache {
             .parent()
             .filter(|p| !p.as_os_str().is_empty())
             .unwrap_or(Path::new("."));
-        let tmp = tempfile::Builder::new()
-            .prefix(".reference-cache.")
-            .tempfile_in(dir)
-            .map_err(|e| io(dir, e))?;
-        let guard = tandem_model::pending::Pending::new(tmp.path()).made();
+        let (tmp, guard) = tandem_model::pending::Pending::temp_file_in(
+            tempfile::Builder::new().prefix(".reference-cache."),
+            dir,
+        )
+        .map_err(|e| io(dir, e))?;
         let mut w = BufWriter::with_capacity(1 << 20, tmp);
         w.write_all(MAGIC).map_err(|e| io(path, e))?;
         w.write_all(&(key.len() as u32).to_le_bytes())

@@ -84,12 +84,12 @@ pub fn create_output_dir(dir: &Path) -> Result<Option<Pending>> {
     if dir.exists() {
         return Ok(None);
     }
-    let guard = Pending::new(dir);
-    std::fs::create_dir_all(dir).map_err(|e| Error::Io {
-        path: dir.to_path_buf(),
-        msg: format!("cannot create: {e}"),
-    })?;
-    Ok(Some(guard.made()))
+    let ((), guard) =
+        Pending::create(dir, |p| std::fs::create_dir_all(p)).map_err(|e| Error::Io {
+            path: dir.to_path_buf(),
+            msg: format!("cannot create: {e}"),
+        })?;
+    Ok(Some(guard))
 }
 
 /// Runs `job` and returns its report.

@@ -177,9 +177,8 @@ pub fn write_dir_atomically<E: From<Error>>(
     }
     let tmp = sibling_temp(out);
     // Removed on any error (the guard drops) or signal (the CLI's handler).
-    let guard = Pending::new(&tmp);
-    std::fs::create_dir_all(&tmp).map_err(|e| io_err(&tmp, e))?;
-    let guard = guard.made();
+    let ((), guard) =
+        Pending::create(&tmp, |p| std::fs::create_dir_all(p)).map_err(|e| io_err(&tmp, e))?;
     build(&tmp)?;
     let done: Result<()> = guard.commit(|| {
         if out.exists() {
@@ -239,14 +238,8 @@ pub fn write_file_atomically<E: From<Error>>(
     let prefix = format!(".{name}.");
     let mut builder = tempfile::Builder::new();
     builder.prefix(&prefix).suffix(".tmp");
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        builder.permissions(std::fs::Permissions::from_mode(0o666));
-    }
-    let tmp = builder.tempfile_in(dir).map_err(|e| io_err(dir, e))?;
     // tempfile removes it on drop; the guard also removes it on a signal (no drop runs then).
-    let guard = Pending::new(tmp.path()).made();
+    let (tmp, guard) = Pending::temp_file_in(&builder, dir).map_err(|e| io_err(dir, e))?;
     let mut w = std::io::BufWriter::with_capacity(8 << 20, tmp);
     build(&mut w)?;
     let tmp = w.into_inner().map_err(|e| io_err(out, e.into_error()))?;

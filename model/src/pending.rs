@@ -25,14 +25,62 @@ pub struct Pending {
 }
 
 impl Pending {
-    /// Registers `path` (a file or a folder, existing or about to be made: register first,
-    /// then create, then call [`Pending::made`]).
+    /// Registers `path` (a file or a folder that exists, or one this process names uniquely
+    /// and makes next, then calls [`Pending::made`]). A path made by someone's `make` is
+    /// better registered by [`Pending::create`].
     pub fn new(path: &Path) -> Pending {
         list().push(path.to_path_buf());
         Pending {
             path: path.to_path_buf(),
             armed: true,
         }
+    }
+
+    /// Runs `make` (which creates `path`) and registers the path, both under the registry's
+    /// lock, and returns what `make` returned with the guard. A signal's cleanup then runs
+    /// either before both (nothing made; this thread waits on the lock until the process
+    /// exits) or after both (the path is removed): a temporary made first and registered
+    /// after, or registered first and made after, could be made in between and outlive the
+    /// cleanup. On an error nothing is registered (the path may not be ours: a name taken).
+    pub fn create<T>(
+        path: &Path,
+        make: impl FnOnce(&Path) -> std::io::Result<T>,
+    ) -> std::io::Result<(T, Pending)> {
+        let mut l = list();
+        let made = make(path)?;
+        l.push(path.to_path_buf());
+        drop(l);
+        let guard = Pending {
+            path: path.to_path_buf(),
+            armed: true,
+        };
+        Ok((made, guard.made()))
+    }
+
+    /// A new temporary file in `dir`, named as `builder` says (prefix, random part, suffix),
+    /// made and registered by [`Pending::create`]. Unix gives it mode 0o666 less the umask,
+    /// the mode of the finished file it becomes (a temporary file's own is 0o600).
+    pub fn temp_file_in(
+        builder: &tempfile::Builder,
+        dir: &Path,
+    ) -> std::io::Result<(tempfile::NamedTempFile, Pending)> {
+        let mut guard = None;
+        let file = builder.make_in(dir, |path| {
+            let (file, g) = Pending::create(path, |path| {
+                let mut options = std::fs::OpenOptions::new();
+                options.read(true).write(true).create_new(true);
+                #[cfg(unix)]
+                {
+                    use std::os::unix::fs::OpenOptionsExt;
+                    options.mode(0o666);
+                }
+                options.open(path)
+            })?;
+            guard = Some(g);
+            Ok(file)
+        })?;
+        let guard = guard.ok_or_else(|| std::io::Error::other("temporary file not made"))?;
+        Ok((file, guard))
     }
 
     pub fn path(&self) -> &Path {
@@ -139,5 +187,45 @@ mod tests {
         assert!(!c.exists(), "the signal path removes what is registered");
         std::mem::forget(g); // a signal's exit runs no destructors
         assert!(!list().iter().any(|p| p.starts_with(dir.path())));
+    }
+
+    /// A temporary made through `create` is registered by the time anything can see it, and a
+    /// failed `make` (a name already taken) registers nothing and removes nothing.
+    #[test]
+    fn created_paths_are_registered_and_a_failed_make_leaves_the_path_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let (tmp, guard) = Pending::temp_file_in(
+            tempfile::Builder::new().prefix(".out.").suffix(".tmp"),
+            dir.path(),
+        )
+        .unwrap();
+        assert!(tmp.path().exists());
+        assert!(list().iter().any(|p| p == tmp.path()), "registered");
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let plain = dir.path().join("plain");
+            std::fs::write(&plain, b"").unwrap();
+            let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+            assert_eq!(
+                mode(tmp.path()),
+                mode(&plain),
+                "a plain file's mode (umask applied)"
+            );
+        }
+        drop(guard);
+        assert!(!tmp.path().exists(), "the guard removes it");
+
+        let taken = dir.path().join("taken");
+        std::fs::write(&taken, b"someone's").unwrap();
+        let made = Pending::create(&taken, |p| {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(p)
+        });
+        assert!(made.is_err());
+        assert!(!list().contains(&taken), "nothing registered");
+        assert_eq!(std::fs::read(&taken).unwrap(), b"someone's");
     }
 }
