@@ -15,13 +15,17 @@ source "$(dirname "$0")/common.sh"
 N=${1:-2}; M=${2:-128}; P=${3:-$root/scripts/chat-prompts.jsonl}
 out=${OUT:-$root/target/bench-spec}; mkdir -p "$out"
 echo "== tandem ($N threads, <= $M tokens, $(grep -c . "$P") chat prompts, greedy)"
-# A Q4_0 draft file calibrated with GPTQ on the default calibration text (never the prompts):
-# what `tandem quantize` makes for its own verifier; llama.cpp drafts with it too below.
+# Q4_0 draft files calibrated with GPTQ on the default calibration text (never the prompts):
+# what `tandem quantize` makes for its own verifier, all-Q4_0, and with the MLP of the first
+# and last two layers at Q8_0 (`--edge-mlp 2=q8_0`); llama.cpp drafts with the latter below.
 gptq=$out/draft-q4_0-gptq.gguf
+edges=$out/draft-q4_0-gptq-edges.gguf
 [ -f "$gptq" ] || "$T" --threads "$N" quantize "$smol" --out "$gptq" --scheme q4_0 --attention q4_0 \
   --method gptq --quiet >/dev/null
-for d in ngram self:q8_0@all suffix+self:q8_0@all suffix+self:q4_0@all "suffix+$gptq"; do
-  name=${d/$gptq/gptq-q4_0.gguf}
+[ -f "$edges" ] || "$T" --threads "$N" quantize "$smol" --out "$edges" --scheme q4_0 --attention q4_0 \
+  --edge-mlp 2=q8_0 --method gptq --quiet >/dev/null
+for d in ngram self:q8_0@all suffix+self:q8_0@all suffix+self:q4_0@all "suffix+$gptq" "suffix+$edges"; do
+  name=${d/$gptq/gptq-q4_0.gguf}; name=${name/$edges/gptq-q4_0-edges.gguf}
   "$T" --threads "$N" bench spec --model "$smol" --chat --prompts "$P" --draft "$d" \
     --max-tokens "$M" --json "$out/chat-$name.json" 2>/dev/null | grep -E "tok/s|speedup" | sed "s/^/  [$name] /"
 done
@@ -68,7 +72,7 @@ spec = [f"{B}/llama-speculative-simple", "-m", f"{out}/f16.gguf", "-n", M, "-t",
 configs = [("plain (llama-completion)", True, lambda p: [f"{B}/llama-completion", "-m", f"{out}/f16.gguf", "-n", M, "-t", N, "--temp", "0", "-no-cnv", "-p", p])]
 for q in ["Q8_0", "Q4_0"]:
     configs.append((f"spec {q} draft", False, lambda p, q=q: spec + ["-md", f"{out}/{q}.gguf", "--spec-type", "draft-simple", "--spec-draft-n-max", "8", "-p", p]))
-configs.append(("spec Q4_0 GPTQ draft", False, lambda p: spec + ["-md", f"{out}/draft-q4_0-gptq.gguf", "--spec-type", "draft-simple", "--spec-draft-n-max", "8", "-p", p]))
+configs.append(("spec Q4_0 GPTQ draft (edge MLPs Q8_0)", False, lambda p: spec + ["-md", f"{out}/draft-q4_0-gptq-edges.gguf", "--spec-type", "draft-simple", "--spec-draft-n-max", "8", "-p", p]))
 for t in ["ngram-simple", "ngram-map-k", "ngram-cache"]:
     configs.append((f"spec {t}", False, lambda p, t=t: spec + ["--spec-type", t, "-p", p]))
 tot = {}

@@ -933,9 +933,11 @@ impl tandem_quantize::job::QuantizeObserver for QuantizeBar {
 /// `format="compressed-tensors"`), as `tandem quantize` does: attention kept 16-bit unless
 /// `attention` says otherwise, the MLP at `scheme`, `method` rtn (llama-quantize's bytes),
 /// gptq, awq or awq+gptq (calibrated on `calib_text`, default the bundled Austen, and with
-/// `calib_self=N` on N tokens of the model's own answers too). Returns what was written.
+/// `calib_self=N` on N tokens of the model's own answers too); `edge_mlp="2=q8_0"` puts the
+/// MLP of the first and last two layers at Q8_0 (a 4-bit draft's choice). Returns what was
+/// written.
 #[pyfunction]
-#[pyo3(signature = (model, out, scheme=None, method="rtn", *, attention=None, embeddings=None, output=None, rules=Vec::new(), recipe=None, format="gguf", group_size=32, imatrix=None, calib_text=None, calib_ctx=512, calib_chunks=None, calib_self=0, gptq_damp=0.3, act_order=true, force=false, allow_nonfinite=false, progress=None))]
+#[pyo3(signature = (model, out, scheme=None, method="rtn", *, attention=None, embeddings=None, output=None, edge_mlp=None, rules=Vec::new(), recipe=None, format="gguf", group_size=32, imatrix=None, calib_text=None, calib_ctx=512, calib_chunks=None, calib_self=0, gptq_damp=0.3, act_order=true, force=false, allow_nonfinite=false, progress=None))]
 #[allow(clippy::too_many_arguments)]
 fn quantize<'py>(
     py: Python<'py>,
@@ -946,6 +948,7 @@ fn quantize<'py>(
     attention: Option<String>,
     embeddings: Option<String>,
     output: Option<String>,
+    edge_mlp: Option<String>,
     rules: Vec<String>,
     recipe: Option<PathBuf>,
     format: &str,
@@ -986,6 +989,7 @@ fn quantize<'py>(
                 attention,
                 embeddings,
                 output,
+                edge_mlp,
                 rules,
                 recipe,
             },

@@ -133,6 +133,7 @@ def quantize(
     attention: Optional[str] = None,
     embeddings: Optional[str] = None,
     output: Optional[str] = None,
+    edge_mlp: Optional[str] = None,
     rules: Sequence[str] = ...,
     recipe: Optional[_Path] = None,
     format: str = "gguf",

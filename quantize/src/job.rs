@@ -21,6 +21,8 @@ pub struct PolicyChoices {
     pub attention: Option<String>,
     pub embeddings: Option<String>,
     pub output: Option<String>,
+    /// `N=TYPE`: the MLP of the first and last N layers at TYPE.
+    pub edge_mlp: Option<String>,
     /// `PATTERN=TYPE`, later ones win.
     pub rules: Vec<String>,
     /// A TOML recipe; the fields above win over its.
@@ -39,6 +41,7 @@ impl PolicyChoices {
             (&self.attention, &mut recipe.attention),
             (&self.embeddings, &mut recipe.embeddings),
             (&self.output, &mut recipe.output),
+            (&self.edge_mlp, &mut recipe.edge_mlp),
         ] {
             if let Some(v) = choice {
                 *field = Some(v.clone());

@@ -29,7 +29,7 @@ pub mod weighted;
 
 pub use error::{Error, Result};
 pub use imatrix::ImportanceMatrix;
-pub use plan::{make_plan, Plan, Policy, Recipe, Rule, TensorKind, TypeChoice};
+pub use plan::{make_plan, EdgeLayers, Plan, Policy, Recipe, Rule, TensorKind, TypeChoice};
 pub use types::QuantType;
 
 use gguf_writer::{GgufLayout, GgufWriter};
