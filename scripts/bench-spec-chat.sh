@@ -24,7 +24,8 @@ edges=$out/draft-q4_0-gptq-edges.gguf
   --method gptq --quiet >/dev/null
 [ -f "$edges" ] || "$T" --threads "$N" quantize "$smol" --out "$edges" --scheme q4_0 --attention q4_0 \
   --edge-mlp 2=q8_0 --method gptq --quiet >/dev/null
-for d in ngram self:q8_0@all suffix+self:q8_0@all suffix+self:q4_0@all "suffix+$gptq" "suffix+$edges"; do
+for d in ngram self:q8_0@all suffix+self:q8_0@all suffix+self:q4_0@all suffix+self:q4_0@all,edges=2 \
+  "suffix+$gptq" "suffix+$edges"; do
   name=${d/$gptq/gptq-q4_0.gguf}; name=${name/$edges/gptq-q4_0-edges.gguf}
   "$T" --threads "$N" bench spec --model "$smol" --chat --prompts "$P" --draft "$d" \
     --max-tokens "$M" --json "$out/chat-$name.json" 2>/dev/null | grep -E "tok/s|speedup" | sed "s/^/  [$name] /"

@@ -59,7 +59,8 @@ pub struct BenchSpecArgs {
     model: PathBuf,
     /// ngram, suffix (lookup over this and the earlier prompts and answers), self:<type>
     /// (e.g. self:q4_0; `self:q8_0@all,skip=auto|N|a3.m5` also skips sublayers chosen on
-    /// calibration text), a draft model path, or lookup+model (suffix+self:q8_0@all).
+    /// calibration text; `self:q4_0@all,edges=2` keeps the MLP of the first and last two
+    /// layers at q8_0), a draft model path, or lookup+model (suffix+self:q8_0@all).
     #[arg(long)]
     draft: String,
     /// JSON lines, each {"prompt": "..."}, or with --chat {"system": "...", "prompt": "..."},

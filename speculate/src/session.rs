@@ -69,7 +69,8 @@ impl DraftSource {
 
     /// `ngram`, `suffix`, `self:<type>` (the verifier quantized in memory with the
     /// quantizer's default policy: attention 16-bit, MLP at `<type>`; `self:<type>@all`
-    /// quantizes attention too), a model path, or a lookup and a model joined by `+`
+    /// quantizes attention too; `,edges=N` keeps the MLP of the first and last N layers at
+    /// Q8_0), a model path, or a lookup and a model joined by `+`
     /// (`suffix+self:q8_0@all`: the lookup first, the model where it finds nothing). A draft
     /// model is loaded with `load` (the verifier's options, as a rule).
     pub fn open(verifier: &Checkpoint, spec: &str, load: &LoadOptions) -> Result<Self> {
@@ -124,17 +125,28 @@ impl DraftSource {
     ) -> Result<(Arc<Llama>, Option<SkipReport>)> {
         match part.strip_prefix("self:") {
             Some(ty) => {
-                // self:<type>[@all][,skip=<auto|count|list>]
-                let (ty, skip) = match ty.split_once(",skip=") {
-                    Some((t, s)) => (
-                        t,
-                        Some(
-                            SkipChoice::parse(s)
-                                .map_err(|e| Error::Mismatch(format!("draft '{spec}': {e}")))?,
-                        ),
-                    ),
-                    None => (ty, None),
-                };
+                // self:<type>[@all][,skip=<auto|count|list>][,edges=<N>], options in any order.
+                let mut options = ty.split(',');
+                let ty = options.next().unwrap_or_default();
+                let (mut skip, mut edges) = (None, 0);
+                for option in options {
+                    let bad = |e: String| Error::Mismatch(format!("draft '{spec}': {e}"));
+                    match option.split_once('=') {
+                        Some(("skip", s)) => {
+                            skip = Some(SkipChoice::parse(s).map_err(|e| bad(e.to_string()))?)
+                        }
+                        Some(("edges", n)) => {
+                            edges = n
+                                .parse::<usize>()
+                                .map_err(|_| bad(format!("edges={n}: not a count of layers")))?
+                        }
+                        _ => {
+                            return Err(bad(format!(
+                                "unknown option '{option}' (skip=… or edges=N)"
+                            )))
+                        }
+                    }
+                }
                 let (ty, all) = match ty.strip_suffix("@all") {
                     Some(t) => (t, true),
                     None => (ty, false),
@@ -142,7 +154,12 @@ impl DraftSource {
                 let mut draft = match TypeChoice::parse(ty)
                     .map_err(|e| Error::Mismatch(format!("draft '{spec}': {e}")))?
                 {
-                    TypeChoice::To(t) => self_draft_model(verifier, t, all, load)?,
+                    TypeChoice::To(t) => self_draft_model(verifier, t, all, edges, load)?,
+                    TypeChoice::Keep if edges > 0 => {
+                        return Err(Error::Mismatch(format!(
+                            "draft '{spec}': edges=N needs a type to quantize the other layers to"
+                        )))
+                    }
                     // The verifier's own weights, with sublayers left out.
                     TypeChoice::Keep if skip.is_some() => verifier.load_model(load)?,
                     TypeChoice::Keep => {
@@ -179,6 +196,7 @@ impl DraftSource {
             verifier,
             scheme,
             attention_too,
+            0,
             load,
         )?)))
     }
@@ -195,10 +213,12 @@ fn self_draft_model(
     verifier: &Checkpoint,
     scheme: QuantType,
     attention_too: bool,
+    edge_layers: usize,
     load: &LoadOptions,
 ) -> Result<Llama> {
-    let ck = tandem_quantize::quantized_copy(verifier, scheme, attention_too)
-        .map_err(|e| Error::Mismatch(format!("quantizing the self-draft: {e}")))?;
+    let ck =
+        tandem_quantize::quantized_copy_with_edges(verifier, scheme, attention_too, edge_layers)
+            .map_err(|e| Error::Mismatch(format!("quantizing the self-draft: {e}")))?;
     Ok(ck.load_model(load)?)
 }
 

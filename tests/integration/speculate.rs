@@ -673,6 +673,7 @@ fn lookup_and_hybrid_drafts_through_a_session_equal_plain_greedy() {
         "ngram",
         "suffix+self:q8_0",
         "ngram+self:q4_0@all",
+        "suffix+self:q4_0@all,edges=1",
         "self:q8_0@all,skip=2",
         "self:keep,skip=a1.m3",
     ] {
@@ -703,6 +704,9 @@ fn lookup_and_hybrid_drafts_through_a_session_equal_plain_greedy() {
         "self:q9",
         "self:q8_0,skip=x3",
         "self:keep,skip=a99",
+        "self:q4_0,edges=x",
+        "self:q4_0,edge=2",
+        "self:keep,edges=1",
     ] {
         assert!(
             tandem_speculate::DraftSource::open(&ck, bad, &Default::default()).is_err(),
