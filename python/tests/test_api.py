@@ -89,6 +89,10 @@ def test_quantize_is_the_clis_bytes_and_evaluate_reports(stories, tandem_bin, tm
     assert r["tensors"] > 0 and r["bytes"] == a.stat().st_size
     cli(tandem_bin, "quantize", stories, "--out", b, "--scheme", "q4_0", "--quiet")
     assert a.read_bytes() == b.read_bytes()
+    e, ec = tmp_path / "edges.gguf", tmp_path / "edges-cli.gguf"
+    tandem.quantize(stories, e, scheme="q4_0", edge_mlp="1=q8_0", progress=False)
+    cli(tandem_bin, "quantize", stories, "--out", ec, "--scheme", "q4_0", "--edge-mlp", "1=q8_0", "--quiet")
+    assert e.read_bytes() == ec.read_bytes() and e.stat().st_size > a.stat().st_size
     g, gc = tmp_path / "gptq.gguf", tmp_path / "gptq-cli.gguf"
     tandem.quantize(stories, g, scheme="q4_0", method="gptq", act_order=False, calib_chunks=2, progress=False)
     cli(tandem_bin, "quantize", stories, "--out", gc, "--scheme", "q4_0", "--method", "gptq", "--act-order=false",
