@@ -101,8 +101,10 @@ pub struct Policy {
 /// most where its MLP rounding costs least: on SmolLM2-135M (30 layers), GPTQ Q4_0 with the
 /// MLPs of layers 0, 1, 28 and 29 at Q8_0 accepted 79–86% of its drafts against 73–79% for
 /// all-Q4_0, for 5% more bytes; the first and last four (8 layers) gained no more
-/// (BENCHMARKS.md, session 46). llama.cpp's Q4_K_M gives the same edge layers' `ffn_down` more
-/// bits for the same reason. By layer count, so one choice fits any depth.
+/// (BENCHMARKS.md, session 46). On 2 CPU cores, where a draft step costs its bytes, speed
+/// gained about nothing from it; where a step costs launches rather than bytes (a GPU), the
+/// acceptance is what counts. llama.cpp's Q4_K_M gives the same edge layers' `ffn_down` more
+/// bits for a like reason. By layer count, so one choice fits any depth.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct EdgeLayers {
     pub count: usize,
