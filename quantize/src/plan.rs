@@ -103,8 +103,8 @@ pub struct Policy {
 /// all-Q4_0, for 5% more bytes; the first and last four (8 layers) gained no more
 /// (BENCHMARKS.md, session 46). On 2 CPU cores, where a draft step costs its bytes, speed
 /// gained about nothing from it; where a step costs launches rather than bytes (a GPU), the
-/// acceptance is what counts. llama.cpp's Q4_K_M gives the same edge layers' `ffn_down` more
-/// bits for a like reason. By layer count, so one choice fits any depth.
+/// acceptance is what counts. llama.cpp's Q4_K_M gives `ffn_down` more bits in the first and
+/// last eighths of the layers, for a like reason. By layer count, so one choice fits any depth.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct EdgeLayers {
     pub count: usize,
