@@ -458,23 +458,24 @@ fn same_type(t: QuantType, d: WeightDType) -> bool {
     }
 }
 
-/// File order: embeddings, then layers in numeric order, final norm, output head, the rest.
-/// The layer index of a `model.layers.N.…` name.
-fn layer_of(name: &str) -> Option<usize> {
-    let (l, _) = name.strip_prefix("model.layers.")?.split_once('.')?;
-    l.parse().ok()
+/// A `model.layers.N.…` name's layer index and what follows it.
+fn split_layer(name: &str) -> Option<(usize, &str)> {
+    let (l, tail) = name.strip_prefix("model.layers.")?.split_once('.')?;
+    Some((l.parse().ok()?, tail))
 }
 
+/// The layer index of a `model.layers.N.…` name.
+fn layer_of(name: &str) -> Option<usize> {
+    split_layer(name).map(|(l, _)| l)
+}
+
+/// File order: embeddings, then layers in numeric order, final norm, output head, the rest.
 fn order_key(name: &str) -> (u8, usize, String) {
     if name == "model.embed_tokens.weight" {
         return (0, 0, String::new());
     }
-    if let Some(rest) = name.strip_prefix("model.layers.") {
-        if let Some((l, tail)) = rest.split_once('.') {
-            if let Ok(l) = l.parse::<usize>() {
-                return (1, l, tail.to_string());
-            }
-        }
+    if let Some((l, tail)) = split_layer(name) {
+        return (1, l, tail.to_string());
     }
     match name {
         "model.norm.weight" => (2, 0, String::new()),
