@@ -262,7 +262,7 @@ pub fn attention_tree<E: KvElement>(
 
 /// How many queries a unit takes: a KV head's t·group queries split into enough equal runs
 /// that there are about four units per thread (so the pool evens them out), rounded up to
-/// whole groups while that keeps it within [`GROUPED_UNIT_MOST`] (the grouped f16 kernels take
+/// whole groups while that keeps it within [`grouped_unit_most`] (the grouped f16 kernels take
 /// a row's group together: a verification pass of 4 rows has units of 6 queries instead of
 /// 4), at most [`QUERIES_PER_UNIT`], and never fewer than a group's heads: a one-token step
 /// at a long context is bound by reading the cache, and a group's heads read their KV head
@@ -280,10 +280,10 @@ fn queries_per_unit(s: AttentionShape) -> usize {
     };
     let per = per_kv_head.div_ceil(runs).max(group);
     // Whole groups where the unit stays small enough for the grouped f16 kernels (which take
-    // a row's group together); a larger unit keeps its even split (`attn_hot`, 8 rows: 9, 9
-    // and 6 queries ran 5-12% slower than three units of 8).
+    // a row's group together); a larger unit keeps its even split (`attn_hot` with AVX2,
+    // 8 rows: 9, 9 and 6 queries ran 5-12% slower than three units of 8).
     let whole = per.next_multiple_of(group.max(1));
-    let per = if whole <= GROUPED_UNIT_MOST {
+    let per = if whole <= grouped_unit_most() {
         whole
     } else {
         per
@@ -616,7 +616,9 @@ fn attend_queries_body<E: KvElement>(
     // (decoding and short verification passes); a unit of many (prefill, long drafts) widens
     // each block into memory once for all of them, which costs less than once per group.
     #[cfg(target_arch = "x86_64")]
-    let grouped = simd && queries.len() <= GROUPED_UNIT_MOST;
+    let grouped = simd && queries.len() <= grouped_unit_most();
+    // Every kernel's 512-bit version, where the CPU has AVX-512F (the same bits).
+    let avx512 = simd && avx512_available();
     let query = |x: &Query| &q[x.row * d..][..d];
     for (si, seg) in segments.clone().enumerate() {
         let (lo, hi) = (seg * S, (seg + 1) * S);
@@ -634,7 +636,9 @@ fn attend_queries_body<E: KvElement>(
                     // of 8; the run's queries see `n` rows of `half`, and their score rows
                     // (S apart, from `lo_s`) hold the block's j0 - lo + n scores.
                     let m = unsafe {
-                        score_rows_f16_grouped(qs, q, d, half, n, scale, scores, lo_s, S, wide)
+                        score_rows_f16_grouped(
+                            avx512, qs, q, d, half, n, scale, scores, lo_s, S, wide,
+                        )
                     };
                     for (mx, m) in max[x0..x1].iter_mut().zip(m) {
                         *mx = mx.max(m);
@@ -647,7 +651,14 @@ fn attend_queries_body<E: KvElement>(
                 let rows = qy.rows_in(j0, block.len() / d);
                 if rows > 0 {
                     let s = &mut scores[x * S + j0 - lo..][..rows];
-                    max[x] = max[x].max(score_block(simd, query(qy), &block[..rows * d], scale, s));
+                    max[x] = max[x].max(score_block(
+                        simd,
+                        avx512,
+                        query(qy),
+                        &block[..rows * d],
+                        scale,
+                        s,
+                    ));
                 }
             }
         }
@@ -660,7 +671,7 @@ fn attend_queries_body<E: KvElement>(
             let path_keys = &path_rows[qy.path_at + span.start * d..][..span.len() * d];
             for (b, block) in path_keys.chunks(KEYS_PER_BLOCK * d).enumerate() {
                 let s = &mut scores[x * S + at + b * KEYS_PER_BLOCK..][..block.len() / d];
-                max[x] = max[x].max(score_block(simd, query(qy), block, scale, s));
+                max[x] = max[x].max(score_block(simd, avx512, query(qy), block, scale, s));
             }
         }
         for (x, qy) in queries.iter().enumerate() {
@@ -686,6 +697,7 @@ fn attend_queries_body<E: KvElement>(
                     // weights at `(x - x0) * S` past the block's first score.
                     unsafe {
                         accumulate_rows_f16_grouped(
+                            avx512,
                             half,
                             d,
                             n,
@@ -705,7 +717,7 @@ fn attend_queries_body<E: KvElement>(
                 if rows > 0 {
                     let w = &scores[x * S + j0 - lo..][..rows];
                     let o = &mut parts[(x * nseg + si) * part_len + 2..][..d];
-                    accumulate_block(simd, &block[..rows * d], w, o);
+                    accumulate_block(simd, avx512, &block[..rows * d], w, o);
                 }
             }
         }
@@ -720,7 +732,7 @@ fn attend_queries_body<E: KvElement>(
             for (b, block) in path_vals.chunks(KEYS_PER_BLOCK * d).enumerate() {
                 let w = &scores[x * S + at + b * KEYS_PER_BLOCK..][..block.len() / d];
                 let o = &mut parts[(x * nseg + si) * part_len + 2..][..d];
-                accumulate_block(simd, block, w, o);
+                accumulate_block(simd, avx512, block, w, o);
             }
         }
     }
@@ -736,11 +748,34 @@ fn simd_available() -> bool {
     false
 }
 
-/// One query's scores against the key rows of `keys` into `out`; returns their maximum.
-/// `simd`: [`simd_available`] and the head size a multiple of 8.
+/// Whether the 512-bit kernels can run here (see [`crate::has_avx512`]).
 #[inline(always)]
-fn score_block(simd: bool, q: &[f32], keys: &[f32], scale: f32, out: &mut [f32]) -> f32 {
+fn avx512_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return crate::has_avx512();
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// One query's scores against the key rows of `keys` into `out`; returns their maximum.
+/// `simd`: [`simd_available`] and the head size a multiple of 8; `avx512`: `simd` and
+/// [`avx512_available`].
+#[inline(always)]
+fn score_block(
+    simd: bool,
+    avx512: bool,
+    q: &[f32],
+    keys: &[f32],
+    scale: f32,
+    out: &mut [f32],
+) -> f32 {
     let d = q.len();
+    #[cfg(target_arch = "x86_64")]
+    if avx512 {
+        // SAFETY: the CPU has AVX-512F, AVX2 and FMA and d is a multiple of 8 (what `avx512`
+        // says); `out` holds a score per key row.
+        return unsafe { score_rows_avx512(q, keys, scale, out) };
+    }
     #[cfg(target_arch = "x86_64")]
     if simd {
         // SAFETY: the CPU has AVX2 and FMA and d is a multiple of 8 (what `simd` says);
@@ -748,7 +783,7 @@ fn score_block(simd: bool, q: &[f32], keys: &[f32], scale: f32, out: &mut [f32])
         return unsafe { score_rows_avx2(q, keys, scale, out) };
     }
     #[cfg(not(target_arch = "x86_64"))]
-    let _ = simd;
+    let _ = (simd, avx512);
     let mut max = f32::NEG_INFINITY;
     for (s, kr) in out.iter_mut().zip(keys.chunks_exact(d)) {
         let x = dot(q, kr) * scale;
@@ -773,8 +808,6 @@ unsafe fn score_rows_avx2(q: &[f32], keys: &[f32], scale: f32, out: &mut [f32]) 
     debug_assert!(d.is_multiple_of(8) && keys.len() >= rows * d);
     let (qp, kp) = (q.as_ptr(), keys.as_ptr());
     let scale_v = _mm256_set1_ps(scale);
-    // The final reduction leaves the keys in lanes 0 2 4 6 1 3 5 7.
-    let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
     let mut max_v = _mm256_set1_ps(f32::NEG_INFINITY);
     let mut j = 0;
     while j + 8 <= rows {
@@ -789,22 +822,7 @@ unsafe fn score_rows_avx2(q: &[f32], keys: &[f32], scale: f32, out: &mut [f32]) 
             }
             c += 8;
         }
-        // Per key: lanes l and l + 4 added (two keys per register).
-        let pair = |x: __m256, y: __m256| {
-            _mm256_add_ps(
-                _mm256_permute2f128_ps::<0x20>(x, y),
-                _mm256_permute2f128_ps::<0x31>(x, y),
-            )
-        };
-        let (p01, p23, p45, p67) = (
-            pair(a[0], a[1]),
-            pair(a[2], a[3]),
-            pair(a[4], a[5]),
-            pair(a[6], a[7]),
-        );
-        // (b0 + b1), (b2 + b3), then their sum, per key.
-        let h = _mm256_hadd_ps(_mm256_hadd_ps(p01, p23), _mm256_hadd_ps(p45, p67));
-        let s = _mm256_mul_ps(_mm256_permutevar8x32_ps(h, order), scale_v);
+        let s = _mm256_mul_ps(sum_lanes_of_eight_keys(a), scale_v);
         _mm256_storeu_ps(out.as_mut_ptr().add(j), s);
         max_v = _mm256_max_ps(max_v, s);
         j += 8;
@@ -821,11 +839,44 @@ unsafe fn score_rows_avx2(q: &[f32], keys: &[f32], scale: f32, out: &mut [f32]) 
     max
 }
 
+/// Eight keys' dot products from their eight-lane accumulators (`a[r]`: key r's lanes), in
+/// key order: per key `dot`'s tree, ((a0 + a4) + (a1 + a5)) + ((a2 + a6) + (a3 + a7)), for
+/// all eight at once by transposing adds instead of a horizontal sum per key.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn sum_lanes_of_eight_keys(a: [std::arch::x86_64::__m256; 8]) -> std::arch::x86_64::__m256 {
+    use std::arch::x86_64::*;
+    // Per key: lanes l and l + 4 added (two keys per register).
+    let pair = |x: __m256, y: __m256| {
+        _mm256_add_ps(
+            _mm256_permute2f128_ps::<0x20>(x, y),
+            _mm256_permute2f128_ps::<0x31>(x, y),
+        )
+    };
+    let (p01, p23, p45, p67) = (
+        pair(a[0], a[1]),
+        pair(a[2], a[3]),
+        pair(a[4], a[5]),
+        pair(a[6], a[7]),
+    );
+    // (b0 + b1), (b2 + b3), then their sum, per key: the keys land in lanes 0 2 4 6 1 3 5 7.
+    let h = _mm256_hadd_ps(_mm256_hadd_ps(p01, p23), _mm256_hadd_ps(p45, p67));
+    _mm256_permutevar8x32_ps(h, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7))
+}
+
 /// Adds the weighted value rows of `vals` to `o` (one query's output), each element summed
-/// over the rows in order. `simd` as for [`score_block`].
+/// over the rows in order. `simd` and `avx512` as for [`score_block`].
 #[inline(always)]
-fn accumulate_block(simd: bool, vals: &[f32], weights: &[f32], o: &mut [f32]) {
+fn accumulate_block(simd: bool, avx512: bool, vals: &[f32], weights: &[f32], o: &mut [f32]) {
     let d = o.len();
+    #[cfg(target_arch = "x86_64")]
+    if avx512 {
+        // SAFETY: the CPU has AVX-512F, AVX2 and FMA and d is a multiple of 8 (what `avx512`
+        // says); `vals` holds a row per weight.
+        unsafe { accumulate_rows_avx512(vals, weights, o) };
+        return;
+    }
     #[cfg(target_arch = "x86_64")]
     if simd {
         // SAFETY: the CPU has AVX2 and FMA and d is a multiple of 8 (what `simd` says);
@@ -834,7 +885,7 @@ fn accumulate_block(simd: bool, vals: &[f32], weights: &[f32], o: &mut [f32]) {
         return;
     }
     #[cfg(not(target_arch = "x86_64"))]
-    let _ = simd;
+    let _ = (simd, avx512);
     for (vr, &w) in vals.chunks_exact(d).zip(weights) {
         for (oc, vc) in o.iter_mut().zip(vr) {
             *oc += w * vc;
@@ -899,6 +950,120 @@ unsafe fn accumulate_chunk_avx2<const N: usize>(
     }
 }
 
+/// [`score_rows_avx2`] in 512-bit registers: each register holds two keys' eight `dot` lanes
+/// (built from the two rows' chunks), fed the same products in the same order and reduced by
+/// the same tree, so every score is bit for bit the AVX2 kernel's with half the multiplies and
+/// adds. Needs `q.len()` a multiple of 8.
+///
+/// # Safety
+/// The CPU has AVX-512F, AVX2 and FMA; `keys` holds `out.len()` rows of `q.len()` values.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn score_rows_avx512(q: &[f32], keys: &[f32], scale: f32, out: &mut [f32]) -> f32 {
+    use std::arch::x86_64::*;
+    const PAIRS: usize = KEYS_PER_ZMM_STEP / 2;
+    let d = q.len();
+    let rows = out.len();
+    assert!(d.is_multiple_of(8) && keys.len() >= rows * d);
+    let (qp, kp) = (q.as_ptr(), keys.as_ptr());
+    let scale_v = _mm256_set1_ps(scale);
+    let mut max_v = _mm256_set1_ps(f32::NEG_INFINITY);
+    let mut j = 0;
+    while j + KEYS_PER_ZMM_STEP <= rows {
+        let mut a = [_mm512_setzero_ps(); PAIRS];
+        let mut c = 0;
+        while c < d {
+            // The query's chunk in both halves.
+            let qv = _mm512_castpd_ps(_mm512_broadcast_f64x4(_mm256_castps_pd(_mm256_loadu_ps(
+                qp.add(c),
+            ))));
+            for (p, ap) in a.iter_mut().enumerate() {
+                let lo = _mm256_loadu_ps(kp.add((j + 2 * p) * d + c));
+                let hi = _mm256_loadu_ps(kp.add((j + 2 * p + 1) * d + c));
+                let kv = _mm512_castpd_ps(_mm512_insertf64x4::<1>(
+                    _mm512_castpd256_pd512(_mm256_castps_pd(lo)),
+                    _mm256_castps_pd(hi),
+                ));
+                // Multiply, then add, as `dot`.
+                *ap = _mm512_add_ps(*ap, _mm512_mul_ps(qv, kv));
+            }
+            c += 8;
+        }
+        let s = _mm256_mul_ps(sum_lanes_of_eight_keys(halves_of_pairs(&a)), scale_v);
+        _mm256_storeu_ps(out.as_mut_ptr().add(j), s);
+        max_v = _mm256_max_ps(max_v, s);
+        j += KEYS_PER_ZMM_STEP;
+    }
+    let mut lanes = [0f32; 8];
+    _mm256_storeu_ps(lanes.as_mut_ptr(), max_v);
+    let max = lanes.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    if j < rows {
+        let m = score_rows_avx2(q, &keys[j * d..], scale, &mut out[j..]);
+        return max.max(m);
+    }
+    max
+}
+
+/// [`accumulate_rows_avx2`] in 512-bit registers: up to 128 outputs held across all the rows,
+/// each element still its rows added in order (the same bits). Needs `o.len()` a multiple of 8.
+///
+/// # Safety
+/// The CPU has AVX-512F, AVX2 and FMA; `vals` holds a row of `o.len()` values per weight.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn accumulate_rows_avx512(vals: &[f32], weights: &[f32], o: &mut [f32]) {
+    let d = o.len();
+    assert!(d.is_multiple_of(8) && vals.len() >= weights.len() * d);
+    let mut c0 = 0;
+    while d - c0 >= 16 {
+        let n = ((d - c0) / 16).min(8);
+        match n {
+            8 => accumulate_chunk_avx512::<8>(vals, weights, o, c0),
+            7 => accumulate_chunk_avx512::<7>(vals, weights, o, c0),
+            6 => accumulate_chunk_avx512::<6>(vals, weights, o, c0),
+            5 => accumulate_chunk_avx512::<5>(vals, weights, o, c0),
+            4 => accumulate_chunk_avx512::<4>(vals, weights, o, c0),
+            3 => accumulate_chunk_avx512::<3>(vals, weights, o, c0),
+            2 => accumulate_chunk_avx512::<2>(vals, weights, o, c0),
+            _ => accumulate_chunk_avx512::<1>(vals, weights, o, c0),
+        }
+        c0 += 16 * n;
+    }
+    if c0 < d {
+        accumulate_chunk_avx2::<1>(vals, weights, o, c0);
+    }
+}
+
+/// Outputs `c0..c0 + 16·N` of [`accumulate_rows_avx512`], held in N registers over the rows.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+#[inline]
+unsafe fn accumulate_chunk_avx512<const N: usize>(
+    vals: &[f32],
+    weights: &[f32],
+    o: &mut [f32],
+    c0: usize,
+) {
+    use std::arch::x86_64::*;
+    let d = o.len();
+    let (vp, op) = (vals.as_ptr(), o.as_mut_ptr());
+    let mut acc = [_mm512_setzero_ps(); N];
+    for (v, a) in acc.iter_mut().enumerate() {
+        *a = _mm512_loadu_ps(op.add(c0 + 16 * v));
+    }
+    for (j, &w) in weights.iter().enumerate() {
+        let wv = _mm512_set1_ps(w);
+        let row = vp.add(j * d + c0);
+        for (v, a) in acc.iter_mut().enumerate() {
+            // Multiply, then add, as the plain loop.
+            *a = _mm512_add_ps(*a, _mm512_mul_ps(wv, _mm512_loadu_ps(row.add(16 * v))));
+        }
+    }
+    for (v, a) in acc.iter().enumerate() {
+        _mm512_storeu_ps(op.add(c0 + 16 * v), *a);
+    }
+}
+
 /// Most queries the grouped f16 kernels take at once: a KV head's group on SmolLM2 (larger
 /// groups go three at a time). Their accumulators, query chunks and a key chunk fit AVX2's
 /// sixteen registers (three queries by two keys for the scores, by two value chunks for the
@@ -906,13 +1071,28 @@ unsafe fn accumulate_chunk_avx2<const N: usize>(
 #[cfg(target_arch = "x86_64")]
 const GROUP_MOST: usize = 3;
 
-/// Most queries in a unit for which the grouped f16 kernels run. The `attn_hot` example,
+/// Most queries in a unit for which the grouped f16 kernels run with AVX2. The `attn_hot` example,
 /// SmolLM2's shape at 512 cached keys, 2 threads, µs per call, widened into memory once per
 /// unit against in registers once per group: one row (3 queries a unit) 24-27 against 15-19,
 /// two rows (3) 42.7 against 35.9, four rows (6) 64.9 against 65.2 (and in whole passes,
 /// `bench --verify 4 --context 768`, 9-13% more passes/s), eight rows (9) 117 against 124,
 /// 32 rows (24) 478 against 569.
 const GROUPED_UNIT_MOST: usize = 6;
+
+/// Most queries in a unit for which the grouped f16 kernels run: [`GROUPED_UNIT_MOST`] with
+/// AVX2, every unit with AVX-512, whose 512-bit conversions widen a block for each group at
+/// less cost than the widened block's reads for all of them. The `attn_hot` example on a
+/// 2-core Xeon (Emerald Rapids), 2 threads, µs per call, alternated, grouped against
+/// widened: eight rows at 256 keys 95-109 against 114-146, at 512 172-198 against 195-265;
+/// sixteen rows at 256 keys 194-209 against 235-257; a 128-row prefill after 128 keys
+/// 1007-1059 against 1139-1286.
+fn grouped_unit_most() -> usize {
+    if avx512_available() {
+        QUERIES_PER_UNIT
+    } else {
+        GROUPED_UNIT_MOST
+    }
+}
 
 /// Runs of consecutive queries that see the same number (> 0) of a block's rows, at most
 /// [`GROUP_MOST`] long: (first, end, rows). A causal pass's queries of one row (a KV head's
@@ -948,12 +1128,15 @@ fn same_row_runs<'a>(
 /// widened key (the same lanes, products and reduction tree: `dot`'s). An odd last key is
 /// widened into `wide` and takes [`score_rows_avx2`].
 ///
+/// With `avx512`, the first multiple of eight keys take [`score_f16_avx512`] (the same bits).
+///
 /// # Safety
-/// The CPU has AVX2, FMA and F16C, and d is a multiple of 8.
+/// The CPU has AVX2, FMA and F16C (and AVX-512F with `avx512`), and d is a multiple of 8.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 #[allow(clippy::too_many_arguments)]
 unsafe fn score_rows_f16_grouped(
+    avx512: bool,
     qs: &[Query],
     q: &[f32],
     d: usize,
@@ -981,27 +1164,45 @@ unsafe fn score_rows_f16_grouped(
         std::array::from_fn(|x| scores.as_mut_ptr().add(at + x.min(g - 1) * stride));
     let kp = keys.as_ptr() as *const u16;
     let ahead = keys.len();
-    let mut max = match g {
-        1 => spread(score_f16_avx2::<1>(
-            [qp[0]],
-            kp,
-            d,
-            even,
-            scale,
-            ahead,
-            [op[0]],
-        )),
-        2 => spread(score_f16_avx2::<2>(
-            [qp[0], qp[1]],
-            kp,
-            d,
-            even,
-            scale,
-            ahead,
-            [op[0], op[1]],
-        )),
-        _ => score_f16_avx2::<3>(qp, kp, d, even, scale, ahead, op),
+    // Eight keys at a time in 512-bit registers where the CPU has them, then two at a time.
+    let wide_rows = if avx512 {
+        n / KEYS_PER_ZMM_STEP * KEYS_PER_ZMM_STEP
+    } else {
+        0
     };
+    let mut max = [f32::NEG_INFINITY; GROUP_MOST];
+    for (zmm, from, to) in [(true, 0, wide_rows), (false, wide_rows, even)] {
+        if from == to {
+            continue;
+        }
+        let (kp, rows) = (kp.add(from * d), to - from);
+        let op: [*mut f32; GROUP_MOST] = std::array::from_fn(|x| op[x].add(from));
+        macro_rules! run {
+            ($kernel:ident) => {
+                match g {
+                    1 => spread($kernel::<1>([qp[0]], kp, d, rows, scale, ahead, [op[0]])),
+                    2 => spread($kernel::<2>(
+                        [qp[0], qp[1]],
+                        kp,
+                        d,
+                        rows,
+                        scale,
+                        ahead,
+                        [op[0], op[1]],
+                    )),
+                    _ => $kernel::<3>(qp, kp, d, rows, scale, ahead, op),
+                }
+            };
+        }
+        let m = if zmm {
+            run!(score_f16_avx512)
+        } else {
+            run!(score_f16_avx2)
+        };
+        for (mx, m) in max.iter_mut().zip(m) {
+            *mx = mx.max(m);
+        }
+    }
     if even < n {
         let tail = half::f16::widen(true, &keys[even * d..n * d], wide);
         for (x, qy) in qs.iter().enumerate() {
@@ -1094,12 +1295,15 @@ unsafe fn score_f16_avx2<const Q: usize>(
 /// each output element adds its rows in order, multiply then add, so every sum is bit for bit
 /// [`accumulate_rows_avx2`]'s on the widened rows.
 ///
+/// With `avx512`, 16 outputs per register ([`accumulate_f16_avx512`], the same bits).
+///
 /// # Safety
-/// The CPU has AVX2, FMA and F16C, and d is a multiple of 8.
+/// The CPU has AVX2, FMA and F16C (and AVX-512F with `avx512`), and d is a multiple of 8.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 #[allow(clippy::too_many_arguments)]
 unsafe fn accumulate_rows_f16_grouped(
+    avx512: bool,
     vals: &[half::f16],
     d: usize,
     n: usize,
@@ -1124,6 +1328,41 @@ unsafe fn accumulate_rows_f16_grouped(
     let vp = vals.as_ptr() as *const u16;
     let ahead = vals.len();
     let mut c0 = 0;
+    if avx512 {
+        // Up to 64 outputs per query at a time: Q · N accumulators, Q weights and a value
+        // chunk stay in AVX-512's 32 registers.
+        while d - c0 >= 16 {
+            let chunks = ((d - c0) / 16).min(4);
+            macro_rules! run {
+                ($q:literal, $n:literal) => {
+                    accumulate_f16_avx512::<$q, $n>(
+                        std::array::from_fn(|x| wp[x]),
+                        vp,
+                        d,
+                        n,
+                        c0,
+                        ahead,
+                        std::array::from_fn(|x| op[x]),
+                    )
+                };
+            }
+            match (g, chunks) {
+                (1, 4) => run!(1, 4),
+                (1, 3) => run!(1, 3),
+                (1, 2) => run!(1, 2),
+                (1, _) => run!(1, 1),
+                (2, 4) => run!(2, 4),
+                (2, 3) => run!(2, 3),
+                (2, 2) => run!(2, 2),
+                (2, _) => run!(2, 1),
+                (_, 4) => run!(3, 4),
+                (_, 3) => run!(3, 3),
+                (_, 2) => run!(3, 2),
+                (_, _) => run!(3, 1),
+            }
+            c0 += 16 * chunks;
+        }
+    }
     while c0 < d {
         // Three queries take two chunks at a time: Q · N accumulators, Q weights and a value
         // chunk stay in AVX2's sixteen registers.
@@ -1196,6 +1435,143 @@ unsafe fn accumulate_f16_avx2<const Q: usize, const N: usize>(
     for (x, ax) in acc.iter().enumerate() {
         for (v, a) in ax.iter().enumerate() {
             _mm256_storeu_ps(op[x].add(c0 + 8 * v), *a);
+        }
+    }
+}
+
+/// Key rows [`score_f16_avx512`] takes at a time: four pairs, a pair per 512-bit register.
+#[cfg(target_arch = "x86_64")]
+const KEYS_PER_ZMM_STEP: usize = 8;
+
+/// [`score_f16_avx2`] in 512-bit registers, eight keys at a time: each register holds two
+/// keys' eight `dot` lanes (key 2p in lanes 0–7, key 2p + 1 in lanes 8–15), fed the same
+/// products in the same order, and the halves are reduced by [`sum_lanes_of_eight_keys`]
+/// (`dot`'s tree), so every score is bit for bit the AVX2 kernel's. Half the multiplies and
+/// adds of the 256-bit kernel per key (both must stay unfused), and each f16 key pair widened
+/// by one conversion. `rows` is a multiple of [`KEYS_PER_ZMM_STEP`].
+///
+/// # Safety
+/// The CPU has AVX-512F, AVX2, FMA and F16C; every pointer covers what it is read or written
+/// at (`rows` keys of d values from `kp`, d values per query, `rows` scores per output).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+#[inline]
+unsafe fn score_f16_avx512<const Q: usize>(
+    qp: [*const f32; Q],
+    kp: *const u16,
+    d: usize,
+    rows: usize,
+    scale: f32,
+    ahead: usize,
+    out: [*mut f32; Q],
+) -> [f32; Q] {
+    use std::arch::x86_64::*;
+    const PAIRS: usize = KEYS_PER_ZMM_STEP / 2;
+    let scale_v = _mm256_set1_ps(scale);
+    let mut max_v = [_mm256_set1_ps(f32::NEG_INFINITY); Q];
+    let mut j = 0;
+    while j + KEYS_PER_ZMM_STEP <= rows {
+        let mut a = [[_mm512_setzero_ps(); PAIRS]; Q];
+        let k: [*const u16; KEYS_PER_ZMM_STEP] = std::array::from_fn(|r| kp.add((j + r) * d));
+        let mut c = 0;
+        while c < d {
+            if c % 32 == 0 {
+                // The next block of this KV head sits `ahead` values on (a prefetch never
+                // faults past the end).
+                for kr in k {
+                    _mm_prefetch::<_MM_HINT_T0>(kr.wrapping_add(c + ahead) as *const i8);
+                }
+            }
+            let kv: [__m512; PAIRS] = std::array::from_fn(|p| {
+                let lo = _mm_loadu_si128(k[2 * p].add(c) as *const __m128i);
+                let hi = _mm_loadu_si128(k[2 * p + 1].add(c) as *const __m128i);
+                _mm512_cvtph_ps(_mm256_inserti128_si256::<1>(_mm256_castsi128_si256(lo), hi))
+            });
+            for (x, ax) in a.iter_mut().enumerate() {
+                // The query's chunk in both halves.
+                let qv = _mm512_castpd_ps(_mm512_broadcast_f64x4(_mm256_castps_pd(
+                    _mm256_loadu_ps(qp[x].add(c)),
+                )));
+                for (ap, kvp) in ax.iter_mut().zip(&kv) {
+                    // Multiply, then add, as `dot` and `score_rows_avx2`.
+                    *ap = _mm512_add_ps(*ap, _mm512_mul_ps(qv, *kvp));
+                }
+            }
+            c += 8;
+        }
+        for (x, ax) in a.iter().enumerate() {
+            let s = _mm256_mul_ps(sum_lanes_of_eight_keys(halves_of_pairs(ax)), scale_v);
+            _mm256_storeu_ps(out[x].add(j), s);
+            max_v[x] = _mm256_max_ps(max_v[x], s);
+        }
+        j += KEYS_PER_ZMM_STEP;
+    }
+    std::array::from_fn(|x| {
+        let mut lanes = [0f32; 8];
+        _mm256_storeu_ps(lanes.as_mut_ptr(), max_v[x]);
+        lanes.iter().copied().fold(f32::NEG_INFINITY, f32::max)
+    })
+}
+
+/// Eight keys' eight-lane accumulators from four key-pair registers (lanes 0–7 the first key,
+/// 8–15 the second), in key order.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+#[inline]
+unsafe fn halves_of_pairs(
+    pairs: &[std::arch::x86_64::__m512; KEYS_PER_ZMM_STEP / 2],
+) -> [std::arch::x86_64::__m256; KEYS_PER_ZMM_STEP] {
+    use std::arch::x86_64::*;
+    std::array::from_fn(|r| {
+        let p = pairs[r / 2];
+        if r % 2 == 0 {
+            _mm512_castps512_ps256(p)
+        } else {
+            _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(p)))
+        }
+    })
+}
+
+/// [`accumulate_f16_avx2`] in 512-bit registers: outputs `c0..c0 + 16·N` of Q queries, each
+/// element still its rows added in order, multiply then add (so the same bits), with half the
+/// instructions and one conversion per 16 values.
+///
+/// # Safety
+/// As [`accumulate_f16_avx2`], and the CPU has AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+#[inline]
+unsafe fn accumulate_f16_avx512<const Q: usize, const N: usize>(
+    wp: [*const f32; Q],
+    vp: *const u16,
+    d: usize,
+    rows: usize,
+    c0: usize,
+    ahead: usize,
+    op: [*mut f32; Q],
+) {
+    use std::arch::x86_64::*;
+    let mut acc = [[_mm512_setzero_ps(); N]; Q];
+    for (x, ax) in acc.iter_mut().enumerate() {
+        for (v, a) in ax.iter_mut().enumerate() {
+            *a = _mm512_loadu_ps(op[x].add(c0 + 16 * v));
+        }
+    }
+    for j in 0..rows {
+        let row = vp.add(j * d + c0);
+        _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(ahead) as *const i8);
+        let w: [__m512; Q] = std::array::from_fn(|x| _mm512_set1_ps(*wp[x].add(j)));
+        for v in 0..N {
+            let vv = _mm512_cvtph_ps(_mm256_loadu_si256(row.add(16 * v) as *const __m256i));
+            for (ax, wx) in acc.iter_mut().zip(&w) {
+                // Multiply, then add, as the plain loop.
+                ax[v] = _mm512_add_ps(ax[v], _mm512_mul_ps(*wx, vv));
+            }
+        }
+    }
+    for (x, ax) in acc.iter().enumerate() {
+        for (v, a) in ax.iter().enumerate() {
+            _mm512_storeu_ps(op[x].add(c0 + 16 * v), *a);
         }
     }
 }
@@ -1547,7 +1923,22 @@ mod tests {
             return;
         }
         let mut rng = rand::rngs::StdRng::seed_from_u64(43);
-        for (d, rows) in [(64, 32), (64, 7), (8, 1), (128, 5), (16, 30)] {
+        let shapes = [
+            (64, 32),
+            (64, 7),
+            (8, 1),
+            (128, 5),
+            (16, 30),
+            (64, 19),
+            (128, 24),
+            (24, 13),
+        ];
+        let widths = if crate::has_avx512() {
+            &[false, true][..]
+        } else {
+            &[false]
+        };
+        for (avx512, (d, rows)) in widths.iter().flat_map(|&w| shapes.map(|s| (w, s))) {
             let block: Vec<f16> = (0..rows * d)
                 .map(|_| f16::from_f32(rng.random_range(-3.0..3.0)))
                 .collect();
@@ -1566,6 +1957,7 @@ mod tests {
                 // SAFETY: AVX2, FMA and F16C checked above; d is a multiple of 8.
                 let max = unsafe {
                     score_rows_f16_grouped(
+                        avx512,
                         &qs,
                         &q,
                         d,
@@ -1588,6 +1980,7 @@ mod tests {
                 // SAFETY: as above.
                 unsafe {
                     accumulate_rows_f16_grouped(
+                        avx512,
                         &block,
                         d,
                         rows,
@@ -1603,16 +1996,13 @@ mod tests {
                     // SAFETY: as above.
                     let m = unsafe { score_rows_avx2(&q[x * d..][..d], &wide, 0.125, &mut want) };
                     let got = &scores[at + x * stride..][..rows];
-                    assert_eq!(got, &want[..], "scores d {d} rows {rows} query {x} of {g}");
-                    assert_eq!(max[x], m, "maximum d {d} rows {rows} query {x} of {g}");
+                    let case = format!("d {d} rows {rows} query {x} of {g}, avx512 {avx512}");
+                    assert_eq!(got, &want[..], "scores {case}");
+                    assert_eq!(max[x], m, "maximum {case}");
                     let mut o = start[x * (d + 5)..][..d].to_vec();
                     // SAFETY: as above.
                     unsafe { accumulate_rows_avx2(&wide, &weights[x * stride..][..rows], &mut o) };
-                    assert_eq!(
-                        &sums[x * (d + 5)..][..d],
-                        &o[..],
-                        "sums d {d} query {x} of {g}"
-                    );
+                    assert_eq!(&sums[x * (d + 5)..][..d], &o[..], "sums {case}");
                 }
             }
         }
@@ -1637,6 +2027,35 @@ mod tests {
                 assert_eq!(s.to_bits(), want.to_bits(), "d {d} key {j}");
             }
             assert_eq!(max, out.iter().copied().fold(f32::NEG_INFINITY, f32::max));
+            if crate::has_avx512() {
+                let mut wide = vec![0f32; rows];
+                // SAFETY: AVX-512F checked above.
+                let m = unsafe { score_rows_avx512(&q, &keys, 0.125, &mut wide) };
+                assert_eq!(wide, out, "512-bit scores d {d}");
+                assert_eq!(m, max, "512-bit maximum d {d}");
+            }
+        }
+    }
+
+    /// The 512-bit weighted sums of an f32 block are bit for bit the 256-bit ones.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn wide_weighted_sums_equal_the_avx2_ones() {
+        if !crate::has_avx512() {
+            return;
+        }
+        let mut rng = rand::rngs::StdRng::seed_from_u64(47);
+        for (d, rows) in [(64, 32), (8, 3), (24, 7), (128, 5), (256, 9)] {
+            let vals: Vec<f32> = (0..rows * d).map(|_| rng.random_range(-3.0..3.0)).collect();
+            let w: Vec<f32> = (0..rows).map(|_| rng.random_range(0.0..1.0)).collect();
+            let start: Vec<f32> = (0..d).map(|_| rng.random_range(-1.0..1.0)).collect();
+            let (mut a, mut b) = (start.clone(), start);
+            // SAFETY: AVX-512F (and so AVX2 and FMA) checked above; d is a multiple of 8.
+            unsafe {
+                accumulate_rows_avx2(&vals, &w, &mut a);
+                accumulate_rows_avx512(&vals, &w, &mut b);
+            }
+            assert_eq!(a, b, "d {d} rows {rows}");
         }
     }
 }
