@@ -613,8 +613,9 @@ fn attend_queries_body<E: KvElement>(
     // The kernels' choice, made once per unit rather than per block and query.
     let simd = d.is_multiple_of(8) && simd_available();
     // An f16 cache's blocks widened in registers per group of queries, where the unit has few
-    // (decoding and short verification passes); a unit of many (prefill, long drafts) widens
-    // each block into memory once for all of them, which costs less than once per group.
+    // (decoding and short verification passes); with AVX2 only, a unit of many (prefill, long
+    // drafts) widens each block into memory once for all of them, which costs less than once
+    // per group there ([`grouped_unit_most`]).
     #[cfg(target_arch = "x86_64")]
     let grouped = simd && queries.len() <= grouped_unit_most();
     // Every kernel's 512-bit version, where the CPU has AVX-512F (the same bits).

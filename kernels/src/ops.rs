@@ -129,7 +129,39 @@ pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
 }
 
 fn silu_mul_serial(gate: &mut [f32], up: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if crate::has_avx512() {
+        // SAFETY: the CPU has AVX-512F, AVX2, FMA and F16C (checked just above).
+        return unsafe { silu_mul_avx512(gate, up) };
+    }
     avx2_intrinsics_or!(silu_mul_avx2(gate, up), silu_mul_body(gate, up))
+}
+
+/// [`silu_mul_avx2`] sixteen lanes at a time through [`exp_approx_avx512`] (same bits).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2")]
+unsafe fn silu_mul_avx512(gate: &mut [f32], up: &[f32]) {
+    use std::arch::x86_64::*;
+    assert_eq!(gate.len(), up.len());
+    let one = _mm512_set1_ps(1.0);
+    let sign = _mm512_set1_epi32(i32::MIN);
+    let n16 = gate.len() / 16 * 16;
+    let (gp, upp) = (gate.as_mut_ptr(), up.as_ptr());
+    let mut i = 0;
+    while i < n16 {
+        let g = _mm512_loadu_ps(gp.add(i));
+        let e = exp_approx_avx512(_mm512_castsi512_ps(_mm512_xor_si512(
+            _mm512_castps_si512(g),
+            sign,
+        )));
+        let y = _mm512_mul_ps(
+            _mm512_div_ps(g, _mm512_add_ps(one, e)),
+            _mm512_loadu_ps(upp.add(i)),
+        );
+        _mm512_storeu_ps(gp.add(i), y);
+        i += 16;
+    }
+    silu_mul_avx2(&mut gate[n16..], &up[n16..]);
 }
 
 /// [`silu_mul_body`] eight lanes at a time through [`exp_approx_avx2`] (same bits, tested).
@@ -214,6 +246,11 @@ pub fn exp_approx(x: f32) -> f32 {
 /// `x[i] = e^(x[i] − shift)` for every i; returns the sum of the results (a softmax's
 /// numerators and denominator). Eight-lane sums, so the order depends only on `x.len()`.
 pub fn exp_shifted_sum(x: &mut [f32], shift: f32) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if crate::has_avx512() {
+        // SAFETY: the CPU has AVX-512F and AVX2 (checked just above).
+        return unsafe { exp_shifted_sum_avx512(x, shift) };
+    }
     avx2_intrinsics_or!(
         exp_shifted_sum_avx2(x, shift),
         exp_shifted_sum_body(x, shift)
@@ -239,6 +276,72 @@ unsafe fn exp_shifted_sum_avx2(x: &mut [f32], shift: f32) -> f32 {
     let mut lanes = [0f32; 8];
     _mm256_storeu_ps(lanes.as_mut_ptr(), acc);
     exp_sum_finish(lanes, chunks.into_remainder(), shift)
+}
+
+/// [`exp_shifted_sum_avx2`] with the exponentials sixteen at a time: each register's two
+/// halves added to the eight lane sums in turn (the first eight values, then the next), so
+/// the sums and every value keep their bits.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2")]
+unsafe fn exp_shifted_sum_avx512(x: &mut [f32], shift: f32) -> f32 {
+    use std::arch::x86_64::*;
+    let shift_v = _mm512_set1_ps(shift);
+    let mut acc = _mm256_setzero_ps();
+    let mut pairs = x.chunks_exact_mut(16);
+    for c in &mut pairs {
+        let v = _mm512_sub_ps(_mm512_loadu_ps(c.as_ptr()), shift_v);
+        let e = exp_approx_avx512(v);
+        _mm512_storeu_ps(c.as_mut_ptr(), e);
+        acc = _mm256_add_ps(acc, _mm512_castps512_ps256(e));
+        acc = _mm256_add_ps(
+            acc,
+            _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(e))),
+        );
+    }
+    let mut chunks = pairs.into_remainder().chunks_exact_mut(8);
+    for c in &mut chunks {
+        let v = _mm256_sub_ps(_mm256_loadu_ps(c.as_ptr()), _mm512_castps512_ps256(shift_v));
+        let e = exp_approx_avx2(v);
+        _mm256_storeu_ps(c.as_mut_ptr(), e);
+        acc = _mm256_add_ps(acc, e);
+    }
+    let mut lanes = [0f32; 8];
+    _mm256_storeu_ps(lanes.as_mut_ptr(), acc);
+    exp_sum_finish(lanes, chunks.into_remainder(), shift)
+}
+
+/// [`exp_approx_avx2`] on sixteen lanes: the same operations in the same order, so the same
+/// bits.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2")]
+#[inline]
+unsafe fn exp_approx_avx512(x: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 {
+    use std::arch::x86_64::*;
+    let c = |v: f32| _mm512_set1_ps(v);
+    let (lo, hi) = (c(EXP_MIN), c(EXP_MAX));
+    // The scalar's comparisons: below the range → its floor, above → its ceiling, NaN stays.
+    let x = _mm512_mask_blend_ps(_mm512_cmp_ps_mask::<_CMP_GT_OQ>(x, hi), x, hi);
+    let x = _mm512_mask_blend_ps(_mm512_cmp_ps_mask::<_CMP_LT_OQ>(x, lo), x, lo);
+    let round = c(EXP_ROUND);
+    let t = _mm512_add_ps(_mm512_mul_ps(x, c(EXP_LOG2E)), round);
+    let n = _mm512_sub_ps(t, round);
+    let r = _mm512_sub_ps(
+        _mm512_sub_ps(x, _mm512_mul_ps(n, c(EXP_LN2_HI))),
+        _mm512_mul_ps(n, c(EXP_LN2_LO)),
+    );
+    let mut p = c(EXP_POLY[0]);
+    for &k in &EXP_POLY[1..] {
+        p = _mm512_add_ps(_mm512_mul_ps(p, r), c(k));
+    }
+    let y = _mm512_add_ps(
+        _mm512_add_ps(_mm512_mul_ps(p, _mm512_mul_ps(r, r)), r),
+        c(1.0),
+    );
+    let bits = _mm512_slli_epi32::<23>(_mm512_add_epi32(
+        _mm512_castps_si512(t),
+        _mm512_set1_epi32(127),
+    ));
+    _mm512_mul_ps(y, _mm512_castsi512_ps(bits))
 }
 
 /// [`exp_approx`] on eight lanes: the same operations in the same order (multiplies and adds
@@ -396,6 +499,18 @@ mod tests {
                 b.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
                 "n={n}"
             );
+            // The AVX2 lanes too where `silu_mul` took the 512-bit ones.
+            #[cfg(target_arch = "x86_64")]
+            if crate::has_avx2_fma() {
+                let mut c = g.clone();
+                // SAFETY: AVX2 checked just above.
+                unsafe { silu_mul_avx2(&mut c, &u) };
+                assert_eq!(
+                    c.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                    b.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                    "avx2 n={n}"
+                );
+            }
         }
     }
 
@@ -418,6 +533,18 @@ mod tests {
                 b.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
             );
             assert_eq!(sa.to_bits(), sb.to_bits());
+            // The AVX2 lanes too where `exp_shifted_sum` took the 512-bit ones.
+            #[cfg(target_arch = "x86_64")]
+            if crate::has_avx2_fma() {
+                let mut c = x.clone();
+                // SAFETY: AVX2 checked just above.
+                let sc = unsafe { exp_shifted_sum_avx2(&mut c, shift) };
+                assert_eq!(
+                    c.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                    b.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+                );
+                assert_eq!(sc.to_bits(), sb.to_bits());
+            }
         }
     }
 
