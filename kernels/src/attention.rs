@@ -921,35 +921,49 @@ unsafe fn accumulate_rows_avx2(vals: &[f32], weights: &[f32], o: &mut [f32]) {
     }
 }
 
-/// Outputs `c0..c0 + 8·N` of [`accumulate_rows_avx2`], held in N registers over all the rows.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-#[inline]
-unsafe fn accumulate_chunk_avx2<const N: usize>(
-    vals: &[f32],
-    weights: &[f32],
-    o: &mut [f32],
-    c0: usize,
-) {
-    use std::arch::x86_64::*;
-    let d = o.len();
-    let (vp, op) = (vals.as_ptr(), o.as_mut_ptr());
-    let mut acc = [_mm256_setzero_ps(); N];
-    for (v, a) in acc.iter_mut().enumerate() {
-        *a = _mm256_loadu_ps(op.add(c0 + 8 * v));
-    }
-    for (j, &w) in weights.iter().enumerate() {
-        let wv = _mm256_set1_ps(w);
-        let row = vp.add(j * d + c0);
-        for (v, a) in acc.iter_mut().enumerate() {
-            // Multiply, then add, as the plain loop.
-            *a = _mm256_add_ps(*a, _mm256_mul_ps(wv, _mm256_loadu_ps(row.add(8 * v))));
+/// Defines a weighted-sum kernel over f32 rows for one register width: outputs `c0..c0 +
+/// lanes·N` of one query held in N registers over all the rows, each element its rows added
+/// in order, multiply then add (the plain loop's bits at either width).
+macro_rules! accumulate_chunk_kernel {
+    ($(#[$doc:meta])* $name:ident, $feature:literal, $v:ty, $lanes:literal,
+     $zero:ident, $load:ident, $store:ident, $set1:ident, $add:ident, $mul:ident) => {
+        $(#[$doc])*
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = $feature)]
+        #[inline]
+        unsafe fn $name<const N: usize>(vals: &[f32], weights: &[f32], o: &mut [f32], c0: usize) {
+            use std::arch::x86_64::*;
+            let d = o.len();
+            let (vp, op) = (vals.as_ptr(), o.as_mut_ptr());
+            let mut acc: [$v; N] = [$zero(); N];
+            for (v, a) in acc.iter_mut().enumerate() {
+                *a = $load(op.add(c0 + $lanes * v));
+            }
+            for (j, &w) in weights.iter().enumerate() {
+                let wv = $set1(w);
+                let row = vp.add(j * d + c0);
+                for (v, a) in acc.iter_mut().enumerate() {
+                    // Multiply, then add, as the plain loop.
+                    *a = $add(*a, $mul(wv, $load(row.add($lanes * v))));
+                }
+            }
+            for (v, a) in acc.iter().enumerate() {
+                $store(op.add(c0 + $lanes * v), *a);
+            }
         }
-    }
-    for (v, a) in acc.iter().enumerate() {
-        _mm256_storeu_ps(op.add(c0 + 8 * v), *a);
-    }
+    };
 }
+
+accumulate_chunk_kernel!(
+    /// Outputs `c0..c0 + 8·N` of [`accumulate_rows_avx2`], held in N registers over all the rows.
+    accumulate_chunk_avx2, "avx2,fma", std::arch::x86_64::__m256, 8,
+    _mm256_setzero_ps, _mm256_loadu_ps, _mm256_storeu_ps, _mm256_set1_ps, _mm256_add_ps, _mm256_mul_ps
+);
+accumulate_chunk_kernel!(
+    /// Outputs `c0..c0 + 16·N` of [`accumulate_rows_avx512`], held in N registers over the rows.
+    accumulate_chunk_avx512, "avx512f,avx2,fma", std::arch::x86_64::__m512, 16,
+    _mm512_setzero_ps, _mm512_loadu_ps, _mm512_storeu_ps, _mm512_set1_ps, _mm512_add_ps, _mm512_mul_ps
+);
 
 /// [`score_rows_avx2`] in 512-bit registers: each register holds two keys' eight `dot` lanes
 /// (built from the two rows' chunks), fed the same products in the same order and reduced by
@@ -1032,36 +1046,6 @@ unsafe fn accumulate_rows_avx512(vals: &[f32], weights: &[f32], o: &mut [f32]) {
     }
     if c0 < d {
         accumulate_chunk_avx2::<1>(vals, weights, o, c0);
-    }
-}
-
-/// Outputs `c0..c0 + 16·N` of [`accumulate_rows_avx512`], held in N registers over the rows.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx2,fma")]
-#[inline]
-unsafe fn accumulate_chunk_avx512<const N: usize>(
-    vals: &[f32],
-    weights: &[f32],
-    o: &mut [f32],
-    c0: usize,
-) {
-    use std::arch::x86_64::*;
-    let d = o.len();
-    let (vp, op) = (vals.as_ptr(), o.as_mut_ptr());
-    let mut acc = [_mm512_setzero_ps(); N];
-    for (v, a) in acc.iter_mut().enumerate() {
-        *a = _mm512_loadu_ps(op.add(c0 + 16 * v));
-    }
-    for (j, &w) in weights.iter().enumerate() {
-        let wv = _mm512_set1_ps(w);
-        let row = vp.add(j * d + c0);
-        for (v, a) in acc.iter_mut().enumerate() {
-            // Multiply, then add, as the plain loop.
-            *a = _mm512_add_ps(*a, _mm512_mul_ps(wv, _mm512_loadu_ps(row.add(16 * v))));
-        }
-    }
-    for (v, a) in acc.iter().enumerate() {
-        _mm512_storeu_ps(op.add(c0 + 16 * v), *a);
     }
 }
 
@@ -1329,48 +1313,16 @@ unsafe fn accumulate_rows_f16_grouped(
     let vp = vals.as_ptr() as *const u16;
     let ahead = vals.len();
     let mut c0 = 0;
-    if avx512 {
-        // Up to 64 outputs per query at a time: Q · N accumulators, Q weights and a value
-        // chunk stay in AVX-512's 32 registers.
-        while d - c0 >= 16 {
-            let chunks = ((d - c0) / 16).min(4);
-            macro_rules! run {
-                ($q:literal, $n:literal) => {
-                    accumulate_f16_avx512::<$q, $n>(
-                        std::array::from_fn(|x| wp[x]),
-                        vp,
-                        d,
-                        n,
-                        c0,
-                        ahead,
-                        std::array::from_fn(|x| op[x]),
-                    )
-                };
-            }
-            match (g, chunks) {
-                (1, 4) => run!(1, 4),
-                (1, 3) => run!(1, 3),
-                (1, 2) => run!(1, 2),
-                (1, _) => run!(1, 1),
-                (2, 4) => run!(2, 4),
-                (2, 3) => run!(2, 3),
-                (2, 2) => run!(2, 2),
-                (2, _) => run!(2, 1),
-                (_, 4) => run!(3, 4),
-                (_, 3) => run!(3, 3),
-                (_, 2) => run!(3, 2),
-                (_, _) => run!(3, 1),
-            }
-            c0 += 16 * chunks;
-        }
-    }
     while c0 < d {
-        // Three queries take two chunks at a time: Q · N accumulators, Q weights and a value
-        // chunk stay in AVX2's sixteen registers.
-        let chunks = ((d - c0) / 8).min(if g == GROUP_MOST { 2 } else { 4 });
+        // Q · N accumulators, Q weights and a value chunk stay in the registers: AVX-512's 32
+        // hold up to four chunks of 16 for three queries, AVX2's sixteen two chunks of 8.
+        let wide = avx512 && d - c0 >= 16;
+        let lanes = if wide { 16 } else { 8 };
+        let most = if !wide && g == GROUP_MOST { 2 } else { 4 };
+        let chunks = ((d - c0) / lanes).min(most);
         macro_rules! run {
-            ($q:literal, $n:literal) => {
-                accumulate_f16_avx2::<$q, $n>(
+            ($kernel:ident, $q:literal, $n:literal) => {
+                $kernel::<$q, $n>(
                     std::array::from_fn(|x| wp[x]),
                     vp,
                     d,
@@ -1381,64 +1333,114 @@ unsafe fn accumulate_rows_f16_grouped(
                 )
             };
         }
-        match (g, chunks) {
-            (1, 4) => run!(1, 4),
-            (1, 3) => run!(1, 3),
-            (1, 2) => run!(1, 2),
-            (1, _) => run!(1, 1),
-            (2, 4) => run!(2, 4),
-            (2, 3) => run!(2, 3),
-            (2, 2) => run!(2, 2),
-            (2, _) => run!(2, 1),
-            (_, 2) => run!(3, 2),
-            (_, _) => run!(3, 1),
+        macro_rules! by_shape {
+            ($kernel:ident) => {
+                match (g, chunks) {
+                    (1, 4) => run!($kernel, 1, 4),
+                    (1, 3) => run!($kernel, 1, 3),
+                    (1, 2) => run!($kernel, 1, 2),
+                    (1, _) => run!($kernel, 1, 1),
+                    (2, 4) => run!($kernel, 2, 4),
+                    (2, 3) => run!($kernel, 2, 3),
+                    (2, 2) => run!($kernel, 2, 2),
+                    (2, _) => run!($kernel, 2, 1),
+                    (_, 4) => run!($kernel, 3, 4),
+                    (_, 3) => run!($kernel, 3, 3),
+                    (_, 2) => run!($kernel, 3, 2),
+                    (_, _) => run!($kernel, 3, 1),
+                }
+            };
         }
-        c0 += 8 * chunks;
+        if wide {
+            by_shape!(accumulate_f16_avx512)
+        } else {
+            by_shape!(accumulate_f16_avx2)
+        }
+        c0 += lanes * chunks;
     }
 }
 
-/// Outputs `c0..c0 + 8·N` of Q queries in [`accumulate_rows_f16_grouped`], held in registers
-/// over the `rows` value rows.
+/// Defines a grouped f16 weighted-sum kernel for one register width: outputs `c0 .. c0 +
+/// lanes·N` of Q queries in [`accumulate_rows_f16_grouped`], held in registers over the `rows`
+/// value rows, each value widened once for all the queries, each element its rows added in
+/// order, multiply then add (the same bits at either width).
 ///
-/// # Safety
-/// As [`accumulate_rows_f16_grouped`]; every pointer covers what it is read or written at.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,f16c")]
-#[inline]
-unsafe fn accumulate_f16_avx2<const Q: usize, const N: usize>(
-    wp: [*const f32; Q],
-    vp: *const u16,
-    d: usize,
-    rows: usize,
-    c0: usize,
-    ahead: usize,
-    op: [*mut f32; Q],
-) {
-    use std::arch::x86_64::*;
-    let mut acc = [[_mm256_setzero_ps(); N]; Q];
-    for (x, ax) in acc.iter_mut().enumerate() {
-        for (v, a) in ax.iter_mut().enumerate() {
-            *a = _mm256_loadu_ps(op[x].add(c0 + 8 * v));
-        }
-    }
-    for j in 0..rows {
-        let row = vp.add(j * d + c0);
-        _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(ahead) as *const i8);
-        let w: [__m256; Q] = std::array::from_fn(|x| _mm256_set1_ps(*wp[x].add(j)));
-        for v in 0..N {
-            let vv = _mm256_cvtph_ps(_mm_loadu_si128(row.add(8 * v) as *const __m128i));
-            for (ax, wx) in acc.iter_mut().zip(&w) {
-                // Multiply, then add, as the plain loop.
-                ax[v] = _mm256_add_ps(ax[v], _mm256_mul_ps(*wx, vv));
+/// # Safety (of the kernels it defines)
+/// As [`accumulate_rows_f16_grouped`] (and the CPU has the kernel's features); every pointer
+/// covers what it is read or written at.
+macro_rules! accumulate_f16_kernel {
+    ($(#[$doc:meta])* $name:ident, $feature:literal, $v:ty, $lanes:literal, $widen:ident,
+     $zero:ident, $load:ident, $store:ident, $set1:ident, $add:ident, $mul:ident) => {
+        $(#[$doc])*
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = $feature)]
+        #[inline]
+        unsafe fn $name<const Q: usize, const N: usize>(
+            wp: [*const f32; Q],
+            vp: *const u16,
+            d: usize,
+            rows: usize,
+            c0: usize,
+            ahead: usize,
+            op: [*mut f32; Q],
+        ) {
+            use std::arch::x86_64::*;
+            let mut acc: [[$v; N]; Q] = [[$zero(); N]; Q];
+            for (x, ax) in acc.iter_mut().enumerate() {
+                for (v, a) in ax.iter_mut().enumerate() {
+                    *a = $load(op[x].add(c0 + $lanes * v));
+                }
+            }
+            for j in 0..rows {
+                let row = vp.add(j * d + c0);
+                _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(ahead) as *const i8);
+                let w: [$v; Q] = std::array::from_fn(|x| $set1(*wp[x].add(j)));
+                for v in 0..N {
+                    let vv = $widen(row.add($lanes * v));
+                    for (ax, wx) in acc.iter_mut().zip(&w) {
+                        // Multiply, then add, as the plain loop.
+                        ax[v] = $add(ax[v], $mul(*wx, vv));
+                    }
+                }
+            }
+            for (x, ax) in acc.iter().enumerate() {
+                for (v, a) in ax.iter().enumerate() {
+                    $store(op[x].add(c0 + $lanes * v), *a);
+                }
             }
         }
-    }
-    for (x, ax) in acc.iter().enumerate() {
-        for (v, a) in ax.iter().enumerate() {
-            _mm256_storeu_ps(op[x].add(c0 + 8 * v), *a);
-        }
-    }
+    };
 }
+
+/// Eight f16 values from `p`, widened.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,f16c")]
+#[inline]
+unsafe fn widen_f16x8(p: *const u16) -> std::arch::x86_64::__m256 {
+    use std::arch::x86_64::*;
+    _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
+}
+
+/// Sixteen f16 values from `p`, widened.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2")]
+#[inline]
+unsafe fn widen_f16x16(p: *const u16) -> std::arch::x86_64::__m512 {
+    use std::arch::x86_64::*;
+    _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i))
+}
+
+accumulate_f16_kernel!(
+    /// Outputs `c0..c0 + 8·N` of Q queries in [`accumulate_rows_f16_grouped`].
+    accumulate_f16_avx2, "avx2,fma,f16c", std::arch::x86_64::__m256, 8, widen_f16x8,
+    _mm256_setzero_ps, _mm256_loadu_ps, _mm256_storeu_ps, _mm256_set1_ps, _mm256_add_ps, _mm256_mul_ps
+);
+accumulate_f16_kernel!(
+    /// Outputs `c0..c0 + 16·N` of Q queries in [`accumulate_rows_f16_grouped`] in 512-bit
+    /// registers: half the instructions and one conversion per 16 values.
+    accumulate_f16_avx512, "avx512f,avx2,fma,f16c", std::arch::x86_64::__m512, 16, widen_f16x16,
+    _mm512_setzero_ps, _mm512_loadu_ps, _mm512_storeu_ps, _mm512_set1_ps, _mm512_add_ps, _mm512_mul_ps
+);
 
 /// Key rows [`score_f16_avx512`] takes at a time: four pairs, a pair per 512-bit register.
 #[cfg(target_arch = "x86_64")]
@@ -1531,50 +1533,6 @@ unsafe fn halves_of_pairs(
             _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(p)))
         }
     })
-}
-
-/// [`accumulate_f16_avx2`] in 512-bit registers: outputs `c0..c0 + 16·N` of Q queries, each
-/// element still its rows added in order, multiply then add (so the same bits), with half the
-/// instructions and one conversion per 16 values.
-///
-/// # Safety
-/// As [`accumulate_f16_avx2`], and the CPU has AVX-512F.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx2,fma,f16c")]
-#[inline]
-unsafe fn accumulate_f16_avx512<const Q: usize, const N: usize>(
-    wp: [*const f32; Q],
-    vp: *const u16,
-    d: usize,
-    rows: usize,
-    c0: usize,
-    ahead: usize,
-    op: [*mut f32; Q],
-) {
-    use std::arch::x86_64::*;
-    let mut acc = [[_mm512_setzero_ps(); N]; Q];
-    for (x, ax) in acc.iter_mut().enumerate() {
-        for (v, a) in ax.iter_mut().enumerate() {
-            *a = _mm512_loadu_ps(op[x].add(c0 + 16 * v));
-        }
-    }
-    for j in 0..rows {
-        let row = vp.add(j * d + c0);
-        _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(ahead) as *const i8);
-        let w: [__m512; Q] = std::array::from_fn(|x| _mm512_set1_ps(*wp[x].add(j)));
-        for v in 0..N {
-            let vv = _mm512_cvtph_ps(_mm256_loadu_si256(row.add(16 * v) as *const __m256i));
-            for (ax, wx) in acc.iter_mut().zip(&w) {
-                // Multiply, then add, as the plain loop.
-                ax[v] = _mm512_add_ps(ax[v], _mm512_mul_ps(*wx, vv));
-            }
-        }
-    }
-    for (x, ax) in acc.iter().enumerate() {
-        for (v, a) in ax.iter().enumerate() {
-            _mm512_storeu_ps(op[x].add(c0 + 16 * v), *a);
-        }
-    }
 }
 
 /// Key (and value) rows per block that a group's heads work through together (32 rows of 64

@@ -263,9 +263,20 @@ pub fn exp_shifted_sum(x: &mut [f32], shift: f32) -> f32 {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 unsafe fn exp_shifted_sum_avx2(x: &mut [f32], shift: f32) -> f32 {
+    exp_shifted_sum_on_avx2(x, shift, std::arch::x86_64::_mm256_setzero_ps())
+}
+
+/// [`exp_shifted_sum_avx2`] from eight lane sums `acc` already begun (by the 512-bit path).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn exp_shifted_sum_on_avx2(
+    x: &mut [f32],
+    shift: f32,
+    mut acc: std::arch::x86_64::__m256,
+) -> f32 {
     use std::arch::x86_64::*;
     let shift_v = _mm256_set1_ps(shift);
-    let mut acc = _mm256_setzero_ps();
     let mut chunks = x.chunks_exact_mut(8);
     for c in &mut chunks {
         let v = _mm256_sub_ps(_mm256_loadu_ps(c.as_ptr()), shift_v);
@@ -298,84 +309,100 @@ unsafe fn exp_shifted_sum_avx512(x: &mut [f32], shift: f32) -> f32 {
             _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(e))),
         );
     }
-    let mut chunks = pairs.into_remainder().chunks_exact_mut(8);
-    for c in &mut chunks {
-        let v = _mm256_sub_ps(_mm256_loadu_ps(c.as_ptr()), _mm512_castps512_ps256(shift_v));
-        let e = exp_approx_avx2(v);
-        _mm256_storeu_ps(c.as_mut_ptr(), e);
-        acc = _mm256_add_ps(acc, e);
-    }
-    let mut lanes = [0f32; 8];
-    _mm256_storeu_ps(lanes.as_mut_ptr(), acc);
-    exp_sum_finish(lanes, chunks.into_remainder(), shift)
+    exp_shifted_sum_on_avx2(pairs.into_remainder(), shift, acc)
 }
 
-/// [`exp_approx_avx2`] on sixteen lanes: the same operations in the same order, so the same
-/// bits.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx2")]
-#[inline]
-unsafe fn exp_approx_avx512(x: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 {
-    use std::arch::x86_64::*;
-    let c = |v: f32| _mm512_set1_ps(v);
-    let (lo, hi) = (c(EXP_MIN), c(EXP_MAX));
-    // The scalar's comparisons: below the range → its floor, above → its ceiling, NaN stays.
-    let x = _mm512_mask_blend_ps(_mm512_cmp_ps_mask::<_CMP_GT_OQ>(x, hi), x, hi);
-    let x = _mm512_mask_blend_ps(_mm512_cmp_ps_mask::<_CMP_LT_OQ>(x, lo), x, lo);
-    let round = c(EXP_ROUND);
-    let t = _mm512_add_ps(_mm512_mul_ps(x, c(EXP_LOG2E)), round);
-    let n = _mm512_sub_ps(t, round);
-    let r = _mm512_sub_ps(
-        _mm512_sub_ps(x, _mm512_mul_ps(n, c(EXP_LN2_HI))),
-        _mm512_mul_ps(n, c(EXP_LN2_LO)),
-    );
-    let mut p = c(EXP_POLY[0]);
-    for &k in &EXP_POLY[1..] {
-        p = _mm512_add_ps(_mm512_mul_ps(p, r), c(k));
-    }
-    let y = _mm512_add_ps(
-        _mm512_add_ps(_mm512_mul_ps(p, _mm512_mul_ps(r, r)), r),
-        c(1.0),
-    );
-    let bits = _mm512_slli_epi32::<23>(_mm512_add_epi32(
-        _mm512_castps_si512(t),
-        _mm512_set1_epi32(127),
-    ));
-    _mm512_mul_ps(y, _mm512_castsi512_ps(bits))
+/// Defines [`exp_approx`] on one register width's lanes: the same operations in the same order
+/// (multiplies and adds never fused), so the same bits at either width. `$clamp(x, lo, hi)`
+/// does the scalar's comparisons (below the range → its floor, above → its ceiling, NaN
+/// stays); `$pow2(t)` is 2ⁿ from the rounded t (its low mantissa bits hold 2²² + n).
+macro_rules! exp_approx_kernel {
+    ($(#[$doc:meta])* $name:ident, $feature:literal, $v:ty, $set1:ident, $add:ident, $sub:ident,
+     $mul:ident, $clamp:ident, $pow2:ident) => {
+        $(#[$doc])*
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = $feature)]
+        #[inline]
+        unsafe fn $name(x: $v) -> $v {
+            use std::arch::x86_64::*;
+            let c = |v: f32| $set1(v);
+            let x = $clamp(x, c(EXP_MIN), c(EXP_MAX));
+            let round = c(EXP_ROUND);
+            let t = $add($mul(x, c(EXP_LOG2E)), round);
+            let n = $sub(t, round);
+            let r = $sub($sub(x, $mul(n, c(EXP_LN2_HI))), $mul(n, c(EXP_LN2_LO)));
+            let mut p = c(EXP_POLY[0]);
+            for &k in &EXP_POLY[1..] {
+                p = $add($mul(p, r), c(k));
+            }
+            let y = $add($add($mul(p, $mul(r, r)), r), c(1.0));
+            $mul(y, $pow2(t))
+        }
+    };
 }
 
-/// [`exp_approx`] on eight lanes: the same operations in the same order (multiplies and adds
-/// never fused), so the same bits.
+exp_approx_kernel!(
+    /// [`exp_approx`] on eight lanes.
+    exp_approx_avx2, "avx2", std::arch::x86_64::__m256, _mm256_set1_ps, _mm256_add_ps, _mm256_sub_ps,
+    _mm256_mul_ps, clamp_avx2, pow2_avx2
+);
+exp_approx_kernel!(
+    /// [`exp_approx`] on sixteen lanes.
+    exp_approx_avx512, "avx512f,avx2", std::arch::x86_64::__m512, _mm512_set1_ps, _mm512_add_ps, _mm512_sub_ps,
+    _mm512_mul_ps, clamp_avx512, pow2_avx512
+);
+
+/// [`exp_approx`]'s clamp on eight lanes.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 #[inline]
-unsafe fn exp_approx_avx2(x: std::arch::x86_64::__m256) -> std::arch::x86_64::__m256 {
+unsafe fn clamp_avx2(
+    x: std::arch::x86_64::__m256,
+    lo: std::arch::x86_64::__m256,
+    hi: std::arch::x86_64::__m256,
+) -> std::arch::x86_64::__m256 {
     use std::arch::x86_64::*;
-    let c = |v: f32| _mm256_set1_ps(v);
-    let (lo, hi) = (c(EXP_MIN), c(EXP_MAX));
-    // The scalar's comparisons: below the range → its floor, above → its ceiling, NaN stays.
     let x = _mm256_blendv_ps(x, hi, _mm256_cmp_ps::<_CMP_GT_OQ>(x, hi));
-    let x = _mm256_blendv_ps(x, lo, _mm256_cmp_ps::<_CMP_LT_OQ>(x, lo));
-    let round = c(EXP_ROUND);
-    let t = _mm256_add_ps(_mm256_mul_ps(x, c(EXP_LOG2E)), round);
-    let n = _mm256_sub_ps(t, round);
-    let r = _mm256_sub_ps(
-        _mm256_sub_ps(x, _mm256_mul_ps(n, c(EXP_LN2_HI))),
-        _mm256_mul_ps(n, c(EXP_LN2_LO)),
-    );
-    let mut p = c(EXP_POLY[0]);
-    for &k in &EXP_POLY[1..] {
-        p = _mm256_add_ps(_mm256_mul_ps(p, r), c(k));
-    }
-    let y = _mm256_add_ps(
-        _mm256_add_ps(_mm256_mul_ps(p, _mm256_mul_ps(r, r)), r),
-        c(1.0),
-    );
-    let bits = _mm256_slli_epi32::<23>(_mm256_add_epi32(
+    _mm256_blendv_ps(x, lo, _mm256_cmp_ps::<_CMP_LT_OQ>(x, lo))
+}
+
+/// [`exp_approx`]'s clamp on sixteen lanes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2")]
+#[inline]
+unsafe fn clamp_avx512(
+    x: std::arch::x86_64::__m512,
+    lo: std::arch::x86_64::__m512,
+    hi: std::arch::x86_64::__m512,
+) -> std::arch::x86_64::__m512 {
+    use std::arch::x86_64::*;
+    let x = _mm512_mask_blend_ps(_mm512_cmp_ps_mask::<_CMP_GT_OQ>(x, hi), x, hi);
+    _mm512_mask_blend_ps(_mm512_cmp_ps_mask::<_CMP_LT_OQ>(x, lo), x, lo)
+}
+
+/// 2ⁿ on eight lanes from `t` = x·log2(e) + 1.5·2²³: adding 127 and shifting puts n + 127 in
+/// the exponent field and drops the rest.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn pow2_avx2(t: std::arch::x86_64::__m256) -> std::arch::x86_64::__m256 {
+    use std::arch::x86_64::*;
+    _mm256_castsi256_ps(_mm256_slli_epi32::<23>(_mm256_add_epi32(
         _mm256_castps_si256(t),
         _mm256_set1_epi32(127),
-    ));
-    _mm256_mul_ps(y, _mm256_castsi256_ps(bits))
+    )))
+}
+
+/// [`pow2_avx2`] on sixteen lanes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2")]
+#[inline]
+unsafe fn pow2_avx512(t: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 {
+    use std::arch::x86_64::*;
+    _mm512_castsi512_ps(_mm512_slli_epi32::<23>(_mm512_add_epi32(
+        _mm512_castps_si512(t),
+        _mm512_set1_epi32(127),
+    )))
 }
 
 #[inline(always)]
