@@ -828,9 +828,7 @@ unsafe fn score_rows_avx2(q: &[f32], keys: &[f32], scale: f32, out: &mut [f32]) 
         max_v = _mm256_max_ps(max_v, s);
         j += 8;
     }
-    let mut lanes = [0f32; 8];
-    _mm256_storeu_ps(lanes.as_mut_ptr(), max_v);
-    let mut max = lanes.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut max = lane_max(max_v);
     while j < rows {
         let x = dot(q, &keys[j * d..][..d]) * scale;
         max = max.max(x);
@@ -838,6 +836,16 @@ unsafe fn score_rows_avx2(q: &[f32], keys: &[f32], scale: f32, out: &mut [f32]) 
         j += 1;
     }
     max
+}
+
+/// The largest of a register's eight lanes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn lane_max(v: std::arch::x86_64::__m256) -> f32 {
+    let mut lanes = [0f32; 8];
+    std::arch::x86_64::_mm256_storeu_ps(lanes.as_mut_ptr(), v);
+    lanes.iter().copied().fold(f32::NEG_INFINITY, f32::max)
 }
 
 /// Eight keys' dot products from their eight-lane accumulators (`a[r]`: key r's lanes), in
@@ -894,32 +902,52 @@ fn accumulate_block(simd: bool, avx512: bool, vals: &[f32], weights: &[f32], o: 
     }
 }
 
-/// `o += Σ_j weights[j] · vals[j]` for one head, each output element summed over j in order
-/// (so bit for bit the plain loop), with up to 64 outputs held in registers across all the
-/// rows instead of loaded and stored per row. Needs `o.len()` a multiple of 8.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn accumulate_rows_avx2(vals: &[f32], weights: &[f32], o: &mut [f32]) {
-    let d = o.len();
-    debug_assert!(d.is_multiple_of(8) && vals.len() >= weights.len() * d);
-    let mut c0 = 0;
-    while c0 < d {
-        // The register count as a constant: with it a run-time value, the loop over the rows
-        // tested it for every register of every row.
-        let n = ((d - c0) / 8).min(8);
-        match n {
-            8 => accumulate_chunk_avx2::<8>(vals, weights, o, c0),
-            7 => accumulate_chunk_avx2::<7>(vals, weights, o, c0),
-            6 => accumulate_chunk_avx2::<6>(vals, weights, o, c0),
-            5 => accumulate_chunk_avx2::<5>(vals, weights, o, c0),
-            4 => accumulate_chunk_avx2::<4>(vals, weights, o, c0),
-            3 => accumulate_chunk_avx2::<3>(vals, weights, o, c0),
-            2 => accumulate_chunk_avx2::<2>(vals, weights, o, c0),
-            _ => accumulate_chunk_avx2::<1>(vals, weights, o, c0),
+/// Defines the weighted sums of one query's value rows for one register width: `o += Σ_j
+/// weights[j] · vals[j]`, each output element summed over j in order (so bit for bit the
+/// plain loop), with up to 8 registers of outputs held across all the rows instead of loaded
+/// and stored per row; outputs short of a whole register take one AVX2 chunk. Needs `o.len()`
+/// a multiple of 8.
+macro_rules! accumulate_rows_kernel {
+    ($(#[$doc:meta])* $name:ident, $feature:literal, $lanes:literal, $chunk:ident) => {
+        $(#[$doc])*
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = $feature)]
+        unsafe fn $name(vals: &[f32], weights: &[f32], o: &mut [f32]) {
+            let d = o.len();
+            assert!(d.is_multiple_of(8) && vals.len() >= weights.len() * d);
+            let mut c0 = 0;
+            while d - c0 >= $lanes {
+                // The register count as a constant: with it a run-time value, the loop over
+                // the rows tested it for every register of every row.
+                let n = ((d - c0) / $lanes).min(8);
+                match n {
+                    8 => $chunk::<8>(vals, weights, o, c0),
+                    7 => $chunk::<7>(vals, weights, o, c0),
+                    6 => $chunk::<6>(vals, weights, o, c0),
+                    5 => $chunk::<5>(vals, weights, o, c0),
+                    4 => $chunk::<4>(vals, weights, o, c0),
+                    3 => $chunk::<3>(vals, weights, o, c0),
+                    2 => $chunk::<2>(vals, weights, o, c0),
+                    _ => $chunk::<1>(vals, weights, o, c0),
+                }
+                c0 += $lanes * n;
+            }
+            if c0 < d {
+                accumulate_chunk_avx2::<1>(vals, weights, o, c0);
+            }
         }
-        c0 += 8 * n;
-    }
+    };
 }
+
+accumulate_rows_kernel!(
+    /// Weighted sums in 256-bit registers (up to 64 outputs held).
+    accumulate_rows_avx2, "avx2,fma", 8, accumulate_chunk_avx2
+);
+accumulate_rows_kernel!(
+    /// Weighted sums in 512-bit registers (up to 128 outputs held), the same bits as
+    /// [`accumulate_rows_avx2`]; the CPU must have AVX-512F.
+    accumulate_rows_avx512, "avx512f,avx2,fma", 16, accumulate_chunk_avx512
+);
 
 /// Defines a weighted-sum kernel over f32 rows for one register width: outputs `c0..c0 +
 /// lanes·N` of one query held in N registers over all the rows, each element its rows added
@@ -1009,44 +1037,12 @@ unsafe fn score_rows_avx512(q: &[f32], keys: &[f32], scale: f32, out: &mut [f32]
         max_v = _mm256_max_ps(max_v, s);
         j += KEYS_PER_ZMM_STEP;
     }
-    let mut lanes = [0f32; 8];
-    _mm256_storeu_ps(lanes.as_mut_ptr(), max_v);
-    let max = lanes.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let max = lane_max(max_v);
     if j < rows {
         let m = score_rows_avx2(q, &keys[j * d..], scale, &mut out[j..]);
         return max.max(m);
     }
     max
-}
-
-/// [`accumulate_rows_avx2`] in 512-bit registers: up to 128 outputs held across all the rows,
-/// each element still its rows added in order (the same bits). Needs `o.len()` a multiple of 8.
-///
-/// # Safety
-/// The CPU has AVX-512F, AVX2 and FMA; `vals` holds a row of `o.len()` values per weight.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx2,fma")]
-unsafe fn accumulate_rows_avx512(vals: &[f32], weights: &[f32], o: &mut [f32]) {
-    let d = o.len();
-    assert!(d.is_multiple_of(8) && vals.len() >= weights.len() * d);
-    let mut c0 = 0;
-    while d - c0 >= 16 {
-        let n = ((d - c0) / 16).min(8);
-        match n {
-            8 => accumulate_chunk_avx512::<8>(vals, weights, o, c0),
-            7 => accumulate_chunk_avx512::<7>(vals, weights, o, c0),
-            6 => accumulate_chunk_avx512::<6>(vals, weights, o, c0),
-            5 => accumulate_chunk_avx512::<5>(vals, weights, o, c0),
-            4 => accumulate_chunk_avx512::<4>(vals, weights, o, c0),
-            3 => accumulate_chunk_avx512::<3>(vals, weights, o, c0),
-            2 => accumulate_chunk_avx512::<2>(vals, weights, o, c0),
-            _ => accumulate_chunk_avx512::<1>(vals, weights, o, c0),
-        }
-        c0 += 16 * n;
-    }
-    if c0 < d {
-        accumulate_chunk_avx2::<1>(vals, weights, o, c0);
-    }
 }
 
 /// Most queries the grouped f16 kernels take at once: a KV head's group on SmolLM2 (larger
@@ -1509,11 +1505,7 @@ unsafe fn score_f16_avx512<const Q: usize>(
         }
         j += KEYS_PER_ZMM_STEP;
     }
-    std::array::from_fn(|x| {
-        let mut lanes = [0f32; 8];
-        _mm256_storeu_ps(lanes.as_mut_ptr(), max_v[x]);
-        lanes.iter().copied().fold(f32::NEG_INFINITY, f32::max)
-    })
+    std::array::from_fn(|x| lane_max(max_v[x]))
 }
 
 /// Eight keys' eight-lane accumulators from four key-pair registers (lanes 0–7 the first key,

@@ -137,54 +137,63 @@ fn silu_mul_serial(gate: &mut [f32], up: &[f32]) {
     avx2_intrinsics_or!(silu_mul_avx2(gate, up), silu_mul_body(gate, up))
 }
 
-/// [`silu_mul_avx2`] sixteen lanes at a time through [`exp_approx_avx512`] (same bits).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx2")]
-unsafe fn silu_mul_avx512(gate: &mut [f32], up: &[f32]) {
-    use std::arch::x86_64::*;
-    assert_eq!(gate.len(), up.len());
-    let one = _mm512_set1_ps(1.0);
-    let sign = _mm512_set1_epi32(i32::MIN);
-    let n16 = gate.len() / 16 * 16;
-    let (gp, upp) = (gate.as_mut_ptr(), up.as_ptr());
-    let mut i = 0;
-    while i < n16 {
-        let g = _mm512_loadu_ps(gp.add(i));
-        let e = exp_approx_avx512(_mm512_castsi512_ps(_mm512_xor_si512(
-            _mm512_castps_si512(g),
-            sign,
-        )));
-        let y = _mm512_mul_ps(
-            _mm512_div_ps(g, _mm512_add_ps(one, e)),
-            _mm512_loadu_ps(upp.add(i)),
-        );
-        _mm512_storeu_ps(gp.add(i), y);
-        i += 16;
-    }
-    silu_mul_avx2(&mut gate[n16..], &up[n16..]);
+/// Defines [`silu_mul_body`] for one register width through that width's [`exp_approx`] (same
+/// bits at either width, tested); the values short of a whole register go to `$tail`.
+macro_rules! silu_mul_kernel {
+    ($(#[$doc:meta])* $name:ident, $feature:literal, $lanes:literal, $set1:ident, $load:ident,
+     $store:ident, $add:ident, $mul:ident, $div:ident, $negate:ident, $exp:ident, $tail:ident) => {
+        $(#[$doc])*
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = $feature)]
+        unsafe fn $name(gate: &mut [f32], up: &[f32]) {
+            use std::arch::x86_64::*;
+            assert_eq!(gate.len(), up.len());
+            let one = $set1(1.0);
+            let whole = gate.len() / $lanes * $lanes;
+            let (gp, upp) = (gate.as_mut_ptr(), up.as_ptr());
+            let mut i = 0;
+            while i < whole {
+                let g = $load(gp.add(i));
+                let e = $exp($negate(g));
+                let y = $mul($div(g, $add(one, e)), $load(upp.add(i)));
+                $store(gp.add(i), y);
+                i += $lanes;
+            }
+            $tail(&mut gate[whole..], &up[whole..]);
+        }
+    };
 }
 
-/// [`silu_mul_body`] eight lanes at a time through [`exp_approx_avx2`] (same bits, tested).
+silu_mul_kernel!(
+    /// [`silu_mul_body`] sixteen lanes at a time.
+    silu_mul_avx512, "avx512f,avx2", 16, _mm512_set1_ps, _mm512_loadu_ps, _mm512_storeu_ps,
+    _mm512_add_ps, _mm512_mul_ps, _mm512_div_ps, negate_avx512, exp_approx_avx512, silu_mul_avx2
+);
+silu_mul_kernel!(
+    /// [`silu_mul_body`] eight lanes at a time.
+    silu_mul_avx2, "avx2", 8, _mm256_set1_ps, _mm256_loadu_ps, _mm256_storeu_ps,
+    _mm256_add_ps, _mm256_mul_ps, _mm256_div_ps, negate_avx2, exp_approx_avx2, silu_mul_body
+);
+
+/// `-x` on eight lanes (the sign bit flipped, as the scalar's negation).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn silu_mul_avx2(gate: &mut [f32], up: &[f32]) {
+#[inline]
+unsafe fn negate_avx2(x: std::arch::x86_64::__m256) -> std::arch::x86_64::__m256 {
     use std::arch::x86_64::*;
-    let one = _mm256_set1_ps(1.0);
-    let sign = _mm256_set1_ps(-0.0);
-    let n8 = gate.len() / 8 * 8;
-    let (gp, upp) = (gate.as_mut_ptr(), up.as_ptr());
-    let mut i = 0;
-    while i < n8 {
-        let g = _mm256_loadu_ps(gp.add(i));
-        let e = exp_approx_avx2(_mm256_xor_ps(g, sign));
-        let y = _mm256_mul_ps(
-            _mm256_div_ps(g, _mm256_add_ps(one, e)),
-            _mm256_loadu_ps(upp.add(i)),
-        );
-        _mm256_storeu_ps(gp.add(i), y);
-        i += 8;
-    }
-    silu_mul_body(&mut gate[n8..], &up[n8..]);
+    _mm256_xor_ps(x, _mm256_set1_ps(-0.0))
+}
+
+/// `-x` on sixteen lanes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2")]
+#[inline]
+unsafe fn negate_avx512(x: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 {
+    use std::arch::x86_64::*;
+    _mm512_castsi512_ps(_mm512_xor_si512(
+        _mm512_castps_si512(x),
+        _mm512_set1_epi32(i32::MIN),
+    ))
 }
 
 #[inline(always)]
