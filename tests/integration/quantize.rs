@@ -369,17 +369,27 @@ fn calibrate_matches_llama_imatrix_and_reads_both_formats() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }
 
+/// The F16 reference's log-probabilities of every chunk, computed once for all candidates.
+fn reference_logprobs(reference: &Path, chunks: &tandem_eval::Chunks) -> Vec<Vec<Vec<f32>>> {
+    let ck = Checkpoint::open(reference, None).unwrap();
+    let model = ck
+        .load_model(&tandem_model::LoadOptions::default())
+        .unwrap();
+    (0..chunks.chunks.len())
+        .map(|c| tandem_eval::scoring::chunk_logprobs(&model, chunks, c).unwrap())
+        .collect()
+}
+
 /// Mean KL divergence (F16 reference vs candidate) over a few wikitext chunks.
-fn mean_kl(reference: &tandem_model::Llama, candidate: &Path, chunks: &tandem_eval::Chunks) -> f64 {
+fn mean_kl(reference: &[Vec<Vec<f32>>], candidate: &Path, chunks: &tandem_eval::Chunks) -> f64 {
     let ck = Checkpoint::open(candidate, None).unwrap();
     let cand = ck
         .load_model(&tandem_model::LoadOptions::default())
         .unwrap();
     let mut d = tandem_eval::Divergence::default();
-    for c in 0..chunks.chunks.len() {
-        let r = tandem_eval::scoring::chunk_logprobs(reference, chunks, c).unwrap();
+    for (c, r) in reference.iter().enumerate() {
         let q = tandem_eval::scoring::chunk_logprobs(&cand, chunks, c).unwrap();
-        d.add(&r, &q, chunks.scored_targets(c), None);
+        d.add(r, &q, chunks.scored_targets(c), None);
     }
     tandem_eval::Summary::of(&d.kl).mean
 }
@@ -406,11 +416,9 @@ fn imatrix_lowers_kl_divergence_at_q4_k() {
     let w = ok(&[&base[..], &[s(&weighted), "--imatrix", s(&imatrix)]].concat());
     assert!(w.contains("importance-weighted"), "{w}");
     let ck = Checkpoint::open(&m, None).unwrap();
-    let reference = ck
-        .load_model(&tandem_model::LoadOptions::default())
-        .unwrap();
     let text = std::fs::read_to_string(shared().join("data/wikitext-2-raw/wiki.test.raw")).unwrap();
     let chunks = tandem_eval::Chunks::new(&ck.tokenizer, &text[..200_000], 256, Some(3)).unwrap();
+    let reference = reference_logprobs(&m, &chunks);
     let (kl_plain, kl_weighted) = (
         mean_kl(&reference, &plain, &chunks),
         mean_kl(&reference, &weighted, &chunks),
@@ -493,11 +501,9 @@ fn calibrated_methods_lower_kl_divergence_at_q4_0_and_say_so_in_the_file() {
         e.contains("--calib-self-save") && e.contains("--calib-self N"),
         "{e}"
     );
-    let reference = ck
-        .load_model(&tandem_model::LoadOptions::default())
-        .unwrap();
     let text = std::fs::read_to_string(shared().join("data/wikitext-2-raw/wiki.test.raw")).unwrap();
     let chunks = tandem_eval::Chunks::new(&ck.tokenizer, &text[..200_000], 256, Some(3)).unwrap();
+    let reference = reference_logprobs(&m, &chunks);
     let kl: Vec<f64> = files
         .iter()
         .map(|f| mean_kl(&reference, f, &chunks))
