@@ -51,8 +51,10 @@ fn make_qx_quants(nmax: i32, x: &[f32; 32], l: &mut [u8; 32], w: &[f32; 32]) -> 
     // sums run side by side (each still adds its 32 terms in order, so the bits are ggml's),
     // eight lanes at a time in the AVX2 build. One candidate after another, each sum waited
     // on its previous add: this function was 26% of a GPTQ run's time.
-    const N: usize = 18;
-    const LANES: usize = 24;
+    // 18 candidates padded to three 8-lane vectors; the padding repeats the last candidate
+    // and is never chosen (only the first N are compared).
+    const N: usize = CANDIDATE_STEPS.len();
+    const LANES: usize = N.next_multiple_of(8);
     let mut iscales = [0f32; LANES];
     for (c, v) in iscales.iter_mut().enumerate() {
         let is = CANDIDATE_STEPS[c.min(N - 1)];
