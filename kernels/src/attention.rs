@@ -1273,8 +1273,8 @@ unsafe fn score_f16_avx2<const Q: usize>(
 /// Adds up to [`GROUP_MOST`] queries' weighted sums of the first `n` value rows of an f16
 /// block to their outputs: query x's weights at `weights[x · w_stride..][..n]`, its d sums at
 /// `out[x · o_stride..][..d]`. Each value is widened once, in registers, for all the queries;
-/// each output element adds its rows in order, one fused multiply-add each, so every sum is bit for bit
-/// [`accumulate_rows_avx2`]'s on the widened rows.
+/// each output element adds its rows in order, one fused multiply-add each, so every sum is
+/// bit for bit [`accumulate_rows_avx2`]'s on the widened rows.
 ///
 /// With `avx512`, 16 outputs per register ([`accumulate_f16_avx512`], the same bits).
 ///
