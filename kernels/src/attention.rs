@@ -1032,7 +1032,7 @@ unsafe fn score_rows_avx512(q: &[f32], keys: &[f32], scale: f32, out: &mut [f32]
             }
             c += 8;
         }
-        let s = _mm256_mul_ps(sum_lanes_of_eight_keys(halves_of_pairs(&a)), scale_v);
+        let s = _mm256_mul_ps(sum_lanes_of_four_pairs(&a), scale_v);
         _mm256_storeu_ps(out.as_mut_ptr().add(j), s);
         max_v = _mm256_max_ps(max_v, s);
         j += KEYS_PER_ZMM_STEP;
@@ -1444,7 +1444,7 @@ const KEYS_PER_ZMM_STEP: usize = 8;
 
 /// [`score_f16_avx2`] in 512-bit registers, eight keys at a time: each register holds two
 /// keys' eight `dot` lanes (key 2p in lanes 0–7, key 2p + 1 in lanes 8–15), fed the same
-/// products in the same order, and the halves are reduced by [`sum_lanes_of_eight_keys`]
+/// products in the same order, and the pairs are reduced by [`sum_lanes_of_four_pairs`]
 /// (`dot`'s tree), so every score is bit for bit the AVX2 kernel's. Half the fused
 /// multiply-adds of the 256-bit kernel per key, and each f16 key pair widened by one
 /// conversion. `rows` is a multiple of [`KEYS_PER_ZMM_STEP`].
@@ -1499,7 +1499,7 @@ unsafe fn score_f16_avx512<const Q: usize>(
             c += 8;
         }
         for (x, ax) in a.iter().enumerate() {
-            let s = _mm256_mul_ps(sum_lanes_of_eight_keys(halves_of_pairs(ax)), scale_v);
+            let s = _mm256_mul_ps(sum_lanes_of_four_pairs(ax), scale_v);
             _mm256_storeu_ps(out[x].add(j), s);
             max_v[x] = _mm256_max_ps(max_v[x], s);
         }
@@ -1508,23 +1508,45 @@ unsafe fn score_f16_avx512<const Q: usize>(
     std::array::from_fn(|x| lane_max(max_v[x]))
 }
 
-/// Eight keys' eight-lane accumulators from four key-pair registers (lanes 0–7 the first key,
-/// 8–15 the second), in key order.
+/// Eight keys' dot products from four key-pair registers (lanes 0–7 key 2p's eight `dot`
+/// lanes, 8–15 key 2p + 1's), in key order: per key `dot`'s tree, ((a0 + a4) + (a1 + a5)) +
+/// ((a2 + a6) + (a3 + a7)), the same additions as [`sum_lanes_of_eight_keys`] on the halves,
+/// so the same bits (tested against the 256-bit kernels). In 512-bit shuffles: 128-bit blocks
+/// regrouped so one add gives four keys' (a_l + a_l+4), then two in-block shuffles and an add
+/// per level of the tree, and one permutation into key order: 9 shuffles where taking the
+/// halves apart and reducing them in 256-bit registers took 19, on the port the shuffles
+/// share with the multiply-adds (the reduction was half a 512-bit scoring kernel's
+/// instructions). `attn_hot`: see BENCHMARKS.md (session 52).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
 #[inline]
-unsafe fn halves_of_pairs(
+unsafe fn sum_lanes_of_four_pairs(
     pairs: &[std::arch::x86_64::__m512; KEYS_PER_ZMM_STEP / 2],
-) -> [std::arch::x86_64::__m256; KEYS_PER_ZMM_STEP] {
+) -> std::arch::x86_64::__m256 {
     use std::arch::x86_64::*;
-    std::array::from_fn(|r| {
-        let p = pairs[r / 2];
-        if r % 2 == 0 {
-            _mm512_castps512_ps256(p)
-        } else {
-            _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(p)))
-        }
-    })
+    // Keys 2p, 2p + 1 (from `x`) and 2p + 2, 2p + 3 (from `y`), one per 128-bit block:
+    // [a0 + a4, a1 + a5, a2 + a6, a3 + a7] =: [b0, b1, b2, b3].
+    let level1 = |x: __m512, y: __m512| {
+        _mm512_add_ps(
+            _mm512_shuffle_f32x4::<0b10_00_10_00>(x, y),
+            _mm512_shuffle_f32x4::<0b11_01_11_01>(x, y),
+        )
+    };
+    // Block j: keys j (from keys 0–3) and 4 + j (from keys 4–7).
+    let (lo, hi) = (level1(pairs[0], pairs[1]), level1(pairs[2], pairs[3]));
+    // [b0 + b1, b2 + b3] of key j, then of key 4 + j.
+    let level2 = _mm512_add_ps(
+        _mm512_shuffle_ps::<0b10_00_10_00>(lo, hi),
+        _mm512_shuffle_ps::<0b11_01_11_01>(lo, hi),
+    );
+    // [(b0 + b1) + (b2 + b3)] of key j, of key 4 + j, then the same again.
+    let sums = _mm512_add_ps(
+        _mm512_shuffle_ps::<0b10_00_10_00>(level2, level2),
+        _mm512_shuffle_ps::<0b11_01_11_01>(level2, level2),
+    );
+    // Key j sits at 4j, key 4 + j at 4j + 1.
+    let order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 0, 0, 0, 0, 0, 0, 0, 0);
+    _mm512_castps512_ps256(_mm512_permutexvar_ps(order, sums))
 }
 
 /// Key (and value) rows per block that a group's heads work through together (32 rows of 64
