@@ -1225,8 +1225,9 @@ unsafe fn score_f16_avx2<const Q: usize>(
     // After the reduction key 0 sits in lanes 0-3 and key 1 in lanes 4-7.
     let order = _mm256_setr_epi32(0, 4, 0, 4, 0, 4, 0, 4);
     let mut max_v = [_mm_set1_ps(f32::NEG_INFINITY); Q];
-    let mut j = 0;
-    while j + 2 <= rows {
+    let mut max8 = [_mm256_set1_ps(f32::NEG_INFINITY); Q];
+    // Two keys' eight-lane accumulators per query, from widened key chunks.
+    let pair = |j: usize| {
         let mut a = [[_mm256_setzero_ps(); 2]; Q];
         let (k0, k1) = (kp.add(j * d), kp.add((j + 1) * d));
         let mut c = 0;
@@ -1247,6 +1248,31 @@ unsafe fn score_f16_avx2<const Q: usize>(
             }
             c += 8;
         }
+        a
+    };
+    let mut j = 0;
+    // Eight keys at a time: four pairs' accumulators kept (in memory: with the pair's own
+    // accumulators they would not fit the sixteen registers) and reduced together by
+    // [`sum_lanes_of_eight_keys`], the same tree as one pair's reduction below with half its
+    // shuffles per key.
+    while j + 8 <= rows {
+        let mut held = [[_mm256_setzero_ps(); 8]; Q];
+        for p in 0..4 {
+            let a = pair(j + 2 * p);
+            for (h, ax) in held.iter_mut().zip(&a) {
+                h[2 * p] = ax[0];
+                h[2 * p + 1] = ax[1];
+            }
+        }
+        for (x, h) in held.iter().enumerate() {
+            let s = _mm256_mul_ps(sum_lanes_of_eight_keys(*h), _mm256_set1_ps(scale));
+            _mm256_storeu_ps(out[x].add(j), s);
+            max8[x] = _mm256_max_ps(max8[x], s);
+        }
+        j += 8;
+    }
+    while j + 2 <= rows {
+        let a = pair(j);
         for (x, ax) in a.iter().enumerate() {
             // Per key: lanes l and l + 4 added, then (b0 + b1) and (b2 + b3), then their
             // sum: `dot`'s tree.
@@ -1266,7 +1292,8 @@ unsafe fn score_f16_avx2<const Q: usize>(
     std::array::from_fn(|x| {
         let mut lanes = [0f32; 4];
         _mm_storeu_ps(lanes.as_mut_ptr(), max_v[x]);
-        lanes.iter().copied().fold(f32::NEG_INFINITY, f32::max)
+        let pairs = lanes.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        pairs.max(lane_max(max8[x]))
     })
 }
 
