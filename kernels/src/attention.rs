@@ -1224,8 +1224,8 @@ unsafe fn score_f16_avx2<const Q: usize>(
     let scale_v = _mm_set1_ps(scale);
     // After the reduction key 0 sits in lanes 0-3 and key 1 in lanes 4-7.
     let order = _mm256_setr_epi32(0, 4, 0, 4, 0, 4, 0, 4);
-    let mut max_v = [_mm_set1_ps(f32::NEG_INFINITY); Q];
-    let mut max8 = [_mm256_set1_ps(f32::NEG_INFINITY); Q];
+    let scale8 = _mm256_set1_ps(scale);
+    let mut max_v = [_mm256_set1_ps(f32::NEG_INFINITY); Q];
     // Two keys' eight-lane accumulators per query, from widened key chunks.
     let pair = |j: usize| {
         let mut a = [[_mm256_setzero_ps(); 2]; Q];
@@ -1265,9 +1265,9 @@ unsafe fn score_f16_avx2<const Q: usize>(
             }
         }
         for (x, h) in held.iter().enumerate() {
-            let s = _mm256_mul_ps(sum_lanes_of_eight_keys(*h), _mm256_set1_ps(scale));
+            let s = _mm256_mul_ps(sum_lanes_of_eight_keys(*h), scale8);
             _mm256_storeu_ps(out[x].add(j), s);
-            max8[x] = _mm256_max_ps(max8[x], s);
+            max_v[x] = _mm256_max_ps(max_v[x], s);
         }
         j += 8;
     }
@@ -1285,16 +1285,11 @@ unsafe fn score_f16_avx2<const Q: usize>(
             // [s0, s1, s0, s1]: the maximum is the same with each score twice.
             let s = _mm_mul_ps(_mm256_castps256_ps128(h), scale_v);
             _mm_storel_pd(out[x].add(j) as *mut f64, _mm_castps_pd(s));
-            max_v[x] = _mm_max_ps(max_v[x], s);
+            max_v[x] = _mm256_max_ps(max_v[x], _mm256_set_m128(s, s));
         }
         j += 2;
     }
-    std::array::from_fn(|x| {
-        let mut lanes = [0f32; 4];
-        _mm_storeu_ps(lanes.as_mut_ptr(), max_v[x]);
-        let pairs = lanes.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        pairs.max(lane_max(max8[x]))
-    })
+    std::array::from_fn(|x| lane_max(max_v[x]))
 }
 
 /// Adds up to [`GROUP_MOST`] queries' weighted sums of the first `n` value rows of an f16
