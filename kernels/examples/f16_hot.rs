@@ -1,7 +1,7 @@
 //! The F16 kernel on weights resident in cache (compute, not DRAM), with the activation rows
 //! and the weights placed on or off a 64-byte boundary.
 //!
-//!     cargo run --release -p tandem-kernels --example f16_hot [THREADS]
+//!     [BULK=1] cargo run --release -p tandem-kernels --example f16_hot [THREADS]
 //!
 //! Prints GMAC/s for a prefill-sized (m = 512) and a verification-sized (m = 8) matmul of
 //! SmolLM2's gate/up shape (k = 576) and down shape (k = 1536: eight activation rows are 48 KB,
@@ -18,6 +18,8 @@ fn main() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(1);
     tandem_kernels::pool::set_threads(threads);
+    // `BULK=1`: time `matmul_f16_bulk` (AMX for a prompt's rows where the CPU has it).
+    let bulk = std::env::var("BULK").is_ok_and(|v| v == "1");
     for (x_off, w_off) in [(0usize, 0usize), (0, 8), (4, 0), (4, 8)] {
         for (m, k, n) in [
             (512usize, 576usize, 1536usize),
@@ -42,7 +44,11 @@ fn main() {
             for _ in 0..5 {
                 let t = Instant::now();
                 for _ in 0..reps {
-                    tandem_kernels::matmul_f16(x, w, m, k, n, &mut out);
+                    if bulk {
+                        tandem_kernels::matmul_f16_bulk(x, w, m, k, n, &mut out);
+                    } else {
+                        tandem_kernels::matmul_f16(x, w, m, k, n, &mut out);
+                    }
                 }
                 best = best.min(t.elapsed().as_secs_f64() / reps as f64);
             }

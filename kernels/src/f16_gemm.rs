@@ -78,6 +78,39 @@ pub fn matmul_f16(x: &[f32], w: &[f16], m: usize, k: usize, n: usize, out: &mut 
     matmul_with(select_kernel(), x, w, m, k, n, out)
 }
 
+/// Activation rows from which [`matmul_f16_bulk`] takes AMX: fewer rows do not pay for
+/// splitting every weight into its bf16 parts.
+const BULK_MIN_ROWS: usize = 32;
+
+/// [`matmul_f16`] for activation rows whose results may differ from its in the last bits: a
+/// prompt's rows before its last, which only fill the KV cache (the model decides which, see
+/// `tandem_model`'s forward pass). Where the CPU has AMX, a pass of at least 32 such rows
+/// runs on the tile unit, to f32 rounding of `matmul_f16` (see `amx.rs`); elsewhere, and for
+/// shapes that do not tile, it is `matmul_f16`.
+///
+/// Panics if the slice lengths do not match `m`, `k`, `n` (a caller bug, never input data).
+pub fn matmul_f16_bulk(x: &[f32], w: &[f16], m: usize, k: usize, n: usize, out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if f16_bulk_applies(m, k, n) {
+        return crate::amx::matmul_f16(x, w, m, k, n, out);
+    }
+    matmul_f16(x, w, m, k, n, out)
+}
+
+/// Whether [`matmul_f16_bulk`] of `m` rows of this shape differs from [`matmul_f16`] (runs on
+/// AMX): a caller whose rows are only partly bulk splits them only then.
+pub fn f16_bulk_applies(m: usize, k: usize, n: usize) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        m >= BULK_MIN_ROWS && crate::amx::fits(k, n) && crate::amx::available()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (m, k, n, BULK_MIN_ROWS);
+        false
+    }
+}
+
 /// [`matmul_f16`] with a given task kernel (the tests run every one the CPU has).
 fn matmul_with(
     kernel: TaskKernel,

@@ -38,6 +38,8 @@ macro_rules! by_group8 {
 }
 
 pub mod aligned;
+#[cfg(target_arch = "x86_64")]
+mod amx;
 pub mod attention;
 #[cfg(feature = "cuda")]
 pub mod cuda;
@@ -56,7 +58,7 @@ pub use attention::{
     attention, attention_reference, attention_tree, attention_tree_reference, AttentionShape,
     KvElement,
 };
-pub use f16_gemm::{matmul_f16, matmul_f16_reference};
+pub use f16_gemm::{f16_bulk_applies, matmul_f16, matmul_f16_bulk, matmul_f16_reference};
 pub use ggml::GgmlType;
 pub use int8_gemm::{int8_supported, matmul_int8, matmul_int8_reference};
 pub use int8_tiles::Int8Tiles;

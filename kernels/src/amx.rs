@@ -1,0 +1,469 @@
+//! F16 matmuls of many activation rows on AMX (Intel's tile matrix unit, Sapphire Rapids on):
+//! a prompt's rows, whose results only fill the KV cache.
+//!
+//! Why by hand: `std::arch` has no stable AMX intrinsics, and no crate tandem uses runs AMX,
+//! so the few tile instructions are inline assembly (which is stable).
+//!
+//! AMX multiplies bf16 pairs (8 significant bits) into f32 sums. To stay at f32's accuracy the
+//! operands are split exactly:
+//! - an f16 weight (11 significant bits) is `wh + wl`, wh its top 8 bits and wl the other 3;
+//! - an f32 activation (24 significant bits) is `xh + xm + xl`, 8 bits each.
+//!
+//! Each product of the two is then the sum of five bf16 products (xl·wl, below f32's last bit
+//! of the product, is left out): xh·wh + xh·wl in one sum tile, xm·wh + xm·wl in a second,
+//! xl·wh in a third, added in that order at the end. Every bf16 product is exact in f32; the
+//! sums round as f32 sums do, in the tile unit's order rather than the FMA kernels'. So the
+//! results agree with [`crate::matmul_f16`] to rounding, not bit for bit: callers use this
+//! only for rows whose values never meet a bit-for-bit comparison with the one-row kernel
+//! (see [`crate::matmul_f16_bulk`]).
+//!
+//! One core runs the five products at ~300 f32-equivalent GMAC/s against the AVX-512 FMA
+//! kernel's ~62 (a 16×16×576 block, operands in L1, Emerald Rapids).
+//!
+//! Tile registers, configured by [`Tiles::configure`] for `g` (≤ 16) activation rows:
+//! - `tmm0..tmm2`: xh, xm, xl of the rows' next 32 activations, g × 64 bytes (rows k·2 apart);
+//! - `tmm3`, `tmm4`: wh, wl of 16 weight rows' next 32 weights, 16 × 64 bytes: row p holds,
+//!   for each weight row c, weights 2p and 2p + 1 (the pair layout `tdpbf16ps` reads);
+//! - `tmm5..tmm7`: the three sums, g × 16 f32.
+
+use crate::rows::SendPtr;
+use half::f16;
+use std::arch::asm;
+use std::arch::x86_64::*;
+
+/// Activation rows per tile.
+const ROWS: usize = 16;
+/// Weight rows (output columns) per tile.
+const COLS: usize = 16;
+/// Weights per row and tile step (32 bf16, 64 bytes).
+const STEP: usize = 32;
+
+/// Whether this process can run AMX bf16 tile products:
+/// - CPUID reports AMX-TILE and AMX-BF16, and the AVX-512 set the splits use (F, BW);
+/// - Linux grants the process the tile data state (`arch_prctl(ARCH_REQ_XCOMP_PERM)`, which
+///   a process must call before its first tile instruction);
+/// - `TANDEM_NO_AMX` is unset.
+///
+/// Checked once.
+pub(crate) fn available() -> bool {
+    static AMX: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *AMX.get_or_init(|| {
+        let cpu = __cpuid_count(7, 0);
+        let tile_and_bf16 = cpu.edx & (1 << 24) != 0 && cpu.edx & (1 << 22) != 0;
+        std::env::var_os("TANDEM_NO_AMX").is_none()
+            && crate::has_avx512()
+            && std::is_x86_feature_detected!("avx512bw")
+            && tile_and_bf16
+            && permitted()
+    })
+}
+
+#[cfg(target_os = "linux")]
+fn permitted() -> bool {
+    const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
+    const XFEATURE_XTILEDATA: libc::c_long = 18;
+    // SAFETY: this arch_prctl request takes two integers and only widens the set of register
+    // states the kernel saves for this process; it touches no memory of ours.
+    unsafe {
+        libc::syscall(
+            libc::SYS_arch_prctl,
+            ARCH_REQ_XCOMP_PERM,
+            XFEATURE_XTILEDATA,
+        ) == 0
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn permitted() -> bool {
+    false
+}
+
+/// Whether [`matmul_f16`] takes a matrix of this shape: whole tile steps along k and whole
+/// tiles of 16 weight rows.
+pub(crate) fn fits(k: usize, n: usize) -> bool {
+    k.is_multiple_of(STEP) && n.is_multiple_of(COLS) && k > 0 && n > 0
+}
+
+/// The 64-byte tile configuration `ldtilecfg` reads (palette 1): bytes 16..48 hold each tile
+/// register's bytes per row, bytes 48..64 its rows.
+#[repr(C, align(64))]
+struct Config([u8; 64]);
+
+/// This thread's tile registers while a task runs: shaped for a number of activation rows,
+/// released on drop (a thread whose tiles are released saves no tile state on a context
+/// switch).
+struct Tiles {
+    rows: usize,
+}
+
+impl Tiles {
+    /// Shapes the registers of the module comment for `g` (1..=16) activation rows, unless
+    /// they already are.
+    ///
+    /// # Safety
+    /// [`available`] returned true.
+    unsafe fn configure(&mut self, g: usize) {
+        assert!((1..=ROWS).contains(&g), "{g} rows for a tile");
+        if self.rows == g {
+            return;
+        }
+        let mut c = Config([0; 64]);
+        c.0[0] = 1;
+        for t in 0..8 {
+            let rows = if t == 3 || t == 4 { STEP / 2 } else { g };
+            c.0[16 + 2 * t..18 + 2 * t].copy_from_slice(&64u16.to_le_bytes());
+            c.0[48 + t] = rows as u8;
+        }
+        // SAFETY: AMX is usable (the caller's contract); `c` is a valid palette-1
+        // configuration (every shape within 16 rows of 64 bytes) that lives across the
+        // instruction.
+        unsafe { asm!("ldtilecfg [{}]", in(reg) c.0.as_ptr(), options(nostack)) };
+        self.rows = g;
+    }
+}
+
+impl Drop for Tiles {
+    fn drop(&mut self) {
+        if self.rows != 0 {
+            // SAFETY: tiles were configured on this thread, so AMX is usable here.
+            unsafe { asm!("tilerelease", options(nostack, nomem)) };
+        }
+    }
+}
+
+thread_local! {
+    /// The activations' three bf16 parts in tile blocks, reused across calls.
+    static PARTS: std::cell::RefCell<Bf16Buf> = std::cell::RefCell::new(Bf16Buf::default());
+    /// A task's weight tiles in pair layout (wh then wl per step), reused across calls.
+    static PAIRS: std::cell::RefCell<Bf16Buf> = std::cell::RefCell::new(Bf16Buf::default());
+}
+
+/// bf16 values on 64-byte boundaries: a tile row that straddles two cache lines loads at
+/// half the speed (measured: a 16 × 576 × 16 block's five products took 1095 against 549 ns
+/// with the operands 16 bytes off a line). Kept in an [`AlignedBuf`] of f32, two per value.
+#[derive(Default)]
+struct Bf16Buf(crate::aligned::AlignedBuf);
+
+impl Bf16Buf {
+    /// At least `len` values (contents unspecified).
+    fn reserve(&mut self, len: usize) -> *mut u16 {
+        if self.0.len() * 2 < len {
+            self.0.resize(len.div_ceil(2), 0.0);
+        }
+        self.0.as_mut_ptr() as *mut u16
+    }
+}
+
+/// u16 values per tile block of activation parts: 16 rows of one step's 32 values.
+const BLOCK: usize = ROWS * STEP;
+
+/// `out[m×n] = x[m×k] · w[n×k]ᵀ` on AMX (see the module comment), parallel over tiles of 16
+/// weight rows.
+///
+/// Panics unless [`available`] and [`fits`]`(k, n)`, or on mismatched lengths (caller bugs).
+pub(crate) fn matmul_f16(x: &[f32], w: &[f16], m: usize, k: usize, n: usize, out: &mut [f32]) {
+    assert!(available() && fits(k, n), "AMX F16 matmul of [{n}, {k}]");
+    assert_eq!(x.len(), m * k);
+    assert_eq!(w.len(), n * k);
+    assert_eq!(out.len(), m * n);
+    if m == 0 {
+        return;
+    }
+    let groups = m.div_ceil(ROWS);
+    crate::rows::with_scratch(&PARTS, |parts| {
+        let parts = SendPtr(parts.reserve(3 * groups * ROWS * k));
+        // SAFETY: AVX-512F/BW are present (`available`); `parts` holds 3·groups·16·k values.
+        unsafe { split_activations(x, m, k, parts.get()) };
+        let col_tiles = n / COLS;
+        let threads = crate::pool::current().threads_now().max(1);
+        // A task splits its weight tiles first, then takes each group of activation rows
+        // across all of them: the group's parts stay in L1/L2 while the tiles' pairs (36-96 KB
+        // each at SmolLM2's widths) stream from L2.
+        let per_task = col_tiles.div_ceil(2 * threads).clamp(1, TILES_PER_TASK);
+        let tasks = col_tiles.div_ceil(per_task);
+        let base = SendPtr(out.as_mut_ptr());
+        crate::pool::current().run(tasks, |t| {
+            let mut tiles = Tiles { rows: 0 };
+            let (c0, c1) = (t * per_task, ((t + 1) * per_task).min(col_tiles));
+            let tile_len = 2 * COLS * k;
+            crate::rows::with_scratch(&PAIRS, |pairs| {
+                let pairs = pairs.reserve((c1 - c0) * tile_len);
+                for c in c0..c1 {
+                    let j0 = c * COLS;
+                    // SAFETY: AVX-512F/BW present; the 16 rows j0.. are inside `w`, and
+                    // `pairs` holds 2·16·k values from (c − c0)·tile_len.
+                    unsafe {
+                        split_weights(
+                            &w[j0 * k..(j0 + COLS) * k],
+                            k,
+                            pairs.add((c - c0) * tile_len),
+                        )
+                    };
+                }
+                let mut i0 = 0;
+                while i0 < m {
+                    let g = (m - i0).min(ROWS);
+                    for c in c0..c1 {
+                        // SAFETY: AMX available; tiles shaped for g rows; `parts` holds the
+                        // three parts of every row group, `pairs` this tile's weights; columns
+                        // c·16..c·16 + 16 of rows i0..i0 + g are inside `out` and this task's
+                        // alone, and `run` returns only after every task.
+                        unsafe {
+                            tiles.configure(g);
+                            let at = base.get().add(i0 * n + c * COLS);
+                            let pairs = pairs.add((c - c0) * tile_len);
+                            tile_rows(parts.get(), groups, i0 / ROWS, k, g, pairs, at, n)
+                        };
+                    }
+                    i0 += g;
+                }
+            });
+        });
+    });
+}
+
+/// The most weight tiles (16 rows each) a task splits and holds at once: 8 are 288 KB of
+/// pairs at k = 576, 768 KB at k = 1536, within L2.
+const TILES_PER_TASK: usize = 8;
+
+/// Splits each activation into three bf16 parts (the top 8 significant bits, the next 8, the
+/// last 8; each a truncation, so the three sum exactly to the value), laid out as the tiles
+/// load them: part p of row i's values 32s..32s + 32 in block (p·groups + i / 16)·steps + s,
+/// row i % 16 of it (rows past m are left as they were: no tile loads them).
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn split_activations(x: &[f32], m: usize, k: usize, parts: *mut u16) {
+    debug_assert!(x.len() == m * k && k.is_multiple_of(STEP));
+    let (groups, steps) = (m.div_ceil(ROWS), k / STEP);
+    let top = _mm512_set1_epi32(0xFFFF_0000u32 as i32);
+    for i in 0..m {
+        for s in 0..steps {
+            let row = ((i / ROWS) * steps + s) * BLOCK + (i % ROWS) * STEP;
+            for half in 0..2 {
+                let v = _mm512_loadu_ps(x.as_ptr().add(i * k + s * STEP + 16 * half));
+                let hi = _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(v), top));
+                let r = _mm512_sub_ps(v, hi);
+                let mid = _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(r), top));
+                let lo = _mm512_sub_ps(r, mid);
+                for (p, part) in [hi, mid, lo].into_iter().enumerate() {
+                    let bits = _mm512_srli_epi32(_mm512_castps_si512(part), 16);
+                    let at = parts.add(p * groups * steps * BLOCK + row + 16 * half);
+                    _mm256_storeu_si256(at as *mut __m256i, _mm512_cvtepi32_epi16(bits));
+                }
+            }
+        }
+    }
+}
+
+/// Splits 16 weight rows of length k into wh and wl (see the module comment) in the pair
+/// layout, step by step: step s holds wh (16 rows of 16 pairs) then wl.
+#[target_feature(enable = "avx512f,avx512bw,f16c")]
+unsafe fn split_weights(w: &[f16], k: usize, pairs: *mut u16) {
+    debug_assert!(w.len() == COLS * k);
+    let top = _mm512_set1_epi32(0xFFFF_0000u32 as i32);
+    // The top 16 bits of each f32 of `v`, packed: 16 values, 8 pairs.
+    let halves = |v: __m512| _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(v), 16));
+    for s in 0..k / STEP {
+        let (mut hi_rows, mut lo_rows) = (
+            [_mm512_setzero_si512(); COLS],
+            [_mm512_setzero_si512(); COLS],
+        );
+        for c in 0..COLS {
+            let at = w.as_ptr().add(c * k + s * STEP) as *const __m256i;
+            let (a, b) = (
+                _mm512_cvtph_ps(_mm256_loadu_si256(at)),
+                _mm512_cvtph_ps(_mm256_loadu_si256(at.add(1))),
+            );
+            let (ah, bh) = (
+                _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(a), top)),
+                _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(b), top)),
+            );
+            let join =
+                |p: __m256i, q: __m256i| _mm512_inserti64x4::<1>(_mm512_castsi256_si512(p), q);
+            hi_rows[c] = join(halves(ah), halves(bh));
+            lo_rows[c] = join(halves(_mm512_sub_ps(a, ah)), halves(_mm512_sub_ps(b, bh)));
+        }
+        // Row c holds weight row c's 16 pairs; the tile wants pair p of every row in its
+        // row p: a 16 × 16 transposition of 32-bit pairs.
+        let dst = pairs.add(s * 2 * COLS * STEP);
+        for (at, rows) in [(0, &mut hi_rows), (COLS * STEP, &mut lo_rows)] {
+            transpose16(rows);
+            for (p, row) in rows.iter().enumerate() {
+                _mm512_storeu_si512(dst.add(at + p * 32) as *mut _, *row);
+            }
+        }
+    }
+}
+
+/// Transposes a 16 × 16 matrix of 32-bit lanes held one row per register.
+#[target_feature(enable = "avx512f")]
+unsafe fn transpose16(r: &mut [__m512i; 16]) {
+    // Within 128-bit lanes: 4 × 4 blocks of 32-bit, then across lanes.
+    let mut t = [_mm512_setzero_si512(); 16];
+    for i in 0..8 {
+        t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+    }
+    for i in 0..4 {
+        r[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+        r[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+        r[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+        r[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+    }
+    // r[4i + j] now holds, in 128-bit lane l, rows 4i..4i+4 at column 4l + j.
+    for i in 0..2 {
+        for j in 0..4 {
+            let (a, b) = (r[8 * i + j], r[8 * i + 4 + j]);
+            t[8 * i + j] = _mm512_shuffle_i32x4::<0x88>(a, b);
+            t[8 * i + 4 + j] = _mm512_shuffle_i32x4::<0xDD>(a, b);
+        }
+    }
+    // t[8i + j]: lanes (rows 8i..8i+4 col j, rows 8i+4..8i+8 col j, same for col 8 + j);
+    // t[8i + 4 + j]: the same for columns 4 + j and 12 + j.
+    for j in 0..4 {
+        for h in 0..2 {
+            let (a, b) = (t[4 * h + j], t[8 + 4 * h + j]);
+            r[4 * h + j] = _mm512_shuffle_i32x4::<0x88>(a, b);
+            r[8 + 4 * h + j] = _mm512_shuffle_i32x4::<0xDD>(a, b);
+        }
+    }
+}
+
+/// Activation row group `group` (g rows, as the tiles are shaped) against one tile of 16
+/// weight rows in pair layout (`pairs`), written to `out` (row stride n).
+///
+/// # Safety
+/// AMX available and the tiles configured for g rows on this thread; `parts` holds the three
+/// parts of `groups` row groups of length k ([`split_activations`]); `pairs` one weight tile's
+/// steps; `out` g rows of 16 values `n` apart.
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn tile_rows(
+    parts: *const u16,
+    groups: usize,
+    group: usize,
+    k: usize,
+    g: usize,
+    pairs: *const u16,
+    out: *mut f32,
+    n: usize,
+) {
+    let steps = k / STEP;
+    let part = groups * steps * BLOCK;
+    let xh = parts.add(group * steps * BLOCK);
+    let (xm, xl) = (xh.add(part), xh.add(2 * part));
+    asm!(
+        "tilezero tmm5",
+        "tilezero tmm6",
+        "tilezero tmm7",
+        options(nostack, nomem)
+    );
+    for s in 0..steps {
+        let at = s * BLOCK;
+        let wh = pairs.add(s * 2 * COLS * STEP);
+        asm!(
+            "tileloadd tmm0, [{xh} + {row}*1]",
+            "tileloadd tmm1, [{xm} + {row}*1]",
+            "tileloadd tmm2, [{xl} + {row}*1]",
+            "tileloadd tmm3, [{wh} + {row}*1]",
+            "tileloadd tmm4, [{wl} + {row}*1]",
+            "tdpbf16ps tmm5, tmm0, tmm3",
+            "tdpbf16ps tmm6, tmm1, tmm3",
+            "tdpbf16ps tmm7, tmm2, tmm3",
+            "tdpbf16ps tmm5, tmm0, tmm4",
+            "tdpbf16ps tmm6, tmm1, tmm4",
+            xh = in(reg) xh.add(at),
+            xm = in(reg) xm.add(at),
+            xl = in(reg) xl.add(at),
+            wh = in(reg) wh,
+            wl = in(reg) wh.add(COLS * STEP),
+            row = in(reg) 64usize,
+            options(nostack, readonly),
+        );
+    }
+    let mut sums = Sums([0.0; 3 * ROWS * COLS]);
+    let sp = sums.0.as_mut_ptr();
+    asm!(
+        "tilestored [{s0} + {row}*1], tmm5",
+        "tilestored [{s1} + {row}*1], tmm6",
+        "tilestored [{s2} + {row}*1], tmm7",
+        s0 = in(reg) sp,
+        s1 = in(reg) sp.add(ROWS * COLS),
+        s2 = in(reg) sp.add(2 * ROWS * COLS),
+        row = in(reg) 64usize,
+        options(nostack),
+    );
+    for r in 0..g {
+        let part = |p: usize| _mm512_load_ps(sp.add(p * ROWS * COLS + r * COLS));
+        let v = _mm512_add_ps(_mm512_add_ps(part(0), part(1)), part(2));
+        _mm512_storeu_ps(out.add(r * n), v);
+    }
+}
+
+/// The three sum tiles as stored, 64-byte aligned for the loads.
+#[repr(C, align(64))]
+struct Sums([f32; 3 * ROWS * COLS]);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    /// The AMX product agrees with the f64 reference to f32 rounding (relative to the sum of
+    /// the terms' magnitudes), at row counts with and without a partial tile.
+    #[test]
+    fn amx_f16_matches_the_reference_to_rounding() {
+        if !available() {
+            eprintln!("skipped: no AMX here");
+            return;
+        }
+        let mut rng = rand::rngs::StdRng::seed_from_u64(61);
+        for (m, k, n) in [(1, 32, 16), (16, 64, 32), (37, 576, 48), (20, 1536, 16)] {
+            let x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-3.0..3.0)).collect();
+            let w: Vec<f16> = (0..n * k)
+                .map(|_| f16::from_f32(rng.random_range(-0.2..0.2)))
+                .collect();
+            let mut want = vec![0f32; m * n];
+            crate::matmul_f16_reference(&x, &w, m, k, n, &mut want);
+            let mut got = vec![0f32; m * n];
+            matmul_f16(&x, &w, m, k, n, &mut got);
+            for i in 0..m {
+                for j in 0..n {
+                    let scale: f32 = (0..k)
+                        .map(|p| (x[i * k + p] * w[j * k + p].to_f32()).abs())
+                        .sum();
+                    let (a, b) = (want[i * n + j], got[i * n + j]);
+                    assert!(
+                        (a - b).abs() <= 4e-7 * scale + 1e-30,
+                        "m={m} k={k} n={n} [{i},{j}]: {a} vs {b} (scale {scale})"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn transposes_sixteen_by_sixteen() {
+        if !available() {
+            return;
+        }
+        let mut m = [0i32; 256];
+        m.iter_mut().enumerate().for_each(|(i, v)| *v = i as i32);
+        // SAFETY: AVX-512F present (`available`); every load and store is of 16 i32.
+        unsafe {
+            let mut r = [_mm512_setzero_si512(); 16];
+            for (i, row) in r.iter_mut().enumerate() {
+                *row = _mm512_loadu_si512(m.as_ptr().add(16 * i) as *const _);
+            }
+            transpose16(&mut r);
+            let mut got = [0i32; 256];
+            for (i, row) in r.iter().enumerate() {
+                _mm512_storeu_si512(got.as_mut_ptr().add(16 * i) as *mut _, *row);
+            }
+            for i in 0..16 {
+                for j in 0..16 {
+                    assert_eq!(got[16 * i + j], m[16 * j + i], "[{i},{j}]");
+                }
+            }
+        }
+    }
+}
