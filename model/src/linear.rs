@@ -328,6 +328,78 @@ impl Linear {
         Ok(())
     }
 
+    /// [`Linear::forward_into`], where the first `bulk` rows return no logits (a prompt's,
+    /// see `Logits`): for F16 weights on the CPU those rows may take
+    /// [`tandem_kernels::matmul_f16_bulk`] (AMX; to rounding of `forward_into`, not bit for
+    /// bit). Whether they do depends on `bulk` and the shape alone, never on the other rows,
+    /// and the other rows' results are `forward_into`'s bit for bit.
+    pub fn forward_rows_into(
+        &self,
+        x: &[f32],
+        m: usize,
+        bulk: usize,
+        out: &mut [f32],
+    ) -> Result<()> {
+        let (k, n) = (self.in_dim, self.out_dim);
+        let bulk = bulk.min(m);
+        let sized = x.len() == m * k && out.len() == m * n;
+        if sized && self.gpu.is_none() && tandem_kernels::f16_bulk_applies(bulk, k, n) {
+            let (x_bulk, x_rest) = x.split_at(bulk * k);
+            let (out_bulk, out_rest) = out.split_at_mut(bulk * n);
+            let ran = self.with_cpu_f16(|w| {
+                tandem_kernels::matmul_f16_bulk(x_bulk, w, bulk, k, n, out_bulk);
+                Ok(())
+            })?;
+            if ran.is_some() {
+                self.add_bias(out_bulk)?;
+                return if bulk < m {
+                    self.forward_into(x_rest, m - bulk, out_rest)
+                } else {
+                    Ok(())
+                };
+            }
+        }
+        self.forward_into(x, m, out)
+    }
+
+    /// [`Linear::forward_joined`] with [`Linear::forward_rows_into`]'s `bulk` rows: where
+    /// those take the bulk kernel, each part runs them on its own, and the other rows go
+    /// through `forward_joined`.
+    pub fn forward_joined_rows(
+        parts: &[&Linear],
+        x: &[f32],
+        m: usize,
+        bulk: usize,
+        outs: &mut [&mut [f32]],
+    ) -> Result<()> {
+        let bulk = bulk.min(m);
+        let k = parts.first().map_or(0, |p| p.in_dim);
+        let bulky = parts.iter().all(|p| {
+            p.in_dim == k
+                && p.gpu.is_none()
+                && matches!(p.weight, LinearWeight::F16(_))
+                && tandem_kernels::f16_bulk_applies(bulk, k, p.out_dim)
+        });
+        if !bulky || parts.len() != outs.len() || x.len() != m * k {
+            return Linear::forward_joined(parts, x, m, outs);
+        }
+        for (p, o) in parts.iter().zip(outs.iter_mut()) {
+            if o.len() != m * p.out_dim {
+                return Linear::forward_joined(parts, x, m, outs);
+            }
+            p.forward_rows_into(&x[..bulk * k], bulk, bulk, &mut o[..bulk * p.out_dim])?;
+        }
+        if bulk < m {
+            let mut rest: Vec<&mut [f32]> = outs
+                .iter_mut()
+                .zip(parts)
+                .map(|(o, p)| &mut o[bulk * p.out_dim..])
+                .collect();
+            Linear::forward_joined(parts, &x[bulk * k..], m - bulk, &mut rest)?;
+        }
+        Ok(())
+    }
+
     /// `outs[i]` [m, parts[i].out_dim] = `x` [m, in_dim] · `parts[i]`ᵀ (+ bias): one pass
     /// over all their weights when [`Linear::fuse`] laid them out together (one pool call
     /// streaming one run of memory per thread, and for tiles one rounding of `x`), else each

@@ -274,6 +274,20 @@ impl BatchDecoder<'_> {
             .iter()
             .map(|s| s.stop.unwrap_or(StopReason::MaxTokens))
             .collect();
+        // Each context ends as plain generation's would (`tandem_model::generate`): after an
+        // end-of-sequence token every emitted token has been run, otherwise all but the
+        // last. Accepted drafts past that (an end token, or tokens beyond `max_tokens`) go:
+        // a chat's next turn runs them in its prompt, as it would after plain generation, so
+        // both compute those positions the same way (see `tandem_model::Logits`).
+        for (i, (s, stop)) in seqs.iter().zip(&stops).enumerate() {
+            let ran = match stop {
+                StopReason::Eos => s.tokens.len(),
+                _ => s.tokens.len().saturating_sub(1),
+            };
+            if self.verifier.len(i) > ran {
+                self.verifier.rollback(i, ran);
+            }
+        }
         stats.stop = if stops.contains(&StopReason::ContextFull) {
             StopReason::ContextFull
         } else if !stops.is_empty() && stops.iter().all(|&s| s == StopReason::Eos) {

@@ -125,7 +125,7 @@ impl BatchVerifier for OneSequence<'_> {
     }
     fn prefill_batch(&mut self, inputs: &[(usize, &[u32])]) -> Result<()> {
         for input in inputs {
-            self.0.forward_last(only_sequence(input)?)?;
+            self.0.fill(only_sequence(input)?)?;
         }
         Ok(())
     }

@@ -80,6 +80,12 @@ pub trait Verifier {
             .pop()
             .ok_or_else(|| Error::Mismatch("forward returned no logits".into()))
     }
+    /// Runs `tokens` for the context alone (a prompt's start), reading no logits. A model
+    /// computes such rows as a plain prompt pass computes all but its last (see
+    /// `tandem_model::Logits::None`).
+    fn fill(&mut self, tokens: &[u32]) -> Result<()> {
+        self.forward_last(tokens).map(drop)
+    }
     /// Whether [`Verifier::verify_tree`] takes trees that branch (else only chains).
     fn scores_trees(&self) -> bool {
         false

@@ -85,6 +85,13 @@ impl Verifier for ModelVerifier<'_> {
             .forward_with(tokens, &mut cache, Logits::Last, self.reads)?
             .into_last())
     }
+    fn fill(&mut self, tokens: &[u32]) -> Result<()> {
+        let mut cache = self.cache.borrow_mut();
+        self.model
+            .forward_with(tokens, &mut cache, Logits::None, self.reads)
+            .map(drop)
+            .map_err(Into::into)
+    }
     fn scores_trees(&self) -> bool {
         !self.model.runs_on_gpu()
     }
@@ -247,6 +254,12 @@ impl Verifier for OwnedModelVerifier {
             .forward(tokens, &mut self.cache, Logits::Last)?
             .into_last())
     }
+    fn fill(&mut self, tokens: &[u32]) -> Result<()> {
+        self.model
+            .forward(tokens, &mut self.cache, Logits::None)
+            .map(drop)
+            .map_err(Into::into)
+    }
 }
 
 impl<'m> ModelDrafter<ModelVerifier<'m>> {
@@ -310,7 +323,7 @@ impl BatchVerifier for ModelBatchVerifier<'_> {
         Ok(out.iter().map(tandem_model::LogitRows::to_vecs).collect())
     }
     fn prefill_batch(&mut self, inputs: &[(usize, &[u32])]) -> Result<()> {
-        self.forward(inputs, Logits::Last).map(drop)
+        self.forward(inputs, Logits::None).map(drop)
     }
     fn rollback(&mut self, seq: usize, len: usize) {
         if let Some(c) = self.caches.get_mut(seq) {

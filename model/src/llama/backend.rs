@@ -115,6 +115,9 @@ pub(super) struct CpuPass<'a> {
     model: &'a Llama,
     b: &'a mut CpuBuffers,
     rows: usize,
+    /// The pass's first rows that return no logits (see `Logits`): F16 matmuls may run them
+    /// on AMX.
+    bulk_rows: usize,
 }
 
 impl<'a> CpuPass<'a> {
@@ -123,7 +126,18 @@ impl<'a> CpuPass<'a> {
         for (i, buf) in b.bufs.iter_mut().enumerate() {
             buf.resize(rows * BUF_ORDER[i].width(c), 0.0);
         }
-        CpuPass { model, b, rows }
+        CpuPass {
+            model,
+            b,
+            rows,
+            bulk_rows: 0,
+        }
+    }
+
+    /// Lets the F16 matmuls run the first `bulk` rows (those that return no logits) on AMX.
+    pub(super) fn with_bulk_rows(mut self, bulk: usize) -> Self {
+        self.bulk_rows = bulk.min(self.rows);
+        self
     }
 
     fn len(&self, buf: Buf) -> usize {
@@ -247,9 +261,9 @@ impl Backend for CpuPass<'_> {
     }
 
     fn matmul(&mut self, w: &Linear, src: Buf, dst: Buf) -> Result<()> {
-        let rows = self.rows;
+        let (rows, bulk) = (self.rows, self.bulk_rows);
         let (s, d) = self.pair(src, dst)?;
-        w.forward_into(s, rows, d)
+        w.forward_rows_into(s, rows, bulk, d)
     }
 
     fn matmul_joined(&mut self, ws: &[&Linear], src: Buf, dsts: &[Buf]) -> Result<()> {
@@ -270,7 +284,7 @@ impl Backend for CpuPass<'_> {
             }
         }
         let s = src_buf.ok_or_else(|| internal("joined matmuls write their input"))?;
-        Linear::forward_joined(ws, s, rows, &mut outs[..dsts.len()])
+        Linear::forward_joined_rows(ws, s, rows, self.bulk_rows, &mut outs[..dsts.len()])
     }
 
     fn rope(&mut self, buf: Buf, heads: usize) -> Result<()> {

@@ -20,12 +20,25 @@ pub trait ActivationObserver {
 }
 
 /// Which positions' logits a forward call returns.
+///
+/// It also decides how the positions that return none are computed. On CPUs with AMX, the
+/// F16 linear layers run a prompt's rows that return no logits on the tile unit: 2x faster,
+/// to f32 rounding of the FMA kernels rather than bit for bit (`tandem_kernels::
+/// matmul_f16_bulk`). Every row whose logits a call returns, and every row of a pass over
+/// several sequences or a tree, takes the FMA kernels, whose rows agree bit for bit however
+/// they are batched. So a prompt's positions are computed the same way whether the prompt is
+/// run with [`Logits::Last`] (plain generation) or its start with [`Logits::None`] and its
+/// last token in the first verification pass (speculative decoding), and the two decode the
+/// same tokens.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Logits {
     /// Every new position (verification, evaluation).
     All,
     /// Only the last new position (prefill before sampling).
     Last,
+    /// None: the positions only fill the cache (a prompt's start before a speculative
+    /// decoder verifies its last token with the first drafts).
+    None,
 }
 
 /// What the caller reads of each row of logits a forward call returns (see
@@ -352,6 +365,12 @@ impl Llama {
             }
         }
         let mut profile = ws.profile.take();
+        // The GPU pass (its captured graphs) always ends in the head: it computes the last
+        // row's logits for a call that reads none, which drops them.
+        let which = match (&self.resident, which) {
+            (Some(_), Logits::None) => Logits::Last,
+            _ => which,
+        };
         let mut pass = Pass {
             seqs,
             tokens: &ws.tokens,
@@ -371,7 +390,14 @@ impl Llama {
             Some(r) => r.forward(self, &mut pass),
             None => {
                 let rows = pass.tokens.len();
-                self.run_pass(&mut CpuPass::new(self, &mut ws.cpu, rows), &mut pass)
+                // Rows that return no logits, first in the pass (see `Logits`).
+                let bulk = match (pass.which, pass.seqs.len(), pass.tree) {
+                    (Logits::Last, 1, None) => rows - 1,
+                    (Logits::None, 1, None) => rows,
+                    _ => 0,
+                };
+                let mut cpu = CpuPass::new(self, &mut ws.cpu, rows).with_bulk_rows(bulk);
+                self.run_pass(&mut cpu, &mut pass)
             }
         };
         let out = match self.pool {
@@ -410,6 +436,10 @@ impl Llama {
         head_rows(pass.seqs, pass.which, pass.picked, pass.counts);
         let picked: &[usize] = pass.picked;
         let vocab = self.config.vocab_size;
+        if picked.is_empty() {
+            // `Logits::None`: no row goes through the head.
+            return split_logits(Vec::new(), pass.counts, vocab);
+        }
         let mut logits = vec![0f32; picked.len() * vocab];
         self.extend_shortlist(pass.tokens)?;
         let shortlist = self.shortlist.read().unwrap_or_else(|e| e.into_inner());
@@ -676,6 +706,7 @@ pub(super) fn head_rows(
                 picked.push(off + t - 1);
                 counts.push(1);
             }
+            Logits::None => counts.push(0),
         }
         off += t;
     }
