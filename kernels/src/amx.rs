@@ -172,8 +172,15 @@ pub(crate) fn matmul_f16(x: &[f32], w: &[f16], m: usize, k: usize, n: usize, out
     let groups = m.div_ceil(ROWS);
     crate::rows::with_scratch(&PARTS, |parts| {
         let parts = SendPtr(parts.reserve(3 * groups * ROWS * k));
-        // SAFETY: AVX-512F/BW are present (`available`); `parts` holds 3·groups·16·k values.
-        unsafe { split_activations(x, m, k, parts.get()) };
+        // Each task splits its own row groups (their blocks are disjoint).
+        let per_task = groups.div_ceil(crate::pool::current().threads_now().max(1));
+        crate::pool::current().run(groups.div_ceil(per_task), |t| {
+            let (g0, g1) = (t * per_task, ((t + 1) * per_task).min(groups));
+            let rows = g0 * ROWS..(g1 * ROWS).min(m);
+            // SAFETY: AVX-512F/BW are present (`available`); `parts` holds 3·groups·16·k
+            // values, and these rows' blocks are this task's alone.
+            unsafe { split_activations(x, m, k, rows, parts.get()) };
+        });
         let col_tiles = n / COLS;
         let threads = crate::pool::current().threads_now().max(1);
         // A task splits its weight tiles first, then takes each group of activation rows
@@ -229,13 +236,19 @@ const TILES_PER_TASK: usize = 8;
 /// Splits each activation into three bf16 parts (the top 8 significant bits, the next 8, the
 /// last 8; each a truncation, so the three sum exactly to the value), laid out as the tiles
 /// load them: part p of row i's values 32s..32s + 32 in block (p·groups + i / 16)·steps + s,
-/// row i % 16 of it (rows past m are left as they were: no tile loads them).
+/// row i % 16 of it (rows past m are left as they were: no tile loads them). Splits `rows`.
 #[target_feature(enable = "avx512f,avx512bw")]
-unsafe fn split_activations(x: &[f32], m: usize, k: usize, parts: *mut u16) {
-    debug_assert!(x.len() == m * k && k.is_multiple_of(STEP));
+unsafe fn split_activations(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    rows: std::ops::Range<usize>,
+    parts: *mut u16,
+) {
+    debug_assert!(x.len() == m * k && k.is_multiple_of(STEP) && rows.end <= m);
     let (groups, steps) = (m.div_ceil(ROWS), k / STEP);
     let top = _mm512_set1_epi32(0xFFFF_0000u32 as i32);
-    for i in 0..m {
+    for i in rows {
         for s in 0..steps {
             let row = ((i / ROWS) * steps + s) * BLOCK + (i % ROWS) * STEP;
             for half in 0..2 {
