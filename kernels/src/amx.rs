@@ -430,7 +430,14 @@ mod tests {
             return;
         }
         let mut rng = rand::rngs::StdRng::seed_from_u64(61);
-        for (m, k, n) in [(1, 32, 16), (16, 64, 32), (37, 576, 48), (20, 1536, 16)] {
+        // Tasks of one and of several weight tiles, and a partial row group.
+        for (m, k, n) in [
+            (1, 32, 16),
+            (16, 64, 32),
+            (37, 576, 48),
+            (20, 1536, 16),
+            (33, 576, 320),
+        ] {
             let x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-3.0..3.0)).collect();
             let w: Vec<f16> = (0..n * k)
                 .map(|_| f16::from_f32(rng.random_range(-0.2..0.2)))
