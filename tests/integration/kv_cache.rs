@@ -291,11 +291,14 @@ fn a_prompt_whole_or_as_start_then_last_token_gives_the_same_logits() {
 fn prompt_whole_or_split(ck: &Checkpoint, m: &tandem_model::Llama, kv: tandem_model::KvCacheType) {
     let text = "Rewrite the following note as a short, friendly email to the whole team: the \
                 build server will be down on Saturday morning for maintenance, so please push \
-                your changes before Friday evening and check the status page afterwards.";
+                your changes before Friday evening and check the status page afterwards. The \
+                release branch stays frozen until Monday noon; anything urgent goes through \
+                the on-call engineer, who will merge it by hand once the tests have passed on \
+                a laptop. Thank everyone for their patience during the move to the new rack.";
     let toks = ck.tokenizer.encode(text, true).unwrap();
     let n = toks.len();
     assert!(
-        n > 40,
+        n > 70,
         "the prompt must be long enough for AMX's passes ({n} tokens)"
     );
     let mut whole = m.new_cache().unwrap();
@@ -318,8 +321,8 @@ fn prompt_whole_or_split(ck: &Checkpoint, m: &tandem_model::Llama, kv: tandem_mo
     let exact = logits_in_chunks(m, &toks, &[n]);
     let d = max_diff(&[last.last().to_vec()], &exact[n - 1..]);
     eprintln!("{kv:?} cache: bulk rows vs every row's logits: {d}");
-    // Measured on Emerald Rapids: 1.5e-5 with an f32 cache, f32 rounding over 30 layers. An
-    // f16 cache turns some of those last bits into a rounding step of its own (3.7e-3
+    // Measured on Emerald Rapids: 1.7e-5 with an f32 cache, f32 rounding over 30 layers. An
+    // f16 cache turns some of those last bits into a rounding step of its own (4.6e-3
     // measured); it moves logits by up to 0.026 against an f32 cache anyway (the test above).
     let bound = match kv {
         tandem_model::KvCacheType::F32 => 2e-4,
