@@ -288,6 +288,40 @@ mod tests {
         (out, st)
     }
 
+    /// A run ends with the verifier holding what plain generation's cache would: every
+    /// emitted token after an end token (an accepted drafted end token is not kept), and all
+    /// but the last after `max_tokens`.
+    #[test]
+    fn the_verifier_ends_holding_what_plain_generation_holds() {
+        let prompt = [1u32, 2, 3];
+        let chain: Vec<u32> = std::iter::successors(Some(next(3)), |&t| Some(next(t)))
+            .take(8)
+            .collect();
+        for (eos, max) in [(vec![chain[2]], 20), (vec![], 6), (vec![], 20)] {
+            let want = plain(&prompt, max, &eos, 1000);
+            let mut v = FakeVerifier {
+                context: Vec::new(),
+                limit: 1000,
+                passes: 0,
+            };
+            let mut d = NoisyDrafter {
+                wrong_every: 0,
+                calls: 0,
+            };
+            let (mut rule, mut ctl) = (Greedy, FixedK(6));
+            let mut dec = SpeculativeDecoder {
+                drafter: &mut d,
+                verifier: &mut v,
+                rule: &mut rule,
+                controller: &mut ctl,
+            };
+            let (out, _) = dec.generate(&prompt, max, &eos, |_| Ok(())).unwrap();
+            assert_eq!(out, want);
+            let ran = prompt.len() + out.len() - usize::from(eos.is_empty());
+            assert_eq!(v.context.len(), ran, "eos {eos:?}, max {max}");
+        }
+    }
+
     /// A verifier that already holds the start of the prompt (a chat's earlier turns) runs
     /// only the rest of it, decodes as from scratch, and one holding more than the prompt's
     /// head is refused rather than decoded on a context it does not hold.

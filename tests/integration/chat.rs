@@ -188,15 +188,7 @@ fn chat_with_a_draft_answers_as_plain_chat_and_keeps_the_cache() {
     let turns = b"What is the capital of France?\nAnd of Italy?\n/exit\n";
     let run = |extra: &[&str]| {
         let mut child = Command::new(bin())
-            .args([
-                "--threads",
-                "2",
-                "chat",
-                "--model",
-                s(&m),
-                "--max-tokens",
-                "24",
-            ])
+            .args(["--threads", "2", "chat", "--model", s(&m)])
             .args(extra)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -209,24 +201,36 @@ fn chat_with_a_draft_answers_as_plain_chat_and_keeps_the_cache() {
         assert!(out.status.success(), "{err}");
         (String::from_utf8_lossy(&out.stdout).to_string(), err)
     };
-    let (plain, _) = run(&[]);
-    let (spec, err) = run(&["--draft", "suffix+self:q8_0@all"]);
+    let (plain, plain_err) = run(&["--max-tokens", "24"]);
+    let (spec, err) = run(&["--max-tokens", "24", "--draft", "suffix+self:q8_0@all"]);
     assert!(plain.contains("Paris"), "{plain}");
     assert_eq!(spec, plain, "{err}");
-    let second = err
-        .lines()
-        .find(|l| l.starts_with("[turn 2:"))
-        .unwrap_or_else(|| panic!("no second turn in {err}"));
-    assert!(second.contains("drafted accepted"), "{second}");
-    let reused: usize = second
-        .split_once('(')
-        .and_then(|(_, r)| r.split_whitespace().next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("{second}"));
-    assert!(
-        reused > 30,
-        "the second turn recomputed the first: {second}"
-    );
+    // The second turn's line: its tokens reused from the cache.
+    let second = |err: &str| {
+        let line = err
+            .lines()
+            .find(|l| l.starts_with("[turn 2:"))
+            .unwrap_or_else(|| panic!("no second turn in {err}"))
+            .to_string();
+        let reused: usize = line
+            .split_once('(')
+            .and_then(|(_, r)| r.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("{line}"));
+        (line, reused)
+    };
+    let (line, reused) = second(&err);
+    assert!(line.contains("drafted accepted"), "{line}");
+    assert!(reused > 30, "the second turn recomputed the first: {line}");
+    // A speculative turn leaves the cache where plain chat's ends, so the next turn's
+    // prompt pass runs the same positions either way (`tandem_model::Logits`).
+    assert_eq!(reused, second(&plain_err).1, "{line}\n{plain_err}");
+    // Turns cut off by --max-tokens, whose last token may be an accepted draft the verifier
+    // ran, where plain chat runs it in the next turn's prompt.
+    let (plain, plain_err) = run(&["--max-tokens", "5"]);
+    let (spec, err) = run(&["--max-tokens", "5", "--draft", "suffix+self:q8_0@all"]);
+    assert_eq!(spec, plain, "{err}");
+    assert_eq!(second(&err).1, second(&plain_err).1, "{err}\n{plain_err}");
 }
 
 /// `bench spec --chat --prompts`: conversations (`messages`, ShareGPT's `conversations`, a
