@@ -166,6 +166,18 @@ pub(crate) fn matmul_f16(x: &[f32], w: &[f16], m: usize, k: usize, n: usize, out
     assert_eq!(x.len(), m * k);
     assert_eq!(w.len(), n * k);
     assert_eq!(out.len(), m * n);
+    // Passes of many rows go in runs of at most `RUN_ROWS`: the parts buffer then stays
+    // within 6 bytes × 1024 × k (each run splits the weights again, once per 1024 rows).
+    for (x, out) in x.chunks(RUN_ROWS * k).zip(out.chunks_mut(RUN_ROWS * n)) {
+        matmul_run(x, w, x.len() / k, k, n, out);
+    }
+}
+
+/// Activation rows per run of [`matmul_f16`].
+const RUN_ROWS: usize = 1024;
+
+/// [`matmul_f16`] over one run of at most [`RUN_ROWS`] rows.
+fn matmul_run(x: &[f32], w: &[f16], m: usize, k: usize, n: usize, out: &mut [f32]) {
     if m == 0 {
         return;
     }
@@ -450,13 +462,14 @@ mod tests {
             return;
         }
         let mut rng = rand::rngs::StdRng::seed_from_u64(61);
-        // Tasks of one and of several weight tiles, and a partial row group.
+        // Tasks of one and of several weight tiles, a partial row group, two runs of rows.
         for (m, k, n) in [
             (1, 32, 16),
             (16, 64, 32),
             (37, 576, 48),
             (20, 1536, 16),
             (33, 576, 320),
+            (1100, 64, 16),
         ] {
             let x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-3.0..3.0)).collect();
             let w: Vec<f16> = (0..n * k)
