@@ -17,11 +17,13 @@
 //! only for rows whose values never meet a bit-for-bit comparison with the one-row kernel
 //! (see [`crate::matmul_f16_bulk`]).
 //!
-//! One core runs the five products at ~300 f32-equivalent GMAC/s against the AVX-512 FMA
-//! kernel's ~62 (a 16×16×576 block, operands in L1, Emerald Rapids).
+//! One core runs the five products alone at ~300 f32-equivalent GMAC/s (a 16×16×576 block,
+//! operands in L1, Emerald Rapids), and this matmul at ~150 against the AVX-512 FMA kernel's
+//! ~73 (the `f16_hot` example, m = 512).
 //!
 //! Tile registers, configured by [`Tiles::configure`] for `g` (≤ 16) activation rows:
-//! - `tmm0..tmm2`: xh, xm, xl of the rows' next 32 activations, g × 64 bytes (rows k·2 apart);
+//! - `tmm0..tmm2`: xh, xm, xl of the rows' next 32 activations, g × 64 bytes (each a block of
+//!   [`split_activations`]' layout, rows 64 bytes apart);
 //! - `tmm3`, `tmm4`: wh, wl of 16 weight rows' next 32 weights, 16 × 64 bytes: row p holds,
 //!   for each weight row c, weights 2p and 2p + 1 (the pair layout `tdpbf16ps` reads);
 //! - `tmm5..tmm7`: the three sums, g × 16 f32.
