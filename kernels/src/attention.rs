@@ -1221,10 +1221,10 @@ unsafe fn score_f16_avx2<const Q: usize>(
     out: [*mut f32; Q],
 ) -> [f32; Q] {
     use std::arch::x86_64::*;
-    let scale_v = _mm_set1_ps(scale);
+    let scale8 = _mm256_set1_ps(scale);
+    let scale_v = _mm256_castps256_ps128(scale8);
     // After the reduction key 0 sits in lanes 0-3 and key 1 in lanes 4-7.
     let order = _mm256_setr_epi32(0, 4, 0, 4, 0, 4, 0, 4);
-    let scale8 = _mm256_set1_ps(scale);
     let mut max_v = [_mm256_set1_ps(f32::NEG_INFINITY); Q];
     // Two keys' eight-lane accumulators per query, from widened key chunks.
     let pair = |j: usize| {

@@ -363,8 +363,9 @@ impl Linear {
     }
 
     /// [`Linear::forward_joined`] with [`Linear::forward_rows_into`]'s `bulk` rows: where
-    /// those take the bulk kernel, each part runs them on its own, and the other rows go
-    /// through `forward_joined`.
+    /// those take the bulk kernel, each part runs its own `forward_rows_into` (a joined pass
+    /// takes at most [`JOINED_ROWS_MOST`] rows, and a bulk pass has more, so the parts would
+    /// run in turn anyway; the results are the joined pass's bit for bit).
     pub fn forward_joined_rows(
         parts: &[&Linear],
         x: &[f32],
@@ -372,30 +373,16 @@ impl Linear {
         bulk: usize,
         outs: &mut [&mut [f32]],
     ) -> Result<()> {
-        let bulk = bulk.min(m);
         let k = parts.first().map_or(0, |p| p.in_dim);
-        let bulky = parts.iter().all(|p| {
-            p.in_dim == k
-                && p.gpu.is_none()
-                && matches!(p.weight, LinearWeight::F16(_))
-                && tandem_kernels::f16_bulk_applies(bulk, k, p.out_dim)
-        });
-        if !bulky || parts.len() != outs.len() || x.len() != m * k {
+        let bulky = parts.len() == outs.len()
+            && parts.iter().all(|p| {
+                p.in_dim == k && tandem_kernels::f16_bulk_applies(bulk.min(m), k, p.out_dim)
+            });
+        if !bulky {
             return Linear::forward_joined(parts, x, m, outs);
         }
         for (p, o) in parts.iter().zip(outs.iter_mut()) {
-            if o.len() != m * p.out_dim {
-                return Linear::forward_joined(parts, x, m, outs);
-            }
-            p.forward_rows_into(&x[..bulk * k], bulk, bulk, &mut o[..bulk * p.out_dim])?;
-        }
-        if bulk < m {
-            let mut rest: Vec<&mut [f32]> = outs
-                .iter_mut()
-                .zip(parts)
-                .map(|(o, p)| &mut o[bulk * p.out_dim..])
-                .collect();
-            Linear::forward_joined(parts, &x[bulk * k..], m - bulk, &mut rest)?;
+            p.forward_rows_into(x, m, bulk, o)?;
         }
         Ok(())
     }
