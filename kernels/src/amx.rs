@@ -10,23 +10,28 @@
 //! - an f32 activation (24 significant bits) is `xh + xm + xl`, 8 bits each.
 //!
 //! Each product of the two is then the sum of five bf16 products (xl·wl, below f32's last bit
-//! of the product, is left out): xh·wh + xh·wl in one sum tile, xm·wh + xm·wl in a second,
-//! xl·wh in a third, added in that order at the end. Every bf16 product is exact in f32; the
-//! sums round as f32 sums do, in the tile unit's order rather than the FMA kernels'. So the
-//! results agree with [`crate::matmul_f16`] to rounding, not bit for bit: callers use this
-//! only for rows whose values never meet a bit-for-bit comparison with the one-row kernel
-//! (see [`crate::matmul_f16_bulk`]).
+//! of the product, is left out), added into one f32 sum per output in the order xh·wh, xh·wl,
+//! xm·wh, xm·wl, xl·wh, 32 weights (one tile step) at a time. Every bf16 product is exact in
+//! f32; the sum rounds as an f32 sum does, five times per weight where the FMA kernels round
+//! once. Against an f64 reference (relative to Σ|x·w|, k = 576 and 1536) the error's RMS is
+//! 1.0e-8 against the FMA kernel's 7.0e-9 and its worst 9.7e-8 against 3.2e-8: f32 rounding,
+//! not bit for bit [`crate::matmul_f16`]'s. So callers use this only for rows whose values
+//! never meet a bit-for-bit comparison with the one-row kernel (see
+//! [`crate::matmul_f16_bulk`]). (Three sums, one per activation part, rounded as the FMA
+//! kernels do, but their registers left room for one weight tile only: each step loaded five
+//! tiles for five products, and this matmul ran 25-30% slower.)
 //!
-//! One core runs the five products alone at ~300 f32-equivalent GMAC/s (a 16×16×576 block,
-//! operands in L1, Emerald Rapids), and this matmul at ~150 against the AVX-512 FMA kernel's
-//! ~73 (the `f16_hot` example, m = 512).
+//! This matmul runs at ~190 f32-equivalent GMAC/s on one core against the AVX-512 FMA kernel's
+//! ~73 (the `f16_hot` example, m = 512, Emerald Rapids): each step loads seven tiles for ten
+//! products, the activation parts once for two weight tiles.
 //!
 //! Tile registers, configured by [`Tiles::configure`] for `g` (≤ 16) activation rows:
-//! - `tmm0..tmm2`: xh, xm, xl of the rows' next 32 activations, g × 64 bytes (each a block of
-//!   [`split_activations`]' layout, rows 64 bytes apart);
-//! - `tmm3`, `tmm4`: wh, wl of 16 weight rows' next 32 weights, 16 × 64 bytes: row p holds,
-//!   for each weight row c, weights 2p and 2p + 1 (the pair layout `tdpbf16ps` reads);
-//! - `tmm5..tmm7`: the three sums, g × 16 f32.
+//! - `tmm0`, `tmm1` and `tmm3`, `tmm4`: wh, wl of two tiles of 16 weight rows' next 32
+//!   weights, 16 × 64 bytes: row p holds, for each weight row c, weights 2p and 2p + 1 (the
+//!   pair layout `tdpbf16ps` reads);
+//! - `tmm2`, `tmm5`: the activation parts of the rows' next 32 values, g × 64 bytes (each a
+//!   block of [`split_activations`]' layout, rows 64 bytes apart): xh and xm, then xl;
+//! - `tmm6`, `tmm7`: the two weight tiles' sums, g × 16 f32.
 
 use crate::rows::SendPtr;
 use half::f16;
@@ -112,7 +117,11 @@ impl Tiles {
         let mut c = Config([0; 64]);
         c.0[0] = 1;
         for t in 0..8 {
-            let rows = if t == 3 || t == 4 { STEP / 2 } else { g };
+            let rows = if matches!(t, 0 | 1 | 3 | 4) {
+                STEP / 2
+            } else {
+                g
+            };
             c.0[16 + 2 * t..18 + 2 * t].copy_from_slice(&64u16.to_le_bytes());
             c.0[48 + t] = rows as u8;
         }
@@ -224,16 +233,17 @@ fn matmul_run(x: &[f32], w: &[f16], m: usize, k: usize, n: usize, out: &mut [f32
                 let mut i0 = 0;
                 while i0 < m {
                     let g = (m - i0).min(ROWS);
-                    for c in c0..c1 {
+                    for c in (c0..c1).step_by(2) {
+                        let cols = (c1 - c).min(2);
                         // SAFETY: AMX available; tiles shaped for g rows; `parts` holds the
-                        // three parts of every row group, `pairs` this tile's weights; columns
-                        // c·16..c·16 + 16 of rows i0..i0 + g are inside `out` and this task's
-                        // alone, and `run` returns only after every task.
+                        // three parts of every row group, `pairs` these tiles' weights;
+                        // columns c·16..(c + cols)·16 of rows i0..i0 + g are inside `out` and
+                        // this task's alone, and `run` returns only after every task.
                         unsafe {
                             tiles.configure(g);
                             let at = base.get().add(i0 * n + c * COLS);
                             let pairs = pairs.add((c - c0) * tile_len);
-                            tile_rows(parts.get(), groups, i0 / ROWS, k, g, pairs, at, n)
+                            tile_rows(parts.get(), groups, i0 / ROWS, k, g, pairs, cols, at, n)
                         };
                     }
                     i0 += g;
@@ -375,13 +385,14 @@ unsafe fn transpose16(r: &mut [__m512i; 16]) {
     }
 }
 
-/// Activation row group `group` (g rows, as the tiles are shaped) against one tile of 16
-/// weight rows in pair layout (`pairs`), written to `out` (row stride n).
+/// Activation row group `group` (g rows, as the tiles are shaped) against `cols` (1 or 2)
+/// consecutive tiles of 16 weight rows in pair layout (`pairs`, one tile's steps after the
+/// other's), written to `out` (row stride n).
 ///
 /// # Safety
 /// AMX available and the tiles configured for g rows on this thread; `parts` holds the three
-/// parts of `groups` row groups of length k ([`split_activations`]); `pairs` one weight tile's
-/// steps; `out` g rows of 16 values `n` apart.
+/// parts of `groups` row groups of length k ([`split_activations`]); `pairs` `cols` weight
+/// tiles' steps; `out` g rows of 16·cols values `n` apart.
 #[target_feature(enable = "avx512f")]
 #[allow(clippy::too_many_arguments)]
 unsafe fn tile_rows(
@@ -391,64 +402,93 @@ unsafe fn tile_rows(
     k: usize,
     g: usize,
     pairs: *const u16,
+    cols: usize,
     out: *mut f32,
     n: usize,
 ) {
+    debug_assert!(cols == 1 || cols == 2);
     let steps = k / STEP;
     let part = groups * steps * BLOCK;
     let xh = parts.add(group * steps * BLOCK);
-    let (xm, xl) = (xh.add(part), xh.add(2 * part));
-    asm!(
-        "tilezero tmm5",
-        "tilezero tmm6",
-        "tilezero tmm7",
-        options(nostack, nomem)
-    );
+    let tile_len = 2 * COLS * k;
+    asm!("tilezero tmm6", "tilezero tmm7", options(nostack, nomem));
     for s in 0..steps {
-        let at = s * BLOCK;
+        let x = xh.add(s * BLOCK);
         let wh = pairs.add(s * 2 * COLS * STEP);
-        asm!(
-            "tileloadd tmm0, [{xh} + {row}*1]",
-            "tileloadd tmm1, [{xm} + {row}*1]",
-            "tileloadd tmm2, [{xl} + {row}*1]",
-            "tileloadd tmm3, [{wh} + {row}*1]",
-            "tileloadd tmm4, [{wl} + {row}*1]",
-            "tdpbf16ps tmm5, tmm0, tmm3",
-            "tdpbf16ps tmm6, tmm1, tmm3",
-            "tdpbf16ps tmm7, tmm2, tmm3",
-            "tdpbf16ps tmm5, tmm0, tmm4",
-            "tdpbf16ps tmm6, tmm1, tmm4",
-            xh = in(reg) xh.add(at),
-            xm = in(reg) xm.add(at),
-            xl = in(reg) xl.add(at),
-            wh = in(reg) wh,
-            wl = in(reg) wh.add(COLS * STEP),
-            row = in(reg) 64usize,
-            options(nostack, readonly),
-        );
+        if cols == 2 {
+            // The second tile's loads sit between the first's products, so the tile unit
+            // has a product to run while each load arrives from L2.
+            asm!(
+                "tileloadd tmm0, [{wh0} + {row}*1]",
+                "tileloadd tmm2, [{xh} + {row}*1]",
+                "tileloadd tmm3, [{wh1} + {row}*1]",
+                "tdpbf16ps tmm6, tmm2, tmm0",
+                "tileloadd tmm1, [{wl0} + {row}*1]",
+                "tdpbf16ps tmm7, tmm2, tmm3",
+                "tileloadd tmm4, [{wl1} + {row}*1]",
+                "tdpbf16ps tmm6, tmm2, tmm1",
+                "tdpbf16ps tmm7, tmm2, tmm4",
+                "tileloadd tmm5, [{xm} + {row}*1]",
+                "tdpbf16ps tmm6, tmm5, tmm0",
+                "tdpbf16ps tmm7, tmm5, tmm3",
+                "tdpbf16ps tmm6, tmm5, tmm1",
+                "tdpbf16ps tmm7, tmm5, tmm4",
+                "tileloadd tmm2, [{xl} + {row}*1]",
+                "tdpbf16ps tmm6, tmm2, tmm0",
+                "tdpbf16ps tmm7, tmm2, tmm3",
+                xh = in(reg) x,
+                xm = in(reg) x.add(part),
+                xl = in(reg) x.add(2 * part),
+                wh0 = in(reg) wh,
+                wl0 = in(reg) wh.add(COLS * STEP),
+                wh1 = in(reg) wh.add(tile_len),
+                wl1 = in(reg) wh.add(tile_len + COLS * STEP),
+                row = in(reg) 64usize,
+                options(nostack, readonly),
+            );
+        } else {
+            asm!(
+                "tileloadd tmm0, [{wh0} + {row}*1]",
+                "tileloadd tmm2, [{xh} + {row}*1]",
+                "tileloadd tmm1, [{wl0} + {row}*1]",
+                "tdpbf16ps tmm6, tmm2, tmm0",
+                "tileloadd tmm5, [{xm} + {row}*1]",
+                "tdpbf16ps tmm6, tmm2, tmm1",
+                "tdpbf16ps tmm6, tmm5, tmm0",
+                "tileloadd tmm2, [{xl} + {row}*1]",
+                "tdpbf16ps tmm6, tmm5, tmm1",
+                "tdpbf16ps tmm6, tmm2, tmm0",
+                xh = in(reg) x,
+                xm = in(reg) x.add(part),
+                xl = in(reg) x.add(2 * part),
+                wh0 = in(reg) wh,
+                wl0 = in(reg) wh.add(COLS * STEP),
+                row = in(reg) 64usize,
+                options(nostack, readonly),
+            );
+        }
     }
-    let mut sums = Sums([0.0; 3 * ROWS * COLS]);
+    let mut sums = Sums([0.0; 2 * ROWS * COLS]);
     let sp = sums.0.as_mut_ptr();
     asm!(
-        "tilestored [{s0} + {row}*1], tmm5",
-        "tilestored [{s1} + {row}*1], tmm6",
-        "tilestored [{s2} + {row}*1], tmm7",
+        "tilestored [{s0} + {row}*1], tmm6",
+        "tilestored [{s1} + {row}*1], tmm7",
         s0 = in(reg) sp,
         s1 = in(reg) sp.add(ROWS * COLS),
-        s2 = in(reg) sp.add(2 * ROWS * COLS),
         row = in(reg) 64usize,
         options(nostack),
     );
     for r in 0..g {
-        let part = |p: usize| _mm512_load_ps(sp.add(p * ROWS * COLS + r * COLS));
-        let v = _mm512_add_ps(_mm512_add_ps(part(0), part(1)), part(2));
-        _mm512_storeu_ps(out.add(r * n), v);
+        for c in 0..cols {
+            let v = _mm512_load_ps(sp.add(c * ROWS * COLS + r * COLS));
+            _mm512_storeu_ps(out.add(r * n + c * COLS), v);
+        }
     }
 }
 
-/// The three sum tiles as stored, 64-byte aligned for the loads.
+/// The two sum tiles as stored, 64-byte aligned for the loads.
 #[repr(C, align(64))]
-struct Sums([f32; 3 * ROWS * COLS]);
+struct Sums([f32; 2 * ROWS * COLS]);
 
 #[cfg(test)]
 mod tests {
