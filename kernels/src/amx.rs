@@ -173,22 +173,59 @@ const BLOCK: usize = ROWS * STEP;
 ///
 /// Panics unless [`available`] and [`fits`]`(k, n)`, or on mismatched lengths (caller bugs).
 pub(crate) fn matmul_f16(x: &[f32], w: &[f16], m: usize, k: usize, n: usize, out: &mut [f32]) {
-    assert!(available() && fits(k, n), "AMX F16 matmul of [{n}, {k}]");
+    matmul_f16_parts(x, w, m, k, &[n], &mut [out]);
+}
+
+/// [`matmul_f16`] with the output's columns in parts: `outs[i]` [m × widths[i]] gets the
+/// columns of the weight rows after those of the parts before it (q/k/v or gate/up, whose
+/// weights lie one after another: one matmul, written where each part's rows go).
+///
+/// Panics unless [`available`] and [`fits`]`(k, width)` for every width, or on mismatched
+/// lengths (caller bugs).
+pub(crate) fn matmul_f16_parts(
+    x: &[f32],
+    w: &[f16],
+    m: usize,
+    k: usize,
+    widths: &[usize],
+    outs: &mut [&mut [f32]],
+) {
+    let n: usize = widths.iter().sum();
+    assert!(
+        available() && widths.iter().all(|&d| fits(k, d)) && widths.len() == outs.len(),
+        "AMX F16 matmul of [{n}, {k}] in parts {widths:?}"
+    );
     assert_eq!(x.len(), m * k);
     assert_eq!(w.len(), n * k);
-    assert_eq!(out.len(), m * n);
+    for (o, &d) in outs.iter().zip(widths) {
+        assert_eq!(o.len(), m * d);
+    }
     // Passes of many rows go in runs of at most `RUN_ROWS`: the parts buffer then stays
     // within 6 bytes × 1024 × k (each run splits the weights again, once per 1024 rows).
-    for (x, out) in x.chunks(RUN_ROWS * k).zip(out.chunks_mut(RUN_ROWS * n)) {
-        matmul_run(x, w, x.len() / k, k, n, out);
+    for (r, x) in x.chunks(RUN_ROWS * k).enumerate() {
+        let rows = x.len() / k;
+        let at = r * RUN_ROWS;
+        // Each part's output column tiles, from this run's first row: where tile c's rows go
+        // and their stride.
+        let mut tiles = Vec::with_capacity(n / COLS);
+        for (o, &d) in outs.iter_mut().zip(widths) {
+            let run = &mut o[at * d..(at + rows) * d];
+            for c in 0..d / COLS {
+                tiles.push((SendPtr(run[c * COLS..].as_mut_ptr()), d));
+            }
+        }
+        matmul_run(x, w, rows, k, &tiles);
     }
 }
 
 /// Activation rows per run of [`matmul_f16`].
 const RUN_ROWS: usize = 1024;
 
-/// [`matmul_f16`] over one run of at most [`RUN_ROWS`] rows.
-fn matmul_run(x: &[f32], w: &[f16], m: usize, k: usize, n: usize, out: &mut [f32]) {
+/// [`matmul_f16_parts`] over one run of at most [`RUN_ROWS`] rows: `out_tiles[c]` is where
+/// row 0 of output columns 16c..16c + 16 goes, and the row stride there (each tile's rows
+/// `m` rows of 16 values inside one part's output, no two tiles' overlapping).
+fn matmul_run(x: &[f32], w: &[f16], m: usize, k: usize, out_tiles: &[(SendPtr<f32>, usize)]) {
+    let n = out_tiles.len() * COLS;
     if m == 0 {
         return;
     }
@@ -211,7 +248,6 @@ fn matmul_run(x: &[f32], w: &[f16], m: usize, k: usize, n: usize, out: &mut [f32
         // each at SmolLM2's widths) stream from L2.
         let per_task = col_tiles.div_ceil(2 * threads).clamp(1, TILES_PER_TASK);
         let tasks = col_tiles.div_ceil(per_task);
-        let base = SendPtr(out.as_mut_ptr());
         crate::pool::current().run(tasks, |t| {
             let mut tiles = Tiles { rows: 0 };
             let (c0, c1) = (t * per_task, ((t + 1) * per_task).min(col_tiles));
@@ -236,14 +272,19 @@ fn matmul_run(x: &[f32], w: &[f16], m: usize, k: usize, n: usize, out: &mut [f32
                     for c in (c0..c1).step_by(2) {
                         let cols = (c1 - c).min(2);
                         // SAFETY: AMX available; tiles shaped for g rows; `parts` holds the
-                        // three parts of every row group, `pairs` these tiles' weights;
-                        // columns c·16..(c + cols)·16 of rows i0..i0 + g are inside `out` and
-                        // this task's alone, and `run` returns only after every task.
+                        // three parts of every row group, `pairs` these tiles' weights; rows
+                        // i0..i0 + g of output tiles c..c + cols are inside their parts'
+                        // outputs (`out_tiles`' contract) and this task's alone, and `run`
+                        // returns only after every task.
                         unsafe {
                             tiles.configure(g);
-                            let at = base.get().add(i0 * n + c * COLS);
+                            let out = |c: usize| {
+                                let (at, stride) = out_tiles[c.min(c1 - 1)];
+                                (at.get().add(i0 * stride), stride)
+                            };
                             let pairs = pairs.add((c - c0) * tile_len);
-                            tile_rows(parts.get(), groups, i0 / ROWS, k, g, pairs, cols, at, n)
+                            let outs = [out(c), out(c + 1)];
+                            tile_rows(parts.get(), groups, i0 / ROWS, k, g, pairs, cols, outs)
                         };
                     }
                     i0 += g;
@@ -387,12 +428,13 @@ unsafe fn transpose16(r: &mut [__m512i; 16]) {
 
 /// Activation row group `group` (g rows, as the tiles are shaped) against `cols` (1 or 2)
 /// consecutive tiles of 16 weight rows in pair layout (`pairs`, one tile's steps after the
-/// other's), written to `out` (row stride n).
+/// other's), tile i's results written to `outs[i]` (where its first row goes, and the row
+/// stride).
 ///
 /// # Safety
 /// AMX available and the tiles configured for g rows on this thread; `parts` holds the three
 /// parts of `groups` row groups of length k ([`split_activations`]); `pairs` `cols` weight
-/// tiles' steps; `out` g rows of 16·cols values `n` apart.
+/// tiles' steps; each of the first `cols` of `outs` g rows of 16 values `stride` apart.
 #[target_feature(enable = "avx512f")]
 #[allow(clippy::too_many_arguments)]
 unsafe fn tile_rows(
@@ -403,8 +445,7 @@ unsafe fn tile_rows(
     g: usize,
     pairs: *const u16,
     cols: usize,
-    out: *mut f32,
-    n: usize,
+    outs: [(*mut f32, usize); 2],
 ) {
     debug_assert!(cols == 1 || cols == 2);
     let steps = k / STEP;
@@ -478,10 +519,10 @@ unsafe fn tile_rows(
         row = in(reg) 64usize,
         options(nostack),
     );
-    for r in 0..g {
-        for c in 0..cols {
+    for (c, &(out, stride)) in outs.iter().enumerate().take(cols) {
+        for r in 0..g {
             let v = _mm512_load_ps(sp.add(c * ROWS * COLS + r * COLS));
-            _mm512_storeu_ps(out.add(r * n + c * COLS), v);
+            _mm512_storeu_ps(out.add(r * stride), v);
         }
     }
 }
@@ -533,6 +574,37 @@ mod tests {
                     );
                 }
             }
+        }
+    }
+
+    /// Weights in parts (q/k/v) give each part's columns of the one matmul, bit for bit,
+    /// with an odd number of tiles in a part and a pair of tiles across two parts.
+    #[test]
+    fn parts_are_the_whole_matmuls_columns() {
+        if !available() {
+            return;
+        }
+        let mut rng = rand::rngs::StdRng::seed_from_u64(67);
+        let (m, k, widths) = (70, 96, [48usize, 16, 32]);
+        let n: usize = widths.iter().sum();
+        let x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-3.0..3.0)).collect();
+        let w: Vec<f16> = (0..n * k)
+            .map(|_| f16::from_f32(rng.random_range(-0.2..0.2)))
+            .collect();
+        let mut whole = vec![0f32; m * n];
+        matmul_f16(&x, &w, m, k, n, &mut whole);
+        let mut bufs: Vec<Vec<f32>> = widths.iter().map(|&d| vec![f32::NAN; m * d]).collect();
+        let mut outs: Vec<&mut [f32]> = bufs.iter_mut().map(|b| b.as_mut_slice()).collect();
+        matmul_f16_parts(&x, &w, m, k, &widths, &mut outs);
+        let mut col = 0;
+        for (b, &d) in bufs.iter().zip(&widths) {
+            for i in 0..m {
+                for j in 0..d {
+                    let (a, p) = (whole[i * n + col + j], b[i * d + j]);
+                    assert_eq!(a.to_bits(), p.to_bits(), "row {i}, column {}", col + j);
+                }
+            }
+            col += d;
         }
     }
 

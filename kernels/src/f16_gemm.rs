@@ -99,6 +99,32 @@ pub fn matmul_f16_bulk(x: &[f32], w: &[f16], m: usize, k: usize, n: usize, out: 
     matmul_f16(x, w, m, k, n, out)
 }
 
+/// [`matmul_f16_bulk`] of weights that several layers fed by one input lie in one after
+/// another (q/k/v, gate/up): `outs[i]` [m × widths[i]] gets the columns of the weight rows
+/// after those of the parts before it. One matmul (the activations split into bf16 parts once
+/// for all of them), each output's value the same as the part's own `matmul_f16_bulk`'s.
+///
+/// Panics if the slice lengths do not match (a caller bug, never input data).
+pub fn matmul_f16_bulk_parts(
+    x: &[f32],
+    w: &[f16],
+    m: usize,
+    k: usize,
+    widths: &[usize],
+    outs: &mut [&mut [f32]],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if widths.iter().all(|&d| f16_bulk_applies(m, k, d)) {
+        return crate::amx::matmul_f16_parts(x, w, m, k, widths, outs);
+    }
+    assert_eq!(widths.len(), outs.len());
+    let mut row = 0;
+    for (&d, out) in widths.iter().zip(outs.iter_mut()) {
+        matmul_f16_bulk(x, &w[row * k..(row + d) * k], m, k, d, out);
+        row += d;
+    }
+}
+
 /// Whether [`matmul_f16_bulk`] of `m` rows of this shape differs from [`matmul_f16`] (runs on
 /// AMX): a caller whose rows are only partly bulk splits them only then.
 pub fn f16_bulk_applies(m: usize, k: usize, n: usize) -> bool {

@@ -58,7 +58,9 @@ pub use attention::{
     attention, attention_reference, attention_tree, attention_tree_reference, AttentionShape,
     KvElement,
 };
-pub use f16_gemm::{f16_bulk_applies, matmul_f16, matmul_f16_bulk, matmul_f16_reference};
+pub use f16_gemm::{
+    f16_bulk_applies, matmul_f16, matmul_f16_bulk, matmul_f16_bulk_parts, matmul_f16_reference,
+};
 pub use ggml::GgmlType;
 pub use int8_gemm::{int8_supported, matmul_int8, matmul_int8_reference};
 pub use int8_tiles::Int8Tiles;

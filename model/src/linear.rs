@@ -363,9 +363,12 @@ impl Linear {
     }
 
     /// [`Linear::forward_joined`] with [`Linear::forward_rows_into`]'s `bulk` rows: where
-    /// those take the bulk kernel, each part runs its own `forward_rows_into` (a joined pass
-    /// takes at most [`JOINED_ROWS_MOST`] rows, and a bulk pass has more, so the parts would
-    /// run in turn anyway; the results are the joined pass's bit for bit).
+    /// those take the bulk kernel and the parts lie joined ([`Linear::fuse`]), the bulk rows
+    /// run as one matmul over all their weights, in runs of up to [`BULK_JOINED_ROWS`] (the
+    /// activations are split into bf16 parts once for q/k/v or gate/up, not once per part;
+    /// each output is its own sum, so the results are the parts' own passes' bit for bit),
+    /// and the rows after them as [`Linear::forward_joined`]. Parts that do not lie joined
+    /// run their own `forward_rows_into`.
     pub fn forward_joined_rows(
         parts: &[&Linear],
         x: &[f32],
@@ -374,15 +377,47 @@ impl Linear {
         outs: &mut [&mut [f32]],
     ) -> Result<()> {
         let k = parts.first().map_or(0, |p| p.in_dim);
+        let bulk = bulk.min(m);
         let bulky = parts.len() == outs.len()
-            && parts.iter().all(|p| {
-                p.in_dim == k && tandem_kernels::f16_bulk_applies(bulk.min(m), k, p.out_dim)
+            && x.len() == m * k
+            && parts.iter().zip(outs.iter()).all(|(p, o)| {
+                p.in_dim == k
+                    && o.len() == m * p.out_dim
+                    && tandem_kernels::f16_bulk_applies(bulk, k, p.out_dim)
             });
         if !bulky {
             return Linear::forward_joined(parts, x, m, outs);
         }
+        let widths: Vec<usize> = parts.iter().map(|p| p.out_dim).collect();
+        let joined = Linear::with_joined_f16(parts, |all| {
+            let runs = bulk.div_ceil(BULK_JOINED_ROWS).max(1);
+            let per_run = bulk.div_ceil(runs).max(1);
+            for r0 in (0..bulk).step_by(per_run) {
+                let rows = (bulk - r0).min(per_run);
+                let mut run: Vec<&mut [f32]> = parts
+                    .iter()
+                    .zip(outs.iter_mut())
+                    .map(|(p, o)| &mut o[r0 * p.out_dim..(r0 + rows) * p.out_dim])
+                    .collect();
+                let xs = &x[r0 * k..(r0 + rows) * k];
+                tandem_kernels::matmul_f16_bulk_parts(xs, all, rows, k, &widths, &mut run);
+            }
+        })?
+        .is_some();
         for (p, o) in parts.iter().zip(outs.iter_mut()) {
-            p.forward_rows_into(x, m, bulk, o)?;
+            if joined {
+                p.add_bias(&mut o[..bulk * p.out_dim])?;
+            } else {
+                p.forward_rows_into(x, m, bulk, o)?;
+            }
+        }
+        if joined && bulk < m {
+            let mut rest: Vec<&mut [f32]> = parts
+                .iter()
+                .zip(outs.iter_mut())
+                .map(|(p, o)| &mut o[bulk * p.out_dim..])
+                .collect();
+            return Linear::forward_joined(parts, &x[bulk * k..], m - bulk, &mut rest);
         }
         Ok(())
     }
@@ -434,6 +469,36 @@ impl Linear {
         })
     }
 
+    /// Runs `f` on the F16 weights of `parts` as one matrix, their rows one part after
+    /// another, when they lie so in CPU memory ([`Linear::fuse`]); `None` otherwise (more
+    /// than one part required).
+    fn with_joined_f16<R>(parts: &[&Linear], f: impl FnOnce(&[f16]) -> R) -> Result<Option<R>> {
+        let Some(first) = parts.first() else {
+            return Ok(None);
+        };
+        let k = first.in_dim;
+        if parts.len() < 2 || parts.iter().any(|p| p.gpu.is_some() || p.in_dim != k) {
+            return Ok(None);
+        }
+        // Joined when each part's rows start where the one before it ends (each storage
+        // borrowed in turn, none inside another's borrow).
+        let address = |p: &Linear| p.with_cpu_f16(|w| Ok(w.as_ptr() as usize));
+        let Some(base) = address(first)? else {
+            return Ok(None);
+        };
+        let mut at = base;
+        for p in parts {
+            if address(p)? != Some(at) {
+                return Ok(None);
+            }
+            at += p.out_dim * k * std::mem::size_of::<f16>();
+        }
+        let n: usize = parts.iter().map(|p| p.out_dim).sum();
+        // The joined rows run on from the first part's rows in its own storage, over the
+        // others'. A storage that ends before `n` rows is not one the parts share.
+        Ok(first.with_cpu_f16_from(n * k, |w| Ok(f(w))).ok().flatten())
+    }
+
     /// The one pass of [`Linear::forward_joined`] into `out` [m, n], when `parts` lie one
     /// after another in memory (`false`, nothing written, otherwise).
     fn joined_pass(
@@ -451,26 +516,10 @@ impl Linear {
             return Ok(false);
         }
         if let LinearWeight::F16(_) = &first.weight {
-            // Joined when each part's rows start where the one before it ends (each storage
-            // borrowed in turn, none inside another's borrow).
-            let address = |p: &Linear| p.with_cpu_f16(|w| Ok(w.as_ptr() as usize));
-            let Some(base) = address(first)? else {
-                return Ok(false);
-            };
-            let mut at = base;
-            for p in parts {
-                if address(p)? != Some(at) {
-                    return Ok(false);
-                }
-                at += p.out_dim * k * std::mem::size_of::<f16>();
-            }
-            // `all` runs on from the first part's rows in its own storage, over the others'.
-            let ran = first.with_cpu_f16_from(n * k, |all| {
-                tandem_kernels::matmul_f16(x, all, m, k, n, out);
-                Ok(())
-            });
-            // A storage that ends before `n` rows is not one the parts share.
-            return Ok(matches!(ran, Ok(Some(()))));
+            let ran = Linear::with_joined_f16(parts, |all| {
+                tandem_kernels::matmul_f16(x, all, m, k, n, out)
+            })?;
+            return Ok(ran.is_some());
         }
         if parts.iter().any(|p| p.int8_tiles().is_none()) {
             return Ok(false);
@@ -673,6 +722,12 @@ fn untile(t: &tandem_kernels::Int8Tiles, device: &Device) -> Result<(Arc<QTensor
 /// matmuls are compute-bound, and joined they would need an [m × n] staging buffer (6 MB for
 /// SmolLM2's gate/up at 512 rows) for nothing.
 pub const JOINED_ROWS_MOST: usize = 16;
+
+/// Bulk rows per joined matmul of [`Linear::forward_joined_rows`]: its output buffer stays
+/// within 4 bytes × 1024 × the parts' widths (12 MB for SmolLM2's gate/up), and the AMX
+/// kernel splits its weights once per 1024 rows anyway. The runs are of equal length, so each
+/// has the kernel's 64 rows or more.
+const BULK_JOINED_ROWS: usize = 1024;
 
 thread_local! {
     /// [`Linear::forward_joined`]'s output rows before they are split among its parts.
