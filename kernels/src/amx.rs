@@ -33,6 +33,8 @@
 //!   block of [`split_activations`]' layout, rows 64 bytes apart): xh and xm, then xl;
 //! - `tmm6`, `tmm7`: the two weight tiles' sums, g × 16 f32.
 
+pub(crate) mod attention;
+
 use crate::rows::SendPtr;
 use half::f16;
 use std::arch::asm;
@@ -284,7 +286,18 @@ fn matmul_run(x: &[f32], w: &[f16], m: usize, k: usize, out_tiles: &[(SendPtr<f3
                             };
                             let pairs = pairs.add((c - c0) * tile_len);
                             let outs = [out(c), out(c + 1)];
-                            tile_rows(parts.get(), groups, i0 / ROWS, k, g, pairs, cols, outs)
+                            let group = i0 / ROWS;
+                            tile_rows(
+                                parts.get(),
+                                groups,
+                                group,
+                                k,
+                                g,
+                                pairs,
+                                tile_len,
+                                cols,
+                                outs,
+                            )
                         };
                     }
                     i0 += g;
@@ -427,14 +440,14 @@ unsafe fn transpose16(r: &mut [__m512i; 16]) {
 }
 
 /// Activation row group `group` (g rows, as the tiles are shaped) against `cols` (1 or 2)
-/// consecutive tiles of 16 weight rows in pair layout (`pairs`, one tile's steps after the
-/// other's), tile i's results written to `outs[i]` (where its first row goes, and the row
+/// tiles of 16 weight rows in pair layout (`pairs`, the second tile's steps `tile_stride`
+/// values after the first's), tile i's results written to `outs[i]` (where its first row goes, and the row
 /// stride).
 ///
 /// # Safety
 /// AMX available and the tiles configured for g rows on this thread; `parts` holds the three
 /// parts of `groups` row groups of length k ([`split_activations`]); `pairs` `cols` weight
-/// tiles' steps; each of the first `cols` of `outs` g rows of 16 values `stride` apart.
+/// tiles' steps (each at least k / 32 of them); each of the first `cols` of `outs` g rows of 16 values `stride` apart.
 #[target_feature(enable = "avx512f")]
 #[allow(clippy::too_many_arguments)]
 unsafe fn tile_rows(
@@ -444,6 +457,7 @@ unsafe fn tile_rows(
     k: usize,
     g: usize,
     pairs: *const u16,
+    tile_stride: usize,
     cols: usize,
     outs: [(*mut f32, usize); 2],
 ) {
@@ -451,7 +465,6 @@ unsafe fn tile_rows(
     let steps = k / STEP;
     let part = groups * steps * BLOCK;
     let xh = parts.add(group * steps * BLOCK);
-    let tile_len = 2 * COLS * k;
     asm!("tilezero tmm6", "tilezero tmm7", options(nostack, nomem));
     for s in 0..steps {
         let x = xh.add(s * BLOCK);
@@ -482,8 +495,8 @@ unsafe fn tile_rows(
                 xl = in(reg) x.add(2 * part),
                 wh0 = in(reg) wh,
                 wl0 = in(reg) wh.add(COLS * STEP),
-                wh1 = in(reg) wh.add(tile_len),
-                wl1 = in(reg) wh.add(tile_len + COLS * STEP),
+                wh1 = in(reg) wh.add(tile_stride),
+                wl1 = in(reg) wh.add(tile_stride + COLS * STEP),
                 row = in(reg) 64usize,
                 options(nostack, readonly),
             );

@@ -55,8 +55,8 @@ mod rows;
 pub mod sampling;
 
 pub use attention::{
-    attention, attention_reference, attention_tree, attention_tree_reference, AttentionShape,
-    KvElement,
+    attention, attention_bulk, attention_reference, attention_tree, attention_tree_reference,
+    AttentionShape, KvElement,
 };
 pub use f16_gemm::{
     f16_bulk_applies, matmul_f16, matmul_f16_bulk, matmul_f16_bulk_parts, matmul_f16_reference,

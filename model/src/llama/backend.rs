@@ -309,6 +309,12 @@ impl Backend for CpuPass<'_> {
         let c = &self.model.config;
         let (nh, nkv, hd) = (c.num_attention_heads, c.num_kv_heads(), c.head_dim());
         let [q, k, v, out] = attention_buffers(&mut self.b.bufs)?;
+        // Bulk rows are only ever set for a pass of one sequence and no tree.
+        let bulk = if seqs.len() == 1 && tree.is_none() {
+            self.bulk_rows
+        } else {
+            0
+        };
         let mut row = 0;
         for (tokens, cache) in seqs.iter_mut() {
             let (t, n) = (tokens.len(), cache.len);
@@ -320,8 +326,8 @@ impl Backend for CpuPass<'_> {
             let (q, out) = (&q[span.clone()], &mut out[span]);
             let (k, v) = (&k[row * nkv * hd..], &v[row * nkv * hd..]);
             match kv {
-                HostKv::F32(l) => append_and_attend(l, li, shape, q, k, v, out, tree),
-                HostKv::F16(l) => append_and_attend(l, li, shape, q, k, v, out, tree),
+                HostKv::F32(l) => append_and_attend(l, li, shape, bulk, q, k, v, out, tree),
+                HostKv::F16(l) => append_and_attend(l, li, shape, bulk, q, k, v, out, tree),
             }
             row += t;
         }
@@ -363,12 +369,14 @@ impl Backend for CpuPass<'_> {
 
 /// Appends a sequence's `shape.t` new keys and values (`k`, `v`: [t, n_kv_head, head_dim]
 /// from the pass's first row of it) at positions n.. of layer `li`'s cache, then attends its
-/// queries over the cache: causal, or over a token tree's `paths`.
+/// queries over the cache: causal (the first `bulk` rows a prompt's, see
+/// [`tandem_kernels::attention_bulk`]), or over a token tree's `paths`.
 #[allow(clippy::too_many_arguments)]
 fn append_and_attend<E: tandem_kernels::KvElement>(
     layers: &mut HostLayers<E>,
     li: usize,
     shape: tandem_kernels::AttentionShape,
+    bulk: usize,
     q: &[f32],
     k: &[f32],
     v: &[f32],
@@ -392,7 +400,7 @@ fn append_and_attend<E: tandem_kernels::KvElement>(
         }
     }
     match tree {
-        None => tandem_kernels::attention(shape, q, kc, vc, out),
+        None => tandem_kernels::attention_bulk(shape, bulk, q, kc, vc, out),
         Some(paths) => tandem_kernels::attention_tree(shape, q, kc, vc, out, paths),
     }
 }
