@@ -117,8 +117,13 @@ pub(crate) fn attention_f16(
                 with_scratch(&SCORES, |scores| {
                     with_scratch(&PARTS, |parts| {
                         rows_f32.resize(ROWS * d, 0.0);
+                        // Each query scaled by 1/√d before its products (exact where d is a
+                        // power of four, as SmolLM2's 64).
                         for x in 0..g {
-                            rows_f32[x * d..(x + 1) * d].copy_from_slice(&q[out_row(x)..][..d]);
+                            let src = &q[out_row(x)..][..d];
+                            for (dst, &v) in rows_f32[x * d..(x + 1) * d].iter_mut().zip(src) {
+                                *dst = v * scale;
+                            }
                         }
                         if scores.len() < ROWS * kpad_b {
                             scores.resize(ROWS * kpad_b, 0.0);
@@ -146,10 +151,7 @@ pub(crate) fn attention_f16(
                         for (x, z) in z.iter_mut().enumerate().take(g) {
                             let row = &mut scores[x * kpad_b..(x + 1) * kpad_b];
                             let limit = s.n + position(x) + 1;
-                            row[..limit].iter_mut().for_each(|v| *v *= scale);
-                            let max = row[..limit]
-                                .iter()
-                                .fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+                            let max = lanes_max(&row[..limit]);
                             *z = crate::ops::exp_shifted_sum(&mut row[..limit], max);
                             row[limit..].fill(0.0);
                         }
@@ -185,6 +187,23 @@ pub(crate) fn attention_f16(
             })
         });
     });
+}
+
+/// The largest of `x` (−∞ when empty), in 16 lanes that vectorize (a fold over `f32::max`
+/// stays scalar: its NaN rule orders the comparisons).
+fn lanes_max(x: &[f32]) -> f32 {
+    let mut lanes = [f32::NEG_INFINITY; 16];
+    let mut chunks = x.chunks_exact(16);
+    for c in &mut chunks {
+        for (m, &v) in lanes.iter_mut().zip(c) {
+            *m = if v > *m { v } else { *m };
+        }
+    }
+    let tail = chunks
+        .remainder()
+        .iter()
+        .fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    lanes.iter().fold(tail, |m, &v| m.max(v))
 }
 
 /// Splits value rows 0..seen (`v`: [seen, d]; rows from `seen` to `kpad` taken as zeros) into
