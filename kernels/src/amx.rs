@@ -366,11 +366,26 @@ unsafe fn split_weights(w: &[f16], k: usize, pairs: *mut u16) {
     let halves = |a: __m512, b: __m512| {
         _mm512_permutex2var_epi16(_mm512_castps_si512(a), odd, _mm512_castps_si512(b))
     };
-    for s in 0..k / STEP {
+    let steps = k / STEP;
+    for s in 0..steps {
         let (mut hi_rows, mut lo_rows) = (
             [_mm512_setzero_si512(); COLS],
             [_mm512_setzero_si512(); COLS],
         );
+        // The weights come from memory, sixteen rows at a time, and their loads stalled this
+        // function most of its time: each row's line PREFETCH_STEPS steps on is requested
+        // now (the next tile's first ones near the end: tiles lie one after another). Only
+        // an address, never dereferenced here, so wrapping past the slice is harmless.
+        let ahead = s + PREFETCH_STEPS;
+        let (first_row, at) = if ahead < steps {
+            (0, ahead * STEP)
+        } else {
+            (COLS, (ahead - steps) * STEP)
+        };
+        for c in 0..COLS {
+            let line = w.as_ptr().wrapping_add((first_row + c) * k + at);
+            _mm_prefetch::<_MM_HINT_T0>(line as *const i8);
+        }
         for c in 0..COLS {
             let at = w.as_ptr().add(c * k + s * STEP) as *const __m256i;
             let (a, b) = (
@@ -395,6 +410,9 @@ unsafe fn split_weights(w: &[f16], k: usize, pairs: *mut u16) {
         }
     }
 }
+
+/// How many tile steps (64 bytes of each weight row) ahead [`split_weights`] prefetches.
+const PREFETCH_STEPS: usize = 4;
 
 /// The `vpermt2w` indices of the odd 16-bit words of two registers, in order: the top halves
 /// of 32 f32 values (their bf16 truncations), one instruction for 32 values where a shift and
