@@ -247,7 +247,8 @@ pub fn attention_bulk<E: KvElement>(
     s.check(q, k, v, out);
     let bulk = bulk.min(s.t);
     #[cfg(target_arch = "x86_64")]
-    if bulk >= BULK_MIN_ROWS && s.n + bulk >= BULK_MIN_KEYS && crate::amx::attention::fits(&s) {
+    if bulk >= BULK_MIN_ROWS && s.n + bulk >= BULK_MIN_KEYS && crate::amx::attention::fits(&s, bulk)
+    {
         if let (Some(kh), Some(vh)) = (E::as_f16(k), E::as_f16(v)) {
             crate::amx::attention::attention_f16(s, bulk, q, kh, vh, out);
             if bulk < s.t {

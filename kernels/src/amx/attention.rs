@@ -25,10 +25,22 @@ thread_local! {
     static PARTS: RefCell<Bf16Buf> = RefCell::new(Bf16Buf::default());
 }
 
-/// Whether [`attention_f16`] takes this shape here: head sizes of whole tile steps, AMX.
-pub(crate) fn fits(s: &AttentionShape) -> bool {
-    s.head_dim.is_multiple_of(STEP) && s.head_dim > 0 && super::available()
+/// Whether [`attention_f16`] takes this shape's first `rows` rows here: head sizes of whole
+/// tile steps, AMX, and split keys and values within [`SPLIT_KV_BYTES`].
+pub(crate) fn fits(s: &AttentionShape, rows: usize) -> bool {
+    let seen = s.n + rows;
+    // Keys and values, each two bf16 parts of every element, keys padded to 32.
+    let split_bytes = s.n_kv_head * seen.div_ceil(STEP) * STEP * s.head_dim * 8;
+    s.head_dim.is_multiple_of(STEP)
+        && s.head_dim > 0
+        && split_bytes <= SPLIT_KV_BYTES
+        && super::available()
 }
+
+/// The most bytes a call's split keys and values may take (a long context of a large model,
+/// 8 KV heads of 128 at 64k tokens, would need 512 MiB): beyond, attention stays on the FMA
+/// kernels, which read the cache as it is. SmolLM2 reaches it at ~43k tokens.
+const SPLIT_KV_BYTES: usize = 64 << 20;
 
 /// Causal attention of the pass's first `rows` query positions (of `s.t`) over an f16 cache
 /// (`k`, `v`: [n_kv_head, capacity, head_dim], the pass's keys and values already in it), into
@@ -36,7 +48,7 @@ pub(crate) fn fits(s: &AttentionShape) -> bool {
 /// are per row and column; keys past a row's last are multiplied by a probability of exactly
 /// zero), so a row gives the same bits whatever the pass's other rows.
 ///
-/// Panics unless [`fits`]`(s)` and `rows <= s.t`, or on lengths `s` does not describe (caller
+/// Panics unless [`fits`]`(s, rows)` and `rows <= s.t`, or on lengths `s` does not describe (caller
 /// bugs).
 pub(crate) fn attention_f16(
     s: AttentionShape,
@@ -47,7 +59,7 @@ pub(crate) fn attention_f16(
     out: &mut [f32],
 ) {
     assert!(
-        fits(&s) && rows <= s.t,
+        fits(&s, rows) && rows <= s.t,
         "AMX attention of {rows} rows, {s:?}"
     );
     let (d, nkv, nh) = (s.head_dim, s.n_kv_head, s.n_head);
