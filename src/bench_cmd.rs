@@ -192,6 +192,11 @@ pub fn bench(b: BenchCmd, load: &tandem_model::LoadOptions) -> Result<()> {
         }
     }
     let size = ck.store.data_bytes();
+    // What ran, as llama-bench's backend column: a number means little without it.
+    let backend = match load.device {
+        tandem_model::ComputeDevice::Cpu => format!("CPU ({})", tandem_kernels::cpu_kernels()),
+        _ => "CUDA".to_string(),
+    };
     if a.json {
         let tests: Vec<_> = rows
             .iter()
@@ -199,15 +204,15 @@ pub fn bench(b: BenchCmd, load: &tandem_model::LoadOptions) -> Result<()> {
             .collect();
         println!(
             "{}",
-            serde_json::json!({"model": model_path, "size_bytes": size, "threads": threads,
-            "weight_bytes_per_token": model.weight_bytes(), "results": tests})
+            serde_json::json!({"model": model_path, "size_bytes": size, "backend": backend,
+            "threads": threads, "weight_bytes_per_token": model.weight_bytes(), "results": tests})
         );
     } else {
-        println!("| model | size | threads | test | t/s |");
-        println!("| --- | ---: | ---: | ---: | ---: |");
+        println!("| model | size | backend | threads | test | t/s |");
+        println!("| --- | ---: | --- | ---: | ---: | ---: |");
         for (t, m, s) in rows {
             println!(
-                "| {} | {:.2} MiB | {threads} | {t} | {m:.2} ± {s:.2} |",
+                "| {} | {:.2} MiB | {backend} | {threads} | {t} | {m:.2} ± {s:.2} |",
                 model_path.display(),
                 size as f64 / 1048576.0
             );

@@ -71,6 +71,35 @@ pub use quant_gemm::{matmul_quant, matmul_quant_reference, BlockFormat};
 #[cfg(target_arch = "x86_64")]
 pub(crate) const PREFETCH_BYTES: usize = 1024;
 
+/// The instruction sets this process's CPU kernels take, for reports beside their numbers
+/// (`tandem bench`'s backend column): "AVX-512, VNNI, AMX" on a Sapphire Rapids, "AVX2" on an
+/// older x86, "NEON" on aarch64, "scalar" elsewhere; after the `TANDEM_NO_AVX512`,
+/// `TANDEM_NO_VNNI` and `TANDEM_NO_AMX` switches. AMX runs a prompt's rows only
+/// ([`matmul_f16_bulk`], [`attention_bulk`]).
+pub fn cpu_kernels() -> String {
+    let mut sets: Vec<&str> = Vec::new();
+    #[cfg(target_arch = "x86_64")]
+    {
+        if has_avx512() {
+            sets.push("AVX-512");
+        } else if has_avx2_fma() {
+            sets.push("AVX2");
+        }
+        if has_vnni() {
+            sets.push("VNNI");
+        }
+        if amx::available() {
+            sets.push("AMX");
+        }
+    }
+    #[cfg(target_arch = "aarch64")]
+    sets.push("NEON");
+    if sets.is_empty() {
+        sets.push("scalar");
+    }
+    sets.join(", ")
+}
+
 /// Whether this CPU runs the AVX2/FMA/F16C paths (checked once; std caches the answer).
 #[cfg(target_arch = "x86_64")]
 pub(crate) fn has_avx2_fma() -> bool {

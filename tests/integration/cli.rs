@@ -313,6 +313,11 @@ fn activations_flag_and_profile_table() {
     };
     let out = String::from_utf8_lossy(&verify_after("300").stdout).to_string();
     assert!(out.contains("verify2@300 (passes/s)"), "{out}");
+    // The backend column names the CPU kernels that ran, as llama-bench's names its backend.
+    assert!(
+        out.contains("| backend |") && out.contains(" | CPU ("),
+        "{out}"
+    );
     let bad = verify_after("1000000");
     let err = String::from_utf8_lossy(&bad.stderr);
     assert!(
