@@ -479,7 +479,7 @@ unsafe fn tile_rows(
     cols: usize,
     outs: [(*mut f32, usize); 2],
 ) {
-    debug_assert!(cols == 1 || cols == 2);
+    debug_assert!((cols == 1 || cols == 2) && (1..=ROWS).contains(&g));
     let steps = k / STEP;
     let part = groups * steps * BLOCK;
     let xh = parts.add(group * steps * BLOCK);
@@ -540,27 +540,25 @@ unsafe fn tile_rows(
             );
         }
     }
-    let mut sums = Sums([0.0; 2 * ROWS * COLS]);
-    let sp = sums.0.as_mut_ptr();
+    // Each sum tile's g rows straight to their place (the tiles are configured for g rows:
+    // `tilestored` writes those, 64 bytes each, `stride` floats apart).
+    let (out0, stride0) = outs[0];
     asm!(
-        "tilestored [{s0} + {row}*1], tmm6",
-        "tilestored [{s1} + {row}*1], tmm7",
-        s0 = in(reg) sp,
-        s1 = in(reg) sp.add(ROWS * COLS),
-        row = in(reg) 64usize,
+        "tilestored [{o} + {s}*1], tmm6",
+        o = in(reg) out0,
+        s = in(reg) stride0 * 4,
         options(nostack),
     );
-    for (c, &(out, stride)) in outs.iter().enumerate().take(cols) {
-        for r in 0..g {
-            let v = _mm512_load_ps(sp.add(c * ROWS * COLS + r * COLS));
-            _mm512_storeu_ps(out.add(r * stride), v);
-        }
+    if cols == 2 {
+        let (out1, stride1) = outs[1];
+        asm!(
+            "tilestored [{o} + {s}*1], tmm7",
+            o = in(reg) out1,
+            s = in(reg) stride1 * 4,
+            options(nostack),
+        );
     }
 }
-
-/// The two sum tiles as stored, 64-byte aligned for the loads.
-#[repr(C, align(64))]
-struct Sums([f32; 2 * ROWS * COLS]);
 
 #[cfg(test)]
 mod tests {
