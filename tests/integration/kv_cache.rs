@@ -288,8 +288,9 @@ fn a_prompt_whole_or_as_start_then_last_token_gives_the_same_logits() {
     }
 }
 
-fn prompt_whole_or_split(ck: &Checkpoint, m: &tandem_model::Llama, kv: tandem_model::KvCacheType) {
-    let text = "Rewrite the following note as a short, friendly email to the whole team: the \
+/// A prompt long enough (140+ tokens) for AMX's matmuls and attention on a prompt's rows.
+const LONG_PROMPT: &str =
+    "Rewrite the following note as a short, friendly email to the whole team: the \
                 build server will be down on Saturday morning for maintenance, so please push \
                 your changes before Friday evening and check the status page afterwards. The \
                 release branch stays frozen until Monday noon; anything urgent goes through \
@@ -299,6 +300,9 @@ fn prompt_whole_or_split(ck: &Checkpoint, m: &tandem_model::Llama, kv: tandem_mo
                 garage closes early on Friday because of the street festival, and that the \
                 quarterly planning meeting moves from Tuesday to Wednesday afternoon, in the \
                 large room next to the kitchen, with remote dial-in details sent separately.";
+
+fn prompt_whole_or_split(ck: &Checkpoint, m: &tandem_model::Llama, kv: tandem_model::KvCacheType) {
+    let text = LONG_PROMPT;
     let toks = ck.tokenizer.encode(text, true).unwrap();
     let n = toks.len();
     assert!(
@@ -337,4 +341,42 @@ fn prompt_whole_or_split(ck: &Checkpoint, m: &tandem_model::Llama, kv: tandem_mo
         d <= bound,
         "{kv:?} cache: bulk rows vs every row's logits: {d}"
     );
+}
+
+/// Prompts prefilled side by side without logits (a batch's prefill, `Logits::None`) leave
+/// each cache as the prompt alone leaves it: their last tokens then give the logits plain
+/// generation's whole-prompt pass gives, bit for bit (every row of such a pass takes the bulk
+/// kernels, one sequence or several).
+#[test]
+fn a_batch_prefill_without_logits_equals_each_prompt_alone() {
+    let ck = Checkpoint::open(&smollm2_f16(), None).unwrap();
+    let m = ck
+        .load_model(&tandem_model::LoadOptions::default())
+        .unwrap();
+    let second =
+        format!("Summarize this for a new colleague in three bullet points. {LONG_PROMPT}");
+    let ids: Vec<Vec<u32>> = [LONG_PROMPT, second.as_str()]
+        .iter()
+        .map(|t| ck.tokenizer.encode(t, true).unwrap())
+        .collect();
+    let mut caches: Vec<tandem_model::KvCache> =
+        ids.iter().map(|_| m.new_cache().unwrap()).collect();
+    let mut batch: Vec<(&[u32], &mut tandem_model::KvCache)> = ids
+        .iter()
+        .map(|t| &t[..t.len() - 1])
+        .zip(caches.iter_mut())
+        .collect();
+    let none = m.forward_batch(&mut batch, Logits::None).unwrap();
+    assert!(none.iter().all(|l| l.is_empty()));
+    for (t, cache) in ids.iter().zip(caches.iter_mut()) {
+        let then = m.forward(&t[t.len() - 1..], cache, Logits::All).unwrap();
+        let mut alone = m.new_cache().unwrap();
+        let whole = m.forward(t, &mut alone, Logits::Last).unwrap();
+        assert_eq!(
+            then.last(),
+            whole.last(),
+            "{} tokens: batch prefill, then last token vs the whole prompt",
+            t.len()
+        );
+    }
 }

@@ -309,12 +309,10 @@ impl Backend for CpuPass<'_> {
         let c = &self.model.config;
         let (nh, nkv, hd) = (c.num_attention_heads, c.num_kv_heads(), c.head_dim());
         let [q, k, v, out] = attention_buffers(&mut self.b.bufs)?;
-        // Bulk rows are only ever set for a pass of one sequence and no tree.
-        let bulk = if seqs.len() == 1 && tree.is_none() {
-            self.bulk_rows
-        } else {
-            0
-        };
+        // Bulk rows: a pass of one sequence's first rows, or every row of a pass (one
+        // sequence or several: each sequence's rows all bulk); never a tree's.
+        let all_bulk = self.rows > 0 && self.bulk_rows == self.rows;
+        let seqs_len = seqs.len();
         let mut row = 0;
         for (tokens, cache) in seqs.iter_mut() {
             let (t, n) = (tokens.len(), cache.len);
@@ -325,6 +323,12 @@ impl Backend for CpuPass<'_> {
             let span = row * nh * hd..(row + t) * nh * hd;
             let (q, out) = (&q[span.clone()], &mut out[span]);
             let (k, v) = (&k[row * nkv * hd..], &v[row * nkv * hd..]);
+            let bulk = match (tree, all_bulk, seqs_len) {
+                (Some(_), _, _) => 0,
+                (None, true, _) => t,
+                (None, false, 1) => self.bulk_rows,
+                (None, false, _) => 0,
+            };
             match kv {
                 HostKv::F32(l) => append_and_attend(l, li, shape, bulk, q, k, v, out, tree),
                 HostKv::F16(l) => append_and_attend(l, li, shape, bulk, q, k, v, out, tree),

@@ -24,12 +24,14 @@ pub trait ActivationObserver {
 /// It also decides how the positions that return none are computed. On CPUs with AMX, the
 /// F16 linear layers run a prompt's rows that return no logits on the tile unit: 2x faster,
 /// to f32 rounding of the FMA kernels rather than bit for bit (`tandem_kernels::
-/// matmul_f16_bulk`). Every row whose logits a call returns, and every row of a pass over
-/// several sequences or a tree, takes the FMA kernels, whose rows agree bit for bit however
-/// they are batched. So a prompt's positions are computed the same way whether the prompt is
-/// run with [`Logits::Last`] (plain generation) or its start with [`Logits::None`] and its
-/// last token in the first verification pass (speculative decoding), and the two decode the
-/// same tokens.
+/// matmul_f16_bulk`; their attention over an f16 cache too, `attention_bulk`). Every row
+/// whose logits a call returns, and every row of a tree or of a [`Logits::Last`] pass over
+/// several sequences, takes the FMA kernels, whose rows agree bit for bit however they are
+/// batched; a [`Logits::None`] pass is all such rows, one sequence or several (each row's
+/// value is the same either way). So a prompt's positions are computed the same way whether
+/// the prompt is run with [`Logits::Last`] (plain generation) or its start with
+/// [`Logits::None`], alone or beside other prompts (a batch's prefill), and its last token in
+/// the first verification pass (speculative decoding), and they decode the same tokens.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Logits {
     /// Every new position (verification, evaluation).
@@ -393,7 +395,7 @@ impl Llama {
                 // Rows that return no logits, first in the pass (see `Logits`).
                 let bulk = match (pass.which, pass.seqs.len(), pass.tree) {
                     (Logits::Last, 1, None) => rows - 1,
-                    (Logits::None, 1, None) => rows,
+                    (Logits::None, _, None) => rows,
                     _ => 0,
                 };
                 let mut cpu = CpuPass::new(self, &mut ws.cpu, rows).with_bulk_rows(bulk);
