@@ -286,7 +286,11 @@ impl Llama {
     /// Several sequences in one pass, each with its own cache: every linear layer runs once
     /// over all their new rows (each weight is read once for the whole batch) and attention
     /// runs per sequence. Returns one [`LogitRows`] per sequence, as [`Llama::forward`] would;
-    /// the values are the same as running the sequences one by one.
+    /// with [`Logits::All`] and [`Logits::None`] the values are the same as running the
+    /// sequences one by one, bit for bit. With [`Logits::Last`], on a CPU with AMX, a sequence
+    /// alone runs its rows before the last on the tile unit and a batch does not (see
+    /// [`Logits`]), so its logits agree to f32 rounding; run the starts with `None` and the
+    /// last tokens after them where bits must agree (as the speculative decoders do).
     pub fn forward_batch(
         &self,
         seqs: &mut [(&[u32], &mut KvCache)],
