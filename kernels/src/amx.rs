@@ -368,10 +368,6 @@ unsafe fn split_weights(w: &[f16], k: usize, pairs: *mut u16) {
     };
     let steps = k / STEP;
     for s in 0..steps {
-        let (mut hi_rows, mut lo_rows) = (
-            [_mm512_setzero_si512(); COLS],
-            [_mm512_setzero_si512(); COLS],
-        );
         // The weights come from memory, sixteen rows at a time, and their loads stalled this
         // function most of its time: each row's line PREFETCH_STEPS steps on is requested
         // now (the next tile's first ones near the end: tiles lie one after another). Only
@@ -386,27 +382,29 @@ unsafe fn split_weights(w: &[f16], k: usize, pairs: *mut u16) {
             let line = w.as_ptr().wrapping_add((first_row + c) * k + at);
             _mm_prefetch::<_MM_HINT_T0>(line as *const i8);
         }
-        for c in 0..COLS {
-            let at = w.as_ptr().add(c * k + s * STEP) as *const __m256i;
+        // Row c's 32 weights of this step are its 16 pairs; the tile wants pair p of every
+        // row in its row p: a 16 × 16 transposition of 32-bit pairs, done once on the raw
+        // f16 pairs (before the split, which then writes both parts' rows in place: one
+        // transposition instead of one per part, and 16 registers live instead of 32).
+        let mut rows = [_mm512_setzero_si512(); COLS];
+        for (c, row) in rows.iter_mut().enumerate() {
+            *row = _mm512_loadu_si512(w.as_ptr().add(c * k + s * STEP) as *const _);
+        }
+        transpose16(&mut rows);
+        let dst = pairs.add(s * 2 * COLS * STEP);
+        for (p, row) in rows.iter().enumerate() {
+            // Weight rows 0..8's pair p, then rows 8..16's, as f32.
             let (a, b) = (
-                _mm512_cvtph_ps(_mm256_loadu_si256(at)),
-                _mm512_cvtph_ps(_mm256_loadu_si256(at.add(1))),
+                _mm512_cvtph_ps(_mm512_castsi512_si256(*row)),
+                _mm512_cvtph_ps(_mm512_extracti64x4_epi64::<1>(*row)),
             );
             let (ah, bh) = (
                 _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(a), top)),
                 _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(b), top)),
             );
-            hi_rows[c] = halves(a, b);
-            lo_rows[c] = halves(_mm512_sub_ps(a, ah), _mm512_sub_ps(b, bh));
-        }
-        // Row c holds weight row c's 16 pairs; the tile wants pair p of every row in its
-        // row p: a 16 × 16 transposition of 32-bit pairs.
-        let dst = pairs.add(s * 2 * COLS * STEP);
-        for (at, rows) in [(0, &mut hi_rows), (COLS * STEP, &mut lo_rows)] {
-            transpose16(rows);
-            for (p, row) in rows.iter().enumerate() {
-                _mm512_storeu_si512(dst.add(at + p * 32) as *mut _, *row);
-            }
+            let lo = halves(_mm512_sub_ps(a, ah), _mm512_sub_ps(b, bh));
+            _mm512_storeu_si512(dst.add(p * 32) as *mut _, halves(a, b));
+            _mm512_storeu_si512(dst.add(COLS * STEP + p * 32) as *mut _, lo);
         }
     }
 }
