@@ -79,14 +79,23 @@ pub fn matmul_f16(x: &[f32], w: &[f16], m: usize, k: usize, n: usize, out: &mut 
 }
 
 /// Activation rows from which [`matmul_f16_bulk`] takes AMX: fewer rows do not pay for
-/// splitting every weight into its bf16 parts. SmolLM2 F16 prefill, 2 threads, two
-/// alternations with `TANDEM_NO_AMX=1`: 33 rows 0.70-0.84x the FMA kernel's speed, 48 rows
-/// 0.92-0.97x, 64 rows 1.03-1.10x, 96 rows 1.26x, 128 rows 1.29-1.64x.
-const BULK_MIN_ROWS: usize = 64;
+/// splitting every weight into its bf16 parts. SmolLM2 F16 prefill of N tokens (N − 1 such
+/// rows), 2 threads, against `TANDEM_NO_AMX=1`: session 53's kernel 33 rows 0.70-0.84x the FMA
+/// kernel's speed, 48 rows 0.92-0.97x, 64 rows 1.03-1.10x; session 54's (two weight tiles per
+/// load, prefetched splits), three alternations: 17 tokens 0.84-0.95x, 20 tokens 0.85-0.94x,
+/// 24 tokens 0.96-1.06x, 28 tokens 1.00-1.11x, 33 tokens 1.25-1.32x, 48 tokens 1.33-1.51x.
+const BULK_MIN_ROWS: usize = 32;
+
+/// Whether a pass of `m` bulk rows is long enough for [`matmul_f16_bulk`] to take AMX (where
+/// the CPU and the shape allow it): the row count alone, which a caller batching several
+/// prompts checks per prompt, so that each prompt's rows take the kernel they take alone.
+pub fn bulk_rows_suffice(m: usize) -> bool {
+    m >= BULK_MIN_ROWS
+}
 
 /// [`matmul_f16`] for activation rows whose results may differ from its in the last bits: a
 /// prompt's rows before its last, which only fill the KV cache (the model decides which, see
-/// `tandem_model`'s forward pass). Where the CPU has AMX, a pass of at least 64 such rows
+/// `tandem_model`'s forward pass). Where the CPU has AMX, a pass of at least 32 such rows
 /// runs on the tile unit, to f32 rounding of `matmul_f16` (see `amx.rs`); elsewhere, and for
 /// shapes that do not tile, it is `matmul_f16`.
 ///
@@ -130,7 +139,7 @@ pub fn matmul_f16_bulk_parts(
 pub fn f16_bulk_applies(m: usize, k: usize, n: usize) -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        m >= BULK_MIN_ROWS && crate::amx::fits(k, n) && crate::amx::available()
+        bulk_rows_suffice(m) && crate::amx::fits(k, n) && crate::amx::available()
     }
     #[cfg(not(target_arch = "x86_64"))]
     {

@@ -59,7 +59,8 @@ pub use attention::{
     AttentionShape, KvElement,
 };
 pub use f16_gemm::{
-    f16_bulk_applies, matmul_f16, matmul_f16_bulk, matmul_f16_bulk_parts, matmul_f16_reference,
+    bulk_rows_suffice, f16_bulk_applies, matmul_f16, matmul_f16_bulk, matmul_f16_bulk_parts,
+    matmul_f16_reference,
 };
 pub use ggml::GgmlType;
 pub use int8_gemm::{int8_supported, matmul_int8, matmul_int8_reference};

@@ -364,7 +364,7 @@ impl Linear {
 
     /// [`Linear::forward_joined`] with [`Linear::forward_rows_into`]'s `bulk` rows: where
     /// those take the bulk kernel and the parts lie joined ([`Linear::fuse`]), the bulk rows
-    /// run as one matmul over all their weights, in runs of up to [`BULK_JOINED_ROWS`] (the
+    /// run as one matmul over all their weights, in runs of up to 1,024 rows (the
     /// activations are split into bf16 parts once for q/k/v or gate/up, not once per part;
     /// each output is its own sum, so the results are the parts' own passes' bit for bit),
     /// and the rows after them as [`Linear::forward_joined`]. Parts that do not lie joined

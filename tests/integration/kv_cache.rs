@@ -345,8 +345,8 @@ fn prompt_whole_or_split(ck: &Checkpoint, m: &tandem_model::Llama, kv: tandem_mo
 
 /// Prompts prefilled side by side without logits (a batch's prefill, `Logits::None`) leave
 /// each cache as the prompt alone leaves it: their last tokens then give the logits plain
-/// generation's whole-prompt pass gives, bit for bit (every row of such a pass takes the bulk
-/// kernels, one sequence or several).
+/// generation's whole-prompt pass gives, bit for bit (each prompt's rows take the kernels they
+/// take alone, long and short prompts mixed).
 #[test]
 fn a_batch_prefill_without_logits_equals_each_prompt_alone() {
     let ck = Checkpoint::open(&smollm2_f16(), None).unwrap();
@@ -355,7 +355,9 @@ fn a_batch_prefill_without_logits_equals_each_prompt_alone() {
         .unwrap();
     let second =
         format!("Summarize this for a new colleague in three bullet points. {LONG_PROMPT}");
-    let ids: Vec<Vec<u32>> = [LONG_PROMPT, second.as_str()]
+    // Two prompts long enough for the bulk kernels and one too short for them (alone, it
+    // keeps the FMA kernels: the batch must run it so too).
+    let ids: Vec<Vec<u32>> = [LONG_PROMPT, "Name three colours.", second.as_str()]
         .iter()
         .map(|t| ck.tokenizer.encode(t, true).unwrap())
         .collect();

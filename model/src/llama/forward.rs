@@ -28,7 +28,8 @@ pub trait ActivationObserver {
 /// whose logits a call returns, and every row of a tree or of a [`Logits::Last`] pass over
 /// several sequences, takes the FMA kernels, whose rows agree bit for bit however they are
 /// batched; a [`Logits::None`] pass is all such rows, one sequence or several (each row's
-/// value is the same either way). So a prompt's positions are computed the same way whether
+/// value is the same either way; a batch that mixes prompts too short for the bulk kernels
+/// with longer ones runs as two passes, see [`Llama::forward_batch_with`]). So a prompt's positions are computed the same way whether
 /// the prompt is run with [`Logits::Last`] (plain generation) or its start with
 /// [`Logits::None`], alone or beside other prompts (a batch's prefill), and its last token in
 /// the first verification pass (speculative decoding), and they decode the same tokens.
@@ -306,7 +307,37 @@ impl Llama {
         which: Logits,
         reads: HeadRows,
     ) -> Result<Vec<LogitRows>> {
-        self.forward_inner(seqs, which, None, None, reads)
+        // A `None` batch whose prompts fall on both sides of the bulk kernels' row threshold
+        // runs as two passes, long prompts and short, so each prompt's rows take the kernels
+        // they take alone (see `Logits`): bit for bit the values of one at a time.
+        let long = |t: &[u32]| tandem_kernels::bulk_rows_suffice(t.len());
+        let n_long = seqs.iter().filter(|(t, _)| long(t)).count();
+        if which != Logits::None || n_long == 0 || n_long == seqs.len() {
+            return self.forward_inner(seqs, which, None, None, reads);
+        }
+        let (mut longs, mut shorts) = (Vec::new(), Vec::new());
+        for (t, cache) in seqs.iter_mut() {
+            let group = if long(t) { &mut longs } else { &mut shorts };
+            group.push((*t, &mut **cache));
+        }
+        let mut long_out = self
+            .forward_inner(&mut longs, which, None, None, reads)?
+            .into_iter();
+        let mut short_out = self
+            .forward_inner(&mut shorts, which, None, None, reads)?
+            .into_iter();
+        seqs.iter()
+            .map(|(t, _)| {
+                let next = if long(t) {
+                    long_out.next()
+                } else {
+                    short_out.next()
+                };
+                next.ok_or_else(|| {
+                    Error::Invalid("a batch lost a sequence (internal error)".into())
+                })
+            })
+            .collect()
     }
 
     /// Runs a token tree after the cache in one pass (speculative verification of several
@@ -397,9 +428,16 @@ impl Llama {
             None => {
                 let rows = pass.tokens.len();
                 // Rows that return no logits, first in the pass (see `Logits`).
+                // A `None` pass of several sequences only when each has the rows to take
+                // the bulk kernels alone (`forward_batch_with` splits a batch that mixes).
+                let each_long = pass
+                    .seqs
+                    .iter()
+                    .all(|(t, _)| tandem_kernels::bulk_rows_suffice(t.len()));
                 let bulk = match (pass.which, pass.seqs.len(), pass.tree) {
                     (Logits::Last, 1, None) => rows - 1,
-                    (Logits::None, _, None) => rows,
+                    (Logits::None, 1, None) => rows,
+                    (Logits::None, _, None) if each_long => rows,
                     _ => 0,
                 };
                 let mut cpu = CpuPass::new(self, &mut ws.cpu, rows).with_bulk_rows(bulk);
