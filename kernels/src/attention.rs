@@ -233,9 +233,10 @@ pub fn attention<E: KvElement>(s: AttentionShape, q: &[f32], k: &[E], v: &[E], o
 
 /// [`attention`] where the pass's first `bulk` rows are a prompt's rows whose results only
 /// fill the KV cache (see [`crate::matmul_f16_bulk`]): with an f16 cache, on a CPU with AMX,
-/// for 64 or more such rows that see 128 or more keys, they run on the tile unit (`amx/attention.rs`: f32 rounding
-/// of this kernel's arithmetic, not its bits; a row's result does not depend on the others).
-/// The rows after them are [`attention`]'s bit for bit, whichever way the first ran.
+/// for 64 or more such rows that see 128 or more keys, they run on the tile unit
+/// (`amx/attention.rs`: f32 rounding of this kernel's arithmetic, not its bits; a row's
+/// result does not depend on the others). The rows after them are [`attention`]'s bit for
+/// bit, whichever way the first ran.
 pub fn attention_bulk<E: KvElement>(
     s: AttentionShape,
     bulk: usize,
