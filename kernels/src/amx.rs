@@ -227,7 +227,6 @@ const RUN_ROWS: usize = 1024;
 /// row 0 of output columns 16c..16c + 16 goes, and the row stride there (each tile's rows
 /// `m` rows of 16 values inside one part's output, no two tiles' overlapping).
 fn matmul_run(x: &[f32], w: &[f16], m: usize, k: usize, out_tiles: &[(SendPtr<f32>, usize)]) {
-    let n = out_tiles.len() * COLS;
     if m == 0 {
         return;
     }
@@ -243,7 +242,7 @@ fn matmul_run(x: &[f32], w: &[f16], m: usize, k: usize, out_tiles: &[(SendPtr<f3
             // values, and these rows' blocks are this task's alone.
             unsafe { split_activations(x, m, k, rows, parts.get()) };
         });
-        let col_tiles = n / COLS;
+        let col_tiles = out_tiles.len();
         let threads = crate::pool::current().threads_now().max(1);
         // A task splits its weight tiles first, then takes each group of activation rows
         // across all of them: the group's parts stay in L1/L2 while the tiles' pairs (36-96 KB
@@ -561,7 +560,7 @@ unsafe fn tile_rows(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rand::{Rng, SeedableRng};
+    use rand::SeedableRng;
 
     /// The AMX product agrees with the f64 reference to f32 rounding (relative to the sum of
     /// the terms' magnitudes), at row counts with and without a partial tile.
@@ -581,10 +580,7 @@ mod tests {
             (33, 576, 320),
             (1100, 64, 16),
         ] {
-            let x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-3.0..3.0)).collect();
-            let w: Vec<f16> = (0..n * k)
-                .map(|_| f16::from_f32(rng.random_range(-0.2..0.2)))
-                .collect();
+            let (x, w) = crate::f16_gemm::random_operands(&mut rng, (m, k, n), 3.0, 0.2);
             let mut want = vec![0f32; m * n];
             crate::matmul_f16_reference(&x, &w, m, k, n, &mut want);
             let mut got = vec![0f32; m * n];
@@ -614,10 +610,7 @@ mod tests {
         let mut rng = rand::rngs::StdRng::seed_from_u64(67);
         let (m, k, widths) = (70, 96, [48usize, 16, 32]);
         let n: usize = widths.iter().sum();
-        let x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-3.0..3.0)).collect();
-        let w: Vec<f16> = (0..n * k)
-            .map(|_| f16::from_f32(rng.random_range(-0.2..0.2)))
-            .collect();
+        let (x, w) = crate::f16_gemm::random_operands(&mut rng, (m, k, n), 3.0, 0.2);
         let mut whole = vec![0f32; m * n];
         matmul_f16(&x, &w, m, k, n, &mut whole);
         let mut bufs: Vec<Vec<f32>> = widths.iter().map(|&d| vec![f32::NAN; m * d]).collect();

@@ -583,10 +583,28 @@ unsafe fn block_f16_lanes16_avx2<const R: usize, const G: usize>(
     }
 }
 
+/// Random test operands: `m × k` activations uniform in ±`x_bound`, then `n × k` f16 weights
+/// uniform in ±`w_bound` (drawn in that order from `rng`).
+#[cfg(test)]
+pub(crate) fn random_operands(
+    rng: &mut impl rand::Rng,
+    (m, k, n): (usize, usize, usize),
+    x_bound: f32,
+    w_bound: f32,
+) -> (Vec<f32>, Vec<f16>) {
+    let x = (0..m * k)
+        .map(|_| rng.random_range(-x_bound..x_bound))
+        .collect();
+    let w = (0..n * k)
+        .map(|_| f16::from_f32(rng.random_range(-w_bound..w_bound)))
+        .collect();
+    (x, w)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rand::{Rng, SeedableRng};
+    use rand::SeedableRng;
 
     /// One-row decode through 256-bit registers gives the AVX-512 kernel's bits exactly.
     #[test]
@@ -605,10 +623,7 @@ mod tests {
         }
         let mut rng = rand::rngs::StdRng::seed_from_u64(9);
         for (k, n) in [(576, 64), (1536, 37), (50, 9), (16, 5), (7, 3)] {
-            let x: Vec<f32> = (0..k).map(|_| rng.random_range(-1.0..1.0)).collect();
-            let w: Vec<f16> = (0..n * k)
-                .map(|_| f16::from_f32(rng.random_range(-1.0..1.0)))
-                .collect();
+            let (x, w) = super::random_operands(&mut rng, (1, k, n), 1.0, 1.0);
             let (mut a, mut b) = (vec![0f32; n], vec![0f32; n]);
             let kernel = |run| TaskKernel {
                 run,
@@ -643,10 +658,7 @@ mod tests {
 
     fn check(m: usize, k: usize, n: usize, seed: u64) {
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-        let x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-1.0..1.0)).collect();
-        let w: Vec<f16> = (0..n * k)
-            .map(|_| f16::from_f32(rng.random_range(-1.0..1.0)))
-            .collect();
+        let (x, w) = super::random_operands(&mut rng, (m, k, n), 1.0, 1.0);
         let mut a = vec![0f32; m * n];
         matmul_f16_reference(&x, &w, m, k, n, &mut a);
         for (ki, kernel) in kernels().into_iter().enumerate() {
@@ -692,10 +704,7 @@ mod tests {
             (8, 1544, 37),
             (10, 1536, 19),
         ] {
-            let x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-1.0..1.0)).collect();
-            let w: Vec<f16> = (0..n * k)
-                .map(|_| f16::from_f32(rng.random_range(-1.0..1.0)))
-                .collect();
+            let (x, w) = super::random_operands(&mut rng, (m, k, n), 1.0, 1.0);
             for (ki, kernel) in kernels().into_iter().enumerate() {
                 let mut all = vec![0f32; m * n];
                 matmul_with(kernel, &x, &w, m, k, n, &mut all);

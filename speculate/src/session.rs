@@ -266,8 +266,9 @@ pub fn run(
 /// [`run`] over a cache that already holds the start of `prompt` (a chat's earlier turns, as
 /// `tandem chat --draft` keeps them): only the rest of the prompt is run, and the cache comes
 /// back holding what plain generation's would: the prompt and the answer, less the answer's
-/// last token unless an end-of-sequence token followed it. Its own limit applies (`s.ctx` is not read). On an
-/// error the cache comes back too, holding an unspecified prefix: truncate it before reuse.
+/// last token unless an end-of-sequence token followed it. Its own limit applies (`s.ctx` is
+/// not read). On an error the cache comes back too, holding an unspecified prefix: truncate
+/// it before reuse.
 #[allow(clippy::too_many_arguments)]
 pub fn run_over(
     model: &Llama,

@@ -22,7 +22,7 @@ thread_local! {
     /// A task's scores, then its probabilities (16 rows of the block's keys).
     static SCORES: RefCell<AlignedBuf> = RefCell::new(AlignedBuf::default());
     /// A task's query parts, then its probabilities' parts.
-    static PARTS: RefCell<Bf16Buf> = RefCell::new(Bf16Buf::default());
+    static TASK_PARTS: RefCell<Bf16Buf> = RefCell::new(Bf16Buf::default());
 }
 
 /// Whether [`attention_f16`] takes this shape's first `rows` rows here: head sizes of whole
@@ -127,7 +127,7 @@ pub(crate) fn attention_f16(
             let (tiles_b, kpad_b) = (seen_b.div_ceil(COLS), seen_b.div_ceil(STEP) * STEP);
             with_scratch(&ROWS_F32, |rows_f32| {
                 with_scratch(&SCORES, |scores| {
-                    with_scratch(&PARTS, |parts| {
+                    with_scratch(&TASK_PARTS, |parts| {
                         rows_f32.resize(ROWS * d, 0.0);
                         // Each query scaled by 1/√d before its products (exact where d is a
                         // power of four, as SmolLM2's 64).
