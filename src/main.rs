@@ -16,6 +16,13 @@ use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+/// The system allocator with per-thread budgets, so that a model file's chat template renders
+/// within a memory limit instead of taking the machine or aborting (see
+/// `tandem_model::memory_budget`).
+#[global_allocator]
+static ALLOCATOR: tandem_model::memory_budget::BudgetAllocator =
+    tandem_model::memory_budget::BudgetAllocator;
+
 #[derive(Parser)]
 #[command(
     name = "tandem",

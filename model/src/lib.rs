@@ -16,6 +16,7 @@ pub mod gguf_names;
 pub mod gguf_reader;
 pub mod linear;
 pub mod llama;
+pub mod memory_budget;
 pub mod packed;
 pub mod pending;
 /// The sampler lives in `kernels` (plain logits math, so `speculate`'s model-free core can use

@@ -23,6 +23,13 @@ use tandem_speculate::{
     Drafter as _, ModelDrafter, NgramDrafter, OwnedModelVerifier, SpecStats, SuffixDrafter,
 };
 
+/// The system allocator with per-thread budgets, so that a model file's chat template renders
+/// within a memory limit instead of aborting the interpreter (see
+/// `tandem_model::memory_budget`).
+#[global_allocator]
+static ALLOCATOR: tandem_model::memory_budget::BudgetAllocator =
+    tandem_model::memory_budget::BudgetAllocator;
+
 create_exception!(
     _tandem,
     TandemError,

@@ -123,6 +123,15 @@ def test_errors_are_exceptions_with_one_line(stories, tmp_path):
         tandem.Drafter.self_draft(stories, "q9_9")
     with pytest.raises(tandem.TandemError, match="chat template"):
         m.chat("hello")
+    # A template that joins a list to itself 40 times is stopped at its memory budget instead
+    # of aborting the interpreter.
+    hostile = tmp_path / "hostile.jinja"
+    hostile.write_text(
+        "{% set ns = namespace(s=[1]) %}{% for i in range(40) %}"
+        "{% set ns.s = ns.s + ns.s %}{% endfor %}{{ ns.s|length }}"
+    )
+    with pytest.raises(tandem.TandemError, match="chat template: rendering needed more than"):
+        m.apply_chat_template([{"role": "user", "content": "hi"}], template=hostile)
     out = tmp_path / "x.gguf"
     out.write_bytes(b"mine")
     with pytest.raises(tandem.TandemError) as e:

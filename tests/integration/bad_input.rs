@@ -12,7 +12,7 @@
 //! | unknown architecture, mismatched tokenizer, not a model | `unknown_architecture`, `mismatched_tokenizer`, `not_a_model_file` |
 //! | GGUF bad magic, counts past the file, truncated data | `gguf_bad_magic`, `gguf_bad_counts`, `gguf_truncated_data` |
 //! | convert over an existing folder, failing convert leaves nothing | `convert_refuses_to_overwrite_and_leaves_nothing_on_failure` |
-//! | issue 15's probing: alignment 0, 2^31 context, 2^31 layers, 10^6-token vocabulary, misaligned offset, escape sequences and 2 KB names, duplicate keys, bad sweep variant, a draft with other tokens, `--max-tokens 0`, `--draft-p-min 2`/`NaN`, `--ctx 0` | `hostile_input_matrix` (one row each, below) |
+//! | issue 15's probing: alignment 0, 2^31 context, 2^31 layers, 10^6-token vocabulary, misaligned offset, escape sequences and 2 KB names, duplicate keys, bad sweep variant, a draft with other tokens, `--max-tokens 0`, `--draft-p-min 2`/`NaN`, `--ctx 0`; chat templates in the file that build a 2⁴⁰-element list or string or loop 10¹⁰ times | `hostile_input_matrix` (one row each, below) |
 //! | quantize: existing output without --force, NaN source tensor, policy and recipe errors | quantize.rs `refuses_overwrite_and_nan_and_leaves_nothing_behind`, `policy_errors_and_recipes` |
 //! | SIGINT / SIGTERM / SIGHUP during quantize, convert, calibrate, eval, sweeps | signals.rs |
 //! | C ABI: NULL verifier, NULL forward/rollback, vocab_size 0 or 2^64−1, context_limit 0, draft vocabulary differing, an engine error | tests/c/engine.c (run by c_abi.rs) |
@@ -616,7 +616,63 @@ const CASES: &[Case] = &[
         setup: |_| generate_with(&["--ctx", "0"]),
         needles: &["--ctx must be at least 1"],
     },
+    Case {
+        name: "10a. GGUF chat template doubling a list 40 times (a 2^40-element allocation)",
+        setup: |d| {
+            chat_template_gguf(
+                d,
+                "{% set ns = namespace(s=[1]) %}{% for i in range(40) %}\
+                 {% set ns.s = ns.s + ns.s %}{% endfor %}{{ ns.s|length }}",
+            )
+        },
+        needles: &["hostile.gguf", "chat template", "MiB of memory"],
+    },
+    Case {
+        name: "10b. GGUF chat template doubling a string 40 times",
+        setup: |d| {
+            chat_template_gguf(
+                d,
+                "{% set ns = namespace(s='xxxxxxxx') %}{% for i in range(40) %}\
+                 {% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s|length }}",
+            )
+        },
+        needles: &["hostile.gguf", "chat template", "MiB of memory"],
+    },
+    Case {
+        name: "10c. GGUF chat template looping 10^10 times",
+        setup: |d| {
+            chat_template_gguf(
+                d,
+                "{% for i in range(99999) %}{% for j in range(99999) %}x{% endfor %}{% endfor %}",
+            )
+        },
+        needles: &["hostile.gguf", "chat template", "out of fuel"],
+    },
 ];
+
+/// `generate --chat` on stories260K as a GGUF whose `tokenizer.chat_template` is `template`
+/// (the Jinja of a model file is code from the file, see `model::chat`).
+fn chat_template_gguf(dir: &Path, template: &str) -> (PathBuf, Vec<&'static str>) {
+    let p = dir.join("hostile.gguf");
+    edit_gguf(&stories_gguf(dir), &p, |m, _| {
+        set_meta(
+            m,
+            tandem_model::gguf_keys::tokenizer::CHAT_TEMPLATE,
+            Value::String(template.to_string()),
+        )
+    });
+    let args = vec![
+        "generate",
+        "--model",
+        "{}",
+        "--chat",
+        "--prompt",
+        "hi",
+        "--max-tokens",
+        "2",
+    ];
+    (p, args)
+}
 
 /// `generate` on the bundled model with `extra` flags.
 fn generate_with(extra: &[&'static str]) -> (PathBuf, Vec<&'static str>) {

@@ -1,0 +1,176 @@
+//! A memory limit for work on untrusted input that sets none of its own: a chat template's
+//! rendering.
+//!
+//! A chat template comes with the model file (GGUF `tokenizer.chat_template`,
+//! tokenizer_config.json), and a few Jinja statements can build a value of any size: a string
+//! or list joined to itself 40 times holds 2⁴⁰ elements. minijinja bounds the instructions it
+//! runs (fuel, see `chat`), repeated strings and ranges, but not the size of what it builds,
+//! and in Rust an allocation that fails aborts the process (one that succeeds, slowly, takes
+//! the machine's memory first). So a binary that installs [`BudgetAllocator`] as its global
+//! allocator lets [`run_within`] charge every allocation of the work's own thread against a
+//! limit. Past it, that thread stops for good: it sleeps inside the allocator, holding nothing
+//! the rest of the process uses, and the caller gets [`OverBudget`], a clean error, instead of
+//! an abort. Where the allocator is not installed (a library user's own binary), `run_within`
+//! runs the work on the caller's thread with no limit.
+//!
+//! Why by hand: no crate limits one thread's heap on stable Rust (an allocation error hook
+//! and `-Z oom=panic` are unstable), and an allocator may not unwind.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::mpsc::sync_channel;
+use std::time::Duration;
+
+/// The system allocator, plus the accounting of [`run_within`]'s threads.
+pub struct BudgetAllocator;
+
+/// Whether [`BudgetAllocator`] serves this process (set by its first allocation).
+static INSTALLED: AtomicBool = AtomicBool::new(false);
+
+thread_local! {
+    // Const-initialized and without destructors, so reading them never allocates (they are
+    // read inside the allocator) and never fails, even while the thread exits.
+    /// This thread's limit in bytes; negative: none (every thread but a budgeted one).
+    static LIMIT: Cell<isize> = const { Cell::new(-1) };
+    /// Bytes this thread has allocated and not freed since its budget began.
+    static USED: Cell<isize> = const { Cell::new(0) };
+    /// Tells the waiting caller that the limit was passed (set while a budget runs).
+    static NOTIFY: Cell<Option<*const (dyn Fn() + 'static)>> = const { Cell::new(None) };
+}
+
+/// Work that [`run_within`] stopped: it needed more than `limit` bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OverBudget {
+    pub limit: usize,
+}
+
+impl std::fmt::Display for OverBudget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "needed more than {} MiB of memory", self.limit >> 20)
+    }
+}
+
+/// Charges `bytes` to this thread's budget, if it has one; past the limit the thread stops.
+#[inline]
+fn charge(bytes: usize) {
+    let limit = LIMIT.with(Cell::get);
+    if limit < 0 {
+        return;
+    }
+    let used = USED.with(|u| {
+        // A layout's size is at most isize::MAX.
+        let v = u.get().saturating_add(bytes as isize);
+        u.set(v);
+        v
+    });
+    if used > limit {
+        stop();
+    }
+}
+
+#[inline]
+fn credit(bytes: usize) {
+    if LIMIT.with(Cell::get) >= 0 {
+        USED.with(|u| u.set(u.get().saturating_sub(bytes as isize)));
+    }
+}
+
+/// Ends the budgeted thread's work: the caller is told, and this thread sleeps for good.
+#[cold]
+fn stop() -> ! {
+    // Whatever telling the caller allocates is not charged (no recursion into `stop`).
+    LIMIT.with(|l| l.set(-1));
+    if let Some(notify) = NOTIFY.with(Cell::get) {
+        // SAFETY: `run_within` sets the pointer to a closure on its thread's stack, in the
+        // frame that runs the work: alive until the work returns, and this call is inside it.
+        unsafe { (*notify)() };
+    }
+    loop {
+        std::thread::sleep(Duration::from_secs(3600));
+    }
+}
+
+// SAFETY: every call is forwarded to the system allocator unchanged. The additions are
+// bookkeeping in thread-locals that never allocate, and `charge`, which may put the calling
+// thread to sleep for good instead of returning (it neither unwinds nor returns a bad pointer).
+unsafe impl GlobalAlloc for BudgetAllocator {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        if !INSTALLED.load(Relaxed) {
+            INSTALLED.store(true, Relaxed);
+        }
+        charge(layout.size());
+        System.alloc(layout)
+    }
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        charge(layout.size());
+        System.alloc_zeroed(layout)
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        credit(layout.size());
+        System.dealloc(ptr, layout)
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        if new_size > layout.size() {
+            charge(new_size - layout.size());
+        } else {
+            credit(layout.size() - new_size);
+        }
+        System.realloc(ptr, layout, new_size)
+    }
+}
+
+/// Runs `work` with at most `limit` bytes of heap outstanding at once: on a thread of its own
+/// when [`BudgetAllocator`] is the global allocator, else (or when no thread can be started)
+/// on this thread, unlimited. A panic in `work` is passed on to the caller.
+pub fn run_within<T, F>(limit: usize, work: F) -> Result<T, OverBudget>
+where
+    T: Send + 'static,
+    F: FnOnce() -> T + Send + 'static,
+{
+    if !INSTALLED.load(Relaxed) {
+        return Ok(work());
+    }
+    let over = OverBudget { limit };
+    let limit_bytes = isize::try_from(limit).unwrap_or(isize::MAX);
+    // The work goes over a channel once the thread runs, so it is still here if none starts.
+    let (work_tx, work_rx) = sync_channel::<F>(1);
+    let (tx, rx) = sync_channel::<Result<std::thread::Result<T>, OverBudget>>(1);
+    let spawned = std::thread::Builder::new()
+        .name("tandem-budgeted".into())
+        .spawn(move || {
+            let Ok(work) = work_rx.recv() else { return };
+            let tell = tx.clone();
+            let notify = move || {
+                let _ = tell.try_send(Err(over));
+            };
+            let notify_ref: &(dyn Fn() + 'static) = &notify;
+            NOTIFY.with(|n| n.set(Some(notify_ref as *const _)));
+            USED.with(|u| u.set(0));
+            LIMIT.with(|l| l.set(limit_bytes));
+            let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(work));
+            LIMIT.with(|l| l.set(-1));
+            NOTIFY.with(|n| n.set(None));
+            let _ = tx.send(Ok(out));
+        });
+    if spawned.is_err() {
+        return Ok(work());
+    }
+    if let Err(unsent) = work_tx.send(work) {
+        // The thread is gone before its first step (it cannot be: it only waits for this).
+        return Ok((unsent.0)());
+    }
+    match rx.recv() {
+        Ok(Ok(Ok(value))) => Ok(value),
+        Ok(Ok(Err(panic))) => std::panic::resume_unwind(panic),
+        // The thread ended without a word only by stopping (its sender is then kept alive,
+        // asleep), so a closed channel does not happen; treat it as the stop it would be.
+        Ok(Err(stopped)) => Err(stopped),
+        Err(_) => Err(over),
+    }
+}
+
+/// Whether [`BudgetAllocator`] serves this process, so that [`run_within`] limits work.
+pub fn is_enforced() -> bool {
+    INSTALLED.load(Relaxed)
+}

@@ -1,0 +1,111 @@
+//! `memory_budget`: work on untrusted input stopped at a heap limit with an error, not an
+//! abort, and a chat template from a model file rendered within it. This test binary installs
+//! the budgeted allocator, as the `tandem` binary and the Python module do.
+
+use std::path::Path;
+use tandem_model::chat::{ChatTemplate, Message};
+use tandem_model::memory_budget::{is_enforced, run_within, BudgetAllocator, OverBudget};
+
+#[global_allocator]
+static ALLOCATOR: BudgetAllocator = BudgetAllocator;
+
+const LIMIT: usize = 64 << 20;
+
+#[test]
+fn work_within_the_limit_returns_its_value() {
+    let v = run_within(LIMIT, || {
+        (0..1000u64).map(|i| i.to_string()).collect::<Vec<_>>()
+    });
+    assert!(is_enforced());
+    assert_eq!(v.unwrap()[999], "999");
+    // Memory freed as it goes does not count: 100 × 16 MiB, one at a time.
+    let total = run_within(LIMIT, || {
+        (0..100).map(|_| vec![1u8; 16 << 20].len()).sum::<usize>()
+    });
+    assert_eq!(total, Ok(1600 << 20));
+}
+
+#[test]
+fn growth_past_the_limit_stops_the_work() {
+    let grown = run_within(LIMIT, || {
+        let mut v = vec![0u8; 1 << 20];
+        for _ in 0..40 {
+            let copy = v.clone();
+            v.extend_from_slice(&copy);
+        }
+        v.len()
+    });
+    assert_eq!(grown, Err(OverBudget { limit: LIMIT }));
+    // One request far past the limit (and past any machine's memory) is refused before the
+    // system allocator sees it, so it cannot abort the process.
+    let huge = run_within(LIMIT, || Vec::<u64>::with_capacity(1 << 40).capacity());
+    assert_eq!(huge, Err(OverBudget { limit: LIMIT }));
+    assert_eq!(
+        OverBudget { limit: LIMIT }.to_string(),
+        "needed more than 64 MiB of memory"
+    );
+    // The process goes on: the next budgeted work runs on a fresh thread.
+    assert_eq!(run_within(LIMIT, || vec![7u8; 1 << 20][5]), Ok(7));
+}
+
+#[test]
+fn a_panic_in_the_work_reaches_the_caller() {
+    let caught = std::panic::catch_unwind(|| run_within(LIMIT, || -> u8 { panic!("inside") }));
+    let payload = caught.expect_err("the panic was lost");
+    assert_eq!(payload.downcast_ref::<&str>(), Some(&"inside"));
+}
+
+/// ChatML as SmolLM2-Instruct writes it, without its default system prompt.
+const CHATML: &str = "{% for message in messages %}<|im_start|>{{ message['role'] }}\n\
+    {{ message['content'] }}<|im_end|>\n{% endfor %}\
+    {% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}";
+
+#[test]
+fn a_real_template_renders_and_hostile_ones_fail_naming_their_source() {
+    let label = Path::new("model.gguf");
+    let t = ChatTemplate::new(label, CHATML, "<s>", "</s>").unwrap();
+    let text = t
+        .render(
+            &[
+                Message::new("system", "Be brief."),
+                Message::new("user", "Hi"),
+            ],
+            true,
+        )
+        .unwrap();
+    assert_eq!(
+        text,
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    );
+    // A long conversation stays far inside both limits.
+    let long: Vec<Message> = (0..20_000)
+        .map(|i| Message::new(["user", "assistant"][i % 2], "a few words of a turn"))
+        .collect();
+    assert!(t.render(&long, true).unwrap().len() > 20_000 * 30);
+
+    let hostile = [
+        (
+            "{% set ns = namespace(s=[1]) %}{% for i in range(40) %}\
+             {% set ns.s = ns.s + ns.s %}{% endfor %}{{ ns.s|length }}",
+            "MiB of memory",
+        ),
+        (
+            "{% set ns = namespace(s='xxxxxxxx') %}{% for i in range(40) %}\
+             {% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s|length }}",
+            "MiB of memory",
+        ),
+        (
+            "{% for i in range(99999) %}{% for j in range(99999) %}x{% endfor %}{% endfor %}",
+            "out of fuel",
+        ),
+    ];
+    for (source, needle) in hostile {
+        let t = ChatTemplate::new(label, source, "<s>", "</s>").unwrap();
+        let err = t.render(&[Message::new("user", "Hi")], true).unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.starts_with("model.gguf: chat template: ") && msg.contains(needle),
+            "{msg}"
+        );
+    }
+}
