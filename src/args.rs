@@ -122,6 +122,12 @@ pub fn check_generation_flags(
     if ctx == Some(0) {
         anyhow::bail!("--ctx must be at least 1 position (the prompt and what is generated)");
     }
+    if let Some(d) = drafting {
+        let most = tandem_speculate::MAX_DRAFT_TOKENS;
+        if !(1..=most).contains(&d.draft_max) {
+            anyhow::bail!("--draft-max {} is outside 1..={most}", d.draft_max);
+        }
+    }
     // NaN fails the range check too.
     let probabilities = drafting.map(|d| {
         [
@@ -179,6 +185,10 @@ impl RuntimeArgs {
     pub fn load_options(&self) -> Result<tandem_model::LoadOptions> {
         if self.threads == Some(0) {
             anyhow::bail!("--threads must be at least 1");
+        }
+        let most = tandem_kernels::pool::MAX_THREADS;
+        if let Some(n) = self.threads.filter(|&n| n > most) {
+            anyhow::bail!("--threads {n} is more than {most}");
         }
         let device = if self.gpu {
             let name = tandem_model::linear::gpu_name()?;

@@ -128,11 +128,12 @@ fn main() -> ExitCode {
     install_signal_cleanup();
     // The command runs inside the worker pool, so the thread that runs the serial parts of a
     // forward pass is itself a worker: n threads on n cores, none spinning against it.
-    let pool = args::thread_pool(cli.runtime.threads);
+    // The flags are checked before the pool is built (`--threads 100000` spawned threads for
+    // minutes before any check ran).
     let result = cli
         .runtime
         .load_options()
-        .and_then(|load| pool.install(|| run(cli.command, &load)));
+        .and_then(|load| args::thread_pool(load.threads).install(|| run(cli.command, &load)));
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -160,13 +160,17 @@ impl Governor {
     }
 }
 
+/// The widest pool (llama.cpp's `GGML_MAX_N_THREADS` too): wider requests are cut to it, so
+/// a caller's typo cannot start a hundred thousand spinning threads.
+pub const MAX_THREADS: usize = 512;
+
 static THREADS: AtomicUsize = AtomicUsize::new(0);
 static POOL: OnceLock<Pool> = OnceLock::new();
 
 /// Sets the number of threads (the caller included) before the pool first runs; later calls
 /// have no effect. Default: `RAYON_NUM_THREADS`, else every core.
 pub fn set_threads(n: usize) {
-    THREADS.store(n.max(1), SeqCst);
+    THREADS.store(n.clamp(1, MAX_THREADS), SeqCst);
 }
 
 /// Pools of a given width asked for by [`with_threads`] (leaked: a process asks for a few at
@@ -182,7 +186,7 @@ thread_local! {
 /// pool when it already has it): two models loaded with the same thread count (a verifier and
 /// its draft) share one set of spinning workers instead of competing with two.
 pub fn with_threads(threads: usize) -> &'static Pool {
-    let threads = threads.max(1);
+    let threads = threads.clamp(1, MAX_THREADS);
     if let Some(g) = POOL.get().filter(|g| g.threads() == threads) {
         return g;
     }
@@ -228,7 +232,7 @@ pub fn global() -> &'static Pool {
                 }),
             n => n,
         };
-        Pool::new(n)
+        Pool::new(n.min(MAX_THREADS))
     })
 }
 

@@ -1,7 +1,7 @@
 //! Speed measurement in llama-bench's terms: `pp N` (prefill N tokens into an empty cache) and
 //! `tg N` (decode N tokens one at a time), in tokens per second.
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::llama::{KvCache, Llama, Logits};
 use std::time::Instant;
 
@@ -17,12 +17,25 @@ fn tokens(model: &Llama, n: usize) -> Vec<u32> {
 /// llama-bench keeps its context and clears it between runs, the cache's pages are touched
 /// by the warm-up run and not faulted in again inside every timed one.
 pub fn bench_cache(model: &Llama, n: usize) -> Result<KvCache> {
-    model.new_cache_with_limit(n + 1)
+    model.new_cache_with_limit(n.saturating_add(1))
+}
+
+/// `needed` positions fit `cache` (checked before the token ids are made: `--pp 10⁹` asked
+/// for 4 GB of them before the forward pass said the context was full).
+fn check_fits(cache: &KvCache, needed: usize) -> Result<()> {
+    if needed > cache.limit() {
+        return Err(Error::ContextFull {
+            needed,
+            limit: cache.limit(),
+        });
+    }
+    Ok(())
 }
 
 /// Seconds to prefill `n` tokens into `cache`, emptied first (logits for the last position
 /// only).
 pub fn time_prefill(model: &Llama, cache: &mut KvCache, n: usize) -> Result<f64> {
+    check_fits(cache, n)?;
     let toks = tokens(model, n);
     cache.truncate(0);
     let t = Instant::now();
@@ -33,6 +46,7 @@ pub fn time_prefill(model: &Llama, cache: &mut KvCache, n: usize) -> Result<f64>
 /// Seconds to decode `n` tokens one by one into `cache` (emptied first) after a single
 /// starting token.
 pub fn time_decode(model: &Llama, cache: &mut KvCache, n: usize) -> Result<f64> {
+    check_fits(cache, n.saturating_add(1))?;
     let toks = tokens(model, n + 1);
     cache.truncate(0);
     model.forward(&toks[..1], cache, Logits::Last)?;
@@ -47,8 +61,10 @@ pub fn time_decode(model: &Llama, cache: &mut KvCache, n: usize) -> Result<f64> 
 /// `context`-token cache and rolled back afterwards: the cost of a speculative verification
 /// pass (k = drafted tokens + 1). k = 1 is plain decode at that context.
 pub fn time_verify(model: &Llama, k: usize, context: usize, passes: usize) -> Result<f64> {
-    let toks = tokens(model, context + k);
-    let mut cache = model.new_cache_with_limit(context + k)?;
+    let needed = context.saturating_add(k);
+    let mut cache = model.new_cache_with_limit(needed)?;
+    check_fits(&cache, needed)?;
+    let toks = tokens(model, needed);
     model.forward(&toks[..context], &mut cache, Logits::Last)?;
     let t = Instant::now();
     for _ in 0..passes {

@@ -72,6 +72,10 @@ fn set_threads(threads: usize) -> PyResult<()> {
     if threads == 0 {
         return Err(err("threads must be at least 1"));
     }
+    let most = tandem_kernels::pool::MAX_THREADS;
+    if threads > most {
+        return Err(err(format!("threads {threads} is more than {most}")));
+    }
     let mut set = false;
     POOL.get_or_init(|| {
         set = true;
@@ -838,9 +842,7 @@ impl SpeculativeDecoder {
         adapt: bool,
         draft_p_min: f32,
     ) -> PyResult<Self> {
-        if draft_max == 0 {
-            return Err(err("draft_max must be at least 1"));
-        }
+        tandem_speculate::check_draft_max(draft_max).map_err(err)?;
         if !(0.0..=1.0).contains(&draft_p_min) {
             return Err(err(format!("draft_p_min {draft_p_min} is outside 0..=1")));
         }

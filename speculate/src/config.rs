@@ -89,9 +89,17 @@ impl Default for SpecConfig {
     }
 }
 
+/// Most tokens a run may draft per verifier pass. Passes of 9 rows already cost ~1.7 one-row
+/// passes on the CPU (BENCHMARKS.md), and the draft-length controller weighs every length up
+/// to the limit at each step, so a limit of 10⁹ (a typo, or a hostile caller of the C ABI)
+/// made a 5-token run spin for minutes.
+pub const MAX_DRAFT_TOKENS: usize = 256;
+
 impl SpecConfig {
-    /// The acceptance rule the sampling parameters call for.
+    /// The acceptance rule the sampling parameters call for; every run builds it first, so
+    /// it also refuses a `draft_max` of 0 or over [`MAX_DRAFT_TOKENS`].
     pub fn rule(&self) -> Result<Box<dyn AcceptanceRule>> {
+        check_draft_max(self.draft_max)?;
         Ok(if self.params.is_greedy() {
             Box::new(Greedy)
         } else if self.coupled {
@@ -217,5 +225,43 @@ impl SpecConfig {
             *memory = Some(m);
         }
         result
+    }
+}
+
+/// `draft_max` within 1..=[`MAX_DRAFT_TOKENS`].
+pub fn check_draft_max(draft_max: usize) -> Result<()> {
+    if (1..=MAX_DRAFT_TOKENS).contains(&draft_max) {
+        Ok(())
+    } else {
+        Err(crate::Error::Mismatch(format!(
+            "draft_max {draft_max} is outside 1..={MAX_DRAFT_TOKENS} (most tokens drafted per verifier pass)"
+        )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_run_refuses_draft_lengths_of_zero_and_past_the_limit() {
+        for bad in [0, MAX_DRAFT_TOKENS + 1, 1_000_000_000] {
+            let c = SpecConfig {
+                draft_max: bad,
+                ..SpecConfig::default()
+            };
+            let e = c.rule().err().expect("accepted").to_string();
+            assert!(
+                e.contains(&format!("draft_max {bad} is outside 1..=256")),
+                "{e}"
+            );
+        }
+        for good in [1, 8, MAX_DRAFT_TOKENS] {
+            let c = SpecConfig {
+                draft_max: good,
+                ..SpecConfig::default()
+            };
+            assert!(c.rule().is_ok());
+        }
     }
 }

@@ -27,7 +27,7 @@ pub use acceptance::{
     AcceptanceRule, CoupledSampling, Greedy, RejectionSampling, TreeVerdict, Verdict,
 };
 pub use batch::{BatchDecoder, BatchVerifier};
-pub use config::{DraftSampling, SpecConfig};
+pub use config::{check_draft_max, DraftSampling, SpecConfig, MAX_DRAFT_TOKENS};
 pub use controller::{AdaptiveK, Controller, ControllerMemory, FixedK};
 pub use decoder::{SpecStats, SpeculativeDecoder};
 pub use drafter::{

@@ -12,7 +12,7 @@
 //! | unknown architecture, mismatched tokenizer, not a model | `unknown_architecture`, `mismatched_tokenizer`, `not_a_model_file` |
 //! | GGUF bad magic, counts past the file, truncated data | `gguf_bad_magic`, `gguf_bad_counts`, `gguf_truncated_data` |
 //! | convert over an existing folder, failing convert leaves nothing | `convert_refuses_to_overwrite_and_leaves_nothing_on_failure` |
-//! | issue 15's probing: alignment 0, 2^31 context, 2^31 layers, 10^6-token vocabulary, misaligned offset, escape sequences and 2 KB names, duplicate keys, bad sweep variant, a draft with other tokens, `--max-tokens 0`, `--draft-p-min 2`/`NaN`, `--ctx 0`; chat templates in the file that build a 2⁴⁰-element list or string or loop 10¹⁰ times | `hostile_input_matrix` (one row each, below) |
+//! | issue 15's probing: alignment 0, 2^31 context, 2^31 layers, 10^6-token vocabulary, misaligned offset, escape sequences and 2 KB names, duplicate keys, bad sweep variant, a draft with other tokens, `--max-tokens 0`, `--draft-p-min 2`/`NaN`, `--ctx 0`, `--draft-max 10⁹`, `--threads 100000`, `bench --pp 10⁹`; chat templates in the file that build a 2⁴⁰-element list or string or loop 10¹⁰ times | `hostile_input_matrix` (one row each, below) |
 //! | quantize: existing output without --force, NaN source tensor, policy and recipe errors | quantize.rs `refuses_overwrite_and_nan_and_leaves_nothing_behind`, `policy_errors_and_recipes` |
 //! | SIGINT / SIGTERM / SIGHUP during quantize, convert, calibrate, eval, sweeps | signals.rs |
 //! | C ABI: NULL verifier, NULL forward/rollback, vocab_size 0 or 2^64−1, context_limit 0, draft vocabulary differing, an engine error | tests/c/engine.c (run by c_abi.rs) |
@@ -615,6 +615,24 @@ const CASES: &[Case] = &[
         name: "9d. --ctx 0",
         setup: |_| generate_with(&["--ctx", "0"]),
         needles: &["--ctx must be at least 1"],
+    },
+    Case {
+        name: "9e. --draft-max 10^9 (the controller weighed every length at each step)",
+        setup: |_| generate_with(&["--draft", "ngram", "--draft-max", "1000000000"]),
+        needles: &["--draft-max 1000000000 is outside 1..=256"],
+    },
+    Case {
+        name: "9f. --threads 100000 (spawned before any check)",
+        setup: |_| generate_with(&["--threads", "100000"]),
+        needles: &["--threads 100000 is more than 512"],
+    },
+    Case {
+        name: "9g. bench --pp 10^9 is refused before 4 GB of token ids",
+        setup: |_| {
+            let args = vec!["bench", "--model", "{}", "--pp", "1000000000", "--tg", "0"];
+            (stories(), args)
+        },
+        needles: &["context length exceeded: 1000000000 positions needed"],
     },
     Case {
         name: "10a. GGUF chat template doubling a list 40 times (a 2^40-element allocation)",
