@@ -326,6 +326,12 @@ pub fn calibration_options(
     Ok(o)
 }
 
+/// Most self-calibration tokens a run may ask for: SmolLM2-135M holds ~8.6 KB of calibration
+/// activations per token (137 MB for 15,872), so this is ~9 GB already, and the q8_0 copy
+/// generates them at a few hundred tokens a second. `--calib-self 10¹²` reserved 4 TB for the
+/// token ids and aborted.
+pub const MAX_SELF_CALIBRATION_TOKENS: usize = 1 << 20;
+
 /// Adds `tokens` of the model's own answers to the calibration (0: the text only). For one
 /// method: rounding to nearest reads no calibration, so asking it to self-calibrate is an
 /// error, not an option silently ignored. (A sweep mixes methods and sets this on its
@@ -333,6 +339,11 @@ pub fn calibration_options(
 pub fn set_self_calibration(o: &mut CalibratedOptions, tokens: usize) -> Result<()> {
     if tokens == 0 {
         return Ok(());
+    }
+    if tokens > MAX_SELF_CALIBRATION_TOKENS {
+        return Err(Error::Plan(format!(
+            "self-calibration (--calib-self, calib_self) of {tokens} tokens is more than {MAX_SELF_CALIBRATION_TOKENS}: the generation takes hours and the calibration activations alone GBs"
+        )));
     }
     if !o.method.is_calibrated() {
         return Err(Error::Plan(

@@ -131,7 +131,10 @@ pub fn generate(
     let generator = crate::quantized_copy(ck, crate::QuantType::Q8_0, true)?;
     let model = generator.load_model(load)?;
     let eos = &ck.tokenizer.eos_ids;
-    let mut out: Vec<u32> = Vec::with_capacity(opts.tokens + opts.max_answer);
+    // The reservation is capped: `opts.tokens` is a caller's number, checked by
+    // `job::set_self_calibration` but not by every library caller.
+    let mut out: Vec<u32> =
+        Vec::with_capacity(opts.tokens.saturating_add(opts.max_answer).min(1 << 20));
     let mut open: Vec<Answer> = Vec::new();
     let mut started = 0usize;
     loop {
