@@ -19,6 +19,34 @@ const RENDER_FUEL: u64 = 20_000_000;
 const RENDER_MEMORY_BASE: usize = 256 << 20;
 const RENDER_MEMORY_PER_INPUT_BYTE: usize = 16;
 
+/// Longest text a rendering may make: this much plus [`RENDER_OUTPUT_PER_INPUT_BYTE`] for
+/// each byte of the messages. A real template adds a system prompt and a few tags per
+/// message; a hostile one printed 200 MB inside its memory budget, and tokenizing that took
+/// 19 GB and a minute before the context check refused it.
+const RENDER_OUTPUT_BASE: usize = 1 << 20;
+const RENDER_OUTPUT_PER_INPUT_BYTE: usize = 16;
+
+/// The rendered text, refusing to grow past `cap` bytes.
+struct CappedText {
+    text: Vec<u8>,
+    cap: usize,
+    overflowed: bool,
+}
+
+impl std::io::Write for CappedText {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.text.len() + buf.len() > self.cap {
+            self.overflowed = true;
+            return Err(std::io::Error::other("rendered text too long"));
+        }
+        self.text.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 /// One turn of a conversation.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct Message {
@@ -105,8 +133,9 @@ impl ChatTemplate {
     /// assistant's answer starts.
     ///
     /// The template is the model file's, so it is run as untrusted code: at most
-    /// [`RENDER_FUEL`] instructions, and (where the binary installs
-    /// [`crate::memory_budget::BudgetAllocator`]) a bounded heap. Either limit ends in an error
+    /// [`RENDER_FUEL`] instructions, a text at most [`RENDER_OUTPUT_BASE`] plus 16 bytes per
+    /// byte of the messages, and (where the binary installs
+    /// [`crate::memory_budget::BudgetAllocator`]) a bounded heap. Each limit ends in an error
     /// naming the template's source, never a hang or an abort.
     pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
         let input: usize = messages
@@ -124,15 +153,33 @@ impl ChatTemplate {
             self.bos_token.clone(),
             self.eos_token.clone(),
         );
+        let cap = input
+            .saturating_mul(RENDER_OUTPUT_PER_INPUT_BYTE)
+            .saturating_add(RENDER_OUTPUT_BASE);
         let rendered = crate::memory_budget::run_within(limit, move || {
             let t = env.get_template("chat").map_err(|e| e.to_string())?;
-            t.render(minijinja::context! {
-                messages => messages,
-                add_generation_prompt => add_generation_prompt,
-                bos_token => bos,
-                eos_token => eos,
-            })
-            .map_err(|e| e.display_debug_info_oneline())
+            let mut out = CappedText {
+                text: Vec::new(),
+                cap,
+                overflowed: false,
+            };
+            let result = t.render_captured_to(
+                minijinja::context! {
+                    messages => messages,
+                    add_generation_prompt => add_generation_prompt,
+                    bos_token => bos,
+                    eos_token => eos,
+                },
+                &mut out,
+            );
+            match result {
+                _ if out.overflowed => Err(format!(
+                    "rendering made more than {cap} bytes of text from {input} bytes of messages"
+                )),
+                Err(e) => Err(e.display_debug_info_oneline()),
+                // Every piece written is a &str, so the whole is UTF-8.
+                Ok(_) => String::from_utf8(out.text).map_err(|e| e.to_string()),
+            }
         });
         match rendered {
             Ok(Ok(text)) => Ok(text),

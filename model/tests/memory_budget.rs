@@ -95,8 +95,12 @@ fn a_real_template_renders_and_hostile_ones_fail_naming_their_source() {
             "MiB of memory",
         ),
         (
-            "{% for i in range(99999) %}{% for j in range(99999) %}x{% endfor %}{% endfor %}",
+            "{% for i in range(99999) %}{% for j in range(99999) %}{% endfor %}{% endfor %}",
             "out of fuel",
+        ),
+        (
+            "{% for i in range(99999) %}{{ 'hello world ' * 170 }}{% endfor %}",
+            "more than 1048784 bytes of text from 13 bytes of messages",
         ),
     ];
     for (source, needle) in hostile {

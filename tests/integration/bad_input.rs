@@ -12,7 +12,7 @@
 //! | unknown architecture, mismatched tokenizer, not a model | `unknown_architecture`, `mismatched_tokenizer`, `not_a_model_file` |
 //! | GGUF bad magic, counts past the file, truncated data | `gguf_bad_magic`, `gguf_bad_counts`, `gguf_truncated_data` |
 //! | convert over an existing folder, failing convert leaves nothing | `convert_refuses_to_overwrite_and_leaves_nothing_on_failure` |
-//! | issue 15's probing: alignment 0, 2^31 context, 2^31 layers, 10^6-token vocabulary, misaligned offset, escape sequences and 2 KB names, duplicate keys, bad sweep variant, a draft with other tokens, `--max-tokens 0`, `--draft-p-min 2`/`NaN`, `--ctx 0`, `--draft-max 10⁹`, `--threads 100000`, `bench --pp 10⁹`, `quantize --calib-self 10¹²`; chat templates in the file that build a 2⁴⁰-element list or string or loop 10¹⁰ times | `hostile_input_matrix` (one row each, below) |
+//! | issue 15's probing: alignment 0, 2^31 context, 2^31 layers, 10^6-token vocabulary, misaligned offset, escape sequences and 2 KB names, duplicate keys, bad sweep variant, a draft with other tokens, `--max-tokens 0`, `--draft-p-min 2`/`NaN`, `--ctx 0`, `--draft-max 10⁹`, `--threads 100000`, `bench --pp 10⁹`, `quantize --calib-self 10¹²`; chat templates in the file that build a 2⁴⁰-element list or string, loop 10¹⁰ times or print 200 MB | `hostile_input_matrix` (one row each, below) |
 //! | quantize: existing output without --force, NaN source tensor, policy and recipe errors | quantize.rs `refuses_overwrite_and_nan_and_leaves_nothing_behind`, `policy_errors_and_recipes` |
 //! | SIGINT / SIGTERM / SIGHUP during quantize, convert, calibrate, eval, sweeps | signals.rs |
 //! | C ABI: NULL verifier, NULL forward/rollback, vocab_size 0 or 2^64−1, context_limit 0, draft vocabulary differing, an engine error | tests/c/engine.c (run by c_abi.rs) |
@@ -681,10 +681,20 @@ const CASES: &[Case] = &[
         setup: |d| {
             chat_template_gguf(
                 d,
-                "{% for i in range(99999) %}{% for j in range(99999) %}x{% endfor %}{% endfor %}",
+                "{% for i in range(99999) %}{% for j in range(99999) %}{% endfor %}{% endfor %}",
             )
         },
         needles: &["hostile.gguf", "chat template", "out of fuel"],
+    },
+    Case {
+        name: "10d. GGUF chat template printing 200 MB (19 GB and a minute in the tokenizer)",
+        setup: |d| {
+            chat_template_gguf(
+                d,
+                "{% for i in range(99999) %}{{ 'hello world ' * 170 }}{% endfor %}",
+            )
+        },
+        needles: &["hostile.gguf", "chat template", "bytes of text from"],
     },
 ];
 
