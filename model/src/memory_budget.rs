@@ -9,8 +9,8 @@
 //! the machine's memory first). So a binary that installs [`BudgetAllocator`] as its global
 //! allocator lets [`run_within`] charge every allocation of the work's own thread against a
 //! limit. Past it, that thread stops for good: it sleeps inside the allocator, holding nothing
-//! the rest of the process uses, and the caller gets [`OverBudget`], a clean error, instead of
-//! an abort. Where the allocator is not installed (a library user's own binary), `run_within`
+//! the rest of the process uses (what it allocated, at most the limit, is not returned), and
+//! the caller gets [`OverBudget`], a clean error, instead of an abort. Where the allocator is not installed (a library user's own binary), `run_within`
 //! runs the work on the caller's thread with no limit.
 //!
 //! Why by hand: no crate limits one thread's heap on stable Rust (an allocation error hook
