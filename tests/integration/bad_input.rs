@@ -12,7 +12,7 @@
 //! | unknown architecture, mismatched tokenizer, not a model | `unknown_architecture`, `mismatched_tokenizer`, `not_a_model_file` |
 //! | GGUF bad magic, counts past the file, truncated data | `gguf_bad_magic`, `gguf_bad_counts`, `gguf_truncated_data` |
 //! | convert over an existing folder, failing convert leaves nothing | `convert_refuses_to_overwrite_and_leaves_nothing_on_failure` |
-//! | issue 15's probing: alignment 0, 2^31 context, 2^31 layers, 10^6-token vocabulary, misaligned offset, escape sequences and 2 KB names, duplicate keys, bad sweep variant, a draft with other tokens, `--max-tokens 0`, `--draft-p-min 2`/`NaN`, `--ctx 0`, `--draft-max 10⁹`, `--threads 100000`, `bench --pp 10⁹`, `quantize --calib-self 10¹²`; chat templates in the file that build a 2⁴⁰-element list or string, loop 10¹⁰ times or print 200 MB | `hostile_input_matrix` (one row each, below) |
+//! | issue 15's probing: alignment 0, 2^31 context, 2^31 layers, NaN or infinite RMS epsilon, RoPE base and scaling factor, 10^6-token vocabulary, misaligned offset, escape sequences and 2 KB names, duplicate keys, bad sweep variant, a draft with other tokens, `--max-tokens 0`, `--draft-p-min 2`/`NaN`, `--ctx 0`, `--draft-max 10⁹`, `--threads 100000`, `bench --pp 10⁹`, `quantize --calib-self 10¹²`; chat templates in the file that build a 2⁴⁰-element list or string, loop 10¹⁰ times or print 200 MB | `hostile_input_matrix` (one row each, below) |
 //! | quantize: existing output without --force, NaN source tensor, policy and recipe errors | quantize.rs `refuses_overwrite_and_nan_and_leaves_nothing_behind`, `policy_errors_and_recipes` |
 //! | SIGINT / SIGTERM / SIGHUP during quantize, convert, calibrate, eval, sweeps | signals.rs |
 //! | C ABI: NULL verifier, NULL forward/rollback, vocab_size 0 or 2^64−1, context_limit 0, draft vocabulary differing, an engine error | tests/c/engine.c (run by c_abi.rs) |
@@ -653,6 +653,44 @@ const CASES: &[Case] = &[
             (stories(), args)
         },
         needles: &["1000000000000 tokens is more than 1048576"],
+    },
+    Case {
+        name: "3d. GGUF layer_norm_rms_epsilon NaN",
+        setup: |d| {
+            let p = d.join("eps.gguf");
+            edit_gguf(&stories_gguf(d), &p, |m, _| {
+                set_meta(
+                    m,
+                    "llama.attention.layer_norm_rms_epsilon",
+                    Value::F32(f32::NAN),
+                )
+            });
+            (p, GEN.to_vec())
+        },
+        needles: &["eps.gguf", "rms_norm_eps NaN"],
+    },
+    Case {
+        name: "3e. GGUF rope.freq_base infinite",
+        setup: |d| {
+            let p = d.join("rope.gguf");
+            edit_gguf(&stories_gguf(d), &p, |m, _| {
+                set_meta(m, "llama.rope.freq_base", Value::F32(f32::INFINITY))
+            });
+            (p, GEN.to_vec())
+        },
+        needles: &["rope.gguf", "rope_theta inf"],
+    },
+    Case {
+        name: "3f. GGUF rope.scaling.factor NaN",
+        setup: |d| {
+            let p = d.join("scale.gguf");
+            edit_gguf(&stories_gguf(d), &p, |m, _| {
+                set_meta(m, "llama.rope.scaling.type", Value::String("linear".into()));
+                set_meta(m, "llama.rope.scaling.factor", Value::F32(f32::NAN))
+            });
+            (p, GEN.to_vec())
+        },
+        needles: &["scale.gguf", "factor"],
     },
     Case {
         name: "10a. GGUF chat template doubling a list 40 times (a 2^40-element allocation)",
