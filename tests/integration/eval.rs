@@ -135,6 +135,16 @@ fn eval_report_is_consistent_cached_and_rendered() {
     assert!(ok && err.contains("reusing"), "{err}");
     let r2 = read_report(&rep);
     assert_eq!(r2.models[1].quality, r.models[1].quality);
+    // A damaged cache (one byte in its data flipped) fails its chunk's checksum: the pass is
+    // recomputed, and the numbers are the first run's, not the damaged bytes'.
+    let cache = rep.join("reference-cache.bin");
+    let mut bytes = std::fs::read(&cache).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x55;
+    std::fs::write(&cache, bytes).unwrap();
+    let (ok, _, err) = run(&[&args[..], &["--force"]].concat());
+    assert!(ok && !err.contains("reusing"), "{err}");
+    assert_eq!(read_report(&rep).models[1].quality, r.models[1].quality);
     // Another text invalidates the cache.
     let other = tmp.path().join("other.txt");
     std::fs::write(
