@@ -10,9 +10,24 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 /// Instructions a template may run per rendering (minijinja's fuel): SmolLM2's template ran
-/// 2,315 for 100 messages, so this is a conversation of most of a million turns, and a loop
-/// that a hostile template runs for ever stops within about a second.
-const RENDER_FUEL: u64 = 20_000_000;
+/// 2,315 for 100 messages, so this is a conversation of tens of thousands of turns, and a loop
+/// that a hostile template runs for ever stops within a tenth of a second. It also bounds how
+/// deep a template can nest a value (a list inside a list …): ~1.15 instructions a level with
+/// 40 literal brackets per statement, so under 900,000 levels (see [`RENDER_STACK`]).
+const RENDER_FUEL: u64 = 1_000_000;
+
+/// Stack of the thread a rendering runs on. Dropping, printing, comparing or sorting a nested
+/// value recurses once per level: printing measured 262-335 bytes a level (8 and 64 MiB
+/// stacks), dropping under 84, so the deepest value the fuel allows needs about 300 MB to
+/// print. A template that nested 90,000 levels overflowed the 2 MiB default and aborted the
+/// process. The stack is reserved address space; only what a rendering touches is memory.
+const RENDER_STACK: usize = 1 << 30;
+
+/// Longest a rendering may take. Fuel counts instructions, not the work inside a builtin: a
+/// template can build a list of millions of items and test membership in it in every one of
+/// its instructions, or pretty-print a value nested 400,000 deep (quadratic in the depth; it
+/// ran past a minute). A real template renders in well under a millisecond.
+const RENDER_DEADLINE: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Heap a rendering may hold at once (see [`crate::memory_budget`]): this much, plus
 /// [`RENDER_MEMORY_PER_INPUT_BYTE`] for each byte of the messages.
@@ -156,37 +171,38 @@ impl ChatTemplate {
         let cap = input
             .saturating_mul(RENDER_OUTPUT_PER_INPUT_BYTE)
             .saturating_add(RENDER_OUTPUT_BASE);
-        let rendered = crate::memory_budget::run_within(limit, move || {
-            let t = env.get_template("chat").map_err(|e| e.to_string())?;
-            let mut out = CappedText {
-                text: Vec::new(),
-                cap,
-                overflowed: false,
-            };
-            let result = t.render_captured_to(
-                minijinja::context! {
-                    messages => messages,
-                    add_generation_prompt => add_generation_prompt,
-                    bos_token => bos,
-                    eos_token => eos,
-                },
-                &mut out,
-            );
-            match result {
-                _ if out.overflowed => Err(format!(
+        let rendered =
+            crate::memory_budget::run_within(limit, RENDER_STACK, RENDER_DEADLINE, move || {
+                let t = env.get_template("chat").map_err(|e| e.to_string())?;
+                let mut out = CappedText {
+                    text: Vec::new(),
+                    cap,
+                    overflowed: false,
+                };
+                let result = t.render_captured_to(
+                    minijinja::context! {
+                        messages => messages,
+                        add_generation_prompt => add_generation_prompt,
+                        bos_token => bos,
+                        eos_token => eos,
+                    },
+                    &mut out,
+                );
+                match result {
+                    _ if out.overflowed => Err(format!(
                     "rendering made more than {cap} bytes of text from {input} bytes of messages"
                 )),
-                Err(e) => Err(e.display_debug_info_oneline()),
-                // Every piece written is a &str, so the whole is UTF-8.
-                Ok(_) => String::from_utf8(out.text).map_err(|e| e.to_string()),
-            }
-        });
+                    Err(e) => Err(e.display_debug_info_oneline()),
+                    // Every piece written is a &str, so the whole is UTF-8.
+                    Ok(_) => String::from_utf8(out.text).map_err(|e| e.to_string()),
+                }
+            });
         match rendered {
             Ok(Ok(text)) => Ok(text),
             Ok(Err(msg)) => Err(format_err(&self.label, format!("chat template: {msg}"))),
-            Err(over) => Err(format_err(
+            Err(budget) => Err(format_err(
                 &self.label,
-                format!("chat template: rendering {over}"),
+                format!("chat template: rendering {budget}"),
             )),
         }
     }

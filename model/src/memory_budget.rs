@@ -10,7 +10,7 @@
 //! allocator lets [`run_within`] charge every allocation of the work's own thread against a
 //! limit. Past it, that thread stops for good: it sleeps inside the allocator, holding nothing
 //! the rest of the process uses (what it allocated, at most the limit, is not returned), and
-//! the caller gets [`OverBudget`], a clean error, instead of an abort. Where the allocator is not installed (a library user's own binary), `run_within`
+//! the caller gets [`BudgetError::Exceeded`], a clean error, instead of an abort. Where the allocator is not installed (a library user's own binary), `run_within`
 //! runs the work on the caller's thread with no limit.
 //!
 //! Why by hand: no crate limits one thread's heap on stable Rust (an allocation error hook
@@ -19,7 +19,7 @@
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
-use std::sync::mpsc::sync_channel;
+use std::sync::mpsc::{sync_channel, RecvTimeoutError};
 use std::time::Duration;
 
 /// The system allocator, plus the accounting of [`run_within`]'s threads.
@@ -37,17 +37,34 @@ thread_local! {
     static USED: Cell<isize> = const { Cell::new(0) };
     /// Tells the waiting caller that the limit was passed (set while a budget runs).
     static NOTIFY: Cell<Option<*const (dyn Fn() + 'static)>> = const { Cell::new(None) };
+    /// Set by the caller when it stopped waiting (the deadline passed): the work's next
+    /// allocation stops it.
+    static CANCELLED: Cell<*const AtomicBool> = const { Cell::new(std::ptr::null()) };
 }
 
-/// Work that [`run_within`] stopped: it needed more than `limit` bytes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct OverBudget {
-    pub limit: usize,
+/// Why [`run_within`] returned no result.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BudgetError {
+    /// The work needed more than `limit` bytes of heap and was stopped.
+    Exceeded { limit: usize },
+    /// It ran past `after`: the caller stopped waiting, and the work stops at its next
+    /// allocation.
+    TimedOut { after: Duration },
+    /// No thread could be started for it (the message says why).
+    NoThread(String),
 }
 
-impl std::fmt::Display for OverBudget {
+impl std::fmt::Display for BudgetError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "needed more than {} MiB of memory", self.limit >> 20)
+        match self {
+            BudgetError::Exceeded { limit } => {
+                write!(f, "needed more than {} MiB of memory", limit >> 20)
+            }
+            BudgetError::TimedOut { after } => {
+                write!(f, "took more than {} s", after.as_secs_f64())
+            }
+            BudgetError::NoThread(e) => write!(f, "could not start a thread for it: {e}"),
+        }
     }
 }
 
@@ -64,7 +81,10 @@ fn charge(bytes: usize) {
         u.set(v);
         v
     });
-    if used > limit {
+    let cancelled = CANCELLED.with(Cell::get);
+    // SAFETY: a non-null pointer is the caller's flag, kept alive by the budgeted thread's
+    // own reference to it for as long as the thread runs its work.
+    if used > limit || (!cancelled.is_null() && unsafe { (*cancelled).load(Relaxed) }) {
         stop();
     }
 }
@@ -120,10 +140,17 @@ unsafe impl GlobalAlloc for BudgetAllocator {
     }
 }
 
-/// Runs `work` with at most `limit` bytes of heap outstanding at once: on a thread of its own
-/// when [`BudgetAllocator`] is the global allocator, else (or when no thread can be started)
-/// on this thread, unlimited. A panic in `work` is passed on to the caller.
-pub fn run_within<T, F>(limit: usize, work: F) -> Result<T, OverBudget>
+/// Runs `work` with at most `limit` bytes of heap outstanding at once, on a thread of its own
+/// with a `stack_bytes` stack, waiting at most `deadline` for it, when [`BudgetAllocator`] is
+/// the global allocator; else on this thread, unlimited. A panic in `work` is passed on to the
+/// caller. Work past its deadline stops at its next allocation (a loop that never allocates
+/// runs on in the background until it ends).
+pub fn run_within<T, F>(
+    limit: usize,
+    stack_bytes: usize,
+    deadline: Duration,
+    work: F,
+) -> Result<T, BudgetError>
 where
     T: Send + 'static,
     F: FnOnce() -> T + Send + 'static,
@@ -131,42 +158,42 @@ where
     if !INSTALLED.load(Relaxed) {
         return Ok(work());
     }
-    let over = OverBudget { limit };
+    let over = BudgetError::Exceeded { limit };
     let limit_bytes = isize::try_from(limit).unwrap_or(isize::MAX);
-    // The work goes over a channel once the thread runs, so it is still here if none starts.
-    let (work_tx, work_rx) = sync_channel::<F>(1);
-    let (tx, rx) = sync_channel::<Result<std::thread::Result<T>, OverBudget>>(1);
-    let spawned = std::thread::Builder::new()
+    let (tx, rx) = sync_channel::<Result<std::thread::Result<T>, BudgetError>>(1);
+    let notify_tx = tx.clone();
+    let cancel = std::sync::Arc::new(AtomicBool::new(false));
+    let cancel_seen = std::sync::Arc::clone(&cancel);
+    std::thread::Builder::new()
         .name("tandem-budgeted".into())
+        .stack_size(stack_bytes)
         .spawn(move || {
-            let Ok(work) = work_rx.recv() else { return };
-            let tell = tx.clone();
             let notify = move || {
-                let _ = tell.try_send(Err(over));
+                let _ = notify_tx.try_send(Err(BudgetError::Exceeded { limit }));
             };
             let notify_ref: &(dyn Fn() + 'static) = &notify;
             NOTIFY.with(|n| n.set(Some(notify_ref as *const _)));
+            CANCELLED.with(|c| c.set(std::sync::Arc::as_ptr(&cancel_seen)));
             USED.with(|u| u.set(0));
             LIMIT.with(|l| l.set(limit_bytes));
             let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(work));
             LIMIT.with(|l| l.set(-1));
             NOTIFY.with(|n| n.set(None));
+            CANCELLED.with(|c| c.set(std::ptr::null()));
             let _ = tx.send(Ok(out));
-        });
-    if spawned.is_err() {
-        return Ok(work());
-    }
-    if let Err(unsent) = work_tx.send(work) {
-        // The thread is gone before its first step (it cannot be: it only waits for this).
-        return Ok((unsent.0)());
-    }
-    match rx.recv() {
+        })
+        .map_err(|e| BudgetError::NoThread(e.to_string()))?;
+    match rx.recv_timeout(deadline) {
         Ok(Ok(Ok(value))) => Ok(value),
         Ok(Ok(Err(panic))) => std::panic::resume_unwind(panic),
-        // The thread ended without a word only by stopping (its sender is then kept alive,
-        // asleep), so a closed channel does not happen; treat it as the stop it would be.
         Ok(Err(stopped)) => Err(stopped),
-        Err(_) => Err(over),
+        Err(RecvTimeoutError::Timeout) => {
+            cancel.store(true, Relaxed);
+            Err(BudgetError::TimedOut { after: deadline })
+        }
+        // The thread ends without a word only by stopping, and then it keeps its senders
+        // alive, asleep: a closed channel does not happen. Treat it as the stop it would be.
+        Err(RecvTimeoutError::Disconnected) => Err(over),
     }
 }
 

@@ -3,23 +3,26 @@
 //! the budgeted allocator, as the `tandem` binary and the Python module do.
 
 use std::path::Path;
+use std::time::Duration;
 use tandem_model::chat::{ChatTemplate, Message};
-use tandem_model::memory_budget::{is_enforced, run_within, BudgetAllocator, OverBudget};
+use tandem_model::memory_budget::{is_enforced, run_within, BudgetAllocator, BudgetError};
 
 #[global_allocator]
 static ALLOCATOR: BudgetAllocator = BudgetAllocator;
 
 const LIMIT: usize = 64 << 20;
+const STACK: usize = 2 << 20;
+const DEADLINE: Duration = Duration::from_secs(60);
 
 #[test]
 fn work_within_the_limit_returns_its_value() {
-    let v = run_within(LIMIT, || {
+    let v = run_within(LIMIT, STACK, DEADLINE, || {
         (0..1000u64).map(|i| i.to_string()).collect::<Vec<_>>()
     });
     assert!(is_enforced());
     assert_eq!(v.unwrap()[999], "999");
     // Memory freed as it goes does not count: 100 × 16 MiB, one at a time.
-    let total = run_within(LIMIT, || {
+    let total = run_within(LIMIT, STACK, DEADLINE, || {
         (0..100).map(|_| vec![1u8; 16 << 20].len()).sum::<usize>()
     });
     assert_eq!(total, Ok(1600 << 20));
@@ -27,7 +30,7 @@ fn work_within_the_limit_returns_its_value() {
 
 #[test]
 fn growth_past_the_limit_stops_the_work() {
-    let grown = run_within(LIMIT, || {
+    let grown = run_within(LIMIT, STACK, DEADLINE, || {
         let mut v = vec![0u8; 1 << 20];
         for _ in 0..40 {
             let copy = v.clone();
@@ -35,22 +38,55 @@ fn growth_past_the_limit_stops_the_work() {
         }
         v.len()
     });
-    assert_eq!(grown, Err(OverBudget { limit: LIMIT }));
+    assert_eq!(grown, Err(BudgetError::Exceeded { limit: LIMIT }));
     // One request far past the limit (and past any machine's memory) is refused before the
     // system allocator sees it, so it cannot abort the process.
-    let huge = run_within(LIMIT, || Vec::<u64>::with_capacity(1 << 40).capacity());
-    assert_eq!(huge, Err(OverBudget { limit: LIMIT }));
+    let huge = run_within(LIMIT, STACK, DEADLINE, || {
+        Vec::<u64>::with_capacity(1 << 40).capacity()
+    });
+    assert_eq!(huge, Err(BudgetError::Exceeded { limit: LIMIT }));
     assert_eq!(
-        OverBudget { limit: LIMIT }.to_string(),
+        BudgetError::Exceeded { limit: LIMIT }.to_string(),
         "needed more than 64 MiB of memory"
     );
     // The process goes on: the next budgeted work runs on a fresh thread.
-    assert_eq!(run_within(LIMIT, || vec![7u8; 1 << 20][5]), Ok(7));
+    assert_eq!(
+        run_within(LIMIT, STACK, DEADLINE, || vec![7u8; 1 << 20][5]),
+        Ok(7)
+    );
+}
+
+#[test]
+fn work_past_its_deadline_is_abandoned_and_stops_at_its_next_allocation() {
+    let started = std::time::Instant::now();
+    let stopped = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let seen = std::sync::Arc::clone(&stopped);
+    let late = run_within(LIMIT, STACK, Duration::from_millis(200), move || {
+        // Runs for ever unless stopped; every round allocates.
+        loop {
+            seen.store(false, std::sync::atomic::Ordering::SeqCst);
+            std::hint::black_box(vec![0u8; 64]);
+        }
+    });
+    let after = Duration::from_millis(200);
+    assert_eq!(late, Err::<(), _>(BudgetError::TimedOut { after }));
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert_eq!(
+        BudgetError::TimedOut { after }.to_string(),
+        "took more than 0.2 s"
+    );
+    // Stopped at its next allocation: the flag it clears each round stays set.
+    std::thread::sleep(Duration::from_millis(50));
+    stopped.store(true, std::sync::atomic::Ordering::SeqCst);
+    std::thread::sleep(Duration::from_millis(50));
+    assert!(stopped.load(std::sync::atomic::Ordering::SeqCst));
 }
 
 #[test]
 fn a_panic_in_the_work_reaches_the_caller() {
-    let caught = std::panic::catch_unwind(|| run_within(LIMIT, || -> u8 { panic!("inside") }));
+    let caught = std::panic::catch_unwind(|| {
+        run_within(LIMIT, STACK, DEADLINE, || -> u8 { panic!("inside") })
+    });
     let payload = caught.expect_err("the panic was lost");
     assert_eq!(payload.downcast_ref::<&str>(), Some(&"inside"));
 }
@@ -99,10 +135,28 @@ fn a_real_template_renders_and_hostile_ones_fail_naming_their_source() {
             "out of fuel",
         ),
         (
+            // 2^21 items, tested 90,000 times: little fuel, 1.9·10¹¹ comparisons.
+            "{% set ns = namespace(b=[1]) %}{% for i in range(21) %}{% set ns.b = ns.b + ns.b %}\
+             {% endfor %}{% set big = ns.b|list %}{% for i in range(300) %}{% for j in range(300) %}\
+             {% if 5 in big %}{% endif %}{% endfor %}{% endfor %}",
+            "took more than 5 s",
+        ),
+        (
             "{% for i in range(99999) %}{{ 'hello world ' * 170 }}{% endfor %}",
             "more than 1048784 bytes of text from 13 bytes of messages",
         ),
     ];
+    // Values nested 90,000 deep are dropped and printed on the rendering's own stack (they
+    // overflowed the 2 MiB default and aborted the process).
+    let deep = "{% set ns = namespace(x=[]) %}{% for i in range(300) %}{% for j in range(300) %}\
+                {% set ns.x = [ns.x] %}{% endfor %}{% endfor %}";
+    for (tail, len) in [("x", 1), ("{{ ns.x }}", 180_002)] {
+        let t = ChatTemplate::new(label, &format!("{deep}{tail}"), "<s>", "</s>").unwrap();
+        assert_eq!(
+            t.render(&[Message::new("user", "Hi")], true).unwrap().len(),
+            len
+        );
+    }
     for (source, needle) in hostile {
         let t = ChatTemplate::new(label, source, "<s>", "</s>").unwrap();
         let err = t.render(&[Message::new("user", "Hi")], true).unwrap_err();

@@ -12,7 +12,7 @@
 //! | unknown architecture, mismatched tokenizer, not a model | `unknown_architecture`, `mismatched_tokenizer`, `not_a_model_file` |
 //! | GGUF bad magic, counts past the file, truncated data | `gguf_bad_magic`, `gguf_bad_counts`, `gguf_truncated_data` |
 //! | convert over an existing folder, failing convert leaves nothing | `convert_refuses_to_overwrite_and_leaves_nothing_on_failure` |
-//! | issue 15's probing: alignment 0, 2^31 context, 2^31 layers, NaN or infinite RMS epsilon, RoPE base and scaling factor, 10^6-token vocabulary, misaligned offset, escape sequences and 2 KB names, duplicate keys, bad sweep variant, a draft with other tokens, `--max-tokens 0`, `--draft-p-min 2`/`NaN`, `--ctx 0`, `--draft-max 10⁹`, `--threads 100000`, `bench --pp 10⁹`, `quantize --calib-self 10¹²`; chat templates in the file that build a 2⁴⁰-element list or string, loop 10¹⁰ times or print 200 MB | `hostile_input_matrix` (one row each, below) |
+//! | issue 15's probing: alignment 0, 2^31 context, 2^31 layers, NaN or infinite RMS epsilon, RoPE base and scaling factor, 10^6-token vocabulary, misaligned offset, escape sequences and 2 KB names, duplicate keys, bad sweep variant, a draft with other tokens, `--max-tokens 0`, `--draft-p-min 2`/`NaN`, `--ctx 0`, `--draft-max 10⁹`, `--threads 100000`, `bench --pp 10⁹`, `quantize --calib-self 10¹²`; chat templates in the file that build a 2⁴⁰-element list or string, loop 10¹⁰ times, print 200 MB, nest a list 90,000 deep or compare for minutes | `hostile_input_matrix` (one row each, below) |
 //! | quantize: existing output without --force, NaN source tensor, policy and recipe errors | quantize.rs `refuses_overwrite_and_nan_and_leaves_nothing_behind`, `policy_errors_and_recipes` |
 //! | SIGINT / SIGTERM / SIGHUP during quantize, convert, calibrate, eval, sweeps | signals.rs |
 //! | C ABI: NULL verifier, NULL forward/rollback, vocab_size 0 or 2^64−1, context_limit 0, draft vocabulary differing, an engine error | tests/c/engine.c (run by c_abi.rs) |
@@ -723,6 +723,29 @@ const CASES: &[Case] = &[
             )
         },
         needles: &["hostile.gguf", "chat template", "out of fuel"],
+    },
+    Case {
+        name: "10e. GGUF chat template nesting a list 90,000 deep (overflowed the stack: abort)",
+        setup: |d| {
+            chat_template_gguf(
+                d,
+                "{% set ns = namespace(x=[]) %}{% for i in range(300) %}{% for j in range(300) %}\
+                 {% set ns.x = [ns.x] %}{% endfor %}{% endfor %}{{ raise_exception('deep') }}",
+            )
+        },
+        needles: &["hostile.gguf", "chat template", "deep"],
+    },
+    Case {
+        name: "10f. GGUF chat template testing membership in 2^21 items 90,000 times",
+        setup: |d| {
+            chat_template_gguf(
+                d,
+                "{% set ns = namespace(b=[1]) %}{% for i in range(21) %}{% set ns.b = ns.b + ns.b %}\
+                 {% endfor %}{% set big = ns.b|list %}{% for i in range(300) %}\
+                 {% for j in range(300) %}{% if 5 in big %}{% endif %}{% endfor %}{% endfor %}",
+            )
+        },
+        needles: &["hostile.gguf", "chat template", "took more than 5 s"],
     },
     Case {
         name: "10d. GGUF chat template printing 200 MB (19 GB and a minute in the tokenizer)",
