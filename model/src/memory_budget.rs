@@ -20,10 +20,14 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::mpsc::{sync_channel, RecvTimeoutError};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// The system allocator, plus the accounting of [`run_within`]'s threads.
 pub struct BudgetAllocator;
+
+/// The smallest stack [`run_within`] falls back to when a larger one cannot be had.
+const MIN_STACK: usize = 16 << 20;
 
 /// Whether [`BudgetAllocator`] serves this process (set by its first allocation).
 static INSTALLED: AtomicBool = AtomicBool::new(false);
@@ -161,28 +165,45 @@ where
     let over = BudgetError::Exceeded { limit };
     let limit_bytes = isize::try_from(limit).unwrap_or(isize::MAX);
     let (tx, rx) = sync_channel::<Result<std::thread::Result<T>, BudgetError>>(1);
-    let notify_tx = tx.clone();
-    let cancel = std::sync::Arc::new(AtomicBool::new(false));
-    let cancel_seen = std::sync::Arc::clone(&cancel);
-    std::thread::Builder::new()
-        .name("tandem-budgeted".into())
-        .stack_size(stack_bytes)
-        .spawn(move || {
-            let notify = move || {
-                let _ = notify_tx.try_send(Err(BudgetError::Exceeded { limit }));
-            };
-            let notify_ref: &(dyn Fn() + 'static) = &notify;
-            NOTIFY.with(|n| n.set(Some(notify_ref as *const _)));
-            CANCELLED.with(|c| c.set(std::sync::Arc::as_ptr(&cancel_seen)));
-            USED.with(|u| u.set(0));
-            LIMIT.with(|l| l.set(limit_bytes));
-            let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(work));
-            LIMIT.with(|l| l.set(-1));
-            NOTIFY.with(|n| n.set(None));
-            CANCELLED.with(|c| c.set(std::ptr::null()));
-            let _ = tx.send(Ok(out));
-        })
-        .map_err(|e| BudgetError::NoThread(e.to_string()))?;
+    let cancel = Arc::new(AtomicBool::new(false));
+    // The work goes to the thread once one has started: when the address space (strict
+    // overcommit, a ulimit) refuses the stack asked for, the work is still here for a try
+    // with a smaller one.
+    let mut stack = stack_bytes;
+    let work_tx = loop {
+        let (work_tx, work_rx) = sync_channel::<F>(1);
+        let (tx, notify_tx, cancel_seen) = (tx.clone(), tx.clone(), Arc::clone(&cancel));
+        let started = std::thread::Builder::new()
+            .name("tandem-budgeted".into())
+            .stack_size(stack)
+            .spawn(move || {
+                let Ok(work) = work_rx.recv() else { return };
+                let notify = move || {
+                    let _ = notify_tx.try_send(Err(BudgetError::Exceeded { limit }));
+                };
+                let notify_ref: &(dyn Fn() + 'static) = &notify;
+                NOTIFY.with(|n| n.set(Some(notify_ref as *const _)));
+                CANCELLED.with(|c| c.set(Arc::as_ptr(&cancel_seen)));
+                USED.with(|u| u.set(0));
+                LIMIT.with(|l| l.set(limit_bytes));
+                let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(work));
+                LIMIT.with(|l| l.set(-1));
+                NOTIFY.with(|n| n.set(None));
+                CANCELLED.with(|c| c.set(std::ptr::null()));
+                let _ = tx.send(Ok(out));
+            });
+        match started {
+            Ok(_) => break work_tx,
+            Err(e) if stack <= MIN_STACK => return Err(BudgetError::NoThread(e.to_string())),
+            Err(_) => stack = (stack / 4).max(MIN_STACK),
+        }
+    };
+    drop(tx);
+    if work_tx.send(work).is_err() {
+        return Err(BudgetError::NoThread(
+            "it ended before its work came".into(),
+        ));
+    }
     match rx.recv_timeout(deadline) {
         Ok(Ok(Ok(value))) => Ok(value),
         Ok(Ok(Err(panic))) => std::panic::resume_unwind(panic),
