@@ -1,5 +1,5 @@
-//! A memory limit for work on untrusted input that sets none of its own: a chat template's
-//! rendering.
+//! A memory limit (and a deadline) for work on untrusted input that sets none of its own: a
+//! chat template's rendering.
 //!
 //! A chat template comes with the model file (GGUF `tokenizer.chat_template`,
 //! tokenizer_config.json), and a few Jinja statements can build a value of any size: a string
@@ -8,9 +8,10 @@
 //! and in Rust an allocation that fails aborts the process (one that succeeds, slowly, takes
 //! the machine's memory first). So a binary that installs [`BudgetAllocator`] as its global
 //! allocator lets [`run_within`] charge every allocation of the work's own thread against a
-//! limit. Past it, that thread stops for good: it sleeps inside the allocator, holding nothing
-//! the rest of the process uses (what it allocated, at most the limit, is not returned), and
-//! the caller gets [`BudgetError::Exceeded`], a clean error, instead of an abort. Where the allocator is not installed (a library user's own binary), `run_within`
+//! limit. Past it, or past the caller's deadline, that thread stops for good: it sleeps inside
+//! the allocator, holding nothing the rest of the process uses (what it allocated, at most the
+//! limit, is not returned), and the caller gets a [`BudgetError`], a clean error, instead of an
+//! abort. Where the allocator is not installed (a library user's own binary), `run_within`
 //! runs the work on the caller's thread with no limit.
 //!
 //! Why by hand: no crate limits one thread's heap on stable Rust (an allocation error hook
