@@ -149,9 +149,10 @@ impl ChatTemplate {
     ///
     /// The template is the model file's, so it is run as untrusted code: at most
     /// [`RENDER_FUEL`] instructions, a text at most [`RENDER_OUTPUT_BASE`] plus 16 bytes per
-    /// byte of the messages, and (where the binary installs
-    /// [`crate::memory_budget::BudgetAllocator`]) a bounded heap. Each limit ends in an error
-    /// naming the template's source, never a hang or an abort.
+    /// byte of the messages, on a thread with a [`RENDER_STACK`] stack that the caller waits
+    /// [`RENDER_DEADLINE`] for, and (where the binary installs
+    /// [`crate::memory_budget::BudgetAllocator`]) with a bounded heap. Each limit ends in an
+    /// error naming the template's source, never a hang or an abort.
     pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
         let input: usize = messages
             .iter()
@@ -247,6 +248,19 @@ pub fn template_from_config(cfg: &serde_json::Value) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Without the budgeted allocator (this test binary, a library user's own) a rendering
+    /// still runs on its own deep stack: a value nested 90,000 levels is dropped and printed
+    /// where the 2 MiB of a default thread overflowed.
+    #[test]
+    fn deep_values_render_without_the_budgeted_allocator() {
+        assert!(!crate::memory_budget::is_enforced());
+        let deep = "{% set ns = namespace(x=[]) %}{% for i in range(300) %}\
+                    {% for j in range(300) %}{% set ns.x = [ns.x] %}{% endfor %}{% endfor %}";
+        let t =
+            ChatTemplate::new(Path::new("m"), &format!("{deep}{{{{ ns.x }}}}"), "", "").unwrap();
+        assert_eq!(t.render(&[], false).unwrap().len(), 180_002);
+    }
 
     /// SmolLM2-Instruct's template, as its GGUF carries it.
     const SMOLLM2: &str = "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";

@@ -12,7 +12,7 @@
 //! the allocator, holding nothing the rest of the process uses (what it allocated, at most the
 //! limit, is not returned), and the caller gets a [`BudgetError`], a clean error, instead of an
 //! abort. Where the allocator is not installed (a library user's own binary), `run_within`
-//! runs the work on the caller's thread with no limit.
+//! still gives the work its own stack and the caller its deadline, but no heap limit.
 //!
 //! Why by hand: no crate limits one thread's heap on stable Rust (an allocation error hook
 //! and `-Z oom=panic` are unstable), and an allocator may not unwind.
@@ -145,11 +145,11 @@ unsafe impl GlobalAlloc for BudgetAllocator {
     }
 }
 
-/// Runs `work` with at most `limit` bytes of heap outstanding at once, on a thread of its own
-/// with a `stack_bytes` stack, waiting at most `deadline` for it, when [`BudgetAllocator`] is
-/// the global allocator; else on this thread, unlimited. A panic in `work` is passed on to the
-/// caller. Work past its deadline stops at its next allocation (a loop that never allocates
-/// runs on in the background until it ends).
+/// Runs `work` on a thread of its own with a `stack_bytes` stack, waiting at most `deadline`
+/// for it, and (when [`BudgetAllocator`] is the global allocator) with at most `limit` bytes
+/// of heap outstanding at once. A panic in `work` is passed on to the caller. Work past its
+/// deadline stops at its next allocation where the allocator is installed; elsewhere, and for
+/// a loop that never allocates, it runs on in the background until it ends.
 pub fn run_within<T, F>(
     limit: usize,
     stack_bytes: usize,
@@ -160,9 +160,6 @@ where
     T: Send + 'static,
     F: FnOnce() -> T + Send + 'static,
 {
-    if !INSTALLED.load(Relaxed) {
-        return Ok(work());
-    }
     let over = BudgetError::Exceeded { limit };
     let limit_bytes = isize::try_from(limit).unwrap_or(isize::MAX);
     let (tx, rx) = sync_channel::<Result<std::thread::Result<T>, BudgetError>>(1);
