@@ -28,7 +28,7 @@ pub struct PerplexityArgs {
 /// Perplexity of a model on a text, computed the way llama-perplexity computes it.
 pub fn perplexity(a: PerplexityArgs, load: &tandem_model::LoadOptions) -> Result<()> {
     let ck = Checkpoint::open(&a.model, a.tokenizer.as_deref())?;
-    let text = std::fs::read_to_string(&a.text)
+    let text = tandem_model::files::read_text_capped(&a.text, tandem_model::files::TEXT_CAP)
         .with_context(|| format!("{}: cannot read", a.text.display()))?;
     let chunks = tandem_eval::Chunks::new(&ck.tokenizer, &text, a.ctx, a.chunks)
         .with_context(|| a.text.display().to_string())?;

@@ -300,7 +300,8 @@ pub fn calibrate(a: CalibrateArgs, load: &tandem_model::LoadOptions) -> Result<(
     let ck = Checkpoint::open(&a.model, a.tokenizer.as_deref())?;
     let (text, dataset) = match &a.text {
         Some(p) => (
-            std::fs::read_to_string(p).with_context(|| format!("{}: cannot read", p.display()))?,
+            tandem_model::files::read_text_capped(p, tandem_model::files::TEXT_CAP)
+                .with_context(|| format!("{}: cannot read", p.display()))?,
             p.display().to_string(),
         ),
         None => (

@@ -106,9 +106,8 @@ const DEFAULT_PROMPTS: &str = include_str!("../scripts/spec-prompts.jsonl");
 pub fn bench_spec(a: BenchSpecArgs, load: &tandem_model::LoadOptions) -> Result<()> {
     check_generation_flags(a.max_tokens, None, Some(&a.drafting))?;
     let text = match &a.prompts {
-        Some(p) => {
-            std::fs::read_to_string(p).with_context(|| format!("{}: cannot read", p.display()))?
-        }
+        Some(p) => tandem_model::files::read_text_capped(p, tandem_model::files::TEXT_CAP)
+            .with_context(|| format!("{}: cannot read", p.display()))?,
         None => DEFAULT_PROMPTS.to_string(),
     };
     let source = || match &a.prompts {

@@ -94,10 +94,11 @@ pub fn create_output_dir(dir: &Path) -> Result<Option<Pending>> {
 
 /// Runs `job` and returns its report.
 pub fn run(job: &EvalJob, obs: &dyn EvalObserver) -> Result<Report> {
-    let text = std::fs::read_to_string(&job.text).map_err(|e| Error::Io {
-        path: job.text.clone(),
-        msg: format!("cannot read: {e}"),
-    })?;
+    let text = tandem_model::files::read_text_capped(&job.text, tandem_model::files::TEXT_CAP)
+        .map_err(|e| Error::Io {
+            path: job.text.clone(),
+            msg: format!("cannot read: {e}"),
+        })?;
     let rck = Checkpoint::open(&job.reference, None)?;
     // Open every candidate first: a bad file fails before any long work.
     let mut cands = Vec::new();

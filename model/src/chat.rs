@@ -140,7 +140,8 @@ impl ChatTemplate {
 
     /// The template file given with `--chat-template`.
     pub fn from_file(path: &Path, bos_token: &str, eos_token: &str) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| io_err(path, e))?;
+        let text = crate::files::read_text_capped(path, crate::files::CONFIG_CAP)
+            .map_err(|e| io_err(path, e))?;
         Self::new(path, &text, bos_token, eos_token)
     }
 

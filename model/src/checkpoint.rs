@@ -65,7 +65,8 @@ impl Checkpoint {
         if !cfg_path.exists() {
             return Err(format_err(dir, "missing config.json in the model folder"));
         }
-        let cfg_text = std::fs::read_to_string(&cfg_path).map_err(|e| io_err(&cfg_path, e))?;
+        let cfg_text = crate::files::read_text_capped(&cfg_path, crate::files::CONFIG_CAP)
+            .map_err(|e| io_err(&cfg_path, e))?;
         let config = Config::from_json(&cfg_path, &cfg_text)?;
         let cfg_json: serde_json::Value = serde_json::from_str(&cfg_text)
             .map_err(|e| format_err(&cfg_path, format!("invalid config.json: {e}")))?;

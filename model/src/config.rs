@@ -116,7 +116,8 @@ fn default_theta() -> f64 {
 impl Config {
     /// Reads and validates `config.json`.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| io_err(path, e))?;
+        let text = crate::files::read_text_capped(path, crate::files::CONFIG_CAP)
+            .map_err(|e| io_err(path, e))?;
         Self::from_json(path, &text)
     }
 

@@ -10,6 +10,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod error;
 pub mod export;
+pub mod files;
 pub mod generate;
 pub mod gguf_keys;
 pub mod gguf_names;

@@ -25,11 +25,12 @@ impl Tokenizer {
     /// Loads `tokenizer.json`; BOS policy from `tokenizer_config.json` (`add_bos_token`) when
     /// present, else from the post-processor's template.
     pub fn from_hf_files(tokenizer_json: &Path, tokenizer_config: Option<&Path>) -> Result<Self> {
-        let json =
-            std::fs::read_to_string(tokenizer_json).map_err(|e| io_err(tokenizer_json, e))?;
+        let json = crate::files::read_text_capped(tokenizer_json, crate::files::TOKENIZER_CAP)
+            .map_err(|e| io_err(tokenizer_json, e))?;
         let cfg: Option<Json> = match tokenizer_config {
             Some(p) if p.exists() => {
-                let t = std::fs::read_to_string(p).map_err(|e| io_err(p, e))?;
+                let t = crate::files::read_text_capped(p, crate::files::CONFIG_CAP)
+                    .map_err(|e| io_err(p, e))?;
                 Some(
                     serde_json::from_str(&t)
                         .map_err(|e| format_err(p, format!("invalid JSON: {e}")))?,
@@ -43,8 +44,10 @@ impl Tokenizer {
             if let Some(dir) = tokenizer_config.and_then(Path::parent) {
                 let f = dir.join("chat_template.jinja");
                 if f.is_file() {
-                    tok.chat_template =
-                        Some(std::fs::read_to_string(&f).map_err(|e| io_err(&f, e))?);
+                    tok.chat_template = Some(
+                        crate::files::read_text_capped(&f, crate::files::CONFIG_CAP)
+                            .map_err(|e| io_err(&f, e))?,
+                    );
                 }
             }
         }

@@ -517,7 +517,8 @@ fn checked_elems(shape: &[usize]) -> Option<usize> {
 /// Reads the shard list of a sharded checkpoint, refusing any file name that is not a plain
 /// name inside the model folder (an index must not point the loader elsewhere on disk).
 fn shard_files(dir: &Path, index: &Path) -> Result<Vec<PathBuf>> {
-    let text = std::fs::read_to_string(index).map_err(|e| io_err(index, e))?;
+    let text = crate::files::read_text_capped(index, crate::files::CONFIG_CAP)
+        .map_err(|e| io_err(index, e))?;
     let v: serde_json::Value =
         serde_json::from_str(&text).map_err(|e| format_err(index, format!("invalid JSON: {e}")))?;
     let map = v

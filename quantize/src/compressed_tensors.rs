@@ -424,7 +424,8 @@ pub fn write_folder(
         // config.json: the source's, with the quantization config (and the 16-bit type the
         // scales are written in, so a loader keeps them exact).
         let src_cfg = ck.path.join("config.json");
-        let text = std::fs::read_to_string(&src_cfg).map_err(|e| io_err(&src_cfg, &e))?;
+        let text = tandem_model::files::read_text_capped(&src_cfg, tandem_model::files::CONFIG_CAP)
+            .map_err(|e| io_err(&src_cfg, &e))?;
         let mut cfg: Value = serde_json::from_str(&text)
             .map_err(|e| Error::Plan(format!("{}: invalid JSON: {e}", src_cfg.display())))?;
         let Some(obj) = cfg.as_object_mut() else {

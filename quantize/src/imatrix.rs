@@ -40,7 +40,8 @@ impl ImportanceMatrix {
 
     /// Reads either format (GGUF is recognised by its magic).
     pub fn read(path: &Path) -> Result<Self> {
-        let bytes = std::fs::read(path).map_err(|e| io_err(path, &e))?;
+        let bytes = tandem_model::files::read_capped(path, tandem_model::files::IMATRIX_CAP)
+            .map_err(|e| io_err(path, &e))?;
         Self::from_bytes(path, bytes)
     }
 

@@ -306,10 +306,12 @@ pub fn calibration_options(
 ) -> Result<CalibratedOptions> {
     let mut o = CalibratedOptions::new(method);
     if let Some(p) = calib_text {
-        o.text = std::fs::read_to_string(p).map_err(|e| Error::Io {
-            path: p.to_path_buf(),
-            msg: format!("cannot read the calibration text: {e}"),
-        })?;
+        o.text = tandem_model::files::read_text_capped(p, tandem_model::files::TEXT_CAP).map_err(
+            |e| Error::Io {
+                path: p.to_path_buf(),
+                msg: format!("cannot read the calibration text: {e}"),
+            },
+        )?;
         o.text_name = p
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())

@@ -212,7 +212,8 @@ pub struct RecipeRule {
 
 impl Recipe {
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| crate::error::io_err(path, &e))?;
+        let text = tandem_model::files::read_text_capped(path, tandem_model::files::CONFIG_CAP)
+            .map_err(|e| crate::error::io_err(path, &e))?;
         Self::parse(path, &text)
     }
 
