@@ -113,6 +113,10 @@ impl ReferenceCache {
     /// Opens `path` if it holds a complete, undamaged pass for `key`; None if absent, stale,
     /// partial or damaged (every chunk's checksum is checked here, reading the file once).
     pub fn open(path: &Path, key: &str, chunks: &Chunks, vocab: usize) -> Option<Self> {
+        // Only a regular file is a cache (opening a named pipe would wait for a writer).
+        if !std::fs::metadata(path).ok()?.is_file() {
+            return None;
+        }
         let f = std::fs::File::open(path).ok()?;
         let len = f.metadata().ok()?.len();
         let mut r = BufReader::new(f);
@@ -163,6 +167,7 @@ impl ReferenceCache {
         chunks: &Chunks,
         progress: &dyn Fn(usize, usize),
     ) -> Result<Self> {
+        tandem_model::export::check_replaceable(path)?;
         let dir = path
             .parent()
             .filter(|p| !p.as_os_str().is_empty())

@@ -165,6 +165,20 @@ fn write_safetensors_f16(ck: &Checkpoint, path: &Path, progress: Progress<'_>) -
     Ok(())
 }
 
+/// Refuses `out` as an output when it is a device, pipe or socket. Outputs replace what is
+/// there by renaming a new file into place, which would leave a regular file where the device
+/// was: `quantize --out /dev/null --force`, run as root, replaced /dev/null. A symlink is
+/// replaced itself, never what it points to.
+pub fn check_replaceable(out: &Path) -> Result<()> {
+    match std::fs::symlink_metadata(out) {
+        Ok(m) if !(m.is_file() || m.is_dir() || m.file_type().is_symlink()) => Err(format_err(
+            out,
+            "is not a regular file or folder (a device, pipe or socket): tandem writes an output by renaming a new file into place, so it will not replace this",
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// Builds a directory under a temporary name beside `out`, then renames it into place.
 /// Refuses to replace an existing `out` unless `force`; removes the temporary on failure.
 pub fn write_dir_atomically<E: From<Error>>(
@@ -172,6 +186,7 @@ pub fn write_dir_atomically<E: From<Error>>(
     force: bool,
     build: impl FnOnce(&Path) -> std::result::Result<(), E>,
 ) -> std::result::Result<(), E> {
+    check_replaceable(out)?;
     if out.exists() && !force {
         return Err(format_err(out, "already exists (pass --force to overwrite)").into());
     }
@@ -221,6 +236,7 @@ pub fn write_file_atomically<E: From<Error>>(
     force: bool,
     build: impl FnOnce(&mut std::io::BufWriter<tempfile::NamedTempFile>) -> std::result::Result<(), E>,
 ) -> std::result::Result<(), E> {
+    check_replaceable(out)?;
     if out.exists() && !force {
         return Err(format_err(out, "already exists (pass --force to overwrite)").into());
     }

@@ -7,6 +7,7 @@ use std::path::Path;
 
 /// Refuses an existing `out` unless `force` (checked before any work is done).
 pub fn check_target(out: &Path, force: bool) -> Result<()> {
+    tandem_model::export::check_replaceable(out)?;
     if out.exists() && !force {
         return Err(Error::Io {
             path: out.to_path_buf(),

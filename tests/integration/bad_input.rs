@@ -12,7 +12,7 @@
 //! | unknown architecture, mismatched tokenizer, not a model | `unknown_architecture`, `mismatched_tokenizer`, `not_a_model_file` |
 //! | GGUF bad magic, counts past the file, truncated data | `gguf_bad_magic`, `gguf_bad_counts`, `gguf_truncated_data` |
 //! | convert over an existing folder, failing convert leaves nothing | `convert_refuses_to_overwrite_and_leaves_nothing_on_failure` |
-//! | issue 15's probing: alignment 0, 2^31 context, 2^31 layers, NaN or infinite RMS epsilon, RoPE base and scaling factor, 10^6-token vocabulary, misaligned offset, escape sequences and 2 KB names, duplicate keys, bad sweep variant, a draft with other tokens, `--max-tokens 0`, `--draft-p-min 2`/`NaN`, `--ctx 0`, `--draft-max 10⁹`, `--threads 100000`, `bench --pp 10⁹`, `quantize --calib-self 10¹²`; chat templates in the file that build a 2⁴⁰-element list or string, loop 10¹⁰ times, print 200 MB, nest a list 90,000 deep or compare for minutes; a config.json linked to /dev/zero, `--chat-template /dev/zero` | `hostile_input_matrix` (one row each, below) |
+//! | issue 15's probing: alignment 0, 2^31 context, 2^31 layers, NaN or infinite RMS epsilon, RoPE base and scaling factor, 10^6-token vocabulary, misaligned offset, escape sequences and 2 KB names, duplicate keys, bad sweep variant, a draft with other tokens, `--max-tokens 0`, `--draft-p-min 2`/`NaN`, `--ctx 0`, `--draft-max 10⁹`, `--threads 100000`, `bench --pp 10⁹`, `quantize --calib-self 10¹²`; chat templates in the file that build a 2⁴⁰-element list or string, loop 10¹⁰ times, print 200 MB, nest a list 90,000 deep or compare for minutes; a config.json linked to /dev/zero, `--chat-template /dev/zero`; a named pipe as `quantize --out … --force` or `eval --cache` | `hostile_input_matrix` (one row each, below) |
 //! | quantize: existing output without --force, NaN source tensor, policy and recipe errors | quantize.rs `refuses_overwrite_and_nan_and_leaves_nothing_behind`, `policy_errors_and_recipes` |
 //! | SIGINT / SIGTERM / SIGHUP during quantize, convert, calibrate, eval, sweeps | signals.rs |
 //! | C ABI: NULL verifier, NULL forward/rollback, vocab_size 0 or 2^64−1, context_limit 0, draft vocabulary differing, an engine error | tests/c/engine.c (run by c_abi.rs) |
@@ -709,6 +709,48 @@ const CASES: &[Case] = &[
         setup: |_| generate_with(&["--chat", "--chat-template", "/dev/zero"]),
         needles: &["/dev/zero", "larger than 64 MiB"],
     },
+    #[cfg(unix)]
+    Case {
+        name: "12a. quantize --out a named pipe --force (renamed a file over it: /dev/null too)",
+        setup: |d| {
+            let out = leak(fifo_in(d));
+            let args = vec![
+                "quantize", "{}", "--out", out, "--scheme", "q8_0", "--force",
+            ];
+            (stories(), args)
+        },
+        needles: &["pipe", "is not a regular file or folder"],
+    },
+    #[cfg(unix)]
+    Case {
+        name: "12b. eval --cache a named pipe (waited for a writer)",
+        setup: |d| {
+            let cache = leak(fifo_in(d));
+            let out = leak(d.join("report"));
+            let text = leak(shared().join("data/austen/emma.txt"));
+            let args = vec![
+                "eval",
+                "--reference",
+                "{}",
+                "--model",
+                "{}",
+                "--text",
+                text,
+                "--ctx",
+                "64",
+                "--chunks",
+                "2",
+                "--speed-pp",
+                "0",
+                "--cache",
+                cache,
+                "--out",
+                out,
+            ];
+            (stories(), args)
+        },
+        needles: &["pipe", "is not a regular file or folder"],
+    },
     Case {
         name: "10a. GGUF chat template doubling a list 40 times (a 2^40-element allocation)",
         setup: |d| {
@@ -798,6 +840,18 @@ fn chat_template_gguf(dir: &Path, template: &str) -> (PathBuf, Vec<&'static str>
         "2",
     ];
     (p, args)
+}
+
+/// A named pipe called `pipe` in `dir`.
+#[cfg(unix)]
+fn fifo_in(dir: &Path) -> PathBuf {
+    let p = dir.join("pipe");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&p)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    p
 }
 
 /// `generate` on the bundled model with `extra` flags.
