@@ -29,6 +29,10 @@ const RENDER_STACK: usize = 1 << 30;
 /// ran past a minute). A real template renders in well under a millisecond.
 const RENDER_DEADLINE: std::time::Duration = std::time::Duration::from_secs(5);
 
+/// Longest template source compiled: real ones run to tens of KB (tool-calling templates
+/// included), and compiling a 52 MB one took 0.9 GB and 2.4 s, outside any rendering's budget.
+const MAX_TEMPLATE_BYTES: usize = 1 << 20;
+
 /// Heap a rendering may hold at once (see [`crate::memory_budget`]): this much, plus
 /// [`RENDER_MEMORY_PER_INPUT_BYTE`] for each byte of the messages.
 const RENDER_MEMORY_BASE: usize = 256 << 20;
@@ -108,6 +112,15 @@ impl ChatTemplate {
 
     /// Compiles `source`; `label` names it in errors.
     pub fn new(label: &Path, source: &str, bos_token: &str, eos_token: &str) -> Result<Self> {
+        if source.len() > MAX_TEMPLATE_BYTES {
+            return Err(format_err(
+                label,
+                format!(
+                    "chat template of {} bytes is longer than {MAX_TEMPLATE_BYTES} (real ones are tens of KB)",
+                    source.len()
+                ),
+            ));
+        }
         let mut env = minijinja::Environment::new();
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function(

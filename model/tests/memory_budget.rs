@@ -157,6 +157,16 @@ fn a_real_template_renders_and_hostile_ones_fail_naming_their_source() {
             len
         );
     }
+    // A source past 1 MiB is refused before it is compiled.
+    let huge = "{{ messages|length }}".repeat(100_000);
+    let err = ChatTemplate::new(label, &huge, "", "")
+        .err()
+        .expect("compiled");
+    assert!(
+        err.to_string()
+            .contains("chat template of 2100000 bytes is longer than 1048576"),
+        "{err}"
+    );
     for (source, needle) in hostile {
         let t = ChatTemplate::new(label, source, "<s>", "</s>").unwrap();
         let err = t.render(&[Message::new("user", "Hi")], true).unwrap_err();
