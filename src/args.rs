@@ -122,11 +122,10 @@ pub fn check_generation_flags(
     if ctx == Some(0) {
         anyhow::bail!("--ctx must be at least 1 position (the prompt and what is generated)");
     }
-    if let Some(d) = drafting {
+    // The library's check, said with the flag's name.
+    if let Some(d) = drafting.filter(|d| tandem_speculate::check_draft_max(d.draft_max).is_err()) {
         let most = tandem_speculate::MAX_DRAFT_TOKENS;
-        if !(1..=most).contains(&d.draft_max) {
-            anyhow::bail!("--draft-max {} is outside 1..={most}", d.draft_max);
-        }
+        anyhow::bail!("--draft-max {} is outside 1..={most}", d.draft_max);
     }
     // NaN fails the range check too.
     let probabilities = drafting.map(|d| {

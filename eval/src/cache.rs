@@ -63,10 +63,17 @@ impl Default for Fnv {
 }
 
 impl Fnv {
+    const PRIME: u64 = 0x0000_0100_0000_01b3;
+
+    /// One step: `value` (a byte, or a chunk checksum's word) folded in.
+    fn step(&mut self, value: u64) {
+        self.0 ^= value;
+        self.0 = self.0.wrapping_mul(Self::PRIME);
+    }
+
     fn write(&mut self, bytes: &[u8]) {
         for &b in bytes {
-            self.0 ^= b as u64;
-            self.0 = self.0.wrapping_mul(0x0000_0100_0000_01b3);
+            self.step(b as u64);
         }
     }
 }
@@ -81,8 +88,7 @@ fn chunk_checksum(bytes: &[u8]) -> u64 {
     for w in words {
         let mut b = [0u8; 8];
         b.copy_from_slice(w);
-        h.0 ^= u64::from_le_bytes(b);
-        h.0 = h.0.wrapping_mul(0x0000_0100_0000_01b3);
+        h.step(u64::from_le_bytes(b));
     }
     h.write(tail);
     h.0
