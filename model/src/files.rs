@@ -4,8 +4,10 @@
 //! `std::fs::read_to_string` reads until the end of the file, and a path to a device or a
 //! symlink into one has none: `--text /dev/zero` took 20 GB in ten seconds, and a model folder
 //! whose config.json links to it would do the same. Each reader here stops one byte past its
-//! cap and says what it read. Pipes and process substitution (`--text <(zcat …)`) still work:
-//! only the size is checked. The errors are `std::io::Error`s, so every caller's existing
+//! cap and says what it read, and a device (`/dev/zero`, a disk) is refused before anything is
+//! read: reading one up to the cap took a second and a GiB of memory for nothing. Pipes,
+//! process substitution (`--text <(zcat …)`) and a terminal on standard input still work: only
+//! their size is checked. The errors are `std::io::Error`s, so every caller's existing
 //! error mapping (which names the file) applies unchanged.
 
 use std::io::Read;
@@ -23,6 +25,7 @@ pub const IMATRIX_CAP: u64 = 4 << 30;
 /// The whole of `path` as bytes, refusing more than `cap`.
 pub fn read_capped(path: &Path, cap: u64) -> std::io::Result<Vec<u8>> {
     let file = std::fs::File::open(path)?;
+    refuse_devices(&file)?;
     let too_big = || {
         std::io::Error::new(
             std::io::ErrorKind::InvalidData,
@@ -49,6 +52,27 @@ pub fn read_capped(path: &Path, cap: u64) -> std::io::Result<Vec<u8>> {
     Ok(bytes)
 }
 
+/// A device is no file to read whole: a block device (a disk) or a character device other
+/// than a terminal (`/dev/zero`, `/dev/urandom`, `/dev/null`) is an error. A terminal stays
+/// readable (`--prompts /dev/stdin` typed in by hand), as do pipes and regular files.
+fn refuse_devices(file: &std::fs::File) -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        use std::io::IsTerminal;
+        use std::os::unix::fs::FileTypeExt;
+        let kind = file.metadata()?.file_type();
+        if kind.is_block_device() || (kind.is_char_device() && !file.is_terminal()) {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "is a device, not a file or a pipe",
+            ));
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = file;
+    Ok(())
+}
+
 /// The whole of `path` as UTF-8 text, refusing more than `cap` bytes.
 pub fn read_text_capped(path: &Path, cap: u64) -> std::io::Result<String> {
     String::from_utf8(read_capped(path, cap)?).map_err(|_| {
@@ -73,11 +97,27 @@ mod tests {
         assert!(e.contains("larger than 0 MiB"), "{e}");
         std::fs::write(&p, [0xffu8, 0xfe]).unwrap();
         assert!(read_text_capped(&p, 10).is_err());
-        // A device without an end stops at the cap instead of filling memory.
+        // A device is refused before a byte is read; a pipe is read up to the cap.
         #[cfg(unix)]
         {
-            let e = read_capped(Path::new("/dev/zero"), 1 << 20).unwrap_err();
+            for dev in ["/dev/zero", "/dev/null"] {
+                let e = read_capped(Path::new(dev), 1 << 20).unwrap_err();
+                assert!(e.to_string().contains("is a device"), "{dev}: {e}");
+            }
+        }
+        #[cfg(target_os = "linux")]
+        {
+            let mut child = std::process::Command::new("head")
+                .args(["-c", "3000000", "/dev/zero"])
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .unwrap();
+            let fd = std::os::fd::AsRawFd::as_raw_fd(child.stdout.as_ref().unwrap());
+            let pipe = format!("/proc/self/fd/{fd}");
+            let e = read_capped(Path::new(&pipe), 1 << 20).unwrap_err();
             assert!(e.to_string().contains("larger than 1 MiB"), "{e}");
+            drop(child.stdout.take());
+            let _ = child.wait();
         }
     }
 }
