@@ -35,8 +35,6 @@ pub struct ControllerMemory {
     draft: Decayed,
     growth: Decayed,
     plain_rate: Decayed,
-    floor_rates: [Decayed; 2],
-    floor_steps: usize,
 }
 
 /// Drafted tokens the acceptance carried over from earlier runs counts as: the rate of other
@@ -68,11 +66,8 @@ const DECAY: f64 = 0.9;
 
 impl Decayed {
     fn add(&mut self, num: f64, den: f64) {
-        self.add_with(num, den, DECAY);
-    }
-    fn add_with(&mut self, num: f64, den: f64, decay: f64) {
-        self.num = self.num * decay + num;
-        self.den = self.den * decay + den;
+        self.num = self.num * DECAY + num;
+        self.den = self.den * DECAY + den;
         self.n += 1;
     }
     fn ratio(&self) -> Option<f64> {
@@ -130,16 +125,6 @@ pub struct AdaptiveK {
     catching_up: bool,
     /// Speculation is on only to probe whether it pays again.
     probing: bool,
-    /// Tokens over seconds of the steps where the floor of `MIN_DRAFT_RUN` drafted tokens
-    /// was in question (the model wanted fewer), as the model asked (0) and floored (1);
-    /// see [`AdaptiveK::floor_now`].
-    floor_rates: [Decayed; 2],
-    /// Such steps measured so far.
-    floor_steps: usize,
-    /// Whether the k now chosen was raised to the floor (`None`: the floor was not in
-    /// question), and the same for the step in flight.
-    k_floored: Option<bool>,
-    asked_floored: Option<bool>,
 }
 
 /// Extra verifier cost per drafted token, as a share of a plain step, assumed when the
@@ -162,22 +147,15 @@ const PLAIN_REFRESH: usize = 32;
 /// Drafted tokens judged (accepted ones and first rejections) before the model may switch
 /// speculation off.
 const MIN_JUDGED: usize = 10;
-/// Fewest tokens drafted once the model finds drafting pays, where that measures faster (see
-/// [`AdaptiveK::floor_now`]). With SmolLM2's 4-bit draft and suffix lookup on 2 cores,
-/// against the independent model's own choice (mostly 2), the same greedy runs cost 2–6%
-/// less in plain steps on four prompt sets, and measured 1.44× against 1.39× in five
-/// alternated pairs on an Emerald Rapids Xeon; on a Zen 4, whose 4-row F16 passes cost
-/// 1.25–1.4 plain steps, the floor always on measured 1.33× against 1.42× in nine pairs.
+/// Fewest tokens drafted once the model finds drafting pays (see [`AdaptiveK::choose_at`]).
+/// With SmolLM2's 4-bit draft and suffix lookup on 2 cores, against the independent model's
+/// own choice (mostly 2), the same greedy runs cost 2–6% less in plain steps on four prompt
+/// sets, and measured 1.44× against 1.39× in five alternated pairs (an Emerald Rapids Xeon). On
+/// a Zen 4, whose 4-row F16 passes cost up to 1.46 plain steps, it measured 1.33× against
+/// 1.42× at temperature 0, yet 1.29–1.37× against 1.21–1.24× at 0.7 for a controller that
+/// measured floored steps against unfloored ones and kept the faster: the two differ by a few
+/// percent, less than such a measurement can tell apart (BENCHMARKS.md, session 57).
 const MIN_DRAFT_RUN: usize = 3;
-/// Steps of each kind (floored, as the model asked) measured before the faster one is
-/// preferred; until then they alternate.
-const FLOOR_TRIALS: usize = 16;
-/// Once preferred, every this many steps in question still try the other kind, so a change
-/// (another prompt set, a machine getting busier) is seen.
-const FLOOR_EXPLORE: usize = 8;
-/// The floor's rates forget slowly: single steps vary by tens of percent, and the two kinds
-/// differ by a few.
-const FLOOR_DECAY: f64 = 0.99;
 /// Acceptance assumed before any draft was judged.
 const PRIOR_ALPHA: f64 = 0.6;
 
@@ -207,10 +185,6 @@ impl AdaptiveK {
             spec_streak: 0,
             catching_up: true,
             probing: false,
-            floor_rates: [Decayed::default(); 2],
-            floor_steps: 0,
-            k_floored: None,
-            asked_floored: None,
         }
     }
 
@@ -244,9 +218,7 @@ impl AdaptiveK {
         c.draft = memory.draft;
         c.growth = memory.growth;
         c.plain_rate = memory.plain_rate;
-        c.floor_rates = memory.floor_rates;
-        c.floor_steps = memory.floor_steps;
-        (c.wanted, c.k_floored) = c.choose_floored();
+        c.wanted = c.choose();
         c.k = c.wanted;
         c
     }
@@ -286,66 +258,17 @@ impl AdaptiveK {
         }
     }
 
-    #[cfg(test)]
     fn choose(&self) -> usize {
-        self.choose_floored().0
-    }
-
-    /// The k to draft next, and whether the floor raised it (`None`: not in question).
-    fn choose_floored(&self) -> (usize, Option<bool>) {
         let (alpha, cost) = (self.alpha(), self.cost());
         if self.judged < MIN_JUDGED && !self.probing {
             // Too few drafts judged to give up on them (one early rejection would otherwise
             // switch a good drafter off, and probes after a gap see worse drafts).
-            return self.floored(self.model_k(alpha, cost).max(1));
+            return self.choose_at(alpha, cost).max(1);
         }
-        self.floored(self.model_k(alpha, cost))
+        self.choose_at(alpha, cost)
     }
 
-    /// `k` raised to `MIN_DRAFT_RUN` (never past `max_k`) when drafting pays and the floor
-    /// is [`AdaptiveK::floor_now`]; whether it was raised, where the floor was in question.
-    fn floored(&self, k: usize) -> (usize, Option<bool>) {
-        let floor = MIN_DRAFT_RUN.min(self.max_k);
-        if k == 0 || k >= floor {
-            return (k, None);
-        }
-        let up = self.floor_now();
-        (if up { floor } else { k }, Some(up))
-    }
-
-    /// Whether the next step the floor is in question for drafts `MIN_DRAFT_RUN` tokens.
-    /// The model takes each drafted token as accepted independently, but acceptance comes in
-    /// runs (a draft that got the first tokens right tends to get the next ones too), so it
-    /// undervalues longer drafts; yet what one more verifier row costs depends on the CPU
-    /// (1.02–1.10 plain steps for a 4-row F16 pass on an Emerald Rapids Xeon, 1.25–1.4 on a
-    /// Zen 4, where a 3-row pass costs 1.1), and the model's cost is linear in k. So on the
-    /// clock the two are measured: such steps alternate between floored and the model's k
-    /// until each kind has `FLOOR_TRIALS` steps, then take the faster kind, trying the other
-    /// every `FLOOR_EXPLORE` steps. Without the clock the floor always applies (the greedy
-    /// counts BENCHMARKS.md's session 56 compared).
-    fn floor_now(&self) -> bool {
-        if self.fixed_cost.is_some() {
-            return true;
-        }
-        let [asked, floored] = &self.floor_rates;
-        if asked.n < FLOOR_TRIALS || floored.n < FLOOR_TRIALS {
-            return self.floor_steps.is_multiple_of(2);
-        }
-        let faster = floored.ratio().unwrap_or(0.0) >= asked.ratio().unwrap_or(0.0);
-        if self.floor_steps.is_multiple_of(FLOOR_EXPLORE) {
-            !faster
-        } else {
-            faster
-        }
-    }
-
-    #[cfg(test)]
     fn choose_at(&self, alpha: f64, cost: f64) -> usize {
-        self.floored(self.model_k(alpha, cost)).0
-    }
-
-    /// The independent model's best k for acceptance `alpha` and a drafted token's `cost`.
-    fn model_k(&self, alpha: f64, cost: f64) -> usize {
         // Ask for a clear gain before drafting at all when the cost is a guess.
         let first_margin = if self.fixed_cost.is_some() {
             1.10
@@ -360,7 +283,14 @@ impl AdaptiveK {
                 best = (s, k);
             }
         }
-        best.1
+        if best.1 == 0 {
+            return 0;
+        }
+        // The model takes each drafted token as accepted independently, but acceptance comes
+        // in runs (a draft that got the first tokens right tends to get the next ones too), so
+        // it undervalues longer drafts: drafting at least `MIN_DRAFT_RUN` whenever drafting
+        // pays at all measured faster on every prompt set (BENCHMARKS.md, session 56).
+        best.1.max(MIN_DRAFT_RUN.min(self.max_k))
     }
 }
 
@@ -368,8 +298,6 @@ impl Controller for AdaptiveK {
     fn next_k(&mut self) -> usize {
         self.steps += 1;
         self.asked = self.next_k_inner();
-        let as_chosen = self.asked > 0 && self.asked == self.k && self.asked == self.wanted;
-        self.asked_floored = self.k_floored.filter(|_| as_chosen);
         self.asked
     }
 
@@ -380,8 +308,6 @@ impl Controller for AdaptiveK {
             draft: self.draft,
             growth: self.growth,
             plain_rate: self.plain_rate,
-            floor_rates: self.floor_rates,
-            floor_steps: self.floor_steps,
         })
     }
 
@@ -404,14 +330,6 @@ impl Controller for AdaptiveK {
                         self.growth.add(s.verify_secs - t0, s.drafted as f64);
                     }
                 }
-                if let Some(up) = self.asked_floored.take() {
-                    self.floor_rates[usize::from(up)].add_with(
-                        (s.accepted + 1) as f64,
-                        secs,
-                        FLOOR_DECAY,
-                    );
-                    self.floor_steps += 1;
-                }
             }
         }
         if self.asked == 0 {
@@ -426,7 +344,7 @@ impl Controller for AdaptiveK {
                 .add(s.accepted as f64, (s.accepted + rejected) as f64);
             self.judged += s.accepted + rejected;
         }
-        (self.wanted, self.k_floored) = self.choose_floored();
+        self.wanted = self.choose();
         if catch_up && self.wanted > 0 {
             self.k = self.wanted; // judge on the next step
             return;
@@ -576,50 +494,6 @@ mod tests {
         assert!(
             c.choose_at(0.95, 0.05) > MIN_DRAFT_RUN,
             "the model's longer choice stands"
-        );
-    }
-
-    /// On the clock the floor is kept where floored steps measure faster and dropped where
-    /// they measure slower, whatever the model says.
-    #[test]
-    fn the_floor_follows_the_measured_throughput() {
-        // Plain step 10 ms; drafts accepted whole 72% of the time and rejected at their first
-        // token otherwise (acceptance in runs, which the model's independent acceptance
-        // undervalues); a drafted token costs 5 ms of drafting (the model then asks for 2);
-        // a pass of k + 1 rows costs 10 ms plus `row(k)` ms.
-        let run = |row: fn(usize) -> f64| {
-            let mut c = AdaptiveK::new(8);
-            let (mut floored, mut asked) = (0, 0);
-            for i in 0..3000usize {
-                let k = c.next_k();
-                let accepted = if (i * 7) % 25 < 18 { k } else { 0 };
-                c.observe(&StepReport {
-                    drafted: k,
-                    accepted,
-                    draft_secs: 0.005 * k as f64,
-                    verify_secs: 0.010 + 0.001 * row(k),
-                });
-                if i >= 1500 {
-                    match k {
-                        3 => floored += 1,
-                        1 | 2 => asked += 1,
-                        _ => {}
-                    }
-                }
-            }
-            (floored, asked)
-        };
-        // Rows nearly free up to 4: the floored steps win.
-        let (floored, asked) = run(|k| 0.3 * k as f64);
-        assert!(
-            floored > 4 * asked,
-            "cheap rows: {floored} floored, {asked} not"
-        );
-        // A 4-row pass costs 4 ms more than a 3-row one: the model's own k wins.
-        let (floored, asked) = run(|k| if k >= 3 { 6.0 } else { 0.5 * k as f64 });
-        assert!(
-            asked > 4 * floored,
-            "costly 4th row: {floored} floored, {asked} not"
         );
     }
 
