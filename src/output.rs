@@ -107,6 +107,8 @@ pub struct SpecJson {
     pub tree_passes: usize,
     pub tree_nodes: usize,
     pub tree_branch_wins: usize,
+    /// Verifier passes by the tokens drafted into them (index): how many, and their mean ms.
+    pub passes_by_drafted: Vec<PassesJson>,
     /// `bench spec` at temperature 0: whether the output equals plain greedy decoding's.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub same_as_plain: Option<bool>,
@@ -117,6 +119,26 @@ pub struct SpecJson {
     pub plain_tok_s: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub speedup: Option<f64>,
+}
+
+/// Verifier passes after one drafted count: how many, and their mean time.
+#[derive(Serialize)]
+pub struct PassesJson {
+    pub passes: usize,
+    pub mean_ms: f64,
+}
+
+impl PassesJson {
+    /// From (passes, seconds) per drafted count.
+    pub fn of(by_drafted: &[(usize, f64)]) -> Vec<PassesJson> {
+        by_drafted
+            .iter()
+            .map(|&(passes, secs)| PassesJson {
+                passes,
+                mean_ms: 1e3 * secs / passes.max(1) as f64,
+            })
+            .collect()
+    }
 }
 
 impl SpecJson {
@@ -142,6 +164,7 @@ impl SpecJson {
             tree_passes: st.tree_passes,
             tree_nodes: st.tree_nodes,
             tree_branch_wins: st.tree_branch_wins,
+            passes_by_drafted: PassesJson::of(&st.passes_by_drafted),
             same_as_plain: None,
             prompt: None,
             plain_tok_s: None,

@@ -214,6 +214,7 @@ pub fn bench_spec(a: BenchSpecArgs, load: &tandem_model::LoadOptions) -> Result<
         spec_tokens as f64 / passes.max(1) as f64
     );
     println!("{}", time.line());
+    println!("{}", time.passes_line());
     if tree_passes > 0 {
         println!(
             "token trees: {tree_passes} of {passes} verifier passes, {:.1} draft tokens per tree, {tree_wins} accepted a branch off the main chain",
@@ -450,6 +451,8 @@ struct TimeSplit {
     verify: f64,
     drafted: usize,
     passes: usize,
+    /// (passes, seconds) by drafted tokens.
+    by_drafted: Vec<(usize, f64)>,
 }
 
 /// [`TimeSplit`] in `bench spec --json`'s totals.
@@ -469,6 +472,8 @@ struct TimeSplitJson {
     /// A drafted token's and a verifier pass's time, in plain decoding steps.
     drafted_token_in_plain_steps: f64,
     verifier_pass_in_plain_steps: f64,
+    /// Verifier passes by the tokens drafted into them (index).
+    passes_by_drafted: Vec<crate::output::PassesJson>,
 }
 
 impl TimeSplit {
@@ -481,6 +486,14 @@ impl TimeSplit {
         self.verify += spec.verify_secs;
         self.drafted += spec.drafted;
         self.passes += spec.verifier_passes;
+        if self.by_drafted.len() < spec.passes_by_drafted.len() {
+            self.by_drafted
+                .resize(spec.passes_by_drafted.len(), (0, 0.0));
+        }
+        for (total, &(n, secs)) in self.by_drafted.iter_mut().zip(&spec.passes_by_drafted) {
+            total.0 += n;
+            total.1 += secs;
+        }
     }
 
     fn json(&self) -> TimeSplitJson {
@@ -502,7 +515,26 @@ impl TimeSplit {
             verify_ms_per_pass: 1e3 * verify_each,
             drafted_token_in_plain_steps: in_steps(draft_each),
             verifier_pass_in_plain_steps: in_steps(verify_each),
+            passes_by_drafted: crate::output::PassesJson::of(&self.by_drafted),
         }
+    }
+
+    /// Verifier passes by drafted tokens, each with its mean in plain steps.
+    fn passes_line(&self) -> String {
+        let step = self.plain_decode / self.plain_steps.max(1) as f64;
+        let parts: Vec<String> = self
+            .by_drafted
+            .iter()
+            .enumerate()
+            .filter(|(_, &(n, _))| n > 0)
+            .map(|(d, &(n, secs))| {
+                format!("{d}: {n} × {:.2}", secs / n as f64 / step.max(1e-12))
+            })
+            .collect();
+        format!(
+            "verifier passes by drafted tokens (count × plain steps): {}",
+            parts.join(", ")
+        )
     }
 
     fn line(&self) -> String {

@@ -244,6 +244,9 @@ impl BatchDecoder<'_> {
                 // A tree counts as its depth: the controller's k bounds the longest path.
                 let drafted = d.depth();
                 stats.record(drafted, accepted);
+                if active.len() == 1 {
+                    stats.record_pass(drafted, vs);
+                }
                 if speculate {
                     self.controllers[i].observe(&StepReport {
                         drafted,

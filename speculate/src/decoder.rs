@@ -29,6 +29,10 @@ pub struct SpecStats {
     pub tree_passes: usize,
     pub tree_nodes: usize,
     pub tree_branch_wins: usize,
+    /// Verifier passes of one sequence by the tokens drafted into them (index: drafted count,
+    /// a tree by its depth): how many, and their seconds. A pass's price is not linear in its
+    /// rows, so this is where the verification's time went.
+    pub passes_by_drafted: Vec<(usize, f64)>,
 }
 
 impl SpecStats {
@@ -53,6 +57,16 @@ impl SpecStats {
             }
             node = Some(j);
         }
+    }
+
+    /// Counts a verifier pass of one sequence after `drafted` tokens, taking `secs`.
+    pub(crate) fn record_pass(&mut self, drafted: usize, secs: f64) {
+        if self.passes_by_drafted.len() <= drafted {
+            self.passes_by_drafted.resize(drafted + 1, (0, 0.0));
+        }
+        let slot = &mut self.passes_by_drafted[drafted];
+        slot.0 += 1;
+        slot.1 += secs;
     }
 
     /// Counts one sequence's step: `drafted` tokens proposed, the first `accepted` kept.
