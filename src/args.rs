@@ -89,6 +89,10 @@ pub struct DraftArgs {
     /// the same seed, and draft lengths follow the clock).
     #[arg(long)]
     pub rejection_sampling: bool,
+    /// Let the adaptive controller pick one draft length per step instead of stopping each
+    /// draft token by token (by the draft's confidence and each verifier row's measured price).
+    #[arg(long)]
+    pub no_draft_gate: bool,
 }
 
 impl DraftArgs {
@@ -105,6 +109,7 @@ impl DraftArgs {
             tree_below: self.draft_tree,
             lookup_paths: self.lookup_paths,
             coupled: !self.rejection_sampling,
+            gate: !self.no_draft_gate,
             ..SpecConfig::default()
         }
     }

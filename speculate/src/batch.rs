@@ -186,7 +186,10 @@ impl BatchDecoder<'_> {
                     0
                 };
                 let mut d = if k > 0 {
-                    self.drafters[i].propose(&s.tokens, k)?
+                    let controller = &mut *self.controllers[i];
+                    self.drafters[i].propose_gated(&s.tokens, k, &mut |j, evidence| {
+                        controller.gate(j, evidence)
+                    })?
                 } else {
                     Default::default()
                 };

@@ -69,6 +69,10 @@ pub struct SpecConfig {
     /// follows the clock) instead of [`RejectionSampling`] (the draft samples on a stream of
     /// its own; k follows acceptance alone, so a seeded run stays reproducible).
     pub coupled: bool,
+    /// Let the adaptive controller stop a model or lookup draft token by token where the next
+    /// token is expected to cost more than it earns ([`AdaptiveK::gate_drafts`]); else it
+    /// picks one length per step.
+    pub gate: bool,
 }
 
 impl Default for SpecConfig {
@@ -85,6 +89,7 @@ impl Default for SpecConfig {
             tree_below: DEFAULT_TREE_BELOW,
             lookup_paths: 1,
             coupled: true,
+            gate: true,
         }
     }
 }
@@ -130,11 +135,12 @@ impl SpecConfig {
         if !self.adapt {
             return Box::new(FixedK(self.draft_max));
         }
-        let fresh = if self.params.is_greedy() || self.coupled {
+        let mut fresh = if self.params.is_greedy() || self.coupled {
             AdaptiveK::new(self.draft_max)
         } else {
             AdaptiveK::with_fixed_cost(self.draft_max, draft_cost)
         };
+        fresh.gate_drafts = self.gate;
         Box::new(match memory {
             Some(m) => AdaptiveK::resume(fresh, m),
             None => fresh,

@@ -1,4 +1,7 @@
-//! Controllers choose how many tokens to draft next.
+//! Controllers choose how many tokens to draft next, and (through [`Controller::gate`])
+//! whether a drafter keeps each token it drafts.
+
+use crate::drafter::{DraftEvidence, Gate};
 
 /// What one speculative step cost and achieved.
 #[derive(Debug, Clone, Copy)]
@@ -13,6 +16,11 @@ pub trait Controller {
     /// Tokens to draft in the next step (0 = decode plainly).
     fn next_k(&mut self) -> usize;
     fn observe(&mut self, step: &StepReport);
+    /// Asked by a gated drafter ([`crate::Drafter::propose_gated`]) after it drafts token `i`
+    /// (0-based) of the next step's chain: keep it, and draft another?
+    fn gate(&mut self, _i: usize, _evidence: DraftEvidence) -> Gate {
+        Gate::Continue
+    }
     /// What this controller learned that the next generation of the same session may start
     /// from (see [`ControllerMemory`]); `None` when it learns nothing.
     fn memory(&self) -> Option<ControllerMemory> {
@@ -35,6 +43,7 @@ pub struct ControllerMemory {
     draft: Decayed,
     growth: Decayed,
     plain_rate: Decayed,
+    gate: GateState,
 }
 
 /// Drafted tokens the acceptance carried over from earlier runs counts as: the rate of other
@@ -72,6 +81,90 @@ impl Decayed {
     }
     fn ratio(&self) -> Option<f64> {
         (self.n > 0 && self.den > 0.0).then(|| self.num / self.den)
+    }
+}
+
+/// Hits over trials that forget slowly: both halve once the trials pass [`GATE_RATE_CAP`], so
+/// an estimate follows a drift over hundreds of drafted tokens, not the last ten.
+#[derive(Debug, Clone, Copy)]
+struct Rate {
+    hits: f64,
+    trials: f64,
+}
+
+impl Rate {
+    fn prior(rate: f64) -> Rate {
+        Rate {
+            hits: rate * GATE_PRIOR_WEIGHT,
+            trials: GATE_PRIOR_WEIGHT,
+        }
+    }
+    fn add(&mut self, hit: bool) {
+        if self.trials >= GATE_RATE_CAP {
+            self.hits *= 0.5;
+            self.trials *= 0.5;
+        }
+        self.hits += f64::from(u8::from(hit));
+        self.trials += 1.0;
+    }
+    fn rate(&self) -> f64 {
+        self.hits / self.trials.max(1e-9)
+    }
+}
+
+/// Upper edges of the bins of a model token's margin (its logit over the draft's runner-up)
+/// whose acceptance the gate learns; one bin above the last edge, and one for lookup tokens.
+const MARGIN_EDGES: [f32; 6] = [0.25, 0.5, 1.0, 1.5, 2.0, 3.0];
+const LOOKUP_BIN: usize = MARGIN_EDGES.len() + 1;
+const GATE_BINS: usize = LOOKUP_BIN + 1;
+/// Acceptance assumed per bin before any token of it was judged: SmolLM2's edge GPTQ Q4_0
+/// draft against its F16 verifier on two chat prompt sets (2,951 judged tokens at k = 8,
+/// greedy; BENCHMARKS.md, session 58), the lookup's from the suffix drafter's share.
+const GATE_PRIOR: [f64; GATE_BINS] = [0.52, 0.72, 0.85, 0.92, 0.96, 0.98, 0.99, 0.45];
+/// Judged tokens the prior counts as, per bin.
+const GATE_PRIOR_WEIGHT: f64 = 4.0;
+const GATE_RATE_CAP: f64 = 400.0;
+/// Verifier passes priced one by one by drafted count (0..PASS_TABLE); longer ones, and
+/// counts measured fewer than [`PASS_MIN_SEEN`] times, are extrapolated from the longest
+/// measured count below them at the measured growth per drafted token.
+const PASS_TABLE: usize = 17;
+const PASS_MIN_SEEN: usize = 3;
+/// A kept token's acceptance after an accepted one, assumed before any was judged.
+const GATE_PRIOR_RUN_ON: f64 = 0.8;
+/// Speculative throughput, in tokens per plain step, assumed before any was measured.
+const GATE_PRIOR_RATE: f64 = 1.3;
+
+/// What the gate learns: each bin's acceptance and each drafted count's verifier pass.
+#[derive(Debug, Clone, Copy)]
+struct GateState {
+    bins: [Rate; GATE_BINS],
+    /// Seconds of a verifier pass over passes, by drafted tokens.
+    pass: [Decayed; PASS_TABLE],
+    /// Acceptance of a kept token after an accepted one (what the gate expects of the tokens
+    /// after the one it judges: acceptance comes in runs).
+    run_on: Rate,
+    /// Whether a drafter has asked the gate (then the controller hands it up to `max_k`).
+    asked: bool,
+}
+
+impl Default for GateState {
+    fn default() -> Self {
+        GateState {
+            bins: GATE_PRIOR.map(Rate::prior),
+            pass: [Decayed::default(); PASS_TABLE],
+            run_on: Rate::prior(GATE_PRIOR_RUN_ON),
+            asked: false,
+        }
+    }
+}
+
+fn gate_bin(evidence: DraftEvidence) -> usize {
+    match evidence {
+        DraftEvidence::Lookup => LOOKUP_BIN,
+        DraftEvidence::Model { margin } => MARGIN_EDGES
+            .iter()
+            .position(|&e| margin < e)
+            .unwrap_or(MARGIN_EDGES.len()),
     }
 }
 
@@ -125,6 +218,14 @@ pub struct AdaptiveK {
     catching_up: bool,
     /// Speculation is on only to probe whether it pays again.
     probing: bool,
+    /// Whether a drafter that asks ([`Controller::gate`]) is told to stop where the next
+    /// token's verifier row and draft step are expected to cost more than they earn.
+    pub gate_drafts: bool,
+    gate: GateState,
+    /// The chain drafted so far in this step: the chance that all of it is accepted, and each
+    /// kept token's bin (judged when the step is observed).
+    chain_p: f64,
+    chain_bins: Vec<usize>,
 }
 
 /// Extra verifier cost per drafted token, as a share of a plain step, assumed when the
@@ -185,6 +286,10 @@ impl AdaptiveK {
             spec_streak: 0,
             catching_up: true,
             probing: false,
+            gate_drafts: true,
+            gate: GateState::default(),
+            chain_p: 1.0,
+            chain_bins: Vec::new(),
         }
     }
 
@@ -218,6 +323,7 @@ impl AdaptiveK {
         c.draft = memory.draft;
         c.growth = memory.growth;
         c.plain_rate = memory.plain_rate;
+        c.gate = memory.gate;
         c.wanted = c.choose();
         c.k = c.wanted;
         c
@@ -297,7 +403,12 @@ impl AdaptiveK {
 impl Controller for AdaptiveK {
     fn next_k(&mut self) -> usize {
         self.steps += 1;
+        self.chain_bins.clear();
         self.asked = self.next_k_inner();
+        if self.asked > 0 && self.gating() {
+            // The gate decides each step's length token by token, up to the limit.
+            self.asked = self.max_k;
+        }
         self.asked
     }
 
@@ -308,7 +419,36 @@ impl Controller for AdaptiveK {
             draft: self.draft,
             growth: self.growth,
             plain_rate: self.plain_rate,
+            gate: self.gate,
         })
+    }
+
+    fn gate(&mut self, i: usize, evidence: DraftEvidence) -> Gate {
+        if !self.gate_drafts || self.fixed_cost.is_some() {
+            return Gate::Continue;
+        }
+        self.gate.asked = true;
+        let (Some(t0), Some(draft)) = (self.plain_step.ratio(), self.draft.ratio()) else {
+            return Gate::Continue;
+        };
+        if i == 0 {
+            self.chain_p = 1.0;
+            self.chain_bins.clear();
+        }
+        let bin = gate_bin(evidence);
+        let p = self.chain_p * self.gate.bins[bin].rate();
+        let draft_step = match evidence {
+            DraftEvidence::Lookup => 0.0,
+            DraftEvidence::Model { .. } => draft / t0.max(1e-9),
+        };
+        match self.gate_verdict(i, p, draft_step, t0) {
+            Gate::Drop => Gate::Drop,
+            verdict => {
+                self.chain_p = p;
+                self.chain_bins.push(bin);
+                verdict
+            }
+        }
     }
 
     fn observe(&mut self, s: &StepReport) {
@@ -318,6 +458,8 @@ impl Controller for AdaptiveK {
         if clock && secs > 0.0 {
             if s.drafted == 0 {
                 self.plain_step.add(s.verify_secs, 1.0);
+            } else if let Some(pass) = self.gate.pass.get_mut(s.drafted) {
+                pass.add(s.verify_secs, 1.0);
             }
             if self.asked == 0 {
                 self.plain_rate.add((s.accepted + 1) as f64, secs);
@@ -335,6 +477,18 @@ impl Controller for AdaptiveK {
         if self.asked == 0 {
             return; // a plain step says nothing about the drafts
         }
+        // The gate's bins: the kept tokens up to the first rejection were judged.
+        let judged = self.chain_bins.len().min(s.drafted);
+        for (j, &bin) in self.chain_bins[..judged].iter().enumerate() {
+            self.gate.bins[bin].add(j < s.accepted);
+            if j > 0 {
+                self.gate.run_on.add(j < s.accepted);
+            }
+            if j >= s.accepted {
+                break;
+            }
+        }
+        self.chain_bins.clear();
         if s.drafted > 0 {
             // Per-token acceptance: tokens after the first rejection were never judged, so
             // the trials are the accepted tokens plus the one rejection, if any (counting all
@@ -373,6 +527,70 @@ impl Controller for AdaptiveK {
 }
 
 impl AdaptiveK {
+    /// Whether steps are gated: a drafter asks, and the clock has measured a plain step and
+    /// a drafted token.
+    fn gating(&self) -> bool {
+        self.gate_drafts
+            && self.gate.asked
+            && self.fixed_cost.is_none()
+            && self.plain_step.ratio().is_some()
+            && self.draft.ratio().is_some()
+    }
+
+    /// A verifier pass after `drafted` tokens, in plain steps (`t0` seconds each): measured
+    /// where that count was seen often enough, else the longest measured count below it
+    /// plus the measured growth per drafted token. The price of a pass is not linear in its
+    /// rows: on a 2-core Zen 4 an F16 pass of 3 rows cost 1.09 plain steps and one of 4 rows
+    /// 1.41 (BENCHMARKS.md, session 58), so only a table sees where a row gets dear.
+    fn pass_cost(&self, drafted: usize, t0: f64) -> f64 {
+        let t0 = t0.max(1e-9);
+        let growth = self
+            .growth
+            .ratio()
+            .map_or(VERIFY_GROWTH, |g| g / t0)
+            .max(0.0);
+        let measured = (1..=drafted.min(PASS_TABLE - 1)).rev().find_map(|d| {
+            let p = &self.gate.pass[d];
+            (p.n >= PASS_MIN_SEEN)
+                .then(|| p.ratio())
+                .flatten()
+                .map(|secs| (d, secs / t0))
+        });
+        let (d, cost) = measured.unwrap_or((0, 1.0));
+        cost + (drafted - d) as f64 * growth
+    }
+
+    /// Keep token `i` of the chain, whose whole chain so far is accepted with chance `p`, and
+    /// draft more? Each choice is priced in plain steps at the measured speculative rate
+    /// (tokens per plain step): keeping the token and drafting j more earns the expected
+    /// accepted tokens (later ones at the measured acceptance after an accepted token) and costs the larger verifier pass
+    /// and j draft steps. Drop when no j earns its cost; stop when j = 0 earns the most.
+    fn gate_verdict(&self, i: usize, p: f64, draft_step: f64, t0: f64) -> Gate {
+        let rate = self
+            .spec_rate
+            .ratio()
+            .map_or(GATE_PRIOR_RATE, |r| r * t0)
+            .clamp(1.0, 4.0);
+        let later = self.gate.run_on.rate().min(0.95);
+        let before = self.pass_cost(i, t0);
+        let mut best = (f64::NEG_INFINITY, 0);
+        let (mut tokens, mut chance) = (0.0, p);
+        for j in 0..self.asked.saturating_sub(i).max(1) {
+            tokens += chance;
+            chance *= later;
+            let cost = self.pass_cost(i + 1 + j, t0) - before + j as f64 * draft_step;
+            let value = tokens - rate * cost;
+            if value > best.0 {
+                best = (value, j);
+            }
+        }
+        match best {
+            (v, _) if v <= 0.0 => Gate::Drop,
+            (_, 0) => Gate::Stop,
+            _ => Gate::Continue,
+        }
+    }
+
     fn next_k_inner(&mut self) -> usize {
         if self.fixed_cost.is_none() {
             // Measure plain decoding first, and now and then while speculating.
@@ -495,6 +713,134 @@ mod tests {
             c.choose_at(0.95, 0.05) > MIN_DRAFT_RUN,
             "the model's longer choice stands"
         );
+    }
+
+    /// A controller that has measured a 10 ms plain step, 2.5 ms per drafted token, and
+    /// verifier passes of `pass_ms[d]` after d drafted tokens (each seen five times, the
+    /// first `accept` share of each chain accepted), with a drafter that asks the gate.
+    fn gated_controller(pass_ms: &[f64], accept: f64) -> AdaptiveK {
+        let mut c = AdaptiveK::new(8);
+        assert_eq!(c.next_k(), 0, "a plain step first");
+        c.observe(&StepReport {
+            drafted: 0,
+            accepted: 0,
+            draft_secs: 0.0,
+            verify_secs: 0.010,
+        });
+        for _ in 0..5 {
+            for (d, &ms) in pass_ms.iter().enumerate().skip(1) {
+                c.next_k();
+                for i in 0..d {
+                    c.gate(i, DraftEvidence::Model { margin: 9.0 });
+                }
+                c.observe(&StepReport {
+                    drafted: d,
+                    accepted: (d as f64 * accept).round() as usize,
+                    draft_secs: 0.0025 * d as f64,
+                    verify_secs: ms / 1000.0,
+                });
+            }
+        }
+        assert!(c.gating(), "the drafter asked and the clock measured");
+        c
+    }
+
+    /// The next speculative step's k, after any plain steps the controller asks for.
+    fn next_speculative_k(c: &mut AdaptiveK) -> usize {
+        loop {
+            match c.next_k() {
+                0 => c.observe(&StepReport {
+                    drafted: 0,
+                    accepted: 0,
+                    draft_secs: 0.0,
+                    verify_secs: 0.010,
+                }),
+                k => return k,
+            }
+        }
+    }
+
+    /// The length a gated chain of tokens with these margins runs to.
+    fn gated_length(c: &mut AdaptiveK, margins: &[f32]) -> usize {
+        assert_eq!(
+            next_speculative_k(c),
+            c.max_k,
+            "a gated step may run to max_k"
+        );
+        for (i, &margin) in margins.iter().enumerate() {
+            match c.gate(i, DraftEvidence::Model { margin }) {
+                Gate::Continue => {}
+                Gate::Stop => return i + 1,
+                Gate::Drop => return i,
+            }
+        }
+        margins.len()
+    }
+
+    /// Drafts that are always accepted run long where each row costs little; at 90%
+    /// acceptance a chain stops before the row where a pass gets dear (a Zen 4's F16
+    /// verifier: 3 rows 1.09 plain steps, 4 rows 1.41) and runs longer where rows stay
+    /// cheap.
+    #[test]
+    fn the_gate_stops_before_a_dear_row_and_runs_on_where_rows_are_cheap() {
+        let sure = [9.0; 8];
+        let cheap: Vec<f64> = (0..=8).map(|d| 10.0 + 0.65 * d as f64).collect();
+        let dear = [10.0, 10.6, 10.9, 14.1, 14.5, 16.5, 18.5, 20.0, 20.7];
+        let long = gated_length(&mut gated_controller(&cheap, 1.0), &sure);
+        assert!(long >= 5, "cheap rows, every draft accepted: {long}");
+        let on_cheap = gated_length(&mut gated_controller(&cheap, 0.9), &sure);
+        let on_dear = gated_length(&mut gated_controller(&dear, 0.9), &sure);
+        assert_eq!(on_dear, 2, "stops before the 4-row pass");
+        assert!(on_cheap > on_dear, "cheap rows: {on_cheap}");
+    }
+
+    /// A token the draft is unsure of, after others it was unsure of, is not worth its row:
+    /// dropped, and the chain ends.
+    #[test]
+    fn the_gate_drops_a_chain_that_is_unlikely_to_survive() {
+        let cheap: Vec<f64> = (0..=8).map(|d| 10.0 + 0.65 * d as f64).collect();
+        let mut c = gated_controller(&cheap, 1.0);
+        let n = gated_length(&mut c, &[0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1]);
+        assert!(n <= 2, "unsure tokens: chain of {n}");
+        let n = gated_length(&mut c, &[9.0, 9.0, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1]);
+        assert!((2..=4).contains(&n), "sure, then unsure: chain of {n}");
+    }
+
+    /// The bins learn what the verifier accepts: unsure tokens that keep being accepted
+    /// earn their rows.
+    #[test]
+    fn the_gate_learns_each_margins_acceptance() {
+        let cheap: Vec<f64> = (0..=8).map(|d| 10.0 + 0.65 * d as f64).collect();
+        let mut c = gated_controller(&cheap, 1.0);
+        let unsure = [0.1; 8];
+        let before = gated_length(&mut c, &unsure);
+        c.chain_bins.clear();
+        for _ in 0..200 {
+            let n = gated_length(&mut c, &unsure);
+            c.observe(&StepReport {
+                drafted: n,
+                accepted: n,
+                draft_secs: 0.0025 * n as f64,
+                verify_secs: (10.0 + 0.65 * n as f64) / 1000.0,
+            });
+        }
+        let after = gated_length(&mut c, &unsure);
+        assert!(c.gate.bins[0].rate() > 0.9, "{:?}", c.gate.bins[0]);
+        assert!(after > before, "{before} -> {after}");
+    }
+
+    /// Without the clock (a rejection-sampled run's fixed cost) the gate never cuts a chain,
+    /// so a seeded run's choices stay reproducible.
+    #[test]
+    fn the_gate_stays_open_without_the_clock() {
+        let mut c = AdaptiveK::with_fixed_cost(8, 0.3);
+        for i in 0..8 {
+            assert_eq!(
+                c.gate(i, DraftEvidence::Model { margin: 0.0 }),
+                Gate::Continue
+            );
+        }
+        assert!(!c.gating());
     }
 
     #[test]

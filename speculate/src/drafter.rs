@@ -179,9 +179,47 @@ impl Draft {
     }
 }
 
+/// What a drafter knows of a token it has just drafted, for the gate that decides whether
+/// to keep it and whether to draft another ([`Drafter::propose_gated`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum DraftEvidence {
+    /// A model's token, with its logit's lead over the draft's best other token (negative
+    /// when a sampled draft picked a token below its argmax).
+    Model { margin: f32 },
+    /// A lookup's token (suffix, n-gram): it cost no draft step.
+    Lookup,
+}
+
+/// A gate's answer for a drafted token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Gate {
+    /// Keep it and draft the next.
+    Continue,
+    /// Keep it and stop drafting.
+    Stop,
+    /// Leave it out and stop (its verifier row would cost more than it is expected to earn).
+    Drop,
+}
+
+/// Asked by a gated drafter for each token `i` (0-based in the chain) it drafts.
+pub type DraftGate<'g> = dyn FnMut(usize, DraftEvidence) -> Gate + 'g;
+
 pub trait Drafter {
     /// Proposes up to `k` tokens to follow `context` (the whole sequence so far).
     fn propose(&mut self, context: &[u32], k: usize) -> Result<Draft>;
+    /// [`Drafter::propose`], asking `gate` after each drafted token whether to keep it and
+    /// whether to go on (the controller's per-token stop rule, see
+    /// [`crate::AdaptiveK`]). A drafter that cannot say anything about its tokens proposes
+    /// as `propose` does and never asks.
+    fn propose_gated(
+        &mut self,
+        context: &[u32],
+        k: usize,
+        gate: &mut DraftGate<'_>,
+    ) -> Result<Draft> {
+        let _ = gate;
+        self.propose(context, k)
+    }
     /// Tells the drafter how many of its last proposal's tokens the verifier accepted.
     fn accepted(&mut self, _n: usize) {}
     /// The drafter's vocabulary size, when it has one (checked against the verifier's).
@@ -424,14 +462,42 @@ impl<'a> HybridDrafter<'a> {
 
 impl Drafter for HybridDrafter<'_> {
     fn propose(&mut self, context: &[u32], k: usize) -> Result<Draft> {
-        let d = self.lookup.propose(context, k)?;
+        self.propose_gated(context, k, &mut |_, _| Gate::Continue)
+    }
+    fn propose_gated(
+        &mut self,
+        context: &[u32],
+        k: usize,
+        gate: &mut DraftGate<'_>,
+    ) -> Result<Draft> {
+        let mut d = self.lookup.propose(context, k)?;
+        // A lookup's tokens cost no draft step, only their verifier rows: the gate may cut
+        // the chain where a row would cost more than the token is expected to earn.
+        if !d.is_tree() {
+            let mut keep = d.tokens.len();
+            for i in 0..d.tokens.len() {
+                match gate(i, DraftEvidence::Lookup) {
+                    Gate::Continue => {}
+                    Gate::Stop => {
+                        keep = i + 1;
+                        break;
+                    }
+                    Gate::Drop => {
+                        keep = i;
+                        break;
+                    }
+                }
+            }
+            // With nothing of the lookup's worth a row, the model drafts instead.
+            d.limit_depth(keep);
+        }
         self.last_from_lookup = !d.tokens.is_empty();
         if self.last_from_lookup {
             self.proposals.0 += 1;
             return Ok(d);
         }
         self.proposals.1 += 1;
-        self.model.propose(context, k)
+        self.model.propose_gated(context, k, gate)
     }
     fn accepted(&mut self, n: usize) {
         if self.last_from_lookup {
@@ -540,8 +606,24 @@ impl<V: Verifier> ModelDrafter<V> {
     }
 }
 
+/// The drafted token `t`'s logit over the best other one in `logits` ([`DraftEvidence`]).
+pub(crate) fn draft_margin(logits: &[f32], t: u32) -> f32 {
+    match (logits.get(t as usize), largest_other(logits, t)) {
+        (Some(&l), Some((_, other))) => l - other,
+        _ => f32::INFINITY,
+    }
+}
+
 impl<V: Verifier> Drafter for ModelDrafter<V> {
     fn propose(&mut self, context: &[u32], k: usize) -> Result<Draft> {
+        self.propose_gated(context, k, &mut |_, _| Gate::Continue)
+    }
+    fn propose_gated(
+        &mut self,
+        context: &[u32],
+        k: usize,
+        gate: &mut DraftGate<'_>,
+    ) -> Result<Draft> {
         self.branching.settle(context);
         // Keep the cached part the context still shares; feed the rest, or restart from a
         // window of the latest tokens when the rest is long.
@@ -594,11 +676,23 @@ impl<V: Verifier> Drafter for ModelDrafter<V> {
             ) else {
                 break;
             };
+            let verdict = gate(
+                i,
+                DraftEvidence::Model {
+                    margin: draft_margin(&logits, t),
+                },
+            );
+            if verdict == Gate::Drop {
+                if let Some(p) = draft.probs.as_mut() {
+                    p.truncate(i);
+                }
+                break;
+            }
             if let Some(s) = self.branching.offer(&draft.probs, &logits, t) {
                 leaves.push((i, s));
             }
             draft.tokens.push(t);
-            if self.stop.contains(&t) {
+            if self.stop.contains(&t) || verdict == Gate::Stop {
                 break;
             }
             if i + 1 < k {
@@ -643,6 +737,46 @@ mod tests {
         assert_eq!(draft_shortlist(&[9], 50, 50), None);
         // Ids outside the vocabulary are the forward pass's to refuse, not the list's.
         assert_eq!(draft_shortlist(&[60], 50, 2), Some(vec![0, 1]));
+    }
+
+    /// The hybrid asks the gate about each lookup token and cuts the chain where it says;
+    /// a lookup chain dropped at its first token leaves the step to the model draft.
+    #[test]
+    fn a_hybrid_cuts_a_lookup_chain_where_the_gate_says() {
+        let (mut lookup, mut model) = (NgramDrafter::default(), NgramDrafter::default());
+        let mut h = HybridDrafter::new(&mut lookup, &mut model);
+        let ctx = [1, 2, 3, 4, 5, 9, 2, 3];
+        let mut asked = Vec::new();
+        let d = h
+            .propose_gated(&ctx, 3, &mut |i, e| {
+                asked.push((i, e));
+                if i == 1 {
+                    Gate::Stop
+                } else {
+                    Gate::Continue
+                }
+            })
+            .unwrap();
+        assert_eq!(d.tokens, vec![4, 5]);
+        assert_eq!(
+            asked,
+            vec![(0, DraftEvidence::Lookup), (1, DraftEvidence::Lookup)]
+        );
+        let d = h
+            .propose_gated(&ctx, 3, &mut |i, _| {
+                if i == 2 {
+                    Gate::Drop
+                } else {
+                    Gate::Continue
+                }
+            })
+            .unwrap();
+        assert_eq!(d.tokens, vec![4, 5], "dropped at the third");
+        assert_eq!(h.proposals, (2, 0));
+        // Dropped at its first token: the model drafter (here an ungated n-gram) proposes.
+        let d = h.propose_gated(&ctx, 3, &mut |_, _| Gate::Drop).unwrap();
+        assert_eq!(d.tokens, vec![4, 5, 9]);
+        assert_eq!(h.proposals, (2, 1));
     }
 
     #[test]

@@ -1,7 +1,10 @@
 //! tandem's own `Llama` as a verifier or a drafter (feature `model`, on by default).
 
 use crate::batch::BatchVerifier;
-use crate::drafter::{pick_draft_token, Branching, Draft, Drafter, ModelDrafter};
+use crate::drafter::{
+    draft_margin, pick_draft_token, Branching, Draft, DraftEvidence, DraftGate, Drafter, Gate,
+    ModelDrafter,
+};
 use crate::{DraftSampling, Error, Result, Verifier};
 use std::cell::RefCell;
 use std::rc::Rc;
@@ -152,6 +155,14 @@ impl<'m> SharedCacheDrafter<'m> {
 
 impl Drafter for SharedCacheDrafter<'_> {
     fn propose(&mut self, context: &[u32], k: usize) -> Result<Draft> {
+        self.propose_gated(context, k, &mut |_, _| Gate::Continue)
+    }
+    fn propose_gated(
+        &mut self,
+        context: &[u32],
+        k: usize,
+        gate: &mut DraftGate<'_>,
+    ) -> Result<Draft> {
         self.branching.settle(context);
         let mut draft = Draft {
             tokens: Vec::with_capacity(k),
@@ -190,11 +201,19 @@ impl Drafter for SharedCacheDrafter<'_> {
                 base + 1 + i,
             ) {
                 Some(t) => {
+                    let margin = draft_margin(&logits, t);
+                    let verdict = gate(i, DraftEvidence::Model { margin });
+                    if verdict == Gate::Drop {
+                        if let Some(p) = draft.probs.as_mut() {
+                            p.truncate(i);
+                        }
+                        break;
+                    }
                     if let Some(s) = self.branching.offer(&draft.probs, &logits, t) {
                         leaves.push((i, s));
                     }
                     draft.tokens.push(t);
-                    if self.stop.contains(&t) {
+                    if self.stop.contains(&t) || verdict == Gate::Stop {
                         break;
                     }
                 }
