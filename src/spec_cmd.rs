@@ -527,9 +527,7 @@ impl TimeSplit {
             .iter()
             .enumerate()
             .filter(|(_, &(n, _))| n > 0)
-            .map(|(d, &(n, secs))| {
-                format!("{d}: {n} × {:.2}", secs / n as f64 / step.max(1e-12))
-            })
+            .map(|(d, &(n, secs))| format!("{d}: {n} × {:.2}", secs / n as f64 / step.max(1e-12)))
             .collect();
         format!(
             "verifier passes by drafted tokens (count × plain steps): {}",
