@@ -204,6 +204,12 @@ pub enum Gate {
 /// Asked by a gated drafter for each token `i` (0-based in the chain) it drafts.
 pub type DraftGate<'g> = dyn FnMut(usize, DraftEvidence) -> Gate + 'g;
 
+/// The gate of an ungated proposal ([`Drafter::propose`] of a drafter that implements
+/// [`Drafter::propose_gated`]): every token kept, drafting on to k.
+pub(crate) fn ungated(_: usize, _: DraftEvidence) -> Gate {
+    Gate::Continue
+}
+
 pub trait Drafter {
     /// Proposes up to `k` tokens to follow `context` (the whole sequence so far).
     fn propose(&mut self, context: &[u32], k: usize) -> Result<Draft>;
@@ -462,7 +468,7 @@ impl<'a> HybridDrafter<'a> {
 
 impl Drafter for HybridDrafter<'_> {
     fn propose(&mut self, context: &[u32], k: usize) -> Result<Draft> {
-        self.propose_gated(context, k, &mut |_, _| Gate::Continue)
+        self.propose_gated(context, k, &mut ungated)
     }
     fn propose_gated(
         &mut self,
@@ -616,7 +622,7 @@ pub(crate) fn draft_margin(logits: &[f32], t: u32) -> f32 {
 
 impl<V: Verifier> Drafter for ModelDrafter<V> {
     fn propose(&mut self, context: &[u32], k: usize) -> Result<Draft> {
-        self.propose_gated(context, k, &mut |_, _| Gate::Continue)
+        self.propose_gated(context, k, &mut ungated)
     }
     fn propose_gated(
         &mut self,

@@ -2,8 +2,8 @@
 
 use crate::batch::BatchVerifier;
 use crate::drafter::{
-    draft_margin, pick_draft_token, Branching, Draft, DraftEvidence, DraftGate, Drafter, Gate,
-    ModelDrafter,
+    draft_margin, pick_draft_token, ungated, Branching, Draft, DraftEvidence, DraftGate, Drafter,
+    Gate, ModelDrafter,
 };
 use crate::{DraftSampling, Error, Result, Verifier};
 use std::cell::RefCell;
@@ -155,7 +155,7 @@ impl<'m> SharedCacheDrafter<'m> {
 
 impl Drafter for SharedCacheDrafter<'_> {
     fn propose(&mut self, context: &[u32], k: usize) -> Result<Draft> {
-        self.propose_gated(context, k, &mut |_, _| Gate::Continue)
+        self.propose_gated(context, k, &mut ungated)
     }
     fn propose_gated(
         &mut self,
