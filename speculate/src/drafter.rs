@@ -612,6 +612,36 @@ impl<V: Verifier> ModelDrafter<V> {
     }
 }
 
+/// A model drafter's token `t`, drafted as token `i` of its chain from `logits`: asks `gate`
+/// about it (by its lead over the runner-up) and, unless the gate drops it, adds it to `draft`
+/// with any leaf `branching` offers beside it. Whether the chain goes on: not dropped, not
+/// stopped, and not one of the `stop` tokens.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn take_drafted_token(
+    gate: &mut DraftGate<'_>,
+    branching: &Branching,
+    stop: &[u32],
+    draft: &mut Draft,
+    leaves: &mut Vec<(usize, u32)>,
+    logits: &[f32],
+    i: usize,
+    t: u32,
+) -> bool {
+    let margin = draft_margin(logits, t);
+    let verdict = gate(i, DraftEvidence::Model { margin });
+    if verdict == Gate::Drop {
+        if let Some(p) = draft.probs.as_mut() {
+            p.truncate(i);
+        }
+        return false;
+    }
+    if let Some(s) = branching.offer(&draft.probs, logits, t) {
+        leaves.push((i, s));
+    }
+    draft.tokens.push(t);
+    verdict == Gate::Continue && !stop.contains(&t)
+}
+
 /// The drafted token `t`'s logit over the best other one in `logits` ([`DraftEvidence`]).
 pub(crate) fn draft_margin(logits: &[f32], t: u32) -> f32 {
     match (logits.get(t as usize), largest_other(logits, t)) {
@@ -682,23 +712,17 @@ impl<V: Verifier> Drafter for ModelDrafter<V> {
             ) else {
                 break;
             };
-            let verdict = gate(
+            let more = take_drafted_token(
+                gate,
+                &self.branching,
+                &self.stop,
+                &mut draft,
+                &mut leaves,
+                &logits,
                 i,
-                DraftEvidence::Model {
-                    margin: draft_margin(&logits, t),
-                },
+                t,
             );
-            if verdict == Gate::Drop {
-                if let Some(p) = draft.probs.as_mut() {
-                    p.truncate(i);
-                }
-                break;
-            }
-            if let Some(s) = self.branching.offer(&draft.probs, &logits, t) {
-                leaves.push((i, s));
-            }
-            draft.tokens.push(t);
-            if self.stop.contains(&t) || verdict == Gate::Stop {
+            if !more {
                 break;
             }
             if i + 1 < k {

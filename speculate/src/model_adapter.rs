@@ -2,8 +2,8 @@
 
 use crate::batch::BatchVerifier;
 use crate::drafter::{
-    draft_margin, pick_draft_token, ungated, Branching, Draft, DraftEvidence, DraftGate, Drafter,
-    Gate, ModelDrafter,
+    pick_draft_token, take_drafted_token, ungated, Branching, Draft, DraftGate, Drafter,
+    ModelDrafter,
 };
 use crate::{DraftSampling, Error, Result, Verifier};
 use std::cell::RefCell;
@@ -201,19 +201,17 @@ impl Drafter for SharedCacheDrafter<'_> {
                 base + 1 + i,
             ) {
                 Some(t) => {
-                    let margin = draft_margin(&logits, t);
-                    let verdict = gate(i, DraftEvidence::Model { margin });
-                    if verdict == Gate::Drop {
-                        if let Some(p) = draft.probs.as_mut() {
-                            p.truncate(i);
-                        }
-                        break;
-                    }
-                    if let Some(s) = self.branching.offer(&draft.probs, &logits, t) {
-                        leaves.push((i, s));
-                    }
-                    draft.tokens.push(t);
-                    if self.stop.contains(&t) || verdict == Gate::Stop {
+                    let more = take_drafted_token(
+                        gate,
+                        &self.branching,
+                        &self.stop,
+                        &mut draft,
+                        &mut leaves,
+                        &logits,
+                        i,
+                        t,
+                    );
+                    if !more {
                         break;
                     }
                 }
