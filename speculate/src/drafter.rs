@@ -418,6 +418,38 @@ impl Drafter for NgramDrafter {
             parents: None,
         })
     }
+    fn propose_gated(
+        &mut self,
+        context: &[u32],
+        k: usize,
+        gate: &mut DraftGate<'_>,
+    ) -> Result<Draft> {
+        Ok(gate_lookup(self.propose(context, k)?, gate))
+    }
+}
+
+/// A lookup's proposal (n-gram, suffix) cut where `gate` says: its tokens cost no draft
+/// step, only their verifier rows, and a row may cost more than a token is expected to earn.
+/// A token tree (several lookup paths) is left whole.
+pub(crate) fn gate_lookup(mut d: Draft, gate: &mut DraftGate<'_>) -> Draft {
+    if !d.is_tree() {
+        let mut keep = d.tokens.len();
+        for i in 0..d.tokens.len() {
+            match gate(i, DraftEvidence::Lookup) {
+                Gate::Continue => {}
+                Gate::Stop => {
+                    keep = i + 1;
+                    break;
+                }
+                Gate::Drop => {
+                    keep = i;
+                    break;
+                }
+            }
+        }
+        d.limit_depth(keep);
+    }
+    d
 }
 
 /// The longest (up to `max_ngram` tokens) tail of `context` that occurred earlier in it, at
@@ -476,27 +508,8 @@ impl Drafter for HybridDrafter<'_> {
         k: usize,
         gate: &mut DraftGate<'_>,
     ) -> Result<Draft> {
-        let mut d = self.lookup.propose(context, k)?;
-        // A lookup's tokens cost no draft step, only their verifier rows: the gate may cut
-        // the chain where a row would cost more than the token is expected to earn.
-        if !d.is_tree() {
-            let mut keep = d.tokens.len();
-            for i in 0..d.tokens.len() {
-                match gate(i, DraftEvidence::Lookup) {
-                    Gate::Continue => {}
-                    Gate::Stop => {
-                        keep = i + 1;
-                        break;
-                    }
-                    Gate::Drop => {
-                        keep = i;
-                        break;
-                    }
-                }
-            }
-            // With nothing of the lookup's worth a row, the model drafts instead.
-            d.limit_depth(keep);
-        }
+        // With nothing of the lookup's worth a row (the gate cut it all), the model drafts.
+        let d = self.lookup.propose_gated(context, k, gate)?;
         self.last_from_lookup = !d.tokens.is_empty();
         if self.last_from_lookup {
             self.proposals.0 += 1;
@@ -769,11 +782,12 @@ mod tests {
         assert_eq!(draft_shortlist(&[60], 50, 2), Some(vec![0, 1]));
     }
 
-    /// The hybrid asks the gate about each lookup token and cuts the chain where it says;
-    /// a lookup chain dropped at its first token leaves the step to the model draft.
+    /// A lookup asks the gate about each of its tokens and cuts the chain where it says (in
+    /// a hybrid too); a lookup chain dropped at its first token leaves the step to the model
+    /// draft.
     #[test]
     fn a_hybrid_cuts_a_lookup_chain_where_the_gate_says() {
-        let (mut lookup, mut model) = (NgramDrafter::default(), NgramDrafter::default());
+        let (mut lookup, mut model) = (NgramDrafter::default(), Sevens);
         let mut h = HybridDrafter::new(&mut lookup, &mut model);
         let ctx = [1, 2, 3, 4, 5, 9, 2, 3];
         let mut asked = Vec::new();
@@ -803,10 +817,22 @@ mod tests {
             .unwrap();
         assert_eq!(d.tokens, vec![4, 5], "dropped at the third");
         assert_eq!(h.proposals, (2, 0));
-        // Dropped at its first token: the model drafter (here an ungated n-gram) proposes.
+        // Dropped at its first token: the model drafter (here one that never asks) proposes.
         let d = h.propose_gated(&ctx, 3, &mut |_, _| Gate::Drop).unwrap();
-        assert_eq!(d.tokens, vec![4, 5, 9]);
+        assert_eq!(d.tokens, vec![7, 7, 7]);
         assert_eq!(h.proposals, (2, 1));
+    }
+
+    /// Proposes k sevens, never asking a gate.
+    struct Sevens;
+    impl Drafter for Sevens {
+        fn propose(&mut self, _: &[u32], k: usize) -> Result<Draft> {
+            Ok(Draft {
+                tokens: vec![7; k],
+                probs: None,
+                parents: None,
+            })
+        }
     }
 
     #[test]

@@ -5,7 +5,7 @@
 //! idioms, the template's own tokens) far more than within one short answer, which is where
 //! plain prompt lookup finds nothing.
 
-use crate::drafter::{longest_context_match, Draft, Drafter};
+use crate::drafter::{gate_lookup, longest_context_match, Draft, DraftGate, Drafter};
 use crate::Result;
 use std::collections::HashMap;
 
@@ -218,6 +218,14 @@ impl Drafter for SuffixDrafter {
             .take(self.paths.max(1))
             .collect();
         Ok(trie(&paths))
+    }
+    fn propose_gated(
+        &mut self,
+        context: &[u32],
+        k: usize,
+        gate: &mut DraftGate<'_>,
+    ) -> Result<Draft> {
+        Ok(gate_lookup(self.propose(context, k)?, gate))
     }
 }
 
