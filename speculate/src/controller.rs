@@ -441,14 +441,19 @@ impl Controller for AdaptiveK {
             DraftEvidence::Lookup => 0.0,
             DraftEvidence::Model { .. } => draft / t0.max(1e-9),
         };
-        match self.gate_verdict(i, p, draft_step, t0) {
-            Gate::Drop => Gate::Drop,
-            verdict => {
-                self.chain_p = p;
-                self.chain_bins.push(bin);
-                verdict
-            }
+        let verdict = match self.gate_verdict(i, p, draft_step, t0) {
+            // A step's first token is always verified: tokens the gate never lets through
+            // are never judged, so a pessimistic bin could never learn otherwise (a C-ABI
+            // engine's cheap toy model had every lookup token dropped). Whether to draft at
+            // all stays the controller's choice of k.
+            Gate::Drop if i == 0 => Gate::Stop,
+            verdict => verdict,
+        };
+        if verdict != Gate::Drop {
+            self.chain_p = p;
+            self.chain_bins.push(bin);
         }
+        verdict
     }
 
     fn observe(&mut self, s: &StepReport) {
