@@ -222,9 +222,8 @@ pub struct AdaptiveK {
     /// token's verifier row and draft step are expected to cost more than they earn.
     pub gate_drafts: bool,
     gate: GateState,
-    /// The chain drafted so far in this step: the chance that all of it is accepted, and each
-    /// kept token's bin (judged when the step is observed).
-    chain_p: f64,
+    /// Each kept token's bin in this step's chain so far (judged when the step is observed;
+    /// the chance that all of it is accepted is the product of their rates).
     chain_bins: Vec<usize>,
 }
 
@@ -288,7 +287,6 @@ impl AdaptiveK {
             probing: false,
             gate_drafts: true,
             gate: GateState::default(),
-            chain_p: 1.0,
             chain_bins: Vec::new(),
         }
     }
@@ -432,11 +430,16 @@ impl Controller for AdaptiveK {
             return Gate::Continue;
         };
         if i == 0 {
-            self.chain_p = 1.0;
             self.chain_bins.clear();
         }
         let bin = gate_bin(evidence);
-        let p = self.chain_p * self.gate.bins[bin].rate();
+        let rates = &self.gate.bins;
+        let p: f64 = self
+            .chain_bins
+            .iter()
+            .chain([&bin])
+            .map(|&b| rates[b].rate())
+            .product();
         let draft_step = match evidence {
             DraftEvidence::Lookup => 0.0,
             DraftEvidence::Model { .. } => draft / t0.max(1e-9),
@@ -450,7 +453,6 @@ impl Controller for AdaptiveK {
             verdict => verdict,
         };
         if verdict != Gate::Drop {
-            self.chain_p = p;
             self.chain_bins.push(bin);
         }
         verdict
@@ -568,8 +570,8 @@ impl AdaptiveK {
     /// Keep token `i` of the chain, whose whole chain so far is accepted with chance `p`, and
     /// draft more? Each choice is priced in plain steps at the measured speculative rate
     /// (tokens per plain step): keeping the token and drafting j more earns the expected
-    /// accepted tokens (later ones at the measured acceptance after an accepted token) and costs the larger verifier pass
-    /// and j draft steps. Drop when no j earns its cost; stop when j = 0 earns the most.
+    /// accepted tokens (later ones at the measured acceptance after an accepted token) and
+    /// costs the larger verifier pass and j draft steps. Drop when no j earns its cost; stop when j = 0 earns the most.
     fn gate_verdict(&self, i: usize, p: f64, draft_step: f64, t0: f64) -> Gate {
         let rate = self
             .spec_rate
