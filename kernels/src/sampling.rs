@@ -19,6 +19,21 @@ impl std::error::Error for InvalidParams {}
 
 type Result<T> = std::result::Result<T, InvalidParams>;
 
+/// How far `row[chosen]` lies above the largest other value (infinite when there is none,
+/// or when `chosen` is outside the row).
+pub fn logit_lead(row: &[f32], chosen: u32) -> f32 {
+    let Some(&v) = row.get(chosen as usize) else {
+        return f32::INFINITY;
+    };
+    let other = row
+        .iter()
+        .enumerate()
+        .filter(|&(i, _)| i != chosen as usize)
+        .map(|(_, &x)| x)
+        .fold(f32::NEG_INFINITY, f32::max);
+    v - other
+}
+
 /// Index of the largest value (the first on ties): greedy decoding's token.
 pub fn argmax(row: &[f32]) -> u32 {
     let mut best = 0;
@@ -394,6 +409,54 @@ impl Sampler {
         best.1
     }
 
+    /// [`Sampler::sample_at`]'s draw (the same token) and its lead: how far its value
+    /// (log-probability plus noise) lies above the best other token's, times the temperature,
+    /// so in logit units; for greedy, the argmax's logit over the runner-up's. How sure a
+    /// coupled draft is of its token: a verifier whose logits differ from the draft's by less
+    /// than the lead draws the same token. Infinite when no other token can be drawn; tokens
+    /// too far below the best for any noise to lift them (see [`DrawNoise::SPREAD`]) are left
+    /// out, as `sample_at` leaves them out, which can only matter for leads above the
+    /// spread times the temperature. Plain
+    /// temperature only (a draw from `logits` whatever the top-k / top-p, which coupled
+    /// drafts never use, since the verifier's noise decides them alike); other parameters
+    /// give the raw logit lead.
+    pub fn draw_with_lead(&self, logits: &[f32], position: usize) -> (u32, f32) {
+        let plain_temperature = self.params.top_k == 0 && self.params.top_p >= 1.0;
+        let m = argmax(logits);
+        let max = logits.get(m as usize).copied().unwrap_or(f32::NEG_INFINITY) as f64;
+        if self.params.is_greedy() || !plain_temperature || !max.is_finite() {
+            let t = self.sample_at(logits, position);
+            return (t, logit_lead(logits, t));
+        }
+        let t = self.params.temperature as f64;
+        let key = gumbel_key(self.params.seed, position);
+        let gate = DrawNoise::gate();
+        // The best two values, each (value, token), found as `sample_at` finds the best: a
+        // token whose noise cannot reach the runner-up so far needs no noise.
+        let mut best = (gumbel(key, m as usize), m);
+        let mut second = f64::NEG_INFINITY;
+        let cut = (max - DrawNoise::SPREAD * t - 1e-3 * (1.0 + max.abs())) as f32;
+        for (i, &l) in logits.iter().enumerate() {
+            if l < cut || i == m as usize {
+                continue;
+            }
+            let lp = (l as f64 - max) / t;
+            if lp < -DrawNoise::SPREAD {
+                continue;
+            }
+            if let Some(g) = gate.noise_reaching(key, i, second - lp) {
+                let s = lp + g;
+                if s > best.0 || (s == best.0 && (i as u32) < best.1) {
+                    second = best.0;
+                    best = (s, i as u32);
+                } else if s > second {
+                    second = s;
+                }
+            }
+        }
+        (best.1, ((best.0 - second) * t) as f32)
+    }
+
     /// A uniform draw in [0, 1) from the same seeded stream (for acceptance tests).
     pub fn uniform(&mut self) -> f64 {
         self.rng.random::<f64>()
@@ -644,6 +707,54 @@ mod tests {
         let (least, most) = (gumbel_of_bits(0), gumbel_of_bits(u32::MAX as u64));
         assert!(most <= DrawNoise::MAX_NOISE && most > DrawNoise::MAX_NOISE - 2e-3);
         assert!(most - least <= DrawNoise::SPREAD);
+    }
+
+    /// `draw_with_lead` draws `sample_at`'s token, and its lead is the gap to the best other
+    /// token's value with every token's noise computed, times the temperature.
+    #[test]
+    fn draws_with_lead_are_the_draws_and_their_gap() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+        for case in 0..200 {
+            let n = 50 + case * 7;
+            let spread = if case % 3 == 0 { 1.0 } else { 8.0 };
+            let mut logits: Vec<f32> = (0..n).map(|_| rng.random::<f32>() * spread).collect();
+            if case % 5 == 0 {
+                // A screened row: −∞ but for a few tokens.
+                for (i, l) in logits.iter_mut().enumerate() {
+                    if i % 9 != 0 {
+                        *l = f32::NEG_INFINITY;
+                    }
+                }
+            }
+            let t = [0.3f32, 0.7, 1.0, 1.5][case % 4];
+            let s = sampler(t, 0, 1.0);
+            for position in [0usize, 5, 91] {
+                let (token, lead) = s.draw_with_lead(&logits, position);
+                assert_eq!(token, s.sample_at(&logits, position), "case {case}");
+                let key = gumbel_key(7, position);
+                let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+                let value = |i: usize| (logits[i] as f64 - max) / t as f64 + gumbel(key, i);
+                let other = (0..n)
+                    .filter(|&i| i != token as usize && logits[i].is_finite())
+                    .map(value)
+                    .fold(f64::NEG_INFINITY, f64::max);
+                let want = (value(token as usize) - other) * t as f64;
+                assert!(lead >= 0.0, "case {case}: lead {lead}");
+                // Tokens more than the noise's spread below lose to the best whatever
+                // their noise, so their gaps may be left uncomputed (as `sample_at` does).
+                if want < DrawNoise::SPREAD * t as f64 - 1.0 {
+                    assert!(
+                        (lead as f64 - want).abs() < 1e-4 * (1.0 + want.abs()),
+                        "case {case}: lead {lead} against {want}"
+                    );
+                }
+            }
+        }
+        let greedy = sampler(0.0, 0, 1.0);
+        assert_eq!(greedy.draw_with_lead(&[0.5, 2.0, 1.25], 4), (1, 0.75));
+        assert_eq!(greedy.draw_with_lead(&[3.0], 4), (0, f32::INFINITY));
+        assert_eq!(logit_lead(&[1.0, 4.0, 4.0], 2), 0.0);
     }
 
     #[test]

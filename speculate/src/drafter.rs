@@ -1,7 +1,7 @@
 //! Drafters propose the next tokens cheaply.
 
 use crate::{DraftSampling, Result, Verifier};
-use tandem_kernels::sampling::argmax;
+use tandem_kernels::sampling::{argmax, logit_lead};
 
 /// Proposed tokens: a chain (each follows the one before) or a token tree (several candidates
 /// where the drafter is unsure), with the distribution each was drawn from (needed by
@@ -183,8 +183,10 @@ impl Draft {
 /// to keep it and whether to draft another ([`Drafter::propose_gated`]).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum DraftEvidence {
-    /// A model's token, with its logit's lead over the draft's best other token (negative
-    /// when a sampled draft picked a token below its argmax).
+    /// A model's token, with its lead over the draft's best other token in logits: of the
+    /// logit itself when greedy; of the logit plus the draw's noise (times the temperature)
+    /// when the draft draws with the verifier's noise (`Sampler::draw_with_lead`); of the
+    /// logit when it samples on its own (negative for a token below its argmax).
     Model { margin: f32 },
     /// A lookup's token (suffix, n-gram): it cost no draft step.
     Lookup,
@@ -544,7 +546,7 @@ pub(crate) fn pick_draft_token(
     logits: &[f32],
     min_confidence: f32,
     position: usize,
-) -> Option<u32> {
+) -> Option<(u32, f32)> {
     match (sampling, probs) {
         (DraftSampling::Independent(s), Some(probs)) => {
             let p = s.distribution(logits);
@@ -553,16 +555,19 @@ pub(crate) fn pick_draft_token(
             }
             let t = s.sample_from(&p);
             probs.push(p);
-            Some(t)
+            Some((t, logit_lead(logits, t)))
         }
         (DraftSampling::Coupled(s), _) => {
             let confident =
                 min_confidence <= 0.0 || top_probability(logits, argmax(logits)) >= min_confidence;
-            confident.then(|| s.sample_at(logits, position))
+            // The lead of the draw itself (its value with the noise the verifier will draw
+            // too), not of the logits: what decides whether the verifier draws the same.
+            confident.then(|| s.draw_with_lead(logits, position))
         }
         _ => {
             let t = argmax(logits);
-            (min_confidence <= 0.0 || top_probability(logits, t) >= min_confidence).then_some(t)
+            (min_confidence <= 0.0 || top_probability(logits, t) >= min_confidence)
+                .then(|| (t, logit_lead(logits, t)))
         }
     }
 }
@@ -625,10 +630,10 @@ impl<V: Verifier> ModelDrafter<V> {
     }
 }
 
-/// A model drafter's token `t`, drafted as token `i` of its chain from `logits`: asks `gate`
-/// about it (by its lead over the runner-up) and, unless the gate drops it, adds it to `draft`
-/// with any leaf `branching` offers beside it. Whether the chain goes on: not dropped, not
-/// stopped, and not one of the `stop` tokens.
+/// A model drafter's token `t`, drafted as token `i` of its chain from `logits` with `lead`
+/// over the runner-up ([`pick_draft_token`]): asks `gate` about it and, unless the gate drops
+/// it, adds it to `draft` with any leaf `branching` offers beside it. Whether the chain goes
+/// on: not dropped, not stopped, and not one of the `stop` tokens.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn take_drafted_token(
     gate: &mut DraftGate<'_>,
@@ -638,10 +643,9 @@ pub(crate) fn take_drafted_token(
     leaves: &mut Vec<(usize, u32)>,
     logits: &[f32],
     i: usize,
-    t: u32,
+    (t, lead): (u32, f32),
 ) -> bool {
-    let margin = draft_margin(logits, t);
-    let verdict = gate(i, DraftEvidence::Model { margin });
+    let verdict = gate(i, DraftEvidence::Model { margin: lead });
     if verdict == Gate::Drop {
         if let Some(p) = draft.probs.as_mut() {
             p.truncate(i);
@@ -653,14 +657,6 @@ pub(crate) fn take_drafted_token(
     }
     draft.tokens.push(t);
     verdict == Gate::Continue && !stop.contains(&t)
-}
-
-/// The drafted token `t`'s logit over the best other one in `logits` ([`DraftEvidence`]).
-pub(crate) fn draft_margin(logits: &[f32], t: u32) -> f32 {
-    match (logits.get(t as usize), largest_other(logits, t)) {
-        (Some(&l), Some((_, other))) => l - other,
-        _ => f32::INFINITY,
-    }
 }
 
 impl<V: Verifier> Drafter for ModelDrafter<V> {
@@ -716,7 +712,7 @@ impl<V: Verifier> Drafter for ModelDrafter<V> {
         let mut logits = self.feed(&context[self.offset + keep..])?;
         let mut leaves = Vec::new();
         for i in 0..k {
-            let Some(t) = pick_draft_token(
+            let Some(picked) = pick_draft_token(
                 &mut self.sampling,
                 &mut draft.probs,
                 &logits,
@@ -725,6 +721,7 @@ impl<V: Verifier> Drafter for ModelDrafter<V> {
             ) else {
                 break;
             };
+            let t = picked.0;
             let more = take_drafted_token(
                 gate,
                 &self.branching,
@@ -733,7 +730,7 @@ impl<V: Verifier> Drafter for ModelDrafter<V> {
                 &mut leaves,
                 &logits,
                 i,
-                t,
+                picked,
             );
             if !more {
                 break;
