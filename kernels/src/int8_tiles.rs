@@ -104,6 +104,12 @@ impl Int8Tiles {
         self.data().len()
     }
 
+    /// Where this matrix's tile bytes sit in memory: (address, length).
+    pub fn memory(&self) -> (usize, usize) {
+        let d = self.data();
+        (d.as_ptr() as usize, d.len())
+    }
+
     /// The matrices `parts` (one format and width) copied into one allocation, one after
     /// another, each returned as a view of its rows: the same results, and [`Int8Tiles::joined`]
     /// of the views is the matrix of all their rows without a copy. Matrices that one input

@@ -45,6 +45,7 @@ pub mod attention;
 pub mod cuda;
 pub mod f16_gemm;
 pub mod ggml;
+pub mod huge_pages;
 pub mod int8_gemm;
 pub mod int8_tiles;
 pub mod membw;

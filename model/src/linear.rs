@@ -598,6 +598,33 @@ impl Linear {
         }
     }
 
+    /// Where the weight data the CPU kernels stream sits in memory, (address, length), for
+    /// [`tandem_kernels::huge_pages`]; `None` for weights that live on the GPU only.
+    pub(crate) fn memory(&self) -> Option<(usize, usize)> {
+        match &self.weight {
+            LinearWeight::F16(w) | LinearWeight::F32(w) if w.device().is_cpu() => {
+                let (storage, layout) = w.storage_and_layout();
+                let candle_core::Storage::Cpu(cpu) = &*storage else {
+                    return None;
+                };
+                let start = layout.start_offset();
+                let (addr, elem) = match cpu {
+                    candle_core::CpuStorage::F16(v) => (v.as_ptr() as usize, 2),
+                    candle_core::CpuStorage::F32(v) => (v.as_ptr() as usize, 4),
+                    _ => return None,
+                };
+                Some((addr + start * elem, self.weight_bytes()))
+            }
+            LinearWeight::Tiled(t) => Some(t.memory()),
+            LinearWeight::Quantized(q, _) if self.gpu.is_none() => match q.data() {
+                // CPU storage lends its bytes; a copy (GPU storage) is not where they live.
+                Ok(std::borrow::Cow::Borrowed(b)) => Some((b.as_ptr() as usize, b.len())),
+                _ => None,
+            },
+            _ => None,
+        }
+    }
+
     /// Bytes of weight data (what one forward pass streams from memory).
     pub fn weight_bytes(&self) -> usize {
         match &self.weight {

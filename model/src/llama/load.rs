@@ -278,8 +278,22 @@ impl Llama {
         };
         if options.device == ComputeDevice::Gpu {
             model.upload_to_gpu()?;
+        } else if weights {
+            model.back_with_huge_pages();
         }
         Ok(model)
+    }
+
+    /// Puts the linear layers' weights on 2 MiB pages where the system allows
+    /// ([`tandem_kernels::huge_pages`]): every decoding step streams them all. Returns the
+    /// bytes moved onto huge pages.
+    pub fn back_with_huge_pages(&self) -> usize {
+        let ranges: Vec<(usize, usize)> = self
+            .linears()
+            .into_iter()
+            .filter_map(|(_, l)| l.memory())
+            .collect();
+        tandem_kernels::huge_pages::back_with_huge_pages(&ranges)
     }
 
     /// Every tensor the forward pass reads, with its Hugging Face shape. Optional ones
