@@ -89,7 +89,12 @@ fn charge(bytes: usize) {
     let cancelled = CANCELLED.with(Cell::get);
     // SAFETY: a non-null pointer is the caller's flag, kept alive by the budgeted thread's
     // own reference to it for as long as the thread runs its work.
-    if used > limit || (!cancelled.is_null() && unsafe { (*cancelled).load(Relaxed) }) {
+    let over = used > limit || (!cancelled.is_null() && unsafe { (*cancelled).load(Relaxed) });
+    // Never inside a panic: the panic hook holds process-wide locks while it allocates (with
+    // RUST_BACKTRACE set, resolving the backtrace's symbols from a binary's debug info took
+    // more than 64 MiB), and a thread put to sleep there would hang every later panic in
+    // the process. The panic unwinds to `run_within` and frees what it took.
+    if over && !std::thread::panicking() {
         stop();
     }
 }

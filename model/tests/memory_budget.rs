@@ -91,6 +91,29 @@ fn a_panic_in_the_work_reaches_the_caller() {
     assert_eq!(payload.downcast_ref::<&str>(), Some(&"inside"));
 }
 
+/// A panic message whose formatting allocates past the limit: the panic hook formats it
+/// while holding process-wide locks, as it resolves a backtrace's symbols with
+/// RUST_BACKTRACE set (which took more than 64 MiB with debug info), so the budget must not
+/// stop the thread there: it would hang every later panic in the process.
+#[test]
+fn a_panic_that_allocates_past_the_limit_still_reaches_the_caller() {
+    struct Heavy;
+    impl std::fmt::Display for Heavy {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            let scratch = std::hint::black_box(vec![1u8; 2 << 20]);
+            write!(f, "heavy {}", scratch.len())
+        }
+    }
+    let caught = std::panic::catch_unwind(|| {
+        run_within(1 << 20, STACK, DEADLINE, || -> u8 { panic!("{}", Heavy) })
+    });
+    let payload = caught.expect_err("the panic was lost");
+    assert_eq!(
+        payload.downcast_ref::<String>().map(String::as_str),
+        Some("heavy 2097152")
+    );
+}
+
 /// ChatML as SmolLM2-Instruct writes it, without its default system prompt.
 const CHATML: &str = "{% for message in messages %}<|im_start|>{{ message['role'] }}\n\
     {{ message['content'] }}<|im_end|>\n{% endfor %}\
