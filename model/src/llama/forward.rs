@@ -254,6 +254,11 @@ impl Llama {
         } else {
             super::greedy_head::GreedyHead::build(&self.lm_head)?
         };
+        // Every greedy step streams the screen, as it does the layers
+        // (`Llama::back_with_huge_pages`).
+        if let Some(g) = &built {
+            tandem_kernels::huge_pages::back_with_huge_pages(&[g.screen_memory()]);
+        }
         // A concurrent first call may have won the race; either screen is the same.
         Ok(self.greedy_head.get_or_init(|| built).as_ref())
     }

@@ -117,6 +117,11 @@ enum RowRead {
 }
 
 impl GreedyHead {
+    /// Where the Q8_0 screen sits in memory: (address, length).
+    pub(super) fn screen_memory(&self) -> (usize, usize) {
+        self.screen.memory()
+    }
+
     /// A screen for `head` when it is a 16-bit CPU head without bias that tiles for the int8
     /// kernel (this CPU has one, the shape fits); `None` otherwise (the full head is used).
     pub(super) fn build(head: &Linear) -> Result<Option<Self>> {

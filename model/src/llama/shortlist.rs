@@ -119,6 +119,10 @@ impl Llama {
         // twice, with the same value).
         list.resize(list.len().next_multiple_of(8), last);
         let head = self.lm_head.select_rows(&list)?;
+        // Every draft step streams it, as it does the layers (`Llama::back_with_huge_pages`).
+        if let Some(at) = head.memory() {
+            tandem_kernels::huge_pages::back_with_huge_pages(&[at]);
+        }
         *self.shortlist.get_mut().unwrap_or_else(|e| e.into_inner()) = Some(Shortlist {
             ids: list,
             head,
