@@ -599,21 +599,21 @@ impl Linear {
     }
 
     /// Where the weight data the CPU kernels stream sits in memory, (address, length), for
-    /// [`tandem_kernels::huge_pages`]; `None` for weights that live on the GPU only.
+    /// [`tandem_kernels::huge_pages`]; `None` where a GPU copy is what runs.
     pub(crate) fn memory(&self) -> Option<(usize, usize)> {
         match &self.weight {
-            LinearWeight::F16(w) | LinearWeight::F32(w) if w.device().is_cpu() => {
+            LinearWeight::F16(_) => self
+                .with_cpu_f16(|w| Ok((w.as_ptr() as usize, std::mem::size_of_val(w))))
+                .ok()
+                .flatten(),
+            LinearWeight::F32(w) if self.gpu.is_none() => {
                 let (storage, layout) = w.storage_and_layout();
-                let candle_core::Storage::Cpu(cpu) = &*storage else {
-                    return None;
-                };
-                let start = layout.start_offset();
-                let (addr, elem) = match cpu {
-                    candle_core::CpuStorage::F16(v) => (v.as_ptr() as usize, 2),
-                    candle_core::CpuStorage::F32(v) => (v.as_ptr() as usize, 4),
-                    _ => return None,
-                };
-                Some((addr + start * elem, self.weight_bytes()))
+                match &*storage {
+                    candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)) => v
+                        .get(layout.start_offset()..)
+                        .map(|v| (v.as_ptr() as usize, self.weight_bytes())),
+                    _ => None,
+                }
             }
             LinearWeight::Tiled(t) => Some(t.memory()),
             LinearWeight::Quantized(q, _) if self.gpu.is_none() => match q.data() {
