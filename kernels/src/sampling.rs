@@ -34,6 +34,23 @@ pub fn logit_lead(row: &[f32], chosen: u32) -> f32 {
     v - other
 }
 
+/// [`argmax`] and [`logit_lead`] of it in one pass over `row` (a greedy draft's token and
+/// how sure it is, every draft step).
+pub fn argmax_with_lead(row: &[f32]) -> (u32, f32) {
+    let Some(&first) = row.first() else {
+        return (0, f32::INFINITY);
+    };
+    let (mut best, mut at, mut second) = (first, 0, f32::NEG_INFINITY);
+    for (i, &v) in row.iter().enumerate().skip(1) {
+        if v > best {
+            (second, best, at) = (best, v, i);
+        } else if v > second {
+            second = v;
+        }
+    }
+    (at as u32, best - second)
+}
+
 /// Index of the largest value (the first on ties): greedy decoding's token.
 pub fn argmax(row: &[f32]) -> u32 {
     let mut best = 0;
@@ -421,10 +438,13 @@ impl Sampler {
     /// drafts never use, since the verifier's noise decides them alike); other parameters
     /// give the raw logit lead.
     pub fn draw_with_lead(&self, logits: &[f32], position: usize) -> (u32, f32) {
+        if self.params.is_greedy() {
+            return argmax_with_lead(logits);
+        }
         let plain_temperature = self.params.top_k == 0 && self.params.top_p >= 1.0;
         let m = argmax(logits);
         let max = logits.get(m as usize).copied().unwrap_or(f32::NEG_INFINITY) as f64;
-        if self.params.is_greedy() || !plain_temperature || !max.is_finite() {
+        if !plain_temperature || !max.is_finite() {
             let t = self.sample_at(logits, position);
             return (t, logit_lead(logits, t));
         }
@@ -755,6 +775,20 @@ mod tests {
         assert_eq!(greedy.draw_with_lead(&[0.5, 2.0, 1.25], 4), (1, 0.75));
         assert_eq!(greedy.draw_with_lead(&[3.0], 4), (0, f32::INFINITY));
         assert_eq!(logit_lead(&[1.0, 4.0, 4.0], 2), 0.0);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+        for n in [1usize, 2, 3, 17, 300] {
+            for _ in 0..20 {
+                let mut row: Vec<f32> = (0..n)
+                    .map(|_| (rng.random::<f32>() * 4.0).round())
+                    .collect();
+                if n > 2 {
+                    row[1] = f32::NAN;
+                }
+                let t = argmax(&row);
+                assert_eq!(argmax_with_lead(&row), (t, logit_lead(&row, t)), "{row:?}");
+            }
+        }
+        assert_eq!(argmax_with_lead(&[]), (0, f32::INFINITY));
     }
 
     #[test]

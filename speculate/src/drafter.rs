@@ -1,7 +1,7 @@
 //! Drafters propose the next tokens cheaply.
 
 use crate::{DraftSampling, Result, Verifier};
-use tandem_kernels::sampling::{argmax, logit_lead};
+use tandem_kernels::sampling::{argmax, argmax_with_lead, logit_lead};
 
 /// Proposed tokens: a chain (each follows the one before) or a token tree (several candidates
 /// where the drafter is unsure), with the distribution each was drawn from (needed by
@@ -565,9 +565,9 @@ pub(crate) fn pick_draft_token(
             confident.then(|| s.draw_with_lead(logits, position))
         }
         _ => {
-            let t = argmax(logits);
+            let (t, lead) = argmax_with_lead(logits);
             (min_confidence <= 0.0 || top_probability(logits, t) >= min_confidence)
-                .then(|| (t, logit_lead(logits, t)))
+                .then_some((t, lead))
         }
     }
 }
