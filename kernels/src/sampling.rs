@@ -34,21 +34,49 @@ pub fn logit_lead(row: &[f32], chosen: u32) -> f32 {
     v - other
 }
 
-/// [`argmax`] and [`logit_lead`] of it in one pass over `row` (a greedy draft's token and
-/// how sure it is, every draft step).
-pub fn argmax_with_lead(row: &[f32]) -> (u32, f32) {
+/// A draft's token, how sure it is, and the token that came closest to it (see
+/// [`argmax_with_lead`], [`Sampler::draw_with_lead`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LeadingDraw {
+    pub token: u32,
+    /// How far the token's value lies above the runner-up's, in logits (infinite when no
+    /// other token could have been drawn).
+    pub lead: f32,
+    /// The best other token by the same values: the one the verifier most likely takes
+    /// instead when it does not take `token` (a token tree's second candidate). `None` when
+    /// no other token could have been drawn, or the draw does not rank its others.
+    pub runner_up: Option<u32>,
+}
+
+/// [`argmax`], [`logit_lead`] of it and the runner-up's index (the first of equals, never a
+/// −∞ one) in one pass over `row`: a greedy draft's token, how sure it is, and its second
+/// candidate, every draft step.
+pub fn argmax_with_lead(row: &[f32]) -> LeadingDraw {
     let Some(&first) = row.first() else {
-        return (0, f32::INFINITY);
+        return LeadingDraw {
+            token: 0,
+            lead: f32::INFINITY,
+            runner_up: None,
+        };
     };
-    let (mut best, mut at, mut second) = (first, 0, f32::NEG_INFINITY);
+    let (mut best, mut at) = (first, 0);
+    let (mut second, mut second_at) = (f32::NEG_INFINITY, None);
     for (i, &v) in row.iter().enumerate().skip(1) {
         if v > best {
-            (second, best, at) = (best, v, i);
+            (second, second_at) = (best, Some(at));
+            (best, at) = (v, i);
         } else if v > second {
-            second = v;
+            (second, second_at) = (v, Some(i));
         }
     }
-    (at as u32, best - second)
+    LeadingDraw {
+        token: at as u32,
+        lead: best - second,
+        // A token at −∞ (masked, or screened out) is no candidate.
+        runner_up: second_at
+            .filter(|_| second > f32::NEG_INFINITY)
+            .map(|i| i as u32),
+    }
 }
 
 /// Index of the largest value (the first on ties): greedy decoding's token.
@@ -426,18 +454,19 @@ impl Sampler {
         best.1
     }
 
-    /// [`Sampler::sample_at`]'s draw (the same token) and its lead: how far its value
-    /// (log-probability plus noise) lies above the best other token's, times the temperature,
-    /// so in logit units; for greedy, the argmax's logit over the runner-up's. How sure a
-    /// coupled draft is of its token: a verifier whose logits differ from the draft's by less
-    /// than the lead draws the same token. Infinite when no other token can be drawn; tokens
-    /// too far below the best for any noise to lift them (see [`DrawNoise::SPREAD`]) are left
-    /// out, as `sample_at` leaves them out, which can only matter for leads above the
-    /// spread times the temperature. Plain
-    /// temperature only (a draw from `logits` whatever the top-k / top-p, which coupled
-    /// drafts never use, since the verifier's noise decides them alike); other parameters
-    /// give the raw logit lead.
-    pub fn draw_with_lead(&self, logits: &[f32], position: usize) -> (u32, f32) {
+    /// [`Sampler::sample_at`]'s draw (the same token), its lead and its runner-up: how far
+    /// its value (log-probability plus noise) lies above the best other token's, times the
+    /// temperature, so in logit units, and which token that is; for greedy,
+    /// [`argmax_with_lead`]. How sure a coupled draft is of its token: a verifier whose logits
+    /// differ from the draft's by less than the lead draws the same token, and where it does
+    /// not, the runner-up of the same noise is its likeliest other draw. The lead is infinite
+    /// (and no runner-up) when no other token can be drawn; tokens too far below the best for
+    /// any noise to lift them (see [`DrawNoise::SPREAD`]) are left out, as `sample_at` leaves
+    /// them out, which can only matter for leads above the spread times the temperature.
+    /// Plain temperature only (a draw from `logits` whatever the top-k / top-p, which
+    /// coupled drafts never use, since the verifier's noise decides them alike); other
+    /// parameters give the raw logit lead and no runner-up.
+    pub fn draw_with_lead(&self, logits: &[f32], position: usize) -> LeadingDraw {
         if self.params.is_greedy() {
             return argmax_with_lead(logits);
         }
@@ -445,16 +474,21 @@ impl Sampler {
         let m = argmax(logits);
         let max = logits.get(m as usize).copied().unwrap_or(f32::NEG_INFINITY) as f64;
         if !plain_temperature || !max.is_finite() {
-            let t = self.sample_at(logits, position);
-            return (t, logit_lead(logits, t));
+            let token = self.sample_at(logits, position);
+            return LeadingDraw {
+                token,
+                lead: logit_lead(logits, token),
+                runner_up: None,
+            };
         }
         let t = self.params.temperature as f64;
         let key = gumbel_key(self.params.seed, position);
         let gate = DrawNoise::gate();
         // The best two values, each (value, token), found as `sample_at` finds the best: a
-        // token whose noise cannot reach the runner-up so far needs no noise.
+        // token whose noise cannot reach the runner-up so far needs no noise (it could be
+        // neither).
         let mut best = (gumbel(key, m as usize), m);
-        let mut second = f64::NEG_INFINITY;
+        let mut second: (f64, Option<u32>) = (f64::NEG_INFINITY, None);
         let cut = (max - DrawNoise::SPREAD * t - 1e-3 * (1.0 + max.abs())) as f32;
         for (i, &l) in logits.iter().enumerate() {
             if l < cut || i == m as usize {
@@ -464,17 +498,21 @@ impl Sampler {
             if lp < -DrawNoise::SPREAD {
                 continue;
             }
-            if let Some(g) = gate.noise_reaching(key, i, second - lp) {
+            if let Some(g) = gate.noise_reaching(key, i, second.0 - lp) {
                 let s = lp + g;
                 if s > best.0 || (s == best.0 && (i as u32) < best.1) {
-                    second = best.0;
+                    second = (best.0, Some(best.1));
                     best = (s, i as u32);
-                } else if s > second {
-                    second = s;
+                } else if s > second.0 {
+                    second = (s, Some(i as u32));
                 }
             }
         }
-        (best.1, ((best.0 - second) * t) as f32)
+        LeadingDraw {
+            token: best.1,
+            lead: ((best.0 - second.0) * t) as f32,
+            runner_up: second.1,
+        }
     }
 
     /// A uniform draw in [0, 1) from the same seeded stream (for acceptance tests).
@@ -750,7 +788,11 @@ mod tests {
             let t = [0.3f32, 0.7, 1.0, 1.5][case % 4];
             let s = sampler(t, 0, 1.0);
             for position in [0usize, 5, 91] {
-                let (token, lead) = s.draw_with_lead(&logits, position);
+                let LeadingDraw {
+                    token,
+                    lead,
+                    runner_up,
+                } = s.draw_with_lead(&logits, position);
                 assert_eq!(token, s.sample_at(&logits, position), "case {case}");
                 let key = gumbel_key(7, position);
                 let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
@@ -761,6 +803,16 @@ mod tests {
                     .fold(f64::NEG_INFINITY, f64::max);
                 let want = (value(token as usize) - other) * t as f64;
                 assert!(lead >= 0.0, "case {case}: lead {lead}");
+                // The runner-up is the token of that best other value (where it was within
+                // the noise's reach, as the lead).
+                if want < DrawNoise::SPREAD * t as f64 - 1.0 {
+                    let r = runner_up.expect("a second token within reach");
+                    assert_ne!(r, token);
+                    assert!(
+                        (value(r as usize) - other).abs() < 1e-12,
+                        "case {case}: runner-up {r}"
+                    );
+                }
                 // Tokens more than the noise's spread below lose to the best whatever
                 // their noise, so their gaps may be left uncomputed (as `sample_at` does).
                 if want < DrawNoise::SPREAD * t as f64 - 1.0 {
@@ -772,8 +824,25 @@ mod tests {
             }
         }
         let greedy = sampler(0.0, 0, 1.0);
-        assert_eq!(greedy.draw_with_lead(&[0.5, 2.0, 1.25], 4), (1, 0.75));
-        assert_eq!(greedy.draw_with_lead(&[3.0], 4), (0, f32::INFINITY));
+        let draw = |token, lead, runner_up| LeadingDraw {
+            token,
+            lead,
+            runner_up,
+        };
+        assert_eq!(
+            greedy.draw_with_lead(&[0.5, 2.0, 1.25], 4),
+            draw(1, 0.75, Some(2))
+        );
+        assert_eq!(
+            greedy.draw_with_lead(&[3.0], 4),
+            draw(0, f32::INFINITY, None)
+        );
+        // Equal logits: the first is the token, the next the runner-up; −∞ is no runner-up.
+        assert_eq!(argmax_with_lead(&[1.0, 4.0, 4.0]), draw(1, 0.0, Some(2)));
+        assert_eq!(
+            argmax_with_lead(&[f32::NEG_INFINITY, 2.0, f32::NEG_INFINITY]),
+            draw(1, f32::INFINITY, None)
+        );
         assert_eq!(logit_lead(&[1.0, 4.0, 4.0], 2), 0.0);
         let mut rng = rand::rngs::StdRng::seed_from_u64(5);
         for n in [1usize, 2, 3, 17, 300] {
@@ -785,10 +854,16 @@ mod tests {
                     row[1] = f32::NAN;
                 }
                 let t = argmax(&row);
-                assert_eq!(argmax_with_lead(&row), (t, logit_lead(&row, t)), "{row:?}");
+                let d = argmax_with_lead(&row);
+                assert_eq!((d.token, d.lead), (t, logit_lead(&row, t)), "{row:?}");
+                if n > 1 {
+                    let r = d.runner_up.expect("a finite second value") as usize;
+                    assert_ne!(r, t as usize);
+                    assert_eq!(row[t as usize] - row[r], d.lead, "{row:?}");
+                }
             }
         }
-        assert_eq!(argmax_with_lead(&[]), (0, f32::INFINITY));
+        assert_eq!(argmax_with_lead(&[]), draw(0, f32::INFINITY, None));
     }
 
     #[test]
