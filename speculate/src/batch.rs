@@ -253,6 +253,7 @@ impl BatchDecoder<'_> {
                 if speculate {
                     self.controllers[i].observe(&StepReport {
                         drafted,
+                        verified: d.tokens.len(),
                         accepted,
                         draft_secs: ds / active.len() as f64,
                         verify_secs: vs,

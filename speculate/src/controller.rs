@@ -6,7 +6,11 @@ use crate::drafter::{DraftEvidence, Gate};
 /// What one speculative step cost and achieved.
 #[derive(Debug, Clone, Copy)]
 pub struct StepReport {
+    /// The draft's depth (a chain's length): the tokens one path can accept.
     pub drafted: usize,
+    /// The tokens the verifier scored beside the context's last: `drafted`, plus a token
+    /// tree's leaves off its main chain. What the pass's price depends on.
+    pub verified: usize,
     pub accepted: usize,
     pub draft_secs: f64,
     pub verify_secs: f64,
@@ -465,9 +469,10 @@ impl Controller for AdaptiveK {
         let secs = s.draft_secs + s.verify_secs;
         let catch_up = self.asked > 0 && std::mem::take(&mut self.catching_up);
         if clock && secs > 0.0 {
-            if s.drafted == 0 {
+            // A pass is priced by the rows it scored (a tree's leaves too).
+            if s.verified == 0 {
                 self.plain_step.add(s.verify_secs, 1.0);
-            } else if let Some(pass) = self.gate.pass.get_mut(s.drafted) {
+            } else if let Some(pass) = self.gate.pass.get_mut(s.verified) {
                 pass.add(s.verify_secs, 1.0);
             }
             if self.asked == 0 {
@@ -477,8 +482,8 @@ impl Controller for AdaptiveK {
                 self.spec_streak += 1;
                 self.draft.add(s.draft_secs, s.drafted as f64);
                 if let Some(t0) = self.plain_step.ratio() {
-                    if s.drafted > 0 {
-                        self.growth.add(s.verify_secs - t0, s.drafted as f64);
+                    if s.verified > 0 {
+                        self.growth.add(s.verify_secs - t0, s.verified as f64);
                     }
                 }
             }
@@ -644,6 +649,7 @@ mod tests {
             let report = if k == 0 {
                 StepReport {
                     drafted: 0,
+                    verified: 0,
                     accepted: 0,
                     draft_secs: 0.0,
                     verify_secs: 0.010,
@@ -652,6 +658,7 @@ mod tests {
                 spec_steps += 1;
                 StepReport {
                     drafted: k,
+                    verified: k,
                     accepted: k,
                     draft_secs: 0.010 * k as f64,
                     verify_secs: 0.012,
@@ -673,6 +680,7 @@ mod tests {
         // 80% of drafts accepted in runs of four.
         let step = |k: usize, accepted: usize| StepReport {
             drafted: k,
+            verified: k,
             accepted: accepted.min(k),
             draft_secs: 0.002 * k as f64,
             verify_secs: 0.010 + 0.0005 * k as f64,
@@ -732,6 +740,7 @@ mod tests {
         assert_eq!(c.next_k(), 0, "a plain step first");
         c.observe(&StepReport {
             drafted: 0,
+            verified: 0,
             accepted: 0,
             draft_secs: 0.0,
             verify_secs: 0.010,
@@ -744,6 +753,7 @@ mod tests {
                 }
                 c.observe(&StepReport {
                     drafted: d,
+                    verified: d,
                     accepted: (d as f64 * accept).round() as usize,
                     draft_secs: 0.0025 * d as f64,
                     verify_secs: ms / 1000.0,
@@ -760,6 +770,7 @@ mod tests {
             match c.next_k() {
                 0 => c.observe(&StepReport {
                     drafted: 0,
+                    verified: 0,
                     accepted: 0,
                     draft_secs: 0.0,
                     verify_secs: 0.010,
@@ -828,6 +839,7 @@ mod tests {
             let n = gated_length(&mut c, &unsure);
             c.observe(&StepReport {
                 drafted: n,
+                verified: n,
                 accepted: n,
                 draft_secs: 0.0025 * n as f64,
                 verify_secs: (10.0 + 0.65 * n as f64) / 1000.0,
@@ -859,6 +871,7 @@ mod tests {
             let k = c.next_k().max(1);
             c.observe(&StepReport {
                 drafted: k,
+                verified: k,
                 accepted: 0,
                 draft_secs: 0.02 * k as f64,
                 verify_secs: 0.1,
@@ -870,6 +883,7 @@ mod tests {
             let k = c.next_k();
             c.observe(&StepReport {
                 drafted: k,
+                verified: k,
                 accepted: k,
                 draft_secs: 0.001 * k as f64,
                 verify_secs: 0.1,
@@ -891,12 +905,14 @@ mod tests {
             let acc = ka.min(i % 3);
             a.observe(&StepReport {
                 drafted: ka,
+                verified: ka,
                 accepted: acc,
                 draft_secs: 0.001,
                 verify_secs: 0.1,
             });
             b.observe(&StepReport {
                 drafted: kb,
+                verified: kb,
                 accepted: acc,
                 draft_secs: 5.0,
                 verify_secs: 0.01,
