@@ -22,16 +22,22 @@ type Result<T> = std::result::Result<T, InvalidParams>;
 /// How far `row[chosen]` lies above the largest other value (infinite when there is none,
 /// or when `chosen` is outside the row).
 pub fn logit_lead(row: &[f32], chosen: u32) -> f32 {
+    lead_over_others(row, chosen).0
+}
+
+/// [`logit_lead`] and where that largest other value is (the first of equals; `None` when
+/// it is −∞ or there is none).
+fn lead_over_others(row: &[f32], chosen: u32) -> (f32, Option<u32>) {
     let Some(&v) = row.get(chosen as usize) else {
-        return f32::INFINITY;
+        return (f32::INFINITY, None);
     };
-    let other = row
-        .iter()
-        .enumerate()
-        .filter(|&(i, _)| i != chosen as usize)
-        .map(|(_, &x)| x)
-        .fold(f32::NEG_INFINITY, f32::max);
-    v - other
+    let (mut other, mut at) = (f32::NEG_INFINITY, None);
+    for (i, &x) in row.iter().enumerate() {
+        if i != chosen as usize && x > other {
+            (other, at) = (x, Some(i as u32));
+        }
+    }
+    (v - other, at)
 }
 
 /// A draft's token, how sure it is, and the token that came closest to it (see
@@ -44,7 +50,7 @@ pub struct LeadingDraw {
     pub lead: f32,
     /// The best other token by the same values: the one the verifier most likely takes
     /// instead when it does not take `token` (a token tree's second candidate). `None` when
-    /// no other token could have been drawn, or the draw does not rank its others.
+    /// no other token could have been drawn.
     pub runner_up: Option<u32>,
 }
 
@@ -465,7 +471,7 @@ impl Sampler {
     /// them out, which can only matter for leads above the spread times the temperature.
     /// Plain temperature only (a draw from `logits` whatever the top-k / top-p, which
     /// coupled drafts never use, since the verifier's noise decides them alike); other
-    /// parameters give the raw logit lead and no runner-up.
+    /// parameters give the raw logit lead and the logits' best other token.
     pub fn draw_with_lead(&self, logits: &[f32], position: usize) -> LeadingDraw {
         if self.params.is_greedy() {
             return argmax_with_lead(logits);
@@ -475,10 +481,11 @@ impl Sampler {
         let max = logits.get(m as usize).copied().unwrap_or(f32::NEG_INFINITY) as f64;
         if !plain_temperature || !max.is_finite() {
             let token = self.sample_at(logits, position);
+            let (lead, runner_up) = lead_over_others(logits, token);
             return LeadingDraw {
                 token,
-                lead: logit_lead(logits, token),
-                runner_up: None,
+                lead,
+                runner_up,
             };
         }
         let t = self.params.temperature as f64;
@@ -836,6 +843,20 @@ mod tests {
         assert_eq!(
             greedy.draw_with_lead(&[3.0], 4),
             draw(0, f32::INFINITY, None)
+        );
+        // Top-k or top-p: the draw, its raw logit lead, and the logits' best other token.
+        let row = [0.5f32, 2.0, 1.25, f32::NEG_INFINITY];
+        let top_k = sampler(0.7, 2, 1.0);
+        let d = top_k.draw_with_lead(&row, 3);
+        assert_eq!(d.token, top_k.sample_at(&row, 3));
+        let other = if d.token == 1 { 2 } else { 1 };
+        assert_eq!(
+            d,
+            draw(
+                d.token,
+                row[d.token as usize] - row[other],
+                Some(other as u32)
+            )
         );
         // Equal logits: the first is the token, the next the runner-up; −∞ is no runner-up.
         assert_eq!(argmax_with_lead(&[1.0, 4.0, 4.0]), draw(1, 0.0, Some(2)));
