@@ -25,19 +25,27 @@ pub fn logit_lead(row: &[f32], chosen: u32) -> f32 {
     lead_over_others(row, chosen).0
 }
 
-/// [`logit_lead`] and where that largest other value is (the first of equals; `None` when
-/// it is −∞ or there is none).
-fn lead_over_others(row: &[f32], chosen: u32) -> (f32, Option<u32>) {
-    let Some(&v) = row.get(chosen as usize) else {
-        return (f32::INFINITY, None);
-    };
+/// The largest value other than `row[chosen]` and where it is (the first of equals); `None`
+/// when there is no other value above −∞ (NaN is never one).
+pub fn largest_other(row: &[f32], chosen: u32) -> Option<(u32, f32)> {
     let (mut other, mut at) = (f32::NEG_INFINITY, None);
     for (i, &x) in row.iter().enumerate() {
         if i != chosen as usize && x > other {
             (other, at) = (x, Some(i as u32));
         }
     }
-    (v - other, at)
+    at.map(|i| (i, other))
+}
+
+/// [`logit_lead`] and where that largest other value is ([`largest_other`]).
+fn lead_over_others(row: &[f32], chosen: u32) -> (f32, Option<u32>) {
+    let Some(&v) = row.get(chosen as usize) else {
+        return (f32::INFINITY, None);
+    };
+    match largest_other(row, chosen) {
+        Some((i, other)) => (v - other, Some(i)),
+        None => (v - f32::NEG_INFINITY, None),
+    }
 }
 
 /// A draft's token, how sure it is, and the token that came closest to it (see
@@ -810,8 +818,9 @@ mod tests {
                     .fold(f64::NEG_INFINITY, f64::max);
                 let want = (value(token as usize) - other) * t as f64;
                 assert!(lead >= 0.0, "case {case}: lead {lead}");
-                // The runner-up is the token of that best other value (where it was within
-                // the noise's reach, as the lead).
+                // Tokens more than the noise's spread below lose to the best whatever
+                // their noise, so their gaps may be left uncomputed (as `sample_at` does).
+                // Within reach, the runner-up is the token of that best other value.
                 if want < DrawNoise::SPREAD * t as f64 - 1.0 {
                     let r = runner_up.expect("a second token within reach");
                     assert_ne!(r, token);
@@ -819,10 +828,6 @@ mod tests {
                         (value(r as usize) - other).abs() < 1e-12,
                         "case {case}: runner-up {r}"
                     );
-                }
-                // Tokens more than the noise's spread below lose to the best whatever
-                // their noise, so their gaps may be left uncomputed (as `sample_at` does).
-                if want < DrawNoise::SPREAD * t as f64 - 1.0 {
                     assert!(
                         (lead as f64 - want).abs() < 1e-4 * (1.0 + want.abs()),
                         "case {case}: lead {lead} against {want}"

@@ -606,14 +606,9 @@ impl Linear {
                 .with_cpu_f16(|w| Ok((w.as_ptr() as usize, std::mem::size_of_val(w))))
                 .ok()
                 .flatten(),
+            // Weights are contiguous, so this borrows candle's storage (no copy).
             LinearWeight::F32(w) if self.gpu.is_none() => {
-                let (storage, layout) = w.storage_and_layout();
-                match &*storage {
-                    candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)) => v
-                        .get(layout.start_offset()..)
-                        .map(|v| (v.as_ptr() as usize, self.weight_bytes())),
-                    _ => None,
-                }
+                with_cpu_f32(w, |v| (v.as_ptr() as usize, std::mem::size_of_val(v))).ok()
             }
             LinearWeight::Tiled(t) => Some(t.memory()),
             LinearWeight::Quantized(q, _) if self.gpu.is_none() => match q.data() {

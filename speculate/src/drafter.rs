@@ -1,7 +1,7 @@
 //! Drafters propose the next tokens cheaply.
 
 use crate::{DraftSampling, Result, Verifier};
-use tandem_kernels::sampling::{argmax, argmax_with_lead, logit_lead, LeadingDraw};
+use tandem_kernels::sampling::{argmax, argmax_with_lead, largest_other, logit_lead, LeadingDraw};
 
 /// Proposed tokens: a chain (each follows the one before) or a token tree (several candidates
 /// where the drafter is unsure), with the distribution each was drawn from (needed by
@@ -304,7 +304,7 @@ impl Branching {
             return None;
         }
         let (best, p) = largest_other(probs, chosen)?;
-        (p >= self.min_p).then_some(best as u32)
+        (p >= self.min_p).then_some(best)
     }
 
     /// The runner-up for a drafter's `pick`: from the distribution its token was sampled
@@ -793,19 +793,6 @@ impl<V: Verifier> Drafter for ModelDrafter<V> {
     fn set_stop_tokens(&mut self, stop: &[u32]) {
         self.stop = stop.to_vec();
     }
-}
-
-/// The largest value other than `values[chosen]` and where it is (the first of equals).
-fn largest_other(values: &[f32], chosen: u32) -> Option<(usize, f32)> {
-    values
-        .iter()
-        .enumerate()
-        .filter(|&(i, _)| i != chosen as usize)
-        .fold(None, |b: Option<(usize, f32)>, (i, &v)| match b {
-            Some((_, bv)) if v > bv => Some((i, v)),
-            Some(_) => b,
-            None => Some((i, v)),
-        })
 }
 
 #[cfg(test)]
