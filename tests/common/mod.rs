@@ -17,9 +17,12 @@ pub fn stories() -> PathBuf {
     root().join("models/stories260K")
 }
 
-/// `../shared` beside the project (present for developers and CI).
+/// `../shared` beside the project (present for developers and CI), or `TANDEM_SHARED` for a
+/// checkout that lies elsewhere (a clone in a temporary directory).
 pub fn shared() -> PathBuf {
-    root().join("../shared")
+    std::env::var_os("TANDEM_SHARED")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("../shared"))
 }
 
 /// The tandem binary built with the tests, or `TANDEM_BIN` (see [`root`]).
