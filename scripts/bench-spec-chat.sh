@@ -28,7 +28,7 @@ for d in ngram self:q8_0@all suffix+self:q8_0@all suffix+self:q4_0@all suffix+se
   "suffix+$gptq" "suffix+$edges"; do
   name=${d/$gptq/gptq-q4_0.gguf}; name=${name/$edges/gptq-q4_0-edges.gguf}
   "$T" --threads "$N" bench spec --model "$smol" --chat --prompts "$P" --draft "$d" \
-    --max-tokens "$M" --json "$out/chat-$name.json" 2>/dev/null | grep -E "tok/s|speedup" | sed "s/^/  [$name] /"
+    --max-tokens "$M" --json "$out/chat-$name.json" 2>/dev/null | grep -E "^[0-9]+ prompts" | sed "s/^/  [$name] /"
 done
 echo "== llama.cpp ($N threads, <= $M tokens, same prompts in the same template, greedy)"
 [ -f "$out/f16.gguf" ] || "$T" quantize "$smol" --out "$out/f16.gguf" --scheme f16 --attention f16 --embeddings f16 --quiet >/dev/null

@@ -98,6 +98,8 @@ pub struct SpecJson {
     pub acceptance_by_position: Vec<f64>,
     pub draft_s: f64,
     pub verify_s: f64,
+    /// The prompt's prefill (all but its last token), part of the generation's time.
+    pub prefill_s: f64,
     pub tok_s: f64,
     pub stop: &'static str,
     /// The draft's share of the generation's time.
@@ -158,6 +160,7 @@ impl SpecJson {
                 .collect(),
             draft_s: st.draft_secs,
             verify_s: st.verify_secs,
+            prefill_s: st.prefill_secs,
             tok_s: st.generated_tokens as f64 / st.total_secs.max(1e-9),
             stop: st.stop.name(),
             draft_share: st.draft_secs / st.total_secs.max(1e-9),

@@ -447,6 +447,8 @@ struct TimeSplit {
     /// Plain steps after each first token (the prefill makes the first).
     plain_steps: usize,
     spec_total: f64,
+    spec_prefill: f64,
+    spec_tokens: usize,
     draft: f64,
     verify: f64,
     drafted: usize,
@@ -462,10 +464,20 @@ struct TimeSplitJson {
     plain_decode_s: f64,
     plain_step_ms: f64,
     spec_s: f64,
+    /// The speculative run's prefill (each prompt but its last token, which the first
+    /// verifier pass reads).
+    spec_prefill_s: f64,
     draft_s: f64,
     verify_s: f64,
     /// The speculative run's prefill and everything not drafting or verifying.
     spec_other_s: f64,
+    /// Decoding alone, each run's prefill left out: plain tokens after the first per second
+    /// of plain steps, and speculative tokens per second after the prefill. A long prompt's
+    /// prefill costs both runs the same and dilutes `speedup`; this is what speculation
+    /// changed.
+    plain_decode_tok_s: f64,
+    spec_decode_tok_s: f64,
+    decode_speedup: f64,
     draft_share: f64,
     draft_ms_per_drafted_token: f64,
     verify_ms_per_pass: f64,
@@ -482,6 +494,8 @@ impl TimeSplit {
         self.plain_decode += plain.decode.as_secs_f64();
         self.plain_steps += plain.generated_tokens.saturating_sub(1);
         self.spec_total += spec.total_secs;
+        self.spec_prefill += spec.prefill_secs;
+        self.spec_tokens += spec.generated_tokens;
         self.draft += spec.draft_secs;
         self.verify += spec.verify_secs;
         self.drafted += spec.drafted;
@@ -502,11 +516,15 @@ impl TimeSplit {
         let in_steps = |secs: f64| if step > 0.0 { secs / step } else { 0.0 };
         let (draft_each, verify_each) =
             (per(self.draft, self.drafted), per(self.verify, self.passes));
+        let rate = |n: usize, secs: f64| if secs > 0.0 { n as f64 / secs } else { 0.0 };
+        let plain_decode_tok_s = rate(self.plain_steps, self.plain_decode);
+        let spec_decode_tok_s = rate(self.spec_tokens, self.spec_total - self.spec_prefill);
         TimeSplitJson {
             plain_prefill_s: self.plain_prefill,
             plain_decode_s: self.plain_decode,
             plain_step_ms: 1e3 * step,
             spec_s: self.spec_total,
+            spec_prefill_s: self.spec_prefill,
             draft_s: self.draft,
             verify_s: self.verify,
             spec_other_s: (self.spec_total - self.draft - self.verify).max(0.0),
@@ -516,6 +534,9 @@ impl TimeSplit {
             drafted_token_in_plain_steps: in_steps(draft_each),
             verifier_pass_in_plain_steps: in_steps(verify_each),
             passes_by_drafted: crate::output::PassesJson::of(&self.by_drafted),
+            plain_decode_tok_s,
+            spec_decode_tok_s,
+            decode_speedup: spec_decode_tok_s / plain_decode_tok_s.max(1e-9),
         }
     }
 
@@ -540,7 +561,8 @@ impl TimeSplit {
         format!(
             "where the time went: plain {:.2} s = prefill {:.2} s + {} steps of {:.2} ms; \
              speculative {:.2} s = draft {:.2} s ({:.0}%; {:.2} ms, {:.2} plain steps, per drafted token) \
-             + verify {:.2} s ({} passes of {:.2} ms, {:.2} plain steps) + prefill and the rest {:.2} s",
+             + verify {:.2} s ({} passes of {:.2} ms, {:.2} plain steps) + prefill {:.2} s + the rest {:.2} s; \
+             decoding alone (prefill left out): plain {:.1} tok/s, speculative {:.1} tok/s, {:.2}x",
             j.plain_prefill_s + j.plain_decode_s,
             j.plain_prefill_s,
             self.plain_steps,
@@ -554,7 +576,11 @@ impl TimeSplit {
             self.passes,
             j.verify_ms_per_pass,
             j.verifier_pass_in_plain_steps,
-            j.spec_other_s,
+            j.spec_prefill_s,
+            (j.spec_other_s - j.spec_prefill_s).max(0.0),
+            j.plain_decode_tok_s,
+            j.spec_decode_tok_s,
+            j.decode_speedup,
         )
     }
 }

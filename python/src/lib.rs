@@ -906,6 +906,7 @@ impl SpeculativeDecoder {
         d.set_item("tokens_per_verifier_pass", st.tokens_per_pass())?;
         d.set_item("draft_s", st.draft_secs)?;
         d.set_item("verify_s", st.verify_secs)?;
+        d.set_item("prefill_s", st.prefill_secs)?;
         d.set_item("total_s", st.total_secs)?;
         d.set_item(
             "tok_s",

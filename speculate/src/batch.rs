@@ -154,7 +154,9 @@ impl BatchDecoder<'_> {
         // logits is read: a 300-token prompt's rows cost a 49k-vocabulary head each (and
         // 59 MB of rows) where plain generation computes only the last.
         if !heads.is_empty() {
+            let t = Instant::now();
             self.verifier.prefill_batch(&heads)?;
+            stats.prefill_secs = t.elapsed().as_secs_f64();
         }
         let limit = self.verifier.limit();
         loop {

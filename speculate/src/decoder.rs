@@ -20,6 +20,9 @@ pub struct SpecStats {
     pub by_position: Vec<(usize, usize)>,
     pub draft_secs: f64,
     pub verify_secs: f64,
+    /// The prompts' prefill (every token but each prompt's last, which the first pass
+    /// verifies); part of `total_secs`.
+    pub prefill_secs: f64,
     pub total_secs: f64,
     /// Why generation stopped (the type plain generation reports too).
     pub stop: StopReason,

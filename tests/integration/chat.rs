@@ -178,6 +178,23 @@ fn smollm2_answers_in_its_own_template() {
         (steps - f("verifier_pass_in_plain_steps")).abs() < 1e-9,
         "{t}"
     );
+    // The speculative run's prefill is timed on its own, inside the rest, and decoding alone
+    // is the whole run's rate with each prefill left out.
+    assert!(
+        f("spec_prefill_s") > 0.0 && f("spec_prefill_s") <= f("spec_other_s"),
+        "{t}"
+    );
+    let tokens = doc["prompts"][0]["generated_tokens"].as_f64().unwrap();
+    let decode_rate = tokens / (f("spec_s") - f("spec_prefill_s"));
+    assert!(
+        (decode_rate - f("spec_decode_tok_s")).abs() < 1e-6 * decode_rate,
+        "{t}"
+    );
+    assert!(
+        (f("decode_speedup") - f("spec_decode_tok_s") / f("plain_decode_tok_s")).abs() < 1e-9,
+        "{t}"
+    );
+    assert!(text.contains("decoding alone (prefill left out)"), "{text}");
 }
 
 /// `tandem chat --draft`: the same answers as plain chat, turn after turn, with the cache kept
