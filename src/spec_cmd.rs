@@ -345,10 +345,7 @@ fn bench_batch(
         let mut models = Vec::new();
         if let Some(m) = model_draft {
             for _ in batch {
-                let mut d = ModelDrafter::new(m, config.draft_sampler()?)?;
-                d.min_confidence = config.draft_p_min;
-                d.branching = config.branching();
-                models.push(d);
+                models.push(ModelDrafter::new(m, config.draft_chain()?)?);
             }
         }
         let drafters: Vec<&mut dyn Drafter> = match model_draft {

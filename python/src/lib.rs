@@ -745,7 +745,7 @@ impl Drafter {
             let min_confidence = self.min_confidence;
             match self.live.as_mut() {
                 Some(d) => {
-                    d.min_confidence = min_confidence;
+                    d.chain.min_confidence = min_confidence;
                     compute(py, || d.propose(&tokens, k)).map_err(err)?.tokens
                 }
                 None => Vec::new(),

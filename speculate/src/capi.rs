@@ -289,9 +289,8 @@ pub unsafe extern "C" fn tandem_generate_with(
         let drafter: &mut dyn crate::Drafter = match draft.as_ref() {
             None => &mut ngram,
             Some(d) => {
-                let sampler = spec.draft_sampler().map_err(|e| format!("config: {e}"))?;
-                model_draft = ModelDrafter::over(Engine { m: *d, len: 0 }, sampler);
-                model_draft.min_confidence = spec.draft_p_min;
+                let chain = spec.draft_chain().map_err(|e| format!("config: {e}"))?;
+                model_draft = ModelDrafter::over(Engine { m: *d, len: 0 }, chain);
                 &mut model_draft
             }
         };

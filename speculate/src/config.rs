@@ -177,6 +177,17 @@ impl SpecConfig {
         })
     }
 
+    /// How a draft model builds its chains in this run: [`SpecConfig::draft_sampler`]'s
+    /// sampling, `draft_p_min`'s stopping rule and [`SpecConfig::branching`]'s trees (the stop
+    /// tokens come from the run, through [`crate::Drafter::set_stop_tokens`]).
+    pub fn draft_chain(&self) -> Result<crate::DraftChain> {
+        Ok(crate::DraftChain {
+            min_confidence: self.draft_p_min,
+            branching: self.branching(),
+            ..self.draft_sampler()?.into()
+        })
+    }
+
     /// One generation with these settings over `drafter` and `verifier`: up to `max_tokens`
     /// after `prompt`, `on_token` called for each token as it is decided.
     #[allow(clippy::too_many_arguments)]

@@ -565,7 +565,7 @@ pub(crate) struct Pick {
 /// the draft's own stream (that distribution pushed to `probs`), or its position-keyed draw
 /// with the verifier's seed, as `sampling` says; `None` when the draft's most likely token has
 /// less than `min_confidence` probability (drafting stops there).
-pub(crate) fn pick_draft_token(
+fn pick_draft_token(
     sampling: &mut DraftSampling,
     probs: &mut Option<Vec<Vec<f32>>>,
     logits: &[f32],
@@ -611,24 +611,11 @@ pub(crate) fn pick_draft_token(
     }
 }
 
-/// A (smaller or quantized) model proposing tokens autoregressively. With a sampler it samples
-/// (and reports the distributions it sampled from); without, it proposes its greedy tokens.
-/// Any [`Verifier`]-shaped model drafts: tandem's own ([`ModelDrafter::new`]) or an engine's
-/// (the C ABI wraps the engine's callbacks as one).
-pub struct ModelDrafter<V: Verifier> {
-    pub model: V,
-    /// The tokens the model's context holds, to find what to keep when the context moves on;
-    /// `fed[0]` is `context[offset]`.
-    fed: Vec<u32>,
-    offset: usize,
-    sampling: DraftSampling,
-    /// Most tokens read when the draft first sees a prompt (the last ones).
-    pub first_window: usize,
-    /// When the draft has fallen behind by more than this (speculation was off for a while),
-    /// it restarts from the last `catch_up_window` tokens instead of reading every one it
-    /// missed: reading them all cost ~25% of plain decoding with a self-draft, speculation
-    /// on or off (every token went through the draft at prefill speed).
-    pub catch_up_window: usize,
+/// How a model drafter builds its chain, whatever model runs it: how it picks each token, when
+/// it stops, and where it offers a second candidate. [`crate::SpecConfig::draft_chain`] builds
+/// one from a run's settings; a bare sampling makes the default chain (`.into()`).
+pub struct DraftChain {
+    pub sampling: DraftSampling,
     /// Stop drafting when the draft's most likely next token has less than this probability
     /// (0 = always draft k): an unsure draft is usually a rejected one, and each drafted
     /// token costs a draft step and a verification row. The stopping rule reads only the
@@ -641,6 +628,94 @@ pub struct ModelDrafter<V: Verifier> {
     pub stop: Vec<u32>,
 }
 
+impl From<DraftSampling> for DraftChain {
+    fn from(sampling: DraftSampling) -> Self {
+        DraftChain {
+            sampling,
+            min_confidence: 0.0,
+            branching: Branching::default(),
+            stop: Vec::new(),
+        }
+    }
+}
+
+impl DraftChain {
+    /// Up to `k` tokens after `context`: `feed(first)` gives the model's logits for the next
+    /// position (`first`: what it has not read of `context` yet, at least its last token),
+    /// and `feed(&[t])` those after drafted token t. Each token is picked
+    /// ([`pick_draft_token`]), shown to `gate` ([`take_drafted_token`]) and the chain cut
+    /// where either says so; the model never reads the chain's last token.
+    pub(crate) fn propose(
+        &mut self,
+        context: &[u32],
+        k: usize,
+        gate: &mut DraftGate<'_>,
+        first: &[u32],
+        mut feed: impl FnMut(&[u32]) -> Result<Vec<f32>>,
+    ) -> Result<Draft> {
+        self.branching.settle(context);
+        let mut draft = Draft {
+            tokens: Vec::with_capacity(k),
+            probs: self.sampling.keeps_probs().then(|| Vec::with_capacity(k)),
+            parents: None,
+        };
+        if k == 0 {
+            return Ok(draft);
+        }
+        let mut logits = feed(first)?;
+        let mut leaves = Vec::new();
+        for i in 0..k {
+            let Some(picked) = pick_draft_token(
+                &mut self.sampling,
+                &mut draft.probs,
+                &logits,
+                self.min_confidence,
+                context.len() + i,
+            ) else {
+                break;
+            };
+            let t = picked.draw.token;
+            let more = take_drafted_token(
+                gate,
+                &self.branching,
+                &self.stop,
+                &mut draft,
+                &mut leaves,
+                &logits,
+                i,
+                picked,
+            );
+            if !more {
+                break;
+            }
+            if i + 1 < k {
+                logits = feed(&[t])?;
+            }
+        }
+        Ok(self.branching.propose(context.len(), draft, leaves))
+    }
+}
+
+/// A (smaller or quantized) model proposing tokens autoregressively over a context of its own.
+/// With a sampler it samples (and reports the distributions it sampled from); without, it
+/// proposes its greedy tokens. Any [`Verifier`]-shaped model drafts: tandem's own
+/// ([`ModelDrafter::new`]) or an engine's (the C ABI wraps the engine's callbacks as one).
+pub struct ModelDrafter<V: Verifier> {
+    pub model: V,
+    /// The tokens the model's context holds, to find what to keep when the context moves on;
+    /// `fed[0]` is `context[offset]`.
+    fed: Vec<u32>,
+    offset: usize,
+    /// Most tokens read when the draft first sees a prompt (the last ones).
+    pub first_window: usize,
+    /// When the draft has fallen behind by more than this (speculation was off for a while),
+    /// it restarts from the last `catch_up_window` tokens instead of reading every one it
+    /// missed: reading them all cost ~25% of plain decoding with a self-draft, speculation
+    /// on or off (every token went through the draft at prefill speed).
+    pub catch_up_window: usize,
+    pub chain: DraftChain,
+}
+
 /// softmax(logits)[top] where `top` is the largest logit: 1 / Σ exp(lᵢ − l_top).
 fn top_probability(logits: &[f32], top: u32) -> f32 {
     let m = logits[top as usize];
@@ -648,24 +723,15 @@ fn top_probability(logits: &[f32], top: u32) -> f32 {
 }
 
 impl<V: Verifier> ModelDrafter<V> {
-    pub fn over(model: V, sampling: DraftSampling) -> Self {
+    pub fn over(model: V, chain: impl Into<DraftChain>) -> Self {
         ModelDrafter {
             model,
             fed: Vec::new(),
             offset: 0,
-            sampling,
             first_window: 64,
             catch_up_window: 16,
-            min_confidence: 0.0,
-            branching: Branching::default(),
-            stop: Vec::new(),
+            chain: chain.into(),
         }
-    }
-
-    fn feed(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
-        let l = self.model.forward_last(tokens)?;
-        self.fed.extend_from_slice(tokens);
-        Ok(l)
     }
 }
 
@@ -674,7 +740,7 @@ impl<V: Verifier> ModelDrafter<V> {
 /// the gate drops it, adds it to `draft` with any leaf `branching` offers beside it. Whether
 /// the chain goes on: not dropped, not stopped, and not one of the `stop` tokens.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn take_drafted_token(
+fn take_drafted_token(
     gate: &mut DraftGate<'_>,
     branching: &Branching,
     stop: &[u32],
@@ -714,7 +780,6 @@ impl<V: Verifier> Drafter for ModelDrafter<V> {
         k: usize,
         gate: &mut DraftGate<'_>,
     ) -> Result<Draft> {
-        self.branching.settle(context);
         // Keep the cached part the context still shares; feed the rest, or restart from a
         // window of the latest tokens when the rest is long.
         let mut keep = match context.get(self.offset..) {
@@ -745,53 +810,25 @@ impl<V: Verifier> Drafter for ModelDrafter<V> {
             .model
             .limit()
             .saturating_sub(context.len() - self.offset);
-        let k = k.min(room);
-        let mut draft = Draft {
-            tokens: Vec::with_capacity(k),
-            probs: self.sampling.keeps_probs().then(|| Vec::with_capacity(k)),
-            parents: None,
-        };
-        if k == 0 {
-            return Ok(draft);
-        }
-        let mut logits = self.feed(&context[self.offset + keep..])?;
-        let mut leaves = Vec::new();
-        for i in 0..k {
-            let Some(picked) = pick_draft_token(
-                &mut self.sampling,
-                &mut draft.probs,
-                &logits,
-                self.min_confidence,
-                context.len() + i,
-            ) else {
-                break;
-            };
-            let t = picked.draw.token;
-            let more = take_drafted_token(
-                gate,
-                &self.branching,
-                &self.stop,
-                &mut draft,
-                &mut leaves,
-                &logits,
-                i,
-                picked,
-            );
-            if !more {
-                break;
-            }
-            if i + 1 < k {
-                logits = self.feed(&[t])?;
-            }
-        }
-        Ok(self.branching.propose(context.len(), draft, leaves))
+        let (model, fed) = (&mut self.model, &mut self.fed);
+        self.chain.propose(
+            context,
+            k.min(room),
+            gate,
+            &context[self.offset + keep..],
+            |tokens| {
+                let l = model.forward_last(tokens)?;
+                fed.extend_from_slice(tokens);
+                Ok(l)
+            },
+        )
     }
 
     fn vocab_size(&self) -> Option<usize> {
         Some(self.model.vocab_size())
     }
     fn set_stop_tokens(&mut self, stop: &[u32]) {
-        self.stop = stop.to_vec();
+        self.chain.stop = stop.to_vec();
     }
 }
 

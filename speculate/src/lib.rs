@@ -31,8 +31,8 @@ pub use config::{check_draft_max, DraftSampling, SpecConfig, MAX_DRAFT_TOKENS};
 pub use controller::{AdaptiveK, Controller, ControllerMemory, FixedK};
 pub use decoder::{SpecStats, SpeculativeDecoder};
 pub use drafter::{
-    draft_shortlist, Branching, Draft, DraftEvidence, DraftGate, Drafter, Gate, HybridDrafter,
-    ModelDrafter, NgramDrafter, DEFAULT_DRAFT_VOCAB,
+    draft_shortlist, Branching, Draft, DraftChain, DraftEvidence, DraftGate, Drafter, Gate,
+    HybridDrafter, ModelDrafter, NgramDrafter, DEFAULT_DRAFT_VOCAB,
 };
 #[cfg(feature = "model")]
 pub use model_adapter::{

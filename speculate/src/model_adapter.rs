@@ -1,11 +1,8 @@
 //! tandem's own `Llama` as a verifier or a drafter (feature `model`, on by default).
 
 use crate::batch::BatchVerifier;
-use crate::drafter::{
-    pick_draft_token, take_drafted_token, ungated, Branching, Draft, DraftGate, Drafter,
-    ModelDrafter,
-};
-use crate::{DraftSampling, Error, Result, Verifier};
+use crate::drafter::{ungated, Draft, DraftChain, DraftGate, Drafter, ModelDrafter};
+use crate::{Error, Result, Verifier};
 use std::cell::RefCell;
 use std::rc::Rc;
 use tandem_model::{HeadRows, KvCache, Llama, Logits};
@@ -121,13 +118,7 @@ impl Verifier for ModelVerifier<'_> {
 pub struct SharedCacheDrafter<'m> {
     model: &'m Llama,
     cache: Rc<RefCell<KvCache>>,
-    sampling: DraftSampling,
-    /// As [`ModelDrafter::min_confidence`].
-    pub min_confidence: f32,
-    /// As [`ModelDrafter::branching`].
-    pub branching: Branching,
-    /// As [`ModelDrafter::stop`].
-    pub stop: Vec<u32>,
+    pub chain: DraftChain,
 }
 
 impl<'m> SharedCacheDrafter<'m> {
@@ -135,7 +126,7 @@ impl<'m> SharedCacheDrafter<'m> {
     pub fn new(
         draft: &'m Llama,
         verifier: &ModelVerifier<'_>,
-        sampling: DraftSampling,
+        chain: impl Into<DraftChain>,
     ) -> Result<Self> {
         if !draft.shares_cache_shape_with(verifier.model) {
             return Err(Error::Mismatch(
@@ -145,10 +136,7 @@ impl<'m> SharedCacheDrafter<'m> {
         Ok(SharedCacheDrafter {
             model: draft,
             cache: Rc::clone(&verifier.cache),
-            sampling,
-            min_confidence: 0.0,
-            branching: Branching::default(),
-            stop: Vec::new(),
+            chain: chain.into(),
         })
     }
 }
@@ -163,73 +151,33 @@ impl Drafter for SharedCacheDrafter<'_> {
         k: usize,
         gate: &mut DraftGate<'_>,
     ) -> Result<Draft> {
-        self.branching.settle(context);
-        let mut draft = Draft {
-            tokens: Vec::with_capacity(k),
-            probs: self.sampling.keeps_probs().then(|| Vec::with_capacity(k)),
-            parents: None,
-        };
         let mut cache = self.cache.borrow_mut();
         let base = cache.len();
         // The verifier holds every context token but the last (the decoder's invariant);
         // anything else (a caller driving it differently) gets no draft rather than one
         // built on a context the cache does not hold.
-        let (Some(&last), true) = (context.last(), base + 1 == context.len()) else {
-            return Ok(draft);
+        let (Some(last), true) = (context.last(), base + 1 == context.len()) else {
+            return self
+                .chain
+                .propose(context, 0, gate, &[], |_| Ok(Vec::new()));
         };
         let k = k.min(cache.limit().saturating_sub(base + 1));
-        let mut token = last;
-        let mut result = Ok(());
-        let mut leaves = Vec::new();
-        for i in 0..k {
-            let logits = match self
-                .model
-                .forward(&[token], &mut cache, Logits::Last)
-                .map(tandem_model::LogitRows::into_last)
-            {
-                Ok(l) => l,
-                Err(e) => {
-                    result = Err(e.into());
-                    break;
-                }
-            };
-            match pick_draft_token(
-                &mut self.sampling,
-                &mut draft.probs,
-                &logits,
-                self.min_confidence,
-                base + 1 + i,
-            ) {
-                Some(t) => {
-                    let more = take_drafted_token(
-                        gate,
-                        &self.branching,
-                        &self.stop,
-                        &mut draft,
-                        &mut leaves,
-                        &logits,
-                        i,
-                        t,
-                    );
-                    if !more {
-                        break;
-                    }
-                }
-                None => break,
-            }
-            token = draft.tokens[i];
-        }
-        // Leave the cache as the verifier left it.
+        let model = self.model;
+        let draft = self
+            .chain
+            .propose(context, k, gate, std::slice::from_ref(last), |tokens| {
+                Ok(model.forward(tokens, &mut cache, Logits::Last)?.into_last())
+            });
+        // Leave the cache as the verifier left it, whether or not drafting failed.
         cache.truncate(base);
-        drop(cache);
-        result.map(|()| self.branching.propose(context.len(), draft, leaves))
+        draft
     }
 
     fn vocab_size(&self) -> Option<usize> {
         Some(self.model.config.vocab_size)
     }
     fn set_stop_tokens(&mut self, stop: &[u32]) {
-        self.stop = stop.to_vec();
+        self.chain.stop = stop.to_vec();
     }
 }
 
@@ -280,8 +228,8 @@ impl Verifier for OwnedModelVerifier {
 }
 
 impl<'m> ModelDrafter<ModelVerifier<'m>> {
-    pub fn new(model: &'m Llama, sampling: DraftSampling) -> Result<Self> {
-        Ok(Self::over(ModelVerifier::new(model, None)?, sampling))
+    pub fn new(model: &'m Llama, chain: impl Into<DraftChain>) -> Result<Self> {
+        Ok(Self::over(ModelVerifier::new(model, None)?, chain))
     }
 }
 

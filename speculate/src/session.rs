@@ -338,17 +338,12 @@ fn decode_over(
     let model_drafter: Option<&mut dyn Drafter> = match draft_model {
         None => None,
         Some(m) => {
-            // The draft samples from its own distribution on its own seeded stream.
-            let ds = s.draft_sampler()?;
+            let chain = s.draft_chain()?;
             if s.own_draft_cache || !m.shares_cache_shape_with(model) {
-                own_cache = ModelDrafter::new(m, ds)?;
-                own_cache.min_confidence = s.draft_p_min;
-                own_cache.branching = s.branching();
+                own_cache = ModelDrafter::new(m, chain)?;
                 Some(&mut own_cache)
             } else {
-                shared_cache = SharedCacheDrafter::new(m, verifier, ds)?;
-                shared_cache.min_confidence = s.draft_p_min;
-                shared_cache.branching = s.branching();
+                shared_cache = SharedCacheDrafter::new(m, verifier, chain)?;
                 Some(&mut shared_cache)
             }
         }

@@ -165,7 +165,7 @@ fn stories260k_speculative_greedy_equals_plain_greedy() {
                 // (at two draft lengths: each run is a whole generation).
                 if [2, 8].contains(&k) {
                     let mut dr = ModelDrafter::new(d, DraftSampling::Greedy).unwrap();
-                    dr.branching = always_branch();
+                    dr.chain.branching = always_branch();
                     let (got, st) =
                         speculative(&m, &mut dr, &mut FixedK(k), &ids, 120, limit, &eos);
                     assert_eq!(got, want, "token-tree self draft k={k} prompt {p:?}");
@@ -173,7 +173,7 @@ fn stories260k_speculative_greedy_equals_plain_greedy() {
                     branch_wins += st.tree_branch_wins;
                     let mut v = ModelVerifier::new(&m, limit).unwrap();
                     let mut dr = SharedCacheDrafter::new(d, &v, DraftSampling::Greedy).unwrap();
-                    dr.branching = always_branch();
+                    dr.chain.branching = always_branch();
                     let (got, _) = decode(&mut v, &mut dr, &mut AdaptiveK::new(k), &ids, 120, &eos);
                     assert_eq!(
                         got, want,
@@ -539,11 +539,11 @@ fn stories260k_speculative_sampling_matches_the_verifier_distribution() {
             let d: &mut dyn Drafter = if shared_cache {
                 shared =
                     SharedCacheDrafter::new(draft, &v, DraftSampling::Independent(ds)).unwrap();
-                shared.branching = branching;
+                shared.chain.branching = branching;
                 &mut shared
             } else {
                 own = ModelDrafter::new(draft, DraftSampling::Independent(ds)).unwrap();
-                own.branching = branching;
+                own.chain.branching = branching;
                 &mut own
             };
             let mut rs = RejectionSampling {
