@@ -62,30 +62,50 @@ pub struct Greedy;
 
 impl AcceptanceRule for Greedy {
     fn judge(&mut self, draft: &Draft, logits: &[Vec<f32>]) -> Verdict {
-        let mut i = 0;
-        while i < draft.tokens.len() && argmax(&logits[i]) == draft.tokens[i] {
-            i += 1;
-        }
-        Verdict {
-            accepted: i,
-            next: argmax(&logits[i]),
-        }
+        keep_while_equal(draft, logits, |row, _| argmax(row))
     }
 
-    /// From the root, follow the candidate that equals the verifier's argmax, while there is
-    /// one: the path is plain greedy decoding's, whichever branch it lies on.
+    /// The path is plain greedy decoding's, whichever branch it lies on.
     fn judge_tree(&mut self, draft: &Draft, logits: &[Vec<f32>]) -> TreeVerdict {
-        let (mut path, mut node) = (Vec::new(), None);
-        loop {
-            let row = node.map_or(0, |n| n + 1);
-            let want = argmax(&logits[row]);
-            match draft.children(node).find(|&c| draft.tokens[c] == want) {
-                Some(c) => {
-                    path.push(c);
-                    node = Some(c);
-                }
-                None => return TreeVerdict { path, next: want },
+        follow_equal_path(draft, logits, |row, _| argmax(row))
+    }
+}
+
+/// The rules whose every token is the verifier's own for its row (`own(row, depth)`, depth
+/// counted from the first row): keep drafted tokens while they equal it; the next token is
+/// the verifier's own at the first that does not.
+fn keep_while_equal(
+    draft: &Draft,
+    logits: &[Vec<f32>],
+    own: impl Fn(&[f32], usize) -> u32,
+) -> Verdict {
+    let mut i = 0;
+    while i < draft.tokens.len() && own(&logits[i], i) == draft.tokens[i] {
+        i += 1;
+    }
+    Verdict {
+        accepted: i,
+        next: own(&logits[i], i),
+    }
+}
+
+/// [`keep_while_equal`] over a tree: from the root, follow the candidate that equals the
+/// verifier's own token at that depth, while there is one.
+fn follow_equal_path(
+    draft: &Draft,
+    logits: &[Vec<f32>],
+    own: impl Fn(&[f32], usize) -> u32,
+) -> TreeVerdict {
+    let (mut path, mut node) = (Vec::new(), None);
+    loop {
+        let row = node.map_or(0, |n| n + 1);
+        let want = own(&logits[row], path.len());
+        match draft.children(node).find(|&c| draft.tokens[c] == want) {
+            Some(c) => {
+                path.push(c);
+                node = Some(c);
             }
+            None => return TreeVerdict { path, next: want },
         }
     }
 }
@@ -125,30 +145,12 @@ impl AcceptanceRule for CoupledSampling {
     }
 
     fn judge(&mut self, draft: &Draft, logits: &[Vec<f32>]) -> Verdict {
-        let mut i = 0;
-        while i < draft.tokens.len() && self.draw(&logits[i], i) == draft.tokens[i] {
-            i += 1;
-        }
-        Verdict {
-            accepted: i,
-            next: self.draw(&logits[i], i),
-        }
+        keep_while_equal(draft, logits, |row, depth| self.draw(row, depth))
     }
 
-    /// From the root, follow the candidate that equals the verifier's draw at that depth.
+    /// The verifier's draw at each depth, as [`Greedy`]'s argmax.
     fn judge_tree(&mut self, draft: &Draft, logits: &[Vec<f32>]) -> TreeVerdict {
-        let (mut path, mut node) = (Vec::new(), None);
-        loop {
-            let row = node.map_or(0, |n| n + 1);
-            let want = self.draw(&logits[row], path.len());
-            match draft.children(node).find(|&c| draft.tokens[c] == want) {
-                Some(c) => {
-                    path.push(c);
-                    node = Some(c);
-                }
-                None => return TreeVerdict { path, next: want },
-            }
-        }
+        follow_equal_path(draft, logits, |row, depth| self.draw(row, depth))
     }
 }
 
