@@ -252,6 +252,10 @@ pub fn attention_bulk<E: KvElement>(
     out: &mut [f32],
 ) {
     s.check(q, k, v, out);
+    // Off x86 there is no tile unit: every row takes the FMA kernels.
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = bulk;
+    #[cfg(target_arch = "x86_64")]
     let bulk = bulk.min(s.t);
     #[cfg(target_arch = "x86_64")]
     if bulk >= BULK_MIN_ROWS && s.n + bulk >= BULK_MIN_KEYS && crate::amx::attention::fits(&s, bulk)
@@ -280,7 +284,9 @@ pub fn attention_bulk<E: KvElement>(
 /// probabilities into bf16 parts (SmolLM2 prefill, 2 threads, two alternations against the
 /// FMA kernel: 65 and 100 tokens 0.97-1.01x, 200 tokens 1.02-1.04x, 512 1.05-1.09x, 2,048
 /// 1.40-1.43x).
+#[cfg(target_arch = "x86_64")]
 const BULK_MIN_ROWS: usize = 64;
+#[cfg(target_arch = "x86_64")]
 const BULK_MIN_KEYS: usize = 128;
 
 /// Attention over a token tree (a speculative draft with several candidates per position):
@@ -1115,13 +1121,10 @@ mod tests {
     /// bit for bit. Shapes: key counts off tile boundaries, several key segments, a cache
     /// whose capacity ends inside the last key tile, one query head per KV head.
     #[test]
+    #[cfg(target_arch = "x86_64")]
     fn bulk_rows_match_the_fma_kernel_to_rounding() {
         use half::f16;
-        #[cfg(target_arch = "x86_64")]
-        let amx = crate::amx::available();
-        #[cfg(not(target_arch = "x86_64"))]
-        let amx = false;
-        if !amx {
+        if !crate::amx::available() {
             eprintln!("skipped: no AMX here");
             return;
         }
@@ -1151,7 +1154,6 @@ mod tests {
             // The first 64 rows as a pass of their own (on the tile unit whatever their keys).
             let first = AttentionShape { t: 64, ..s };
             let mut alone = vec![0f32; 64 * row];
-            #[cfg(target_arch = "x86_64")]
             crate::amx::attention::attention_f16(first, 64, &q[..64 * row], &kh, &vh, &mut alone);
             let bits = |x: &[f32]| x.iter().map(|y| y.to_bits()).collect::<Vec<_>>();
             assert_eq!(
