@@ -713,6 +713,7 @@ pub struct ModelDrafter<V: Verifier> {
     /// missed: reading them all cost ~25% of plain decoding with a self-draft, speculation
     /// on or off (every token went through the draft at prefill speed).
     pub catch_up_window: usize,
+    /// How it picks, gates, branches and stops each token.
     pub chain: DraftChain,
 }
 

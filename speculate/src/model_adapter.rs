@@ -118,6 +118,7 @@ impl Verifier for ModelVerifier<'_> {
 pub struct SharedCacheDrafter<'m> {
     model: &'m Llama,
     cache: Rc<RefCell<KvCache>>,
+    /// As [`ModelDrafter::chain`].
     pub chain: DraftChain,
 }
 
