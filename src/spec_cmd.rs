@@ -135,7 +135,7 @@ pub fn bench_spec(a: BenchSpecArgs, load: &tandem_model::LoadOptions) -> Result<
     let params = a.sampling.params();
     let settings = a.drafting.config(params, None);
     let tok = &ck.tokenizer;
-    let (mut plain_tokens, mut spec_tokens, mut accepted) = (0usize, 0usize, 0usize);
+    let (mut plain_tokens, mut accepted) = (0usize, 0usize);
     let (mut differing, mut tree_passes, mut tree_nodes, mut tree_wins) = (0, 0, 0, 0);
     // Seconds, drafted tokens and verifier passes, summed over the prompts.
     let mut time = TimeSplit::default();
@@ -188,7 +188,6 @@ pub fn bench_spec(a: BenchSpecArgs, load: &tandem_model::LoadOptions) -> Result<
         );
         time.add(&ps, &st);
         plain_tokens += ps.generated_tokens;
-        spec_tokens += st.generated_tokens;
         accepted += st.accepted;
         rows.push(SpecJson {
             prompt: Some(p.clone()),
@@ -198,7 +197,7 @@ pub fn bench_spec(a: BenchSpecArgs, load: &tandem_model::LoadOptions) -> Result<
             ..SpecJson::of(&st)
         });
     }
-    let (drafted, passes) = (time.drafted, time.passes);
+    let (drafted, passes, spec_tokens) = (time.drafted, time.passes, time.spec_tokens);
     let (pr, sr) = (
         plain_tokens as f64 / (time.plain_prefill + time.plain_decode).max(1e-9),
         spec_tokens as f64 / time.spec_total.max(1e-9),
@@ -445,6 +444,7 @@ struct TimeSplit {
     plain_steps: usize,
     spec_total: f64,
     spec_prefill: f64,
+    /// Tokens the speculative runs generated.
     spec_tokens: usize,
     draft: f64,
     verify: f64,
