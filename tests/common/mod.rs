@@ -17,12 +17,27 @@ pub fn stories() -> PathBuf {
     root().join("models/stories260K")
 }
 
-/// `../shared` beside the project (present for developers and CI), or `TANDEM_SHARED` for a
-/// checkout that lies elsewhere (a clone in a temporary directory).
+/// `../shared` beside the project (present for developers and CI); `TANDEM_SHARED` for a
+/// checkout that lies elsewhere; else, for a clone of a local checkout (`git clone . $(mktemp
+/// -d)`), the `shared` beside the checkout it was cloned from.
 pub fn shared() -> PathBuf {
-    std::env::var_os("TANDEM_SHARED")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root().join("../shared"))
+    if let Some(dir) = std::env::var_os("TANDEM_SHARED") {
+        return PathBuf::from(dir);
+    }
+    let beside = root().join("../shared");
+    if beside.is_dir() {
+        return beside;
+    }
+    Command::new("git")
+        .arg("-C")
+        .arg(root())
+        .args(["config", "--get", "remote.origin.url"])
+        .output()
+        .ok()
+        .map(|o| PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()))
+        .map(|origin| origin.join("../shared"))
+        .filter(|p| p.is_dir())
+        .unwrap_or(beside)
 }
 
 /// The tandem binary built with the tests, or `TANDEM_BIN` (see [`root`]).
