@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
 # Speculative vs plain decoding on instruct prompts in SmolLM2's chat template (issue 18's
-# shape), tandem beside llama.cpp in the same script, F16 verifier, same threads, greedy.
-#   LLAMA_CPP_BIN=/path/to/llama.cpp/build/bin scripts/bench-spec-chat.sh [THREADS] [MAX_TOKENS] [PROMPTS]
+# shape), tandem beside llama.cpp in the same script, F16 verifier, same threads, greedy unless
+# TEMP is set.
+#   LLAMA_CPP_BIN=/path/to/llama.cpp/build/bin [TEMP=0.7] scripts/bench-spec-chat.sh [THREADS] [MAX_TOKENS] [PROMPTS]
+# TEMP > 0 samples at that temperature with seed 1 in both tools, from the whole distribution
+# (llama.cpp's top-k, top-p and min-p turned off, as tandem's defaults are), so both draw from
+# the same distribution; tandem's outputs then equal its plain sampling with the seed.
 # tandem: `tandem bench spec --chat` (plain and speculative on the same prompts) for the
 # drafters below. llama.cpp: llama-completion (plain) and llama-speculative-simple with a Q8_0
 # and a Q4_0 draft (llama-quantize of the same F16 file), tandem's GPTQ Q4_0 draft file and
@@ -12,9 +16,10 @@
 # llama-completion llama-speculative-simple) and python3 with jinja2.
 set -euo pipefail
 source "$(dirname "$0")/common.sh"
-N=${1:-2}; M=${2:-128}; P=${3:-$root/scripts/chat-prompts.jsonl}
+N=${1:-2}; M=${2:-128}; P=${3:-$root/scripts/chat-prompts.jsonl}; TEMP=${TEMP:-0}
+mode=greedy; [ "$TEMP" = 0 ] || mode="temperature $TEMP, seed 1"
 out=${OUT:-$root/target/bench-spec}; mkdir -p "$out"
-echo "== tandem ($N threads, <= $M tokens, $(grep -c . "$P") chat prompts, greedy)"
+echo "== tandem ($N threads, <= $M tokens, $(grep -c . "$P") chat prompts, $mode)"
 # Q4_0 draft files calibrated with GPTQ on the default calibration text (never the prompts):
 # what `tandem quantize` makes for its own verifier, all-Q4_0, and with the MLP of the first
 # and last two layers at Q8_0 (`--edge-mlp 2=q8_0`); llama.cpp drafts with the latter below.
@@ -28,15 +33,18 @@ for d in ngram self:q8_0@all suffix+self:q8_0@all suffix+self:q4_0@all suffix+se
   "suffix+$gptq" "suffix+$edges"; do
   name=${d/$gptq/gptq-q4_0.gguf}; name=${name/$edges/gptq-q4_0-edges.gguf}
   "$T" --threads "$N" bench spec --model "$smol" --chat --prompts "$P" --draft "$d" \
-    --max-tokens "$M" --json "$out/chat-$name.json" 2>/dev/null | grep -E "^[0-9]+ prompts" | sed "s/^/  [$name] /"
+    --max-tokens "$M" --temperature "$TEMP" --seed 1 --json "$out/chat-$name.json" 2>/dev/null | grep -E "^[0-9]+ prompts" | sed "s/^/  [$name] /"
 done
-echo "== llama.cpp ($N threads, <= $M tokens, same prompts in the same template, greedy)"
+echo "== llama.cpp ($N threads, <= $M tokens, same prompts in the same template, $mode)"
 [ -f "$out/f16.gguf" ] || "$T" quantize "$smol" --out "$out/f16.gguf" --scheme f16 --attention f16 --embeddings f16 --quiet >/dev/null
 for q in Q8_0 Q4_0; do [ -f "$out/$q.gguf" ] || "$B/llama-quantize" "$out/f16.gguf" "$out/$q.gguf" $q "$N" >/dev/null 2>&1; done
-python3 - "$B" "$out" "$N" "$M" "$P" "$smol/tokenizer_config.json" <<'PY'
+python3 - "$B" "$out" "$N" "$M" "$P" "$smol/tokenizer_config.json" "$TEMP" <<'PY'
 import json, re, subprocess, sys
 import jinja2
-B, out, N, M, prompts, tc = sys.argv[1:7]
+B, out, N, M, prompts, tc, temp = sys.argv[1:8]
+# Sampling at `temp` from the whole distribution (llama.cpp's default top-k 40, top-p 0.95 and
+# min-p 0.05 off), as tandem samples; greedy at 0.
+sampling = ["--temp", temp] + ([] if float(temp) == 0 else ["--seed", "1", "--top-k", "0", "--top-p", "1.0", "--min-p", "0.0"])
 template = jinja2.Environment().from_string(json.load(open(tc))["chat_template"])
 def messages(line):
     # The line shapes `tandem bench spec --chat` reads (src/prompt_file.rs): a string,
@@ -69,8 +77,8 @@ def rate(log, plain):
     m = re.search(r"decoded\s+(\d+)\s+tokens in\s+([\d.]+)\s*s", log)
     e = re.search(r"encoded\s+\d+\s+tokens in\s+([\d.]+)\s*s", log)
     return (int(m.group(1)), float(m.group(2)) + (float(e.group(1)) if e else 0.0)) if m else (0, 0.0)
-spec = [f"{B}/llama-speculative-simple", "-m", f"{out}/f16.gguf", "-n", M, "-t", N, "--temp", "0"]
-configs = [("plain (llama-completion)", True, lambda p: [f"{B}/llama-completion", "-m", f"{out}/f16.gguf", "-n", M, "-t", N, "--temp", "0", "-no-cnv", "-p", p])]
+spec = [f"{B}/llama-speculative-simple", "-m", f"{out}/f16.gguf", "-n", M, "-t", N] + sampling
+configs = [("plain (llama-completion)", True, lambda p: [f"{B}/llama-completion", "-m", f"{out}/f16.gguf", "-n", M, "-t", N] + sampling + ["-no-cnv", "-p", p])]
 for q in ["Q8_0", "Q4_0"]:
     configs.append((f"spec {q} draft", False, lambda p, q=q: spec + ["-md", f"{out}/{q}.gguf", "--spec-type", "draft-simple", "--spec-draft-n-max", "8", "-p", p]))
 configs.append(("spec Q4_0 GPTQ draft (edge MLPs Q8_0)", False, lambda p: spec + ["-md", f"{out}/draft-q4_0-gptq-edges.gguf", "--spec-type", "draft-simple", "--spec-draft-n-max", "8", "-p", p]))
