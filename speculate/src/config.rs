@@ -49,7 +49,7 @@ pub struct SpecConfig {
     /// The verifier's context limit (default: the model's).
     pub ctx: Option<usize>,
     /// A draft model stops drafting below this top probability
-    /// ([`crate::ModelDrafter::min_confidence`]).
+    /// ([`crate::DraftChain::min_confidence`]).
     pub draft_p_min: f32,
     /// Give a draft model its own KV cache even when it could draft over the verifier's.
     pub own_draft_cache: bool,
