@@ -415,3 +415,39 @@ impl QuantConfig {
         &self.ct_ignore
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_errors_name_the_field() {
+        let p = Path::new("config.json");
+        let cfg = |q: &str| -> Value {
+            serde_json::from_str(&format!("{{\"quantization_config\": {q}}}")).unwrap()
+        };
+        let e = QuantConfig::from_config_json(
+            p,
+            &cfg(r#"{"quant_method": "gptq", "bits": 3, "group_size": 128}"#),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("bits = 3 is not supported"), "{e}");
+        let e = QuantConfig::from_config_json(p, &cfg(r#"{"quant_method": "gptq", "bits": 4}"#))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("missing field 'group_size'"), "{e}");
+        let e = QuantConfig::from_config_json(p, &cfg(r#"{"quant_method": "bitsandbytes"}"#))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("'bitsandbytes' is not supported"), "{e}");
+        let ct = r#"{"quant_method": "compressed-tensors", "format": "pack-quantized", "config_groups": {"g": {"targets": ["Linear"], "weights": {"num_bits": 4, "type": "float", "symmetric": true, "strategy": "group", "group_size": 32}}}}"#;
+        let e = QuantConfig::from_config_json(p, &cfg(ct))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("config_groups.g.weights.type = 'float'"), "{e}");
+        assert!(QuantConfig::from_config_json(p, &serde_json::json!({}))
+            .unwrap()
+            .is_none());
+    }
+}

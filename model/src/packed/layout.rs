@@ -7,7 +7,7 @@ use half::{bf16, f16};
 use std::path::Path;
 
 /// Little-endian words of an I32 tensor, checked to hold `n` of them.
-pub(super) fn words(name: &str, t: &Stored, n: usize) -> Result<Vec<u32>> {
+fn words(name: &str, t: &Stored, n: usize) -> Result<Vec<u32>> {
     if t.dtype != StoredDType::I32 {
         return Err(tensor_err(
             t.path,
@@ -123,7 +123,7 @@ pub(super) fn read_shape(name: &str, t: &Stored) -> Result<[usize; 2]> {
 }
 
 /// Element i of a row packed densely at bit i·bits (compressed-tensors' `pack_to_int32`).
-pub(super) fn dense_level(row: &[u32], i: usize, bits: u32) -> u8 {
+fn dense_level(row: &[u32], i: usize, bits: u32) -> u8 {
     let p = i * bits as usize;
     let (w, off) = (p / 32, (p % 32) as u32);
     let mut v = u64::from(row[w]) >> off;
@@ -156,7 +156,7 @@ fn groups_for(
 }
 
 /// Reads a `g_idx` tensor: the group of each column, each below `groups`.
-pub(super) fn read_g_idx(name: &str, t: &Stored, cols: usize, groups: usize) -> Result<Vec<u32>> {
+fn read_g_idx(name: &str, t: &Stored, cols: usize, groups: usize) -> Result<Vec<u32>> {
     let v = ints(name, t, cols)?;
     v.iter()
         .enumerate()
@@ -567,4 +567,47 @@ pub(super) fn awq_layer(
         zero,
         group_of_col: (0..cols).map(|c| (c / gs) as u32).collect(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dense_packing_round_trips_at_every_width() {
+        for bits in 2..=8u32 {
+            let levels: Vec<u8> = (0..100)
+                .map(|i| ((i * 7 + 3) % (1 << bits)) as u8)
+                .collect();
+            let packed: Vec<u32> = pack_levels(&levels, 1, levels.len(), bits as usize)
+                .chunks_exact(4)
+                .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect();
+            // Widths that do not divide 32 split a level across two words.
+            let back: Vec<u8> = (0..levels.len())
+                .map(|i| dense_level(&packed, i, bits))
+                .collect();
+            assert_eq!(back, levels, "bits {bits}");
+        }
+    }
+
+    #[test]
+    fn g_idx_out_of_range_and_short_tensors_are_errors_naming_the_tensor() {
+        let p = Path::new("m.safetensors");
+        let g = [0i32, 1, 2, 9];
+        let gb: Vec<u8> = g.iter().flat_map(|x| x.to_le_bytes()).collect();
+        let t = Stored {
+            dtype: StoredDType::I32,
+            shape: &[4],
+            data: &gb,
+            path: p,
+        };
+        let e = read_g_idx("x.g_idx", &t, 4, 3).unwrap_err().to_string();
+        assert!(
+            e.contains("x.g_idx") && e.contains("column 3 names group 9"),
+            "{e}"
+        );
+        let e = words("x.qweight", &t, 5).unwrap_err().to_string();
+        assert!(e.contains("x.qweight") && e.contains("packed words"), "{e}");
+    }
 }
