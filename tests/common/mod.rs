@@ -34,6 +34,7 @@ pub fn shared() -> PathBuf {
         .args(["config", "--get", "remote.origin.url"])
         .output()
         .ok()
+        .filter(|o| o.status.success())
         .map(|o| PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()))
         .map(|origin| origin.join("../shared"))
         .filter(|p| p.is_dir())
