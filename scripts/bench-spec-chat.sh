@@ -17,7 +17,7 @@
 set -euo pipefail
 source "$(dirname "$0")/common.sh"
 N=${1:-2}; M=${2:-128}; P=${3:-$root/scripts/chat-prompts.jsonl}; TEMP=${TEMP:-0}
-mode=greedy; [ "$TEMP" = 0 ] || mode="temperature $TEMP, seed 1"
+mode=greedy; awk -v t="$TEMP" 'BEGIN { exit !(t + 0 == 0) }' || mode="temperature $TEMP, seed 1"
 out=${OUT:-$root/target/bench-spec}; mkdir -p "$out"
 echo "== tandem ($N threads, <= $M tokens, $(grep -c . "$P") chat prompts, $mode)"
 # Q4_0 draft files calibrated with GPTQ on the default calibration text (never the prompts):
