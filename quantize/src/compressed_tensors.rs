@@ -499,37 +499,7 @@ fn write_safetensors(
         .iter()
         .filter(|t| t.source_name.starts_with("model.") || t.source_name == "lm_head.weight")
         .collect();
-    let mut header = serde_json::Map::new();
-    let mut metadata = serde_json::Map::new();
-    metadata.insert("format".into(), json!("pt"));
-    if let Some(c) = opts.calibrated {
-        for (k, v) in &c.metadata {
-            use candle_core::quantized::gguf_file::Value as V;
-            let text = match v {
-                V::String(s) => s.clone(),
-                V::U32(x) => x.to_string(),
-                V::F32(x) => x.to_string(),
-                V::Bool(b) => b.to_string(),
-                other => format!("{other:?}"),
-            };
-            metadata.insert(k.clone(), json!(text));
-        }
-    }
-    header.insert("__metadata__".into(), Value::Object(metadata));
-    let mut offset = 0usize;
-    let mut n = 0;
-    for t in &planned {
-        for e in entries_for(t, group) {
-            header.insert(
-                e.name,
-                json!({"dtype": e.dtype, "shape": e.shape, "data_offsets": [offset, offset + e.bytes]}),
-            );
-            offset += e.bytes;
-            n += 1;
-        }
-    }
-    let mut head = serde_json::to_vec(&header).map_err(|e| Error::Plan(e.to_string()))?;
-    head.resize(head.len().next_multiple_of(8), b' ');
+    let (head, n, data_bytes) = header(&planned, opts, group)?;
     let file = std::fs::File::create(path).map_err(|e| io_err(path, &e))?;
     let mut w = std::io::BufWriter::with_capacity(8 << 20, file);
     let werr = |e: std::io::Error| io_err(path, &e);
@@ -550,119 +520,22 @@ fn write_safetensors(
             p(done, total, &t.source_name);
         }
         let entries = entries_for(t, group);
-        if t.target == Some(QuantType::Q4_1) {
-            if opts
-                .calibrated
-                .is_some_and(|c| c.tensors.contains_key(&t.source_name))
-            {
-                return Err(Error::Plan(format!(
-                    "{}: calibrated methods make q4_1 blocks with a float minimum, which compressed-tensors cannot hold; use --method rtn for asymmetric int4, or q4_0",
-                    t.source_name
-                )));
-            }
-            let (rows, cols) = (t.shape[0], t.shape[1]);
-            let raw = ck.store.get(&t.source_name)?;
-            let file = ck.store.path_of(&t.source_name).to_path_buf();
-            let xs = crate::encode::to_f32(&file, &raw, raw.data, (0, rows), opts.allow_nonfinite)?;
-            let (levels, scales, zeros) = asymmetric_int4(&xs, cols, group);
-            let packed = pack_rows(&levels, rows, cols, 4);
-            let scale_bytes: Vec<u8> = scales.iter().flat_map(|s| s.to_le_bytes()).collect();
-            let shape: Vec<u8> = [rows as i64, cols as i64]
-                .iter()
-                .flat_map(|x| x.to_le_bytes())
-                .collect();
-            // Zero points: signed (z − 8), packed along the output dimension.
-            let groups = cols / group;
-            let mut by_col = vec![0u8; rows * groups];
-            for r in 0..rows {
-                for g in 0..groups {
-                    by_col[g * rows + r] = zeros[r * groups + g];
-                }
-            }
-            let packed_cols = pack_rows(&by_col, groups, rows, 4);
-            let per = (rows * 4).div_ceil(32);
-            let mut zp = vec![0u8; per * groups * 4];
-            for g in 0..groups {
-                for k in 0..per {
-                    zp[(k * groups + g) * 4..][..4]
-                        .copy_from_slice(&packed_cols[(g * per + k) * 4..][..4]);
-                }
-            }
-            write_parts(
-                &mut w,
-                path,
-                &entries,
-                &[&packed, &scale_bytes, &shape, &zp],
-            )?;
-            quantized += 1;
-            ck.store.release(&t.source_name);
-            done += t.elems() as u64 * 2;
-            continue;
-        }
-        let bytes = match t.target {
-            Some(q) if group > GROUP && bits_of(q).is_some() => {
-                let raw = ck.store.get(&t.source_name)?;
-                let file = ck.store.path_of(&t.source_name).to_path_buf();
-                let rows = t.shape[0];
-                let xs =
-                    crate::encode::to_f32(&file, &raw, raw.data, (0, rows), opts.allow_nonfinite)?;
-                shared_scale_blocks(q, &xs, group)
-            }
-            _ => crate::tensor_bytes(ck, t, opts)?,
-        };
-        match t.target.filter(|q| bits_of(*q).is_some()) {
-            Some(q) => {
-                let (rows, cols) = (t.shape[0], t.shape[1]);
-                let (packed, scales) = blocks_to_packed(q, &bytes, rows, cols);
-                // One scale per group: the blocks of a group share it.
-                let per = group / GROUP;
-                let scales: Vec<u8> = scales
-                    .chunks_exact(2)
-                    .step_by(per)
-                    .flatten()
-                    .copied()
-                    .collect();
-                let shape: Vec<u8> = [rows as i64, cols as i64]
-                    .iter()
-                    .flat_map(|x| x.to_le_bytes())
-                    .collect();
-                write_parts(&mut w, path, &entries, &[&packed, &scales, &shape])?;
-                quantized += 1;
-            }
+        let parts = match t.target.filter(|q| bits_of(*q).is_some()) {
+            Some(QuantType::Q4_1) => asymmetric_parts(ck, t, opts, group)?,
+            Some(q) => symmetric_parts(ck, t, q, opts, group)?,
             None => {
-                let e = &entries[0];
-                let b = if e.bytes == bytes.len() {
-                    bytes
-                } else {
-                    // A 1-D tensor the GGUF plan makes F32 goes out in the source's 16-bit
-                    // type, with what a calibrated method made of it (AWQ folds its scales
-                    // into the norms).
-                    let ty = match e.dtype {
-                        "BF16" => QuantType::BF16,
-                        "F32" => QuantType::F32,
-                        _ => QuantType::F16,
-                    };
-                    let cols = t.shape.last().copied().unwrap_or(1).max(1);
-                    match opts.calibrated.and_then(|c| c.dense.get(&t.source_name)) {
-                        Some(values) => crate::encode::encode(ty, values, cols, None)?,
-                        None => {
-                            let raw = ck.store.get(&t.source_name)?;
-                            let file = ck.store.path_of(&t.source_name).to_path_buf();
-                            let rows = raw.elem_count() / cols;
-                            let xs = crate::encode::to_f32(
-                                &file,
-                                &raw,
-                                raw.data,
-                                (0, rows),
-                                opts.allow_nonfinite,
-                            )?;
-                            crate::encode::encode(ty, &xs, cols, None)?
-                        }
-                    }
-                };
-                write_parts(&mut w, path, std::slice::from_ref(e), &[&b])?;
+                let e = entries.first().ok_or_else(|| {
+                    Error::Plan(format!(
+                        "{}: no header entry (internal error)",
+                        t.source_name
+                    ))
+                })?;
+                vec![dense_part(ck, t, opts, e)?]
             }
-        }
+        };
+        quantized += usize::from(t.target.is_some_and(|q| bits_of(q).is_some()));
+        let parts: Vec<&[u8]> = parts.iter().map(Vec::as_slice).collect();
+        write_parts(&mut w, path, &entries, &parts)?;
         ck.store.release(&t.source_name);
         done += t.elems() as u64 * 2;
     }
@@ -672,7 +545,160 @@ fn write_safetensors(
     w.flush().map_err(werr)?;
     let file = w.into_inner().map_err(|e| io_err(path, e.error()))?;
     file.sync_all().map_err(werr)?;
-    Ok((n, quantized, 8 + head.len() as u64 + offset as u64))
+    Ok((n, quantized, 8 + head.len() as u64 + data_bytes as u64))
+}
+
+/// The safetensors header (its JSON, padded to 8 bytes) of `planned`'s output tensors, the
+/// calibration's metadata as strings under `__metadata__`; with the tensor count and the
+/// data's bytes.
+fn header(
+    planned: &[&PlannedTensor],
+    opts: &Options,
+    group: usize,
+) -> Result<(Vec<u8>, usize, usize)> {
+    let mut header = serde_json::Map::new();
+    let mut metadata = serde_json::Map::new();
+    metadata.insert("format".into(), json!("pt"));
+    if let Some(c) = opts.calibrated {
+        for (k, v) in &c.metadata {
+            use candle_core::quantized::gguf_file::Value as V;
+            let text = match v {
+                V::String(s) => s.clone(),
+                V::U32(x) => x.to_string(),
+                V::F32(x) => x.to_string(),
+                V::Bool(b) => b.to_string(),
+                other => format!("{other:?}"),
+            };
+            metadata.insert(k.clone(), json!(text));
+        }
+    }
+    header.insert("__metadata__".into(), Value::Object(metadata));
+    let mut offset = 0usize;
+    let mut n = 0;
+    for t in planned {
+        for e in entries_for(t, group) {
+            header.insert(
+                e.name,
+                json!({"dtype": e.dtype, "shape": e.shape, "data_offsets": [offset, offset + e.bytes]}),
+            );
+            offset += e.bytes;
+            n += 1;
+        }
+    }
+    let mut head = serde_json::to_vec(&header).map_err(|e| Error::Plan(e.to_string()))?;
+    head.resize(head.len().next_multiple_of(8), b' ');
+    Ok((head, n, offset))
+}
+
+/// The first `rows` rows of source tensor `t` as f32.
+fn source_rows(
+    ck: &Checkpoint,
+    t: &PlannedTensor,
+    rows: usize,
+    opts: &Options,
+) -> Result<Vec<f32>> {
+    let raw = ck.store.get(&t.source_name)?;
+    let file = ck.store.path_of(&t.source_name).to_path_buf();
+    crate::encode::to_f32(&file, &raw, raw.data, (0, rows), opts.allow_nonfinite)
+}
+
+/// An asymmetric int4 layer (the plan's Q4_1): packed levels, f16 scales, the shape, and the
+/// zero points, one per row and group.
+fn asymmetric_parts(
+    ck: &Checkpoint,
+    t: &PlannedTensor,
+    opts: &Options,
+    group: usize,
+) -> Result<Vec<Vec<u8>>> {
+    if opts
+        .calibrated
+        .is_some_and(|c| c.tensors.contains_key(&t.source_name))
+    {
+        return Err(Error::Plan(format!(
+            "{}: calibrated methods make q4_1 blocks with a float minimum, which compressed-tensors cannot hold; use --method rtn for asymmetric int4, or q4_0",
+            t.source_name
+        )));
+    }
+    let (rows, cols) = (t.shape[0], t.shape[1]);
+    let xs = source_rows(ck, t, rows, opts)?;
+    let (levels, scales, zeros) = asymmetric_int4(&xs, cols, group);
+    let packed = pack_rows(&levels, rows, cols, 4);
+    let scale_bytes: Vec<u8> = scales.iter().flat_map(|s| s.to_le_bytes()).collect();
+    // Zero points: signed (z − 8), packed along the output dimension.
+    let groups = cols / group;
+    let mut by_col = vec![0u8; rows * groups];
+    for r in 0..rows {
+        for g in 0..groups {
+            by_col[g * rows + r] = zeros[r * groups + g];
+        }
+    }
+    let packed_cols = pack_rows(&by_col, groups, rows, 4);
+    let per = (rows * 4).div_ceil(32);
+    let mut zp = vec![0u8; per * groups * 4];
+    for g in 0..groups {
+        for k in 0..per {
+            zp[(k * groups + g) * 4..][..4].copy_from_slice(&packed_cols[(g * per + k) * 4..][..4]);
+        }
+    }
+    Ok(vec![packed, scale_bytes, shape_bytes(rows, cols), zp])
+}
+
+/// A symmetric layer (Q4_0 / Q8_0 grids): packed levels, one f16 scale per group, the shape.
+/// Groups wider than a GGML block share one scale, so those are quantized here.
+fn symmetric_parts(
+    ck: &Checkpoint,
+    t: &PlannedTensor,
+    q: QuantType,
+    opts: &Options,
+    group: usize,
+) -> Result<Vec<Vec<u8>>> {
+    let (rows, cols) = (t.shape[0], t.shape[1]);
+    let bytes = if group > GROUP {
+        shared_scale_blocks(q, &source_rows(ck, t, rows, opts)?, group)
+    } else {
+        crate::tensor_bytes(ck, t, opts)?
+    };
+    let (packed, scales) = blocks_to_packed(q, &bytes, rows, cols);
+    // One scale per group: the blocks of a group share it.
+    let per = group / GROUP;
+    let scales: Vec<u8> = scales
+        .chunks_exact(2)
+        .step_by(per)
+        .flatten()
+        .copied()
+        .collect();
+    Ok(vec![packed, scales, shape_bytes(rows, cols)])
+}
+
+/// A tensor left unquantized, as its header entry `e` says.
+fn dense_part(ck: &Checkpoint, t: &PlannedTensor, opts: &Options, e: &Entry) -> Result<Vec<u8>> {
+    let bytes = crate::tensor_bytes(ck, t, opts)?;
+    if e.bytes == bytes.len() {
+        return Ok(bytes);
+    }
+    // A 1-D tensor the GGUF plan makes F32 goes out in the source's 16-bit type, with what a
+    // calibrated method made of it (AWQ folds its scales into the norms).
+    let ty = match e.dtype {
+        "BF16" => QuantType::BF16,
+        "F32" => QuantType::F32,
+        _ => QuantType::F16,
+    };
+    let cols = t.shape.last().copied().unwrap_or(1).max(1);
+    match opts.calibrated.and_then(|c| c.dense.get(&t.source_name)) {
+        Some(values) => crate::encode::encode(ty, values, cols, None),
+        None => {
+            let rows = t.elems() / cols;
+            crate::encode::encode(ty, &source_rows(ck, t, rows, opts)?, cols, None)
+        }
+    }
+}
+
+/// A `weight_shape` tensor: [rows, cols] as little-endian i64.
+fn shape_bytes(rows: usize, cols: usize) -> Vec<u8> {
+    [rows as i64, cols as i64]
+        .iter()
+        .flat_map(|x| x.to_le_bytes())
+        .collect()
 }
 
 #[cfg(test)]
