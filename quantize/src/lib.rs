@@ -143,7 +143,7 @@ pub fn write_gguf<W: Write>(
     let path = ck.store.main_path().to_path_buf();
     let no_metadata = Vec::new();
     let extra = opts.calibrated.map_or(&no_metadata, |c| &c.metadata);
-    let (layout, mut notes) = layout(ck, plan, extra)?;
+    let (layout, notes) = layout(ck, plan, extra)?;
     if let Some(bad) = layout.tensors.iter().find(|t| t.ggml_type == u32::MAX) {
         return Err(error::tensor_err(
             &path,
@@ -151,8 +151,7 @@ pub fn write_gguf<W: Write>(
             "stored in a type GGUF output cannot hold; choose a type with --rule",
         ));
     }
-    let out_err = |e: std::io::Error| error::io_err(Path::new(OUTPUT), &e);
-    let mut w = GgufWriter::new(out, &layout).map_err(out_err)?;
+    let mut w = GgufWriter::new(out, &layout).map_err(output_err)?;
     let total: u64 = plan
         .tensors
         .iter()
@@ -163,48 +162,80 @@ pub fn write_gguf<W: Write>(
                 .unwrap_or(0)
         })
         .sum();
-    let mut done = 0u64;
-    let mut imatrix_tensors = 0;
+    let mut run = WriteRun {
+        opts,
+        done: 0,
+        total,
+        imatrix_tensors: 0,
+        notes,
+    };
     for t in &plan.tensors {
-        if opts.cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
-            return Err(Error::Interrupted);
+        run.check_cancel()?;
+        run.write_tensor(&mut w, ck, t)?;
+        ck.store.release(&t.source_name);
+    }
+    for (_, f) in &plan.computed {
+        let b: Vec<u8> = f.iter().flat_map(|x| x.to_le_bytes()).collect();
+        w.write_tensor(&b).map_err(output_err)?;
+    }
+    if let Some(p) = opts.progress {
+        p(total, total, "");
+    }
+    let out = w.finish().map_err(output_err)?;
+    Ok((
+        out,
+        Report {
+            tensors: plan.tensors.len() + plan.computed.len(),
+            bytes_in: total,
+            bytes_out: layout.file_size(),
+            seconds: start.elapsed().as_secs_f64(),
+            imatrix_tensors: run.imatrix_tensors,
+            notes: run.notes,
+        },
+    ))
+}
+
+/// What [`write_gguf`] carries from one tensor to the next: progress, and what the report
+/// says.
+struct WriteRun<'o, 'a> {
+    opts: &'o Options<'a>,
+    /// Source bytes written so far, of `total`.
+    done: u64,
+    total: u64,
+    imatrix_tensors: usize,
+    notes: Vec<String>,
+}
+
+impl WriteRun<'_, '_> {
+    fn check_cancel(&self) -> Result<()> {
+        match self.opts.cancel {
+            Some(c) if c.load(Ordering::Relaxed) => Err(Error::Interrupted),
+            _ => Ok(()),
         }
+    }
+
+    /// Writes one planned tensor: what a calibrated method made of it, else its source
+    /// rounded to the target type (or copied) block by block.
+    fn write_tensor<W: Write>(
+        &mut self,
+        w: &mut GgufWriter<W>,
+        ck: &Checkpoint,
+        t: &plan::PlannedTensor,
+    ) -> Result<()> {
+        let opts = self.opts;
         let file = ck.store.path_of(&t.source_name).to_path_buf();
         let raw = ck.store.get(&t.source_name)?;
         let cols = raw.shape.last().copied().unwrap_or(1).max(1);
         let rows = raw.elem_count() / cols;
-        let row_bytes = raw.data.len() / rows.max(1);
-        let permuted;
-        let data: &[u8] = match t.permute_heads {
-            Some(heads) => {
-                permuted = permute_qk_rows(raw.data, heads, rows, row_bytes, Permute::HfToGguf);
-                &permuted
-            }
-            None => raw.data,
-        };
-        let importance = match (t.target, opts.imatrix) {
-            (Some(q), Some(m)) if q.uses_importance() => match m.importance(&t.gguf_name) {
-                Some(w) if w.len() == cols => {
-                    imatrix_tensors += 1;
-                    Some(w)
-                }
-                Some(w) => {
-                    return Err(error::tensor_err(
-                        &file,
-                        &t.gguf_name,
-                        format!(
-                            "imatrix has {} columns, the tensor {cols}: imatrix made for another model?",
-                            w.len()
-                        ),
-                    ))
-                }
-                None => {
-                    notes.push(format!("{}: no imatrix entry, quantized unweighted", t.gguf_name));
-                    None
-                }
-            },
-            _ => None,
-        };
+        let importance = importance_for(t, opts, cols, &file)?;
+        match &importance {
+            Importance::Weights(_) => self.imatrix_tensors += 1,
+            Importance::Missing => self.notes.push(format!(
+                "{}: no imatrix entry, quantized unweighted",
+                t.gguf_name
+            )),
+            Importance::Unused => {}
+        }
         let calibrated = match opts.calibrated {
             Some(c) => c.tensors.get(&t.source_name)?,
             None => None,
@@ -216,83 +247,138 @@ pub fn write_gguf<W: Write>(
                     let row_bytes = bytes.len() / rows.max(1);
                     let permuted =
                         permute_qk_rows(&bytes, heads, rows, row_bytes, Permute::HfToGguf);
-                    w.write_tensor(&permuted).map_err(out_err)?;
+                    w.write_tensor(&permuted).map_err(output_err)?;
                 }
-                None => w.write_tensor(&bytes).map_err(out_err)?,
+                None => w.write_tensor(&bytes).map_err(output_err)?,
             }
-            ck.store.release(&t.source_name);
-            done += raw.data.len() as u64;
-            continue;
+        } else if let Some(values) = opts.calibrated.and_then(|c| c.dense.get(&t.source_name)) {
+            let bytes = encode::encode(dense_type(t, &raw), values, cols, None)?;
+            w.write_tensor(&bytes).map_err(output_err)?;
+        } else {
+            if t.target.is_none() && !opts.allow_nonfinite {
+                tandem_model::linear::check_finite(&file, &raw)?;
+            }
+            self.stream_rows(w, ck, t, &raw, &file, importance.weights())?;
         }
-        if let Some(values) = opts.calibrated.and_then(|c| c.dense.get(&t.source_name)) {
-            let ty = t.target.unwrap_or(match raw.dtype {
-                tandem_model::weights::WeightDType::F16 => QuantType::F16,
-                tandem_model::weights::WeightDType::BF16 => QuantType::BF16,
-                _ => QuantType::F32,
-            });
-            let bytes = encode::encode(ty, values, cols, None)?;
-            w.write_tensor(&bytes).map_err(out_err)?;
-            done += raw.data.len() as u64;
-            continue;
-        }
-        if t.target.is_none() && !opts.allow_nonfinite {
-            tandem_model::linear::check_finite(&file, &raw)?;
-        }
-        // Stream the tensor in blocks of whole rows: memory stays a few blocks, however
-        // large the tensor.
+        self.done += raw.data.len() as u64;
+        Ok(())
+    }
+
+    /// Streams a tensor in blocks of whole rows, rounding each to the target type: memory
+    /// stays a few blocks, however large the tensor.
+    fn stream_rows<W: Write>(
+        &self,
+        w: &mut GgufWriter<W>,
+        ck: &Checkpoint,
+        t: &plan::PlannedTensor,
+        raw: &tandem_model::weights::RawTensor,
+        file: &Path,
+        importance: Option<&[f32]>,
+    ) -> Result<()> {
+        let cols = raw.shape.last().copied().unwrap_or(1).max(1);
+        let rows = raw.elem_count() / cols;
+        let row_bytes = raw.data.len() / rows.max(1);
+        let permuted;
+        let data: &[u8] = match t.permute_heads {
+            Some(heads) => {
+                permuted = permute_qk_rows(raw.data, heads, rows, row_bytes, Permute::HfToGguf);
+                &permuted
+            }
+            None => raw.data,
+        };
         let block_rows = (STREAM_ELEMS / cols).max(1);
         let mut r0 = 0;
         while r0 < rows {
-            if opts.cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
-                return Err(Error::Interrupted);
-            }
+            self.check_cancel()?;
             let r1 = (r0 + block_rows).min(rows);
             let src = &data[r0 * row_bytes..r1 * row_bytes];
             match t.target {
-                None => w.write_part(src).map_err(out_err)?,
+                None => w.write_part(src).map_err(output_err)?,
                 Some(q) => {
-                    let xs = encode::to_f32(&file, &raw, src, (r0, r1 - r0), opts.allow_nonfinite)?;
-                    let bytes = encode::encode(q, &xs, cols, importance.as_deref())?;
-                    w.write_part(&bytes).map_err(out_err)?;
+                    let allow = self.opts.allow_nonfinite;
+                    let xs = encode::to_f32(file, raw, src, (r0, r1 - r0), allow)?;
+                    let bytes = encode::encode(q, &xs, cols, importance)?;
+                    w.write_part(&bytes).map_err(output_err)?;
                 }
             }
             if t.permute_heads.is_none() {
                 ck.store
                     .release_range(&t.source_name, r0 * row_bytes, r1 * row_bytes);
             }
-            if let Some(p) = opts.progress {
-                p(done + (r1 * row_bytes) as u64, total, &t.gguf_name);
+            if let Some(p) = self.opts.progress {
+                p(
+                    self.done + (r1 * row_bytes) as u64,
+                    self.total,
+                    &t.gguf_name,
+                );
             }
             r0 = r1;
         }
-        w.end_tensor().map_err(out_err)?;
-        ck.store.release(&t.source_name);
-        done += raw.data.len() as u64;
+        w.end_tensor().map_err(output_err)
     }
-    for (_, f) in &plan.computed {
-        let b: Vec<u8> = f.iter().flat_map(|x| x.to_le_bytes()).collect();
-        w.write_tensor(&b).map_err(out_err)?;
+}
+
+/// Whether a planned tensor is rounded with importance weights.
+enum Importance {
+    /// Its target type does not use them, or no imatrix was given.
+    Unused,
+    /// The imatrix has no entry for it: rounded unweighted.
+    Missing,
+    Weights(Vec<f32>),
+}
+
+impl Importance {
+    fn weights(&self) -> Option<&[f32]> {
+        match self {
+            Importance::Weights(w) => Some(w),
+            _ => None,
+        }
     }
-    if let Some(p) = opts.progress {
-        p(total, total, "");
+}
+
+/// The imatrix's weights for `t` when its target type uses them; an error naming the tensor
+/// when they have another width than its `cols` columns (an imatrix made for another model).
+fn importance_for(
+    t: &plan::PlannedTensor,
+    opts: &Options,
+    cols: usize,
+    file: &Path,
+) -> Result<Importance> {
+    let (Some(q), Some(m)) = (t.target, opts.imatrix) else {
+        return Ok(Importance::Unused);
+    };
+    if !q.uses_importance() {
+        return Ok(Importance::Unused);
     }
-    let out = w.finish().map_err(out_err)?;
-    Ok((
-        out,
-        Report {
-            tensors: plan.tensors.len() + plan.computed.len(),
-            bytes_in: total,
-            bytes_out: layout.file_size(),
-            seconds: start.elapsed().as_secs_f64(),
-            imatrix_tensors,
-            notes,
-        },
-    ))
+    match m.importance(&t.gguf_name) {
+        Some(w) if w.len() == cols => Ok(Importance::Weights(w)),
+        Some(w) => Err(error::tensor_err(
+            file,
+            &t.gguf_name,
+            format!(
+                "imatrix has {} columns, the tensor {cols}: imatrix made for another model?",
+                w.len()
+            ),
+        )),
+        None => Ok(Importance::Missing),
+    }
+}
+
+/// The type a tensor a calibrated method left dense (AWQ's rescaled norms) is written in: its
+/// planned type, else its source's 16-bit type, else f32.
+fn dense_type(t: &plan::PlannedTensor, raw: &tandem_model::weights::RawTensor) -> QuantType {
+    use tandem_model::weights::WeightDType;
+    t.target.unwrap_or(match raw.dtype {
+        WeightDType::F16 => QuantType::F16,
+        WeightDType::BF16 => QuantType::BF16,
+        _ => QuantType::F32,
+    })
 }
 
 /// One planned tensor's bytes, whole, in its target type (the source bytes when kept) and in
 /// the source's row order: what the GGUF writer streams, for writers that take a tensor at a
-/// time (compressed-tensors). Uses the calibrated result or the imatrix as the GGUF path does.
+/// time (compressed-tensors). Uses the calibrated result or the imatrix as the GGUF path does,
+/// and refuses an imatrix of another width as it does.
 pub fn tensor_bytes(ck: &Checkpoint, t: &plan::PlannedTensor, opts: &Options) -> Result<Vec<u8>> {
     if let Some(c) = opts.calibrated {
         if let Some(bytes) = c.tensors.get(&t.source_name)? {
@@ -304,12 +390,7 @@ pub fn tensor_bytes(ck: &Checkpoint, t: &plan::PlannedTensor, opts: &Options) ->
     let cols = raw.shape.last().copied().unwrap_or(1).max(1);
     let rows = raw.elem_count() / cols;
     if let Some(values) = opts.calibrated.and_then(|c| c.dense.get(&t.source_name)) {
-        let ty = t.target.unwrap_or(match raw.dtype {
-            tandem_model::weights::WeightDType::F16 => QuantType::F16,
-            tandem_model::weights::WeightDType::BF16 => QuantType::BF16,
-            _ => QuantType::F32,
-        });
-        return encode::encode(ty, values, cols, None);
+        return encode::encode(dense_type(t, &raw), values, cols, None);
     }
     let Some(q) = t.target else {
         if !opts.allow_nonfinite {
@@ -317,12 +398,9 @@ pub fn tensor_bytes(ck: &Checkpoint, t: &plan::PlannedTensor, opts: &Options) ->
         }
         return Ok(raw.data.to_vec());
     };
-    let importance = match opts.imatrix {
-        Some(m) if q.uses_importance() => m.importance(&t.gguf_name).filter(|w| w.len() == cols),
-        _ => None,
-    };
+    let importance = importance_for(t, opts, cols, &file)?;
     let xs = encode::to_f32(&file, &raw, raw.data, (0, rows), opts.allow_nonfinite)?;
-    encode::encode(q, &xs, cols, importance.as_deref())
+    encode::encode(q, &xs, cols, importance.weights())
 }
 
 /// Elements per streamed block (16 MiB of f32).
@@ -330,6 +408,11 @@ const STREAM_ELEMS: usize = 1 << 22;
 
 /// Stands for the output file in errors raised while writing, until the caller names it.
 const OUTPUT: &str = "<output>";
+
+/// An I/O error of the output, named by [`OUTPUT`] until the caller knows the file.
+fn output_err(e: std::io::Error) -> Error {
+    error::io_err(Path::new(OUTPUT), &e)
+}
 
 /// Quantizes into the file `out`, atomically (see [`output::write_atomically`]).
 pub fn quantize_to_file(

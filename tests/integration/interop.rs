@@ -189,6 +189,43 @@ fn export_refuses_layouts_compressed_tensors_has_not() {
     );
 }
 
+#[test]
+fn an_imatrix_of_another_width_is_refused_in_either_format() {
+    // llama-imatrix's matrix for stories260K with one entry cut short, as a matrix made for
+    // another model reads: both writers refuse it, naming the tensor, and leave nothing.
+    let tmp = tempfile::tempdir().unwrap();
+    let fixture = root().join("tests/fixtures/llama-quantize/stories260K-imatrix.gguf");
+    let mut m = tandem_quantize::ImportanceMatrix::read(&fixture).unwrap();
+    let entry = m.entries.get_mut("blk.1.ffn_up.weight").unwrap();
+    entry.sum2.truncate(entry.sum2.len() / 2);
+    let imatrix = tmp.path().join("other.imatrix.gguf");
+    m.write_gguf(&imatrix, false).unwrap();
+    let src = stories();
+    for (format, out) in [("gguf", "q.gguf"), ("compressed-tensors", "ct")] {
+        let out = tmp.path().join(out);
+        fails(
+            &[
+                "quantize",
+                s(&src),
+                "--out",
+                s(&out),
+                "--format",
+                format,
+                "--scheme",
+                "q4_0",
+                "--imatrix",
+                s(&imatrix),
+            ],
+            &[
+                "blk.1.ffn_up.weight",
+                "imatrix has 32 columns, the tensor 64",
+            ],
+        );
+        assert!(!out.exists(), "{format}: left {}", out.display());
+    }
+    assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 1);
+}
+
 /// Writes `config.json` of `dir` with `edit` applied to its quantization_config.
 fn edit_config(dir: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
     let p = dir.join("config.json");
