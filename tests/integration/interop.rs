@@ -305,6 +305,26 @@ fn bad_quantized_checkpoints_are_one_line_errors_naming_the_field_or_tensor() {
         c["quantization_config"]["config_groups"]["group_0"]["weights"]["strategy"] = "block".into()
     });
     check(&d, &["weights.strategy = 'block' is not supported"]);
+    let d = case("sparse");
+    edit_config(
+        &d,
+        |c| {
+            c["quantization_config"]["sparsity_config"] =
+                serde_json::json!({"format": "sparse-24-bitmask", "sparsity_structure": "2:4"})
+        },
+    );
+    check(
+        &d,
+        &["sparsity_config (sparse compression) is not supported"],
+    );
+    let d = case("group-minus-one");
+    edit_config(&d, |c| {
+        c["quantization_config"]["config_groups"]["group_0"]["weights"]["group_size"] = (-1).into()
+    });
+    check(
+        &d,
+        &["config_groups.group_0.weights.group_size is -1 with strategy 'group'"],
+    );
     let d = case("bits-9");
     edit_config(&d, |c| {
         c["quantization_config"]["config_groups"]["group_0"]["weights"]["num_bits"] = 9.into()

@@ -34,7 +34,7 @@ fn field<'a>(path: &Path, obj: &'a Value, key: &str) -> Result<&'a Value> {
         .ok_or_else(|| format_err(path, format!("quantization_config: missing field '{key}'")))
 }
 
-fn as_usize(path: &Path, v: &Value, key: &str) -> Result<i64> {
+fn as_int(path: &Path, v: &Value, key: &str) -> Result<i64> {
     v.as_i64().ok_or_else(|| {
         format_err(
             path,
@@ -83,6 +83,142 @@ fn group_from(path: &Path, g: i64, key: &str) -> Result<Option<usize>> {
     }
 }
 
+/// Refuses a compressed-tensors config whose `key` (a feature tandem does not run, `what`)
+/// is a non-empty object.
+fn refuse_nonempty(path: &Path, q: &Value, key: &str, what: &str) -> Result<()> {
+    match q.get(key).and_then(Value::as_object) {
+        Some(o) if !o.is_empty() => Err(unsupported(
+            path,
+            format!("quantization_config: {key} ({what}) is not supported"),
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// One entry `name` of a compressed-tensors `config_groups`, checked: `None` for a group that
+/// leaves weights unquantized. Activation quantization is noted in `notes` and not run.
+fn ct_group(
+    path: &Path,
+    name: &str,
+    g: &Value,
+    top_format: &str,
+    notes: &mut Vec<String>,
+) -> Result<Option<CtGroup>> {
+    let gname = crate::error::clean(name, 40);
+    let ctx = |k: &str| format!("config_groups.{gname}.{k}");
+    let targets: Vec<String> = field(path, g, "targets")?
+        .as_array()
+        .ok_or_else(|| {
+            format_err(
+                path,
+                format!("quantization_config: {} is not a list", ctx("targets")),
+            )
+        })?
+        .iter()
+        .filter_map(|t| t.as_str().map(str::to_string))
+        .collect();
+    let w = field(path, g, "weights")?;
+    if w.is_null() {
+        return Ok(None);
+    }
+    if let Some(a) = g.get("input_activations").filter(|a| !a.is_null()) {
+        let ty = a.get("type").and_then(Value::as_str).unwrap_or("?");
+        notes.push(format!(
+            "{gname}: the checkpoint also quantizes activations ({ty}, {} bits); tandem runs its weights with its own activations",
+            a.get("num_bits").and_then(Value::as_i64).unwrap_or(0)
+        ));
+    }
+    let ty = field(path, w, "type")?.as_str().unwrap_or("?");
+    if ty != "int" {
+        return Err(unsupported(
+            path,
+            format!(
+                "quantization_config: {} = '{}' is not supported (supported: int)",
+                ctx("weights.type"),
+                crate::error::clean(ty, 20)
+            ),
+        ));
+    }
+    let bits = check_bits(
+        path,
+        as_int(path, field(path, w, "num_bits")?, "num_bits")?,
+        &ctx("weights.num_bits"),
+        &[2, 3, 4, 5, 6, 7, 8],
+    )?;
+    let symmetric = as_bool(path, field(path, w, "symmetric")?, "symmetric")?;
+    if w.get("dynamic").and_then(Value::as_bool) == Some(true) {
+        return Err(unsupported(
+            path,
+            format!(
+                "quantization_config: {} = true (weights quantized at run time) is not supported",
+                ctx("weights.dynamic")
+            ),
+        ));
+    }
+    let group_size = ct_group_size(path, w, &ctx)?;
+    let act_order = matches!(
+        w.get("actorder").and_then(Value::as_str),
+        Some("group") | Some("dynamic") | Some("true")
+    );
+    let format = g
+        .get("format")
+        .and_then(Value::as_str)
+        .unwrap_or(top_format)
+        .to_string();
+    match format.as_str() {
+        "pack-quantized" | "int-quantized" | "naive-quantized" => {}
+        other => {
+            return Err(unsupported(
+                path,
+                format!(
+                    "quantization_config: format '{}' is not supported (supported: pack-quantized, int-quantized)",
+                    crate::error::clean(other, 30)
+                ),
+            ))
+        }
+    }
+    Ok(Some(CtGroup {
+        name: gname,
+        targets,
+        scheme: IntScheme {
+            bits,
+            group_size,
+            symmetric,
+            act_order,
+        },
+        format,
+    }))
+}
+
+/// The columns per scale a group's `weights` say through their strategy: `None` for one
+/// scale per row (`channel`) or per tensor (`tensor`: every row carries the same scale).
+fn ct_group_size(path: &Path, w: &Value, ctx: &dyn Fn(&str) -> String) -> Result<Option<usize>> {
+    match field(path, w, "strategy")?.as_str().unwrap_or("?") {
+        "group" => {
+            let g = as_int(path, field(path, w, "group_size")?, "group_size")?;
+            match group_from(path, g, &ctx("weights.group_size"))? {
+                Some(g) => Ok(Some(g)),
+                None => Err(format_err(
+                    path,
+                    format!(
+                        "quantization_config: {} is -1 with strategy 'group'",
+                        ctx("weights.group_size")
+                    ),
+                )),
+            }
+        }
+        "channel" | "tensor" => Ok(None),
+        other => Err(unsupported(
+            path,
+            format!(
+                "quantization_config: {} = '{}' is not supported (supported: group, channel, tensor)",
+                ctx("weights.strategy"),
+                crate::error::clean(other, 20)
+            ),
+        )),
+    }
+}
+
 impl QuantConfig {
     /// Reads `quantization_config` from a config.json's JSON; `None` when it has none.
     pub fn from_config_json(path: &Path, config: &Value) -> Result<Option<Self>> {
@@ -112,22 +248,8 @@ impl QuantConfig {
     fn compressed_tensors(path: &Path, q: &Value) -> Result<Self> {
         let top_format = q.get("format").and_then(Value::as_str).unwrap_or("");
         let mut notes = Vec::new();
-        if let Some(s) = q.get("sparsity_config").and_then(Value::as_object) {
-            if !s.is_empty() {
-                return Err(unsupported(
-                    path,
-                    "quantization_config: sparsity_config (sparse compression) is not supported",
-                ));
-            }
-        }
-        if let Some(t) = q.get("transform_config").and_then(Value::as_object) {
-            if !t.is_empty() {
-                return Err(unsupported(
-                    path,
-                    "quantization_config: transform_config (rotations) is not supported",
-                ));
-            }
-        }
+        refuse_nonempty(path, q, "sparsity_config", "sparse compression")?;
+        refuse_nonempty(path, q, "transform_config", "rotations")?;
         let groups = field(path, q, "config_groups")?
             .as_object()
             .ok_or_else(|| {
@@ -135,114 +257,9 @@ impl QuantConfig {
             })?;
         let mut ct_groups = Vec::new();
         for (name, g) in groups {
-            let gname = crate::error::clean(name, 40);
-            let ctx = |k: &str| format!("config_groups.{gname}.{k}");
-            let targets: Vec<String> = field(path, g, "targets")?
-                .as_array()
-                .ok_or_else(|| {
-                    format_err(
-                        path,
-                        format!("quantization_config: {} is not a list", ctx("targets")),
-                    )
-                })?
-                .iter()
-                .filter_map(|t| t.as_str().map(str::to_string))
-                .collect();
-            let w = field(path, g, "weights")?;
-            if w.is_null() {
-                continue;
+            if let Some(group) = ct_group(path, name, g, top_format, &mut notes)? {
+                ct_groups.push(group);
             }
-            if let Some(a) = g.get("input_activations").filter(|a| !a.is_null()) {
-                let ty = a.get("type").and_then(Value::as_str).unwrap_or("?");
-                notes.push(format!(
-                    "{gname}: the checkpoint also quantizes activations ({ty}, {} bits); tandem runs its weights with its own activations",
-                    a.get("num_bits").and_then(Value::as_i64).unwrap_or(0)
-                ));
-            }
-            let ty = field(path, w, "type")?.as_str().unwrap_or("?");
-            if ty != "int" {
-                return Err(unsupported(
-                    path,
-                    format!(
-                        "quantization_config: {} = '{}' is not supported (supported: int)",
-                        ctx("weights.type"),
-                        crate::error::clean(ty, 20)
-                    ),
-                ));
-            }
-            let bits = check_bits(
-                path,
-                as_usize(path, field(path, w, "num_bits")?, "num_bits")?,
-                &ctx("weights.num_bits"),
-                &[2, 3, 4, 5, 6, 7, 8],
-            )?;
-            let symmetric = as_bool(path, field(path, w, "symmetric")?, "symmetric")?;
-            if w.get("dynamic").and_then(Value::as_bool) == Some(true) {
-                return Err(unsupported(
-                    path,
-                    format!("quantization_config: {} = true (weights quantized at run time) is not supported", ctx("weights.dynamic")),
-                ));
-            }
-            let strategy = field(path, w, "strategy")?.as_str().unwrap_or("?");
-            let group_size = match strategy {
-                "group" => {
-                    let g = as_usize(path, field(path, w, "group_size")?, "group_size")?;
-                    match group_from(path, g, &ctx("weights.group_size"))? {
-                        Some(g) => Some(g),
-                        None => {
-                            return Err(format_err(
-                                path,
-                                format!("quantization_config: {} is -1 with strategy 'group'", ctx("weights.group_size")),
-                            ))
-                        }
-                    }
-                }
-                "channel" => None,
-                // One scale for the whole tensor: every row carries the same scale.
-                "tensor" => None,
-                other => {
-                    return Err(unsupported(
-                        path,
-                        format!(
-                            "quantization_config: {} = '{}' is not supported (supported: group, channel, tensor)",
-                            ctx("weights.strategy"),
-                            crate::error::clean(other, 20)
-                        ),
-                    ))
-                }
-            };
-            let act_order = matches!(
-                w.get("actorder").and_then(Value::as_str),
-                Some("group") | Some("dynamic") | Some("true")
-            );
-            let format = g
-                .get("format")
-                .and_then(Value::as_str)
-                .unwrap_or(top_format)
-                .to_string();
-            match format.as_str() {
-                "pack-quantized" | "int-quantized" | "naive-quantized" => {}
-                other => {
-                    return Err(unsupported(
-                        path,
-                        format!(
-                            "quantization_config: format '{}' is not supported (supported: pack-quantized, int-quantized)",
-                            crate::error::clean(other, 30)
-                        ),
-                    ))
-                }
-            }
-            ct_groups.push(CtGroup {
-                name: gname,
-                targets,
-                scheme: IntScheme {
-                    bits,
-                    group_size,
-                    symmetric,
-                    act_order,
-                },
-                format,
-            });
         }
         if ct_groups.is_empty() {
             return Err(format_err(
@@ -272,13 +289,13 @@ impl QuantConfig {
     fn gptq(path: &Path, q: &Value) -> Result<Self> {
         let bits = check_bits(
             path,
-            as_usize(path, field(path, q, "bits")?, "bits")?,
+            as_int(path, field(path, q, "bits")?, "bits")?,
             "bits",
             &[2, 4, 8],
         )?;
         let group_size = group_from(
             path,
-            as_usize(path, field(path, q, "group_size")?, "group_size")?,
+            as_int(path, field(path, q, "group_size")?, "group_size")?,
             "group_size",
         )?;
         let symmetric = match q.get("sym") {
@@ -326,12 +343,12 @@ impl QuantConfig {
             .get("bits")
             .or_else(|| q.get("w_bit"))
             .ok_or_else(|| format_err(path, "quantization_config: missing field 'bits'"))?;
-        let bits = check_bits(path, as_usize(path, bits, "bits")?, "bits", &[4])?;
+        let bits = check_bits(path, as_int(path, bits, "bits")?, "bits", &[4])?;
         let g = q
             .get("group_size")
             .or_else(|| q.get("q_group_size"))
             .ok_or_else(|| format_err(path, "quantization_config: missing field 'group_size'"))?;
-        let group_size = group_from(path, as_usize(path, g, "group_size")?, "group_size")?;
+        let group_size = group_from(path, as_int(path, g, "group_size")?, "group_size")?;
         let version = q
             .get("version")
             .and_then(Value::as_str)
