@@ -136,80 +136,23 @@ fn from_tokenizer_json(ck: &Checkpoint) -> Result<(Metadata, Vec<String>)> {
             model.get("type").unwrap_or(&Json::Null)
         )));
     }
-    let vocab = model
-        .get("vocab")
-        .and_then(Json::as_object)
-        .ok_or_else(|| bad("no vocab".into()))?;
     let n = ck.config.vocab_size;
-    let mut tokens: Vec<Option<String>> = vec![None; n];
-    let mut types = vec![NORMAL; n];
-    let mut put = |id: u64, s: &str| -> Result<()> {
-        let slot = tokens
-            .get_mut(id as usize)
-            .ok_or_else(|| bad(format!("token id {id} is outside the vocabulary ({n})")))?;
-        *slot = Some(s.to_string());
-        Ok(())
-    };
-    for (s, id) in vocab {
-        put(
-            id.as_u64().ok_or_else(|| bad(format!("bad id for {s}")))?,
-            s,
-        )?;
-    }
-    let mut special = HashMap::new();
-    for a in j
-        .get("added_tokens")
-        .and_then(Json::as_array)
-        .into_iter()
-        .flatten()
-    {
-        let (Some(id), Some(content)) = (
-            a.get("id").and_then(Json::as_u64),
-            a.get("content").and_then(Json::as_str),
-        ) else {
-            continue;
-        };
-        put(id, content)?;
-        special.insert(
-            id as usize,
-            a.get("special").and_then(Json::as_bool) == Some(true),
-        );
-    }
+    let (tokens, special) = vocabulary(&j, model, n, &bad)?;
     let byte_fallback = model.get("byte_fallback").and_then(Json::as_bool) == Some(true);
     let unk = model.get("unk_token").and_then(Json::as_str);
     let mut notes = Vec::new();
-    let mut padded = 0;
-    let tokens: Vec<String> = tokens
-        .into_iter()
-        .enumerate()
-        .map(|(i, t)| {
-            t.unwrap_or_else(|| {
-                types[i] = UNUSED;
-                padded += 1;
-                format!("[PAD{i}]")
-            })
-        })
-        .collect();
+    let padded = tokens.iter().filter(|t| t.is_none()).count();
     if padded > 0 {
         notes.push(format!(
             "vocabulary padded with {padded} unused tokens to the model's {n}"
         ));
     }
-    for (i, t) in tokens.iter().enumerate() {
-        if let Some(&sp) = special.get(&i) {
-            types[i] = if Some(t.as_str()) == unk {
-                UNKNOWN
-            } else if sp {
-                CONTROL
-            } else {
-                USER_DEFINED
-            };
-        } else if byte_fallback && is_byte_token(t) {
-            types[i] = BYTE;
-        } else if Some(t.as_str()) == unk {
-            types[i] = UNKNOWN;
-        }
-    }
+    let types = token_types(&tokens, &special, unk, byte_fallback);
+    let tokens: Vec<String> = tokens
+        .into_iter()
+        .enumerate()
+        .map(|(i, t)| t.unwrap_or_else(|| format!("[PAD{i}]")))
+        .collect();
     let merges: Vec<String> = model
         .get("merges")
         .and_then(Json::as_array)
@@ -224,30 +167,11 @@ fn from_tokenizer_json(ck: &Checkpoint) -> Result<(Metadata, Vec<String>)> {
     let mut kv: Vec<(String, Value)> = Vec::new();
     let s = |x: &str| Value::String(x.to_string());
     if byte_fallback {
-        // SentencePiece-style vocabulary: llama.cpp's "llama" tokenizer merges the adjacent
-        // pair whose result scores highest, so a token made by merge rank r scores -r.
-        let ids: HashMap<&str, usize> = tokens
-            .iter()
-            .enumerate()
-            .map(|(i, t)| (t.as_str(), i))
-            .collect();
-        let mut scores = vec![f32::NAN; n];
-        for (rank, m) in merges.iter().enumerate() {
-            let merged: String = m.split(' ').collect();
-            if let Some(&id) = ids.get(merged.as_str()) {
-                if scores[id].is_nan() {
-                    scores[id] = -(rank as f32);
-                }
-            }
-        }
-        let floor = -(merges.len() as f32);
-        let scores: Vec<Value> = scores
-            .into_iter()
-            .enumerate()
-            .map(|(i, x)| Value::F32(if x.is_nan() { floor - i as f32 } else { x }))
-            .collect();
         kv.push((keys::tokenizer::MODEL.into(), s("llama")));
-        kv.push((keys::tokenizer::SCORES.into(), Value::Array(scores)));
+        kv.push((
+            keys::tokenizer::SCORES.into(),
+            Value::Array(merge_scores(&tokens, &merges)),
+        ));
     } else {
         let pre = pre_tokenizer_name(j.get("pre_tokenizer").unwrap_or(&Json::Null));
         let pre = pre.unwrap_or_else(|| {
@@ -293,6 +217,111 @@ fn from_tokenizer_json(ck: &Checkpoint) -> Result<(Metadata, Vec<String>)> {
     Ok((kv, notes))
 }
 
+/// tokenizer.json's added tokens by id: whether each is special.
+type AddedTokens = HashMap<usize, bool>;
+
+/// The model's `n` token strings by id (`None` where tokenizer.json has none: padding) from
+/// the BPE vocabulary and `added_tokens`, and for each added token whether it is special.
+fn vocabulary(
+    j: &Json,
+    model: &Json,
+    n: usize,
+    bad: &dyn Fn(String) -> Error,
+) -> Result<(Vec<Option<String>>, AddedTokens)> {
+    let vocab = model
+        .get("vocab")
+        .and_then(Json::as_object)
+        .ok_or_else(|| bad("no vocab".into()))?;
+    let mut tokens: Vec<Option<String>> = vec![None; n];
+    let mut put = |id: u64, s: &str| -> Result<()> {
+        let slot = tokens
+            .get_mut(id as usize)
+            .ok_or_else(|| bad(format!("token id {id} is outside the vocabulary ({n})")))?;
+        *slot = Some(s.to_string());
+        Ok(())
+    };
+    for (s, id) in vocab {
+        put(
+            id.as_u64().ok_or_else(|| bad(format!("bad id for {s}")))?,
+            s,
+        )?;
+    }
+    let mut special = HashMap::new();
+    for a in j
+        .get("added_tokens")
+        .and_then(Json::as_array)
+        .into_iter()
+        .flatten()
+    {
+        let (Some(id), Some(content)) = (
+            a.get("id").and_then(Json::as_u64),
+            a.get("content").and_then(Json::as_str),
+        ) else {
+            continue;
+        };
+        put(id, content)?;
+        special.insert(
+            id as usize,
+            a.get("special").and_then(Json::as_bool) == Some(true),
+        );
+    }
+    Ok((tokens, special))
+}
+
+/// llama.cpp's token type per id: padding unused, added tokens control (special) or
+/// user-defined, `<0xNN>` byte tokens of a byte-fallback vocabulary byte, the unknown token
+/// unknown, the rest normal.
+fn token_types(
+    tokens: &[Option<String>],
+    special: &AddedTokens,
+    unk: Option<&str>,
+    byte_fallback: bool,
+) -> Vec<i32> {
+    tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            let Some(t) = t.as_deref() else {
+                return UNUSED;
+            };
+            match special.get(&i) {
+                Some(_) if Some(t) == unk => UNKNOWN,
+                Some(true) => CONTROL,
+                Some(false) => USER_DEFINED,
+                None if byte_fallback && is_byte_token(t) => BYTE,
+                None if Some(t) == unk => UNKNOWN,
+                None => NORMAL,
+            }
+        })
+        .collect()
+}
+
+/// SentencePiece-style scores for a byte-fallback vocabulary: llama.cpp's "llama" tokenizer
+/// merges the adjacent pair whose result scores highest, so a token made by merge rank r
+/// scores -r; tokens no merge makes score below every merge, in id order.
+fn merge_scores(tokens: &[String], merges: &[String]) -> Vec<Value> {
+    let ids: HashMap<&str, usize> = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.as_str(), i))
+        .collect();
+    let mut scores = vec![f32::NAN; tokens.len()];
+    for (rank, m) in merges.iter().enumerate() {
+        let merged: String = m.split(' ').collect();
+        if let Some(&id) = ids.get(merged.as_str()) {
+            if scores[id].is_nan() {
+                scores[id] = -(rank as f32);
+            }
+        }
+    }
+    let floor = -(merges.len() as f32);
+    scores
+        .into_iter()
+        .enumerate()
+        .map(|(i, x)| Value::F32(if x.is_nan() { floor - i as f32 } else { x }))
+        .collect()
+}
+
 fn is_byte_token(t: &str) -> bool {
     t.len() == 6 && t.starts_with("<0x") && t.ends_with('>')
 }
@@ -325,5 +354,46 @@ fn pre_tokenizer_name(p: &Json) -> Option<&'static str> {
             }
         }
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_types_follow_llama_cpp() {
+        let tokens: Vec<Option<String>> = ["<unk>", "<s>", "<0x41>", "he", "<tool>"]
+            .iter()
+            .map(|t| Some(t.to_string()))
+            .chain([None])
+            .collect();
+        let special = HashMap::from([(0, true), (1, true), (4, false)]);
+        let types = token_types(&tokens, &special, Some("<unk>"), true);
+        assert_eq!(
+            types,
+            [UNKNOWN, CONTROL, BYTE, NORMAL, USER_DEFINED, UNUSED]
+        );
+        // Without byte fallback `<0x41>` is an ordinary token.
+        assert_eq!(token_types(&tokens, &special, None, false)[2], NORMAL);
+    }
+
+    #[test]
+    fn merge_scores_rank_merges_and_put_the_rest_below_them() {
+        let tokens: Vec<String> = ["a", "b", "ab", "abb", "c"]
+            .iter()
+            .map(|t| t.to_string())
+            .collect();
+        let merges = ["a b", "ab b", "a b"].map(String::from);
+        let scores: Vec<f32> = merge_scores(&tokens, &merges)
+            .into_iter()
+            .map(|v| match v {
+                Value::F32(x) => x,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        // "ab" from rank 0 (its repeat at rank 2 ignored), "abb" from rank 1; the rest
+        // below -3 in id order.
+        assert_eq!(scores, [-3.0, -4.0, 0.0, -1.0, -7.0]);
     }
 }
