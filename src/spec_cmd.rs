@@ -105,25 +105,8 @@ const DEFAULT_PROMPTS: &str = include_str!("../scripts/spec-prompts.jsonl");
 /// of both and the speedup, with the speculative metrics.
 pub fn bench_spec(a: BenchSpecArgs, load: &tandem_model::LoadOptions) -> Result<()> {
     check_generation_flags(a.max_tokens, None, Some(&a.drafting))?;
-    let text = match &a.prompts {
-        Some(p) => tandem_model::files::read_text_capped(p, tandem_model::files::TEXT_CAP)
-            .with_context(|| format!("{}: cannot read", p.display()))?,
-        None => DEFAULT_PROMPTS.to_string(),
-    };
-    let source = || match &a.prompts {
-        Some(p) => p.display().to_string(),
-        None => "the default prompts".to_string(),
-    };
-    let lines = crate::prompt_file::parse(&text).with_context(source)?;
     let ck = Checkpoint::open(&a.model, None)?;
-    let template = match a.chat {
-        true => Some(crate::chat_cmd::template_for(
-            &ck,
-            a.chat_template.as_deref(),
-        )?),
-        false => None,
-    };
-    let prompts = crate::prompt_file::render(&lines, template.as_ref()).with_context(source)?;
+    let prompts = bench_prompts(&a, &ck)?;
     let model = ck.load_model(load)?;
     let mut src = DraftSource::open(&ck, &a.draft, load)?;
     report_skips(&src);
@@ -134,12 +117,11 @@ pub fn bench_spec(a: BenchSpecArgs, load: &tandem_model::LoadOptions) -> Result<
     }
     let params = a.sampling.params();
     let settings = a.drafting.config(params, None);
+    // Greedy and coupled sampled speculation must reproduce plain decoding (with the same
+    // seed) token for token; rejection sampling only matches it in distribution.
+    let exact = params.is_greedy() || settings.coupled;
     let tok = &ck.tokenizer;
-    let (mut plain_tokens, mut accepted) = (0usize, 0usize);
-    let (mut differing, mut tree_passes, mut tree_nodes, mut tree_wins) = (0, 0, 0, 0);
-    // Seconds, drafted tokens and verifier passes, summed over the prompts.
-    let mut time = TimeSplit::default();
-    let mut rows = Vec::new();
+    let mut tally = SpecTally::default();
     eprintln!(
         "{:>3} {:>10} {:>10} {:>8} {:>8} {:>8}",
         "#", "plain t/s", "spec t/s", "speedup", "accept", "tok/pass"
@@ -166,75 +148,16 @@ pub fn bench_spec(a: BenchSpecArgs, load: &tandem_model::LoadOptions) -> Result<
             &tok.eos_ids,
             |_| Ok(()),
         )?;
-        // Greedy and coupled sampled speculation must reproduce plain decoding (with the same
-        // seed) token for token; rejection sampling only matches it in distribution.
-        let same = (params.is_greedy() || settings.coupled).then_some(spec_out == plain_out);
-        differing += usize::from(same == Some(false));
-        tree_passes += st.tree_passes;
-        tree_nodes += st.tree_nodes;
-        tree_wins += st.tree_branch_wins;
-        // Whole generation on both sides (prompt prefill included), as a user would time it.
-        let plain_t = (ps.prefill + ps.decode).as_secs_f64();
-        let spec_t = st.total_secs;
-        let (pr, sr) = (
-            ps.generated_tokens as f64 / plain_t.max(1e-9),
-            st.generated_tokens as f64 / spec_t.max(1e-9),
-        );
+        let same = exact.then_some(spec_out == plain_out);
+        let (pr, sr) = tally.add(p, &ps, &st, same);
         eprintln!(
             "{i:>3} {pr:>10.1} {sr:>10.1} {:>7.2}x {:>7.0}% {:>8.2}",
             sr / pr,
             100.0 * st.acceptance_rate(),
             st.tokens_per_pass()
         );
-        time.add(&ps, &st);
-        plain_tokens += ps.generated_tokens;
-        accepted += st.accepted;
-        rows.push(SpecJson {
-            prompt: Some(p.clone()),
-            plain_tok_s: Some(pr),
-            speedup: Some(sr / pr),
-            same_as_plain: same,
-            ..SpecJson::of(&st)
-        });
     }
-    let (drafted, passes, spec_tokens) = (time.drafted, time.passes, time.spec_tokens);
-    let (pr, sr) = (
-        plain_tokens as f64 / (time.plain_prefill + time.plain_decode).max(1e-9),
-        spec_tokens as f64 / time.spec_total.max(1e-9),
-    );
-    let total = BenchSpecTotal {
-        tokens_per_verifier_pass: Some(spec_tokens as f64 / passes.max(1) as f64),
-        time: Some(time.json()),
-        ..BenchSpecTotal::of(&a, prompts.len(), (pr, sr), (accepted, drafted))
-    };
-    println!(
-        "{} prompts, draft {}, temperature {}: plain {pr:.1} tok/s, speculative {sr:.1} tok/s, speedup {:.2}x, acceptance {:.0}%, {:.2} tokens/verifier pass",
-        prompts.len(), a.draft, a.sampling.temperature, sr / pr, 100.0 * accepted as f64 / drafted.max(1) as f64,
-        spec_tokens as f64 / passes.max(1) as f64
-    );
-    println!("{}", time.line());
-    println!("{}", time.passes_line());
-    if tree_passes > 0 {
-        println!(
-            "token trees: {tree_passes} of {passes} verifier passes, {:.1} draft tokens per tree, {tree_wins} accepted a branch off the main chain",
-            tree_nodes as f64 / tree_passes as f64
-        );
-    }
-    if !params.is_greedy() && settings.coupled {
-        println!(
-            "sampled output (coupled) identical to plain sampling with seed {} on {} of {} prompts",
-            params.seed,
-            prompts.len() - differing,
-            prompts.len()
-        );
-    }
-    if params.is_greedy() {
-        println!(
-            "greedy output identical to plain decoding on {} of {} prompts",
-            prompts.len() - differing,
-            prompts.len()
-        );
-    }
+    let total = tally.print(&a, prompts.len(), &settings);
     if let Some(g) = model.greedy_head_stats() {
         println!(
             "screened head (both runs): {} rows, {:.1} candidates rescored per screened row, {} rows on the full head",
@@ -248,11 +171,126 @@ pub fn bench_spec(a: BenchSpecArgs, load: &tandem_model::LoadOptions) -> Result<
             path,
             &BenchSpecDoc {
                 total,
-                prompts: rows,
+                prompts: tally.rows,
             },
         )?;
     }
     Ok(())
+}
+
+/// `bench spec`'s prompts: the file's (or the compiled-in default set), each wrapped in the
+/// chat template with `--chat`.
+fn bench_prompts(a: &BenchSpecArgs, ck: &Checkpoint) -> Result<Vec<String>> {
+    let text = match &a.prompts {
+        Some(p) => tandem_model::files::read_text_capped(p, tandem_model::files::TEXT_CAP)
+            .with_context(|| format!("{}: cannot read", p.display()))?,
+        None => DEFAULT_PROMPTS.to_string(),
+    };
+    let source = || match &a.prompts {
+        Some(p) => p.display().to_string(),
+        None => "the default prompts".to_string(),
+    };
+    let lines = crate::prompt_file::parse(&text).with_context(source)?;
+    let template = match a.chat {
+        true => Some(crate::chat_cmd::template_for(
+            ck,
+            a.chat_template.as_deref(),
+        )?),
+        false => None,
+    };
+    crate::prompt_file::render(&lines, template.as_ref()).with_context(source)
+}
+
+/// What `bench spec` sums over its prompts, one sequence at a time.
+#[derive(Default)]
+struct SpecTally {
+    plain_tokens: usize,
+    accepted: usize,
+    /// Prompts whose speculative output differs from plain decoding where it must not.
+    differing: usize,
+    tree_passes: usize,
+    tree_nodes: usize,
+    tree_wins: usize,
+    /// Seconds, drafted tokens and verifier passes.
+    time: TimeSplit,
+    rows: Vec<SpecJson>,
+}
+
+impl SpecTally {
+    /// Adds one prompt's plain and speculative runs; `same`: whether their outputs matched,
+    /// where they must. Returns the (plain, speculative) tok/s of the prompt.
+    fn add(
+        &mut self,
+        prompt: &str,
+        ps: &tandem_model::generate::GenerationStats,
+        st: &SpecStats,
+        same: Option<bool>,
+    ) -> (f64, f64) {
+        self.differing += usize::from(same == Some(false));
+        self.tree_passes += st.tree_passes;
+        self.tree_nodes += st.tree_nodes;
+        self.tree_wins += st.tree_branch_wins;
+        // Whole generation on both sides (prompt prefill included), as a user would time it.
+        let plain_t = (ps.prefill + ps.decode).as_secs_f64();
+        let (pr, sr) = (
+            ps.generated_tokens as f64 / plain_t.max(1e-9),
+            st.generated_tokens as f64 / st.total_secs.max(1e-9),
+        );
+        self.time.add(ps, st);
+        self.plain_tokens += ps.generated_tokens;
+        self.accepted += st.accepted;
+        self.rows.push(SpecJson {
+            prompt: Some(prompt.to_string()),
+            plain_tok_s: Some(pr),
+            speedup: Some(sr / pr),
+            same_as_plain: same,
+            ..SpecJson::of(st)
+        });
+        (pr, sr)
+    }
+
+    /// Prints the totals and returns them for `--json`.
+    fn print(&self, a: &BenchSpecArgs, prompts: usize, settings: &SpecConfig) -> BenchSpecTotal {
+        let time = &self.time;
+        let params = settings.params;
+        let (drafted, passes, spec_tokens) = (time.drafted, time.passes, time.spec_tokens);
+        let (pr, sr) = (
+            self.plain_tokens as f64 / (time.plain_prefill + time.plain_decode).max(1e-9),
+            spec_tokens as f64 / time.spec_total.max(1e-9),
+        );
+        let per_pass = spec_tokens as f64 / passes.max(1) as f64;
+        println!(
+            "{prompts} prompts, draft {}, temperature {}: plain {pr:.1} tok/s, speculative {sr:.1} tok/s, speedup {:.2}x, acceptance {:.0}%, {per_pass:.2} tokens/verifier pass",
+            a.draft, a.sampling.temperature, sr / pr, 100.0 * self.accepted as f64 / drafted.max(1) as f64,
+        );
+        println!("{}", time.line());
+        println!("{}", time.passes_line());
+        if self.tree_passes > 0 {
+            println!(
+                "token trees: {} of {passes} verifier passes, {:.1} draft tokens per tree, {} accepted a branch off the main chain",
+                self.tree_passes,
+                self.tree_nodes as f64 / self.tree_passes as f64,
+                self.tree_wins
+            );
+        }
+        let identical = prompts - self.differing;
+        if !params.is_greedy() && settings.coupled {
+            println!(
+                "sampled output (coupled) identical to plain sampling with seed {} on {identical} of {prompts} prompts",
+                params.seed,
+            );
+        }
+        if params.is_greedy() {
+            println!(
+                "greedy output identical to plain decoding on {identical} of {prompts} prompts"
+            );
+        }
+        BenchSpecTotal {
+            tokens_per_verifier_pass: Some(per_pass),
+            time: Some(time.json()),
+            ..BenchSpecTotal::of(a, prompts, (pr, sr), (self.accepted, drafted))
+        }
+    }
 }
 
 /// `bench spec --json`: the totals, and each prompt's metrics.
