@@ -672,14 +672,16 @@ impl Run<'_> {
             self.progress(li, &format!("{}: quantizing", short(&name)));
             let ts = Instant::now();
             let gguf = hf_to_gguf(&name).unwrap_or_else(|| name.clone());
-            let from_imatrix = self
-                .imatrix
-                .and_then(|m| m.importance(&gguf))
-                .filter(|v| v.len() == cols);
-            let importance: Option<&[f32]> = match (&from_imatrix, q.uses_importance()) {
-                (Some(v), true) => Some(v.as_slice()),
-                (None, true) => Some(diag.as_slice()),
+            let from_imatrix = match self.imatrix {
+                Some(m) if q.uses_importance() => {
+                    m.weights_for(&gguf, cols, self.ck.store.path_of(&name))?
+                }
                 _ => None,
+            };
+            let importance: Option<&[f32]> = match (&from_imatrix, q.uses_importance()) {
+                (Some(v), _) => Some(v.as_slice()),
+                (None, true) => Some(diag.as_slice()),
+                (None, false) => None,
             };
             let bytes = match &factor {
                 Some((u, dead)) => gptq::gptq_quantize_in_order(

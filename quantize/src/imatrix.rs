@@ -38,6 +38,28 @@ impl ImportanceMatrix {
         Some(e.sum2.iter().map(|s| s / c).collect())
     }
 
+    /// The weights for `gguf_name`, a tensor of `cols` columns stored in `file`: `Ok(None)`
+    /// when the matrix has no entry for it, an error naming the tensor when its entry has
+    /// another width (a matrix made for another model).
+    pub fn weights_for(
+        &self,
+        gguf_name: &str,
+        cols: usize,
+        file: &Path,
+    ) -> Result<Option<Vec<f32>>> {
+        match self.importance(gguf_name) {
+            Some(w) if w.len() != cols => Err(crate::error::tensor_err(
+                file,
+                gguf_name,
+                format!(
+                    "imatrix has {} columns, the tensor {cols}: imatrix made for another model?",
+                    w.len()
+                ),
+            )),
+            found => Ok(found),
+        }
+    }
+
     /// Reads either format (GGUF is recognised by its magic).
     pub fn read(path: &Path) -> Result<Self> {
         let bytes = tandem_model::files::read_capped(path, tandem_model::files::IMATRIX_CAP)

@@ -350,18 +350,10 @@ fn importance_for(
     if !q.uses_importance() {
         return Ok(Importance::Unused);
     }
-    match m.importance(&t.gguf_name) {
-        Some(w) if w.len() == cols => Ok(Importance::Weights(w)),
-        Some(w) => Err(error::tensor_err(
-            file,
-            &t.gguf_name,
-            format!(
-                "imatrix has {} columns, the tensor {cols}: imatrix made for another model?",
-                w.len()
-            ),
-        )),
-        None => Ok(Importance::Missing),
-    }
+    Ok(match m.weights_for(&t.gguf_name, cols, file)? {
+        Some(w) => Importance::Weights(w),
+        None => Importance::Missing,
+    })
 }
 
 /// The type a tensor a calibrated method left dense (AWQ's rescaled norms) is written in: its

@@ -192,7 +192,8 @@ fn export_refuses_layouts_compressed_tensors_has_not() {
 #[test]
 fn an_imatrix_of_another_width_is_refused_in_either_format() {
     // llama-imatrix's matrix for stories260K with one entry cut short, as a matrix made for
-    // another model reads: both writers refuse it, naming the tensor, and leave nothing.
+    // another model reads: both writers and GPTQ refuse it, naming the tensor, and leave
+    // nothing.
     let tmp = tempfile::tempdir().unwrap();
     let fixture = root().join("tests/fixtures/llama-quantize/stories260K-imatrix.gguf");
     let mut m = tandem_quantize::ImportanceMatrix::read(&fixture).unwrap();
@@ -201,7 +202,14 @@ fn an_imatrix_of_another_width_is_refused_in_either_format() {
     let imatrix = tmp.path().join("other.imatrix.gguf");
     m.write_gguf(&imatrix, false).unwrap();
     let src = stories();
-    for (format, out) in [("gguf", "q.gguf"), ("compressed-tensors", "ct")] {
+    for (format, method, out) in [
+        ("gguf", "rtn", "q.gguf"),
+        ("compressed-tensors", "rtn", "ct"),
+        // GPTQ weights its rounding by the imatrix too: refused at that layer, not after the
+        // whole model's GPTQ.
+        ("gguf", "gptq", "gptq.gguf"),
+        ("compressed-tensors", "gptq", "gptq-ct"),
+    ] {
         let out = tmp.path().join(out);
         fails(
             &[
@@ -213,6 +221,8 @@ fn an_imatrix_of_another_width_is_refused_in_either_format() {
                 format,
                 "--scheme",
                 "q4_0",
+                "--method",
+                method,
                 "--imatrix",
                 s(&imatrix),
             ],
@@ -221,7 +231,7 @@ fn an_imatrix_of_another_width_is_refused_in_either_format() {
                 "imatrix has 32 columns, the tensor 64",
             ],
         );
-        assert!(!out.exists(), "{format}: left {}", out.display());
+        assert!(!out.exists(), "{format} {method}: left {}", out.display());
     }
     assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 1);
 }
