@@ -335,102 +335,27 @@ pub fn import<'a>(
             PackedFormat::Gptq | PackedFormat::Awq => name.strip_suffix(".qweight"),
         };
         let Some(module) = module else { continue };
-        let need = |suffix: &str| -> Result<(String, Stored<'a>)> {
-            let n = format!("{module}.{suffix}");
-            let t = lookup(&n).ok_or_else(|| {
-                tensor_err(main_path, &n, "missing: the quantized layer needs it")
-            })?;
-            Ok((n, t))
+        let module = Module {
+            name: module,
+            lookup,
+            main_path,
         };
-        let opt = |suffix: &str| -> Option<(String, Stored<'a>)> {
-            let n = format!("{module}.{suffix}");
-            lookup(&n).map(|t| (n, t))
-        };
-        let (lin, scheme, parts, file) = match cfg.format {
+        let layer = match cfg.format {
             PackedFormat::CompressedTensors => {
-                let group = cfg.ct_group_for(main_path, module)?;
-                let scheme = group.scheme.clone();
-                let (sn, scale) = need("weight_scale")?;
-                let zp = opt("weight_zero_point");
-                let gidx = opt("weight_g_idx");
-                let mut parts = vec![sn.clone()];
-                let (wn, w) = if name.ends_with(".weight_packed") {
-                    need("weight_packed")?
-                } else {
-                    need("weight")?
-                };
-                parts.push(wn.clone());
-                let file = w.path.to_path_buf();
-                let shape = if name.ends_with(".weight_packed") {
-                    let (shn, sh) = need("weight_shape")?;
-                    parts.push(shn.clone());
-                    read_shape(&shn, &sh)?
-                } else {
-                    if w.shape.len() != 2 {
-                        return Err(tensor_err(
-                            w.path,
-                            &wn,
-                            format!("shape {:?} is not 2-D", w.shape),
-                        ));
-                    }
-                    [w.shape[0], w.shape[1]]
-                };
-                if let Some((n, _)) = &zp {
-                    parts.push(n.clone());
-                }
-                if let Some((n, _)) = &gidx {
-                    parts.push(n.clone());
-                }
-                let lin = ct_layer(
-                    &scheme,
-                    shape,
-                    (&wn, &w),
-                    (&sn, &scale),
-                    zp.as_ref().map(|(n, t)| (n.as_str(), t)),
-                    gidx.as_ref().map(|(n, t)| (n.as_str(), t)),
-                    name.ends_with(".weight_packed"),
-                )?;
-                (lin, scheme, parts, file)
+                compressed_tensors_layer(cfg, &module, name.ends_with(".weight_packed"))?
             }
-            PackedFormat::Gptq | PackedFormat::Awq => {
-                let scheme = cfg
-                    .scheme
-                    .clone()
-                    .ok_or_else(|| format_err(main_path, "no scheme"))?;
-                let (qn, qw) = need("qweight")?;
-                let (zn, qz) = need("qzeros")?;
-                let (sn, sc) = need("scales")?;
-                let mut parts = vec![qn.clone(), zn.clone(), sn.clone()];
-                let file = qw.path.to_path_buf();
-                let lin = if cfg.format == PackedFormat::Gptq {
-                    let g = opt("g_idx");
-                    if let Some((n, _)) = &g {
-                        parts.push(n.clone());
-                    }
-                    gptq_layer(
-                        &scheme,
-                        (&qn, &qw),
-                        (&zn, &qz),
-                        (&sn, &sc),
-                        g.as_ref().map(|(n, t)| (n.as_str(), t)),
-                        cfg.gptq_zero_minus_one,
-                    )?
-                } else {
-                    awq_layer(&scheme, (&qn, &qw), (&zn, &qz), (&sn, &sc))?
-                };
-                (lin, scheme, parts, file)
-            }
+            PackedFormat::Gptq | PackedFormat::Awq => gptq_or_awq_layer(cfg, &module)?,
         };
-        let (dtype, bytes, exactness) = lin.to_ggml();
+        let (dtype, bytes, exactness) = layer.linear.to_ggml();
         out.push(ImportedTensor {
-            name: format!("{module}.weight"),
+            name: format!("{}.weight", module.name),
             dtype,
-            shape: vec![lin.rows, lin.cols],
+            shape: vec![layer.linear.rows, layer.linear.cols],
             bytes,
             exactness,
-            scheme,
-            parts,
-            file,
+            scheme: layer.scheme,
+            parts: layer.parts,
+            file: layer.file,
         });
     }
     if out.is_empty() {
@@ -444,6 +369,117 @@ pub fn import<'a>(
     }
     Ok(out)
 }
+
+/// A quantized module (`model.layers.0.mlp.down_proj`) whose stored parts are looked up by
+/// suffix.
+struct Module<'l, 'a> {
+    name: &'l str,
+    lookup: &'l dyn Fn(&str) -> Option<Stored<'a>>,
+    main_path: &'l Path,
+}
+
+impl<'a> Module<'_, 'a> {
+    /// The part `suffix`, or an error naming it as missing.
+    fn need(&self, suffix: &str) -> Result<(String, Stored<'a>)> {
+        let n = format!("{}.{suffix}", self.name);
+        let t = (self.lookup)(&n).ok_or_else(|| {
+            tensor_err(self.main_path, &n, "missing: the quantized layer needs it")
+        })?;
+        Ok((n, t))
+    }
+
+    fn opt(&self, suffix: &str) -> Option<(String, Stored<'a>)> {
+        let n = format!("{}.{suffix}", self.name);
+        (self.lookup)(&n).map(|t| (n, t))
+    }
+}
+
+/// One module unpacked: the layer, its scheme, the stored tensors it was made from and the
+/// file of its packed weights.
+struct UnpackedLayer {
+    linear: IntLinear,
+    scheme: IntScheme,
+    parts: Vec<String>,
+    file: PathBuf,
+}
+
+/// A compressed-tensors module: packed (`weight_packed` and `weight_shape`) or one int8 per
+/// value (`weight`), with scales, zero points and a group index where stored.
+fn compressed_tensors_layer(cfg: &QuantConfig, m: &Module, packed: bool) -> Result<UnpackedLayer> {
+    let group = cfg.ct_group_for(m.main_path, m.name)?;
+    let scheme = group.scheme.clone();
+    let (sn, scale) = m.need("weight_scale")?;
+    let zp = m.opt("weight_zero_point");
+    let gidx = m.opt("weight_g_idx");
+    let mut parts = vec![sn.clone()];
+    let (wn, w) = m.need(if packed { "weight_packed" } else { "weight" })?;
+    parts.push(wn.clone());
+    let shape = if packed {
+        let (shn, sh) = m.need("weight_shape")?;
+        parts.push(shn.clone());
+        read_shape(&shn, &sh)?
+    } else {
+        if w.shape.len() != 2 {
+            return Err(tensor_err(
+                w.path,
+                &wn,
+                format!("shape {:?} is not 2-D", w.shape),
+            ));
+        }
+        [w.shape[0], w.shape[1]]
+    };
+    parts.extend(zp.iter().chain(&gidx).map(|(n, _)| n.clone()));
+    let linear = ct_layer(
+        &scheme,
+        shape,
+        (&wn, &w),
+        (&sn, &scale),
+        zp.as_ref().map(|(n, t)| (n.as_str(), t)),
+        gidx.as_ref().map(|(n, t)| (n.as_str(), t)),
+        packed,
+    )?;
+    Ok(UnpackedLayer {
+        linear,
+        scheme,
+        parts,
+        file: w.path.to_path_buf(),
+    })
+}
+
+/// A GPTQ (with its group index where stored) or AWQ module: `qweight`, `qzeros`, `scales`.
+fn gptq_or_awq_layer(cfg: &QuantConfig, m: &Module) -> Result<UnpackedLayer> {
+    let scheme = cfg
+        .scheme
+        .clone()
+        .ok_or_else(|| format_err(m.main_path, "no scheme"))?;
+    let (qn, qw) = m.need("qweight")?;
+    let (zn, qz) = m.need("qzeros")?;
+    let (sn, sc) = m.need("scales")?;
+    let mut parts = vec![qn.clone(), zn.clone(), sn.clone()];
+    let linear = if cfg.format == PackedFormat::Gptq {
+        let g = m.opt("g_idx");
+        if let Some((n, _)) = &g {
+            parts.push(n.clone());
+        }
+        gptq_layer(
+            &scheme,
+            (&qn, &qw),
+            (&zn, &qz),
+            (&sn, &sc),
+            g.as_ref().map(|(n, t)| (n.as_str(), t)),
+            cfg.gptq_zero_minus_one,
+        )?
+    } else {
+        awq_layer(&scheme, (&qn, &qw), (&zn, &qz), (&sn, &sc))?
+    };
+    Ok(UnpackedLayer {
+        linear,
+        scheme,
+        parts,
+        file: qw.path.to_path_buf(),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::layout::AWQ_ORDER;
