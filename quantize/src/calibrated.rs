@@ -579,14 +579,11 @@ impl Run<'_> {
             .into_iter()
             .map(|(n, t, q)| (n, t.clone(), q))
             .collect();
-        let cols = self
-            .ck
-            .store
-            .get(&targets[0].0)?
-            .shape
-            .last()
-            .copied()
-            .unwrap_or(0);
+        // Callers check `has_targets`; a group with none has nothing to do.
+        let Some((first, _, _)) = targets.first() else {
+            return Ok(());
+        };
+        let cols = self.ck.store.get(first)?.shape.last().copied().unwrap_or(0);
         self.progress(li, &format!("{label}: statistics"));
         let (mut h, n) = self.timed(|t| &mut t.hessians, |_| {
             let mut sum = gptq::HessianSum::new(cols);
@@ -611,38 +608,7 @@ impl Run<'_> {
         }
         if self.opts.method.uses_awq() && group[0] == "mlp.gate_proj" {
             self.progress(li, &format!("{label}: activation-aware scales"));
-            let t = Instant::now();
-            let all: Vec<f32> = xs.concat();
-            let pairs: Vec<(QuantType, &[f32])> = weights
-                .iter()
-                .map(|(_, _, q, w)| (*q, w.as_slice()))
-                .collect();
-            let s = awq::search_scales(&all, cols, &pairs)?;
-            // Fold: W' = W·diag(s) for gate/up; the norm weight divided by s.
-            for (_, _, _, w) in weights.iter_mut() {
-                for row in w.chunks_exact_mut(cols) {
-                    for (v, si) in row.iter_mut().zip(&s) {
-                        *v *= si;
-                    }
-                }
-            }
-            let (_, mlp_norm) = self
-                .model
-                .layer_norms(li)
-                .ok_or_else(|| Error::Plan(format!("no layer {li}")))?;
-            let norm: Vec<f32> = mlp_norm.iter().zip(&s).map(|(g, si)| g / si).collect();
-            self.model.set_mlp_norm(li, norm.clone())?;
-            self.out.dense.insert(
-                format!("model.layers.{li}.post_attention_layernorm.weight"),
-                norm,
-            );
-            // The inputs are divided by s too: H' = diag(1/s) H diag(1/s).
-            for i in 0..cols {
-                for j in 0..cols {
-                    h[i * cols + j] /= (s[i] * s[j]) as f64;
-                }
-            }
-            self.out.timings.scale_search += t.elapsed().as_secs_f64();
+            self.fold_awq_scales(li, xs, cols, &mut weights, &mut h)?;
         }
         let order = (self.opts.method.uses_gptq()
             && self.opts.gptq.act_order
@@ -668,59 +634,128 @@ impl Run<'_> {
         let diag: Vec<f32> = (0..cols)
             .map(|i| (h[i * cols + i] / (2.0 * n as f64)) as f32)
             .collect();
-        for (name, t, q, mut w) in weights {
+        for (name, t, q, w) in weights {
             self.progress(li, &format!("{}: quantizing", short(&name)));
-            let ts = Instant::now();
-            let gguf = hf_to_gguf(&name).unwrap_or_else(|| name.clone());
-            let from_imatrix = match self.imatrix {
-                Some(m) if q.uses_importance() => {
-                    m.weights_for(&gguf, cols, self.ck.store.path_of(&name))?
-                }
-                _ => None,
-            };
-            let importance: Option<&[f32]> = match (&from_imatrix, q.uses_importance()) {
-                (Some(v), _) => Some(v.as_slice()),
-                (None, true) => Some(diag.as_slice()),
-                (None, false) => None,
-            };
-            let bytes = match &factor {
-                Some((u, dead)) => gptq::gptq_quantize_in_order(
-                    q,
-                    &mut w,
-                    cols,
-                    u,
-                    dead,
-                    order.as_deref(),
-                    importance,
-                    &self.opts.gptq,
-                ),
-                None => encode::encode(q, &w, cols, importance),
-            }
-            .map_err(|e| tensor_err(self.ck.store.path_of(&name), &name, e.to_string()))?;
-            self.out.timings.quantization += ts.elapsed().as_secs_f64();
-            // The quantized weights replace the layer's, so later inputs see them.
-            let rows = w.len() / cols;
-            let model_bytes =
-                if t.permute_heads.is_none() && self.ck.store.is_gguf() && is_qk(&name) {
-                    let heads = heads_of(self.ck, &name);
-                    permute_qk_rows(&bytes, heads, rows, bytes.len() / rows, Permute::GgufToHf)
-                } else {
-                    bytes.clone()
-                };
-            let raw = RawTensor {
-                name: name.clone(),
-                dtype: WeightDType::Quant(q.ggml()),
-                shape: vec![rows, cols],
-                data: &model_bytes,
-            };
-            let lin = tandem_model::linear::Linear::from_raw(
-                self.ck.store.path_of(&name),
-                &raw,
-                tandem_model::linear::ActivationPrecision::default(),
-            )?;
-            self.model.replace_linear(&name, lin)?;
-            self.out.tensors.insert(name, &bytes)?;
+            let factor = factor
+                .as_ref()
+                .map(|(u, dead)| (u.as_slice(), dead.as_slice()));
+            self.quantize_tensor(&name, &t, q, w, &diag, factor, order.as_deref())?;
         }
+        Ok(())
+    }
+
+    /// Activation-aware scaling of a layer's gate/up inputs: searches the per-channel scales
+    /// s on the calibration inputs `xs`, folds them into the weights (W' = W·diag(s)) and the
+    /// MLP norm (divided by s, kept in the model and written dense), and rescales the Hessian
+    /// `h` to match the inputs the folded weights now see.
+    fn fold_awq_scales(
+        &mut self,
+        li: usize,
+        xs: &[Vec<f32>],
+        cols: usize,
+        weights: &mut [(String, PlannedTensor, QuantType, Vec<f32>)],
+        h: &mut [f64],
+    ) -> Result<()> {
+        let t = Instant::now();
+        let all: Vec<f32> = xs.concat();
+        let pairs: Vec<(QuantType, &[f32])> = weights
+            .iter()
+            .map(|(_, _, q, w)| (*q, w.as_slice()))
+            .collect();
+        let s = awq::search_scales(&all, cols, &pairs)?;
+        // Fold: W' = W·diag(s) for gate/up; the norm weight divided by s.
+        for (_, _, _, w) in weights.iter_mut() {
+            for row in w.chunks_exact_mut(cols) {
+                for (v, si) in row.iter_mut().zip(&s) {
+                    *v *= si;
+                }
+            }
+        }
+        let (_, mlp_norm) = self
+            .model
+            .layer_norms(li)
+            .ok_or_else(|| Error::Plan(format!("no layer {li}")))?;
+        let norm: Vec<f32> = mlp_norm.iter().zip(&s).map(|(g, si)| g / si).collect();
+        self.model.set_mlp_norm(li, norm.clone())?;
+        self.out.dense.insert(
+            format!("model.layers.{li}.post_attention_layernorm.weight"),
+            norm,
+        );
+        // The inputs are divided by s too: H' = diag(1/s) H diag(1/s).
+        for i in 0..cols {
+            for j in 0..cols {
+                h[i * cols + j] /= (s[i] * s[j]) as f64;
+            }
+        }
+        self.out.timings.scale_search += t.elapsed().as_secs_f64();
+        Ok(())
+    }
+
+    /// Quantizes one tensor's weights `w` (rows of `diag.len()` columns) to `q`, by GPTQ with
+    /// the layer's inverse-Hessian `factor` (and column `order`) where there is one, else by
+    /// rounding, weighted by the imatrix or else the Hessian's diagonal `diag`; puts the result
+    /// into the model so later layers see it, and keeps its bytes for the writer.
+    #[allow(clippy::too_many_arguments)]
+    fn quantize_tensor(
+        &mut self,
+        name: &str,
+        t: &PlannedTensor,
+        q: QuantType,
+        mut w: Vec<f32>,
+        diag: &[f32],
+        factor: Option<(&[f32], &[bool])>,
+        order: Option<&[usize]>,
+    ) -> Result<()> {
+        let cols = diag.len();
+        let ts = Instant::now();
+        let gguf = hf_to_gguf(name).unwrap_or_else(|| name.to_string());
+        let from_imatrix = match self.imatrix {
+            Some(m) if q.uses_importance() => {
+                m.weights_for(&gguf, cols, self.ck.store.path_of(name))?
+            }
+            _ => None,
+        };
+        let importance: Option<&[f32]> = match (&from_imatrix, q.uses_importance()) {
+            (Some(v), _) => Some(v.as_slice()),
+            (None, true) => Some(diag),
+            (None, false) => None,
+        };
+        let bytes = match factor {
+            Some((u, dead)) => gptq::gptq_quantize_in_order(
+                q,
+                &mut w,
+                cols,
+                u,
+                dead,
+                order,
+                importance,
+                &self.opts.gptq,
+            ),
+            None => encode::encode(q, &w, cols, importance),
+        }
+        .map_err(|e| tensor_err(self.ck.store.path_of(name), name, e.to_string()))?;
+        self.out.timings.quantization += ts.elapsed().as_secs_f64();
+        // The quantized weights replace the layer's, so later inputs see them.
+        let rows = w.len() / cols;
+        let model_bytes = if t.permute_heads.is_none() && self.ck.store.is_gguf() && is_qk(name) {
+            let heads = heads_of(self.ck, name);
+            permute_qk_rows(&bytes, heads, rows, bytes.len() / rows, Permute::GgufToHf)
+        } else {
+            bytes.clone()
+        };
+        let raw = RawTensor {
+            name: name.to_string(),
+            dtype: WeightDType::Quant(q.ggml()),
+            shape: vec![rows, cols],
+            data: &model_bytes,
+        };
+        let lin = tandem_model::linear::Linear::from_raw(
+            self.ck.store.path_of(name),
+            &raw,
+            tandem_model::linear::ActivationPrecision::default(),
+        )?;
+        self.model.replace_linear(name, lin)?;
+        self.out.tensors.insert(name.to_string(), &bytes)?;
         Ok(())
     }
 }
