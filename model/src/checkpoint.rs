@@ -288,7 +288,7 @@ pub fn config_from_gguf(
             store
                 .get("model.embed_tokens.weight")
                 .ok()
-                .map(|t| t.shape[0])
+                .and_then(|t| t.shape.first().copied())
         })
         .ok_or_else(|| format_err(path, "cannot tell the vocabulary size"))?;
     let head_dim = num(keys::arch::KEY_LENGTH).or_else(|| num(keys::arch::ROPE_DIMENSION_COUNT));
