@@ -65,7 +65,9 @@ def messages(line):
     return ms
 ps = [template.render(messages=messages(l), add_generation_prompt=True) for l in open(prompts) if l.strip()]
 def run(cmd):
-    r = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    # llama.cpp prints tokens as they come: a token that ends inside a UTF-8 character leaves
+    # invalid bytes in its output (only the timing lines below are read).
+    r = subprocess.run(cmd, capture_output=True, text=True, errors="replace", stdin=subprocess.DEVNULL)
     return r.stdout + r.stderr
 def rate(log, plain):
     # llama-completion: llama.cpp's perf lines (prompt eval, then one eval run per token after
