@@ -634,11 +634,11 @@ impl Run<'_> {
         let diag: Vec<f32> = (0..cols)
             .map(|i| (h[i * cols + i] / (2.0 * n as f64)) as f32)
             .collect();
+        let factor = factor
+            .as_ref()
+            .map(|(u, dead)| (u.as_slice(), dead.as_slice()));
         for (name, t, q, w) in weights {
             self.progress(li, &format!("{}: quantizing", short(&name)));
-            let factor = factor
-                .as_ref()
-                .map(|(u, dead)| (u.as_slice(), dead.as_slice()));
             self.quantize_tensor(&name, &t, q, w, &diag, factor, order.as_deref())?;
         }
         Ok(())

@@ -236,12 +236,9 @@ impl WriteRun<'_, '_> {
             )),
             Importance::Unused => {}
         }
-        let calibrated = match opts.calibrated {
-            Some(c) => c.tensors.get(&t.source_name)?,
-            None => None,
-        };
-        if let Some(bytes) = calibrated {
-            // Quantized already (rows in the source's order, like `raw.data`).
+        if let Some(bytes) = method_bytes(t, opts, &raw, cols)? {
+            // Made already, rows in the source's order like `raw.data` (a rescaled norm has
+            // no heads to permute).
             match t.permute_heads {
                 Some(heads) => {
                     let row_bytes = bytes.len() / rows.max(1);
@@ -251,9 +248,6 @@ impl WriteRun<'_, '_> {
                 }
                 None => w.write_tensor(&bytes).map_err(output_err)?,
             }
-        } else if let Some(values) = opts.calibrated.and_then(|c| c.dense.get(&t.source_name)) {
-            let bytes = encode::encode(dense_type(t, &raw), values, cols, None)?;
-            w.write_tensor(&bytes).map_err(output_err)?;
         } else {
             if t.target.is_none() && !opts.allow_nonfinite {
                 tandem_model::linear::check_finite(&file, &raw)?;
@@ -372,17 +366,12 @@ fn dense_type(t: &plan::PlannedTensor, raw: &tandem_model::weights::RawTensor) -
 /// time (compressed-tensors). Uses the calibrated result or the imatrix as the GGUF path does,
 /// and refuses an imatrix of another width as it does.
 pub fn tensor_bytes(ck: &Checkpoint, t: &plan::PlannedTensor, opts: &Options) -> Result<Vec<u8>> {
-    if let Some(c) = opts.calibrated {
-        if let Some(bytes) = c.tensors.get(&t.source_name)? {
-            return Ok(bytes);
-        }
-    }
     let file = ck.store.path_of(&t.source_name).to_path_buf();
     let raw = ck.store.get(&t.source_name)?;
     let cols = raw.shape.last().copied().unwrap_or(1).max(1);
     let rows = raw.elem_count() / cols;
-    if let Some(values) = opts.calibrated.and_then(|c| c.dense.get(&t.source_name)) {
-        return encode::encode(dense_type(t, &raw), values, cols, None);
+    if let Some(bytes) = method_bytes(t, opts, &raw, cols)? {
+        return Ok(bytes);
     }
     let Some(q) = t.target else {
         if !opts.allow_nonfinite {
@@ -393,6 +382,26 @@ pub fn tensor_bytes(ck: &Checkpoint, t: &plan::PlannedTensor, opts: &Options) ->
     let importance = importance_for(t, opts, cols, &file)?;
     let xs = encode::to_f32(&file, &raw, raw.data, (0, rows), opts.allow_nonfinite)?;
     encode::encode(q, &xs, cols, importance.weights())
+}
+
+/// What a calibrated method made of `t`, in the source's row order: the bytes it quantized,
+/// or the dense values it rescaled (AWQ's norms) encoded; `None` where it made nothing.
+fn method_bytes(
+    t: &plan::PlannedTensor,
+    opts: &Options,
+    raw: &tandem_model::weights::RawTensor,
+    cols: usize,
+) -> Result<Option<Vec<u8>>> {
+    let Some(c) = opts.calibrated else {
+        return Ok(None);
+    };
+    if let Some(bytes) = c.tensors.get(&t.source_name)? {
+        return Ok(Some(bytes));
+    }
+    match c.dense.get(&t.source_name) {
+        Some(values) => encode::encode(dense_type(t, raw), values, cols, None).map(Some),
+        None => Ok(None),
+    }
 }
 
 /// Elements per streamed block (16 MiB of f32).
